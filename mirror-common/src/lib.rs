@@ -1,0 +1,169 @@
+//! Types shared by the TC program (`mirror-ebpf`) and the agent (`mirror-agent`).
+//!
+//! Everything here is `#[repr(C)]` plain data: the kernel reads it from maps that the agent fills.
+#![no_std]
+
+/// Name of the TC classifier in the eBPF object.
+pub const PROGRAM_NAME: &str = "mirror_tc";
+
+/// Map names, shared so that the agent cannot ask for a map the object does not have.
+pub const MAP_CONFIG: &str = "CONFIG";
+pub const MAP_LIVE_PORTS: &str = "LIVE_PORTS";
+pub const MAP_LIVE_ADDRS: &str = "LIVE_ADDRS";
+pub const MAP_COUNTERS: &str = "COUNTERS";
+
+/// Upper bounds of the maps the agent fills.
+pub const MAX_LIVE_PORTS: u32 = 64;
+pub const MAX_LIVE_ADDRS: u32 = 4096;
+
+/// The program clones nothing until the agent has written a config with this flag.
+pub const FLAG_ENABLED: u32 = 1 << 0;
+/// Also clone packets whose *source* port is a live port (the live service's responses).
+pub const FLAG_RESPONSES: u32 = 1 << 1;
+/// Only clone when the service-side address is in `LIVE_ADDRS`.
+pub const FLAG_ADDR_FILTER: u32 = 1 << 2;
+
+/// `sample_ppm` value that mirrors every flow.
+pub const SAMPLE_ALL: u32 = 1_000_000;
+
+/// The single entry of the `CONFIG` array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MirrorConfig {
+    /// ifindex of the mirror interface (the agent's veth end) that clones are sent out of.
+    pub mirror_ifindex: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// Flows mirrored, in parts per million, decided by a symmetric hash of the 4-tuple so that a
+    /// connection's requests and responses are kept or skipped together.
+    pub sample_ppm: u32,
+    pub _reserved: u32,
+}
+
+/// Key of `LIVE_ADDRS`: an IPv6 address, or an IPv4 address mapped as `::ffff:a.b.c.d`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AddrKey {
+    pub addr: [u8; 16],
+}
+
+impl AddrKey {
+    pub const fn from_v4(octets: [u8; 4]) -> Self {
+        let mut addr = [0u8; 16];
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        addr[12] = octets[0];
+        addr[13] = octets[1];
+        addr[14] = octets[2];
+        addr[15] = octets[3];
+        Self { addr }
+    }
+
+    pub const fn from_v6(addr: [u8; 16]) -> Self {
+        Self { addr }
+    }
+}
+
+/// Indices of the per-CPU `COUNTERS` array. Every packet the program sees lands in `Seen` and in
+/// exactly one outcome: `Cloned`, `CloneErrors`, or one of the `Skip*` reasons.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    Seen = 0,
+    /// Matched a live port (and address filter) in either direction, before sampling.
+    Matched,
+    /// Of `Matched`, those that are responses (source port is live).
+    MatchedResponses,
+    Cloned,
+    CloneErrors,
+    SkipDisabled,
+    SkipNotIp,
+    SkipNotTcp,
+    SkipIpv6ExtHeaders,
+    SkipIpv4Fragments,
+    SkipUnreadable,
+    SkipOtherPort,
+    SkipOtherAddr,
+    SkipSampledOut,
+}
+
+pub const COUNTER_COUNT: u32 = Counter::SkipSampledOut as u32 + 1;
+
+impl Counter {
+    pub const ALL: [Counter; COUNTER_COUNT as usize] = [
+        Counter::Seen,
+        Counter::Matched,
+        Counter::MatchedResponses,
+        Counter::Cloned,
+        Counter::CloneErrors,
+        Counter::SkipDisabled,
+        Counter::SkipNotIp,
+        Counter::SkipNotTcp,
+        Counter::SkipIpv6ExtHeaders,
+        Counter::SkipIpv4Fragments,
+        Counter::SkipUnreadable,
+        Counter::SkipOtherPort,
+        Counter::SkipOtherAddr,
+        Counter::SkipSampledOut,
+    ];
+
+    /// Stable snake_case name, used in metrics labels and dumps.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Seen => "seen",
+            Counter::Matched => "matched",
+            Counter::MatchedResponses => "matched_responses",
+            Counter::Cloned => "cloned",
+            Counter::CloneErrors => "clone_errors",
+            Counter::SkipDisabled => "skip_disabled",
+            Counter::SkipNotIp => "skip_not_ip",
+            Counter::SkipNotTcp => "skip_not_tcp",
+            Counter::SkipIpv6ExtHeaders => "skip_ipv6_ext_headers",
+            Counter::SkipIpv4Fragments => "skip_ipv4_fragments",
+            Counter::SkipUnreadable => "skip_unreadable",
+            Counter::SkipOtherPort => "skip_other_port",
+            Counter::SkipOtherAddr => "skip_other_addr",
+            Counter::SkipSampledOut => "skip_sampled_out",
+        }
+    }
+}
+
+/// Symmetric flow hash: the same value for both directions of a connection, so that sampling
+/// keeps or skips a whole TCP connection. Used by the kernel; the agent uses it in tests.
+#[inline(always)]
+pub fn flow_hash(a: &[u8; 16], b: &[u8; 16], port_a: u16, port_b: u16) -> u32 {
+    let mut h: u32 = 0x9e37_79b9;
+    let mut i = 0;
+    while i < 16 {
+        // XOR of the two addresses does not depend on which side is the source.
+        let w = u32::from_ne_bytes([
+            a[i] ^ b[i],
+            a[i + 1] ^ b[i + 1],
+            a[i + 2] ^ b[i + 2],
+            a[i + 3] ^ b[i + 3],
+        ]);
+        h = mix(h ^ w);
+        i += 4;
+    }
+    let (lo, hi) = if port_a < port_b { (port_a, port_b) } else { (port_b, port_a) };
+    mix(h ^ ((lo as u32) << 16 | hi as u32))
+}
+
+#[inline(always)]
+const fn mix(mut x: u32) -> u32 {
+    // murmur3 finaliser
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x85eb_ca6b);
+    x ^= x >> 13;
+    x = x.wrapping_mul(0xc2b2_ae35);
+    x ^= x >> 16;
+    x
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: plain #[repr(C)] data with no padding-sensitive invariants.
+    unsafe impl aya::Pod for MirrorConfig {}
+    unsafe impl aya::Pod for AddrKey {}
+}

@@ -1,0 +1,173 @@
+//! TC classifier that clones the live service's TCP segments onto the mirror interface.
+//!
+//! The live packet is never changed, delayed or dropped: every path returns `TC_ACT_OK`.
+//! Each packet is counted once in `Seen` and once in exactly one outcome (cloned, clone error,
+//! or a skip reason), so userspace can account for every packet.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::TC_ACT_OK,
+    macros::{classifier, map},
+    maps::{Array, HashMap, PerCpuArray},
+    programs::TcContext,
+};
+use aya_log_ebpf::debug;
+use mirror_common::{
+    flow_hash, AddrKey, Counter, MirrorConfig, COUNTER_COUNT, FLAG_ADDR_FILTER, FLAG_ENABLED,
+    FLAG_RESPONSES, MAX_LIVE_ADDRS, MAX_LIVE_PORTS, SAMPLE_ALL,
+};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
+
+#[map]
+static CONFIG: Array<MirrorConfig> = Array::with_max_entries(1, 0);
+
+/// Live ports, host byte order. The value is unused.
+#[map]
+static LIVE_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_LIVE_PORTS, 0);
+
+/// Live service addresses; consulted only with `FLAG_ADDR_FILTER`.
+#[map]
+static LIVE_ADDRS: HashMap<AddrKey, u8> = HashMap::with_max_entries(MAX_LIVE_ADDRS, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+/// IPv4 "more fragments" flag and fragment offset bits.
+const IPV4_FRAG_MASK: u16 = 0x3fff;
+
+#[classifier]
+pub fn mirror_tc(ctx: TcContext) -> i32 {
+    count(Counter::Seen);
+    let outcome = mirror(&ctx);
+    count(outcome);
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, and TC programs are not preempted on their CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Service-side view of one TCP packet.
+struct Tuple {
+    src: [u8; 16],
+    dst: [u8; 16],
+    sport: u16,
+    dport: u16,
+}
+
+/// Decides and, when it matches, clones. Returns the outcome counter.
+#[inline(always)]
+fn mirror(ctx: &TcContext) -> Counter {
+    let Some(cfg) = CONFIG.get(0) else {
+        return Counter::SkipDisabled;
+    };
+    if cfg.flags & FLAG_ENABLED == 0 {
+        return Counter::SkipDisabled;
+    }
+    let tuple = match parse(ctx) {
+        Ok(t) => t,
+        Err(reason) => return reason,
+    };
+
+    // SAFETY: the hash maps are only read here; the agent writes them before enabling.
+    let is_request = unsafe { LIVE_PORTS.get(&tuple.dport) }.is_some();
+    let is_response = !is_request
+        && cfg.flags & FLAG_RESPONSES != 0
+        && unsafe { LIVE_PORTS.get(&tuple.sport) }.is_some();
+    if !is_request && !is_response {
+        return Counter::SkipOtherPort;
+    }
+    if cfg.flags & FLAG_ADDR_FILTER != 0 {
+        let service = if is_request { tuple.dst } else { tuple.src };
+        if unsafe { LIVE_ADDRS.get(&AddrKey::from_v6(service)) }.is_none() {
+            return Counter::SkipOtherAddr;
+        }
+    }
+    count(Counter::Matched);
+    if is_response {
+        count(Counter::MatchedResponses);
+    }
+    if cfg.sample_ppm < SAMPLE_ALL
+        && flow_hash(&tuple.src, &tuple.dst, tuple.sport, tuple.dport) % SAMPLE_ALL >= cfg.sample_ppm
+    {
+        return Counter::SkipSampledOut;
+    }
+    // Flags 0: the clone leaves through the mirror interface's egress, so its veth peer
+    // receives it, where the agent's AF_PACKET socket reads it.
+    match ctx.clone_redirect(cfg.mirror_ifindex, 0) {
+        Ok(()) => Counter::Cloned,
+        Err(err) => {
+            debug!(ctx, "clone_redirect to ifindex {} failed: {}", cfg.mirror_ifindex, err);
+            Counter::CloneErrors
+        }
+    }
+}
+
+/// Reads the addresses and ports of an Ethernet + IPv4/IPv6 + TCP packet with
+/// `bpf_skb_load_bytes`, which also works on non-linear (GSO/GRO) skbs.
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Result<Tuple, Counter> {
+    let eth: EthHdr = ctx.load(0).map_err(|_| Counter::SkipUnreadable)?;
+    let (src, dst, l4) = match u16::from_be(eth.ether_type) {
+        ETH_P_IP => {
+            let ip: Ipv4Hdr = ctx.load(EthHdr::LEN).map_err(|_| Counter::SkipUnreadable)?;
+            if u16::from_be_bytes(ip.frags) & IPV4_FRAG_MASK != 0 {
+                return Err(Counter::SkipIpv4Fragments);
+            }
+            if ip.proto != IPPROTO_TCP {
+                return Err(Counter::SkipNotTcp);
+            }
+            let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+            if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+                return Err(Counter::SkipUnreadable);
+            }
+            (
+                AddrKey::from_v4(ip.src_addr).addr,
+                AddrKey::from_v4(ip.dst_addr).addr,
+                EthHdr::LEN + ihl,
+            )
+        }
+        ETH_P_IPV6 => {
+            let ip: Ipv6Hdr = ctx.load(EthHdr::LEN).map_err(|_| Counter::SkipUnreadable)?;
+            if ip.next_hdr != IPPROTO_TCP {
+                return Err(if is_ipv6_ext_header(ip.next_hdr) {
+                    Counter::SkipIpv6ExtHeaders
+                } else {
+                    Counter::SkipNotTcp
+                });
+            }
+            (ip.src_addr, ip.dst_addr, EthHdr::LEN + Ipv6Hdr::LEN)
+        }
+        _ => return Err(Counter::SkipNotIp),
+    };
+    let ports: [u8; 4] = ctx.load(l4).map_err(|_| Counter::SkipUnreadable)?;
+    Ok(Tuple {
+        src,
+        dst,
+        sport: u16::from_be_bytes([ports[0], ports[1]]),
+        dport: u16::from_be_bytes([ports[2], ports[3]]),
+    })
+}
+
+/// IPv6 extension headers (RFC 8200 and IANA's list) that may stand before the TCP header.
+#[inline(always)]
+fn is_ipv6_ext_header(next: u8) -> bool {
+    matches!(next, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
