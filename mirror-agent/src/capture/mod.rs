@@ -1,0 +1,360 @@
+//! Capture stage: the TC program clones the live service's segments onto a veth pair that the
+//! agent owns, and a reader thread turns the frames of the far end into `Segment` batches.
+//!
+//! The far end of the veth lives in a network namespace private to the reader thread. When the
+//! agent exits, however it exits, that namespace dies and takes the veth pair with it, and tcx
+//! links die with the process: nothing is left cloning.
+
+pub mod netdev;
+pub mod program;
+pub mod ring;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
+use mirror_common::{Counter, COUNTER_COUNT, PROGRAM_NAME};
+
+pub use self::program::{AttachMode, Hook, MatchConfig};
+use self::program::KernelProgram;
+use self::ring::{PacketRing, RingConfig};
+use crate::segment::{parse_frame, FrameError, Segment};
+
+/// One interface hook that live requests cross.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub iface: String,
+    /// The hook that requests cross; responses cross the opposite one.
+    pub hook: Hook,
+}
+
+#[derive(Clone, Debug)]
+pub struct CaptureConfig {
+    pub targets: Vec<Target>,
+    pub matching: MatchConfig,
+    pub attach_mode: AttachMode,
+    pub ring: RingConfig,
+    /// Capacity of the segment channel, in batches (one batch per ring block).
+    pub channel_batches: usize,
+    pub ebpf_log: bool,
+    pub lock_dir: PathBuf,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        CaptureConfig {
+            targets: Vec::new(),
+            matching: MatchConfig {
+                ports: Vec::new(),
+                addrs: Vec::new(),
+                responses: true,
+                sample_ppm: mirror_common::SAMPLE_ALL,
+            },
+            attach_mode: AttachMode::Auto,
+            ring: RingConfig::default(),
+            channel_batches: 256,
+            ebpf_log: false,
+            lock_dir: PathBuf::from("/run/mirror-agent"),
+        }
+    }
+}
+
+/// Userspace capture counters. Every frame read from the ring ends in `segments` or in one
+/// `frame_errors` reason or in `truncated`.
+#[derive(Debug, Default)]
+pub struct CaptureStats {
+    pub frames: AtomicU64,
+    pub bytes: AtomicU64,
+    pub segments: AtomicU64,
+    pub truncated: AtomicU64,
+    pub frame_errors: [AtomicU64; FrameError::ALL.len()],
+    /// Times the reader waited because the next stage's channel was full.
+    pub channel_full_waits: AtomicU64,
+    pub ring_packets: AtomicU64,
+    /// Frames the kernel could not put in the ring (it was full).
+    pub ring_drops: AtomicU64,
+    pub ring_freezes: AtomicU64,
+}
+
+impl CaptureStats {
+    fn frame_error(&self, e: FrameError) {
+        let i = FrameError::ALL.iter().position(|x| *x == e).unwrap_or(0);
+        self.frame_errors[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+pub type SegmentBatch = Vec<Segment>;
+
+/// A running capture. Dropping it (or calling `stop`) disables the program, detaches it and
+/// removes the mirror interface.
+pub struct Capture {
+    program: Option<KernelProgram>,
+    host_veth: String,
+    stop: Arc<AtomicBool>,
+    reader: Option<JoinHandle<()>>,
+    stats: Arc<CaptureStats>,
+    attached: Vec<(Target, Hook, AttachMode)>,
+    _locks: Vec<netdev::TargetLock>,
+}
+
+impl Capture {
+    pub fn start(cfg: &CaptureConfig) -> Result<(Capture, Receiver<SegmentBatch>)> {
+        preflight()?;
+        if cfg.targets.is_empty() {
+            bail!("nothing to attach to: give --iface or --pod-ip");
+        }
+        let mut locks = Vec::new();
+        let mut ifaces: Vec<&str> = cfg.targets.iter().map(|t| t.iface.as_str()).collect();
+        ifaces.sort_unstable();
+        ifaces.dedup();
+        for iface in &ifaces {
+            netdev::check_target_iface(iface)?;
+            locks.push(netdev::TargetLock::acquire(&cfg.lock_dir, iface)?);
+            netdev::remove_stale_filters(iface, PROGRAM_NAME);
+        }
+
+        let stats = Arc::new(CaptureStats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = crossbeam_channel::bounded(cfg.channel_batches.max(1));
+        let host_veth = format!("mirr{}", std::process::id());
+        let (reader, ready) =
+            spawn_reader(cfg.ring, tx, Arc::clone(&stats), Arc::clone(&stop), host_veth.clone())?;
+        let mut capture = Capture {
+            program: None,
+            host_veth: host_veth.clone(),
+            stop,
+            reader: Some(reader),
+            stats,
+            attached: Vec::new(),
+            _locks: locks,
+        };
+        ready()?;
+        netdev::disable_ipv6(&host_veth)?;
+        netdev::set_up(&host_veth).context("bringing the mirror interface up")?;
+        let mirror_ifindex = netdev::ifindex(&host_veth)?;
+
+        let mut program = KernelProgram::load(cfg.ebpf_log)?;
+        for t in &cfg.targets {
+            let mut hooks = vec![t.hook];
+            if cfg.matching.responses {
+                hooks.push(t.hook.opposite());
+            }
+            for hook in hooks {
+                let mode = program.attach(&t.iface, hook, cfg.attach_mode)?;
+                capture.attached.push((t.clone(), hook, mode));
+            }
+        }
+        program.configure(&cfg.matching, mirror_ifindex)?;
+        capture.program = Some(program);
+        Ok((capture, rx))
+    }
+
+    /// The hooks attached, with the mode used for each.
+    pub fn attachments(&self) -> &[(Target, Hook, AttachMode)] {
+        &self.attached
+    }
+
+    pub fn mirror_interface(&self) -> &str {
+        &self.host_veth
+    }
+
+    pub fn stats(&self) -> &Arc<CaptureStats> {
+        &self.stats
+    }
+
+    pub fn kernel_counters(&self) -> Result<[u64; COUNTER_COUNT as usize]> {
+        self.program.as_ref().ok_or_else(|| anyhow!("program not loaded"))?.counters()
+    }
+
+    /// Disables, detaches, stops the reader and removes the mirror interface. Returns the final
+    /// kernel counters.
+    pub fn stop(mut self) -> Result<[u64; COUNTER_COUNT as usize]> {
+        let counters = self.kernel_counters();
+        self.shutdown();
+        counters
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(mut program) = self.program.take() {
+            if let Err(e) = program.disable() {
+                log::warn!("disabling the program: {e:#}");
+            }
+            // Dropping the program detaches every link and filter it owns.
+            drop(program);
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        netdev::delete_link(&self.host_veth);
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn preflight() -> Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    const CAP_NET_ADMIN: u64 = 12;
+    const CAP_NET_RAW: u64 = 13;
+    const CAP_SYS_ADMIN: u64 = 21;
+    const CAP_BPF: u64 = 39;
+    let has = |c: u64| cap_eff & (1 << c) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if !has(CAP_NET_RAW) {
+        missing.push("CAP_NET_RAW");
+    }
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !missing.is_empty() {
+        bail!(
+            "mirror-agent needs {} to load the TC program and read the mirror interface: run it \
+             as root (sudo), or grant those capabilities (in Kubernetes: securityContext \
+             capabilities add: [BPF, NET_ADMIN, NET_RAW, PERFMON])",
+            missing.join(", ")
+        );
+    }
+    if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        log::warn!("this kernel exposes no BTF (/sys/kernel/btf/vmlinux); if loading fails, use a kernel built with CONFIG_DEBUG_INFO_BTF=y");
+    }
+    Ok(())
+}
+
+/// Starts the reader thread. It moves into a fresh network namespace, waits there for the veth
+/// peer, opens the ring on it and then reads until stopped. The returned closure creates the
+/// veth pair and waits until the reader is ready.
+fn spawn_reader(
+    ring_cfg: RingConfig,
+    tx: Sender<SegmentBatch>,
+    stats: Arc<CaptureStats>,
+    stop: Arc<AtomicBool>,
+    host_veth: String,
+) -> Result<(JoinHandle<()>, impl FnOnce() -> Result<()>)> {
+    const PEER: &str = "mirror0";
+    let (tid_tx, tid_rx) = mpsc::channel::<Result<i32, String>>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+    let handle = std::thread::Builder::new()
+        .name("mirror-capture".into())
+        .spawn(move || {
+            // SAFETY: unshare only affects this thread.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                let e = std::io::Error::last_os_error();
+                let _ = tid_tx.send(Err(format!("unshare(CLONE_NEWNET): {e}")));
+                return;
+            }
+            let _ = netdev::disable_ipv6("default");
+            // SAFETY: gettid has no preconditions.
+            let _ = tid_tx.send(Ok(unsafe { libc::gettid() }));
+            if go_rx.recv().is_err() {
+                return;
+            }
+            let ring = (|| -> Result<PacketRing, String> {
+                let idx = netdev::ifindex(PEER).map_err(|e| format!("veth peer missing: {e}"))?;
+                netdev::disable_ipv6(PEER).map_err(|e| e.to_string())?;
+                netdev::set_up(PEER).map_err(|e| format!("bringing {PEER} up: {e}"))?;
+                PacketRing::open(idx, ring_cfg).map_err(|e| format!("opening the capture ring: {e}"))
+            })();
+            match ring {
+                Ok(ring) => {
+                    let _ = ready_tx.send(Ok(()));
+                    read_loop(ring, &tx, &stats, &stop);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        })?;
+    let tid = tid_rx
+        .recv()
+        .map_err(|_| anyhow!("capture thread exited early"))?
+        .map_err(|e| anyhow!("{e}: mirror-agent needs CAP_SYS_ADMIN or root to create its mirror namespace"))?;
+    let ready = move || -> Result<()> {
+        netdev::create_veth(&host_veth, PEER, tid)?;
+        go_tx.send(()).map_err(|_| anyhow!("capture thread exited early"))?;
+        ready_rx
+            .recv()
+            .map_err(|_| anyhow!("capture thread exited early"))?
+            .map_err(|e| anyhow!(e))
+    };
+    Ok((handle, ready))
+}
+
+fn read_loop(
+    mut ring: PacketRing,
+    tx: &Sender<SegmentBatch>,
+    stats: &CaptureStats,
+    stop: &AtomicBool,
+) {
+    let mut last_stats = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let mut batch = Vec::new();
+        let res = ring.poll_block(100, |frame| {
+            stats.frames.fetch_add(1, Ordering::Relaxed);
+            stats.bytes.fetch_add(frame.data.len() as u64, Ordering::Relaxed);
+            if frame.data.len() < frame.wire_len {
+                stats.truncated.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            match parse_frame(&frame.data, frame.ts_ns) {
+                Ok(seg) => batch.push(seg),
+                Err(e) => stats.frame_error(e),
+            }
+        });
+        if let Err(e) = res {
+            log::error!("capture ring: {e}");
+            break;
+        }
+        if !batch.is_empty() {
+            stats.segments.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            let mut pending = batch;
+            loop {
+                match tx.send_timeout(pending, Duration::from_millis(100)) {
+                    Ok(()) => break,
+                    Err(SendTimeoutError::Timeout(b)) => {
+                        stats.channel_full_waits.fetch_add(1, Ordering::Relaxed);
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        pending = b;
+                    }
+                    Err(SendTimeoutError::Disconnected(_)) => return,
+                }
+            }
+        }
+        if last_stats.elapsed() >= Duration::from_millis(500) {
+            accumulate_ring_stats(&ring, stats);
+            last_stats = Instant::now();
+        }
+    }
+    accumulate_ring_stats(&ring, stats);
+}
+
+fn accumulate_ring_stats(ring: &PacketRing, stats: &CaptureStats) {
+    if let Ok(s) = ring.take_stats() {
+        stats.ring_packets.fetch_add(s.packets, Ordering::Relaxed);
+        stats.ring_drops.fetch_add(s.drops, Ordering::Relaxed);
+        stats.ring_freezes.fetch_add(s.freezes, Ordering::Relaxed);
+    }
+}
+
+/// Names and values of the kernel counters, for logs and metrics.
+pub fn named_counters(values: &[u64; COUNTER_COUNT as usize]) -> Vec<(&'static str, u64)> {
+    Counter::ALL.iter().map(|c| (c.name(), values[*c as usize])).collect()
+}

@@ -1,0 +1,210 @@
+//! Loading, configuring and attaching the TC program.
+
+use std::net::IpAddr;
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::maps::{Array, HashMap, PerCpuArray};
+use aya::programs::links::LinkOrder;
+use aya::programs::tc::{NlOptions, TcAttachOptions};
+use aya::programs::{tc, SchedClassifier, TcAttachType};
+use aya::util::KernelVersion;
+use aya::{Ebpf, EbpfLoader};
+use mirror_common::{
+    AddrKey, Counter, MirrorConfig, COUNTER_COUNT, FLAG_ADDR_FILTER, FLAG_ENABLED, FLAG_RESPONSES,
+    MAP_CONFIG, MAP_COUNTERS, MAP_LIVE_ADDRS, MAP_LIVE_PORTS, MAX_LIVE_ADDRS, MAX_LIVE_PORTS,
+    PROGRAM_NAME,
+};
+
+/// The kernel object, built by `cargo xtask build-ebpf` (see build.rs).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MIRROR_EBPF_OBJECT"));
+
+/// How the program is attached to an interface hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// tcx where the kernel has it (6.6+), else a classic clsact filter.
+    Auto,
+    /// tcx links: they vanish with the process, so a crashed agent leaves nothing cloning.
+    Tcx,
+    /// A clsact filter over netlink, for kernels before 6.6. Stale ones are removed at start.
+    Netlink,
+}
+
+/// Direction of travel through an interface, as seen by TC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Hook {
+    Ingress,
+    Egress,
+}
+
+impl Hook {
+    pub fn opposite(self) -> Hook {
+        match self {
+            Hook::Ingress => Hook::Egress,
+            Hook::Egress => Hook::Ingress,
+        }
+    }
+    fn tc(self) -> TcAttachType {
+        match self {
+            Hook::Ingress => TcAttachType::Ingress,
+            Hook::Egress => TcAttachType::Egress,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Ingress => "ingress",
+            Hook::Egress => "egress",
+        }
+    }
+}
+
+/// What the program matches.
+#[derive(Clone, Debug)]
+pub struct MatchConfig {
+    pub ports: Vec<u16>,
+    /// Service addresses; empty means any address.
+    pub addrs: Vec<IpAddr>,
+    pub responses: bool,
+    pub sample_ppm: u32,
+}
+
+pub struct KernelProgram {
+    ebpf: Ebpf,
+}
+
+impl KernelProgram {
+    pub fn load(ebpf_log: bool) -> Result<KernelProgram> {
+        // aya-log's kernel side logs everything unless told otherwise; keep it off by default.
+        let level: u8 = if ebpf_log { 0xff } else { 0 };
+        let mut ebpf = EbpfLoader::new()
+            .override_global("AYA_LOG_LEVEL", &level, false)
+            .load(EBPF_OBJECT)
+            .map_err(|e| {
+                anyhow!(
+                    "loading the eBPF object failed: {e}. mirror-agent needs a kernel with BPF \
+                     (CONFIG_BPF_SYSCALL), CAP_BPF + CAP_NET_ADMIN (or root), and an unlocked \
+                     memlock limit"
+                )
+            })?;
+        if ebpf_log {
+            match aya_log::EbpfLogger::init(&mut ebpf) {
+                Ok(logger) => spawn_log_forwarder(logger)?,
+                Err(e) => log::warn!("eBPF logging unavailable: {e}"),
+            }
+        }
+        let prog: &mut SchedClassifier = program(&mut ebpf)?;
+        prog.load().map_err(|e| {
+            anyhow!("the kernel rejected the TC program: {e}. Is this kernel built with BTF and BPF?")
+        })?;
+        Ok(KernelProgram { ebpf })
+    }
+
+    /// Fills the maps, then enables the program (the flag is written last).
+    pub fn configure(&mut self, m: &MatchConfig, mirror_ifindex: u32) -> Result<()> {
+        if m.ports.is_empty() || m.ports.len() > MAX_LIVE_PORTS as usize {
+            bail!("give between 1 and {MAX_LIVE_PORTS} live ports");
+        }
+        if m.addrs.len() > MAX_LIVE_ADDRS as usize {
+            bail!("at most {MAX_LIVE_ADDRS} service addresses");
+        }
+        let mut ports: HashMap<_, u16, u8> = HashMap::try_from(map(&mut self.ebpf, MAP_LIVE_PORTS)?)?;
+        for p in &m.ports {
+            ports.insert(p, 1, 0)?;
+        }
+        let mut addrs: HashMap<_, AddrKey, u8> =
+            HashMap::try_from(map(&mut self.ebpf, MAP_LIVE_ADDRS)?)?;
+        for a in &m.addrs {
+            let key = match a {
+                IpAddr::V4(v4) => AddrKey::from_v4(v4.octets()),
+                IpAddr::V6(v6) => AddrKey::from_v6(v6.octets()),
+            };
+            addrs.insert(key, 1, 0)?;
+        }
+        let mut flags = FLAG_ENABLED;
+        if m.responses {
+            flags |= FLAG_RESPONSES;
+        }
+        if !m.addrs.is_empty() {
+            flags |= FLAG_ADDR_FILTER;
+        }
+        let cfg = MirrorConfig { mirror_ifindex, flags, sample_ppm: m.sample_ppm, _reserved: 0 };
+        let mut config: Array<_, MirrorConfig> = Array::try_from(map(&mut self.ebpf, MAP_CONFIG)?)?;
+        config.set(0, cfg, 0)?;
+        Ok(())
+    }
+
+    /// Stops all cloning at once, before links are detached.
+    pub fn disable(&mut self) -> Result<()> {
+        let mut config: Array<_, MirrorConfig> = Array::try_from(map(&mut self.ebpf, MAP_CONFIG)?)?;
+        config.set(0, MirrorConfig::default(), 0)?;
+        Ok(())
+    }
+
+    /// Attaches to one hook of `iface`. Returns the mode actually used.
+    pub fn attach(&mut self, iface: &str, hook: Hook, mode: AttachMode) -> Result<AttachMode> {
+        let tcx_ok = KernelVersion::current().map(|v| v >= KernelVersion::new(6, 6, 0)).unwrap_or(false);
+        let prog = program(&mut self.ebpf)?;
+        let use_tcx = match mode {
+            AttachMode::Tcx => true,
+            AttachMode::Netlink => false,
+            AttachMode::Auto => tcx_ok,
+        };
+        if use_tcx {
+            match prog.attach_with_options(
+                iface,
+                hook.tc(),
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            ) {
+                Ok(_) => return Ok(AttachMode::Tcx),
+                Err(e) if mode == AttachMode::Tcx => {
+                    bail!("tcx attach to {iface} {} failed: {e} (kernel 6.6+ needed; try --attach-mode netlink)", hook.name())
+                }
+                Err(e) => log::warn!(
+                    "tcx attach to {iface} {} failed ({e}); falling back to a clsact filter",
+                    hook.name()
+                ),
+            }
+        }
+        if let Err(e) = tc::qdisc_add_clsact(iface) {
+            // Already present is fine; anything else shows up in the attach error below.
+            log::debug!("adding clsact to {iface}: {e}");
+        }
+        prog.attach_with_options(iface, hook.tc(), TcAttachOptions::Netlink(NlOptions::default()))
+            .with_context(|| format!("attaching a clsact filter to {iface} {}", hook.name()))?;
+        Ok(AttachMode::Netlink)
+    }
+
+    /// Kernel counters summed over CPUs, indexed by `Counter`.
+    pub fn counters(&self) -> Result<[u64; COUNTER_COUNT as usize]> {
+        let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(
+            self.ebpf.map(MAP_COUNTERS).ok_or_else(|| anyhow!("map {MAP_COUNTERS} missing"))?,
+        )?;
+        let mut out = [0u64; COUNTER_COUNT as usize];
+        for c in Counter::ALL {
+            out[c as usize] = counters.get(&(c as u32), 0)?.iter().sum();
+        }
+        Ok(out)
+    }
+}
+
+/// Forwards the kernel's log records to this process's logger for the rest of its life.
+fn spawn_log_forwarder(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    std::thread::Builder::new().name("ebpf-log".into()).spawn(move || loop {
+        let mut pfd = libc::pollfd { fd: logger.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, 500) };
+        logger.flush();
+    })?;
+    Ok(())
+}
+
+fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+    Ok(ebpf
+        .program_mut(PROGRAM_NAME)
+        .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the eBPF object"))?
+        .try_into()?)
+}
+
+fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map> {
+    ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+}

@@ -1,0 +1,8 @@
+//! mirror-agent: kernel-level HTTP traffic mirroring.
+//!
+//! The pipeline is capture → reassemble → parse → replay → compare; each stage is a module with
+//! one owner of its state. Only `capture` needs root and a kernel.
+
+pub mod capture;
+pub mod dump;
+pub mod segment;

@@ -1,0 +1,207 @@
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use mirror_agent::capture::ring::RingConfig;
+use mirror_agent::capture::{
+    named_counters, AttachMode, Capture, CaptureConfig, CaptureStats, Hook, MatchConfig, Target,
+};
+use mirror_agent::dump::FlowDump;
+use mirror_agent::segment::FrameError;
+
+#[derive(Parser, Debug)]
+#[command(name = "mirror-agent", version, about = "Kernel-level HTTP traffic mirroring")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Attach to a live service's interface and mirror its traffic.
+    Attach(AttachArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AttachArgs {
+    /// Interface(s) that the live service's traffic crosses (comma-separated).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub iface: Vec<String>,
+
+    /// Live service port(s) (comma-separated).
+    #[arg(long, value_delimiter = ',', required = true, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Vec<u16>,
+
+    /// Hook that requests to the service cross: `ingress` on the service's own interface,
+    /// `egress` on the host side of a pod's veth. Responses are read on the other hook.
+    #[arg(long, value_enum, default_value_t = Hook::Ingress)]
+    pub direction: Hook,
+
+    /// Only mirror traffic to these service addresses (comma-separated; default: any).
+    #[arg(long = "addr", value_delimiter = ',')]
+    pub addrs: Vec<IpAddr>,
+
+    /// Do not capture the live service's responses (no live timings or status codes).
+    #[arg(long)]
+    pub no_responses: bool,
+
+    /// Percentage of TCP connections to mirror, decided per connection in the kernel.
+    #[arg(long, default_value_t = 100.0, value_parser = parse_percent)]
+    pub sample: f64,
+
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
+    pub attach_mode: AttachMode,
+
+    /// Capture ring size in MiB (1 MiB blocks).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(2..=1024))]
+    pub ring_mb: u32,
+
+    /// Write the captured streams, per flow, to this file on exit.
+    #[arg(long)]
+    pub dump: Option<PathBuf>,
+
+    /// Most payload bytes that --dump holds; the rest is counted as dropped.
+    #[arg(long, default_value_t = 512 << 20)]
+    pub dump_max_bytes: usize,
+
+    /// Forward the kernel program's debug log (aya-log) to this process's log.
+    #[arg(long)]
+    pub ebpf_log: bool,
+
+    /// Log capture counters every N seconds (0: only at exit).
+    #[arg(long, default_value_t = 0)]
+    pub stats_interval: u64,
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim_end_matches('%').parse().map_err(|e| format!("{e}"))?;
+    if (0.0..=100.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err("a percentage from 0 to 100".into())
+    }
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Attach(args) => attach(args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn attach(args: AttachArgs) -> Result<()> {
+    let cfg = CaptureConfig {
+        targets: args
+            .iface
+            .iter()
+            .map(|iface| Target { iface: iface.clone(), hook: args.direction })
+            .collect(),
+        matching: MatchConfig {
+            ports: args.port.clone(),
+            addrs: args.addrs.clone(),
+            responses: !args.no_responses,
+            sample_ppm: (args.sample * 10_000.0).round() as u32,
+        },
+        attach_mode: args.attach_mode,
+        ring: RingConfig { block_count: args.ring_mb as usize, ..RingConfig::default() },
+        ebpf_log: args.ebpf_log,
+        ..CaptureConfig::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (capture, segments) = Capture::start(&cfg)?;
+    let attached: Vec<String> = capture
+        .attachments()
+        .iter()
+        .map(|(t, hook, mode)| format!("{} {} ({mode:?})", t.iface, hook.name()))
+        .collect();
+    println!(
+        "ready: mirroring ports {:?} on {}; mirror interface {}",
+        args.port,
+        attached.join(", "),
+        capture.mirror_interface()
+    );
+    std::io::stdout().flush()?;
+
+    let dump_max = args.dump_max_bytes;
+    let dumping = args.dump.is_some();
+    let consumer = std::thread::Builder::new().name("mirror-pipeline".into()).spawn(move || {
+        let mut dump = dumping.then(|| FlowDump::new(dump_max));
+        for batch in segments.iter() {
+            if let Some(d) = dump.as_mut() {
+                for seg in &batch {
+                    d.record(seg);
+                }
+            }
+        }
+        dump
+    })?;
+
+    let stats = std::sync::Arc::clone(capture.stats());
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let interval = Duration::from_secs(args.stats_interval.max(1));
+        let mut tick = tokio::time::interval(interval);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                _ = tick.tick(), if args.stats_interval > 0 => {
+                    if let Ok(c) = capture.kernel_counters() {
+                        log::info!("kernel {:?}", named_counters(&c));
+                    }
+                    log::info!("capture {}", format_stats(&stats));
+                }
+            }
+        }
+        anyhow::Ok(())
+    })?;
+
+    let counters = capture.stop()?;
+    let dump = consumer.join().map_err(|_| anyhow::anyhow!("pipeline thread panicked"))?;
+    eprintln!("kernel counters: {:?}", named_counters(&counters));
+    eprintln!("capture: {}", format_stats(&stats));
+    if let (Some(path), Some(dump)) = (args.dump, dump) {
+        let mut f = std::io::BufWriter::new(
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?,
+        );
+        dump.write_to(&mut f)?;
+        f.flush()?;
+    }
+    if stats.ring_drops.load(Ordering::Relaxed) > 0 {
+        bail!("the capture ring dropped frames: raise --ring-mb");
+    }
+    Ok(())
+}
+
+fn format_stats(s: &CaptureStats) -> String {
+    let errors: Vec<String> = FrameError::ALL
+        .iter()
+        .zip(&s.frame_errors)
+        .map(|(e, n)| format!("{}={}", e.name(), n.load(Ordering::Relaxed)))
+        .collect();
+    format!(
+        "frames={} bytes={} segments={} truncated={} {} channel_full_waits={} ring_packets={} ring_drops={} ring_freezes={}",
+        s.frames.load(Ordering::Relaxed),
+        s.bytes.load(Ordering::Relaxed),
+        s.segments.load(Ordering::Relaxed),
+        s.truncated.load(Ordering::Relaxed),
+        errors.join(" "),
+        s.channel_full_waits.load(Ordering::Relaxed),
+        s.ring_packets.load(Ordering::Relaxed),
+        s.ring_drops.load(Ordering::Relaxed),
+        s.ring_freezes.load(Ordering::Relaxed),
+    )
+}
