@@ -5,7 +5,9 @@ fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let default = manifest.join("../target/bpfel-unknown-none/release/mirror-ebpf");
     println!("cargo:rerun-if-env-changed=MIRROR_EBPF_OBJECT");
-    let object = std::env::var_os("MIRROR_EBPF_OBJECT").map(PathBuf::from).unwrap_or(default);
+    let object = std::env::var_os("MIRROR_EBPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or(default);
     println!("cargo:rerun-if-changed={}", object.display());
     if !object.is_file() {
         panic!(
@@ -13,5 +15,8 @@ fn main() {
             object.display()
         );
     }
-    println!("cargo:rustc-env=MIRROR_EBPF_OBJECT={}", object.canonicalize().unwrap().display());
+    println!(
+        "cargo:rustc-env=MIRROR_EBPF_OBJECT={}",
+        object.canonicalize().unwrap().display()
+    );
 }

@@ -62,11 +62,7 @@ impl FlowDump {
         }
         let base = *rec.base.get_or_insert(seg.seq);
         let offset = seg.seq.wrapping_sub(base) as i32 as i64;
-        if !rec.data.contains_key(&offset) {
-            self.held += seg.payload.len();
-            // Copy: the payload is a view into the capture ring, which must not be held.
-            rec.data.insert(offset, Bytes::copy_from_slice(&seg.payload));
-        }
+        self.held += insert_uncovered(&mut rec.data, offset, &seg.payload);
     }
 
     pub fn write_to(&self, out: &mut impl Write) -> io::Result<()> {
@@ -92,27 +88,49 @@ impl FlowDump {
     }
 }
 
-/// Concatenates the pieces in offset order, each byte once (the first copy at an offset wins,
-/// later overlapping bytes are skipped). Returns the stream and the number of holes.
+/// Stores the parts of `data` at `offset` that no earlier piece covers, so the first copy of each
+/// byte wins and pieces never overlap. Copies: the payload is a view into the capture ring, which
+/// must not be held. Returns the bytes stored.
+fn insert_uncovered(pieces: &mut BTreeMap<i64, Bytes>, offset: i64, data: &[u8]) -> usize {
+    let end = offset + data.len() as i64;
+    let start_key = pieces
+        .range(..=offset)
+        .next_back()
+        .map(|(k, _)| *k)
+        .unwrap_or(offset);
+    let covered: Vec<(i64, i64)> = pieces
+        .range(start_key..end)
+        .map(|(k, v)| (*k, k + v.len() as i64))
+        .filter(|(_, e)| *e > offset)
+        .collect();
+    let mut cursor = offset;
+    let mut stored = 0;
+    for (s, e) in covered.into_iter().chain([(end, end)]) {
+        if s > cursor {
+            let piece = &data[(cursor - offset) as usize..(s.min(end) - offset) as usize];
+            pieces.insert(cursor, Bytes::copy_from_slice(piece));
+            stored += piece.len();
+        }
+        cursor = cursor.max(e);
+        if cursor >= end {
+            break;
+        }
+    }
+    stored
+}
+
+/// Concatenates the (non-overlapping) pieces in offset order. Returns the stream and the number
+/// of holes.
 fn assemble(pieces: &BTreeMap<i64, Bytes>) -> (Vec<u8>, usize) {
     let mut out = Vec::new();
     let mut next: Option<i64> = None;
     let mut gaps = 0;
     for (&off, data) in pieces {
-        let end = off + data.len() as i64;
-        let start = match next {
-            Some(n) if end <= n => continue,
-            Some(n) if off < n => (n - off) as usize,
-            Some(n) => {
-                if off > n {
-                    gaps += 1;
-                }
-                0
-            }
-            None => 0,
-        };
-        out.extend_from_slice(&data[start..]);
-        next = Some(end);
+        if next.is_some_and(|n| off > n) {
+            gaps += 1;
+        }
+        out.extend_from_slice(data);
+        next = Some(off + data.len() as i64);
     }
     (out, gaps)
 }
@@ -123,7 +141,10 @@ mod tests {
 
     fn seg(seq: u32, flags: TcpFlags, data: &[u8]) -> Segment {
         Segment {
-            flow: FlowKey { src: "1.1.1.1:1".parse().unwrap(), dst: "2.2.2.2:80".parse().unwrap() },
+            flow: FlowKey {
+                src: "1.1.1.1:1".parse().unwrap(),
+                dst: "2.2.2.2:80".parse().unwrap(),
+            },
             seq,
             ack: 0,
             flags,
@@ -138,13 +159,14 @@ mod tests {
         d.record(&seg(u32::MAX, TcpFlags::SYN, b""));
         d.record(&seg(5, TcpFlags::ACK, b"world"));
         d.record(&seg(0, TcpFlags::ACK, b"hello"));
-        d.record(&seg(3, TcpFlags::ACK, b"loXXX")); // overlap: first copy wins
+        d.record(&seg(3, TcpFlags::ACK, b"loXXX")); // overlaps both: first copies win
+        d.record(&seg(2, TcpFlags::ACK, b"llo"));
         d.record(&seg(20, TcpFlags::FIN, b"!"));
         let mut out = Vec::new();
         d.write_to(&mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with(
-            "=== flow 1.1.1.1:1 -> 2.2.2.2:80 segments=5 bytes=11 gaps=1 syn=1 fin=1 rst=0\nhelloworld!\n"
+            "=== flow 1.1.1.1:1 -> 2.2.2.2:80 segments=6 bytes=11 gaps=1 syn=1 fin=1 rst=0\nhelloworld!\n"
         ), "{text}");
     }
 
@@ -155,6 +177,8 @@ mod tests {
         d.record(&seg(5, TcpFlags::ACK, b"67890"));
         let mut out = Vec::new();
         d.write_to(&mut out).unwrap();
-        assert!(String::from_utf8(out).unwrap().ends_with("=== dropped segments=1 bytes=5\n"));
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .ends_with("=== dropped segments=1 bytes=5\n"));
     }
 }

@@ -14,7 +14,11 @@ use mirror_agent::dump::FlowDump;
 use mirror_agent::segment::FrameError;
 
 #[derive(Parser, Debug)]
-#[command(name = "mirror-agent", version, about = "Kernel-level HTTP traffic mirroring")]
+#[command(
+    name = "mirror-agent",
+    version,
+    about = "Kernel-level HTTP traffic mirroring"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -78,7 +82,10 @@ pub struct AttachArgs {
 }
 
 fn parse_percent(s: &str) -> Result<f64, String> {
-    let v: f64 = s.trim_end_matches('%').parse().map_err(|e| format!("{e}"))?;
+    let v: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|e| format!("{e}"))?;
     if (0.0..=100.0).contains(&v) {
         Ok(v)
     } else {
@@ -103,7 +110,10 @@ fn attach(args: AttachArgs) -> Result<()> {
         targets: args
             .iface
             .iter()
-            .map(|iface| Target { iface: iface.clone(), hook: args.direction })
+            .map(|iface| Target {
+                iface: iface.clone(),
+                hook: args.direction,
+            })
             .collect(),
         matching: MatchConfig {
             ports: args.port.clone(),
@@ -112,7 +122,10 @@ fn attach(args: AttachArgs) -> Result<()> {
             sample_ppm: (args.sample * 10_000.0).round() as u32,
         },
         attach_mode: args.attach_mode,
-        ring: RingConfig { block_count: args.ring_mb as usize, ..RingConfig::default() },
+        ring: RingConfig {
+            block_count: args.ring_mb as usize,
+            ..RingConfig::default()
+        },
         ebpf_log: args.ebpf_log,
         ..CaptureConfig::default()
     };
@@ -127,26 +140,29 @@ fn attach(args: AttachArgs) -> Result<()> {
         .map(|(t, hook, mode)| format!("{} {} ({mode:?})", t.iface, hook.name()))
         .collect();
     println!(
-        "ready: mirroring ports {:?} on {}; mirror interface {}",
+        "ready: mirroring ports {:?} on {}; mirror interface {}; program id {}",
         args.port,
         attached.join(", "),
-        capture.mirror_interface()
+        capture.mirror_interface(),
+        capture.program_id()
     );
     std::io::stdout().flush()?;
 
     let dump_max = args.dump_max_bytes;
     let dumping = args.dump.is_some();
-    let consumer = std::thread::Builder::new().name("mirror-pipeline".into()).spawn(move || {
-        let mut dump = dumping.then(|| FlowDump::new(dump_max));
-        for batch in segments.iter() {
-            if let Some(d) = dump.as_mut() {
-                for seg in &batch {
-                    d.record(seg);
+    let consumer = std::thread::Builder::new()
+        .name("mirror-pipeline".into())
+        .spawn(move || {
+            let mut dump = dumping.then(|| FlowDump::new(dump_max));
+            for batch in segments.iter() {
+                if let Some(d) = dump.as_mut() {
+                    for seg in &batch {
+                        d.record(seg);
+                    }
                 }
             }
-        }
-        dump
-    })?;
+            dump
+        })?;
 
     let stats = std::sync::Arc::clone(capture.stats());
     rt.block_on(async {
@@ -170,7 +186,9 @@ fn attach(args: AttachArgs) -> Result<()> {
     })?;
 
     let counters = capture.stop()?;
-    let dump = consumer.join().map_err(|_| anyhow::anyhow!("pipeline thread panicked"))?;
+    let dump = consumer
+        .join()
+        .map_err(|_| anyhow::anyhow!("pipeline thread panicked"))?;
     eprintln!("kernel counters: {:?}", named_counters(&counters));
     eprintln!("capture: {}", format_stats(&stats));
     if let (Some(path), Some(dump)) = (args.dump, dump) {

@@ -18,7 +18,10 @@ pub struct FlowKey {
 impl FlowKey {
     /// The opposite direction of the same connection.
     pub fn reverse(&self) -> FlowKey {
-        FlowKey { src: self.dst, dst: self.src }
+        FlowKey {
+            src: self.dst,
+            dst: self.src,
+        }
     }
 }
 
@@ -104,8 +107,12 @@ pub enum FrameError {
 }
 
 impl FrameError {
-    pub const ALL: [FrameError; 4] =
-        [FrameError::Malformed, FrameError::NotIp, FrameError::NotTcp, FrameError::Fragment];
+    pub const ALL: [FrameError; 4] = [
+        FrameError::Malformed,
+        FrameError::NotIp,
+        FrameError::NotTcp,
+        FrameError::Fragment,
+    ];
 
     pub const fn name(self) -> &'static str {
         match self {
@@ -127,14 +134,20 @@ pub fn parse_frame(frame: &Bytes, ts: TimestampNs) -> Result<Segment, FrameError
                 return Err(FrameError::Fragment);
             }
             let h = ip.header();
-            (Ipv4Addr::from(h.source()).into(), Ipv4Addr::from(h.destination()).into())
+            (
+                Ipv4Addr::from(h.source()).into(),
+                Ipv4Addr::from(h.destination()).into(),
+            )
         }
         Some(NetSlice::Ipv6(ip)) => {
             if ip.is_payload_fragmented() {
                 return Err(FrameError::Fragment);
             }
             let h = ip.header();
-            (Ipv6Addr::from(h.source()).into(), Ipv6Addr::from(h.destination()).into())
+            (
+                Ipv6Addr::from(h.source()).into(),
+                Ipv6Addr::from(h.destination()).into(),
+            )
         }
         Some(NetSlice::Arp(_)) | None => return Err(FrameError::NotIp),
     };
@@ -214,7 +227,12 @@ pub(crate) mod tests {
     fn ipv6_segment() {
         let frame = Bytes::from(tcp_v6_frame(b"hello", 42));
         let seg = parse_frame(&frame, 0).unwrap();
-        assert_eq!(seg.flow.src, "[fdfd:fdfd:fdfd:fdfd:fdfd:fdfd:fdfd:fdfd]:40001".parse().unwrap());
+        assert_eq!(
+            seg.flow.src,
+            "[fdfd:fdfd:fdfd:fdfd:fdfd:fdfd:fdfd:fdfd]:40001"
+                .parse()
+                .unwrap()
+        );
         assert_eq!(seg.flow.dst.port(), 8080);
         assert_eq!(seg.flow.reverse().src.port(), 8080);
         assert!(seg.flags.contains(TcpFlags::PSH.union(TcpFlags::ACK)));
@@ -257,7 +275,10 @@ pub(crate) mod tests {
             .udp(1, 2)
             .write(&mut udp, b"x")
             .unwrap();
-        assert_eq!(parse_frame(&Bytes::from(udp), 0).unwrap_err(), FrameError::NotTcp);
+        assert_eq!(
+            parse_frame(&Bytes::from(udp), 0).unwrap_err(),
+            FrameError::NotTcp
+        );
         let mut arp = vec![0u8; 42];
         arp[12] = 0x08;
         arp[13] = 0x06;
@@ -265,14 +286,20 @@ pub(crate) mod tests {
         let mut other = vec![0u8; 60];
         other[12] = 0x88;
         other[13] = 0xcc; // LLDP
-        assert_eq!(parse_frame(&Bytes::from(other), 0).unwrap_err(), FrameError::NotIp);
+        assert_eq!(
+            parse_frame(&Bytes::from(other), 0).unwrap_err(),
+            FrameError::NotIp
+        );
     }
 
     #[test]
     fn ipv4_fragment_is_flagged() {
         let mut raw = tcp_v4_frame(b"0123456789", 1, false);
         raw[14 + 6] = 0x20; // more fragments
-        assert_eq!(parse_frame(&Bytes::from(raw), 0).unwrap_err(), FrameError::Fragment);
+        assert_eq!(
+            parse_frame(&Bytes::from(raw), 0).unwrap_err(),
+            FrameError::Fragment
+        );
     }
 
     proptest! {

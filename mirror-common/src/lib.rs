@@ -145,7 +145,11 @@ pub fn flow_hash(a: &[u8; 16], b: &[u8; 16], port_a: u16, port_b: u16) -> u32 {
         h = mix(h ^ w);
         i += 4;
     }
-    let (lo, hi) = if port_a < port_b { (port_a, port_b) } else { (port_b, port_a) };
+    let (lo, hi) = if port_a < port_b {
+        (port_a, port_b)
+    } else {
+        (port_b, port_a)
+    };
     mix(h ^ ((lo as u32) << 16 | hi as u32))
 }
 

@@ -99,7 +99,8 @@ fn mirror(ctx: &TcContext) -> Counter {
         count(Counter::MatchedResponses);
     }
     if cfg.sample_ppm < SAMPLE_ALL
-        && flow_hash(&tuple.src, &tuple.dst, tuple.sport, tuple.dport) % SAMPLE_ALL >= cfg.sample_ppm
+        && flow_hash(&tuple.src, &tuple.dst, tuple.sport, tuple.dport) % SAMPLE_ALL
+            >= cfg.sample_ppm
     {
         return Counter::SkipSampledOut;
     }
@@ -108,7 +109,10 @@ fn mirror(ctx: &TcContext) -> Counter {
     match ctx.clone_redirect(cfg.mirror_ifindex, 0) {
         Ok(()) => Counter::Cloned,
         Err(err) => {
-            debug!(ctx, "clone_redirect to ifindex {} failed: {}", cfg.mirror_ifindex, err);
+            debug!(
+                ctx,
+                "clone_redirect to ifindex {} failed: {}", cfg.mirror_ifindex, err
+            );
             Counter::CloneErrors
         }
     }
@@ -163,7 +167,10 @@ fn parse(ctx: &TcContext) -> Result<Tuple, Counter> {
 /// IPv6 extension headers (RFC 8200 and IANA's list) that may stand before the TCP header.
 #[inline(always)]
 fn is_ipv6_ext_header(next: u8) -> bool {
-    matches!(next, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
+    matches!(
+        next,
+        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254
+    )
 }
 
 #[cfg(not(test))]

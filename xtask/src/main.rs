@@ -1,1 +1,104 @@
-fn main(){}
+//! Project tasks: `cargo xtask <task>`. Each task installs what it needs first, saying what.
+
+mod prereq;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the kernel program (nightly, bpfel-unknown-none, bpf-linker).
+    BuildEbpf,
+    /// Build the kernel program and the agent (release).
+    Build,
+    /// Build everything and run every test, including the root-only end-to-end tests.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.task {
+        Task::BuildEbpf => build_ebpf(&root),
+        Task::Build => {
+            build_ebpf(&root)?;
+            build_agent(&root)
+        }
+        Task::Test { args } => test(&root, &args),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+pub fn build_ebpf(root: &Path) -> Result<()> {
+    prereq::ensure_ebpf_toolchain()?;
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root.join("mirror-ebpf"))
+        .args(["+nightly", "build", "--release"]);
+    // Running under stable, cargo exports RUSTUP_TOOLCHAIN and friends; the child must use the
+    // eBPF crate's own nightly toolchain and settings instead.
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "CARGO_TARGET_DIR",
+        "RUSTFLAGS",
+        "CARGO_BUILD_TARGET",
+    ] {
+        cmd.env_remove(var);
+    }
+    run(&mut cmd).context("building mirror-ebpf")
+}
+
+fn build_agent(root: &Path) -> Result<()> {
+    run(Command::new("cargo")
+        .current_dir(root)
+        .args(["build", "--release", "-p", "mirror-agent"]))
+}
+
+fn test(root: &Path, extra: &[String]) -> Result<()> {
+    build_ebpf(root)?;
+    prereq::ensure_test_tools()?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("the end-to-end tests create network namespaces and load BPF: run `cargo xtask test` as root");
+    }
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root)
+        .args(["test", "--workspace", "--release", "--"])
+        .args(extra);
+    run(&mut cmd)
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}

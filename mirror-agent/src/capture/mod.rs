@@ -19,8 +19,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
 use mirror_common::{Counter, COUNTER_COUNT, PROGRAM_NAME};
 
-pub use self::program::{AttachMode, Hook, MatchConfig};
 use self::program::KernelProgram;
+pub use self::program::{AttachMode, Hook, MatchConfig};
 use self::ring::{PacketRing, RingConfig};
 use crate::segment::{parse_frame, FrameError, Segment};
 
@@ -93,6 +93,7 @@ pub type SegmentBatch = Vec<Segment>;
 /// removes the mirror interface.
 pub struct Capture {
     program: Option<KernelProgram>,
+    program_id: u32,
     host_veth: String,
     stop: Arc<AtomicBool>,
     reader: Option<JoinHandle<()>>,
@@ -121,10 +122,16 @@ impl Capture {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = crossbeam_channel::bounded(cfg.channel_batches.max(1));
         let host_veth = format!("mirr{}", std::process::id());
-        let (reader, ready) =
-            spawn_reader(cfg.ring, tx, Arc::clone(&stats), Arc::clone(&stop), host_veth.clone())?;
+        let (reader, ready) = spawn_reader(
+            cfg.ring,
+            tx,
+            Arc::clone(&stats),
+            Arc::clone(&stop),
+            host_veth.clone(),
+        )?;
         let mut capture = Capture {
             program: None,
+            program_id: 0,
             host_veth: host_veth.clone(),
             stop,
             reader: Some(reader),
@@ -149,6 +156,7 @@ impl Capture {
             }
         }
         program.configure(&cfg.matching, mirror_ifindex)?;
+        capture.program_id = program.id()?;
         capture.program = Some(program);
         Ok((capture, rx))
     }
@@ -156,6 +164,10 @@ impl Capture {
     /// The hooks attached, with the mode used for each.
     pub fn attachments(&self) -> &[(Target, Hook, AttachMode)] {
         &self.attached
+    }
+
+    pub fn program_id(&self) -> u32 {
+        self.program_id
     }
 
     pub fn mirror_interface(&self) -> &str {
@@ -167,7 +179,10 @@ impl Capture {
     }
 
     pub fn kernel_counters(&self) -> Result<[u64; COUNTER_COUNT as usize]> {
-        self.program.as_ref().ok_or_else(|| anyhow!("program not loaded"))?.counters()
+        self.program
+            .as_ref()
+            .ok_or_else(|| anyhow!("program not loaded"))?
+            .counters()
     }
 
     /// Disables, detaches, stops the reader and removes the mirror interface. Returns the final
@@ -269,7 +284,8 @@ fn spawn_reader(
                 let idx = netdev::ifindex(PEER).map_err(|e| format!("veth peer missing: {e}"))?;
                 netdev::disable_ipv6(PEER).map_err(|e| e.to_string())?;
                 netdev::set_up(PEER).map_err(|e| format!("bringing {PEER} up: {e}"))?;
-                PacketRing::open(idx, ring_cfg).map_err(|e| format!("opening the capture ring: {e}"))
+                PacketRing::open(idx, ring_cfg)
+                    .map_err(|e| format!("opening the capture ring: {e}"))
             })();
             match ring {
                 Ok(ring) => {
@@ -284,10 +300,14 @@ fn spawn_reader(
     let tid = tid_rx
         .recv()
         .map_err(|_| anyhow!("capture thread exited early"))?
-        .map_err(|e| anyhow!("{e}: mirror-agent needs CAP_SYS_ADMIN or root to create its mirror namespace"))?;
+        .map_err(|e| {
+            anyhow!("{e}: mirror-agent needs CAP_SYS_ADMIN or root to create its mirror namespace")
+        })?;
     let ready = move || -> Result<()> {
         netdev::create_veth(&host_veth, PEER, tid)?;
-        go_tx.send(()).map_err(|_| anyhow!("capture thread exited early"))?;
+        go_tx
+            .send(())
+            .map_err(|_| anyhow!("capture thread exited early"))?;
         ready_rx
             .recv()
             .map_err(|_| anyhow!("capture thread exited early"))?
@@ -307,7 +327,9 @@ fn read_loop(
         let mut batch = Vec::new();
         let res = ring.poll_block(100, |frame| {
             stats.frames.fetch_add(1, Ordering::Relaxed);
-            stats.bytes.fetch_add(frame.data.len() as u64, Ordering::Relaxed);
+            stats
+                .bytes
+                .fetch_add(frame.data.len() as u64, Ordering::Relaxed);
             if frame.data.len() < frame.wire_len {
                 stats.truncated.fetch_add(1, Ordering::Relaxed);
                 return;
@@ -322,7 +344,9 @@ fn read_loop(
             break;
         }
         if !batch.is_empty() {
-            stats.segments.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            stats
+                .segments
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
             let mut pending = batch;
             loop {
                 match tx.send_timeout(pending, Duration::from_millis(100)) {
@@ -356,5 +380,8 @@ fn accumulate_ring_stats(ring: &PacketRing, stats: &CaptureStats) {
 
 /// Names and values of the kernel counters, for logs and metrics.
 pub fn named_counters(values: &[u64; COUNTER_COUNT as usize]) -> Vec<(&'static str, u64)> {
-    Counter::ALL.iter().map(|c| (c.name(), values[*c as usize])).collect()
+    Counter::ALL
+        .iter()
+        .map(|c| (c.name(), values[*c as usize]))
+        .collect()
 }

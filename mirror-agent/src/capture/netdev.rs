@@ -100,7 +100,10 @@ impl Drop for DgramSocket {
 
 fn ifreq(name: &str) -> io::Result<libc::ifreq> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad interface name"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "bad interface name",
+        ));
     }
     // SAFETY: ifreq is plain data; zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
@@ -114,7 +117,9 @@ fn ifreq(name: &str) -> io::Result<libc::ifreq> {
 pub fn iproute2(program: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(program).args(args).output().map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
-            anyhow!("`{program}` was not found: install iproute2 (Debian: apt-get install iproute2)")
+            anyhow!(
+                "`{program}` was not found: install iproute2 (Debian: apt-get install iproute2)"
+            )
         } else {
             anyhow!("running `{program} {}`: {e}", args.join(" "))
         }
@@ -193,7 +198,9 @@ impl TargetLock {
     pub fn acquire(dir: &std::path::Path, iface: &str) -> Result<TargetLock> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the lock directory {}", dir.display()))?;
-        let netns = std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()).unwrap_or(0);
+        let netns = std::fs::metadata("/proc/self/ns/net")
+            .map(|m| m.ino())
+            .unwrap_or(0);
         let path = dir.join(format!("{netns}-{iface}.lock"));
         let mut file = OpenOptions::new()
             .create(true)

@@ -93,7 +93,9 @@ impl KernelProgram {
         }
         let prog: &mut SchedClassifier = program(&mut ebpf)?;
         prog.load().map_err(|e| {
-            anyhow!("the kernel rejected the TC program: {e}. Is this kernel built with BTF and BPF?")
+            anyhow!(
+                "the kernel rejected the TC program: {e}. Is this kernel built with BTF and BPF?"
+            )
         })?;
         Ok(KernelProgram { ebpf })
     }
@@ -106,7 +108,8 @@ impl KernelProgram {
         if m.addrs.len() > MAX_LIVE_ADDRS as usize {
             bail!("at most {MAX_LIVE_ADDRS} service addresses");
         }
-        let mut ports: HashMap<_, u16, u8> = HashMap::try_from(map(&mut self.ebpf, MAP_LIVE_PORTS)?)?;
+        let mut ports: HashMap<_, u16, u8> =
+            HashMap::try_from(map(&mut self.ebpf, MAP_LIVE_PORTS)?)?;
         for p in &m.ports {
             ports.insert(p, 1, 0)?;
         }
@@ -126,7 +129,12 @@ impl KernelProgram {
         if !m.addrs.is_empty() {
             flags |= FLAG_ADDR_FILTER;
         }
-        let cfg = MirrorConfig { mirror_ifindex, flags, sample_ppm: m.sample_ppm, _reserved: 0 };
+        let cfg = MirrorConfig {
+            mirror_ifindex,
+            flags,
+            sample_ppm: m.sample_ppm,
+            _reserved: 0,
+        };
         let mut config: Array<_, MirrorConfig> = Array::try_from(map(&mut self.ebpf, MAP_CONFIG)?)?;
         config.set(0, cfg, 0)?;
         Ok(())
@@ -141,7 +149,9 @@ impl KernelProgram {
 
     /// Attaches to one hook of `iface`. Returns the mode actually used.
     pub fn attach(&mut self, iface: &str, hook: Hook, mode: AttachMode) -> Result<AttachMode> {
-        let tcx_ok = KernelVersion::current().map(|v| v >= KernelVersion::new(6, 6, 0)).unwrap_or(false);
+        let tcx_ok = KernelVersion::current()
+            .map(|v| v >= KernelVersion::new(6, 6, 0))
+            .unwrap_or(false);
         let prog = program(&mut self.ebpf)?;
         let use_tcx = match mode {
             AttachMode::Tcx => true,
@@ -168,15 +178,26 @@ impl KernelProgram {
             // Already present is fine; anything else shows up in the attach error below.
             log::debug!("adding clsact to {iface}: {e}");
         }
-        prog.attach_with_options(iface, hook.tc(), TcAttachOptions::Netlink(NlOptions::default()))
-            .with_context(|| format!("attaching a clsact filter to {iface} {}", hook.name()))?;
+        prog.attach_with_options(
+            iface,
+            hook.tc(),
+            TcAttachOptions::Netlink(NlOptions::default()),
+        )
+        .with_context(|| format!("attaching a clsact filter to {iface} {}", hook.name()))?;
         Ok(AttachMode::Netlink)
+    }
+
+    /// The kernel's id of the loaded program (`bpftool prog show id N`).
+    pub fn id(&mut self) -> Result<u32> {
+        Ok(program(&mut self.ebpf)?.info()?.id())
     }
 
     /// Kernel counters summed over CPUs, indexed by `Counter`.
     pub fn counters(&self) -> Result<[u64; COUNTER_COUNT as usize]> {
         let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(
-            self.ebpf.map(MAP_COUNTERS).ok_or_else(|| anyhow!("map {MAP_COUNTERS} missing"))?,
+            self.ebpf
+                .map(MAP_COUNTERS)
+                .ok_or_else(|| anyhow!("map {MAP_COUNTERS} missing"))?,
         )?;
         let mut out = [0u64; COUNTER_COUNT as usize];
         for c in Counter::ALL {
@@ -189,12 +210,18 @@ impl KernelProgram {
 /// Forwards the kernel's log records to this process's logger for the rest of its life.
 fn spawn_log_forwarder(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> Result<()> {
     use std::os::fd::AsRawFd;
-    std::thread::Builder::new().name("ebpf-log".into()).spawn(move || loop {
-        let mut pfd = libc::pollfd { fd: logger.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd.
-        unsafe { libc::poll(&mut pfd, 1, 500) };
-        logger.flush();
-    })?;
+    std::thread::Builder::new()
+        .name("ebpf-log".into())
+        .spawn(move || loop {
+            let mut pfd = libc::pollfd {
+                fd: logger.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, 500) };
+            logger.flush();
+        })?;
     Ok(())
 }
 
@@ -206,5 +233,6 @@ fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map> {
-    ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+    ebpf.map_mut(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
 }

@@ -24,7 +24,11 @@ pub struct RingConfig {
 
 impl Default for RingConfig {
     fn default() -> Self {
-        RingConfig { block_size: 1 << 20, block_count: 32, retire_ms: 4 }
+        RingConfig {
+            block_size: 1 << 20,
+            block_count: 32,
+            retire_ms: 4,
+        }
     }
 }
 
@@ -104,7 +108,10 @@ impl PacketRing {
     /// Opens the socket in the calling thread's network namespace and binds it to `ifindex`.
     pub fn open(ifindex: u32, cfg: RingConfig) -> io::Result<PacketRing> {
         let page = 4096;
-        if cfg.block_size % page != 0 || cfg.block_size < (1 << 16) || cfg.block_count == 0 {
+        if !cfg.block_size.is_multiple_of(page)
+            || cfg.block_size < (1 << 16)
+            || cfg.block_count == 0
+        {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "ring blocks must be a multiple of 4 KiB, at least 64 KiB, and at least one",
@@ -117,7 +124,11 @@ impl PacketRing {
             return Err(os_error("socket(AF_PACKET)"));
         }
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        setsockopt(&fd, libc::PACKET_VERSION, &(libc::tpacket_versions::TPACKET_V3 as c_int))?;
+        setsockopt(
+            &fd,
+            libc::PACKET_VERSION,
+            &(libc::tpacket_versions::TPACKET_V3 as c_int),
+        )?;
         let frame_size = 2048usize;
         let req = tpacket_req3 {
             tp_block_size: cfg.block_size as u32,
@@ -143,7 +154,11 @@ impl PacketRing {
         if ptr == libc::MAP_FAILED {
             return Err(os_error("mmap(PACKET_RX_RING)"));
         }
-        let map = Arc::new(Mapping { ptr: ptr.cast(), len, fd });
+        let map = Arc::new(Mapping {
+            ptr: ptr.cast(),
+            len,
+            fd,
+        });
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         addr.sll_family = libc::AF_PACKET as u16;
         addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
@@ -158,7 +173,11 @@ impl PacketRing {
         if rc < 0 {
             return Err(os_error("bind(AF_PACKET)"));
         }
-        Ok(PacketRing { map, cfg, next_block: 0 })
+        Ok(PacketRing {
+            map,
+            cfg,
+            next_block: 0,
+        })
     }
 
     /// Waits up to `timeout_ms` for the next block and calls `on_frame` for each frame in it.
@@ -180,7 +199,11 @@ impl PacketRing {
             let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
             if rc < 0 {
                 let err = io::Error::last_os_error();
-                return if err.kind() == io::ErrorKind::Interrupted { Ok(0) } else { Err(err) };
+                return if err.kind() == io::ErrorKind::Interrupted {
+                    Ok(0)
+                } else {
+                    Err(err)
+                };
             }
             if status.load(Ordering::Acquire) & libc::TP_STATUS_USER == 0 {
                 return Ok(0);

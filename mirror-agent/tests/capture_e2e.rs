@@ -1,0 +1,297 @@
+//! Capture stage, end to end, in network namespaces created by each test (root only).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn program_id(ready: &str) -> u32 {
+    ready
+        .rsplit("program id ")
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn wait_unloaded(id: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while loaded_program_ids(mirror_common::PROGRAM_NAME).contains(&id) {
+        assert!(
+            Instant::now() < deadline,
+            "program {id} still loaded: something still holds it"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn no_mirror_links(ns: &Netns) {
+    let links = ns.ip(&["-o", "link"]);
+    assert!(!links.contains("mirr"), "mirror veth left behind:\n{links}");
+}
+
+fn tc_filters(ns: &Netns, hook: &str) -> String {
+    sh(&["tc", "-n", &ns.name, "filter", "show", "dev", "srv0", hook])
+}
+
+/// The requests the client makes, with the bodies it expects back.
+struct Exchange {
+    args: Vec<String>,
+    expected: Vec<u8>,
+}
+
+fn exchanges(host: &str, upload: &std::path::Path, upload_bytes: &[u8]) -> Vec<Exchange> {
+    let base = format!("http://{host}:8080");
+    vec![
+        Exchange {
+            args: vec![format!("{base}/books?size=100")],
+            expected: expected_body("GET", "/books?size=100", b""),
+        },
+        Exchange {
+            args: vec![format!("{base}/big?size=300000")],
+            expected: expected_body("GET", "/big?size=300000", b""),
+        },
+        Exchange {
+            args: vec![
+                "-H".into(),
+                "Content-Type: application/octet-stream".into(),
+                "--data-binary".into(),
+                format!("@{}", upload.display()),
+                format!("{base}/upload"),
+            ],
+            expected: expected_body("POST", "/upload", upload_bytes),
+        },
+    ]
+}
+
+#[test]
+fn captured_bytes_equal_what_client_sent_v4_and_v6() {
+    require_root();
+    let pair = Pair::new("cap");
+    let server = TestServer::start(
+        &pair.server,
+        &[
+            format!("{}:8080", pair.server_v4).parse().unwrap(),
+            format!("[{}]:8080", pair.server_v6).parse().unwrap(),
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let upload = dir.path().join("upload.bin");
+    // 3 MiB of non-repeating bytes, so any misordering or duplication shows.
+    let mut x = 0x1234_5678u32;
+    let data: Vec<u8> = (0..3 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    std::fs::write(&upload, &data).unwrap();
+    let hosts = [pair.server_v4.clone(), format!("[{}]", pair.server_v6)];
+
+    // Baseline without the agent.
+    let mut baseline = Vec::new();
+    for host in &hosts {
+        for ex in exchanges(host, &upload, &data) {
+            let args: Vec<&str> = ex.args.iter().map(String::as_str).collect();
+            baseline.push(curl(&pair.client, &args).0);
+        }
+    }
+
+    let dump = dir.path().join("capture.dump");
+    let agent = Agent::start(
+        &pair.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "8080",
+            "--dump",
+            dump.to_str().unwrap(),
+        ],
+    );
+    let mut clients: Vec<SocketAddr> = Vec::new();
+    let mut with_agent = Vec::new();
+    for host in &hosts {
+        for ex in exchanges(host, &upload, &data) {
+            let args: Vec<&str> = ex.args.iter().map(String::as_str).collect();
+            let (body, local) = curl(&pair.client, &args);
+            assert_eq!(body, ex.expected, "live response changed for {args:?}");
+            with_agent.push(body);
+            clients.extend(local);
+        }
+    }
+    assert_eq!(
+        with_agent, baseline,
+        "live responses differ with the agent attached"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let stderr = agent.terminate();
+
+    let flows = parse_dump(&std::fs::read(&dump).unwrap());
+    assert_eq!(clients.len(), 6);
+    for client in &clients {
+        let rec = server.record(client).expect("server saw the connection");
+        let up = flows
+            .iter()
+            .find(|f| f.src == *client)
+            .unwrap_or_else(|| panic!("no captured flow from {client}; stderr:\n{stderr}"));
+        assert_eq!(up.gaps, 0, "{client}: holes in the captured request stream");
+        assert_eq!(
+            up.bytes.len(),
+            rec.received.len(),
+            "{client}: request byte count"
+        );
+        assert!(
+            up.bytes == rec.received,
+            "{client}: captured request bytes differ"
+        );
+        let down = flows
+            .iter()
+            .find(|f| f.dst == *client)
+            .expect("response flow captured");
+        assert!(
+            down.bytes == rec.sent,
+            "{client}: captured response bytes differ"
+        );
+    }
+    assert!(
+        rec_total(&flows) >= 2 * (3 << 20),
+        "the 3 MiB uploads were captured"
+    );
+    assert!(stderr.contains("ring_drops=0"), "{stderr}");
+}
+
+fn rec_total(flows: &[DumpedFlow]) -> usize {
+    flows.iter().map(|f| f.bytes.len()).sum()
+}
+
+#[test]
+fn nothing_left_after_sigterm_or_sigkill() {
+    require_root();
+    let pair = Pair::new("cln");
+    let _server = TestServer::start(&pair.server, &["10.231.0.2:8080".parse().unwrap()]);
+    for signal in [libc::SIGTERM, libc::SIGKILL] {
+        let mut agent = Agent::start(&pair.server, &["--iface", "srv0", "--port", "8080"]);
+        assert!(agent.ready_line.contains("(Tcx)"), "{}", agent.ready_line);
+        let id = program_id(&agent.ready_line);
+        assert!(loaded_program_ids(mirror_common::PROGRAM_NAME).contains(&id));
+        curl(&pair.client, &["http://10.231.0.2:8080/x"]);
+        agent.proc.signal(signal);
+        let (code, err) = agent.proc.wait_exit(Duration::from_secs(15));
+        if signal == libc::SIGTERM {
+            assert_eq!(code, Some(0), "{err}");
+        }
+        // A loaded program is one still attached somewhere: gone means nothing clones.
+        wait_unloaded(id);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pair.server.ip(&["-o", "link"]).contains("mirr") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        no_mirror_links(&pair.server);
+        assert!(!tc_filters(&pair.server, "ingress").contains("mirror_tc"));
+        let (body, _) = curl(&pair.client, &["http://10.231.0.2:8080/after"]);
+        assert_eq!(body, expected_body("GET", "/after", b""));
+    }
+}
+
+#[test]
+fn netlink_fallback_removes_stale_filters_after_a_crash() {
+    require_root();
+    let pair = Pair::new("nl");
+    let args = [
+        "--iface",
+        "srv0",
+        "--port",
+        "8080",
+        "--attach-mode",
+        "netlink",
+    ];
+    let mut crashed = Agent::start(&pair.server, &args);
+    assert!(
+        crashed.ready_line.contains("(Netlink)"),
+        "{}",
+        crashed.ready_line
+    );
+    crashed.proc.signal(libc::SIGKILL);
+    crashed.proc.wait_exit(Duration::from_secs(10));
+    // A classic filter outlives its process: this is what the next start must clean.
+    assert!(tc_filters(&pair.server, "ingress").contains("mirror_tc"));
+
+    let agent = Agent::start(&pair.server, &args);
+    for hook in ["ingress", "egress"] {
+        let n = tc_filters(&pair.server, hook)
+            .lines()
+            .filter(|l| l.contains("mirror_tc"))
+            .count();
+        assert_eq!(n, 1, "{hook}: exactly the new agent's filter");
+    }
+    let id = program_id(&agent.ready_line);
+    agent.terminate();
+    for hook in ["ingress", "egress"] {
+        assert!(
+            !tc_filters(&pair.server, hook).contains("mirror_tc"),
+            "{hook} filter left"
+        );
+    }
+    wait_unloaded(id);
+}
+
+#[test]
+fn clear_errors_for_bad_input() {
+    require_root();
+    let pair = Pair::new("err");
+    let run = |args: &[&str]| -> (bool, String) {
+        let out = pair
+            .server
+            .exec(&[AGENT, "attach"])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = run(&["--iface", "nope0", "--port", "80"]);
+    assert!(!ok && err.contains("does not exist"), "{err}");
+    let (ok, err) = run(&["--iface", "srv0", "--port", "http"]);
+    assert!(!ok && err.contains("invalid value 'http'"), "{err}");
+    let (ok, err) = run(&["--iface", "lo", "--port", "80"]);
+    assert!(!ok && err.contains("not Ethernet"), "{err}");
+
+    let out = pair
+        .server
+        .exec(&[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            AGENT,
+            "attach",
+            "--iface",
+            "srv0",
+            "--port",
+            "80",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("run it as root"),
+        "{err}"
+    );
+
+    let first = Agent::start(&pair.server, &["--iface", "srv0", "--port", "8080"]);
+    let (ok, err) = run(&["--iface", "srv0", "--port", "9090"]);
+    assert!(
+        !ok && err.contains("already mirrored by another mirror-agent"),
+        "{err}"
+    );
+    first.terminate();
+}

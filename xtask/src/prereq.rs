@@ -1,0 +1,142 @@
+//! Checks for the tools the project needs and installs the missing ones, saying what it installs.
+//! The facts behind the versions are in shared/notes/ebpf-toolchain.md.
+
+use std::process::{Command, Stdio};
+use std::sync::Once;
+
+use anyhow::{bail, Result};
+
+use crate::run;
+
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const LLVM_APT: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "libxml2-dev",
+];
+
+pub fn ensure_ebpf_toolchain() -> Result<()> {
+    if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        bail!(
+            "the nightly toolchain is missing: install it with `rustup toolchain install nightly \
+             --component rust-src` (the kernel side needs -Z build-std)"
+        );
+    }
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]));
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: installing rust-src for nightly (needed by -Z build-std=core)");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    if !succeeds(Command::new("bpf-linker").arg("--version")) {
+        if !std::path::Path::new(LLVM_PREFIX)
+            .join("bin/llvm-config")
+            .exists()
+        {
+            eprintln!(
+                "xtask: installing LLVM 22 development files for bpf-linker: {}",
+                LLVM_APT.join(" ")
+            );
+            apt_install(LLVM_APT)?;
+        }
+        eprintln!("xtask: installing bpf-linker 0.13 against LLVM 22 (about a minute)");
+        // bpf-linker's build script reads LLVM_PREFIX (else the first llvm-config on PATH, which
+        // may be another LLVM); llvm-sys reads LLVM_SYS_221_PREFIX.
+        run(Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                "0.13.0",
+                "--locked",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX)
+            .env_remove("RUSTUP_TOOLCHAIN"))?;
+    }
+    Ok(())
+}
+
+/// Tools the end-to-end tests drive: iproute2 (namespaces, veth, tc) and curl (the client).
+pub fn ensure_test_tools() -> Result<()> {
+    let mut missing = Vec::new();
+    for (bin, pkg) in [("ip", "iproute2"), ("tc", "iproute2"), ("curl", "curl")] {
+        if !on_path(bin) && !missing.contains(&pkg) {
+            missing.push(pkg);
+        }
+    }
+    if !missing.is_empty() {
+        eprintln!("xtask: installing test tools: {}", missing.join(" "));
+        apt_install(&missing)?;
+    }
+    Ok(())
+}
+
+/// Load tools for the benchmarks: nginx and wrk from apt, oha from crates.io.
+pub fn ensure_bench_tools() -> Result<()> {
+    ensure_test_tools()?;
+    let mut missing = Vec::new();
+    for (bin, pkg) in [("nginx", "nginx"), ("wrk", "wrk")] {
+        if !on_path(bin) && !std::path::Path::new("/usr/sbin").join(bin).exists() {
+            missing.push(pkg);
+        }
+    }
+    if !missing.is_empty() {
+        eprintln!("xtask: installing benchmark tools: {}", missing.join(" "));
+        apt_install(&missing)?;
+    }
+    if !on_path("oha") {
+        eprintln!("xtask: installing oha (fixed-rate load generator) from crates.io");
+        run(Command::new("cargo")
+            .args(["install", "oha", "--locked"])
+            .env_remove("RUSTUP_TOOLCHAIN"))?;
+    }
+    Ok(())
+}
+
+fn apt_install(pkgs: &[&str]) -> Result<()> {
+    static UPDATE: Once = Once::new();
+    let mut update = Ok(());
+    UPDATE.call_once(|| update = run(Command::new("apt-get").args(["update", "-q"])));
+    update?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(pkgs)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+pub fn on_path(bin: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+        .unwrap_or(false)
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn output(cmd: &mut Command) -> String {
+    cmd.output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
