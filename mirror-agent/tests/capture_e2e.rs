@@ -70,7 +70,7 @@ fn exchanges(host: &str, upload: &std::path::Path, upload_bytes: &[u8]) -> Vec<E
 #[test]
 fn captured_bytes_equal_what_client_sent_v4_and_v6() {
     require_root();
-    let pair = Pair::new("cap");
+    let pair = Pair::new("cap", 231);
     let server = TestServer::start(
         &pair.server,
         &[
@@ -173,14 +173,14 @@ fn rec_total(flows: &[DumpedFlow]) -> usize {
 #[test]
 fn nothing_left_after_sigterm_or_sigkill() {
     require_root();
-    let pair = Pair::new("cln");
-    let _server = TestServer::start(&pair.server, &["10.231.0.2:8080".parse().unwrap()]);
+    let pair = Pair::new("cln", 232);
+    let _server = TestServer::start(&pair.server, &["10.232.0.2:8080".parse().unwrap()]);
     for signal in [libc::SIGTERM, libc::SIGKILL] {
         let mut agent = Agent::start(&pair.server, &["--iface", "srv0", "--port", "8080"]);
         assert!(agent.ready_line.contains("(Tcx)"), "{}", agent.ready_line);
         let id = program_id(&agent.ready_line);
         assert!(loaded_program_ids(mirror_common::PROGRAM_NAME).contains(&id));
-        curl(&pair.client, &["http://10.231.0.2:8080/x"]);
+        curl(&pair.client, &["http://10.232.0.2:8080/x"]);
         agent.proc.signal(signal);
         let (code, err) = agent.proc.wait_exit(Duration::from_secs(15));
         if signal == libc::SIGTERM {
@@ -194,7 +194,7 @@ fn nothing_left_after_sigterm_or_sigkill() {
         }
         no_mirror_links(&pair.server);
         assert!(!tc_filters(&pair.server, "ingress").contains("mirror_tc"));
-        let (body, _) = curl(&pair.client, &["http://10.231.0.2:8080/after"]);
+        let (body, _) = curl(&pair.client, &["http://10.232.0.2:8080/after"]);
         assert_eq!(body, expected_body("GET", "/after", b""));
     }
 }
@@ -202,7 +202,7 @@ fn nothing_left_after_sigterm_or_sigkill() {
 #[test]
 fn netlink_fallback_removes_stale_filters_after_a_crash() {
     require_root();
-    let pair = Pair::new("nl");
+    let pair = Pair::new("nl", 233);
     let args = [
         "--iface",
         "srv0",
@@ -244,7 +244,7 @@ fn netlink_fallback_removes_stale_filters_after_a_crash() {
 #[test]
 fn clear_errors_for_bad_input() {
     require_root();
-    let pair = Pair::new("err");
+    let pair = Pair::new("err", 234);
     let run = |args: &[&str]| -> (bool, String) {
         let out = pair
             .server

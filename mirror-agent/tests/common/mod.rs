@@ -5,12 +5,13 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+pub use netlab::{sh, Netns, Pair, Proc};
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_mirror-agent");
 
@@ -22,169 +23,6 @@ pub fn require_root() {
         0,
         "end-to-end tests need root (network namespaces, BPF): run `cargo xtask test` as root"
     );
-}
-
-pub fn sh(cmd: &[&str]) -> String {
-    let out = Command::new(cmd[0])
-        .args(&cmd[1..])
-        .output()
-        .expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
-
-/// A unique short prefix for this test's namespaces.
-pub fn unique(tag: &str) -> String {
-    format!(
-        "mt{}{}{}",
-        tag,
-        std::process::id() % 100_000,
-        NEXT_ID.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// A network namespace, deleted on drop.
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    pub fn new(name: &str) -> Netns {
-        sh(&["ip", "netns", "add", name]);
-        let ns = Netns {
-            name: name.to_string(),
-        };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-    pub fn ip(&self, args: &[&str]) -> String {
-        let mut v = vec!["ip", "-n", &self.name];
-        v.extend_from_slice(args);
-        sh(&v)
-    }
-    pub fn exec(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).args(args);
-        c
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-/// Client and server namespaces joined by a veth pair, with IPv4 and IPv6 addresses.
-/// The server side interface is `srv0`; the client side `cli0`.
-pub struct Pair {
-    pub client: Netns,
-    pub server: Netns,
-    pub server_v4: String,
-    pub server_v6: String,
-}
-
-impl Pair {
-    pub fn new(tag: &str) -> Pair {
-        let base = unique(tag);
-        let client = Netns::new(&format!("{base}c"));
-        let server = Netns::new(&format!("{base}s"));
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            "cli0",
-            "netns",
-            &client.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "srv0",
-            "netns",
-            &server.name,
-        ]);
-        client.ip(&["addr", "add", "10.231.0.1/24", "dev", "cli0"]);
-        server.ip(&["addr", "add", "10.231.0.2/24", "dev", "srv0"]);
-        client.ip(&[
-            "-6",
-            "addr",
-            "add",
-            "fd00:231::1/64",
-            "dev",
-            "cli0",
-            "nodad",
-        ]);
-        server.ip(&[
-            "-6",
-            "addr",
-            "add",
-            "fd00:231::2/64",
-            "dev",
-            "srv0",
-            "nodad",
-        ]);
-        client.ip(&["link", "set", "cli0", "up"]);
-        server.ip(&["link", "set", "srv0", "up"]);
-        Pair {
-            client,
-            server,
-            server_v4: "10.231.0.2".into(),
-            server_v6: "fd00:231::2".into(),
-        }
-    }
-}
-
-/// A child process killed (SIGKILL) and reaped on drop.
-pub struct Proc {
-    pub child: Option<Child>,
-}
-
-impl Proc {
-    pub fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
-    }
-    pub fn signal(&self, sig: i32) {
-        // SAFETY: plain kill(2).
-        unsafe { libc::kill(self.pid(), sig) };
-    }
-    /// Waits for exit, bounded; returns the exit code and collected stderr.
-    pub fn wait_exit(&mut self, timeout: Duration) -> (Option<i32>, String) {
-        let mut child = self.child.take().unwrap();
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = e.read_to_string(&mut err);
-                }
-                return (status.code(), err);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("process did not exit within {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 /// A running agent and what it printed when ready.
@@ -253,11 +91,11 @@ impl TestServer {
         let conns: Arc<Mutex<HashMap<SocketAddr, ConnRecord>>> = Default::default();
         let requests = Arc::new(AtomicUsize::new(0));
         let (ready_tx, ready_rx) = mpsc::channel();
-        let nspath = format!("/var/run/netns/{}", ns.name);
+        let nspath = ns.path();
         let bind = bind.to_vec();
         let (s, c, r) = (Arc::clone(&stop), Arc::clone(&conns), Arc::clone(&requests));
         let thread = std::thread::spawn(move || {
-            enter_netns(&nspath);
+            netlab::enter_netns(&nspath);
             let listeners: Vec<TcpListener> = bind
                 .iter()
                 .map(|a| {
@@ -309,13 +147,6 @@ impl Drop for TestServer {
             let _ = t.join();
         }
     }
-}
-
-pub fn enter_netns(path: &str) {
-    let f = std::fs::File::open(path).expect("open netns");
-    // SAFETY: valid fd; setns affects only this thread.
-    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
 }
 
 /// The body the server sends for a request: deterministic, sized by `?size=N` for GETs.
