@@ -76,6 +76,10 @@ pub struct AttachArgs {
     #[arg(long)]
     pub ebpf_log: bool,
 
+    /// Clone but never read the clones: measures the kernel side alone (benchmarks).
+    #[arg(long, hide = true)]
+    pub no_reader: bool,
+
     /// Log capture counters every N seconds (0: only at exit).
     #[arg(long, default_value_t = 0)]
     pub stats_interval: u64,
@@ -127,6 +131,7 @@ fn attach(args: AttachArgs) -> Result<()> {
             ..RingConfig::default()
         },
         ebpf_log: args.ebpf_log,
+        read_clones: !args.no_reader,
         ..CaptureConfig::default()
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

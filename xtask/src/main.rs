@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask <task>`. Each task installs what it needs first, saying what.
 
+mod bench;
 mod prereq;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +28,8 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Benchmark the capture path: no program, program only, program + agent (figures only).
+    BenchCapture(bench::CaptureBenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -39,6 +42,12 @@ fn main() -> Result<()> {
             build_agent(&root)
         }
         Task::Test { args } => test(&root, &args),
+        Task::BenchCapture(args) => {
+            prereq::ensure_bench_tools()?;
+            build_ebpf(&root)?;
+            build_agent(&root)?;
+            bench::capture(&root, &args)
+        }
     }
 }
 
@@ -79,7 +88,7 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     build_ebpf(root)?;
     prereq::ensure_test_tools()?;
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc_geteuid() } != 0 {
+    if unsafe { libc::geteuid() } != 0 {
         bail!("the end-to-end tests create network namespaces and load BPF: run `cargo xtask test` as root");
     }
     let mut cmd = Command::new("cargo");
@@ -87,11 +96,6 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         .args(["test", "--workspace", "--release", "--"])
         .args(extra);
     run(&mut cmd)
-}
-
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }
 
 pub fn run(cmd: &mut Command) -> Result<()> {

@@ -42,6 +42,9 @@ pub struct CaptureConfig {
     pub channel_batches: usize,
     pub ebpf_log: bool,
     pub lock_dir: PathBuf,
+    /// Read the clones. Off only to measure the kernel side alone: clones then die in the
+    /// mirror namespace unread.
+    pub read_clones: bool,
 }
 
 impl Default for CaptureConfig {
@@ -59,6 +62,7 @@ impl Default for CaptureConfig {
             channel_batches: 256,
             ebpf_log: false,
             lock_dir: PathBuf::from("/run/mirror-agent"),
+            read_clones: true,
         }
     }
 }
@@ -123,7 +127,7 @@ impl Capture {
         let (tx, rx) = crossbeam_channel::bounded(cfg.channel_batches.max(1));
         let host_veth = format!("mirr{}", std::process::id());
         let (reader, ready) = spawn_reader(
-            cfg.ring,
+            cfg.read_clones.then_some(cfg.ring),
             tx,
             Arc::clone(&stats),
             Arc::clone(&stop),
@@ -252,10 +256,10 @@ fn preflight() -> Result<()> {
 }
 
 /// Starts the reader thread. It moves into a fresh network namespace, waits there for the veth
-/// peer, opens the ring on it and then reads until stopped. The returned closure creates the
-/// veth pair and waits until the reader is ready.
+/// peer, opens the ring on it (unless `ring_cfg` is None) and then reads until stopped. The
+/// returned closure creates the veth pair and waits until the reader is ready.
 fn spawn_reader(
-    ring_cfg: RingConfig,
+    ring_cfg: Option<RingConfig>,
     tx: Sender<SegmentBatch>,
     stats: Arc<CaptureStats>,
     stop: Arc<AtomicBool>,
@@ -280,17 +284,25 @@ fn spawn_reader(
             if go_rx.recv().is_err() {
                 return;
             }
-            let ring = (|| -> Result<PacketRing, String> {
+            let ring = (|| -> Result<Option<PacketRing>, String> {
                 let idx = netdev::ifindex(PEER).map_err(|e| format!("veth peer missing: {e}"))?;
                 netdev::disable_ipv6(PEER).map_err(|e| e.to_string())?;
                 netdev::set_up(PEER).map_err(|e| format!("bringing {PEER} up: {e}"))?;
-                PacketRing::open(idx, ring_cfg)
+                ring_cfg
+                    .map(|cfg| PacketRing::open(idx, cfg))
+                    .transpose()
                     .map_err(|e| format!("opening the capture ring: {e}"))
             })();
             match ring {
-                Ok(ring) => {
+                Ok(Some(ring)) => {
                     let _ = ready_tx.send(Ok(()));
                     read_loop(ring, &tx, &stats, &stop);
+                }
+                Ok(None) => {
+                    let _ = ready_tx.send(Ok(()));
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
