@@ -5,4 +5,8 @@
 
 pub mod capture;
 pub mod dump;
+pub mod http;
+pub mod reassembly;
 pub mod segment;
+#[doc(hidden)]
+pub mod testkit;

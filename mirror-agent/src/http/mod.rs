@@ -1,0 +1,1038 @@
+//! HTTP/1.x message extraction from reassembled streams (httparse for the head).
+//!
+//! Requests (client → server) come out whole, with their exact bytes, for replay. Responses
+//! (server → client) are framed but not kept: only their status and timing come out, paired in
+//! order with the connection's requests. Anything dropped is counted by reason in `HttpStats`.
+
+pub mod framing;
+
+use std::collections::VecDeque;
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::ops::Range;
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use self::framing::{find_request_start, find_response_start, BodyDecoder, Framing};
+use crate::reassembly::{CloseReason, ConnId, ConnInfo, Direction, StreamHandler};
+use crate::segment::TimestampNs;
+
+/// Most headers httparse is given room for; `HttpConfig::max_headers` is capped to it.
+pub const HEADER_SLOTS: usize = 128;
+
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    pub max_headers: usize,
+    /// Largest request or response head (request line + headers), and largest chunk line.
+    pub max_head_bytes: usize,
+    /// Largest request body kept for replay; larger requests are framed, dropped and counted.
+    pub max_body_bytes: usize,
+    /// Most request bytes buffered across all connections.
+    pub max_buffered_bytes: usize,
+    /// Pair responses with requests (needs the capture's response mode).
+    pub track_responses: bool,
+    /// Most requests per connection still waiting for their response.
+    pub max_pending: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            max_headers: 100,
+            max_head_bytes: 64 << 10,
+            max_body_bytes: 16 << 20,
+            max_buffered_bytes: 256 << 20,
+            track_responses: true,
+            max_pending: 256,
+        }
+    }
+}
+
+/// One request extracted from a live connection, with its exact bytes.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub conn: ConnId,
+    /// Index of the request on its connection (0, 1, …): pairs it with its response.
+    pub seq: u64,
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    /// The whole message as it crossed the wire: head and framed body.
+    pub raw: Bytes,
+    /// The body as framed on the wire (chunked encoding included); a slice of `raw`.
+    pub body: Bytes,
+    pub framing: Framing,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version: u8,
+    method: Range<usize>,
+    target: Range<usize>,
+    headers: Vec<(Range<usize>, Range<usize>)>,
+    /// Capture times of the first and last byte.
+    pub first_ts: TimestampNs,
+    pub last_ts: TimestampNs,
+}
+
+impl Request {
+    pub fn method(&self) -> &str {
+        std::str::from_utf8(&self.raw[self.method.clone()]).unwrap_or("")
+    }
+    pub fn target(&self) -> &str {
+        std::str::from_utf8(&self.raw[self.target.clone()]).unwrap_or("")
+    }
+    /// Header names and values, in order, exactly as sent.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.headers.iter().map(|(n, v)| {
+            (
+                std::str::from_utf8(&self.raw[n.clone()]).unwrap_or(""),
+                &self.raw[v.clone()],
+            )
+        })
+    }
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+    pub fn head(&self) -> &[u8] {
+        &self.raw[..self.raw.len() - self.body.len()]
+    }
+}
+
+/// What is known of a live response: its status and how long the service took.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResponseMeta {
+    pub conn: ConnId,
+    pub request_seq: u64,
+    pub method: String,
+    pub target: String,
+    pub status: u16,
+    pub request_last_ts: TimestampNs,
+    pub response_first_ts: TimestampNs,
+}
+
+impl ResponseMeta {
+    /// Time from the request's last byte to the response's first byte.
+    pub fn duration_ns(&self) -> u64 {
+        self.response_first_ts.saturating_sub(self.request_last_ts)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum HttpEvent {
+    Request(Request),
+    Response(ResponseMeta),
+}
+
+/// Why extraction stopped on a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    Upgrade,
+    Connect,
+    Http2Preface,
+    Tls,
+}
+
+/// Counters. A request head that parsed ends as exactly one of: `requests`, or a `dropped_*`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HttpStats {
+    pub requests: u64,
+    pub request_bytes: u64,
+    pub responses: u64,
+    /// Bytes skipped while looking for a message start (mid-stream joins, after losses).
+    pub resync_skipped_bytes: u64,
+    pub dropped_malformed: u64,
+    pub dropped_oversize_head: u64,
+    pub dropped_oversize_body: u64,
+    pub dropped_gap: u64,
+    pub dropped_memory: u64,
+    pub dropped_incomplete: u64,
+    pub dropped_expect_rejected: u64,
+    pub dropped_stopped: u64,
+    pub malformed_responses: u64,
+    pub unpaired_responses: u64,
+    pub pending_overflow: u64,
+    pub stopped_upgrade: u64,
+    pub stopped_connect: u64,
+    pub stopped_http2: u64,
+    pub stopped_tls: u64,
+    /// Gauge: request bytes buffered now.
+    pub buffered_bytes: u64,
+}
+
+impl HttpStats {
+    fn stopped(&mut self, r: StopReason) {
+        match r {
+            StopReason::Upgrade => self.stopped_upgrade += 1,
+            StopReason::Connect => self.stopped_connect += 1,
+            StopReason::Http2Preface => self.stopped_http2 += 1,
+            StopReason::Tls => self.stopped_tls += 1,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Request,
+    Response,
+}
+
+enum State {
+    /// Looking for a message start.
+    Hunt,
+    Head,
+    Body(BodyDecoder),
+    Stopped,
+}
+
+/// The head of the message being read.
+struct Head {
+    len: usize,
+    version: u8,
+    method: Range<usize>,
+    target: Range<usize>,
+    headers: Vec<(Range<usize>, Range<usize>)>,
+    framing: Framing,
+    status: u16,
+    seq: u64,
+    expect_continue: bool,
+}
+
+/// One direction's parser.
+struct MessageParser {
+    kind: Kind,
+    state: State,
+    buf: BytesMut,
+    /// Bytes of `buf` already searched for the end of the head.
+    head_scanned: usize,
+    head: Option<Head>,
+    /// The message is kept (its bytes accumulate in `buf`).
+    keep: bool,
+    /// Part of the message was lost or refused: it is framed to the end, then dropped.
+    drop_reason: Option<DropReason>,
+    first_ts: TimestampNs,
+    body_bytes: u64,
+    at_stream_start: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DropReason {
+    Gap,
+    OversizeBody,
+    Memory,
+}
+
+impl MessageParser {
+    fn new(kind: Kind) -> Self {
+        MessageParser {
+            kind,
+            state: State::Hunt,
+            buf: BytesMut::new(),
+            head_scanned: 0,
+            head: None,
+            keep: false,
+            drop_reason: None,
+            first_ts: 0,
+            body_bytes: 0,
+            at_stream_start: false,
+        }
+    }
+
+    fn in_message(&self) -> bool {
+        match self.state {
+            State::Head => !self.buf.is_empty(),
+            State::Body(_) => true,
+            State::Hunt | State::Stopped => false,
+        }
+    }
+}
+
+/// Per-connection state, kept in the reassembler's flow table.
+pub struct HttpConn {
+    req: MessageParser,
+    resp: MessageParser,
+    next_seq: u64,
+    /// Requests whose responses have not been seen, oldest first.
+    pending: VecDeque<Pending>,
+}
+
+struct Pending {
+    seq: u64,
+    method: String,
+    target: String,
+    head: bool,
+    connect: bool,
+    /// None until the request's last byte is seen.
+    last_ts: Option<TimestampNs>,
+    expect_continue: bool,
+    /// The request was dropped: its response is framed but not reported.
+    dropped: bool,
+}
+
+/// The parse stage: a `StreamHandler` that turns streams into `HttpEvent`s.
+pub struct HttpExtractor {
+    cfg: HttpConfig,
+    stats: HttpStats,
+    buffered: usize,
+    events: Vec<HttpEvent>,
+}
+
+impl HttpExtractor {
+    pub fn new(mut cfg: HttpConfig) -> Self {
+        cfg.max_headers = cfg.max_headers.clamp(1, HEADER_SLOTS);
+        HttpExtractor {
+            cfg,
+            stats: HttpStats::default(),
+            buffered: 0,
+            events: Vec::new(),
+        }
+    }
+
+    pub fn stats(&self) -> HttpStats {
+        let mut s = self.stats.clone();
+        s.buffered_bytes = self.buffered as u64;
+        s
+    }
+
+    /// Takes the events produced so far.
+    pub fn drain(&mut self) -> std::vec::Drain<'_, HttpEvent> {
+        self.events.drain(..)
+    }
+
+    /// Feeds one direction's bytes.
+    fn feed(
+        &mut self,
+        c: &mut HttpConn,
+        info: &ConnInfo,
+        dir: Direction,
+        mut data: &[u8],
+        ts: TimestampNs,
+    ) {
+        loop {
+            let p = if dir == Direction::ToServer {
+                &mut c.req
+            } else {
+                &mut c.resp
+            };
+            match &mut p.state {
+                State::Stopped => break,
+                State::Hunt => {
+                    if data.is_empty() && p.buf.is_empty() {
+                        break;
+                    }
+                    p.buf.extend_from_slice(data);
+                    data = &[];
+                    let found = match p.kind {
+                        Kind::Request => find_request_start(&p.buf),
+                        Kind::Response => find_response_start(&p.buf),
+                    };
+                    match found {
+                        Some(at) => {
+                            self.stats.resync_skipped_bytes += at as u64;
+                            p.buf.advance(at);
+                            self.begin_message(dir, c, ts);
+                        }
+                        None => {
+                            // Keep a tail in case a start line straddles the next segment.
+                            let keep = self.cfg.max_head_bytes.min(p.buf.len());
+                            let skip = p.buf.len() - keep;
+                            self.stats.resync_skipped_bytes += skip as u64;
+                            p.buf.advance(skip);
+                            break;
+                        }
+                    }
+                }
+                State::Head => {
+                    if p.buf.is_empty() {
+                        p.first_ts = ts;
+                    }
+                    p.buf.extend_from_slice(data);
+                    data = &[];
+                    if p.buf.is_empty() {
+                        break;
+                    }
+                    if !self.try_head(c, info, dir, ts) {
+                        break;
+                    }
+                }
+                State::Body(decoder) => {
+                    if data.is_empty() {
+                        break;
+                    }
+                    let (n, done) = match decoder.feed(data, self.cfg.max_head_bytes) {
+                        Ok(v) => v,
+                        Err(_) => {
+                            self.malformed(c, dir);
+                            continue;
+                        }
+                    };
+                    let p = if dir == Direction::ToServer {
+                        &mut c.req
+                    } else {
+                        &mut c.resp
+                    };
+                    p.body_bytes += n as u64;
+                    if p.keep {
+                        let total = p.buf.len() + n;
+                        if p.body_bytes > self.cfg.max_body_bytes as u64 {
+                            p.drop_reason = Some(DropReason::OversizeBody);
+                        } else if self.buffered + n > self.cfg.max_buffered_bytes {
+                            p.drop_reason = Some(DropReason::Memory);
+                        }
+                        if p.drop_reason.is_some() {
+                            p.keep = false;
+                            p.buf.clear();
+                        } else {
+                            p.buf.extend_from_slice(&data[..n]);
+                            debug_assert_eq!(p.buf.len(), total);
+                        }
+                    }
+                    data = &data[n..];
+                    if done {
+                        self.finish_message(c, info, dir, ts);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Keeps the global count of buffered bytes after a connection's buffers changed size.
+    fn account(&mut self, before: usize, c: &HttpConn) {
+        self.buffered = (self.buffered + c.held()).saturating_sub(before);
+    }
+
+    fn begin_message(&mut self, dir: Direction, c: &mut HttpConn, ts: TimestampNs) {
+        let p = if dir == Direction::ToServer {
+            &mut c.req
+        } else {
+            &mut c.resp
+        };
+        p.state = State::Head;
+        p.head_scanned = 0;
+        p.head = None;
+        p.keep = false;
+        p.drop_reason = None;
+        p.body_bytes = 0;
+        p.first_ts = ts;
+    }
+
+    /// Tries to parse a complete head from the buffer. Returns whether parsing can go on.
+    fn try_head(
+        &mut self,
+        c: &mut HttpConn,
+        info: &ConnInfo,
+        dir: Direction,
+        ts: TimestampNs,
+    ) -> bool {
+        let p = if dir == Direction::ToServer {
+            &mut c.req
+        } else {
+            &mut c.resp
+        };
+        if p.kind == Kind::Request && p.at_stream_start && p.buf.len() >= 3 {
+            p.at_stream_start = false;
+            if p.buf[0] == 0x16 && p.buf[1] == 0x03 {
+                self.stop(c, StopReason::Tls);
+                return false;
+            }
+        }
+        let p = if dir == Direction::ToServer {
+            &mut c.req
+        } else {
+            &mut c.resp
+        };
+        if p.kind == Kind::Request && p.buf.starts_with(b"PRI * HTTP/2.0") {
+            self.stop(c, StopReason::Http2Preface);
+            return false;
+        }
+        // Only parse once the blank line that ends the head has arrived.
+        let from = p.head_scanned.saturating_sub(2);
+        let head_end = match memchr::memchr_iter(b'\n', &p.buf[from..])
+            .map(|i| from + i + 1)
+            .find(|&i| p.buf[i..].starts_with(b"\r\n") || p.buf[i..].starts_with(b"\n"))
+        {
+            Some(i) => i + if p.buf[i] == b'\r' { 2 } else { 1 },
+            None => {
+                p.head_scanned = p.buf.len();
+                if p.buf.len() > self.cfg.max_head_bytes {
+                    // All of it is one oversize head; nothing in it can be framed.
+                    self.count_bad_head(dir, true);
+                    p.buf.clear();
+                    p.state = State::Hunt;
+                    return true;
+                }
+                return false;
+            }
+        };
+        let parsed = match p.kind {
+            Kind::Request => parse_request_head(&p.buf[..head_end], self.cfg.max_headers),
+            Kind::Response => parse_response_head(&p.buf[..head_end], self.cfg.max_headers),
+        };
+        let mut head = match parsed {
+            Ok(h) if h.len <= self.cfg.max_head_bytes => h,
+            other => {
+                self.count_bad_head(dir, !matches!(other, Err(HeadError::Malformed)));
+                // The body's framing is unknown: look for the next message after this head.
+                p.buf.advance(head_end);
+                p.state = State::Hunt;
+                return true;
+            }
+        };
+        match p.kind {
+            Kind::Request => {
+                if &p.buf[head.method.clone()] == b"CONNECT" {
+                    self.stats.dropped_stopped += 1;
+                    self.stop(c, StopReason::Connect);
+                    return false;
+                }
+                if has_upgrade(&p.buf, &head) {
+                    self.stats.dropped_stopped += 1;
+                    self.stop(c, StopReason::Upgrade);
+                    return false;
+                }
+                head.seq = c.next_seq;
+                c.next_seq += 1;
+                if self.cfg.track_responses {
+                    if c.pending.len() >= self.cfg.max_pending {
+                        c.pending.pop_front();
+                        self.stats.pending_overflow += 1;
+                    }
+                    c.pending.push_back(Pending {
+                        seq: head.seq,
+                        method: String::from_utf8_lossy(&p.buf[head.method.clone()]).into_owned(),
+                        target: String::from_utf8_lossy(&p.buf[head.target.clone()]).into_owned(),
+                        head: &p.buf[head.method.clone()] == b"HEAD",
+                        connect: false,
+                        last_ts: None,
+                        expect_continue: head.expect_continue,
+                        dropped: false,
+                    });
+                }
+                p.keep = true;
+            }
+            Kind::Response => {
+                let status = head.status;
+                if (100..200).contains(&status) {
+                    if status == 101 {
+                        self.stop(c, StopReason::Upgrade);
+                        return false;
+                    }
+                    // Interim response (100 Continue, 103 Early Hints): not the answer.
+                    p.buf.advance(head.len);
+                    self.begin_message(dir, c, ts);
+                    return true;
+                }
+                let Some(req) = c.pending.pop_front() else {
+                    self.stats.unpaired_responses += 1;
+                    head.framing = response_framing(head.framing, status, false);
+                    p.head = Some(head);
+                    return self.enter_body(c, info, dir, ts);
+                };
+                head.framing = response_framing(head.framing, status, req.head);
+                if req.connect && (200..300).contains(&status) {
+                    self.stop(c, StopReason::Connect);
+                    return false;
+                }
+                self.answer_expect(c, &req, status);
+                if !req.dropped {
+                    if let Some(last) = req.last_ts {
+                        self.stats.responses += 1;
+                        let p = &c.resp;
+                        self.events.push(HttpEvent::Response(ResponseMeta {
+                            conn: info.id,
+                            request_seq: req.seq,
+                            method: req.method,
+                            target: req.target,
+                            status,
+                            request_last_ts: last,
+                            response_first_ts: p.first_ts,
+                        }));
+                    } else {
+                        self.stats.unpaired_responses += 1;
+                    }
+                }
+            }
+        }
+        let p = if dir == Direction::ToServer {
+            &mut c.req
+        } else {
+            &mut c.resp
+        };
+        p.head = Some(head);
+        self.enter_body(c, info, dir, ts)
+    }
+
+    /// After a complete head: frames the bytes already buffered behind it.
+    fn enter_body(
+        &mut self,
+        c: &mut HttpConn,
+        info: &ConnInfo,
+        dir: Direction,
+        ts: TimestampNs,
+    ) -> bool {
+        let p = if dir == Direction::ToServer {
+            &mut c.req
+        } else {
+            &mut c.resp
+        };
+        let head = p.head.as_ref().expect("head parsed");
+        let head_len = head.len;
+        let Some(mut decoder) = BodyDecoder::new(head.framing) else {
+            self.finish_message(c, info, dir, ts);
+            return true;
+        };
+        let (n, done) = match decoder.feed(&p.buf[head_len..], self.cfg.max_head_bytes) {
+            Ok(v) => v,
+            Err(_) => {
+                self.malformed(c, dir);
+                return true;
+            }
+        };
+        p.body_bytes = n as u64;
+        if p.keep && p.body_bytes > self.cfg.max_body_bytes as u64 {
+            p.keep = false;
+            p.drop_reason = Some(DropReason::OversizeBody);
+        }
+        if done {
+            self.finish_message(c, info, dir, ts);
+            return true;
+        }
+        if !p.keep {
+            p.buf.clear();
+        }
+        p.state = State::Body(decoder);
+        true
+    }
+
+    /// The current message ended at `head.len + body_bytes` into the buffer (or, for messages
+    /// not kept, the buffer holds only what follows it).
+    fn finish_message(
+        &mut self,
+        c: &mut HttpConn,
+        info: &ConnInfo,
+        dir: Direction,
+        ts: TimestampNs,
+    ) {
+        let p = if dir == Direction::ToServer {
+            &mut c.req
+        } else {
+            &mut c.resp
+        };
+        let head = p.head.take().expect("head parsed");
+        // The buffer starts with the message while its head is there, or while it is kept.
+        let in_buf = !matches!(p.state, State::Body(_)) || p.keep;
+        let len = if in_buf {
+            (head.len + p.body_bytes as usize).min(p.buf.len())
+        } else {
+            0
+        };
+        let bytes = p.buf.split_to(len);
+        if p.kind == Kind::Request {
+            let keep = p.keep && p.drop_reason.is_none();
+            if let Some(pending) = c.pending.iter_mut().find(|x| x.seq == head.seq) {
+                pending.last_ts = Some(ts);
+                pending.dropped = !keep;
+            }
+            if keep {
+                let raw = bytes.freeze();
+                self.stats.requests += 1;
+                self.stats.request_bytes += raw.len() as u64;
+                self.events.push(HttpEvent::Request(Request {
+                    conn: info.id,
+                    seq: head.seq,
+                    client: info.client,
+                    server: info.server,
+                    body: raw.slice(head.len..),
+                    framing: head.framing,
+                    version: head.version,
+                    method: head.method,
+                    target: head.target,
+                    headers: head.headers,
+                    first_ts: p.first_ts,
+                    last_ts: ts,
+                    raw,
+                }));
+            } else {
+                match p.drop_reason {
+                    Some(DropReason::Gap) => self.stats.dropped_gap += 1,
+                    Some(DropReason::OversizeBody) => self.stats.dropped_oversize_body += 1,
+                    Some(DropReason::Memory) => self.stats.dropped_memory += 1,
+                    None => self.stats.dropped_incomplete += 1,
+                }
+            }
+        }
+        self.begin_message(dir, c, ts);
+    }
+
+    /// A final response to a request that sent `Expect: 100-continue` and whose body has not
+    /// started: the client may never send the body, so that request is given up.
+    fn answer_expect(&mut self, c: &mut HttpConn, req: &Pending, status: u16) {
+        if !req.expect_continue || status < 200 {
+            return;
+        }
+        let p = &mut c.req;
+        let waiting = matches!(p.state, State::Body(_))
+            && p.body_bytes == 0
+            && p.head.as_ref().is_some_and(|h| h.seq == req.seq);
+        if waiting {
+            self.stats.dropped_expect_rejected += 1;
+            p.head = None;
+            p.buf.clear();
+            p.state = State::Hunt;
+        }
+    }
+
+    fn count_bad_head(&mut self, dir: Direction, oversize: bool) {
+        match (dir, oversize) {
+            (Direction::ToServer, true) => self.stats.dropped_oversize_head += 1,
+            (Direction::ToServer, false) => self.stats.dropped_malformed += 1,
+            (Direction::ToClient, _) => self.stats.malformed_responses += 1,
+        }
+    }
+
+    /// A body that cannot be framed: drop the message and hunt for the next one.
+    fn malformed(&mut self, c: &mut HttpConn, dir: Direction) {
+        match dir {
+            Direction::ToServer => {
+                self.stats.dropped_malformed += 1;
+                self.note_unframed_request(c, dir);
+            }
+            Direction::ToClient => self.stats.malformed_responses += 1,
+        }
+        self.resync(c, dir);
+    }
+
+    /// A request whose head parsed cannot be framed any more: mark it dropped for pairing.
+    fn note_unframed_request(&mut self, c: &mut HttpConn, dir: Direction) {
+        if dir != Direction::ToServer {
+            return;
+        }
+        if let Some(head) = &c.req.head {
+            if let Some(pending) = c.pending.iter_mut().find(|x| x.seq == head.seq) {
+                pending.dropped = true;
+                pending.last_ts = Some(c.req.first_ts);
+            }
+        }
+    }
+
+    /// Loses sync: hunt for the next message start.
+    fn resync(&mut self, c: &mut HttpConn, dir: Direction) {
+        let p = if dir == Direction::ToServer {
+            &mut c.req
+        } else {
+            &mut c.resp
+        };
+        if p.head.take().is_some() {
+            p.buf.clear();
+        }
+        p.state = State::Hunt;
+    }
+
+    fn stop(&mut self, c: &mut HttpConn, reason: StopReason) {
+        self.stats.stopped(reason);
+        for p in [&mut c.req, &mut c.resp] {
+            p.state = State::Stopped;
+            p.buf = BytesMut::new();
+            p.head = None;
+        }
+        c.pending.clear();
+    }
+
+    /// `lost` bytes of the stream will never arrive.
+    fn lose(
+        &mut self,
+        c: &mut HttpConn,
+        info: &ConnInfo,
+        dir: Direction,
+        lost: u64,
+        ts: TimestampNs,
+    ) {
+        let p = if dir == Direction::ToServer {
+            &mut c.req
+        } else {
+            &mut c.resp
+        };
+        match &mut p.state {
+            State::Stopped => {}
+            State::Hunt => {
+                // Bytes on either side of a hole must not be stitched into one start line.
+                self.stats.resync_skipped_bytes += p.buf.len() as u64;
+                p.buf.clear();
+            }
+            State::Head => {
+                if !p.buf.is_empty() && p.kind == Kind::Request {
+                    self.stats.dropped_gap += 1;
+                }
+                // What follows the hole starts mid-message.
+                p.buf.clear();
+                p.state = State::Hunt;
+            }
+            State::Body(BodyDecoder::Length { remaining }) if lost <= *remaining => {
+                // The framing survives: skip the lost bytes and drop the message at its end.
+                *remaining -= lost;
+                let done = *remaining == 0;
+                p.body_bytes += lost;
+                if p.kind == Kind::Request {
+                    p.drop_reason.get_or_insert(DropReason::Gap);
+                    p.keep = false;
+                    p.buf.clear();
+                }
+                if done {
+                    self.finish_message(c, info, dir, ts);
+                }
+            }
+            State::Body(BodyDecoder::UntilClose) => {}
+            State::Body(_) => {
+                if p.kind == Kind::Request {
+                    self.stats.dropped_gap += 1;
+                    self.note_unframed_request(c, dir);
+                }
+                self.resync(c, dir);
+            }
+        }
+    }
+
+    /// The stream ended (FIN) or the connection closed: a message in progress is incomplete,
+    /// except a response delimited by the close.
+    fn end_stream(&mut self, c: &mut HttpConn, dir: Direction) {
+        let p = if dir == Direction::ToServer {
+            &mut c.req
+        } else {
+            &mut c.resp
+        };
+        if p.kind == Kind::Request && p.in_message() {
+            self.stats.dropped_incomplete += 1;
+        }
+        p.head = None;
+        p.buf = BytesMut::new();
+        p.state = State::Stopped;
+    }
+}
+
+impl HttpConn {
+    fn held(&self) -> usize {
+        self.req.buf.len() + self.resp.buf.len()
+    }
+}
+
+impl StreamHandler for HttpExtractor {
+    type Conn = HttpConn;
+
+    fn open(&mut self, _info: &ConnInfo) -> HttpConn {
+        HttpConn {
+            req: MessageParser::new(Kind::Request),
+            resp: MessageParser::new(Kind::Response),
+            next_seq: 0,
+            pending: VecDeque::new(),
+        }
+    }
+
+    fn start(&mut self, c: &mut HttpConn, _info: &ConnInfo, dir: Direction, from_syn: bool) {
+        let p = if dir == Direction::ToServer {
+            &mut c.req
+        } else {
+            &mut c.resp
+        };
+        if from_syn {
+            p.state = State::Head;
+            p.at_stream_start = true;
+        }
+    }
+
+    fn data(
+        &mut self,
+        c: &mut HttpConn,
+        info: &ConnInfo,
+        dir: Direction,
+        data: &[u8],
+        ts: TimestampNs,
+    ) {
+        if dir == Direction::ToClient && !self.cfg.track_responses {
+            return;
+        }
+        let before = c.held();
+        self.feed(c, info, dir, data, ts);
+        self.account(before, c);
+    }
+
+    fn gap(
+        &mut self,
+        c: &mut HttpConn,
+        info: &ConnInfo,
+        dir: Direction,
+        lost: u64,
+        ts: TimestampNs,
+    ) {
+        let before = c.held();
+        self.lose(c, info, dir, lost, ts);
+        self.account(before, c);
+    }
+
+    fn end(&mut self, c: &mut HttpConn, _info: &ConnInfo, dir: Direction, _ts: TimestampNs) {
+        let before = c.held();
+        self.end_stream(c, dir);
+        self.account(before, c);
+    }
+
+    fn close(&mut self, mut c: HttpConn, _info: &ConnInfo, _reason: CloseReason, _ts: TimestampNs) {
+        let before = c.held();
+        for dir in [Direction::ToServer, Direction::ToClient] {
+            self.end_stream(&mut c, dir);
+        }
+        self.account(before, &c);
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum HeadError {
+    Malformed,
+    TooManyHeaders,
+}
+
+fn header_ranges(
+    base: &[u8],
+    headers: &[httparse::Header<'_>],
+) -> Vec<(Range<usize>, Range<usize>)> {
+    let start = base.as_ptr() as usize;
+    headers
+        .iter()
+        .map(|h| {
+            let n = h.name.as_ptr() as usize - start;
+            let v = h.value.as_ptr() as usize - start;
+            (n..n + h.name.len(), v..v + h.value.len())
+        })
+        .collect()
+}
+
+fn range_of(base: &[u8], part: &str) -> Range<usize> {
+    let at = part.as_ptr() as usize - base.as_ptr() as usize;
+    at..at + part.len()
+}
+
+fn parse_request_head(buf: &[u8], max_headers: usize) -> Result<Head, HeadError> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; HEADER_SLOTS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut slots[..max_headers]) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Err(HeadError::Malformed),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
+        Err(_) => return Err(HeadError::Malformed),
+    };
+    let method = range_of(buf, req.method.ok_or(HeadError::Malformed)?);
+    let target = range_of(buf, req.path.ok_or(HeadError::Malformed)?);
+    let version = req.version.ok_or(HeadError::Malformed)?;
+    let mut framing = Framing::None;
+    let mut expect_continue = false;
+    let mut length: Option<u64> = None;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // Chunked must be the final coding of a request (RFC 9112 6.3); anything else can't
+            // be framed.
+            let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
+            if trim(last).eq_ignore_ascii_case(b"chunked") {
+                framing = Framing::Chunked;
+            } else {
+                return Err(HeadError::Malformed);
+            }
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            let n = parse_length(h.value).ok_or(HeadError::Malformed)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(HeadError::Malformed);
+            }
+            length = Some(n);
+        } else if h.name.eq_ignore_ascii_case("expect") {
+            expect_continue = trim(h.value).eq_ignore_ascii_case(b"100-continue");
+        }
+    }
+    if framing != Framing::Chunked {
+        if let Some(n) = length {
+            framing = Framing::Length(n);
+        }
+    }
+    Ok(Head {
+        len,
+        version,
+        method,
+        target,
+        headers: header_ranges(buf, req.headers),
+        framing,
+        status: 0,
+        seq: 0,
+        expect_continue,
+    })
+}
+
+fn parse_response_head(buf: &[u8], max_headers: usize) -> Result<Head, HeadError> {
+    let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS];
+    let mut resp = httparse::Response::new(&mut slots[..max_headers]);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Err(HeadError::Malformed),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
+        Err(_) => return Err(HeadError::Malformed),
+    };
+    let mut framing = Framing::UntilClose;
+    let mut chunked = false;
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
+            chunked = trim(last).eq_ignore_ascii_case(b"chunked");
+            framing = if chunked {
+                Framing::Chunked
+            } else {
+                Framing::UntilClose
+            };
+        } else if h.name.eq_ignore_ascii_case("content-length") && !chunked {
+            framing = Framing::Length(parse_length(h.value).ok_or(HeadError::Malformed)?);
+        }
+    }
+    Ok(Head {
+        len,
+        version: resp.version.ok_or(HeadError::Malformed)?,
+        method: 0..0,
+        target: 0..0,
+        headers: Vec::new(),
+        framing,
+        status: resp.code.ok_or(HeadError::Malformed)?,
+        seq: 0,
+        expect_continue: false,
+    })
+}
+
+/// Responses to HEAD, and 1xx/204/304 responses, have no body whatever their headers say.
+fn response_framing(framing: Framing, status: u16, to_head: bool) -> Framing {
+    if to_head || (100..200).contains(&status) || status == 204 || status == 304 {
+        Framing::None
+    } else {
+        framing
+    }
+}
+
+fn has_upgrade(buf: &[u8], head: &Head) -> bool {
+    let mut upgrade = false;
+    let mut connection_upgrade = false;
+    for (n, v) in &head.headers {
+        let name = &buf[n.clone()];
+        if name.eq_ignore_ascii_case(b"upgrade") {
+            upgrade = true;
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            connection_upgrade |= buf[v.clone()]
+                .split(|b| *b == b',')
+                .any(|t| trim(t).eq_ignore_ascii_case(b"upgrade"));
+        }
+    }
+    upgrade && connection_upgrade
+}
+
+fn parse_length(v: &[u8]) -> Option<u64> {
+    let v = trim(v);
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+fn trim(v: &[u8]) -> &[u8] {
+    v.trim_ascii()
+}
+
+#[cfg(test)]
+mod tests;
