@@ -6,6 +6,7 @@
 pub mod capture;
 pub mod dump;
 pub mod http;
+pub mod pipeline;
 pub mod reassembly;
 pub mod segment;
 #[doc(hidden)]

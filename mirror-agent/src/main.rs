@@ -10,8 +10,11 @@ use mirror_agent::capture::ring::RingConfig;
 use mirror_agent::capture::{
     named_counters, AttachMode, Capture, CaptureConfig, CaptureStats, Hook, MatchConfig, Target,
 };
-use mirror_agent::dump::FlowDump;
+use mirror_agent::http::{HttpConfig, HttpEvent};
+use mirror_agent::pipeline::{self, PipelineConfig, PipelineStats};
+use mirror_agent::reassembly::ReassemblyConfig;
 use mirror_agent::segment::FrameError;
+use std::sync::{Arc, Mutex};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -153,20 +156,38 @@ fn attach(args: AttachArgs) -> Result<()> {
     );
     std::io::stdout().flush()?;
 
-    let dump_max = args.dump_max_bytes;
-    let dumping = args.dump.is_some();
+    let pipeline_cfg = PipelineConfig {
+        reassembly: ReassemblyConfig {
+            server_ports: args.port.clone(),
+            ..ReassemblyConfig::default()
+        },
+        http: HttpConfig {
+            track_responses: !args.no_responses,
+            ..HttpConfig::default()
+        },
+        record_streams: args.dump.is_some().then_some(args.dump_max_bytes),
+        tick: Duration::from_millis(100),
+    };
+    let pipeline_stats = Arc::new(Mutex::new(PipelineStats::default()));
+    let shared = Arc::clone(&pipeline_stats);
     let consumer = std::thread::Builder::new()
         .name("mirror-pipeline".into())
         .spawn(move || {
-            let mut dump = dumping.then(|| FlowDump::new(dump_max));
-            for batch in segments.iter() {
-                if let Some(d) = dump.as_mut() {
-                    for seg in &batch {
-                        d.record(seg);
-                    }
-                }
-            }
-            dump
+            pipeline::run(segments, pipeline_cfg, shared, |event| match event {
+                HttpEvent::Request(r) => log::debug!(
+                    "request {} {} conn {} #{}",
+                    r.method(),
+                    r.target(),
+                    r.conn,
+                    r.seq
+                ),
+                HttpEvent::Response(m) => log::debug!(
+                    "response {} to conn {} #{}",
+                    m.status,
+                    m.conn,
+                    m.request_seq
+                ),
+            })
         })?;
 
     let stats = std::sync::Arc::clone(capture.stats());
@@ -184,6 +205,7 @@ fn attach(args: AttachArgs) -> Result<()> {
                         log::info!("kernel {:?}", named_counters(&c));
                     }
                     log::info!("capture {}", format_stats(&stats));
+                    log::info!("pipeline {:?}", pipeline_stats.lock().unwrap());
                 }
             }
         }
@@ -191,12 +213,15 @@ fn attach(args: AttachArgs) -> Result<()> {
     })?;
 
     let counters = capture.stop()?;
-    let dump = consumer
+    let recorder = consumer
         .join()
         .map_err(|_| anyhow::anyhow!("pipeline thread panicked"))?;
     eprintln!("kernel counters: {:?}", named_counters(&counters));
     eprintln!("capture: {}", format_stats(&stats));
-    if let (Some(path), Some(dump)) = (args.dump, dump) {
+    let p = pipeline_stats.lock().unwrap().clone();
+    eprintln!("reassembly: {:?}", p.reassembly);
+    eprintln!("http: {:?}", p.http);
+    if let (Some(path), Some(dump)) = (args.dump, recorder) {
         let mut f = std::io::BufWriter::new(
             std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?,
         );

@@ -206,6 +206,10 @@ impl<H: StreamHandler> Reassembler<H> {
         &mut self.handler
     }
 
+    pub fn into_handler(self) -> H {
+        self.handler
+    }
+
     pub fn stats(&self) -> ReassemblyStats {
         let mut s = self.stats.clone();
         s.ooo_bytes_held = self.ooo_total as u64;

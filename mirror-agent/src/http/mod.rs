@@ -27,7 +27,8 @@ pub struct HttpConfig {
     pub max_head_bytes: usize,
     /// Largest request body kept for replay; larger requests are framed, dropped and counted.
     pub max_body_bytes: usize,
-    /// Most request bytes buffered across all connections.
+    /// Most bytes buffered across all connections (heads, and request bodies being read).
+    /// Exceeded by at most one segment, checked before each append.
     pub max_buffered_bytes: usize,
     /// Pair responses with requests (needs the capture's response mode).
     pub track_responses: bool,
@@ -318,6 +319,12 @@ impl HttpExtractor {
                     if data.is_empty() && p.buf.is_empty() {
                         break;
                     }
+                    if self.buffered + data.len() > self.cfg.max_buffered_bytes {
+                        // Over the global cap: skip rather than buffer.
+                        self.stats.resync_skipped_bytes += (p.buf.len() + data.len()) as u64;
+                        p.buf.clear();
+                        break;
+                    }
                     p.buf.extend_from_slice(data);
                     data = &[];
                     let found = match p.kind {
@@ -343,6 +350,14 @@ impl HttpExtractor {
                 State::Head => {
                     if p.buf.is_empty() {
                         p.first_ts = ts;
+                    }
+                    if self.buffered + data.len() > self.cfg.max_buffered_bytes {
+                        if p.kind == Kind::Request && !p.buf.is_empty() {
+                            self.stats.dropped_memory += 1;
+                        }
+                        p.buf.clear();
+                        p.state = State::Hunt;
+                        continue;
                     }
                     p.buf.extend_from_slice(data);
                     data = &[];

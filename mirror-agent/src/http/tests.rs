@@ -340,6 +340,30 @@ fn flow_cap_evicts_least_recent_and_memory_stays_bounded() {
     assert_eq!(x.r.stats().evicted_full, 42);
 }
 
+#[test]
+fn unfinished_heads_on_many_connections_stay_under_the_global_cap() {
+    let hc = HttpConfig {
+        max_buffered_bytes: 200_000,
+        ..HttpConfig::default()
+    };
+    let mut x = Extract::with(
+        ReassemblyConfig {
+            server_ports: vec![80],
+            ..Default::default()
+        },
+        hc,
+    );
+    for i in 0..100u16 {
+        let mut c = Conversation::new(&format!("10.0.1.1:{}", 2000 + i), "10.0.0.2:80", 1, 1);
+        let mut segs = c.handshake();
+        let head = format!("GET /{} HTTP/1.1\r\nX: {}", i, "v".repeat(40_000));
+        segs.extend(c.client_data(head.as_bytes(), 1400));
+        x.feed(&segs);
+        assert!(x.r.handler().stats().buffered_bytes <= 200_000 + 1400);
+    }
+    assert!(x.r.handler().stats().dropped_memory > 0);
+}
+
 /// A valid request of the generated kind, serialised.
 fn request_strategy() -> impl Strategy<Value = Vec<u8>> {
     let method = prop_oneof![
