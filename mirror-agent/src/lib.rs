@@ -8,6 +8,7 @@ pub mod dump;
 pub mod http;
 pub mod pipeline;
 pub mod reassembly;
+pub mod replay;
 pub mod segment;
 #[doc(hidden)]
 pub mod testkit;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use hyper::header::{HeaderName, HeaderValue};
 use mirror_agent::capture::ring::RingConfig;
 use mirror_agent::capture::{
     named_counters, AttachMode, Capture, CaptureConfig, CaptureStats, Hook, MatchConfig, Target,
@@ -13,7 +14,9 @@ use mirror_agent::capture::{
 use mirror_agent::http::{HttpConfig, HttpEvent};
 use mirror_agent::pipeline::{self, PipelineConfig, PipelineStats};
 use mirror_agent::reassembly::ReassemblyConfig;
+use mirror_agent::replay::{self, HostMode, MirrorOutcome, ReplayConfig, Replayer};
 use mirror_agent::segment::FrameError;
+use regex::Regex;
 use std::sync::{Arc, Mutex};
 
 #[derive(Parser, Debug)]
@@ -79,6 +82,48 @@ pub struct AttachArgs {
     #[arg(long)]
     pub ebpf_log: bool,
 
+    /// Mirror service to replay requests to, e.g. http://bookservicemirror:8080. Without it the
+    /// agent only captures and extracts (see --dump).
+    #[arg(long)]
+    pub mirror: Option<String>,
+
+    /// Host header sent to the mirror: `mirror` (its own authority), `keep` (the original), or
+    /// `shadow` (the original with -shadow appended, as Envoy does).
+    #[arg(long, value_enum, default_value_t = HostMode::Mirror)]
+    pub host: HostMode,
+
+    /// Header added to every mirrored request (NAME:VALUE; repeatable).
+    #[arg(long = "add-header", value_parser = replay::parse_header)]
+    pub add_headers: Vec<(HeaderName, HeaderValue)>,
+
+    /// Header removed from mirrored requests, e.g. Authorization or Cookie (repeatable).
+    #[arg(long = "drop-header")]
+    pub drop_headers: Vec<HeaderName>,
+
+    /// Only mirror these methods (comma-separated, e.g. GET,HEAD).
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Vec<String>,
+
+    /// Only mirror requests whose path (without the query) matches this regex.
+    #[arg(long)]
+    pub path: Option<Regex>,
+
+    /// Most mirrored requests per second (token bucket); the rest are dropped and counted.
+    #[arg(long)]
+    pub max_rps: Option<f64>,
+
+    /// Most mirrored requests in flight at once.
+    #[arg(long, default_value_t = 256)]
+    pub max_inflight: usize,
+
+    /// Seconds a mirrored request may take before it counts as a timeout.
+    #[arg(long, default_value_t = 10.0)]
+    pub timeout: f64,
+
+    /// Requests waiting to be mirrored at most; when full, new ones are dropped and counted.
+    #[arg(long, default_value_t = 4096)]
+    pub queue: usize,
+
     /// Clone but never read the clones: measures the kernel side alone (benchmarks).
     #[arg(long, hide = true)]
     pub no_reader: bool,
@@ -141,6 +186,45 @@ fn attach(args: AttachArgs) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let replay_cfg = match &args.mirror {
+        Some(url) => {
+            let uri = replay::parse_mirror_url(url)?;
+            rt.block_on(replay::check_mirror(&uri))?;
+            Some(ReplayConfig {
+                host: args.host,
+                add_headers: args.add_headers.clone(),
+                drop_headers: args.drop_headers.clone(),
+                methods: args
+                    .methods
+                    .iter()
+                    .map(|m| m.to_ascii_uppercase())
+                    .collect(),
+                path: args.path.clone(),
+                max_rps: args.max_rps,
+                max_inflight: args.max_inflight,
+                timeout: Duration::from_secs_f64(args.timeout),
+                queue: args.queue,
+                ..ReplayConfig::new(uri)
+            })
+        }
+        None => None,
+    };
+    let (outcome_tx, mut outcome_rx) = tokio::sync::mpsc::channel::<MirrorOutcome>(65_536);
+    let replayer = replay_cfg.map(|c| Replayer::start(c, rt.handle(), outcome_tx));
+    let outcomes = rt.spawn(async move {
+        let mut n = 0u64;
+        while let Some(o) = outcome_rx.recv().await {
+            log::debug!(
+                "mirror {} {} -> {} in {:?}",
+                o.method,
+                o.target,
+                o.result.code(),
+                o.duration
+            );
+            n += 1;
+        }
+        n
+    });
     let (capture, segments) = Capture::start(&cfg)?;
     let attached: Vec<String> = capture
         .attachments()
@@ -170,17 +254,23 @@ fn attach(args: AttachArgs) -> Result<()> {
     };
     let pipeline_stats = Arc::new(Mutex::new(PipelineStats::default()));
     let shared = Arc::clone(&pipeline_stats);
+    let sender = replayer.as_ref().map(|(r, _)| r.clone());
     let consumer = std::thread::Builder::new()
         .name("mirror-pipeline".into())
         .spawn(move || {
             pipeline::run(segments, pipeline_cfg, shared, |event| match event {
-                HttpEvent::Request(r) => log::debug!(
-                    "request {} {} conn {} #{}",
-                    r.method(),
-                    r.target(),
-                    r.conn,
-                    r.seq
-                ),
+                HttpEvent::Request(r) => {
+                    log::debug!(
+                        "request {} {} conn {} #{}",
+                        r.method(),
+                        r.target(),
+                        r.conn,
+                        r.seq
+                    );
+                    if let Some(replayer) = &sender {
+                        replayer.offer(r);
+                    }
+                }
                 HttpEvent::Response(m) => log::debug!(
                     "response {} to conn {} #{}",
                     m.status,
@@ -221,6 +311,25 @@ fn attach(args: AttachArgs) -> Result<()> {
     let p = pipeline_stats.lock().unwrap().clone();
     eprintln!("reassembly: {:?}", p.reassembly);
     eprintln!("http: {:?}", p.http);
+    if let Some((replayer, task)) = replayer {
+        let stats = Arc::clone(replayer.stats());
+        drop(replayer);
+        // Let queued and in-flight requests finish, bounded by the mirror timeout.
+        let grace = Duration::from_secs_f64(args.timeout).min(Duration::from_secs(5));
+        rt.block_on(async {
+            let _ = tokio::time::timeout(grace, task).await;
+            let deadline = tokio::time::Instant::now() + grace;
+            while stats.inflight.load(Ordering::Relaxed) > 0
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        eprintln!("replay: {stats:?}");
+    }
+    rt.block_on(async {
+        let _ = tokio::time::timeout(Duration::from_millis(200), outcomes).await;
+    });
     if let (Some(path), Some(dump)) = (args.dump, recorder) {
         let mut f = std::io::BufWriter::new(
             std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?,

@@ -28,6 +28,12 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Run the fuzz targets (nightly, cargo-fuzz) for a while each.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+    },
     /// Benchmark the capture path: no program, program only, program + agent (figures only).
     BenchCapture(bench::CaptureBenchArgs),
 }
@@ -42,6 +48,7 @@ fn main() -> Result<()> {
             build_agent(&root)
         }
         Task::Test { args } => test(&root, &args),
+        Task::Fuzz { seconds } => fuzz(&root, seconds),
         Task::BenchCapture(args) => {
             prereq::ensure_bench_tools()?;
             build_ebpf(&root)?;
@@ -95,7 +102,36 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     cmd.current_dir(root)
         .args(["test", "--workspace", "--release", "--"])
         .args(extra);
-    run(&mut cmd)
+    run(&mut cmd)?;
+    if extra.is_empty() {
+        fuzz(root, 20)?;
+    }
+    Ok(())
+}
+
+/// Runs each fuzz target in fuzz/ for `seconds`; a crash fails the run.
+fn fuzz(root: &Path, seconds: u64) -> Result<()> {
+    build_ebpf(root)?;
+    prereq::ensure_cargo_fuzz()?;
+    let dir = root.join("fuzz");
+    for target in ["segments", "frames"] {
+        // New inputs go to corpus/ (not committed); seeds/ holds hand-made valid conversations.
+        let corpus = format!("corpus/{target}");
+        let seeds = format!("seeds/{target}");
+        std::fs::create_dir_all(dir.join(&corpus))?;
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(&dir)
+            .args(["+nightly", "fuzz", "run", target, "-O", &corpus]);
+        if dir.join(&seeds).is_dir() {
+            cmd.arg(&seeds);
+        }
+        cmd.arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .args(["-rss_limit_mb=2048", "-print_final_stats=1"])
+            .env_remove("RUSTUP_TOOLCHAIN");
+        run(&mut cmd).with_context(|| format!("fuzz target {target}"))?;
+    }
+    Ok(())
 }
 
 pub fn run(cmd: &mut Command) -> Result<()> {

@@ -88,6 +88,16 @@ pub fn ensure_test_tools() -> Result<()> {
     Ok(())
 }
 
+pub fn ensure_cargo_fuzz() -> Result<()> {
+    if !succeeds(Command::new("cargo").args(["fuzz", "--version"])) {
+        eprintln!("xtask: installing cargo-fuzz (libFuzzer driver) from crates.io");
+        run(Command::new("cargo")
+            .args(["install", "cargo-fuzz", "--locked"])
+            .env_remove("RUSTUP_TOOLCHAIN"))?;
+    }
+    Ok(())
+}
+
 /// Load tools for the benchmarks: nginx and wrk from apt, oha from crates.io.
 pub fn ensure_bench_tools() -> Result<()> {
     ensure_test_tools()?;

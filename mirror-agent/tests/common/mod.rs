@@ -11,6 +11,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports)]
 pub use netlab::{sh, Netns, Pair, Proc};
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_mirror-agent");
@@ -78,22 +79,57 @@ pub struct ConnRecord {
 /// An HTTP/1.1 server inside a namespace. Answers every request with a body derived from the
 /// request (so responses can be checked), honours keep-alive and `Expect: 100-continue`, and
 /// records each connection's bytes by peer address.
+/// A request as the test server parsed it; chunked bodies are decoded.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Recorded {
+    pub method: String,
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub chunked: bool,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Default)]
+struct ServerState {
+    stop: AtomicBool,
+    conns: Mutex<HashMap<SocketAddr, ConnRecord>>,
+    log: Mutex<Vec<Recorded>>,
+    requests: AtomicUsize,
+    delay: Duration,
+}
+
+/// An HTTP/1.1 server inside a namespace. Answers every request with a body derived from the
+/// request (so responses can be checked), after `delay`; honours keep-alive, pipelining,
+/// chunked bodies and `Expect: 100-continue`; records each connection's bytes by peer address
+/// and every request it parsed.
 pub struct TestServer {
-    stop: Arc<AtomicBool>,
+    state: Arc<ServerState>,
     thread: Option<JoinHandle<()>>,
-    pub conns: Arc<Mutex<HashMap<SocketAddr, ConnRecord>>>,
-    pub requests: Arc<AtomicUsize>,
 }
 
 impl TestServer {
     pub fn start(ns: &Netns, bind: &[SocketAddr]) -> TestServer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<HashMap<SocketAddr, ConnRecord>>> = Default::default();
-        let requests = Arc::new(AtomicUsize::new(0));
+        Self::start_with_delay(ns, bind, Duration::ZERO)
+    }
+
+    pub fn start_with_delay(ns: &Netns, bind: &[SocketAddr], delay: Duration) -> TestServer {
+        let state = Arc::new(ServerState {
+            delay,
+            ..Default::default()
+        });
         let (ready_tx, ready_rx) = mpsc::channel();
         let nspath = ns.path();
         let bind = bind.to_vec();
-        let (s, c, r) = (Arc::clone(&stop), Arc::clone(&conns), Arc::clone(&requests));
+        let st = Arc::clone(&state);
         let thread = std::thread::spawn(move || {
             netlab::enter_netns(&nspath);
             let listeners: Vec<TcpListener> = bind
@@ -106,14 +142,14 @@ impl TestServer {
                 .collect();
             ready_tx.send(()).unwrap();
             let mut workers = Vec::new();
-            while !s.load(Ordering::Relaxed) {
+            while !st.stop.load(Ordering::Relaxed) {
                 let mut idle = true;
                 for l in &listeners {
                     if let Ok((stream, peer)) = l.accept() {
                         idle = false;
                         stream.set_nonblocking(false).unwrap();
-                        let (c, r, s) = (Arc::clone(&c), Arc::clone(&r), Arc::clone(&s));
-                        workers.push(std::thread::spawn(move || serve(stream, peer, c, r, s)));
+                        let st = Arc::clone(&st);
+                        workers.push(std::thread::spawn(move || serve(stream, peer, &st)));
                     }
                 }
                 if idle {
@@ -128,21 +164,27 @@ impl TestServer {
             .recv_timeout(Duration::from_secs(5))
             .expect("test server ready");
         TestServer {
-            stop,
+            state,
             thread: Some(thread),
-            conns,
-            requests,
         }
     }
 
     pub fn record(&self, peer: &SocketAddr) -> Option<ConnRecord> {
-        self.conns.lock().unwrap().get(peer).cloned()
+        self.state.conns.lock().unwrap().get(peer).cloned()
+    }
+
+    pub fn requests(&self) -> usize {
+        self.state.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn log(&self) -> Vec<Recorded> {
+        self.state.log.lock().unwrap().clone()
     }
 }
 
 impl Drop for TestServer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.state.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -168,13 +210,7 @@ pub fn fnv(data: &[u8]) -> u64 {
     })
 }
 
-fn serve(
-    stream: TcpStream,
-    peer: SocketAddr,
-    conns: Arc<Mutex<HashMap<SocketAddr, ConnRecord>>>,
-    requests: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-) {
+fn serve(stream: TcpStream, peer: SocketAddr, st: &ServerState) {
     stream
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
@@ -182,7 +218,7 @@ fn serve(
     let mut writer = stream;
     let send = |w: &mut TcpStream, bytes: &[u8]| {
         let _ = w.write_all(bytes);
-        conns
+        st.conns
             .lock()
             .unwrap()
             .entry(peer)
@@ -191,7 +227,7 @@ fn serve(
             .extend_from_slice(bytes);
     };
     let recv = |bytes: &[u8]| {
-        conns
+        st.conns
             .lock()
             .unwrap()
             .entry(peer)
@@ -199,66 +235,130 @@ fn serve(
             .received
             .extend_from_slice(bytes);
     };
-    loop {
-        // Request head.
-        let mut head = Vec::new();
+    // One line, waiting out read timeouts; None at EOF, error or stop.
+    let read_line = |reader: &mut BufReader<TcpStream>| -> Option<Vec<u8>> {
+        let mut line = Vec::new();
         loop {
-            let mut line = Vec::new();
             match reader.read_until(b'\n', &mut line) {
-                Ok(0) => return,
-                Ok(_) => {
+                Ok(0) => return None,
+                Ok(_) if line.ends_with(b"\n") => {
                     recv(&line);
-                    head.extend_from_slice(&line);
-                    if line == b"\r\n" {
-                        break;
-                    }
+                    return Some(line);
                 }
+                Ok(_) => {}
                 Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
                 {
-                    if !line.is_empty() {
-                        recv(&line);
-                        head.extend_from_slice(&line);
-                    }
-                    if stop.load(Ordering::Relaxed) {
-                        return;
+                    if st.stop.load(Ordering::Relaxed) {
+                        return None;
                     }
                 }
-                Err(_) => return,
+                Err(_) => return None,
             }
         }
-        let text = String::from_utf8_lossy(&head).into_owned();
-        let mut lines = text.split("\r\n");
-        let mut first = lines.next().unwrap_or("").split(' ');
-        let method = first.next().unwrap_or("").to_string();
-        let target = first.next().unwrap_or("").to_string();
-        let mut len = 0usize;
-        let mut expect = false;
-        let mut close = false;
-        for h in lines {
-            let lower = h.to_ascii_lowercase();
-            if let Some(v) = lower.strip_prefix("content-length:") {
-                len = v.trim().parse().unwrap_or(0);
-            }
-            expect |= lower.starts_with("expect:") && lower.contains("100-continue");
-            close |= lower.starts_with("connection:") && lower.contains("close");
-        }
-        if expect {
-            send(&mut writer, b"HTTP/1.1 100 Continue\r\n\r\n");
-        }
-        let mut body = vec![0u8; len];
+    };
+    let read_exact = |reader: &mut BufReader<TcpStream>, n: usize| -> Option<Vec<u8>> {
+        let mut body = vec![0u8; n];
         let mut got = 0;
         let deadline = Instant::now() + Duration::from_secs(20);
-        while got < len && Instant::now() < deadline {
+        while got < n {
+            if Instant::now() > deadline || st.stop.load(Ordering::Relaxed) {
+                return None;
+            }
             match reader.read(&mut body[got..]) {
-                Ok(0) => return,
-                Ok(n) => {
-                    recv(&body[got..got + n]);
-                    got += n;
+                Ok(0) => return None,
+                Ok(k) => {
+                    recv(&body[got..got + k]);
+                    got += k;
                 }
                 Err(_) => continue,
             }
+        }
+        Some(body)
+    };
+    loop {
+        let Some(request_line) = read_line(&mut reader) else {
+            return;
+        };
+        let text = String::from_utf8_lossy(&request_line).into_owned();
+        let mut first = text.trim_end().split(' ');
+        let method = first.next().unwrap_or("").to_string();
+        let target = first.next().unwrap_or("").to_string();
+        let mut headers = Vec::new();
+        loop {
+            let Some(line) = read_line(&mut reader) else {
+                return;
+            };
+            if line == b"\r\n" {
+                break;
+            }
+            let line = String::from_utf8_lossy(&line).trim_end().to_string();
+            if let Some((k, v)) = line.split_once(':') {
+                headers.push((k.to_string(), v.trim().to_string()));
+            }
+        }
+        let has = |name: &str, needle: &str| {
+            headers.iter().any(|(k, v)| {
+                k.eq_ignore_ascii_case(name) && v.to_ascii_lowercase().contains(needle)
+            })
+        };
+        let chunked = has("transfer-encoding", "chunked");
+        let close = has("connection", "close");
+        if has("expect", "100-continue") {
+            send(&mut writer, b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        let body = if chunked {
+            let mut body = Vec::new();
+            loop {
+                let Some(size_line) = read_line(&mut reader) else {
+                    return;
+                };
+                let size_text = String::from_utf8_lossy(&size_line);
+                let hex = size_text.split(';').next().unwrap_or("").trim();
+                let size = usize::from_str_radix(hex, 16).unwrap_or(0);
+                if size == 0 {
+                    // Trailers until the blank line.
+                    loop {
+                        let Some(l) = read_line(&mut reader) else {
+                            return;
+                        };
+                        if l == b"\r\n" {
+                            break;
+                        }
+                    }
+                    break body;
+                }
+                let Some(chunk) = read_exact(&mut reader, size) else {
+                    return;
+                };
+                body.extend_from_slice(&chunk);
+                let Some(_crlf) = read_line(&mut reader) else {
+                    return;
+                };
+            }
+        } else {
+            let len = headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0usize);
+            let Some(body) = read_exact(&mut reader, len) else {
+                return;
+            };
+            body
+        };
+        st.log.lock().unwrap().push(Recorded {
+            method: method.clone(),
+            target: target.clone(),
+            headers,
+            body: body.clone(),
+            chunked,
+        });
+        if !st.delay.is_zero() {
+            std::thread::sleep(st.delay);
         }
         let resp_body = if method == "HEAD" {
             Vec::new()
@@ -274,7 +374,7 @@ fn serve(
             format!("HTTP/1.1 200 OK\r\nContent-Length: {clen}\r\nX-Test: 1\r\n\r\n").into_bytes();
         resp.extend_from_slice(&resp_body);
         send(&mut writer, &resp);
-        requests.fetch_add(1, Ordering::Relaxed);
+        st.requests.fetch_add(1, Ordering::Relaxed);
         if close {
             return;
         }

@@ -1,0 +1,520 @@
+//! Replay stage: extracted requests become real HTTP requests to the mirror, fire-and-forget.
+//!
+//! Nothing upstream ever waits on the mirror: `Replayer::offer` never blocks and drops (counted)
+//! when the bounded queue is full. Requests run on a pooled hyper client under a concurrency cap,
+//! a rate cap and a timeout; replies are read to the end (so connections stay reusable) and only
+//! their status and timing are kept, as `MirrorOutcome`s for the comparison stage. While the
+//! mirror refuses connections, sending backs off exponentially (connections are retried, never
+//! requests), and what is dropped meanwhile is counted.
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::Uri;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use regex::Regex;
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::http::framing::{dechunk, Framing};
+use crate::http::Request;
+use crate::reassembly::ConnId;
+
+/// What the mirror request's Host header is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum HostMode {
+    /// The original Host, as the client sent it.
+    Keep,
+    /// The mirror URL's authority (default: the mirror answers as itself).
+    Mirror,
+    /// The original Host with `-shadow` appended, as Envoy does.
+    Shadow,
+}
+
+#[derive(Clone, Debug)]
+pub struct ReplayConfig {
+    pub mirror: Uri,
+    pub host: HostMode,
+    pub add_headers: Vec<(HeaderName, HeaderValue)>,
+    pub drop_headers: Vec<HeaderName>,
+    /// Only these methods (upper case); empty means all.
+    pub methods: Vec<String>,
+    pub path: Option<Regex>,
+    /// Requests per second sent at most (token bucket); None: no cap.
+    pub max_rps: Option<f64>,
+    pub max_inflight: usize,
+    pub timeout: Duration,
+    /// Requests waiting to be sent at most.
+    pub queue: usize,
+}
+
+impl ReplayConfig {
+    pub fn new(mirror: Uri) -> Self {
+        ReplayConfig {
+            mirror,
+            host: HostMode::Mirror,
+            add_headers: Vec::new(),
+            drop_headers: Vec::new(),
+            methods: Vec::new(),
+            path: None,
+            max_rps: None,
+            max_inflight: 256,
+            timeout: Duration::from_secs(10),
+            queue: 4096,
+        }
+    }
+}
+
+/// Parses and checks a mirror URL: `http://host[:port]` (a path prefix is kept).
+pub fn parse_mirror_url(s: &str) -> Result<Uri> {
+    let uri = Uri::from_str(s).with_context(|| {
+        format!("--mirror {s:?} is not a URL; give e.g. http://bookservicemirror:8080")
+    })?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some(other) => bail!("--mirror {s:?}: scheme {other} is not supported; the mirror is spoken to over plain http://"),
+        None => bail!("--mirror {s:?} has no scheme; give e.g. http://{s}"),
+    }
+    if uri.host().is_none() {
+        bail!("--mirror {s:?} has no host");
+    }
+    Ok(uri)
+}
+
+/// Resolves the mirror and tries one connection, so that a wrong name fails at start with a
+/// clear error. A mirror that is down is only a warning: the agent mirrors when it comes up.
+pub async fn check_mirror(uri: &Uri) -> Result<()> {
+    let host = uri
+        .host()
+        .unwrap_or_default()
+        .trim_matches(|c| c == '[' || c == ']');
+    let port = uri.port_u16().unwrap_or(80);
+    let addrs: Vec<_> = tokio::net::lookup_host((host, port))
+        .await
+        .with_context(|| {
+            format!("cannot resolve the mirror host {host:?}: check --mirror (and DNS)")
+        })?
+        .collect();
+    let Some(addr) = addrs.first() else {
+        bail!("the mirror host {host:?} resolves to no address: check --mirror");
+    };
+    match tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => log::warn!(
+            "mirror {uri} is not reachable now ({e}); mirroring starts when it is, with backoff"
+        ),
+        Err(_) => log::warn!(
+            "mirror {uri} did not accept a connection within 2 s; mirroring goes on with backoff"
+        ),
+    }
+    Ok(())
+}
+
+/// How a mirrored request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MirrorResult {
+    Status(u16),
+    Timeout,
+    Refused,
+    Reset,
+    Error,
+}
+
+impl MirrorResult {
+    /// The code shown in reports: the status, or a pseudo-code for errors.
+    pub fn code(&self) -> String {
+        match self {
+            MirrorResult::Status(s) => s.to_string(),
+            MirrorResult::Timeout => "timeout".into(),
+            MirrorResult::Refused => "refused".into(),
+            MirrorResult::Reset => "reset".into(),
+            MirrorResult::Error => "error".into(),
+        }
+    }
+}
+
+/// One mirrored request's outcome, keyed like the live response (`conn`, `seq`).
+#[derive(Clone, Debug)]
+pub struct MirrorOutcome {
+    pub conn: ConnId,
+    pub seq: u64,
+    pub method: String,
+    pub target: String,
+    pub result: MirrorResult,
+    /// From sending the request to the response head (or the error).
+    pub duration: Duration,
+}
+
+/// Counters; every request offered ends in exactly one of them (plus `sent` for those sent).
+#[derive(Debug, Default)]
+pub struct ReplayStats {
+    pub offered: AtomicU64,
+    pub filtered_method: AtomicU64,
+    pub filtered_path: AtomicU64,
+    pub dropped_queue_full: AtomicU64,
+    pub dropped_rate_limit: AtomicU64,
+    pub dropped_backoff: AtomicU64,
+    pub dropped_unsendable: AtomicU64,
+    pub sent: AtomicU64,
+    pub responses: AtomicU64,
+    pub errors_timeout: AtomicU64,
+    pub errors_refused: AtomicU64,
+    pub errors_reset: AtomicU64,
+    pub errors_other: AtomicU64,
+    /// Outcomes the comparison stage could not take (its queue was full).
+    pub outcomes_dropped: AtomicU64,
+    pub inflight: AtomicU64,
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The producer side, used by the pipeline thread.
+#[derive(Clone)]
+pub struct Replayer {
+    cfg: Arc<ReplayConfig>,
+    tx: mpsc::Sender<Request>,
+    stats: Arc<ReplayStats>,
+}
+
+impl Replayer {
+    /// Starts the sender on the given runtime. Outcomes go to `outcomes` (never waited on).
+    pub fn start(
+        cfg: ReplayConfig,
+        rt: &tokio::runtime::Handle,
+        outcomes: mpsc::Sender<MirrorOutcome>,
+    ) -> (Replayer, tokio::task::JoinHandle<()>) {
+        let cfg = Arc::new(cfg);
+        let stats = Arc::new(ReplayStats::default());
+        let (tx, rx) = mpsc::channel(cfg.queue.max(1));
+        let task = rt.spawn(dispatch(Arc::clone(&cfg), rx, Arc::clone(&stats), outcomes));
+        (Replayer { cfg, tx, stats }, task)
+    }
+
+    pub fn stats(&self) -> &Arc<ReplayStats> {
+        &self.stats
+    }
+
+    /// Hands a request over without waiting. Returns whether it was queued.
+    pub fn offer(&self, req: Request) -> bool {
+        inc(&self.stats.offered);
+        if !self.cfg.methods.is_empty() && !self.cfg.methods.iter().any(|m| m == req.method()) {
+            inc(&self.stats.filtered_method);
+            return false;
+        }
+        if let Some(re) = &self.cfg.path {
+            let path = req.target().split('?').next().unwrap_or("");
+            if !re.is_match(path) {
+                inc(&self.stats.filtered_path);
+                return false;
+            }
+        }
+        match self.tx.try_send(req) {
+            Ok(()) => true,
+            Err(_) => {
+                inc(&self.stats.dropped_queue_full);
+                false
+            }
+        }
+    }
+}
+
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        // A burst of at most one second's worth.
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate)
+            .min(self.rate.max(1.0));
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Connection failures in a row, and until when sending pauses.
+#[derive(Default)]
+struct Backoff {
+    failures: u32,
+    until: Option<Instant>,
+}
+
+impl Backoff {
+    fn blocked(&self) -> bool {
+        self.until.is_some_and(|t| Instant::now() < t)
+    }
+    fn failed(&mut self) {
+        self.failures += 1;
+        if self.failures >= 3 {
+            let ms = (50u64 << (self.failures - 3).min(7)).min(5_000);
+            self.until = Some(Instant::now() + Duration::from_millis(ms));
+        }
+    }
+    fn succeeded(&mut self) {
+        self.failures = 0;
+        self.until = None;
+    }
+}
+
+type MirrorClient = Client<HttpConnector, Full<Bytes>>;
+
+async fn dispatch(
+    cfg: Arc<ReplayConfig>,
+    mut rx: mpsc::Receiver<Request>,
+    stats: Arc<ReplayStats>,
+    outcomes: mpsc::Sender<MirrorOutcome>,
+) {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(cfg.timeout.min(Duration::from_secs(3))));
+    connector.set_nodelay(true);
+    let client: MirrorClient = Client::builder(TokioExecutor::new())
+        // Idle connections are recycled, so DNS is resolved again at least this often.
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(cfg.max_inflight)
+        .build(connector);
+    let inflight = Arc::new(Semaphore::new(cfg.max_inflight.max(1)));
+    let backoff = Arc::new(Mutex::new(Backoff::default()));
+    let mut bucket = cfg.max_rps.map(|rate| TokenBucket {
+        rate,
+        tokens: rate.max(1.0),
+        last: Instant::now(),
+    });
+    while let Some(req) = rx.recv().await {
+        if let Some(b) = bucket.as_mut() {
+            if !b.take() {
+                inc(&stats.dropped_rate_limit);
+                continue;
+            }
+        }
+        if backoff.lock().unwrap().blocked() {
+            inc(&stats.dropped_backoff);
+            continue;
+        }
+        let Ok(permit) = Arc::clone(&inflight).acquire_owned().await else {
+            break;
+        };
+        let outgoing = match build_request(&cfg, &req) {
+            Ok(r) => r,
+            Err(e) => {
+                log::debug!(
+                    "request {} {} cannot be replayed: {e:#}",
+                    req.method(),
+                    req.target()
+                );
+                inc(&stats.dropped_unsendable);
+                continue;
+            }
+        };
+        let (client, stats, outcomes, backoff, timeout) = (
+            client.clone(),
+            Arc::clone(&stats),
+            outcomes.clone(),
+            Arc::clone(&backoff),
+            cfg.timeout,
+        );
+        inc(&stats.sent);
+        stats.inflight.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = send(&client, outgoing, timeout).await;
+            let duration = started.elapsed();
+            match result {
+                MirrorResult::Status(_) => {
+                    inc(&stats.responses);
+                    backoff.lock().unwrap().succeeded();
+                }
+                MirrorResult::Timeout => inc(&stats.errors_timeout),
+                MirrorResult::Refused => {
+                    inc(&stats.errors_refused);
+                    backoff.lock().unwrap().failed();
+                }
+                MirrorResult::Reset => inc(&stats.errors_reset),
+                MirrorResult::Error => inc(&stats.errors_other),
+            }
+            stats.inflight.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+            let outcome = MirrorOutcome {
+                conn: req.conn,
+                seq: req.seq,
+                method: req.method().to_string(),
+                target: req.target().to_string(),
+                result,
+                duration,
+            };
+            if outcomes.try_send(outcome).is_err() {
+                inc(&stats.outcomes_dropped);
+            }
+        });
+    }
+}
+
+/// Sends and reads the reply to its end; the status and head time are what is kept.
+async fn send(
+    client: &MirrorClient,
+    req: hyper::Request<Full<Bytes>>,
+    timeout: Duration,
+) -> MirrorResult {
+    let exchange = async {
+        let resp = client.request(req).await.map_err(|e| classify(&e))?;
+        let status = resp.status().as_u16();
+        // Drain the body so that the connection goes back to the pool.
+        let mut body = resp.into_body();
+        while let Some(frame) = body.frame().await {
+            frame.map_err(|e| classify(&e))?;
+        }
+        Ok::<_, MirrorResult>(MirrorResult::Status(status))
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => e,
+        Err(_) => MirrorResult::Timeout,
+    }
+}
+
+fn classify(err: &(dyn std::error::Error + 'static)) -> MirrorResult {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => MirrorResult::Refused,
+                std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::UnexpectedEof => MirrorResult::Reset,
+                std::io::ErrorKind::TimedOut => MirrorResult::Timeout,
+                _ => MirrorResult::Error,
+            };
+        }
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() {
+                return MirrorResult::Reset;
+            }
+        }
+        cur = e.source();
+    }
+    MirrorResult::Error
+}
+
+/// Headers that describe one hop's connection, never forwarded (RFC 9110 7.6.1), besides those
+/// named in Connection. Content-Length and Transfer-Encoding are set from the body.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+];
+
+/// The mirror request for a live request: same method, target, headers (but hop-by-hop ones and
+/// the documented rewrites) and body content.
+pub fn build_request(cfg: &ReplayConfig, req: &Request) -> Result<hyper::Request<Full<Bytes>>> {
+    let target = req.target();
+    // Absolute-form targets (proxies) keep only their path and query.
+    let path = match Uri::from_str(target) {
+        Ok(u) if u.scheme().is_some() => u
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into()),
+        _ => target.to_string(),
+    };
+    let prefix = cfg.mirror.path().trim_end_matches('/');
+    let authority = cfg
+        .mirror
+        .authority()
+        .ok_or_else(|| anyhow!("mirror URL has no authority"))?;
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(authority.clone())
+        .path_and_query(format!("{prefix}{path}"))
+        .build()?;
+    let connection_tokens: Vec<String> = req
+        .headers()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+        .flat_map(|(_, v)| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut b = hyper::Request::builder().method(req.method()).uri(uri);
+    let mut original_host = None;
+    for (name, value) in req.headers() {
+        let lower = name.to_ascii_lowercase();
+        if lower == "host" {
+            original_host = Some(value);
+            continue;
+        }
+        if HOP_BY_HOP.contains(&lower.as_str())
+            || connection_tokens.contains(&lower)
+            || cfg.drop_headers.iter().any(|d| d.as_str() == lower)
+        {
+            continue;
+        }
+        b = b.header(
+            HeaderName::from_bytes(name.as_bytes())?,
+            HeaderValue::from_bytes(value)?,
+        );
+    }
+    let host = match cfg.host {
+        HostMode::Mirror => HeaderValue::from_str(authority.as_str())?,
+        HostMode::Keep => {
+            HeaderValue::from_bytes(original_host.unwrap_or(authority.as_str().as_bytes()))?
+        }
+        HostMode::Shadow => {
+            let h = String::from_utf8_lossy(original_host.unwrap_or(authority.as_str().as_bytes()))
+                .into_owned();
+            // Envoy appends the suffix to the host name, before any port.
+            let shadow = match h.rsplit_once(':') {
+                Some((name, port))
+                    if !h.ends_with(']') && port.bytes().all(|c| c.is_ascii_digit()) =>
+                {
+                    format!("{name}-shadow:{port}")
+                }
+                _ => format!("{h}-shadow"),
+            };
+            HeaderValue::from_str(&shadow)?
+        }
+    };
+    b = b.header(hyper::header::HOST, host);
+    for (k, v) in &cfg.add_headers {
+        b = b.header(k, v);
+    }
+    let body = match req.framing {
+        Framing::Chunked => {
+            Bytes::from(dechunk(&req.body).ok_or_else(|| anyhow!("bad chunked body"))?)
+        }
+        _ => req.body.clone(),
+    };
+    Ok(b.body(Full::new(body))?)
+}
+
+/// Parses `K:V` for `--add-header`.
+pub fn parse_header(s: &str) -> Result<(HeaderName, HeaderValue), String> {
+    let (k, v) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected NAME:VALUE"))?;
+    Ok((
+        HeaderName::from_str(k.trim()).map_err(|e| format!("header name {k:?}: {e}"))?,
+        HeaderValue::from_str(v.trim()).map_err(|e| format!("header value {v:?}: {e}"))?,
+    ))
+}
