@@ -1,0 +1,619 @@
+//! Compare stage: the lab's table, live and mirror side by side.
+//!
+//! For each (endpoint, version tag, result code): count, average, p50 and p99 duration. Live
+//! rows come from the captured responses (`ResponseMeta`), mirror rows from the replay outcomes;
+//! mirror errors get pseudo-codes (`timeout`, `refused`, `reset`, `error`). Each mirrored request
+//! is also paired with the live response to the same request, to count status mismatches and
+//! the mirror/live latency ratio per endpoint. Endpoints are capped: beyond `max_endpoints`,
+//! new ones are reported as `other`.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use crate::http::ResponseMeta;
+use crate::reassembly::ConnId;
+use crate::replay::MirrorOutcome;
+
+#[derive(Clone, Debug)]
+pub struct CompareConfig {
+    pub live_label: String,
+    pub mirror_label: String,
+    pub routes: Vec<RouteTemplate>,
+    pub max_endpoints: usize,
+    /// Live responses or mirror outcomes waiting for their other half, at most.
+    pub max_pending: usize,
+}
+
+impl Default for CompareConfig {
+    fn default() -> Self {
+        CompareConfig {
+            live_label: "live".into(),
+            mirror_label: "mirror".into(),
+            routes: Vec::new(),
+            max_endpoints: 500,
+            max_pending: 100_000,
+        }
+    }
+}
+
+/// A user's route template, e.g. `/api/books/{id}/reviews`: `{…}` matches one path segment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteTemplate {
+    text: String,
+    segments: Vec<Option<String>>,
+}
+
+impl std::str::FromStr for RouteTemplate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if !s.starts_with('/') {
+            return Err(format!("route {s:?} must start with /"));
+        }
+        let segments = s
+            .split('/')
+            .skip(1)
+            .map(|seg| {
+                if seg.starts_with('{') && seg.ends_with('}') {
+                    None
+                } else {
+                    Some(seg.to_string())
+                }
+            })
+            .collect();
+        Ok(RouteTemplate {
+            text: s.to_string(),
+            segments,
+        })
+    }
+}
+
+impl RouteTemplate {
+    fn matches(&self, path: &str) -> bool {
+        let mut parts = path.split('/').skip(1);
+        for seg in &self.segments {
+            match (parts.next(), seg) {
+                (None, _) => return false,
+                (Some(p), Some(lit)) if p != lit => return false,
+                _ => {}
+            }
+        }
+        parts.next().is_none()
+    }
+}
+
+/// `METHOD /path` with the query dropped and identifier-like segments (numbers, UUIDs, long hex)
+/// replaced by `{id}`, unless a route template matches first.
+pub fn endpoint_name(method: &str, target: &str, routes: &[RouteTemplate]) -> String {
+    // Absolute-form targets keep only their path.
+    let target = match target.find("://") {
+        Some(i) => target[i + 3..]
+            .find('/')
+            .map(|p| &target[i + 3 + p..])
+            .unwrap_or("/"),
+        None => target,
+    };
+    let path = target.split(['?', '#']).next().unwrap_or("/");
+    let path = if path.is_empty() { "/" } else { path };
+    if let Some(r) = routes.iter().find(|r| r.matches(path)) {
+        return format!("{method} {}", r.text);
+    }
+    let mut out = String::with_capacity(path.len() + method.len() + 1);
+    out.push_str(method);
+    out.push(' ');
+    for (i, seg) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(if is_identifier(seg) { "{id}" } else { seg });
+    }
+    out
+}
+
+fn is_identifier(seg: &str) -> bool {
+    let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_digit()) {
+        return true;
+    }
+    let parts: Vec<&str> = seg.split('-').collect();
+    if parts.len() == 5
+        && parts.iter().map(|p| p.len()).eq([8, 4, 4, 4, 12])
+        && parts.iter().all(|p| hex(p))
+    {
+        return true;
+    }
+    seg.len() >= 16 && hex(seg)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Side {
+    Live,
+    Mirror,
+}
+
+struct Agg {
+    count: u64,
+    sum_ns: u128,
+    /// Microseconds.
+    hist: Histogram<u64>,
+}
+
+impl Agg {
+    fn new() -> Self {
+        Agg {
+            count: 0,
+            sum_ns: 0,
+            hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+        }
+    }
+    fn add(&mut self, ns: u64) {
+        self.count += 1;
+        self.sum_ns += ns as u128;
+        self.hist.saturating_record((ns / 1000).max(1));
+    }
+}
+
+/// One row of the table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    pub name: String,
+    pub version: String,
+    pub side: Side,
+    pub code: String,
+    pub count: u64,
+    pub avg_ms: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Mismatch {
+    pub name: String,
+    pub live_code: String,
+    pub mirror_code: String,
+    pub count: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LatencyRatio {
+    pub name: String,
+    pub pairs: u64,
+    /// Mean of mirror duration / live duration over paired requests.
+    pub mean_ratio: f64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub rows: Vec<Row>,
+    pub mismatches: Vec<Mismatch>,
+    pub latency_ratios: Vec<LatencyRatio>,
+    /// Results folded into `other` by the endpoint cap.
+    pub other_endpoint_results: u64,
+    /// Live responses or mirror outcomes that never met their other half before being evicted.
+    pub unpaired_evicted: u64,
+}
+
+type PairKey = (ConnId, u64);
+
+struct Half {
+    name: String,
+    code: String,
+    ns: u64,
+}
+
+pub struct Comparator {
+    cfg: CompareConfig,
+    aggs: BTreeMap<(String, Side, String), Agg>,
+    endpoints: HashSet<String>,
+    other: u64,
+    waiting: [HashMap<PairKey, Half>; 2],
+    order: VecDeque<(Side, PairKey)>,
+    mismatches: BTreeMap<(String, String, String), u64>,
+    ratios: BTreeMap<String, (u64, f64)>,
+    evicted: u64,
+}
+
+impl Comparator {
+    pub fn new(cfg: CompareConfig) -> Self {
+        Comparator {
+            cfg,
+            aggs: BTreeMap::new(),
+            endpoints: HashSet::new(),
+            other: 0,
+            waiting: [HashMap::new(), HashMap::new()],
+            order: VecDeque::new(),
+            mismatches: BTreeMap::new(),
+            ratios: BTreeMap::new(),
+            evicted: 0,
+        }
+    }
+
+    pub fn config(&self) -> &CompareConfig {
+        &self.cfg
+    }
+
+    /// The endpoint name for a request, `other` once the cap is reached.
+    pub fn endpoint(&mut self, method: &str, target: &str) -> String {
+        let name = endpoint_name(method, target, &self.cfg.routes);
+        if self.endpoints.contains(&name) {
+            return name;
+        }
+        if self.endpoints.len() >= self.cfg.max_endpoints {
+            self.other += 1;
+            return "other".into();
+        }
+        self.endpoints.insert(name.clone());
+        name
+    }
+
+    pub fn live(&mut self, m: &ResponseMeta) {
+        let name = self.endpoint(&m.method, &m.target);
+        let code = m.status.to_string();
+        self.record(
+            Side::Live,
+            (m.conn, m.request_seq),
+            name,
+            code,
+            m.duration_ns(),
+        );
+    }
+
+    pub fn mirror(&mut self, o: &MirrorOutcome) {
+        let name = self.endpoint(&o.method, &o.target);
+        self.record(
+            Side::Mirror,
+            (o.conn, o.seq),
+            name,
+            o.result.code(),
+            o.duration.as_nanos() as u64,
+        );
+    }
+
+    fn record(&mut self, side: Side, key: PairKey, name: String, code: String, ns: u64) {
+        self.aggs
+            .entry((name.clone(), side, code.clone()))
+            .or_insert_with(Agg::new)
+            .add(ns);
+        let other = match side {
+            Side::Live => Side::Mirror,
+            Side::Mirror => Side::Live,
+        };
+        if let Some(peer) = self.waiting[other as usize].remove(&key) {
+            let (live, mirror) = match side {
+                Side::Live => (Half { name, code, ns }, peer),
+                Side::Mirror => (peer, Half { name, code, ns }),
+            };
+            self.pair(live, mirror);
+            return;
+        }
+        if self.order.len() >= self.cfg.max_pending {
+            while let Some((s, k)) = self.order.pop_front() {
+                if self.waiting[s as usize].remove(&k).is_some() {
+                    self.evicted += 1;
+                    break;
+                }
+            }
+        }
+        self.waiting[side as usize].insert(key, Half { name, code, ns });
+        self.order.push_back((side, key));
+        // Keep the order queue from growing on keys that were paired long ago.
+        if self.order.len() > 2 * self.cfg.max_pending.max(1) {
+            let waiting = &self.waiting;
+            self.order
+                .retain(|(s, k)| waiting[*s as usize].contains_key(k));
+        }
+    }
+
+    fn pair(&mut self, live: Half, mirror: Half) {
+        if live.code != mirror.code {
+            *self
+                .mismatches
+                .entry((live.name.clone(), live.code, mirror.code))
+                .or_default() += 1;
+        }
+        if live.ns > 0 {
+            let e = self.ratios.entry(live.name).or_default();
+            e.0 += 1;
+            e.1 += mirror.ns as f64 / live.ns as f64;
+        }
+    }
+
+    pub fn report(&self) -> Report {
+        let label = |s: Side| match s {
+            Side::Live => self.cfg.live_label.clone(),
+            Side::Mirror => self.cfg.mirror_label.clone(),
+        };
+        let ms = |us: u64| us as f64 / 1000.0;
+        Report {
+            rows: self
+                .aggs
+                .iter()
+                .map(|((name, side, code), a)| Row {
+                    name: name.clone(),
+                    version: label(*side),
+                    side: *side,
+                    code: code.clone(),
+                    count: a.count,
+                    avg_ms: a.sum_ns as f64 / a.count.max(1) as f64 / 1e6,
+                    p50_ms: ms(a.hist.value_at_quantile(0.5)),
+                    p99_ms: ms(a.hist.value_at_quantile(0.99)),
+                })
+                .collect(),
+            mismatches: self
+                .mismatches
+                .iter()
+                .map(|((name, l, m), n)| Mismatch {
+                    name: name.clone(),
+                    live_code: l.clone(),
+                    mirror_code: m.clone(),
+                    count: *n,
+                })
+                .collect(),
+            latency_ratios: self
+                .ratios
+                .iter()
+                .map(|(name, (n, sum))| LatencyRatio {
+                    name: name.clone(),
+                    pairs: *n,
+                    mean_ratio: sum / *n as f64,
+                })
+                .collect(),
+            other_endpoint_results: self.other,
+            unpaired_evicted: self.evicted,
+        }
+    }
+}
+
+/// The seed's table: per endpoint, version and code, sorted by name then version, live rows
+/// and mirror rows together; then the divergences.
+pub fn format_table(r: &Report) -> String {
+    let mut rows = r.rows.clone();
+    rows.sort_by(|a, b| {
+        (&a.name, a.side, &a.version, &a.code).cmp(&(&b.name, b.side, &b.version, &b.code))
+    });
+    let w_name = rows.iter().map(|x| x.name.len()).max().unwrap_or(4).max(4);
+    let w_ver = rows
+        .iter()
+        .map(|x| x.version.len())
+        .max()
+        .unwrap_or(7)
+        .max(10);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<w_name$}  {:<w_ver$}  {:>10}  {:>13}  {:>12}  {:>9}  {:>9}",
+        "name", "podVersion", "resultCode", "duration (ms)", "requestCount", "p50 (ms)", "p99 (ms)"
+    );
+    for x in &rows {
+        let _ = writeln!(
+            out,
+            "{:<w_name$}  {:<w_ver$}  {:>10}  {:>13.1}  {:>12}  {:>9.1}  {:>9.1}",
+            x.name, x.version, x.code, x.avg_ms, x.count, x.p50_ms, x.p99_ms
+        );
+    }
+    if !r.mismatches.is_empty() {
+        let _ = writeln!(out, "\nstatus mismatches (live → mirror):");
+        for m in &r.mismatches {
+            let _ = writeln!(
+                out,
+                "  {}  {} → {}  ×{}",
+                m.name, m.live_code, m.mirror_code, m.count
+            );
+        }
+    }
+    if !r.latency_ratios.is_empty() {
+        let _ = writeln!(out, "\nmirror/live latency ratio (paired requests):");
+        for l in &r.latency_ratios {
+            let _ = writeln!(
+                out,
+                "  {}  {:.2}× over {} pairs",
+                l.name, l.mean_ratio, l.pairs
+            );
+        }
+    }
+    if r.other_endpoint_results > 0 {
+        let _ = writeln!(
+            out,
+            "\n{} results folded into `other` by the endpoint cap",
+            r.other_endpoint_results
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replay::MirrorResult;
+    use std::time::Duration;
+
+    fn live(conn: u64, seq: u64, target: &str, status: u16, ms: u64) -> ResponseMeta {
+        ResponseMeta {
+            conn,
+            request_seq: seq,
+            method: "GET".into(),
+            target: target.into(),
+            status,
+            request_last_ts: 1_000,
+            response_first_ts: 1_000 + ms * 1_000_000,
+        }
+    }
+
+    fn mirror(conn: u64, seq: u64, target: &str, result: MirrorResult, ms: u64) -> MirrorOutcome {
+        MirrorOutcome {
+            conn,
+            seq,
+            method: "GET".into(),
+            target: target.into(),
+            result,
+            duration: Duration::from_millis(ms),
+        }
+    }
+
+    #[test]
+    fn normalises_paths() {
+        let r: Vec<RouteTemplate> = vec!["/api/{tenant}/books".parse().unwrap()];
+        assert_eq!(
+            endpoint_name("GET", "/api/books/2/reviews?page=3", &[]),
+            "GET /api/books/{id}/reviews"
+        );
+        assert_eq!(
+            endpoint_name("GET", "/u/123e4567-e89b-12d3-a456-426614174000/x", &[]),
+            "GET /u/{id}/x"
+        );
+        assert_eq!(
+            endpoint_name("PUT", "/blob/deadbeefdeadbeef00", &[]),
+            "PUT /blob/{id}"
+        );
+        assert_eq!(
+            endpoint_name("GET", "/v2/cafe", &[]),
+            "GET /v2/cafe",
+            "short words stay"
+        );
+        assert_eq!(
+            endpoint_name("GET", "/api/acme/books?x", &r),
+            "GET /api/{tenant}/books"
+        );
+        assert_eq!(
+            endpoint_name("GET", "/api/acme/books/1", &r),
+            "GET /api/acme/books/{id}"
+        );
+        assert_eq!(
+            endpoint_name("GET", "http://h:80/a/7?q", &[]),
+            "GET /a/{id}"
+        );
+        assert_eq!(endpoint_name("GET", "", &[]), "GET /");
+    }
+
+    #[test]
+    fn aggregates_match_a_reference() {
+        let mut c = Comparator::new(CompareConfig::default());
+        let durations: Vec<u64> = (1..=200).map(|i| (i * 7919) % 1000 + 1).collect();
+        for (i, ms) in durations.iter().enumerate() {
+            c.live(&live(1, i as u64, "/api/books/1", 200, *ms));
+        }
+        let r = c.report();
+        let row = &r.rows[0];
+        let mut sorted = durations.clone();
+        sorted.sort();
+        let avg = durations.iter().sum::<u64>() as f64 / durations.len() as f64;
+        assert_eq!(row.count, 200);
+        assert!((row.avg_ms - avg).abs() < 1e-9);
+        // HdrHistogram with 3 significant digits: within 0.1%.
+        let p50 = sorted[99] as f64;
+        let p99 = sorted[197] as f64;
+        assert!(
+            (row.p50_ms - p50).abs() <= p50 * 0.002 + 0.001,
+            "{} vs {p50}",
+            row.p50_ms
+        );
+        assert!(
+            (row.p99_ms - p99).abs() <= p99 * 0.002 + 0.001,
+            "{} vs {p99}",
+            row.p99_ms
+        );
+    }
+
+    #[test]
+    fn pairs_by_request_and_counts_mismatches_in_any_order() {
+        let mut c = Comparator::new(CompareConfig {
+            mirror_label: "V4MIR".into(),
+            ..Default::default()
+        });
+        // Pipelined requests on one connection; outcomes arrive out of order; one mirror error.
+        c.mirror(&mirror(
+            9,
+            1,
+            "/api/books/2/reviews",
+            MirrorResult::Status(500),
+            30,
+        ));
+        c.live(&live(9, 0, "/api/books/1/reviews", 200, 10));
+        c.live(&live(9, 1, "/api/books/2/reviews", 200, 10));
+        c.mirror(&mirror(
+            9,
+            0,
+            "/api/books/1/reviews",
+            MirrorResult::Status(200),
+            20,
+        ));
+        c.live(&live(9, 2, "/api/books/3/reviews", 200, 10));
+        c.mirror(&mirror(
+            9,
+            2,
+            "/api/books/3/reviews",
+            MirrorResult::Timeout,
+            2000,
+        ));
+        let r = c.report();
+        assert_eq!(
+            r.mismatches,
+            vec![
+                Mismatch {
+                    name: "GET /api/books/{id}/reviews".into(),
+                    live_code: "200".into(),
+                    mirror_code: "500".into(),
+                    count: 1
+                },
+                Mismatch {
+                    name: "GET /api/books/{id}/reviews".into(),
+                    live_code: "200".into(),
+                    mirror_code: "timeout".into(),
+                    count: 1
+                },
+            ]
+        );
+        assert_eq!(r.latency_ratios[0].pairs, 3);
+        assert!((r.latency_ratios[0].mean_ratio - (2.0 + 3.0 + 200.0) / 3.0).abs() < 1e-9);
+        let codes: Vec<(&str, &str, u64)> = r
+            .rows
+            .iter()
+            .map(|x| (x.version.as_str(), x.code.as_str(), x.count))
+            .collect();
+        assert_eq!(
+            codes,
+            [
+                ("live", "200", 3),
+                ("V4MIR", "200", 1),
+                ("V4MIR", "500", 1),
+                ("V4MIR", "timeout", 1)
+            ]
+        );
+        let table = format_table(&r);
+        assert!(
+            table.contains("V4MIR") && table.contains("timeout") && table.contains("200 → 500"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn cardinality_cap_folds_into_other() {
+        let mut c = Comparator::new(CompareConfig {
+            max_endpoints: 3,
+            ..Default::default()
+        });
+        for i in 0..50 {
+            c.live(&live(1, i, &format!("/random/path-{i}/x"), 200, 1));
+        }
+        let r = c.report();
+        let names: HashSet<&str> = r.rows.iter().map(|x| x.name.as_str()).collect();
+        assert_eq!(names.len(), 4);
+        assert!(names.contains("other"));
+        assert_eq!(r.other_endpoint_results, 47);
+    }
+
+    #[test]
+    fn pending_halves_are_bounded() {
+        let mut c = Comparator::new(CompareConfig {
+            max_pending: 10,
+            ..Default::default()
+        });
+        for i in 0..1000 {
+            c.live(&live(1, i, "/a", 200, 1)); // never mirrored (filtered, sampled out)
+        }
+        assert!(c.waiting[0].len() <= 10);
+        assert_eq!(c.report().unpaired_evicted, 990);
+    }
+}
