@@ -7,6 +7,7 @@ pub mod capture;
 pub mod compare;
 pub mod dump;
 pub mod http;
+pub mod metrics;
 pub mod pipeline;
 pub mod reassembly;
 pub mod replay;

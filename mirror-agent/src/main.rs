@@ -5,18 +5,26 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
+use http_body_util::{BodyExt, Empty};
 use hyper::header::{HeaderName, HeaderValue};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use mirror_agent::capture::ring::RingConfig;
 use mirror_agent::capture::{
     named_counters, AttachMode, Capture, CaptureConfig, CaptureStats, Hook, MatchConfig, Target,
 };
+use mirror_agent::compare::{format_table, Comparator, CompareConfig, Report, RouteTemplate};
 use mirror_agent::http::{HttpConfig, HttpEvent};
+use mirror_agent::metrics::{self, Sources};
 use mirror_agent::pipeline::{self, PipelineConfig, PipelineStats};
 use mirror_agent::reassembly::ReassemblyConfig;
 use mirror_agent::replay::{self, HostMode, MirrorOutcome, ReplayConfig, Replayer};
 use mirror_agent::segment::FrameError;
 use regex::Regex;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 #[derive(Parser, Debug)]
@@ -33,7 +41,24 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Attach to a live service's interface and mirror its traffic.
-    Attach(AttachArgs),
+    Attach(Box<AttachArgs>),
+    /// Print the comparison table of a running agent (started with --metrics).
+    Report(ReportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// The agent's --metrics address.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub agent: SocketAddr,
+    #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+    pub format: ReportFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    Table,
+    Json,
 }
 
 #[derive(Args, Debug)]
@@ -124,6 +149,30 @@ pub struct AttachArgs {
     #[arg(long, default_value_t = 4096)]
     pub queue: usize,
 
+    /// Version tag of the live service's rows, e.g. V1MIR-LiveBookService.
+    #[arg(long, default_value = "live")]
+    pub live_label: String,
+
+    /// Version tag of the mirror's rows, e.g. V4MIR-BookServiceFault.
+    #[arg(long, default_value = "mirror")]
+    pub mirror_label: String,
+
+    /// Endpoint template naming matching paths, e.g. /api/{tenant}/books (repeatable).
+    #[arg(long = "route")]
+    pub routes: Vec<RouteTemplate>,
+
+    /// Distinct endpoints tracked at most; the rest are reported as `other`.
+    #[arg(long, default_value_t = 500)]
+    pub max_endpoints: usize,
+
+    /// Serve Prometheus metrics on /metrics and the comparison on /report at this address.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+
+    /// Do not print the comparison table on exit.
+    #[arg(long)]
+    pub no_report: bool,
+
     /// Clone but never read the clones: measures the kernel side alone (benchmarks).
     #[arg(long, hide = true)]
     pub no_reader: bool,
@@ -149,7 +198,8 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Attach(args) => attach(args),
+        Command::Attach(args) => attach(*args),
+        Command::Report(args) => report(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -211,9 +261,18 @@ fn attach(args: AttachArgs) -> Result<()> {
     };
     let (outcome_tx, mut outcome_rx) = tokio::sync::mpsc::channel::<MirrorOutcome>(65_536);
     let replayer = replay_cfg.map(|c| Replayer::start(c, rt.handle(), outcome_tx));
+    let comparator = Arc::new(Mutex::new(Comparator::new(CompareConfig {
+        live_label: args.live_label.clone(),
+        mirror_label: args.mirror_label.clone(),
+        routes: args.routes.clone(),
+        max_endpoints: args.max_endpoints,
+        ..CompareConfig::default()
+    })));
+    let compare_mirror = Arc::clone(&comparator);
     let outcomes = rt.spawn(async move {
         let mut n = 0u64;
         while let Some(o) = outcome_rx.recv().await {
+            compare_mirror.lock().unwrap().mirror(&o);
             log::debug!(
                 "mirror {} {} -> {} in {:?}",
                 o.method,
@@ -255,6 +314,19 @@ fn attach(args: AttachArgs) -> Result<()> {
     let pipeline_stats = Arc::new(Mutex::new(PipelineStats::default()));
     let shared = Arc::clone(&pipeline_stats);
     let sender = replayer.as_ref().map(|(r, _)| r.clone());
+    let compare_live = Arc::clone(&comparator);
+    let kernel = Arc::new(Mutex::new(Vec::new()));
+    if let Some(addr) = args.metrics {
+        let sources = Sources {
+            comparator: Arc::clone(&comparator),
+            capture: Some(Arc::clone(capture.stats())),
+            kernel: Arc::clone(&kernel),
+            pipeline: Arc::clone(&pipeline_stats),
+            replay: replayer.as_ref().map(|(r, _)| Arc::clone(r.stats())),
+        };
+        let bound = rt.block_on(metrics::serve(addr, sources))?;
+        log::info!("metrics on http://{bound}/metrics, comparison on http://{bound}/report");
+    }
     let consumer = std::thread::Builder::new()
         .name("mirror-pipeline".into())
         .spawn(move || {
@@ -271,31 +343,37 @@ fn attach(args: AttachArgs) -> Result<()> {
                         replayer.offer(r);
                     }
                 }
-                HttpEvent::Response(m) => log::debug!(
-                    "response {} to conn {} #{}",
-                    m.status,
-                    m.conn,
-                    m.request_seq
-                ),
+                HttpEvent::Response(m) => {
+                    log::debug!(
+                        "response {} to conn {} #{}",
+                        m.status,
+                        m.conn,
+                        m.request_seq
+                    );
+                    compare_live.lock().unwrap().live(&m);
+                }
             })
         })?;
 
     let stats = std::sync::Arc::clone(capture.stats());
     rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let interval = Duration::from_secs(args.stats_interval.max(1));
-        let mut tick = tokio::time::interval(interval);
-        tick.tick().await;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut seconds = 0u64;
         loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
-                _ = tick.tick(), if args.stats_interval > 0 => {
+                _ = tick.tick() => {
                     if let Ok(c) = capture.kernel_counters() {
-                        log::info!("kernel {:?}", named_counters(&c));
+                        *kernel.lock().unwrap() = named_counters(&c);
                     }
-                    log::info!("capture {}", format_stats(&stats));
-                    log::info!("pipeline {:?}", pipeline_stats.lock().unwrap());
+                    seconds += 1;
+                    if args.stats_interval > 0 && seconds.is_multiple_of(args.stats_interval) {
+                        log::info!("kernel {:?}", kernel.lock().unwrap());
+                        log::info!("capture {}", format_stats(&stats));
+                        log::info!("pipeline {:?}", pipeline_stats.lock().unwrap());
+                    }
                 }
             }
         }
@@ -330,6 +408,9 @@ fn attach(args: AttachArgs) -> Result<()> {
     rt.block_on(async {
         let _ = tokio::time::timeout(Duration::from_millis(200), outcomes).await;
     });
+    if !args.no_report {
+        println!("{}", format_table(&comparator.lock().unwrap().report()));
+    }
     if let (Some(path), Some(dump)) = (args.dump, recorder) {
         let mut f = std::io::BufWriter::new(
             std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?,
@@ -339,6 +420,34 @@ fn attach(args: AttachArgs) -> Result<()> {
     }
     if stats.ring_drops.load(Ordering::Relaxed) > 0 {
         bail!("the capture ring dropped frames: raise --ring-mb");
+    }
+    Ok(())
+}
+
+fn report(args: ReportArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let body = rt.block_on(async {
+        let client: Client<HttpConnector, Empty<Bytes>> =
+            Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        let uri: hyper::Uri = format!("http://{}/report", args.agent).parse()?;
+        let resp = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
+            .await
+            .map_err(|_| anyhow::anyhow!("the agent at {} did not answer within 5 s", args.agent))?
+            .with_context(|| {
+                format!(
+                    "no agent answers at {} (start it with --metrics {})",
+                    args.agent, args.agent
+                )
+            })?;
+        anyhow::Ok(resp.into_body().collect().await?.to_bytes())
+    })?;
+    let report: Report =
+        serde_json::from_slice(&body).context("the agent's /report is not a report")?;
+    match args.format {
+        ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        ReportFormat::Table => print!("{}", format_table(&report)),
     }
     Ok(())
 }

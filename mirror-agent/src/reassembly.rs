@@ -109,7 +109,7 @@ impl Default for ReassemblyConfig {
 /// Counters. Every payload byte handed in is delivered, a duplicate, held out of order, or
 /// discarded at close; `lost_bytes` counts the sequence space never seen (holes given up on, and
 /// what was missing before a FIN when the connection closed).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ReassemblyStats {
     pub segments: u64,
     pub payload_bytes: u64,

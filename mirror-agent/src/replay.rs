@@ -153,7 +153,7 @@ pub struct MirrorOutcome {
 }
 
 /// Counters; every request offered ends in exactly one of them (plus `sent` for those sent).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct ReplayStats {
     pub offered: AtomicU64,
     pub filtered_method: AtomicU64,

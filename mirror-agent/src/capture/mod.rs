@@ -69,7 +69,7 @@ impl Default for CaptureConfig {
 
 /// Userspace capture counters. Every frame read from the ring ends in `segments` or in one
 /// `frame_errors` reason or in `truncated`.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct CaptureStats {
     pub frames: AtomicU64,
     pub bytes: AtomicU64,

@@ -133,7 +133,7 @@ pub enum StopReason {
 }
 
 /// Counters. A request head that parsed ends as exactly one of: `requests`, or a `dropped_*`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct HttpStats {
     pub requests: u64,
     pub request_bytes: u64,

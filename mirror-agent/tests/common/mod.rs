@@ -30,6 +30,8 @@ pub fn require_root() {
 pub struct Agent {
     pub proc: Proc,
     pub ready_line: String,
+    /// Standard output after the ready line, complete once the agent has exited.
+    stdout: Option<JoinHandle<String>>,
 }
 
 impl Agent {
@@ -40,18 +42,19 @@ impl Agent {
         let mut child = cmd.spawn().expect("spawn agent");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
             if let Some(Ok(l)) = lines.next() {
                 let _ = tx.send(l);
             }
-            for _ in lines {}
+            lines.map_while(Result::ok).collect::<Vec<_>>().join("\n")
         });
         let mut proc = Proc { child: Some(child) };
         match rx.recv_timeout(Duration::from_secs(20)) {
             Ok(line) if line.starts_with("ready:") => Agent {
                 proc,
                 ready_line: line,
+                stdout: Some(reader),
             },
             other => {
                 let (_, err) = proc.wait_exit(Duration::from_secs(5));
@@ -61,11 +64,21 @@ impl Agent {
     }
 
     /// SIGTERM, then wait for a clean exit; returns stderr.
-    pub fn terminate(mut self) -> String {
+    pub fn terminate(self) -> String {
+        self.terminate_with_output().1
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns (stdout after the ready line, stderr).
+    pub fn terminate_with_output(mut self) -> (String, String) {
         self.proc.signal(libc::SIGTERM);
         let (code, err) = self.proc.wait_exit(Duration::from_secs(15));
         assert_eq!(code, Some(0), "agent exit code; stderr:\n{err}");
-        err
+        let out = self
+            .stdout
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
+        (out, err)
     }
 }
 
@@ -98,8 +111,12 @@ impl Recorded {
     }
 }
 
+/// Status and delay for a request target.
+pub type Behaviour = Arc<dyn Fn(&str) -> (u16, Duration) + Send + Sync>;
+
 #[derive(Default)]
 struct ServerState {
+    behaviour: Option<Behaviour>,
     stop: AtomicBool,
     conns: Mutex<HashMap<SocketAddr, ConnRecord>>,
     log: Mutex<Vec<Recorded>>,
@@ -122,10 +139,30 @@ impl TestServer {
     }
 
     pub fn start_with_delay(ns: &Netns, bind: &[SocketAddr], delay: Duration) -> TestServer {
-        let state = Arc::new(ServerState {
-            delay,
-            ..Default::default()
-        });
+        Self::start_state(
+            ns,
+            bind,
+            ServerState {
+                delay,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// A server whose status and delay depend on the request target.
+    pub fn start_with(ns: &Netns, bind: &[SocketAddr], behaviour: Behaviour) -> TestServer {
+        Self::start_state(
+            ns,
+            bind,
+            ServerState {
+                behaviour: Some(behaviour),
+                ..Default::default()
+            },
+        )
+    }
+
+    fn start_state(ns: &Netns, bind: &[SocketAddr], state: ServerState) -> TestServer {
+        let state = Arc::new(state);
         let (ready_tx, ready_rx) = mpsc::channel();
         let nspath = ns.path();
         let bind = bind.to_vec();
@@ -357,8 +394,13 @@ fn serve(stream: TcpStream, peer: SocketAddr, st: &ServerState) {
             body: body.clone(),
             chunked,
         });
-        if !st.delay.is_zero() {
-            std::thread::sleep(st.delay);
+        let (status, delay) = st
+            .behaviour
+            .as_ref()
+            .map(|b| b(&target))
+            .unwrap_or((200, st.delay));
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
         }
         let resp_body = if method == "HEAD" {
             Vec::new()
@@ -371,7 +413,8 @@ fn serve(stream: TcpStream, peer: SocketAddr, st: &ServerState) {
             resp_body.len()
         };
         let mut resp =
-            format!("HTTP/1.1 200 OK\r\nContent-Length: {clen}\r\nX-Test: 1\r\n\r\n").into_bytes();
+            format!("HTTP/1.1 {status} OK\r\nContent-Length: {clen}\r\nX-Test: 1\r\n\r\n")
+                .into_bytes();
         resp.extend_from_slice(&resp_body);
         send(&mut writer, &resp);
         st.requests.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,311 @@
+//! `--metrics <ADDR>`: Prometheus text on `/metrics`, the comparison as JSON on `/report`.
+//!
+//! Everything is rendered at scrape time from the stages' own state (prometheus-client
+//! `Collector`), so no number is kept twice: the comparison's series, and every capture,
+//! reassembly, parse and replay counter, with drop reasons and error kinds as labels.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper::{Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::capture::CaptureStats;
+use crate::compare::Comparator;
+use crate::pipeline::PipelineStats;
+use crate::replay::ReplayStats;
+
+/// What the agent exports; each part is owned by its stage and only read here.
+#[derive(Clone)]
+pub struct Sources {
+    pub comparator: Arc<Mutex<Comparator>>,
+    pub capture: Option<Arc<CaptureStats>>,
+    /// Kernel program counters by name, refreshed by the agent's main loop.
+    pub kernel: Arc<Mutex<Vec<(&'static str, u64)>>>,
+    pub pipeline: Arc<Mutex<PipelineStats>>,
+    pub replay: Option<Arc<ReplayStats>>,
+}
+
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sources")
+    }
+}
+
+/// Fields that are levels, not running totals.
+const GAUGES: &[&str] = &["ooo_bytes_held", "buffered_bytes", "inflight", "flows"];
+
+/// Exports a stats struct's numeric fields: `dropped_X` / `errors_X` / `stopped_X` fields become
+/// one counter with a `reason` / `kind` label; the others one metric each.
+fn encode_stats(
+    encoder: &mut DescriptorEncoder,
+    stage: &str,
+    value: serde_json::Value,
+) -> std::fmt::Result {
+    let serde_json::Value::Object(fields) = value else {
+        return Ok(());
+    };
+    // (metric, label name, [(label value, count)])
+    type Group<'a> = (&'a str, &'a str, Vec<(String, u64)>);
+    let mut grouped: Vec<Group> = Vec::new();
+    for (field, v) in &fields {
+        let Some(n) = v.as_u64() else { continue };
+        let group = [
+            ("dropped_", "dropped", "reason"),
+            ("errors_", "errors", "kind"),
+            ("stopped_", "stopped", "reason"),
+        ]
+        .into_iter()
+        .find(|(p, _, _)| field.starts_with(p));
+        match group {
+            Some((prefix, name, label)) => {
+                let reason = field[prefix.len()..].to_string();
+                match grouped.iter_mut().find(|(n2, _, _)| *n2 == name) {
+                    Some(g) => g.2.push((reason, n)),
+                    None => grouped.push((name, label, vec![(reason, n)])),
+                }
+            }
+            None if GAUGES.contains(&field.as_str()) => {
+                let metric = format!("mirror_{stage}_{field}");
+                let m = encoder.encode_descriptor(&metric, field, None, MetricType::Gauge)?;
+                ConstGauge::new(n as i64).encode(m)?;
+            }
+            None => {
+                let metric = format!("mirror_{stage}_{field}");
+                let m = encoder.encode_descriptor(&metric, field, None, MetricType::Counter)?;
+                ConstCounter::new(n).encode(m)?;
+            }
+        }
+    }
+    for (name, label, values) in grouped {
+        let metric = format!("mirror_{stage}_{name}");
+        let help = format!("{stage} {name} by {label}");
+        let mut m = encoder.encode_descriptor(&metric, &help, None, MetricType::Counter)?;
+        for (reason, n) in values {
+            let labels = [(label, reason.as_str())];
+            ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
+}
+
+impl Collector for Sources {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let (report, hists) = {
+            let c = self.comparator.lock().unwrap();
+            (c.report(), c.histograms())
+        };
+        {
+            let mut m = encoder.encode_descriptor(
+                "mirror_requests",
+                "Requests by endpoint, version tag and result code",
+                None,
+                MetricType::Counter,
+            )?;
+            for r in &report.rows {
+                let labels = [
+                    ("endpoint", r.name.as_str()),
+                    ("version", r.version.as_str()),
+                    ("code", r.code.as_str()),
+                ];
+                ConstCounter::new(r.count).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut m = encoder.encode_descriptor(
+                "mirror_request_duration_seconds",
+                "Live: last request byte to first response byte; mirror: request sent to response head",
+                None,
+                MetricType::Histogram,
+            )?;
+            for h in &hists {
+                let labels = [
+                    ("endpoint", h.name.as_str()),
+                    ("version", h.version.as_str()),
+                    ("code", h.code.as_str()),
+                ];
+                m.encode_family(&labels)?
+                    .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                        h.sum_seconds,
+                        h.count,
+                        &h.buckets,
+                        None,
+                    )?;
+            }
+        }
+        {
+            let mut m = encoder.encode_descriptor(
+                "mirror_status_mismatch",
+                "Mirrored requests whose status differed from the live response",
+                None,
+                MetricType::Counter,
+            )?;
+            for x in &report.mismatches {
+                let labels = [
+                    ("endpoint", x.name.as_str()),
+                    ("live_code", x.live_code.as_str()),
+                    ("mirror_code", x.mirror_code.as_str()),
+                ];
+                ConstCounter::new(x.count).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut m = encoder.encode_descriptor(
+                "mirror_latency_ratio",
+                "Mean mirror/live duration over paired requests",
+                None,
+                MetricType::Gauge,
+            )?;
+            for x in &report.latency_ratios {
+                ConstGauge::new(x.mean_ratio)
+                    .encode(m.encode_family(&[("endpoint", x.name.as_str())])?)?;
+            }
+        }
+        {
+            let m = encoder.encode_descriptor(
+                "mirror_compare_other_endpoint",
+                "Results folded into `other` by the endpoint cap",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(report.other_endpoint_results).encode(m)?;
+            let m = encoder.encode_descriptor(
+                "mirror_compare_unpaired_evicted",
+                "Live or mirror results evicted before pairing",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(report.unpaired_evicted).encode(m)?;
+        }
+        {
+            let kernel = self.kernel.lock().unwrap().clone();
+            let mut m = encoder.encode_descriptor(
+                "mirror_kernel_packets",
+                "Packets seen by the TC program, by outcome",
+                None,
+                MetricType::Counter,
+            )?;
+            for (name, n) in kernel {
+                ConstCounter::new(n).encode(m.encode_family(&[("outcome", name)])?)?;
+            }
+        }
+        if let Some(c) = &self.capture {
+            let mut v = serde_json::to_value(c.as_ref()).unwrap_or_default();
+            // Frame errors are an array indexed by reason.
+            if let Some(errors) = v.as_object_mut().and_then(|o| o.remove("frame_errors")) {
+                let mut m = encoder.encode_descriptor(
+                    "mirror_capture_frame_errors",
+                    "Captured frames that did not parse, by reason",
+                    None,
+                    MetricType::Counter,
+                )?;
+                for (e, n) in crate::segment::FrameError::ALL
+                    .iter()
+                    .zip(errors.as_array().into_iter().flatten())
+                {
+                    ConstCounter::new(n.as_u64().unwrap_or(0))
+                        .encode(m.encode_family(&[("reason", e.name())])?)?;
+                }
+            }
+            encode_stats(&mut encoder, "capture", v)?;
+        }
+        let p = self.pipeline.lock().unwrap().clone();
+        encode_stats(
+            &mut encoder,
+            "reassembly",
+            serde_json::to_value(&p.reassembly).unwrap_or_default(),
+        )?;
+        encode_stats(
+            &mut encoder,
+            "http",
+            serde_json::to_value(&p.http).unwrap_or_default(),
+        )?;
+        {
+            let m = encoder.encode_descriptor(
+                "mirror_reassembly_flows",
+                "Connections tracked now",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(p.flows as i64).encode(m)?;
+        }
+        if let Some(r) = &self.replay {
+            encode_stats(
+                &mut encoder,
+                "replay",
+                serde_json::to_value(r.as_ref()).unwrap_or_default(),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Prometheus text for the current state.
+pub fn render(sources: &Sources) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(sources.clone()));
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry).expect("writing to a String");
+    out
+}
+
+/// Serves `/metrics` and `/report` until the runtime stops.
+pub async fn serve(addr: SocketAddr, sources: Sources) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("--metrics {addr}: cannot listen there (in use, or not an address of this host)")
+    })?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let sources = sources.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let sources = sources.clone();
+                    async move {
+                        let (status, ctype, body) = match req.uri().path() {
+                            "/metrics" => (
+                                StatusCode::OK,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                render(&sources),
+                            ),
+                            "/report" => {
+                                let report = sources.comparator.lock().unwrap().report();
+                                (
+                                    StatusCode::OK,
+                                    "application/json",
+                                    serde_json::to_string_pretty(&report).unwrap_or_default(),
+                                )
+                            }
+                            _ => (
+                                StatusCode::NOT_FOUND,
+                                "text/plain",
+                                "try /metrics or /report\n".to_string(),
+                            ),
+                        };
+                        Response::builder()
+                            .status(status)
+                            .header("content-type", ctype)
+                            .body(Full::new(Bytes::from(body)))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(bound)
+}

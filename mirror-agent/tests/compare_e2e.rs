@@ -1,0 +1,179 @@
+//! Compare stage end to end: the lab's table from live traffic and a faulty, slow mirror, over
+//! /report, the `report` command and /metrics (root only).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use mirror_agent::compare::{Report, Side};
+
+const MIRROR: &str = "127.0.0.1:9091";
+const METRICS: &str = "127.0.0.1:9464";
+const ROUNDS: usize = 8;
+
+fn report(ns: &Netns) -> Option<Report> {
+    let out = ns
+        .exec(&[AGENT, "report", "--agent", METRICS, "--format", "json"])
+        .output()
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+#[test]
+fn report_shows_the_mirrors_faults_and_delay_while_live_is_fine() {
+    require_root();
+    let pair = Pair::new("cmp", 238);
+    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+    let _live = TestServer::start_with(
+        &pair.server,
+        &[live_addr],
+        Arc::new(|_| (200, Duration::from_millis(2))),
+    );
+    let _mirror = TestServer::start_with(
+        &pair.server,
+        &[MIRROR.parse().unwrap()],
+        Arc::new(|target| match target {
+            "/api/books/2/reviews" => (500, Duration::ZERO),
+            "/api/books/3/reviews" => (200, Duration::from_millis(300)),
+            _ => (200, Duration::from_millis(2)),
+        }),
+    );
+    let agent = Agent::start(
+        &pair.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "8080",
+            "--mirror",
+            &format!("http://{MIRROR}"),
+            "--metrics",
+            METRICS,
+            "--live-label",
+            "V1MIR-LiveBookService",
+            "--mirror-label",
+            "V4MIR-BookServiceFault",
+            // Literal routes keep books 2 and 3 apart (by default both are /api/books/{id}/reviews).
+            "--route",
+            "/api/books/2/reviews",
+            "--route",
+            "/api/books/3/reviews",
+        ],
+    );
+    let base = format!("http://{}:8080/api/books", pair.server_v4);
+    for _ in 0..ROUNDS {
+        let urls: Vec<String> = ["1/reviews", "2/reviews", "3/reviews", "4"]
+            .iter()
+            .map(|p| format!("{base}/{p}"))
+            .collect();
+        let args: Vec<&str> = urls.iter().map(String::as_str).collect();
+        curl(&pair.client, &args);
+    }
+
+    // Bounded poll until every mirrored request has its outcome.
+    let mut last = None;
+    let done = netlab::wait_until(Duration::from_secs(20), || {
+        last = report(&pair.server);
+        last.as_ref().is_some_and(|r| {
+            r.rows
+                .iter()
+                .filter(|x| x.side == Side::Mirror)
+                .map(|x| x.count)
+                .sum::<u64>()
+                == 4 * ROUNDS as u64
+        })
+    });
+    let r = last.expect("the report command answered");
+    assert!(done, "mirror outcomes incomplete: {r:#?}");
+
+    let live: Vec<_> = r.rows.iter().filter(|x| x.side == Side::Live).collect();
+    assert!(
+        live.iter()
+            .all(|x| x.code == "200" && x.version == "V1MIR-LiveBookService"),
+        "{live:#?}"
+    );
+    assert_eq!(live.iter().map(|x| x.count).sum::<u64>(), 4 * ROUNDS as u64);
+    let row = |name: &str, side: Side, code: &str| {
+        r.rows
+            .iter()
+            .find(|x| x.name == name && x.side == side && x.code == code)
+            .unwrap_or_else(|| panic!("no row {name} {side:?} {code}: {r:#?}"))
+    };
+    let fault = row("GET /api/books/2/reviews", Side::Mirror, "500");
+    assert_eq!(
+        (fault.count, fault.version.as_str()),
+        (ROUNDS as u64, "V4MIR-BookServiceFault")
+    );
+    assert!(!r.rows.iter().any(|x| x.side == Side::Mirror
+        && x.code == "500"
+        && x.name != "GET /api/books/2/reviews"));
+    let slow = row("GET /api/books/3/reviews", Side::Mirror, "200");
+    let slow_live = row("GET /api/books/3/reviews", Side::Live, "200");
+    assert!(
+        slow.avg_ms >= 300.0,
+        "mirror average on the delayed endpoint: {} ms",
+        slow.avg_ms
+    );
+    assert!(
+        slow_live.avg_ms < 100.0 && slow_live.avg_ms * 3.0 < slow.avg_ms,
+        "live {} ms vs mirror {} ms",
+        slow_live.avg_ms,
+        slow.avg_ms
+    );
+    assert!(
+        row("GET /api/books/{id}/reviews", Side::Live, "200").avg_ms >= 1.5,
+        "live durations are the server's ~2 ms"
+    );
+    assert!(r
+        .mismatches
+        .iter()
+        .any(|m| m.name == "GET /api/books/2/reviews"
+            && m.live_code == "200"
+            && m.mirror_code == "500"
+            && m.count == ROUNDS as u64));
+
+    // /metrics is valid Prometheus text, checked with a parser.
+    let metrics = pair
+        .server
+        .exec(&["curl", "-sf", &format!("http://{METRICS}/metrics")])
+        .output()
+        .unwrap();
+    assert!(metrics.status.success());
+    let text = String::from_utf8(metrics.stdout).unwrap();
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
+    let mismatch = scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == "mirror_status_mismatch_total" && s.labels.get("mirror_code") == Some("500")
+        })
+        .expect("a mismatch series");
+    // OpenMetrics names a counter's sample `<name>_total`; this parser (classic text format) then
+    // reports it untyped. The value is what matters.
+    assert!(
+        matches!(mismatch.value, prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) if v == ROUNDS as f64),
+        "{:?}",
+        mismatch.value
+    );
+    let series = |metric: &str| scrape.samples.iter().filter(|s| s.metric == metric).count();
+    for m in [
+        "mirror_requests_total",
+        "mirror_request_duration_seconds_count",
+        "mirror_kernel_packets_total",
+        "mirror_http_dropped_total",
+        "mirror_replay_sent_total",
+        "mirror_capture_frames_total",
+    ] {
+        assert!(series(m) > 0, "no {m} in /metrics:\n{text}");
+    }
+
+    let (stdout_table, _) = agent.terminate_with_output();
+    assert!(
+        stdout_table.contains("V4MIR-BookServiceFault") && stdout_table.contains("200 → 500"),
+        "{stdout_table}"
+    );
+}
