@@ -309,3 +309,77 @@ pub async fn serve(addr: SocketAddr, sources: Sources) -> Result<SocketAddr> {
     });
     Ok(bound)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compare::CompareConfig;
+    use crate::http::ResponseMeta;
+    use crate::replay::{MirrorOutcome, MirrorResult};
+
+    fn sources() -> Sources {
+        let mut c = Comparator::new(CompareConfig::default());
+        let meta = ResponseMeta {
+            conn: 1,
+            request_seq: 0,
+            method: "GET".into(),
+            target: "/api/books/2/reviews".into(),
+            status: 200,
+            request_last_ts: 0,
+            response_first_ts: 2_000_000,
+        };
+        c.live(&meta);
+        c.mirror(&MirrorOutcome {
+            conn: 1,
+            seq: 0,
+            method: "GET".into(),
+            target: "/api/books/2/reviews".into(),
+            result: MirrorResult::Status(500),
+            duration: std::time::Duration::from_millis(30),
+        });
+        Sources {
+            comparator: Arc::new(Mutex::new(c)),
+            capture: Some(Arc::new(CaptureStats::default())),
+            kernel: Arc::new(Mutex::new(vec![("cloned", 3), ("skip_not_tcp", 1)])),
+            pipeline: Arc::new(Mutex::new(PipelineStats::default())),
+            replay: Some(Arc::new(ReplayStats::default())),
+        }
+    }
+
+    #[test]
+    fn exports_the_comparison_and_every_stage() {
+        let text = render(&sources());
+        for line in [
+            r#"mirror_requests_total{endpoint="GET /api/books/{id}/reviews",version="mirror",code="500"} 1"#,
+            r#"mirror_status_mismatch_total{endpoint="GET /api/books/{id}/reviews",live_code="200",mirror_code="500"} 1"#,
+            r#"mirror_kernel_packets_total{outcome="cloned"} 3"#,
+            r#"mirror_http_dropped_total{reason="gap"} 0"#,
+            r#"mirror_replay_errors_total{kind="timeout"} 0"#,
+            r#"mirror_capture_frame_errors_total{reason="malformed"} 0"#,
+        ] {
+            assert!(text.contains(line), "missing {line}\n{text}");
+        }
+        assert!(text.contains(r#"mirror_request_duration_seconds_bucket{le="0.0025",endpoint="GET /api/books/{id}/reviews",version="live",code="200"} 1"#), "{text}");
+        assert!(text.trim_end().ends_with("# EOF"));
+    }
+
+    #[test]
+    fn the_grafana_dashboard_only_uses_exported_metrics() {
+        let text = render(&sources());
+        let dashboard = include_str!("../../deploy/grafana-dashboard.json");
+        let re = regex::Regex::new(r"mirror_[a-z_]+").unwrap();
+        let names: std::collections::BTreeSet<&str> =
+            re.find_iter(dashboard).map(|m| m.as_str()).collect();
+        assert!(names.len() >= 8);
+        // `mirror_code` is a label; `mirror_agent` the dashboard's own uid.
+        for name in names
+            .iter()
+            .filter(|n| !matches!(**n, "mirror_code" | "mirror_agent"))
+        {
+            assert!(
+                text.lines().any(|l| l.starts_with(name)),
+                "dashboard uses {name}, which /metrics does not export"
+            );
+        }
+    }
+}
