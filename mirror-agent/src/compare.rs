@@ -411,6 +411,45 @@ impl Comparator {
     }
 }
 
+/// One line per endpoint where the mirror diverges from live: faults first, then slowness;
+/// a single "matches" line when nothing diverges.
+pub fn verdicts(r: &Report) -> Vec<String> {
+    let mut out = Vec::new();
+    for m in &r.mismatches {
+        let failing = m.mirror_code.starts_with('5') || m.mirror_code.parse::<u16>().is_err();
+        if failing && !(m.live_code.starts_with('5')) {
+            out.push(format!(
+                "mirror fails on {}: {}× {} where live answered {}",
+                m.name, m.count, m.mirror_code, m.live_code
+            ));
+        }
+    }
+    let mut by_name: BTreeMap<&str, [(u64, f64); 2]> = BTreeMap::new();
+    for row in &r.rows {
+        let e = &mut by_name.entry(&row.name).or_default()[row.side as usize];
+        e.0 += row.count;
+        e.1 += row.avg_ms * row.count as f64;
+    }
+    for (name, [live, mirror]) in &by_name {
+        if live.0 == 0 || mirror.0 == 0 {
+            continue;
+        }
+        let (l, m) = (live.1 / live.0 as f64, mirror.1 / mirror.0 as f64);
+        if m > 2.0 * l && m - l > 100.0 {
+            out.push(format!(
+                "mirror slower on {name}: {m:.0} ms vs {l:.0} ms live"
+            ));
+        }
+    }
+    if out.is_empty() {
+        let both = by_name.values().filter(|[l, m]| l.0 > 0 && m.0 > 0).count();
+        out.push(format!(
+            "mirror matches live: same status codes, similar durations on {both} endpoints"
+        ));
+    }
+    out
+}
+
 /// The seed's table: per endpoint, version and code, sorted by name then version, live rows
 /// and mirror rows together; then the divergences.
 pub fn format_table(r: &Report) -> String {
@@ -464,6 +503,10 @@ pub fn format_table(r: &Report) -> String {
             "\n{} results folded into `other` by the endpoint cap",
             r.other_endpoint_results
         );
+    }
+    let _ = writeln!(out);
+    for v in verdicts(r) {
+        let _ = writeln!(out, "verdict: {v}");
     }
     out
 }
@@ -630,6 +673,37 @@ mod tests {
         assert!(
             table.contains("V4MIR") && table.contains("timeout") && table.contains("200 → 500"),
             "{table}"
+        );
+    }
+
+    #[test]
+    fn verdicts_name_faults_and_slowness() {
+        let mut c = Comparator::new(CompareConfig::default());
+        for i in 0..10 {
+            c.live(&live(1, i, "/api/books/2/reviews", 200, 15));
+            let result = if i % 2 == 0 {
+                MirrorResult::Status(500)
+            } else {
+                MirrorResult::Status(200)
+            };
+            c.mirror(&mirror(1, i, "/api/books/2/reviews", result, 1208));
+            c.live(&live(2, i, "/api/books", 200, 5));
+            c.mirror(&mirror(2, i, "/api/books", MirrorResult::Status(200), 6));
+        }
+        let v = verdicts(&c.report());
+        assert_eq!(
+            v,
+            [
+                "mirror fails on GET /api/books/{id}/reviews: 5× 500 where live answered 200",
+                "mirror slower on GET /api/books/{id}/reviews: 1208 ms vs 15 ms live",
+            ]
+        );
+        let mut same = Comparator::new(CompareConfig::default());
+        same.live(&live(1, 0, "/a", 200, 5));
+        same.mirror(&mirror(1, 0, "/a", MirrorResult::Status(200), 6));
+        assert_eq!(
+            verdicts(&same.report()),
+            ["mirror matches live: same status codes, similar durations on 1 endpoints"]
         );
     }
 

@@ -12,6 +12,7 @@ use hyper::header::{HeaderName, HeaderValue};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use mirror_agent::capture::netdev;
 use mirror_agent::capture::ring::RingConfig;
 use mirror_agent::capture::{
     named_counters, AttachMode, Capture, CaptureConfig, CaptureStats, Hook, MatchConfig, Target,
@@ -64,8 +65,13 @@ pub enum ReportFormat {
 #[derive(Args, Debug)]
 pub struct AttachArgs {
     /// Interface(s) that the live service's traffic crosses (comma-separated).
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required_unless_present = "pod_ip")]
     pub iface: Vec<String>,
+
+    /// Live pod address(es) (comma-separated): the agent finds the host-side veth that routes to
+    /// each, attaches to its egress (traffic towards the pod), and mirrors only that pod.
+    #[arg(long, value_delimiter = ',')]
+    pub pod_ip: Vec<IpAddr>,
 
     /// Live service port(s) (comma-separated).
     #[arg(long, value_delimiter = ',', required = true, value_parser = clap::value_parser!(u16).range(1..))]
@@ -208,18 +214,32 @@ fn main() {
 }
 
 fn attach(args: AttachArgs) -> Result<()> {
+    let mut targets: Vec<Target> = args
+        .iface
+        .iter()
+        .map(|iface| Target {
+            iface: iface.clone(),
+            hook: args.direction,
+        })
+        .collect();
+    for ip in &args.pod_ip {
+        let iface = netdev::iface_for_pod(*ip)?;
+        log::info!("pod {ip} is behind {iface}: attaching to its egress");
+        let target = Target {
+            iface,
+            hook: Hook::Egress,
+        };
+        if !targets.contains(&target) {
+            targets.push(target);
+        }
+    }
+    let mut addrs = args.addrs.clone();
+    addrs.extend(&args.pod_ip);
     let cfg = CaptureConfig {
-        targets: args
-            .iface
-            .iter()
-            .map(|iface| Target {
-                iface: iface.clone(),
-                hook: args.direction,
-            })
-            .collect(),
+        targets,
         matching: MatchConfig {
             ports: args.port.clone(),
-            addrs: args.addrs.clone(),
+            addrs,
             responses: !args.no_responses,
             sample_ppm: (args.sample * 10_000.0).round() as u32,
         },

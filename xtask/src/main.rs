@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <task>`. Each task installs what it needs first, saying what.
 
 mod bench;
+mod lab;
 mod prereq;
 
 use std::path::{Path, PathBuf};
@@ -28,6 +29,8 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Run the traffic-mirroring lab locally: V2, V3 (slow) and V4 (faulty) candidates.
+    Lab(lab::LabArgs),
     /// Run the fuzz targets (nightly, cargo-fuzz) for a while each.
     Fuzz {
         /// Seconds per target.
@@ -49,6 +52,19 @@ fn main() -> Result<()> {
         }
         Task::Test { args } => test(&root, &args),
         Task::Fuzz { seconds } => fuzz(&root, seconds),
+        Task::Lab(args) => {
+            prereq::ensure_test_tools()?;
+            build_ebpf(&root)?;
+            run(Command::new("cargo").current_dir(&root).args([
+                "build",
+                "--release",
+                "-p",
+                "mirror-agent",
+                "-p",
+                "bookservice",
+            ]))?;
+            lab::run(&root, &args)
+        }
         Task::BenchCapture(args) => {
             prereq::ensure_bench_tools()?;
             build_ebpf(&root)?;

@@ -155,6 +155,14 @@ impl Capture {
                 hooks.push(t.hook.opposite());
             }
             for hook in hooks {
+                // Each hook once: a packet cloned twice would be a request replayed twice.
+                if capture
+                    .attached
+                    .iter()
+                    .any(|(a, h, _)| a.iface == t.iface && *h == hook)
+                {
+                    continue;
+                }
                 let mode = program.attach(&t.iface, hook, cfg.attach_mode)?;
                 capture.attached.push((t.clone(), hook, mode));
             }

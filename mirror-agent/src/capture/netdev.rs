@@ -229,3 +229,27 @@ impl Drop for TargetLock {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+/// The host-side interface that routes to a pod's address, as a CNI sets it up: a direct route
+/// over the pod's veth. Errors name what was found instead.
+pub fn iface_for_pod(ip: std::net::IpAddr) -> Result<String> {
+    let out = iproute2("ip", &["-j", "route", "get", &ip.to_string()])
+        .with_context(|| format!("no route to pod IP {ip} in this network namespace (is the agent in the node's namespace, hostNetwork: true?)"))?;
+    let routes: serde_json::Value =
+        serde_json::from_str(&out).context("parsing `ip -j route get`")?;
+    let route = routes
+        .get(0)
+        .ok_or_else(|| anyhow!("no route to pod IP {ip}"))?;
+    let dev = route["dev"]
+        .as_str()
+        .ok_or_else(|| anyhow!("the route to {ip} names no interface"))?;
+    if dev == "lo" || route["type"].as_str() == Some("local") {
+        bail!(
+            "{ip} is an address of this host, not a pod behind a veth: attach with --iface instead"
+        );
+    }
+    if let Some(gw) = route["gateway"].as_str() {
+        bail!("pod IP {ip} is reached via gateway {gw} on {dev}, so it is not a pod on this node: run the agent on the pod's node");
+    }
+    Ok(dev.to_string())
+}

@@ -1,0 +1,157 @@
+//! The lab's bookservice. `v1` and `v2` behave alike; `v3` takes about 1.2 s to load reviews;
+//! `v4` answers 500 for the reviews of books 2 and 4.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::{Parser, ValueEnum};
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Version {
+    V1,
+    V2,
+    V3,
+    V4,
+}
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    #[arg(long, value_enum, default_value_t = Version::V1)]
+    version: Version,
+}
+
+const BOOKS: [(&str, &str); 5] = [
+    ("The Comedy of Errors", "William Shakespeare"),
+    ("Sense and Sensibility", "Jane Austen"),
+    ("Moby-Dick", "Herman Melville"),
+    ("War and Peace", "Leo Tolstoy"),
+    ("Dubliners", "James Joyce"),
+];
+
+struct State {
+    version: Version,
+    reviews: Mutex<Vec<Vec<String>>>,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let state = Arc::new(State {
+        version: args.version,
+        reviews: Mutex::new(
+            BOOKS
+                .iter()
+                .map(|_| vec!["An excellent read.".to_string()])
+                .collect(),
+        ),
+    });
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    eprintln!(
+        "bookservice {:?} listening on {}",
+        args.version,
+        listener.local_addr()?
+    );
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| handle(Arc::clone(&state), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("x-version-tag", "bookservice")
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid response")
+}
+
+async fn handle(
+    state: Arc<State>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let path = req.uri().path().to_string();
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let method = req.method().clone();
+    let book = |s: &str| {
+        s.parse::<usize>()
+            .ok()
+            .filter(|id| (1..=BOOKS.len()).contains(id))
+    };
+    Ok(match (method, parts.as_slice()) {
+        (Method::GET, ["api", "books"]) => {
+            let list: Vec<String> = BOOKS
+                .iter()
+                .enumerate()
+                .map(|(i, (t, a))| {
+                    format!("{{\"id\":{},\"title\":\"{t}\",\"author\":\"{a}\"}}", i + 1)
+                })
+                .collect();
+            json(StatusCode::OK, format!("[{}]", list.join(",")))
+        }
+        (Method::GET, ["api", "books", id]) => match book(id) {
+            Some(id) => {
+                let (t, a) = BOOKS[id - 1];
+                json(
+                    StatusCode::OK,
+                    format!("{{\"id\":{id},\"title\":\"{t}\",\"author\":\"{a}\"}}"),
+                )
+            }
+            None => json(StatusCode::NOT_FOUND, "{\"error\":\"no such book\"}".into()),
+        },
+        (Method::GET, ["api", "books", id, "reviews"]) => match book(id) {
+            Some(id) => {
+                if state.version == Version::V3 {
+                    tokio::time::sleep(Duration::from_millis(1200)).await;
+                }
+                if state.version == Version::V4 && (id == 2 || id == 4) {
+                    json(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "{\"error\":\"reviews unavailable\"}".into(),
+                    )
+                } else {
+                    let reviews = state.reviews.lock().unwrap()[id - 1].clone();
+                    let items: Vec<String> = reviews.iter().map(|r| format!("\"{r}\"")).collect();
+                    json(
+                        StatusCode::OK,
+                        format!("{{\"id\":{id},\"reviews\":[{}]}}", items.join(",")),
+                    )
+                }
+            }
+            None => json(StatusCode::NOT_FOUND, "{\"error\":\"no such book\"}".into()),
+        },
+        (Method::POST, ["api", "books", id, "reviews"]) => match book(id) {
+            Some(id) => {
+                let body = req.into_body().collect().await?.to_bytes();
+                let text: String = String::from_utf8_lossy(&body)
+                    .chars()
+                    .filter(|c| c.is_alphanumeric() || *c == ' ')
+                    .take(200)
+                    .collect();
+                let mut reviews = state.reviews.lock().unwrap();
+                if reviews[id - 1].len() < 50 {
+                    reviews[id - 1].push(text);
+                }
+                json(
+                    StatusCode::CREATED,
+                    format!("{{\"id\":{id},\"reviews\":{}}}", reviews[id - 1].len()),
+                )
+            }
+            None => json(StatusCode::NOT_FOUND, "{\"error\":\"no such book\"}".into()),
+        },
+        _ => json(StatusCode::NOT_FOUND, "{\"error\":\"not found\"}".into()),
+    })
+}

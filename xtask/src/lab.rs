@@ -1,0 +1,228 @@
+//! `cargo xtask lab`: the traffic-mirroring lab on one machine, with the agent in place of
+//! Envoy and Azure.
+//!
+//! A Kubernetes-node-like topology from network namespaces: a node, a live pod (bookservice
+//! v1), a mirror pod (the candidate) and a client, each pod joined to the node by a veth pair as
+//! a CNI does it, the node routing between them. The agent runs in the node's namespace,
+//! attached to the live pod by its IP; the poller browses the live service from the client.
+//! Each step prints the lab's table and a verdict. Everything is removed on exit, even on
+//! Ctrl-C.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use netlab::{Netns, Proc};
+
+#[derive(clap::Args)]
+pub struct LabArgs {
+    /// Which candidate(s) to mirror to, one lab step each.
+    #[arg(long, value_enum, default_value_t = Candidate::All)]
+    pub candidate: Candidate,
+    /// Seconds the poller browses the live service in each step.
+    #[arg(long, default_value_t = 20)]
+    pub duration: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Candidate {
+    V2,
+    V3,
+    V4,
+    All,
+}
+
+struct Step {
+    version: &'static str,
+    label: &'static str,
+    title: &'static str,
+}
+
+const STEPS: [Step; 3] = [
+    Step {
+        version: "v2",
+        label: "V2MIR-BookService",
+        title: "Step 1: mirror to an identical candidate (V2)",
+    },
+    Step {
+        version: "v3",
+        label: "V3MIR-BookServiceDelay",
+        title: "Step 2: a candidate that is slow on reviews (V3)",
+    },
+    Step {
+        version: "v4",
+        label: "V4MIR-BookServiceFault",
+        title: "Step 3: a candidate that fails on books 2 and 4 (V4)",
+    },
+];
+
+const LIVE_IP: &str = "10.201.0.2";
+const MIRROR_IP: &str = "10.202.0.2";
+const METRICS: &str = "127.0.0.1:9464";
+
+pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&interrupted);
+    ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
+        .context("installing the Ctrl-C handler")?;
+    let bin = root.join("target/release");
+    let agent = bin.join("mirror-agent");
+    let bookservice = bin.join("bookservice");
+    let poller = bin.join("poller");
+
+    let base = netlab::unique("lab");
+    let node = Netns::new(&format!("{base}node"));
+    let live = Netns::new(&format!("{base}live"));
+    let mirror = Netns::new(&format!("{base}mirr"));
+    let client = Netns::new(&format!("{base}cli"));
+    // Pod-side interfaces are eth0, host-side ones veth*, as a CNI names them.
+    netlab::link(&node, "vethlive", &live, "eth0", 201);
+    netlab::link(&node, "vethmirror", &mirror, "eth0", 202);
+    netlab::link(&node, "vethclient", &client, "eth0", 203);
+    for (ns, net) in [(&live, 201), (&mirror, 202), (&client, 203)] {
+        ns.ip(&["route", "add", "default", "via", &format!("10.{net}.0.1")]);
+    }
+    netlab::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &node.name,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ]);
+
+    let _live_pod = Proc::spawn(
+        live.exec(&[
+            bookservice.to_str().unwrap(),
+            "--listen",
+            &format!("{LIVE_IP}:8080"),
+            "--version",
+            "v1",
+        ])
+        .stderr(Stdio::null()),
+    );
+    wait_http(&client, &format!("http://{LIVE_IP}:8080/api/books"))?;
+    println!("Live bookservice V1 at {LIVE_IP}:8080 (pod behind vethlive on the node). The agent attaches by pod IP.\n");
+
+    for step in STEPS
+        .iter()
+        .filter(|s| args.candidate == Candidate::All || s.version == candidate_name(args.candidate))
+    {
+        if interrupted.load(Ordering::Relaxed) {
+            bail!("interrupted");
+        }
+        println!("=== {} ===", step.title);
+        let _candidate = Proc::spawn(
+            mirror
+                .exec(&[
+                    bookservice.to_str().unwrap(),
+                    "--listen",
+                    &format!("{MIRROR_IP}:8080"),
+                    "--version",
+                    step.version,
+                ])
+                .stderr(Stdio::null()),
+        );
+        wait_http(&node, &format!("http://{MIRROR_IP}:8080/api/books"))?;
+        let mut agent_proc = Proc::spawn(
+            node.exec(&[
+                agent.to_str().unwrap(),
+                "attach",
+                "--pod-ip",
+                LIVE_IP,
+                "--port",
+                "8080",
+                "--mirror",
+                &format!("http://{MIRROR_IP}:8080"),
+                "--live-label",
+                "V1MIR-LiveBookService",
+                "--mirror-label",
+                step.label,
+                "--metrics",
+                METRICS,
+                "--no-report",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+        );
+        let stdout = agent_proc.child.as_mut().unwrap().stdout.take().unwrap();
+        let mut ready = String::new();
+        BufReader::new(stdout).read_line(&mut ready)?;
+        if !ready.starts_with("ready:") {
+            let (_, err) = agent_proc.wait_exit(Duration::from_secs(5));
+            bail!("the agent did not start: {err}");
+        }
+        println!("agent {}", ready.trim());
+        println!(
+            "poller browsing http://{LIVE_IP}:8080 for {} s ...",
+            args.duration
+        );
+        let mut poll = Proc::spawn(
+            client
+                .exec(&[
+                    poller.to_str().unwrap(),
+                    "--target",
+                    &format!("http://{LIVE_IP}:8080"),
+                    "--seconds",
+                    &args.duration.to_string(),
+                ])
+                .stdout(Stdio::piped()),
+        );
+        while poll.child.as_mut().unwrap().try_wait()?.is_none() {
+            if interrupted.load(Ordering::Relaxed) {
+                bail!("interrupted");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut summary = String::new();
+        BufReader::new(poll.child.as_mut().unwrap().stdout.take().unwrap())
+            .read_line(&mut summary)
+            .ok();
+        println!("{}", summary.trim());
+        // Mirrored requests still in flight (V3 takes 1.2 s) finish before the table is read.
+        std::thread::sleep(Duration::from_millis(1800));
+        let table = node
+            .exec(&[agent.to_str().unwrap(), "report", "--agent", METRICS])
+            .output()?;
+        if !table.status.success() {
+            bail!("report: {}", String::from_utf8_lossy(&table.stderr));
+        }
+        println!("\n{}", String::from_utf8_lossy(&table.stdout));
+        agent_proc.signal(libc::SIGTERM);
+        let (code, err) = agent_proc.wait_exit(Duration::from_secs(15));
+        if code != Some(0) {
+            bail!("the agent exited with {code:?}: {err}");
+        }
+    }
+    println!("Users of the live service saw none of this: every live request was answered by V1.");
+    Ok(())
+}
+
+fn candidate_name(c: Candidate) -> &'static str {
+    match c {
+        Candidate::V2 => "v2",
+        Candidate::V3 => "v3",
+        Candidate::V4 => "v4",
+        Candidate::All => "all",
+    }
+}
+
+/// Waits until `url` answers from inside `ns`, at most 10 s.
+fn wait_http(ns: &Netns, url: &str) -> Result<()> {
+    let ok = netlab::wait_until(Duration::from_secs(10), || {
+        ns.exec(&["curl", "-sf", "--max-time", "1", "-o", "/dev/null", url])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(anyhow!("{url} did not answer within 10 s"))
+    }
+}
