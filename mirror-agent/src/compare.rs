@@ -450,6 +450,15 @@ pub fn verdicts(r: &Report) -> Vec<String> {
     out
 }
 
+/// Milliseconds, with a decimal below 10 ms so that sub-millisecond averages do not read as 0.
+fn fmt_ms(ms: f64) -> String {
+    if ms < 10.0 {
+        format!("{ms:.1}")
+    } else {
+        format!("{ms:.0}")
+    }
+}
+
 /// The seed's table: per endpoint, version and code, sorted by name then version, live rows
 /// and mirror rows together; then the divergences.
 pub fn format_table(r: &Report) -> String {
@@ -699,6 +708,13 @@ mod tests {
             ]
         );
         let mut same = Comparator::new(CompareConfig::default());
+        let mut quick = Comparator::new(CompareConfig::default());
+        quick.live(&live(1, 0, "/r", 200, 0));
+        quick.mirror(&mirror(1, 0, "/r", MirrorResult::Status(200), 1200));
+        assert_eq!(
+            verdicts(&quick.report()),
+            ["mirror slower on GET /r: 1200 ms vs 0.0 ms live"]
+        );
         same.live(&live(1, 0, "/a", 200, 5));
         same.mirror(&mirror(1, 0, "/a", MirrorResult::Status(200), 6));
         assert_eq!(

@@ -4,6 +4,7 @@
 //! one owner of its state. Only `capture` needs root and a kernel.
 
 pub mod capture;
+pub mod cli;
 pub mod compare;
 pub mod dump;
 pub mod http;

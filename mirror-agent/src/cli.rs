@@ -1,0 +1,185 @@
+//! The command line, in the library so that tests (and the Kubernetes manifests' test) can
+//! check arguments with the same parser the binary uses.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use hyper::header::{HeaderName, HeaderValue};
+use regex::Regex;
+
+use crate::capture::{AttachMode, Hook};
+use crate::compare::RouteTemplate;
+use crate::replay::{self, HostMode};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mirror-agent",
+    version,
+    about = "Kernel-level HTTP traffic mirroring"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Attach to a live service's interface and mirror its traffic.
+    Attach(Box<AttachArgs>),
+    /// Print the comparison table of a running agent (started with --metrics).
+    Report(ReportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// The agent's --metrics address.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub agent: SocketAddr,
+    #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+    pub format: ReportFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    Table,
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct AttachArgs {
+    /// Interface(s) that the live service's traffic crosses (comma-separated).
+    #[arg(long, value_delimiter = ',', required_unless_present = "pod_ip")]
+    pub iface: Vec<String>,
+
+    /// Live pod address(es) (comma-separated): the agent finds the host-side veth that routes to
+    /// each, attaches to its egress (traffic towards the pod), and mirrors only that pod.
+    #[arg(long, value_delimiter = ',')]
+    pub pod_ip: Vec<IpAddr>,
+
+    /// Live service port(s) (comma-separated).
+    #[arg(long, value_delimiter = ',', required = true, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Vec<u16>,
+
+    /// Hook that requests to the service cross: `ingress` on the service's own interface,
+    /// `egress` on the host side of a pod's veth. Responses are read on the other hook.
+    #[arg(long, value_enum, default_value_t = Hook::Ingress)]
+    pub direction: Hook,
+
+    /// Only mirror traffic to these service addresses (comma-separated; default: any).
+    #[arg(long = "addr", value_delimiter = ',')]
+    pub addrs: Vec<IpAddr>,
+
+    /// Do not capture the live service's responses (no live timings or status codes).
+    #[arg(long)]
+    pub no_responses: bool,
+
+    /// Percentage of TCP connections to mirror, decided per connection in the kernel.
+    #[arg(long, default_value_t = 100.0, value_parser = parse_percent)]
+    pub sample: f64,
+
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
+    pub attach_mode: AttachMode,
+
+    /// Capture ring size in MiB (1 MiB blocks).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(2..=1024))]
+    pub ring_mb: u32,
+
+    /// Write the captured streams, per flow, to this file on exit.
+    #[arg(long)]
+    pub dump: Option<PathBuf>,
+
+    /// Most payload bytes that --dump holds; the rest is counted as dropped.
+    #[arg(long, default_value_t = 512 << 20)]
+    pub dump_max_bytes: usize,
+
+    /// Forward the kernel program's debug log (aya-log) to this process's log.
+    #[arg(long)]
+    pub ebpf_log: bool,
+
+    /// Mirror service to replay requests to, e.g. http://bookservicemirror:8080. Without it the
+    /// agent only captures and extracts (see --dump).
+    #[arg(long)]
+    pub mirror: Option<String>,
+
+    /// Host header sent to the mirror: `mirror` (its own authority), `keep` (the original), or
+    /// `shadow` (the original with -shadow appended, as Envoy does).
+    #[arg(long, value_enum, default_value_t = HostMode::Mirror)]
+    pub host: HostMode,
+
+    /// Header added to every mirrored request (NAME:VALUE; repeatable).
+    #[arg(long = "add-header", value_parser = replay::parse_header)]
+    pub add_headers: Vec<(HeaderName, HeaderValue)>,
+
+    /// Header removed from mirrored requests, e.g. Authorization or Cookie (repeatable).
+    #[arg(long = "drop-header")]
+    pub drop_headers: Vec<HeaderName>,
+
+    /// Only mirror these methods (comma-separated, e.g. GET,HEAD).
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Vec<String>,
+
+    /// Only mirror requests whose path (without the query) matches this regex.
+    #[arg(long)]
+    pub path: Option<Regex>,
+
+    /// Most mirrored requests per second (token bucket); the rest are dropped and counted.
+    #[arg(long)]
+    pub max_rps: Option<f64>,
+
+    /// Most mirrored requests in flight at once.
+    #[arg(long, default_value_t = 256)]
+    pub max_inflight: usize,
+
+    /// Seconds a mirrored request may take before it counts as a timeout.
+    #[arg(long, default_value_t = 10.0)]
+    pub timeout: f64,
+
+    /// Requests waiting to be mirrored at most; when full, new ones are dropped and counted.
+    #[arg(long, default_value_t = 4096)]
+    pub queue: usize,
+
+    /// Version tag of the live service's rows, e.g. V1MIR-LiveBookService.
+    #[arg(long, default_value = "live")]
+    pub live_label: String,
+
+    /// Version tag of the mirror's rows, e.g. V4MIR-BookServiceFault.
+    #[arg(long, default_value = "mirror")]
+    pub mirror_label: String,
+
+    /// Endpoint template naming matching paths, e.g. /api/{tenant}/books (repeatable).
+    #[arg(long = "route")]
+    pub routes: Vec<RouteTemplate>,
+
+    /// Distinct endpoints tracked at most; the rest are reported as `other`.
+    #[arg(long, default_value_t = 500)]
+    pub max_endpoints: usize,
+
+    /// Serve Prometheus metrics on /metrics and the comparison on /report at this address.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+
+    /// Do not print the comparison table on exit.
+    #[arg(long)]
+    pub no_report: bool,
+
+    /// Clone but never read the clones: measures the kernel side alone (benchmarks).
+    #[arg(long, hide = true)]
+    pub no_reader: bool,
+
+    /// Log capture counters every N seconds (0: only at exit).
+    #[arg(long, default_value_t = 0)]
+    pub stats_interval: u64,
+}
+
+pub fn parse_percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    if (0.0..=100.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err("a percentage from 0 to 100".into())
+    }
+}

@@ -1,0 +1,221 @@
+//! The Kubernetes manifests and the Dockerfile stay in step with the agent: every manifest
+//! parses, the agent container's arguments are accepted by the agent's own clap parser (with
+//! `$(VAR)` expanded as Kubernetes does), and the capabilities are the few the agent needs.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use mirror_agent::cli::{Cli, Command};
+use serde::Deserialize;
+use serde_yaml::Value;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+fn manifests() -> Vec<(PathBuf, Vec<Value>)> {
+    let mut files = Vec::new();
+    for dir in [deploy_dir(), deploy_dir().join("lab")] {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    assert!(files.len() >= 2, "manifests found: {files:?}");
+    files
+        .into_iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(&p).unwrap();
+            let docs = serde_yaml::Deserializer::from_str(&text)
+                .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+                .filter(|v| !v.is_null())
+                .collect();
+            (p, docs)
+        })
+        .collect()
+}
+
+fn s<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    path.iter().try_fold(v, |v, k| v.get(*k))
+}
+
+/// Expands `$(NAME)` with the container's env and envFrom ConfigMaps, as the kubelet does.
+fn expand(arg: &str, env: &HashMap<String, String>) -> String {
+    let mut out = arg.to_string();
+    for (k, v) in env {
+        out = out.replace(&format!("$({k})"), v);
+    }
+    assert!(!out.contains("$("), "unexpanded variable in {arg:?}");
+    out
+}
+
+#[test]
+fn every_manifest_parses_and_agent_args_are_accepted_by_the_cli() {
+    let all = manifests();
+    let configmaps: HashMap<String, HashMap<String, String>> = all
+        .iter()
+        .flat_map(|(_, docs)| docs.iter())
+        .filter(|d| s(d, &["kind"]).and_then(Value::as_str) == Some("ConfigMap"))
+        .map(|d| {
+            let name = s(d, &["metadata", "name"])
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_string();
+            let data = serde_yaml::from_value(s(d, &["data"]).unwrap().clone()).unwrap();
+            (name, data)
+        })
+        .collect();
+    let mut agents = 0;
+    for (path, docs) in &all {
+        for d in docs {
+            assert!(
+                s(d, &["apiVersion"]).is_some() && s(d, &["kind"]).is_some(),
+                "{}: a document without kind",
+                path.display()
+            );
+            let Some(containers) =
+                s(d, &["spec", "template", "spec", "containers"]).and_then(Value::as_sequence)
+            else {
+                continue;
+            };
+            for c in containers {
+                let image = s(c, &["image"]).and_then(Value::as_str).unwrap_or("");
+                assert!(
+                    s(c, &["resources", "limits"]).is_some(),
+                    "{}: container without resource limits",
+                    path.display()
+                );
+                let runs_agent = image.starts_with("mirror-agent") && s(c, &["command"]).is_none();
+                if !runs_agent {
+                    continue;
+                }
+                agents += 1;
+                let mut env = HashMap::new();
+                for from in s(c, &["envFrom"])
+                    .and_then(Value::as_sequence)
+                    .into_iter()
+                    .flatten()
+                {
+                    let name = s(from, &["configMapRef", "name"])
+                        .and_then(Value::as_str)
+                        .unwrap();
+                    env.extend(
+                        configmaps
+                            .get(name)
+                            .unwrap_or_else(|| panic!("ConfigMap {name} not defined"))
+                            .clone(),
+                    );
+                }
+                for e in s(c, &["env"])
+                    .and_then(Value::as_sequence)
+                    .into_iter()
+                    .flatten()
+                {
+                    if let (Some(k), Some(v)) = (
+                        s(e, &["name"]).and_then(Value::as_str),
+                        s(e, &["value"]).and_then(Value::as_str),
+                    ) {
+                        env.insert(k.to_string(), v.to_string());
+                    }
+                }
+                let args: Vec<String> = s(c, &["args"])
+                    .and_then(Value::as_sequence)
+                    .unwrap()
+                    .iter()
+                    .map(|a| expand(a.as_str().unwrap(), &env))
+                    .collect();
+                let cli = Cli::try_parse_from(
+                    std::iter::once("mirror-agent".to_string()).chain(args.clone()),
+                )
+                .unwrap_or_else(|e| panic!("{}: the agent rejects {args:?}:\n{e}", path.display()));
+                let Command::Attach(a) = cli.command else {
+                    panic!("the DaemonSet must run `attach`")
+                };
+                assert!(!a.pod_ip.is_empty() || !a.iface.is_empty());
+                assert!(
+                    a.metrics.is_some(),
+                    "metrics must be exported for the scrape annotations"
+                );
+
+                let caps: Vec<&str> = s(c, &["securityContext", "capabilities", "add"])
+                    .and_then(Value::as_sequence)
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap())
+                    .collect();
+                for cap in &caps {
+                    assert!(
+                        ["BPF", "PERFMON", "NET_ADMIN", "NET_RAW", "SYS_ADMIN"].contains(cap),
+                        "capability {cap} is not needed"
+                    );
+                }
+                for needed in ["BPF", "NET_ADMIN", "NET_RAW"] {
+                    assert!(caps.contains(&needed), "capability {needed} missing");
+                }
+                assert_ne!(
+                    s(c, &["securityContext", "privileged"]).and_then(Value::as_bool),
+                    Some(true),
+                    "privileged: true is not needed"
+                );
+                let pod = s(d, &["spec", "template", "spec"]).unwrap();
+                assert_eq!(
+                    s(pod, &["hostNetwork"]).and_then(Value::as_bool),
+                    Some(true),
+                    "the agent runs in the node's namespace"
+                );
+                let ann = s(d, &["spec", "template", "metadata", "annotations"]).unwrap();
+                assert_eq!(
+                    s(ann, &["prometheus.io/scrape"]).and_then(Value::as_str),
+                    Some("true")
+                );
+                let port: u16 = s(ann, &["prometheus.io/port"])
+                    .and_then(Value::as_str)
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert_eq!(
+                    Some(port),
+                    a.metrics.map(|m| m.port()),
+                    "scrape port = --metrics port"
+                );
+            }
+        }
+    }
+    assert_eq!(agents, 1, "exactly one agent container (the DaemonSet)");
+}
+
+#[test]
+fn lab_manifests_have_live_and_mirror_services() {
+    let names: Vec<String> = manifests()
+        .iter()
+        .flat_map(|(_, d)| d.clone())
+        .filter(|d| s(d, &["kind"]).and_then(Value::as_str) == Some("Service"))
+        .filter_map(|d| {
+            s(&d, &["metadata", "name"])
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .collect();
+    for n in ["bookservice", "bookservicemirror", "mirror-agent-metrics"] {
+        assert!(
+            names.iter().any(|x| x == n),
+            "Service {n} missing: {names:?}"
+        );
+    }
+}
+
+#[test]
+fn dockerfile_is_multi_stage_and_ships_the_agent() {
+    let text = std::fs::read_to_string(deploy_dir().join("../Dockerfile")).unwrap();
+    assert!(
+        text.lines().filter(|l| l.starts_with("FROM ")).count() >= 2,
+        "multi-stage"
+    );
+    assert!(text.contains("cargo xtask build-ebpf") && text.contains("mirror-agent"));
+    assert!(text.contains("ENTRYPOINT [\"/usr/local/bin/mirror-agent\"]"));
+}
