@@ -437,7 +437,9 @@ pub fn verdicts(r: &Report) -> Vec<String> {
         let (l, m) = (live.1 / live.0 as f64, mirror.1 / mirror.0 as f64);
         if m > 2.0 * l && m - l > 100.0 {
             out.push(format!(
-                "mirror slower on {name}: {m:.0} ms vs {l:.0} ms live"
+                "mirror slower on {name}: {} ms vs {} ms live",
+                fmt_ms(m),
+                fmt_ms(l)
             ));
         }
     }

@@ -40,7 +40,7 @@ async fn main() -> anyhow::Result<()> {
             pages.push(("GET", format!("/api/books/{id}")));
             pages.push(("GET", format!("/api/books/{id}/reviews")));
         }
-        if round % 3 == 0 {
+        if round.is_multiple_of(3) {
             pages.push(("POST", format!("/api/books/{}/reviews", round % 5 + 1)));
         }
         for (method, path) in pages {
