@@ -53,6 +53,10 @@ fn main() -> Result<()> {
         Task::Test { args } => test(&root, &args),
         Task::Fuzz { seconds } => fuzz(&root, seconds),
         Task::Lab(args) => {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                bail!("the lab creates network namespaces and loads BPF: run `cargo xtask lab` as root");
+            }
             prereq::ensure_test_tools()?;
             build_ebpf(&root)?;
             run(Command::new("cargo").current_dir(&root).args([
