@@ -477,3 +477,62 @@ fn sampling_mirrors_whole_connections_and_method_filter_holds() {
     );
     eprintln!("--sample 50 mirrored {whole} of {CONNS} connections");
 }
+
+#[test]
+fn attach_by_pod_ip_finds_the_veth_and_mirrors_only_that_pod() {
+    require_root();
+    let _serial = serial();
+    // The client namespace sees the server as a node sees a pod: a direct route over a veth.
+    let pair = Pair::new("rp", 239);
+    let pod: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+    let other: SocketAddr = format!("[{}]:8080", pair.server_v6).parse().unwrap();
+    let _live = TestServer::start(&pair.server, &[pod, other]);
+    let mirror = TestServer::start(&pair.client, &["127.0.0.1:9092".parse().unwrap()]);
+    let agent = Agent::start(
+        &pair.client,
+        &[
+            "--pod-ip",
+            &pair.server_v4,
+            "--port",
+            "8080",
+            "--mirror",
+            "http://127.0.0.1:9092",
+        ],
+    );
+    assert!(
+        agent.ready_line.contains("cli0 egress"),
+        "{}",
+        agent.ready_line
+    );
+    for i in 0..5 {
+        curl(
+            &pair.client,
+            &[&format!("http://{}:8080/pod/{i}", pair.server_v4)],
+        );
+    }
+    // The same port on another address (the IPv6 side) is not this pod: not mirrored.
+    curl(
+        &pair.client,
+        &[&format!("http://[{}]:8080/other", pair.server_v6)],
+    );
+    wait_for(&mirror, 5);
+    std::thread::sleep(Duration::from_millis(300));
+    agent.terminate();
+    let targets: Vec<String> = mirror.log().into_iter().map(|r| r.target).collect();
+    assert_eq!(targets.len(), 5, "{targets:?}");
+    assert!(
+        targets.iter().all(|t| t.starts_with("/pod/")),
+        "{targets:?}"
+    );
+
+    let out = pair
+        .client
+        .exec(&[AGENT, "attach", "--pod-ip", "198.51.100.7", "--port", "80"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no route to pod IP 198.51.100.7"),
+        "{err}"
+    );
+}
