@@ -54,22 +54,29 @@ struct Sample {
     ring_drops: Option<u64>,
 }
 
-/// A live service: nginx with one worker answering a small 200, in `ns`.
+/// nginx with one worker in a namespace, with the given server blocks.
 pub struct Nginx {
     _proc: Proc,
     _dir: tempfile::TempDir,
 }
 
 impl Nginx {
+    /// A small 200 on `listen` (the live service and the fast mirror of the benchmarks).
     pub fn start(ns: &netlab::Netns, listen: &str, extra_server: &str) -> Result<Nginx> {
+        Self::with_servers(
+            ns,
+            &format!("server {{\n listen {listen} reuseport;\n location / {{ return 200 \"ok\\n\"; }}\n{extra_server}\n}}"),
+        )
+    }
+
+    pub fn with_servers(ns: &netlab::Netns, servers: &str) -> Result<Nginx> {
         let dir = tempfile::Builder::new().prefix("mirror-nginx").tempdir()?;
         let conf = format!(
             "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
-             events {{ worker_connections 4096; }}\n\
+             events {{ worker_connections 8192; }}\n\
              http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
              client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;\n\
-             uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
-             server {{\n    listen {listen} reuseport;\n    location / {{ return 200 \"ok\\n\"; }}\n{extra_server}\n  }}\n}}\n",
+             uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n{servers}\n}}\n",
             d = dir.path().display()
         );
         let conf_path = dir.path().join("nginx.conf");

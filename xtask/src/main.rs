@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <task>`. Each task installs what it needs first, saying what.
 
 mod bench;
+mod bench_full;
 mod lab;
 mod prereq;
 
@@ -31,6 +32,8 @@ enum Task {
     },
     /// Run the traffic-mirroring lab locally: V2, V3 (slow) and V4 (faulty) candidates.
     Lab(lab::LabArgs),
+    /// Benchmark the full path against nginx's in-path `mirror` (figures only).
+    Bench(bench_full::FullBenchArgs),
     /// Run the fuzz targets (nightly, cargo-fuzz) for a while each.
     Fuzz {
         /// Seconds per target.
@@ -52,6 +55,19 @@ fn main() -> Result<()> {
         }
         Task::Test { args } => test(&root, &args),
         Task::Fuzz { seconds } => fuzz(&root, seconds),
+        Task::Bench(args) => {
+            prereq::ensure_bench_tools()?;
+            build_ebpf(&root)?;
+            run(Command::new("cargo").current_dir(&root).args([
+                "build",
+                "--release",
+                "-p",
+                "mirror-agent",
+                "-p",
+                "bookservice",
+            ]))?;
+            bench_full::run(&root, &args)
+        }
         Task::Lab(args) => {
             // SAFETY: geteuid has no preconditions.
             if unsafe { libc::geteuid() } != 0 {
@@ -122,11 +138,49 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     cmd.current_dir(root)
         .args(["test", "--workspace", "--release", "--"])
         .args(extra);
-    run(&mut cmd)?;
+    let (passed, failed) = run_counting_tests(&mut cmd)?;
     if extra.is_empty() {
         fuzz(root, 20)?;
     }
+    // The closing line CI reads.
+    println!("tests: {passed} passed, {failed} failed");
     Ok(())
+}
+
+/// Runs `cargo test`, echoing its output, and adds up its `test result:` lines.
+fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64)> {
+    use std::io::{BufRead, BufReader};
+    eprintln!("+ {cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {cmd:?}"))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(word)
+                    })
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        println!("tests: {passed} passed, {failed} failed");
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok((passed, failed))
 }
 
 /// Runs each fuzz target in fuzz/ for `seconds`; a crash fails the run.

@@ -1,0 +1,293 @@
+//! `cargo xtask bench`: the full path (capture, reassembly, parsing, replay), against the
+//! in-path alternative, nginx's `mirror` directive.
+//!
+//! Live and mirror services are nginx with one worker answering a small 200; the slow mirror is
+//! the demo bookservice v3, which takes 1.2 s on the benchmark's path (`/api/books/1/reviews`).
+//! Setups are interleaved round by round; figures are medians and ratios from one run.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use netlab::{Pair, Proc};
+
+use crate::bench::{oha, wrk, Nginx};
+
+const PATH: &str = "/api/books/1/reviews";
+const FAST_MIRROR: &str = "127.0.0.1:9080";
+const SLOW_MIRROR: &str = "127.0.0.1:9081";
+
+#[derive(clap::Args)]
+pub struct FullBenchArgs {
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+    #[arg(long, default_value_t = 16)]
+    pub connections: usize,
+    /// Offered rate of the fidelity run (requests per second, 10 s).
+    #[arg(long, default_value_t = 20_000)]
+    pub fidelity_rate: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn lines(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+struct Agent {
+    proc: Proc,
+}
+
+impl Agent {
+    fn start(bin: &Path, pair: &Pair, mirror: &str) -> Result<Agent> {
+        use std::io::BufRead;
+        let mut proc = Proc::spawn(
+            pair.server
+                .exec(&[
+                    bin.to_str().unwrap(),
+                    "attach",
+                    "--iface",
+                    "srv0",
+                    "--port",
+                    "8080",
+                    "--mirror",
+                    &format!("http://{mirror}"),
+                    "--no-report",
+                    "--max-inflight",
+                    "512",
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        );
+        let mut line = String::new();
+        std::io::BufReader::new(proc.child.as_mut().unwrap().stdout.take().unwrap())
+            .read_line(&mut line)?;
+        if !line.starts_with("ready:") {
+            let (_, err) = proc.wait_exit(Duration::from_secs(5));
+            bail!("agent did not start: {err}");
+        }
+        Ok(Agent { proc })
+    }
+
+    /// Stops the agent; returns its replay summary line.
+    fn stop(mut self) -> Result<String> {
+        self.proc.signal(libc::SIGTERM);
+        let (code, err) = self.proc.wait_exit(Duration::from_secs(20));
+        if code != Some(0) {
+            bail!("agent exited with {code:?}: {err}");
+        }
+        Ok(err
+            .lines()
+            .find(|l| l.starts_with("replay:"))
+            .unwrap_or("")
+            .to_string())
+    }
+}
+
+pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
+    let bin = root.join("target/release");
+    let pair = Pair::new("bf", 241);
+    let log_dir = tempfile::tempdir()?;
+    let mirror_log = log_dir.path().join("mirror.log");
+    let live_url = format!("http://{}:8080{PATH}", pair.server_v4);
+    let _live = Nginx::start(&pair.server, &format!("{}:8080", pair.server_v4), "")?;
+    let _fast = Nginx::with_servers(
+        &pair.server,
+        &format!(
+            "server {{ listen {FAST_MIRROR}; access_log {} combined buffer=256k flush=1s; location / {{ return 200 \"ok\\n\"; }} }}",
+            mirror_log.display()
+        ),
+    )?;
+    let _slow = Proc::spawn(
+        pair.server
+            .exec(&[
+                bin.join("bookservice").to_str().unwrap(),
+                "--listen",
+                SLOW_MIRROR,
+                "--version",
+                "v3",
+            ])
+            .stderr(Stdio::null()),
+    );
+    // nginx's own mirroring, in the request path: a proxy in front of a live backend.
+    let _proxies = Nginx::with_servers(
+        &pair.server,
+        &format!(
+            "upstream live {{ server 127.0.0.1:8090; keepalive 64; }}\n\
+             upstream fast {{ server {FAST_MIRROR}; keepalive 64; }}\n\
+             upstream slow {{ server {SLOW_MIRROR}; keepalive 64; }}\n\
+             server {{ listen 127.0.0.1:8090; location / {{ return 200 \"ok\\n\"; }} }}\n\
+             server {{ listen {v4}:8081; proxy_http_version 1.1; proxy_set_header Connection \"\";\n\
+               location / {{ mirror /m; proxy_pass http://live; }}\n\
+               location = /m {{ internal; proxy_pass http://fast$request_uri; }} }}\n\
+             server {{ listen {v4}:8082; proxy_http_version 1.1; proxy_set_header Connection \"\";\n\
+               location / {{ mirror /m; proxy_pass http://live; }}\n\
+               location = /m {{ internal; proxy_pass http://slow$request_uri; }} }}",
+            v4 = pair.server_v4
+        ),
+    )?;
+    if !netlab::wait_until(Duration::from_secs(5), || {
+        pair.client
+            .exec(&[
+                "curl",
+                "-sf",
+                "--max-time",
+                "1",
+                "-o",
+                "/dev/null",
+                &live_url,
+            ])
+            .status()
+            .is_ok_and(|s| s.success())
+    }) {
+        bail!("nginx did not start");
+    }
+
+    let max = wrk(&pair.client, &live_url, args.connections, args.seconds)?;
+    let rate = (max / 2.0).round() as u64;
+    eprintln!("calibration: live saturation {max:.0} req/s; fixed rate {rate} req/s");
+
+    // (setup, p50, p99, agent CPU µs per mirrored request)
+    let mut rows: Vec<(&str, f64, f64, Option<f64>)> = Vec::new();
+    for round in 1..=args.rounds {
+        for setup in ["no agent", "agent, fast mirror", "agent, 1.2 s mirror"] {
+            let agent = match setup {
+                "no agent" => None,
+                "agent, fast mirror" => {
+                    Some(Agent::start(&bin.join("mirror-agent"), &pair, FAST_MIRROR)?)
+                }
+                _ => Some(Agent::start(&bin.join("mirror-agent"), &pair, SLOW_MIRROR)?),
+            };
+            let cpu0 = agent.as_ref().map(|a| a.proc.cpu_time());
+            let mirrored0 = lines(&mirror_log);
+            let (p50, p99, _) = oha(
+                &pair.client,
+                &live_url,
+                rate,
+                args.connections,
+                args.seconds,
+            )?;
+            let mut cpu_per = None;
+            if let Some(a) = agent {
+                let cpu = a.proc.cpu_time() - cpu0.unwrap();
+                let summary = a.stop()?;
+                if setup == "agent, fast mirror" {
+                    std::thread::sleep(Duration::from_millis(1500));
+                    let mirrored = (lines(&mirror_log) - mirrored0).max(1);
+                    cpu_per = Some(cpu.as_secs_f64() * 1e6 / mirrored as f64);
+                }
+                eprintln!("  {summary}");
+            }
+            eprintln!(
+                "round {round} {setup:<22} p50 {p50:.3} ms p99 {p99:.3} ms cpu/req {cpu_per:?} µs"
+            );
+            rows.push((setup, p50, p99, cpu_per));
+        }
+    }
+
+    // Fidelity: every live request mirrored, at a sustained rate.
+    let agent = Agent::start(&bin.join("mirror-agent"), &pair, FAST_MIRROR)?;
+    let before = lines(&mirror_log);
+    let cpu0 = agent.proc.cpu_time();
+    let (_, _, served) = oha(
+        &pair.client,
+        &live_url,
+        args.fidelity_rate,
+        args.connections,
+        10,
+    )?;
+    let cpu = agent.proc.cpu_time() - cpu0;
+    let summary = agent.stop()?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let received = lines(&mirror_log) - before;
+    eprintln!("fidelity run: {summary}");
+
+    // nginx `mirror`, in path: throughput and latency against the same live service direct.
+    let direct = wrk(&pair.client, &live_url, args.connections, args.seconds)?;
+    let via_fast = wrk(
+        &pair.client,
+        &format!("http://{}:8081{PATH}", pair.server_v4),
+        args.connections,
+        args.seconds,
+    )?;
+    let via_slow = wrk(
+        &pair.client,
+        &format!("http://{}:8082{PATH}", pair.server_v4),
+        args.connections,
+        args.seconds,
+    )?;
+    let (slow_p50, _, _) = oha(
+        &pair.client,
+        &format!("http://{}:8082{PATH}", pair.server_v4),
+        20,
+        4,
+        args.seconds.max(5),
+    )?;
+
+    let base50 = median(
+        rows.iter()
+            .filter(|r| r.0 == "no agent")
+            .map(|r| r.1)
+            .collect(),
+    );
+    let base99 = median(
+        rows.iter()
+            .filter(|r| r.0 == "no agent")
+            .map(|r| r.2)
+            .collect(),
+    );
+    println!("\nfull-path benchmark: {} rounds, {} s runs, {} connections, fixed rate {rate} req/s (half of {max:.0})", args.rounds, args.seconds, args.connections);
+    println!(
+        "| setup | live p50 ms | ratio | live p99 ms | ratio | agent CPU µs per mirrored request |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for setup in ["no agent", "agent, fast mirror", "agent, 1.2 s mirror"] {
+        let p50 = median(rows.iter().filter(|r| r.0 == setup).map(|r| r.1).collect());
+        let p99 = median(rows.iter().filter(|r| r.0 == setup).map(|r| r.2).collect());
+        let cpu = median(
+            rows.iter()
+                .filter(|r| r.0 == setup)
+                .filter_map(|r| r.3)
+                .collect(),
+        );
+        let cpu = if cpu.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{cpu:.1}")
+        };
+        println!(
+            "| {setup} | {p50:.3} | {:.3} | {p99:.3} | {:.3} | {cpu} |",
+            p50 / base50,
+            p99 / base99
+        );
+    }
+    println!(
+        "\nfidelity at {} req/s for 10 s: live served {served:.0}, mirror received {received}: {:.2} %; agent CPU {:.1} µs per mirrored request",
+        args.fidelity_rate,
+        100.0 * received as f64 / served.max(1.0),
+        cpu.as_secs_f64() * 1e6 / received.max(1) as f64
+    );
+    println!(
+        "\nnginx `mirror` in the path (wrk, {} connections): direct {direct:.0} req/s; via nginx mirror (fast) {via_fast:.0} req/s ({:.1} % of direct); \
+         via nginx mirror (1.2 s mirror) {via_slow:.0} req/s ({:.1} %); live p50 through nginx with the slow mirror at 20 req/s: {slow_p50:.0} ms",
+        args.connections,
+        100.0 * via_fast / direct,
+        100.0 * via_slow / direct
+    );
+    if served < 1.0 {
+        return Err(anyhow!("the fidelity run served nothing"));
+    }
+    Ok(())
+}
