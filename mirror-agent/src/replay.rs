@@ -7,15 +7,20 @@
 //! mirror refuses connections, sending backs off exponentially (connections are retried, never
 //! requests), and what is dropped meanwhile is counted.
 
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::header::{HeaderName, HeaderValue};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::Uri;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -23,7 +28,7 @@ use hyper_util::rt::TokioExecutor;
 use regex::Regex;
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::http::framing::{dechunk, Framing};
+use crate::http::framing::{split_chunked, Chunks, Framing};
 use crate::http::Request;
 use crate::reassembly::ConnId;
 
@@ -273,7 +278,75 @@ impl Backoff {
     }
 }
 
-type MirrorClient = Client<HttpConnector, Full<Bytes>>;
+type MirrorClient = Client<HttpConnector, ReplayBody>;
+
+/// A mirrored request's body: the content of a Content-Length body, or a chunked body's chunks
+/// and trailers, which hyper writes out chunk for chunk as they came.
+pub struct ReplayBody {
+    frames: VecDeque<Frame<Bytes>>,
+    /// The exact length of a Content-Length body; None sends chunked.
+    len: Option<u64>,
+}
+
+impl ReplayBody {
+    fn full(data: Bytes) -> ReplayBody {
+        let len = Some(data.len() as u64);
+        let frames = (!data.is_empty())
+            .then(|| Frame::data(data))
+            .into_iter()
+            .collect();
+        ReplayBody { frames, len }
+    }
+
+    fn chunked(chunks: Chunks) -> Result<ReplayBody> {
+        let mut frames: VecDeque<_> = chunks.data.into_iter().map(Frame::data).collect();
+        if !chunks.trailers.is_empty() {
+            let mut trailers = HeaderMap::new();
+            for (name, value) in chunks.trailers {
+                trailers.append(
+                    HeaderName::from_bytes(&name)?,
+                    HeaderValue::from_maybe_shared(value)?,
+                );
+            }
+            frames.push_back(Frame::trailers(trailers));
+        }
+        Ok(ReplayBody { frames, len: None })
+    }
+
+    /// The body's content, without framing.
+    pub fn content(&self) -> Vec<u8> {
+        self.frames
+            .iter()
+            .filter_map(Frame::data_ref)
+            .flat_map(|d| d.iter().copied())
+            .collect()
+    }
+
+    /// The trailer fields, if the body has any.
+    pub fn trailers(&self) -> Option<&HeaderMap> {
+        self.frames.back().and_then(Frame::trailers_ref)
+    }
+}
+
+impl Body for ReplayBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.frames.pop_front().map(Ok))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.len.map(SizeHint::with_exact).unwrap_or_default()
+    }
+}
 
 async fn dispatch(
     cfg: Arc<ReplayConfig>,
@@ -368,7 +441,7 @@ async fn dispatch(
 /// Sends and reads the reply to its end; the status and head time are what is kept.
 async fn send(
     client: &MirrorClient,
-    req: hyper::Request<Full<Bytes>>,
+    req: hyper::Request<ReplayBody>,
     timeout: Duration,
 ) -> MirrorResult {
     let exchange = async {
@@ -412,21 +485,20 @@ fn classify(err: &(dyn std::error::Error + 'static)) -> MirrorResult {
 }
 
 /// Headers that describe one hop's connection, never forwarded (RFC 9110 7.6.1), besides those
-/// named in Connection. Content-Length and Transfer-Encoding are set from the body.
+/// named in Connection. Content-Length is set from the body. Transfer-Encoding stands only on
+/// chunked requests, which are forwarded chunked, so it is kept.
 const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",
     "te",
-    "trailer",
-    "transfer-encoding",
     "upgrade",
     "content-length",
 ];
 
 /// The mirror request for a live request: same method, target, headers (but hop-by-hop ones and
-/// the documented rewrites) and body content.
-pub fn build_request(cfg: &ReplayConfig, req: &Request) -> Result<hyper::Request<Full<Bytes>>> {
+/// the documented rewrites) and body: a chunked body keeps its chunks and trailers.
+pub fn build_request(cfg: &ReplayConfig, req: &Request) -> Result<hyper::Request<ReplayBody>> {
     let target = req.target();
     // Absolute-form targets (proxies) keep only their path and query.
     let path = match Uri::from_str(target) {
@@ -458,12 +530,14 @@ pub fn build_request(cfg: &ReplayConfig, req: &Request) -> Result<hyper::Request
         .collect();
     let mut b = hyper::Request::builder().method(req.method()).uri(uri);
     let mut original_host = None;
+    let mut declares_trailers = false;
     for (name, value) in req.headers() {
         let lower = name.to_ascii_lowercase();
         if lower == "host" {
             original_host = Some(value);
             continue;
         }
+        declares_trailers |= lower == "trailer";
         if HOP_BY_HOP.contains(&lower.as_str())
             || connection_tokens.contains(&lower)
             || cfg.drop_headers.iter().any(|d| d.as_str() == lower)
@@ -501,11 +575,21 @@ pub fn build_request(cfg: &ReplayConfig, req: &Request) -> Result<hyper::Request
     }
     let body = match req.framing {
         Framing::Chunked => {
-            Bytes::from(dechunk(&req.body).ok_or_else(|| anyhow!("bad chunked body"))?)
+            let chunks = split_chunked(&req.body).ok_or_else(|| anyhow!("bad chunked body"))?;
+            // hyper sends only the trailer fields that a Trailer header announces.
+            if !declares_trailers && !chunks.trailers.is_empty() {
+                let names: Vec<_> = chunks
+                    .trailers
+                    .iter()
+                    .map(|(n, _)| String::from_utf8_lossy(n).into_owned())
+                    .collect();
+                b = b.header(hyper::header::TRAILER, names.join(", "));
+            }
+            ReplayBody::chunked(chunks)?
         }
-        _ => req.body.clone(),
+        _ => ReplayBody::full(req.body.clone()),
     };
-    Ok(b.body(Full::new(body))?)
+    Ok(b.body(body)?)
 }
 
 /// Parses `K:V` for `--add-header`.
@@ -517,4 +601,133 @@ pub fn parse_header(s: &str) -> Result<(HeaderName, HeaderValue), String> {
         HeaderName::from_str(k.trim()).map_err(|e| format!("header name {k:?}: {e}"))?,
         HeaderValue::from_str(v.trim()).map_err(|e| format!("header value {v:?}: {e}"))?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::{Conversation, Extract};
+
+    /// The requests that the agent extracts from `wire`, sent by a client to port 8080.
+    fn extract(wire: &[u8]) -> Vec<Request> {
+        let mut c = Conversation::new("10.0.0.1:40000", "10.0.0.2:8080", 7, 9);
+        let mut x = Extract::new(&[8080]);
+        x.feed(&c.handshake());
+        x.feed(&c.client_data(wire, 1400));
+        x.requests
+    }
+
+    fn build(cfg: &ReplayConfig, wire: &[u8]) -> hyper::Request<ReplayBody> {
+        let reqs = extract(wire);
+        assert_eq!(reqs.len(), 1);
+        build_request(cfg, &reqs[0]).unwrap()
+    }
+
+    fn config(mirror: &str) -> ReplayConfig {
+        ReplayConfig::new(parse_mirror_url(mirror).unwrap())
+    }
+
+    fn header<'a>(r: &'a hyper::Request<ReplayBody>, name: &str) -> Vec<&'a str> {
+        r.headers()
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn chunked_bodies_keep_their_chunks_and_trailers() {
+        let wire = b"POST /up HTTP/1.1\r\nHost: live\r\nTransfer-Encoding: gzip, chunked\r\n\r\n\
+                     5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum: abc\r\nX-Sig: 9\r\n\r\n";
+        let r = build(&config("http://mirror:9090"), wire);
+        assert_eq!(header(&r, "transfer-encoding"), ["gzip, chunked"]);
+        assert_eq!(
+            header(&r, "trailer"),
+            ["X-Checksum, X-Sig"],
+            "announced for hyper"
+        );
+        assert!(r.headers().get("content-length").is_none());
+        let body = r.body();
+        assert_eq!(body.size_hint().exact(), None, "sent chunked");
+        let chunks: Vec<_> = body.frames.iter().filter_map(Frame::data_ref).collect();
+        assert_eq!(chunks, [&Bytes::from("hello"), &Bytes::from(" world")]);
+        let trailers = body.trailers().unwrap();
+        assert_eq!(trailers["x-checksum"], "abc");
+        assert_eq!(trailers["x-sig"], "9");
+
+        let declared =
+            b"PUT /t HTTP/1.1\r\nHost: h\r\nTrailer: X-A\r\nTransfer-Encoding: chunked\r\n\r\n\
+                         3\r\nabc\r\n0\r\nX-A: 1\r\n\r\n";
+        let r = build(&config("http://mirror:9090"), declared);
+        assert_eq!(
+            header(&r, "trailer"),
+            ["X-A"],
+            "the client's own announcement, once"
+        );
+        assert_eq!(r.body().content(), b"abc");
+    }
+
+    #[test]
+    fn length_bodies_are_sent_with_their_length() {
+        let r = build(
+            &config("http://mirror:9090"),
+            b"POST /r HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello",
+        );
+        assert_eq!(r.body().size_hint().exact(), Some(5));
+        assert_eq!(r.body().content(), b"hello");
+        assert!(r.body().trailers().is_none());
+        let r = build(
+            &config("http://mirror:9090"),
+            b"GET / HTTP/1.1\r\nHost: h\r\n\r\n",
+        );
+        assert!(r.body().is_end_stream());
+    }
+
+    #[test]
+    fn hop_by_hop_and_dropped_headers_stay_behind() {
+        let mut cfg = config("http://mirror:9090/shadow/");
+        cfg.drop_headers = vec![HeaderName::from_static("authorization")];
+        cfg.add_headers = vec![(
+            HeaderName::from_static("x-mirrored"),
+            HeaderValue::from_static("1"),
+        )];
+        let r = build(
+            &cfg,
+            b"GET http://live.example/api/x?y=1 HTTP/1.1\r\nHost: live.example\r\n\
+              Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\
+              Upgrade: h2c\r\nAuthorization: Bearer s\r\nX-Keep: a\r\nX-Keep: b\r\n\r\n",
+        );
+        assert_eq!(r.uri(), "http://mirror:9090/shadow/api/x?y=1");
+        for gone in [
+            "connection",
+            "x-hop",
+            "keep-alive",
+            "te",
+            "upgrade",
+            "authorization",
+        ] {
+            assert!(r.headers().get(gone).is_none(), "{gone} was forwarded");
+        }
+        assert_eq!(header(&r, "x-keep"), ["a", "b"]);
+        assert_eq!(header(&r, "x-mirrored"), ["1"]);
+        assert_eq!(header(&r, "host"), ["mirror:9090"]);
+    }
+
+    #[test]
+    fn host_modes() {
+        let wire = b"GET / HTTP/1.1\r\nHost: books:8080\r\n\r\n";
+        let mut cfg = config("http://[::1]:9090");
+        let cases = [
+            (HostMode::Mirror, "[::1]:9090"),
+            (HostMode::Keep, "books:8080"),
+            (HostMode::Shadow, "books-shadow:8080"),
+        ];
+        for (mode, want) in cases {
+            cfg.host = mode;
+            assert_eq!(header(&build(&cfg, wire), "host"), [want], "{mode:?}");
+        }
+        cfg.host = HostMode::Shadow;
+        let r = build(&cfg, b"GET / HTTP/1.1\r\nHost: books\r\n\r\n");
+        assert_eq!(header(&r, "host"), ["books-shadow"]);
+    }
 }

@@ -89,8 +89,9 @@ fn wait_for(server: &TestServer, n: usize) {
     netlab::wait_until(Duration::from_secs(20), || server.requests() >= n);
 }
 
-/// A request as it should reach the mirror: no hop-by-hop headers (framing is re-done by the
-/// sender), names compared without case, the agent's documented rewrites applied.
+/// A request as it should reach the mirror: no hop-by-hop headers, names compared without case,
+/// the agent's documented rewrites applied. Content-Length is the sender's to set, but chunked
+/// bodies must arrive in the same chunks, with the same trailers.
 fn normalised(r: &Recorded) -> Recorded {
     let mut headers: Vec<(String, String)> = r
         .headers
@@ -99,14 +100,19 @@ fn normalised(r: &Recorded) -> Recorded {
         .filter(|(k, _)| {
             !matches!(
                 k.as_str(),
-                "connection" | "transfer-encoding" | "content-length" | "expect" | "authorization"
+                "connection" | "content-length" | "expect" | "authorization"
             )
         })
         .collect();
     headers.sort();
+    let trailers = r
+        .trailers
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+        .collect();
     Recorded {
         headers,
-        chunked: false,
+        trailers,
         ..r.clone()
     }
 }
@@ -202,24 +208,32 @@ fn mirror_receives_every_request_intact_v4_and_v6() {
             ],
         );
     }
-    let reqs = b"GET /p/1 HTTP/1.1\r\nHost: b\r\n\r\nGET /p/2 HTTP/1.1\r\nHost: b\r\n\r\nDELETE /p/3 HTTP/1.1\r\nHost: b\r\nContent-Length: 0\r\n\r\n";
-    let expect: usize = ["GET /p/1", "GET /p/2", "DELETE /p/3"]
-        .iter()
-        .map(|r| {
-            let (m, t) = r.split_once(' ').unwrap();
-            let b = expected_body(m, t, b"");
-            format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Test: 1\r\n\r\n",
-                b.len()
-            )
-            .len()
-                + b.len()
-        })
-        .sum();
+    // Pipelined, ending with a chunked POST with a chunk extension and a trailer.
+    let reqs = b"GET /p/1 HTTP/1.1\r\nHost: b\r\n\r\nGET /p/2 HTTP/1.1\r\nHost: b\r\n\r\nDELETE /p/3 HTTP/1.1\r\nHost: b\r\nContent-Length: 0\r\n\r\n\
+                 POST /p/4 HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n\
+                 5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum: abc\r\n\r\n";
+    let expect: usize = [
+        ("GET /p/1", &b""[..]),
+        ("GET /p/2", b""),
+        ("DELETE /p/3", b""),
+        ("POST /p/4", b"hello world"),
+    ]
+    .iter()
+    .map(|(r, body)| {
+        let (m, t) = r.split_once(' ').unwrap();
+        let b = expected_body(m, t, body);
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Test: 1\r\n\r\n",
+            b.len()
+        )
+        .len()
+            + b.len()
+    })
+    .sum();
     pipelined(&pair.client, v4, reqs, expect);
 
     let sent = live.requests();
-    assert_eq!(sent, 2 * 8 + 3);
+    assert_eq!(sent, 2 * 8 + 4);
     wait_for(&mirror, sent);
     let stderr = agent.terminate();
     assert_eq!(
@@ -248,7 +262,21 @@ fn mirror_receives_every_request_intact_v4_and_v6() {
             g.body.len(),
             w.body.len()
         );
+        assert_eq!(
+            (&g.chunks, &g.trailers),
+            (&w.chunks, &w.trailers),
+            "{} {}: chunked framing differs",
+            g.method,
+            g.target
+        );
     }
+    assert!(
+        want.iter().filter(|r| r.chunks.len() > 1).count() >= 3
+            && want
+                .iter()
+                .any(|r| r.trailers == [("x-checksum".into(), "abc".into())]),
+        "chunked uploads, one with a trailer, were part of the test"
+    );
     assert!(
         mirror
             .log()

@@ -89,17 +89,17 @@ pub struct ConnRecord {
     pub sent: Vec<u8>,
 }
 
-/// An HTTP/1.1 server inside a namespace. Answers every request with a body derived from the
-/// request (so responses can be checked), honours keep-alive and `Expect: 100-continue`, and
-/// records each connection's bytes by peer address.
-/// A request as the test server parsed it; chunked bodies are decoded.
+/// A request as the test server parsed it; chunked bodies are decoded, and their framing kept.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Recorded {
     pub method: String,
     pub target: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
-    pub chunked: bool,
+    /// The size of each chunk of a chunked body, in order.
+    pub chunks: Vec<usize>,
+    /// The trailer fields of a chunked body.
+    pub trailers: Vec<(String, String)>,
 }
 
 impl Recorded {
@@ -347,6 +347,8 @@ fn serve(stream: TcpStream, peer: SocketAddr, st: &ServerState) {
         if has("expect", "100-continue") {
             send(&mut writer, b"HTTP/1.1 100 Continue\r\n\r\n");
         }
+        let mut chunks = Vec::new();
+        let mut trailers = Vec::new();
         let body = if chunked {
             let mut body = Vec::new();
             loop {
@@ -365,6 +367,10 @@ fn serve(stream: TcpStream, peer: SocketAddr, st: &ServerState) {
                         if l == b"\r\n" {
                             break;
                         }
+                        let l = String::from_utf8_lossy(&l).trim_end().to_string();
+                        if let Some((k, v)) = l.split_once(':') {
+                            trailers.push((k.to_string(), v.trim().to_string()));
+                        }
                     }
                     break body;
                 }
@@ -372,6 +378,7 @@ fn serve(stream: TcpStream, peer: SocketAddr, st: &ServerState) {
                     return;
                 };
                 body.extend_from_slice(&chunk);
+                chunks.push(size);
                 let Some(_crlf) = read_line(&mut reader) else {
                     return;
                 };
@@ -392,8 +399,11 @@ fn serve(stream: TcpStream, peer: SocketAddr, st: &ServerState) {
             target: target.clone(),
             headers,
             body: body.clone(),
-            chunked,
+            chunks,
+            trailers,
         });
+        // Counted on receipt: a client that has read the response sees the count.
+        st.requests.fetch_add(1, Ordering::Relaxed);
         let (status, delay) = st
             .behaviour
             .as_ref()
@@ -417,7 +427,6 @@ fn serve(stream: TcpStream, peer: SocketAddr, st: &ServerState) {
                 .into_bytes();
         resp.extend_from_slice(&resp_body);
         send(&mut writer, &resp);
-        st.requests.fetch_add(1, Ordering::Relaxed);
         if close {
             return;
         }
