@@ -134,14 +134,13 @@ fn attach(args: AttachArgs) -> Result<()> {
         .iter()
         .map(|(t, hook, mode)| format!("{} {} ({mode:?})", t.iface, hook.name()))
         .collect();
-    println!(
-        "ready: mirroring ports {:?} on {}; mirror interface {}; program id {}",
+    emit(&format!(
+        "ready: mirroring ports {:?} on {}; mirror interface {}; program id {}\n",
         args.port,
         attached.join(", "),
         capture.mirror_interface(),
         capture.program_id()
-    );
-    std::io::stdout().flush()?;
+    ));
 
     let pipeline_cfg = PipelineConfig {
         reassembly: ReassemblyConfig {
@@ -253,7 +252,10 @@ fn attach(args: AttachArgs) -> Result<()> {
         let _ = tokio::time::timeout(Duration::from_millis(200), outcomes).await;
     });
     if !args.no_report {
-        println!("{}", format_table(&comparator.lock().unwrap().report()));
+        emit(&format!(
+            "{}\n",
+            format_table(&comparator.lock().unwrap().report())
+        ));
     }
     if let (Some(path), Some(dump)) = (args.dump, recorder) {
         let mut f = std::io::BufWriter::new(
@@ -290,10 +292,19 @@ fn report(args: ReportArgs) -> Result<()> {
     let report: Report =
         serde_json::from_slice(&body).context("the agent's /report is not a report")?;
     match args.format {
-        ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        ReportFormat::Table => print!("{}", format_table(&report)),
+        ReportFormat::Json => emit(&format!("{}\n", serde_json::to_string_pretty(&report)?)),
+        ReportFormat::Table => emit(&format_table(&report)),
     }
     Ok(())
+}
+
+/// Writes to standard output. A reader that went away (`| head`, a supervisor that only reads
+/// the ready line) loses the text, but the agent still shuts down cleanly and writes its dump.
+fn emit(text: &str) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        log::warn!("could not write to standard output: {e}");
+    }
 }
 
 fn format_stats(s: &CaptureStats) -> String {

@@ -177,3 +177,35 @@ fn report_shows_the_mirrors_faults_and_delay_while_live_is_fine() {
         "{stdout_table}"
     );
 }
+
+#[test]
+fn a_closed_stdout_costs_the_exit_report_only() {
+    require_root();
+    let pair = Pair::new("cso", 242);
+    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+    let _live = TestServer::start(&pair.server, &[live_addr]);
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("flows.txt");
+    let agent = Agent::start_closing_stdout(
+        &pair.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "8080",
+            "--dump",
+            dump.to_str().unwrap(),
+        ],
+    );
+    curl(
+        &pair.client,
+        &[&format!("http://{}:8080/api/books/1", pair.server_v4)],
+    );
+    let stderr = agent.terminate();
+    assert!(
+        stderr.contains("could not write to standard output"),
+        "{stderr}"
+    );
+    let flows = std::fs::read_to_string(&dump).expect("the dump is written after the report");
+    assert!(flows.contains("GET /api/books/1 HTTP/1.1"), "{flows}");
+}

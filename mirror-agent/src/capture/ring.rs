@@ -22,6 +22,9 @@ pub struct RingConfig {
     pub retire_ms: u32,
 }
 
+/// How long the reader pauses after a wake-up that brought no block.
+const SPURIOUS_WAKE_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
+
 impl Default for RingConfig {
     fn default() -> Self {
         RingConfig {
@@ -206,6 +209,13 @@ impl PacketRing {
                 };
             }
             if status.load(Ordering::Acquire) & libc::TP_STATUS_USER == 0 {
+                if rc > 0 {
+                    // TPACKET_V3 reports readable while the block before the one the kernel
+                    // fills is still ours, as it is until the next stage drops its last
+                    // segment. Polling again at once would spin; the kernel retires blocks every
+                    // few milliseconds and the ring absorbs a short pause.
+                    std::thread::sleep(SPURIOUS_WAKE_PAUSE);
+                }
                 return Ok(0);
             }
         }

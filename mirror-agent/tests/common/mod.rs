@@ -37,6 +37,15 @@ pub struct Agent {
 impl Agent {
     /// Starts `mirror-agent attach <args>` in `ns` and waits (bounded) for its ready line.
     pub fn start(ns: &Netns, args: &[&str]) -> Agent {
+        Self::spawn(ns, args, true)
+    }
+
+    /// As `start`, but closes the agent's standard output after the ready line.
+    pub fn start_closing_stdout(ns: &Netns, args: &[&str]) -> Agent {
+        Self::spawn(ns, args, false)
+    }
+
+    fn spawn(ns: &Netns, args: &[&str], keep_reading: bool) -> Agent {
         let mut cmd = ns.exec(&[AGENT, "attach"]);
         cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn agent");
@@ -46,6 +55,9 @@ impl Agent {
             let mut lines = BufReader::new(stdout).lines();
             if let Some(Ok(l)) = lines.next() {
                 let _ = tx.send(l);
+            }
+            if !keep_reading {
+                return String::new();
             }
             lines.map_while(Result::ok).collect::<Vec<_>>().join("\n")
         });
