@@ -83,7 +83,8 @@ fn attach(args: AttachArgs) -> Result<()> {
     let replay_cfg = match &args.mirror {
         Some(url) => {
             let uri = replay::parse_mirror_url(url)?;
-            rt.block_on(replay::check_mirror(&uri))?;
+            let addr = rt.block_on(replay::check_mirror(&uri))?;
+            replay::check_no_loop(addr, &cfg.matching.ports, &cfg.matching.addrs)?;
             Some(ReplayConfig {
                 host: args.host,
                 add_headers: args.add_headers.clone(),

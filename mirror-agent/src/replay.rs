@@ -9,6 +9,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -95,7 +96,8 @@ pub fn parse_mirror_url(s: &str) -> Result<Uri> {
 
 /// Resolves the mirror and tries one connection, so that a wrong name fails at start with a
 /// clear error. A mirror that is down is only a warning: the agent mirrors when it comes up.
-pub async fn check_mirror(uri: &Uri) -> Result<()> {
+/// Returns the address connected to.
+pub async fn check_mirror(uri: &Uri) -> Result<SocketAddr> {
     let host = uri
         .host()
         .unwrap_or_default()
@@ -118,6 +120,22 @@ pub async fn check_mirror(uri: &Uri) -> Result<()> {
         Err(_) => log::warn!(
             "mirror {uri} did not accept a connection within 2 s; mirroring goes on with backoff"
         ),
+    }
+    Ok(*addr)
+}
+
+/// Fails when the mirror would itself match the live filter (its port is a live port and no
+/// address filter leaves it out): the replayed requests could cross a hooked interface, be
+/// cloned, and be mirrored again without end.
+pub fn check_no_loop(mirror: SocketAddr, ports: &[u16], addrs: &[IpAddr]) -> Result<()> {
+    let ip = mirror.ip().to_canonical();
+    if ports.contains(&mirror.port()) && (addrs.is_empty() || addrs.contains(&ip)) {
+        bail!(
+            "the mirror {mirror} is on live port {}, and the agent would capture the requests \
+             it replays there and mirror them again: give --addr with the live service's \
+             address so that only it is matched, or move the mirror to another port",
+            mirror.port()
+        );
     }
     Ok(())
 }

@@ -261,8 +261,23 @@ fn clear_errors_for_bad_input() {
     assert!(!ok && err.contains("does not exist"), "{err}");
     let (ok, err) = run(&["--iface", "srv0", "--port", "http"]);
     assert!(!ok && err.contains("invalid value 'http'"), "{err}");
-    let (ok, err) = run(&["--iface", "lo", "--port", "80"]);
+    // A TUN device carries bare IP packets: no Ethernet header for the program to parse.
+    pair.server
+        .ip(&["tuntap", "add", "mode", "tun", "name", "tun0"]);
+    let (ok, err) = run(&["--iface", "tun0", "--port", "80"]);
     assert!(!ok && err.contains("not Ethernet"), "{err}");
+    let (ok, err) = run(&[
+        "--iface",
+        "srv0",
+        "--port",
+        "8080",
+        "--mirror",
+        "http://127.0.0.1:8080",
+    ]);
+    assert!(
+        !ok && err.contains("mirror them again") && err.contains("--addr"),
+        "{err}"
+    );
 
     let out = pair
         .server

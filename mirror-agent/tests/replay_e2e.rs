@@ -564,3 +564,72 @@ fn attach_by_pod_ip_finds_the_veth_and_mirrors_only_that_pod() {
         "{err}"
     );
 }
+
+/// Live service and mirror on one machine, over lo: every packet crosses lo twice (egress, then
+/// ingress), yet each request is mirrored once and each response timed once.
+#[test]
+fn a_service_on_loopback_is_mirrored_once_per_request() {
+    require_root();
+    let _serial = serial();
+    let pair = Pair::new("lo", 243);
+    let live = TestServer::start(&pair.server, &["127.0.0.1:8080".parse().unwrap()]);
+    let mirror = TestServer::start(&pair.server, &[MIRROR.parse().unwrap()]);
+    let agent = Agent::start(
+        &pair.server,
+        &[
+            "--iface",
+            "lo",
+            "--port",
+            "8080",
+            "--mirror",
+            &format!("http://{MIRROR}"),
+        ],
+    );
+    assert!(
+        agent.ready_line.contains("lo ingress") && !agent.ready_line.contains("egress"),
+        "one hook on lo: {}",
+        agent.ready_line
+    );
+    let base = "http://127.0.0.1:8080/api/books";
+    curl(
+        &pair.server,
+        &[
+            &format!("{base}/1"),
+            &format!("{base}/2"),
+            &format!("{base}/3"),
+        ],
+    );
+    curl(
+        &pair.server,
+        &["--data-binary", "review=good", &format!("{base}/1/reviews")],
+    );
+    let sent = live.requests();
+    assert_eq!(sent, 4);
+    wait_for(&mirror, sent);
+    let (table, stderr) = agent.terminate_with_output();
+    assert_eq!(
+        mirror.requests(),
+        sent,
+        "each request mirrored once\n{stderr}"
+    );
+    let mut want: Vec<_> = live.log().iter().map(normalised).collect();
+    let mut got: Vec<_> = mirror.log().iter().map(normalised).collect();
+    want.sort();
+    got.sort();
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(
+            (&g.method, &g.target, &g.body),
+            (&w.method, &w.target, &w.body)
+        );
+    }
+    assert!(
+        stderr.contains("duplicate_bytes: 0,"),
+        "each packet cloned once:\n{stderr}"
+    );
+    // name (two words), tag, code, average, count, p50, p99
+    let live_gets = table.lines().find_map(|l| {
+        let f: Vec<_> = l.split_whitespace().collect();
+        (f.get(..4) == Some(&["GET", "/api/books/{id}", "live", "200"][..])).then(|| f[5])
+    });
+    assert_eq!(live_gets, Some("3"), "live responses timed once:\n{table}");
+}

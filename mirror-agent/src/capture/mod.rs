@@ -113,11 +113,14 @@ impl Capture {
             bail!("nothing to attach to: give --iface or --pod-ip");
         }
         let mut locks = Vec::new();
+        let mut loopbacks = Vec::new();
         let mut ifaces: Vec<&str> = cfg.targets.iter().map(|t| t.iface.as_str()).collect();
         ifaces.sort_unstable();
         ifaces.dedup();
         for iface in &ifaces {
-            netdev::check_target_iface(iface)?;
+            if netdev::check_target_iface(iface)? == netdev::LinkKind::Loopback {
+                loopbacks.push(*iface);
+            }
             locks.push(netdev::TargetLock::acquire(&cfg.lock_dir, iface)?);
             netdev::remove_stale_filters(iface, PROGRAM_NAME);
         }
@@ -151,7 +154,8 @@ impl Capture {
         let mut program = KernelProgram::load(cfg.ebpf_log)?;
         for t in &cfg.targets {
             let mut hooks = vec![t.hook];
-            if cfg.matching.responses {
+            // On lo both directions cross every hook: one hook sees them all.
+            if cfg.matching.responses && !loopbacks.contains(&t.iface.as_str()) {
                 hooks.push(t.hook.opposite());
             }
             for hook in hooks {

@@ -22,22 +22,32 @@ pub fn ifindex(name: &str) -> io::Result<u32> {
     }
 }
 
-/// Checks that `name` exists and is an Ethernet-like interface (the program parses Ethernet).
-pub fn check_target_iface(name: &str) -> Result<u32> {
-    let idx = ifindex(name).map_err(|_| {
+/// Link types the program can parse: both carry an Ethernet header at TC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkKind {
+    Ethernet,
+    /// `lo`: every packet crosses its egress and then its ingress.
+    Loopback,
+}
+
+/// Checks that `name` exists and is an Ethernet or loopback interface (the program parses
+/// Ethernet headers, which loopback skbs carry too).
+pub fn check_target_iface(name: &str) -> Result<LinkKind> {
+    ifindex(name).map_err(|_| {
         anyhow!(
             "interface {name:?} does not exist in this network namespace \
              (list them with `ip link`; for a pod, use --pod-ip or run in the node's namespace)"
         )
     })?;
     let hw = hw_type(name).with_context(|| format!("reading the link type of {name}"))?;
-    if hw != libc::ARPHRD_ETHER {
-        bail!(
+    match hw {
+        libc::ARPHRD_ETHER => Ok(LinkKind::Ethernet),
+        libc::ARPHRD_LOOPBACK => Ok(LinkKind::Loopback),
+        _ => bail!(
             "interface {name:?} has link type {hw}, not Ethernet: mirror-agent attaches to \
-             Ethernet interfaces such as a pod's veth or eth0"
-        );
+             Ethernet interfaces such as a pod's veth or eth0, or to lo"
+        ),
     }
-    Ok(idx)
 }
 
 fn hw_type(name: &str) -> io::Result<u16> {
