@@ -164,6 +164,24 @@ fn captured_bytes_equal_what_client_sent_v4_and_v6() {
         "the 3 MiB uploads were captured"
     );
     assert!(stderr.contains("ring_drops=0"), "{stderr}");
+    // The bytes above are exact although pure ACKs (handshakes, teardowns, the acks of the
+    // uploads) were never cloned.
+    assert!(kernel_counter(&stderr, "skip_no_payload") > 0, "{stderr}");
+    assert_eq!(kernel_counter(&stderr, "clone_errors"), 0, "{stderr}");
+}
+
+/// A counter from the agent's exit line `kernel counters: [("seen", 12), ...]`.
+fn kernel_counter(stderr: &str, name: &str) -> u64 {
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("kernel counters:"))
+        .expect("kernel counters line");
+    let at = line.find(&format!("(\"{name}\", ")).expect("counter present") + name.len() + 5;
+    line[at..]
+        .split(')')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("a number")
 }
 
 fn rec_total(flows: &[DumpedFlow]) -> usize {

@@ -85,9 +85,11 @@ pub enum Counter {
     SkipOtherPort,
     SkipOtherAddr,
     SkipSampledOut,
+    /// Pure ACKs: no payload and no SYN, FIN or RST, so nothing for reassembly.
+    SkipNoPayload,
 }
 
-pub const COUNTER_COUNT: u32 = Counter::SkipSampledOut as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::SkipNoPayload as u32 + 1;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -105,6 +107,7 @@ impl Counter {
         Counter::SkipOtherPort,
         Counter::SkipOtherAddr,
         Counter::SkipSampledOut,
+        Counter::SkipNoPayload,
     ];
 
     /// Stable snake_case name, used in metrics labels and dumps.
@@ -124,6 +127,7 @@ impl Counter {
             Counter::SkipOtherPort => "skip_other_port",
             Counter::SkipOtherAddr => "skip_other_addr",
             Counter::SkipSampledOut => "skip_sampled_out",
+            Counter::SkipNoPayload => "skip_no_payload",
         }
     }
 }

@@ -39,6 +39,8 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT,
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP: u8 = 6;
+/// TCP flags that matter to reassembly even without payload: FIN, SYN, RST.
+const TCP_FIN_SYN_RST: u8 = 0x07;
 /// IPv4 "more fragments" flag and fragment offset bits.
 const IPV4_FRAG_MASK: u16 = 0x3fff;
 
@@ -64,6 +66,8 @@ struct Tuple {
     dst: [u8; 16],
     sport: u16,
     dport: u16,
+    /// No payload and no SYN, FIN or RST: reassembly has no use for it.
+    pure_ack: bool,
 }
 
 /// Decides and, when it matches, clones. Returns the outcome counter.
@@ -104,6 +108,9 @@ fn mirror(ctx: &TcContext) -> Counter {
     {
         return Counter::SkipSampledOut;
     }
+    if tuple.pure_ack {
+        return Counter::SkipNoPayload;
+    }
     // Flags 0: the clone leaves through the mirror interface's egress, so its veth peer
     // receives it, where the agent's AF_PACKET socket reads it.
     match ctx.clone_redirect(cfg.mirror_ifindex, 0) {
@@ -123,7 +130,9 @@ fn mirror(ctx: &TcContext) -> Counter {
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Result<Tuple, Counter> {
     let eth: EthHdr = ctx.load(0).map_err(|_| Counter::SkipUnreadable)?;
-    let (src, dst, l4) = match u16::from_be(eth.ether_type) {
+    // `ip_len` counts the IP payload (TCP header and data); 0 when the IP header does not say
+    // (BIG TCP super-packets), which is then taken as data.
+    let (src, dst, l4, ip_len) = match u16::from_be(eth.ether_type) {
         ETH_P_IP => {
             let ip: Ipv4Hdr = ctx.load(EthHdr::LEN).map_err(|_| Counter::SkipUnreadable)?;
             if u16::from_be_bytes(ip.frags) & IPV4_FRAG_MASK != 0 {
@@ -140,6 +149,7 @@ fn parse(ctx: &TcContext) -> Result<Tuple, Counter> {
                 AddrKey::from_v4(ip.src_addr).addr,
                 AddrKey::from_v4(ip.dst_addr).addr,
                 EthHdr::LEN + ihl,
+                (u16::from_be_bytes(ip.tot_len) as usize).saturating_sub(ihl),
             )
         }
         ETH_P_IPV6 => {
@@ -151,16 +161,24 @@ fn parse(ctx: &TcContext) -> Result<Tuple, Counter> {
                     Counter::SkipNotTcp
                 });
             }
-            (ip.src_addr, ip.dst_addr, EthHdr::LEN + Ipv6Hdr::LEN)
+            (
+                ip.src_addr,
+                ip.dst_addr,
+                EthHdr::LEN + Ipv6Hdr::LEN,
+                u16::from_be_bytes(ip.payload_len) as usize,
+            )
         }
         _ => return Err(Counter::SkipNotIp),
     };
-    let ports: [u8; 4] = ctx.load(l4).map_err(|_| Counter::SkipUnreadable)?;
+    // Ports, sequence and acknowledgement numbers, data offset and flags.
+    let tcp: [u8; 14] = ctx.load(l4).map_err(|_| Counter::SkipUnreadable)?;
+    let tcp_len = ((tcp[12] >> 4) as usize) * 4;
     Ok(Tuple {
         src,
         dst,
-        sport: u16::from_be_bytes([ports[0], ports[1]]),
-        dport: u16::from_be_bytes([ports[2], ports[3]]),
+        sport: u16::from_be_bytes([tcp[0], tcp[1]]),
+        dport: u16::from_be_bytes([tcp[2], tcp[3]]),
+        pure_ack: ip_len != 0 && ip_len <= tcp_len && tcp[13] & TCP_FIN_SYN_RST == 0,
     })
 }
 
