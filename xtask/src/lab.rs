@@ -60,6 +60,7 @@ const STEPS: [Step; 3] = [
     },
 ];
 
+const INTERRUPTED: &str = "interrupted: the lab's namespaces, links and processes are removed";
 const LIVE_IP: &str = "10.201.0.2";
 const MIRROR_IP: &str = "10.202.0.2";
 const METRICS: &str = "127.0.0.1:9464";
@@ -114,7 +115,7 @@ pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
         .filter(|s| args.candidate == Candidate::All || s.version == candidate_name(args.candidate))
     {
         if interrupted.load(Ordering::Relaxed) {
-            bail!("interrupted");
+            bail!(INTERRUPTED);
         }
         println!("=== {} ===", step.title);
         let _candidate = Proc::spawn(
@@ -173,11 +174,14 @@ pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
                 ])
                 .stdout(Stdio::piped()),
         );
-        while poll.child.as_mut().unwrap().try_wait()?.is_none() {
-            if interrupted.load(Ordering::Relaxed) {
-                bail!("interrupted");
-            }
+        // Ctrl-C reaches the poller and the agent too: the poller may end first.
+        while poll.child.as_mut().unwrap().try_wait()?.is_none()
+            && !interrupted.load(Ordering::Relaxed)
+        {
             std::thread::sleep(Duration::from_millis(100));
+        }
+        if interrupted.load(Ordering::Relaxed) {
+            bail!(INTERRUPTED);
         }
         let mut summary = String::new();
         BufReader::new(poll.child.as_mut().unwrap().stdout.take().unwrap())
