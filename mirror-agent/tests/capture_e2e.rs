@@ -176,7 +176,11 @@ fn kernel_counter(stderr: &str, name: &str) -> u64 {
         .lines()
         .find(|l| l.starts_with("kernel counters:"))
         .expect("kernel counters line");
-    let at = line.find(&format!("(\"{name}\", ")).expect("counter present") + name.len() + 5;
+    let at = line
+        .find(&format!("(\"{name}\", "))
+        .expect("counter present")
+        + name.len()
+        + 5;
     line[at..]
         .split(')')
         .next()

@@ -360,6 +360,11 @@ fn agent_rss_kb(agent: &Agent) -> u64 {
 fn a_down_slow_or_resetting_mirror_costs_live_users_nothing() {
     require_root();
     let _serial = serial();
+    // A wake-up across vCPUs costs this VM about 25 µs, so a ~13 µs round trip measures either 13
+    // or 40 µs depending on where the scheduler puts client and server. Everything this test
+    // starts (servers, client, agent) inherits one CPU, so both runs take the same path and the
+    // ratio shows what the agent costs.
+    pin_to_one_cpu();
     let pair = Pair::new("ri", 236);
     let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
     let _live = TestServer::start(&pair.server, &[live_addr]);
@@ -407,9 +412,9 @@ fn a_down_slow_or_resetting_mirror_costs_live_users_nothing() {
             with_agent < Duration::from_millis(50),
             "{case}: live median {with_agent:?}"
         );
-        // At ~15 µs round trips the clone costs a few µs; the ratio is reported, and bounded
-        // loosely so that a regression to in-path behaviour (waiting on the mirror) fails.
-        assert!(ratio < 2.0, "{case}: live median ratio {ratio:.3}");
+        // At ~13 µs round trips the two clones of an exchange cost about 2.5 µs (ratio about
+        // 1.2, with the agent on the same CPU); waiting on the mirror in any way would not fit.
+        assert!(ratio < 1.5, "{case}: live median ratio {ratio:.3}");
         assert!(rss < 256 * 1024, "{case}: agent RSS {rss} kB");
         let replay = stderr
             .lines()

@@ -16,6 +16,21 @@ pub use netlab::{sh, Netns, Pair, Proc};
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_mirror-agent");
 
+/// Restricts the calling thread, and the threads and processes it starts afterwards, to CPU 0.
+pub fn pin_to_one_cpu() {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the call reads it only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Fails loudly unless root: these tests are part of `cargo xtask test`, which runs as root.
 pub fn require_root() {
     // SAFETY: no preconditions.
