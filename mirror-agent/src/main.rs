@@ -23,6 +23,7 @@ use mirror_agent::reassembly::ReassemblyConfig;
 use mirror_agent::replay::{self, MirrorOutcome, ReplayConfig, Replayer};
 use mirror_agent::segment::FrameError;
 use std::sync::{Arc, Mutex};
+use tokio::signal::unix::{signal, SignalKind};
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -129,6 +130,15 @@ fn attach(args: AttachArgs) -> Result<()> {
         }
         n
     });
+    // Handlers before anything is attached or announced: a supervisor may signal as soon as it
+    // reads the ready line, and the default action would skip the clean shutdown.
+    let (mut term, mut interrupt) = {
+        let _rt = rt.enter();
+        (
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        )
+    };
     let (capture, segments) = Capture::start(&cfg)?;
     let attached: Vec<String> = capture
         .attachments()
@@ -201,12 +211,11 @@ fn attach(args: AttachArgs) -> Result<()> {
 
     let stats = std::sync::Arc::clone(capture.stats());
     rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut seconds = 0u64;
         loop {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => break,
+                _ = interrupt.recv() => break,
                 _ = term.recv() => break,
                 _ = tick.tick() => {
                     if let Ok(c) = capture.kernel_counters() {

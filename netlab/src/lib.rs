@@ -136,7 +136,7 @@ impl Pair {
     }
 }
 
-/// A child process, killed and reaped on drop.
+/// A child process, stopped and reaped on drop.
 pub struct Proc {
     pub child: Option<Child>,
 }
@@ -186,11 +186,23 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM first, so that a server stops its own children (nginx's workers outlive a
+    /// SIGKILLed master) and the agent shuts down cleanly; SIGKILL after 2 s.
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        // SAFETY: plain kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if matches!(c.try_wait(), Ok(Some(_)) | Err(_)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
+        let _ = c.kill();
+        let _ = c.wait();
     }
 }
 
