@@ -176,10 +176,8 @@ pub fn split_chunked(body: &Bytes) -> Option<Chunks> {
     match httparse::parse_headers(&body[at..], &mut slots) {
         Ok(httparse::Status::Complete((_, fields))) => {
             for f in fields {
-                let value = body.slice_ref(f.value);
-                chunks
-                    .trailers
-                    .push((Bytes::copy_from_slice(f.name.as_bytes()), value));
+                let name = body.slice_ref(f.name.as_bytes());
+                chunks.trailers.push((name, body.slice_ref(f.value)));
             }
             Some(chunks)
         }

@@ -324,6 +324,20 @@ fn serve(stream: TcpStream, peer: SocketAddr, st: &ServerState) {
             }
         }
     };
+    // Header or trailer fields up to the blank line.
+    let read_fields = |reader: &mut BufReader<TcpStream>| -> Option<Vec<(String, String)>> {
+        let mut fields = Vec::new();
+        loop {
+            let line = read_line(reader)?;
+            if line == b"\r\n" {
+                return Some(fields);
+            }
+            let line = String::from_utf8_lossy(&line).trim_end().to_string();
+            if let Some((k, v)) = line.split_once(':') {
+                fields.push((k.to_string(), v.trim().to_string()));
+            }
+        }
+    };
     let read_exact = |reader: &mut BufReader<TcpStream>, n: usize| -> Option<Vec<u8>> {
         let mut body = vec![0u8; n];
         let mut got = 0;
@@ -351,19 +365,9 @@ fn serve(stream: TcpStream, peer: SocketAddr, st: &ServerState) {
         let mut first = text.trim_end().split(' ');
         let method = first.next().unwrap_or("").to_string();
         let target = first.next().unwrap_or("").to_string();
-        let mut headers = Vec::new();
-        loop {
-            let Some(line) = read_line(&mut reader) else {
-                return;
-            };
-            if line == b"\r\n" {
-                break;
-            }
-            let line = String::from_utf8_lossy(&line).trim_end().to_string();
-            if let Some((k, v)) = line.split_once(':') {
-                headers.push((k.to_string(), v.trim().to_string()));
-            }
-        }
+        let Some(headers) = read_fields(&mut reader) else {
+            return;
+        };
         let has = |name: &str, needle: &str| {
             headers.iter().any(|(k, v)| {
                 k.eq_ignore_ascii_case(name) && v.to_ascii_lowercase().contains(needle)
@@ -386,19 +390,10 @@ fn serve(stream: TcpStream, peer: SocketAddr, st: &ServerState) {
                 let hex = size_text.split(';').next().unwrap_or("").trim();
                 let size = usize::from_str_radix(hex, 16).unwrap_or(0);
                 if size == 0 {
-                    // Trailers until the blank line.
-                    loop {
-                        let Some(l) = read_line(&mut reader) else {
-                            return;
-                        };
-                        if l == b"\r\n" {
-                            break;
-                        }
-                        let l = String::from_utf8_lossy(&l).trim_end().to_string();
-                        if let Some((k, v)) = l.split_once(':') {
-                            trailers.push((k.to_string(), v.trim().to_string()));
-                        }
-                    }
+                    let Some(fields) = read_fields(&mut reader) else {
+                        return;
+                    };
+                    trailers = fields;
                     break body;
                 }
                 let Some(chunk) = read_exact(&mut reader, size) else {
