@@ -19,6 +19,8 @@ fuzz_target!(|data: &[u8]| {
         max_ooo_bytes_total: OOO_TOTAL,
         hole_timeout_ns: 1_000,
         idle_timeout_ns: 1_000_000,
+        max_seq_jump: 64 << 10,
+        ..Default::default()
     };
     let hc = HttpConfig { max_head_bytes: 4096, max_body_bytes: 8192, max_buffered_bytes: BUFFERED, ..Default::default() };
     let mut x = Extract::with(rc, hc);
@@ -36,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
         let server = "10.0.0.2:80".parse().unwrap();
         let flow = if who & 0x80 == 0 { FlowKey { src: client, dst: server } } else { FlowKey { src: server, dst: client } };
         ts += (who as u64 >> 3 & 0xf) * 100;
-        x.feed([&Segment { flow, seq, ack: 0, flags, payload, ts }]);
+        x.feed([&Segment { flow, seq, ack: seq.rotate_left(16), flags, payload, ts }]);
         if who & 0x40 != 0 {
             x.r.tick(ts);
         }

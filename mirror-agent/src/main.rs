@@ -156,6 +156,7 @@ fn attach(args: AttachArgs) -> Result<()> {
     let pipeline_cfg = PipelineConfig {
         reassembly: ReassemblyConfig {
             server_ports: args.port.clone(),
+            server_addrs: cfg.matching.addrs.clone(),
             ..ReassemblyConfig::default()
         },
         http: HttpConfig {

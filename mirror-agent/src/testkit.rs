@@ -41,10 +41,16 @@ impl Conversation {
                 dst: self.client,
             }
         };
+        // Each side acknowledges everything the other has sent so far.
+        let ack = if to_server {
+            self.server_seq
+        } else {
+            self.client_seq
+        };
         Segment {
             flow,
             seq,
-            ack: 0,
+            ack,
             flags,
             payload: Bytes::copy_from_slice(data),
             ts: self.ts,

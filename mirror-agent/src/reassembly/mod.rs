@@ -1,8 +1,17 @@
 //! TCP stream reassembly for a passive observer.
 //!
-//! One `Reassembler` owns the flow table. Connections are keyed by their 4-tuple, oriented
-//! client → server, with one sequence space per direction. Each direction's bytes are handed to
-//! a `StreamHandler` exactly once and in order; what can't be delivered is reported as a gap.
+//! One `Reassembler` owns the flow table. Connections are keyed by their 4-tuple (either way
+//! round), oriented client → server, with one sequence space per direction. Each direction's
+//! bytes are handed to a `StreamHandler` exactly once and in order; what can't be delivered is
+//! reported as a gap.
+//!
+//! A 4-tuple carries one connection after another (TIME_WAIT reuse, busy clients), and a capture
+//! that drops packets can miss any SYN, FIN or RST. So a tracked flow ends, and a new connection
+//! starts on its 4-tuple, on evidence that the old one is over: a SYN that is not a retransmission
+//! of the flow's own, bytes beyond the flow's FIN, or a sequence number too far from where the
+//! flow stands to belong to it. Orientation comes from the SYN; ports (and addresses) decide only
+//! for connections joined mid-stream. Bytes of two connections are never joined into one stream,
+//! and `lost_bytes` counts only sequence space missing inside one connection.
 //!
 //! Memory is bounded for any input: a cap on connections (least recently active evicted), on
 //! out-of-order bytes per direction and in total. A hole that is not filled within
@@ -10,7 +19,7 @@
 //! Every such event is counted in `ReassemblyStats`.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroUsize;
 
 use bytes::Bytes;
@@ -45,6 +54,8 @@ pub enum CloseReason {
     Idle,
     /// Pushed out by a new connection while the table was full.
     Evicted,
+    /// A new connection started on the same 4-tuple before this one's end was seen.
+    Superseded,
     /// The agent is stopping.
     Shutdown,
 }
@@ -81,34 +92,45 @@ pub trait StreamHandler {
 
 #[derive(Clone, Debug)]
 pub struct ReassemblyConfig {
-    /// Ports of the live service: they orient connections. Without a match, the SYN's sender is
-    /// the client, else the destination is taken as the server.
+    /// Ports of the live service: they orient connections joined mid-stream (a SYN orients the
+    /// others). With no match, or a live port on both ends, a segment that starts with a status
+    /// line comes from the server, anything else from the client.
     pub server_ports: Vec<u16>,
+    /// Addresses of the live service (empty: any); they tell the server when both ends use a
+    /// live port.
+    pub server_addrs: Vec<IpAddr>,
     pub max_flows: usize,
     pub max_ooo_bytes_per_dir: usize,
     pub max_ooo_segments_per_dir: usize,
     pub max_ooo_bytes_total: usize,
     pub hole_timeout_ns: u64,
     pub idle_timeout_ns: u64,
+    /// Farthest a segment may start from its direction's next byte, ahead or behind, and still
+    /// belong to the tracked connection; beyond it, a new connection (whose SYN was not seen)
+    /// has taken over the 4-tuple. Out-of-order data farther ahead than the per-direction cap
+    /// could not be held anyway.
+    pub max_seq_jump: u32,
 }
 
 impl Default for ReassemblyConfig {
     fn default() -> Self {
         ReassemblyConfig {
             server_ports: Vec::new(),
+            server_addrs: Vec::new(),
             max_flows: 65_536,
             max_ooo_bytes_per_dir: 1 << 20,
             max_ooo_segments_per_dir: 1024,
             max_ooo_bytes_total: 128 << 20,
             hole_timeout_ns: 500_000_000,
             idle_timeout_ns: 120_000_000_000,
+            max_seq_jump: 1 << 20,
         }
     }
 }
 
 /// Counters. Every payload byte handed in is delivered, a duplicate, held out of order, or
-/// discarded at close; `lost_bytes` counts the sequence space never seen (holes given up on, and
-/// what was missing before a FIN when the connection closed).
+/// discarded (it came after its connection closed); `lost_bytes` counts the sequence space
+/// never seen inside one connection (holes given up on, and what was missing before a FIN).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ReassemblyStats {
     pub segments: u64,
@@ -129,16 +151,24 @@ pub struct ReassemblyStats {
     pub closed_rst: u64,
     pub evicted_idle: u64,
     pub evicted_full: u64,
-    /// Out-of-order bytes thrown away because their connection closed before the hole filled.
-    pub discarded_bytes: u64,
-    /// Segments of a connection that has already closed (late retransmissions); ignored.
+    /// Connections ended because a new one took over their 4-tuple: announced by a SYN, or
+    /// (its SYN not seen) by bytes beyond the old FIN or a sequence jump.
+    pub superseded_by_syn: u64,
+    pub superseded_without_syn: u64,
+    /// Retransmitted SYNs (same initial sequence number): not a new connection.
+    pub duplicate_syns: u64,
+    /// Segments of a connection that has already closed (late retransmissions), and their
+    /// payload bytes; ignored.
     pub after_close_segments: u64,
+    pub discarded_bytes: u64,
     /// Gauge: out-of-order bytes held now.
     pub ooo_bytes_held: u64,
 }
 
 #[derive(Default)]
 struct DirState {
+    /// Sequence number of the SYN, when seen.
+    isn: Option<u32>,
     /// Sequence number of the next byte to deliver; None until the first segment.
     next_seq: Option<u32>,
     /// Bytes delivered (or declared lost) so far: the stream offset of `next_seq`.
@@ -158,6 +188,73 @@ impl DirState {
     fn waiting(&self) -> bool {
         !self.ooo.is_empty() || self.fin_at.is_some_and(|f| f > self.delivered)
     }
+
+    /// Sequence number just past everything this direction sent that was seen (data and FIN
+    /// alike), once data or its FIN is delivered.
+    fn end_seq(&self) -> Option<u32> {
+        let next = self.next_seq?;
+        let beyond = self.fin_at.unwrap_or(0).saturating_sub(self.delivered);
+        Some(next.wrapping_add(beyond as u32))
+    }
+
+    /// Sequence number just past the highest byte (or FIN) seen, out of order ones included.
+    fn highest_seq(&self) -> Option<u32> {
+        let next = self.next_seq?;
+        let ooo_end = self
+            .ooo
+            .last_key_value()
+            .map_or(0, |(k, v)| k + v.len() as u64);
+        let high = ooo_end.max(self.fin_at.unwrap_or(0)).max(self.delivered);
+        Some(next.wrapping_add((high - self.delivered) as u32))
+    }
+
+    /// Whether a segment at `seq` carrying `len` bytes cannot belong to this direction's
+    /// connection: it lies past the FIN, too far from the next byte either way, or past a hole
+    /// while acknowledging bytes the peer was never seen to send. Loss of both directions at
+    /// once is what a new connection on the same 4-tuple looks like when its SYN was missed.
+    fn foreign(&self, seg: &Segment, peer: &DirState, max_jump: u32) -> bool {
+        let Some(next) = self.next_seq else {
+            return false;
+        };
+        let rel = seg.seq.wrapping_sub(next) as i32 as i64;
+        let at = self.delivered as i64 + rel;
+        let past_fin = self
+            .fin_at
+            .is_some_and(|f| at > f as i64 || (at == f as i64 && !seg.payload.is_empty()));
+        let acks_unseen = seg.flags.contains(TcpFlags::ACK)
+            && peer
+                .highest_seq()
+                .is_some_and(|h| seg.ack.wrapping_sub(h) as i32 > 0);
+        past_fin || rel.unsigned_abs() > max_jump as u64 || (rel > 0 && acks_unseen)
+    }
+}
+
+/// What is remembered of a connection that closed, to tell its late retransmissions from a new
+/// connection on the same 4-tuple.
+#[derive(Clone, Copy)]
+struct Ended {
+    client: SocketAddr,
+    /// Per direction, the sequence number just past the last byte (or FIN) seen.
+    end_seq: [Option<u32>; 2],
+}
+
+impl Ended {
+    /// A segment after the close: a late copy of what the connection sent (at or behind its
+    /// end, within a jump), or the start of a new connection whose SYN was not seen.
+    fn is_new_connection(&self, seg: &Segment, max_jump: u32) -> bool {
+        let dir = if seg.flow.src == self.client {
+            Direction::ToServer
+        } else {
+            Direction::ToClient
+        };
+        match self.end_seq[dir as usize] {
+            Some(end) => {
+                let rel = seg.seq.wrapping_sub(end) as i32;
+                rel > 0 || rel.unsigned_abs() > max_jump
+            }
+            None => false,
+        }
+    }
 }
 
 struct Flow<C> {
@@ -167,8 +264,17 @@ struct Flow<C> {
     last_ts: TimestampNs,
 }
 
-/// Connection key, oriented (client, server).
+/// Connection key: the two endpoints, lower first, so that both directions find the flow.
 type ConnKey = (SocketAddr, SocketAddr);
+
+fn conn_key(seg: &Segment) -> ConnKey {
+    let (a, b) = (seg.flow.src, seg.flow.dst);
+    if a <= b {
+        (a, b)
+    } else {
+        (b, a)
+    }
+}
 
 pub struct Reassembler<H: StreamHandler> {
     cfg: ReassemblyConfig,
@@ -176,7 +282,7 @@ pub struct Reassembler<H: StreamHandler> {
     /// Connections that hold out-of-order data, for the hole timeout.
     with_holes: HashSet<ConnKey>,
     /// Recently closed connections, so that late retransmissions do not reopen them.
-    closed: LruCache<ConnKey, ()>,
+    closed: LruCache<ConnKey, Ended>,
     next_id: ConnId,
     ooo_total: usize,
     stats: ReassemblyStats,
@@ -220,37 +326,96 @@ impl<H: StreamHandler> Reassembler<H> {
         self.flows.len()
     }
 
-    fn orient(&self, seg: &Segment) -> (ConnKey, Direction) {
+    fn is_server(&self, addr: SocketAddr) -> bool {
+        self.cfg.server_ports.contains(&addr.port())
+            && (self.cfg.server_addrs.is_empty()
+                || self.cfg.server_addrs.contains(&addr.ip().to_canonical()))
+    }
+
+    /// The client of a connection first seen with `seg`.
+    fn client_of(&self, seg: &Segment) -> SocketAddr {
         let (src, dst) = (seg.flow.src, seg.flow.dst);
-        let ports = &self.cfg.server_ports;
-        let to_server = if ports.contains(&dst.port()) {
-            true
-        } else if ports.contains(&src.port()) {
-            false
-        } else if seg.flags.contains(TcpFlags::SYN) {
-            !seg.flags.contains(TcpFlags::ACK)
-        } else {
-            true
-        };
-        if to_server {
-            ((src, dst), Direction::ToServer)
-        } else {
-            ((dst, src), Direction::ToClient)
+        if seg.flags.contains(TcpFlags::SYN) {
+            return if seg.flags.contains(TcpFlags::ACK) {
+                dst
+            } else {
+                src
+            };
         }
+        match (self.is_server(dst), self.is_server(src)) {
+            (true, false) => src,
+            (false, true) => dst,
+            _ if seg.payload.starts_with(b"HTTP/") => dst,
+            _ => src,
+        }
+    }
+
+    /// Whether `seg` starts a new connection on a tracked 4-tuple; if so, its client.
+    fn supersedes(&mut self, key: &ConnKey, seg: &Segment) -> Option<SocketAddr> {
+        let flow = self.flows.peek(key)?;
+        let from_client = seg.flow.src == flow.info.client;
+        let dir = if from_client {
+            Direction::ToServer
+        } else {
+            Direction::ToClient
+        };
+        let d = &flow.dirs[dir as usize];
+        if seg.flags.contains(TcpFlags::SYN) {
+            let synack = seg.flags.contains(TcpFlags::ACK);
+            if d.isn == Some(seg.seq) {
+                self.stats.duplicate_syns += 1;
+                return None;
+            }
+            // A SYN opens its direction of a connection not yet under way; one from the wrong
+            // side, or into a connection that already carries bytes, starts another.
+            let other = &flow.dirs[1 - dir as usize];
+            let opens = d.next_seq.is_none()
+                && if synack {
+                    !from_client
+                } else {
+                    from_client && other.next_seq.is_none()
+                };
+            if opens {
+                return None;
+            }
+            self.stats.superseded_by_syn += 1;
+            return Some(if synack { seg.flow.dst } else { seg.flow.src });
+        }
+        if seg.payload.is_empty() && !seg.flags.contains(TcpFlags::FIN) {
+            return None;
+        }
+        let peer = &flow.dirs[1 - dir as usize];
+        if d.foreign(seg, peer, self.cfg.max_seq_jump) {
+            self.stats.superseded_without_syn += 1;
+            return Some(flow.info.client);
+        }
+        None
     }
 
     pub fn process(&mut self, seg: &Segment) {
         self.stats.segments += 1;
         self.stats.payload_bytes += seg.payload.len() as u64;
-        let (key, dir) = self.orient(seg);
+        let key = conn_key(seg);
         let is_syn = seg.flags.contains(TcpFlags::SYN);
-        if !self.flows.contains(&key) {
-            if self.closed.contains(&key) && !is_syn {
-                self.stats.after_close_segments += 1;
-                return;
+        if self.flows.contains(&key) {
+            if let Some(client) = self.supersedes(&key, seg) {
+                self.close_flow(&key, CloseReason::Superseded, seg.ts);
+                self.open_flow(key, client, seg.ts);
             }
-            self.closed.pop(&key);
-            self.open_flow(key, seg.ts);
+        } else {
+            if let Some(ended) = self.closed.peek(&key) {
+                if !is_syn && !ended.is_new_connection(seg, self.cfg.max_seq_jump) {
+                    self.stats.after_close_segments += 1;
+                    self.stats.discarded_bytes += seg.payload.len() as u64;
+                    return;
+                }
+                if !is_syn {
+                    self.stats.superseded_without_syn += 1;
+                }
+                self.closed.pop(&key);
+            }
+            let client = self.client_of(seg);
+            self.open_flow(key, client, seg.ts);
         }
         let Reassembler {
             flows,
@@ -267,9 +432,15 @@ impl<H: StreamHandler> Reassembler<H> {
             self.close_flow(&key, CloseReason::Rst, seg.ts);
             return;
         }
+        let dir = if seg.flow.src == flow.info.client {
+            Direction::ToServer
+        } else {
+            Direction::ToClient
+        };
         let d = &mut flow.dirs[dir as usize];
         if d.next_seq.is_none() {
             if is_syn {
+                d.isn = Some(seg.seq);
                 d.next_seq = Some(seg.seq.wrapping_add(1));
             } else {
                 d.next_seq = Some(seg.seq);
@@ -374,17 +545,18 @@ impl<H: StreamHandler> Reassembler<H> {
         }
     }
 
-    fn open_flow(&mut self, key: ConnKey, ts: TimestampNs) {
+    fn open_flow(&mut self, key: ConnKey, client: SocketAddr, ts: TimestampNs) {
         if self.flows.len() >= self.cfg.max_flows {
             if let Some((old, _)) = self.flows.peek_lru() {
                 let old = *old;
                 self.close_flow(&old, CloseReason::Evicted, ts);
             }
         }
+        let server = if key.0 == client { key.1 } else { key.0 };
         let info = ConnInfo {
             id: self.next_id,
-            client: key.0,
-            server: key.1,
+            client,
+            server,
         };
         self.next_id += 1;
         self.stats.connections += 1;
@@ -401,30 +573,45 @@ impl<H: StreamHandler> Reassembler<H> {
     }
 
     fn close_flow(&mut self, key: &ConnKey, reason: CloseReason, ts: TimestampNs) {
-        let Some(flow) = self.flows.pop(key) else {
+        let Some(mut flow) = self.flows.pop(key) else {
             return;
         };
-        for d in &flow.dirs {
-            self.ooo_total -= d.ooo_bytes;
-            self.stats.discarded_bytes += d.ooo_bytes as u64;
+        self.with_holes.remove(key);
+        for dir in [Direction::ToServer, Direction::ToClient] {
+            let d = &mut flow.dirs[dir as usize];
+            let mut ctx = DirCtx {
+                cfg: &self.cfg,
+                stats: &mut self.stats,
+                ooo_total: &mut self.ooo_total,
+                handler: &mut self.handler,
+                conn: &mut flow.conn,
+                info: &flow.info,
+                dir,
+            };
+            // No retransmission can fill the holes now: what arrived beyond them is handed over
+            // after a gap, so that whole messages there still count.
+            while !d.ooo.is_empty() {
+                ctx.skip_hole(d, ts);
+                ctx.drain(d, ts);
+            }
             // With the FIN seen, the bytes still missing before it are known to be lost.
             if let Some(fin) = d.fin_at {
-                let missing = fin
-                    .saturating_sub(d.delivered)
-                    .saturating_sub(d.ooo_bytes as u64);
-                self.stats.lost_bytes += missing;
+                self.stats.lost_bytes += fin.saturating_sub(d.delivered);
             }
         }
-        self.with_holes.remove(key);
         match reason {
             CloseReason::Fin => self.stats.closed_fin += 1,
             CloseReason::Rst => self.stats.closed_rst += 1,
             CloseReason::Idle => self.stats.evicted_idle += 1,
             CloseReason::Evicted => self.stats.evicted_full += 1,
-            CloseReason::Shutdown => {}
+            CloseReason::Superseded | CloseReason::Shutdown => {}
         }
         if matches!(reason, CloseReason::Fin | CloseReason::Rst) {
-            self.closed.put(*key, ());
+            let ended = Ended {
+                client: flow.info.client,
+                end_seq: [0, 1].map(|i| flow.dirs[i].end_seq()),
+            };
+            self.closed.put(*key, ended);
         }
         self.handler.close(flow.conn, &flow.info, reason, ts);
     }
@@ -607,3 +794,6 @@ impl<H: StreamHandler> DirCtx<'_, H> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
