@@ -135,9 +135,16 @@ pub struct AttachArgs {
     #[arg(long, default_value_t = 10.0)]
     pub timeout: f64,
 
-    /// Requests waiting to be mirrored at most; when full, new ones are dropped and counted.
-    #[arg(long, default_value_t = 4096)]
-    pub queue: usize,
+    /// Bytes of requests waiting to be mirrored at most (e.g. 64M); when full, new ones are
+    /// dropped and counted. Default: a fifth of what --memory-budget leaves for traffic.
+    #[arg(long, value_parser = crate::budget::parse_size)]
+    pub queue_bytes: Option<u64>,
+
+    /// Memory the agent may use in all (e.g. 384M, 1G): the flow table, buffers, replay queue
+    /// and comparison are sized from it. Default: three quarters of the cgroup (pod) memory
+    /// limit, or 1G without one.
+    #[arg(long, value_parser = crate::budget::parse_size)]
+    pub memory_budget: Option<u64>,
 
     /// Version tag of the live service's rows, e.g. V1MIR-LiveBookService.
     #[arg(long, default_value = "live")]

@@ -23,6 +23,8 @@ pub struct CompareConfig {
     pub mirror_label: String,
     pub routes: Vec<RouteTemplate>,
     pub max_endpoints: usize,
+    /// (endpoint, version, code) series at most; results beyond go to `other` series.
+    pub max_series: usize,
     /// Live responses or mirror outcomes waiting for their other half, at most.
     pub max_pending: usize,
 }
@@ -34,6 +36,7 @@ impl Default for CompareConfig {
             mirror_label: "mirror".into(),
             routes: Vec::new(),
             max_endpoints: 500,
+            max_series: 4096,
             max_pending: 100_000,
         }
     }
@@ -136,8 +139,9 @@ pub enum Side {
 struct Agg {
     count: u64,
     sum_ns: u128,
-    /// Microseconds.
-    hist: Histogram<u64>,
+    /// Microseconds, two significant digits (1 % precision on percentiles) and 32-bit counts:
+    /// about a tenth of the memory of three digits and 64-bit counts, so that many series fit.
+    hist: Histogram<u32>,
 }
 
 impl Agg {
@@ -145,7 +149,7 @@ impl Agg {
         Agg {
             count: 0,
             sum_ns: 0,
-            hist: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+            hist: Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid bounds"),
         }
     }
     fn add(&mut self, ns: u64) {
@@ -153,6 +157,12 @@ impl Agg {
         self.sum_ns += ns as u128;
         self.hist.saturating_record((ns / 1000).max(1));
     }
+}
+
+/// Bytes one series costs: its histogram's counts, its key's strings and the map's node.
+pub fn series_bytes() -> u64 {
+    let counts = Agg::new().hist.distinct_values() * std::mem::size_of::<u32>();
+    (counts + std::mem::size_of::<Agg>() + 256) as u64
 }
 
 /// One row of the table.
@@ -191,6 +201,9 @@ pub struct Report {
     pub latency_ratios: Vec<LatencyRatio>,
     /// Results folded into `other` by the endpoint cap.
     pub other_endpoint_results: u64,
+    /// Results folded into `other` series by the series cap (the memory budget).
+    #[serde(default)]
+    pub other_series_results: u64,
     /// Live responses or mirror outcomes that never met their other half before being evicted.
     pub unpaired_evicted: u64,
 }
@@ -208,6 +221,7 @@ pub struct Comparator {
     aggs: BTreeMap<(String, Side, String), Agg>,
     endpoints: HashSet<String>,
     other: u64,
+    other_series: u64,
     waiting: [HashMap<PairKey, Half>; 2],
     order: VecDeque<(Side, PairKey)>,
     mismatches: BTreeMap<(String, String, String), u64>,
@@ -222,6 +236,7 @@ impl Comparator {
             aggs: BTreeMap::new(),
             endpoints: HashSet::new(),
             other: 0,
+            other_series: 0,
             waiting: [HashMap::new(), HashMap::new()],
             order: VecDeque::new(),
             mismatches: BTreeMap::new(),
@@ -272,10 +287,17 @@ impl Comparator {
     }
 
     fn record(&mut self, side: Side, key: PairKey, name: String, code: String, ns: u64) {
-        self.aggs
-            .entry((name.clone(), side, code.clone()))
-            .or_insert_with(Agg::new)
-            .add(ns);
+        let mut series = (name.clone(), side, code.clone());
+        if !self.aggs.contains_key(&series) && self.aggs.len() >= self.cfg.max_series {
+            // Over the cap: one `other` series per side and code, as long as a little headroom
+            // lasts, then one per side.
+            self.other_series += 1;
+            series.0 = "other".into();
+            if !self.aggs.contains_key(&series) && self.aggs.len() >= self.cfg.max_series + 64 {
+                series.2 = "other".into();
+            }
+        }
+        self.aggs.entry(series).or_insert_with(Agg::new).add(ns);
         let other = match side {
             Side::Live => Side::Mirror,
             Side::Mirror => Side::Live,
@@ -361,6 +383,7 @@ impl Comparator {
                 })
                 .collect(),
             other_endpoint_results: self.other,
+            other_series_results: self.other_series,
             unpaired_evicted: self.evicted,
         }
     }
@@ -513,6 +536,13 @@ pub fn format_table(r: &Report) -> String {
             out,
             "\n{} results folded into `other` by the endpoint cap",
             r.other_endpoint_results
+        );
+    }
+    if r.other_series_results > 0 {
+        let _ = writeln!(
+            out,
+            "\n{} results folded into `other` series by the memory budget (--memory-budget)",
+            r.other_series_results
         );
     }
     let _ = writeln!(out);

@@ -43,7 +43,13 @@ impl std::fmt::Debug for Sources {
 }
 
 /// Fields that are levels, not running totals.
-const GAUGES: &[&str] = &["ooo_bytes_held", "buffered_bytes", "inflight", "flows"];
+const GAUGES: &[&str] = &[
+    "ooo_bytes_held",
+    "buffered_bytes",
+    "inflight",
+    "flows",
+    "queued_bytes",
+];
 
 /// Exports a stats struct's numeric fields: `dropped_X` / `errors_X` / `stopped_X` fields become
 /// one counter with a `reason` / `kind` label; the others one metric each.
@@ -179,6 +185,13 @@ impl Collector for Sources {
                 MetricType::Counter,
             )?;
             ConstCounter::new(report.other_endpoint_results).encode(m)?;
+            let m = encoder.encode_descriptor(
+                "mirror_compare_other_series",
+                "Results folded into `other` series by the series cap (--memory-budget)",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(report.other_series_results).encode(m)?;
             let m = encoder.encode_descriptor(
                 "mirror_compare_unpaired_evicted",
                 "Live or mirror results evicted before pairing",

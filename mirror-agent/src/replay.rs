@@ -5,14 +5,16 @@
 //! a rate cap and a timeout; replies are read to the end (so connections stay reusable) and only
 //! their status and timing are kept, as `MirrorOutcome`s for the comparison stage. While the
 //! mirror refuses connections, sending backs off exponentially (connections are retried, never
-//! requests), and what is dropped meanwhile is counted.
+//! requests), and what is dropped meanwhile is counted; a prober tries to connect every few tens
+//! of milliseconds meanwhile, so that mirroring resumes as soon as the mirror is back. The queue
+//! is bounded in bytes, so that a burst of small requests fits where a few large ones would not.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
@@ -57,9 +59,12 @@ pub struct ReplayConfig {
     pub max_rps: Option<f64>,
     pub max_inflight: usize,
     pub timeout: Duration,
-    /// Requests waiting to be sent at most.
-    pub queue: usize,
+    /// Bytes of requests waiting to be sent at most (each counted with `QUEUE_ENTRY_OVERHEAD`).
+    pub queue_bytes: usize,
 }
+
+/// What a queued request costs beyond its bytes (the request's own fields and header index).
+pub const QUEUE_ENTRY_OVERHEAD: usize = 512;
 
 impl ReplayConfig {
     pub fn new(mirror: Uri) -> Self {
@@ -73,7 +78,7 @@ impl ReplayConfig {
             max_rps: None,
             max_inflight: 256,
             timeout: Duration::from_secs(10),
-            queue: 4096,
+            queue_bytes: 64 << 20,
         }
     }
 }
@@ -193,7 +198,11 @@ pub struct ReplayStats {
     pub errors_other: AtomicU64,
     /// Outcomes the comparison stage could not take (its queue was full).
     pub outcomes_dropped: AtomicU64,
+    /// Times the mirror was found back by the prober while sending was backing off.
+    pub probe_recoveries: AtomicU64,
     pub inflight: AtomicU64,
+    /// Gauge: bytes of requests waiting in the queue.
+    pub queued_bytes: AtomicUsize,
 }
 
 fn inc(c: &AtomicU64) {
@@ -204,8 +213,12 @@ fn inc(c: &AtomicU64) {
 #[derive(Clone)]
 pub struct Replayer {
     cfg: Arc<ReplayConfig>,
-    tx: mpsc::Sender<Request>,
+    tx: mpsc::UnboundedSender<Request>,
     stats: Arc<ReplayStats>,
+}
+
+fn queue_cost(req: &Request) -> usize {
+    req.raw.len() + QUEUE_ENTRY_OVERHEAD
 }
 
 impl Replayer {
@@ -217,7 +230,8 @@ impl Replayer {
     ) -> (Replayer, tokio::task::JoinHandle<()>) {
         let cfg = Arc::new(cfg);
         let stats = Arc::new(ReplayStats::default());
-        let (tx, rx) = mpsc::channel(cfg.queue.max(1));
+        // Unbounded as a channel, bounded in bytes by `offer`.
+        let (tx, rx) = mpsc::unbounded_channel();
         let task = rt.spawn(dispatch(Arc::clone(&cfg), rx, Arc::clone(&stats), outcomes));
         (Replayer { cfg, tx, stats }, task)
     }
@@ -240,13 +254,23 @@ impl Replayer {
                 return false;
             }
         }
-        match self.tx.try_send(req) {
-            Ok(()) => true,
-            Err(_) => {
-                inc(&self.stats.dropped_queue_full);
-                false
-            }
+        let cost = queue_cost(&req);
+        let queued = &self.stats.queued_bytes;
+        let admitted = queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q + cost <= self.cfg.queue_bytes).then_some(q + cost)
+            })
+            .is_ok();
+        if !admitted {
+            inc(&self.stats.dropped_queue_full);
+            return false;
         }
+        if self.tx.send(req).is_err() {
+            queued.fetch_sub(cost, Ordering::AcqRel);
+            inc(&self.stats.dropped_queue_full);
+            return false;
+        }
+        true
     }
 }
 
@@ -283,17 +307,57 @@ impl Backoff {
     fn blocked(&self) -> bool {
         self.until.is_some_and(|t| Instant::now() < t)
     }
-    fn failed(&mut self) {
+    /// Returns whether sending now pauses.
+    fn failed(&mut self) -> bool {
         self.failures += 1;
         if self.failures >= 3 {
             let ms = (50u64 << (self.failures - 3).min(7)).min(5_000);
             self.until = Some(Instant::now() + Duration::from_millis(ms));
+            return true;
         }
+        false
     }
     fn succeeded(&mut self) {
         self.failures = 0;
         self.until = None;
     }
+}
+
+/// Every `PROBE_EVERY` (± half, so that agents on many nodes do not probe in step), tries to
+/// connect to the mirror while sending backs off; the first connection accepted ends the
+/// backoff. One prober at a time.
+const PROBE_EVERY: Duration = Duration::from_millis(30);
+
+async fn probe_until_back(
+    mirror: Uri,
+    backoff: Arc<Mutex<Backoff>>,
+    probing: Arc<AtomicBool>,
+    stats: Arc<ReplayStats>,
+) {
+    let host = mirror
+        .host()
+        .unwrap_or_default()
+        .trim_matches(|c| c == '[' || c == ']')
+        .to_string();
+    let port = mirror.port_u16().unwrap_or(80);
+    let mut jitter = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.subsec_nanos() as u64 | 1);
+    while backoff.lock().unwrap().blocked() {
+        // xorshift: a cheap spread of the probe times.
+        jitter ^= jitter << 13;
+        jitter ^= jitter >> 7;
+        jitter ^= jitter << 17;
+        let half = PROBE_EVERY.as_millis() as u64 / 2;
+        tokio::time::sleep(Duration::from_millis(half + jitter % (2 * half + 1))).await;
+        let connect = tokio::net::TcpStream::connect((host.as_str(), port));
+        if let Ok(Ok(_)) = tokio::time::timeout(PROBE_EVERY, connect).await {
+            backoff.lock().unwrap().succeeded();
+            inc(&stats.probe_recoveries);
+            break;
+        }
+    }
+    probing.store(false, Ordering::Release);
 }
 
 type MirrorClient = Client<HttpConnector, ReplayBody>;
@@ -354,7 +418,7 @@ impl Body for ReplayBody {
 
 async fn dispatch(
     cfg: Arc<ReplayConfig>,
-    mut rx: mpsc::Receiver<Request>,
+    mut rx: mpsc::UnboundedReceiver<Request>,
     stats: Arc<ReplayStats>,
     outcomes: mpsc::Sender<MirrorOutcome>,
 ) {
@@ -368,12 +432,16 @@ async fn dispatch(
         .build(connector);
     let inflight = Arc::new(Semaphore::new(cfg.max_inflight.max(1)));
     let backoff = Arc::new(Mutex::new(Backoff::default()));
+    let probing = Arc::new(AtomicBool::new(false));
     let mut bucket = cfg.max_rps.map(|rate| TokenBucket {
         rate,
         tokens: rate.max(1.0),
         last: Instant::now(),
     });
     while let Some(req) = rx.recv().await {
+        stats
+            .queued_bytes
+            .fetch_sub(queue_cost(&req), Ordering::AcqRel);
         if let Some(b) = bucket.as_mut() {
             if !b.take() {
                 inc(&stats.dropped_rate_limit);
@@ -406,6 +474,7 @@ async fn dispatch(
             Arc::clone(&backoff),
             cfg.timeout,
         );
+        let (mirror, probing) = (cfg.mirror.clone(), Arc::clone(&probing));
         inc(&stats.sent);
         stats.inflight.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
@@ -420,7 +489,15 @@ async fn dispatch(
                 MirrorResult::Timeout => inc(&stats.errors_timeout),
                 MirrorResult::Refused => {
                     inc(&stats.errors_refused);
-                    backoff.lock().unwrap().failed();
+                    let paused = backoff.lock().unwrap().failed();
+                    if paused && !probing.swap(true, Ordering::AcqRel) {
+                        tokio::spawn(probe_until_back(
+                            mirror,
+                            Arc::clone(&backoff),
+                            probing,
+                            Arc::clone(&stats),
+                        ));
+                    }
                 }
                 MirrorResult::Reset => inc(&stats.errors_reset),
                 MirrorResult::Error => inc(&stats.errors_other),

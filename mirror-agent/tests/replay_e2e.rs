@@ -397,8 +397,8 @@ fn a_down_slow_or_resetting_mirror_costs_live_users_nothing() {
                 "2",
                 "--max-inflight",
                 "64",
-                "--queue",
-                "256",
+                "--queue-bytes",
+                "128K",
             ],
         );
         let with_agent = best_median(&pair.client, live_addr, N);

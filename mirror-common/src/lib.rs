@@ -87,9 +87,13 @@ pub enum Counter {
     SkipSampledOut,
     /// Pure ACKs: no payload and no SYN, FIN or RST, so nothing for reassembly.
     SkipNoPayload,
+    /// Of `Cloned`, segments towards the service whose payload starts like a request
+    /// (`is_request_start`). The agent counts the same on what it receives: the difference is
+    /// the requests whose first segment was lost between the clone and the agent.
+    ClonedRequestStarts,
 }
 
-pub const COUNTER_COUNT: u32 = Counter::SkipNoPayload as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::ClonedRequestStarts as u32 + 1;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -108,6 +112,7 @@ impl Counter {
         Counter::SkipOtherAddr,
         Counter::SkipSampledOut,
         Counter::SkipNoPayload,
+        Counter::ClonedRequestStarts,
     ];
 
     /// Stable snake_case name, used in metrics labels and dumps.
@@ -128,8 +133,23 @@ impl Counter {
             Counter::SkipOtherAddr => "skip_other_addr",
             Counter::SkipSampledOut => "skip_sampled_out",
             Counter::SkipNoPayload => "skip_no_payload",
+            Counter::ClonedRequestStarts => "cloned_request_starts",
         }
     }
+}
+
+/// Bytes of payload that `is_request_start` looks at.
+pub const REQUEST_START_LEN: usize = 4;
+
+/// Whether a segment's payload starts like an HTTP/1.x request line (a method and its space, as
+/// far as four bytes show it). The kernel and the agent apply the same test to the same
+/// segments, so that their counts can be compared.
+#[inline(always)]
+pub fn is_request_start(p: &[u8; REQUEST_START_LEN]) -> bool {
+    matches!(
+        p,
+        b"GET " | b"POST" | b"PUT " | b"HEAD" | b"DELE" | b"PATC" | b"OPTI" | b"TRAC" | b"CONN"
+    )
 }
 
 /// Symmetric flow hash: the same value for both directions of a connection, so that sampling

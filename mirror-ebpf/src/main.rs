@@ -14,8 +14,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use mirror_common::{
-    flow_hash, AddrKey, Counter, MirrorConfig, COUNTER_COUNT, FLAG_ADDR_FILTER, FLAG_ENABLED,
-    FLAG_RESPONSES, MAX_LIVE_ADDRS, MAX_LIVE_PORTS, SAMPLE_ALL,
+    flow_hash, is_request_start, AddrKey, Counter, MirrorConfig, COUNTER_COUNT, FLAG_ADDR_FILTER,
+    FLAG_ENABLED, FLAG_RESPONSES, MAX_LIVE_ADDRS, MAX_LIVE_PORTS, REQUEST_START_LEN, SAMPLE_ALL,
 };
 use network_types::{
     eth::EthHdr,
@@ -68,6 +68,8 @@ struct Tuple {
     dport: u16,
     /// No payload and no SYN, FIN or RST: reassembly has no use for it.
     pure_ack: bool,
+    /// Offset of the TCP payload in the packet.
+    payload_at: usize,
 }
 
 /// Decides and, when it matches, clones. Returns the outcome counter.
@@ -114,7 +116,18 @@ fn mirror(ctx: &TcContext) -> Counter {
     // Flags 0: the clone leaves through the mirror interface's egress, so its veth peer
     // receives it, where the agent's AF_PACKET socket reads it.
     match ctx.clone_redirect(cfg.mirror_ifindex, 0) {
-        Ok(()) => Counter::Cloned,
+        Ok(()) => {
+            // Lets the agent count the requests that a full capture ring (or anything else on
+            // the way) lost: it applies the same test to the segments it receives.
+            if is_request {
+                if let Ok(head) = ctx.load::<[u8; REQUEST_START_LEN]>(tuple.payload_at) {
+                    if is_request_start(&head) {
+                        count(Counter::ClonedRequestStarts);
+                    }
+                }
+            }
+            Counter::Cloned
+        }
         Err(err) => {
             debug!(
                 ctx,
@@ -179,6 +192,7 @@ fn parse(ctx: &TcContext) -> Result<Tuple, Counter> {
         sport: u16::from_be_bytes([tcp[0], tcp[1]]),
         dport: u16::from_be_bytes([tcp[2], tcp[3]]),
         pure_ack: ip_len != 0 && ip_len <= tcp_len && tcp[13] & TCP_FIN_SYN_RST == 0,
+        payload_at: l4 + tcp_len,
     })
 }
 

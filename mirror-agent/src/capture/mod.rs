@@ -82,6 +82,14 @@ pub struct CaptureStats {
     /// Frames the kernel could not put in the ring (it was full).
     pub ring_drops: AtomicU64,
     pub ring_freezes: AtomicU64,
+    /// Segments towards the service that start like a request: what reached the agent of the
+    /// kernel's `cloned_request_starts`.
+    pub request_starts: AtomicU64,
+    /// Requests whose first segment the kernel cloned but the agent never received (a full
+    /// ring, a full backlog): the kernel's count less `request_starts`.
+    pub requests_lost: AtomicU64,
+    /// Segments read from the ring after the stop while the next stage was still full.
+    pub dropped_at_stop: AtomicU64,
 }
 
 impl CaptureStats {
@@ -102,6 +110,8 @@ pub struct Capture {
     stop: Arc<AtomicBool>,
     reader: Option<JoinHandle<()>>,
     stats: Arc<CaptureStats>,
+    /// The kernel's `cloned_request_starts` at the previous `account_lost_requests`.
+    kernel_request_starts: AtomicU64,
     attached: Vec<(Target, Hook, AttachMode)>,
     _locks: Vec<netdev::TargetLock>,
 }
@@ -131,6 +141,7 @@ impl Capture {
         let host_veth = format!("mirr{}", std::process::id());
         let (reader, ready) = spawn_reader(
             cfg.read_clones.then_some(cfg.ring),
+            cfg.matching.clone(),
             tx,
             Arc::clone(&stats),
             Arc::clone(&stop),
@@ -143,6 +154,7 @@ impl Capture {
             stop,
             reader: Some(reader),
             stats,
+            kernel_request_starts: AtomicU64::new(0),
             attached: Vec::new(),
             _locks: locks,
         };
@@ -201,19 +213,41 @@ impl Capture {
             .counters()
     }
 
-    /// Disables, detaches, stops the reader and removes the mirror interface. Returns the final
-    /// kernel counters.
+    /// Updates `requests_lost` from the kernel's counters; call it about once a second. While
+    /// running, the kernel's count from the previous call is compared with what has been
+    /// received by now, so that segments still on their way are not taken for lost (an
+    /// underestimate at worst); `stop` makes the count exact.
+    pub fn account_lost_requests(&self, kernel: &[u64; COUNTER_COUNT as usize]) {
+        let now = kernel[Counter::ClonedRequestStarts as usize];
+        let before = self.kernel_request_starts.swap(now, Ordering::Relaxed);
+        self.record_lost_requests(before);
+    }
+
+    fn record_lost_requests(&self, cloned: u64) {
+        let received = self.stats.request_starts.load(Ordering::Relaxed);
+        self.stats
+            .requests_lost
+            .fetch_max(cloned.saturating_sub(received), Ordering::Relaxed);
+    }
+
+    /// Disables, detaches, stops the reader (after it has read what the ring still holds) and
+    /// removes the mirror interface. Returns the final kernel counters.
     pub fn stop(mut self) -> Result<[u64; COUNTER_COUNT as usize]> {
-        let counters = self.kernel_counters();
-        self.shutdown();
+        let counters = self.shutdown();
+        if let Ok(c) = &counters {
+            self.record_lost_requests(c[Counter::ClonedRequestStarts as usize]);
+        }
         counters
     }
 
-    fn shutdown(&mut self) {
+    fn shutdown(&mut self) -> Result<[u64; COUNTER_COUNT as usize]> {
+        let mut counters = Err(anyhow!("program not loaded"));
         if let Some(mut program) = self.program.take() {
             if let Err(e) = program.disable() {
                 log::warn!("disabling the program: {e:#}");
             }
+            // Nothing is cloned any more: these counts are final.
+            counters = program.counters();
             // Dropping the program detaches every link and filter it owns.
             drop(program);
         }
@@ -222,12 +256,13 @@ impl Capture {
             let _ = reader.join();
         }
         netdev::delete_link(&self.host_veth);
+        counters
     }
 }
 
 impl Drop for Capture {
     fn drop(&mut self) {
-        self.shutdown();
+        let _ = self.shutdown();
     }
 }
 
@@ -272,6 +307,7 @@ fn preflight() -> Result<()> {
 /// returned closure creates the veth pair and waits until the reader is ready.
 fn spawn_reader(
     ring_cfg: Option<RingConfig>,
+    matching: MatchConfig,
     tx: Sender<SegmentBatch>,
     stats: Arc<CaptureStats>,
     stop: Arc<AtomicBool>,
@@ -308,7 +344,7 @@ fn spawn_reader(
             match ring {
                 Ok(Some(ring)) => {
                     let _ = ready_tx.send(Ok(()));
-                    read_loop(ring, &tx, &stats, &stop);
+                    read_loop(ring, &matching, &tx, &stats, &stop);
                 }
                 Ok(None) => {
                     let _ = ready_tx.send(Ok(()));
@@ -342,14 +378,25 @@ fn spawn_reader(
 
 fn read_loop(
     mut ring: PacketRing,
+    matching: &MatchConfig,
     tx: &Sender<SegmentBatch>,
     stats: &CaptureStats,
     stop: &AtomicBool,
 ) {
     let mut last_stats = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
+    // After the stop, what the ring still holds (blocks retire within a few milliseconds) is
+    // read too, so that nothing the kernel cloned is left unread.
+    let mut drain_until: Option<Instant> = None;
+    loop {
+        if drain_until.is_none() && stop.load(Ordering::Relaxed) {
+            drain_until = Some(Instant::now() + Duration::from_millis(50));
+        }
+        if drain_until.is_some_and(|t| Instant::now() >= t) {
+            break;
+        }
         let mut batch = Vec::new();
-        let res = ring.poll_block(100, |frame| {
+        let timeout_ms = if drain_until.is_some() { 10 } else { 100 };
+        let res = ring.poll_block(timeout_ms, |frame| {
             stats.frames.fetch_add(1, Ordering::Relaxed);
             stats
                 .bytes
@@ -359,7 +406,12 @@ fn read_loop(
                 return;
             }
             match parse_frame(&frame.data, frame.ts_ns) {
-                Ok(seg) => batch.push(seg),
+                Ok(seg) => {
+                    if matching.is_request_start(&seg) {
+                        stats.request_starts.fetch_add(1, Ordering::Relaxed);
+                    }
+                    batch.push(seg)
+                }
                 Err(e) => stats.frame_error(e),
             }
         });
@@ -378,7 +430,10 @@ fn read_loop(
                     Err(SendTimeoutError::Timeout(b)) => {
                         stats.channel_full_waits.fetch_add(1, Ordering::Relaxed);
                         if stop.load(Ordering::Relaxed) {
-                            return;
+                            stats
+                                .dropped_at_stop
+                                .fetch_add(b.len() as u64, Ordering::Relaxed);
+                            break;
                         }
                         pending = b;
                     }

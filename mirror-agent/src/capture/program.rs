@@ -67,6 +67,21 @@ pub struct MatchConfig {
     pub sample_ppm: u32,
 }
 
+impl MatchConfig {
+    /// The kernel's `cloned_request_starts` test, applied to a received segment: towards the
+    /// service, and its payload starts like a request.
+    pub fn is_request_start(&self, seg: &crate::segment::Segment) -> bool {
+        let dst = seg.flow.dst;
+        let head = seg
+            .payload
+            .get(..mirror_common::REQUEST_START_LEN)
+            .and_then(|h| h.try_into().ok());
+        self.ports.contains(&dst.port())
+            && (self.addrs.is_empty() || self.addrs.contains(&dst.ip().to_canonical()))
+            && head.is_some_and(mirror_common::is_request_start)
+    }
+}
+
 pub struct KernelProgram {
     ebpf: Ebpf,
 }
