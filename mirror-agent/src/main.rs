@@ -124,7 +124,6 @@ fn attach(args: AttachArgs) -> Result<()> {
         max_endpoints: args.max_endpoints,
         max_series: plan.max_series,
         max_pending: plan.max_pending_pairs,
-        ..CompareConfig::default()
     })));
     let compare_mirror = Arc::clone(&comparator);
     let outcomes = rt.spawn(async move {
