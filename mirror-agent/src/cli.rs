@@ -85,6 +85,11 @@ pub struct AttachArgs {
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(2..=1024))]
     pub ring_mb: u32,
 
+    /// Ring blocks of this many KiB instead of 1 MiB (--ring-mb then counts blocks): tests use
+    /// a tiny ring to force capture drops.
+    #[arg(long, hide = true, value_parser = clap::value_parser!(u32).range(64..=1024))]
+    pub ring_block_kb: Option<u32>,
+
     /// Write the captured streams, per flow, to this file on exit.
     #[arg(long)]
     pub dump: Option<PathBuf>,

@@ -72,6 +72,9 @@ fn attach(args: AttachArgs) -> Result<()> {
         attach_mode: args.attach_mode,
         ring: RingConfig {
             block_count: args.ring_mb as usize,
+            block_size: args
+                .ring_block_kb
+                .map_or(RingConfig::default().block_size, |kb| kb as usize * 1024),
             ..RingConfig::default()
         },
         ebpf_log: args.ebpf_log,

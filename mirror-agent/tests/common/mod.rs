@@ -449,7 +449,8 @@ fn serve(stream: TcpStream, peer: SocketAddr, st: &ServerState) {
                 .into_bytes();
         resp.extend_from_slice(&resp_body);
         send(&mut writer, &resp);
-        if close {
+        // A stopping server closes busy connections too, after the answer in progress.
+        if close || st.stop.load(Ordering::Relaxed) {
             return;
         }
     }

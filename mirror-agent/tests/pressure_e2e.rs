@@ -1,0 +1,421 @@
+//! Under pressure, nothing is lost silently and nothing is invented (root only): connections
+//! from the live port, capture-ring drops under connection churn, a mirror that restarts, a
+//! burst of requests, and thousands of distinct paths within a memory budget.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const MIRROR: &str = "127.0.0.1:9090";
+
+/// These tests load the machine: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A number from the agent's exit summary: `name: N` (Debug lines) or `name=N` (capture line).
+fn stat(stderr: &str, name: &str) -> u64 {
+    for sep in [": ", "="] {
+        let key = format!("{name}{sep}");
+        if let Some(rest) = stderr
+            .match_indices(&key)
+            .find(|(i, _)| {
+                *i == 0
+                    || !stderr.as_bytes()[i - 1].is_ascii_alphanumeric()
+                        && stderr.as_bytes()[i - 1] != b'_'
+            })
+            .map(|(i, _)| &stderr[i + key.len()..])
+        {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            return digits
+                .parse()
+                .unwrap_or_else(|_| panic!("{name} in {stderr}"));
+        }
+    }
+    panic!("no {name} in the agent's summary:\n{stderr}")
+}
+
+/// The sum of every `dropped_*` counter on the summary line that starts with `prefix`.
+fn dropped(stderr: &str, prefix: &str) -> u64 {
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} line:\n{stderr}"));
+    line.split(['{', ',', '}'])
+        .filter_map(|f| f.trim().strip_prefix("dropped_"))
+        .filter_map(|f| f.split_once(": ").and_then(|(_, n)| n.parse::<u64>().ok()))
+        .sum()
+}
+
+/// Runs `f` on a thread inside `ns`.
+fn in_ns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = ns.path();
+    std::thread::spawn(move || {
+        netlab::enter_netns(&path);
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// One request on a new connection that the server closes; returns whether a response came.
+fn one_shot(stream: &mut TcpStream, target: &str) -> bool {
+    let req = format!("GET {target} HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n");
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    if stream.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out);
+    out.starts_with(b"HTTP/1.1 200")
+}
+
+fn targets(server: &TestServer) -> Vec<String> {
+    server.log().into_iter().map(|r| r.target).collect()
+}
+
+/// Waits (bounded) until the server's request count stops growing.
+fn settle(server: &TestServer) -> usize {
+    let mut last = usize::MAX;
+    netlab::wait_until(Duration::from_secs(20), || {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = server.requests();
+        std::mem::replace(&mut last, now) == now
+    });
+    server.requests()
+}
+
+#[test]
+fn connections_from_the_live_port_are_all_mirrored() {
+    require_root();
+    let _serial = serial();
+    let pair = Pair::new("lp", 237);
+    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+    let _live = TestServer::start(&pair.server, &[live_addr]);
+    let mirror = TestServer::start(&pair.server, &[MIRROR.parse().unwrap()]);
+    let agent = Agent::start(
+        &pair.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "8080",
+            "--mirror",
+            &format!("http://{MIRROR}"),
+        ],
+    );
+    let answered = in_ns(&pair.client, move || {
+        let mut answered = 0;
+        for i in 0..10 {
+            // Every connection from port 8080, the live port, one after another on one 4-tuple.
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_reuse_address(true).unwrap();
+            s.bind(&"0.0.0.0:8080".parse::<SocketAddr>().unwrap().into())
+                .unwrap();
+            s.connect_timeout(&live_addr.into(), Duration::from_secs(5))
+                .unwrap();
+            let mut stream: TcpStream = s.into();
+            answered += one_shot(&mut stream, &format!("/from-live-port/{i}")) as usize;
+        }
+        answered
+    });
+    assert_eq!(answered, 10);
+    netlab::wait_until(Duration::from_secs(10), || mirror.requests() >= 10);
+    let stderr = agent.terminate();
+    let mut got = targets(&mirror);
+    got.sort();
+    let mut want: Vec<String> = (0..10).map(|i| format!("/from-live-port/{i}")).collect();
+    want.sort();
+    assert_eq!(got, want, "agent:\n{stderr}");
+    assert_eq!(stat(&stderr, "lost_bytes"), 0, "{stderr}");
+}
+
+#[test]
+fn capture_drops_under_churn_invent_nothing_and_are_counted_as_requests() {
+    require_root();
+    let _serial = serial();
+    let pair = Pair::new("cd", 238);
+    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+    let live = TestServer::start(&pair.server, &[live_addr]);
+    let mirror = TestServer::start(&pair.server, &[MIRROR.parse().unwrap()]);
+    // Two 64 KiB blocks: the ring overflows whenever the agent falls a few ms behind.
+    let agent = Agent::start(
+        &pair.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "8080",
+            "--mirror",
+            &format!("http://{MIRROR}"),
+            "--ring-mb",
+            "2",
+            "--ring-block-kb",
+            "64",
+        ],
+    );
+    const THREADS: usize = 4;
+    const MAX_PER_THREAD: usize = 20_000;
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let sent: usize = (0..THREADS)
+        .map(|t| {
+            let path = pair.client.path();
+            std::thread::spawn(move || {
+                netlab::enter_netns(&path);
+                let mut n = 0;
+                while n < MAX_PER_THREAD && Instant::now() < deadline {
+                    if let Ok(mut s) =
+                        TcpStream::connect_timeout(&live_addr, Duration::from_secs(2))
+                    {
+                        one_shot(&mut s, &format!("/churn/{t}/{n}"));
+                    }
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .sum();
+    let served = settle(&live);
+    let received = settle(&mirror);
+    let stderr = agent.terminate();
+    eprintln!("sent {sent}, live served {served}, mirror received {received}\n{stderr}");
+
+    // Nothing invented: every mirrored request is one a client sent, and none twice.
+    let live_targets: HashSet<String> = targets(&live).into_iter().collect();
+    let mut seen = HashSet::new();
+    for t in targets(&mirror) {
+        assert!(
+            live_targets.contains(&t),
+            "the mirror got {t}, which no client sent"
+        );
+        assert!(seen.insert(t.clone()), "the mirror got {t} twice");
+    }
+    let ring_drops = stat(&stderr, "ring_drops");
+    assert!(
+        ring_drops > 0,
+        "the test did not force ring drops; nothing was checked under them"
+    );
+    // What did not reach the mirror is counted as requests, by reason.
+    let missing = served - received;
+    let counted = stat(&stderr, "requests_lost")
+        + stat(&stderr, "dropped_at_stop")
+        + dropped(&stderr, "http:")
+        + dropped(&stderr, "replay:");
+    eprintln!("missing {missing}, counted {counted}, ring drops {ring_drops}");
+    assert!(
+        counted as f64 >= 0.99 * missing as f64,
+        "{missing} requests did not reach the mirror, {counted} counted"
+    );
+    assert!(
+        counted as f64 <= 1.01 * missing as f64 + 10.0,
+        "counted {counted} for {missing} missing: counted twice"
+    );
+    assert!(
+        stat(&stderr, "lost_bytes") <= stat(&stderr, "payload_bytes"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_mirror_that_restarts_gets_what_live_served_while_it_was_up() {
+    require_root();
+    let _serial = serial();
+    let pair = Pair::new("mr", 239);
+    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+    let live = TestServer::start(&pair.server, &[live_addr]);
+    let agent = Agent::start(
+        &pair.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "8080",
+            "--mirror",
+            &format!("http://{MIRROR}"),
+        ],
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (path, stop) = (pair.client.path(), std::sync::Arc::clone(&stop));
+        std::thread::spawn(move || {
+            netlab::enter_netns(&path);
+            let mut s = TcpStream::connect(live_addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 4096];
+            let start = Instant::now();
+            let mut n = 0u64;
+            // About 1,000 requests a second on one keep-alive connection, for at most 30 s.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && start.elapsed() < Duration::from_secs(30)
+            {
+                let req = format!("GET /up/{n} HTTP/1.1\r\nHost: svc\r\n\r\n");
+                s.write_all(req.as_bytes()).unwrap();
+                let _ = s.read(&mut buf).unwrap();
+                n += 1;
+                let due = start + Duration::from_millis(n);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        })
+    };
+    let (mut live_up, mut mirrored) = (0usize, 0usize);
+    let t0 = Instant::now();
+    for cycle in 0..3 {
+        let mirror = TestServer::start(&pair.server, &[MIRROR.parse().unwrap()]);
+        let before = live.requests();
+        std::thread::sleep(Duration::from_secs(4));
+        let (during, got) = (live.requests() - before, mirror.requests());
+        eprintln!(
+            "{:?} cycle {cycle}: live served {during} while the mirror was up, mirror received {got}",
+            t0.elapsed()
+        );
+        live_up += during;
+        mirrored += got;
+        drop(mirror);
+        eprintln!(
+            "{:?} mirror down, live at {}",
+            t0.elapsed(),
+            live.requests()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.join().unwrap();
+    let stderr = agent.terminate();
+    let share = mirrored as f64 / live_up as f64;
+    eprintln!(
+        "mirror got {mirrored} of {live_up} ({:.1} %)\n{stderr}",
+        share * 100.0
+    );
+    assert!(
+        share >= 0.95,
+        "the mirror got {:.1} % of what live served while it was up",
+        share * 100.0
+    );
+    assert!(stat(&stderr, "probe_recoveries") >= 2, "{stderr}");
+}
+
+#[test]
+fn a_burst_of_small_requests_fits_the_queue() {
+    require_root();
+    let _serial = serial();
+    let pair = Pair::new("bu", 240);
+    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+    let live = TestServer::start(&pair.server, &[live_addr]);
+    let mirror = TestServer::start(&pair.server, &[MIRROR.parse().unwrap()]);
+    let agent = Agent::start(
+        &pair.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "8080",
+            "--mirror",
+            &format!("http://{MIRROR}"),
+        ],
+    );
+    const CONNS: usize = 20;
+    const PER_CONN: usize = 1000;
+    // 20,000 requests written at once: each connection's 1,000 in one write.
+    let handles: Vec<_> = (0..CONNS)
+        .map(|c| {
+            let path = pair.client.path();
+            std::thread::spawn(move || {
+                netlab::enter_netns(&path);
+                let mut s = TcpStream::connect(live_addr).unwrap();
+                let all: String = (0..PER_CONN)
+                    .map(|i| format!("GET /burst/{c}/{i} HTTP/1.1\r\nHost: svc\r\n\r\n"))
+                    .collect();
+                s.write_all(all.as_bytes()).unwrap();
+                s.shutdown(std::net::Shutdown::Write).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let mut sink = Vec::new();
+                let _ = s.read_to_end(&mut sink);
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(settle(&live), CONNS * PER_CONN);
+    let received = settle(&mirror);
+    let stderr = agent.terminate();
+    assert_eq!(stat(&stderr, "dropped_queue_full"), 0, "{stderr}");
+    assert_eq!(received, CONNS * PER_CONN, "{stderr}");
+}
+
+fn rss_bytes(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[test]
+fn thousands_of_distinct_paths_stay_within_the_memory_budget() {
+    require_root();
+    let _serial = serial();
+    let pair = Pair::new("mb", 241);
+    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+    let _live = TestServer::start(&pair.server, &[live_addr]);
+    let mirror = TestServer::start(&pair.server, &[MIRROR.parse().unwrap()]);
+    const BUDGET: u64 = 112 << 20;
+    let agent = Agent::start(
+        &pair.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "8080",
+            "--mirror",
+            &format!("http://{MIRROR}"),
+            "--memory-budget",
+            "112M",
+            "--max-endpoints",
+            "100000",
+        ],
+    );
+    const PATHS: usize = 6000;
+    in_ns(&pair.client, move || {
+        let mut s = TcpStream::connect(live_addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 4096];
+        for i in 0..PATHS {
+            // Not an identifier, so each is an endpoint of its own.
+            let req = format!("GET /catalogue/item-x{i}y HTTP/1.1\r\nHost: svc\r\n\r\n");
+            s.write_all(req.as_bytes()).unwrap();
+            let _ = s.read(&mut buf).unwrap();
+        }
+    });
+    settle(&mirror);
+    let rss = rss_bytes(agent.proc.pid());
+    let (stdout, stderr) = agent.terminate_with_output();
+    eprintln!(
+        "agent RSS {} MiB with a {} MiB budget",
+        rss >> 20,
+        BUDGET >> 20
+    );
+    assert!(
+        rss <= BUDGET,
+        "RSS {rss} over the budget {BUDGET}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("results folded into `other` series by the memory budget"),
+        "{stdout}"
+    );
+}
