@@ -150,6 +150,8 @@ pub struct HttpStats {
     pub dropped_stopped: u64,
     pub malformed_responses: u64,
     pub unpaired_responses: u64,
+    /// Requests whose response could not be told apart after a loss in the response stream.
+    pub unpaired_requests: u64,
     pub pending_overflow: u64,
     pub stopped_upgrade: u64,
     pub stopped_connect: u64,
@@ -765,6 +767,17 @@ impl HttpExtractor {
         } else {
             &mut c.resp
         };
+        let framing_survives = match &p.state {
+            State::Body(BodyDecoder::Length { remaining }) => lost <= *remaining,
+            State::Body(BodyDecoder::UntilClose) | State::Stopped => true,
+            _ => false,
+        };
+        if dir == Direction::ToClient && !framing_survives {
+            // Whole responses may have been in the hole: which request the next response
+            // answers is unknown, and pairing by order could pair it with the wrong one.
+            self.stats.unpaired_requests += c.pending.len() as u64;
+            c.pending.clear();
+        }
         match &mut p.state {
             State::Stopped => {}
             State::Hunt => {
