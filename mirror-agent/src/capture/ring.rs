@@ -6,7 +6,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -60,6 +60,9 @@ struct BlockOwner {
     map: Arc<Mapping>,
     offset: usize,
     len: usize,
+    /// This block's flag in `PacketRing::handed_out`.
+    handed_out: Arc<[AtomicBool]>,
+    index: usize,
 }
 
 impl AsRef<[u8]> for BlockOwner {
@@ -72,7 +75,10 @@ impl AsRef<[u8]> for BlockOwner {
 
 impl Drop for BlockOwner {
     fn drop(&mut self) {
+        // The kernel's first, then the flag: a block the reader sees as ready is never one it
+        // has already read.
         block_status(&self.map, self.offset).store(libc::TP_STATUS_KERNEL, Ordering::Release);
+        self.handed_out[self.index].store(false, Ordering::Release);
     }
 }
 
@@ -105,6 +111,10 @@ pub struct PacketRing {
     map: Arc<Mapping>,
     cfg: RingConfig,
     next_block: usize,
+    /// Blocks read and still held downstream. Their status stays TP_STATUS_USER until released,
+    /// so a reader that has come round the ring must not take such a block for a new one: it
+    /// would hand the same frames out twice.
+    handed_out: Arc<[AtomicBool]>,
 }
 
 impl PacketRing {
@@ -180,6 +190,9 @@ impl PacketRing {
             map,
             cfg,
             next_block: 0,
+            handed_out: (0..cfg.block_count)
+                .map(|_| AtomicBool::new(false))
+                .collect(),
         })
     }
 
@@ -190,9 +203,14 @@ impl PacketRing {
         timeout_ms: i32,
         mut on_frame: impl FnMut(Frame),
     ) -> io::Result<usize> {
-        let offset = self.next_block * self.cfg.block_size;
+        let index = self.next_block;
+        let offset = index * self.cfg.block_size;
         let status = block_status(&self.map, offset);
-        if status.load(Ordering::Acquire) & libc::TP_STATUS_USER == 0 {
+        let ready = || {
+            status.load(Ordering::Acquire) & libc::TP_STATUS_USER != 0
+                && !self.handed_out[index].load(Ordering::Acquire)
+        };
+        if !ready() {
             let mut pfd = libc::pollfd {
                 fd: self.map.fd.as_raw_fd(),
                 events: libc::POLLIN | libc::POLLERR,
@@ -208,7 +226,7 @@ impl PacketRing {
                     Err(err)
                 };
             }
-            if status.load(Ordering::Acquire) & libc::TP_STATUS_USER == 0 {
+            if !ready() {
                 if rc > 0 {
                     // TPACKET_V3 reports readable while the block before the one the kernel
                     // fills is still ours, as it is until the next stage drops its last
@@ -220,10 +238,13 @@ impl PacketRing {
             }
         }
         self.next_block = (self.next_block + 1) % self.cfg.block_count;
+        self.handed_out[index].store(true, Ordering::Release);
         let block = Bytes::from_owner(BlockOwner {
             map: Arc::clone(&self.map),
             offset,
             len: self.cfg.block_size,
+            handed_out: Arc::clone(&self.handed_out),
+            index,
         });
         // SAFETY: the block is ours (TP_STATUS_USER) and its header lies at its start.
         let (num_pkts, first) = unsafe {
