@@ -8,6 +8,7 @@
 pub mod netdev;
 pub mod program;
 pub mod ring;
+pub mod rtnl;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -159,7 +160,7 @@ impl Capture {
             _locks: locks,
         };
         ready()?;
-        netdev::disable_ipv6(&host_veth)?;
+        netdev::quiet_ipv6(&host_veth)?;
         netdev::set_up(&host_veth).context("bringing the mirror interface up")?;
         let mirror_ifindex = netdev::ifindex(&host_veth)?;
 
@@ -326,7 +327,6 @@ fn spawn_reader(
                 let _ = tid_tx.send(Err(format!("unshare(CLONE_NEWNET): {e}")));
                 return;
             }
-            let _ = netdev::disable_ipv6("default");
             // SAFETY: gettid has no preconditions.
             let _ = tid_tx.send(Ok(unsafe { libc::gettid() }));
             if go_rx.recv().is_err() {
@@ -334,7 +334,7 @@ fn spawn_reader(
             }
             let ring = (|| -> Result<Option<PacketRing>, String> {
                 let idx = netdev::ifindex(PEER).map_err(|e| format!("veth peer missing: {e}"))?;
-                netdev::disable_ipv6(PEER).map_err(|e| e.to_string())?;
+                netdev::quiet_ipv6(PEER).map_err(|e| format!("{e:#}"))?;
                 netdev::set_up(PEER).map_err(|e| format!("bringing {PEER} up: {e}"))?;
                 ring_cfg
                     .map(|cfg| PacketRing::open(idx, cfg))

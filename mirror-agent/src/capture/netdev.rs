@@ -6,7 +6,6 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::process::Command;
 
 use anyhow::{anyhow, bail, Context, Result};
 
@@ -77,14 +76,12 @@ pub fn set_up(name: &str) -> io::Result<()> {
     Ok(())
 }
 
-/// Turns IPv6 off on `name` (or on `default` for interfaces created later), so that the mirror
-/// interface sends no router solicitations. Kernels without IPv6 have nothing to turn off.
-pub fn disable_ipv6(name: &str) -> io::Result<()> {
-    let path = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
-    match std::fs::write(&path, "1") {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
+/// Keeps IPv6 quiet on `name` (no address, so no router solicitations or DAD) through
+/// rtnetlink: `/proc/sys` is read-only in containers. Call it before the link is up.
+pub fn quiet_ipv6(name: &str) -> Result<()> {
+    let index = ifindex(name).with_context(|| format!("finding {name}"))?;
+    super::rtnl::quiet_ipv6(name, index)
+        .context("mirror-agent needs CAP_NET_ADMIN to configure its mirror interface")
 }
 
 struct DgramSocket(i32);
@@ -123,78 +120,35 @@ fn ifreq(name: &str) -> io::Result<libc::ifreq> {
     Ok(req)
 }
 
-/// Runs an iproute2 command (`ip` or `tc`) and turns a failure into an error that says what ran.
-pub fn iproute2(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program).args(args).output().map_err(|e| {
-        if e.kind() == io::ErrorKind::NotFound {
-            anyhow!(
-                "`{program}` was not found: install iproute2 (Debian: apt-get install iproute2)"
-            )
-        } else {
-            anyhow!("running `{program} {}`: {e}", args.join(" "))
-        }
-    })?;
-    if !out.status.success() {
-        bail!(
-            "`{program} {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Creates the veth pair: `host` in the current namespace, `peer` in the namespace of thread
-/// `peer_tid`. Both ends get the largest MTU so that no clone is too big for the pair.
+/// `peer_tid`.
 pub fn create_veth(host: &str, peer: &str, peer_tid: i32) -> Result<()> {
-    let tid = peer_tid.to_string();
-    iproute2(
-        "ip",
-        &[
-            "link", "add", "name", host, "mtu", "65535", "type", "veth", "peer", "name", peer,
-            "mtu", "65535", "netns", &tid,
-        ],
-    )
-    .context("creating the mirror veth pair")?;
-    Ok(())
+    super::rtnl::create_veth(host, peer, peer_tid)
+        .context("mirror-agent needs CAP_NET_ADMIN to create its mirror veth pair")
 }
 
 /// Deletes a link if it still exists (a veth also goes when its peer's namespace dies).
 pub fn delete_link(name: &str) {
-    if ifindex(name).is_ok() {
-        if let Err(e) = iproute2("ip", &["link", "del", "dev", name]) {
-            log::debug!("removing {name}: {e:#}");
+    if let Ok(index) = ifindex(name) {
+        if let Err(e) = super::rtnl::delete_link(name, index) {
+            log::debug!("{e}");
         }
     }
 }
 
 /// Removes classic TC filters of ours left on `iface` by an agent that died (netlink attach
 /// survives its process). Only called while holding the interface's lock, so no live agent owns
-/// them. Returns how many were removed.
-pub fn remove_stale_filters(iface: &str, program_name: &str) -> usize {
-    let mut removed = 0;
-    for hook in ["ingress", "egress"] {
-        let Ok(out) = iproute2("tc", &["filter", "show", "dev", iface, hook]) else {
-            continue;
-        };
-        for line in out.lines().filter(|l| l.contains(program_name)) {
-            let pref = line
-                .split_whitespace()
-                .skip_while(|w| *w != "pref")
-                .nth(1)
-                .map(str::to_owned);
-            if let Some(pref) = pref {
-                match iproute2("tc", &["filter", "del", "dev", iface, hook, "pref", &pref]) {
-                    Ok(_) => {
-                        log::warn!("removed a stale {program_name} filter on {iface} {hook}");
-                        removed += 1;
-                    }
-                    Err(e) => log::warn!("could not remove a stale filter on {iface}: {e:#}"),
-                }
-            }
+/// them.
+pub fn remove_stale_filters(iface: &str, program_name: &str) {
+    use aya::programs::tc::{qdisc_detach_program, TcAttachType, TcError};
+    for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
+        match qdisc_detach_program(iface, hook, program_name) {
+            Ok(()) => log::warn!("removed a stale {program_name} filter on {iface} {hook:?}"),
+            // No clsact qdisc, or none of our filters: nothing was left behind.
+            Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => log::debug!("looking for stale filters on {iface} {hook:?}: {e}"),
         }
     }
-    removed
 }
 
 /// An exclusive claim on one interface of one network namespace, held for the agent's life and
@@ -243,23 +197,34 @@ impl Drop for TargetLock {
 /// The host-side interface that routes to a pod's address, as a CNI sets it up: a direct route
 /// over the pod's veth. Errors name what was found instead.
 pub fn iface_for_pod(ip: std::net::IpAddr) -> Result<String> {
-    let out = iproute2("ip", &["-j", "route", "get", &ip.to_string()])
-        .with_context(|| format!("no route to pod IP {ip} in this network namespace (is the agent in the node's namespace, hostNetwork: true?)"))?;
-    let routes: serde_json::Value =
-        serde_json::from_str(&out).context("parsing `ip -j route get`")?;
-    let route = routes
-        .get(0)
-        .ok_or_else(|| anyhow!("no route to pod IP {ip}"))?;
-    let dev = route["dev"]
-        .as_str()
+    use netlink_packet_route::route::RouteType;
+    let route = super::rtnl::route_get(ip).with_context(|| {
+        format!("no route to pod IP {ip} in this network namespace (is the agent in the node's namespace, hostNetwork: true?)")
+    })?;
+    let index = route
+        .oif
         .ok_or_else(|| anyhow!("the route to {ip} names no interface"))?;
-    if dev == "lo" || route["type"].as_str() == Some("local") {
+    let dev = ifname(index).with_context(|| format!("naming interface {index}"))?;
+    if dev == "lo" || route.kind == RouteType::Local {
         bail!(
             "{ip} is an address of this host, not a pod behind a veth: attach with --iface instead"
         );
     }
-    if let Some(gw) = route["gateway"].as_str() {
+    if let Some(gw) = route.gateway {
         bail!("pod IP {ip} is reached via gateway {gw} on {dev}, so it is not a pod on this node: run the agent on the pod's node");
     }
-    Ok(dev.to_string())
+    Ok(dev)
+}
+
+/// The name of interface `index` in the calling thread's network namespace.
+pub fn ifname(index: u32) -> io::Result<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf has IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Ok(name.to_string_lossy().into_owned())
 }
