@@ -30,6 +30,9 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Run the agent in a real container (podman + runc) under the DaemonSet's security context
+    /// (also part of `test`).
+    ContainerTest,
     /// Run the traffic-mirroring lab locally: V2, V3 (slow) and V4 (faulty) candidates.
     Lab(lab::LabArgs),
     /// Benchmark the full path against nginx's in-path `mirror` (figures only).
@@ -54,6 +57,7 @@ fn main() -> Result<()> {
             build_agent(&root)
         }
         Task::Test { args } => test(&root, &args),
+        Task::ContainerTest => container_test(&root),
         Task::Fuzz { seconds } => fuzz(&root, seconds),
         Task::Bench(args) => {
             prereq::ensure_bench_tools()?;
@@ -127,13 +131,35 @@ fn build_agent(root: &Path) -> Result<()> {
         .args(["build", "--release", "-p", "mirror-agent"]))
 }
 
-fn test(root: &Path, extra: &[String]) -> Result<()> {
+/// What every end-to-end run needs: the kernel program, the tools, root.
+fn e2e_prerequisites(root: &Path) -> Result<()> {
     build_ebpf(root)?;
     prereq::ensure_test_tools()?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("the end-to-end tests create network namespaces and load BPF: run `cargo xtask test` as root");
+        bail!("the end-to-end tests create network namespaces, load BPF and run containers: run `cargo xtask test` as root");
     }
+    Ok(())
+}
+
+fn container_test(root: &Path) -> Result<()> {
+    e2e_prerequisites(root)?;
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root).args([
+        "test",
+        "--release",
+        "-p",
+        "mirror-agent",
+        "--test",
+        "container_e2e",
+    ]);
+    let (passed, failed) = run_counting_tests(&mut cmd)?;
+    println!("tests: {passed} passed, {failed} failed");
+    Ok(())
+}
+
+fn test(root: &Path, extra: &[String]) -> Result<()> {
+    e2e_prerequisites(root)?;
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root)
         .args(["test", "--workspace", "--release", "--"])

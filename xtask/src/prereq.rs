@@ -73,10 +73,18 @@ pub fn ensure_ebpf_toolchain() -> Result<()> {
     Ok(())
 }
 
-/// Tools the end-to-end tests drive: iproute2 (namespaces, veth, tc) and curl (the client).
+/// Tools the end-to-end tests drive: iproute2 (namespaces, veth, tc), curl (the client), and
+/// podman with runc (the container test; crun refuses this kind of host's hybrid cgroups).
 pub fn ensure_test_tools() -> Result<()> {
     let mut missing = Vec::new();
-    for (bin, pkg) in [("ip", "iproute2"), ("tc", "iproute2"), ("curl", "curl")] {
+    for (bin, pkg) in [
+        ("ip", "iproute2"),
+        ("tc", "iproute2"),
+        ("curl", "curl"),
+        ("podman", "podman"),
+        ("runc", "runc"),
+        ("newuidmap", "uidmap"),
+    ] {
         if !on_path(bin) && !missing.contains(&pkg) {
             missing.push(pkg);
         }

@@ -139,7 +139,8 @@ impl Capture {
         let stats = Arc::new(CaptureStats::default());
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = crossbeam_channel::bounded(cfg.channel_batches.max(1));
-        let host_veth = format!("mirr{}", std::process::id());
+        // Unique per agent on the node: in containers every agent is pid 1.
+        let host_veth = format!("mirr{:08x}", unique_tag());
         let (reader, ready) = spawn_reader(
             cfg.read_clones.then_some(cfg.ring),
             cfg.matching.clone(),
@@ -265,6 +266,20 @@ impl Drop for Capture {
     fn drop(&mut self) {
         let _ = self.shutdown();
     }
+}
+
+/// 32 random bits from the kernel, or (without getrandom) from the clock and pid.
+fn unique_tag() -> u32 {
+    let mut tag = 0u32;
+    // SAFETY: writes at most 4 bytes into `tag`.
+    let n = unsafe { libc::getrandom(std::ptr::addr_of_mut!(tag).cast(), 4, 0) };
+    if n != 4 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        tag = nanos ^ std::process::id().rotate_left(16);
+    }
+    tag
 }
 
 fn preflight() -> Result<()> {

@@ -62,7 +62,18 @@ impl Agent {
 
     fn spawn(ns: &Netns, args: &[&str], keep_reading: bool) -> Agent {
         let mut cmd = ns.exec(&[AGENT, "attach"]);
-        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(args);
+        Self::spawn_with(cmd, keep_reading)
+    }
+
+    /// Starts an agent with a command of the caller's (a container runtime's, say) and waits
+    /// (bounded) for its ready line.
+    pub fn spawn_command(cmd: std::process::Command) -> Agent {
+        Self::spawn_with(cmd, true)
+    }
+
+    fn spawn_with(mut cmd: std::process::Command, keep_reading: bool) -> Agent {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn agent");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();

@@ -1,0 +1,221 @@
+//! The agent in a real container (podman with runc), under exactly the security context of
+//! `deploy/daemonset.yaml`: capabilities, no new privileges, a read-only root filesystem, the
+//! runtime's default seccomp profile and its read-only `/proc/sys`. The container joins a test
+//! namespace in place of hostNetwork. Root only; `cargo xtask test` installs podman and runc.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde::Deserialize;
+use serde_yaml::Value;
+
+const MIRROR: &str = "127.0.0.1:9090";
+
+/// podman's flags for the agent container's securityContext in the DaemonSet.
+fn security_flags() -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let daemonset = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("a DaemonSet in deploy/daemonset.yaml");
+    let container = &daemonset["spec"]["template"]["spec"]["containers"][0];
+    let sc = &container["securityContext"];
+    let caps = |key: &str| -> Vec<String> {
+        sc["capabilities"][key]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                let c = c.as_str().unwrap();
+                if c == "ALL" {
+                    c.to_string()
+                } else {
+                    format!("CAP_{c}")
+                }
+            })
+            .collect()
+    };
+    assert_eq!(
+        sc["privileged"].as_bool(),
+        Some(false),
+        "the DaemonSet must not be privileged"
+    );
+    let mut flags = Vec::new();
+    for c in caps("drop") {
+        flags.extend(["--cap-drop".to_string(), c]);
+    }
+    let add = caps("add");
+    assert!(!add.is_empty());
+    flags.extend(["--cap-add".to_string(), add.join(",")]);
+    if sc["allowPrivilegeEscalation"].as_bool() == Some(false) {
+        flags.extend(["--security-opt".into(), "no-new-privileges".into()]);
+    }
+    if sc["readOnlyRootFilesystem"].as_bool() == Some(true) {
+        flags.push("--read-only".into());
+    }
+    flags
+}
+
+/// A root filesystem holding the agent binary and the libraries it links: no base image (no
+/// registry is reachable here); the Dockerfile stays for users.
+fn rootfs(dir: &Path) -> PathBuf {
+    let root = dir.join("rootfs");
+    let bin = root.join("usr/local/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy(AGENT, bin.join("mirror-agent")).unwrap();
+    let ldd = Command::new("ldd").arg(AGENT).output().expect("ldd");
+    for lib in String::from_utf8_lossy(&ldd.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+    {
+        let to = root.join(lib.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(lib, &to).unwrap();
+    }
+    root
+}
+
+/// The container, removed on drop whatever happened.
+struct Container {
+    name: String,
+    agent: Option<Agent>,
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        drop(self.agent.take());
+        let _ = Command::new("podman")
+            .args(["rm", "-f", "-t", "0", &self.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn the_daemonset_security_context_starts_mirrors_and_stops_clean() {
+    require_root();
+    let pair = Pair::new("ct", 242);
+    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+    let _live = TestServer::start(&pair.server, &[live_addr]);
+    let mirror = TestServer::start(&pair.server, &[MIRROR.parse().unwrap()]);
+    let dir = tempfile::tempdir().unwrap();
+    let root = rootfs(dir.path());
+    let name = netlab::unique("mirror-agent-ct");
+    let mut cmd = Command::new("podman");
+    cmd.args(["--runtime", "runc", "run", "--rm", "--name", &name])
+        .arg(format!("--network=ns:{}", pair.server.path()))
+        .args(security_flags())
+        // podman's own defaults exceed what this host allows (see shared notes).
+        .args([
+            "--ulimit",
+            "nofile=20000:20000",
+            "--ulimit",
+            "nproc=4096:4096",
+        ])
+        .args(["--env", "RUST_LOG=info"])
+        .arg("--rootfs")
+        .arg(format!("{}:O", root.display()))
+        .args([
+            "/usr/local/bin/mirror-agent",
+            "attach",
+            "--iface",
+            "srv0",
+            "--port",
+            "8080",
+            "--mirror",
+            &format!("http://{MIRROR}"),
+            "--metrics",
+            "127.0.0.1:9464",
+        ]);
+    let mut container = Container {
+        name,
+        agent: Some(Agent::spawn_command(cmd)),
+    };
+    let ready = container.agent.as_ref().unwrap().ready_line.clone();
+    let id = program_id(&ready);
+
+    let base = format!("http://{live_addr}");
+    curl(
+        &pair.client,
+        &[&format!("{base}/api/books"), &format!("{base}/api/books/2")],
+    );
+    curl(
+        &pair.client,
+        &[
+            "--data-binary",
+            "review=great",
+            &format!("{base}/api/books/2/reviews"),
+        ],
+    );
+    assert!(
+        netlab::wait_until(Duration::from_secs(10), || mirror.requests() >= 3),
+        "the mirror got {} of 3 requests",
+        mirror.requests()
+    );
+    let got: Vec<(String, String, Vec<u8>)> = mirror
+        .log()
+        .into_iter()
+        .map(|r| (r.method, r.target, r.body))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("GET".into(), "/api/books".into(), vec![]),
+            ("GET".into(), "/api/books/2".into(), vec![]),
+            (
+                "POST".into(),
+                "/api/books/2/reviews".into(),
+                b"review=great".to_vec()
+            ),
+        ]
+    );
+    // The metrics endpoint answers from inside the container (stats are published every 100 ms).
+    let scrape = || {
+        let out = pair
+            .server
+            .exec(&[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "http://127.0.0.1:9464/metrics",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut metrics = String::new();
+    let counted = netlab::wait_until(Duration::from_secs(5), || {
+        metrics = scrape();
+        metrics.contains("mirror_http_requests_total 3")
+    });
+    assert!(counted, "{metrics}");
+
+    // SIGTERM (podman forwards it) detaches and leaves nothing behind.
+    let stderr = container.agent.take().unwrap().terminate();
+    assert!(stderr.contains("kernel counters"), "{stderr}");
+    let links = pair.server.ip(&["-o", "link"]);
+    assert!(!links.contains("mirr"), "mirror veth left behind:\n{links}");
+    assert!(
+        netlab::wait_until(Duration::from_secs(5), || !loaded_program_ids(
+            mirror_common::PROGRAM_NAME
+        )
+        .contains(&id)),
+        "program {id} still loaded"
+    );
+}
+
+fn program_id(ready: &str) -> u32 {
+    ready
+        .rsplit("program id ")
+        .next()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no program id in {ready:?}"))
+}
