@@ -92,11 +92,11 @@ fn attach(args: AttachArgs) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let mut mirror_addr = None;
     let replay_cfg = match &args.mirror {
         Some(url) => {
             let uri = replay::parse_mirror_url(url)?;
-            let addr = rt.block_on(replay::check_mirror(&uri))?;
-            replay::check_no_loop(addr, &cfg.matching.ports, &cfg.matching.addrs)?;
+            mirror_addr = Some(rt.block_on(replay::check_mirror(&uri))?);
             Some(ReplayConfig {
                 host: args.host,
                 add_headers: args.add_headers.clone(),
@@ -154,6 +154,24 @@ fn attach(args: AttachArgs) -> Result<()> {
         )
     };
     let (capture, segments) = Capture::start(&cfg)?;
+    if let Some(mirror) = mirror_addr {
+        // Nothing is replayed yet: refusing here drops the capture before any loop can start.
+        let egress_watched: Vec<String> = capture
+            .attachments()
+            .iter()
+            .filter(|(t, hook, _)| *hook == Hook::Egress || t.iface == "lo")
+            .map(|(t, _, _)| t.iface.clone())
+            .collect();
+        let via = netdev::route_iface(mirror.ip())?;
+        let passed = replay::check_no_loop(
+            mirror,
+            &cfg.matching.ports,
+            &cfg.matching.addrs,
+            &via,
+            &egress_watched,
+        )?;
+        log::info!("{passed}");
+    }
     let attached: Vec<String> = capture
         .attachments()
         .iter()

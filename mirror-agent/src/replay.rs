@@ -129,20 +129,42 @@ pub async fn check_mirror(uri: &Uri) -> Result<SocketAddr> {
     Ok(*addr)
 }
 
-/// Fails when the mirror would itself match the live filter (its port is a live port and no
-/// address filter leaves it out): the replayed requests could cross a hooked interface, be
-/// cloned, and be mirrored again without end.
-pub fn check_no_loop(mirror: SocketAddr, ports: &[u16], addrs: &[IpAddr]) -> Result<()> {
+/// Fails when the requests replayed to the mirror would be captured and mirrored again without
+/// end: the mirror matches the live filter (a live port, and an address the filter takes) and
+/// the route to it leaves through an interface whose outgoing packets are hooked
+/// (`egress_watched`). Otherwise says which check passed.
+pub fn check_no_loop(
+    mirror: SocketAddr,
+    ports: &[u16],
+    addrs: &[IpAddr],
+    route_iface: &str,
+    egress_watched: &[String],
+) -> Result<String> {
     let ip = mirror.ip().to_canonical();
-    if ports.contains(&mirror.port()) && (addrs.is_empty() || addrs.contains(&ip)) {
-        bail!(
-            "the mirror {mirror} is on live port {}, and the agent would capture the requests \
-             it replays there and mirror them again: give --addr with the live service's \
-             address so that only it is matched, or move the mirror to another port",
+    if !ports.contains(&mirror.port()) {
+        return Ok(format!(
+            "no feedback loop: the mirror's port {} is not a live port",
             mirror.port()
-        );
+        ));
     }
-    Ok(())
+    if !addrs.is_empty() && !addrs.contains(&ip) {
+        return Ok(format!(
+            "no feedback loop: the mirror's address {ip} is not a live address (--addr)"
+        ));
+    }
+    if !egress_watched.iter().any(|i| i == route_iface) {
+        return Ok(format!(
+            "no feedback loop: requests to the mirror {mirror} leave through {route_iface}, \
+             where no hook sees outgoing packets"
+        ));
+    }
+    bail!(
+        "the mirror {mirror} is on live port {} and is reached through {route_iface}, where the \
+         agent watches outgoing packets: it would capture the requests it replays there and \
+         mirror them again. Give --addr with the live service's address so that only it is \
+         matched, or move the mirror to another port",
+        mirror.port()
+    )
 }
 
 /// How a mirrored request ended.
@@ -805,6 +827,31 @@ mod tests {
         assert_eq!(header(&r, "x-keep"), ["a", "b"]);
         assert_eq!(header(&r, "x-mirrored"), ["1"]);
         assert_eq!(header(&r, "host"), ["mirror:9090"]);
+    }
+
+    #[test]
+    fn a_loop_is_refused_only_where_replayed_requests_are_hooked() {
+        let mirror: SocketAddr = "10.0.0.9:8080".parse().unwrap();
+        let watched = ["veth1".to_string()];
+        let ok = |m, addrs: &[IpAddr], via| check_no_loop(m, &[8080], addrs, via, &watched);
+        assert!(ok(mirror, &[], "veth1")
+            .unwrap_err()
+            .to_string()
+            .contains("--addr"));
+        let other_port: SocketAddr = "10.0.0.9:9090".parse().unwrap();
+        assert!(ok(other_port, &[], "veth1")
+            .unwrap()
+            .contains("not a live port"));
+        let live: IpAddr = "10.0.0.2".parse().unwrap();
+        assert!(ok(mirror, &[live], "veth1")
+            .unwrap()
+            .contains("not a live address"));
+        assert!(ok(mirror, &[], "eth0")
+            .unwrap()
+            .contains("leave through eth0"));
+        let mapped: IpAddr = "::ffff:10.0.0.9".parse().unwrap();
+        let as_v6 = SocketAddr::new(mapped, 8080);
+        assert!(ok(as_v6, &["10.0.0.9".parse().unwrap()], "veth1").is_err());
     }
 
     #[test]

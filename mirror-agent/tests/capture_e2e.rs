@@ -291,9 +291,11 @@ fn clear_errors_for_bad_input() {
         .ip(&["tuntap", "add", "mode", "tun", "name", "tun0"]);
     let (ok, err) = run(&["--iface", "tun0", "--port", "80"]);
     assert!(!ok && err.contains("not Ethernet"), "{err}");
+    // The mirror on a live port is refused only where its requests would be hooked: through lo
+    // with lo hooked, not through lo with only srv0 hooked.
     let (ok, err) = run(&[
         "--iface",
-        "srv0",
+        "lo",
         "--port",
         "8080",
         "--mirror",
@@ -301,6 +303,22 @@ fn clear_errors_for_bad_input() {
     ]);
     assert!(
         !ok && err.contains("mirror them again") && err.contains("--addr"),
+        "{err}"
+    );
+    let elsewhere = Agent::start(
+        &pair.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "8080",
+            "--mirror",
+            "http://127.0.0.1:8080",
+        ],
+    );
+    let err = elsewhere.terminate();
+    assert!(
+        err.contains("no feedback loop") && err.contains("through lo"),
         "{err}"
     );
 

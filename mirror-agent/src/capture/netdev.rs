@@ -216,6 +216,15 @@ pub fn iface_for_pod(ip: std::net::IpAddr) -> Result<String> {
     Ok(dev)
 }
 
+/// The interface that packets to `ip` leave through (`lo` for this host's own addresses).
+pub fn route_iface(ip: std::net::IpAddr) -> Result<String> {
+    let route = super::rtnl::route_get(ip)?;
+    let index = route
+        .oif
+        .ok_or_else(|| anyhow!("the route to {ip} names no interface"))?;
+    Ok(ifname(index).with_context(|| format!("naming interface {index}"))?)
+}
+
 /// The name of interface `index` in the calling thread's network namespace.
 pub fn ifname(index: u32) -> io::Result<String> {
     let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
