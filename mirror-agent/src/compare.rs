@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -386,6 +387,47 @@ impl Comparator {
             other_series_results: self.other_series,
             unpaired_evicted: self.evicted,
         }
+    }
+}
+
+/// The comparison as the other stages see it: the pipeline records live responses, the replay
+/// stage mirror outcomes, and metrics read reports, all through one shared `Comparator`.
+#[derive(Clone)]
+pub struct Comparison(Arc<Mutex<Comparator>>);
+
+impl Comparison {
+    pub fn new(cfg: CompareConfig) -> Self {
+        Comparison(Arc::new(Mutex::new(Comparator::new(cfg))))
+    }
+
+    pub fn live(&self, m: &ResponseMeta) {
+        self.lock().live(m);
+    }
+
+    pub fn mirror(&self, o: &MirrorOutcome) {
+        self.lock().mirror(o);
+    }
+
+    pub fn report(&self) -> Report {
+        self.lock().report()
+    }
+
+    /// The report and the series' histograms, taken together.
+    pub fn snapshot(&self) -> (Report, Vec<SeriesHistogram>) {
+        let c = self.lock();
+        (c.report(), c.histograms())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Comparator> {
+        // A panic while recording cannot leave the aggregates half-updated in a way that
+        // matters for a report; keep serving them.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl From<Comparator> for Comparison {
+    fn from(c: Comparator) -> Self {
+        Comparison(Arc::new(Mutex::new(c)))
     }
 }
 

@@ -3,6 +3,7 @@
 //! The pipeline is capture → reassemble → parse → replay → compare; each stage is a module with
 //! one owner of its state. Only `capture` needs root and a kernel.
 
+pub mod agent;
 pub mod budget;
 pub mod capture;
 pub mod cli;

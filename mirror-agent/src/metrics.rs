@@ -21,14 +21,14 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::capture::CaptureStats;
-use crate::compare::Comparator;
+use crate::compare::Comparison;
 use crate::pipeline::PipelineStats;
 use crate::replay::ReplayStats;
 
 /// What the agent exports; each part is owned by its stage and only read here.
 #[derive(Clone)]
 pub struct Sources {
-    pub comparator: Arc<Mutex<Comparator>>,
+    pub comparison: Comparison,
     pub capture: Option<Arc<CaptureStats>>,
     /// Kernel program counters by name, refreshed by the agent's main loop.
     pub kernel: Arc<Mutex<Vec<(&'static str, u64)>>>,
@@ -107,10 +107,7 @@ fn encode_stats(
 
 impl Collector for Sources {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let (report, hists) = {
-            let c = self.comparator.lock().unwrap();
-            (c.report(), c.histograms())
-        };
+        let (report, hists) = self.comparison.snapshot();
         {
             let mut m = encoder.encode_descriptor(
                 "mirror_requests",
@@ -295,7 +292,7 @@ pub async fn serve(addr: SocketAddr, sources: Sources) -> Result<SocketAddr> {
                                 render(&sources),
                             ),
                             "/report" => {
-                                let report = sources.comparator.lock().unwrap().report();
+                                let report = sources.comparison.report();
                                 (
                                     StatusCode::OK,
                                     "application/json",
@@ -326,7 +323,7 @@ pub async fn serve(addr: SocketAddr, sources: Sources) -> Result<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compare::CompareConfig;
+    use crate::compare::{Comparator, CompareConfig};
     use crate::http::ResponseMeta;
     use crate::replay::{MirrorOutcome, MirrorResult};
 
@@ -351,7 +348,7 @@ mod tests {
             duration: std::time::Duration::from_millis(30),
         });
         Sources {
-            comparator: Arc::new(Mutex::new(c)),
+            comparison: c.into(),
             capture: Some(Arc::new(CaptureStats::default())),
             kernel: Arc::new(Mutex::new(vec![("cloned", 3), ("skip_not_tcp", 1)])),
             pipeline: Arc::new(Mutex::new(PipelineStats::default())),

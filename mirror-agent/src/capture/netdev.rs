@@ -222,7 +222,7 @@ pub fn route_iface(ip: std::net::IpAddr) -> Result<String> {
     let index = route
         .oif
         .ok_or_else(|| anyhow!("the route to {ip} names no interface"))?;
-    Ok(ifname(index).with_context(|| format!("naming interface {index}"))?)
+    ifname(index).with_context(|| format!("naming interface {index}"))
 }
 
 /// The name of interface `index` in the calling thread's network namespace.

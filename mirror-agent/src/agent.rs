@@ -1,0 +1,293 @@
+//! The running agent: the pipeline's stages wired once, in order — capture → reassemble → parse →
+//! replay → compare — each owning its state. `main.rs` only turns the command line into an
+//! `AgentConfig`, starts the agent and stops it on a signal, as mini-redis's server binary calls
+//! `server::run`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+
+use crate::capture::{named_counters, netdev, Capture, CaptureConfig, CaptureStats, Hook};
+use crate::compare::{CompareConfig, Comparison, Report};
+use crate::dump::FlowRecorder;
+use crate::http::HttpEvent;
+use crate::metrics::{self, Sources};
+use crate::pipeline::{self, PipelineConfig, PipelineStats};
+use crate::replay::{self, MirrorOutcome, ReplayConfig, ReplayStats, Replayer};
+use crate::segment::FrameError;
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub capture: CaptureConfig,
+    /// Reassembly and HTTP extraction.
+    pub pipeline: PipelineConfig,
+    /// The mirror, and the address it resolved to; None: capture and extract only.
+    pub replay: Option<(ReplayConfig, SocketAddr)>,
+    pub compare: CompareConfig,
+    /// Serve `/metrics` and `/report` here.
+    pub metrics: Option<SocketAddr>,
+    /// Log the counters every this many seconds (0: only at exit).
+    pub stats_interval: u64,
+}
+
+/// Kernel counters by name, refreshed once a second.
+type KernelCounters = Arc<Mutex<Vec<(&'static str, u64)>>>;
+
+pub struct Agent {
+    capture: Capture,
+    pipeline: JoinHandle<Option<FlowRecorder>>,
+    pipeline_stats: Arc<Mutex<PipelineStats>>,
+    replay: Option<(Replayer, tokio::task::JoinHandle<()>)>,
+    /// Feeds mirror outcomes to the comparison; ends when the replayer is gone.
+    outcomes: tokio::task::JoinHandle<()>,
+    comparison: Comparison,
+    kernel: KernelCounters,
+    stats_interval: u64,
+    /// How long queued and in-flight mirror requests may finish at stop.
+    grace: Duration,
+    ready: String,
+}
+
+/// What the agent did, for the exit summary.
+pub struct Summary {
+    pub kernel: Vec<(&'static str, u64)>,
+    pub capture: Arc<CaptureStats>,
+    pub pipeline: PipelineStats,
+    pub replay: Option<Arc<ReplayStats>>,
+    pub report: Report,
+    /// The reassembled streams, when the pipeline recorded them (`--dump`).
+    pub dump: Option<FlowRecorder>,
+}
+
+impl Agent {
+    /// Starts every stage on `rt` and attaches the program. Returns once the agent mirrors.
+    pub fn start(cfg: AgentConfig, rt: &tokio::runtime::Handle) -> Result<Agent> {
+        let _enter = rt.enter();
+        // Compare: fed by the pipeline (live responses) and the replayer (mirror outcomes).
+        let comparison = Comparison::new(cfg.compare.clone());
+        let (outcome_tx, outcome_rx) = tokio::sync::mpsc::channel::<MirrorOutcome>(65_536);
+        let outcomes = rt.spawn(feed_outcomes(outcome_rx, comparison.clone()));
+        let grace = cfg.replay.as_ref().map_or(Duration::ZERO, |(r, _)| {
+            r.timeout.min(Duration::from_secs(5))
+        });
+        // Replay: ready before anything is captured.
+        let replay = cfg
+            .replay
+            .as_ref()
+            .map(|(r, _)| Replayer::start(r.clone(), rt, outcome_tx));
+
+        // Capture: the program is attached and cloning from here on.
+        let (capture, segments) = Capture::start(&cfg.capture)?;
+        if let Some((_, mirror)) = &cfg.replay {
+            check_no_loop(&capture, &cfg.capture, *mirror)?;
+        }
+
+        // Reassemble and parse, on their own thread.
+        let pipeline_stats = Arc::new(Mutex::new(PipelineStats::default()));
+        let sender = replay.as_ref().map(|(r, _)| r.clone());
+        let live = comparison.clone();
+        let pipeline = {
+            let (cfg, stats) = (cfg.pipeline.clone(), Arc::clone(&pipeline_stats));
+            std::thread::Builder::new()
+                .name("mirror-pipeline".into())
+                .spawn(move || {
+                    pipeline::run(segments, cfg, stats, |event| match event {
+                        HttpEvent::Request(r) => {
+                            if let Some(replayer) = &sender {
+                                replayer.offer(r);
+                            }
+                        }
+                        HttpEvent::Response(m) => live.live(&m),
+                    })
+                })?
+        };
+
+        let kernel = KernelCounters::default();
+        if let Some(addr) = cfg.metrics {
+            let sources = Sources {
+                comparison: comparison.clone(),
+                capture: Some(Arc::clone(capture.stats())),
+                kernel: Arc::clone(&kernel),
+                pipeline: Arc::clone(&pipeline_stats),
+                replay: replay.as_ref().map(|(r, _)| Arc::clone(r.stats())),
+            };
+            let bound = rt.block_on(metrics::serve(addr, sources))?;
+            log::info!("metrics on http://{bound}/metrics, comparison on http://{bound}/report");
+        }
+        let attached: Vec<String> = capture
+            .attachments()
+            .iter()
+            .map(|(t, hook, mode)| format!("{} {} ({mode:?})", t.iface, hook.name()))
+            .collect();
+        let ready = format!(
+            "ready: mirroring ports {:?} on {}; mirror interface {}; program id {}",
+            cfg.capture.matching.ports,
+            attached.join(", "),
+            capture.mirror_interface(),
+            capture.program_id()
+        );
+        Ok(Agent {
+            capture,
+            pipeline,
+            pipeline_stats,
+            replay,
+            outcomes,
+            comparison,
+            kernel,
+            stats_interval: cfg.stats_interval,
+            grace,
+            ready,
+        })
+    }
+
+    /// The line that says what is mirrored, where.
+    pub fn ready_line(&self) -> &str {
+        &self.ready
+    }
+
+    /// Mirrors until `shutdown` completes, then stops the stages in pipeline order: capture
+    /// (reading what its ring still holds), the pipeline, then replay with a grace for requests
+    /// in flight, then the comparison.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<Summary> {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut seconds = 0u64;
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tick.tick() => {
+                    if let Ok(c) = self.capture.kernel_counters() {
+                        self.capture.account_lost_requests(&c);
+                        *self.kernel.lock().unwrap() = named_counters(&c);
+                    }
+                    seconds += 1;
+                    if self.stats_interval > 0 && seconds.is_multiple_of(self.stats_interval) {
+                        log::info!("kernel {:?}", self.kernel.lock().unwrap());
+                        log::info!("capture {}", format_capture(self.capture.stats()));
+                        log::info!("pipeline {:?}", self.pipeline_stats.lock().unwrap());
+                    }
+                }
+            }
+        }
+        let Agent {
+            capture,
+            pipeline,
+            pipeline_stats,
+            replay,
+            outcomes,
+            comparison,
+            grace,
+            ..
+        } = self;
+        let capture_stats = Arc::clone(capture.stats());
+        let kernel = named_counters(&capture.stop()?);
+        let dump = tokio::task::spawn_blocking(move || pipeline.join())
+            .await?
+            .map_err(|_| anyhow!("pipeline thread panicked"))?;
+        let replay_stats = match replay {
+            Some((replayer, task)) => {
+                let stats = Arc::clone(replayer.stats());
+                drop(replayer);
+                let _ = tokio::time::timeout(grace, task).await;
+                let deadline = tokio::time::Instant::now() + grace;
+                while stats.inflight.load(Ordering::Relaxed) > 0
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Some(stats)
+            }
+            None => None,
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(200), outcomes).await;
+        let pipeline = pipeline_stats.lock().unwrap().clone();
+        Ok(Summary {
+            kernel,
+            capture: capture_stats,
+            pipeline,
+            replay: replay_stats,
+            report: comparison.report(),
+            dump,
+        })
+    }
+}
+
+async fn feed_outcomes(mut rx: tokio::sync::mpsc::Receiver<MirrorOutcome>, to: Comparison) {
+    while let Some(o) = rx.recv().await {
+        log::debug!(
+            "mirror {} {} -> {} in {:?}",
+            o.method,
+            o.target,
+            o.result.code(),
+            o.duration
+        );
+        to.mirror(&o);
+    }
+}
+
+/// Refuses a mirror whose replayed requests the program would capture again. Runs before the
+/// pipeline starts, so nothing has been replayed when it refuses.
+fn check_no_loop(capture: &Capture, cfg: &CaptureConfig, mirror: SocketAddr) -> Result<()> {
+    let egress_watched: Vec<String> = capture
+        .attachments()
+        .iter()
+        .filter(|(t, hook, _)| *hook == Hook::Egress || t.iface == "lo")
+        .map(|(t, _, _)| t.iface.clone())
+        .collect();
+    let via = netdev::route_iface(mirror.ip())?;
+    let passed = replay::check_no_loop(
+        mirror,
+        &cfg.matching.ports,
+        &cfg.matching.addrs,
+        &via,
+        &egress_watched,
+    )?;
+    log::info!("{passed}");
+    Ok(())
+}
+
+impl Summary {
+    /// The counters, one stage a line, for the exit log.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = vec![
+            format!("kernel counters: {:?}", self.kernel),
+            format!("capture: {}", format_capture(&self.capture)),
+            format!("reassembly: {:?}", self.pipeline.reassembly),
+            format!("http: {:?}", self.pipeline.http),
+        ];
+        if let Some(r) = &self.replay {
+            out.push(format!("replay: {r:?}"));
+        }
+        out
+    }
+}
+
+fn format_capture(s: &CaptureStats) -> String {
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let errors: Vec<String> = FrameError::ALL
+        .iter()
+        .zip(&s.frame_errors)
+        .map(|(e, c)| format!("{}={}", e.name(), n(c)))
+        .collect();
+    format!(
+        "frames={} bytes={} segments={} truncated={} {} channel_full_waits={} ring_packets={} \
+         ring_drops={} ring_freezes={} request_starts={} requests_lost={} dropped_at_stop={}",
+        n(&s.frames),
+        n(&s.bytes),
+        n(&s.segments),
+        n(&s.truncated),
+        errors.join(" "),
+        n(&s.channel_full_waits),
+        n(&s.ring_packets),
+        n(&s.ring_drops),
+        n(&s.ring_freezes),
+        n(&s.request_starts),
+        n(&s.requests_lost),
+        n(&s.dropped_at_stop),
+    )
+}
