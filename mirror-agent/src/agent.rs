@@ -18,6 +18,7 @@ use crate::dump::FlowRecorder;
 use crate::http::HttpEvent;
 use crate::metrics::{self, Sources};
 use crate::pipeline::{self, PipelineConfig, PipelineStats};
+use crate::pods::{self, PodChange, PodSelector};
 use crate::replay::{self, MirrorOutcome, ReplayConfig, ReplayStats, Replayer};
 use crate::segment::FrameError;
 
@@ -29,6 +30,8 @@ pub struct AgentConfig {
     /// The mirror, and the address it resolved to; None: capture and extract only.
     pub replay: Option<(ReplayConfig, SocketAddr)>,
     pub compare: CompareConfig,
+    /// Follow the pods that match a label selector (`--selector`).
+    pub pods: Option<PodSelector>,
     /// Serve `/metrics` and `/report` here.
     pub metrics: Option<SocketAddr>,
     /// Log the counters every this many seconds (0: only at exit).
@@ -37,6 +40,16 @@ pub struct AgentConfig {
 
 /// Kernel counters by name, refreshed once a second.
 type KernelCounters = Arc<Mutex<Vec<(&'static str, u64)>>>;
+
+/// A pod mirrored now, for metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MirroredPod {
+    pub pod: String,
+    pub ip: std::net::IpAddr,
+    pub iface: String,
+}
+
+pub type MirroredPods = Arc<Mutex<Vec<MirroredPod>>>;
 
 pub struct Agent {
     capture: Capture,
@@ -47,6 +60,9 @@ pub struct Agent {
     outcomes: tokio::task::JoinHandle<()>,
     comparison: Comparison,
     kernel: KernelCounters,
+    /// What to mirror and forget, from the pod watcher.
+    pod_changes: Option<tokio::sync::mpsc::Receiver<PodChange>>,
+    mirrored_pods: MirroredPods,
     stats_interval: u64,
     /// How long queued and in-flight mirror requests may finish at stop.
     grace: Duration,
@@ -108,8 +124,24 @@ impl Agent {
         };
 
         let kernel = KernelCounters::default();
+        let mirrored_pods = MirroredPods::default();
+        let pod_changes = match &cfg.pods {
+            Some(sel) => {
+                let client = rt.block_on(kube::Client::try_default()).map_err(|e| {
+                    anyhow!(
+                        "--selector needs the Kubernetes API ({e}): run the agent in a pod with \
+                         a ServiceAccount, or set KUBECONFIG"
+                    )
+                })?;
+                let (tx, rx) = tokio::sync::mpsc::channel(1024);
+                rt.spawn(pods::watch(client, sel.clone(), tx));
+                Some(rx)
+            }
+            None => None,
+        };
         if let Some(addr) = cfg.metrics {
             let sources = Sources {
+                pods: Arc::clone(&mirrored_pods),
                 comparison: comparison.clone(),
                 capture: Some(Arc::clone(capture.stats())),
                 kernel: Arc::clone(&kernel),
@@ -139,6 +171,8 @@ impl Agent {
             outcomes,
             comparison,
             kernel,
+            pod_changes,
+            mirrored_pods,
             stats_interval: cfg.stats_interval,
             grace,
             ready,
@@ -153,13 +187,14 @@ impl Agent {
     /// Mirrors until `shutdown` completes, then stops the stages in pipeline order: capture
     /// (reading what its ring still holds), the pipeline, then replay with a grace for requests
     /// in flight, then the comparison.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<Summary> {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<Summary> {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut seconds = 0u64;
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                Some(change) = next_change(&mut self.pod_changes) => self.apply(change),
                 _ = tick.tick() => {
                     if let Ok(c) = self.capture.kernel_counters() {
                         self.capture.account_lost_requests(&c);
@@ -214,6 +249,43 @@ impl Agent {
             report: comparison.report(),
             dump,
         })
+    }
+}
+
+impl Agent {
+    /// Attaches to a pod that appeared, or detaches from one that went. A pod that cannot be
+    /// mirrored from here (no route, not on this node) is logged and skipped.
+    fn apply(&mut self, change: PodChange) {
+        match change {
+            PodChange::Mirror { pod, ip } => match self.capture.add_pod(ip) {
+                Ok(iface) => {
+                    log::info!("mirroring pod {pod} ({ip}) behind {iface}");
+                    self.mirrored_pods
+                        .lock()
+                        .unwrap()
+                        .push(MirroredPod { pod, ip, iface });
+                }
+                Err(e) => log::warn!("cannot mirror pod {pod} ({ip}): {e:#}"),
+            },
+            PodChange::Forget { pod, ip } => {
+                if let Err(e) = self.capture.remove_pod(ip) {
+                    log::warn!("detaching from pod {pod} ({ip}): {e:#}");
+                }
+                let mut pods = self.mirrored_pods.lock().unwrap();
+                if pods.iter().any(|p| p.ip == ip) {
+                    log::info!("pod {pod} ({ip}) is gone: no longer mirrored");
+                }
+                pods.retain(|p| p.ip != ip);
+            }
+        }
+    }
+}
+
+/// The next pod change; never, without a watcher.
+async fn next_change(rx: &mut Option<tokio::sync::mpsc::Receiver<PodChange>>) -> Option<PodChange> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -49,13 +49,28 @@ pub enum ReportFormat {
 #[derive(Args, Debug)]
 pub struct AttachArgs {
     /// Interface(s) that the live service's traffic crosses (comma-separated).
-    #[arg(long, value_delimiter = ',', required_unless_present = "pod_ip")]
+    #[arg(long, value_delimiter = ',', required_unless_present_any = ["pod_ip", "selector"])]
     pub iface: Vec<String>,
 
     /// Live pod address(es) (comma-separated): the agent finds the host-side veth that routes to
     /// each, attaches to its egress (traffic towards the pod), and mirrors only that pod.
     #[arg(long, value_delimiter = ',')]
     pub pod_ip: Vec<IpAddr>,
+
+    /// Mirror this node's pods that match a Kubernetes label selector (e.g. app=bookservice),
+    /// following them as they come and go: each Ready pod's host veth is attached when it
+    /// appears and detached when it goes. Uses the in-cluster ServiceAccount, or KUBECONFIG.
+    #[arg(long)]
+    pub selector: Option<String>,
+
+    /// With --selector: only pods in this namespace (default: all namespaces).
+    #[arg(long, requires = "selector")]
+    pub namespace: Option<String>,
+
+    /// With --selector: this node's name, so that only its pods are watched (set NODE_NAME
+    /// from the downward API's spec.nodeName).
+    #[arg(long, env = "NODE_NAME", requires = "selector")]
+    pub node_name: Option<String>,
 
     /// Live service port(s) (comma-separated).
     #[arg(long, value_delimiter = ',', required = true, value_parser = clap::value_parser!(u16).range(1..))]

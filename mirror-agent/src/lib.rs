@@ -12,6 +12,7 @@ pub mod dump;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;
+pub mod pods;
 pub mod reassembly;
 pub mod replay;
 pub mod segment;

@@ -18,6 +18,7 @@ use mirror_agent::cli::{AttachArgs, Cli, Command, ReportArgs, ReportFormat};
 use mirror_agent::compare::{self, format_table, CompareConfig, Report};
 use mirror_agent::http::HttpConfig;
 use mirror_agent::pipeline::PipelineConfig;
+use mirror_agent::pods::PodSelector;
 use mirror_agent::reassembly::ReassemblyConfig;
 use mirror_agent::replay::{self, ReplayConfig};
 use tokio::signal::unix::{signal, SignalKind};
@@ -111,6 +112,8 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
         targets,
         matching: MatchConfig {
             ports: args.port.clone(),
+            // Selected pods come and go: none selected must not mean every address.
+            addr_filter: !addrs.is_empty() || args.selector.is_some(),
             addrs,
             responses: !args.no_responses,
             sample_ppm: (args.sample * 10_000.0).round() as u32,
@@ -188,6 +191,11 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
             max_series: plan.max_series,
             max_pending: plan.max_pending_pairs,
         },
+        pods: args.selector.as_ref().map(|labels| PodSelector {
+            labels: labels.clone(),
+            namespace: args.namespace.clone(),
+            node: args.node_name.clone(),
+        }),
         metrics: args.metrics,
         stats_interval: args.stats_interval,
     })

@@ -28,6 +28,8 @@ use crate::replay::ReplayStats;
 /// What the agent exports; each part is owned by its stage and only read here.
 #[derive(Clone)]
 pub struct Sources {
+    /// Pods mirrored now (`--selector`).
+    pub pods: crate::agent::MirroredPods,
     pub comparison: Comparison,
     pub capture: Option<Arc<CaptureStats>>,
     /// Kernel program counters by name, refreshed by the agent's main loop.
@@ -209,6 +211,31 @@ impl Collector for Sources {
                 ConstCounter::new(n).encode(m.encode_family(&[("outcome", name)])?)?;
             }
         }
+        {
+            let pods = self.pods.lock().unwrap().clone();
+            let m = encoder.encode_descriptor(
+                "mirror_pods_mirrored",
+                "Pods mirrored now (--selector)",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(pods.len() as i64).encode(m)?;
+            let mut m = encoder.encode_descriptor(
+                "mirror_pod",
+                "A pod mirrored now: its address and host interface",
+                None,
+                MetricType::Gauge,
+            )?;
+            for p in &pods {
+                let ip = p.ip.to_string();
+                let labels = [
+                    ("pod", p.pod.as_str()),
+                    ("ip", ip.as_str()),
+                    ("interface", p.iface.as_str()),
+                ];
+                ConstGauge::new(1).encode(m.encode_family(&labels)?)?;
+            }
+        }
         if let Some(c) = &self.capture {
             let mut v = serde_json::to_value(c.as_ref()).unwrap_or_default();
             // Frame errors are an array indexed by reason.
@@ -348,6 +375,7 @@ mod tests {
             duration: std::time::Duration::from_millis(30),
         });
         Sources {
+            pods: Default::default(),
             comparison: c.into(),
             capture: Some(Arc::new(CaptureStats::default())),
             kernel: Arc::new(Mutex::new(vec![("cloned", 3), ("skip_not_tcp", 1)])),

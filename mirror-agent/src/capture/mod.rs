@@ -10,6 +10,8 @@ pub mod program;
 pub mod ring;
 pub mod rtnl;
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -55,6 +57,7 @@ impl Default for CaptureConfig {
             matching: MatchConfig {
                 ports: Vec::new(),
                 addrs: Vec::new(),
+                addr_filter: false,
                 responses: true,
                 sample_ppm: mirror_common::SAMPLE_ALL,
             },
@@ -114,26 +117,29 @@ pub struct Capture {
     /// The kernel's `cloned_request_starts` at the previous `account_lost_requests`.
     kernel_request_starts: AtomicU64,
     attached: Vec<(Target, Hook, AttachMode)>,
-    _locks: Vec<netdev::TargetLock>,
+    /// One lock per interface attached to, released when the agent lets the interface go.
+    locks: HashMap<String, netdev::TargetLock>,
+    /// Pods attached by address while running, and the interface each is behind.
+    pods: HashMap<IpAddr, String>,
+    /// Interfaces given at start: they stay attached whatever pods come and go.
+    fixed: Vec<String>,
+    responses: bool,
+    attach_mode: AttachMode,
+    lock_dir: PathBuf,
 }
 
 impl Capture {
     pub fn start(cfg: &CaptureConfig) -> Result<(Capture, Receiver<SegmentBatch>)> {
         preflight()?;
-        if cfg.targets.is_empty() {
-            bail!("nothing to attach to: give --iface or --pod-ip");
+        if cfg.targets.is_empty() && !cfg.matching.addr_filter {
+            bail!("nothing to attach to: give --iface, --pod-ip or --selector");
         }
-        let mut locks = Vec::new();
-        let mut loopbacks = Vec::new();
-        let mut ifaces: Vec<&str> = cfg.targets.iter().map(|t| t.iface.as_str()).collect();
-        ifaces.sort_unstable();
-        ifaces.dedup();
-        for iface in &ifaces {
-            if netdev::check_target_iface(iface)? == netdev::LinkKind::Loopback {
-                loopbacks.push(*iface);
+        let mut locks = HashMap::new();
+        for t in &cfg.targets {
+            if !locks.contains_key(&t.iface) {
+                netdev::check_target_iface(&t.iface)?;
+                locks.insert(t.iface.clone(), lock_iface(&cfg.lock_dir, &t.iface)?);
             }
-            locks.push(netdev::TargetLock::acquire(&cfg.lock_dir, iface)?);
-            netdev::remove_stale_filters(iface, PROGRAM_NAME);
         }
 
         let stats = Arc::new(CaptureStats::default());
@@ -158,7 +164,12 @@ impl Capture {
             stats,
             kernel_request_starts: AtomicU64::new(0),
             attached: Vec::new(),
-            _locks: locks,
+            locks,
+            pods: HashMap::new(),
+            fixed: cfg.targets.iter().map(|t| t.iface.clone()).collect(),
+            responses: cfg.matching.responses,
+            attach_mode: cfg.attach_mode,
+            lock_dir: cfg.lock_dir.clone(),
         };
         ready()?;
         netdev::quiet_ipv6(&host_veth)?;
@@ -167,28 +178,103 @@ impl Capture {
 
         let mut program = KernelProgram::load(cfg.ebpf_log)?;
         for t in &cfg.targets {
-            let mut hooks = vec![t.hook];
-            // On lo both directions cross every hook: one hook sees them all.
-            if cfg.matching.responses && !loopbacks.contains(&t.iface.as_str()) {
-                hooks.push(t.hook.opposite());
-            }
-            for hook in hooks {
-                // Each hook once: a packet cloned twice would be a request replayed twice.
-                if capture
-                    .attached
-                    .iter()
-                    .any(|(a, h, _)| a.iface == t.iface && *h == hook)
-                {
-                    continue;
-                }
-                let mode = program.attach(&t.iface, hook, cfg.attach_mode)?;
-                capture.attached.push((t.clone(), hook, mode));
-            }
+            capture.attach_target(&mut program, t)?;
         }
         program.configure(&cfg.matching, mirror_ifindex)?;
         capture.program_id = program.id()?;
         capture.program = Some(program);
         Ok((capture, rx))
+    }
+
+    /// Attaches to the target's hook, and to the opposite one for responses (on lo one hook
+    /// sees both directions). Each hook once: a packet cloned twice would be a request replayed
+    /// twice.
+    fn attach_target(&mut self, program: &mut KernelProgram, t: &Target) -> Result<()> {
+        let lo = netdev::check_target_iface(&t.iface)? == netdev::LinkKind::Loopback;
+        let mut hooks = vec![t.hook];
+        if self.responses && !lo {
+            hooks.push(t.hook.opposite());
+        }
+        for hook in hooks {
+            if self
+                .attached
+                .iter()
+                .any(|(a, h, _)| a.iface == t.iface && *h == hook)
+            {
+                continue;
+            }
+            let mode = program.attach(&t.iface, hook, self.attach_mode)?;
+            self.attached.push((t.clone(), hook, mode));
+        }
+        Ok(())
+    }
+
+    /// Starts mirroring the pod at `ip` while running: its address joins the live filter, and
+    /// its host-side veth (found by route) is attached unless it already is. Returns the veth.
+    pub fn add_pod(&mut self, ip: IpAddr) -> Result<String> {
+        if let Some(iface) = self.pods.get(&ip) {
+            return Ok(iface.clone());
+        }
+        let iface = netdev::iface_for_pod(ip)?;
+        let mut program = self
+            .program
+            .take()
+            .ok_or_else(|| anyhow!("the capture is stopping"))?;
+        let attached = (|| {
+            program.set_live_addr(ip, true)?;
+            if !self.locks.contains_key(&iface) {
+                let lock = lock_iface(&self.lock_dir, &iface)?;
+                self.locks.insert(iface.clone(), lock);
+            }
+            let target = Target {
+                iface: iface.clone(),
+                hook: Hook::Egress,
+            };
+            self.attach_target(&mut program, &target)
+        })();
+        self.program = Some(program);
+        if let Err(e) = attached {
+            self.release_iface_if_unused(&iface);
+            let _ = self.program.as_mut().map(|p| p.set_live_addr(ip, false));
+            return Err(e);
+        }
+        self.pods.insert(ip, iface.clone());
+        Ok(iface)
+    }
+
+    /// Stops mirroring the pod at `ip`: its address leaves the live filter at once, and its
+    /// veth is detached when no other mirrored pod is behind it.
+    pub fn remove_pod(&mut self, ip: IpAddr) -> Result<()> {
+        let Some(iface) = self.pods.remove(&ip) else {
+            return Ok(());
+        };
+        if let Some(program) = self.program.as_mut() {
+            program.set_live_addr(ip, false)?;
+        }
+        self.release_iface_if_unused(&iface);
+        Ok(())
+    }
+
+    /// Detaches from `iface` and lets its lock go, unless a pod or a start target still uses it.
+    fn release_iface_if_unused(&mut self, iface: &str) {
+        if self.fixed.iter().any(|f| f == iface) || self.pods.values().any(|i| i == iface) {
+            return;
+        }
+        if let Some(program) = self.program.as_mut() {
+            for (t, hook, _) in self.attached.iter().filter(|(t, _, _)| t.iface == iface) {
+                // A pod's veth that is gone took its links with it.
+                if let Err(e) = program.detach(&t.iface, *hook) {
+                    log::debug!("{e:#}");
+                }
+            }
+        }
+        self.attached.retain(|(t, _, _)| t.iface != iface);
+        self.locks.remove(iface);
+    }
+
+    /// Pods mirrored now, with the interface each is behind.
+    pub fn pods(&self) -> &HashMap<IpAddr, String> {
+        &self.pods
     }
 
     /// The hooks attached, with the mode used for each.
@@ -280,6 +366,13 @@ fn unique_tag() -> u32 {
         tag = nanos ^ std::process::id().rotate_left(16);
     }
     tag
+}
+
+/// Claims `iface` for this agent and removes filters a dead agent left there.
+fn lock_iface(dir: &std::path::Path, iface: &str) -> Result<netdev::TargetLock> {
+    let lock = netdev::TargetLock::acquire(dir, iface)?;
+    netdev::remove_stale_filters(iface, PROGRAM_NAME);
+    Ok(lock)
 }
 
 fn preflight() -> Result<()> {

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{Array, HashMap, PerCpuArray};
 use aya::programs::links::LinkOrder;
-use aya::programs::tc::{NlOptions, TcAttachOptions};
+use aya::programs::tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions};
 use aya::programs::{tc, SchedClassifier, TcAttachType};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
@@ -30,7 +30,7 @@ pub enum AttachMode {
 }
 
 /// Direction of travel through an interface, as seen by TC.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Hook {
     Ingress,
     Egress,
@@ -61,29 +61,37 @@ impl Hook {
 #[derive(Clone, Debug)]
 pub struct MatchConfig {
     pub ports: Vec<u16>,
-    /// Service addresses; empty means any address.
+    /// Service addresses; empty means any address, unless `addr_filter`.
     pub addrs: Vec<IpAddr>,
+    /// Match only the listed addresses even while there are none: pods selected by label come
+    /// and go, and no address must not mean every address.
+    pub addr_filter: bool,
     pub responses: bool,
     pub sample_ppm: u32,
 }
 
 impl MatchConfig {
-    /// The kernel's `cloned_request_starts` test, applied to a received segment: towards the
-    /// service, and its payload starts like a request.
+    /// The kernel's `cloned_request_starts` test, applied to a received clone: towards a live
+    /// port, and its payload starts like a request. (The kernel's address filter already held
+    /// for every clone.)
     pub fn is_request_start(&self, seg: &crate::segment::Segment) -> bool {
-        let dst = seg.flow.dst;
         let head = seg
             .payload
             .get(..mirror_common::REQUEST_START_LEN)
             .and_then(|h| h.try_into().ok());
-        self.ports.contains(&dst.port())
-            && (self.addrs.is_empty() || self.addrs.contains(&dst.ip().to_canonical()))
+        self.ports.contains(&seg.flow.dst.port())
             && head.is_some_and(mirror_common::is_request_start)
+    }
+
+    fn filters_addrs(&self) -> bool {
+        self.addr_filter || !self.addrs.is_empty()
     }
 }
 
 pub struct KernelProgram {
     ebpf: Ebpf,
+    /// Attached hooks, so that one can be detached while the others keep cloning.
+    links: std::collections::HashMap<(String, Hook), SchedClassifierLinkId>,
 }
 
 impl KernelProgram {
@@ -112,7 +120,10 @@ impl KernelProgram {
                 "the kernel rejected the TC program: {e}. Is this kernel built with BTF and BPF?"
             )
         })?;
-        Ok(KernelProgram { ebpf })
+        Ok(KernelProgram {
+            ebpf,
+            links: Default::default(),
+        })
     }
 
     /// Fills the maps, then enables the program (the flag is written last).
@@ -128,20 +139,14 @@ impl KernelProgram {
         for p in &m.ports {
             ports.insert(p, 1, 0)?;
         }
-        let mut addrs: HashMap<_, AddrKey, u8> =
-            HashMap::try_from(map(&mut self.ebpf, MAP_LIVE_ADDRS)?)?;
         for a in &m.addrs {
-            let key = match a {
-                IpAddr::V4(v4) => AddrKey::from_v4(v4.octets()),
-                IpAddr::V6(v6) => AddrKey::from_v6(v6.octets()),
-            };
-            addrs.insert(key, 1, 0)?;
+            self.set_live_addr(*a, true)?;
         }
         let mut flags = FLAG_ENABLED;
         if m.responses {
             flags |= FLAG_RESPONSES;
         }
-        if !m.addrs.is_empty() {
+        if m.filters_addrs() {
             flags |= FLAG_ADDR_FILTER;
         }
         let cfg = MirrorConfig {
@@ -152,6 +157,35 @@ impl KernelProgram {
         };
         let mut config: Array<_, MirrorConfig> = Array::try_from(map(&mut self.ebpf, MAP_CONFIG)?)?;
         config.set(0, cfg, 0)?;
+        Ok(())
+    }
+
+    /// Adds `ip` to the live addresses (or removes it), while the program runs.
+    pub fn set_live_addr(&mut self, ip: IpAddr, live: bool) -> Result<()> {
+        let mut addrs: HashMap<_, AddrKey, u8> =
+            HashMap::try_from(map(&mut self.ebpf, MAP_LIVE_ADDRS)?)?;
+        let key = match ip.to_canonical() {
+            IpAddr::V4(v4) => AddrKey::from_v4(v4.octets()),
+            IpAddr::V6(v6) => AddrKey::from_v6(v6.octets()),
+        };
+        if live {
+            if addrs.keys().count() >= MAX_LIVE_ADDRS as usize {
+                bail!("at most {MAX_LIVE_ADDRS} service addresses");
+            }
+            addrs.insert(key, 1, 0)?;
+        } else if let Err(e) = addrs.remove(&key) {
+            log::debug!("removing live address {ip}: {e}");
+        }
+        Ok(())
+    }
+
+    /// Detaches one hook; the others keep cloning.
+    pub fn detach(&mut self, iface: &str, hook: Hook) -> Result<()> {
+        if let Some(id) = self.links.remove(&(iface.to_string(), hook)) {
+            program(&mut self.ebpf)?
+                .detach(id)
+                .with_context(|| format!("detaching from {iface} {}", hook.name()))?;
+        }
         Ok(())
     }
 
@@ -179,7 +213,10 @@ impl KernelProgram {
                 hook.tc(),
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             ) {
-                Ok(_) => return Ok(AttachMode::Tcx),
+                Ok(id) => {
+                    self.links.insert((iface.to_string(), hook), id);
+                    return Ok(AttachMode::Tcx);
+                }
                 Err(e) if mode == AttachMode::Tcx => {
                     bail!("tcx attach to {iface} {} failed: {e} (kernel 6.6+ needed; try --attach-mode netlink)", hook.name())
                 }
@@ -193,12 +230,14 @@ impl KernelProgram {
             // Already present is fine; anything else shows up in the attach error below.
             log::debug!("adding clsact to {iface}: {e}");
         }
-        prog.attach_with_options(
-            iface,
-            hook.tc(),
-            TcAttachOptions::Netlink(NlOptions::default()),
-        )
-        .with_context(|| format!("attaching a clsact filter to {iface} {}", hook.name()))?;
+        let id = prog
+            .attach_with_options(
+                iface,
+                hook.tc(),
+                TcAttachOptions::Netlink(NlOptions::default()),
+            )
+            .with_context(|| format!("attaching a clsact filter to {iface} {}", hook.name()))?;
+        self.links.insert((iface.to_string(), hook), id);
         Ok(AttachMode::Netlink)
     }
 
