@@ -136,7 +136,26 @@ fn every_manifest_parses_and_agent_args_are_accepted_by_the_cli() {
                 let Command::Attach(a) = cli.command else {
                     panic!("the DaemonSet must run `attach`")
                 };
-                assert!(!a.pod_ip.is_empty() || !a.iface.is_empty());
+                assert!(
+                    a.selector.is_some(),
+                    "the DaemonSet follows pods by label (--selector)"
+                );
+                let node_name = s(c, &["env"])
+                    .and_then(Value::as_sequence)
+                    .into_iter()
+                    .flatten()
+                    .find(|e| s(e, &["name"]).and_then(Value::as_str) == Some("NODE_NAME"));
+                assert_eq!(
+                    node_name
+                        .and_then(|e| s(e, &["valueFrom", "fieldRef", "fieldPath"]))
+                        .and_then(Value::as_str),
+                    Some("spec.nodeName"),
+                    "NODE_NAME from the downward API, so that each agent watches its node's pods"
+                );
+                let account = s(d, &["spec", "template", "spec", "serviceAccountName"])
+                    .and_then(Value::as_str)
+                    .expect("a ServiceAccount for the pod watch");
+                assert_read_only_pod_rbac(&all, account);
                 assert!(
                     a.metrics.is_some(),
                     "metrics must be exported for the scrape annotations"
@@ -187,6 +206,47 @@ fn every_manifest_parses_and_agent_args_are_accepted_by_the_cli() {
         }
     }
     assert_eq!(agents, 1, "exactly one agent container (the DaemonSet)");
+}
+
+/// The account is bound to a ClusterRole that can only get, list and watch pods.
+fn assert_read_only_pod_rbac(all: &[(PathBuf, Vec<Value>)], account: &str) {
+    let docs: Vec<&Value> = all.iter().flat_map(|(_, d)| d.iter()).collect();
+    let kind = |d: &&Value, k: &str| s(d, &["kind"]).and_then(Value::as_str) == Some(k);
+    assert!(docs.iter().any(|d| kind(d, "ServiceAccount")
+        && s(d, &["metadata", "name"]).and_then(Value::as_str) == Some(account)));
+    let binding = docs
+        .iter()
+        .find(|d| {
+            kind(d, "ClusterRoleBinding")
+                && s(d, &["subjects"])
+                    .and_then(Value::as_sequence)
+                    .into_iter()
+                    .flatten()
+                    .any(|x| s(x, &["name"]).and_then(Value::as_str) == Some(account))
+        })
+        .expect("a ClusterRoleBinding for the agent's account");
+    let role_name = s(binding, &["roleRef", "name"])
+        .and_then(Value::as_str)
+        .unwrap();
+    let role = docs
+        .iter()
+        .find(|d| {
+            kind(d, "ClusterRole")
+                && s(d, &["metadata", "name"]).and_then(Value::as_str) == Some(role_name)
+        })
+        .expect("the bound ClusterRole");
+    let rules = s(role, &["rules"]).and_then(Value::as_sequence).unwrap();
+    assert_eq!(rules.len(), 1, "one rule: pods, read only");
+    let list = |k: &str| -> Vec<&str> {
+        s(&rules[0], &[k])
+            .and_then(Value::as_sequence)
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect()
+    };
+    assert_eq!(list("resources"), ["pods"]);
+    assert_eq!(list("verbs"), ["get", "list", "watch"]);
 }
 
 #[test]
