@@ -339,6 +339,8 @@ fn a_rollout_is_followed_by_label_without_a_restart() {
     api.event("ADDED", "books-v2", Some(&v2.ip), false);
     api.bookmark();
     api.event("MODIFIED", "books-v2", Some(&v2.ip), true);
+    // A pod the API places on this node but whose address has no local route: skipped.
+    api.event("ADDED", "books-astray", Some("198.51.100.7"), true);
     wait_pods(&node, 2);
     for i in 0..10 {
         get(&node, &v1.ip, &format!("/v1/during/{i}"));
@@ -393,6 +395,11 @@ fn a_rollout_is_followed_by_label_without_a_restart() {
     assert!(
         stderr.contains("ClusterRole"),
         "the 403 names the missing RBAC rule:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("cannot mirror pod default/books-astray")
+            && stderr.contains("no route to pod IP 198.51.100.7"),
+        "{stderr}"
     );
     let requests = api.with(|s| s.requests.clone());
     assert!(
