@@ -3,6 +3,8 @@
 //! Every namespace and process made here is removed on drop, so a failing test or a Ctrl-C'd
 //! benchmark leaves nothing behind. Traffic only ever goes to addresses inside these namespaces.
 
+pub mod kubeapi;
+
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::process::{Child, Command};
