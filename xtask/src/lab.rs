@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use netlab::kubeapi::FakeApi;
 use netlab::{Netns, Proc};
 
 #[derive(clap::Args)]
@@ -26,6 +27,11 @@ pub struct LabArgs {
     /// Seconds the poller browses the live service in each step.
     #[arg(long, default_value_t = 20)]
     pub duration: u64,
+    /// Halfway through the first step, replace the live pod with a new one on a new address, as
+    /// a rollout does. The client goes through a Service address, and the agent follows the live
+    /// pods by label (from a local stand-in for the Kubernetes API) instead of by IP.
+    #[arg(long)]
+    pub rollout: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -62,6 +68,11 @@ const STEPS: [Step; 3] = [
 
 const INTERRUPTED: &str = "interrupted: the lab's namespaces, links and processes are removed";
 const LIVE_IP: &str = "10.201.0.2";
+/// The live pod after a rollout, and the Service address the client uses with `--rollout`.
+const NEXT_LIVE_IP: &str = "10.204.0.2";
+const SERVICE_IP: &str = "10.200.0.10";
+const NODE_NAME: &str = "lab-node";
+const LIVE_SELECTOR: &str = "app=bookservice,version=v1";
 const MIRROR_IP: &str = "10.202.0.2";
 const METRICS: &str = "127.0.0.1:9464";
 
@@ -97,7 +108,7 @@ pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
         "net.ipv4.ip_forward=1",
     ]);
 
-    let _live_pod = Proc::spawn(
+    let live_pod = Proc::spawn(
         live.exec(&[
             bookservice.to_str().unwrap(),
             "--listen",
@@ -108,7 +119,32 @@ pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
         .stderr(Stdio::null()),
     );
     wait_http(&client, &format!("http://{LIVE_IP}:8080/api/books"))?;
-    println!("Live bookservice V1 at {LIVE_IP}:8080 (pod behind vethlive on the node). The agent attaches by pod IP.\n");
+    // With --rollout, pods are found by label through the API, and reached through a Service.
+    let kube_dir = tempfile::tempdir()?;
+    let mut rollout = if args.rollout {
+        let api = FakeApi::start(
+            &node,
+            &[("app", "bookservice"), ("version", "v1")],
+            NODE_NAME,
+        );
+        api.event("ADDED", "bookservice-v1-a", Some(LIVE_IP), true);
+        route_service(&node, LIVE_IP)?;
+        println!("Live bookservice V1 at {LIVE_IP}:8080, behind Service {SERVICE_IP}:8080. The agent follows pods labelled {LIVE_SELECTOR}.\n");
+        Some(Rollout {
+            kubeconfig: api.kubeconfig(kube_dir.path()),
+            api,
+            old: Some((live, live_pod)),
+            new: None,
+        })
+    } else {
+        println!("Live bookservice V1 at {LIVE_IP}:8080 (pod behind vethlive on the node). The agent attaches by pod IP.\n");
+        None
+    };
+    let target_ip = if rollout.is_some() {
+        SERVICE_IP
+    } else {
+        LIVE_IP
+    };
 
     for step in STEPS
         .iter()
@@ -130,26 +166,32 @@ pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
                 .stderr(Stdio::null()),
         );
         wait_http(&node, &format!("http://{MIRROR_IP}:8080/api/books"))?;
+        let select: Vec<&str> = match &rollout {
+            Some(_) => vec!["--selector", LIVE_SELECTOR, "--node-name", NODE_NAME],
+            None => vec!["--pod-ip", LIVE_IP],
+        };
+        let mut agent_cmd = node.exec(&[agent.to_str().unwrap(), "attach"]);
+        agent_cmd.args(&select);
+        if let Some(r) = &rollout {
+            agent_cmd.env("KUBECONFIG", &r.kubeconfig);
+        }
         let mut agent_proc = Proc::spawn(
-            node.exec(&[
-                agent.to_str().unwrap(),
-                "attach",
-                "--pod-ip",
-                LIVE_IP,
-                "--port",
-                "8080",
-                "--mirror",
-                &format!("http://{MIRROR_IP}:8080"),
-                "--live-label",
-                "V1MIR-LiveBookService",
-                "--mirror-label",
-                step.label,
-                "--metrics",
-                METRICS,
-                "--no-report",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
+            agent_cmd
+                .args([
+                    "--port",
+                    "8080",
+                    "--mirror",
+                    &format!("http://{MIRROR_IP}:8080"),
+                    "--live-label",
+                    "V1MIR-LiveBookService",
+                    "--mirror-label",
+                    step.label,
+                    "--metrics",
+                    METRICS,
+                    "--no-report",
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
         );
         let stdout = agent_proc.child.as_mut().unwrap().stdout.take().unwrap();
         let mut ready = String::new();
@@ -160,7 +202,7 @@ pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
         }
         println!("agent {}", ready.trim());
         println!(
-            "poller browsing http://{LIVE_IP}:8080 for {} s ...",
+            "poller browsing http://{target_ip}:8080 for {} s ...",
             args.duration
         );
         let mut poll = Proc::spawn(
@@ -168,16 +210,22 @@ pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
                 .exec(&[
                     poller.to_str().unwrap(),
                     "--target",
-                    &format!("http://{LIVE_IP}:8080"),
+                    &format!("http://{target_ip}:8080"),
                     "--seconds",
                     &args.duration.to_string(),
                 ])
                 .stdout(Stdio::piped()),
         );
         // Ctrl-C reaches the poller and the agent too: the poller may end first.
+        let halfway = std::time::Instant::now() + Duration::from_secs(args.duration / 2);
         while poll.child.as_mut().unwrap().try_wait()?.is_none()
             && !interrupted.load(Ordering::Relaxed)
         {
+            if let Some(r) = rollout.as_mut() {
+                if r.new.is_none() && std::time::Instant::now() >= halfway {
+                    r.replace_live_pod(&node, &bookservice, &base)?;
+                }
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
         if interrupted.load(Ordering::Relaxed) {
@@ -205,6 +253,84 @@ pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
     }
     println!("Users of the live service saw none of this: every live request was answered by V1.");
     Ok(())
+}
+
+/// The live pods of a rollout, and the API that announces them.
+struct Rollout {
+    api: FakeApi,
+    kubeconfig: std::path::PathBuf,
+    /// The pod being replaced, until it is gone.
+    old: Option<(Netns, Proc)>,
+    new: Option<(Netns, Proc)>,
+}
+
+impl Rollout {
+    /// What a Deployment rollout does: the new pod starts and becomes Ready, the Service sends
+    /// new connections to it, the old pod stops being Ready, is deleted and exits.
+    fn replace_live_pod(&mut self, node: &Netns, bookservice: &Path, base: &str) -> Result<()> {
+        let pod = Netns::new(&format!("{base}live2"));
+        netlab::link(node, "vethlive2", &pod, "eth0", 204);
+        pod.ip(&["route", "add", "default", "via", "10.204.0.1"]);
+        let proc = Proc::spawn(
+            pod.exec(&[
+                bookservice.to_str().unwrap(),
+                "--listen",
+                &format!("{NEXT_LIVE_IP}:8080"),
+                "--version",
+                "v1",
+            ])
+            .stderr(Stdio::null()),
+        );
+        wait_http(node, &format!("http://{NEXT_LIVE_IP}:8080/api/books"))?;
+        self.api
+            .event("ADDED", "bookservice-v1-b", Some(NEXT_LIVE_IP), true);
+        route_service(node, NEXT_LIVE_IP)?;
+        self.api
+            .event("MODIFIED", "bookservice-v1-a", Some(LIVE_IP), false);
+        self.api
+            .event("DELETED", "bookservice-v1-a", Some(LIVE_IP), false);
+        // The old pod drains: its connections close when it exits.
+        std::thread::sleep(Duration::from_millis(500));
+        self.old = None;
+        self.new = Some((pod, proc));
+        println!(
+            "rollout: live pod {LIVE_IP} replaced by {NEXT_LIVE_IP}; the agent follows it by label"
+        );
+        Ok(())
+    }
+}
+
+/// Points the Service address at `pod_ip` for new connections, as kube-proxy does.
+fn route_service(node: &Netns, pod_ip: &str) -> Result<()> {
+    let ipt = |args: &[&str]| -> Result<()> {
+        let status = node
+            .exec(&["iptables", "-t", "nat"])
+            .args(args)
+            .status()
+            .context("running iptables (apt-get install iptables)")?;
+        if !status.success() {
+            bail!("iptables {args:?} failed");
+        }
+        Ok(())
+    };
+    let rule = [
+        "PREROUTING",
+        "-d",
+        SERVICE_IP,
+        "-p",
+        "tcp",
+        "--dport",
+        "8080",
+        "-j",
+        "DNAT",
+        "--to-destination",
+    ];
+    let to = format!("{pod_ip}:8080");
+    ipt(&["-F", "PREROUTING"])?;
+    let mut add: Vec<&str> = vec!["-A"];
+    add.extend(rule);
+    add.push(&to);
+    ipt(&add)
 }
 
 fn candidate_name(c: Candidate) -> &'static str {

@@ -73,14 +73,15 @@ pub fn ensure_ebpf_toolchain() -> Result<()> {
     Ok(())
 }
 
-/// Tools the end-to-end tests drive: iproute2 (namespaces, veth, tc), curl (the client), and
-/// podman with runc (the container test; crun refuses this kind of host's hybrid cgroups).
+/// Tools the end-to-end tests and the lab drive: iproute2 (namespaces, veth, tc), curl (the
+/// client), iptables (the lab's Service address with --rollout), and podman with runc (the container test; crun refuses this kind of host's hybrid cgroups).
 pub fn ensure_test_tools() -> Result<()> {
     let mut missing = Vec::new();
     for (bin, pkg) in [
         ("ip", "iproute2"),
         ("tc", "iproute2"),
         ("curl", "curl"),
+        ("iptables", "iptables"),
         ("podman", "podman"),
         ("runc", "runc"),
         ("newuidmap", "uidmap"),
