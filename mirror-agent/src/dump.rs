@@ -90,6 +90,7 @@ impl StreamHandler for FlowRecorder {
         dir: Direction,
         data: &[u8],
         _: TimestampNs,
+        _: Option<u64>,
     ) {
         if self.held + data.len() > self.max_bytes {
             self.dropped_bytes += data.len() as u64;

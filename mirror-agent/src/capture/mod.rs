@@ -220,8 +220,10 @@ impl Capture {
             .program
             .take()
             .ok_or_else(|| anyhow!("the capture is stopping"))?;
+        // Both hooks first, the address last: the address filter holds the pod's packets back
+        // until both directions are seen, or a request cloned before the response hook is on
+        // would wait for an answer that never comes, and pair with the next one.
         let attached = (|| {
-            program.set_live_addr(ip, true)?;
             if !self.locks.contains_key(&iface) {
                 let lock = lock_iface(&self.lock_dir, &iface)?;
                 self.locks.insert(iface.clone(), lock);
@@ -230,7 +232,8 @@ impl Capture {
                 iface: iface.clone(),
                 hook: Hook::Egress,
             };
-            self.attach_target(&mut program, &target)
+            self.attach_target(&mut program, &target)?;
+            program.set_live_addr(ip, true)
         })();
         self.program = Some(program);
         if let Err(e) = attached {

@@ -150,6 +150,9 @@ pub struct HttpStats {
     pub dropped_stopped: u64,
     pub malformed_responses: u64,
     pub unpaired_responses: u64,
+    /// Responses captured before their request (the two directions' clones reached the agent
+    /// out of order) and paired once the request arrived.
+    pub early_responses: u64,
     /// Requests whose response could not be told apart after a loss in the response stream.
     pub unpaired_requests: u64,
     pub pending_overflow: u64,
@@ -214,6 +217,13 @@ struct MessageParser {
     first_ts: TimestampNs,
     body_bytes: u64,
     at_stream_start: bool,
+    /// Stream offset of the chunk being fed (requests: a lower bound of the message's start).
+    chunk_base: u64,
+    /// The acknowledgement carried with the chunk being fed (see `StreamHandler::data`).
+    chunk_ack: Option<u64>,
+    /// `chunk_base` and `chunk_ack` when the current message began.
+    start_base: u64,
+    start_ack: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -236,6 +246,10 @@ impl MessageParser {
             first_ts: 0,
             body_bytes: 0,
             at_stream_start: false,
+            chunk_base: 0,
+            chunk_ack: None,
+            start_base: 0,
+            start_ack: None,
         }
     }
 
@@ -255,6 +269,41 @@ pub struct HttpConn {
     next_seq: u64,
     /// Requests whose responses have not been seen, oldest first.
     pending: VecDeque<Pending>,
+    /// Request bytes fed so far (data and gaps).
+    req_fed: u64,
+    /// Responses seen before their request: on a pod's veth, requests and responses cross two
+    /// hooks that may run on two CPUs, and their clones can reach the ring out of order. The
+    /// response's acknowledgement says the server had request bytes the agent has not read yet;
+    /// it waits here for them.
+    early: VecDeque<EarlyResponse>,
+}
+
+/// The earliest response held for a request that starts at `start` or later (a lower bound of
+/// its stream offset): held responses acknowledging no more than that answered requests that
+/// were never read, and are counted unpaired.
+fn take_early(
+    early: &mut VecDeque<EarlyResponse>,
+    start: u64,
+    stats: &mut HttpStats,
+) -> Option<EarlyResponse> {
+    while let Some(e) = early.pop_front() {
+        if e.ack > start {
+            return Some(e);
+        }
+        stats.unpaired_responses += 1;
+    }
+    None
+}
+
+/// Most responses held per connection while their requests are on their way.
+const MAX_EARLY: usize = 8;
+
+#[derive(Clone, Copy, Debug)]
+struct EarlyResponse {
+    status: u16,
+    first_ts: TimestampNs,
+    /// How far the request stream was acknowledged when the response started.
+    ack: u64,
 }
 
 struct Pending {
@@ -268,6 +317,8 @@ struct Pending {
     expect_continue: bool,
     /// The request was dropped: its response is framed but not reported.
     dropped: bool,
+    /// Its response, when that was seen before the request.
+    early: Option<EarlyResponse>,
 }
 
 /// The parse stage: a `StreamHandler` that turns streams into `HttpEvent`s.
@@ -352,6 +403,8 @@ impl HttpExtractor {
                 State::Head => {
                     if p.buf.is_empty() {
                         p.first_ts = ts;
+                        p.start_base = p.chunk_base;
+                        p.start_ack = p.chunk_ack;
                     }
                     if self.buffered + data.len() > self.cfg.max_buffered_bytes {
                         if p.kind == Kind::Request && !p.buf.is_empty() {
@@ -429,6 +482,8 @@ impl HttpExtractor {
         p.drop_reason = None;
         p.body_bytes = 0;
         p.first_ts = ts;
+        p.start_base = p.chunk_base;
+        p.start_ack = p.chunk_ack;
     }
 
     /// Tries to parse a complete head from the buffer. Returns whether parsing can go on.
@@ -512,15 +567,21 @@ impl HttpExtractor {
                         c.pending.pop_front();
                         self.stats.pending_overflow += 1;
                     }
+                    let start = p.start_base;
+                    let method = String::from_utf8_lossy(&p.buf[head.method.clone()]).into_owned();
+                    let target = String::from_utf8_lossy(&p.buf[head.target.clone()]).into_owned();
+                    let is_head = &p.buf[head.method.clone()] == b"HEAD";
+                    let early = take_early(&mut c.early, start, &mut self.stats);
                     c.pending.push_back(Pending {
                         seq: head.seq,
-                        method: String::from_utf8_lossy(&p.buf[head.method.clone()]).into_owned(),
-                        target: String::from_utf8_lossy(&p.buf[head.target.clone()]).into_owned(),
-                        head: &p.buf[head.method.clone()] == b"HEAD",
+                        method,
+                        target,
+                        head: is_head,
                         connect: false,
                         last_ts: None,
                         expect_continue: head.expect_continue,
                         dropped: false,
+                        early,
                     });
                 }
                 p.keep = true;
@@ -537,8 +598,20 @@ impl HttpExtractor {
                     self.begin_message(dir, c, ts);
                     return true;
                 }
-                let Some(req) = c.pending.pop_front() else {
-                    self.stats.unpaired_responses += 1;
+                let next = c.pending.iter().position(|r| r.early.is_none());
+                let Some(req) = next.and_then(|i| c.pending.remove(i)) else {
+                    // The server had request bytes not read here yet: the request is on its way.
+                    let ack = p.start_ack.filter(|a| *a > c.req_fed);
+                    match ack {
+                        Some(ack) if c.early.len() < MAX_EARLY => {
+                            c.early.push_back(EarlyResponse {
+                                status,
+                                first_ts: p.first_ts,
+                                ack,
+                            })
+                        }
+                        _ => self.stats.unpaired_responses += 1,
+                    }
                     head.framing = response_framing(head.framing, status, false);
                     p.head = Some(head);
                     return self.enter_body(c, info, dir, ts);
@@ -675,8 +748,38 @@ impl HttpExtractor {
                     None => self.stats.dropped_incomplete += 1,
                 }
             }
+            self.report_early(c, info, head.seq);
         }
         self.begin_message(dir, c, ts);
+    }
+
+    /// Reports the response held for request `seq`, now that the request is complete.
+    fn report_early(&mut self, c: &mut HttpConn, info: &ConnInfo, seq: u64) {
+        let Some(i) = c
+            .pending
+            .iter()
+            .position(|r| r.seq == seq && r.early.is_some())
+        else {
+            return;
+        };
+        let req = c.pending.remove(i).expect("position is in range");
+        let (Some(e), Some(last)) = (req.early, req.last_ts) else {
+            return;
+        };
+        if req.dropped {
+            return;
+        }
+        self.stats.responses += 1;
+        self.stats.early_responses += 1;
+        self.events.push(HttpEvent::Response(ResponseMeta {
+            conn: info.id,
+            request_seq: req.seq,
+            method: req.method,
+            target: req.target,
+            status: e.status,
+            request_last_ts: last,
+            response_first_ts: e.first_ts,
+        }));
     }
 
     /// A final response to a request that sent `Expect: 100-continue` and whose body has not
@@ -850,6 +953,8 @@ impl StreamHandler for HttpExtractor {
             resp: MessageParser::new(Kind::Response),
             next_seq: 0,
             pending: VecDeque::new(),
+            req_fed: 0,
+            early: VecDeque::new(),
         }
     }
 
@@ -872,11 +977,26 @@ impl StreamHandler for HttpExtractor {
         dir: Direction,
         data: &[u8],
         ts: TimestampNs,
+        ack: Option<u64>,
     ) {
         if dir == Direction::ToClient && !self.cfg.track_responses {
             return;
         }
         let before = c.held();
+        let p = if dir == Direction::ToServer {
+            &mut c.req
+        } else {
+            &mut c.resp
+        };
+        p.chunk_base = if dir == Direction::ToServer {
+            c.req_fed
+        } else {
+            0
+        };
+        p.chunk_ack = ack;
+        if dir == Direction::ToServer {
+            c.req_fed += data.len() as u64;
+        }
         self.feed(c, info, dir, data, ts);
         self.account(before, c);
     }
@@ -890,6 +1010,9 @@ impl StreamHandler for HttpExtractor {
         ts: TimestampNs,
     ) {
         let before = c.held();
+        if dir == Direction::ToServer {
+            c.req_fed += lost;
+        }
         self.lose(c, info, dir, lost, ts);
         self.account(before, c);
     }
@@ -905,6 +1028,7 @@ impl StreamHandler for HttpExtractor {
         for dir in [Direction::ToServer, Direction::ToClient] {
             self.end_stream(&mut c, dir);
         }
+        self.stats.unpaired_responses += c.early.len() as u64;
         self.account(before, &c);
     }
 }

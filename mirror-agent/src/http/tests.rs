@@ -549,3 +549,39 @@ fn a_lost_response_never_shifts_the_pairing() {
     let st = x.r.handler().stats();
     assert_eq!((st.unpaired_requests, st.unpaired_responses), (3, 2));
 }
+
+#[test]
+fn a_response_captured_before_its_request_is_paired_with_it() {
+    // Requests and responses cross two hooks, possibly on two CPUs: their clones can reach the
+    // agent in either order. The response's acknowledgement tells which request it answers.
+    let mut c = conv();
+    let mut segs = c.handshake();
+    let ok = |code: u16| format!("HTTP/1.1 {code} OK\r\nContent-Length: 2\r\n\r\nok");
+    for (i, code) in [(1, 200), (2, 404), (3, 201), (4, 500)] {
+        let req = c.client_data(format!("GET /r/{i} HTTP/1.1\r\n\r\n").as_bytes(), 1000);
+        c.advance(1_000_000);
+        let resp = c.server_data(ok(code).as_bytes(), 1000);
+        c.advance(20_000_000);
+        // The first and third exchanges arrive response first.
+        if i % 2 == 1 {
+            segs.extend(resp);
+            segs.extend(req);
+        } else {
+            segs.extend(req);
+            segs.extend(resp);
+        }
+    }
+    segs.extend(c.close());
+    let x = run(&segs);
+    let paired: Vec<(u64, u16)> = x
+        .responses
+        .iter()
+        .map(|r| (r.request_seq, r.status))
+        .collect();
+    assert_eq!(paired.len(), 4, "{paired:?}");
+    let mut sorted = paired.clone();
+    sorted.sort();
+    assert_eq!(sorted, [(0, 200), (1, 404), (2, 201), (3, 500)]);
+    let st = x.r.handler().stats();
+    assert_eq!((st.early_responses, st.unpaired_responses), (2, 0));
+}

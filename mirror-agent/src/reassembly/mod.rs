@@ -68,6 +68,10 @@ pub trait StreamHandler {
     /// The direction's first sequence number is known. `from_syn`: the stream is seen from its
     /// start; otherwise the agent joined mid-stream and the first bytes may be mid-message.
     fn start(&mut self, conn: &mut Self::Conn, info: &ConnInfo, dir: Direction, from_syn: bool);
+    /// `ack`: how far the other direction's stream is acknowledged by the segment that carried
+    /// `data`, as an offset in that stream (None when unknown: out-of-order data released
+    /// later, or the other direction not seen yet). It orders the two directions when their
+    /// captures reach the agent out of order.
     fn data(
         &mut self,
         conn: &mut Self::Conn,
@@ -75,6 +79,7 @@ pub trait StreamHandler {
         dir: Direction,
         data: &[u8],
         ts: TimestampNs,
+        ack: Option<u64>,
     );
     /// `lost` bytes at this point of the stream will never arrive.
     fn gap(
@@ -453,6 +458,11 @@ impl<H: StreamHandler> Reassembler<H> {
         } else {
             seg.seq
         };
+        let other = &flow.dirs[1 - dir as usize];
+        let ack = (seg.flags.contains(TcpFlags::ACK) && other.next_seq.is_some())
+            .then(|| offset_of(other, seg.ack))
+            .and_then(|o| u64::try_from(o).ok());
+        let d = &mut flow.dirs[dir as usize];
         let mut ctx = DirCtx {
             cfg,
             stats,
@@ -461,6 +471,7 @@ impl<H: StreamHandler> Reassembler<H> {
             conn: &mut flow.conn,
             info: &flow.info,
             dir,
+            ack,
         };
         ctx.accept(d, data_seq, &seg.payload, seg.ts);
         if seg.flags.contains(TcpFlags::FIN) {
@@ -516,6 +527,7 @@ impl<H: StreamHandler> Reassembler<H> {
                         conn: &mut flow.conn,
                         info: &flow.info,
                         dir,
+                        ack: None,
                     };
                     ctx.skip_hole(d, now);
                     ctx.check_end(d, now);
@@ -587,6 +599,7 @@ impl<H: StreamHandler> Reassembler<H> {
                 conn: &mut flow.conn,
                 info: &flow.info,
                 dir,
+                ack: None,
             };
             // No retransmission can fill the holes now: what arrived beyond them is handed over
             // after a gap, so that whole messages there still count.
@@ -632,6 +645,8 @@ struct DirCtx<'a, H: StreamHandler> {
     conn: &'a mut H::Conn,
     info: &'a ConnInfo,
     dir: Direction,
+    /// The segment's acknowledgement, as an offset in the other direction's stream.
+    ack: Option<u64>,
 }
 
 impl<H: StreamHandler> DirCtx<'_, H> {
@@ -654,7 +669,7 @@ impl<H: StreamHandler> DirCtx<'_, H> {
         }
         let at = at as u64;
         if at == d.delivered {
-            self.deliver(d, data, ts);
+            self.deliver(d, data, ts, self.ack);
             self.drain(d, ts);
             return;
         }
@@ -681,7 +696,7 @@ impl<H: StreamHandler> DirCtx<'_, H> {
             let skip = (d.delivered - at) as usize;
             if skip < data.len() {
                 self.stats.duplicate_bytes += skip as u64;
-                self.deliver(d, &data[skip..], ts);
+                self.deliver(d, &data[skip..], ts, self.ack);
                 self.drain(d, ts);
             } else {
                 self.stats.duplicate_bytes += data.len() as u64;
@@ -733,11 +748,12 @@ impl<H: StreamHandler> DirCtx<'_, H> {
         }
     }
 
-    fn deliver(&mut self, d: &mut DirState, data: &[u8], ts: TimestampNs) {
+    fn deliver(&mut self, d: &mut DirState, data: &[u8], ts: TimestampNs, ack: Option<u64>) {
         d.delivered += data.len() as u64;
         d.next_seq = Some(d.next_seq.unwrap().wrapping_add(data.len() as u32));
         self.stats.delivered_bytes += data.len() as u64;
-        self.handler.data(self.conn, self.info, self.dir, data, ts);
+        self.handler
+            .data(self.conn, self.info, self.dir, data, ts, ack);
     }
 
     /// Delivers buffered pieces that have become contiguous.
@@ -752,7 +768,7 @@ impl<H: StreamHandler> DirCtx<'_, H> {
             *self.ooo_total -= piece.len();
             let skip = (d.delivered - at) as usize;
             if skip < piece.len() {
-                self.deliver(d, &piece[skip..], ts);
+                self.deliver(d, &piece[skip..], ts, None);
             }
         }
         if !d.ooo.is_empty() {
