@@ -156,10 +156,18 @@ impl Agent {
             .iter()
             .map(|(t, hook, mode)| format!("{} {} ({mode:?})", t.iface, hook.name()))
             .collect();
+        let on = match (&cfg.pods, attached.is_empty()) {
+            (Some(sel), true) => format!("the pods matching {:?} as they become Ready", sel.labels),
+            (Some(sel), false) => format!(
+                "{} and the pods matching {:?} as they become Ready",
+                attached.join(", "),
+                sel.labels
+            ),
+            (None, _) => attached.join(", "),
+        };
         let ready = format!(
-            "ready: mirroring ports {:?} on {}; mirror interface {}; program id {}",
+            "ready: mirroring ports {:?} on {on}; mirror interface {}; program id {}",
             cfg.capture.matching.ports,
-            attached.join(", "),
             capture.mirror_interface(),
             capture.program_id()
         );

@@ -20,6 +20,37 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A client and a live server joined by a veth, and an agent mirroring the server side's srv0
+/// to `MIRROR` (started by the test when it wants one). Fields drop agent first.
+struct Rig {
+    agent: Agent,
+    live: TestServer,
+    live_addr: SocketAddr,
+    pair: Pair,
+}
+
+impl Rig {
+    fn start(tag: &str, net: u8, extra: &[&str]) -> Rig {
+        let pair = Pair::new(tag, net);
+        let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+        let live = TestServer::start(&pair.server, &[live_addr]);
+        let mirror = format!("http://{MIRROR}");
+        let mut args = vec!["--iface", "srv0", "--port", "8080", "--mirror", &mirror];
+        args.extend_from_slice(extra);
+        let agent = Agent::start(&pair.server, &args);
+        Rig {
+            agent,
+            live,
+            live_addr,
+            pair,
+        }
+    }
+
+    fn mirror(&self) -> TestServer {
+        TestServer::start(&self.pair.server, &[MIRROR.parse().unwrap()])
+    }
+}
+
 /// A number from the agent's exit summary: `name: N` (Debug lines) or `name=N` (capture line).
 fn stat(stderr: &str, name: &str) -> u64 {
     for sep in [": ", "="] {
@@ -96,21 +127,13 @@ fn settle(server: &TestServer) -> usize {
 fn connections_from_the_live_port_are_all_mirrored() {
     require_root();
     let _serial = serial();
-    let pair = Pair::new("lp", 237);
-    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
-    let _live = TestServer::start(&pair.server, &[live_addr]);
+    let Rig {
+        agent,
+        live_addr,
+        pair,
+        live: _live,
+    } = Rig::start("lp", 237, &[]);
     let mirror = TestServer::start(&pair.server, &[MIRROR.parse().unwrap()]);
-    let agent = Agent::start(
-        &pair.server,
-        &[
-            "--iface",
-            "srv0",
-            "--port",
-            "8080",
-            "--mirror",
-            &format!("http://{MIRROR}"),
-        ],
-    );
     let answered = in_ns(&pair.client, move || {
         let mut answered = 0;
         for i in 0..10 {
@@ -142,26 +165,15 @@ fn connections_from_the_live_port_are_all_mirrored() {
 fn capture_drops_under_churn_invent_nothing_and_are_counted_as_requests() {
     require_root();
     let _serial = serial();
-    let pair = Pair::new("cd", 238);
-    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
-    let live = TestServer::start(&pair.server, &[live_addr]);
-    let mirror = TestServer::start(&pair.server, &[MIRROR.parse().unwrap()]);
     // Two 64 KiB blocks: the ring overflows whenever the agent falls a few ms behind.
-    let agent = Agent::start(
-        &pair.server,
-        &[
-            "--iface",
-            "srv0",
-            "--port",
-            "8080",
-            "--mirror",
-            &format!("http://{MIRROR}"),
-            "--ring-mb",
-            "2",
-            "--ring-block-kb",
-            "64",
-        ],
-    );
+    let rig = Rig::start("cd", 238, &["--ring-mb", "2", "--ring-block-kb", "64"]);
+    let mirror = rig.mirror();
+    let Rig {
+        agent,
+        live,
+        live_addr,
+        pair,
+    } = rig;
     // The agent falls behind as on a busy node: stopped for 40 ms every 150 ms, while the
     // kernel goes on cloning into the tiny ring.
     let pid = agent.proc.pid();
@@ -256,20 +268,12 @@ fn capture_drops_under_churn_invent_nothing_and_are_counted_as_requests() {
 fn a_mirror_that_restarts_gets_what_live_served_while_it_was_up() {
     require_root();
     let _serial = serial();
-    let pair = Pair::new("mr", 239);
-    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
-    let live = TestServer::start(&pair.server, &[live_addr]);
-    let agent = Agent::start(
-        &pair.server,
-        &[
-            "--iface",
-            "srv0",
-            "--port",
-            "8080",
-            "--mirror",
-            &format!("http://{MIRROR}"),
-        ],
-    );
+    let Rig {
+        agent,
+        live,
+        live_addr,
+        pair,
+    } = Rig::start("mr", 239, &[]);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = {
         let (path, stop) = (pair.client.path(), std::sync::Arc::clone(&stop));
@@ -336,21 +340,14 @@ fn a_mirror_that_restarts_gets_what_live_served_while_it_was_up() {
 fn a_burst_of_small_requests_fits_the_queue() {
     require_root();
     let _serial = serial();
-    let pair = Pair::new("bu", 240);
-    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
-    let live = TestServer::start(&pair.server, &[live_addr]);
-    let mirror = TestServer::start(&pair.server, &[MIRROR.parse().unwrap()]);
-    let agent = Agent::start(
-        &pair.server,
-        &[
-            "--iface",
-            "srv0",
-            "--port",
-            "8080",
-            "--mirror",
-            &format!("http://{MIRROR}"),
-        ],
-    );
+    let rig = Rig::start("bu", 240, &[]);
+    let mirror = rig.mirror();
+    let Rig {
+        agent,
+        live,
+        live_addr,
+        pair,
+    } = rig;
     const CONNS: usize = 20;
     const PER_CONN: usize = 1000;
     // 20,000 requests written at once: each connection's 1,000 in one write.
@@ -395,26 +392,19 @@ fn rss_bytes(pid: i32) -> u64 {
 fn thousands_of_distinct_paths_stay_within_the_memory_budget() {
     require_root();
     let _serial = serial();
-    let pair = Pair::new("mb", 241);
-    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
-    let _live = TestServer::start(&pair.server, &[live_addr]);
-    let mirror = TestServer::start(&pair.server, &[MIRROR.parse().unwrap()]);
     const BUDGET: u64 = 112 << 20;
-    let agent = Agent::start(
-        &pair.server,
-        &[
-            "--iface",
-            "srv0",
-            "--port",
-            "8080",
-            "--mirror",
-            &format!("http://{MIRROR}"),
-            "--memory-budget",
-            "112M",
-            "--max-endpoints",
-            "100000",
-        ],
+    let rig = Rig::start(
+        "mb",
+        241,
+        &["--memory-budget", "112M", "--max-endpoints", "100000"],
     );
+    let mirror = rig.mirror();
+    let Rig {
+        agent,
+        live_addr,
+        pair,
+        live: _live,
+    } = rig;
     const PATHS: usize = 6000;
     in_ns(&pair.client, move || {
         let mut s = TcpStream::connect(live_addr).unwrap();
