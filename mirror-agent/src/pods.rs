@@ -1,5 +1,5 @@
 //! Pods selected by label (`--selector`): which of this node's pods are mirrored, as they come
-//! and go across rollouts.
+//! and go across rollouts. A pod is mirrored from when it is Ready until it is deleted.
 //!
 //! `PodSet` is the pure part: pod states in, attach and detach decisions out, testable without
 //! a cluster. `watch` feeds it from the Kubernetes API with kube-rs's watcher, which lists,
@@ -87,8 +87,15 @@ impl PodSet {
             );
         }
         let mut out = Vec::new();
-        let want = pod.mirrorable();
         let have = self.mirrored.get(&pod.key).copied();
+        // A pod is mirrored from when it is Ready until it is gone: a terminating pod is no
+        // longer Ready but still answers its open connections, and they are live traffic.
+        let keeps_serving = !pod.host_network && have.is_some() && have == pod.ip;
+        let want = if keeps_serving {
+            have
+        } else {
+            pod.mirrorable()
+        };
         if have == want {
             return out;
         }
@@ -261,12 +268,11 @@ mod tests {
             [mirror("d/a", "10.0.0.5")]
         );
         assert_eq!(s.apply(&pod("d/a", Some("10.0.0.5"), true)), []);
-        // Not ready any more (terminating): forgotten before it is deleted.
-        assert_eq!(
-            s.apply(&pod("d/a", Some("10.0.0.5"), false)),
-            [forget("d/a", "10.0.0.5")]
-        );
-        assert_eq!(s.delete("d/a"), []);
+        // Terminating: not Ready, but it still answers its open connections until it is gone.
+        assert_eq!(s.apply(&pod("d/a", Some("10.0.0.5"), false)), []);
+        assert_eq!(s.delete("d/a"), [forget("d/a", "10.0.0.5")]);
+        // Never Ready: never mirrored.
+        assert_eq!(s.apply(&pod("d/b", Some("10.0.0.6"), false)), []);
         assert!(s.is_empty());
     }
 

@@ -201,6 +201,9 @@ pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
             bail!("the agent did not start: {err}");
         }
         println!("agent {}", ready.trim());
+        if rollout.is_some() {
+            wait_mirrored(&node, 1)?;
+        }
         println!(
             "poller browsing http://{target_ip}:8080 for {} s ...",
             args.duration
@@ -284,20 +287,47 @@ impl Rollout {
         wait_http(node, &format!("http://{NEXT_LIVE_IP}:8080/api/books"))?;
         self.api
             .event("ADDED", "bookservice-v1-b", Some(NEXT_LIVE_IP), true);
+        // Endpoints reach kube-proxy some time after a pod is Ready; the agent's watch is
+        // usually first. Here the Service switches once the agent mirrors both pods.
+        wait_mirrored(node, 2)?;
         route_service(node, NEXT_LIVE_IP)?;
+        // The old pod terminates: no longer Ready, it answers its open connections (still
+        // mirrored) until it exits; then it is deleted.
         self.api
             .event("MODIFIED", "bookservice-v1-a", Some(LIVE_IP), false);
-        self.api
-            .event("DELETED", "bookservice-v1-a", Some(LIVE_IP), false);
-        // The old pod drains: its connections close when it exits.
-        std::thread::sleep(Duration::from_millis(500));
-        self.old = None;
+        std::thread::sleep(Duration::from_millis(300));
+        if let Some((ns, proc)) = self.old.take() {
+            drop(proc);
+            self.api
+                .event("DELETED", "bookservice-v1-a", Some(LIVE_IP), false);
+            wait_mirrored(node, 1)?;
+            drop(ns);
+        }
         self.new = Some((pod, proc));
         println!(
             "rollout: live pod {LIVE_IP} replaced by {NEXT_LIVE_IP}; the agent follows it by label"
         );
         Ok(())
     }
+}
+
+/// Waits (at most 5 s) until the agent mirrors `pods` pods.
+fn wait_mirrored(node: &Netns, pods: usize) -> Result<()> {
+    let line = format!("mirror_pods_mirrored {pods}");
+    let url = format!("http://{METRICS}/metrics");
+    let ok = netlab::wait_until(Duration::from_secs(5), || {
+        node.exec(&["curl", "-sf", "--max-time", "1", &url])
+            .output()
+            .is_ok_and(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .any(|l| l == line)
+            })
+    });
+    if !ok {
+        bail!("the agent did not mirror {pods} pods within 5 s");
+    }
+    Ok(())
 }
 
 /// Points the Service address at `pod_ip` for new connections, as kube-proxy does.
