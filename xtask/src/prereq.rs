@@ -50,7 +50,7 @@ pub fn ensure_ebpf_toolchain() -> Result<()> {
                 "xtask: installing LLVM 22 development files for bpf-linker: {}",
                 LLVM_APT.join(" ")
             );
-            apt_install(LLVM_APT)?;
+            apt_install(LLVM_APT, false)?;
         }
         eprintln!("xtask: installing bpf-linker 0.13 against LLVM 22 (about a minute)");
         // bpf-linker's build script reads LLVM_PREFIX (else the first llvm-config on PATH, which
@@ -74,25 +74,40 @@ pub fn ensure_ebpf_toolchain() -> Result<()> {
 }
 
 /// Tools the end-to-end tests and the lab drive: iproute2 (namespaces, veth, tc), curl (the
-/// client), iptables (the lab's Service address with --rollout), and podman with runc (the container test; crun refuses this kind of host's hybrid cgroups).
+/// client), iptables (the lab's Service address with --rollout), and podman with runc for the
+/// container test (crun refuses this kind of host's hybrid cgroups). podman comes with its
+/// recommended packages, as a user installs it.
 pub fn ensure_test_tools() -> Result<()> {
-    let mut missing = Vec::new();
-    for (bin, pkg) in [
+    let missing = |tools: &[(&str, &'static str)]| -> Vec<&'static str> {
+        let mut out: Vec<&'static str> = Vec::new();
+        for (bin, pkg) in tools {
+            if !on_path(bin) && !out.contains(pkg) {
+                out.push(pkg);
+            }
+        }
+        out
+    };
+    let plain = missing(&[
         ("ip", "iproute2"),
         ("tc", "iproute2"),
         ("curl", "curl"),
         ("iptables", "iptables"),
+    ]);
+    if !plain.is_empty() {
+        eprintln!("xtask: installing test tools: {}", plain.join(" "));
+        apt_install(&plain, false)?;
+    }
+    let containers = missing(&[
         ("podman", "podman"),
         ("runc", "runc"),
         ("newuidmap", "uidmap"),
-    ] {
-        if !on_path(bin) && !missing.contains(&pkg) {
-            missing.push(pkg);
-        }
-    }
-    if !missing.is_empty() {
-        eprintln!("xtask: installing test tools: {}", missing.join(" "));
-        apt_install(&missing)?;
+    ]);
+    if !containers.is_empty() {
+        eprintln!(
+            "xtask: installing the container runtime: {}",
+            containers.join(" ")
+        );
+        apt_install(&containers, true)?;
     }
     Ok(())
 }
@@ -118,7 +133,7 @@ pub fn ensure_bench_tools() -> Result<()> {
     }
     if !missing.is_empty() {
         eprintln!("xtask: installing benchmark tools: {}", missing.join(" "));
-        apt_install(&missing)?;
+        apt_install(&missing, false)?;
     }
     if !on_path("oha") {
         eprintln!("xtask: installing oha (fixed-rate load generator) from crates.io");
@@ -129,15 +144,17 @@ pub fn ensure_bench_tools() -> Result<()> {
     Ok(())
 }
 
-fn apt_install(pkgs: &[&str]) -> Result<()> {
+fn apt_install(pkgs: &[&str], recommends: bool) -> Result<()> {
     static UPDATE: Once = Once::new();
     let mut update = Ok(());
     UPDATE.call_once(|| update = run(Command::new("apt-get").args(["update", "-q"])));
     update?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(pkgs)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    let mut cmd = Command::new("apt-get");
+    cmd.args(["install", "-y", "-q"]);
+    if !recommends {
+        cmd.arg("--no-install-recommends");
+    }
+    run(cmd.args(pkgs).env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 pub fn on_path(bin: &str) -> bool {
