@@ -355,55 +355,17 @@ impl<H: StreamHandler> Reassembler<H> {
         }
     }
 
-    /// Whether `seg` starts a new connection on a tracked 4-tuple; if so, its client.
-    fn supersedes(&mut self, key: &ConnKey, seg: &Segment) -> Option<SocketAddr> {
-        let flow = self.flows.peek(key)?;
-        let from_client = seg.flow.src == flow.info.client;
-        let dir = if from_client {
-            Direction::ToServer
-        } else {
-            Direction::ToClient
-        };
-        let d = &flow.dirs[dir as usize];
-        if seg.flags.contains(TcpFlags::SYN) {
-            let synack = seg.flags.contains(TcpFlags::ACK);
-            if d.isn == Some(seg.seq) {
-                self.stats.duplicate_syns += 1;
-                return None;
-            }
-            // A SYN opens its direction of a connection not yet under way; one from the wrong
-            // side, or into a connection that already carries bytes, starts another.
-            let other = &flow.dirs[1 - dir as usize];
-            let opens = d.next_seq.is_none()
-                && if synack {
-                    !from_client
-                } else {
-                    from_client && other.next_seq.is_none()
-                };
-            if opens {
-                return None;
-            }
-            self.stats.superseded_by_syn += 1;
-            return Some(if synack { seg.flow.dst } else { seg.flow.src });
-        }
-        if seg.payload.is_empty() && !seg.flags.contains(TcpFlags::FIN) {
-            return None;
-        }
-        let peer = &flow.dirs[1 - dir as usize];
-        if d.foreign(seg, peer, self.cfg.max_seq_jump) {
-            self.stats.superseded_without_syn += 1;
-            return Some(flow.info.client);
-        }
-        None
-    }
-
     pub fn process(&mut self, seg: &Segment) {
         self.stats.segments += 1;
         self.stats.payload_bytes += seg.payload.len() as u64;
         let key = conn_key(seg);
         let is_syn = seg.flags.contains(TcpFlags::SYN);
-        if self.flows.contains(&key) {
-            if let Some(client) = self.supersedes(&key, seg) {
+        let tracked = self
+            .flows
+            .peek(&key)
+            .map(|flow| supersedes(flow, seg, self.cfg.max_seq_jump, &mut self.stats));
+        if let Some(new_client) = tracked {
+            if let Some(client) = new_client {
                 self.close_flow(&key, CloseReason::Superseded, seg.ts);
                 self.open_flow(key, client, seg.ts);
             }
@@ -628,6 +590,51 @@ impl<H: StreamHandler> Reassembler<H> {
         }
         self.handler.close(flow.conn, &flow.info, reason, ts);
     }
+}
+
+/// Whether `seg` starts a new connection on `flow`'s 4-tuple; if so, its client.
+fn supersedes<C>(
+    flow: &Flow<C>,
+    seg: &Segment,
+    max_jump: u32,
+    stats: &mut ReassemblyStats,
+) -> Option<SocketAddr> {
+    let from_client = seg.flow.src == flow.info.client;
+    let dir = if from_client {
+        Direction::ToServer
+    } else {
+        Direction::ToClient
+    };
+    let d = &flow.dirs[dir as usize];
+    let peer = &flow.dirs[1 - dir as usize];
+    if seg.flags.contains(TcpFlags::SYN) {
+        let synack = seg.flags.contains(TcpFlags::ACK);
+        if d.isn == Some(seg.seq) {
+            stats.duplicate_syns += 1;
+            return None;
+        }
+        // A SYN opens its direction of a connection not yet under way; one from the wrong
+        // side, or into a connection that already carries bytes, starts another.
+        let opens = d.next_seq.is_none()
+            && if synack {
+                !from_client
+            } else {
+                from_client && peer.next_seq.is_none()
+            };
+        if opens {
+            return None;
+        }
+        stats.superseded_by_syn += 1;
+        return Some(if synack { seg.flow.dst } else { seg.flow.src });
+    }
+    if seg.payload.is_empty() && !seg.flags.contains(TcpFlags::FIN) {
+        return None;
+    }
+    if d.foreign(seg, peer, max_jump) {
+        stats.superseded_without_syn += 1;
+        return Some(flow.info.client);
+    }
+    None
 }
 
 /// Stream offset of `seq` relative to what was delivered (may be negative: already delivered).
