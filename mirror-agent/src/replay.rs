@@ -99,15 +99,20 @@ pub fn parse_mirror_url(s: &str) -> Result<Uri> {
     Ok(uri)
 }
 
-/// Resolves the mirror and tries one connection, so that a wrong name fails at start with a
-/// clear error. A mirror that is down is only a warning: the agent mirrors when it comes up.
-/// Returns the address connected to.
-pub async fn check_mirror(uri: &Uri) -> Result<SocketAddr> {
+/// The mirror's host (IPv6 literals without brackets) and port, as a connect needs them.
+fn host_port(uri: &Uri) -> (&str, u16) {
     let host = uri
         .host()
         .unwrap_or_default()
         .trim_matches(|c| c == '[' || c == ']');
-    let port = uri.port_u16().unwrap_or(80);
+    (host, uri.port_u16().unwrap_or(80))
+}
+
+/// Resolves the mirror and tries one connection, so that a wrong name fails at start with a
+/// clear error. A mirror that is down is only a warning: the agent mirrors when it comes up.
+/// Returns the address connected to.
+pub async fn check_mirror(uri: &Uri) -> Result<SocketAddr> {
+    let (host, port) = host_port(uri);
     let addrs: Vec<_> = tokio::net::lookup_host((host, port))
         .await
         .with_context(|| {
@@ -356,12 +361,7 @@ async fn probe_until_back(
     probing: Arc<AtomicBool>,
     stats: Arc<ReplayStats>,
 ) {
-    let host = mirror
-        .host()
-        .unwrap_or_default()
-        .trim_matches(|c| c == '[' || c == ']')
-        .to_string();
-    let port = mirror.port_u16().unwrap_or(80);
+    let (host, port) = host_port(&mirror);
     let mut jitter = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.subsec_nanos() as u64 | 1);
@@ -372,7 +372,7 @@ async fn probe_until_back(
         jitter ^= jitter << 17;
         let half = PROBE_EVERY.as_millis() as u64 / 2;
         tokio::time::sleep(Duration::from_millis(half + jitter % (2 * half + 1))).await;
-        let connect = tokio::net::TcpStream::connect((host.as_str(), port));
+        let connect = tokio::net::TcpStream::connect((host, port));
         if let Ok(Ok(_)) = tokio::time::timeout(PROBE_EVERY, connect).await {
             backoff.lock().unwrap().succeeded();
             inc(&stats.probe_recoveries);

@@ -201,10 +201,7 @@ pub fn iface_for_pod(ip: std::net::IpAddr) -> Result<String> {
     let route = super::rtnl::route_get(ip).with_context(|| {
         format!("no route to pod IP {ip} in this network namespace (is the agent in the node's namespace, hostNetwork: true?)")
     })?;
-    let index = route
-        .oif
-        .ok_or_else(|| anyhow!("the route to {ip} names no interface"))?;
-    let dev = ifname(index).with_context(|| format!("naming interface {index}"))?;
+    let dev = out_iface(ip, &route)?;
     if dev == "lo" || route.kind == RouteType::Local {
         bail!(
             "{ip} is an address of this host, not a pod behind a veth: attach with --iface instead"
@@ -218,7 +215,11 @@ pub fn iface_for_pod(ip: std::net::IpAddr) -> Result<String> {
 
 /// The interface that packets to `ip` leave through (`lo` for this host's own addresses).
 pub fn route_iface(ip: std::net::IpAddr) -> Result<String> {
-    let route = super::rtnl::route_get(ip)?;
+    out_iface(ip, &super::rtnl::route_get(ip)?)
+}
+
+/// The name of the interface `route` (to `ip`) leaves through.
+fn out_iface(ip: std::net::IpAddr, route: &super::rtnl::Route) -> Result<String> {
     let index = route
         .oif
         .ok_or_else(|| anyhow!("the route to {ip} names no interface"))?;
