@@ -266,7 +266,7 @@ impl Comparator {
 
     pub fn live(&mut self, m: &ResponseMeta) {
         let name = self.endpoint(&m.method, &m.target);
-        let code = m.status.to_string();
+        let code = m.code();
         self.record(
             Side::Live,
             (m.conn, m.request_seq),
@@ -607,6 +607,7 @@ mod tests {
             method: "GET".into(),
             target: target.into(),
             status,
+            grpc_status: None,
             request_last_ts: 1_000,
             response_first_ts: 1_000 + ms * 1_000_000,
         }

@@ -362,6 +362,7 @@ mod tests {
             method: "GET".into(),
             target: "/api/books/2/reviews".into(),
             status: 200,
+            grpc_status: None,
             request_last_ts: 0,
             response_first_ts: 2_000_000,
         };

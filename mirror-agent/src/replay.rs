@@ -32,7 +32,7 @@ use regex::Regex;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::http::framing::{split_chunked, Chunks, Framing};
-use crate::http::Request;
+use crate::http::{h1, h2, result_code, Request};
 use crate::reassembly::ConnId;
 
 /// What the mirror request's Host header is.
@@ -176,6 +176,8 @@ pub fn check_no_loop(
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MirrorResult {
     Status(u16),
+    /// A gRPC answer: the HTTP status and `grpc-status`.
+    Grpc(u16, u32),
     Timeout,
     Refused,
     Reset,
@@ -187,6 +189,7 @@ impl MirrorResult {
     pub fn code(&self) -> String {
         match self {
             MirrorResult::Status(s) => s.to_string(),
+            MirrorResult::Grpc(s, g) => result_code(*s, Some(*g)),
             MirrorResult::Timeout => "timeout".into(),
             MirrorResult::Refused => "refused".into(),
             MirrorResult::Reset => "reset".into(),
@@ -245,7 +248,7 @@ pub struct Replayer {
 }
 
 fn queue_cost(req: &Request) -> usize {
-    req.raw.len() + QUEUE_ENTRY_OVERHEAD
+    req.size() + QUEUE_ENTRY_OVERHEAD
 }
 
 impl Replayer {
@@ -384,6 +387,101 @@ async fn probe_until_back(
 
 type MirrorClient = Client<HttpConnector, ReplayBody>;
 
+/// The mirror, spoken to in the protocol each request came in: pooled HTTP/1.1 connections, and
+/// one HTTP/2 connection (h2c prior knowledge) whose streams carry all HTTP/2 requests.
+struct Mirror {
+    h1: MirrorClient,
+    h2: H2Mirror,
+}
+
+impl Mirror {
+    fn new(cfg: &ReplayConfig) -> Mirror {
+        let connect_timeout = cfg.timeout.min(Duration::from_secs(3));
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_nodelay(true);
+        let h1 = Client::builder(TokioExecutor::new())
+            // Idle connections are recycled, so DNS is resolved again at least this often.
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(cfg.max_inflight)
+            .build(connector);
+        let (host, port) = host_port(&cfg.mirror);
+        Mirror {
+            h1,
+            h2: H2Mirror {
+                host: host.to_string(),
+                port,
+                connect_timeout,
+                sender: tokio::sync::Mutex::new(None),
+            },
+        }
+    }
+
+    async fn request(
+        &self,
+        req: hyper::Request<ReplayBody>,
+        h2: bool,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, MirrorResult> {
+        if h2 {
+            self.h2.request(req).await
+        } else {
+            self.h1.request(req).await.map_err(|e| classify(&e))
+        }
+    }
+}
+
+/// One HTTP/2 connection to the mirror, made again when it closes. Its own connection (rather
+/// than a pooled client's) so that `:authority` can be what `--host` says while the connection
+/// goes to the mirror.
+struct H2Mirror {
+    host: String,
+    port: u16,
+    connect_timeout: Duration,
+    sender: tokio::sync::Mutex<Option<hyper::client::conn::http2::SendRequest<ReplayBody>>>,
+}
+
+impl H2Mirror {
+    async fn request(
+        &self,
+        req: hyper::Request<ReplayBody>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, MirrorResult> {
+        let mut sender = {
+            let mut current = self.sender.lock().await;
+            match current.as_ref() {
+                Some(s) if !s.is_closed() => s.clone(),
+                _ => {
+                    let s = self.connect().await?;
+                    *current = Some(s.clone());
+                    s
+                }
+            }
+        };
+        sender.ready().await.map_err(|e| classify(&e))?;
+        sender.send_request(req).await.map_err(|e| classify(&e))
+    }
+
+    async fn connect(
+        &self,
+    ) -> Result<hyper::client::conn::http2::SendRequest<ReplayBody>, MirrorResult> {
+        let connect = tokio::net::TcpStream::connect((self.host.as_str(), self.port));
+        let stream = tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .map_err(|_| MirrorResult::Timeout)?
+            .map_err(|e| classify(&e))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| classify(&e))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                log::debug!("HTTP/2 connection to the mirror ended: {e}");
+            }
+        });
+        Ok(sender)
+    }
+}
+
 /// A mirrored request's body: the content of a Content-Length body, or a chunked body's chunks
 /// and trailers, which hyper writes out chunk for chunk as they came.
 pub struct ReplayBody {
@@ -444,14 +542,7 @@ async fn dispatch(
     stats: Arc<ReplayStats>,
     outcomes: mpsc::Sender<MirrorOutcome>,
 ) {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(cfg.timeout.min(Duration::from_secs(3))));
-    connector.set_nodelay(true);
-    let client: MirrorClient = Client::builder(TokioExecutor::new())
-        // Idle connections are recycled, so DNS is resolved again at least this often.
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(cfg.max_inflight)
-        .build(connector);
+    let client = Arc::new(Mirror::new(&cfg));
     let inflight = Arc::new(Semaphore::new(cfg.max_inflight.max(1)));
     let backoff = Arc::new(Mutex::new(Backoff::default()));
     let probing = Arc::new(AtomicBool::new(false));
@@ -477,6 +568,7 @@ async fn dispatch(
         let Ok(permit) = Arc::clone(&inflight).acquire_owned().await else {
             break;
         };
+        let h2 = matches!(req, Request::H2(_));
         let outgoing = match build_request(&cfg, &req) {
             Ok(r) => r,
             Err(e) => {
@@ -490,7 +582,7 @@ async fn dispatch(
             }
         };
         let (client, stats, outcomes, backoff, timeout) = (
-            client.clone(),
+            Arc::clone(&client),
             Arc::clone(&stats),
             outcomes.clone(),
             Arc::clone(&backoff),
@@ -501,10 +593,10 @@ async fn dispatch(
         stats.inflight.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             let started = Instant::now();
-            let result = send(&client, outgoing, timeout).await;
+            let result = send(&client, outgoing, h2, timeout).await;
             let duration = started.elapsed();
             match result {
-                MirrorResult::Status(_) => {
+                MirrorResult::Status(_) | MirrorResult::Grpc(..) => {
                     inc(&stats.responses);
                     backoff.lock().unwrap().succeeded();
                 }
@@ -527,8 +619,8 @@ async fn dispatch(
             stats.inflight.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
             let outcome = MirrorOutcome {
-                conn: req.conn,
-                seq: req.seq,
+                conn: req.conn(),
+                seq: req.seq(),
                 method: req.method().to_string(),
                 target: req.target().to_string(),
                 result,
@@ -541,27 +633,42 @@ async fn dispatch(
     }
 }
 
-/// Sends and reads the reply to its end; the status and head time are what is kept.
+/// Sends and reads the reply to its end; the status (and a gRPC status, from the trailers or
+/// a trailers-only head) and head time are what is kept.
 async fn send(
-    client: &MirrorClient,
+    client: &Mirror,
     req: hyper::Request<ReplayBody>,
+    h2: bool,
     timeout: Duration,
 ) -> MirrorResult {
     let exchange = async {
-        let resp = client.request(req).await.map_err(|e| classify(&e))?;
+        let resp = client.request(req, h2).await?;
         let status = resp.status().as_u16();
+        let mut grpc = grpc_status_of(resp.headers());
         // Drain the body so that the connection goes back to the pool.
         let mut body = resp.into_body();
         while let Some(frame) = body.frame().await {
-            frame.map_err(|e| classify(&e))?;
+            let frame = frame.map_err(|e| classify(&e))?;
+            if let Some(t) = frame.trailers_ref() {
+                grpc = grpc_status_of(t).or(grpc);
+            }
         }
-        Ok::<_, MirrorResult>(MirrorResult::Status(status))
+        Ok::<_, MirrorResult>(match grpc {
+            Some(g) => MirrorResult::Grpc(status, g),
+            None => MirrorResult::Status(status),
+        })
     };
     match tokio::time::timeout(timeout, exchange).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => e,
         Err(_) => MirrorResult::Timeout,
     }
+}
+
+fn grpc_status_of(headers: &HeaderMap) -> Option<u32> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok()?.trim().parse().ok())
 }
 
 fn classify(err: &(dyn std::error::Error + 'static)) -> MirrorResult {
@@ -599,11 +706,17 @@ const HOP_BY_HOP: &[&str] = &[
     "content-length",
 ];
 
-/// The mirror request for a live request: same method, target, headers (but hop-by-hop ones and
-/// the documented rewrites) and body: a chunked body keeps its chunks and trailers.
+/// The mirror request for a live request, in the protocol it came in.
 pub fn build_request(cfg: &ReplayConfig, req: &Request) -> Result<hyper::Request<ReplayBody>> {
-    let target = req.target();
-    // Absolute-form targets (proxies) keep only their path and query.
+    match req {
+        Request::H1(r) => build_h1(cfg, r),
+        Request::H2(r) => build_h2(cfg, r),
+    }
+}
+
+/// The mirror's URI for a request's path (absolute-form targets keep only their path and
+/// query), under the mirror URL's path prefix, with the given authority.
+fn mirror_uri(cfg: &ReplayConfig, target: &str, authority: &str) -> Result<Uri> {
     let path = match Uri::from_str(target) {
         Ok(u) if u.scheme().is_some() => u
             .path_and_query()
@@ -612,15 +725,47 @@ pub fn build_request(cfg: &ReplayConfig, req: &Request) -> Result<hyper::Request
         _ => target.to_string(),
     };
     let prefix = cfg.mirror.path().trim_end_matches('/');
-    let authority = cfg
+    Ok(Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(format!("{prefix}{path}"))
+        .build()?)
+}
+
+/// The authority the mirror is told (Host, or `:authority`), from the original one.
+fn mirror_authority(cfg: &ReplayConfig, original: Option<&[u8]>) -> Result<String> {
+    let mirror = cfg
+        .mirror
+        .authority()
+        .ok_or_else(|| anyhow!("mirror URL has no authority"))?
+        .as_str();
+    let original = || String::from_utf8_lossy(original.unwrap_or(mirror.as_bytes())).into_owned();
+    Ok(match cfg.host {
+        HostMode::Mirror => mirror.to_string(),
+        HostMode::Keep => original(),
+        HostMode::Shadow => {
+            let h = original();
+            // Envoy appends the suffix to the host name, before any port.
+            match h.rsplit_once(':') {
+                Some((name, port))
+                    if !h.ends_with(']') && port.bytes().all(|c| c.is_ascii_digit()) =>
+                {
+                    format!("{name}-shadow:{port}")
+                }
+                _ => format!("{h}-shadow"),
+            }
+        }
+    })
+}
+
+/// The mirror request for an HTTP/1 request: same method, target, headers (but hop-by-hop ones
+/// and the documented rewrites) and body: a chunked body keeps its chunks and trailers.
+fn build_h1(cfg: &ReplayConfig, req: &h1::Request) -> Result<hyper::Request<ReplayBody>> {
+    let mirror = cfg
         .mirror
         .authority()
         .ok_or_else(|| anyhow!("mirror URL has no authority"))?;
-    let uri = Uri::builder()
-        .scheme("http")
-        .authority(authority.clone())
-        .path_and_query(format!("{prefix}{path}"))
-        .build()?;
+    let uri = mirror_uri(cfg, req.target(), mirror.as_str())?;
     let connection_tokens: Vec<String> = req
         .headers()
         .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
@@ -652,27 +797,8 @@ pub fn build_request(cfg: &ReplayConfig, req: &Request) -> Result<hyper::Request
             HeaderValue::from_bytes(value)?,
         );
     }
-    let host = match cfg.host {
-        HostMode::Mirror => HeaderValue::from_str(authority.as_str())?,
-        HostMode::Keep => {
-            HeaderValue::from_bytes(original_host.unwrap_or(authority.as_str().as_bytes()))?
-        }
-        HostMode::Shadow => {
-            let h = String::from_utf8_lossy(original_host.unwrap_or(authority.as_str().as_bytes()))
-                .into_owned();
-            // Envoy appends the suffix to the host name, before any port.
-            let shadow = match h.rsplit_once(':') {
-                Some((name, port))
-                    if !h.ends_with(']') && port.bytes().all(|c| c.is_ascii_digit()) =>
-                {
-                    format!("{name}-shadow:{port}")
-                }
-                _ => format!("{h}-shadow"),
-            };
-            HeaderValue::from_str(&shadow)?
-        }
-    };
-    b = b.header(hyper::header::HOST, host);
+    let host = mirror_authority(cfg, original_host)?;
+    b = b.header(hyper::header::HOST, HeaderValue::from_str(&host)?);
     for (k, v) in &cfg.add_headers {
         b = b.header(k, v);
     }
@@ -693,6 +819,60 @@ pub fn build_request(cfg: &ReplayConfig, req: &Request) -> Result<hyper::Request
         _ => ReplayBody::full(req.body.clone()),
     };
     Ok(b.body(body)?)
+}
+
+/// Fields HTTP/2 forbids (RFC 9113 8.2.2); `te` may only say `trailers`, which gRPC needs.
+const H2_FORBIDDEN: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
+/// The mirror request for an HTTP/2 request: same method, `:path`, metadata (headers), body and
+/// trailers; `:authority` as `--host` says.
+fn build_h2(cfg: &ReplayConfig, req: &h2::Request) -> Result<hyper::Request<ReplayBody>> {
+    let original = match req.authority() {
+        "" => req.headers().find(|(n, _)| *n == b"host").map(|(_, v)| v),
+        a => Some(a.as_bytes()),
+    };
+    let authority = mirror_authority(cfg, original)?;
+    let uri = mirror_uri(cfg, req.path(), &authority)?;
+    let mut b = hyper::Request::builder()
+        .method(req.method())
+        .uri(uri)
+        .version(hyper::Version::HTTP_2);
+    for (name, value) in req.headers() {
+        let name = HeaderName::from_bytes(name)?;
+        if H2_FORBIDDEN.contains(&name.as_str())
+            || (name == hyper::header::TE && value != b"trailers")
+            || cfg.drop_headers.contains(&name)
+        {
+            continue;
+        }
+        b = b.header(name, HeaderValue::from_bytes(value)?);
+    }
+    for (k, v) in &cfg.add_headers {
+        b = b.header(k, v);
+    }
+    let mut frames = VecDeque::new();
+    if !req.body.is_empty() {
+        frames.push_back(Frame::data(req.body.clone()));
+    }
+    if !req.trailers.is_empty() {
+        let mut trailers = HeaderMap::new();
+        for (name, value) in &req.trailers {
+            trailers.append(
+                HeaderName::from_bytes(name)?,
+                HeaderValue::from_maybe_shared(value.clone())?,
+            );
+        }
+        frames.push_back(Frame::trailers(trailers));
+    }
+    // No exact size: hyper would add a content-length the client did not send.
+    Ok(b.body(ReplayBody { frames, len: None })?)
 }
 
 /// Parses `K:V` for `--add-header`.
@@ -717,7 +897,7 @@ mod tests {
         let mut x = Extract::new(&[8080]);
         x.feed(&c.handshake());
         x.feed(&c.client_data(wire, 1400));
-        x.requests
+        x.requests.into_iter().map(Request::H1).collect()
     }
 
     fn build(cfg: &ReplayConfig, wire: &[u8]) -> hyper::Request<ReplayBody> {

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 
-use crate::http::{HttpConfig, HttpEvent, HttpExtractor, Request, ResponseMeta};
+use crate::http::{h1, h2, HttpConfig, HttpEvent, HttpExtractor, Request, ResponseMeta};
 use crate::reassembly::{Reassembler, ReassemblyConfig};
 use crate::segment::{FlowKey, Segment, TcpFlags, TimestampNs};
 
@@ -127,7 +127,9 @@ impl Conversation {
 /// Reassembly plus parsing, for tests: the pipeline without capture and replay.
 pub struct Extract {
     pub r: Reassembler<HttpExtractor>,
-    pub requests: Vec<Request>,
+    /// HTTP/1 requests.
+    pub requests: Vec<h1::Request>,
+    pub h2_requests: Vec<h2::Request>,
     pub responses: Vec<ResponseMeta>,
 }
 
@@ -146,6 +148,7 @@ impl Extract {
         Extract {
             r: Reassembler::new(rc, HttpExtractor::new(hc)),
             requests: Vec::new(),
+            h2_requests: Vec::new(),
             responses: Vec::new(),
         }
     }
@@ -167,7 +170,8 @@ impl Extract {
     fn collect(&mut self) {
         for e in self.r.handler_mut().drain() {
             match e {
-                HttpEvent::Request(r) => self.requests.push(r),
+                HttpEvent::Request(Request::H1(r)) => self.requests.push(r),
+                HttpEvent::Request(Request::H2(r)) => self.h2_requests.push(r),
                 HttpEvent::Response(m) => self.responses.push(m),
             }
         }

@@ -245,12 +245,12 @@ fn a_fin_after_a_hole_ends_the_connection_after_the_hole_timeout() {
 }
 
 #[test]
-fn stop_on_upgrade_connect_http2_and_tls() {
+fn stop_on_upgrade_connect_and_tls_hand_http2_over() {
     type Counter = fn(&super::HttpStats) -> u64;
     let cases: [(&[u8], Counter); 4] = [
         (b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nGET /x HTTP/1.1\r\n\r\n", |s| s.stopped_upgrade),
         (b"CONNECT a:443 HTTP/1.1\r\n\r\nGET /x HTTP/1.1\r\n\r\n", |s| s.stopped_connect),
-        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nGET /x HTTP/1.1\r\n\r\n", |s| s.stopped_http2),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nGET /x HTTP/1.1\r\n\r\n", |s| s.h2_connections),
         (b"\x16\x03\x01\x02\x00\x01GET /x HTTP/1.1\r\n\r\n", |s| s.stopped_tls),
     ];
     for (data, counter) in cases {

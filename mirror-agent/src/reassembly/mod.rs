@@ -38,6 +38,15 @@ pub enum Direction {
     ToClient = 1,
 }
 
+impl Direction {
+    pub fn reverse(self) -> Direction {
+        match self {
+            Direction::ToServer => Direction::ToClient,
+            Direction::ToClient => Direction::ToServer,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnInfo {
     pub id: ConnId,
