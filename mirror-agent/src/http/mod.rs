@@ -233,13 +233,13 @@ pub struct HttpStats {
     pub h2_joined_connections: u64,
     /// HTTP/2 requests dropped because a header referenced a table entry from before the join
     /// (or from before a loss): never guessed.
-    pub hpack_unknown_index: u64,
+    pub dropped_hpack_unknown_index: u64,
     /// Header blocks that did not decode (their table is forgotten, as after a join).
     pub hpack_errors: u64,
     /// Times an HTTP/2 stream's framing was lost (a hole) and frames were looked for again.
     pub h2_resyncs: u64,
     /// HTTP/2 requests dropped because their connection had `max_pending` streams open.
-    pub h2_streams_over_cap: u64,
+    pub dropped_h2_streams_over_cap: u64,
     /// HTTP/2 streams reset (RST_STREAM) before their request or response was whole.
     pub h2_reset_streams: u64,
     /// HTTP/2 requests above the last stream id of the server's GOAWAY: the server did not

@@ -4,8 +4,8 @@
 //!
 //! A connection joined mid-stream is decoded from the first frame boundary found; its HPACK
 //! tables begin with unknown entries (see `hpack`), and only the requests that reference them
-//! are dropped (`hpack_unknown_index`). Streams per connection, header blocks and bodies are
-//! capped; every drop is counted by reason in `HttpStats`.
+//! are dropped (`dropped_hpack_unknown_index`). Streams per connection, header blocks and
+//! bodies are capped; every drop is counted by reason in `HttpStats`.
 
 pub mod frame;
 pub mod hpack;
@@ -568,7 +568,7 @@ impl H2Conn {
         }
         self.highest_request = id;
         if self.streams.len() >= ctx.cfg.max_pending {
-            ctx.stats.h2_streams_over_cap += 1;
+            ctx.stats.dropped_h2_streams_over_cap += 1;
             return;
         }
         let mut state = ReqState::Open;
@@ -759,7 +759,7 @@ impl H2Conn {
             return;
         }
         let (Some(status), false) = (s.response.status, s.response.unknown) else {
-            ctx.stats.hpack_unknown_index += u64::from(s.response.unknown);
+            // Its status is unknown (lost, or referenced entries from before a join).
             ctx.stats.unpaired_requests += 1;
             return;
         };
@@ -893,7 +893,7 @@ impl H2Conn {
 
 fn count_unknown(stats: &mut HttpStats, decoded: &hpack::HeaderBlock) {
     if decoded.unknown > 0 {
-        stats.hpack_unknown_index += 1;
+        stats.dropped_hpack_unknown_index += 1;
     } else {
         stats.dropped_oversize_head += 1;
     }

@@ -1,0 +1,181 @@
+#!/usr/bin/python3
+"""gRPC peers for the HTTP/2 end-to-end tests (grpcio, h2c).
+
+serve:  a generic service that takes any method of /test.Echo, logs each call as one JSON line
+        (method, metadata, request messages as hex) and answers. Methods by name: Unary* are
+        unary, ServerStream streams three answers back, ClientStream takes a stream, Bidi both.
+        --fail METHOD answers INTERNAL, --delay METHOD=SECONDS sleeps first.
+client: makes the calls of a scenario on one channel (one connection) and prints, as JSON
+        lines, what it sent, so that the test can compare it with the mirror's log.
+"""
+
+import argparse
+import concurrent.futures
+import json
+import sys
+import threading
+import time
+
+import grpc
+
+SERVICE = "/test.Echo/"
+
+
+def serve(args):
+    log = open(args.log, "a", buffering=1) if args.log else None
+    lock = threading.Lock()
+    delays = dict((d.split("=")[0], float(d.split("=")[1])) for d in args.delay)
+
+    def record(method, context, messages):
+        if log:
+            line = json.dumps({
+                "method": method,
+                "metadata": sorted([k, v if isinstance(v, str) else v.hex()]
+                                   for k, v in context.invocation_metadata()),
+                "messages": [m.hex() for m in messages],
+            })
+            with lock:
+                log.write(line + "\n")
+
+    def behave(method, context):
+        name = method[len(SERVICE):]
+        if name in delays:
+            time.sleep(delays[name])
+        if name in args.fail:
+            context.abort(grpc.StatusCode.INTERNAL, "injected failure")
+
+    class Handler(grpc.GenericRpcHandler):
+        def service(self, details):
+            method = details.method
+            if not method.startswith(SERVICE):
+                return None
+            name = method[len(SERVICE):]
+
+            if name.startswith("Unary"):
+                def unary(request, context):
+                    record(method, context, [request])
+                    behave(method, context)
+                    return b"ok:" + request[:16]
+                return grpc.unary_unary_rpc_method_handler(unary)
+            if name == "ServerStream":
+                def server_stream(request, context):
+                    record(method, context, [request])
+                    behave(method, context)
+                    for i in range(3):
+                        yield b"part-%d" % i
+                return grpc.unary_stream_rpc_method_handler(server_stream)
+            if name == "ClientStream":
+                def client_stream(requests, context):
+                    messages = list(requests)
+                    record(method, context, messages)
+                    behave(method, context)
+                    return b"got %d" % len(messages)
+                return grpc.stream_unary_rpc_method_handler(client_stream)
+            if name == "Bidi":
+                def bidi(requests, context):
+                    messages = []
+                    for m in requests:
+                        messages.append(m)
+                        yield b"echo:" + m[:8]
+                    record(method, context, messages)
+                return grpc.stream_stream_rpc_method_handler(bidi)
+            return None
+
+    options = [("grpc.max_receive_message_length", 8 << 20),
+               ("grpc.max_send_message_length", 8 << 20)]
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=32),
+                         options=options, maximum_concurrent_rpcs=256)
+    server.add_generic_rpc_handlers((Handler(),))
+    for b in args.bind:
+        server.add_insecure_port(b)
+    server.start()
+    print("serving", flush=True)
+    server.wait_for_termination()
+
+
+def message(i, size):
+    return bytes((i * 7 + j * 13) & 0xFF for j in range(size))
+
+
+def client(args):
+    options = [("grpc.max_receive_message_length", 8 << 20),
+               ("grpc.max_send_message_length", 8 << 20)]
+    channel = grpc.insecure_channel(args.target, options=options)
+    grpc.channel_ready_future(channel).result(timeout=10)
+    sent = []
+    results = []
+
+    def note(method, metadata, messages, code):
+        sent.append({"method": SERVICE + method,
+                     "metadata": sorted([k, v] for k, v in metadata),
+                     "messages": [m.hex() for m in messages]})
+        results.append(code)
+
+    def unary(method, i, size, extra=()):
+        md = [("x-request-id", "%s-%d-%d" % (method, args.seed, i)),
+              ("x-tenant", "tenant-%d" % (i % 3))] + list(extra)
+        body = message(i, size)
+        call = channel.unary_unary(SERVICE + method)
+        try:
+            call(body, metadata=md, timeout=20)
+            code = "OK"
+        except grpc.RpcError as e:
+            code = e.code().name
+        note(method, md, [body], code)
+
+    for scenario in args.scenario:
+        if scenario == "unary":
+            with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+                list(pool.map(lambda i: unary("Unary", i, 10 + i * 37 % 500),
+                              range(args.calls)))
+        elif scenario == "methods":
+            for i in range(args.calls):
+                for m in ("UnaryA", "UnaryB", "UnaryC"):
+                    unary(m, i, 20)
+        elif scenario == "streams":
+            md = [("x-request-id", "ss-%d" % args.seed)]
+            body = message(1, 64)
+            answers = list(channel.unary_stream(SERVICE + "ServerStream")(
+                body, metadata=md, timeout=20))
+            note("ServerStream", md, [body], "OK" if len(answers) == 3 else "BAD")
+            md = [("x-request-id", "cs-%d" % args.seed)]
+            parts = [message(i, 100 + i) for i in range(5)]
+            channel.stream_unary(SERVICE + "ClientStream")(
+                iter(parts), metadata=md, timeout=20)
+            note("ClientStream", md, parts, "OK")
+            md = [("x-request-id", "bd-%d" % args.seed)]
+            parts = [message(i, 30) for i in range(4)]
+            echoed = list(channel.stream_stream(SERVICE + "Bidi")(
+                iter(parts), metadata=md, timeout=20))
+            note("Bidi", md, parts, "OK" if len(echoed) == 4 else "BAD")
+        elif scenario == "big":
+            unary("UnaryBig", 1, 1 << 20)
+        elif scenario == "pause":
+            # The test starts the agent now: the channel's HPACK tables are already filled.
+            print("paused", flush=True)
+            sys.stdin.readline()
+    for s, r in zip(sent, results):
+        s["code"] = r
+        print(json.dumps(s), flush=True)
+    channel.close()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--bind", action="append", required=True)
+    s.add_argument("--log")
+    s.add_argument("--fail", action="append", default=[])
+    s.add_argument("--delay", action="append", default=[])
+    c = sub.add_parser("client")
+    c.add_argument("--target", required=True)
+    c.add_argument("--calls", type=int, default=20)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("scenario", nargs="+")
+    args = p.parse_args()
+    serve(args) if args.cmd == "serve" else client(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,491 @@
+//! HTTP/2 and gRPC end to end with real implementations (root only): grpcio clients and
+//! servers, curl with prior knowledge and h2load (nghttp2). The mirror must receive every call
+//! with the method, path, metadata and message bytes the client sent, and the live side must
+//! not notice a mirror that is down or slow.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use mirror_agent::compare::{Report, Side};
+
+const MIRROR: &str = "127.0.0.1:9092";
+const METRICS: &str = "127.0.0.1:9465";
+const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/grpc_peer.py");
+/// Debian's interpreter, which python3-grpcio is installed for.
+const PYTHON: &str = "/usr/bin/python3";
+
+/// Metadata that transports add, which the mirror may see with other values.
+const TRANSPORT_METADATA: &[&str] = &["user-agent", "grpc-accept-encoding", "grpc-timeout"];
+
+/// One call as the client sent it or the mirror logged it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+struct Call {
+    method: String,
+    metadata: Vec<(String, String)>,
+    messages: Vec<String>,
+    #[serde(default)]
+    code: String,
+}
+
+impl Call {
+    fn id(&self) -> String {
+        self.metadata
+            .iter()
+            .find(|(k, _)| k == "x-request-id")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    }
+    /// Metadata the application set.
+    fn app_metadata(&self) -> Vec<(String, String)> {
+        self.metadata
+            .iter()
+            .filter(|(k, _)| !TRANSPORT_METADATA.contains(&k.as_str()))
+            .cloned()
+            .collect()
+    }
+}
+
+/// A grpcio server in `ns`, logging calls to a file.
+struct GrpcServer {
+    _proc: Proc,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl GrpcServer {
+    fn start(ns: &Netns, bind: &[String], args: &[&str]) -> GrpcServer {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("calls.jsonl");
+        let mut cmd = ns.exec(&[PYTHON, PEER, "serve", "--log", log.to_str().unwrap()]);
+        for b in bind {
+            cmd.args(["--bind", b]);
+        }
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::null());
+        let mut proc = Proc::spawn(&mut cmd);
+        let out = proc.child.as_mut().unwrap().stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "serving", "the gRPC server did not start");
+        GrpcServer {
+            _proc: proc,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+/// Runs the grpcio client's scenarios against `target` from `ns`; returns the calls it made.
+fn grpc_client(ns: &Netns, target: &str, seed: u32, calls: u32, scenarios: &[&str]) -> Vec<Call> {
+    let mut cmd = ns.exec(&[PYTHON, PEER, "client", "--target", target]);
+    cmd.args(["--seed", &seed.to_string(), "--calls", &calls.to_string()])
+        .args(scenarios);
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_calls(&out.stdout)
+}
+
+fn parse_calls(out: &[u8]) -> Vec<Call> {
+    String::from_utf8_lossy(out)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn agent(ns: &Netns) -> Agent {
+    Agent::start(
+        ns,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "8080",
+            "--mirror",
+            &format!("http://{MIRROR}"),
+            "--metrics",
+            METRICS,
+        ],
+    )
+}
+
+/// The agent's counters from /metrics, by sample name and labels.
+fn metrics(ns: &Netns) -> HashMap<String, f64> {
+    let out = ns
+        .exec(&["curl", "-sf", &format!("http://{METRICS}/metrics")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("valid Prometheus text");
+    scrape
+        .samples
+        .into_iter()
+        .filter_map(|s| {
+            let v = match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => return None,
+            };
+            let mut labels: Vec<String> =
+                s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            labels.sort();
+            Some((format!("{}{{{}}}", s.metric, labels.join(",")), v))
+        })
+        .collect()
+}
+
+fn metric(m: &HashMap<String, f64>, key: &str) -> f64 {
+    m.get(key).copied().unwrap_or(0.0)
+}
+
+fn by_id(calls: &[Call]) -> HashMap<String, Call> {
+    calls.iter().map(|c| (c.id(), c.clone())).collect()
+}
+
+/// Every call the client made reached the mirror once, with the same method, application
+/// metadata and messages.
+fn assert_mirrored(sent: &[Call], mirror: &GrpcServer) {
+    netlab::wait_until(Duration::from_secs(20), || {
+        mirror.calls().len() >= sent.len()
+    });
+    let got = mirror.calls();
+    assert_eq!(got.len(), sent.len(), "calls at the mirror");
+    let got = by_id(&got);
+    for s in sent {
+        let g = got
+            .get(&s.id())
+            .unwrap_or_else(|| panic!("{} {} never reached the mirror", s.method, s.id()));
+        assert_eq!(g.method, s.method);
+        assert_eq!(g.app_metadata(), s.app_metadata(), "{}", s.id());
+        assert!(
+            g.messages == s.messages,
+            "{} {}: {} messages ({} bytes) at the mirror, {} ({} bytes) sent",
+            s.method,
+            s.id(),
+            g.messages.len(),
+            g.messages.iter().map(|m| m.len() / 2).sum::<usize>(),
+            s.messages.len(),
+            s.messages.iter().map(|m| m.len() / 2).sum::<usize>()
+        );
+    }
+}
+
+#[test]
+fn grpc_calls_reach_the_mirror_intact_v4_and_v6() {
+    require_root();
+    let pair = Pair::new("h2", 241);
+    let v4 = format!("{}:8080", pair.server_v4);
+    let v6 = format!("[{}]:8080", pair.server_v6);
+    let _live = GrpcServer::start(&pair.server, &[v4.clone(), v6.clone()], &[]);
+    let mirror = GrpcServer::start(&pair.server, &[MIRROR.to_string()], &[]);
+    let agent = agent(&pair.server);
+    let mut sent = Vec::new();
+    for (seed, target) in [(1, &v4), (2, &v6)] {
+        // Concurrent unary calls on one connection, metadata varying (dynamic table in use),
+        // server-, client- and bidirectional streaming, and a 1 MiB message (flow control).
+        let calls = grpc_client(&pair.client, target, seed, 40, &["unary", "streams", "big"]);
+        assert!(calls.iter().all(|c| c.code == "OK"), "{calls:?}");
+        sent.extend(calls);
+    }
+    assert_mirrored(&sent, &mirror);
+    let m = metrics(&pair.server);
+    assert_eq!(
+        metric(&m, "mirror_http_h2_connections_total{}"),
+        2.0,
+        "{m:#?}"
+    );
+    for reason in [
+        "hpack_unknown_index",
+        "malformed",
+        "gap",
+        "h2_streams_over_cap",
+    ] {
+        assert_eq!(
+            metric(&m, &format!("mirror_http_dropped_total{{reason={reason}}}")),
+            0.0,
+            "{reason}"
+        );
+    }
+    agent.terminate();
+}
+
+#[test]
+fn curl_and_h2load_requests_are_mirrored_byte_for_byte() {
+    require_root();
+    let pair = Pair::new("h2c", 242);
+    let live = format!("{}:8080", pair.server_v4);
+    let _live = GrpcServer::start(&pair.server, std::slice::from_ref(&live), &[]);
+    let mirror = GrpcServer::start(&pair.server, &[MIRROR.to_string()], &[]);
+    let agent = agent(&pair.server);
+    let dir = tempfile::tempdir().unwrap();
+    // A gRPC message: uncompressed, 4-byte length, payload.
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i * 31 % 251) as u8).collect();
+    let mut msg = vec![0u8];
+    msg.extend((payload.len() as u32).to_be_bytes());
+    msg.extend(&payload);
+    let file = dir.path().join("msg.bin");
+    std::fs::write(&file, &msg).unwrap();
+    let url = format!("http://{live}/test.Echo/UnaryCurl");
+    for i in 0..3 {
+        let out = pair
+            .client
+            .exec(&[
+                "curl",
+                "-sS",
+                "--http2-prior-knowledge",
+                "-H",
+                "content-type: application/grpc",
+                "-H",
+                "te: trailers",
+                "-H",
+                &format!("x-request-id: curl-{i}"),
+                "--data-binary",
+                &format!("@{}", file.display()),
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_version} %{http_code}",
+                &url,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "2 200");
+    }
+    let h2load = pair
+        .client
+        .exec(&[
+            "h2load",
+            "-n",
+            "200",
+            "-c",
+            "1",
+            "-m",
+            "20",
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "-H",
+            "x-request-id: h2load",
+            "-d",
+            file.to_str().unwrap(),
+            &format!("http://{live}/test.Echo/UnaryLoad"),
+        ])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&h2load.stdout);
+    assert!(
+        report.contains("200 succeeded"),
+        "h2load:\n{report}\n{}",
+        String::from_utf8_lossy(&h2load.stderr)
+    );
+    netlab::wait_until(Duration::from_secs(20), || mirror.calls().len() >= 203);
+    let calls = mirror.calls();
+    assert_eq!(calls.len(), 203);
+    let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
+    for c in &calls {
+        assert_eq!(c.messages, std::slice::from_ref(&hex), "{}", c.method);
+    }
+    let curl_ids: Vec<String> = calls
+        .iter()
+        .filter(|c| c.method == "/test.Echo/UnaryCurl")
+        .map(Call::id)
+        .collect();
+    assert_eq!(curl_ids.len(), 3);
+    for i in 0..3 {
+        assert!(curl_ids.contains(&format!("curl-{i}")));
+    }
+    agent.terminate();
+}
+
+#[test]
+fn a_connection_joined_mid_stream_never_yields_a_guessed_header() {
+    require_root();
+    let pair = Pair::new("h2j", 243);
+    let live = format!("{}:8080", pair.server_v4);
+    let _live = GrpcServer::start(&pair.server, std::slice::from_ref(&live), &[]);
+    let mirror = GrpcServer::start(&pair.server, &[MIRROR.to_string()], &[]);
+    // The client fills its HPACK table before the agent starts, then goes on on the same
+    // connection.
+    let mut client = pair
+        .client
+        .exec(&[PYTHON, PEER, "client", "--target", &live, "--calls", "30"])
+        .args(["--seed", "7", "unary", "pause", "methods", "unary"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(client.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "paused");
+    let agent = agent(&pair.server);
+    client.stdin.take().unwrap().write_all(b"\n").unwrap();
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut out, &mut rest).unwrap();
+    assert!(client.wait().unwrap().success());
+    let sent = parse_calls(&rest);
+    let after_join = sent.len() - 30;
+    let m = netlab::wait_until(Duration::from_secs(20), || {
+        let m = metrics(&pair.server);
+        metric(&m, "mirror_http_requests_total{}")
+            + metric(&m, "mirror_http_dropped_total{reason=hpack_unknown_index}")
+            >= after_join as f64
+    });
+    let m_now = metrics(&pair.server);
+    assert!(m, "{m_now:#?}");
+    assert_eq!(
+        metric(&m_now, "mirror_http_h2_joined_connections_total{}"),
+        1.0
+    );
+    let mirrored = metric(&m_now, "mirror_http_requests_total{}") as usize;
+    let unknown = metric(
+        &m_now,
+        "mirror_http_dropped_total{reason=hpack_unknown_index}",
+    );
+    assert_eq!(mirrored + unknown as usize, after_join, "{m_now:#?}");
+    netlab::wait_until(Duration::from_secs(10), || mirror.calls().len() >= mirrored);
+    // Whatever was mirrored is exactly what was sent after the join.
+    let sent = by_id(&sent[30..]);
+    let got = mirror.calls();
+    assert_eq!(got.len(), mirrored);
+    for g in &got {
+        let s = sent
+            .get(&g.id())
+            .expect("mirrored a call that was sent after the join");
+        assert_eq!(
+            (&g.method, g.app_metadata(), &g.messages),
+            (&s.method, s.app_metadata(), &s.messages)
+        );
+    }
+    eprintln!("joined mid-stream: {mirrored} of {after_join} calls mirrored, {unknown} dropped");
+    agent.terminate();
+}
+
+#[test]
+fn the_table_shows_grpc_statuses_and_a_slow_method() {
+    require_root();
+    let pair = Pair::new("h2cmp", 244);
+    let live = format!("{}:8080", pair.server_v4);
+    let _live = GrpcServer::start(&pair.server, std::slice::from_ref(&live), &[]);
+    let _mirror = GrpcServer::start(
+        &pair.server,
+        &[MIRROR.to_string()],
+        &["--fail", "UnaryB", "--delay", "UnaryC=0.3"],
+    );
+    let agent = agent(&pair.server);
+    const ROUNDS: u32 = 6;
+    let sent = grpc_client(&pair.client, &live, 3, ROUNDS, &["methods"]);
+    assert_eq!(sent.len(), 3 * ROUNDS as usize);
+    let report = |ns: &Netns| -> Option<Report> {
+        let out = ns
+            .exec(&[AGENT, "report", "--agent", METRICS, "--format", "json"])
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    };
+    let mut last = None;
+    let done = netlab::wait_until(Duration::from_secs(20), || {
+        last = report(&pair.server);
+        last.as_ref().is_some_and(|r| {
+            r.rows
+                .iter()
+                .filter(|x| x.side == Side::Mirror)
+                .map(|x| x.count)
+                .sum::<u64>()
+                >= sent.len() as u64
+        })
+    });
+    let r = last.expect("report");
+    assert!(done, "{r:#?}");
+    let row = |name: &str, side: Side, code: &str| {
+        r.rows
+            .iter()
+            .find(|x| x.name == name && x.side == side && x.code == code)
+            .unwrap_or_else(|| panic!("no row {name} {side:?} {code}: {r:#?}"))
+            .clone()
+    };
+    let n = sent.len() as u64 / 3;
+    assert_eq!(row("POST /test.Echo/UnaryA", Side::Live, "OK").count, n);
+    assert_eq!(row("POST /test.Echo/UnaryB", Side::Live, "OK").count, n);
+    assert_eq!(
+        row("POST /test.Echo/UnaryB", Side::Mirror, "INTERNAL").count,
+        n
+    );
+    let slow = row("POST /test.Echo/UnaryC", Side::Mirror, "OK");
+    let slow_live = row("POST /test.Echo/UnaryC", Side::Live, "OK");
+    assert!(slow.avg_ms >= 300.0, "{slow:?}");
+    assert!(
+        slow_live.avg_ms * 3.0 < slow.avg_ms,
+        "{slow_live:?} vs {slow:?}"
+    );
+    assert!(r
+        .mismatches
+        .iter()
+        .any(|m| m.name == "POST /test.Echo/UnaryB"
+            && m.live_code == "OK"
+            && m.mirror_code == "INTERNAL"
+            && m.count == n));
+    let m = metrics(&pair.server);
+    assert_eq!(
+        metric(
+            &m,
+            "mirror_requests_total{code=INTERNAL,endpoint=POST /test.Echo/UnaryB,version=mirror}"
+        ),
+        n as f64,
+        "{m:#?}"
+    );
+    agent.terminate();
+}
+
+#[test]
+fn live_grpc_calls_do_not_notice_a_mirror_that_is_down_or_slow() {
+    require_root();
+    let pair = Pair::new("h2d", 245);
+    let live = format!("{}:8080", pair.server_v4);
+    let _live = GrpcServer::start(&pair.server, std::slice::from_ref(&live), &[]);
+    let agent = agent(&pair.server);
+    // Down: nothing listens on the mirror's port.
+    let down = grpc_client(&pair.client, &live, 4, 20, &["unary", "streams"]);
+    assert!(down.iter().all(|c| c.code == "OK"), "{down:?}");
+    // Slow: every call takes the mirror 2 s.
+    let _mirror = GrpcServer::start(
+        &pair.server,
+        &[MIRROR.to_string()],
+        &[
+            "--delay",
+            "Unary=2",
+            "--delay",
+            "ServerStream=2",
+            "--delay",
+            "ClientStream=2",
+        ],
+    );
+    let started = std::time::Instant::now();
+    let slow = grpc_client(&pair.client, &live, 5, 20, &["unary", "streams"]);
+    let took = started.elapsed();
+    assert!(slow.iter().all(|c| c.code == "OK"), "{slow:?}");
+    assert!(
+        took < Duration::from_secs(2),
+        "live calls took {took:?} with a slow mirror"
+    );
+    agent.terminate();
+}
