@@ -148,6 +148,11 @@ def client(args):
             echoed = list(channel.stream_stream(SERVICE + "Bidi")(
                 iter(parts), metadata=md, timeout=20))
             note("Bidi", md, parts, "OK" if len(echoed) == 4 else "BAD")
+        elif scenario == "churn":
+            # Large metadata values that differ per call: the encoder's table turns over, and
+            # fields it held before are inserted again.
+            for i in range(args.calls):
+                unary("UnaryChurn", i, 20, [("x-blob", ("%04d" % i) * 150)])
         elif scenario == "big":
             unary("UnaryBig", 1, 1 << 20)
         elif scenario == "pause":
@@ -158,6 +163,70 @@ def client(args):
         s["code"] = r
         print(json.dumps(s), flush=True)
     channel.close()
+
+
+def h2client(args):
+    """Unary gRPC calls over python-hyper's h2 on one connection. Its HPACK encoder indexes
+    every field, so that large metadata that differs per call turns the table over."""
+    import socket
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    host, port = args.target.rsplit(":", 1)
+    sock = socket.create_connection((host.strip("[]"), int(port)), timeout=20)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    sock.sendall(conn.data_to_send())
+    sent = []
+
+    # Each call's id is new metadata on the connection: after a pause, under a name never sent
+    # before it (an observer that joined in the pause could not learn an older name).
+    id_key = "x-request-id"
+
+    def call(i, extra):
+        sid = conn.get_next_available_stream_id()
+        md = [(id_key, "h2-%d-%d" % (args.seed, i)), ("x-tenant", "t%d" % (i % 2))]
+        md += extra
+        body = message(i, 40)
+        conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"),
+                                (":path", SERVICE + "UnaryH2"), (":authority", args.target),
+                                ("content-type", "application/grpc"), ("te", "trailers")] + md)
+        conn.send_data(sid, b"\0" + len(body).to_bytes(4, "big") + body, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        done = False
+        while not done:
+            data = sock.recv(65536)
+            if not data:
+                raise SystemExit("server closed")
+            for e in conn.receive_data(data):
+                if isinstance(e, h2.events.StreamEnded) and e.stream_id == sid:
+                    done = True
+                elif isinstance(e, h2.events.DataReceived):
+                    conn.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+            sock.sendall(conn.data_to_send())
+        sent.append({"method": SERVICE + "UnaryH2", "metadata": sorted([k, v] for k, v in md),
+                     "messages": [body.hex()], "code": "OK"})
+
+    n = 0
+    for scenario in args.scenario:
+        if scenario == "calls":
+            for _ in range(args.calls):
+                call(n, [])
+                n += 1
+        elif scenario == "churn":
+            for _ in range(args.calls):
+                call(n, [("x-blob", ("%04d" % n) * 150)])
+                n += 1
+        elif scenario == "pause":
+            print("paused", flush=True)
+            sys.stdin.readline()
+            id_key = "x-call-id"
+    for s in sent:
+        print(json.dumps(s), flush=True)
+    conn.close_connection()
+    sock.sendall(conn.data_to_send())
+    sock.close()
 
 
 def main():
@@ -173,8 +242,13 @@ def main():
     c.add_argument("--calls", type=int, default=20)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("scenario", nargs="+")
+    h = sub.add_parser("h2client")
+    h.add_argument("--target", required=True)
+    h.add_argument("--calls", type=int, default=20)
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("scenario", nargs="+")
     args = p.parse_args()
-    serve(args) if args.cmd == "serve" else client(args)
+    {"serve": serve, "client": client, "h2client": h2client}[args.cmd](args)
 
 
 if __name__ == "__main__":
