@@ -74,14 +74,21 @@ pub fn ensure_ebpf_toolchain() -> Result<()> {
 }
 
 /// Tools the end-to-end tests and the lab drive: iproute2 (namespaces, veth, tc), curl (the
-/// client), iptables (the lab's Service address with --rollout), and podman with runc for the
+/// client), iptables (the lab's Service address with --rollout), nghttp2's h2load and Debian's
+/// grpcio and h2 for Python (the HTTP/2 peers), and podman with runc for the
 /// container test (crun refuses this kind of host's hybrid cgroups). podman comes with its
 /// recommended packages, as a user installs it.
 pub fn ensure_test_tools() -> Result<()> {
+    // A tool is a command on PATH, or an absolute path that a package installs.
     let missing = |tools: &[(&str, &'static str)]| -> Vec<&'static str> {
         let mut out: Vec<&'static str> = Vec::new();
         for (bin, pkg) in tools {
-            if !on_path(bin) && !out.contains(pkg) {
+            let present = if bin.starts_with('/') {
+                std::path::Path::new(bin).exists()
+            } else {
+                on_path(bin)
+            };
+            if !present && !out.contains(pkg) {
                 out.push(pkg);
             }
         }
@@ -92,6 +99,9 @@ pub fn ensure_test_tools() -> Result<()> {
         ("tc", "iproute2"),
         ("curl", "curl"),
         ("iptables", "iptables"),
+        ("h2load", "nghttp2-client"),
+        ("/usr/lib/python3/dist-packages/grpc", "python3-grpcio"),
+        ("/usr/lib/python3/dist-packages/h2", "python3-h2"),
     ]);
     if !plain.is_empty() {
         eprintln!("xtask: installing test tools: {}", plain.join(" "));

@@ -177,6 +177,9 @@ pub struct H2Conn {
     /// Responses for streams whose request has not been read yet (out-of-order clones).
     early: VecDeque<(u32, Response)>,
     highest_request: u32,
+    /// Client bytes were lost since the last request's HEADERS: stream ids skipped from then on
+    /// are requests lost in the hole.
+    client_lost: bool,
     from_start: bool,
 }
 
@@ -211,6 +214,7 @@ impl H2Conn {
             streams: HashMap::new(),
             early: VecDeque::new(),
             highest_request: 0,
+            client_lost: false,
             from_start,
         };
         if let Some(u) = upgrade {
@@ -331,7 +335,8 @@ impl H2Conn {
                             continue;
                         }
                     }
-                    let useful = (d.left - d.pad) as usize;
+                    // Padding may be partly skipped already: `left` can be below `pad`.
+                    let useful = d.left.saturating_sub(d.pad) as usize;
                     let take = useful.min(data.len());
                     self.body(ctx, dir, d.stream, &data[..take]);
                     d.left -= take as u32;
@@ -566,6 +571,11 @@ impl H2Conn {
             // A stream from before the join, or one already dropped and forgotten.
             return;
         }
+        if self.client_lost && self.highest_request > 0 {
+            // Clients open streams in order: the ids skipped were requests in the hole.
+            ctx.stats.dropped_gap += u64::from((id - self.highest_request) / 2 - 1);
+        }
+        self.client_lost = false;
         self.highest_request = id;
         if self.streams.len() >= ctx.cfg.max_pending {
             ctx.stats.dropped_h2_streams_over_cap += 1;
@@ -816,6 +826,9 @@ impl H2Conn {
 
     /// Bytes of `dir` were lost somewhere in open streams.
     fn lost(&mut self, ctx: &mut Ctx<'_>, dir: Direction) {
+        if dir == Direction::ToServer {
+            self.client_lost = true;
+        }
         let open: Vec<u32> = self.streams.keys().copied().collect();
         for id in open {
             let s = self.streams.get_mut(&id).expect("listed");
@@ -838,7 +851,9 @@ impl H2Conn {
     pub fn gap(&mut self, ctx: &mut Ctx<'_>, dir: Direction, lost: u64) {
         let side = self.side(dir);
         match &mut side.reader {
-            Reader::Data(d) if lost <= u64::from(d.left - d.pad) && !d.pad_length_next => {
+            Reader::Data(d)
+                if lost <= u64::from(d.left.saturating_sub(d.pad)) && !d.pad_length_next =>
+            {
                 // The framing survives: only this stream lost bytes.
                 d.left -= lost as u32;
                 let stream = d.stream;
