@@ -195,6 +195,9 @@ struct DirState {
     ended: bool,
     /// Capture time at which the current hole was first waited on.
     hole_since: TimestampNs,
+    /// Joined mid-stream on a segment without payload: where the stream stands is only a
+    /// guess until data (or a FIN) arrives, and bytes before that are not counted lost.
+    provisional: bool,
 }
 
 impl DirState {
@@ -420,9 +423,17 @@ impl<H: StreamHandler> Reassembler<H> {
                 d.next_seq = Some(seg.seq.wrapping_add(1));
             } else {
                 d.next_seq = Some(seg.seq);
+                d.provisional = seg.payload.is_empty() && !seg.flags.contains(TcpFlags::FIN);
                 stats.midstream_joins += 1;
             }
             handler.start(&mut flow.conn, &flow.info, dir, is_syn);
+        } else if d.provisional && (!seg.payload.is_empty() || seg.flags.contains(TcpFlags::FIN)) {
+            // The first bytes of a joined direction: the stream begins here for this agent,
+            // like everything before the join.
+            d.provisional = false;
+            if offset_of(d, seg.seq) > d.delivered as i64 {
+                d.next_seq = Some(seg.seq);
+            }
         }
         let data_seq = if is_syn {
             seg.seq.wrapping_add(1)

@@ -269,6 +269,6 @@ proptest! {
             prop_assert!(sent.iter().chain(&last).any(|s| s[..] == g[..]), "invented {:?}", String::from_utf8_lossy(g));
             prop_assert!(seen.insert(g.to_vec()), "twice {:?}", String::from_utf8_lossy(g));
         }
-        prop_assert_eq!(&got[got.len().saturating_sub(2)..], &[&last[0][..], &last[1][..]][..]);
+        prop_assert_eq!(&got[got.len().saturating_sub(2)..], &[&last[0][..], &last[1][..]][..], "{:?} {:?}", got.iter().map(|g| String::from_utf8_lossy(g).into_owned()).collect::<Vec<_>>(), x.r.handler().stats());
     }
 }
