@@ -51,6 +51,7 @@ const GAUGES: &[&str] = &[
     "inflight",
     "flows",
     "queued_bytes",
+    "h2_open_streams",
 ];
 
 /// Exports a stats struct's numeric fields: `dropped_X` / `errors_X` / `stopped_X` fields become

@@ -249,6 +249,8 @@ pub struct HttpStats {
     pub h2_pushes: u64,
     /// Gauge: request bytes buffered now.
     pub buffered_bytes: u64,
+    /// Gauge: HTTP/2 streams tracked now, across connections.
+    pub h2_open_streams: u64,
 }
 
 impl HttpStats {
@@ -266,6 +268,8 @@ pub struct HttpExtractor {
     cfg: HttpConfig,
     stats: HttpStats,
     buffered: usize,
+    /// HTTP/2 streams tracked across connections.
+    streams: usize,
     events: Vec<HttpEvent>,
 }
 
@@ -276,6 +280,7 @@ impl HttpExtractor {
             cfg,
             stats: HttpStats::default(),
             buffered: 0,
+            streams: 0,
             events: Vec::new(),
         }
     }
@@ -283,6 +288,7 @@ impl HttpExtractor {
     pub fn stats(&self) -> HttpStats {
         let mut s = self.stats.clone();
         s.buffered_bytes = self.buffered as u64;
+        s.h2_open_streams = self.streams as u64;
         s
     }
 
@@ -291,9 +297,10 @@ impl HttpExtractor {
         self.events.drain(..)
     }
 
-    /// Keeps the global count of buffered bytes after a connection's buffers changed size.
-    fn account(&mut self, before: usize, after: usize) {
-        self.buffered = (self.buffered + after).saturating_sub(before);
+    /// Keeps the global counts of buffered bytes and streams after a connection changed.
+    fn account(&mut self, before: Held, after: Held) {
+        self.buffered = (self.buffered + after.bytes).saturating_sub(before.bytes);
+        self.streams = (self.streams + after.streams).saturating_sub(before.streams);
     }
 
     /// Hands an HTTP/1 connection that turned out to speak HTTP/2 over to `h2`, with the bytes
@@ -305,9 +312,12 @@ impl HttpExtractor {
         let Some(how) = h1.switch.take() else {
             return;
         };
-        let before = h1.held();
+        let before = Held {
+            bytes: h1.held(),
+            streams: 0,
+        };
         let handover = h1.hand_over();
-        self.account(before, 0);
+        self.account(before, Held::default());
         match how {
             Switch::Frames => self.stats.h2_joined_connections += 1,
             Switch::Upgraded { .. } => {
@@ -323,8 +333,8 @@ impl HttpExtractor {
             let mut ctx = self.h2_ctx(info);
             h2.feed(&mut ctx, Direction::ToClient, &handover.to_client, ts);
         }
-        self.account(0, h2.held());
         c.0 = Proto::H2(h2);
+        self.account(Held::default(), c.held());
     }
 
     fn h2_ctx<'a>(&'a mut self, info: &'a ConnInfo) -> h2::Ctx<'a> {
@@ -346,11 +356,24 @@ enum Proto {
     H2(Box<h2::H2Conn>),
 }
 
+/// What a connection holds, for the extractor's totals.
+#[derive(Clone, Copy, Debug, Default)]
+struct Held {
+    bytes: usize,
+    streams: usize,
+}
+
 impl HttpConn {
-    fn held(&self) -> usize {
+    fn held(&self) -> Held {
         match &self.0 {
-            Proto::H1(c) => c.held(),
-            Proto::H2(c) => c.held(),
+            Proto::H1(c) => Held {
+                bytes: c.held(),
+                streams: 0,
+            },
+            Proto::H2(c) => Held {
+                bytes: c.held(),
+                streams: c.streams(),
+            },
         }
     }
 }
@@ -426,7 +449,7 @@ impl StreamHandler for HttpExtractor {
             Proto::H1(h1) => self.h1_close(h1),
             Proto::H2(h2) => h2.close(&mut self.h2_ctx(info)),
         }
-        self.account(before, 0);
+        self.account(before, Held::default());
     }
 }
 

@@ -248,6 +248,11 @@ impl H2Conn {
             + self.streams.values().map(|s| s.body.len()).sum::<usize>()
     }
 
+    /// Streams tracked (open, or waiting for their response).
+    pub fn streams(&self) -> usize {
+        self.streams.len() + self.early.len()
+    }
+
     fn side(&mut self, dir: Direction) -> &mut Side {
         match dir {
             Direction::ToServer => &mut self.client,
