@@ -32,6 +32,10 @@ pub struct LabArgs {
     /// pods by label (from a local stand-in for the Kubernetes API) instead of by IP.
     #[arg(long)]
     pub rollout: bool,
+    /// The gRPC flavour: the bookservice serves `bookstore.Books` over h2c (tonic) and the
+    /// poller calls it on one HTTP/2 connection; the table shows gRPC status codes.
+    #[arg(long)]
+    pub grpc: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -108,6 +112,7 @@ pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
         "net.ipv4.ip_forward=1",
     ]);
 
+    let flavour: &[&str] = if args.grpc { &["--grpc"] } else { &[] };
     let live_pod = Proc::spawn(
         live.exec(&[
             bookservice.to_str().unwrap(),
@@ -116,9 +121,10 @@ pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
             "--version",
             "v1",
         ])
+        .args(flavour)
         .stderr(Stdio::null()),
     );
-    wait_http(&client, &format!("http://{LIVE_IP}:8080/api/books"))?;
+    wait_service(&client, &poller, LIVE_IP, args.grpc)?;
     // With --rollout, pods are found by label through the API, and reached through a Service.
     let kube_dir = tempfile::tempdir()?;
     let mut rollout = if args.rollout {
@@ -163,9 +169,10 @@ pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
                     "--version",
                     step.version,
                 ])
+                .args(flavour)
                 .stderr(Stdio::null()),
         );
-        wait_http(&node, &format!("http://{MIRROR_IP}:8080/api/books"))?;
+        wait_service(&node, &poller, MIRROR_IP, args.grpc)?;
         let select: Vec<&str> = match &rollout {
             Some(_) => vec!["--selector", LIVE_SELECTOR, "--node-name", NODE_NAME],
             None => vec!["--pod-ip", LIVE_IP],
@@ -217,6 +224,7 @@ pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
                     "--seconds",
                     &args.duration.to_string(),
                 ])
+                .args(flavour)
                 .stdout(Stdio::piped()),
         );
         // Ctrl-C reaches the poller and the agent too: the poller may end first.
@@ -226,7 +234,7 @@ pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
         {
             if let Some(r) = rollout.as_mut() {
                 if r.new.is_none() && std::time::Instant::now() >= halfway {
-                    r.replace_live_pod(&node, &bookservice, &base)?;
+                    r.replace_live_pod(&node, &bin, &base, args.grpc)?;
                 }
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -270,21 +278,23 @@ struct Rollout {
 impl Rollout {
     /// What a Deployment rollout does: the new pod starts and becomes Ready, the Service sends
     /// new connections to it, the old pod stops being Ready, is deleted and exits.
-    fn replace_live_pod(&mut self, node: &Netns, bookservice: &Path, base: &str) -> Result<()> {
+    fn replace_live_pod(&mut self, node: &Netns, bin: &Path, base: &str, grpc: bool) -> Result<()> {
+        let flavour: &[&str] = if grpc { &["--grpc"] } else { &[] };
         let pod = Netns::new(&format!("{base}live2"));
         netlab::link(node, "vethlive2", &pod, "eth0", 204);
         pod.ip(&["route", "add", "default", "via", "10.204.0.1"]);
         let proc = Proc::spawn(
             pod.exec(&[
-                bookservice.to_str().unwrap(),
+                bin.join("bookservice").to_str().unwrap(),
                 "--listen",
                 &format!("{NEXT_LIVE_IP}:8080"),
                 "--version",
                 "v1",
             ])
+            .args(flavour)
             .stderr(Stdio::null()),
         );
-        wait_http(node, &format!("http://{NEXT_LIVE_IP}:8080/api/books"))?;
+        wait_service(node, &bin.join("poller"), NEXT_LIVE_IP, grpc)?;
         self.api
             .event("ADDED", "bookservice-v1-b", Some(NEXT_LIVE_IP), true);
         // Endpoints reach kube-proxy some time after a pod is Ready; the agent's watch is
@@ -372,10 +382,29 @@ fn candidate_name(c: Candidate) -> &'static str {
     }
 }
 
-/// Waits until `url` answers from inside `ns`, at most 10 s.
-fn wait_http(ns: &Netns, url: &str) -> Result<()> {
+/// Waits until the bookservice at `ip:8080` answers from inside `ns`, at most 10 s: its JSON
+/// list over curl, or one gRPC round of the poller.
+fn wait_service(ns: &Netns, poller: &Path, ip: &str, grpc: bool) -> Result<()> {
+    let url = format!("http://{ip}:8080");
     let ok = netlab::wait_until(Duration::from_secs(10), || {
-        ns.exec(&["curl", "-sf", "--max-time", "1", "-o", "/dev/null", url])
+        let mut probe = if grpc {
+            let mut p = ns.exec(&[poller.to_str().unwrap(), "--grpc", "--target", &url]);
+            p.args(["--seconds", "1", "--max-requests", "1"]);
+            p
+        } else {
+            ns.exec(&[
+                "curl",
+                "-sf",
+                "--max-time",
+                "1",
+                "-o",
+                "/dev/null",
+                &format!("{url}/api/books"),
+            ])
+        };
+        probe
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .status()
             .map(|s| s.success())
             .unwrap_or(false)

@@ -1,5 +1,6 @@
 //! The lab's bookservice. `v1` and `v2` behave alike; `v3` takes about 1.2 s to load reviews;
-//! `v4` answers 500 for the reviews of books 2 and 4.
+//! `v4` answers 500 for the reviews of books 2 and 4. With `--grpc` it speaks gRPC (h2c)
+//! instead of JSON over HTTP/1.1, with the same behaviours (v4 answers INTERNAL).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -10,6 +11,8 @@ use clap::{Parser, ValueEnum};
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+
+use bookservice::grpc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Version {
@@ -25,6 +28,9 @@ struct Args {
     listen: SocketAddr,
     #[arg(long, value_enum, default_value_t = Version::V1)]
     version: Version,
+    /// Serve `bookstore.Books` over gRPC instead of the JSON API.
+    #[arg(long)]
+    grpc: bool,
 }
 
 const BOOKS: [(&str, &str); 5] = [
@@ -40,6 +46,33 @@ struct State {
     reviews: Mutex<Vec<Vec<String>>>,
 }
 
+impl grpc::Catalogue for State {
+    fn books(&self) -> Vec<grpc::Book> {
+        BOOKS
+            .iter()
+            .enumerate()
+            .map(|(i, (t, a))| grpc::Book {
+                id: i as u32 + 1,
+                title: t.to_string(),
+                author: a.to_string(),
+            })
+            .collect()
+    }
+    fn reviews(&self, id: u32) -> Option<Vec<String>> {
+        let i = (id as usize).checked_sub(1)?;
+        self.reviews.lock().unwrap().get(i).cloned()
+    }
+    fn reviews_delay(&self) -> Duration {
+        match self.version {
+            Version::V3 => Duration::from_millis(1200),
+            _ => Duration::ZERO,
+        }
+    }
+    fn reviews_fail(&self, id: u32) -> bool {
+        self.version == Version::V4 && (id == 2 || id == 4)
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -52,6 +85,17 @@ async fn main() -> anyhow::Result<()> {
                 .collect(),
         ),
     });
+    if args.grpc {
+        eprintln!(
+            "bookservice {:?} serving gRPC on {}",
+            args.version, args.listen
+        );
+        tonic::transport::Server::builder()
+            .add_service(grpc::Books(state))
+            .serve(args.listen)
+            .await?;
+        return Ok(());
+    }
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     eprintln!(
         "bookservice {:?} listening on {}",

@@ -23,11 +23,17 @@ struct Args {
     /// Pause between page views, in milliseconds.
     #[arg(long, default_value_t = 20)]
     think_ms: u64,
+    /// Browse the gRPC flavour (`bookstore.Books`) on one h2c connection.
+    #[arg(long)]
+    grpc: bool,
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.grpc {
+        return browse_grpc(&args).await;
+    }
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build(HttpConnector::new());
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
@@ -71,5 +77,30 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     println!("poller: {sent} requests, {failed} not successful");
+    Ok(())
+}
+
+/// The same pages as gRPC calls: the list, then each book and its reviews.
+async fn browse_grpc(args: &Args) -> anyhow::Result<()> {
+    let mut client = bookservice::grpc::Client::connect(args.target.clone()).await?;
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let (mut sent, mut failed) = (0u64, 0u64);
+    'outer: while Instant::now() < deadline {
+        for page in 0..11u32 {
+            if Instant::now() >= deadline || sent >= args.max_requests {
+                break 'outer;
+            }
+            let id = page.div_ceil(2);
+            let ok = match page {
+                0 => client.list_books().await.is_ok(),
+                p if p % 2 == 1 => client.get_book(id).await.is_ok(),
+                _ => client.get_reviews(id).await.is_ok(),
+            };
+            sent += 1;
+            failed += u64::from(!ok);
+            tokio::time::sleep(Duration::from_millis(args.think_ms)).await;
+        }
+    }
+    println!("poller: {sent} gRPC calls, {failed} not OK");
     Ok(())
 }
