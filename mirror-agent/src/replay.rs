@@ -10,7 +10,6 @@
 //! is bounded in bytes, so that a burst of small requests fits where a few large ones would not.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::str::FromStr;
@@ -32,6 +31,7 @@ use regex::Regex;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::http::framing::{split_chunked, Chunks, Framing};
+use crate::http::h2::StreamPart;
 use crate::http::{h1, h2, result_code, Request};
 use crate::reassembly::ConnId;
 
@@ -483,11 +483,29 @@ impl H2Mirror {
 }
 
 /// A mirrored request's body: the content of a Content-Length body, or a chunked body's chunks
-/// and trailers, which hyper writes out chunk for chunk as they came.
+/// and trailers, which hyper writes out chunk for chunk as they came; for a streaming HTTP/2
+/// request, then what follows as it arrives.
 pub struct ReplayBody {
     frames: VecDeque<Frame<Bytes>>,
     /// The exact length of a Content-Length body; None sends chunked.
     len: Option<u64>,
+    rest: Option<mpsc::Receiver<StreamPart>>,
+}
+
+/// The live stream was cut short: the mirror's stream is reset rather than ended.
+#[derive(Debug, thiserror::Error)]
+#[error("the live request was cut short")]
+pub struct StreamCut;
+
+fn header_map(fields: &[(Bytes, Bytes)]) -> Result<HeaderMap> {
+    let mut map = HeaderMap::new();
+    for (name, value) in fields {
+        map.append(
+            HeaderName::from_bytes(name)?,
+            HeaderValue::from_maybe_shared(value.clone())?,
+        );
+    }
+    Ok(map)
 }
 
 impl ReplayBody {
@@ -497,38 +515,63 @@ impl ReplayBody {
             .then(|| Frame::data(data))
             .into_iter()
             .collect();
-        ReplayBody { frames, len }
+        ReplayBody {
+            frames,
+            len,
+            rest: None,
+        }
     }
 
     fn chunked(chunks: Chunks) -> Result<ReplayBody> {
         let mut frames: VecDeque<_> = chunks.data.into_iter().map(Frame::data).collect();
         if !chunks.trailers.is_empty() {
-            let mut trailers = HeaderMap::new();
-            for (name, value) in chunks.trailers {
-                trailers.append(
-                    HeaderName::from_bytes(&name)?,
-                    HeaderValue::from_maybe_shared(value)?,
-                );
-            }
-            frames.push_back(Frame::trailers(trailers));
+            frames.push_back(Frame::trailers(header_map(&chunks.trailers)?));
         }
-        Ok(ReplayBody { frames, len: None })
+        Ok(ReplayBody {
+            frames,
+            len: None,
+            rest: None,
+        })
     }
 }
 
 impl Body for ReplayBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = StreamCut;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        _: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        Poll::Ready(self.frames.pop_front().map(Ok))
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, StreamCut>>> {
+        if let Some(f) = self.frames.pop_front() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        let Some(rest) = self.rest.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let part = match rest.poll_recv(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(p) => p,
+        };
+        Poll::Ready(match part {
+            Some(StreamPart::Data(b)) => Some(Ok(Frame::data(b))),
+            Some(StreamPart::Trailers(t)) => {
+                self.rest = None;
+                header_map(&t).ok().map(|m| Ok(Frame::trailers(m)))
+            }
+            Some(StreamPart::End) => {
+                self.rest = None;
+                None
+            }
+            None => {
+                self.rest = None;
+                Some(Err(StreamCut))
+            }
+        })
     }
 
     fn is_end_stream(&self) -> bool {
-        self.frames.is_empty()
+        self.frames.is_empty() && self.rest.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -862,17 +905,14 @@ fn build_h2(cfg: &ReplayConfig, req: &h2::Request) -> Result<hyper::Request<Repl
         frames.push_back(Frame::data(req.body.clone()));
     }
     if !req.trailers.is_empty() {
-        let mut trailers = HeaderMap::new();
-        for (name, value) in &req.trailers {
-            trailers.append(
-                HeaderName::from_bytes(name)?,
-                HeaderValue::from_maybe_shared(value.clone())?,
-            );
-        }
-        frames.push_back(Frame::trailers(trailers));
+        frames.push_back(Frame::trailers(header_map(&req.trailers)?));
     }
     // No exact size: hyper would add a content-length the client did not send.
-    Ok(b.body(ReplayBody { frames, len: None })?)
+    Ok(b.body(ReplayBody {
+        frames,
+        len: None,
+        rest: req.rest.as_ref().and_then(|r| r.take()),
+    })?)
 }
 
 /// Parses `K:V` for `--add-header`.

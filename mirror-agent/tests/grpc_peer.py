@@ -26,13 +26,14 @@ def serve(args):
     lock = threading.Lock()
     delays = dict((d.split("=")[0], float(d.split("=")[1])) for d in args.delay)
 
-    def record(method, context, messages):
+    def record(method, context, messages, arrivals=()):
         if log:
             line = json.dumps({
                 "method": method,
                 "metadata": sorted([k, v if isinstance(v, str) else v.hex()]
                                    for k, v in context.invocation_metadata()),
                 "messages": [m.hex() for m in messages],
+                "arrivals": list(arrivals),
             })
             with lock:
                 log.write(line + "\n")
@@ -66,18 +67,22 @@ def serve(args):
                 return grpc.unary_stream_rpc_method_handler(server_stream)
             if name == "ClientStream":
                 def client_stream(requests, context):
-                    messages = list(requests)
-                    record(method, context, messages)
+                    messages, arrivals = [], []
+                    for m in requests:
+                        messages.append(m)
+                        arrivals.append(time.time())
+                    record(method, context, messages, arrivals)
                     behave(method, context)
                     return b"got %d" % len(messages)
                 return grpc.stream_unary_rpc_method_handler(client_stream)
             if name == "Bidi":
                 def bidi(requests, context):
-                    messages = []
+                    messages, arrivals = [], []
                     for m in requests:
                         messages.append(m)
+                        arrivals.append(time.time())
                         yield b"echo:" + m[:8]
-                    record(method, context, messages)
+                    record(method, context, messages, arrivals)
                 return grpc.stream_stream_rpc_method_handler(bidi)
             return None
 
@@ -153,6 +158,21 @@ def client(args):
             # fields it held before are inserted again.
             for i in range(args.calls):
                 unary("UnaryChurn", i, 20, [("x-blob", ("%04d" % i) * 150)])
+        elif scenario == "slowstreams":
+            # Messages 100 ms apart: the mirror should get each as it is sent.
+            def paced(parts):
+                for p in parts:
+                    yield p
+                    time.sleep(0.1)
+            md = [("x-request-id", "slow-cs-%d" % args.seed)]
+            parts = [message(i, 1000 + i) for i in range(6)]
+            channel.stream_unary(SERVICE + "ClientStream")(paced(parts), metadata=md, timeout=20)
+            note("ClientStream", md, parts, "OK")
+            md = [("x-request-id", "slow-bd-%d" % args.seed)]
+            parts = [message(i, 50) for i in range(6)]
+            echoed = list(channel.stream_stream(SERVICE + "Bidi")(paced(parts), metadata=md,
+                                                                   timeout=20))
+            note("Bidi", md, parts, "OK" if len(echoed) == 6 else "BAD")
         elif scenario == "big":
             unary("UnaryBig", 1, 1 << 20)
         elif scenario == "pause":

@@ -23,13 +23,16 @@ const PYTHON: &str = "/usr/bin/python3";
 const TRANSPORT_METADATA: &[&str] = &["user-agent", "grpc-accept-encoding", "grpc-timeout"];
 
 /// One call as the client sent it or the mirror logged it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
 struct Call {
     method: String,
     metadata: Vec<(String, String)>,
     messages: Vec<String>,
     #[serde(default)]
     code: String,
+    /// When the mirror got each message (seconds since the epoch).
+    #[serde(default)]
+    arrivals: Vec<f64>,
 }
 
 impl Call {
@@ -223,6 +226,37 @@ fn grpc_calls_reach_the_mirror_intact_v4_and_v6() {
             "{reason}"
         );
     }
+    agent.terminate();
+}
+
+#[test]
+fn streaming_calls_reach_the_mirror_message_by_message() {
+    require_root();
+    let pair = Pair::new("h2s", 246);
+    let live = format!("{}:8080", pair.server_v4);
+    let _live = GrpcServer::start(&pair.server, std::slice::from_ref(&live), &[]);
+    let mirror = GrpcServer::start(&pair.server, &[MIRROR.to_string()], &[]);
+    let agent = agent(&pair.server);
+    let sent = grpc_client(&pair.client, &live, 6, 1, &["slowstreams"]);
+    assert!(sent.iter().all(|c| c.code == "OK"), "{sent:?}");
+    assert_mirrored(&sent, &mirror);
+    for call in mirror.calls() {
+        // The client sent a message every 100 ms: the mirror got the first one long before
+        // the last, not all of them at the end.
+        let spread = call.arrivals.last().unwrap() - call.arrivals[0];
+        assert!(
+            spread > 0.3,
+            "{}: messages reached the mirror within {spread:.3} s",
+            call.method
+        );
+    }
+    let m = metrics(&pair.server);
+    assert_eq!(
+        metric(&m, "mirror_http_h2_streamed_requests_total{}"),
+        2.0,
+        "{m:#?}"
+    );
+    assert_eq!(metric(&m, "mirror_http_h2_streams_cut_total{}"), 0.0);
     agent.terminate();
 }
 

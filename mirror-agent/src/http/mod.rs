@@ -247,6 +247,12 @@ pub struct HttpStats {
     pub h2_refused_streams: u64,
     /// Server pushes (PUSH_PROMISE): decoded to keep the table in step, not replayed.
     pub h2_pushes: u64,
+    /// HTTP/2 requests handed on while still arriving (client streaming, bidi, large bodies),
+    /// their body streamed after them.
+    pub h2_streamed_requests: u64,
+    /// Of those, cut short (reset, loss, the connection's end, or a replay stage that could not
+    /// keep up): the mirror's stream is reset, never ended as if whole.
+    pub h2_streams_cut: u64,
     /// Gauge: request bytes buffered now.
     pub buffered_bytes: u64,
     /// Gauge: HTTP/2 streams tracked now, across connections.

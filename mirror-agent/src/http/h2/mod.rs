@@ -12,6 +12,10 @@ pub mod hpack;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
 
 use bytes::{Bytes, BytesMut};
 
@@ -35,9 +39,41 @@ pub struct Request {
     pub trailers: Vec<(Bytes, Bytes)>,
     /// Whether the connection was seen from its start (its HPACK tables complete).
     pub from_start: bool,
+    /// The rest of a request handed on while it was still arriving (a streaming call): `body`
+    /// is what had arrived then, the rest follows here.
+    pub rest: Option<BodyStream>,
     pub first_ts: TimestampNs,
+    /// For a streaming request: when it was handed on.
     pub last_ts: TimestampNs,
 }
+
+/// What follows of a request body handed on while still arriving.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamPart {
+    Data(Bytes),
+    Trailers(Vec<(Bytes, Bytes)>),
+    /// The client ended the stream. A channel that closes without it was cut short (a reset,
+    /// a loss, the connection's end, a full channel): the mirror's stream must be reset too.
+    End,
+}
+
+/// The receiving end of a streaming request's body, taken once by the replay stage.
+#[derive(Clone, Debug)]
+pub struct BodyStream(Arc<Mutex<Option<mpsc::Receiver<StreamPart>>>>);
+
+impl BodyStream {
+    pub fn take(&self) -> Option<mpsc::Receiver<StreamPart>> {
+        self.0.lock().ok()?.take()
+    }
+}
+
+/// A request still arriving this long after its HEADERS is handed on and streamed.
+const STREAM_AFTER: Duration = Duration::from_millis(20);
+/// A request body that grows to this size before its end is handed on and streamed.
+const STREAM_AFTER_BYTES: usize = 64 << 10;
+/// Parts of a streaming body waiting for the replay stage, at most (16 KiB DATA frames by
+/// default: about 256 KiB).
+const STREAM_PARTS: usize = 16;
 
 impl Request {
     fn pseudo(&self, name: &str) -> &str {
@@ -141,6 +177,8 @@ struct Block {
 enum ReqState {
     /// Headers seen, body or trailers may follow.
     Open,
+    /// Handed on while still arriving: the rest goes through `Stream::tx`.
+    Streaming,
     /// Handed on (or, after an upgrade, handed on by HTTP/1).
     Done,
     /// Dropped and counted; its response is framed but not reported.
@@ -162,6 +200,8 @@ struct Stream {
     method: String,
     path: String,
     state: ReqState,
+    /// A streaming request's body goes on here.
+    tx: Option<mpsc::Sender<StreamPart>>,
     fields: Vec<(Bytes, Bytes)>,
     body: BytesMut,
     trailers: Vec<(Bytes, Bytes)>,
@@ -228,6 +268,7 @@ impl H2Conn {
                     method: u.method,
                     path: u.target,
                     state: ReqState::Done,
+                    tx: None,
                     fields: Vec::new(),
                     body: BytesMut::new(),
                     trailers: Vec::new(),
@@ -260,7 +301,47 @@ impl H2Conn {
         }
     }
 
-    pub fn feed(&mut self, ctx: &mut Ctx<'_>, dir: Direction, mut data: &[u8], ts: TimestampNs) {
+    pub fn feed(&mut self, ctx: &mut Ctx<'_>, dir: Direction, data: &[u8], ts: TimestampNs) {
+        self.read(ctx, dir, data, ts);
+        if dir == Direction::ToServer {
+            self.hand_on_long_requests(ctx, ts);
+        }
+    }
+
+    /// Requests still arriving a while after they began (client streaming, bidi, large
+    /// bodies) are handed on now, and the rest of their body streams after them.
+    fn hand_on_long_requests(&mut self, ctx: &mut Ctx<'_>, ts: TimestampNs) {
+        let after = STREAM_AFTER.as_nanos() as u64;
+        for s in self.streams.values_mut() {
+            let long = ts.saturating_sub(s.first_ts) >= after || s.body.len() >= STREAM_AFTER_BYTES;
+            if s.state != ReqState::Open || !long {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(STREAM_PARTS);
+            s.state = ReqState::Streaming;
+            s.tx = Some(tx);
+            let request = Request {
+                conn: ctx.info.id,
+                seq: s.seq,
+                client: ctx.info.client,
+                server: ctx.info.server,
+                fields: std::mem::take(&mut s.fields),
+                body: std::mem::take(&mut s.body).freeze(),
+                trailers: Vec::new(),
+                from_start: self.from_start,
+                rest: Some(BodyStream(Arc::new(Mutex::new(Some(rx))))),
+                first_ts: s.first_ts,
+                last_ts: ts,
+            };
+            ctx.stats.requests += 1;
+            ctx.stats.h2_streamed_requests += 1;
+            ctx.stats.request_bytes += request.size() as u64;
+            ctx.events
+                .push(HttpEvent::Request(super::Request::H2(request)));
+        }
+    }
+
+    fn read(&mut self, ctx: &mut Ctx<'_>, dir: Direction, mut data: &[u8], ts: TimestampNs) {
         loop {
             let side = self.side(dir);
             match side.reader {
@@ -289,7 +370,7 @@ impl H2Conn {
                             let rest = side.buf.split_off(at).freeze();
                             side.buf.clear();
                             side.reader = Reader::Header;
-                            return self.feed(ctx, dir, &rest, ts);
+                            return self.read(ctx, dir, &rest, ts);
                         }
                         Err(next) => {
                             let drop = side.buf.len().saturating_sub(HUNT_KEEP);
@@ -491,7 +572,9 @@ impl H2Conn {
                     .collect();
                 for id in refused {
                     ctx.stats.h2_refused_streams += 1;
-                    self.streams.remove(&id);
+                    if let Some(mut s) = self.streams.remove(&id) {
+                        give_up(ctx.stats, &mut s, |_| {});
+                    }
                 }
             }
             _ => {}
@@ -516,7 +599,7 @@ impl H2Conn {
         side.block = None;
         if dir == Direction::ToServer {
             ctx.stats.dropped_oversize_head += 1;
-            self.drop_request(stream);
+            self.drop_request(ctx.stats, stream);
         }
     }
 
@@ -533,7 +616,7 @@ impl H2Conn {
                 side.hpack.forget();
                 if dir == Direction::ToServer && !block.push {
                     ctx.stats.dropped_malformed += 1;
-                    self.drop_request(block.stream);
+                    self.drop_request(ctx.stats, block.stream);
                 }
                 return;
             }
@@ -558,11 +641,11 @@ impl H2Conn {
         let id = block.stream;
         if let Some(s) = self.streams.get_mut(&id) {
             // Trailers.
-            if s.state == ReqState::Open {
+            if matches!(s.state, ReqState::Open | ReqState::Streaming) {
                 if decoded.unknown > 0 || decoded.too_large {
-                    count_unknown(ctx.stats, &decoded);
-                    s.state = ReqState::Dropped;
-                    s.body = BytesMut::new();
+                    give_up(ctx.stats, s, |st| count_unknown(st, &decoded));
+                } else if s.state == ReqState::Streaming {
+                    send(ctx.stats, s, StreamPart::Trailers(decoded.fields));
                 } else {
                     s.trailers = decoded.fields;
                 }
@@ -626,6 +709,7 @@ impl H2Conn {
                 method: method.unwrap_or_default(),
                 path: path.unwrap_or_default(),
                 state,
+                tx: None,
                 fields: if state == ReqState::Open {
                     decoded.fields
                 } else {
@@ -707,19 +791,19 @@ impl H2Conn {
             ctx.stats.resync_skipped_bytes += data.len() as u64;
             return;
         };
-        if s.state != ReqState::Open {
-            return;
+        match s.state {
+            ReqState::Streaming => {
+                send(ctx.stats, s, StreamPart::Data(Bytes::copy_from_slice(data)))
+            }
+            ReqState::Open if s.body.len() + data.len() > ctx.cfg.max_body_bytes => {
+                give_up(ctx.stats, s, |st| st.dropped_oversize_body += 1)
+            }
+            ReqState::Open if ctx.buffered + data.len() > ctx.cfg.max_buffered_bytes => {
+                give_up(ctx.stats, s, |st| st.dropped_memory += 1)
+            }
+            ReqState::Open => s.body.extend_from_slice(data),
+            ReqState::Done | ReqState::Dropped => {}
         }
-        if s.body.len() + data.len() > ctx.cfg.max_body_bytes {
-            ctx.stats.dropped_oversize_body += 1;
-        } else if ctx.buffered + data.len() > ctx.cfg.max_buffered_bytes {
-            ctx.stats.dropped_memory += 1;
-        } else {
-            s.body.extend_from_slice(data);
-            return;
-        }
-        s.state = ReqState::Dropped;
-        s.body = BytesMut::new();
     }
 
     fn end_of_stream(&mut self, ctx: &mut Ctx<'_>, dir: Direction, id: u32, ts: TimestampNs) {
@@ -737,6 +821,13 @@ impl H2Conn {
         if s.last_ts.is_none() {
             s.last_ts = Some(ts);
         }
+        if s.state == ReqState::Streaming {
+            send(ctx.stats, s, StreamPart::End);
+            s.tx = None;
+            if s.state == ReqState::Streaming {
+                s.state = ReqState::Done;
+            }
+        }
         if s.state == ReqState::Open {
             s.state = ReqState::Done;
             let request = Request {
@@ -748,6 +839,7 @@ impl H2Conn {
                 body: std::mem::take(&mut s.body).freeze(),
                 trailers: std::mem::take(&mut s.trailers),
                 from_start: self.from_start,
+                rest: None,
                 first_ts: s.first_ts,
                 last_ts: ts,
             };
@@ -798,10 +890,9 @@ impl H2Conn {
         }));
     }
 
-    fn drop_request(&mut self, id: u32) {
+    fn drop_request(&mut self, stats: &mut HttpStats, id: u32) {
         if let Some(s) = self.streams.get_mut(&id) {
-            s.state = ReqState::Dropped;
-            s.body = BytesMut::new();
+            give_up(stats, s, |_| {});
         } else if id > self.highest_request && id % 2 == 1 {
             // Never opened: remember it so that its response is absorbed silently.
             self.highest_request = id;
@@ -809,12 +900,13 @@ impl H2Conn {
     }
 
     fn reset(&mut self, ctx: &mut Ctx<'_>, id: u32) {
-        let Some(s) = self.streams.remove(&id) else {
+        let Some(mut s) = self.streams.remove(&id) else {
             return;
         };
         if s.state == ReqState::Open || (s.state == ReqState::Done && !s.response.done) {
             ctx.stats.h2_reset_streams += 1;
         }
+        give_up(ctx.stats, &mut s, |_| {});
     }
 
     /// The framing of `dir` is lost: frames are looked for again, what the table held is
@@ -838,10 +930,8 @@ impl H2Conn {
         for id in open {
             let s = self.streams.get_mut(&id).expect("listed");
             match dir {
-                Direction::ToServer if s.state == ReqState::Open => {
-                    ctx.stats.dropped_gap += 1;
-                    s.state = ReqState::Dropped;
-                    s.body = BytesMut::new();
+                Direction::ToServer if matches!(s.state, ReqState::Open | ReqState::Streaming) => {
+                    give_up(ctx.stats, s, |st| st.dropped_gap += 1);
                 }
                 Direction::ToClient if !s.response.done => {
                     // Its status or trailers may have been in the hole.
@@ -864,10 +954,8 @@ impl H2Conn {
                 let stream = d.stream;
                 if dir == Direction::ToServer {
                     if let Some(s) = self.streams.get_mut(&stream) {
-                        if s.state == ReqState::Open {
-                            ctx.stats.dropped_gap += 1;
-                            s.state = ReqState::Dropped;
-                            s.body = BytesMut::new();
+                        if matches!(s.state, ReqState::Open | ReqState::Streaming) {
+                            give_up(ctx.stats, s, |st| st.dropped_gap += 1);
                         }
                     }
                 }
@@ -884,10 +972,8 @@ impl H2Conn {
     pub fn end(&mut self, ctx: &mut Ctx<'_>, dir: Direction) {
         if dir == Direction::ToServer {
             for s in self.streams.values_mut() {
-                if s.state == ReqState::Open {
-                    ctx.stats.dropped_incomplete += 1;
-                    s.state = ReqState::Dropped;
-                    s.body = BytesMut::new();
+                if matches!(s.state, ReqState::Open | ReqState::Streaming) {
+                    give_up(ctx.stats, s, |st| st.dropped_incomplete += 1);
                 }
             }
         }
@@ -908,6 +994,33 @@ impl H2Conn {
             }
         }
         ctx.stats.unpaired_responses += self.early.len() as u64;
+    }
+}
+
+/// Gives up on a stream's request. One already handed on (streaming) is cut: its channel closes
+/// without `End`, so that the mirror's stream is reset; one not handed on yet is counted as
+/// `count` says.
+fn give_up(stats: &mut HttpStats, s: &mut Stream, count: impl FnOnce(&mut HttpStats)) {
+    match s.state {
+        ReqState::Streaming => stats.h2_streams_cut += 1,
+        ReqState::Open => count(stats),
+        ReqState::Done | ReqState::Dropped => return,
+    }
+    s.tx = None;
+    s.state = ReqState::Dropped;
+    s.body = BytesMut::new();
+}
+
+/// Passes a part of a streaming request on; a replay stage that cannot keep up cuts it.
+fn send(stats: &mut HttpStats, s: &mut Stream, part: StreamPart) {
+    let Some(tx) = &s.tx else {
+        return;
+    };
+    match tx.try_send(part) {
+        Ok(()) => {}
+        // The replay stage let the request go (filtered, or not sendable): nothing to cut.
+        Err(mpsc::error::TrySendError::Closed(_)) => s.tx = None,
+        Err(mpsc::error::TrySendError::Full(_)) => give_up(stats, s, |_| {}),
     }
 }
 

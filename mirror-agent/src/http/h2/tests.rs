@@ -517,3 +517,95 @@ fn a_hole_drops_the_stream_it_hit_and_a_reset_the_stream_it_ends() {
     assert!(x.h2_requests.is_empty());
     assert_eq!(x.r.handler().stats().h2_reset_streams, 1);
 }
+
+/// Parts a streaming request's body sends on, until its channel closes.
+fn parts(r: &h2::Request) -> Vec<Option<h2::StreamPart>> {
+    let mut rx = r
+        .rest
+        .as_ref()
+        .expect("a streaming request")
+        .take()
+        .unwrap();
+    let mut out = Vec::new();
+    loop {
+        match rx.try_recv() {
+            Ok(p) => out.push(Some(p)),
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                out.push(None);
+                break;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_request_still_arriving_is_handed_on_and_streams_or_is_cut() {
+    for reset in [false, true] {
+        let mut ce = Enc::new();
+        let mut c = conv();
+        let mut segs = c.handshake();
+        let mut head = PREFACE.to_vec();
+        head.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            1,
+            &ce.block(&refs(&request_fields(0))),
+        ));
+        head.extend(frame(DATA, 0, 1, b"one"));
+        segs.extend(c.client_data(&head, 1000));
+        c.advance(30_000_000);
+        segs.extend(c.client_data(&frame(DATA, 0, 1, b"two"), 1000));
+        c.advance(30_000_000);
+        let last = if reset {
+            frame(RST_STREAM, 0, 1, &[0, 0, 0, 8])
+        } else {
+            let mut f = frame(DATA, 0, 1, b"three");
+            f.extend(frame(
+                HEADERS,
+                END_HEADERS | END_STREAM,
+                1,
+                &ce.block(&[("x-sum", "9")]),
+            ));
+            f
+        };
+        segs.extend(c.client_data(&last, 1000));
+        let x = run(&segs);
+        assert_eq!(x.h2_requests.len(), 1);
+        let r = &x.h2_requests[0];
+        assert_eq!(
+            &r.body[..],
+            b"one",
+            "what had arrived when it was handed on"
+        );
+        let got = parts(r);
+        let data = |b: &'static [u8]| Some(h2::StreamPart::Data(bytes::Bytes::from_static(b)));
+        let s = x.r.handler().stats();
+        if reset {
+            assert_eq!(
+                got,
+                [data(b"two"), None],
+                "cut: the channel closes without End"
+            );
+            assert_eq!(s.h2_streams_cut, 1);
+        } else {
+            let trailers = vec![(
+                bytes::Bytes::from_static(b"x-sum"),
+                bytes::Bytes::from_static(b"9"),
+            )];
+            assert_eq!(
+                got,
+                [
+                    data(b"two"),
+                    data(b"three"),
+                    Some(h2::StreamPart::Trailers(trailers)),
+                    Some(h2::StreamPart::End),
+                    None
+                ]
+            );
+            assert_eq!(s.h2_streams_cut, 0);
+        }
+        assert_eq!((s.requests, s.h2_streamed_requests), (1, 1));
+    }
+}
