@@ -59,6 +59,7 @@ fuzz_target!(|data: &[u8]| {
             let st = x.r.handler().stats();
             assert!(st.buffered_bytes as usize <= BUFFERED + 1400, "{st:?}");
             assert!(st.h2_open_streams as usize <= FLOWS * (STREAMS + 8), "{st:?}");
+            assert!(st.h2_streaming_bytes as usize <= BUFFERED + 1400, "{st:?}");
             for r in &x.h2_requests {
                 assert!(r.body.len() <= 4096);
             }
@@ -66,6 +67,7 @@ fuzz_target!(|data: &[u8]| {
         x.h2_requests.clear();
     }
     x.finish(c.ts + 1_000_000_000_000);
+    x.h2_requests.clear();
     let st = x.r.handler().stats();
-    assert_eq!((st.buffered_bytes, st.h2_open_streams), (0, 0), "{st:?}");
+    assert_eq!((st.buffered_bytes, st.h2_open_streams, st.h2_streaming_bytes), (0, 0, 0), "{st:?}");
 });

@@ -52,6 +52,7 @@ const GAUGES: &[&str] = &[
     "flows",
     "queued_bytes",
     "h2_open_streams",
+    "h2_streaming_bytes",
 ];
 
 /// Exports a stats struct's numeric fields: `dropped_X` / `errors_X` / `stopped_X` fields become

@@ -31,7 +31,7 @@ use regex::Regex;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::http::framing::{split_chunked, Chunks, Framing};
-use crate::http::h2::StreamPart;
+use crate::http::h2::{StreamPart, StreamReceiver};
 use crate::http::{h1, h2, result_code, Request};
 use crate::reassembly::ConnId;
 
@@ -489,7 +489,7 @@ pub struct ReplayBody {
     frames: VecDeque<Frame<Bytes>>,
     /// The exact length of a Content-Length body; None sends chunked.
     len: Option<u64>,
-    rest: Option<mpsc::Receiver<StreamPart>>,
+    rest: Option<StreamReceiver>,
 }
 
 /// The live stream was cut short: the mirror's stream is reset rather than ended.

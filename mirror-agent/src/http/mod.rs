@@ -257,6 +257,8 @@ pub struct HttpStats {
     pub buffered_bytes: u64,
     /// Gauge: HTTP/2 streams tracked now, across connections.
     pub h2_open_streams: u64,
+    /// Gauge: bytes of streaming request bodies handed on and not yet sent by the replay stage.
+    pub h2_streaming_bytes: u64,
 }
 
 impl HttpStats {
@@ -276,6 +278,8 @@ pub struct HttpExtractor {
     buffered: usize,
     /// HTTP/2 streams tracked across connections.
     streams: usize,
+    /// Bytes of streaming request bodies handed on and not yet taken by the replay stage.
+    streaming: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     events: Vec<HttpEvent>,
 }
 
@@ -287,6 +291,7 @@ impl HttpExtractor {
             stats: HttpStats::default(),
             buffered: 0,
             streams: 0,
+            streaming: Default::default(),
             events: Vec::new(),
         }
     }
@@ -295,6 +300,7 @@ impl HttpExtractor {
         let mut s = self.stats.clone();
         s.buffered_bytes = self.buffered as u64;
         s.h2_open_streams = self.streams as u64;
+        s.h2_streaming_bytes = self.streaming.load(std::sync::atomic::Ordering::Relaxed) as u64;
         s
     }
 
@@ -350,6 +356,7 @@ impl HttpExtractor {
             events: &mut self.events,
             info,
             buffered: self.buffered,
+            streaming: &self.streaming,
         }
     }
 }

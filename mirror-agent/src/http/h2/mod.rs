@@ -12,7 +12,9 @@ pub mod hpack;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -59,11 +61,66 @@ pub enum StreamPart {
 
 /// The receiving end of a streaming request's body, taken once by the replay stage.
 #[derive(Clone, Debug)]
-pub struct BodyStream(Arc<Mutex<Option<mpsc::Receiver<StreamPart>>>>);
+pub struct BodyStream(Arc<Mutex<Option<StreamReceiver>>>);
 
 impl BodyStream {
-    pub fn take(&self) -> Option<mpsc::Receiver<StreamPart>> {
+    pub fn take(&self) -> Option<StreamReceiver> {
         self.0.lock().ok()?.take()
+    }
+}
+
+/// Body bytes handed on to the replay stage and not taken yet: of one stream, and of all.
+#[derive(Clone, Debug, Default)]
+pub struct InFlight {
+    stream: Arc<AtomicUsize>,
+    all: Arc<AtomicUsize>,
+}
+
+impl InFlight {
+    fn add(&self, n: usize) {
+        self.stream.fetch_add(n, Ordering::Relaxed);
+        self.all.fetch_add(n, Ordering::Relaxed);
+    }
+    fn sub(&self, n: usize) {
+        self.stream.fetch_sub(n, Ordering::Relaxed);
+        self.all.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug)]
+pub struct StreamReceiver {
+    rx: mpsc::UnboundedReceiver<StreamPart>,
+    in_flight: InFlight,
+}
+
+impl StreamReceiver {
+    fn taken(&self, p: &StreamPart) {
+        if let StreamPart::Data(b) = p {
+            self.in_flight.sub(b.len());
+        }
+    }
+
+    pub fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Option<StreamPart>> {
+        let p = std::task::ready!(self.rx.poll_recv(cx));
+        if let Some(p) = &p {
+            self.taken(p);
+        }
+        Poll::Ready(p)
+    }
+
+    pub fn try_recv(&mut self) -> Result<StreamPart, mpsc::error::TryRecvError> {
+        let p = self.rx.try_recv()?;
+        self.taken(&p);
+        Ok(p)
+    }
+}
+
+impl Drop for StreamReceiver {
+    fn drop(&mut self) {
+        self.rx.close();
+        while let Ok(p) = self.rx.try_recv() {
+            self.taken(&p);
+        }
     }
 }
 
@@ -71,9 +128,6 @@ impl BodyStream {
 const STREAM_AFTER: Duration = Duration::from_millis(20);
 /// A request body that grows to this size before its end is handed on and streamed.
 const STREAM_AFTER_BYTES: usize = 64 << 10;
-/// Parts of a streaming body waiting for the replay stage, at most (16 KiB DATA frames by
-/// default: about 256 KiB).
-const STREAM_PARTS: usize = 16;
 
 impl Request {
     fn pseudo(&self, name: &str) -> &str {
@@ -113,6 +167,8 @@ pub struct Ctx<'a> {
     pub info: &'a ConnInfo,
     /// Bytes buffered across all connections when this call began.
     pub buffered: usize,
+    /// Bytes of streaming bodies handed on and not yet taken by the replay stage.
+    pub streaming: &'a Arc<AtomicUsize>,
 }
 
 /// Most bytes kept while looking for frames, and most bytes of a frame that is neither a header
@@ -201,7 +257,7 @@ struct Stream {
     path: String,
     state: ReqState,
     /// A streaming request's body goes on here.
-    tx: Option<mpsc::Sender<StreamPart>>,
+    tx: Option<(mpsc::UnboundedSender<StreamPart>, InFlight)>,
     fields: Vec<(Bytes, Bytes)>,
     body: BytesMut,
     trailers: Vec<(Bytes, Bytes)>,
@@ -317,9 +373,13 @@ impl H2Conn {
             if s.state != ReqState::Open || !long {
                 continue;
             }
-            let (tx, rx) = mpsc::channel(STREAM_PARTS);
+            let (tx, rx) = mpsc::unbounded_channel();
+            let in_flight = InFlight {
+                stream: Arc::default(),
+                all: Arc::clone(ctx.streaming),
+            };
             s.state = ReqState::Streaming;
-            s.tx = Some(tx);
+            s.tx = Some((tx, in_flight.clone()));
             let request = Request {
                 conn: ctx.info.id,
                 seq: s.seq,
@@ -329,7 +389,10 @@ impl H2Conn {
                 body: std::mem::take(&mut s.body).freeze(),
                 trailers: Vec::new(),
                 from_start: self.from_start,
-                rest: Some(BodyStream(Arc::new(Mutex::new(Some(rx))))),
+                rest: Some(BodyStream(Arc::new(Mutex::new(Some(StreamReceiver {
+                    rx,
+                    in_flight,
+                }))))),
                 first_ts: s.first_ts,
                 last_ts: ts,
             };
@@ -645,7 +708,7 @@ impl H2Conn {
                 if decoded.unknown > 0 || decoded.too_large {
                     give_up(ctx.stats, s, |st| count_unknown(st, &decoded));
                 } else if s.state == ReqState::Streaming {
-                    send(ctx.stats, s, StreamPart::Trailers(decoded.fields));
+                    send(ctx, s, StreamPart::Trailers(decoded.fields));
                 } else {
                     s.trailers = decoded.fields;
                 }
@@ -792,9 +855,7 @@ impl H2Conn {
             return;
         };
         match s.state {
-            ReqState::Streaming => {
-                send(ctx.stats, s, StreamPart::Data(Bytes::copy_from_slice(data)))
-            }
+            ReqState::Streaming => send(ctx, s, StreamPart::Data(Bytes::copy_from_slice(data))),
             ReqState::Open if s.body.len() + data.len() > ctx.cfg.max_body_bytes => {
                 give_up(ctx.stats, s, |st| st.dropped_oversize_body += 1)
             }
@@ -822,7 +883,7 @@ impl H2Conn {
             s.last_ts = Some(ts);
         }
         if s.state == ReqState::Streaming {
-            send(ctx.stats, s, StreamPart::End);
+            send(ctx, s, StreamPart::End);
             s.tx = None;
             if s.state == ReqState::Streaming {
                 s.state = ReqState::Done;
@@ -1011,16 +1072,27 @@ fn give_up(stats: &mut HttpStats, s: &mut Stream, count: impl FnOnce(&mut HttpSt
     s.body = BytesMut::new();
 }
 
-/// Passes a part of a streaming request on; a replay stage that cannot keep up cuts it.
-fn send(stats: &mut HttpStats, s: &mut Stream, part: StreamPart) {
-    let Some(tx) = &s.tx else {
+/// Passes a part of a streaming request on. A replay stage that does not keep up cuts it: the
+/// stream's bytes not taken yet stay under `max_body_bytes`, and those of all streams (with
+/// what the extractor buffers) under `max_buffered_bytes`.
+fn send(ctx: &mut Ctx<'_>, s: &mut Stream, part: StreamPart) {
+    let Some((tx, in_flight)) = &s.tx else {
         return;
     };
-    match tx.try_send(part) {
-        Ok(()) => {}
+    let n = match &part {
+        StreamPart::Data(b) => b.len(),
+        _ => 0,
+    };
+    let stream = in_flight.stream.load(Ordering::Relaxed);
+    let all = in_flight.all.load(Ordering::Relaxed);
+    if stream + n > ctx.cfg.max_body_bytes || ctx.buffered + all + n > ctx.cfg.max_buffered_bytes {
+        return give_up(ctx.stats, s, |_| {});
+    }
+    in_flight.add(n);
+    if tx.send(part).is_err() {
         // The replay stage let the request go (filtered, or not sendable): nothing to cut.
-        Err(mpsc::error::TrySendError::Closed(_)) => s.tx = None,
-        Err(mpsc::error::TrySendError::Full(_)) => give_up(stats, s, |_| {}),
+        in_flight.sub(n);
+        s.tx = None;
     }
 }
 
