@@ -81,6 +81,37 @@ pub type TimestampNs = u64;
 
 /// A TCP segment handed from the capture stage to reassembly.
 ///
+/// A TCP sequence number. Arithmetic wraps at 2^32, and the distance between two numbers is
+/// signed (RFC 9293 3.4): numbers up to 2^31 ahead are after, the rest before. The wraparound
+/// stays here, as in smoltcp's `wire::tcp::SeqNumber`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SeqNumber(pub u32);
+
+impl std::ops::Add<usize> for SeqNumber {
+    type Output = SeqNumber;
+    /// `n` bytes further (modulo 2^32: a stream offset's low bits).
+    fn add(self, n: usize) -> SeqNumber {
+        SeqNumber(self.0.wrapping_add(n as u32))
+    }
+}
+
+impl std::ops::Sub for SeqNumber {
+    type Output = i64;
+    /// How far `self` is after `other` (negative: before).
+    fn sub(self, other: SeqNumber) -> i64 {
+        i64::from(self.0.wrapping_sub(other.0) as i32)
+    }
+}
+
+impl Segment {
+    pub fn seq(&self) -> SeqNumber {
+        SeqNumber(self.seq)
+    }
+    pub fn ack(&self) -> SeqNumber {
+        SeqNumber(self.ack)
+    }
+}
+
 /// `payload` is a zero-copy view into the capture ring: the ring block it points into is returned
 /// to the kernel only when every view of it is dropped. Consumers copy what they keep.
 #[derive(Clone, Debug)]
@@ -183,6 +214,22 @@ pub fn parse_frame(frame: &Bytes, ts: TimestampNs) -> Result<Segment, FrameError
 pub(crate) mod tests {
     use super::*;
     use etherparse::PacketBuilder;
+
+    #[test]
+    fn sequence_numbers_wrap_and_compare_across_zero() {
+        let near_end = SeqNumber(u32::MAX - 9);
+        let past = near_end + 20;
+        assert_eq!(past, SeqNumber(10));
+        assert_eq!(past - near_end, 20);
+        assert_eq!(near_end - past, -20);
+        assert_eq!(SeqNumber(5) - SeqNumber(5), 0);
+        // Half the space away is the farthest "before"; one less is "after".
+        assert_eq!(SeqNumber(0) + (1usize << 31) - SeqNumber(0), -(1i64 << 31));
+        assert_eq!(
+            SeqNumber(0) + ((1usize << 31) - 1) - SeqNumber(0),
+            (1i64 << 31) - 1
+        );
+    }
     use proptest::prelude::*;
 
     pub(crate) fn tcp_v4_frame(payload: &[u8], seq: u32, syn: bool) -> Vec<u8> {

@@ -25,7 +25,7 @@ use std::num::NonZeroUsize;
 use bytes::Bytes;
 use lru::LruCache;
 
-use crate::segment::{Segment, TcpFlags, TimestampNs};
+use crate::segment::{Segment, SeqNumber, TcpFlags, TimestampNs};
 
 /// Unique id of a connection for the life of the agent.
 pub type ConnId = u64;
@@ -182,9 +182,9 @@ pub struct ReassemblyStats {
 #[derive(Default)]
 struct DirState {
     /// Sequence number of the SYN, when seen.
-    isn: Option<u32>,
+    isn: Option<SeqNumber>,
     /// Sequence number of the next byte to deliver; None until the first segment.
-    next_seq: Option<u32>,
+    next_seq: Option<SeqNumber>,
     /// Bytes delivered (or declared lost) so far: the stream offset of `next_seq`.
     delivered: u64,
     /// Out-of-order pieces keyed by stream offset; they never overlap.
@@ -208,21 +208,21 @@ impl DirState {
 
     /// Sequence number just past everything this direction sent that was seen (data and FIN
     /// alike), once data or its FIN is delivered.
-    fn end_seq(&self) -> Option<u32> {
+    fn end_seq(&self) -> Option<SeqNumber> {
         let next = self.next_seq?;
         let beyond = self.fin_at.unwrap_or(0).saturating_sub(self.delivered);
-        Some(next.wrapping_add(beyond as u32))
+        Some(next + beyond as usize)
     }
 
     /// Sequence number just past the highest byte (or FIN) seen, out of order ones included.
-    fn highest_seq(&self) -> Option<u32> {
+    fn highest_seq(&self) -> Option<SeqNumber> {
         let next = self.next_seq?;
         let ooo_end = self
             .ooo
             .last_key_value()
             .map_or(0, |(k, v)| k + v.len() as u64);
         let high = ooo_end.max(self.fin_at.unwrap_or(0)).max(self.delivered);
-        Some(next.wrapping_add((high - self.delivered) as u32))
+        Some(next + (high - self.delivered) as usize)
     }
 
     /// Whether a segment at `seq` carrying `len` bytes cannot belong to this direction's
@@ -233,15 +233,13 @@ impl DirState {
         let Some(next) = self.next_seq else {
             return false;
         };
-        let rel = seg.seq.wrapping_sub(next) as i32 as i64;
+        let rel = seg.seq() - next;
         let at = self.delivered as i64 + rel;
         let past_fin = self
             .fin_at
             .is_some_and(|f| at > f as i64 || (at == f as i64 && !seg.payload.is_empty()));
         let acks_unseen = seg.flags.contains(TcpFlags::ACK)
-            && peer
-                .highest_seq()
-                .is_some_and(|h| seg.ack.wrapping_sub(h) as i32 > 0);
+            && peer.highest_seq().is_some_and(|h| seg.ack() - h > 0);
         past_fin || rel.unsigned_abs() > max_jump as u64 || (rel > 0 && acks_unseen)
     }
 }
@@ -252,7 +250,7 @@ impl DirState {
 struct Ended {
     client: SocketAddr,
     /// Per direction, the sequence number just past the last byte (or FIN) seen.
-    end_seq: [Option<u32>; 2],
+    end_seq: [Option<SeqNumber>; 2],
 }
 
 impl Ended {
@@ -266,8 +264,8 @@ impl Ended {
         };
         match self.end_seq[dir as usize] {
             Some(end) => {
-                let rel = seg.seq.wrapping_sub(end) as i32;
-                rel > 0 || rel.unsigned_abs() > max_jump
+                let rel = seg.seq() - end;
+                rel > 0 || rel.unsigned_abs() > u64::from(max_jump)
             }
             None => false,
         }
@@ -419,10 +417,10 @@ impl<H: StreamHandler> Reassembler<H> {
         let d = &mut flow.dirs[dir as usize];
         if d.next_seq.is_none() {
             if is_syn {
-                d.isn = Some(seg.seq);
-                d.next_seq = Some(seg.seq.wrapping_add(1));
+                d.isn = Some(seg.seq());
+                d.next_seq = Some(seg.seq() + 1);
             } else {
-                d.next_seq = Some(seg.seq);
+                d.next_seq = Some(seg.seq());
                 d.provisional = seg.payload.is_empty() && !seg.flags.contains(TcpFlags::FIN);
                 stats.midstream_joins += 1;
             }
@@ -431,18 +429,14 @@ impl<H: StreamHandler> Reassembler<H> {
             // The first bytes of a joined direction: the stream begins here for this agent,
             // like everything before the join.
             d.provisional = false;
-            if offset_of(d, seg.seq) > d.delivered as i64 {
-                d.next_seq = Some(seg.seq);
+            if offset_of(d, seg.seq()) > d.delivered as i64 {
+                d.next_seq = Some(seg.seq());
             }
         }
-        let data_seq = if is_syn {
-            seg.seq.wrapping_add(1)
-        } else {
-            seg.seq
-        };
+        let data_seq = if is_syn { seg.seq() + 1 } else { seg.seq() };
         let other = &flow.dirs[1 - dir as usize];
         let ack = (seg.flags.contains(TcpFlags::ACK) && other.next_seq.is_some())
-            .then(|| offset_of(other, seg.ack))
+            .then(|| offset_of(other, seg.ack()))
             .and_then(|o| u64::try_from(o).ok());
         let d = &mut flow.dirs[dir as usize];
         let mut ctx = DirCtx {
@@ -457,7 +451,7 @@ impl<H: StreamHandler> Reassembler<H> {
         };
         ctx.accept(d, data_seq, &seg.payload, seg.ts);
         if seg.flags.contains(TcpFlags::FIN) {
-            let fin = offset_of(d, data_seq.wrapping_add(seg.payload.len() as u32));
+            let fin = offset_of(d, data_seq + seg.payload.len());
             if fin >= d.delivered as i64 {
                 if d.ooo.is_empty() && fin > d.delivered as i64 {
                     // A FIN beyond a hole waits like out-of-order data.
@@ -629,7 +623,7 @@ fn supersedes<C>(
     let peer = &flow.dirs[1 - dir as usize];
     if seg.flags.contains(TcpFlags::SYN) {
         let synack = seg.flags.contains(TcpFlags::ACK);
-        if d.isn == Some(seg.seq) {
+        if d.isn == Some(seg.seq()) {
             stats.duplicate_syns += 1;
             return None;
         }
@@ -658,9 +652,9 @@ fn supersedes<C>(
 }
 
 /// Stream offset of `seq` relative to what was delivered (may be negative: already delivered).
-fn offset_of(d: &DirState, seq: u32) -> i64 {
+fn offset_of(d: &DirState, seq: SeqNumber) -> i64 {
     let next = d.next_seq.expect("direction started");
-    d.delivered as i64 + seq.wrapping_sub(next) as i32 as i64
+    d.delivered as i64 + (seq - next)
 }
 
 /// What one direction's processing needs, borrowed apart from the flow table.
@@ -677,7 +671,7 @@ struct DirCtx<'a, H: StreamHandler> {
 }
 
 impl<H: StreamHandler> DirCtx<'_, H> {
-    fn accept(&mut self, d: &mut DirState, seq: u32, payload: &[u8], ts: TimestampNs) {
+    fn accept(&mut self, d: &mut DirState, seq: SeqNumber, payload: &[u8], ts: TimestampNs) {
         if payload.is_empty() {
             return;
         }
@@ -777,7 +771,7 @@ impl<H: StreamHandler> DirCtx<'_, H> {
 
     fn deliver(&mut self, d: &mut DirState, data: &[u8], ts: TimestampNs, ack: Option<u64>) {
         d.delivered += data.len() as u64;
-        d.next_seq = Some(d.next_seq.unwrap().wrapping_add(data.len() as u32));
+        d.next_seq = d.next_seq.map(|n| n + data.len());
         self.stats.delivered_bytes += data.len() as u64;
         self.handler
             .data(self.conn, self.info, self.dir, data, ts, ack);
@@ -825,7 +819,7 @@ impl<H: StreamHandler> DirCtx<'_, H> {
         let lost = target - d.delivered;
         self.stats.lost_bytes += lost;
         d.delivered = target;
-        d.next_seq = Some(d.next_seq.unwrap().wrapping_add(lost as u32));
+        d.next_seq = d.next_seq.map(|n| n + lost as usize);
         self.handler.gap(self.conn, self.info, self.dir, lost, ts);
         self.drain(d, ts);
     }
