@@ -67,10 +67,46 @@ impl Request {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Request,
-    Response,
+/// Which side of an HTTP/1 connection a parser reads, as hyper's `proto::h1::role` splits
+/// them: `Server` reads what a server reads (requests, kept whole for replay), `Client` what a
+/// client reads (responses, framed and paired). The direction is chosen once, where bytes come
+/// in; everything below is generic over it.
+trait Role {
+    /// This side carries requests.
+    const REQUESTS: bool;
+    fn parser(c: &mut H1Conn) -> &mut MessageParser;
+    /// Where a message may start in bytes joined mid-stream.
+    fn find_start(buf: &[u8]) -> Option<usize>;
+    fn parse_head(buf: &[u8], max_headers: usize) -> Result<Head, HeadError>;
+}
+
+struct Server;
+struct Client;
+
+impl Role for Server {
+    const REQUESTS: bool = true;
+    fn parser(c: &mut H1Conn) -> &mut MessageParser {
+        &mut c.req
+    }
+    fn find_start(buf: &[u8]) -> Option<usize> {
+        find_request_start(buf)
+    }
+    fn parse_head(buf: &[u8], max_headers: usize) -> Result<Head, HeadError> {
+        parse_request_head(buf, max_headers)
+    }
+}
+
+impl Role for Client {
+    const REQUESTS: bool = false;
+    fn parser(c: &mut H1Conn) -> &mut MessageParser {
+        &mut c.resp
+    }
+    fn find_start(buf: &[u8]) -> Option<usize> {
+        find_response_start(buf)
+    }
+    fn parse_head(buf: &[u8], max_headers: usize) -> Result<Head, HeadError> {
+        parse_response_head(buf, max_headers)
+    }
 }
 
 enum State {
@@ -96,7 +132,6 @@ struct Head {
 
 /// One direction's parser.
 struct MessageParser {
-    kind: Kind,
     state: State,
     buf: BytesMut,
     /// Bytes of `buf` already searched for the end of the head.
@@ -126,9 +161,8 @@ enum DropReason {
 }
 
 impl MessageParser {
-    fn new(kind: Kind) -> Self {
+    fn new() -> Self {
         MessageParser {
-            kind,
             state: State::Hunt,
             buf: BytesMut::new(),
             head_scanned: 0,
@@ -222,20 +256,9 @@ struct Pending {
 
 impl HttpExtractor {
     /// Feeds one direction's bytes.
-    fn feed(
-        &mut self,
-        c: &mut H1Conn,
-        info: &ConnInfo,
-        dir: Direction,
-        mut data: &[u8],
-        ts: TimestampNs,
-    ) {
+    fn feed<R: Role>(&mut self, c: &mut H1Conn, info: &ConnInfo, mut data: &[u8], ts: TimestampNs) {
         loop {
-            let p = if dir == Direction::ToServer {
-                &mut c.req
-            } else {
-                &mut c.resp
-            };
+            let p = R::parser(c);
             match &mut p.state {
                 State::Stopped => break,
                 State::Hunt => {
@@ -250,19 +273,17 @@ impl HttpExtractor {
                     }
                     p.buf.extend_from_slice(data);
                     data = &[];
-                    let found = match p.kind {
-                        Kind::Request => find_request_start(&p.buf),
-                        Kind::Response => find_response_start(&p.buf),
-                    };
+                    let found = R::find_start(&p.buf);
                     match found {
                         Some(at) => {
                             self.stats.resync_skipped_bytes += at as u64;
                             p.buf.advance(at);
                             c.frames_from = 0;
-                            self.begin_message(dir, c, ts);
+                            self.begin_message::<R>(c, ts);
                         }
                         None => {
-                            if p.kind == Kind::Request {
+                            if R::REQUESTS {
+                                let p = &mut c.req;
                                 match find_frames(&p.buf, c.frames_from, DEFAULT_MAX_FRAME) {
                                     Ok(at) => {
                                         self.stats.resync_skipped_bytes += at as u64;
@@ -273,17 +294,13 @@ impl HttpExtractor {
                                     Err(next) => c.frames_from = next,
                                 }
                             }
-                            let p = if dir == Direction::ToServer {
-                                &mut c.req
-                            } else {
-                                &mut c.resp
-                            };
+                            let p = R::parser(c);
                             // Keep a tail in case a start line straddles the next segment.
                             let keep = self.cfg.max_head_bytes.min(p.buf.len());
                             let skip = p.buf.len() - keep;
                             self.stats.resync_skipped_bytes += skip as u64;
                             p.buf.advance(skip);
-                            if p.kind == Kind::Request {
+                            if R::REQUESTS {
                                 c.frames_from = c.frames_from.saturating_sub(skip);
                             }
                             break;
@@ -297,7 +314,7 @@ impl HttpExtractor {
                         p.start_ack = p.chunk_ack;
                     }
                     if self.buffered + data.len() > self.cfg.max_buffered_bytes {
-                        if p.kind == Kind::Request && !p.buf.is_empty() {
+                        if R::REQUESTS && !p.buf.is_empty() {
                             self.stats.dropped_memory += 1;
                         }
                         p.buf.clear();
@@ -309,7 +326,7 @@ impl HttpExtractor {
                     if p.buf.is_empty() {
                         break;
                     }
-                    if !self.try_head(c, info, dir, ts) {
+                    if !self.try_head::<R>(c, info, ts) {
                         break;
                     }
                 }
@@ -320,15 +337,11 @@ impl HttpExtractor {
                     let (n, done) = match decoder.feed(data, self.cfg.max_head_bytes) {
                         Ok(v) => v,
                         Err(_) => {
-                            self.malformed(c, dir);
+                            self.malformed::<R>(c);
                             continue;
                         }
                     };
-                    let p = if dir == Direction::ToServer {
-                        &mut c.req
-                    } else {
-                        &mut c.resp
-                    };
+                    let p = R::parser(c);
                     p.body_bytes += n as u64;
                     if p.keep {
                         let total = p.buf.len() + n;
@@ -347,19 +360,15 @@ impl HttpExtractor {
                     }
                     data = &data[n..];
                     if done {
-                        self.finish_message(c, info, dir, ts);
+                        self.finish_message::<R>(c, info, ts);
                     }
                 }
             }
         }
     }
 
-    fn begin_message(&mut self, dir: Direction, c: &mut H1Conn, ts: TimestampNs) {
-        let p = if dir == Direction::ToServer {
-            &mut c.req
-        } else {
-            &mut c.resp
-        };
+    fn begin_message<R: Role>(&mut self, c: &mut H1Conn, ts: TimestampNs) {
+        let p = R::parser(c);
         p.state = State::Head;
         p.head_scanned = 0;
         p.head = None;
@@ -372,31 +381,17 @@ impl HttpExtractor {
     }
 
     /// Tries to parse a complete head from the buffer. Returns whether parsing can go on.
-    fn try_head(
-        &mut self,
-        c: &mut H1Conn,
-        info: &ConnInfo,
-        dir: Direction,
-        ts: TimestampNs,
-    ) -> bool {
-        let p = if dir == Direction::ToServer {
-            &mut c.req
-        } else {
-            &mut c.resp
-        };
-        if p.kind == Kind::Request && p.at_stream_start && p.buf.len() >= 3 {
+    fn try_head<R: Role>(&mut self, c: &mut H1Conn, info: &ConnInfo, ts: TimestampNs) -> bool {
+        let p = R::parser(c);
+        if R::REQUESTS && p.at_stream_start && p.buf.len() >= 3 {
             p.at_stream_start = false;
             if p.buf[0] == 0x16 && p.buf[1] == 0x03 {
                 self.stop(c, StopReason::Tls);
                 return false;
             }
         }
-        let p = if dir == Direction::ToServer {
-            &mut c.req
-        } else {
-            &mut c.resp
-        };
-        if p.kind == Kind::Request && p.buf.starts_with(b"PRI * HTTP/2.0") {
+        let p = R::parser(c);
+        if R::REQUESTS && p.buf.starts_with(b"PRI * HTTP/2.0") {
             Self::hand_to_h2(c, Switch::Preface);
             return false;
         }
@@ -411,7 +406,7 @@ impl HttpExtractor {
                 p.head_scanned = p.buf.len();
                 if p.buf.len() > self.cfg.max_head_bytes {
                     // All of it is one oversize head; nothing in it can be framed.
-                    self.count_bad_head(dir, true);
+                    self.count_bad_head::<R>(true);
                     p.buf.clear();
                     p.state = State::Hunt;
                     return true;
@@ -419,157 +414,138 @@ impl HttpExtractor {
                 return false;
             }
         };
-        let parsed = match p.kind {
-            Kind::Request => parse_request_head(&p.buf[..head_end], self.cfg.max_headers),
-            Kind::Response => parse_response_head(&p.buf[..head_end], self.cfg.max_headers),
-        };
+        let parsed = R::parse_head(&p.buf[..head_end], self.cfg.max_headers);
         let mut head = match parsed {
             Ok(h) if h.len <= self.cfg.max_head_bytes => h,
             other => {
-                self.count_bad_head(dir, !matches!(other, Err(HeadError::Malformed)));
+                self.count_bad_head::<R>(!matches!(other, Err(HeadError::Malformed)));
                 // The body's framing is unknown: look for the next message after this head.
                 p.buf.advance(head_end);
                 p.state = State::Hunt;
                 return true;
             }
         };
-        match p.kind {
-            Kind::Request => {
-                if &p.buf[head.method.clone()] == b"CONNECT" {
-                    self.stats.dropped_stopped += 1;
-                    self.stop(c, StopReason::Connect);
-                    return false;
-                }
-                match upgrade_to(&p.buf, &head) {
-                    // Replayed as a plain request; its answer says which protocol follows.
-                    Some(Upgrade::H2c) => c.h2c_upgrade = Some(c.next_seq),
-                    Some(Upgrade::Other) => {
-                        self.stats.dropped_stopped += 1;
-                        self.stop(c, StopReason::Upgrade);
-                        return false;
-                    }
-                    None => {}
-                }
-                head.seq = c.next_seq;
-                c.next_seq += 1;
-                if self.cfg.track_responses {
-                    if c.pending.len() >= self.cfg.max_pending {
-                        c.pending.pop_front();
-                        self.stats.pending_overflow += 1;
-                    }
-                    let start = p.start_base;
-                    let method = String::from_utf8_lossy(&p.buf[head.method.clone()]).into_owned();
-                    let target = String::from_utf8_lossy(&p.buf[head.target.clone()]).into_owned();
-                    let is_head = &p.buf[head.method.clone()] == b"HEAD";
-                    let early = take_early(&mut c.early, start, &mut self.stats);
-                    c.pending.push_back(Pending {
-                        seq: head.seq,
-                        method,
-                        target,
-                        head: is_head,
-                        connect: false,
-                        last_ts: None,
-                        expect_continue: head.expect_continue,
-                        dropped: false,
-                        early,
-                    });
-                }
-                p.keep = true;
+        if R::REQUESTS {
+            // Disjoint from the connection's other fields, which requests update.
+            let p = &mut c.req;
+            if &p.buf[head.method.clone()] == b"CONNECT" {
+                self.stats.dropped_stopped += 1;
+                self.stop(c, StopReason::Connect);
+                return false;
             }
-            Kind::Response => {
-                let status = head.status;
-                if (100..200).contains(&status) {
-                    if status == 101 {
-                        match c.h2c_upgrade {
-                            Some(seq) => {
-                                p.buf.advance(head.len);
-                                Self::hand_to_h2(c, Switch::Upgraded { seq });
-                            }
-                            None => self.stop(c, StopReason::Upgrade),
-                        }
-                        return false;
-                    }
-                    // Interim response (100 Continue, 103 Early Hints): not the answer.
-                    p.buf.advance(head.len);
-                    self.begin_message(dir, c, ts);
-                    return true;
-                }
-                let next = c.pending.iter().position(|r| r.early.is_none());
-                let Some(req) = next.and_then(|i| c.pending.remove(i)) else {
-                    // The server had request bytes not read here yet: the request is on its way.
-                    let ack = p.start_ack.filter(|a| *a > c.req_fed);
-                    match ack {
-                        Some(ack) if c.early.len() < MAX_EARLY => {
-                            c.early.push_back(EarlyResponse {
-                                status,
-                                first_ts: p.first_ts,
-                                ack,
-                            })
-                        }
-                        _ => self.stats.unpaired_responses += 1,
-                    }
-                    head.framing = response_framing(head.framing, status, false);
-                    p.head = Some(head);
-                    return self.enter_body(c, info, dir, ts);
-                };
-                head.framing = response_framing(head.framing, status, req.head);
-                if req.connect && (200..300).contains(&status) {
-                    self.stop(c, StopReason::Connect);
+            match upgrade_to(&p.buf, &head) {
+                // Replayed as a plain request; its answer says which protocol follows.
+                Some(Upgrade::H2c) => c.h2c_upgrade = Some(c.next_seq),
+                Some(Upgrade::Other) => {
+                    self.stats.dropped_stopped += 1;
+                    self.stop(c, StopReason::Upgrade);
                     return false;
                 }
-                self.answer_expect(c, &req, status);
-                if !req.dropped {
-                    if let Some(last) = req.last_ts {
-                        self.stats.responses += 1;
-                        let p = &c.resp;
-                        self.events.push(HttpEvent::Response(ResponseMeta {
-                            conn: info.id,
-                            request_seq: req.seq,
-                            method: req.method,
-                            target: req.target,
-                            status,
-                            grpc_status: None,
-                            request_last_ts: last,
-                            response_first_ts: p.first_ts,
-                        }));
-                    } else {
-                        self.stats.unpaired_responses += 1;
+                None => {}
+            }
+            head.seq = c.next_seq;
+            c.next_seq += 1;
+            if self.cfg.track_responses {
+                if c.pending.len() >= self.cfg.max_pending {
+                    c.pending.pop_front();
+                    self.stats.pending_overflow += 1;
+                }
+                let start = p.start_base;
+                let method = String::from_utf8_lossy(&p.buf[head.method.clone()]).into_owned();
+                let target = String::from_utf8_lossy(&p.buf[head.target.clone()]).into_owned();
+                let is_head = &p.buf[head.method.clone()] == b"HEAD";
+                let early = take_early(&mut c.early, start, &mut self.stats);
+                c.pending.push_back(Pending {
+                    seq: head.seq,
+                    method,
+                    target,
+                    head: is_head,
+                    connect: false,
+                    last_ts: None,
+                    expect_continue: head.expect_continue,
+                    dropped: false,
+                    early,
+                });
+            }
+            p.keep = true;
+        } else {
+            let p = &mut c.resp;
+            let status = head.status;
+            if (100..200).contains(&status) {
+                if status == 101 {
+                    match c.h2c_upgrade {
+                        Some(seq) => {
+                            p.buf.advance(head.len);
+                            Self::hand_to_h2(c, Switch::Upgraded { seq });
+                        }
+                        None => self.stop(c, StopReason::Upgrade),
                     }
+                    return false;
+                }
+                // Interim response (100 Continue, 103 Early Hints): not the answer.
+                p.buf.advance(head.len);
+                self.begin_message::<R>(c, ts);
+                return true;
+            }
+            let next = c.pending.iter().position(|r| r.early.is_none());
+            let Some(req) = next.and_then(|i| c.pending.remove(i)) else {
+                // The server had request bytes not read here yet: the request is on its way.
+                let ack = p.start_ack.filter(|a| *a > c.req_fed);
+                match ack {
+                    Some(ack) if c.early.len() < MAX_EARLY => c.early.push_back(EarlyResponse {
+                        status,
+                        first_ts: p.first_ts,
+                        ack,
+                    }),
+                    _ => self.stats.unpaired_responses += 1,
+                }
+                head.framing = response_framing(head.framing, status, false);
+                p.head = Some(head);
+                return self.enter_body::<R>(c, info, ts);
+            };
+            head.framing = response_framing(head.framing, status, req.head);
+            if req.connect && (200..300).contains(&status) {
+                self.stop(c, StopReason::Connect);
+                return false;
+            }
+            self.answer_expect(c, &req, status);
+            if !req.dropped {
+                if let Some(last) = req.last_ts {
+                    self.stats.responses += 1;
+                    let p = &c.resp;
+                    self.events.push(HttpEvent::Response(ResponseMeta {
+                        conn: info.id,
+                        request_seq: req.seq,
+                        method: req.method,
+                        target: req.target,
+                        status,
+                        grpc_status: None,
+                        request_last_ts: last,
+                        response_first_ts: p.first_ts,
+                    }));
+                } else {
+                    self.stats.unpaired_responses += 1;
                 }
             }
         }
-        let p = if dir == Direction::ToServer {
-            &mut c.req
-        } else {
-            &mut c.resp
-        };
+        let p = R::parser(c);
         p.head = Some(head);
-        self.enter_body(c, info, dir, ts)
+        self.enter_body::<R>(c, info, ts)
     }
 
     /// After a complete head: frames the bytes already buffered behind it.
-    fn enter_body(
-        &mut self,
-        c: &mut H1Conn,
-        info: &ConnInfo,
-        dir: Direction,
-        ts: TimestampNs,
-    ) -> bool {
-        let p = if dir == Direction::ToServer {
-            &mut c.req
-        } else {
-            &mut c.resp
-        };
+    fn enter_body<R: Role>(&mut self, c: &mut H1Conn, info: &ConnInfo, ts: TimestampNs) -> bool {
+        let p = R::parser(c);
         let head = p.head.as_ref().expect("head parsed");
         let head_len = head.len;
         let Some(mut decoder) = BodyDecoder::new(head.framing) else {
-            self.finish_message(c, info, dir, ts);
+            self.finish_message::<R>(c, info, ts);
             return true;
         };
         let (n, done) = match decoder.feed(&p.buf[head_len..], self.cfg.max_head_bytes) {
             Ok(v) => v,
             Err(_) => {
-                self.malformed(c, dir);
+                self.malformed::<R>(c);
                 return true;
             }
         };
@@ -579,7 +555,7 @@ impl HttpExtractor {
             p.drop_reason = Some(DropReason::OversizeBody);
         }
         if done {
-            self.finish_message(c, info, dir, ts);
+            self.finish_message::<R>(c, info, ts);
             return true;
         }
         if !p.keep {
@@ -591,12 +567,8 @@ impl HttpExtractor {
 
     /// The current message ended at `head.len + body_bytes` into the buffer (or, for messages
     /// not kept, the buffer holds only what follows it).
-    fn finish_message(&mut self, c: &mut H1Conn, info: &ConnInfo, dir: Direction, ts: TimestampNs) {
-        let p = if dir == Direction::ToServer {
-            &mut c.req
-        } else {
-            &mut c.resp
-        };
+    fn finish_message<R: Role>(&mut self, c: &mut H1Conn, info: &ConnInfo, ts: TimestampNs) {
+        let p = R::parser(c);
         let head = p.head.take().expect("head parsed");
         // The buffer starts with the message while its head is there, or while it is kept.
         let in_buf = !matches!(p.state, State::Body(_)) || p.keep;
@@ -606,7 +578,8 @@ impl HttpExtractor {
             0
         };
         let bytes = p.buf.split_to(len);
-        if p.kind == Kind::Request {
+        if R::REQUESTS {
+            let p = &mut c.req;
             let keep = p.keep && p.drop_reason.is_none();
             if let Some(pending) = c.pending.iter_mut().find(|x| x.seq == head.seq) {
                 pending.last_ts = Some(ts);
@@ -642,7 +615,7 @@ impl HttpExtractor {
             }
             self.report_early(c, info, head.seq);
         }
-        self.begin_message(dir, c, ts);
+        self.begin_message::<R>(c, ts);
     }
 
     /// Reports the response held for request `seq`, now that the request is complete.
@@ -693,31 +666,27 @@ impl HttpExtractor {
         }
     }
 
-    fn count_bad_head(&mut self, dir: Direction, oversize: bool) {
-        match (dir, oversize) {
-            (Direction::ToServer, true) => self.stats.dropped_oversize_head += 1,
-            (Direction::ToServer, false) => self.stats.dropped_malformed += 1,
-            (Direction::ToClient, _) => self.stats.malformed_responses += 1,
+    fn count_bad_head<R: Role>(&mut self, oversize: bool) {
+        match (R::REQUESTS, oversize) {
+            (true, true) => self.stats.dropped_oversize_head += 1,
+            (true, false) => self.stats.dropped_malformed += 1,
+            (false, _) => self.stats.malformed_responses += 1,
         }
     }
 
     /// A body that cannot be framed: drop the message and hunt for the next one.
-    fn malformed(&mut self, c: &mut H1Conn, dir: Direction) {
-        match dir {
-            Direction::ToServer => {
-                self.stats.dropped_malformed += 1;
-                self.note_unframed_request(c, dir);
-            }
-            Direction::ToClient => self.stats.malformed_responses += 1,
+    fn malformed<R: Role>(&mut self, c: &mut H1Conn) {
+        if R::REQUESTS {
+            self.stats.dropped_malformed += 1;
+            Self::note_unframed_request(c);
+        } else {
+            self.stats.malformed_responses += 1;
         }
-        self.resync(c, dir);
+        Self::resync::<R>(c);
     }
 
     /// A request whose head parsed cannot be framed any more: mark it dropped for pairing.
-    fn note_unframed_request(&mut self, c: &mut H1Conn, dir: Direction) {
-        if dir != Direction::ToServer {
-            return;
-        }
+    fn note_unframed_request(c: &mut H1Conn) {
         if let Some(head) = &c.req.head {
             if let Some(pending) = c.pending.iter_mut().find(|x| x.seq == head.seq) {
                 pending.dropped = true;
@@ -727,12 +696,8 @@ impl HttpExtractor {
     }
 
     /// Loses sync: hunt for the next message start.
-    fn resync(&mut self, c: &mut H1Conn, dir: Direction) {
-        let p = if dir == Direction::ToServer {
-            &mut c.req
-        } else {
-            &mut c.resp
-        };
+    fn resync<R: Role>(c: &mut H1Conn) {
+        let p = R::parser(c);
         if p.head.take().is_some() {
             p.buf.clear();
         }
@@ -757,30 +722,19 @@ impl HttpExtractor {
     }
 
     /// `lost` bytes of the stream will never arrive.
-    fn lose(
-        &mut self,
-        c: &mut H1Conn,
-        info: &ConnInfo,
-        dir: Direction,
-        lost: u64,
-        ts: TimestampNs,
-    ) {
-        let p = if dir == Direction::ToServer {
-            &mut c.req
-        } else {
-            &mut c.resp
-        };
-        let framing_survives = match &p.state {
+    fn lose<R: Role>(&mut self, c: &mut H1Conn, info: &ConnInfo, lost: u64, ts: TimestampNs) {
+        let framing_survives = match &R::parser(c).state {
             State::Body(BodyDecoder::Length { remaining }) => lost <= *remaining,
             State::Body(BodyDecoder::UntilClose) | State::Stopped => true,
             _ => false,
         };
-        if dir == Direction::ToClient && !framing_survives {
+        if !R::REQUESTS && !framing_survives {
             // Whole responses may have been in the hole: which request the next response
             // answers is unknown, and pairing by order could pair it with the wrong one.
             self.stats.unpaired_requests += c.pending.len() as u64;
             c.pending.clear();
         }
+        let p = R::parser(c);
         match &mut p.state {
             State::Stopped => {}
             State::Hunt => {
@@ -789,7 +743,7 @@ impl HttpExtractor {
                 p.buf.clear();
             }
             State::Head => {
-                if !p.buf.is_empty() && p.kind == Kind::Request {
+                if !p.buf.is_empty() && R::REQUESTS {
                     self.stats.dropped_gap += 1;
                 }
                 // What follows the hole starts mid-message.
@@ -801,35 +755,31 @@ impl HttpExtractor {
                 *remaining -= lost;
                 let done = *remaining == 0;
                 p.body_bytes += lost;
-                if p.kind == Kind::Request {
+                if R::REQUESTS {
                     p.drop_reason.get_or_insert(DropReason::Gap);
                     p.keep = false;
                     p.buf.clear();
                 }
                 if done {
-                    self.finish_message(c, info, dir, ts);
+                    self.finish_message::<R>(c, info, ts);
                 }
             }
             State::Body(BodyDecoder::UntilClose) => {}
             State::Body(_) => {
-                if p.kind == Kind::Request {
+                if R::REQUESTS {
                     self.stats.dropped_gap += 1;
-                    self.note_unframed_request(c, dir);
+                    Self::note_unframed_request(c);
                 }
-                self.resync(c, dir);
+                Self::resync::<R>(c);
             }
         }
     }
 
     /// The stream ended (FIN) or the connection closed: a message in progress is incomplete,
     /// except a response delimited by the close.
-    fn end_stream(&mut self, c: &mut H1Conn, dir: Direction) {
-        let p = if dir == Direction::ToServer {
-            &mut c.req
-        } else {
-            &mut c.resp
-        };
-        if p.kind == Kind::Request && p.in_message() {
+    fn end_stream<R: Role>(&mut self, c: &mut H1Conn) {
+        let p = R::parser(c);
+        if R::REQUESTS && p.in_message() {
             self.stats.dropped_incomplete += 1;
         }
         p.head = None;
@@ -883,8 +833,8 @@ pub struct UpgradeRequest {
 impl HttpExtractor {
     pub(super) fn h1_open() -> H1Conn {
         H1Conn {
-            req: MessageParser::new(Kind::Request),
-            resp: MessageParser::new(Kind::Response),
+            req: MessageParser::new(),
+            resp: MessageParser::new(),
             next_seq: 0,
             pending: VecDeque::new(),
             req_fed: 0,
@@ -896,10 +846,9 @@ impl HttpExtractor {
     }
 
     pub(super) fn h1_start(c: &mut H1Conn, dir: Direction, from_syn: bool) {
-        let p = if dir == Direction::ToServer {
-            &mut c.req
-        } else {
-            &mut c.resp
+        let p = match dir {
+            Direction::ToServer => Server::parser(c),
+            Direction::ToClient => Client::parser(c),
         };
         if from_syn {
             p.state = State::Head;
@@ -916,21 +865,19 @@ impl HttpExtractor {
         ts: TimestampNs,
         ack: Option<u64>,
     ) {
-        let p = if dir == Direction::ToServer {
-            &mut c.req
-        } else {
-            &mut c.resp
-        };
-        p.chunk_base = if dir == Direction::ToServer {
-            c.req_fed
-        } else {
-            0
-        };
-        p.chunk_ack = ack;
-        if dir == Direction::ToServer {
-            c.req_fed += data.len() as u64;
+        match dir {
+            Direction::ToServer => {
+                c.req.chunk_base = c.req_fed;
+                c.req.chunk_ack = ack;
+                c.req_fed += data.len() as u64;
+                self.feed::<Server>(c, info, data, ts);
+            }
+            Direction::ToClient => {
+                c.resp.chunk_base = 0;
+                c.resp.chunk_ack = ack;
+                self.feed::<Client>(c, info, data, ts);
+            }
         }
-        self.feed(c, info, dir, data, ts);
     }
 
     pub(super) fn h1_gap(
@@ -941,20 +888,25 @@ impl HttpExtractor {
         lost: u64,
         ts: TimestampNs,
     ) {
-        if dir == Direction::ToServer {
-            c.req_fed += lost;
+        match dir {
+            Direction::ToServer => {
+                c.req_fed += lost;
+                self.lose::<Server>(c, info, lost, ts);
+            }
+            Direction::ToClient => self.lose::<Client>(c, info, lost, ts),
         }
-        self.lose(c, info, dir, lost, ts);
     }
 
     pub(super) fn h1_end(&mut self, c: &mut H1Conn, dir: Direction) {
-        self.end_stream(c, dir);
+        match dir {
+            Direction::ToServer => self.end_stream::<Server>(c),
+            Direction::ToClient => self.end_stream::<Client>(c),
+        }
     }
 
     pub(super) fn h1_close(&mut self, mut c: H1Conn) {
-        for dir in [Direction::ToServer, Direction::ToClient] {
-            self.end_stream(&mut c, dir);
-        }
+        self.end_stream::<Server>(&mut c);
+        self.end_stream::<Client>(&mut c);
         self.stats.unpaired_responses += c.early.len() as u64;
     }
 }
