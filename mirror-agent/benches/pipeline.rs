@@ -31,13 +31,77 @@ fn workload(per_conn: usize, request: &[u8], mss: usize) -> (Vec<Segment>, usize
     (segs, per_conn * CONNS as usize, bytes)
 }
 
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend([kind, flags]);
+    f.extend(stream.to_be_bytes());
+    f.extend(payload);
+    f
+}
+
+/// `per_conn` unary gRPC calls on each of `CONNS` HTTP/2 connections, as grpc clients send them:
+/// HEADERS (HPACK with Huffman strings and the dynamic table, a request id that changes every
+/// call) and one DATA frame that ends the stream, one call per segment.
+fn grpc_workload(per_conn: usize) -> (Vec<Segment>, usize) {
+    use mirror_agent::http::h2::frame::{DATA, END_HEADERS, END_STREAM, HEADERS, PREFACE};
+    let mut segs = Vec::new();
+    let mut convs: Vec<(Conversation, httlib_hpack::Encoder)> = (0..CONNS)
+        .map(|i| {
+            let mut c = Conversation::new(
+                &format!("10.1.{}.{}:{}", i / 250, i % 250, 30000 + i),
+                "10.2.0.1:80",
+                1000 + i as u32,
+                9,
+            );
+            segs.extend(c.handshake());
+            segs.extend(c.client_data(PREFACE, 1448));
+            (c, httlib_hpack::Encoder::with_dynamic_size(4096))
+        })
+        .collect();
+    let message = [
+        0u8, 0, 0, 0, 12, 8, 2, 18, 8, b'r', b'e', b'v', b'i', b'e', b'w', b's', b'!',
+    ];
+    for call in 0..per_conn {
+        for (c, enc) in convs.iter_mut() {
+            let mut block = Vec::new();
+            let id = format!("{call:016x}");
+            for (n, v) in [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", "/bookstore.Books/GetReviews"),
+                (":authority", "bookservice:8080"),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+                ("user-agent", "grpc-rust/0.13"),
+                ("x-request-id", id.as_str()),
+            ] {
+                let flags = 0x1 | 0x2 | 0x4 | 0x10;
+                enc.encode(
+                    (n.as_bytes().to_vec(), v.as_bytes().to_vec(), flags),
+                    &mut block,
+                )
+                .unwrap();
+            }
+            let stream = 2 * call as u32 + 1;
+            let mut wire = frame(HEADERS, END_HEADERS, stream, &block);
+            wire.extend(frame(DATA, END_STREAM, stream, &message));
+            segs.extend(c.client_data(&wire, 1448));
+        }
+    }
+    (segs, per_conn * CONNS as usize)
+}
+
 fn run(segs: &[Segment]) -> usize {
     let mut r = Reassembler::new(
         ReassemblyConfig {
             server_ports: vec![80],
             ..Default::default()
         },
-        HttpExtractor::new(HttpConfig::default()),
+        HttpExtractor::new(HttpConfig {
+            // The bench has no responses: streams close when their request ends.
+            track_responses: false,
+            ..Default::default()
+        }),
     );
     let mut n = 0;
     for s in segs {
@@ -88,6 +152,14 @@ fn bench(c: &mut Criterion) {
             b.iter_batched(|| (), |_| run(segs), BatchSize::SmallInput)
         });
     }
+    // The cost of HTTP/2 framing, HPACK and stream tracking per request, next to the small
+    // GETs' per-request cost above.
+    let (grpc, n_grpc) = grpc_workload(100);
+    assert_eq!(run(&grpc), n_grpc, "gRPC: every call extracted");
+    g.throughput(Throughput::Elements(n_grpc as u64));
+    g.bench_function("gRPC unary calls, HTTP/2 + HPACK (requests)", |b| {
+        b.iter_batched(|| (), |_| run(&grpc), BatchSize::SmallInput)
+    });
     g.finish();
 }
 

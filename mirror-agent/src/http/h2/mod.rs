@@ -919,7 +919,13 @@ impl H2Conn {
             return;
         };
         let request_over = s.state == ReqState::Dropped || s.last_ts.is_some();
-        if !s.response.done || !request_over {
+        // Without response tracking, a stream is over with its request.
+        let response_over = s.response.done || !ctx.cfg.track_responses;
+        if !response_over || !request_over {
+            return;
+        }
+        if !ctx.cfg.track_responses {
+            self.streams.remove(&id);
             return;
         }
         let s = self.streams.remove(&id).expect("just looked up");

@@ -601,3 +601,19 @@ fn a_request_still_arriving_is_handed_on_and_streams_or_is_cut() {
         assert_eq!((s.requests, s.h2_streamed_requests), (1, 1));
     }
 }
+
+#[test]
+fn without_response_tracking_streams_end_with_their_request() {
+    let w = unary_calls(50);
+    let mut c = conv();
+    let mut segs = c.handshake();
+    segs.extend(c.client_data(&w.client, 1400));
+    let hc = HttpConfig {
+        track_responses: false,
+        max_pending: 2,
+        ..Default::default()
+    };
+    let x = run_with(&segs, hc);
+    assert_eq!(x.h2_requests.len(), 50);
+    assert_eq!(x.r.handler().stats().dropped_h2_streams_over_cap, 0);
+}
