@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_full;
+mod bench_h2;
 mod lab;
 mod prereq;
 
@@ -45,6 +46,9 @@ enum Task {
     },
     /// Benchmark the capture path: no program, program only, program + agent (figures only).
     BenchCapture(bench::CaptureBenchArgs),
+    /// Benchmark HTTP/2 mirroring next to HTTP/1.1: fidelity and agent CPU per request, h2load
+    /// at a fixed rate (figures only).
+    BenchH2(bench_h2::H2BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -94,6 +98,12 @@ fn main() -> Result<()> {
             build_ebpf(&root)?;
             build_agent(&root)?;
             bench::capture(&root, &args)
+        }
+        Task::BenchH2(args) => {
+            prereq::ensure_bench_tools()?;
+            build_ebpf(&root)?;
+            build_agent(&root)?;
+            bench_h2::run(&root, &args)
         }
     }
 }
