@@ -15,11 +15,7 @@ const METRICS: &str = "127.0.0.1:9464";
 const ROUNDS: usize = 8;
 
 fn report(ns: &Netns) -> Option<Report> {
-    let out = ns
-        .exec(&[AGENT, "report", "--agent", METRICS, "--format", "json"])
-        .output()
-        .ok()?;
-    serde_json::from_slice(&out.stdout).ok()
+    common::report(ns, METRICS)
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
-use mirror_agent::compare::{Report, Side};
+use mirror_agent::compare::Side;
 
 const MIRROR: &str = "127.0.0.1:9092";
 const METRICS: &str = "127.0.0.1:9465";
@@ -432,16 +432,9 @@ fn the_table_shows_grpc_statuses_and_a_slow_method() {
     const ROUNDS: u32 = 6;
     let sent = grpc_client(&pair.client, &live, 3, ROUNDS, &["methods"]);
     assert_eq!(sent.len(), 3 * ROUNDS as usize);
-    let report = |ns: &Netns| -> Option<Report> {
-        let out = ns
-            .exec(&[AGENT, "report", "--agent", METRICS, "--format", "json"])
-            .output()
-            .ok()?;
-        serde_json::from_slice(&out.stdout).ok()
-    };
     let mut last = None;
     let done = netlab::wait_until(Duration::from_secs(20), || {
-        last = report(&pair.server);
+        last = report(&pair.server, METRICS);
         last.as_ref().is_some_and(|r| {
             r.rows
                 .iter()

@@ -46,12 +46,24 @@ fn lines(path: &Path) -> usize {
         .unwrap_or(0)
 }
 
-struct Agent {
-    proc: Proc,
+pub struct Agent {
+    pub proc: Proc,
 }
 
 impl Agent {
     fn start(bin: &Path, pair: &Pair, mirror: &str) -> Result<Agent> {
+        Self::start_on(bin, pair, "8080", mirror, 512)
+    }
+
+    /// The agent on the server side of `pair`, mirroring `port` to `mirror`; waits for it to be
+    /// ready.
+    pub fn start_on(
+        bin: &Path,
+        pair: &Pair,
+        port: &str,
+        mirror: &str,
+        max_inflight: usize,
+    ) -> Result<Agent> {
         use std::io::BufRead;
         let mut proc = Proc::spawn(
             pair.server
@@ -61,12 +73,12 @@ impl Agent {
                     "--iface",
                     "srv0",
                     "--port",
-                    "8080",
+                    port,
                     "--mirror",
                     &format!("http://{mirror}"),
                     "--no-report",
                     "--max-inflight",
-                    "512",
+                    &max_inflight.to_string(),
                 ])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped()),
@@ -82,7 +94,7 @@ impl Agent {
     }
 
     /// Stops the agent; returns its replay summary line.
-    fn stop(mut self) -> Result<String> {
+    pub fn stop(mut self) -> Result<String> {
         self.proc.signal(libc::SIGTERM);
         let (code, err) = self.proc.wait_exit(Duration::from_secs(20));
         if code != Some(0) {

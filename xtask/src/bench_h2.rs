@@ -5,15 +5,14 @@
 //! share of live requests the mirror received (fidelity) and the agent's CPU per mirrored
 //! request, per protocol. Figures, not pass/fail.
 
-use std::io::BufRead;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use netlab::{Pair, Proc};
+use anyhow::{Context, Result};
+use netlab::Pair;
 
 use crate::bench::Nginx;
+use crate::bench_full::Agent;
 
 const MIRROR_H1: &str = "127.0.0.1:9080";
 const MIRROR_H2: &str = "127.0.0.1:9081";
@@ -58,7 +57,9 @@ pub fn run(root: &Path, args: &H2BenchArgs) -> Result<()> {
     )?;
     std::thread::sleep(Duration::from_millis(500));
     let h2 = measure(&bin, &pair, "8080", MIRROR_H2, &log_h2, &live, false, args)?;
-    let h1 = measure(&bin, &pair, "8081", MIRROR_H1, &log_h1, &live_h1, true, args)?;
+    let h1 = measure(
+        &bin, &pair, "8081", MIRROR_H1, &log_h1, &live_h1, true, args,
+    )?;
     println!(
         "\nHTTP/2 vs HTTP/1.1 mirroring: h2load at {} req/s for {} s, {} connections, each protocol",
         args.rate, args.seconds, args.connections
@@ -78,7 +79,10 @@ pub fn run(root: &Path, args: &H2BenchArgs) -> Result<()> {
         "\nHTTP/2 costs {:.2}× HTTP/1.1's agent CPU per mirrored request",
         h2.cpu_us_per_request / h1.cpu_us_per_request
     );
-    println!("replay, HTTP/2: {}\nreplay, HTTP/1.1: {}", h2.replay, h1.replay);
+    println!(
+        "replay, HTTP/2: {}\nreplay, HTTP/1.1: {}",
+        h2.replay, h1.replay
+    );
     Ok(())
 }
 
@@ -93,33 +97,9 @@ fn measure(
     h1: bool,
     args: &H2BenchArgs,
 ) -> Result<Run> {
-    let mut agent = Proc::spawn(
-        pair.server
-            .exec(&[
-                bin.to_str().unwrap(),
-                "attach",
-                "--iface",
-                "srv0",
-                "--port",
-                port,
-                "--mirror",
-                &format!("http://{mirror}"),
-                "--no-report",
-                "--max-inflight",
-                "1024",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-    );
-    let mut ready = String::new();
-    std::io::BufReader::new(agent.child.as_mut().unwrap().stdout.take().unwrap())
-        .read_line(&mut ready)?;
-    if !ready.starts_with("ready:") {
-        let (_, err) = agent.wait_exit(Duration::from_secs(5));
-        bail!("agent did not start: {err}");
-    }
+    let agent = Agent::start_on(bin, pair, port, mirror, 1024)?;
     let before = lines(log);
-    let cpu0 = agent.cpu_time();
+    let cpu0 = agent.proc.cpu_time();
     let per_client = (args.rate / args.connections).max(1);
     let mut cmd = pair.client.exec(&[
         "h2load",
@@ -147,23 +127,15 @@ fn measure(
         .and_then(|l| l.split(", ").find(|p| p.ends_with(" succeeded")))
         .and_then(|p| p.trim_end_matches(" succeeded").trim().parse().ok())
         .with_context(|| format!("h2load output:\n{text}"))?;
-    let cpu = agent.cpu_time() - cpu0;
-    agent.signal(libc::SIGTERM);
-    let (code, err) = agent.wait_exit(Duration::from_secs(20));
-    if code != Some(0) {
-        bail!("agent exited with {code:?}: {err}");
-    }
+    let cpu = agent.proc.cpu_time() - cpu0;
+    let replay = agent.stop()?;
     std::thread::sleep(Duration::from_millis(1500));
     let received = lines(log) - before;
     Ok(Run {
         served,
         received,
         cpu_us_per_request: cpu.as_secs_f64() * 1e6 / received.max(1) as f64,
-        replay: err
-            .lines()
-            .find(|l| l.starts_with("replay:"))
-            .unwrap_or("")
-            .to_string(),
+        replay,
     })
 }
 

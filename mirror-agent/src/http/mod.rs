@@ -364,6 +364,8 @@ impl HttpExtractor {
 /// Per-connection state, kept in the reassembler's flow table.
 pub struct HttpConn(Proto);
 
+// HTTP/1 is most connections: kept inline, HTTP/2's larger state boxed.
+#[allow(clippy::large_enum_variant)]
 enum Proto {
     H1(h1::H1Conn),
     H2(Box<h2::H2Conn>),

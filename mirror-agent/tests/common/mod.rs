@@ -547,3 +547,12 @@ pub fn loaded_program_ids(name: &str) -> Vec<u32> {
         .map(|p| p.id())
         .collect()
 }
+
+/// The agent's comparison report (`report --format json`) from inside `ns`, if it answers.
+pub fn report(ns: &Netns, metrics: &str) -> Option<mirror_agent::compare::Report> {
+    let out = ns
+        .exec(&[AGENT, "report", "--agent", metrics, "--format", "json"])
+        .output()
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}

@@ -66,7 +66,7 @@ impl FrameHeader {
             SETTINGS => {
                 self.stream == 0
                     && self.flags & !ACK == 0
-                    && self.len % 6 == 0
+                    && self.len.is_multiple_of(6)
                     && (self.flags == 0 || self.len == 0)
             }
             PUSH_PROMISE => on_stream && self.flags & !(END_HEADERS | PADDED) == 0,

@@ -338,7 +338,7 @@ fn string(buf: &mut &[u8]) -> Result<Bytes, HpackError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -355,13 +355,13 @@ mod tests {
     }
 
     /// Encodes with httlib-hpack: Huffman strings, incremental indexing, best representation.
-    struct Enc(httlib_hpack::Encoder<'static>);
+    pub(crate) struct Enc(httlib_hpack::Encoder<'static>);
 
     impl Enc {
-        fn new(table: u32) -> Self {
+        pub(crate) fn new(table: u32) -> Self {
             Enc(httlib_hpack::Encoder::with_dynamic_size(table))
         }
-        fn block(&mut self, headers: &[(&str, &str)]) -> Vec<u8> {
+        pub(crate) fn block(&mut self, headers: &[(&str, &str)]) -> Vec<u8> {
             let mut dst = Vec::new();
             for (n, v) in headers {
                 let flags = 0x1 | 0x2 | 0x4 | 0x10;

@@ -380,22 +380,8 @@ impl H2Conn {
             };
             s.state = ReqState::Streaming;
             s.tx = Some((tx, in_flight.clone()));
-            let request = Request {
-                conn: ctx.info.id,
-                seq: s.seq,
-                client: ctx.info.client,
-                server: ctx.info.server,
-                fields: std::mem::take(&mut s.fields),
-                body: std::mem::take(&mut s.body).freeze(),
-                trailers: Vec::new(),
-                from_start: self.from_start,
-                rest: Some(BodyStream(Arc::new(Mutex::new(Some(StreamReceiver {
-                    rx,
-                    in_flight,
-                }))))),
-                first_ts: s.first_ts,
-                last_ts: ts,
-            };
+            let rest = BodyStream(Arc::new(Mutex::new(Some(StreamReceiver { rx, in_flight }))));
+            let request = take_request(ctx, s, self.from_start, Some(rest), ts);
             ctx.stats.requests += 1;
             ctx.stats.h2_streamed_requests += 1;
             ctx.stats.request_bytes += request.size() as u64;
@@ -718,7 +704,7 @@ impl H2Conn {
             }
             return;
         }
-        if id <= self.highest_request || id % 2 == 0 {
+        if id <= self.highest_request || id.is_multiple_of(2) {
             // A stream from before the join, or one already dropped and forgotten.
             return;
         }
@@ -891,19 +877,7 @@ impl H2Conn {
         }
         if s.state == ReqState::Open {
             s.state = ReqState::Done;
-            let request = Request {
-                conn: ctx.info.id,
-                seq: s.seq,
-                client: ctx.info.client,
-                server: ctx.info.server,
-                fields: std::mem::take(&mut s.fields),
-                body: std::mem::take(&mut s.body).freeze(),
-                trailers: std::mem::take(&mut s.trailers),
-                from_start: self.from_start,
-                rest: None,
-                first_ts: s.first_ts,
-                last_ts: ts,
-            };
+            let request = take_request(ctx, s, self.from_start, None, ts);
             ctx.stats.requests += 1;
             ctx.stats.request_bytes += request.size() as u64;
             ctx.events
@@ -960,7 +934,7 @@ impl H2Conn {
     fn drop_request(&mut self, stats: &mut HttpStats, id: u32) {
         if let Some(s) = self.streams.get_mut(&id) {
             give_up(stats, s, |_| {});
-        } else if id > self.highest_request && id % 2 == 1 {
+        } else if id > self.highest_request && !id.is_multiple_of(2) {
             // Never opened: remember it so that its response is absorbed silently.
             self.highest_request = id;
         }
@@ -1061,6 +1035,30 @@ impl H2Conn {
             }
         }
         ctx.stats.unpaired_responses += self.early.len() as u64;
+    }
+}
+
+/// The request a stream holds, handed on at `ts` (its end, or for a streaming request, when it
+/// is handed on with `rest` to follow).
+fn take_request(
+    ctx: &Ctx<'_>,
+    s: &mut Stream,
+    from_start: bool,
+    rest: Option<BodyStream>,
+    ts: TimestampNs,
+) -> Request {
+    Request {
+        conn: ctx.info.id,
+        seq: s.seq,
+        client: ctx.info.client,
+        server: ctx.info.server,
+        fields: std::mem::take(&mut s.fields),
+        body: std::mem::take(&mut s.body).freeze(),
+        trailers: std::mem::take(&mut s.trailers),
+        from_start,
+        rest,
+        first_ts: s.first_ts,
+        last_ts: ts,
     }
 }
 

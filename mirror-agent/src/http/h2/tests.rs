@@ -3,6 +3,7 @@
 //! (Huffman strings, incremental indexing).
 
 use super::frame::*;
+use super::hpack::tests::Enc;
 use crate::http::{h2, HttpConfig};
 use crate::reassembly::ReassemblyConfig;
 use crate::segment::Segment;
@@ -16,28 +17,6 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     f.extend(stream.to_be_bytes());
     f.extend(payload);
     f
-}
-
-/// One side's HPACK encoder.
-struct Enc(httlib_hpack::Encoder<'static>);
-
-impl Enc {
-    fn new() -> Self {
-        Enc(httlib_hpack::Encoder::with_dynamic_size(4096))
-    }
-    fn block(&mut self, fields: &[(&str, &str)]) -> Vec<u8> {
-        let mut dst = Vec::new();
-        for (n, v) in fields {
-            let flags = 0x1 | 0x2 | 0x4 | 0x10;
-            self.0
-                .encode(
-                    (n.as_bytes().to_vec(), v.as_bytes().to_vec(), flags),
-                    &mut dst,
-                )
-                .unwrap();
-        }
-        dst
-    }
 }
 
 /// A gRPC message: not compressed, 4-byte length, payload.
@@ -74,7 +53,7 @@ struct Wire {
 }
 
 fn unary_calls(calls: usize) -> Wire {
-    let (mut ce, mut se) = (Enc::new(), Enc::new());
+    let (mut ce, mut se) = (Enc::new(4096), Enc::new(4096));
     let mut client = PREFACE.to_vec();
     client.extend(frame(SETTINGS, 0, 0, &[0, 4, 0, 0, 0xff, 0xff]));
     let mut server = frame(SETTINGS, 0, 0, &[]);
@@ -189,7 +168,7 @@ fn calls_come_out_whole_wherever_segments_cut_the_frames() {
 
 #[test]
 fn continuation_padding_and_priority_are_understood() {
-    let mut ce = Enc::new();
+    let mut ce = Enc::new(4096);
     let block = ce.block(&refs(&request_fields(0)));
     let (a, rest) = block.split_at(5);
     let (b, c) = rest.split_at(7);
@@ -226,7 +205,7 @@ fn continuation_padding_and_priority_are_understood() {
 
 #[test]
 fn trailers_only_responses_and_request_trailers() {
-    let (mut ce, mut se) = (Enc::new(), Enc::new());
+    let (mut ce, mut se) = (Enc::new(4096), Enc::new(4096));
     let mut client = PREFACE.to_vec();
     client.extend(frame(
         HEADERS,
@@ -279,7 +258,7 @@ fn a_join_yields_a_subset_of_the_whole_view_and_never_a_different_call() {
         c.client_seq = c.client_seq.wrapping_add(1 + join_at as u32);
         let mut segs = c.client_data(&w.client[join_at..], 50);
         // Later calls that only use entries inserted after the join.
-        let mut ce = Enc::new();
+        let mut ce = Enc::new(4096);
         let fresh: Vec<u8> = (0..3)
             .flat_map(|i| {
                 let mut f = frame(
@@ -322,8 +301,8 @@ fn a_join_yields_a_subset_of_the_whole_view_and_never_a_different_call() {
 
 #[test]
 fn an_accepted_h2c_upgrade_goes_on_as_http2() {
-    let mut se = Enc::new();
-    let mut ce = Enc::new();
+    let mut se = Enc::new(4096);
+    let mut ce = Enc::new(4096);
     let mut client =
         b"GET /books HTTP/1.1\r\nHost: books\r\nConnection: Upgrade, HTTP2-Settings\r\n\
         Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
@@ -401,7 +380,7 @@ fn responses_whose_clone_came_first_are_paired() {
 
 #[test]
 fn caps_on_streams_bodies_and_header_blocks_are_counted() {
-    let mut ce = Enc::new();
+    let mut ce = Enc::new(4096);
     let mut client = PREFACE.to_vec();
     // Three streams open at once with a cap of two.
     for id in [1, 3, 5] {
@@ -416,7 +395,7 @@ fn caps_on_streams_bodies_and_header_blocks_are_counted() {
         client.extend(frame(DATA, END_STREAM, id, b"body"));
     }
     // Both answered: their streams close.
-    let mut se = Enc::new();
+    let mut se = Enc::new(4096);
     let mut server = Vec::new();
     for id in [1, 3] {
         server.extend(frame(
@@ -500,7 +479,7 @@ fn a_hole_drops_the_stream_it_hit_and_a_reset_the_stream_it_ends() {
         "{s:?}"
     );
 
-    let mut ce = Enc::new();
+    let mut ce = Enc::new(4096);
     let mut client = PREFACE.to_vec();
     client.extend(frame(
         HEADERS,
@@ -543,7 +522,7 @@ fn parts(r: &h2::Request) -> Vec<Option<h2::StreamPart>> {
 #[test]
 fn a_request_still_arriving_is_handed_on_and_streams_or_is_cut() {
     for reset in [false, true] {
-        let mut ce = Enc::new();
+        let mut ce = Enc::new(4096);
         let mut c = conv();
         let mut segs = c.handshake();
         let mut head = PREFACE.to_vec();
