@@ -13,7 +13,8 @@ use std::time::Duration;
 use anyhow::{anyhow, Result};
 
 use crate::capture::{named_counters, netdev, Capture, CaptureConfig, CaptureStats, Hook};
-use crate::compare::{CompareConfig, Comparison, Report};
+use crate::compare::{CompareConfig, Comparison, Report, Sampling};
+use crate::cpu_budget::{self, CpuBudget, Load};
 use crate::dump::FlowRecorder;
 use crate::http::HttpEvent;
 use crate::metrics::{self, Sources};
@@ -36,6 +37,9 @@ pub struct AgentConfig {
     pub metrics: Option<SocketAddr>,
     /// Log the counters every this many seconds (0: only at exit).
     pub stats_interval: u64,
+    /// Keep the agent under this many cores by shedding new connections in the kernel
+    /// (needs `capture.matching.sticky_sampling`).
+    pub cpu_budget: Option<f64>,
 }
 
 /// Kernel counters by name, refreshed once a second.
@@ -67,6 +71,9 @@ pub struct Agent {
     /// How long queued and in-flight mirror requests may finish at stop.
     grace: Duration,
     ready: String,
+    cpu_budget: Option<CpuBudget>,
+    /// Ring drops at the last look, to see new ones (backlog).
+    ring_drops: u64,
 }
 
 /// What the agent did, for the exit summary.
@@ -184,7 +191,45 @@ impl Agent {
             stats_interval: cfg.stats_interval,
             grace,
             ready,
+            cpu_budget: cfg
+                .cpu_budget
+                .map(|cores| CpuBudget::new(cores, cfg.capture.matching.sample_ppm)),
+            ring_drops: 0,
         })
+    }
+
+    /// Once a second with a CPU budget: the agent's CPU use and backlog set the share of new
+    /// connections the kernel mirrors.
+    fn apply_cpu_budget(&mut self) {
+        let Some(budget) = self.cpu_budget.as_mut() else {
+            return;
+        };
+        let drops = self.capture.stats().ring_drops.load(Ordering::Relaxed);
+        let new_drops = drops > self.ring_drops;
+        self.ring_drops = drops;
+        let queue = self.replay.as_ref().map_or(0.0, |(r, _)| r.queue_fill());
+        let load = Load {
+            cpu: cpu_budget::process_cpu_time(),
+            at: std::time::Instant::now(),
+            backlog: if new_drops { 1.0 } else { queue },
+        };
+        if let Some(ppm) = budget.observe(load) {
+            log::info!(
+                "CPU budget {:.2} cores (used {:.2}, backlog {:.0} %): mirroring {:.1} % of new connections",
+                budget.cores(),
+                budget.used(),
+                load.backlog * 100.0,
+                f64::from(ppm) / 1e4
+            );
+            if let Err(e) = self.capture.set_sample_ppm(ppm) {
+                log::warn!("cannot change the sampling rate: {e:#}");
+            }
+        }
+        self.comparison.set_sampling(Sampling {
+            share: f64::from(budget.ppm()) / 1e6,
+            cpu_budget: budget.cores(),
+            cpu_used: budget.used(),
+        });
     }
 
     /// The line that says what is mirrored, where.
@@ -204,6 +249,7 @@ impl Agent {
                 _ = &mut shutdown => break,
                 Some(change) = next_change(&mut self.pod_changes) => self.apply(change),
                 _ = tick.tick() => {
+                    self.apply_cpu_budget();
                     if let Ok(c) = self.capture.kernel_counters() {
                         self.capture.account_lost_requests(&c);
                         *self.kernel.lock().unwrap() = named_counters(&c);

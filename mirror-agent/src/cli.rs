@@ -166,6 +166,13 @@ pub struct AttachArgs {
     #[arg(long, value_parser = crate::budget::parse_size)]
     pub memory_budget: Option<u64>,
 
+    /// CPU the agent may use, in cores (e.g. 0.5). Over it, or falling behind, the agent lowers
+    /// the share of new connections the kernel mirrors (whole connections, never one in part);
+    /// with headroom it raises it back, up to --sample. Default: the cgroup's (pod's) CPU limit;
+    /// none without one.
+    #[arg(long, value_parser = parse_cores)]
+    pub cpu_budget: Option<f64>,
+
     /// Version tag of the live service's rows, e.g. V1MIR-LiveBookService.
     #[arg(long, default_value = "live")]
     pub live_label: String,
@@ -208,5 +215,12 @@ pub fn parse_percent(s: &str) -> Result<f64, String> {
         Ok(v)
     } else {
         Err("a percentage from 0 to 100".into())
+    }
+}
+
+fn parse_cores(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(c) if c > 0.0 && c.is_finite() => Ok(c),
+        _ => Err(format!("{s:?}: give a number of cores above 0, e.g. 0.5")),
     }
 }

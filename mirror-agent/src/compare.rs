@@ -207,6 +207,19 @@ pub struct Report {
     pub other_series_results: u64,
     /// Live responses or mirror outcomes that never met their other half before being evicted.
     pub unpaired_evicted: u64,
+    /// The share of new connections mirrored under a CPU budget (`--cpu-budget`).
+    #[serde(default)]
+    pub sampling: Option<Sampling>,
+}
+
+/// What a CPU budget lets through.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    /// Share of new connections mirrored, 0 to 1.
+    pub share: f64,
+    pub cpu_budget: f64,
+    /// The agent's CPU use over the last second, in cores.
+    pub cpu_used: f64,
 }
 
 type PairKey = (ConnId, u64);
@@ -228,6 +241,7 @@ pub struct Comparator {
     mismatches: BTreeMap<(String, String, String), u64>,
     ratios: BTreeMap<String, (u64, f64)>,
     evicted: u64,
+    sampling: Option<Sampling>,
 }
 
 impl Comparator {
@@ -240,6 +254,7 @@ impl Comparator {
             other_series: 0,
             waiting: [HashMap::new(), HashMap::new()],
             order: VecDeque::new(),
+            sampling: None,
             mismatches: BTreeMap::new(),
             ratios: BTreeMap::new(),
             evicted: 0,
@@ -386,6 +401,7 @@ impl Comparator {
             other_endpoint_results: self.other,
             other_series_results: self.other_series,
             unpaired_evicted: self.evicted,
+            sampling: self.sampling,
         }
     }
 }
@@ -410,6 +426,10 @@ impl Comparison {
 
     pub fn report(&self) -> Report {
         self.lock().report()
+    }
+
+    pub fn set_sampling(&self, s: Sampling) {
+        self.lock().sampling = Some(s);
     }
 
     /// The report and the series' histograms, taken together.
@@ -585,6 +605,15 @@ pub fn format_table(r: &Report) -> String {
             out,
             "\n{} results folded into `other` series by the memory budget (--memory-budget)",
             r.other_series_results
+        );
+    }
+    if let Some(s) = &r.sampling {
+        let _ = writeln!(
+            out,
+            "\nmirrored {:.0}% of new connections: CPU budget {:.2} cores (agent used {:.2})",
+            s.share * 100.0,
+            s.cpu_budget,
+            s.cpu_used
         );
     }
     let _ = writeln!(out);

@@ -8,6 +8,7 @@ pub mod budget;
 pub mod capture;
 pub mod cli;
 pub mod compare;
+pub mod cpu_budget;
 pub mod dump;
 pub mod http;
 pub mod metrics;

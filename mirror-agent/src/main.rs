@@ -108,6 +108,9 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
     }
     let mut addrs = args.addrs.clone();
     addrs.extend(&args.pod_ip);
+    let cpu_budget = args
+        .cpu_budget
+        .or_else(|| mirror_agent::cpu_budget::cgroup_cpu_limit(std::path::Path::new("/")));
     let capture = CaptureConfig {
         targets,
         matching: MatchConfig {
@@ -117,6 +120,7 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
             addrs,
             responses: !args.no_responses,
             sample_ppm: (args.sample * 10_000.0).round() as u32,
+            sticky_sampling: cpu_budget.is_some(),
         },
         attach_mode: args.attach_mode,
         ring: RingConfig {
@@ -198,6 +202,7 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
         }),
         metrics: args.metrics,
         stats_interval: args.stats_interval,
+        cpu_budget,
     })
 }
 

@@ -178,6 +178,28 @@ impl Collector for Sources {
                     .encode(m.encode_family(&[("endpoint", x.name.as_str())])?)?;
             }
         }
+        if let Some(sampling) = &report.sampling {
+            for (name, help, value) in [
+                (
+                    "mirror_sampled_connections_share",
+                    "Share of new connections mirrored under the CPU budget (0 to 1)",
+                    sampling.share,
+                ),
+                (
+                    "mirror_cpu_budget_cores",
+                    "The agent's CPU budget (--cpu-budget)",
+                    sampling.cpu_budget,
+                ),
+                (
+                    "mirror_agent_cpu_cores",
+                    "The agent's CPU use over the last second, in cores",
+                    sampling.cpu_used,
+                ),
+            ] {
+                let m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                ConstGauge::new(value).encode(m)?;
+            }
+        }
         {
             let m = encoder.encode_descriptor(
                 "mirror_compare_other_endpoint",

@@ -270,6 +270,11 @@ impl Replayer {
         &self.stats
     }
 
+    /// How full the queue is, 0 to 1.
+    pub fn queue_fill(&self) -> f64 {
+        self.stats.queued_bytes.load(Ordering::Relaxed) as f64 / self.cfg.queue_bytes.max(1) as f64
+    }
+
     /// Hands a request over without waiting. Returns whether it was queued.
     pub fn offer(&self, req: Request) -> bool {
         inc(&self.stats.offered);

@@ -11,10 +11,13 @@ pub const MAP_CONFIG: &str = "CONFIG";
 pub const MAP_LIVE_PORTS: &str = "LIVE_PORTS";
 pub const MAP_LIVE_ADDRS: &str = "LIVE_ADDRS";
 pub const MAP_COUNTERS: &str = "COUNTERS";
+pub const MAP_DECISIONS: &str = "DECISIONS";
 
 /// Upper bounds of the maps the agent fills.
 pub const MAX_LIVE_PORTS: u32 = 64;
 pub const MAX_LIVE_ADDRS: u32 = 4096;
+/// Connections whose sampling decision the kernel remembers (least recently used go first).
+pub const MAX_DECISIONS: u32 = 65_536;
 
 /// The program clones nothing until the agent has written a config with this flag.
 pub const FLAG_ENABLED: u32 = 1 << 0;
@@ -22,6 +25,9 @@ pub const FLAG_ENABLED: u32 = 1 << 0;
 pub const FLAG_RESPONSES: u32 = 1 << 1;
 /// Only clone when the service-side address is in `LIVE_ADDRS`.
 pub const FLAG_ADDR_FILTER: u32 = 1 << 2;
+/// Decide each connection's sampling once, at its first packet seen, and remember it in
+/// `DECISIONS`: a change of `sample_ppm` then admits or sheds new connections only.
+pub const FLAG_STICKY_SAMPLING: u32 = 1 << 3;
 
 /// `sample_ppm` value that mirrors every flow.
 pub const SAMPLE_ALL: u32 = 1_000_000;

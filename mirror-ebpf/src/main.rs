@@ -9,13 +9,14 @@
 use aya_ebpf::{
     bindings::TC_ACT_OK,
     macros::{classifier, map},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
 use mirror_common::{
     flow_hash, is_request_start, AddrKey, Counter, MirrorConfig, COUNTER_COUNT, FLAG_ADDR_FILTER,
-    FLAG_ENABLED, FLAG_RESPONSES, MAX_LIVE_ADDRS, MAX_LIVE_PORTS, REQUEST_START_LEN, SAMPLE_ALL,
+    FLAG_ENABLED, FLAG_RESPONSES, FLAG_STICKY_SAMPLING, MAX_DECISIONS, MAX_LIVE_ADDRS,
+    MAX_LIVE_PORTS, REQUEST_START_LEN, SAMPLE_ALL,
 };
 use network_types::{
     eth::EthHdr,
@@ -35,6 +36,14 @@ static LIVE_ADDRS: HashMap<AddrKey, u8> = HashMap::with_max_entries(MAX_LIVE_ADD
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+/// With `FLAG_STICKY_SAMPLING`: per connection (keyed by its symmetric flow hash), 1 if it is
+/// mirrored. Decided at the connection's first packet against the rate of that moment, so that
+/// when the agent lowers the rate to stay in its CPU budget, whole new connections are shed
+/// before a single clone is made, and a connection being mirrored stays mirrored. Hash
+/// collisions share a decision, which is harmless.
+#[map]
+static DECISIONS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(MAX_DECISIONS, 0);
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -104,10 +113,7 @@ fn mirror(ctx: &TcContext) -> Counter {
     if is_response {
         count(Counter::MatchedResponses);
     }
-    if cfg.sample_ppm < SAMPLE_ALL
-        && flow_hash(&tuple.src, &tuple.dst, tuple.sport, tuple.dport) % SAMPLE_ALL
-            >= cfg.sample_ppm
-    {
+    if !sampled_in(cfg, &tuple) {
         return Counter::SkipSampledOut;
     }
     if tuple.pure_ack {
@@ -136,6 +142,27 @@ fn mirror(ctx: &TcContext) -> Counter {
             Counter::CloneErrors
         }
     }
+}
+
+/// Whether the packet's connection is mirrored at the configured rate.
+#[inline(always)]
+fn sampled_in(cfg: &MirrorConfig, t: &Tuple) -> bool {
+    let sticky = cfg.flags & FLAG_STICKY_SAMPLING != 0;
+    if cfg.sample_ppm >= SAMPLE_ALL && !sticky {
+        return true;
+    }
+    let hash = flow_hash(&t.src, &t.dst, t.sport, t.dport);
+    let by_rate = hash % SAMPLE_ALL < cfg.sample_ppm;
+    if !sticky {
+        return by_rate;
+    }
+    // SAFETY: a plain read of a u8 value; a concurrent update only replaces it.
+    if let Some(decided) = unsafe { DECISIONS.get(&hash) } {
+        return *decided != 0;
+    }
+    // A full map evicts its least recently used entry; a failed insert decides this packet only.
+    let _ = DECISIONS.insert(&hash, &(by_rate as u8), 0);
+    by_rate
 }
 
 /// Reads the addresses and ports of an Ethernet + IPv4/IPv6 + TCP packet with

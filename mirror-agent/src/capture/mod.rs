@@ -60,6 +60,7 @@ impl Default for CaptureConfig {
                 addr_filter: false,
                 responses: true,
                 sample_ppm: mirror_common::SAMPLE_ALL,
+                sticky_sampling: false,
             },
             attach_mode: AttachMode::Auto,
             ring: RingConfig::default(),
@@ -295,6 +296,14 @@ impl Capture {
 
     pub fn stats(&self) -> &Arc<CaptureStats> {
         &self.stats
+    }
+
+    /// Changes the share of new connections the kernel mirrors (a CPU budget's lever).
+    pub fn set_sample_ppm(&mut self, ppm: u32) -> Result<()> {
+        self.program
+            .as_mut()
+            .ok_or_else(|| anyhow!("program not loaded"))?
+            .set_sample_ppm(ppm)
     }
 
     pub fn kernel_counters(&self) -> Result<[u64; COUNTER_COUNT as usize]> {

@@ -11,8 +11,8 @@ use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
 use mirror_common::{
     AddrKey, Counter, MirrorConfig, COUNTER_COUNT, FLAG_ADDR_FILTER, FLAG_ENABLED, FLAG_RESPONSES,
-    MAP_CONFIG, MAP_COUNTERS, MAP_LIVE_ADDRS, MAP_LIVE_PORTS, MAX_LIVE_ADDRS, MAX_LIVE_PORTS,
-    PROGRAM_NAME,
+    FLAG_STICKY_SAMPLING, MAP_CONFIG, MAP_COUNTERS, MAP_LIVE_ADDRS, MAP_LIVE_PORTS, MAX_LIVE_ADDRS,
+    MAX_LIVE_PORTS, PROGRAM_NAME,
 };
 
 /// The kernel object, built by `cargo xtask build-ebpf` (see build.rs).
@@ -67,7 +67,11 @@ pub struct MatchConfig {
     /// and go, and no address must not mean every address.
     pub addr_filter: bool,
     pub responses: bool,
+    /// Connections mirrored, in parts per million (the upper limit when a CPU budget lowers it).
     pub sample_ppm: u32,
+    /// Decide each connection once and remember it (`FLAG_STICKY_SAMPLING`): needed when the
+    /// rate changes at run time, so that it sheds or admits whole connections only.
+    pub sticky_sampling: bool,
 }
 
 impl MatchConfig {
@@ -149,6 +153,9 @@ impl KernelProgram {
         if m.filters_addrs() {
             flags |= FLAG_ADDR_FILTER;
         }
+        if m.sticky_sampling {
+            flags |= FLAG_STICKY_SAMPLING;
+        }
         let cfg = MirrorConfig {
             mirror_ifindex,
             flags,
@@ -186,6 +193,18 @@ impl KernelProgram {
                 .detach(id)
                 .with_context(|| format!("detaching from {iface} {}", hook.name()))?;
         }
+        Ok(())
+    }
+
+    /// Changes the share of new connections mirrored, while the program runs.
+    pub fn set_sample_ppm(&mut self, ppm: u32) -> Result<()> {
+        let mut config: Array<_, MirrorConfig> = Array::try_from(map(&mut self.ebpf, MAP_CONFIG)?)?;
+        let mut cfg = config.get(&0, 0)?;
+        if cfg.flags & FLAG_ENABLED == 0 {
+            return Ok(());
+        }
+        cfg.sample_ppm = ppm;
+        config.set(0, cfg, 0)?;
         Ok(())
     }
 

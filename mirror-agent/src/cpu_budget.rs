@@ -1,0 +1,245 @@
+//! The CPU budget: the agent stays under `--cpu-budget` cores by lowering the share of new
+//! connections the kernel mirrors, and raises it again when there is headroom.
+//!
+//! The lever is the kernel's per-connection decision (`FLAG_STICKY_SAMPLING`): a lower rate
+//! sheds whole new connections before a single clone of theirs is made, and a connection being
+//! mirrored stays mirrored. Once a second the controller looks at the agent's CPU use and its
+//! backlog (replay queue, capture ring): over budget or behind, it cuts the rate in proportion;
+//! under 70 % of the budget with no backlog, it raises it by a fifth, but not within five
+//! seconds of a cut, so that the lag of connection-level shedding does not make it oscillate.
+//! `--sample` stays the upper limit.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// The lowest share kept: one connection in a thousand, so that the comparison never starves.
+pub const MIN_PPM: u32 = 1_000;
+/// Under this share of the budget (and without backlog), the rate may rise.
+const HEADROOM: f64 = 0.7;
+/// Seconds after a cut during which the rate does not rise.
+const HOLD_AFTER_CUT: u32 = 5;
+
+/// What the controller sees each second.
+#[derive(Clone, Copy, Debug)]
+pub struct Load {
+    /// The agent's CPU time so far (user and system).
+    pub cpu: Duration,
+    pub at: Instant,
+    /// How full the fullest stage is, 0 to 1 (1: it is dropping).
+    pub backlog: f64,
+}
+
+#[derive(Debug)]
+pub struct CpuBudget {
+    cores: f64,
+    max_ppm: u32,
+    ppm: u32,
+    last: Option<Load>,
+    hold: u32,
+    /// The last second's CPU use, in cores.
+    used: f64,
+}
+
+impl CpuBudget {
+    pub fn new(cores: f64, max_ppm: u32) -> Self {
+        CpuBudget {
+            cores,
+            max_ppm,
+            ppm: max_ppm,
+            last: None,
+            hold: 0,
+            used: 0.0,
+        }
+    }
+
+    pub fn cores(&self) -> f64 {
+        self.cores
+    }
+
+    /// The share of new connections mirrored now, in parts per million.
+    pub fn ppm(&self) -> u32 {
+        self.ppm
+    }
+
+    /// CPU used over the last interval, in cores.
+    pub fn used(&self) -> f64 {
+        self.used
+    }
+
+    /// Takes one observation; returns the new rate when it changes.
+    pub fn observe(&mut self, now: Load) -> Option<u32> {
+        let Some(prev) = self.last.replace(now) else {
+            return None;
+        };
+        let wall = now.at.saturating_duration_since(prev.at).as_secs_f64();
+        if wall < 0.1 {
+            self.last = Some(prev);
+            return None;
+        }
+        self.used = now.cpu.saturating_sub(prev.cpu).as_secs_f64() / wall;
+        self.hold = self.hold.saturating_sub(1);
+        let next = if self.used > self.cores || now.backlog >= 0.5 {
+            // In proportion to the excess (at least a tenth less), never below the floor.
+            let factor = if self.used > self.cores {
+                (0.9 * self.cores / self.used).min(0.9)
+            } else {
+                0.7
+            };
+            self.hold = HOLD_AFTER_CUT;
+            ((f64::from(self.ppm) * factor) as u32).max(MIN_PPM.min(self.max_ppm))
+        } else if self.used < HEADROOM * self.cores && now.backlog < 0.1 && self.hold == 0 {
+            let up = (f64::from(self.ppm) * 1.2).max(f64::from(self.ppm) + 10_000.0);
+            (up as u32).min(self.max_ppm)
+        } else {
+            self.ppm
+        };
+        (next != self.ppm).then(|| {
+            self.ppm = next;
+            next
+        })
+    }
+}
+
+/// The default budget: the cgroup's CPU limit (v2 `cpu.max`, v1 `cpu.cfs_quota_us` over
+/// `cpu.cfs_period_us`), read below `root` (`/` in production). None when unlimited.
+pub fn cgroup_cpu_limit(root: &Path) -> Option<f64> {
+    let cgroups = std::fs::read_to_string(root.join("proc/self/cgroup")).ok()?;
+    let fs = root.join("sys/fs/cgroup");
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let path = path.trim_start_matches('/');
+        if controllers.is_empty() {
+            let max = std::fs::read_to_string(fs.join(path).join("cpu.max")).ok();
+            if let Some(limit) = max.as_deref().and_then(parse_cpu_max) {
+                return Some(limit);
+            }
+        } else if controllers.split(',').any(|c| c == "cpu") {
+            let dir = ["cpu,cpuacct", "cpu"]
+                .iter()
+                .map(|d| fs.join(d).join(path))
+                .find(|d| d.join("cpu.cfs_quota_us").exists())?;
+            let read = |f: &str| -> Option<i64> {
+                std::fs::read_to_string(dir.join(f))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+            };
+            let (quota, period) = (read("cpu.cfs_quota_us")?, read("cpu.cfs_period_us")?);
+            if quota > 0 && period > 0 {
+                return Some(quota as f64 / period as f64);
+            }
+        }
+    }
+    None
+}
+
+/// `cpu.max`: "QUOTA PERIOD", or "max PERIOD" when unlimited.
+fn parse_cpu_max(s: &str) -> Option<f64> {
+    let mut it = s.split_whitespace();
+    let quota: f64 = it.next()?.parse().ok()?;
+    let period: f64 = it.next()?.parse().ok()?;
+    (quota > 0.0 && period > 0.0).then(|| quota / period)
+}
+
+/// This process's CPU time so far (user and system, all threads).
+pub fn process_cpu_time() -> Duration {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in for the agent: CPU proportional to the connections admitted, which change
+    /// only as old connections end (a tenth of them each second).
+    fn simulate(budget: f64, demand_at_full: f64, seconds: usize) -> Vec<(u32, f64)> {
+        let mut b = CpuBudget::new(budget, 1_000_000);
+        let start = Instant::now();
+        let mut cpu = Duration::ZERO;
+        let mut admitted = 1.0f64;
+        let mut out = Vec::new();
+        for s in 0..seconds {
+            let target = f64::from(b.ppm()) / 1e6;
+            admitted += (target - admitted) * 0.1;
+            cpu += Duration::from_secs_f64(demand_at_full * admitted);
+            b.observe(Load {
+                cpu,
+                at: start + Duration::from_secs(s as u64 + 1),
+                backlog: 0.0,
+            });
+            out.push((b.ppm(), demand_at_full * admitted));
+        }
+        out
+    }
+
+    #[test]
+    fn settles_under_the_budget_without_oscillating() {
+        // Demand of 2 cores against a budget of 0.5.
+        let run = simulate(0.5, 2.0, 300);
+        let tail = &run[200..];
+        assert!(
+            tail.iter().all(|(_, used)| *used <= 0.5 * 1.05),
+            "{:?}",
+            &tail[..5]
+        );
+        assert!(
+            tail.iter().all(|(_, used)| *used >= 0.5 * 0.5),
+            "{:?}",
+            &tail[..5]
+        );
+        // The rate changes rarely once settled: no oscillation.
+        let changes = tail.windows(2).filter(|w| w[0].0 != w[1].0).count();
+        assert!(changes <= 20, "{changes} changes in 100 s");
+    }
+
+    #[test]
+    fn comes_back_to_the_limit_when_demand_fits() {
+        let run = simulate(1.0, 0.3, 60);
+        assert!(run.iter().all(|(ppm, _)| *ppm == 1_000_000));
+    }
+
+    #[test]
+    fn backlog_cuts_even_under_the_cpu_budget() {
+        let mut b = CpuBudget::new(4.0, 1_000_000);
+        let t = Instant::now();
+        b.observe(Load {
+            cpu: Duration::ZERO,
+            at: t,
+            backlog: 0.0,
+        });
+        let next = b.observe(Load {
+            cpu: Duration::from_millis(100),
+            at: t + Duration::from_secs(1),
+            backlog: 1.0,
+        });
+        assert_eq!(next, Some(700_000));
+    }
+
+    #[test]
+    fn reads_cgroup_v2_and_v1_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("proc/self")).unwrap();
+        std::fs::create_dir_all(root.join("sys/fs/cgroup/pod")).unwrap();
+        std::fs::write(root.join("proc/self/cgroup"), "0::/pod\n").unwrap();
+        std::fs::write(root.join("sys/fs/cgroup/pod/cpu.max"), "150000 100000\n").unwrap();
+        assert_eq!(cgroup_cpu_limit(root), Some(1.5));
+        std::fs::write(root.join("sys/fs/cgroup/pod/cpu.max"), "max 100000\n").unwrap();
+        assert_eq!(cgroup_cpu_limit(root), None);
+        std::fs::write(root.join("proc/self/cgroup"), "4:cpu,cpuacct:/pod\n").unwrap();
+        let v1 = root.join("sys/fs/cgroup/cpu,cpuacct/pod");
+        std::fs::create_dir_all(&v1).unwrap();
+        std::fs::write(v1.join("cpu.cfs_quota_us"), "50000\n").unwrap();
+        std::fs::write(v1.join("cpu.cfs_period_us"), "100000\n").unwrap();
+        assert_eq!(cgroup_cpu_limit(root), Some(0.5));
+    }
+}
