@@ -68,9 +68,7 @@ impl CpuBudget {
 
     /// Takes one observation; returns the new rate when it changes.
     pub fn observe(&mut self, now: Load) -> Option<u32> {
-        let Some(prev) = self.last.replace(now) else {
-            return None;
-        };
+        let prev = self.last.replace(now)?;
         let wall = now.at.saturating_duration_since(prev.at).as_secs_f64();
         if wall < 0.1 {
             self.last = Some(prev);
