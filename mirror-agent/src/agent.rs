@@ -213,15 +213,16 @@ impl Agent {
             at: std::time::Instant::now(),
             backlog: if new_drops { 1.0 } else { queue },
         };
-        if let Some(ppm) = budget.observe(load) {
+        if let Some(rates) = budget.observe(load) {
             log::info!(
-                "CPU budget {:.2} cores (used {:.2}, backlog {:.0} %): mirroring {:.1} % of new connections",
+                "CPU budget {:.2} cores (used {:.2}, backlog {:.0} %): mirroring {:.1} % of new connections, keeping {:.1} % of admitted ones",
                 budget.cores(),
                 budget.used(),
                 load.backlog * 100.0,
-                f64::from(ppm) / 1e4
+                f64::from(rates.new) / 1e4,
+                f64::from(rates.keep_admitted) / 1e4
             );
-            if let Err(e) = self.capture.set_sample_ppm(ppm) {
+            if let Err(e) = self.capture.set_sampling(rates.new, rates.keep_admitted) {
                 log::warn!("cannot change the sampling rate: {e:#}");
             }
         }

@@ -7,7 +7,10 @@
 //! backlog (replay queue, capture ring): over budget or behind, it cuts the rate in proportion;
 //! under 70 % of the budget with no backlog, it raises it by a fifth, but not within five
 //! seconds of a cut, so that the lag of connection-level shedding does not make it oscillate.
-//! `--sample` stays the upper limit.
+//! `--sample` stays the upper limit. Only when the agent stays over budget for
+//! `MUST_DROP_AFTER` seconds in a row (long-lived connections keep the load that new ones no
+//! longer bring) does it drop admitted connections too: those the current rate would not admit,
+//! each for the rest of its life, never to be resumed in its middle.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -18,6 +21,10 @@ pub const MIN_PPM: u32 = 1_000;
 const HEADROOM: f64 = 0.7;
 /// Seconds after a cut during which the rate does not rise.
 const HOLD_AFTER_CUT: u32 = 5;
+/// Seconds over budget in a row after which admitted connections are dropped too.
+pub const MUST_DROP_AFTER: u32 = 3;
+/// Every connection (the kernel's `SAMPLE_ALL`).
+const ALL: u32 = 1_000_000;
 
 /// What the controller sees each second.
 #[derive(Clone, Copy, Debug)]
@@ -38,6 +45,19 @@ pub struct CpuBudget {
     hold: u32,
     /// The last second's CPU use, in cores.
     used: f64,
+    /// Seconds over budget in a row.
+    over: u32,
+    /// Admitted connections kept: `ALL`, or the rate while the agent must drop.
+    keep_admitted: u32,
+}
+
+/// The kernel's two rates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rates {
+    /// Share of new connections mirrored, in parts per million.
+    pub new: u32,
+    /// Share of admitted connections kept mirroring.
+    pub keep_admitted: u32,
 }
 
 impl CpuBudget {
@@ -49,7 +69,14 @@ impl CpuBudget {
             last: None,
             hold: 0,
             used: 0.0,
+            over: 0,
+            keep_admitted: ALL,
         }
+    }
+
+    /// Admitted connections kept, in parts per million (`1_000_000`: all).
+    pub fn keep_admitted(&self) -> u32 {
+        self.keep_admitted
     }
 
     pub fn cores(&self) -> f64 {
@@ -66,8 +93,8 @@ impl CpuBudget {
         self.used
     }
 
-    /// Takes one observation; returns the new rate when it changes.
-    pub fn observe(&mut self, now: Load) -> Option<u32> {
+    /// Takes one observation; returns the new rates when they change.
+    pub fn observe(&mut self, now: Load) -> Option<Rates> {
         let prev = self.last.replace(now)?;
         let wall = now.at.saturating_duration_since(prev.at).as_secs_f64();
         if wall < 0.1 {
@@ -91,9 +118,25 @@ impl CpuBudget {
         } else {
             self.ppm
         };
-        (next != self.ppm).then(|| {
-            self.ppm = next;
-            next
+        self.over = if self.used > self.cores {
+            self.over + 1
+        } else {
+            0
+        };
+        // Dropping admitted connections is the last resort: only once new ones are shed as far
+        // as they go, or while the agent is losing data anyway.
+        let shed_all_it_can = next <= MIN_PPM.min(self.max_ppm) || now.backlog >= 1.0;
+        let keep = match self.over {
+            0 => ALL,
+            n if n >= MUST_DROP_AFTER && shed_all_it_can => next,
+            _ => self.keep_admitted,
+        };
+        let changed = next != self.ppm || keep != self.keep_admitted;
+        self.ppm = next;
+        self.keep_admitted = keep;
+        changed.then_some(Rates {
+            new: next,
+            keep_admitted: keep,
         })
     }
 }
@@ -200,6 +243,38 @@ mod tests {
     }
 
     #[test]
+    fn admitted_connections_are_dropped_only_after_sustained_overload() {
+        let mut b = CpuBudget::new(0.5, 1_000_000);
+        let t = Instant::now();
+        let mut cpu = Duration::ZERO;
+        b.observe(Load {
+            cpu,
+            at: t,
+            backlog: 0.0,
+        });
+        // Long-lived connections: the load stays at 50 cores whatever the new-connection rate,
+        // which reaches its floor within the first seconds.
+        let mut keeps = Vec::new();
+        for s in 1..=6u64 {
+            let used = if s <= 4 { 50.0 } else { 0.1 };
+            cpu += Duration::from_secs_f64(used);
+            b.observe(Load {
+                cpu,
+                at: t + Duration::from_secs(s),
+                backlog: 0.0,
+            });
+            keeps.push(b.keep_admitted());
+        }
+        assert_eq!(
+            &keeps[..2],
+            &[ALL, ALL],
+            "not before {MUST_DROP_AFTER} s over"
+        );
+        assert!(keeps[2] < ALL && keeps[3] < ALL, "{keeps:?}");
+        assert_eq!(keeps[4], ALL, "back to keeping all once under budget");
+    }
+
+    #[test]
     fn comes_back_to_the_limit_when_demand_fits() {
         let run = simulate(1.0, 0.3, 60);
         assert!(run.iter().all(|(ppm, _)| *ppm == 1_000_000));
@@ -219,7 +294,13 @@ mod tests {
             at: t + Duration::from_secs(1),
             backlog: 1.0,
         });
-        assert_eq!(next, Some(700_000));
+        assert_eq!(
+            next,
+            Some(Rates {
+                new: 700_000,
+                keep_admitted: ALL
+            })
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! The CPU budget end to end (root only), as a behaviour test, not a timing one: with a tiny
-//! budget, load makes the kernel shed new connections (its counters show sampled-out packets),
-//! and every connection is mirrored whole or not at all.
+//! The CPU budget end to end (root only), as behaviour tests, not timing ones: with a tiny
+//! budget, load makes the kernel shed new connections (its counters show sampled-out packets)
+//! and every connection is mirrored whole or not at all; under sustained overload from
+//! long-lived connections, admitted ones are dropped for good, never resumed in their middle.
 
 mod common;
 
@@ -30,6 +31,31 @@ fn read_response(r: &mut BufReader<TcpStream>) {
     }
     let mut body = vec![0; len];
     r.read_exact(&mut body).unwrap();
+}
+
+/// `conns` long-lived connections from `ns`, each sending requests `/l/{conn}/{i}` back to back
+/// until `until` (at most 20,000 each). Returns how many each sent.
+fn long_lived(ns: &Netns, to: SocketAddr, conns: usize, until: Instant) -> Vec<usize> {
+    let handles: Vec<_> = (0..conns)
+        .map(|conn| {
+            let path = ns.path();
+            std::thread::spawn(move || {
+                netlab::enter_netns(&path);
+                let s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                let mut i = 0;
+                while Instant::now() < until && i < 20_000 {
+                    write!(w, "GET /l/{conn}/{i} HTTP/1.1\r\nHost: svc\r\n\r\n").unwrap();
+                    read_response(&mut r);
+                    i += 1;
+                }
+                i
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
 /// Connections one after another from `threads` threads in `ns`, each sending `PER_CONN`
@@ -142,4 +168,68 @@ fn a_tiny_budget_sheds_whole_connections_in_the_kernel() {
          none in part; {sampled_out} packets sampled out in the kernel",
         mirrored * PER_CONN
     );
+}
+
+/// Long-lived connections keep the load that shedding new ones cannot remove: after a few
+/// seconds over budget with new connections shed as far as they go, the agent drops admitted
+/// connections too, each for good: the mirror gets a prefix of each, never a resumed middle.
+#[test]
+fn sustained_overload_drops_admitted_connections_for_good() {
+    require_root();
+    let pair = Pair::new("cpul", 249);
+    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+    let _live = TestServer::start(&pair.server, &[live_addr]);
+    let mirror = TestServer::start(&pair.server, &[MIRROR.parse().unwrap()]);
+    let agent = Agent::start(
+        &pair.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "8080",
+            "--mirror",
+            &format!("http://{MIRROR}"),
+            "--cpu-budget",
+            "0.002",
+        ],
+    );
+    let sent = long_lived(
+        &pair.client,
+        live_addr,
+        4,
+        Instant::now() + Duration::from_secs(9),
+    );
+    let mut last = 0;
+    netlab::wait_until(Duration::from_secs(10), || {
+        std::thread::sleep(Duration::from_millis(300));
+        let n = mirror.requests();
+        let settled = n == last;
+        last = n;
+        settled
+    });
+    let mut got: HashMap<usize, Vec<usize>> = HashMap::new();
+    for r in mirror.log() {
+        let mut parts = r.target.split('/').skip(2);
+        let conn = parts.next().unwrap().parse().unwrap();
+        let i = parts.next().unwrap().parse().unwrap();
+        got.entry(conn).or_default().push(i);
+    }
+    let mut cut = 0;
+    for (conn, n) in sent.iter().enumerate() {
+        let mut seen = got.remove(&conn).unwrap_or_default();
+        seen.sort();
+        // A prefix: 0, 1, 2, … with nothing after a gap.
+        assert!(
+            seen.iter().enumerate().all(|(k, i)| k == *i),
+            "connection {conn} was resumed after it was dropped: {} requests, first missing at {:?}",
+            seen.len(),
+            seen.iter().enumerate().find(|(k, i)| k != *i)
+        );
+        if seen.len() < *n {
+            cut += 1;
+        }
+    }
+    assert!(cut > 0, "no admitted connection was dropped: {sent:?}");
+    agent.terminate();
+    eprintln!("long-lived: sent {sent:?}; {cut} of 4 connections dropped for good");
 }

@@ -43,7 +43,10 @@ pub struct MirrorConfig {
     /// Flows mirrored, in parts per million, decided by a symmetric hash of the 4-tuple so that a
     /// connection's requests and responses are kept or skipped together.
     pub sample_ppm: u32,
-    pub _reserved: u32,
+    /// With `FLAG_STICKY_SAMPLING`: connections already mirrored whose hash is at or above this
+    /// (in parts per million) are dropped for the rest of their life. `SAMPLE_ALL` (or 0, an
+    /// unset config) keeps them all; lowered only when the agent must shed load it admitted.
+    pub keep_admitted_ppm: u32,
 }
 
 /// Key of `LIVE_ADDRS`: an IPv6 address, or an IPv4 address mapped as `::ffff:a.b.c.d`.

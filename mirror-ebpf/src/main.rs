@@ -158,7 +158,17 @@ fn sampled_in(cfg: &MirrorConfig, t: &Tuple) -> bool {
     }
     // SAFETY: a plain read of a u8 value; a concurrent update only replaces it.
     if let Some(decided) = unsafe { DECISIONS.get(&hash) } {
-        return *decided != 0;
+        if *decided == 0 {
+            return false;
+        }
+        // The agent must shed load it admitted: this connection is dropped for good, not
+        // resumed in the middle later.
+        let keep = cfg.keep_admitted_ppm;
+        if keep != 0 && keep < SAMPLE_ALL && hash % SAMPLE_ALL >= keep {
+            let _ = DECISIONS.insert(&hash, &0, 0);
+            return false;
+        }
+        return true;
     }
     // A full map evicts its least recently used entry; a failed insert decides this packet only.
     let _ = DECISIONS.insert(&hash, &(by_rate as u8), 0);

@@ -298,12 +298,13 @@ impl Capture {
         &self.stats
     }
 
-    /// Changes the share of new connections the kernel mirrors (a CPU budget's lever).
-    pub fn set_sample_ppm(&mut self, ppm: u32) -> Result<()> {
+    /// Changes the share of new connections the kernel mirrors, and of admitted connections
+    /// it keeps mirroring (a CPU budget's levers).
+    pub fn set_sampling(&mut self, new_ppm: u32, keep_admitted_ppm: u32) -> Result<()> {
         self.program
             .as_mut()
             .ok_or_else(|| anyhow!("program not loaded"))?
-            .set_sample_ppm(ppm)
+            .set_sampling(new_ppm, keep_admitted_ppm)
     }
 
     pub fn kernel_counters(&self) -> Result<[u64; COUNTER_COUNT as usize]> {

@@ -12,7 +12,7 @@ use aya::{Ebpf, EbpfLoader};
 use mirror_common::{
     AddrKey, Counter, MirrorConfig, COUNTER_COUNT, FLAG_ADDR_FILTER, FLAG_ENABLED, FLAG_RESPONSES,
     FLAG_STICKY_SAMPLING, MAP_CONFIG, MAP_COUNTERS, MAP_LIVE_ADDRS, MAP_LIVE_PORTS, MAX_LIVE_ADDRS,
-    MAX_LIVE_PORTS, PROGRAM_NAME,
+    MAX_LIVE_PORTS, PROGRAM_NAME, SAMPLE_ALL,
 };
 
 /// The kernel object, built by `cargo xtask build-ebpf` (see build.rs).
@@ -160,7 +160,7 @@ impl KernelProgram {
             mirror_ifindex,
             flags,
             sample_ppm: m.sample_ppm,
-            _reserved: 0,
+            keep_admitted_ppm: SAMPLE_ALL,
         };
         let mut config: Array<_, MirrorConfig> = Array::try_from(map(&mut self.ebpf, MAP_CONFIG)?)?;
         config.set(0, cfg, 0)?;
@@ -196,14 +196,16 @@ impl KernelProgram {
         Ok(())
     }
 
-    /// Changes the share of new connections mirrored, while the program runs.
-    pub fn set_sample_ppm(&mut self, ppm: u32) -> Result<()> {
+    /// Changes the share of new connections mirrored, and of admitted ones kept, while the
+    /// program runs.
+    pub fn set_sampling(&mut self, new_ppm: u32, keep_admitted_ppm: u32) -> Result<()> {
         let mut config: Array<_, MirrorConfig> = Array::try_from(map(&mut self.ebpf, MAP_CONFIG)?)?;
         let mut cfg = config.get(&0, 0)?;
         if cfg.flags & FLAG_ENABLED == 0 {
             return Ok(());
         }
-        cfg.sample_ppm = ppm;
+        cfg.sample_ppm = new_ppm;
+        cfg.keep_admitted_ppm = keep_admitted_ppm;
         config.set(0, cfg, 0)?;
         Ok(())
     }
