@@ -10,8 +10,6 @@ pub mod framing;
 pub mod h1;
 pub mod h2;
 
-use std::net::SocketAddr;
-
 use bytes::Bytes;
 
 use crate::reassembly::{CloseReason, ConnId, ConnInfo, Direction, StreamHandler};
@@ -76,12 +74,6 @@ impl Request {
             Request::H2(r) => r.seq,
         }
     }
-    pub fn client(&self) -> SocketAddr {
-        match self {
-            Request::H1(r) => r.client,
-            Request::H2(r) => r.client,
-        }
-    }
     pub fn method(&self) -> &str {
         match self {
             Request::H1(r) => r.method(),
@@ -100,12 +92,6 @@ impl Request {
         match self {
             Request::H1(r) => r.raw.len(),
             Request::H2(r) => r.size(),
-        }
-    }
-    pub fn last_ts(&self) -> TimestampNs {
-        match self {
-            Request::H1(r) => r.last_ts,
-            Request::H2(r) => r.last_ts,
         }
     }
 }
