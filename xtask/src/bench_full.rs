@@ -29,6 +29,9 @@ pub struct FullBenchArgs {
     /// Offered rate of the fidelity run (requests per second, 10 s).
     #[arg(long, default_value_t = 20_000)]
     pub fidelity_rate: u64,
+    /// The agent's CPU budget in the saturation run, in cores.
+    #[arg(long, default_value_t = 0.5)]
+    pub cpu_budget: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -52,17 +55,18 @@ pub struct Agent {
 
 impl Agent {
     fn start(bin: &Path, pair: &Pair, mirror: &str) -> Result<Agent> {
-        Self::start_on(bin, pair, "8080", mirror, 512)
+        Self::start_on(bin, pair, "8080", mirror, 512, &[])
     }
 
-    /// The agent on the server side of `pair`, mirroring `port` to `mirror`; waits for it to be
-    /// ready.
+    /// The agent on the server side of `pair`, mirroring `port` to `mirror`, with `extra`
+    /// arguments; waits for it to be ready.
     pub fn start_on(
         bin: &Path,
         pair: &Pair,
         port: &str,
         mirror: &str,
         max_inflight: usize,
+        extra: &[&str],
     ) -> Result<Agent> {
         use std::io::BufRead;
         let mut proc = Proc::spawn(
@@ -80,6 +84,7 @@ impl Agent {
                     "--max-inflight",
                     &max_inflight.to_string(),
                 ])
+                .args(extra)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped()),
         );
@@ -248,6 +253,41 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
         args.seconds.max(5),
     )?;
 
+    // At saturation: what the agent costs the live service, without and with a CPU budget.
+    let budget = format!("{}", args.cpu_budget);
+    let mut saturation = Vec::new();
+    for (setup, extra) in [
+        ("no agent", None),
+        ("agent, no budget", Some(vec![])),
+        (
+            "agent, --cpu-budget",
+            Some(vec!["--cpu-budget", budget.as_str()]),
+        ),
+    ] {
+        let agent = match &extra {
+            Some(extra) => Some(Agent::start_on(
+                &bin.join("mirror-agent"),
+                &pair,
+                "8080",
+                FAST_MIRROR,
+                512,
+                extra,
+            )?),
+            None => None,
+        };
+        let before = lines(&mirror_log);
+        // Long enough for the budget to reach its last resort on wrk's long-lived connections.
+        let seconds = args.seconds.max(15);
+        let throughput = wrk(&pair.client, &live_url, args.connections, seconds)?;
+        if let Some(a) = agent {
+            a.stop()?;
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        let mirrored = lines(&mirror_log) - before;
+        let served = throughput * seconds as f64;
+        saturation.push((setup, throughput, mirrored as f64 / served.max(1.0)));
+    }
+
     let base50 = median(
         rows.iter()
             .filter(|r| r.0 == "no agent")
@@ -298,6 +338,22 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
         100.0 * via_fast / direct,
         100.0 * via_slow / direct
     );
+    println!(
+        "\nat saturation (wrk, {} connections, {} s each; --cpu-budget {}):",
+        args.connections,
+        args.seconds.max(15),
+        args.cpu_budget
+    );
+    println!("| setup | live req/s | ratio | requests mirrored |");
+    println!("|---|---|---|---|");
+    let base = saturation[0].1;
+    for (setup, throughput, share) in &saturation {
+        println!(
+            "| {setup} | {throughput:.0} | {:.2} | {:.1} % |",
+            throughput / base,
+            share * 100.0
+        );
+    }
     if served < 1.0 {
         return Err(anyhow!("the fidelity run served nothing"));
     }

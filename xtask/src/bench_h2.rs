@@ -97,7 +97,7 @@ fn measure(
     h1: bool,
     args: &H2BenchArgs,
 ) -> Result<Run> {
-    let agent = Agent::start_on(bin, pair, port, mirror, 1024)?;
+    let agent = Agent::start_on(bin, pair, port, mirror, 1024, &[])?;
     let before = lines(log);
     let cpu0 = agent.proc.cpu_time();
     let per_client = (args.rate / args.connections).max(1);
