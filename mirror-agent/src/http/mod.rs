@@ -151,12 +151,22 @@ pub fn result_code(status: u16, grpc_status: Option<u32>) -> String {
     }
 }
 
-/// The `grpc-status` among header fields, if any.
-pub fn grpc_status<'a>(fields: impl IntoIterator<Item = &'a (Bytes, Bytes)>) -> Option<u32> {
+/// The value of the first field named `name` (lower case, as HTTP/2 sends names).
+pub fn field<'a>(fields: &'a [(Bytes, Bytes)], name: &str) -> Option<&'a [u8]> {
     fields
-        .into_iter()
-        .find(|(n, _)| &n[..] == b"grpc-status")
-        .and_then(|(_, v)| std::str::from_utf8(v).ok()?.trim().parse().ok())
+        .iter()
+        .find(|(n, _)| &n[..] == name.as_bytes())
+        .map(|(_, v)| &v[..])
+}
+
+/// The value of the first field named `name`, as text, if it is UTF-8.
+pub fn field_str<'a>(fields: &'a [(Bytes, Bytes)], name: &str) -> Option<&'a str> {
+    std::str::from_utf8(field(fields, name)?).ok()
+}
+
+/// The `grpc-status` among header fields, if any.
+pub fn grpc_status(fields: &[(Bytes, Bytes)]) -> Option<u32> {
+    field_str(fields, "grpc-status")?.trim().parse().ok()
 }
 
 #[derive(Clone, Debug)]

@@ -23,7 +23,9 @@ use bytes::{Bytes, BytesMut};
 
 use self::frame::{FrameHeader, HEADER_LEN, PREFACE};
 use super::h1::UpgradeRequest;
-use super::{grpc_status, HttpConfig, HttpEvent, HttpStats, ResponseMeta, Switch};
+use super::{
+    field, field_str, grpc_status, HttpConfig, HttpEvent, HttpStats, ResponseMeta, Switch,
+};
 use crate::reassembly::{ConnId, ConnInfo, Direction};
 use crate::segment::TimestampNs;
 
@@ -131,11 +133,7 @@ const STREAM_AFTER_BYTES: usize = 64 << 10;
 
 impl Request {
     fn pseudo(&self, name: &str) -> &str {
-        self.fields
-            .iter()
-            .find(|(n, _)| &n[..] == name.as_bytes())
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
-            .unwrap_or("")
+        field_str(&self.fields, name).unwrap_or("")
     }
     pub fn method(&self) -> &str {
         self.pseudo(":method")
@@ -723,14 +721,10 @@ impl H2Conn {
             count_unknown(ctx.stats, &decoded);
             state = ReqState::Dropped;
         }
-        let field = |name: &str| {
-            decoded
-                .fields
-                .iter()
-                .find(|(n, _)| &n[..] == name.as_bytes())
-                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        let text = |name: &str| {
+            field(&decoded.fields, name).map(|v| String::from_utf8_lossy(v).into_owned())
         };
-        let (method, path) = (field(":method"), field(":path"));
+        let (method, path) = (text(":method"), text(":path"));
         if state == ReqState::Open {
             match method.as_deref() {
                 Some("CONNECT") => {
@@ -786,11 +780,7 @@ impl H2Conn {
         ts: TimestampNs,
     ) {
         let id = block.stream;
-        let status = decoded
-            .fields
-            .iter()
-            .find(|(n, _)| &n[..] == b":status")
-            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse::<u16>().ok());
+        let status = field_str(&decoded.fields, ":status").and_then(|v| v.parse::<u16>().ok());
         let response = match self.streams.get_mut(&id) {
             Some(s) => &mut s.response,
             None => match self.early.iter().position(|(s, _)| *s == id) {
