@@ -88,36 +88,50 @@ fn load(ns: &Netns, to: SocketAddr, threads: usize, until: Instant) -> usize {
     handles.into_iter().map(|h| h.join().unwrap()).sum()
 }
 
-#[test]
-fn a_tiny_budget_sheds_whole_connections_in_the_kernel() {
-    require_root();
-    let pair = Pair::new("cpub", 248);
-    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
-    let _live = TestServer::start(&pair.server, &[live_addr]);
-    let mirror = TestServer::start(&pair.server, &[MIRROR.parse().unwrap()]);
-    let agent = Agent::start(
-        &pair.server,
-        &[
-            "--iface",
-            "srv0",
-            "--port",
-            "8080",
-            "--mirror",
-            &format!("http://{MIRROR}"),
-            "--metrics",
-            METRICS,
-            "--cpu-budget",
-            "0.002",
-        ],
-    );
-    let made = load(
-        &pair.client,
-        live_addr,
-        4,
-        Instant::now() + Duration::from_secs(8),
-    );
-    let sent = made * PER_CONN;
-    // Mirrored requests settle.
+/// A live and a mirror server, and an agent with a budget far below what the load needs.
+struct Rig {
+    // Dropped in reverse order: the agent before the servers and namespaces.
+    _live: TestServer,
+    mirror: TestServer,
+    live_addr: SocketAddr,
+    pair: Pair,
+}
+
+impl Rig {
+    fn start(tag: &str, net: u8) -> (Rig, Agent) {
+        let pair = Pair::new(tag, net);
+        let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+        let live = TestServer::start(&pair.server, &[live_addr]);
+        let mirror = TestServer::start(&pair.server, &[MIRROR.parse().unwrap()]);
+        let agent = Agent::start(
+            &pair.server,
+            &[
+                "--iface",
+                "srv0",
+                "--port",
+                "8080",
+                "--mirror",
+                &format!("http://{MIRROR}"),
+                "--metrics",
+                METRICS,
+                "--cpu-budget",
+                "0.002",
+            ],
+        );
+        (
+            Rig {
+                _live: live,
+                mirror,
+                live_addr,
+                pair,
+            },
+            agent,
+        )
+    }
+}
+
+/// Waits (bounded) until the mirror stops receiving requests.
+fn wait_settled(mirror: &TestServer) {
     let mut last = 0;
     netlab::wait_until(Duration::from_secs(10), || {
         std::thread::sleep(Duration::from_millis(300));
@@ -126,6 +140,22 @@ fn a_tiny_budget_sheds_whole_connections_in_the_kernel() {
         last = n;
         settled
     });
+}
+
+#[test]
+fn a_tiny_budget_sheds_whole_connections_in_the_kernel() {
+    require_root();
+    let (rig, agent) = Rig::start("cpub", 248);
+    let (pair, live_addr, mirror) = (&rig.pair, rig.live_addr, &rig.mirror);
+    let made = load(
+        &pair.client,
+        live_addr,
+        4,
+        Instant::now() + Duration::from_secs(8),
+    );
+    let sent = made * PER_CONN;
+    // Mirrored requests settle.
+    wait_settled(mirror);
     let mut per_conn: HashMap<String, usize> = HashMap::new();
     for r in mirror.log() {
         let conn = r.target.split('/').nth(2).unwrap_or("").to_string();
@@ -176,37 +206,15 @@ fn a_tiny_budget_sheds_whole_connections_in_the_kernel() {
 #[test]
 fn sustained_overload_drops_admitted_connections_for_good() {
     require_root();
-    let pair = Pair::new("cpul", 249);
-    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
-    let _live = TestServer::start(&pair.server, &[live_addr]);
-    let mirror = TestServer::start(&pair.server, &[MIRROR.parse().unwrap()]);
-    let agent = Agent::start(
-        &pair.server,
-        &[
-            "--iface",
-            "srv0",
-            "--port",
-            "8080",
-            "--mirror",
-            &format!("http://{MIRROR}"),
-            "--cpu-budget",
-            "0.002",
-        ],
-    );
+    let (rig, agent) = Rig::start("cpul", 249);
+    let (pair, live_addr, mirror) = (&rig.pair, rig.live_addr, &rig.mirror);
     let sent = long_lived(
         &pair.client,
         live_addr,
         4,
         Instant::now() + Duration::from_secs(9),
     );
-    let mut last = 0;
-    netlab::wait_until(Duration::from_secs(10), || {
-        std::thread::sleep(Duration::from_millis(300));
-        let n = mirror.requests();
-        let settled = n == last;
-        last = n;
-        settled
-    });
+    wait_settled(mirror);
     let mut got: HashMap<usize, Vec<usize>> = HashMap::new();
     for r in mirror.log() {
         let mut parts = r.target.split('/').skip(2);
