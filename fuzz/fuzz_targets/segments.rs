@@ -38,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
         let server = "10.0.0.2:80".parse().unwrap();
         let flow = if who & 0x80 == 0 { FlowKey { src: client, dst: server } } else { FlowKey { src: server, dst: client } };
         ts += (who as u64 >> 3 & 0xf) * 100;
-        x.feed([&Segment { flow, seq, ack: seq.rotate_left(16), flags, payload, ts }]);
+        x.feed([&Segment { flow, seq, ack: seq.rotate_left(16), flags, payload, elided: 0, ts }]);
         if who & 0x40 != 0 {
             x.r.tick(ts);
         }

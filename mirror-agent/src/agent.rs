@@ -105,7 +105,7 @@ impl Agent {
             .map(|(r, _)| Replayer::start(r.clone(), rt, outcome_tx));
 
         // Capture: the program is attached and cloning from here on.
-        let (capture, segments) = Capture::start(&cfg.capture)?;
+        let (mut capture, segments) = Capture::start(&cfg.capture)?;
         if let Some((_, mirror)) = &cfg.replay {
             check_no_loop(&capture, &cfg.capture, *mirror)?;
         }
@@ -114,6 +114,7 @@ impl Agent {
         let pipeline_stats = Arc::new(Mutex::new(PipelineStats::default()));
         let sender = replay.as_ref().map(|(r, _)| r.clone());
         let live = comparison.clone();
+        let mut full_responses = capture.take_full_responses();
         let pipeline = {
             let (cfg, stats) = (cfg.pipeline.clone(), Arc::clone(&pipeline_stats));
             std::thread::Builder::new()
@@ -126,6 +127,13 @@ impl Agent {
                             }
                         }
                         HttpEvent::Response(m) => live.live(&m),
+                        HttpEvent::FullResponses { client, server } => {
+                            if let Some(full) = full_responses.as_mut() {
+                                if let Err(e) = full.insert(client, server) {
+                                    log::debug!("asking {client} <-> {server} whole: {e:#}");
+                                }
+                            }
+                        }
                     })
                 })?
         };

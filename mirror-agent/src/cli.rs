@@ -89,6 +89,14 @@ pub struct AttachArgs {
     #[arg(long)]
     pub no_responses: bool,
 
+    /// How the live service's responses reach the agent. `heads`: the kernel describes each
+    /// response segment (flow, sequence, length and its first 256 bytes) instead of cloning
+    /// it, and clones whole only the connections that need it (HTTP/2, chunked bodies), which
+    /// spares the live path the cost of cloning response bodies. `full`: clone every response
+    /// segment (`--dump` implies it).
+    #[arg(long, value_enum, default_value_t = ResponseCapture::Heads)]
+    pub response_capture: ResponseCapture,
+
     /// Percentage of TCP connections to mirror, decided per connection in the kernel.
     #[arg(long, default_value_t = 100.0, value_parser = parse_percent)]
     pub sample: f64,
@@ -223,4 +231,11 @@ fn parse_cores(s: &str) -> Result<f64, String> {
         Ok(c) if c > 0.0 && c.is_finite() => Ok(c),
         _ => Err(format!("{s:?}: give a number of cores above 0, e.g. 0.5")),
     }
+}
+
+/// See `--response-capture`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ResponseCapture {
+    Heads,
+    Full,
 }

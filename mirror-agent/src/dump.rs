@@ -100,6 +100,11 @@ impl StreamHandler for FlowRecorder {
         c.dirs[dir as usize].bytes.extend_from_slice(data);
     }
 
+    /// `--dump` captures responses whole; a described segment shows as a gap.
+    fn elided(&mut self, c: &mut ConnRecord, _: &ConnInfo, dir: Direction, _: u64, _: TimestampNs) {
+        c.dirs[dir as usize].gaps += 1;
+    }
+
     fn gap(&mut self, c: &mut ConnRecord, _: &ConnInfo, dir: Direction, _: u64, _: TimestampNs) {
         c.dirs[dir as usize].gaps += 1;
     }

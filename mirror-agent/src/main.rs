@@ -14,7 +14,7 @@ use mirror_agent::budget;
 use mirror_agent::capture::netdev;
 use mirror_agent::capture::ring::RingConfig;
 use mirror_agent::capture::{CaptureConfig, Hook, MatchConfig, Target};
-use mirror_agent::cli::{AttachArgs, Cli, Command, ReportArgs, ReportFormat};
+use mirror_agent::cli::{AttachArgs, Cli, Command, ReportArgs, ReportFormat, ResponseCapture};
 use mirror_agent::compare::{self, format_table, CompareConfig, Report};
 use mirror_agent::http::HttpConfig;
 use mirror_agent::pipeline::PipelineConfig;
@@ -111,6 +111,8 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
     let cpu_budget = args
         .cpu_budget
         .or_else(|| mirror_agent::cpu_budget::cgroup_cpu_limit(std::path::Path::new("/")));
+    // A dump shows the streams as they crossed the wire, response bodies included.
+    let response_heads = args.response_capture == ResponseCapture::Heads && args.dump.is_none();
     let capture = CaptureConfig {
         targets,
         matching: MatchConfig {
@@ -119,6 +121,7 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
             addr_filter: !addrs.is_empty() || args.selector.is_some(),
             addrs,
             responses: !args.no_responses,
+            response_heads,
             sample_ppm: (args.sample * 10_000.0).round() as u32,
             sticky_sampling: cpu_budget.is_some(),
         },
@@ -177,6 +180,7 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
         },
         http: HttpConfig {
             track_responses: !args.no_responses,
+            response_heads,
             max_buffered_bytes: plan.http_buffered_bytes,
             ..HttpConfig::default()
         },

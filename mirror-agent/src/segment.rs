@@ -79,8 +79,6 @@ impl fmt::Display for TcpFlags {
 /// Capture time, nanoseconds since the Unix epoch (the kernel's receive timestamp).
 pub type TimestampNs = u64;
 
-/// A TCP segment handed from the capture stage to reassembly.
-///
 /// A TCP sequence number. Arithmetic wraps at 2^32, and the distance between two numbers is
 /// signed (RFC 9293 3.4): numbers up to 2^31 ahead are after, the rest before. The wraparound
 /// stays here, as in smoltcp's `wire::tcp::SeqNumber`.
@@ -112,6 +110,8 @@ impl Segment {
     }
 }
 
+/// A TCP segment handed from the capture stage to reassembly.
+///
 /// `payload` is a zero-copy view into the capture ring: the ring block it points into is returned
 /// to the kernel only when every view of it is dropped. Consumers copy what they keep.
 #[derive(Clone, Debug)]
@@ -121,7 +121,21 @@ pub struct Segment {
     pub ack: u32,
     pub flags: TcpFlags,
     pub payload: Bytes,
+    /// Payload bytes after `payload` that were not captured (a response segment described by
+    /// its head only): they occupy sequence space, but their content is unknown.
+    pub elided: u32,
     pub ts: TimestampNs,
+}
+
+impl Segment {
+    /// Sequence space the payload occupies, captured or not.
+    pub fn len(&self) -> usize {
+        self.payload.len() + self.elided as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Why a captured frame did not yield a segment.
@@ -206,7 +220,45 @@ pub fn parse_frame(frame: &Bytes, ts: TimestampNs) -> Result<Segment, FrameError
         ack: tcp.acknowledgment_number(),
         flags,
         payload: frame.slice_ref(tcp.payload()),
+        elided: 0,
         ts,
+    })
+}
+
+/// Turns a kernel response-head record into a segment whose payload is the head's bytes and
+/// whose `elided` part is the rest. `bytes` holds the record; `realtime_offset_ns` takes its
+/// monotonic timestamp to the capture clock.
+pub fn parse_head_record(bytes: &Bytes, realtime_offset_ns: i64) -> Result<Segment, FrameError> {
+    use mirror_common::{ResponseHead, HEAD_BYTES};
+    if bytes.len() < std::mem::size_of::<ResponseHead>() {
+        return Err(FrameError::Malformed);
+    }
+    // SAFETY: the length is checked, ResponseHead is plain data valid for any bytes, and the
+    // read is unaligned.
+    let rec: ResponseHead = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let head_len = rec.head_len as usize;
+    if head_len > HEAD_BYTES || head_len > rec.payload_len as usize {
+        return Err(FrameError::Malformed);
+    }
+    let addr = |a: [u8; 16]| -> Result<IpAddr, FrameError> {
+        match rec.ip_version {
+            4 => Ok(Ipv6Addr::from(a).to_canonical()),
+            6 => Ok(Ipv6Addr::from(a).into()),
+            _ => Err(FrameError::Malformed),
+        }
+    };
+    let at = std::mem::offset_of!(ResponseHead, head);
+    Ok(Segment {
+        flow: FlowKey {
+            src: SocketAddr::new(addr(rec.src)?, rec.sport),
+            dst: SocketAddr::new(addr(rec.dst)?, rec.dport),
+        },
+        seq: rec.seq,
+        ack: rec.ack,
+        flags: TcpFlags::from_bits(rec.tcp_flags),
+        payload: bytes.slice(at..at + head_len),
+        elided: rec.payload_len - head_len as u32,
+        ts: (rec.ts_ns as i64).saturating_add(realtime_offset_ns).max(0) as u64,
     })
 }
 

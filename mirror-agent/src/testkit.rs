@@ -53,6 +53,7 @@ impl Conversation {
             ack,
             flags,
             payload: Bytes::copy_from_slice(data),
+            elided: 0,
             ts: self.ts,
         }
     }
@@ -119,6 +120,21 @@ impl Conversation {
         self.seg(true, self.client_seq, TcpFlags::RST, b"")
     }
 
+    /// Server data as the kernel describes it with `--response-capture heads`: each
+    /// segment's first `HEAD_BYTES` of payload, the rest elided.
+    pub fn server_heads(&mut self, data: &[u8], mss: usize) -> Vec<Segment> {
+        let segs = self.server_data(data, mss);
+        segs.into_iter()
+            .map(|mut s| {
+                if s.flow.src == self.server && s.payload.len() > mirror_common::HEAD_BYTES {
+                    s.elided = (s.payload.len() - mirror_common::HEAD_BYTES) as u32;
+                    s.payload.truncate(mirror_common::HEAD_BYTES);
+                }
+                s
+            })
+            .collect()
+    }
+
     pub fn advance(&mut self, ns: u64) {
         self.ts += ns;
     }
@@ -131,6 +147,8 @@ pub struct Extract {
     pub requests: Vec<h1::Request>,
     pub h2_requests: Vec<h2::Request>,
     pub responses: Vec<ResponseMeta>,
+    /// Connections whose responses the parse stage asked for whole.
+    pub full_responses: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
 }
 
 impl Extract {
@@ -150,6 +168,7 @@ impl Extract {
             requests: Vec::new(),
             h2_requests: Vec::new(),
             responses: Vec::new(),
+            full_responses: Vec::new(),
         }
     }
 
@@ -173,6 +192,9 @@ impl Extract {
                 HttpEvent::Request(Request::H1(r)) => self.requests.push(r),
                 HttpEvent::Request(Request::H2(r)) => self.h2_requests.push(r),
                 HttpEvent::Response(m) => self.responses.push(m),
+                HttpEvent::FullResponses { client, server } => {
+                    self.full_responses.push((client, server))
+                }
             }
         }
     }

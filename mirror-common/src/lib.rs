@@ -12,12 +12,21 @@ pub const MAP_LIVE_PORTS: &str = "LIVE_PORTS";
 pub const MAP_LIVE_ADDRS: &str = "LIVE_ADDRS";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_DECISIONS: &str = "DECISIONS";
+pub const MAP_RESPONSE_HEADS: &str = "RESPONSE_HEADS";
+pub const MAP_FULL_RESPONSES: &str = "FULL_RESPONSES";
 
 /// Upper bounds of the maps the agent fills.
 pub const MAX_LIVE_PORTS: u32 = 64;
 pub const MAX_LIVE_ADDRS: u32 = 4096;
 /// Connections whose sampling decision the kernel remembers (least recently used go first).
 pub const MAX_DECISIONS: u32 = 65_536;
+/// Connections whose responses are cloned whole although heads are the default.
+pub const MAX_FULL_RESPONSES: u32 = 65_536;
+/// Bytes of the `RESPONSE_HEADS` ring buffer (a power of two, a multiple of the page size):
+/// about 13k records, 40 ms of 20k responses/s with 16 segments each still to read.
+pub const RESPONSE_HEADS_RING_BYTES: u32 = 4 << 20;
+/// Payload bytes a response head record carries: a status line and typical headers.
+pub const HEAD_BYTES: usize = 256;
 
 /// The program clones nothing until the agent has written a config with this flag.
 pub const FLAG_ENABLED: u32 = 1 << 0;
@@ -28,6 +37,10 @@ pub const FLAG_ADDR_FILTER: u32 = 1 << 2;
 /// Decide each connection's sampling once, at its first packet seen, and remember it in
 /// `DECISIONS`: a change of `sample_ppm` then admits or sheds new connections only.
 pub const FLAG_STICKY_SAMPLING: u32 = 1 << 3;
+/// With `FLAG_RESPONSES`: describe response segments in `RESPONSE_HEADS` records (flow,
+/// sequence, length, flags and the first `HEAD_BYTES`) instead of cloning them, except on
+/// connections listed in `FULL_RESPONSES`.
+pub const FLAG_RESPONSE_HEADS: u32 = 1 << 4;
 
 /// `sample_ppm` value that mirrors every flow.
 pub const SAMPLE_ALL: u32 = 1_000_000;
@@ -47,6 +60,33 @@ pub struct MirrorConfig {
     /// (in parts per million) are dropped for the rest of their life. `SAMPLE_ALL` (or 0, an
     /// unset config) keeps them all; lowered only when the agent must shed load it admitted.
     pub keep_admitted_ppm: u32,
+}
+
+/// One response segment described instead of cloned (`FLAG_RESPONSE_HEADS`): everything the
+/// agent needs to time a response, read its status and frame the stream, without the body.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ResponseHead {
+    /// Source and destination addresses, IPv4 mapped as `::ffff:a.b.c.d`.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    /// TCP flags byte (FIN, SYN, RST, PSH, ACK, ...).
+    pub tcp_flags: u8,
+    /// 4 or 6.
+    pub ip_version: u8,
+    /// Bytes of `head` that hold payload: `min(payload_len, HEAD_BYTES)`.
+    pub head_len: u16,
+    pub seq: u32,
+    pub ack: u32,
+    /// TCP payload bytes of the segment, of which `head` holds the first `head_len`.
+    pub payload_len: u32,
+    pub _pad: u32,
+    /// CLOCK_MONOTONIC nanoseconds when the program saw the segment.
+    pub ts_ns: u64,
+    pub head: [u8; HEAD_BYTES],
 }
 
 /// Key of `LIVE_ADDRS`: an IPv6 address, or an IPv4 address mapped as `::ffff:a.b.c.d`.
@@ -74,7 +114,8 @@ impl AddrKey {
 }
 
 /// Indices of the per-CPU `COUNTERS` array. Every packet the program sees lands in `Seen` and in
-/// exactly one outcome: `Cloned`, `CloneErrors`, or one of the `Skip*` reasons.
+/// exactly one outcome: `Cloned`, `CloneErrors`, `HeadRecorded`, `HeadRingFull`, or one of the
+/// `Skip*` reasons.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
@@ -100,9 +141,14 @@ pub enum Counter {
     /// (`is_request_start`). The agent counts the same on what it receives: the difference is
     /// the requests whose first segment was lost between the clone and the agent.
     ClonedRequestStarts,
+    /// Response segments described by a `RESPONSE_HEADS` record instead of a clone.
+    HeadRecorded,
+    /// Response segments whose record did not fit: the ring buffer was full. The agent sees
+    /// the hole in the stream and counts the bytes lost.
+    HeadRingFull,
 }
 
-pub const COUNTER_COUNT: u32 = Counter::ClonedRequestStarts as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::HeadRingFull as u32 + 1;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -122,6 +168,8 @@ impl Counter {
         Counter::SkipSampledOut,
         Counter::SkipNoPayload,
         Counter::ClonedRequestStarts,
+        Counter::HeadRecorded,
+        Counter::HeadRingFull,
     ];
 
     /// Stable snake_case name, used in metrics labels and dumps.
@@ -143,6 +191,8 @@ impl Counter {
             Counter::SkipSampledOut => "skip_sampled_out",
             Counter::SkipNoPayload => "skip_no_payload",
             Counter::ClonedRequestStarts => "cloned_request_starts",
+            Counter::HeadRecorded => "head_recorded",
+            Counter::HeadRingFull => "head_ring_full",
         }
     }
 }
@@ -203,4 +253,5 @@ mod user {
     // SAFETY: plain #[repr(C)] data with no padding-sensitive invariants.
     unsafe impl aya::Pod for MirrorConfig {}
     unsafe impl aya::Pod for AddrKey {}
+    unsafe impl aya::Pod for ResponseHead {}
 }

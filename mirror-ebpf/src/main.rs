@@ -2,21 +2,35 @@
 //!
 //! The live packet is never changed, delayed or dropped: every path returns `TC_ACT_OK`.
 //! Each packet is counted once in `Seen` and once in exactly one outcome (cloned, clone error,
-//! or a skip reason), so userspace can account for every packet.
+//! head recorded, ring full, or a skip reason), so userspace can account for every packet.
+//!
+//! Requests are cloned whole: they are replayed byte for byte. Responses are only timed and
+//! their status read, so by default (`FLAG_RESPONSE_HEADS`) a response segment is not cloned
+//! but described in a `RESPONSE_HEADS` ring-buffer record: flow, sequence and acknowledgement
+//! numbers, payload length, flags and the first `HEAD_BYTES` of payload. A clone costs an skb
+//! clone, a veth transmit, a second pass through the receive path and a copy of the whole
+//! segment (64 KB with GSO) into the capture ring, in the live path's softirq; a record costs a
+//! 320-byte copy. The agent frames the response stream from the records (a status line and
+//! `Content-Length` are in the head; the body is skipped by length). Where that is not enough
+//! (chunked bodies, HTTP/2, heads longer than `HEAD_BYTES`), the agent lists the connection in
+//! `FULL_RESPONSES`, and its response segments are cloned whole from then on.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::TC_ACT_OK,
     macros::{classifier, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    helpers::bpf_skb_load_bytes,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
+    EbpfContext,
 };
 use aya_log_ebpf::debug;
 use mirror_common::{
-    flow_hash, is_request_start, AddrKey, Counter, MirrorConfig, COUNTER_COUNT, FLAG_ADDR_FILTER,
-    FLAG_ENABLED, FLAG_RESPONSES, FLAG_STICKY_SAMPLING, MAX_DECISIONS, MAX_LIVE_ADDRS,
-    MAX_LIVE_PORTS, REQUEST_START_LEN, SAMPLE_ALL,
+    flow_hash, is_request_start, AddrKey, Counter, MirrorConfig, ResponseHead, COUNTER_COUNT,
+    FLAG_ADDR_FILTER, FLAG_ENABLED, FLAG_RESPONSES, FLAG_RESPONSE_HEADS, FLAG_STICKY_SAMPLING,
+    HEAD_BYTES, MAX_DECISIONS, MAX_FULL_RESPONSES, MAX_LIVE_ADDRS, MAX_LIVE_PORTS,
+    REQUEST_START_LEN, RESPONSE_HEADS_RING_BYTES, SAMPLE_ALL,
 };
 use network_types::{
     eth::EthHdr,
@@ -44,6 +58,20 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT,
 /// collisions share a decision, which is harmless.
 #[map]
 static DECISIONS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(MAX_DECISIONS, 0);
+
+/// Response segments described instead of cloned (`FLAG_RESPONSE_HEADS`).
+#[map]
+static RESPONSE_HEADS: RingBuf = RingBuf::with_byte_size(RESPONSE_HEADS_RING_BYTES, 0);
+
+/// Connections (by flow hash) whose responses the agent needs whole: cloned, not described.
+#[map]
+static FULL_RESPONSES: LruHashMap<u32, u8> = LruHashMap::with_max_entries(MAX_FULL_RESPONSES, 0);
+
+/// `bpf_ringbuf_submit` flags: no wake-up per record (one costs more than a clone on a VM);
+/// the agent polls every few milliseconds, and is woken when the ring is half full.
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -79,6 +107,12 @@ struct Tuple {
     pure_ack: bool,
     /// Offset of the TCP payload in the packet.
     payload_at: usize,
+    /// TCP payload bytes.
+    payload_len: usize,
+    seq: u32,
+    ack: u32,
+    tcp_flags: u8,
+    ip_version: u8,
 }
 
 /// Decides and, when it matches, clones. Returns the outcome counter.
@@ -119,6 +153,16 @@ fn mirror(ctx: &TcContext) -> Counter {
     if tuple.pure_ack {
         return Counter::SkipNoPayload;
     }
+    // SYN, FIN and RST are cloned: they travel the same path as the requests, so that the
+    // agent sees a connection's opening and end in order with its requests. Records reach it
+    // a few milliseconds later; reassembly orders data by sequence number.
+    if is_response
+        && cfg.flags & FLAG_RESPONSE_HEADS != 0
+        && tuple.tcp_flags & TCP_FIN_SYN_RST == 0
+        && !full_responses(&tuple)
+    {
+        return record_head(ctx, &tuple);
+    }
     // Flags 0: the clone leaves through the mirror interface's egress, so its veth peer
     // receives it, where the agent's AF_PACKET socket reads it.
     match ctx.clone_redirect(cfg.mirror_ifindex, 0) {
@@ -129,6 +173,12 @@ fn mirror(ctx: &TcContext) -> Counter {
                 if let Ok(head) = ctx.load::<[u8; REQUEST_START_LEN]>(tuple.payload_at) {
                     if is_request_start(&head) {
                         count(Counter::ClonedRequestStarts);
+                    } else if &head == b"PRI " && cfg.flags & FLAG_RESPONSE_HEADS != 0 {
+                        // The HTTP/2 preface: heads cannot follow HPACK and interleaved
+                        // frames, so this connection's responses are cloned whole from the
+                        // start, before the agent could ask.
+                        let hash = flow_hash(&tuple.src, &tuple.dst, tuple.sport, tuple.dport);
+                        let _ = FULL_RESPONSES.insert(&hash, &1, 0);
                     }
                 }
             }
@@ -142,6 +192,59 @@ fn mirror(ctx: &TcContext) -> Counter {
             Counter::CloneErrors
         }
     }
+}
+
+/// Whether the agent asked for this connection's responses whole.
+#[inline(always)]
+fn full_responses(t: &Tuple) -> bool {
+    let hash = flow_hash(&t.src, &t.dst, t.sport, t.dport);
+    // SAFETY: a plain read of a u8 value.
+    unsafe { FULL_RESPONSES.get(&hash) }.is_some()
+}
+
+/// Describes a response segment in a `RESPONSE_HEADS` record.
+#[inline(always)]
+fn record_head(ctx: &TcContext, t: &Tuple) -> Counter {
+    let wake = if RESPONSE_HEADS.query(BPF_RB_AVAIL_DATA) > (RESPONSE_HEADS_RING_BYTES / 2) as u64 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    let Some(mut entry) = RESPONSE_HEADS.reserve::<ResponseHead>(0) else {
+        return Counter::HeadRingFull;
+    };
+    let rec = entry.as_mut_ptr();
+    // Length arithmetic in u64 and a kept zero test: the verifier must see 1..=HEAD_BYTES.
+    let n = core::hint::black_box(if (t.payload_len as u64) < HEAD_BYTES as u64 {
+        t.payload_len as u64
+    } else {
+        HEAD_BYTES as u64
+    });
+    // SAFETY: `rec` points at a reserved, writable `ResponseHead`; fields are written one by one
+    // (the head bytes by the helper, at most `HEAD_BYTES` of them).
+    unsafe {
+        if n > 0 && n <= HEAD_BYTES as u64 {
+            let head = core::ptr::addr_of_mut!((*rec).head).cast();
+            if bpf_skb_load_bytes(ctx.as_ptr(), t.payload_at as u32, head, n as u32) != 0 {
+                entry.discard(0);
+                return Counter::SkipUnreadable;
+            }
+        }
+        (*rec).src = t.src;
+        (*rec).dst = t.dst;
+        (*rec).sport = t.sport;
+        (*rec).dport = t.dport;
+        (*rec).tcp_flags = t.tcp_flags;
+        (*rec).ip_version = t.ip_version;
+        (*rec).head_len = n as u16;
+        (*rec).seq = t.seq;
+        (*rec).ack = t.ack;
+        (*rec).payload_len = t.payload_len as u32;
+        (*rec)._pad = 0;
+        (*rec).ts_ns = aya_ebpf::helpers::bpf_ktime_get_ns();
+    }
+    entry.submit(wake);
+    Counter::HeadRecorded
 }
 
 /// Whether the packet's connection is mirrored at the configured rate.
@@ -182,7 +285,7 @@ fn parse(ctx: &TcContext) -> Result<Tuple, Counter> {
     let eth: EthHdr = ctx.load(0).map_err(|_| Counter::SkipUnreadable)?;
     // `ip_len` counts the IP payload (TCP header and data); 0 when the IP header does not say
     // (BIG TCP super-packets), which is then taken as data.
-    let (src, dst, l4, ip_len) = match u16::from_be(eth.ether_type) {
+    let (src, dst, l4, ip_len, ip_version) = match u16::from_be(eth.ether_type) {
         ETH_P_IP => {
             let ip: Ipv4Hdr = ctx.load(EthHdr::LEN).map_err(|_| Counter::SkipUnreadable)?;
             if u16::from_be_bytes(ip.frags) & IPV4_FRAG_MASK != 0 {
@@ -200,6 +303,7 @@ fn parse(ctx: &TcContext) -> Result<Tuple, Counter> {
                 AddrKey::from_v4(ip.dst_addr).addr,
                 EthHdr::LEN + ihl,
                 (u16::from_be_bytes(ip.tot_len) as usize).saturating_sub(ihl),
+                4,
             )
         }
         ETH_P_IPV6 => {
@@ -216,6 +320,7 @@ fn parse(ctx: &TcContext) -> Result<Tuple, Counter> {
                 ip.dst_addr,
                 EthHdr::LEN + Ipv6Hdr::LEN,
                 u16::from_be_bytes(ip.payload_len) as usize,
+                6,
             )
         }
         _ => return Err(Counter::SkipNotIp),
@@ -223,6 +328,12 @@ fn parse(ctx: &TcContext) -> Result<Tuple, Counter> {
     // Ports, sequence and acknowledgement numbers, data offset and flags.
     let tcp: [u8; 14] = ctx.load(l4).map_err(|_| Counter::SkipUnreadable)?;
     let tcp_len = ((tcp[12] >> 4) as usize) * 4;
+    // The IP length, not the skb's: at ingress the skb may still hold Ethernet padding.
+    let payload_len = if ip_len != 0 {
+        ip_len.saturating_sub(tcp_len)
+    } else {
+        (ctx.len() as usize).saturating_sub(l4 + tcp_len)
+    };
     Ok(Tuple {
         src,
         dst,
@@ -230,6 +341,11 @@ fn parse(ctx: &TcContext) -> Result<Tuple, Counter> {
         dport: u16::from_be_bytes([tcp[2], tcp[3]]),
         pure_ack: ip_len != 0 && ip_len <= tcp_len && tcp[13] & TCP_FIN_SYN_RST == 0,
         payload_at: l4 + tcp_len,
+        payload_len,
+        seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+        ack: u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]),
+        tcp_flags: tcp[13],
+        ip_version,
     })
 }
 

@@ -5,6 +5,7 @@
 //! agent exits, however it exits, that namespace dies and takes the veth pair with it, and tcx
 //! links die with the process: nothing is left cloning.
 
+pub mod heads;
 pub mod netdev;
 pub mod program;
 pub mod ring;
@@ -22,6 +23,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
 use mirror_common::{Counter, COUNTER_COUNT, PROGRAM_NAME};
 
+use self::heads::FullResponses;
 use self::program::KernelProgram;
 pub use self::program::{AttachMode, Hook, MatchConfig};
 use self::ring::{PacketRing, RingConfig};
@@ -59,6 +61,7 @@ impl Default for CaptureConfig {
                 addrs: Vec::new(),
                 addr_filter: false,
                 responses: true,
+                response_heads: false,
                 sample_ppm: mirror_common::SAMPLE_ALL,
                 sticky_sampling: false,
             },
@@ -73,7 +76,8 @@ impl Default for CaptureConfig {
 }
 
 /// Userspace capture counters. Every frame read from the ring ends in `segments` or in one
-/// `frame_errors` reason or in `truncated`.
+/// `frame_errors` reason or in `truncated`; every response-head record in `segments` or in one
+/// `frame_errors` reason.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct CaptureStats {
     pub frames: AtomicU64,
@@ -95,6 +99,8 @@ pub struct CaptureStats {
     pub requests_lost: AtomicU64,
     /// Segments read from the ring after the stop while the next stage was still full.
     pub dropped_at_stop: AtomicU64,
+    /// Response-head records read (`--response-capture heads`).
+    pub head_records: AtomicU64,
 }
 
 impl CaptureStats {
@@ -114,6 +120,9 @@ pub struct Capture {
     host_veth: String,
     stop: Arc<AtomicBool>,
     reader: Option<JoinHandle<()>>,
+    /// Reads the response-head records, when responses are described rather than cloned.
+    heads: Option<JoinHandle<()>>,
+    full_responses: Option<FullResponses>,
     stats: Arc<CaptureStats>,
     /// The kernel's `cloned_request_starts` at the previous `account_lost_requests`.
     kernel_request_starts: AtomicU64,
@@ -151,7 +160,7 @@ impl Capture {
         let (reader, ready) = spawn_reader(
             cfg.read_clones.then_some(cfg.ring),
             cfg.matching.clone(),
-            tx,
+            tx.clone(),
             Arc::clone(&stats),
             Arc::clone(&stop),
             host_veth.clone(),
@@ -162,6 +171,8 @@ impl Capture {
             host_veth: host_veth.clone(),
             stop,
             reader: Some(reader),
+            heads: None,
+            full_responses: None,
             stats,
             kernel_request_starts: AtomicU64::new(0),
             attached: Vec::new(),
@@ -180,6 +191,16 @@ impl Capture {
         let mut program = KernelProgram::load(cfg.ebpf_log)?;
         for t in &cfg.targets {
             capture.attach_target(&mut program, t)?;
+        }
+        if cfg.matching.responses && cfg.matching.response_heads {
+            // Read before the program is enabled, so that no record waits unread.
+            capture.heads = Some(heads::spawn_reader(
+                program.take_response_heads()?,
+                tx,
+                Arc::clone(&capture.stats),
+                Arc::clone(&capture.stop),
+            )?);
+            capture.full_responses = Some(program.take_full_responses()?);
         }
         program.configure(&cfg.matching, mirror_ifindex)?;
         capture.program_id = program.id()?;
@@ -298,6 +319,12 @@ impl Capture {
         &self.stats
     }
 
+    /// The kernel's list of connections whose responses are cloned whole, for the parse stage
+    /// (once; None unless responses are described by their heads).
+    pub fn take_full_responses(&mut self) -> Option<FullResponses> {
+        self.full_responses.take()
+    }
+
     /// Changes the share of new connections the kernel mirrors, and of admitted connections
     /// it keeps mirroring (a CPU budget's levers).
     pub fn set_sampling(&mut self, new_ppm: u32, keep_admitted_ppm: u32) -> Result<()> {
@@ -353,7 +380,10 @@ impl Capture {
             drop(program);
         }
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(reader) = self.reader.take() {
+        for reader in [self.reader.take(), self.heads.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = reader.join();
         }
         netdev::delete_link(&self.host_veth);
@@ -540,27 +570,8 @@ fn read_loop(
             log::error!("capture ring: {e}");
             break;
         }
-        if !batch.is_empty() {
-            stats
-                .segments
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            let mut pending = batch;
-            loop {
-                match tx.send_timeout(pending, Duration::from_millis(100)) {
-                    Ok(()) => break,
-                    Err(SendTimeoutError::Timeout(b)) => {
-                        stats.channel_full_waits.fetch_add(1, Ordering::Relaxed);
-                        if stop.load(Ordering::Relaxed) {
-                            stats
-                                .dropped_at_stop
-                                .fetch_add(b.len() as u64, Ordering::Relaxed);
-                            break;
-                        }
-                        pending = b;
-                    }
-                    Err(SendTimeoutError::Disconnected(_)) => return,
-                }
-            }
+        if !batch.is_empty() && !send_batch(tx, batch, stats, stop) {
+            return;
         }
         if last_stats.elapsed() >= Duration::from_millis(500) {
             accumulate_ring_stats(&ring, stats);
@@ -568,6 +579,36 @@ fn read_loop(
         }
     }
     accumulate_ring_stats(&ring, stats);
+}
+
+/// Hands a batch to the next stage, waiting while its channel is full (after the stop, a
+/// batch that cannot go is counted dropped). Returns false once the next stage is gone.
+fn send_batch(
+    tx: &Sender<SegmentBatch>,
+    batch: SegmentBatch,
+    stats: &CaptureStats,
+    stop: &AtomicBool,
+) -> bool {
+    stats
+        .segments
+        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+    let mut pending = batch;
+    loop {
+        match tx.send_timeout(pending, Duration::from_millis(100)) {
+            Ok(()) => return true,
+            Err(SendTimeoutError::Timeout(b)) => {
+                stats.channel_full_waits.fetch_add(1, Ordering::Relaxed);
+                if stop.load(Ordering::Relaxed) {
+                    stats
+                        .dropped_at_stop
+                        .fetch_add(b.len() as u64, Ordering::Relaxed);
+                    return true;
+                }
+                pending = b;
+            }
+            Err(SendTimeoutError::Disconnected(_)) => return false,
+        }
+    }
 }
 
 fn accumulate_ring_stats(ring: &PacketRing, stats: &CaptureStats) {

@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 
 use anyhow::{anyhow, bail, Context, Result};
-use aya::maps::{Array, HashMap, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::links::LinkOrder;
 use aya::programs::tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions};
 use aya::programs::{tc, SchedClassifier, TcAttachType};
@@ -11,8 +11,9 @@ use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
 use mirror_common::{
     AddrKey, Counter, MirrorConfig, COUNTER_COUNT, FLAG_ADDR_FILTER, FLAG_ENABLED, FLAG_RESPONSES,
-    FLAG_STICKY_SAMPLING, MAP_CONFIG, MAP_COUNTERS, MAP_LIVE_ADDRS, MAP_LIVE_PORTS, MAX_LIVE_ADDRS,
-    MAX_LIVE_PORTS, PROGRAM_NAME, SAMPLE_ALL,
+    FLAG_RESPONSE_HEADS, FLAG_STICKY_SAMPLING, MAP_CONFIG, MAP_COUNTERS, MAP_FULL_RESPONSES,
+    MAP_LIVE_ADDRS, MAP_LIVE_PORTS, MAP_RESPONSE_HEADS, MAX_LIVE_ADDRS, MAX_LIVE_PORTS,
+    PROGRAM_NAME, SAMPLE_ALL,
 };
 
 /// The kernel object, built by `cargo xtask build-ebpf` (see build.rs).
@@ -67,6 +68,9 @@ pub struct MatchConfig {
     /// and go, and no address must not mean every address.
     pub addr_filter: bool,
     pub responses: bool,
+    /// Describe response segments by their heads instead of cloning them (see the kernel
+    /// program); connections that need more are cloned whole on the parse stage's request.
+    pub response_heads: bool,
     /// Connections mirrored, in parts per million (the upper limit when a CPU budget lowers it).
     pub sample_ppm: u32,
     /// Decide each connection once and remember it (`FLAG_STICKY_SAMPLING`): needed when the
@@ -149,6 +153,9 @@ impl KernelProgram {
         let mut flags = FLAG_ENABLED;
         if m.responses {
             flags |= FLAG_RESPONSES;
+            if m.response_heads {
+                flags |= FLAG_RESPONSE_HEADS;
+            }
         }
         if m.filters_addrs() {
             flags |= FLAG_ADDR_FILTER;
@@ -194,6 +201,20 @@ impl KernelProgram {
                 .with_context(|| format!("detaching from {iface} {}", hook.name()))?;
         }
         Ok(())
+    }
+
+    /// The ring buffer of response-head records, to be read by one owner.
+    pub fn take_response_heads(&mut self) -> Result<RingBuf<MapData>> {
+        Ok(RingBuf::try_from(take_map(
+            &mut self.ebpf,
+            MAP_RESPONSE_HEADS,
+        )?)?)
+    }
+
+    /// The list of connections whose responses are cloned whole, to be filled by one owner.
+    pub fn take_full_responses(&mut self) -> Result<super::heads::FullResponses> {
+        let map = HashMap::try_from(take_map(&mut self.ebpf, MAP_FULL_RESPONSES)?)?;
+        Ok(super::heads::FullResponses::new(map))
     }
 
     /// Changes the share of new connections mirrored, and of admitted ones kept, while the
@@ -305,6 +326,11 @@ fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
         .program_mut(PROGRAM_NAME)
         .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the eBPF object"))?
         .try_into()?)
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
+    ebpf.take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map> {

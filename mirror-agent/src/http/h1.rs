@@ -209,6 +209,8 @@ pub struct H1Conn {
     h2c_upgrade: Option<u64>,
     /// Offset of `req.buf` from which frames are still looked for (see `find_frames`).
     frames_from: usize,
+    /// The connection's responses were asked for whole (`HttpEvent::FullResponses`).
+    pub(super) full_responses_asked: bool,
 }
 
 /// The earliest response held for a request that starts at `start` or later (a lower bound of
@@ -504,6 +506,12 @@ impl HttpExtractor {
                 return self.enter_body::<R>(c, info, ts);
             };
             head.framing = response_framing(head.framing, status, req.head);
+            if head.framing == Framing::Chunked {
+                // Chunk sizes are spread through the body: heads alone cannot frame it.
+                let mut asked = c.full_responses_asked;
+                self.ask_full_responses(&mut asked, info);
+                c.full_responses_asked = asked;
+            }
             if req.connect && (200..300).contains(&status) {
                 self.stop(c, StopReason::Connect);
                 return false;
@@ -842,6 +850,7 @@ impl HttpExtractor {
             switch: None,
             h2c_upgrade: None,
             frames_from: 0,
+            full_responses_asked: false,
         }
     }
 
@@ -894,6 +903,42 @@ impl HttpExtractor {
                 self.lose::<Server>(c, info, lost, ts);
             }
             Direction::ToClient => self.lose::<Client>(c, info, lost, ts),
+        }
+    }
+
+    /// `len` response bytes were described but not captured: skipped inside a body of known
+    /// length (or one that runs to the close); anywhere else the framing is lost.
+    pub(super) fn h1_elided(
+        &mut self,
+        c: &mut H1Conn,
+        info: &ConnInfo,
+        dir: Direction,
+        len: u64,
+        ts: TimestampNs,
+    ) {
+        if dir == Direction::ToServer {
+            // The kernel describes responses only; requests are always whole.
+            self.h1_gap(c, info, dir, len, ts);
+            return;
+        }
+        let p = &mut c.resp;
+        match &mut p.state {
+            State::Body(BodyDecoder::Length { remaining }) if len <= *remaining => {
+                *remaining -= len;
+                p.body_bytes += len;
+                if *remaining == 0 {
+                    self.finish_message::<Client>(c, info, ts);
+                }
+            }
+            State::Body(BodyDecoder::UntilClose) | State::Stopped => {}
+            State::Hunt => self.lose::<Client>(c, info, len, ts),
+            State::Head | State::Body(_) => {
+                self.stats.responses_unframed_heads += 1;
+                let mut asked = c.full_responses_asked;
+                self.ask_full_responses(&mut asked, info);
+                c.full_responses_asked = asked;
+                self.lose::<Client>(c, info, len, ts);
+            }
         }
     }
 

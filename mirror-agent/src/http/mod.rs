@@ -36,6 +36,9 @@ pub struct HttpConfig {
     pub max_pending: usize,
     /// Most bytes of each HTTP/2 connection's HPACK tables (one per direction).
     pub max_hpack_table: usize,
+    /// The capture describes response segments by their heads (`--response-capture heads`):
+    /// ask for a connection's responses whole where heads cannot frame them.
+    pub response_heads: bool,
 }
 
 impl Default for HttpConfig {
@@ -48,6 +51,7 @@ impl Default for HttpConfig {
             track_responses: true,
             max_pending: 256,
             max_hpack_table: 64 << 10,
+            response_heads: false,
         }
     }
 }
@@ -173,6 +177,12 @@ pub fn grpc_status(fields: &[(Bytes, Bytes)]) -> Option<u32> {
 pub enum HttpEvent {
     Request(Request),
     Response(ResponseMeta),
+    /// Response heads cannot frame this connection's responses (HTTP/2, chunked bodies,
+    /// heads longer than a record, responses sharing a segment): capture them whole.
+    FullResponses {
+        client: std::net::SocketAddr,
+        server: std::net::SocketAddr,
+    },
 }
 
 /// Why extraction stopped on a connection.
@@ -249,6 +259,12 @@ pub struct HttpStats {
     /// Of those, cut short (reset, loss, the connection's end, or a replay stage that could not
     /// keep up): the mirror's stream is reset, never ended as if whole.
     pub h2_streams_cut: u64,
+    /// Connections whose responses were asked for whole (see `HttpEvent::FullResponses`).
+    pub full_response_connections: u64,
+    /// Times response heads could not frame a response stream: bytes not captured fell where
+    /// framing needed them. Responses resync at the next status line, and requests waiting
+    /// for an answer then are counted in `unpaired_requests`.
+    pub responses_unframed_heads: u64,
     /// Gauge: request bytes buffered now.
     pub buffered_bytes: u64,
     /// Gauge: HTTP/2 streams tracked now, across connections.
@@ -325,6 +341,8 @@ impl HttpExtractor {
             streams: 0,
         };
         let handover = h1.hand_over();
+        let mut asked = h1.full_responses_asked;
+        self.ask_full_responses(&mut asked, info);
         self.account(before, Held::default());
         match how {
             Switch::Frames => self.stats.h2_joined_connections += 1,
@@ -343,6 +361,19 @@ impl HttpExtractor {
         }
         c.0 = Proto::H2(h2);
         self.account(Held::default(), c.held());
+    }
+
+    /// Asks the capture for the connection's responses whole, once.
+    fn ask_full_responses(&mut self, asked: &mut bool, info: &ConnInfo) {
+        if !self.cfg.response_heads || *asked {
+            return;
+        }
+        *asked = true;
+        self.stats.full_response_connections += 1;
+        self.events.push(HttpEvent::FullResponses {
+            client: info.client,
+            server: info.server,
+        });
     }
 
     fn h2_ctx<'a>(&'a mut self, info: &'a ConnInfo) -> h2::Ctx<'a> {
@@ -425,6 +456,29 @@ impl StreamHandler for HttpExtractor {
                 }
             }
             Proto::H2(h2) => h2.feed(&mut self.h2_ctx(info), dir, data, ts),
+        }
+        self.account(before, c.held());
+    }
+
+    fn elided(
+        &mut self,
+        c: &mut HttpConn,
+        info: &ConnInfo,
+        dir: Direction,
+        len: u64,
+        ts: TimestampNs,
+    ) {
+        if dir == Direction::ToClient && !self.cfg.track_responses {
+            return;
+        }
+        let before = c.held();
+        match &mut c.0 {
+            Proto::H1(h1) => self.h1_elided(h1, info, dir, len, ts),
+            Proto::H2(h2) => {
+                // Asked whole at the switch; these were described before the kernel knew.
+                self.stats.responses_unframed_heads += 1;
+                h2.gap(&mut self.h2_ctx(info), dir, len)
+            }
         }
         self.account(before, c.held());
     }

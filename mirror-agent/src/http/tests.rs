@@ -585,3 +585,127 @@ fn a_response_captured_before_its_request_is_paired_with_it() {
     let st = x.r.handler().stats();
     assert_eq!((st.early_responses, st.unpaired_responses), (2, 0));
 }
+
+/// Extraction with responses described by their heads (`--response-capture heads`).
+fn heads_extract() -> Extract {
+    Extract::with(
+        ReassemblyConfig {
+            server_ports: vec![80],
+            ..Default::default()
+        },
+        HttpConfig {
+            response_heads: true,
+            ..Default::default()
+        },
+    )
+}
+
+fn response_with_body(status: u16, len: usize) -> Vec<u8> {
+    let mut r = format!("HTTP/1.1 {status} X\r\nContent-Length: {len}\r\n\r\n").into_bytes();
+    r.extend(std::iter::repeat_n(b'b', len));
+    r
+}
+
+fn statuses(x: &Extract) -> Vec<(u64, u16)> {
+    x.responses
+        .iter()
+        .map(|r| (r.request_seq, r.status))
+        .collect()
+}
+
+#[test]
+fn heads_frame_length_delimited_responses_with_their_bodies_elided() {
+    let mut c = conv();
+    let mut segs = c.handshake();
+    for (i, len) in [16 << 10, 0, 3000].into_iter().enumerate() {
+        c.advance(1_000_000);
+        segs.extend(c.client_data(
+            format!("GET /{i} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes(),
+            1000,
+        ));
+        c.advance(2_000_000);
+        let resp = response_with_body(200 + i as u16, len);
+        let mut described = c.server_heads(&resp, 1400);
+        if described.len() > 4 {
+            // Out of order, and one retransmitted: still no loss.
+            described.swap(2, 3);
+            described.insert(4, described[1].clone());
+        }
+        segs.extend(described);
+    }
+    segs.extend(c.close());
+    let elided: u64 = segs.iter().map(|s| u64::from(s.elided)).sum();
+    let mut x = heads_extract();
+    x.feed(&segs);
+    x.finish(LATER);
+    assert_eq!(statuses(&x), [(0, 200), (1, 201), (2, 202)]);
+    assert!(x
+        .responses
+        .iter()
+        .all(|r| r.response_first_ts - r.request_last_ts == 2_000_000));
+    let r = x.r.stats();
+    assert_eq!(r.lost_bytes, 0);
+    assert_eq!(r.elided_bytes, elided);
+    assert!(elided > 15 << 10, "the bodies were elided: {r:?}");
+    assert_eq!(r.out_of_order_segments, 1);
+    let h = x.r.handler().stats();
+    assert_eq!((h.responses_unframed_heads, h.unpaired_requests), (0, 0));
+    assert!(x.full_responses.is_empty(), "nothing needed whole");
+}
+
+#[test]
+fn heads_ask_for_chunked_responses_whole_and_never_mispair() {
+    let mut c = conv();
+    let mut segs = c.handshake();
+    segs.extend(c.client_data(b"GET /chunked HTTP/1.1\r\nHost: h\r\n\r\n", 1000));
+    let mut chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..4 {
+        chunked.extend(b"400\r\n");
+        chunked.extend([b'c'; 0x400]);
+        chunked.extend(b"\r\n");
+    }
+    chunked.extend(b"0\r\n\r\n");
+    segs.extend(c.server_heads(&chunked, 1400));
+    // The kernel now clones this connection's responses whole.
+    segs.extend(c.client_data(b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n", 1000));
+    segs.extend(c.server_data(&response_with_body(404, 10), 1400));
+    segs.extend(c.close());
+    let mut x = heads_extract();
+    x.feed(&segs);
+    x.finish(LATER);
+    assert_eq!(x.full_responses, [(c.client, c.server)]);
+    assert_eq!(statuses(&x), [(0, 200), (1, 404)]);
+    assert_eq!(x.responses[1].target, "/next");
+    assert!(x.r.handler().stats().responses_unframed_heads >= 1);
+}
+
+#[test]
+fn heads_count_responses_they_cannot_see_and_never_shift_the_pairing() {
+    let mut c = conv();
+    let mut segs = c.handshake();
+    // Pipelined: the second response starts inside the first one's elided segment.
+    segs.extend(c.client_data(
+        b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n",
+        1000,
+    ));
+    let mut both = response_with_body(200, 600);
+    both.extend(response_with_body(500, 10));
+    segs.extend(c.server_heads(&both, 1400));
+    // A head longer than a record: its status is seen, its end is not.
+    segs.extend(c.client_data(b"GET /c HTTP/1.1\r\nHost: h\r\n\r\n", 1000));
+    let cookie = "x".repeat(400);
+    let long = format!("HTTP/1.1 201 OK\r\nSet-Cookie: {cookie}\r\nContent-Length: 2\r\n\r\nok");
+    segs.extend(c.server_heads(long.as_bytes(), 1400));
+    segs.extend(c.client_data(b"GET /d HTTP/1.1\r\nHost: h\r\n\r\n", 1000));
+    segs.extend(c.server_data(&response_with_body(203, 1), 1400));
+    segs.extend(c.close());
+    let mut x = heads_extract();
+    x.feed(&segs);
+    x.finish(LATER);
+    // /b and /c are never answered with someone else's status.
+    assert_eq!(statuses(&x), [(0, 200), (3, 203)]);
+    let h = x.r.handler().stats();
+    assert_eq!(h.responses_unframed_heads, 2);
+    assert_eq!(h.unpaired_requests, 2);
+    assert_eq!(x.full_responses, [(c.client, c.server)]);
+}

@@ -90,6 +90,16 @@ pub trait StreamHandler {
         ts: TimestampNs,
         ack: Option<u64>,
     );
+    /// `len` bytes at this point of the stream were sent but not captured, by design (a
+    /// response described by its head): they are not lost, but their content is unknown.
+    fn elided(
+        &mut self,
+        conn: &mut Self::Conn,
+        info: &ConnInfo,
+        dir: Direction,
+        len: u64,
+        ts: TimestampNs,
+    );
     /// `lost` bytes at this point of the stream will never arrive.
     fn gap(
         &mut self,
@@ -142,13 +152,16 @@ impl Default for ReassemblyConfig {
     }
 }
 
-/// Counters. Every payload byte handed in is delivered, a duplicate, held out of order, or
-/// discarded (it came after its connection closed); `lost_bytes` counts the sequence space
-/// never seen inside one connection (holes given up on, and what was missing before a FIN).
+/// Counters. Every payload byte handed in (captured or elided) is delivered, a duplicate, held
+/// out of order, or discarded (it came after its connection closed); `lost_bytes` counts the
+/// sequence space never seen inside one connection (holes given up on, and what was missing
+/// before a FIN).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ReassemblyStats {
     pub segments: u64,
     pub payload_bytes: u64,
+    /// Of `payload_bytes`, those described but not captured (response bodies).
+    pub elided_bytes: u64,
     pub delivered_bytes: u64,
     /// Bytes that arrived again (retransmissions, overlaps); the first copy was kept.
     pub duplicate_bytes: u64,
@@ -171,12 +184,61 @@ pub struct ReassemblyStats {
     pub superseded_without_syn: u64,
     /// Retransmitted SYNs (same initial sequence number): not a new connection.
     pub duplicate_syns: u64,
+    /// SYNs that arrived after their connection's first bytes (see `DirState::joined`).
+    pub late_syns: u64,
     /// Segments of a connection that has already closed (late retransmissions), and their
     /// payload bytes; ignored.
     pub after_close_segments: u64,
     pub discarded_bytes: u64,
     /// Gauge: out-of-order bytes held now.
     pub ooo_bytes_held: u64,
+}
+
+/// Part of a segment's payload: bytes captured, or a length whose bytes were not.
+#[derive(Clone, Copy)]
+enum Span<'a> {
+    Data(&'a [u8]),
+    Elided(u64),
+}
+
+impl Span<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            Span::Data(d) => d.len() as u64,
+            Span::Elided(n) => *n,
+        }
+    }
+
+    /// Bytes of memory it takes when held.
+    fn held(&self) -> usize {
+        match self {
+            Span::Data(d) => d.len(),
+            Span::Elided(_) => 0,
+        }
+    }
+
+    /// The part from `from` to `to` (offsets into the span).
+    fn slice(&self, from: u64, to: u64) -> Self {
+        match self {
+            Span::Data(d) => Span::Data(&d[from as usize..to as usize]),
+            Span::Elided(_) => Span::Elided(to - from),
+        }
+    }
+}
+
+/// A `Span` held out of order.
+enum Piece {
+    Data(Bytes),
+    Elided(u64),
+}
+
+impl Piece {
+    fn span(&self) -> Span<'_> {
+        match self {
+            Piece::Data(d) => Span::Data(d),
+            Piece::Elided(n) => Span::Elided(*n),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -188,7 +250,8 @@ struct DirState {
     /// Bytes delivered (or declared lost) so far: the stream offset of `next_seq`.
     delivered: u64,
     /// Out-of-order pieces keyed by stream offset; they never overlap.
-    ooo: BTreeMap<u64, Bytes>,
+    ooo: BTreeMap<u64, Piece>,
+    /// Bytes held in `ooo` (elided pieces hold none).
     ooo_bytes: usize,
     /// Stream offset of the FIN, once seen.
     fin_at: Option<u64>,
@@ -198,6 +261,10 @@ struct DirState {
     /// Joined mid-stream on a segment without payload: where the stream stands is only a
     /// guess until data (or a FIN) arrives, and bytes before that are not counted lost.
     provisional: bool,
+    /// Joined mid-stream: the sequence and acknowledgement numbers of the first segment seen.
+    /// They recognise this connection's own handshake when it arrives late (responses and
+    /// requests reach the agent by two paths: a server's first bytes can overtake the SYN).
+    joined: Option<(SeqNumber, SeqNumber)>,
 }
 
 impl DirState {
@@ -220,7 +287,7 @@ impl DirState {
         let ooo_end = self
             .ooo
             .last_key_value()
-            .map_or(0, |(k, v)| k + v.len() as u64);
+            .map_or(0, |(k, v)| k + v.span().len());
         let high = ooo_end.max(self.fin_at.unwrap_or(0)).max(self.delivered);
         Some(next + (high - self.delivered) as usize)
     }
@@ -237,7 +304,7 @@ impl DirState {
         let at = self.delivered as i64 + rel;
         let past_fin = self
             .fin_at
-            .is_some_and(|f| at > f as i64 || (at == f as i64 && !seg.payload.is_empty()));
+            .is_some_and(|f| at > f as i64 || (at == f as i64 && !seg.is_empty()));
         let acks_unseen = seg.flags.contains(TcpFlags::ACK)
             && peer.highest_seq().is_some_and(|h| seg.ack() - h > 0);
         past_fin || rel.unsigned_abs() > max_jump as u64 || (rel > 0 && acks_unseen)
@@ -367,7 +434,8 @@ impl<H: StreamHandler> Reassembler<H> {
 
     pub fn process(&mut self, seg: &Segment) {
         self.stats.segments += 1;
-        self.stats.payload_bytes += seg.payload.len() as u64;
+        self.stats.payload_bytes += seg.len() as u64;
+        self.stats.elided_bytes += u64::from(seg.elided);
         let key = conn_key(seg);
         let is_syn = seg.flags.contains(TcpFlags::SYN);
         let tracked = self
@@ -383,7 +451,7 @@ impl<H: StreamHandler> Reassembler<H> {
             if let Some(ended) = self.closed.peek(&key) {
                 if !is_syn && !ended.is_new_connection(seg, self.cfg.max_seq_jump) {
                     self.stats.after_close_segments += 1;
-                    self.stats.discarded_bytes += seg.payload.len() as u64;
+                    self.stats.discarded_bytes += seg.len() as u64;
                     return;
                 }
                 if !is_syn {
@@ -421,11 +489,18 @@ impl<H: StreamHandler> Reassembler<H> {
                 d.next_seq = Some(seg.seq() + 1);
             } else {
                 d.next_seq = Some(seg.seq());
-                d.provisional = seg.payload.is_empty() && !seg.flags.contains(TcpFlags::FIN);
+                d.provisional = seg.is_empty() && !seg.flags.contains(TcpFlags::FIN);
+                d.joined = seg
+                    .flags
+                    .contains(TcpFlags::ACK)
+                    .then(|| (seg.seq(), seg.ack()));
                 stats.midstream_joins += 1;
             }
             handler.start(&mut flow.conn, &flow.info, dir, is_syn);
-        } else if d.provisional && (!seg.payload.is_empty() || seg.flags.contains(TcpFlags::FIN)) {
+        } else if is_syn && d.isn.is_none() {
+            // A late SYN-ACK (`late_handshake`): its retransmissions are duplicates.
+            d.isn = Some(seg.seq());
+        } else if d.provisional && (!seg.is_empty() || seg.flags.contains(TcpFlags::FIN)) {
             // The first bytes of a joined direction: the stream begins here for this agent,
             // like everything before the join.
             d.provisional = false;
@@ -449,9 +524,13 @@ impl<H: StreamHandler> Reassembler<H> {
             dir,
             ack,
         };
-        ctx.accept(d, data_seq, &seg.payload, seg.ts);
+        ctx.accept(d, data_seq, Span::Data(&seg.payload), seg.ts);
+        if seg.elided > 0 {
+            let at = data_seq + seg.payload.len();
+            ctx.accept(d, at, Span::Elided(seg.elided.into()), seg.ts);
+        }
         if seg.flags.contains(TcpFlags::FIN) {
-            let fin = offset_of(d, data_seq + seg.payload.len());
+            let fin = offset_of(d, data_seq + seg.len());
             if fin >= d.delivered as i64 {
                 if d.ooo.is_empty() && fin > d.delivered as i64 {
                     // A FIN beyond a hole waits like out-of-order data.
@@ -627,6 +706,10 @@ fn supersedes<C>(
             stats.duplicate_syns += 1;
             return None;
         }
+        if late_handshake(d, peer, seg, synack, from_client) {
+            stats.late_syns += 1;
+            return None;
+        }
         // A SYN opens its direction of a connection not yet under way; one from the wrong
         // side, or into a connection that already carries bytes, starts another.
         let opens = d.next_seq.is_none()
@@ -641,7 +724,7 @@ fn supersedes<C>(
         stats.superseded_by_syn += 1;
         return Some(if synack { seg.flow.dst } else { seg.flow.src });
     }
-    if seg.payload.is_empty() && !seg.flags.contains(TcpFlags::FIN) {
+    if seg.is_empty() && !seg.flags.contains(TcpFlags::FIN) {
         return None;
     }
     if d.foreign(seg, peer, max_jump) {
@@ -649,6 +732,26 @@ fn supersedes<C>(
         return Some(flow.info.client);
     }
     None
+}
+
+/// Whether a SYN (or SYN-ACK) is this connection's own, overtaken by the connection's first
+/// bytes: a SYN-ACK just before the server's first byte seen, or a client SYN whose next
+/// sequence number the server's first segment acknowledged.
+fn late_handshake(
+    d: &DirState,
+    peer: &DirState,
+    seg: &Segment,
+    synack: bool,
+    from_client: bool,
+) -> bool {
+    if synack {
+        !from_client && d.isn.is_none() && d.joined.is_some_and(|(seq, _)| seg.seq() + 1 == seq)
+    } else {
+        from_client
+            && d.next_seq.is_none()
+            && peer.isn.is_none()
+            && peer.joined.is_some_and(|(_, ack)| seg.seq() + 1 == ack)
+    }
 }
 
 /// Stream offset of `seq` relative to what was delivered (may be negative: already delivered).
@@ -671,38 +774,41 @@ struct DirCtx<'a, H: StreamHandler> {
 }
 
 impl<H: StreamHandler> DirCtx<'_, H> {
-    fn accept(&mut self, d: &mut DirState, seq: SeqNumber, payload: &[u8], ts: TimestampNs) {
-        if payload.is_empty() {
+    fn accept(&mut self, d: &mut DirState, seq: SeqNumber, span: Span<'_>, ts: TimestampNs) {
+        if span.len() == 0 {
             return;
         }
         let mut at = offset_of(d, seq);
-        let mut data = payload;
-        let end = at + data.len() as i64;
+        let mut span = span;
+        let end = at + span.len() as i64;
         if end <= d.delivered as i64 {
-            self.stats.duplicate_bytes += data.len() as u64;
+            self.stats.duplicate_bytes += span.len();
             return;
         }
         if at < d.delivered as i64 {
-            let skip = (d.delivered as i64 - at) as usize;
-            self.stats.duplicate_bytes += skip as u64;
-            data = &data[skip..];
+            let skip = (d.delivered as i64 - at) as u64;
+            self.stats.duplicate_bytes += skip;
+            span = span.slice(skip, span.len());
             at = d.delivered as i64;
         }
         let at = at as u64;
         if at == d.delivered {
-            self.deliver(d, data, ts, self.ack);
+            self.deliver(d, span, ts, self.ack);
             self.drain(d, ts);
             return;
         }
-        self.stats.out_of_order_segments += 1;
+        if let Span::Data(_) = span {
+            // A segment's elided rest follows its data wherever the data goes: one count.
+            self.stats.out_of_order_segments += 1;
+        }
         if d.ooo.is_empty() {
             d.hole_since = ts;
         }
         // Make room, giving up on the oldest hole, until the new piece fits or is deliverable.
         loop {
-            let fits = d.ooo_bytes + data.len() <= self.cfg.max_ooo_bytes_per_dir
+            let fits = d.ooo_bytes + span.held() <= self.cfg.max_ooo_bytes_per_dir
                 && d.ooo.len() < self.cfg.max_ooo_segments_per_dir
-                && *self.ooo_total + data.len() <= self.cfg.max_ooo_bytes_total;
+                && *self.ooo_total + span.held() <= self.cfg.max_ooo_bytes_total;
             if fits {
                 break;
             }
@@ -714,23 +820,23 @@ impl<H: StreamHandler> DirCtx<'_, H> {
             }
         }
         if at <= d.delivered {
-            let skip = (d.delivered - at) as usize;
-            if skip < data.len() {
-                self.stats.duplicate_bytes += skip as u64;
-                self.deliver(d, &data[skip..], ts, self.ack);
+            let skip = d.delivered - at;
+            if skip < span.len() {
+                self.stats.duplicate_bytes += skip;
+                self.deliver(d, span.slice(skip, span.len()), ts, self.ack);
                 self.drain(d, ts);
             } else {
-                self.stats.duplicate_bytes += data.len() as u64;
+                self.stats.duplicate_bytes += span.len();
             }
             return;
         }
-        self.insert_ooo(d, at, data);
+        self.insert_ooo(d, at, span);
     }
 
-    /// Stores the parts of `data` at `at` that no buffered piece covers (first copy wins) and
-    /// counts overlaps whose bytes differ.
-    fn insert_ooo(&mut self, d: &mut DirState, at: u64, data: &[u8]) {
-        let end = at + data.len() as u64;
+    /// Stores the parts of `span` at `at` that no buffered piece covers (first copy wins) and
+    /// counts overlaps whose bytes differ (where both copies were captured).
+    fn insert_ooo(&mut self, d: &mut DirState, at: u64, span: Span<'_>) {
+        let end = at + span.len();
         let start_key = d
             .ooo
             .range(..=at)
@@ -740,26 +846,30 @@ impl<H: StreamHandler> DirCtx<'_, H> {
         let covered: Vec<(u64, u64)> = d
             .ooo
             .range(start_key..end)
-            .map(|(k, v)| (*k, k + v.len() as u64))
+            .map(|(k, v)| (*k, k + v.span().len()))
             .filter(|(_, e)| *e > at)
             .collect();
         let mut cursor = at;
         for (s, e) in covered.iter().copied().chain([(end, end)]) {
             if s > cursor {
-                let piece = &data[(cursor - at) as usize..(s.min(end) - at) as usize];
-                d.ooo.insert(cursor, Bytes::copy_from_slice(piece));
-                d.ooo_bytes += piece.len();
-                *self.ooo_total += piece.len();
+                let piece = match span.slice(cursor - at, s.min(end) - at) {
+                    Span::Data(d) => Piece::Data(Bytes::copy_from_slice(d)),
+                    Span::Elided(n) => Piece::Elided(n),
+                };
+                let held = piece.span().held();
+                d.ooo.insert(cursor, piece);
+                d.ooo_bytes += held;
+                *self.ooo_total += held;
             }
             if s < end {
-                // A buffered piece (not the end sentinel) overlaps the new data: compare.
+                // A buffered piece (not the end sentinel) overlaps the new span: compare.
                 let (os, oe) = (s.max(at), e.min(end));
-                let existing = &d.ooo[&s];
-                let a = &existing[(os - s) as usize..(oe - s) as usize];
-                let b = &data[(os - at) as usize..(oe - at) as usize];
                 self.stats.duplicate_bytes += oe - os;
-                if a != b {
-                    self.stats.overlap_conflicts += 1;
+                let existing = d.ooo[&s].span().slice(os - s, oe - s);
+                if let (Span::Data(a), Span::Data(b)) = (existing, span.slice(os - at, oe - at)) {
+                    if a != b {
+                        self.stats.overlap_conflicts += 1;
+                    }
                 }
             }
             cursor = cursor.max(e);
@@ -769,12 +879,17 @@ impl<H: StreamHandler> DirCtx<'_, H> {
         }
     }
 
-    fn deliver(&mut self, d: &mut DirState, data: &[u8], ts: TimestampNs, ack: Option<u64>) {
-        d.delivered += data.len() as u64;
-        d.next_seq = d.next_seq.map(|n| n + data.len());
-        self.stats.delivered_bytes += data.len() as u64;
-        self.handler
-            .data(self.conn, self.info, self.dir, data, ts, ack);
+    fn deliver(&mut self, d: &mut DirState, span: Span<'_>, ts: TimestampNs, ack: Option<u64>) {
+        let len = span.len();
+        d.delivered += len;
+        d.next_seq = d.next_seq.map(|n| n + len as usize);
+        self.stats.delivered_bytes += len;
+        match span {
+            Span::Data(data) => self
+                .handler
+                .data(self.conn, self.info, self.dir, data, ts, ack),
+            Span::Elided(n) => self.handler.elided(self.conn, self.info, self.dir, n, ts),
+        }
     }
 
     /// Delivers buffered pieces that have become contiguous.
@@ -785,11 +900,12 @@ impl<H: StreamHandler> DirCtx<'_, H> {
                 break;
             }
             let piece = entry.remove();
-            d.ooo_bytes -= piece.len();
-            *self.ooo_total -= piece.len();
-            let skip = (d.delivered - at) as usize;
-            if skip < piece.len() {
-                self.deliver(d, &piece[skip..], ts, None);
+            let span = piece.span();
+            d.ooo_bytes -= span.held();
+            *self.ooo_total -= span.held();
+            let skip = d.delivered - at;
+            if skip < span.len() {
+                self.deliver(d, span.slice(skip, span.len()), ts, None);
             }
         }
         if !d.ooo.is_empty() {

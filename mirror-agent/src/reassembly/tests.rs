@@ -275,3 +275,43 @@ proptest! {
         prop_assert_eq!(&got[got.len().saturating_sub(2)..], &[&last[0][..], &last[1][..]][..], "{:?} {:?}", got.iter().map(|g| String::from_utf8_lossy(g).into_owned()).collect::<Vec<_>>(), x.r.handler().stats());
     }
 }
+
+#[test]
+fn a_handshake_overtaken_by_the_servers_first_bytes_is_the_same_connection() {
+    // Responses described by records and requests cloned reach the agent by two paths: the
+    // server's greeting (an HTTP/2 SETTINGS frame, sent at accept) can arrive before the SYN.
+    let mut c = Conversation::new(CLIENT, SERVER, 1000, 90_000);
+    let mut hs = c.handshake();
+    let greeting = c.server_data(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00", 1400);
+    let rest = exchange_on(&mut c, 1);
+    let mut segs = greeting;
+    segs.append(&mut hs);
+    segs.extend(rest);
+    let mut x = extract();
+    x.feed(&segs);
+    x.finish(LATER);
+    let s = x.r.stats();
+    assert_eq!(
+        (s.connections, s.late_syns, s.superseded_by_syn),
+        (1, 2, 0),
+        "{s:?}"
+    );
+    assert_eq!(targets(&x), ["/conn/1"]);
+    assert_eq!(x.responses.len(), 1);
+    // A SYN that the first bytes did not acknowledge is another connection.
+    let mut other = Conversation::new(CLIENT, SERVER, 5000, 90_000);
+    let mut segs = other.server_data(b"late", 1400);
+    let mut stranger = Conversation::new(CLIENT, SERVER, 7000, 30_000);
+    segs.extend(stranger.handshake());
+    let mut x = extract();
+    x.feed(&segs);
+    assert_eq!(x.r.stats().superseded_by_syn, 1);
+}
+
+/// Request and response on a connection whose handshake is done.
+fn exchange_on(c: &mut Conversation, n: usize) -> Vec<Segment> {
+    let mut segs = c.client_data(&request(n), 1400);
+    segs.extend(c.server_data(response(), 1400));
+    segs.extend(c.close());
+    segs
+}
