@@ -3,6 +3,7 @@
 mod bench;
 mod bench_full;
 mod bench_h2;
+mod bench_responses;
 mod lab;
 mod prereq;
 
@@ -49,6 +50,9 @@ enum Task {
     /// Benchmark HTTP/2 mirroring next to HTTP/1.1: fidelity and agent CPU per request, h2load
     /// at a fixed rate (figures only).
     BenchH2(bench_h2::H2BenchArgs),
+    /// What capturing responses costs the live service with large responses: heads, whole
+    /// clones, none.
+    BenchResponses(bench_responses::ResponsesBenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -104,6 +108,12 @@ fn main() -> Result<()> {
             build_ebpf(&root)?;
             build_agent(&root)?;
             bench_h2::run(&root, &args)
+        }
+        Task::BenchResponses(args) => {
+            prereq::ensure_bench_tools()?;
+            build_ebpf(&root)?;
+            build_agent(&root)?;
+            bench_responses::run(&root, &args)
         }
     }
 }

@@ -64,7 +64,7 @@ fn realtime_offset_ns() -> i64 {
         };
         // SAFETY: clock_gettime writes one timespec.
         unsafe { libc::clock_gettime(clock, &mut ts) };
-        ts.tv_sec as i64 * 1_000_000_000 + ts.tv_nsec as i64
+        ts.tv_sec * 1_000_000_000 + ts.tv_nsec
     };
     read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC)
 }
