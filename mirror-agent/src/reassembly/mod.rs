@@ -134,6 +134,10 @@ pub struct ReassemblyConfig {
     /// has taken over the 4-tuple. Out-of-order data farther ahead than the per-direction cap
     /// could not be held anyway.
     pub max_seq_jump: u32,
+    /// How long a connection stays open after a RST for bytes sent before it that arrive
+    /// later (response heads reach the agent by a slower path than the RST's clone). 0:
+    /// closed at once.
+    pub reset_linger_ns: u64,
 }
 
 impl Default for ReassemblyConfig {
@@ -148,6 +152,7 @@ impl Default for ReassemblyConfig {
             hole_timeout_ns: 500_000_000,
             idle_timeout_ns: 120_000_000_000,
             max_seq_jump: 1 << 20,
+            reset_linger_ns: 0,
         }
     }
 }
@@ -344,6 +349,8 @@ struct Flow<C> {
     dirs: [DirState; 2],
     conn: C,
     last_ts: TimestampNs,
+    /// When a RST was seen, while the connection lingers (`reset_linger_ns`).
+    reset_at: Option<TimestampNs>,
 }
 
 /// Connection key: the two endpoints, lower first, so that both directions find the flow.
@@ -363,6 +370,8 @@ pub struct Reassembler<H: StreamHandler> {
     flows: LruCache<ConnKey, Flow<H::Conn>>,
     /// Connections that hold out-of-order data, for the hole timeout.
     with_holes: HashSet<ConnKey>,
+    /// Connections lingering after a RST.
+    resetting: HashSet<ConnKey>,
     /// Recently closed connections, so that late retransmissions do not reopen them.
     closed: LruCache<ConnKey, Ended>,
     next_id: ConnId,
@@ -377,6 +386,7 @@ impl<H: StreamHandler> Reassembler<H> {
         Reassembler {
             flows: LruCache::new(cap),
             with_holes: HashSet::new(),
+            resetting: HashSet::new(),
             closed: LruCache::new(NonZeroUsize::new(cfg.max_flows.clamp(1, 16_384)).unwrap()),
             cfg,
             next_id: 1,
@@ -444,7 +454,13 @@ impl<H: StreamHandler> Reassembler<H> {
             .map(|flow| supersedes(flow, seg, self.cfg.max_seq_jump, &mut self.stats));
         if let Some(new_client) = tracked {
             if let Some(client) = new_client {
-                self.close_flow(&key, CloseReason::Superseded, seg.ts);
+                let was_reset = self.flows.peek(&key).is_some_and(|f| f.reset_at.is_some());
+                let reason = if was_reset {
+                    CloseReason::Rst
+                } else {
+                    CloseReason::Superseded
+                };
+                self.close_flow(&key, reason, seg.ts);
                 self.open_flow(key, client, seg.ts);
             }
         } else {
@@ -474,7 +490,12 @@ impl<H: StreamHandler> Reassembler<H> {
         let flow = flows.get_mut(&key).expect("flow just ensured");
         flow.last_ts = flow.last_ts.max(seg.ts);
         if seg.flags.contains(TcpFlags::RST) {
-            self.close_flow(&key, CloseReason::Rst, seg.ts);
+            if self.cfg.reset_linger_ns == 0 {
+                self.close_flow(&key, CloseReason::Rst, seg.ts);
+            } else if flow.reset_at.is_none() {
+                flow.reset_at = Some(seg.ts);
+                self.resetting.insert(key);
+            }
             return;
         }
         let dir = if seg.flow.src == flow.info.client {
@@ -555,6 +576,21 @@ impl<H: StreamHandler> Reassembler<H> {
     /// Time passes: gives up on holes older than `hole_timeout` and evicts idle connections.
     /// `now` is on the capture clock (Unix epoch ns).
     pub fn tick(&mut self, now: TimestampNs) {
+        let reset: Vec<ConnKey> = self
+            .resetting
+            .iter()
+            .filter(|k| {
+                self.flows.peek(*k).is_none_or(|f| {
+                    f.reset_at
+                        .is_some_and(|at| now.saturating_sub(at) >= self.cfg.reset_linger_ns)
+                })
+            })
+            .copied()
+            .collect();
+        for key in reset {
+            self.resetting.remove(&key);
+            self.close_flow(&key, CloseReason::Rst, now);
+        }
         let keys: Vec<ConnKey> = self.with_holes.iter().copied().collect();
         for key in keys {
             let Reassembler {
@@ -635,6 +671,7 @@ impl<H: StreamHandler> Reassembler<H> {
                 dirs: Default::default(),
                 conn,
                 last_ts: ts,
+                reset_at: None,
             },
         );
     }
@@ -644,6 +681,7 @@ impl<H: StreamHandler> Reassembler<H> {
             return;
         };
         self.with_holes.remove(key);
+        self.resetting.remove(key);
         for dir in [Direction::ToServer, Direction::ToClient] {
             let d = &mut flow.dirs[dir as usize];
             let mut ctx = DirCtx {

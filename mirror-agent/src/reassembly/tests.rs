@@ -315,3 +315,29 @@ fn exchange_on(c: &mut Conversation, n: usize) -> Vec<Segment> {
     segs.extend(c.close());
     segs
 }
+
+#[test]
+fn a_reset_lingers_for_the_bytes_sent_before_it() {
+    let mut c = Conversation::new(CLIENT, SERVER, 1000, 90_000);
+    let mut segs = c.handshake();
+    segs.extend(c.client_data(&request(1), 1400));
+    let answer = c.server_data(response(), 1400);
+    // The client's RST (cloned) overtakes the answer (a head record).
+    segs.push(c.reset());
+    segs.extend(answer);
+    for linger in [0, 50_000_000] {
+        let mut x = Extract::with(
+            ReassemblyConfig {
+                server_ports: vec![8080],
+                reset_linger_ns: linger,
+                ..Default::default()
+            },
+            HttpConfig::default(),
+        );
+        x.feed(&segs);
+        x.finish(LATER);
+        let s = x.r.stats();
+        assert_eq!(s.closed_rst, 1);
+        assert_eq!(x.responses.len(), usize::from(linger > 0), "linger {linger}: {s:?}");
+    }
+}
