@@ -20,14 +20,24 @@ fuzz_target!(|data: &[u8]| {
         hole_timeout_ns: 1_000,
         idle_timeout_ns: 1_000_000,
         max_seq_jump: 64 << 10,
+        reset_linger_ns: 500,
         ..Default::default()
     };
-    let hc = HttpConfig { max_head_bytes: 4096, max_body_bytes: 8192, max_buffered_bytes: BUFFERED, ..Default::default() };
+    let hc = HttpConfig {
+        max_head_bytes: 4096,
+        max_body_bytes: 8192,
+        max_buffered_bytes: BUFFERED,
+        response_heads: true,
+        ..Default::default()
+    };
     let mut x = Extract::with(rc, hc);
     let mut ts = 0u64;
     let mut rest = data;
     // Each op: [flags, conn+dir, seq (4, little endian), len (2)] then `len` payload bytes.
+    // Flag bit 0x20 (not a TCP flag here) elides as many bytes again after the payload, as a
+    // response head record does.
     while rest.len() >= 8 {
+        let rest_flags = rest[0];
         let flags = TcpFlags::from_bits(rest[0]);
         let who = rest[1];
         let seq = u32::from_le_bytes([rest[2], rest[3], rest[4], rest[5]]);
@@ -38,7 +48,8 @@ fuzz_target!(|data: &[u8]| {
         let server = "10.0.0.2:80".parse().unwrap();
         let flow = if who & 0x80 == 0 { FlowKey { src: client, dst: server } } else { FlowKey { src: server, dst: client } };
         ts += (who as u64 >> 3 & 0xf) * 100;
-        x.feed([&Segment { flow, seq, ack: seq.rotate_left(16), flags, payload, elided: 0, ts }]);
+        let elided = if rest_flags & 0x20 != 0 { len as u32 * 7 } else { 0 };
+        x.feed([&Segment { flow, seq, ack: seq.rotate_left(16), flags, payload, elided, ts }]);
         if who & 0x40 != 0 {
             x.r.tick(ts);
         }

@@ -32,11 +32,20 @@ pub struct ResponsesBenchArgs {
     pub rate: u64,
 }
 
+/// (setup, live req/s, agent CPU µs per request served)
+type Row = (&'static str, f64, Option<f64>);
+
 const SETUPS: [(&str, Option<&[&str]>); 4] = [
     ("no agent", None),
     ("agent --no-responses", Some(&["--no-responses"])),
-    ("agent, response heads", Some(&["--response-capture", "heads"])),
-    ("agent, responses cloned whole", Some(&["--response-capture", "full"])),
+    (
+        "agent, response heads",
+        Some(&["--response-capture", "heads"]),
+    ),
+    (
+        "agent, responses cloned whole",
+        Some(&["--response-capture", "full"]),
+    ),
 ];
 
 pub fn run(root: &Path, args: &ResponsesBenchArgs) -> Result<()> {
@@ -63,8 +72,7 @@ pub fn run(root: &Path, args: &ResponsesBenchArgs) -> Result<()> {
         bail!("nginx did not start");
     }
 
-    // (setup, live req/s, agent CPU µs per request served)
-    let mut rows: Vec<(&str, f64, Option<f64>)> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     for round in 1..=args.rounds {
         for (setup, extra) in SETUPS {
             let agent = extra
@@ -90,7 +98,13 @@ pub fn run(root: &Path, args: &ResponsesBenchArgs) -> Result<()> {
         let mut e = extra.unwrap().to_vec();
         e.extend(["--metrics", METRICS]);
         let agent = Agent::start_on(&bin, &pair, "8080", MIRROR, 512, &e)?;
-        let (_, _, served) = oha(&pair.client, &url, args.rate, args.connections, args.seconds)?;
+        let (_, _, served) = oha(
+            &pair.client,
+            &url,
+            args.rate,
+            args.connections,
+            args.seconds,
+        )?;
         std::thread::sleep(Duration::from_millis(1000));
         let text = pair
             .server
@@ -113,7 +127,7 @@ pub fn run(root: &Path, args: &ResponsesBenchArgs) -> Result<()> {
         ));
     }
 
-    let median = |setup: &str, f: &dyn Fn(&(&str, f64, Option<f64>)) -> Option<f64>| {
+    let median = |setup: &str, f: &dyn Fn(&Row) -> Option<f64>| {
         let mut v: Vec<f64> = rows.iter().filter(|r| r.0 == setup).filter_map(f).collect();
         v.sort_by(|a, b| a.total_cmp(b));
         v.get(v.len() / 2).copied()
@@ -134,7 +148,10 @@ pub fn run(root: &Path, args: &ResponsesBenchArgs) -> Result<()> {
     println!("| setup | live served | live responses paired | head records | clones |");
     println!("|---|---|---|---|---|");
     for (setup, served, paired, heads, clones) in &pairing {
-        println!("| {setup} | {served:.0} | {paired:.0} ({:.2} %) | {heads:.0} | {clones:.0} |", 100.0 * paired / served.max(1.0));
+        println!(
+            "| {setup} | {served:.0} | {paired:.0} ({:.2} %) | {heads:.0} | {clones:.0} |",
+            100.0 * paired / served.max(1.0)
+        );
     }
     Ok(())
 }

@@ -338,6 +338,10 @@ fn a_reset_lingers_for_the_bytes_sent_before_it() {
         x.finish(LATER);
         let s = x.r.stats();
         assert_eq!(s.closed_rst, 1);
-        assert_eq!(x.responses.len(), usize::from(linger > 0), "linger {linger}: {s:?}");
+        assert_eq!(
+            x.responses.len(),
+            usize::from(linger > 0),
+            "linger {linger}: {s:?}"
+        );
     }
 }
