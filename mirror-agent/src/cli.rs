@@ -89,12 +89,13 @@ pub struct AttachArgs {
     #[arg(long)]
     pub no_responses: bool,
 
-    /// How the live service's responses reach the agent. `heads`: the kernel describes each
-    /// response segment (flow, sequence, length and its first 256 bytes) instead of cloning
-    /// it, and clones whole only the connections that need it (HTTP/2, chunked bodies), which
-    /// spares the live path the cost of cloning response bodies. `full`: clone every response
-    /// segment (`--dump` implies it).
-    #[arg(long, value_enum, default_value_t = ResponseCapture::Heads)]
+    /// How the live service's responses reach the agent. `full`: clone every response
+    /// segment. `heads` (experimental): the kernel describes each response segment (flow,
+    /// sequence, length and its first 256 bytes) instead of cloning it, and clones whole only
+    /// the connections that need it (HTTP/2, chunked bodies), which spares the live path the
+    /// cost of cloning response bodies; under CPU contention its records can overtake the
+    /// request clones by more than reassembly can reorder. `--dump` implies `full`.
+    #[arg(long, value_enum, default_value_t = ResponseCapture::Full)]
     pub response_capture: ResponseCapture,
 
     /// Percentage of TCP connections to mirror, decided per connection in the kernel.

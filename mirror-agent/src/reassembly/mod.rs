@@ -744,7 +744,7 @@ fn supersedes<C>(
             stats.duplicate_syns += 1;
             return None;
         }
-        if late_handshake(d, peer, seg, synack, from_client) {
+        if late_handshake(d, peer, seg, synack, from_client, max_jump) {
             stats.late_syns += 1;
             return None;
         }
@@ -772,23 +772,27 @@ fn supersedes<C>(
     None
 }
 
-/// Whether a SYN (or SYN-ACK) is this connection's own, overtaken by the connection's first
-/// bytes: a SYN-ACK just before the server's first byte seen, or a client SYN whose next
-/// sequence number the server's first segment acknowledged.
+/// Whether a SYN (or SYN-ACK) is this connection's own, overtaken by the server's first
+/// segments (records reach the agent by a faster path than clones when the capture ring is
+/// slow): a SYN-ACK shortly before the first server byte seen, or, while nothing of the client
+/// was seen, a client SYN shortly before what the server's first segment acknowledged.
+/// "Shortly": within `max_jump`, as for any segment of one connection.
 fn late_handshake(
     d: &DirState,
     peer: &DirState,
     seg: &Segment,
     synack: bool,
     from_client: bool,
+    max_jump: u32,
 ) -> bool {
+    let near = |first: SeqNumber| (0..=i64::from(max_jump)).contains(&(first - (seg.seq() + 1)));
     if synack {
-        !from_client && d.isn.is_none() && d.joined.is_some_and(|(seq, _)| seg.seq() + 1 == seq)
+        !from_client && d.isn.is_none() && d.joined.is_some_and(|(seq, _)| near(seq))
     } else {
         from_client
             && d.next_seq.is_none()
             && peer.isn.is_none()
-            && peer.joined.is_some_and(|(_, ack)| seg.seq() + 1 == ack)
+            && peer.joined.is_some_and(|(_, ack)| near(ack))
     }
 }
 

@@ -298,10 +298,10 @@ fn a_handshake_overtaken_by_the_servers_first_bytes_is_the_same_connection() {
     );
     assert_eq!(targets(&x), ["/conn/1"]);
     assert_eq!(x.responses.len(), 1);
-    // A SYN that the first bytes did not acknowledge is another connection.
+    // A SYN far from what the first bytes acknowledged is another connection.
     let mut other = Conversation::new(CLIENT, SERVER, 5000, 90_000);
     let mut segs = other.server_data(b"late", 1400);
-    let mut stranger = Conversation::new(CLIENT, SERVER, 7000, 30_000);
+    let mut stranger = Conversation::new(CLIENT, SERVER, 5000 + (4 << 20), 30_000);
     segs.extend(stranger.handshake());
     let mut x = extract();
     x.feed(&segs);
@@ -344,4 +344,25 @@ fn a_reset_lingers_for_the_bytes_sent_before_it() {
             "linger {linger}: {s:?}"
         );
     }
+}
+
+#[test]
+fn a_response_that_overtakes_its_handshake_and_request_is_paired() {
+    let mut c = Conversation::new(CLIENT, SERVER, 1000, 90_000);
+    let hs = c.handshake();
+    let req = c.client_data(&request(1), 1400);
+    let resp = c.server_data(response(), 1400);
+    let mut segs = resp;
+    segs.extend(hs);
+    segs.extend(req);
+    segs.extend(exchange_on(&mut c, 2));
+    let mut x = extract();
+    x.feed(&segs);
+    x.finish(LATER);
+    let s = x.r.stats();
+    assert_eq!((s.connections, s.late_syns, s.superseded_by_syn), (1, 2, 0), "{s:?}");
+    assert_eq!(targets(&x), ["/conn/1", "/conn/2"]);
+    // The first response came before anything of the client: it cannot be paired (counted).
+    assert_eq!(x.responses.len(), 1);
+    assert_eq!(x.r.handler().stats().unpaired_responses, 1);
 }
