@@ -1,7 +1,7 @@
 //! `cargo xtask bench-responses`: what capturing the live service's responses costs the live
 //! service, with large responses (16 KiB by default). Setups interleaved round by round:
-//! no agent; the agent with `--no-responses`; responses described by their heads (the
-//! default); responses cloned whole (`--response-capture full`). Throughput at saturation
+//! no agent; the agent with `--no-responses`; responses described by their heads
+//! (`--response-capture heads`); responses cloned whole (the default). Throughput at saturation
 //! (wrk), agent CPU per request, and at a fixed rate the live responses the agent paired.
 
 use std::path::Path;

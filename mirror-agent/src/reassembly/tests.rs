@@ -360,7 +360,11 @@ fn a_response_that_overtakes_its_handshake_and_request_is_paired() {
     x.feed(&segs);
     x.finish(LATER);
     let s = x.r.stats();
-    assert_eq!((s.connections, s.late_syns, s.superseded_by_syn), (1, 2, 0), "{s:?}");
+    assert_eq!(
+        (s.connections, s.late_syns, s.superseded_by_syn),
+        (1, 2, 0),
+        "{s:?}"
+    );
     assert_eq!(targets(&x), ["/conn/1", "/conn/2"]);
     // The first response came before anything of the client: it cannot be paired (counted).
     assert_eq!(x.responses.len(), 1);
