@@ -95,7 +95,7 @@ pub struct AttachArgs {
     /// the connections that need it (HTTP/2, chunked bodies), which spares the live path the
     /// cost of cloning response bodies; under CPU contention its records can overtake the
     /// request clones by more than reassembly can reorder. `--dump` implies `full`.
-    #[arg(long, value_enum, default_value_t = ResponseCapture::Full)]
+    #[arg(long, value_enum, default_value_t = ResponseCapture::Heads)]
     pub response_capture: ResponseCapture,
 
     /// Percentage of TCP connections to mirror, decided per connection in the kernel.

@@ -69,17 +69,20 @@ fn report_shows_the_mirrors_faults_and_delay_while_live_is_fine() {
         curl(&pair.client, &args);
     }
 
-    // Bounded poll until every mirrored request has its outcome.
+    // Bounded poll until every mirrored request has its outcome and every live response its
+    // row (live responses may come after the mirror's: see `--response-capture`).
     let mut last = None;
     let done = netlab::wait_until(Duration::from_secs(20), || {
         last = report(&pair.server);
         last.as_ref().is_some_and(|r| {
-            r.rows
-                .iter()
-                .filter(|x| x.side == Side::Mirror)
-                .map(|x| x.count)
-                .sum::<u64>()
-                == 4 * ROUNDS as u64
+            [Side::Mirror, Side::Live].iter().all(|side| {
+                r.rows
+                    .iter()
+                    .filter(|x| x.side == *side)
+                    .map(|x| x.count)
+                    .sum::<u64>()
+                    == 4 * ROUNDS as u64
+            })
         })
     });
     let r = last.expect("the report command answered");

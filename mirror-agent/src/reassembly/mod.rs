@@ -286,14 +286,16 @@ impl DirState {
         Some(next + beyond as usize)
     }
 
-    /// Sequence number just past the highest byte (or FIN) seen, out of order ones included.
+    /// Sequence number just past the highest byte (or FIN, which takes one) seen, out of
+    /// order ones included: the most the peer can acknowledge of what was seen.
     fn highest_seq(&self) -> Option<SeqNumber> {
         let next = self.next_seq?;
         let ooo_end = self
             .ooo
             .last_key_value()
             .map_or(0, |(k, v)| k + v.span().len());
-        let high = ooo_end.max(self.fin_at.unwrap_or(0)).max(self.delivered);
+        let fin_end = self.fin_at.map_or(0, |f| f + 1);
+        let high = ooo_end.max(fin_end).max(self.delivered);
         Some(next + (high - self.delivered) as usize)
     }
 
@@ -744,7 +746,7 @@ fn supersedes<C>(
             stats.duplicate_syns += 1;
             return None;
         }
-        if late_handshake(d, peer, seg, synack, from_client, max_jump) {
+        if late_handshake(d, peer, seg, synack, from_client) {
             stats.late_syns += 1;
             return None;
         }
@@ -773,26 +775,24 @@ fn supersedes<C>(
 }
 
 /// Whether a SYN (or SYN-ACK) is this connection's own, overtaken by the server's first
-/// segments (records reach the agent by a faster path than clones when the capture ring is
-/// slow): a SYN-ACK shortly before the first server byte seen, or, while nothing of the client
-/// was seen, a client SYN shortly before what the server's first segment acknowledged.
-/// "Shortly": within `max_jump`, as for any segment of one connection.
+/// segment (a response head record, when the capture ring is slower than the records' hold):
+/// a SYN-ACK just before the first server byte seen, or, while nothing of the client was seen,
+/// a client SYN whose next sequence number the server's first segment acknowledged. Exact
+/// numbers only: a guess could join two connections of one 4-tuple.
 fn late_handshake(
     d: &DirState,
     peer: &DirState,
     seg: &Segment,
     synack: bool,
     from_client: bool,
-    max_jump: u32,
 ) -> bool {
-    let near = |first: SeqNumber| (0..=i64::from(max_jump)).contains(&(first - (seg.seq() + 1)));
     if synack {
-        !from_client && d.isn.is_none() && d.joined.is_some_and(|(seq, _)| near(seq))
+        !from_client && d.isn.is_none() && d.joined.is_some_and(|(seq, _)| seg.seq() + 1 == seq)
     } else {
         from_client
             && d.next_seq.is_none()
             && peer.isn.is_none()
-            && peer.joined.is_some_and(|(_, ack)| near(ack))
+            && peer.joined.is_some_and(|(_, ack)| seg.seq() + 1 == ack)
     }
 }
 
