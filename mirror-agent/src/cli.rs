@@ -93,9 +93,11 @@ pub struct AttachArgs {
     /// segment. `heads` (experimental): the kernel describes each response segment (flow,
     /// sequence, length and its first 256 bytes) instead of cloning it, and clones whole only
     /// the connections that need it (HTTP/2, chunked bodies), which spares the live path the
-    /// cost of cloning response bodies; under CPU contention its records can overtake the
-    /// request clones by more than reassembly can reorder. `--dump` implies `full`.
-    #[arg(long, value_enum, default_value_t = ResponseCapture::Heads)]
+    /// cost of cloning response bodies. Records travel apart from the clones and are merged
+    /// among them by time; when the capture ring drops clones under overload, records still
+    /// arrive, and connections that reused a 4-tuple within milliseconds can be joined (their
+    /// lost bytes overcounted). `--dump` implies `full`.
+    #[arg(long, value_enum, default_value_t = ResponseCapture::Full)]
     pub response_capture: ResponseCapture,
 
     /// Percentage of TCP connections to mirror, decided per connection in the kernel.

@@ -208,3 +208,108 @@ fn a_closed_stdout_costs_the_exit_report_only() {
     let flows = std::fs::read_to_string(&dump).expect("the dump is written after the report");
     assert!(flows.contains("GET /api/books/1 HTTP/1.1"), "{flows}");
 }
+
+/// `--response-capture heads`: large responses are timed and paired from their heads, their
+/// bodies never cloned, and nothing is counted lost.
+#[test]
+fn response_heads_pair_large_responses_without_cloning_their_bodies() {
+    require_root();
+    let pair = Pair::new("hds", 237);
+    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+    let _live = TestServer::start_with(
+        &pair.server,
+        &[live_addr],
+        Arc::new(|target| {
+            if target.starts_with("/fail") {
+                (503, Duration::ZERO)
+            } else {
+                (200, Duration::from_millis(20))
+            }
+        }),
+    );
+    let _mirror = TestServer::start(&pair.server, &[MIRROR.parse().unwrap()]);
+    let agent = Agent::start(
+        &pair.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "8080",
+            "--mirror",
+            &format!("http://{MIRROR}"),
+            "--metrics",
+            METRICS,
+            "--response-capture",
+            "heads",
+        ],
+    );
+    const N: u64 = 4;
+    let base = format!("http://{}:8080", pair.server_v4);
+    for _ in 0..N {
+        // One keep-alive connection each: two large bodies and a small one.
+        let urls = [
+            format!("{base}/big?size=200000"),
+            format!("{base}/fail?size=30000"),
+            format!("{base}/small?size=10"),
+        ];
+        let args: Vec<&str> = urls.iter().map(String::as_str).collect();
+        curl(&pair.client, &args);
+    }
+    let mut last = None;
+    let done = netlab::wait_until(Duration::from_secs(20), || {
+        last = report(&pair.server);
+        last.as_ref().is_some_and(|r| {
+            r.rows
+                .iter()
+                .filter(|x| x.side == Side::Live)
+                .map(|x| x.count)
+                .sum::<u64>()
+                == 3 * N
+        })
+    });
+    let r = last.expect("report");
+    assert!(done, "live responses incomplete: {r:#?}");
+    let live = |name: &str, code: &str| {
+        r.rows
+            .iter()
+            .find(|x| x.side == Side::Live && x.name == name && x.code == code)
+            .unwrap_or_else(|| panic!("no live row {name} {code}: {r:#?}"))
+            .clone()
+    };
+    assert_eq!(live("GET /fail", "503").count, N);
+    assert_eq!(live("GET /small", "200").count, N);
+    let big = live("GET /big", "200");
+    assert_eq!(big.count, N);
+    // Timed from the request to the response's first byte: the server's 20 ms, not the body.
+    assert!((19.0..200.0).contains(&big.p50_ms), "{big:?}");
+    let scrape = || {
+        let out = pair
+            .server
+            .exec(&["curl", "-sf", &format!("http://{METRICS}/metrics")])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let value = |text: &str, name: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+    };
+    const HEADS: &str = "mirror_kernel_packets_total{outcome=\"head_recorded\"} ";
+    // Kernel counters are read once a second.
+    let mut text = String::new();
+    netlab::wait_until(Duration::from_secs(5), || {
+        text = scrape();
+        value(&text, HEADS).is_some_and(|n| n >= (3 * N) as f64)
+    });
+    let metric = |name: &str| value(&text, name).unwrap_or_else(|| panic!("{name}:\n{text}"));
+    assert!(metric(HEADS) >= (3 * N) as f64, "{text}");
+    // The bodies were described, not captured: nearly all of 4 × 230 kB.
+    assert!(metric("mirror_reassembly_elided_bytes_total ") > 0.9 * (N * 230_000) as f64);
+    assert_eq!(metric("mirror_reassembly_lost_bytes_total "), 0.0, "{text}");
+    assert_eq!(
+        metric("mirror_http_unpaired_requests_total "),
+        0.0,
+        "{text}"
+    );
+    agent.terminate();
+}

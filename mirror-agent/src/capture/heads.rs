@@ -1,27 +1,18 @@
 //! Response heads: the kernel describes each response segment (flow, sequence, length, flags
-//! and its first bytes) in a ring buffer instead of cloning it, and a reader thread turns the
-//! records into `Segment`s whose uncaptured rest is `elided`. Connections that heads cannot
-//! frame are listed in `FULL_RESPONSES`, after which the kernel clones their responses whole.
+//! and its first bytes) in a ring buffer instead of cloning it. The capture thread reads the
+//! records between ring blocks and merges them among the clones by time (`HeadMerge`), as
+//! `Segment`s whose uncaptured rest is `elided`. Connections that heads cannot frame are listed
+//! in `FULL_RESPONSES`, after which the kernel clones their responses whole.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::Duration;
 
 use anyhow::Result;
 use aya::maps::{HashMap, MapData, RingBuf};
 use bytes::{Bytes, BytesMut};
-use crossbeam_channel::Sender;
 
-use super::{send_batch, CaptureStats, SegmentBatch};
-use crate::segment::{parse_head_record, Segment};
-
-/// How often the ring is read when the kernel does not wake the reader (it wakes it only when
-/// the ring is half full: a wake-up per record costs more than the record).
-const POLL_INTERVAL: Duration = Duration::from_millis(5);
+use super::{CaptureStats, SegmentBatch};
+use crate::segment::{parse_head_record, Segment, TimestampNs};
 
 /// The kernel's list of connections whose responses are cloned whole.
 pub struct FullResponses {
@@ -71,81 +62,94 @@ fn clock_ns(clock: libc::clockid_t) -> i64 {
     ts.tv_sec * 1_000_000_000 + ts.tv_nsec
 }
 
-/// How long a record waits before it joins the clones. Records reach the agent within a poll
-/// interval; clones take the veth, the backlog and a ring block's retirement, and under load
-/// that is the slower path. Holding records this long, by the kernel's own time, keeps a
-/// response behind the handshake and request clones that came before it on the wire, so that
-/// reassembly sees a connection in order. Timing is unaffected: records carry their time.
-const HOLD_NS: u64 = 20_000_000;
-/// Most records held (about 2.5 s of 20k responses/s with 16 segments each still to read):
-/// beyond it the oldest go on at once.
+/// A clone is stamped when the capture ring receives it, a little after the kernel program
+/// saw it; a record when the program saw it. A record is placed after every clone stamped up
+/// to this much later than itself, so that a response never precedes the handshake or request
+/// that came before it on the wire.
+const CLONE_LAG_NS: u64 = 2_000_000;
+/// Longest a record waits for clones to pass it (when few clones come).
+const MAX_HOLD_NS: u64 = 20_000_000;
+/// Most records held: beyond it the oldest go on at once.
 const MAX_HELD: usize = 1 << 16;
 
-/// Starts the thread that reads the records until `stop`, then what the ring still holds.
-pub(super) fn spawn_reader(
-    mut ring: RingBuf<MapData>,
-    tx: Sender<SegmentBatch>,
-    stats: Arc<CaptureStats>,
-    stop: Arc<AtomicBool>,
-) -> Result<JoinHandle<()>> {
-    Ok(std::thread::Builder::new()
-        .name("mirror-heads".into())
-        .spawn(move || {
-            // (kernel time, segment), oldest first.
-            let mut held: VecDeque<(u64, Segment)> = VecDeque::new();
-            loop {
-                let stopping = stop.load(Ordering::Relaxed);
-                let mut pfd = libc::pollfd {
-                    fd: ring.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd.
-                unsafe { libc::poll(&mut pfd, 1, POLL_INTERVAL.as_millis() as i32) };
-                read_records(&mut ring, &stats, &mut held);
-                let due = monotonic_ns().saturating_sub(HOLD_NS);
-                let mut batch = Vec::new();
-                while let Some((at, _)) = held.front() {
-                    if *at > due && held.len() <= MAX_HELD && !stopping {
-                        break;
-                    }
-                    batch.extend(held.pop_front().map(|(_, seg)| seg));
-                }
-                if !batch.is_empty() && !send_batch(&tx, batch, &stats, &stop) {
-                    return;
-                }
-                if stopping {
-                    return;
-                }
+/// Merges response-head records among the clones, in time order.
+pub(super) struct HeadMerge {
+    ring: RingBuf<MapData>,
+    /// Records read and not yet placed, oldest first.
+    held: VecDeque<Segment>,
+    /// Newest clone time seen.
+    newest_clone: TimestampNs,
+}
+
+impl HeadMerge {
+    pub(super) fn new(ring: RingBuf<MapData>) -> Self {
+        HeadMerge {
+            ring,
+            held: VecDeque::new(),
+            newest_clone: 0,
+        }
+    }
+
+    /// Reads the records the ring holds and places those that are due among `batch` (clones,
+    /// in ring order): each before the first clone stamped more than `CLONE_LAG_NS` after it.
+    /// `flush` places them all (at the stop).
+    pub(super) fn merge(
+        &mut self,
+        batch: SegmentBatch,
+        stats: &CaptureStats,
+        flush: bool,
+    ) -> SegmentBatch {
+        read_records(&mut self.ring, stats, &mut self.held);
+        if let Some(newest) = batch.iter().map(|s| s.ts).max() {
+            self.newest_clone = self.newest_clone.max(newest);
+        }
+        let now = crate::pipeline::now_ns();
+        let due = |rec: &Segment, held: usize| {
+            flush
+                || held > MAX_HELD
+                || rec.ts + CLONE_LAG_NS < self.newest_clone
+                || rec.ts + MAX_HOLD_NS <= now
+        };
+        let mut out = Vec::with_capacity(batch.len() + self.held.len());
+        let mut clones = batch.into_iter().peekable();
+        while let Some(rec) = self.held.front() {
+            if !due(rec, self.held.len()) {
+                break;
             }
-        })?)
+            while let Some(c) = clones.next_if(|c| c.ts <= rec.ts + CLONE_LAG_NS) {
+                out.push(c);
+            }
+            out.extend(self.held.pop_front());
+        }
+        out.extend(clones);
+        out
+    }
 }
 
-fn monotonic_ns() -> u64 {
-    clock_ns(libc::CLOCK_MONOTONIC) as u64
-}
-
-/// Everything the ring holds now, as segments with their kernel (monotonic) time.
-fn read_records(
-    ring: &mut RingBuf<MapData>,
-    stats: &CaptureStats,
-    held: &mut VecDeque<(u64, Segment)>,
-) {
+/// Appends the records the ring holds, as segments on the capture clock, in time order.
+fn read_records(ring: &mut RingBuf<MapData>, stats: &CaptureStats, held: &mut VecDeque<Segment>) {
     let mut buf = BytesMut::new();
     let mut ends = Vec::new();
     while let Some(item) = ring.next() {
         buf.extend_from_slice(&item);
         ends.push(buf.len());
     }
+    if ends.is_empty() {
+        return;
+    }
     let all: Bytes = buf.freeze();
     let offset = realtime_offset_ns();
     let mut start = 0;
     for end in ends {
-        stats.head_records.fetch_add(1, Ordering::Relaxed);
+        stats
+            .head_records
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match parse_head_record(&all.slice(start..end), offset) {
-            Ok(seg) => held.push_back(((seg.ts as i64 - offset).max(0) as u64, seg)),
+            Ok(seg) => held.push_back(seg),
             Err(e) => stats.frame_error(e),
         }
         start = end;
     }
+    // Records from several CPUs interleave in reservation order, nearly sorted.
+    held.make_contiguous().sort_by_key(|s| s.ts);
 }

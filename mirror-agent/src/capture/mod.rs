@@ -23,7 +23,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
 use mirror_common::{Counter, COUNTER_COUNT, PROGRAM_NAME};
 
-use self::heads::FullResponses;
+use self::heads::{FullResponses, HeadMerge};
 use self::program::KernelProgram;
 pub use self::program::{AttachMode, Hook, MatchConfig};
 use self::ring::{PacketRing, RingConfig};
@@ -120,8 +120,6 @@ pub struct Capture {
     host_veth: String,
     stop: Arc<AtomicBool>,
     reader: Option<JoinHandle<()>>,
-    /// Reads the response-head records, when responses are described rather than cloned.
-    heads: Option<JoinHandle<()>>,
     full_responses: Option<FullResponses>,
     stats: Arc<CaptureStats>,
     /// The kernel's `cloned_request_starts` at the previous `account_lost_requests`.
@@ -157,10 +155,12 @@ impl Capture {
         let (tx, rx) = crossbeam_channel::bounded(cfg.channel_batches.max(1));
         // Unique per agent on the node: in containers every agent is pid 1.
         let host_veth = format!("mirr{:08x}", unique_tag());
+        let (heads_tx, heads_rx) = mpsc::channel::<HeadMerge>();
         let (reader, ready) = spawn_reader(
             cfg.read_clones.then_some(cfg.ring),
             cfg.matching.clone(),
-            tx.clone(),
+            heads_rx,
+            tx,
             Arc::clone(&stats),
             Arc::clone(&stop),
             host_veth.clone(),
@@ -171,7 +171,6 @@ impl Capture {
             host_veth: host_veth.clone(),
             stop,
             reader: Some(reader),
-            heads: None,
             full_responses: None,
             stats,
             kernel_request_starts: AtomicU64::new(0),
@@ -193,13 +192,12 @@ impl Capture {
             capture.attach_target(&mut program, t)?;
         }
         if cfg.matching.responses && cfg.matching.response_heads {
-            // Read before the program is enabled, so that no record waits unread.
-            capture.heads = Some(heads::spawn_reader(
-                program.take_response_heads()?,
-                tx,
-                Arc::clone(&capture.stats),
-                Arc::clone(&capture.stop),
-            )?);
+            // The capture thread reads the records with the clones, from before the program
+            // is enabled, so that no record waits unread.
+            let merge = HeadMerge::new(program.take_response_heads()?);
+            heads_tx
+                .send(merge)
+                .map_err(|_| anyhow!("capture thread exited early"))?;
             capture.full_responses = Some(program.take_full_responses()?);
         }
         program.configure(&cfg.matching, mirror_ifindex)?;
@@ -380,10 +378,7 @@ impl Capture {
             drop(program);
         }
         self.stop.store(true, Ordering::Relaxed);
-        for reader in [self.reader.take(), self.heads.take()]
-            .into_iter()
-            .flatten()
-        {
+        if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
         netdev::delete_link(&self.host_veth);
@@ -460,6 +455,7 @@ fn preflight() -> Result<()> {
 fn spawn_reader(
     ring_cfg: Option<RingConfig>,
     matching: MatchConfig,
+    heads: mpsc::Receiver<HeadMerge>,
     tx: Sender<SegmentBatch>,
     stats: Arc<CaptureStats>,
     stop: Arc<AtomicBool>,
@@ -495,7 +491,7 @@ fn spawn_reader(
             match ring {
                 Ok(Some(ring)) => {
                     let _ = ready_tx.send(Ok(()));
-                    read_loop(ring, &matching, &tx, &stats, &stop);
+                    read_loop(ring, heads, &matching, &tx, &stats, &stop);
                 }
                 Ok(None) => {
                     let _ = ready_tx.send(Ok(()));
@@ -527,8 +523,10 @@ fn spawn_reader(
     Ok((handle, ready))
 }
 
+/// Reads the clones, and the response-head records once `heads` hands them over, merged.
 fn read_loop(
     mut ring: PacketRing,
+    heads: mpsc::Receiver<HeadMerge>,
     matching: &MatchConfig,
     tx: &Sender<SegmentBatch>,
     stats: &CaptureStats,
@@ -538,15 +536,30 @@ fn read_loop(
     // After the stop, what the ring still holds (blocks retire within a few milliseconds) is
     // read too, so that nothing the kernel cloned is left unread.
     let mut drain_until: Option<Instant> = None;
+    let mut merge: Option<HeadMerge> = None;
     loop {
         if drain_until.is_none() && stop.load(Ordering::Relaxed) {
             drain_until = Some(Instant::now() + Duration::from_millis(50));
         }
+        if merge.is_none() {
+            merge = heads.try_recv().ok();
+        }
         if drain_until.is_some_and(|t| Instant::now() >= t) {
+            if let Some(m) = merge.as_mut() {
+                let rest = m.merge(Vec::new(), stats, true);
+                if !rest.is_empty() {
+                    send_batch(tx, rest, stats, stop);
+                }
+            }
             break;
         }
         let mut batch = Vec::new();
-        let timeout_ms = if drain_until.is_some() { 10 } else { 100 };
+        // Records are read between blocks: come back often while they are on.
+        let timeout_ms = match (drain_until.is_some(), merge.is_some()) {
+            (_, true) => 5,
+            (true, false) => 10,
+            (false, false) => 100,
+        };
         let res = ring.poll_block(timeout_ms, |frame| {
             stats.frames.fetch_add(1, Ordering::Relaxed);
             stats
@@ -569,6 +582,9 @@ fn read_loop(
         if let Err(e) = res {
             log::error!("capture ring: {e}");
             break;
+        }
+        if let Some(m) = merge.as_mut() {
+            batch = m.merge(batch, stats, false);
         }
         if !batch.is_empty() && !send_batch(tx, batch, stats, stop) {
             return;
