@@ -89,15 +89,14 @@ pub struct AttachArgs {
     #[arg(long)]
     pub no_responses: bool,
 
-    /// How the live service's responses reach the agent. `full`: clone every response
-    /// segment. `heads` (experimental): the kernel describes each response segment (flow,
-    /// sequence, length and its first 256 bytes) instead of cloning it, and clones whole only
-    /// the connections that need it (HTTP/2, chunked bodies), which spares the live path the
-    /// cost of cloning response bodies. Records travel apart from the clones and are merged
-    /// among them by time; when the capture ring drops clones under overload, records still
-    /// arrive, and connections that reused a 4-tuple within milliseconds can be joined (their
-    /// lost bytes overcounted). `--dump` implies `full`.
-    #[arg(long, value_enum, default_value_t = ResponseCapture::Full)]
+    /// How the live service's responses reach the agent. `heads`: the kernel describes each
+    /// response segment (flow, sequence, length and its first 256 bytes) in a ring buffer
+    /// instead of cloning it, and clones whole only the connections that need it (HTTP/2,
+    /// chunked bodies), which spares the live path the cost of cloning response bodies.
+    /// Connection opens and closes are described too, and every clone is marked in the same
+    /// ring, so the agent sees everything in the kernel's order. `full`: clone every response
+    /// segment (`--dump` implies it).
+    #[arg(long, value_enum, default_value_t = ResponseCapture::Heads)]
     pub response_capture: ResponseCapture,
 
     /// Percentage of TCP connections to mirror, decided per connection in the kernel.

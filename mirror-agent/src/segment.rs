@@ -32,7 +32,7 @@ impl fmt::Display for FlowKey {
 }
 
 /// TCP flags that the reassembler needs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct TcpFlags(u8);
 
 impl TcpFlags {
@@ -225,21 +225,45 @@ pub fn parse_frame(frame: &Bytes, ts: TimestampNs) -> Result<Segment, FrameError
     })
 }
 
-/// Turns a kernel response-head record into a segment whose payload is the head's bytes and
-/// whose `elided` part is the rest. `bytes` holds the record; `realtime_offset_ns` takes its
-/// monotonic timestamp to the capture clock.
-pub fn parse_head_record(bytes: &Bytes, realtime_offset_ns: i64) -> Result<Segment, FrameError> {
-    use mirror_common::{ResponseHead, HEAD_BYTES};
-    if bytes.len() < std::mem::size_of::<ResponseHead>() {
+/// A record of the kernel's `RESPONSE_HEADS` ring.
+#[derive(Clone, Debug)]
+pub enum Record {
+    /// A segment described by its head: its payload is the head's bytes, the rest `elided`.
+    Head(Segment),
+    /// Where a clone stands in the kernel's order, and the CPU that made it.
+    Mark(MarkKey, TimestampNs, u32),
+}
+
+/// What identifies a clone and its `CloneMark`: flow, sequence number, payload length, flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MarkKey {
+    pub flow: FlowKey,
+    pub seq: u32,
+    pub len: u32,
+    pub flags: TcpFlags,
+}
+
+impl MarkKey {
+    pub fn of(seg: &Segment) -> MarkKey {
+        MarkKey {
+            flow: seg.flow,
+            seq: seg.seq,
+            len: seg.len() as u32,
+            flags: seg.flags,
+        }
+    }
+}
+
+/// Parses a record of the `RESPONSE_HEADS` ring: a `ResponseHead` or a `CloneMark`, told apart
+/// by size. `realtime_offset_ns` takes the kernel's monotonic time to the capture clock.
+pub fn parse_record(bytes: &Bytes, realtime_offset_ns: i64) -> Result<Record, FrameError> {
+    use mirror_common::{CloneMark, ResponseHead, HEAD_BYTES};
+    if bytes.len() < std::mem::size_of::<CloneMark>() {
         return Err(FrameError::Malformed);
     }
-    // SAFETY: the length is checked, ResponseHead is plain data valid for any bytes, and the
-    // read is unaligned.
-    let rec: ResponseHead = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    let head_len = rec.head_len as usize;
-    if head_len > HEAD_BYTES || head_len > rec.payload_len as usize {
-        return Err(FrameError::Malformed);
-    }
+    // SAFETY: the length is checked, CloneMark (ResponseHead's leading fields) is plain data
+    // valid for any bytes, and the read is unaligned.
+    let rec: CloneMark = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
     let addr = |a: [u8; 16]| -> Result<IpAddr, FrameError> {
         match rec.ip_version {
             4 => Ok(Ipv6Addr::from(a).to_canonical()),
@@ -247,19 +271,35 @@ pub fn parse_head_record(bytes: &Bytes, realtime_offset_ns: i64) -> Result<Segme
             _ => Err(FrameError::Malformed),
         }
     };
+    let flow = FlowKey {
+        src: SocketAddr::new(addr(rec.src)?, rec.sport),
+        dst: SocketAddr::new(addr(rec.dst)?, rec.dport),
+    };
+    let flags = TcpFlags::from_bits(rec.tcp_flags);
+    let ts = (rec.ts_ns as i64).saturating_add(realtime_offset_ns).max(0) as u64;
+    if bytes.len() < std::mem::size_of::<ResponseHead>() {
+        let key = MarkKey {
+            flow,
+            seq: rec.seq,
+            len: rec.payload_len,
+            flags,
+        };
+        return Ok(Record::Mark(key, ts, rec.cpu));
+    }
+    let head_len = rec.head_len as usize;
+    if head_len > HEAD_BYTES || head_len > rec.payload_len as usize {
+        return Err(FrameError::Malformed);
+    }
     let at = std::mem::offset_of!(ResponseHead, head);
-    Ok(Segment {
-        flow: FlowKey {
-            src: SocketAddr::new(addr(rec.src)?, rec.sport),
-            dst: SocketAddr::new(addr(rec.dst)?, rec.dport),
-        },
+    Ok(Record::Head(Segment {
+        flow,
         seq: rec.seq,
         ack: rec.ack,
-        flags: TcpFlags::from_bits(rec.tcp_flags),
+        flags,
         payload: bytes.slice(at..at + head_len),
         elided: rec.payload_len - head_len as u32,
-        ts: (rec.ts_ns as i64).saturating_add(realtime_offset_ns).max(0) as u64,
-    })
+        ts,
+    }))
 }
 
 #[cfg(test)]

@@ -89,6 +89,30 @@ pub struct ResponseHead {
     pub head: [u8; HEAD_BYTES],
 }
 
+/// A clone's place in the program's order (`FLAG_RESPONSE_HEADS`): written to
+/// `RESPONSE_HEADS` right after the clone, so that the agent can put the clones, which reach it
+/// through the capture ring, back among the records in the order the program saw them. The
+/// same leading fields as `ResponseHead`, without the head.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CloneMark {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub tcp_flags: u8,
+    pub ip_version: u8,
+    /// Always 0.
+    pub head_len: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub payload_len: u32,
+    /// The CPU that cloned: one CPU's clones reach the capture ring in the order of its marks,
+    /// so a later clone of the same CPU proves an earlier one lost.
+    pub cpu: u32,
+    pub ts_ns: u64,
+}
+
 /// Key of `LIVE_ADDRS`: an IPv6 address, or an IPv4 address mapped as `::ffff:a.b.c.d`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -146,9 +170,12 @@ pub enum Counter {
     /// Response segments whose record did not fit: the ring buffer was full. The agent sees
     /// the hole in the stream and counts the bytes lost.
     HeadRingFull,
+    /// Of `Cloned`, clones whose `CloneMark` did not fit in the ring buffer: the agent places
+    /// them as they come.
+    MarksRingFull,
 }
 
-pub const COUNTER_COUNT: u32 = Counter::HeadRingFull as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::MarksRingFull as u32 + 1;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -170,6 +197,7 @@ impl Counter {
         Counter::ClonedRequestStarts,
         Counter::HeadRecorded,
         Counter::HeadRingFull,
+        Counter::MarksRingFull,
     ];
 
     /// Stable snake_case name, used in metrics labels and dumps.
@@ -193,6 +221,7 @@ impl Counter {
             Counter::ClonedRequestStarts => "cloned_request_starts",
             Counter::HeadRecorded => "head_recorded",
             Counter::HeadRingFull => "head_ring_full",
+            Counter::MarksRingFull => "marks_ring_full",
         }
     }
 }
@@ -254,4 +283,5 @@ mod user {
     unsafe impl aya::Pod for MirrorConfig {}
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for ResponseHead {}
+    unsafe impl aya::Pod for CloneMark {}
 }

@@ -14,6 +14,11 @@
 //! `Content-Length` are in the head; the body is skipped by length). Where that is not enough
 //! (chunked bodies, HTTP/2, heads longer than `HEAD_BYTES`), the agent lists the connection in
 //! `FULL_RESPONSES`, and its response segments are cloned whole from then on.
+//!
+//! Records and clones reach the agent by two paths with their own delays. So that it sees them
+//! in this program's order, SYN, FIN and RST without payload are records too, and every clone
+//! made in this mode is followed by a small `CloneMark` record: the agent puts each clone back
+//! at its mark. A full capture ring then loses request bytes, never a connection's lifecycle.
 #![no_std]
 #![no_main]
 
@@ -27,7 +32,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use mirror_common::{
-    flow_hash, is_request_start, AddrKey, Counter, MirrorConfig, ResponseHead, COUNTER_COUNT,
+    flow_hash, is_request_start, AddrKey, CloneMark, Counter, MirrorConfig, ResponseHead,
+    COUNTER_COUNT,
     FLAG_ADDR_FILTER, FLAG_ENABLED, FLAG_RESPONSES, FLAG_RESPONSE_HEADS, FLAG_STICKY_SAMPLING,
     HEAD_BYTES, MAX_DECISIONS, MAX_FULL_RESPONSES, MAX_LIVE_ADDRS, MAX_LIVE_PORTS,
     REQUEST_START_LEN, RESPONSE_HEADS_RING_BYTES, SAMPLE_ALL,
@@ -153,20 +159,21 @@ fn mirror(ctx: &TcContext) -> Counter {
     if tuple.pure_ack {
         return Counter::SkipNoPayload;
     }
-    // SYN, FIN and RST are cloned: they travel the same path as the requests, so that the
-    // agent sees a connection's opening and end in order with its requests. Records reach it
-    // a few milliseconds later; reassembly orders data by sequence number.
-    if is_response
-        && cfg.flags & FLAG_RESPONSE_HEADS != 0
-        && tuple.tcp_flags & TCP_FIN_SYN_RST == 0
-        && !full_responses(&tuple)
-    {
+    // With heads, SYN, FIN and RST without payload (both directions) and response segments are
+    // records; what is still cloned gets a `CloneMark` in the same ring, so that the agent can
+    // put the clones back in this program's order among the records. A full capture ring
+    // then drops request bytes only, never a connection's lifecycle.
+    let heads = cfg.flags & FLAG_RESPONSE_HEADS != 0;
+    if heads && (tuple.payload_len == 0 || (is_response && !full_responses(&tuple))) {
         return record_head(ctx, &tuple);
     }
     // Flags 0: the clone leaves through the mirror interface's egress, so its veth peer
     // receives it, where the agent's AF_PACKET socket reads it.
     match ctx.clone_redirect(cfg.mirror_ifindex, 0) {
         Ok(()) => {
+            if heads && !mark_clone(&tuple) {
+                count(Counter::MarksRingFull);
+            }
             // Lets the agent count the requests that a full capture ring (or anything else on
             // the way) lost: it applies the same test to the segments it receives.
             if is_request {
@@ -245,6 +252,32 @@ fn record_head(ctx: &TcContext, t: &Tuple) -> Counter {
     }
     entry.submit(wake);
     Counter::HeadRecorded
+}
+
+/// Writes the `CloneMark` of a clone just made. False when the ring is full.
+#[inline(always)]
+fn mark_clone(t: &Tuple) -> bool {
+    let Some(mut entry) = RESPONSE_HEADS.reserve::<CloneMark>(0) else {
+        return false;
+    };
+    entry.write(CloneMark {
+        src: t.src,
+        dst: t.dst,
+        sport: t.sport,
+        dport: t.dport,
+        tcp_flags: t.tcp_flags,
+        ip_version: t.ip_version,
+        head_len: 0,
+        seq: t.seq,
+        ack: t.ack,
+        payload_len: t.payload_len as u32,
+        // SAFETY: no preconditions.
+        cpu: unsafe { aya_ebpf::helpers::bpf_get_smp_processor_id() },
+        // SAFETY: no preconditions.
+        ts_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
+    });
+    entry.submit(BPF_RB_NO_WAKEUP);
+    true
 }
 
 /// Whether the packet's connection is mirrored at the configured rate.

@@ -1,10 +1,11 @@
 //! Response heads: the kernel describes each response segment (flow, sequence, length, flags
-//! and its first bytes) in a ring buffer instead of cloning it. The capture thread reads the
-//! records between ring blocks and merges them among the clones by time (`HeadMerge`), as
-//! `Segment`s whose uncaptured rest is `elided`. Connections that heads cannot frame are listed
+//! and its first bytes) in a ring buffer instead of cloning it, and marks there where each
+//! clone stands. The capture thread reads the records between ring blocks and puts the clones
+//! back among them in the kernel's order (`HeadMerge`); described segments become `Segment`s
+//! whose uncaptured rest is `elided`. Connections that heads cannot frame are listed
 //! in `FULL_RESPONSES`, after which the kernel clones their responses whole.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap as StdHashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Result;
@@ -12,7 +13,9 @@ use aya::maps::{HashMap, MapData, RingBuf};
 use bytes::{Bytes, BytesMut};
 
 use super::{CaptureStats, SegmentBatch};
-use crate::segment::{parse_head_record, Segment, TimestampNs};
+use std::sync::atomic::Ordering;
+
+use crate::segment::{parse_record, MarkKey, Record, Segment, TimestampNs};
 
 /// The kernel's list of connections whose responses are cloned whole.
 pub struct FullResponses {
@@ -62,94 +65,155 @@ fn clock_ns(clock: libc::clockid_t) -> i64 {
     ts.tv_sec * 1_000_000_000 + ts.tv_nsec
 }
 
-/// A clone is stamped when the capture ring receives it, a little after the kernel program
-/// saw it; a record when the program saw it. A record is placed after every clone stamped up
-/// to this much later than itself, so that a response never precedes the handshake or request
-/// that came before it on the wire.
-const CLONE_LAG_NS: u64 = 2_000_000;
-/// Longest a record waits for clones to pass it (when few clones come).
-const MAX_HOLD_NS: u64 = 20_000_000;
-/// Most records held: beyond it the oldest go on at once.
-const MAX_HELD: usize = 1 << 16;
+/// Longest a mark waits for its clone (lost when the capture ring was full) before the
+/// records behind it go on.
+const MARK_WAIT_NS: u64 = 20_000_000;
+/// Longest a clone waits for its mark to become readable.
+const ORPHAN_WAIT_NS: u64 = 5_000_000;
+/// Most clones waiting for their mark's turn: beyond it, marks stop being waited for.
+const MAX_WAITING: usize = 1 << 16;
 
-/// Merges response-head records among the clones, in time order.
+/// Puts the clones back in the kernel's order among the response-head records. The ring holds,
+/// in the order the program ran, the records and a `CloneMark` for each clone; a clone goes
+/// out at its mark's place. A mark whose clone is lost (a full capture ring) is known lost as
+/// soon as a later clone of the same CPU arrives, and is waited for `MARK_WAIT_NS` at most.
 pub(super) struct HeadMerge {
     ring: RingBuf<MapData>,
-    /// Records read and not yet placed, oldest first.
-    held: VecDeque<Segment>,
-    /// Newest clone time seen.
-    newest_clone: TimestampNs,
+    /// Records and marks read and not yet placed, in the kernel's order, each mark with its
+    /// position among all marks.
+    queue: VecDeque<(u64, Record)>,
+    /// Marks in `queue` by key: their positions and CPUs, oldest first.
+    marked: StdHashMap<MarkKey, VecDeque<(u64, u32)>>,
+    /// Clones whose mark is in `queue`, by mark position.
+    waiting: std::collections::BTreeMap<u64, Segment>,
+    /// Per CPU, the latest mark position whose clone arrived.
+    arrived: StdHashMap<u32, u64>,
+    next_position: u64,
+    /// Clones whose mark was not readable yet (the ring hands records over in reservation
+    /// order, and an earlier one may still be being written), with when they were read.
+    orphans: VecDeque<(TimestampNs, Segment)>,
 }
 
 impl HeadMerge {
     pub(super) fn new(ring: RingBuf<MapData>) -> Self {
         HeadMerge {
             ring,
-            held: VecDeque::new(),
-            newest_clone: 0,
+            queue: VecDeque::new(),
+            marked: StdHashMap::new(),
+            waiting: Default::default(),
+            arrived: StdHashMap::new(),
+            next_position: 0,
+            orphans: VecDeque::new(),
         }
     }
 
-    /// Reads the records the ring holds and places those that are due among `batch` (clones,
-    /// in ring order): each before the first clone stamped more than `CLONE_LAG_NS` after it.
-    /// `flush` places them all (at the stop).
+    /// Takes the clones just read from the capture ring (their marks are in the records ring
+    /// by then: the program writes a mark before its clone is received) and returns what can
+    /// go on, in the kernel's order. `flush` gives up waiting (at the stop).
     pub(super) fn merge(
         &mut self,
-        batch: SegmentBatch,
+        clones: SegmentBatch,
         stats: &CaptureStats,
         flush: bool,
     ) -> SegmentBatch {
-        read_records(&mut self.ring, stats, &mut self.held);
-        if let Some(newest) = batch.iter().map(|s| s.ts).max() {
-            self.newest_clone = self.newest_clone.max(newest);
-        }
+        self.read(stats);
         let now = crate::pipeline::now_ns();
-        let due = |rec: &Segment, held: usize| {
-            flush
-                || held > MAX_HELD
-                || rec.ts + CLONE_LAG_NS < self.newest_clone
-                || rec.ts + MAX_HOLD_NS <= now
-        };
-        let mut out = Vec::with_capacity(batch.len() + self.held.len());
-        let mut clones = batch.into_iter().peekable();
-        while let Some(rec) = self.held.front() {
-            if !due(rec, self.held.len()) {
+        let mut out = Vec::with_capacity(clones.len() + self.queue.len());
+        let orphans = std::mem::take(&mut self.orphans);
+        let clones = orphans
+            .into_iter()
+            .chain(clones.into_iter().map(|c| (now, c)));
+        for (read_at, mut c) in clones {
+            let key = MarkKey::of(&c);
+            let Some((position, cpu)) = self.marked.get_mut(&key).and_then(VecDeque::pop_front)
+            else {
+                if flush || read_at.saturating_add(ORPHAN_WAIT_NS) <= now {
+                    // Its mark did not fit in the ring (counted by the kernel): as it comes.
+                    out.push(c);
+                } else {
+                    c.payload = Bytes::copy_from_slice(&c.payload);
+                    self.orphans.push_back((read_at, c));
+                }
+                continue;
+            };
+            let latest = self.arrived.entry(cpu).or_default();
+            *latest = (*latest).max(position);
+            // Held apart from its capture-ring block, which goes back to the kernel.
+            c.payload = Bytes::copy_from_slice(&c.payload);
+            self.waiting.insert(position, c);
+        }
+        while let Some((position, front)) = self.queue.front() {
+            let position = *position;
+            let Record::Mark(_, ts, cpu) = front else {
+                if let Some((_, Record::Head(seg))) = self.queue.pop_front() {
+                    out.push(seg);
+                }
+                continue;
+            };
+            if let Some(c) = self.waiting.remove(&position) {
+                self.queue.pop_front();
+                out.push(c);
+                continue;
+            }
+            let lost = flush
+                || self.arrived.get(cpu).is_some_and(|p| *p > position)
+                || ts.saturating_add(MARK_WAIT_NS) <= now
+                || self.waiting.len() > MAX_WAITING;
+            if !lost {
                 break;
             }
-            while let Some(c) = clones.next_if(|c| c.ts <= rec.ts + CLONE_LAG_NS) {
-                out.push(c);
+            if let Some((_, Record::Mark(key, ..))) = self.queue.pop_front() {
+                self.forget(key, position);
             }
-            out.extend(self.held.pop_front());
+            stats.marks_unmatched.fetch_add(1, Ordering::Relaxed);
         }
-        out.extend(clones);
+        if flush {
+            out.extend(std::mem::take(&mut self.waiting).into_values());
+        }
         out
     }
-}
 
-/// Appends the records the ring holds, as segments on the capture clock, in time order.
-fn read_records(ring: &mut RingBuf<MapData>, stats: &CaptureStats, held: &mut VecDeque<Segment>) {
-    let mut buf = BytesMut::new();
-    let mut ends = Vec::new();
-    while let Some(item) = ring.next() {
-        buf.extend_from_slice(&item);
-        ends.push(buf.len());
-    }
-    if ends.is_empty() {
-        return;
-    }
-    let all: Bytes = buf.freeze();
-    let offset = realtime_offset_ns();
-    let mut start = 0;
-    for end in ends {
-        stats
-            .head_records
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match parse_head_record(&all.slice(start..end), offset) {
-            Ok(seg) => held.push_back(seg),
-            Err(e) => stats.frame_error(e),
+    /// Drops a mark given up on from `marked`.
+    fn forget(&mut self, key: MarkKey, position: u64) {
+        if let Some(q) = self.marked.get_mut(&key) {
+            q.retain(|(p, _)| *p != position);
+            if q.is_empty() {
+                self.marked.remove(&key);
+            }
         }
-        start = end;
     }
-    // Records from several CPUs interleave in reservation order, nearly sorted.
-    held.make_contiguous().sort_by_key(|s| s.ts);
+
+    /// Appends what the ring holds to `queue`.
+    fn read(&mut self, stats: &CaptureStats) {
+        let mut buf = BytesMut::new();
+        let mut ends = Vec::new();
+        while let Some(item) = self.ring.next() {
+            buf.extend_from_slice(&item);
+            ends.push(buf.len());
+        }
+        if ends.is_empty() {
+            return;
+        }
+        let all: Bytes = buf.freeze();
+        let offset = realtime_offset_ns();
+        let mut start = 0;
+        for end in ends {
+            stats.head_records.fetch_add(1, Ordering::Relaxed);
+            match parse_record(&all.slice(start..end), offset) {
+                Ok(r) => {
+                    let position = self.next_position;
+                    if let Record::Mark(key, _, cpu) = &r {
+                        self.next_position += 1;
+                        self.marked
+                            .entry(*key)
+                            .or_default()
+                            .push_back((position, *cpu));
+                    }
+                    self.queue.push_back((position, r));
+                }
+                Err(e) => stats.frame_error(e),
+            }
+            start = end;
+        }
+    }
 }

@@ -99,8 +99,12 @@ pub struct CaptureStats {
     pub requests_lost: AtomicU64,
     /// Segments read from the ring after the stop while the next stage was still full.
     pub dropped_at_stop: AtomicU64,
-    /// Response-head records read (`--response-capture heads`).
+    /// Records read from the response-head ring (`--response-capture heads`): heads and
+    /// clone marks.
     pub head_records: AtomicU64,
+    /// Clone marks whose clone never came (the capture ring was full): the records behind
+    /// them went on after a short wait.
+    pub marks_unmatched: AtomicU64,
 }
 
 impl CaptureStats {
@@ -536,13 +540,14 @@ fn read_loop(
     // After the stop, what the ring still holds (blocks retire within a few milliseconds) is
     // read too, so that nothing the kernel cloned is left unread.
     let mut drain_until: Option<Instant> = None;
-    let mut merge: Option<HeadMerge> = None;
+    // With response heads, no clone is read before the merge is here: it comes before the
+    // program is enabled (or never, if loading fails, when the sender is dropped).
+    let mut merge: Option<HeadMerge> = (matching.responses && matching.response_heads)
+        .then(|| heads.recv().ok())
+        .flatten();
     loop {
         if drain_until.is_none() && stop.load(Ordering::Relaxed) {
             drain_until = Some(Instant::now() + Duration::from_millis(50));
-        }
-        if merge.is_none() {
-            merge = heads.try_recv().ok();
         }
         if drain_until.is_some_and(|t| Instant::now() >= t) {
             if let Some(m) = merge.as_mut() {
