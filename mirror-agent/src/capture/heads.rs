@@ -150,7 +150,10 @@ impl HeadMerge {
                 }
                 continue;
             };
-            if let Some(c) = self.waiting.remove(&position) {
+            if let Some(mut c) = self.waiting.remove(&position) {
+                // Timed when the program saw it, as the records are: live durations then
+                // run between two instants on one clock.
+                c.ts = *ts;
                 self.queue.pop_front();
                 out.push(c);
                 continue;
