@@ -176,7 +176,7 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
             server_addrs: capture.matching.addrs.clone(),
             max_flows: plan.max_flows,
             max_ooo_bytes_total: plan.ooo_bytes,
-            // Response heads are read every few milliseconds, RSTs come with the clones.
+            // With heads, a clone placed out of order (its mark lost) may follow a RST.
             reset_linger_ns: if response_heads { 50_000_000 } else { 0 },
             ..ReassemblyConfig::default()
         },

@@ -34,7 +34,7 @@ pub struct FullBenchArgs {
     pub cpu_budget: f64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
         f64::NAN

@@ -1,7 +1,8 @@
 //! `cargo xtask bench-responses`: what capturing the live service's responses costs the live
 //! service, with large responses (16 KiB by default). Setups interleaved round by round:
 //! no agent; the agent with `--no-responses`; responses described by their heads
-//! (`--response-capture heads`); responses cloned whole (the default). Throughput at saturation
+//! (`--response-capture heads`, the default); responses cloned whole (`--response-capture
+//! full`). Throughput at saturation
 //! (wrk), agent CPU per request, and at a fixed rate the live responses the agent paired.
 
 use std::path::Path;
@@ -11,7 +12,7 @@ use anyhow::{bail, Result};
 use netlab::Pair;
 
 use crate::bench::{oha, wrk, Nginx};
-use crate::bench_full::Agent;
+use crate::bench_full::{median, Agent};
 
 const MIRROR: &str = "127.0.0.1:9080";
 const METRICS: &str = "127.0.0.1:9464";
@@ -127,12 +128,10 @@ pub fn run(root: &Path, args: &ResponsesBenchArgs) -> Result<()> {
         ));
     }
 
-    let median = |setup: &str, f: &dyn Fn(&Row) -> Option<f64>| {
-        let mut v: Vec<f64> = rows.iter().filter(|r| r.0 == setup).filter_map(f).collect();
-        v.sort_by(|a, b| a.total_cmp(b));
-        v.get(v.len() / 2).copied()
+    let of = |setup: &str, f: &dyn Fn(&Row) -> Option<f64>| {
+        median(rows.iter().filter(|r| r.0 == setup).filter_map(f).collect())
     };
-    let base = median("no agent", &|r| Some(r.1)).unwrap_or(1.0);
+    let base = of("no agent", &|r| Some(r.1));
     println!(
         "\nresponse capture with {} KiB responses: {} rounds, wrk {} s, {} connections",
         args.body_kib, args.rounds, args.seconds, args.connections
@@ -140,8 +139,13 @@ pub fn run(root: &Path, args: &ResponsesBenchArgs) -> Result<()> {
     println!("| setup | live req/s | ratio to no agent | agent CPU µs per request |");
     println!("|---|---|---|---|");
     for (setup, _) in SETUPS {
-        let rps = median(setup, &|r| Some(r.1)).unwrap_or(0.0);
-        let cpu = median(setup, &|r| r.2).map_or("-".into(), |c| format!("{c:.1}"));
+        let rps = of(setup, &|r| Some(r.1));
+        let cpu = of(setup, &|r| r.2);
+        let cpu = if cpu.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{cpu:.1}")
+        };
         println!("| {setup} | {rps:.0} | {:.2} | {cpu} |", rps / base);
     }
     println!("\nat {} req/s for {} s:", args.rate, args.seconds);

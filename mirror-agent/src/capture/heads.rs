@@ -6,15 +6,15 @@
 //! in `FULL_RESPONSES`, after which the kernel clones their responses whole.
 
 use std::collections::{HashMap as StdHashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 
 use anyhow::Result;
 use aya::maps::{HashMap, MapData, RingBuf};
 use bytes::{Bytes, BytesMut};
 
+use super::program::kernel_addr;
 use super::{CaptureStats, SegmentBatch};
-use std::sync::atomic::Ordering;
-
 use crate::segment::{parse_record, MarkKey, Record, Segment, TimestampNs};
 
 /// The kernel's list of connections whose responses are cloned whole.
@@ -31,21 +31,13 @@ impl FullResponses {
     /// `server` whole.
     pub fn insert(&mut self, client: SocketAddr, server: SocketAddr) -> Result<()> {
         let hash = mirror_common::flow_hash(
-            &kernel_addr(client.ip()),
-            &kernel_addr(server.ip()),
+            &kernel_addr(client.ip()).addr,
+            &kernel_addr(server.ip()).addr,
             client.port(),
             server.port(),
         );
         self.map.insert(hash, 1, 0)?;
         Ok(())
-    }
-}
-
-/// An address as the kernel program hashes it: IPv4 mapped into IPv6.
-fn kernel_addr(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-        IpAddr::V6(a) => a.octets(),
     }
 }
 

@@ -178,10 +178,7 @@ impl KernelProgram {
     pub fn set_live_addr(&mut self, ip: IpAddr, live: bool) -> Result<()> {
         let mut addrs: HashMap<_, AddrKey, u8> =
             HashMap::try_from(map(&mut self.ebpf, MAP_LIVE_ADDRS)?)?;
-        let key = match ip.to_canonical() {
-            IpAddr::V4(v4) => AddrKey::from_v4(v4.octets()),
-            IpAddr::V6(v6) => AddrKey::from_v6(v6.octets()),
-        };
+        let key = kernel_addr(ip);
         if live {
             if addrs.keys().count() >= MAX_LIVE_ADDRS as usize {
                 bail!("at most {MAX_LIVE_ADDRS} service addresses");
@@ -326,6 +323,14 @@ fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
         .program_mut(PROGRAM_NAME)
         .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the eBPF object"))?
         .try_into()?)
+}
+
+/// An address as the kernel program keys and hashes it: IPv4 mapped into IPv6.
+pub(super) fn kernel_addr(ip: IpAddr) -> AddrKey {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => AddrKey::from_v4(v4.octets()),
+        IpAddr::V6(v6) => AddrKey::from_v6(v6.octets()),
+    }
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {

@@ -508,9 +508,7 @@ impl HttpExtractor {
             head.framing = response_framing(head.framing, status, req.head);
             if head.framing == Framing::Chunked {
                 // Chunk sizes are spread through the body: heads alone cannot frame it.
-                let mut asked = c.full_responses_asked;
-                self.ask_full_responses(&mut asked, info);
-                c.full_responses_asked = asked;
+                self.ask_full_responses(&mut c.full_responses_asked, info);
             }
             if req.connect && (200..300).contains(&status) {
                 self.stop(c, StopReason::Connect);
@@ -934,9 +932,7 @@ impl HttpExtractor {
             State::Hunt => self.lose::<Client>(c, info, len, ts),
             State::Head | State::Body(_) => {
                 self.stats.responses_unframed_heads += 1;
-                let mut asked = c.full_responses_asked;
-                self.ask_full_responses(&mut asked, info);
-                c.full_responses_asked = asked;
+                self.ask_full_responses(&mut c.full_responses_asked, info);
                 self.lose::<Client>(c, info, len, ts);
             }
         }

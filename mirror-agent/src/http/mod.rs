@@ -341,8 +341,7 @@ impl HttpExtractor {
             streams: 0,
         };
         let handover = h1.hand_over();
-        let mut asked = h1.full_responses_asked;
-        self.ask_full_responses(&mut asked, info);
+        self.ask_full_responses(&mut h1.full_responses_asked, info);
         self.account(before, Held::default());
         match how {
             Switch::Frames => self.stats.h2_joined_connections += 1,

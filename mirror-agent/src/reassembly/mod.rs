@@ -135,8 +135,8 @@ pub struct ReassemblyConfig {
     /// could not be held anyway.
     pub max_seq_jump: u32,
     /// How long a connection stays open after a RST for bytes sent before it that arrive
-    /// later (response heads reach the agent by a slower path than the RST's clone). 0:
-    /// closed at once.
+    /// later (with response heads, a clone whose mark did not fit in the ring, or one waited
+    /// for in vain, can still be placed out of order). 0: closed at once.
     pub reset_linger_ns: u64,
 }
 
@@ -267,8 +267,9 @@ struct DirState {
     /// guess until data (or a FIN) arrives, and bytes before that are not counted lost.
     provisional: bool,
     /// Joined mid-stream: the sequence and acknowledgement numbers of the first segment seen.
-    /// They recognise this connection's own handshake when it arrives late (responses and
-    /// requests reach the agent by two paths: a server's first bytes can overtake the SYN).
+    /// They recognise this connection's own handshake when it arrives late (clones made on
+    /// two CPUs reach the capture ring in either order: a server's first bytes can overtake
+    /// the SYN).
     joined: Option<(SeqNumber, SeqNumber)>,
 }
 
@@ -775,7 +776,7 @@ fn supersedes<C>(
 }
 
 /// Whether a SYN (or SYN-ACK) is this connection's own, overtaken by the server's first
-/// segment (a response head record, when the capture ring is slower than the records' hold):
+/// segment (clones of two CPUs cross on the way to the capture ring):
 /// a SYN-ACK just before the first server byte seen, or, while nothing of the client was seen,
 /// a client SYN whose next sequence number the server's first segment acknowledged. Exact
 /// numbers only: a guess could join two connections of one 4-tuple.
