@@ -59,9 +59,7 @@ pub struct Agent {
     capture: Capture,
     pipeline: JoinHandle<Option<FlowRecorder>>,
     pipeline_stats: Arc<Mutex<PipelineStats>>,
-    replay: Option<(Replayer, tokio::task::JoinHandle<()>)>,
-    /// Feeds mirror outcomes to the comparison; ends when the replayer is gone.
-    outcomes: tokio::task::JoinHandle<()>,
+    replay: Option<Replayer>,
     comparison: Comparison,
     kernel: KernelCounters,
     /// What to mirror and forget, from the pod watcher.
@@ -93,8 +91,6 @@ impl Agent {
         let _enter = rt.enter();
         // Compare: fed by the pipeline (live responses) and the replayer (mirror outcomes).
         let comparison = Comparison::new(cfg.compare.clone());
-        let (outcome_tx, outcome_rx) = tokio::sync::mpsc::channel::<MirrorOutcome>(65_536);
-        let outcomes = rt.spawn(feed_outcomes(outcome_rx, comparison.clone()));
         let grace = cfg.replay.as_ref().map_or(Duration::ZERO, |(r, _)| {
             r.timeout.min(Duration::from_secs(5))
         });
@@ -102,7 +98,7 @@ impl Agent {
         let replay = cfg
             .replay
             .as_ref()
-            .map(|(r, _)| Replayer::start(r.clone(), rt, outcome_tx));
+            .map(|(r, _)| Replayer::start(r.clone(), rt, outcome_sink(comparison.clone())));
 
         // Capture: the program is attached and cloning from here on.
         let (mut capture, segments) = Capture::start(&cfg.capture)?;
@@ -112,7 +108,7 @@ impl Agent {
 
         // Reassemble and parse, on their own thread.
         let pipeline_stats = Arc::new(Mutex::new(PipelineStats::default()));
-        let sender = replay.as_ref().map(|(r, _)| r.clone());
+        let sender = replay.clone();
         let live = comparison.clone();
         let mut full_responses = capture.take_full_responses();
         let pipeline = {
@@ -161,7 +157,7 @@ impl Agent {
                 capture: Some(Arc::clone(capture.stats())),
                 kernel: Arc::clone(&kernel),
                 pipeline: Arc::clone(&pipeline_stats),
-                replay: replay.as_ref().map(|(r, _)| Arc::clone(r.stats())),
+                replay: replay.as_ref().map(|r| Arc::clone(r.stats())),
             };
             let bound = rt.block_on(metrics::serve(addr, sources))?;
             log::info!("metrics on http://{bound}/metrics, comparison on http://{bound}/report");
@@ -191,7 +187,6 @@ impl Agent {
             pipeline,
             pipeline_stats,
             replay,
-            outcomes,
             comparison,
             kernel,
             pod_changes,
@@ -215,7 +210,7 @@ impl Agent {
         let drops = self.capture.stats().ring_drops.load(Ordering::Relaxed);
         let new_drops = drops > self.ring_drops;
         self.ring_drops = drops;
-        let queue = self.replay.as_ref().map_or(0.0, |(r, _)| r.queue_fill());
+        let queue = self.replay.as_ref().map_or(0.0, Replayer::queue_fill);
         let load = Load {
             cpu: cpu_budget::process_cpu_time(),
             at: std::time::Instant::now(),
@@ -277,7 +272,6 @@ impl Agent {
             pipeline,
             pipeline_stats,
             replay,
-            outcomes,
             comparison,
             grace,
             ..
@@ -288,21 +282,9 @@ impl Agent {
             .await?
             .map_err(|_| anyhow!("pipeline thread panicked"))?;
         let replay_stats = match replay {
-            Some((replayer, task)) => {
-                let stats = Arc::clone(replayer.stats());
-                drop(replayer);
-                let _ = tokio::time::timeout(grace, task).await;
-                let deadline = tokio::time::Instant::now() + grace;
-                while stats.inflight.load(Ordering::Relaxed) > 0
-                    && tokio::time::Instant::now() < deadline
-                {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Some(stats)
-            }
+            Some(replayer) => Some(replayer.drain(grace).await),
             None => None,
         };
-        let _ = tokio::time::timeout(Duration::from_millis(200), outcomes).await;
         let pipeline = pipeline_stats.lock().unwrap().clone();
         Ok(Summary {
             kernel,
@@ -352,8 +334,9 @@ async fn next_change(rx: &mut Option<tokio::sync::mpsc::Receiver<PodChange>>) ->
     }
 }
 
-async fn feed_outcomes(mut rx: tokio::sync::mpsc::Receiver<MirrorOutcome>, to: Comparison) {
-    while let Some(o) = rx.recv().await {
+/// Mirror outcomes go straight into the comparison.
+fn outcome_sink(to: Comparison) -> replay::OutcomeSink {
+    Box::new(move |o: MirrorOutcome| {
         log::debug!(
             "mirror {} {} -> {} in {:?}",
             o.method,
@@ -362,7 +345,7 @@ async fn feed_outcomes(mut rx: tokio::sync::mpsc::Receiver<MirrorOutcome>, to: C
             o.duration
         );
         to.mirror(&o);
-    }
+    })
 }
 
 /// Refuses a mirror whose replayed requests the program would capture again. Runs before the

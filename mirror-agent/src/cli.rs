@@ -161,6 +161,12 @@ pub struct AttachArgs {
     #[arg(long, default_value_t = 256)]
     pub max_inflight: usize,
 
+    /// HTTP/1 requests written to the mirror at once on one connection, at most, when they
+    /// are waiting (pipelining; the depth adapts to the mirror's speed). 1 turns it off, for a
+    /// mirror that mishandles pipelined requests.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub pipeline_depth: u16,
+
     /// Seconds a mirrored request may take before it counts as a timeout.
     #[arg(long, default_value_t = 10.0)]
     pub timeout: f64,

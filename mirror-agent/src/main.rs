@@ -160,6 +160,7 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
                 path: args.path.clone(),
                 max_rps: args.max_rps,
                 max_inflight: args.max_inflight,
+                pipeline_depth: args.pipeline_depth.into(),
                 timeout: Duration::from_secs_f64(args.timeout),
                 queue_bytes: args
                     .queue_bytes

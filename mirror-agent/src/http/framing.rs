@@ -3,7 +3,6 @@
 //! The decoders only find where a body ends; they never copy, so the same code frames bodies
 //! that are kept (requests) and bodies that are skipped (responses, dropped requests).
 
-use bytes::Bytes;
 use memchr::memmem;
 
 /// How a message body is delimited.
@@ -132,59 +131,6 @@ impl ChunkDecoder {
     }
 }
 
-/// A complete chunked body split into its parts, sharing the body's memory.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Chunks {
-    /// Each chunk's data, in order. Chunk extensions are not kept.
-    pub data: Vec<Bytes>,
-    /// The trailer section's fields, in order.
-    pub trailers: Vec<(Bytes, Bytes)>,
-}
-
-/// Trailer fields read at most; a body with more is refused.
-const MAX_TRAILERS: usize = 64;
-
-/// Splits a complete chunked body (as framed above) into its chunks and trailer fields.
-pub fn split_chunked(body: &Bytes) -> Option<Chunks> {
-    let mut chunks = Chunks::default();
-    let mut at = 0;
-    loop {
-        let (used, size) = match httparse::parse_chunk_size(&body[at..]) {
-            Ok(httparse::Status::Complete(v)) => v,
-            _ => return None,
-        };
-        at += used;
-        if size == 0 {
-            break;
-        }
-        let end = at.checked_add(usize::try_from(size).ok()?)?;
-        if end > body.len() {
-            return None;
-        }
-        chunks.data.push(body.slice(at..end));
-        let rest = &body[end..];
-        at = end
-            + if rest.starts_with(b"\r\n") {
-                2
-            } else if rest.starts_with(b"\n") {
-                1
-            } else {
-                return None;
-            };
-    }
-    let mut slots = [httparse::EMPTY_HEADER; MAX_TRAILERS];
-    match httparse::parse_headers(&body[at..], &mut slots) {
-        Ok(httparse::Status::Complete((_, fields))) => {
-            for f in fields {
-                let name = body.slice_ref(f.name.as_bytes());
-                chunks.trailers.push((name, body.slice_ref(f.value)));
-            }
-            Some(chunks)
-        }
-        _ => None,
-    }
-}
-
 /// Methods that a resynchronising search accepts (RFC 9110 and WebDAV).
 const METHODS: &[&[u8]] = &[
     b"GET",
@@ -287,26 +233,6 @@ mod tests {
                 Some(body.len()),
                 "step {step}"
             );
-        }
-        let chunks = split_chunked(&Bytes::from_static(body)).unwrap();
-        assert_eq!(chunks.data, ["Wiki", "pedia", " in\r\n\r\nchunks."]);
-        assert_eq!(
-            chunks.trailers,
-            [
-                (Bytes::from("Expires"), Bytes::from("never")),
-                (Bytes::from("X-T"), Bytes::from("1"))
-            ]
-        );
-        assert_eq!(
-            split_chunked(&Bytes::from_static(b"0\r\n\r\n")),
-            Some(Chunks::default())
-        );
-        for bad in [
-            &b"5\r\nhel"[..],
-            b"3\r\nabcX0\r\n\r\n",
-            b"0\r\nNo colon\r\n\r\n",
-        ] {
-            assert_eq!(split_chunked(&Bytes::from_static(bad)), None, "{bad:?}");
         }
     }
 

@@ -1040,9 +1040,25 @@ fn parse_response_head(buf: &[u8], max_headers: usize) -> Result<Head, HeadError
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
         Err(_) => return Err(HeadError::Malformed),
     };
+    let framing = response_body_framing(resp.headers)?;
+    Ok(Head {
+        len,
+        version: resp.version.ok_or(HeadError::Malformed)?,
+        method: 0..0,
+        target: 0..0,
+        headers: Vec::new(),
+        framing,
+        status: resp.code.ok_or(HeadError::Malformed)?,
+        seq: 0,
+        expect_continue: false,
+    })
+}
+
+/// How a response's headers delimit its body (before the status and method are considered).
+fn response_body_framing(headers: &[httparse::Header<'_>]) -> Result<Framing, HeadError> {
     let mut framing = Framing::UntilClose;
     let mut chunked = false;
-    for h in resp.headers.iter() {
+    for h in headers {
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
             let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
             chunked = trim(last).eq_ignore_ascii_case(b"chunked");
@@ -1055,17 +1071,56 @@ fn parse_response_head(buf: &[u8], max_headers: usize) -> Result<Head, HeadError
             framing = Framing::Length(parse_length(h.value).ok_or(HeadError::Malformed)?);
         }
     }
-    Ok(Head {
+    Ok(framing)
+}
+
+/// A response head as a client reads it on its own connection (the replay stage's).
+#[derive(Debug, PartialEq, Eq)]
+pub struct ClientResponseHead {
+    pub len: usize,
+    pub status: u16,
+    pub framing: Framing,
+    /// Whether the connection may carry another request after this response.
+    pub keep_alive: bool,
+}
+
+/// The response is not HTTP/1.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed HTTP/1 response head")]
+pub struct MalformedResponse;
+
+/// Parses a response head at the start of `buf`: None while it is incomplete.
+pub fn parse_client_response(
+    buf: &[u8],
+    to_head: bool,
+) -> Result<Option<ClientResponseHead>, MalformedResponse> {
+    let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS];
+    let mut resp = httparse::Response::new(&mut slots);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(MalformedResponse),
+    };
+    let status = resp.code.ok_or(MalformedResponse)?;
+    let framing = response_body_framing(resp.headers).map_err(|_| MalformedResponse)?;
+    let connection_says = |token: &[u8]| {
+        resp.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+            .flat_map(|h| h.value.split(|b| *b == b','))
+            .any(|t| trim(t).eq_ignore_ascii_case(token))
+    };
+    let keep_alive = match resp.version {
+        Some(1) => !connection_says(b"close"),
+        _ => connection_says(b"keep-alive"),
+    };
+    let framing = response_framing(framing, status, to_head);
+    Ok(Some(ClientResponseHead {
         len,
-        version: resp.version.ok_or(HeadError::Malformed)?,
-        method: 0..0,
-        target: 0..0,
-        headers: Vec::new(),
+        status,
         framing,
-        status: resp.code.ok_or(HeadError::Malformed)?,
-        seq: 0,
-        expect_continue: false,
-    })
+        keep_alive: keep_alive && framing != Framing::UntilClose && status != 101,
+    }))
 }
 
 /// Responses to HEAD, and 1xx/204/304 responses, have no body whatever their headers say.

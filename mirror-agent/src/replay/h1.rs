@@ -1,0 +1,569 @@
+//! HTTP/1 to the mirror: requests written as bytes, those waiting pipelined in one write.
+//!
+//! hyper's HTTP/1 client sends one request at a time on a connection, so every mirrored request
+//! cost a write, a read and a wake-up of its own; on loopback the write alone (it also runs the
+//! mirror's receive path) was a quarter of the agent's CPU. A worker here writes the requests
+//! that are waiting, up to a depth, in one write and reads the answers in order (RFC 9112
+//! 9.3.2). What keeps pipelining safe and the timings honest:
+//! - a request whose method is not idempotent is never written behind another one, so a
+//!   connection that closes under a batch never leaves one unanswered behind an answered one;
+//! - requests left unanswered where the mirror closed cleanly (after `Connection: close`, or at a
+//!   response boundary) were not processed: idempotent ones go out again on a new connection,
+//!   once; the others count as resets;
+//! - an answer's time runs from when the mirror could start on it (the write, or the arrival of
+//!   the previous answer) to the arrival of its head;
+//! - the depth doubles while answers come within `FAST_ANSWER` and falls back to one request
+//!   as soon as one is slower, so that a slow answer holds up at most one batch.
+//!
+//! The bytes keep the client's header names, case and order, and a chunked body goes out as it
+//! came (extensions and trailers included). Only hop-by-hop headers, `--drop-header`, Host and
+//! `--add-header` change.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{connect_mirror, mirror_authority, mirror_path, MirrorResult, ReplayConfig};
+use crate::http::framing::{BodyDecoder, Framing};
+use crate::http::h1::{self, parse_client_response};
+
+/// Headers that describe one hop's connection, never forwarded (RFC 9110 7.6.1), besides those
+/// named in Connection. Content-Length is written from the body's framing; Transfer-Encoding
+/// stands only on chunked requests, whose body goes out as it came, so it is kept.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "upgrade",
+    "content-length",
+];
+
+/// Answers that come this soon after the mirror could start on them let the depth grow.
+const FAST_ANSWER: Duration = Duration::from_millis(1);
+
+/// Longest chunk-size or trailer line accepted in an answer.
+const MAX_LINE: usize = 64 << 10;
+
+/// A request as it will be written to the mirror.
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    head: Vec<u8>,
+    body: Bytes,
+    /// The answer has no body whatever its headers say.
+    to_head: bool,
+    /// May be written behind another request, and sent again when left unanswered.
+    pub idempotent: bool,
+}
+
+impl Outgoing {
+    /// The request line and headers, as written.
+    #[cfg(test)]
+    pub fn head(&self) -> &str {
+        std::str::from_utf8(&self.head).unwrap()
+    }
+}
+
+/// RFC 9110 9.2.2.
+pub fn idempotent(method: &str) -> bool {
+    matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    )
+}
+
+/// The mirror request for a live HTTP/1 request: same method, target (under the mirror's path
+/// prefix), headers and body; hop-by-hop and dropped headers left out; Host as `--host` says.
+pub fn serialize(cfg: &ReplayConfig, req: &h1::Request) -> Result<Outgoing> {
+    let connection_tokens: Vec<String> = req
+        .headers()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+        .flat_map(|(_, v)| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut head = Vec::with_capacity(req.head().len() + 64);
+    let line = |head: &mut Vec<u8>, name: &[u8], value: &[u8]| {
+        head.extend_from_slice(name);
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value);
+        head.extend_from_slice(b"\r\n");
+    };
+    head.extend_from_slice(req.method().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(mirror_path(cfg, req.target()).as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut original_host = None;
+    for (name, value) in req.headers() {
+        let lower = name.to_ascii_lowercase();
+        if lower == "host" {
+            original_host = Some(value);
+            continue;
+        }
+        if HOP_BY_HOP.contains(&lower.as_str())
+            || connection_tokens.contains(&lower)
+            || cfg.drop_headers.iter().any(|d| d.as_str() == lower)
+        {
+            continue;
+        }
+        line(&mut head, name.as_bytes(), value);
+    }
+    let host = mirror_authority(cfg, original_host)?;
+    line(&mut head, b"Host", host.as_bytes());
+    for (name, value) in &cfg.add_headers {
+        line(&mut head, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if let Framing::Length(n) = req.framing {
+        line(&mut head, b"Content-Length", n.to_string().as_bytes());
+    }
+    head.extend_from_slice(b"\r\n");
+    Ok(Outgoing {
+        head,
+        body: req.body.clone(),
+        to_head: req.method() == "HEAD",
+        idempotent: idempotent(req.method()),
+    })
+}
+
+/// How one request of a batch ended: its result and time, or None when the mirror closed
+/// cleanly before answering it (it was not processed).
+pub type Fate = Option<(MirrorResult, Duration)>;
+
+/// A worker's connection to the mirror.
+pub struct Conn {
+    stream: TcpStream,
+    /// Bytes read and not yet parsed.
+    buf: BytesMut,
+    /// The batch being written.
+    out: Vec<u8>,
+    /// When the last read returned.
+    last_read: Instant,
+    /// How many requests the next batch may hold.
+    depth: usize,
+}
+
+/// Why reading an answer stopped.
+enum ReadStop {
+    /// The mirror closed the connection where an answer would start.
+    ClosedAtBoundary,
+    Failed(MirrorResult),
+}
+
+impl Conn {
+    pub async fn open(cfg: &ReplayConfig) -> Result<Conn, MirrorResult> {
+        Ok(Conn {
+            stream: connect_mirror(cfg).await?,
+            buf: BytesMut::with_capacity(16 << 10),
+            out: Vec::new(),
+            last_read: Instant::now(),
+            depth: 1,
+        })
+    }
+
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+
+    /// Resolves when the idle connection is closed by the mirror, fails, or receives bytes
+    /// nobody asked for; it cannot carry a request then.
+    pub async fn unusable(&mut self) {
+        loop {
+            if self.stream.readable().await.is_err() {
+                return;
+            }
+            match self.stream.try_read_buf(&mut self.buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                _ => return,
+            }
+        }
+    }
+
+    /// Writes `batch` in one write and reads its answers in order, each within `timeout` of when
+    /// the mirror could start on it. Returns a fate per request, and whether the connection can
+    /// carry another batch. `max_depth` caps how deep the next batch may be.
+    pub async fn exchange(
+        &mut self,
+        batch: &[&Outgoing],
+        timeout: Duration,
+        max_depth: usize,
+    ) -> (Vec<Fate>, bool) {
+        let mut fates: Vec<Fate> = vec![None; batch.len()];
+        self.out.clear();
+        for o in batch {
+            self.out.extend_from_slice(&o.head);
+            self.out.extend_from_slice(&o.body);
+        }
+        let started = Instant::now();
+        match tokio::time::timeout(timeout, self.stream.write_all(&self.out)).await {
+            Err(_) => {
+                fates.fill(Some((MirrorResult::Timeout, started.elapsed())));
+                return (fates, false);
+            }
+            // Refused or reset under the write: none of it was answered; the caller decides.
+            Ok(Err(_)) => return (fates, false),
+            Ok(Ok(())) => {}
+        }
+        // When the mirror could start on the next request: the write, then each answer's end.
+        let mut since = Instant::now();
+        let mut slow = false;
+        for (i, o) in batch.iter().enumerate() {
+            match self.read_answer(o.to_head, since + timeout).await {
+                Ok((status, head_at, keep_alive)) => {
+                    let took = head_at.saturating_duration_since(since);
+                    slow |= took > FAST_ANSWER;
+                    fates[i] = Some((MirrorResult::Status(status), took));
+                    since = self.last_read.max(since);
+                    if !keep_alive {
+                        return (fates, false);
+                    }
+                }
+                Err(ReadStop::ClosedAtBoundary) => return (fates, false),
+                Err(ReadStop::Failed(result)) => {
+                    // The rest was written and may have been processed: not sent again.
+                    let rest = if result == MirrorResult::Timeout {
+                        MirrorResult::Timeout
+                    } else {
+                        MirrorResult::Reset
+                    };
+                    fates[i] = Some((result, since.elapsed()));
+                    for f in &mut fates[i + 1..] {
+                        *f = Some((rest, Duration::ZERO));
+                    }
+                    return (fates, false);
+                }
+            }
+        }
+        self.depth = if slow {
+            1
+        } else {
+            (self.depth * 2).min(max_depth.max(1))
+        };
+        // Bytes beyond the last answer were never asked for.
+        (fates, self.buf.is_empty())
+    }
+
+    /// Reads one answer (after any interim 1xx ones) to its end. Returns its status, when its
+    /// head arrived, and whether the connection stays open after it.
+    async fn read_answer(
+        &mut self,
+        to_head: bool,
+        deadline: Instant,
+    ) -> Result<(u16, Instant, bool), ReadStop> {
+        loop {
+            let head = loop {
+                match parse_client_response(&self.buf, to_head) {
+                    Ok(Some(head)) => break head,
+                    Ok(None) => {
+                        if self.fill(deadline).await? == 0 {
+                            return Err(if self.buf.is_empty() {
+                                ReadStop::ClosedAtBoundary
+                            } else {
+                                ReadStop::Failed(MirrorResult::Reset)
+                            });
+                        }
+                    }
+                    Err(_) => return Err(ReadStop::Failed(MirrorResult::Error)),
+                }
+            };
+            let head_at = self.last_read;
+            self.buf.advance(head.len);
+            if (100..200).contains(&head.status) && head.status != 101 {
+                continue;
+            }
+            if let Some(mut body) = BodyDecoder::new(head.framing) {
+                loop {
+                    let (n, done) = body
+                        .feed(&self.buf, MAX_LINE)
+                        .map_err(|_| ReadStop::Failed(MirrorResult::Error))?;
+                    self.buf.advance(n);
+                    if done {
+                        break;
+                    }
+                    if self.fill(deadline).await? == 0 {
+                        if head.framing == Framing::UntilClose {
+                            break;
+                        }
+                        return Err(ReadStop::Failed(MirrorResult::Reset));
+                    }
+                }
+            }
+            return Ok((head.status, head_at, head.keep_alive));
+        }
+    }
+
+    /// Reads what the mirror sent, by the deadline. Returns how many bytes came (0: closed).
+    async fn fill(&mut self, deadline: Instant) -> Result<usize, ReadStop> {
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(16 << 10);
+        }
+        let read = tokio::time::timeout_at(deadline.into(), self.stream.read_buf(&mut self.buf));
+        match read.await {
+            Err(_) => Err(ReadStop::Failed(MirrorResult::Timeout)),
+            Ok(Err(e)) => Err(ReadStop::Failed(super::classify(&e))),
+            Ok(Ok(n)) => {
+                self.last_read = Instant::now();
+                Ok(n)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replay::{parse_mirror_url, HostMode};
+    use crate::testkit::{Conversation, Extract};
+    use hyper::header::{HeaderName, HeaderValue};
+
+    /// The request the agent extracts from `wire`, sent by a client to port 8080.
+    fn extract(wire: &[u8]) -> h1::Request {
+        let mut c = Conversation::new("10.0.0.1:40000", "10.0.0.2:8080", 7, 9);
+        let mut x = Extract::new(&[8080]);
+        x.feed(&c.handshake());
+        x.feed(&c.client_data(wire, 1400));
+        assert_eq!(x.requests.len(), 1);
+        x.requests.remove(0)
+    }
+
+    fn config(mirror: &str) -> ReplayConfig {
+        ReplayConfig::new(parse_mirror_url(mirror).unwrap())
+    }
+
+    fn written(o: &Outgoing) -> Vec<u8> {
+        [&o.head[..], &o.body[..]].concat()
+    }
+
+    #[test]
+    fn chunked_bodies_go_out_as_they_came() {
+        let body = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum: abc\r\n\r\n";
+        let wire = [
+            &b"POST /up HTTP/1.1\r\nHost: live\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"[..],
+            body,
+        ]
+        .concat();
+        let o = serialize(&config("http://mirror:9090"), &extract(&wire)).unwrap();
+        assert_eq!(
+            written(&o),
+            [
+                &b"POST /up HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\nHost: mirror:9090\r\n\r\n"[..],
+                body
+            ]
+            .concat()
+        );
+        assert!(!o.idempotent);
+    }
+
+    #[test]
+    fn length_bodies_keep_their_length_and_names_keep_their_case() {
+        let o = serialize(
+            &config("http://mirror:9090"),
+            &extract(
+                b"PUT /r HTTP/1.1\r\nHost: h\r\nX-Trace-ID: 7\r\ncontent-length: 5\r\n\r\nhello",
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            written(&o),
+            b"PUT /r HTTP/1.1\r\nX-Trace-ID: 7\r\nHost: mirror:9090\r\nContent-Length: 5\r\n\r\nhello"
+        );
+        assert!(o.idempotent);
+        let o = serialize(
+            &config("http://mirror:9090"),
+            &extract(b"GET / HTTP/1.0\r\n\r\n"),
+        )
+        .unwrap();
+        assert_eq!(o.head(), "GET / HTTP/1.1\r\nHost: mirror:9090\r\n\r\n");
+    }
+
+    #[test]
+    fn hop_by_hop_and_dropped_headers_stay_behind() {
+        let mut cfg = config("http://mirror:9090/shadow/");
+        cfg.drop_headers = vec![HeaderName::from_static("authorization")];
+        cfg.add_headers = vec![(
+            HeaderName::from_static("x-mirrored"),
+            HeaderValue::from_static("1"),
+        )];
+        let o = serialize(
+            &cfg,
+            &extract(
+                b"GET http://live.example/api/x?y=1 HTTP/1.1\r\nHost: live.example\r\n\
+                  Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\
+                  Upgrade: h2c\r\nAuthorization: Bearer s\r\nX-Keep: a\r\nX-Keep: b\r\n\r\n",
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            o.head(),
+            "GET /shadow/api/x?y=1 HTTP/1.1\r\nX-Keep: a\r\nX-Keep: b\r\nHost: mirror:9090\r\n\
+             x-mirrored: 1\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn host_modes() {
+        let req = extract(b"GET / HTTP/1.1\r\nHost: books:8080\r\n\r\n");
+        let mut cfg = config("http://[::1]:9090");
+        for (mode, want) in [
+            (HostMode::Mirror, "[::1]:9090"),
+            (HostMode::Keep, "books:8080"),
+            (HostMode::Shadow, "books-shadow:8080"),
+        ] {
+            cfg.host = mode;
+            let o = serialize(&cfg, &req).unwrap();
+            assert!(
+                o.head().contains(&format!("\r\nHost: {want}\r\n")),
+                "{mode:?}"
+            );
+        }
+        cfg.host = HostMode::Shadow;
+        let o = serialize(&cfg, &extract(b"GET / HTTP/1.1\r\nHost: books\r\n\r\n")).unwrap();
+        assert!(o.head().contains("\r\nHost: books-shadow\r\n"));
+    }
+
+    /// A mirror that reads what it is sent and answers with `script`, all of it at once after
+    /// the first `wait_for` requests have arrived, then closes if `close`.
+    async fn mirror(
+        script: &'static [u8],
+        wait_for: usize,
+        close: bool,
+    ) -> (ReplayConfig, tokio::task::JoinHandle<Vec<u8>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cfg = config(&format!("http://{}", listener.local_addr().unwrap()));
+        let task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while got.windows(4).filter(|w| w == b"\r\n\r\n").count() < wait_for {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the client closed early");
+                got.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(script).await.unwrap();
+            if !close {
+                // Hold the connection open until the client is done with it.
+                let _ = s.read(&mut buf).await;
+            }
+            got
+        });
+        (cfg, task)
+    }
+
+    fn outgoing(cfg: &ReplayConfig, wire: &[u8]) -> Outgoing {
+        serialize(cfg, &extract(wire)).unwrap()
+    }
+
+    fn statuses(fates: &[Fate]) -> Vec<Option<MirrorResult>> {
+        fates.iter().map(|f| f.map(|(r, _)| r)).collect()
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_answered_in_order_whatever_the_framing() {
+        let script: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n\
+            HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc\
+            HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n4;x=1\r\nwxyz\r\n0\r\nT: 1\r\n\r\n\
+            HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n\
+            HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n\
+            HTTP/1.1 304 Not Modified\r\n\r\n";
+        let (cfg, server) = mirror(script, 5, false).await;
+        let reqs = [
+            outgoing(&cfg, b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n"),
+            outgoing(&cfg, b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n"),
+            outgoing(&cfg, b"HEAD /c HTTP/1.1\r\nHost: h\r\n\r\n"),
+            outgoing(&cfg, b"DELETE /d HTTP/1.1\r\nHost: h\r\n\r\n"),
+            outgoing(&cfg, b"GET /e HTTP/1.1\r\nHost: h\r\n\r\n"),
+        ];
+        let mut conn = Conn::open(&cfg).await.unwrap();
+        let batch: Vec<&Outgoing> = reqs.iter().collect();
+        let (fates, reusable) = conn.exchange(&batch, Duration::from_secs(5), 16).await;
+        use MirrorResult::Status;
+        assert_eq!(
+            statuses(&fates),
+            [
+                Some(Status(200)),
+                Some(Status(404)),
+                Some(Status(200)),
+                Some(Status(204)),
+                Some(Status(304))
+            ]
+        );
+        assert!(reusable);
+        assert_eq!(conn.depth(), 2, "fast answers deepen the next batch");
+        drop(conn);
+        let got = server.await.unwrap();
+        let sent: Vec<u8> = reqs.iter().flat_map(written).collect();
+        assert_eq!(got, sent, "the mirror got the batch byte for byte");
+    }
+
+    #[tokio::test]
+    async fn requests_after_a_close_are_left_unanswered_and_a_cut_answer_is_a_reset() {
+        let (cfg, _server) = mirror(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            3,
+            true,
+        )
+        .await;
+        let reqs = [
+            outgoing(&cfg, b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n"),
+            outgoing(&cfg, b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n"),
+            outgoing(&cfg, b"GET /3 HTTP/1.1\r\nHost: h\r\n\r\n"),
+        ];
+        let mut conn = Conn::open(&cfg).await.unwrap();
+        let batch: Vec<&Outgoing> = reqs.iter().collect();
+        let (fates, reusable) = conn.exchange(&batch, Duration::from_secs(5), 16).await;
+        assert_eq!(
+            statuses(&fates),
+            [Some(MirrorResult::Status(200)), None, None]
+        );
+        assert!(!reusable);
+
+        let (cfg, _server) =
+            mirror(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", 2, true).await;
+        let reqs = [
+            outgoing(&cfg, b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n"),
+            outgoing(&cfg, b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n"),
+        ];
+        let mut conn = Conn::open(&cfg).await.unwrap();
+        let batch: Vec<&Outgoing> = reqs.iter().collect();
+        let (fates, _) = conn.exchange(&batch, Duration::from_secs(5), 16).await;
+        assert_eq!(
+            statuses(&fates),
+            [Some(MirrorResult::Reset), Some(MirrorResult::Reset)],
+            "the second may have been processed: never sent again"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_slow_answer_times_out_and_resets_the_depth() {
+        let (cfg, _server) = mirror(b"", 1, false).await;
+        let req = outgoing(&cfg, b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n");
+        let mut conn = Conn::open(&cfg).await.unwrap();
+        conn.depth = 8;
+        let t = Instant::now();
+        let (fates, reusable) = conn.exchange(&[&req], Duration::from_millis(200), 16).await;
+        assert_eq!(statuses(&fates), [Some(MirrorResult::Timeout)]);
+        assert!(!reusable);
+        assert!(t.elapsed() >= Duration::from_millis(200));
+    }
+
+    #[tokio::test]
+    async fn answers_until_close_and_malformed_answers() {
+        let (cfg, _server) = mirror(b"HTTP/1.0 200 OK\r\n\r\nbody to the end", 1, true).await;
+        let req = outgoing(&cfg, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
+        let mut conn = Conn::open(&cfg).await.unwrap();
+        let (fates, reusable) = conn.exchange(&[&req], Duration::from_secs(5), 16).await;
+        assert_eq!(statuses(&fates), [Some(MirrorResult::Status(200))]);
+        assert!(!reusable);
+
+        let (cfg, _server) = mirror(b"SSH-2.0-OpenSSH\r\n\r\n", 1, false).await;
+        let mut conn = Conn::open(&cfg).await.unwrap();
+        let (fates, reusable) = conn.exchange(&[&req], Duration::from_secs(5), 16).await;
+        assert_eq!(statuses(&fates), [Some(MirrorResult::Error)]);
+        assert!(!reusable);
+    }
+}
