@@ -12,11 +12,12 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 
+use crate::capture::heads::FullResponses;
 use crate::capture::{named_counters, netdev, Capture, CaptureConfig, CaptureStats, Hook};
 use crate::compare::{CompareConfig, Comparison, Report, Sampling};
 use crate::cpu_budget::{self, CpuBudget, Load};
 use crate::dump::FlowRecorder;
-use crate::http::HttpEvent;
+use crate::http::{HttpEvent, Request};
 use crate::metrics::{self, Sources};
 use crate::pipeline::{self, PipelineConfig, PipelineStats};
 use crate::pods::{self, PodChange, PodSelector};
@@ -108,30 +109,17 @@ impl Agent {
 
         // Reassemble and parse, on their own thread.
         let pipeline_stats = Arc::new(Mutex::new(PipelineStats::default()));
-        let sender = replay.clone();
-        let live = comparison.clone();
-        let mut full_responses = capture.take_full_responses();
+        let events = PipelineEvents {
+            replay: replay.clone(),
+            requests: Vec::new(),
+            live: comparison.clone(),
+            full_responses: capture.take_full_responses(),
+        };
         let pipeline = {
             let (cfg, stats) = (cfg.pipeline.clone(), Arc::clone(&pipeline_stats));
             std::thread::Builder::new()
                 .name("mirror-pipeline".into())
-                .spawn(move || {
-                    pipeline::run(segments, cfg, stats, |event| match event {
-                        HttpEvent::Request(r) => {
-                            if let Some(replayer) = &sender {
-                                replayer.offer(r);
-                            }
-                        }
-                        HttpEvent::Response(m) => live.live(&m),
-                        HttpEvent::FullResponses { client, server } => {
-                            if let Some(full) = full_responses.as_mut() {
-                                if let Err(e) = full.insert(client, server) {
-                                    log::debug!("asking {client} <-> {server} whole: {e:#}");
-                                }
-                            }
-                        }
-                    })
-                })?
+                .spawn(move || pipeline::run(segments, cfg, stats, events))?
         };
 
         let kernel = KernelCounters::default();
@@ -331,6 +319,43 @@ async fn next_change(rx: &mut Option<tokio::sync::mpsc::Receiver<PodChange>>) ->
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Where the pipeline's events go: requests to the replayer, a batch at a time; live
+/// responses to the comparison; connections to capture whole to the kernel.
+struct PipelineEvents {
+    replay: Option<Replayer>,
+    requests: Vec<Request>,
+    live: Comparison,
+    full_responses: Option<FullResponses>,
+}
+
+impl pipeline::Sink for PipelineEvents {
+    fn event(&mut self, event: HttpEvent) {
+        match event {
+            HttpEvent::Request(r) => {
+                if self.replay.is_some() {
+                    self.requests.push(r);
+                }
+            }
+            HttpEvent::Response(m) => self.live.live(&m),
+            HttpEvent::FullResponses { client, server } => {
+                if let Some(full) = self.full_responses.as_mut() {
+                    if let Err(e) = full.insert(client, server) {
+                        log::debug!("asking {client} <-> {server} whole: {e:#}");
+                    }
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Some(replayer) = &self.replay {
+            if !self.requests.is_empty() {
+                replayer.offer(self.requests.drain(..));
+            }
+        }
     }
 }
 

@@ -35,13 +35,28 @@ pub fn now_ns() -> TimestampNs {
         .unwrap_or(0)
 }
 
+/// Where the pipeline's events go.
+pub trait Sink {
+    fn event(&mut self, event: HttpEvent);
+    /// Called after the events of each batch of segments, so that they can be handed on
+    /// together.
+    fn flush(&mut self);
+}
+
 /// Runs until the capture side closes the channel. Returns the stream recorder, if asked for.
 pub fn run(
     rx: Receiver<SegmentBatch>,
     cfg: PipelineConfig,
     stats: Arc<Mutex<PipelineStats>>,
-    mut sink: impl FnMut(HttpEvent),
+    mut sink: impl Sink,
 ) -> Option<FlowRecorder> {
+    let mut hand_on = |extract: &mut Reassembler<HttpExtractor>| {
+        extract
+            .handler_mut()
+            .drain()
+            .for_each(|event| sink.event(event));
+        sink.flush();
+    };
     let mut extract =
         Reassembler::new(cfg.reassembly.clone(), HttpExtractor::new(cfg.http.clone()));
     let mut recorder = cfg
@@ -65,7 +80,7 @@ pub fn run(
                     }
                 }
                 drop(batch);
-                extract.handler_mut().drain().for_each(&mut sink);
+                hand_on(&mut extract);
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
@@ -76,14 +91,14 @@ pub fn run(
             if let Some(r) = recorder.as_mut() {
                 r.tick(now);
             }
-            extract.handler_mut().drain().for_each(&mut sink);
+            hand_on(&mut extract);
             publish(&extract);
             last_tick = Instant::now();
         }
     }
     let now = now_ns();
     extract.shutdown(now);
-    extract.handler_mut().drain().for_each(&mut sink);
+    hand_on(&mut extract);
     publish(&extract);
     recorder.map(|mut r| {
         r.shutdown(now);

@@ -245,30 +245,36 @@ fn inc(c: &AtomicU64) {
 /// channel or task sits between the mirror and the comparison.
 pub type OutcomeSink = Box<dyn Fn(MirrorOutcome) + Send + Sync>;
 
-/// The producer side, used by the pipeline thread. Dropping every clone closes the queue; the
-/// workers finish what is queued and exit (`Replayer::drain`).
+/// The producer side, used by the pipeline thread; `drain` closes it.
 #[derive(Clone)]
 pub struct Replayer {
     shared: Arc<Shared>,
-    tx: async_channel::Sender<Request>,
 }
 
 /// What the workers share. Each worker owns one HTTP/1 connection to the mirror and sends one
-/// request at a time on it, so the worker count is the in-flight cap; HTTP/2 requests share one
+/// batch at a time on it, so the worker count bounds the connections; HTTP/2 requests share one
 /// multiplexed connection.
 struct Shared {
     cfg: ReplayConfig,
     stats: Arc<ReplayStats>,
-    queue: async_channel::Receiver<Request>,
+    queue: Mutex<Queue>,
+    /// Rung when requests are queued (or the queue closes): wakes one waiting worker.
+    bell: tokio::sync::Notify,
     h2: H2Mirror,
     backoff: Mutex<Backoff>,
     probing: AtomicBool,
     bucket: Option<Mutex<TokenBucket>>,
-    /// Workers alive, and those waiting for a request.
+    /// Workers alive, and those waiting for the bell.
     workers: AtomicUsize,
     idle: AtomicUsize,
     on_outcome: OutcomeSink,
     rt: tokio::runtime::Handle,
+}
+
+#[derive(Default)]
+struct Queue {
+    requests: VecDeque<Request>,
+    closed: bool,
 }
 
 fn queue_cost(req: &Request) -> usize {
@@ -281,13 +287,7 @@ const WORKER_IDLE_EXIT: Duration = Duration::from_secs(30);
 
 impl Replayer {
     /// Starts the replay stage on `rt`. Outcomes go to `on_outcome`, called from the workers.
-    pub fn start(
-        cfg: ReplayConfig,
-        rt: &tokio::runtime::Handle,
-        on_outcome: OutcomeSink,
-    ) -> Replayer {
-        // Unbounded as a channel, bounded in bytes by `offer`.
-        let (tx, queue) = async_channel::unbounded();
+    pub fn start(cfg: ReplayConfig, rt: &tokio::runtime::Handle, on_outcome: OutcomeSink) -> Replayer {
         let bucket = cfg.max_rps.map(|rate| {
             Mutex::new(TokenBucket {
                 rate,
@@ -299,7 +299,8 @@ impl Replayer {
             h2: H2Mirror::new(),
             cfg,
             stats: Arc::new(ReplayStats::default()),
-            queue,
+            queue: Mutex::default(),
+            bell: tokio::sync::Notify::new(),
             backoff: Mutex::new(Backoff::default()),
             probing: AtomicBool::new(false),
             bucket,
@@ -308,7 +309,7 @@ impl Replayer {
             on_outcome,
             rt: rt.clone(),
         });
-        Replayer { shared, tx }
+        Replayer { shared }
     }
 
     pub fn stats(&self) -> &Arc<ReplayStats> {
@@ -321,8 +322,37 @@ impl Replayer {
             / self.shared.cfg.queue_bytes.max(1) as f64
     }
 
-    /// Hands a request over without waiting. Returns whether it was queued.
-    pub fn offer(&self, req: Request) -> bool {
+    /// Hands requests over without waiting, all at once, so that a burst wakes one worker rather
+    /// than one per request. Returns how many were queued; the others are counted by reason.
+    pub fn offer(&self, requests: impl IntoIterator<Item = Request>) -> usize {
+        let admitted: Vec<Request> = requests
+            .into_iter()
+            .filter(|r| self.admit(r))
+            .collect();
+        let n = admitted.len();
+        if n == 0 {
+            return 0;
+        }
+        {
+            let mut queue = self.shared.queue.lock().unwrap();
+            if queue.closed {
+                drop(queue);
+                let cost: usize = admitted.iter().map(queue_cost).sum();
+                self.shared.stats.queued_bytes.fetch_sub(cost, Ordering::AcqRel);
+                self.shared
+                    .stats
+                    .dropped_queue_full
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                return 0;
+            }
+            queue.requests.extend(admitted);
+        }
+        self.shared.wake_one();
+        n
+    }
+
+    /// Whether a request passes the filters and fits the queue's bytes (then counted in them).
+    fn admit(&self, req: &Request) -> bool {
         let (cfg, stats) = (&self.shared.cfg, &self.shared.stats);
         inc(&stats.offered);
         if !cfg.methods.is_empty() && !cfg.methods.iter().any(|m| m == req.method()) {
@@ -336,37 +366,28 @@ impl Replayer {
                 return false;
             }
         }
-        let cost = queue_cost(&req);
-        let queued = &stats.queued_bytes;
-        let admitted = queued
+        let cost = queue_cost(req);
+        let admitted = stats
+            .queued_bytes
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
                 (q + cost <= cfg.queue_bytes).then_some(q + cost)
             })
             .is_ok();
         if !admitted {
             inc(&stats.dropped_queue_full);
-            return false;
         }
-        if self.tx.try_send(req).is_err() {
-            queued.fetch_sub(cost, Ordering::AcqRel);
-            inc(&stats.dropped_queue_full);
-            return false;
-        }
-        // Queued first, then counted idle workers: a worker that stops waiting after this
-        // request was queued sees it (`Shared::worker`), else this sees no idle worker.
-        if self.shared.idle.load(Ordering::SeqCst) == 0 {
-            self.shared.add_worker();
-        }
-        true
+        admitted
     }
 
     /// Closes the queue and waits, at most `grace`, for the workers to send what was queued and
     /// read the answers. Returns the final counters.
     pub async fn drain(self, grace: Duration) -> Arc<ReplayStats> {
-        let Replayer { shared, tx } = self;
-        tx.close();
+        let shared = self.shared;
+        shared.queue.lock().unwrap().closed = true;
+        shared.bell.notify_waiters();
         let deadline = tokio::time::Instant::now() + grace;
-        while shared.workers.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+        while shared.workers.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Arc::clone(&shared.stats)
@@ -580,14 +601,11 @@ impl Body for ReplayBody {
     }
 }
 
-/// What a waiting worker does next. (Short-lived and moved once: boxing the request would cost
-/// an allocation per request.)
-#[allow(clippy::large_enum_variant)]
+/// What a waiting worker does next.
 enum Turn {
-    Send(Request),
+    Rung,
     ConnectionEnded,
     IdleTooLong,
-    QueueClosed,
 }
 
 /// A request that passed the caps, with what goes to the mirror.
@@ -597,10 +615,21 @@ enum Ready {
     H2(Request, hyper::Request<ReplayBody>),
 }
 
+/// What a worker found in the queue.
+enum Taken {
+    Batch(Vec<Request>),
+    Nothing,
+    Closed,
+}
+
 impl Shared {
-    /// Starts one more worker, unless there are as many as requests may be in flight. It counts
-    /// as idle from here, so a burst of requests does not start a worker for each.
-    fn add_worker(self: &Arc<Self>) {
+    /// Gets one more worker to look at the queue: a waiting one, else a new one unless there
+    /// are as many as requests may be in flight (then the first to finish its batch takes it).
+    fn wake_one(self: &Arc<Self>) {
+        if self.idle.load(Ordering::SeqCst) > 0 {
+            self.bell.notify_one();
+            return;
+        }
         let max = self.cfg.max_inflight.max(1);
         let added = self
             .workers
@@ -609,110 +638,92 @@ impl Shared {
             })
             .is_ok();
         if added {
-            self.idle.fetch_add(1, Ordering::SeqCst);
             self.rt.spawn(Arc::clone(self).worker());
         }
     }
 
-    /// Takes requests from the queue and sends them: HTTP/1 ones in batches on the worker's own
-    /// connection, HTTP/2 ones on the shared connection. Runs until the queue is closed and
-    /// empty, or nothing came for `WORKER_IDLE_EXIT`.
+    /// Takes the next request and those behind it that may be pipelined after it: HTTP/1
+    /// requests with idempotent methods, up to `depth` and the in-flight cap. Rings for another
+    /// worker when requests are left.
+    fn take(self: &Arc<Self>, depth: usize) -> Taken {
+        let mut queue = self.queue.lock().unwrap();
+        let Some(first) = queue.requests.pop_front() else {
+            return if queue.closed { Taken::Closed } else { Taken::Nothing };
+        };
+        let inflight = self.stats.inflight.load(Ordering::Relaxed) as usize;
+        let depth = depth.min(self.cfg.max_inflight.saturating_sub(inflight)).max(1);
+        let pipelinable = |r: &Request| matches!(r, Request::H1(h) if h1::idempotent(h.method()));
+        let mut batch = Vec::with_capacity(depth);
+        let more = pipelinable(&first);
+        batch.push(first);
+        while more && batch.len() < depth && queue.requests.front().is_some_and(pipelinable) {
+            batch.extend(queue.requests.pop_front());
+        }
+        let left = !queue.requests.is_empty();
+        drop(queue);
+        let cost: usize = batch.iter().map(queue_cost).sum();
+        self.stats.queued_bytes.fetch_sub(cost, Ordering::AcqRel);
+        if left {
+            self.wake_one();
+        }
+        Taken::Batch(batch)
+    }
+
+    /// Sends what the queue holds, a batch at a time: HTTP/1 batches on the worker's own
+    /// connection, HTTP/2 requests on the shared one. Runs until the queue is closed and empty,
+    /// or nothing came for `WORKER_IDLE_EXIT`.
     async fn worker(self: Arc<Self>) {
         let mut conn: Option<h1::Conn> = None;
         loop {
-            // Counted idle here: by `add_worker`, or at the end of the previous turn.
+            let bell = self.bell.notified();
+            tokio::pin!(bell);
+            // Listening before looking, so that a ring between the two is not missed.
+            bell.as_mut().enable();
+            match self.take(conn.as_ref().map_or(1, h1::Conn::depth)) {
+                Taken::Batch(batch) => {
+                    self.send(&mut conn, batch).await;
+                    continue;
+                }
+                Taken::Closed => break,
+                Taken::Nothing => {}
+            }
+            self.idle.fetch_add(1, Ordering::SeqCst);
             let turn = tokio::select! {
-                r = self.queue.recv() => match r {
-                    Ok(req) => Turn::Send(req),
-                    Err(_) => Turn::QueueClosed,
-                },
+                () = &mut bell => Turn::Rung,
                 () = unusable(&mut conn) => Turn::ConnectionEnded,
                 () = tokio::time::sleep(WORKER_IDLE_EXIT) => Turn::IdleTooLong,
             };
+            self.idle.fetch_sub(1, Ordering::SeqCst);
             match turn {
-                Turn::Send(req) => {
-                    self.idle.fetch_sub(1, Ordering::SeqCst);
-                    let mut next = Some(self.dequeued(req));
-                    while let Some(req) = next.take() {
-                        next = self.send(&mut conn, req).await;
-                    }
-                    self.idle.fetch_add(1, Ordering::SeqCst);
-                }
+                Turn::Rung => {}
                 Turn::ConnectionEnded => conn = None,
-                Turn::IdleTooLong | Turn::QueueClosed => {
-                    self.idle.fetch_sub(1, Ordering::SeqCst);
+                Turn::IdleTooLong => {
                     self.workers.fetch_sub(1, Ordering::SeqCst);
-                    // A request queued while this worker was leaving found it idle and started
-                    // no worker: stay for it (see `Replayer::offer`).
-                    if self.queue.is_empty() {
+                    // Requests queued while this worker was leaving found it idle and started
+                    // no worker: stay for them (see `Replayer::offer`).
+                    if self.queue.lock().unwrap().requests.is_empty() {
                         return;
                     }
                     self.workers.fetch_add(1, Ordering::SeqCst);
-                    self.idle.fetch_add(1, Ordering::SeqCst);
                 }
             }
         }
+        self.workers.fetch_sub(1, Ordering::SeqCst);
     }
 
-    fn dequeued(&self, req: Request) -> Request {
-        self.stats
-            .queued_bytes
-            .fetch_sub(queue_cost(&req), Ordering::AcqRel);
-        req
-    }
-
-    /// Sends `first`; an HTTP/1 request goes with those queued behind it that may be pipelined
-    /// after it, up to the connection's depth. Returns a request taken from the queue that
-    /// could not join the batch.
-    async fn send(
-        self: &Arc<Self>,
-        conn: &mut Option<h1::Conn>,
-        first: Request,
-    ) -> Option<Request> {
-        let depth = conn.as_ref().map_or(1, h1::Conn::depth);
-        let mut batch = Vec::new();
-        let mut left = None;
-        let mut next = Some(first);
-        while let Some(req) = next.take() {
+    /// Sends a batch from `take`: pipelined HTTP/1 requests, or one HTTP/2 request.
+    async fn send(self: &Arc<Self>, conn: &mut Option<h1::Conn>, batch: Vec<Request>) {
+        let mut h1_batch = Vec::with_capacity(batch.len());
+        for req in batch {
             match self.ready(req) {
-                Some(Ready::H1(req, out)) => {
-                    let alone = !out.idempotent;
-                    batch.push((req, out));
-                    if alone || batch.len() >= depth {
-                        break;
-                    }
-                }
-                Some(Ready::H2(req, outgoing)) => {
-                    // Answered on its own connection; the batch so far goes out first.
-                    if batch.is_empty() {
-                        self.send_h2(req, outgoing).await;
-                        return None;
-                    }
-                    left = Some(req);
-                    break;
-                }
+                Some(Ready::H1(req, out)) => h1_batch.push((req, out)),
+                Some(Ready::H2(req, outgoing)) => self.send_h2(req, outgoing).await,
                 None => {}
             }
-            // Only what is waiting already joins (a batch never waits for more), and only while
-            // the in-flight cap allows.
-            if self.stats.inflight.load(Ordering::Relaxed) >= self.cfg.max_inflight as u64 {
-                break;
-            }
-            match self.queue.try_recv() {
-                Ok(r) if matches!(&r, Request::H1(h) if h1::idempotent(h.method())) => {
-                    next = Some(self.dequeued(r));
-                }
-                Ok(r) => {
-                    left = Some(self.dequeued(r));
-                    break;
-                }
-                Err(_) => break,
-            }
         }
-        if !batch.is_empty() {
-            self.send_h1(conn, batch).await;
+        if !h1_batch.is_empty() {
+            self.send_h1(conn, h1_batch).await;
         }
-        left
     }
 
     /// Applies the rate cap and the backoff, and builds what goes to the mirror; None when the
