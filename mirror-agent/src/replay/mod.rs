@@ -230,6 +230,10 @@ pub struct ReplayStats {
     pub errors_refused: AtomicU64,
     pub errors_reset: AtomicU64,
     pub errors_other: AtomicU64,
+    /// HTTP/1 batches written to the mirror (`sent` over this is the mean pipelining depth).
+    pub batches: AtomicU64,
+    /// Requests sent again on a new connection: the mirror closed before answering them.
+    pub resent: AtomicU64,
     /// Times the mirror was found back by the prober while sending was backing off.
     pub probe_recoveries: AtomicU64,
     pub inflight: AtomicU64,
@@ -287,7 +291,11 @@ const WORKER_IDLE_EXIT: Duration = Duration::from_secs(30);
 
 impl Replayer {
     /// Starts the replay stage on `rt`. Outcomes go to `on_outcome`, called from the workers.
-    pub fn start(cfg: ReplayConfig, rt: &tokio::runtime::Handle, on_outcome: OutcomeSink) -> Replayer {
+    pub fn start(
+        cfg: ReplayConfig,
+        rt: &tokio::runtime::Handle,
+        on_outcome: OutcomeSink,
+    ) -> Replayer {
         let bucket = cfg.max_rps.map(|rate| {
             Mutex::new(TokenBucket {
                 rate,
@@ -325,10 +333,7 @@ impl Replayer {
     /// Hands requests over without waiting, all at once, so that a burst wakes one worker rather
     /// than one per request. Returns how many were queued; the others are counted by reason.
     pub fn offer(&self, requests: impl IntoIterator<Item = Request>) -> usize {
-        let admitted: Vec<Request> = requests
-            .into_iter()
-            .filter(|r| self.admit(r))
-            .collect();
+        let admitted: Vec<Request> = requests.into_iter().filter(|r| self.admit(r)).collect();
         let n = admitted.len();
         if n == 0 {
             return 0;
@@ -338,7 +343,10 @@ impl Replayer {
             if queue.closed {
                 drop(queue);
                 let cost: usize = admitted.iter().map(queue_cost).sum();
-                self.shared.stats.queued_bytes.fetch_sub(cost, Ordering::AcqRel);
+                self.shared
+                    .stats
+                    .queued_bytes
+                    .fetch_sub(cost, Ordering::AcqRel);
                 self.shared
                     .stats
                     .dropped_queue_full
@@ -386,8 +394,7 @@ impl Replayer {
         shared.queue.lock().unwrap().closed = true;
         shared.bell.notify_waiters();
         let deadline = tokio::time::Instant::now() + grace;
-        while shared.workers.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline
-        {
+        while shared.workers.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Arc::clone(&shared.stats)
@@ -648,10 +655,16 @@ impl Shared {
     fn take(self: &Arc<Self>, depth: usize) -> Taken {
         let mut queue = self.queue.lock().unwrap();
         let Some(first) = queue.requests.pop_front() else {
-            return if queue.closed { Taken::Closed } else { Taken::Nothing };
+            return if queue.closed {
+                Taken::Closed
+            } else {
+                Taken::Nothing
+            };
         };
         let inflight = self.stats.inflight.load(Ordering::Relaxed) as usize;
-        let depth = depth.min(self.cfg.max_inflight.saturating_sub(inflight)).max(1);
+        let depth = depth
+            .min(self.cfg.max_inflight.saturating_sub(inflight))
+            .max(1);
         let pipelinable = |r: &Request| matches!(r, Request::H1(h) if h1::idempotent(h.method()));
         let mut batch = Vec::with_capacity(depth);
         let more = pipelinable(&first);
@@ -787,6 +800,7 @@ impl Shared {
                 },
             };
             let outs: Vec<&h1::Outgoing> = batch.iter().map(|(_, o, _)| o).collect();
+            inc(&self.stats.batches);
             let (fates, reusable) = c
                 .exchange(&outs, self.cfg.timeout, self.cfg.pipeline_depth)
                 .await;
@@ -797,7 +811,10 @@ impl Shared {
             for ((req, out, retried), fate) in batch.into_iter().zip(fates) {
                 match fate {
                     Some((result, took)) => self.finish(req, result, took),
-                    None if out.idempotent && !retried => again.push((req, out, true)),
+                    None if out.idempotent && !retried => {
+                        inc(&self.stats.resent);
+                        again.push((req, out, true));
+                    }
                     None => self.finish(req, MirrorResult::Reset, started.elapsed()),
                 }
             }
@@ -1052,5 +1069,109 @@ mod tests {
         let mapped: IpAddr = "::ffff:10.0.0.9".parse().unwrap();
         let as_v6 = SocketAddr::new(mapped, 8080);
         assert!(ok(as_v6, &["10.0.0.9".parse().unwrap()], "veth1").is_err());
+    }
+}
+
+#[cfg(test)]
+mod worker_tests {
+    use super::*;
+    use crate::testkit::{Conversation, Extract};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A mirror that answers 200 to each request and closes after every `per_conn`-th answer
+    /// (saying so), leaving what was pipelined behind it unanswered. Logs the paths it answered.
+    async fn closing_mirror(per_conn: usize) -> (String, Arc<Mutex<Vec<String>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let answered = Arc::clone(&log);
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let log = Arc::clone(&answered);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    for n in 1..=per_conn {
+                        let head_end = loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+                        buf.drain(..head_end);
+                        log.lock()
+                            .unwrap()
+                            .push(head.split(' ').nth(1).unwrap().to_string());
+                        let close = if n == per_conn {
+                            "Connection: close\r\n"
+                        } else {
+                            ""
+                        };
+                        let answer =
+                            format!("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n{close}\r\nok");
+                        if s.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, log)
+    }
+
+    fn requests(n: usize) -> Vec<Request> {
+        let mut c = Conversation::new("10.0.0.1:40000", "10.0.0.2:8080", 7, 9);
+        let mut x = Extract::new(&[8080]);
+        x.feed(&c.handshake());
+        let wire: Vec<u8> = (0..n)
+            .flat_map(|i| format!("GET /r/{i} HTTP/1.1\r\nHost: live\r\n\r\n").into_bytes())
+            .collect();
+        x.feed(&c.client_data(&wire, 1400));
+        x.requests.into_iter().map(Request::H1).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pipelined_requests_left_unanswered_by_a_closing_mirror_are_sent_again_once() {
+        let (url, log) = closing_mirror(5).await;
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&outcomes);
+        let mut cfg = ReplayConfig::new(parse_mirror_url(&url).unwrap());
+        cfg.max_inflight = 4;
+        let replayer = Replayer::start(
+            cfg,
+            &tokio::runtime::Handle::current(),
+            Box::new(move |o: MirrorOutcome| sink.lock().unwrap().push(o)),
+        );
+        // Several rounds, so that connections are fast and deep by the later ones.
+        for round in requests(300).chunks(60) {
+            assert_eq!(replayer.offer(round.to_vec()), 60);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let stats = replayer.drain(Duration::from_secs(10)).await;
+        let outcomes = outcomes.lock().unwrap();
+        assert_eq!(outcomes.len(), 300);
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| o.result == MirrorResult::Status(200)),
+            "every request answered: {stats:?}"
+        );
+        let mut answered = log.lock().unwrap().clone();
+        answered.sort();
+        let mut sent: Vec<String> = (0..300).map(|i| format!("/r/{i}")).collect();
+        sent.sort();
+        assert_eq!(answered, sent, "each request processed exactly once");
+        assert_eq!(stats.sent.load(Ordering::Relaxed), 300);
+        assert_eq!(stats.responses.load(Ordering::Relaxed), 300);
+        assert_eq!(stats.queued_bytes.load(Ordering::Relaxed), 0);
+        assert!(
+            stats.resent.load(Ordering::Relaxed) > 0,
+            "batches outran the mirror's closes"
+        );
     }
 }
