@@ -336,7 +336,14 @@ impl Comparator {
         }
         self.waiting[side as usize].insert(key, Half { name, code, ns });
         self.order.push_back((side, key));
-        // Keep the order queue from growing on keys that were paired long ago.
+        // Keys paired since leave from the front, so that the queue holds about what waits.
+        while let Some((s, k)) = self.order.front() {
+            if self.waiting[*s as usize].contains_key(k) {
+                break;
+            }
+            self.order.pop_front();
+        }
+        // A key that waits long (its peer lost) stops that: sweep the rest now and then.
         if self.order.len() > 2 * self.cfg.max_pending.max(1) {
             let waiting = &self.waiting;
             self.order
