@@ -133,10 +133,39 @@ impl HeadMerge {
             };
             let latest = self.arrived.entry(cpu).or_default();
             *latest = (*latest).max(position);
+            self.release(&mut out, stats, Some(position), flush, now);
+            if let Some((front, Record::Mark(_, ts, _))) = self.queue.front() {
+                if *front == position {
+                    // Its turn already (the usual case): on at once, without a copy.
+                    c.ts = *ts;
+                    self.queue.pop_front();
+                    out.push(c);
+                    continue;
+                }
+            }
             // Held apart from its capture-ring block, which goes back to the kernel.
             c.payload = Bytes::copy_from_slice(&c.payload);
             self.waiting.insert(position, c);
         }
+        self.release(&mut out, stats, None, flush, now);
+        if flush {
+            out.extend(std::mem::take(&mut self.waiting).into_values());
+        }
+        out
+    }
+
+    /// Moves to `out` what leads `queue` and may go: records, and marks whose clone waits
+    /// (the clone goes, timed when the program saw it, as records are, so that live durations
+    /// run between two instants on one clock) or is known lost. Stops at a mark still waited for,
+    /// and at the mark at `in_hand`, whose clone the caller holds.
+    fn release(
+        &mut self,
+        out: &mut Vec<Segment>,
+        stats: &CaptureStats,
+        in_hand: Option<u64>,
+        flush: bool,
+        now: u64,
+    ) {
         while let Some((position, front)) = self.queue.front() {
             let position = *position;
             let Record::Mark(_, ts, cpu) = front else {
@@ -146,12 +175,13 @@ impl HeadMerge {
                 continue;
             };
             if let Some(mut c) = self.waiting.remove(&position) {
-                // Timed when the program saw it, as the records are: live durations then
-                // run between two instants on one clock.
                 c.ts = *ts;
                 self.queue.pop_front();
                 out.push(c);
                 continue;
+            }
+            if in_hand == Some(position) {
+                break;
             }
             let lost = flush
                 || self.arrived.get(cpu).is_some_and(|p| *p > position)
@@ -165,10 +195,6 @@ impl HeadMerge {
             }
             stats.marks_unmatched.fetch_add(1, Ordering::Relaxed);
         }
-        if flush {
-            out.extend(std::mem::take(&mut self.waiting).into_values());
-        }
-        out
     }
 
     /// The oldest mark of `key` still in `queue`; an entry left empty goes, so that `marked`
