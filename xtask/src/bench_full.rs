@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use netlab::{Pair, Proc};
 
 use crate::bench::{oha, wrk, Nginx};
@@ -120,6 +120,15 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
     let mirror_log = log_dir.path().join("mirror.log");
     let live_url = format!("http://{}:8080{PATH}", pair.server_v4);
     let _live = Nginx::start(&pair.server, &format!("{}:8080", pair.server_v4), "")?;
+    std::fs::write(log_dir.path().join("big"), "x".repeat(16 << 10))?;
+    let _big = Nginx::with_servers(
+        &pair.server,
+        &format!(
+            "server {{ listen {}:8083; location / {{ root {}; try_files /big =404; }} }}",
+            pair.server_v4,
+            log_dir.path().display()
+        ),
+    )?;
     let _fast = Nginx::with_servers(
         &pair.server,
         &format!(
@@ -214,22 +223,13 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
         }
     }
 
-    // Fidelity: every live request mirrored, at a sustained rate.
-    let agent = Agent::start(&bin.join("mirror-agent"), &pair, FAST_MIRROR)?;
-    let before = lines(&mirror_log);
-    let cpu0 = agent.proc.cpu_time();
-    let (_, _, served) = oha(
-        &pair.client,
-        &live_url,
-        args.fidelity_rate,
-        args.connections,
-        10,
-    )?;
-    let cpu = agent.proc.cpu_time() - cpu0;
-    let summary = agent.stop()?;
-    std::thread::sleep(Duration::from_millis(1500));
-    let received = lines(&mirror_log) - before;
-    eprintln!("fidelity run: {summary}");
+    // Fidelity and CPU per request at a sustained rate: every live request mirrored, with small
+    // and with 16 KiB responses; and what tcpdump alone costs to capture the same traffic.
+    let load = (args.fidelity_rate, args.connections);
+    let small = fidelity(&bin, &pair, "8080", &live_url, &mirror_log, load)?;
+    let big_url = format!("http://{}:8083{PATH}", pair.server_v4);
+    let big = fidelity(&bin, &pair, "8083", &big_url, &mirror_log, load)?;
+    let tcpdump_cpu = tcpdump_cpu_per_request(&pair, &live_url, load)?;
 
     // nginx `mirror`, in path: throughput and latency against the same live service direct.
     let direct = wrk(&pair.client, &live_url, args.connections, args.seconds)?;
@@ -326,11 +326,24 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
         );
     }
     println!(
-        "\nfidelity at {} req/s for 10 s: live served {served:.0}, mirror received {received}: {:.2} %; agent CPU {:.1} µs per mirrored request",
-        args.fidelity_rate,
-        100.0 * received as f64 / served.max(1.0),
-        cpu.as_secs_f64() * 1e6 / received.max(1) as f64
+        "\nat {} req/s for {FIDELITY_SECONDS} s (oha, {} connections):",
+        args.fidelity_rate, args.connections
     );
+    println!("| setup | live served | mirror received | fidelity | CPU µs per request |");
+    println!("|---|---|---|---|---|");
+    for (label, f) in [
+        ("agent, `ok` responses", &small),
+        ("agent, 16 KiB responses", &big),
+    ] {
+        println!(
+            "| {label} | {:.0} | {} | {:.2} % | {:.1} |",
+            f.served,
+            f.received,
+            100.0 * f.received as f64 / f.served.max(1.0),
+            f.cpu_us_per_request
+        );
+    }
+    println!("| tcpdump capturing the `ok` traffic (whole packets, to /dev/null) | - | - | - | {tcpdump_cpu:.1} |");
     println!(
         "\nnginx `mirror` in the path (wrk, {} connections): direct {direct:.0} req/s; via nginx mirror (fast) {via_fast:.0} req/s ({:.1} % of direct); \
          via nginx mirror (1.2 s mirror) {via_slow:.0} req/s ({:.1} %); live p50 through nginx with the slow mirror at 20 req/s: {slow_p50:.0} ms",
@@ -354,8 +367,73 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
             share * 100.0
         );
     }
-    if served < 1.0 {
-        return Err(anyhow!("the fidelity run served nothing"));
-    }
     Ok(())
+}
+
+const FIDELITY_SECONDS: u64 = 10;
+
+struct Fidelity {
+    served: f64,
+    received: usize,
+    cpu_us_per_request: f64,
+}
+
+/// A run at a fixed `(rate, connections)` against the live service on `port`, with an agent
+/// mirroring it to the fast mirror: what live served, what the mirror received, the agent's CPU
+/// per mirrored request.
+fn fidelity(
+    bin: &Path,
+    pair: &Pair,
+    port: &str,
+    url: &str,
+    mirror_log: &Path,
+    (rate, connections): (u64, usize),
+) -> Result<Fidelity> {
+    let agent = Agent::start_on(&bin.join("mirror-agent"), pair, port, FAST_MIRROR, 512, &[])?;
+    let before = lines(mirror_log);
+    let cpu0 = agent.proc.cpu_time();
+    let (_, _, served) = oha(&pair.client, url, rate, connections, FIDELITY_SECONDS)?;
+    let cpu = agent.proc.cpu_time() - cpu0;
+    let summary = agent.stop()?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let received = lines(mirror_log) - before;
+    eprintln!("fidelity run on port {port}: {summary}");
+    if served < 1.0 {
+        bail!("the fidelity run on port {port} served nothing");
+    }
+    Ok(Fidelity {
+        served,
+        received,
+        cpu_us_per_request: cpu.as_secs_f64() * 1e6 / received.max(1) as f64,
+    })
+}
+
+/// tcpdump writing whole packets of the live port's traffic to /dev/null at a fixed
+/// `(rate, connections)`: its CPU per request served.
+fn tcpdump_cpu_per_request(
+    pair: &Pair,
+    url: &str,
+    (rate, connections): (u64, usize),
+) -> Result<f64> {
+    let tcpdump = Proc::spawn(
+        pair.server
+            .exec(&[
+                "tcpdump",
+                "-i",
+                "srv0",
+                "-s",
+                "0",
+                "-w",
+                "/dev/null",
+                "tcp port 8080",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    // tcpdump has no ready signal; it opens its capture well within this.
+    std::thread::sleep(Duration::from_millis(1000));
+    let cpu0 = tcpdump.cpu_time();
+    let (_, _, served) = oha(&pair.client, url, rate, connections, FIDELITY_SECONDS)?;
+    let cpu = tcpdump.cpu_time() - cpu0;
+    Ok(cpu.as_secs_f64() * 1e6 / served.max(1.0))
 }

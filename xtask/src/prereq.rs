@@ -132,11 +132,11 @@ pub fn ensure_cargo_fuzz() -> Result<()> {
     Ok(())
 }
 
-/// Load tools for the benchmarks: nginx and wrk from apt, oha from crates.io.
+/// Load tools for the benchmarks: nginx, wrk and tcpdump from apt, oha from crates.io.
 pub fn ensure_bench_tools() -> Result<()> {
     ensure_test_tools()?;
     let mut missing = Vec::new();
-    for (bin, pkg) in [("nginx", "nginx"), ("wrk", "wrk")] {
+    for (bin, pkg) in [("nginx", "nginx"), ("wrk", "wrk"), ("tcpdump", "tcpdump")] {
         if !on_path(bin) && !std::path::Path::new("/usr/sbin").join(bin).exists() {
             missing.push(pkg);
         }
