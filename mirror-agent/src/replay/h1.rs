@@ -429,11 +429,12 @@ mod tests {
         assert!(o.head().contains("\r\nHost: books-shadow\r\n"));
     }
 
-    /// A mirror that reads what it is sent and answers with `script`, all of it at once after
-    /// the first `wait_for` requests have arrived, then closes if `close`.
+    /// A mirror that reads what it is sent and answers with `script`, all of it at once, `delay`
+    /// after the first `wait_for` requests have arrived, then closes if `close`.
     async fn mirror(
         script: &'static [u8],
         wait_for: usize,
+        delay: Duration,
         close: bool,
     ) -> (ReplayConfig, tokio::task::JoinHandle<Vec<u8>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -447,6 +448,7 @@ mod tests {
                 assert!(n > 0, "the client closed early");
                 got.extend_from_slice(&buf[..n]);
             }
+            tokio::time::sleep(delay).await;
             s.write_all(script).await.unwrap();
             if !close {
                 // Hold the connection open until the client is done with it.
@@ -461,6 +463,18 @@ mod tests {
         serialize(cfg, &extract(wire)).unwrap()
     }
 
+    /// Opens a connection to the mirror of `cfg` and sends `reqs` on it as one batch.
+    async fn send_batch(
+        cfg: &ReplayConfig,
+        reqs: &[Outgoing],
+        timeout: Duration,
+    ) -> (Vec<Fate>, bool, Conn) {
+        let mut conn = Conn::open(cfg).await.unwrap();
+        let batch: Vec<&Outgoing> = reqs.iter().collect();
+        let (fates, reusable) = conn.exchange(&batch, timeout, 16).await;
+        (fates, reusable, conn)
+    }
+
     fn statuses(fates: &[Fate]) -> Vec<Option<MirrorResult>> {
         fates.iter().map(|f| f.map(|(r, _)| r)).collect()
     }
@@ -473,7 +487,7 @@ mod tests {
             HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n\
             HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n\
             HTTP/1.1 304 Not Modified\r\n\r\n";
-        let (cfg, server) = mirror(script, 5, false).await;
+        let (cfg, server) = mirror(script, 5, Duration::ZERO, false).await;
         let reqs = [
             outgoing(&cfg, b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n"),
             outgoing(&cfg, b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n"),
@@ -481,9 +495,7 @@ mod tests {
             outgoing(&cfg, b"DELETE /d HTTP/1.1\r\nHost: h\r\n\r\n"),
             outgoing(&cfg, b"GET /e HTTP/1.1\r\nHost: h\r\n\r\n"),
         ];
-        let mut conn = Conn::open(&cfg).await.unwrap();
-        let batch: Vec<&Outgoing> = reqs.iter().collect();
-        let (fates, reusable) = conn.exchange(&batch, Duration::from_secs(5), 16).await;
+        let (fates, reusable, conn) = send_batch(&cfg, &reqs, Duration::from_secs(5)).await;
         use MirrorResult::Status;
         assert_eq!(
             statuses(&fates),
@@ -508,6 +520,7 @@ mod tests {
         let (cfg, _server) = mirror(
             b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
             3,
+            Duration::ZERO,
             true,
         )
         .await;
@@ -516,24 +529,25 @@ mod tests {
             outgoing(&cfg, b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n"),
             outgoing(&cfg, b"GET /3 HTTP/1.1\r\nHost: h\r\n\r\n"),
         ];
-        let mut conn = Conn::open(&cfg).await.unwrap();
-        let batch: Vec<&Outgoing> = reqs.iter().collect();
-        let (fates, reusable) = conn.exchange(&batch, Duration::from_secs(5), 16).await;
+        let (fates, reusable, _) = send_batch(&cfg, &reqs, Duration::from_secs(5)).await;
         assert_eq!(
             statuses(&fates),
             [Some(MirrorResult::Status(200)), None, None]
         );
         assert!(!reusable);
 
-        let (cfg, _server) =
-            mirror(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", 2, true).await;
+        let (cfg, _server) = mirror(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
+            2,
+            Duration::ZERO,
+            true,
+        )
+        .await;
         let reqs = [
             outgoing(&cfg, b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n"),
             outgoing(&cfg, b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n"),
         ];
-        let mut conn = Conn::open(&cfg).await.unwrap();
-        let batch: Vec<&Outgoing> = reqs.iter().collect();
-        let (fates, _) = conn.exchange(&batch, Duration::from_secs(5), 16).await;
+        let (fates, _, _) = send_batch(&cfg, &reqs, Duration::from_secs(5)).await;
         assert_eq!(
             statuses(&fates),
             [Some(MirrorResult::Reset), Some(MirrorResult::Reset)],
@@ -542,8 +556,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_slow_answer_times_out_and_resets_the_depth() {
-        let (cfg, _server) = mirror(b"", 1, false).await;
+    async fn a_slow_answer_shallows_the_next_batch_and_one_past_the_timeout_ends_the_connection() {
+        let (cfg, _server) = mirror(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            1,
+            Duration::from_millis(30),
+            false,
+        )
+        .await;
+        let req = outgoing(&cfg, b"GET /slowish HTTP/1.1\r\nHost: h\r\n\r\n");
+        let mut conn = Conn::open(&cfg).await.unwrap();
+        conn.depth = 8;
+        let (fates, reusable) = conn.exchange(&[&req], Duration::from_secs(5), 16).await;
+        let (result, took) = fates[0].unwrap();
+        assert_eq!(result, MirrorResult::Status(200));
+        assert!(took >= Duration::from_millis(30), "{took:?}");
+        assert!(reusable);
+        assert_eq!(conn.depth(), 1, "one request at a time after a slow answer");
+
+        let (cfg, _server) = mirror(b"", 1, Duration::ZERO, false).await;
         let req = outgoing(&cfg, b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n");
         let mut conn = Conn::open(&cfg).await.unwrap();
         conn.depth = 8;
@@ -556,16 +587,20 @@ mod tests {
 
     #[tokio::test]
     async fn answers_until_close_and_malformed_answers() {
-        let (cfg, _server) = mirror(b"HTTP/1.0 200 OK\r\n\r\nbody to the end", 1, true).await;
-        let req = outgoing(&cfg, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
-        let mut conn = Conn::open(&cfg).await.unwrap();
-        let (fates, reusable) = conn.exchange(&[&req], Duration::from_secs(5), 16).await;
+        let (cfg, _server) = mirror(
+            b"HTTP/1.0 200 OK\r\n\r\nbody to the end",
+            1,
+            Duration::ZERO,
+            true,
+        )
+        .await;
+        let req = [outgoing(&cfg, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")];
+        let (fates, reusable, _) = send_batch(&cfg, &req, Duration::from_secs(5)).await;
         assert_eq!(statuses(&fates), [Some(MirrorResult::Status(200))]);
         assert!(!reusable);
 
-        let (cfg, _server) = mirror(b"SSH-2.0-OpenSSH\r\n\r\n", 1, false).await;
-        let mut conn = Conn::open(&cfg).await.unwrap();
-        let (fates, reusable) = conn.exchange(&[&req], Duration::from_secs(5), 16).await;
+        let (cfg, _server) = mirror(b"SSH-2.0-OpenSSH\r\n\r\n", 1, Duration::ZERO, false).await;
+        let (fates, reusable, _) = send_batch(&cfg, &req, Duration::from_secs(5)).await;
         assert_eq!(statuses(&fates), [Some(MirrorResult::Error)]);
         assert!(!reusable);
     }
