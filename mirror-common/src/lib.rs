@@ -138,8 +138,8 @@ impl AddrKey {
 }
 
 /// Indices of the per-CPU `COUNTERS` array. Every packet the program sees lands in `Seen` and in
-/// exactly one outcome: `Cloned`, `CloneErrors`, `HeadRecorded`, `HeadRingFull`, or one of the
-/// `Skip*` reasons.
+/// exactly one outcome: `Cloned`, `CloneDropped`, `CloneErrors`, `HeadRecorded`, `HeadRingFull`,
+/// or one of the `Skip*` reasons.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
@@ -161,9 +161,9 @@ pub enum Counter {
     SkipSampledOut,
     /// Pure ACKs: no payload and no SYN, FIN or RST, so nothing for reassembly.
     SkipNoPayload,
-    /// Of `Cloned`, segments towards the service whose payload starts like a request
-    /// (`is_request_start`). The agent counts the same on what it receives: the difference is
-    /// the requests whose first segment was lost between the clone and the agent.
+    /// Of `Cloned` and `CloneDropped`, segments towards the service whose payload starts like a
+    /// request (`is_request_start`). The agent counts the same on what it receives: the
+    /// difference is the requests whose first segment was lost after the program cloned it.
     ClonedRequestStarts,
     /// Response segments described by a `RESPONSE_HEADS` record instead of a clone.
     HeadRecorded,
@@ -173,9 +173,13 @@ pub enum Counter {
     /// Of `Cloned`, clones whose `CloneMark` did not fit in the ring buffer: the agent places
     /// them as they come.
     MarksRingFull,
+    /// Clones the mirror device dropped (`bpf_clone_redirect` returned NET_XMIT_DROP).
+    CloneDropped,
+    /// Of `Cloned`, clones queued under congestion (NET_XMIT_CN).
+    CloneCongested,
 }
 
-pub const COUNTER_COUNT: u32 = Counter::MarksRingFull as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::CloneCongested as u32 + 1;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -198,6 +202,8 @@ impl Counter {
         Counter::HeadRecorded,
         Counter::HeadRingFull,
         Counter::MarksRingFull,
+        Counter::CloneDropped,
+        Counter::CloneCongested,
     ];
 
     /// Stable snake_case name, used in metrics labels and dumps.
@@ -222,7 +228,33 @@ impl Counter {
             Counter::HeadRecorded => "head_recorded",
             Counter::HeadRingFull => "head_ring_full",
             Counter::MarksRingFull => "marks_ring_full",
+            Counter::CloneDropped => "clone_dropped",
+            Counter::CloneCongested => "clone_congested",
         }
+    }
+}
+
+/// What `bpf_clone_redirect` says of a clone. It returns 0 when the clone was handed to the
+/// mirror device, or a negative error; some kernels (patched ones, and paths where the device's
+/// own verdict comes back) return the device's positive NET_XMIT code instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloneResult {
+    Sent,
+    /// NET_XMIT_CN: queued under congestion; senders count it as sent.
+    SentCongested,
+    /// NET_XMIT_DROP: the device dropped it (a veth peer's full backlog, say).
+    Dropped,
+    /// A negative error, or a code no kernel documents.
+    Failed,
+}
+
+#[inline(always)]
+pub const fn clone_result(ret: i64) -> CloneResult {
+    match ret {
+        0 => CloneResult::Sent,
+        2 => CloneResult::SentCongested,
+        1 => CloneResult::Dropped,
+        _ => CloneResult::Failed,
     }
 }
 
@@ -284,4 +316,32 @@ mod user {
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for ResponseHead {}
     unsafe impl aya::Pod for CloneMark {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::vec::Vec;
+
+    #[test]
+    fn clone_results_by_value() {
+        assert_eq!(clone_result(0), CloneResult::Sent);
+        assert_eq!(clone_result(1), CloneResult::Dropped, "NET_XMIT_DROP");
+        assert_eq!(clone_result(2), CloneResult::SentCongested, "NET_XMIT_CN");
+        for failed in [-1, -22, -100, 3, 0x10] {
+            assert_eq!(clone_result(failed), CloneResult::Failed, "{failed}");
+        }
+    }
+
+    #[test]
+    fn every_counter_has_its_place_and_name() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+        let mut names: Vec<_> = Counter::ALL.iter().map(|c| c.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), COUNTER_COUNT as usize);
+    }
 }

@@ -24,19 +24,18 @@
 
 use aya_ebpf::{
     bindings::TC_ACT_OK,
-    macros::{classifier, map},
     helpers::bpf_skb_load_bytes,
+    macros::{classifier, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
     EbpfContext,
 };
 use aya_log_ebpf::debug;
 use mirror_common::{
-    flow_hash, is_request_start, AddrKey, CloneMark, Counter, MirrorConfig, ResponseHead,
-    COUNTER_COUNT,
-    FLAG_ADDR_FILTER, FLAG_ENABLED, FLAG_RESPONSES, FLAG_RESPONSE_HEADS, FLAG_STICKY_SAMPLING,
-    HEAD_BYTES, MAX_DECISIONS, MAX_FULL_RESPONSES, MAX_LIVE_ADDRS, MAX_LIVE_PORTS,
-    REQUEST_START_LEN, RESPONSE_HEADS_RING_BYTES, SAMPLE_ALL,
+    clone_result, flow_hash, is_request_start, AddrKey, CloneMark, CloneResult, Counter,
+    MirrorConfig, ResponseHead, COUNTER_COUNT, FLAG_ADDR_FILTER, FLAG_ENABLED, FLAG_RESPONSES,
+    FLAG_RESPONSE_HEADS, FLAG_STICKY_SAMPLING, HEAD_BYTES, MAX_DECISIONS, MAX_FULL_RESPONSES,
+    MAX_LIVE_ADDRS, MAX_LIVE_PORTS, REQUEST_START_LEN, RESPONSE_HEADS_RING_BYTES, SAMPLE_ALL,
 };
 use network_types::{
     eth::EthHdr,
@@ -169,35 +168,44 @@ fn mirror(ctx: &TcContext) -> Counter {
     }
     // Flags 0: the clone leaves through the mirror interface's egress, so its veth peer
     // receives it, where the agent's AF_PACKET socket reads it.
-    match ctx.clone_redirect(cfg.mirror_ifindex, 0) {
-        Ok(()) => {
-            if heads && !mark_clone(&tuple) {
-                count(Counter::MarksRingFull);
+    let ret = match ctx.clone_redirect(cfg.mirror_ifindex, 0) {
+        Ok(()) => 0,
+        Err(e) => e,
+    };
+    let result = clone_result(ret);
+    if result == CloneResult::Failed {
+        debug!(
+            ctx,
+            "clone_redirect to ifindex {} failed: {}", cfg.mirror_ifindex, ret
+        );
+        return Counter::CloneErrors;
+    }
+    let sent = result != CloneResult::Dropped;
+    if sent && heads && !mark_clone(&tuple) {
+        count(Counter::MarksRingFull);
+    }
+    // Lets the agent count the requests lost after this point (dropped by the mirror device,
+    // or by a full capture ring): it applies the same test to the segments it receives.
+    if is_request {
+        if let Ok(head) = ctx.load::<[u8; REQUEST_START_LEN]>(tuple.payload_at) {
+            if is_request_start(&head) {
+                count(Counter::ClonedRequestStarts);
+            } else if sent && &head == b"PRI " && heads {
+                // The HTTP/2 preface: heads cannot follow HPACK and interleaved frames, so
+                // this connection's responses are cloned whole from the start, before the
+                // agent could ask.
+                let hash = flow_hash(&tuple.src, &tuple.dst, tuple.sport, tuple.dport);
+                let _ = FULL_RESPONSES.insert(&hash, &1, 0);
             }
-            // Lets the agent count the requests that a full capture ring (or anything else on
-            // the way) lost: it applies the same test to the segments it receives.
-            if is_request {
-                if let Ok(head) = ctx.load::<[u8; REQUEST_START_LEN]>(tuple.payload_at) {
-                    if is_request_start(&head) {
-                        count(Counter::ClonedRequestStarts);
-                    } else if &head == b"PRI " && cfg.flags & FLAG_RESPONSE_HEADS != 0 {
-                        // The HTTP/2 preface: heads cannot follow HPACK and interleaved
-                        // frames, so this connection's responses are cloned whole from the
-                        // start, before the agent could ask.
-                        let hash = flow_hash(&tuple.src, &tuple.dst, tuple.sport, tuple.dport);
-                        let _ = FULL_RESPONSES.insert(&hash, &1, 0);
-                    }
-                }
-            }
+        }
+    }
+    match result {
+        CloneResult::SentCongested => {
+            count(Counter::CloneCongested);
             Counter::Cloned
         }
-        Err(err) => {
-            debug!(
-                ctx,
-                "clone_redirect to ifindex {} failed: {}", cfg.mirror_ifindex, err
-            );
-            Counter::CloneErrors
-        }
+        CloneResult::Dropped => Counter::CloneDropped,
+        _ => Counter::Cloned,
     }
 }
 
