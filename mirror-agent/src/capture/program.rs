@@ -7,7 +7,6 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::links::LinkOrder;
 use aya::programs::tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions};
 use aya::programs::{tc, SchedClassifier, TcAttachType};
-use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
 use mirror_common::{
     AddrKey, Counter, MirrorConfig, COUNTER_COUNT, FLAG_ADDR_FILTER, FLAG_ENABLED, FLAG_RESPONSES,
@@ -22,7 +21,8 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MIRROR_EBPF_OBJECT
 /// How the program is attached to an interface hook.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum AttachMode {
-    /// tcx where the kernel has it (6.6+), else a classic clsact filter.
+    /// tcx where the kernel accepts a tcx link (6.6+, or a backport such as RHEL 9's 5.14),
+    /// else a classic clsact filter. Decided by trying, not by the version number.
     Auto,
     /// tcx links: they vanish with the process, so a crashed agent leaves nothing cloning.
     Tcx,
@@ -237,15 +237,9 @@ impl KernelProgram {
 
     /// Attaches to one hook of `iface`. Returns the mode actually used.
     pub fn attach(&mut self, iface: &str, hook: Hook, mode: AttachMode) -> Result<AttachMode> {
-        let tcx_ok = KernelVersion::current()
-            .map(|v| v >= KernelVersion::new(6, 6, 0))
-            .unwrap_or(false);
         let prog = program(&mut self.ebpf)?;
-        let use_tcx = match mode {
-            AttachMode::Tcx => true,
-            AttachMode::Netlink => false,
-            AttachMode::Auto => tcx_ok,
-        };
+        // Auto tries tcx on every kernel: vendors backport it, so the version says too little.
+        let use_tcx = mode != AttachMode::Netlink;
         if use_tcx {
             match prog.attach_with_options(
                 iface,
@@ -257,10 +251,10 @@ impl KernelProgram {
                     return Ok(AttachMode::Tcx);
                 }
                 Err(e) if mode == AttachMode::Tcx => {
-                    bail!("tcx attach to {iface} {} failed: {e} (kernel 6.6+ needed; try --attach-mode netlink)", hook.name())
+                    bail!("tcx attach to {iface} {} failed: {e} (the kernel needs tcx: 6.6+ or a backport; try --attach-mode netlink)", hook.name())
                 }
-                Err(e) => log::warn!(
-                    "tcx attach to {iface} {} failed ({e}); falling back to a clsact filter",
+                Err(e) => log::info!(
+                    "this kernel refused a tcx link on {iface} {} ({e}); attaching a clsact filter",
                     hook.name()
                 ),
             }
