@@ -638,3 +638,171 @@ fn a_service_on_loopback_is_mirrored_once_per_request() {
     });
     assert_eq!(live_gets, Some("3"), "live responses timed once:\n{table}");
 }
+
+/// Python's http.server, a mirror the agent was not written against: it logs each request's
+/// method, path and body length as it answers.
+const PY_MIRROR: &str = r#"
+import http.server, socketserver, sys
+log = open(sys.argv[1], "a", buffering=1)
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def answer(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        log.write(f"{self.command} {self.path} {len(body)}\n")
+        self.send_response(200)
+        self.send_header("Content-Length", "3")
+        self.end_headers()
+        self.wfile.write(b"ok\n")
+    do_GET = do_POST = answer
+    def log_message(self, *args):
+        pass
+class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    # The default backlog of 5 drops the SYNs of a burst of new connections.
+    request_queue_size = 128
+S(("127.0.0.1", 9091), H).serve_forever()
+"#;
+
+/// Reads one response with a Content-Length body.
+fn read_response(s: &mut TcpStream) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+}
+
+#[test]
+fn pipelined_batches_to_a_python_mirror_arrive_whole_and_once() {
+    require_root();
+    let _serial = serial();
+    let pair = Pair::new("py", 251);
+    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+    let _live = TestServer::start(&pair.server, &[live_addr]);
+    let dir = tempfile::tempdir().unwrap();
+    let (script, log) = (dir.path().join("mirror.py"), dir.path().join("mirror.log"));
+    std::fs::write(&script, PY_MIRROR).unwrap();
+    let _mirror = netlab::Proc::spawn(&mut pair.server.exec(&[
+        "python3",
+        script.to_str().unwrap(),
+        log.to_str().unwrap(),
+    ]));
+    let listening = || {
+        pair.server
+            .exec(&[
+                "python3",
+                "-c",
+                "import socket; socket.create_connection(('127.0.0.1', 9091), 1)",
+            ])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    assert!(
+        netlab::wait_until(Duration::from_secs(10), listening),
+        "the python mirror did not start"
+    );
+    let lines = |log: &std::path::Path| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let agent = Agent::start(
+        &pair.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "8080",
+            "--mirror",
+            "http://127.0.0.1:9091",
+        ],
+    );
+    // Eight keep-alive clients, every tenth request a POST with a body (which the agent never
+    // pipelines behind another request).
+    const CLIENTS: usize = 8;
+    const EACH: usize = 400;
+    let path = pair.client.path();
+    let mut sent: Vec<String> = std::thread::spawn(move || {
+        netlab::enter_netns(&path);
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|c| {
+                std::thread::spawn(move || {
+                    let mut s = TcpStream::connect_timeout(&live_addr, Duration::from_secs(5)).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    let mut sent = Vec::new();
+                    // Ten requests at a time, pipelined by the client, so that the agent has
+                    // bursts to batch.
+                    for group in (0..EACH).collect::<Vec<_>>().chunks(10) {
+                        let mut wire = String::new();
+                        for &i in group {
+                            let (req, line) = if i % 10 == 9 {
+                                let body = format!("review={c}-{i}");
+                                (
+                                    format!("POST /py/{c}/{i} HTTP/1.1\r\nHost: svc\r\nContent-Length: {}\r\n\r\n{body}", body.len()),
+                                    format!("POST /py/{c}/{i} {}", body.len()),
+                                )
+                            } else {
+                                (
+                                    format!("GET /py/{c}/{i} HTTP/1.1\r\nHost: svc\r\n\r\n"),
+                                    format!("GET /py/{c}/{i} 0"),
+                                )
+                            };
+                            wire.push_str(&req);
+                            sent.push(line);
+                        }
+                        s.write_all(wire.as_bytes()).unwrap();
+                        for _ in group {
+                            read_response(&mut s);
+                        }
+                    }
+                    sent
+                })
+            })
+            .collect();
+        clients.into_iter().flat_map(|c| c.join().unwrap()).collect()
+    })
+    .join()
+    .unwrap();
+    netlab::wait_until(Duration::from_secs(20), || lines(&log).len() >= sent.len());
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, stderr) = agent.terminate_with_output();
+    let mut got = lines(&log);
+    got.sort();
+    sent.sort();
+    assert_eq!(got.len(), sent.len(), "{stderr}");
+    assert_eq!(got, sent, "each request arrived whole and once");
+    let replay = stderr
+        .lines()
+        .find(|l| l.starts_with("replay:"))
+        .expect("replay stats");
+    let stat = |name: &str| -> u64 {
+        let at = replay.find(&format!(" {name}: ")).expect(name) + name.len() + 3;
+        replay[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    eprintln!(
+        "{} requests mirrored in {} batches",
+        stat("sent"),
+        stat("batches")
+    );
+    assert_eq!(stat("responses"), sent.len() as u64, "{stderr}");
+    assert!(
+        stat("batches") < stat("sent"),
+        "requests were pipelined: {stderr}"
+    );
+}
