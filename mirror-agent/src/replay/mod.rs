@@ -615,11 +615,12 @@ enum Turn {
     IdleTooLong,
 }
 
-/// A request that passed the caps, with what goes to the mirror.
+/// What goes to the mirror for a request, in the protocol it came in. (Moved once: boxing the
+/// larger variant would cost an allocation per request.)
 #[allow(clippy::large_enum_variant)]
-enum Ready {
-    H1(Request, h1::Outgoing),
-    H2(Request, hyper::Request<ReplayBody>),
+enum Outgoing {
+    H1(h1::Outgoing),
+    H2(hyper::Request<ReplayBody>),
 }
 
 /// What a worker found in the queue.
@@ -729,8 +730,8 @@ impl Shared {
         let mut h1_batch = Vec::with_capacity(batch.len());
         for req in batch {
             match self.ready(req) {
-                Some(Ready::H1(req, out)) => h1_batch.push((req, out)),
-                Some(Ready::H2(req, outgoing)) => self.send_h2(req, outgoing).await,
+                Some((req, Outgoing::H1(out))) => h1_batch.push((req, out)),
+                Some((req, Outgoing::H2(out))) => self.send_h2(req, out).await,
                 None => {}
             }
         }
@@ -741,7 +742,7 @@ impl Shared {
 
     /// Applies the rate cap and the backoff, and builds what goes to the mirror; None when the
     /// request is dropped (counted).
-    fn ready(&self, req: Request) -> Option<Ready> {
+    fn ready(&self, req: Request) -> Option<(Request, Outgoing)> {
         let stats = &self.stats;
         if let Some(bucket) = &self.bucket {
             if !bucket.lock().unwrap().take() {
@@ -754,14 +755,14 @@ impl Shared {
             return None;
         }
         let built = match &req {
-            Request::H1(r) => h1::serialize(&self.cfg, r).map(|o| Ready::H1(req.clone(), o)),
-            Request::H2(r) => build_h2(&self.cfg, r).map(|o| Ready::H2(req.clone(), o)),
+            Request::H1(r) => h1::serialize(&self.cfg, r).map(Outgoing::H1),
+            Request::H2(r) => build_h2(&self.cfg, r).map(Outgoing::H2),
         };
         match built {
-            Ok(ready) => {
+            Ok(out) => {
                 inc(&stats.sent);
                 stats.inflight.fetch_add(1, Ordering::Relaxed);
-                Some(ready)
+                Some((req, out))
             }
             Err(e) => {
                 log::debug!(
