@@ -726,6 +726,8 @@ fn pipelined_batches_to_a_python_mirror_arrive_whole_and_once() {
             "8080",
             "--mirror",
             "http://127.0.0.1:9091",
+            "--pipeline-depth",
+            "16",
         ],
     );
     // Eight keep-alive clients, every tenth request a POST with a body (which the agent never

@@ -80,7 +80,7 @@ impl ReplayConfig {
             path: None,
             max_rps: None,
             max_inflight: 256,
-            pipeline_depth: 16,
+            pipeline_depth: 1,
             timeout: Duration::from_secs(10),
             queue_bytes: 64 << 20,
         }
@@ -1143,6 +1143,7 @@ mod worker_tests {
         let sink = Arc::clone(&outcomes);
         let mut cfg = ReplayConfig::new(parse_mirror_url(&url).unwrap());
         cfg.max_inflight = 4;
+        cfg.pipeline_depth = 16;
         let replayer = Replayer::start(
             cfg,
             &tokio::runtime::Handle::current(),
