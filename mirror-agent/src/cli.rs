@@ -162,10 +162,10 @@ pub struct AttachArgs {
     pub max_inflight: usize,
 
     /// HTTP/1 requests written to the mirror at once on one connection, at most, when they
-    /// are waiting (pipelining; the depth adapts to the mirror's speed). Off (1) by default: a
-    /// pipelined answer's time is measured from the previous answer's arrival as the agent read
-    /// it, which reads short when the agent is late; 16 roughly halves the agent's CPU.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    /// are waiting (pipelining; the depth adapts to the mirror's speed). Roughly halves the
+    /// agent's CPU per request. Only the first answer of a batch is timed; the others count for
+    /// their status. 1 turns pipelining off, for a mirror that mishandles it.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub pipeline_depth: u16,
 
     /// Seconds a mirrored request may take before it counts as a timeout.

@@ -138,7 +138,9 @@ pub enum Side {
 }
 
 struct Agg {
+    /// Every result, timed or not.
     count: u64,
+    /// Over timed results only, as is the histogram.
     sum_ns: u128,
     /// Microseconds, two significant digits (1 % precision on percentiles) and 32-bit counts:
     /// about a tenth of the memory of three digits and 64-bit counts, so that many series fit.
@@ -153,10 +155,15 @@ impl Agg {
             hist: Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid bounds"),
         }
     }
-    fn add(&mut self, ns: u64) {
+    fn add(&mut self, ns: Option<u64>) {
         self.count += 1;
-        self.sum_ns += ns as u128;
-        self.hist.saturating_record((ns / 1000).max(1));
+        if let Some(ns) = ns {
+            self.sum_ns += ns as u128;
+            self.hist.saturating_record((ns / 1000).max(1));
+        }
+    }
+    fn timed(&self) -> u64 {
+        self.hist.len()
     }
 }
 
@@ -174,6 +181,10 @@ pub struct Row {
     pub side: Side,
     pub code: String,
     pub count: u64,
+    /// Results with a duration, which the average and percentiles are over: all live ones;
+    /// mirror answers pipelined behind another request are untimed (`--pipeline-depth`).
+    #[serde(default)]
+    pub timed: u64,
     pub avg_ms: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -227,7 +238,7 @@ type PairKey = (ConnId, u64);
 struct Half {
     name: String,
     code: String,
-    ns: u64,
+    ns: Option<u64>,
 }
 
 pub struct Comparator {
@@ -287,7 +298,7 @@ impl Comparator {
             (m.conn, m.request_seq),
             name,
             code,
-            m.duration_ns(),
+            Some(m.duration_ns()),
         );
     }
 
@@ -298,11 +309,11 @@ impl Comparator {
             (o.conn, o.seq),
             name,
             o.result.code(),
-            o.duration.as_nanos() as u64,
+            o.duration.map(|d| d.as_nanos() as u64),
         );
     }
 
-    fn record(&mut self, side: Side, key: PairKey, name: String, code: String, ns: u64) {
+    fn record(&mut self, side: Side, key: PairKey, name: String, code: String, ns: Option<u64>) {
         let mut series = (name.clone(), side, code.clone());
         if !self.aggs.contains_key(&series) && self.aggs.len() >= self.cfg.max_series {
             // Over the cap: one `other` series per side and code, as long as a little headroom
@@ -358,10 +369,12 @@ impl Comparator {
                 .entry((live.name.clone(), live.code, mirror.code))
                 .or_default() += 1;
         }
-        if live.ns > 0 {
-            let e = self.ratios.entry(live.name).or_default();
-            e.0 += 1;
-            e.1 += mirror.ns as f64 / live.ns as f64;
+        if let (Some(l), Some(m)) = (live.ns, mirror.ns) {
+            if l > 0 {
+                let e = self.ratios.entry(live.name).or_default();
+                e.0 += 1;
+                e.1 += m as f64 / l as f64;
+            }
         }
     }
 
@@ -381,7 +394,8 @@ impl Comparator {
                     side: *side,
                     code: code.clone(),
                     count: a.count,
-                    avg_ms: a.sum_ns as f64 / a.count.max(1) as f64 / 1e6,
+                    timed: a.timed(),
+                    avg_ms: a.sum_ns as f64 / a.timed().max(1) as f64 / 1e6,
                     p50_ms: ms(a.hist.value_at_quantile(0.5)),
                     p99_ms: ms(a.hist.value_at_quantile(0.99)),
                 })
@@ -486,7 +500,7 @@ impl Comparator {
                     buckets.push((b, upto - below));
                     below = upto;
                 }
-                buckets.push((f64::INFINITY, a.count - below));
+                buckets.push((f64::INFINITY, a.timed() - below));
                 SeriesHistogram {
                     name: name.clone(),
                     version: match side {
@@ -495,7 +509,7 @@ impl Comparator {
                     },
                     code: code.clone(),
                     sum_seconds: a.sum_ns as f64 / 1e9,
-                    count: a.count,
+                    count: a.timed(),
                     buckets,
                 }
             })
@@ -519,8 +533,8 @@ pub fn verdicts(r: &Report) -> Vec<String> {
     let mut by_name: BTreeMap<&str, [(u64, f64); 2]> = BTreeMap::new();
     for row in &r.rows {
         let e = &mut by_name.entry(&row.name).or_default()[row.side as usize];
-        e.0 += row.count;
-        e.1 += row.avg_ms * row.count as f64;
+        e.0 += row.timed;
+        e.1 += row.avg_ms * row.timed as f64;
     }
     for (name, [live, mirror]) in &by_name {
         if live.0 == 0 || mirror.0 == 0 {
@@ -656,7 +670,7 @@ mod tests {
             method: "GET".into(),
             target: target.into(),
             result,
-            duration: Duration::from_millis(ms),
+            duration: Some(Duration::from_millis(ms)),
         }
     }
 
@@ -722,6 +736,30 @@ mod tests {
             "{} vs {p99}",
             row.p99_ms
         );
+    }
+
+    #[test]
+    fn untimed_mirror_answers_count_but_leave_durations_alone() {
+        let mut c = Comparator::new(CompareConfig::default());
+        for seq in 0..4 {
+            c.live(&live(1, seq, "/a", 200, 300));
+            let mut o = mirror(1, seq, "/a", MirrorResult::Status(200), 300);
+            if seq > 0 {
+                // Pipelined behind the first: its start is unknown.
+                o.duration = None;
+            }
+            c.mirror(&o);
+        }
+        let r = c.report();
+        let m = r.rows.iter().find(|x| x.side == Side::Mirror).unwrap();
+        assert_eq!((m.count, m.timed), (4, 1));
+        assert!((m.avg_ms - 300.0).abs() < 1e-9, "{}", m.avg_ms);
+        assert_eq!(r.latency_ratios[0].pairs, 1);
+        let h = c.histograms();
+        let mh = h.iter().find(|x| x.version == c.cfg.mirror_label).unwrap();
+        assert_eq!(mh.count, 1);
+        assert_eq!(mh.buckets.iter().map(|b| b.1).sum::<u64>(), 1);
+        assert!(verdicts(&r)[0].starts_with("mirror matches live"));
     }
 
     #[test]

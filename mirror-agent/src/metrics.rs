@@ -397,7 +397,7 @@ mod tests {
             method: "GET".into(),
             target: "/api/books/2/reviews".into(),
             result: MirrorResult::Status(500),
-            duration: std::time::Duration::from_millis(30),
+            duration: Some(std::time::Duration::from_millis(30)),
         });
         Sources {
             pods: Default::default(),

@@ -83,9 +83,6 @@ impl Agent {
                     "--no-report",
                     "--max-inflight",
                     &max_inflight.to_string(),
-                    // The figures are for pipelined replay, which is opt-in.
-                    "--pipeline-depth",
-                    "16",
                 ])
                 .args(extra)
                 .stdout(Stdio::piped())

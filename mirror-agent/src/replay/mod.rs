@@ -80,7 +80,7 @@ impl ReplayConfig {
             path: None,
             max_rps: None,
             max_inflight: 256,
-            pipeline_depth: 1,
+            pipeline_depth: 16,
             timeout: Duration::from_secs(10),
             queue_bytes: 64 << 20,
         }
@@ -210,8 +210,9 @@ pub struct MirrorOutcome {
     pub method: String,
     pub target: String,
     pub result: MirrorResult,
-    /// From sending the request to the response head (or the error).
-    pub duration: Duration,
+    /// From sending the request to the response head (or the error); None for an HTTP/1
+    /// answer pipelined behind another request, whose start is not known.
+    pub duration: Option<Duration>,
 }
 
 /// Counters; every request offered ends in exactly one of them (plus `sent` for those sent).
@@ -794,7 +795,7 @@ impl Shared {
                     Err(e) => {
                         self.connect_failed(e);
                         for (req, _, _) in batch {
-                            self.finish(req, e, started.elapsed());
+                            self.finish(req, e, Some(started.elapsed()));
                         }
                         return;
                     }
@@ -816,7 +817,7 @@ impl Shared {
                         inc(&self.stats.resent);
                         again.push((req, out, true));
                     }
-                    None => self.finish(req, MirrorResult::Reset, started.elapsed()),
+                    None => self.finish(req, MirrorResult::Reset, Some(started.elapsed())),
                 }
             }
             batch = again;
@@ -837,7 +838,7 @@ impl Shared {
         if result == MirrorResult::Refused {
             self.connect_failed(result);
         }
-        self.finish(req, result, took);
+        self.finish(req, result, Some(took));
     }
 
     /// A connection to the mirror could not be opened: refusals pause sending (backoff), and
@@ -853,7 +854,7 @@ impl Shared {
     }
 
     /// Counts a sent request's end and hands its outcome to the sink.
-    fn finish(&self, req: Request, result: MirrorResult, duration: Duration) {
+    fn finish(&self, req: Request, result: MirrorResult, duration: Option<Duration>) {
         let stats = &self.stats;
         match result {
             MirrorResult::Status(_) | MirrorResult::Grpc(..) => {
