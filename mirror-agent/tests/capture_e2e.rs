@@ -266,6 +266,100 @@ fn netlink_fallback_removes_stale_filters_after_a_crash() {
     wait_unloaded(id);
 }
 
+/// The kernel counters of a loaded program, read through its map (it may have no agent left).
+fn program_counters(id: u32) -> [u64; mirror_common::COUNTER_COUNT as usize] {
+    use aya::maps::{Map, MapData, PerCpuArray};
+    let prog = aya::programs::loaded_programs()
+        .filter_map(|p| p.ok())
+        .find(|p| p.id() == id)
+        .expect("program loaded");
+    for map_id in prog.map_ids().unwrap().unwrap_or_default() {
+        let data = MapData::from_id(map_id).unwrap();
+        if data.info().unwrap().name_as_str() != Some(mirror_common::MAP_COUNTERS) {
+            continue;
+        }
+        let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(Map::PerCpuArray(data)).unwrap();
+        let mut out = [0; mirror_common::COUNTER_COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = counters.get(&(i as u32), 0).unwrap().iter().sum();
+        }
+        return out;
+    }
+    panic!("program {id} has no {} map", mirror_common::MAP_COUNTERS);
+}
+
+/// Before tcx (6.6), a killed agent's clsact filter stays attached; it must not go on cloning
+/// towards the mirror interface that died with the agent. A frozen agent is passed over too,
+/// and mirrored again once it runs.
+#[test]
+fn a_killed_or_frozen_agents_program_goes_inert() {
+    use mirror_agent::capture::heartbeat::STALE_AFTER;
+    use mirror_common::Counter;
+    require_root();
+    let pair = Pair::new("hb", 234);
+    let _server = TestServer::start(&pair.server, &["10.234.0.2:8080".parse().unwrap()]);
+    let get = |path: &str| {
+        let (body, _) = curl(&pair.client, &[&format!("http://10.234.0.2:8080{path}")]);
+        assert_eq!(body, expected_body("GET", path, b""), "live answers {path}");
+    };
+
+    let args = [
+        "--iface",
+        "srv0",
+        "--port",
+        "8080",
+        "--attach-mode",
+        "netlink",
+    ];
+    let mut killed = Agent::start(&pair.server, &args);
+    let id = program_id(&killed.ready_line);
+    get("/before");
+    killed.proc.signal(libc::SIGKILL);
+    killed.proc.wait_exit(Duration::from_secs(10));
+    assert!(tc_filters(&pair.server, "ingress").contains("mirror_tc"));
+    std::thread::sleep(STALE_AFTER + Duration::from_millis(500));
+    let before = program_counters(id);
+    for i in 0..5 {
+        get(&format!("/after-kill/{i}"));
+    }
+    let after = program_counters(id);
+    let delta = |c: Counter| after[c as usize] - before[c as usize];
+    assert!(delta(Counter::Matched) >= 5, "{after:?}");
+    assert_eq!(delta(Counter::SkipAgentGone), delta(Counter::Matched));
+    for c in [Counter::Cloned, Counter::CloneErrors, Counter::CloneDropped] {
+        assert_eq!(
+            delta(c),
+            0,
+            "{c:?}: a clone was attempted after the agent died"
+        );
+    }
+    // The next agent removes the leftover filter.
+    let agent = Agent::start(&pair.server, &args);
+    agent.terminate();
+    wait_unloaded(id);
+
+    let agent = Agent::start(&pair.server, &["--iface", "srv0", "--port", "8080"]);
+    get("/running");
+    agent.proc.signal(libc::SIGSTOP);
+    std::thread::sleep(STALE_AFTER + Duration::from_millis(500));
+    get("/frozen");
+    agent.proc.signal(libc::SIGCONT);
+    // The beat is refreshed within a quarter of a second of the thaw.
+    std::thread::sleep(Duration::from_millis(600));
+    get("/thawed");
+    let stderr = agent.terminate();
+    let gone = kernel_counter(&stderr, "skip_agent_gone");
+    assert!(
+        gone >= 1,
+        "the frozen agent's packets were passed over: {stderr}"
+    );
+    let starts = kernel_counter(&stderr, "cloned_request_starts");
+    assert_eq!(
+        starts, 2,
+        "/running and /thawed cloned, /frozen not: {stderr}"
+    );
+}
+
 #[test]
 fn clear_errors_for_bad_input() {
     require_root();

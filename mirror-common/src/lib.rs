@@ -14,6 +14,7 @@ pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_DECISIONS: &str = "DECISIONS";
 pub const MAP_RESPONSE_HEADS: &str = "RESPONSE_HEADS";
 pub const MAP_FULL_RESPONSES: &str = "FULL_RESPONSES";
+pub const MAP_HEARTBEAT: &str = "HEARTBEAT";
 
 /// Upper bounds of the maps the agent fills.
 pub const MAX_LIVE_PORTS: u32 = 64;
@@ -60,6 +61,27 @@ pub struct MirrorConfig {
     /// (in parts per million) are dropped for the rest of their life. `SAMPLE_ALL` (or 0, an
     /// unset config) keeps them all; lowered only when the agent must shed load it admitted.
     pub keep_admitted_ppm: u32,
+}
+
+/// The single entry of the `HEARTBEAT` array map: the agent's sign of life. An attachment can
+/// outlive its agent (a clsact filter, before tcx links on 6.6, stays after the process is
+/// killed), and would go on cloning towards a mirror interface nobody reads. The program
+/// passes over every packet once the beat is older than `stale_after_ns` (`SkipAgentGone`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// CLOCK_MONOTONIC nanoseconds (the clock of `bpf_ktime_get_ns`) of the agent's last beat.
+    pub at_ns: u64,
+    /// 0: no heartbeat is kept (never stale).
+    pub stale_after_ns: u64,
+}
+
+impl Heartbeat {
+    /// Whether the agent is taken for gone at `now_ns`.
+    #[inline(always)]
+    pub const fn is_stale(&self, now_ns: u64) -> bool {
+        self.stale_after_ns != 0 && now_ns.saturating_sub(self.at_ns) > self.stale_after_ns
+    }
 }
 
 /// One response segment described instead of cloned (`FLAG_RESPONSE_HEADS`): everything the
@@ -177,9 +199,12 @@ pub enum Counter {
     CloneDropped,
     /// Of `Cloned`, clones queued under congestion (NET_XMIT_CN).
     CloneCongested,
+    /// Matched packets passed over because the agent's heartbeat is stale: it was killed or
+    /// is frozen, and its attachment outlived it.
+    SkipAgentGone,
 }
 
-pub const COUNTER_COUNT: u32 = Counter::CloneCongested as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::SkipAgentGone as u32 + 1;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -204,6 +229,7 @@ impl Counter {
         Counter::MarksRingFull,
         Counter::CloneDropped,
         Counter::CloneCongested,
+        Counter::SkipAgentGone,
     ];
 
     /// Stable snake_case name, used in metrics labels and dumps.
@@ -230,6 +256,7 @@ impl Counter {
             Counter::MarksRingFull => "marks_ring_full",
             Counter::CloneDropped => "clone_dropped",
             Counter::CloneCongested => "clone_congested",
+            Counter::SkipAgentGone => "skip_agent_gone",
         }
     }
 }
@@ -316,6 +343,7 @@ mod user {
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for ResponseHead {}
     unsafe impl aya::Pod for CloneMark {}
+    unsafe impl aya::Pod for Heartbeat {}
 }
 
 #[cfg(test)]
@@ -332,6 +360,25 @@ mod tests {
         for failed in [-1, -22, -100, 3, 0x10] {
             assert_eq!(clone_result(failed), CloneResult::Failed, "{failed}");
         }
+    }
+
+    #[test]
+    fn a_heartbeat_goes_stale_only_when_kept_and_old() {
+        let hb = Heartbeat {
+            at_ns: 10_000,
+            stale_after_ns: 1_000,
+        };
+        assert!(!hb.is_stale(10_500));
+        assert!(!hb.is_stale(11_000));
+        assert!(hb.is_stale(11_001));
+        assert!(
+            !hb.is_stale(5),
+            "a beat written after the packet's clock read"
+        );
+        assert!(
+            !Heartbeat::default().is_stale(u64::MAX),
+            "no heartbeat kept"
+        );
     }
 
     #[test]

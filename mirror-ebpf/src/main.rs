@@ -32,7 +32,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use mirror_common::{
-    clone_result, flow_hash, is_request_start, AddrKey, CloneMark, CloneResult, Counter,
+    clone_result, flow_hash, is_request_start, AddrKey, CloneMark, CloneResult, Counter, Heartbeat,
     MirrorConfig, ResponseHead, COUNTER_COUNT, FLAG_ADDR_FILTER, FLAG_ENABLED, FLAG_RESPONSES,
     FLAG_RESPONSE_HEADS, FLAG_STICKY_SAMPLING, HEAD_BYTES, MAX_DECISIONS, MAX_FULL_RESPONSES,
     MAX_LIVE_ADDRS, MAX_LIVE_PORTS, REQUEST_START_LEN, RESPONSE_HEADS_RING_BYTES, SAMPLE_ALL,
@@ -63,6 +63,10 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT,
 /// collisions share a decision, which is harmless.
 #[map]
 static DECISIONS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(MAX_DECISIONS, 0);
+
+/// The agent's last sign of life; see `Heartbeat`.
+#[map]
+static HEARTBEAT: Array<Heartbeat> = Array::with_max_entries(1, 0);
 
 /// Response segments described instead of cloned (`FLAG_RESPONSE_HEADS`).
 #[map]
@@ -151,6 +155,14 @@ fn mirror(ctx: &TcContext) -> Counter {
     count(Counter::Matched);
     if is_response {
         count(Counter::MatchedResponses);
+    }
+    // Checked on matched packets only, so that the rest of the node's traffic does not pay
+    // for the clock read.
+    if let Some(hb) = HEARTBEAT.get(0) {
+        // SAFETY: no preconditions.
+        if hb.is_stale(unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }) {
+            return Counter::SkipAgentGone;
+        }
     }
     if !sampled_in(cfg, &tuple) {
         return Counter::SkipSampledOut;

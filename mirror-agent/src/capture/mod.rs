@@ -6,6 +6,7 @@
 //! links die with the process: nothing is left cloning.
 
 pub mod heads;
+pub mod heartbeat;
 pub mod netdev;
 pub mod program;
 pub mod ring;
@@ -125,6 +126,7 @@ pub struct Capture {
     stop: Arc<AtomicBool>,
     reader: Option<JoinHandle<()>>,
     full_responses: Option<FullResponses>,
+    heartbeat: Option<heartbeat::HeartbeatThread>,
     stats: Arc<CaptureStats>,
     /// The kernel's `cloned_request_starts` at the previous `account_lost_requests`.
     kernel_request_starts: AtomicU64,
@@ -176,6 +178,7 @@ impl Capture {
             stop,
             reader: Some(reader),
             full_responses: None,
+            heartbeat: None,
             stats,
             kernel_request_starts: AtomicU64::new(0),
             attached: Vec::new(),
@@ -204,6 +207,9 @@ impl Capture {
                 .map_err(|_| anyhow!("capture thread exited early"))?;
             capture.full_responses = Some(program.take_full_responses()?);
         }
+        capture.heartbeat = Some(heartbeat::HeartbeatThread::start(
+            program.take_heartbeat()?,
+        )?);
         program.configure(&cfg.matching, mirror_ifindex)?;
         capture.program_id = program.id()?;
         capture.program = Some(program);
@@ -381,6 +387,7 @@ impl Capture {
             // Dropping the program detaches every link and filter it owns.
             drop(program);
         }
+        self.heartbeat = None;
         self.stop.store(true, Ordering::Relaxed);
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();

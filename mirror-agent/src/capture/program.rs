@@ -9,10 +9,10 @@ use aya::programs::tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions};
 use aya::programs::{tc, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use mirror_common::{
-    AddrKey, Counter, MirrorConfig, COUNTER_COUNT, FLAG_ADDR_FILTER, FLAG_ENABLED, FLAG_RESPONSES,
-    FLAG_RESPONSE_HEADS, FLAG_STICKY_SAMPLING, MAP_CONFIG, MAP_COUNTERS, MAP_FULL_RESPONSES,
-    MAP_LIVE_ADDRS, MAP_LIVE_PORTS, MAP_RESPONSE_HEADS, MAX_LIVE_ADDRS, MAX_LIVE_PORTS,
-    PROGRAM_NAME, SAMPLE_ALL,
+    AddrKey, Counter, Heartbeat, MirrorConfig, COUNTER_COUNT, FLAG_ADDR_FILTER, FLAG_ENABLED,
+    FLAG_RESPONSES, FLAG_RESPONSE_HEADS, FLAG_STICKY_SAMPLING, MAP_CONFIG, MAP_COUNTERS,
+    MAP_FULL_RESPONSES, MAP_HEARTBEAT, MAP_LIVE_ADDRS, MAP_LIVE_PORTS, MAP_RESPONSE_HEADS,
+    MAX_LIVE_ADDRS, MAX_LIVE_PORTS, PROGRAM_NAME, SAMPLE_ALL,
 };
 
 /// The kernel object, built by `cargo xtask build-ebpf` (see build.rs).
@@ -206,6 +206,11 @@ impl KernelProgram {
             &mut self.ebpf,
             MAP_RESPONSE_HEADS,
         )?)?)
+    }
+
+    /// The heartbeat map, to be refreshed by one owner.
+    pub fn take_heartbeat(&mut self) -> Result<Array<MapData, Heartbeat>> {
+        Ok(Array::try_from(take_map(&mut self.ebpf, MAP_HEARTBEAT)?)?)
     }
 
     /// The list of connections whose responses are cloned whole, to be filled by one owner.
