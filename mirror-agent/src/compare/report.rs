@@ -1,0 +1,196 @@
+//! What the comparison reports: the rows, divergences and verdicts, as `/report` serves them,
+//! and the seed's table that the agent prints and `mirror-agent report` shows.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use super::Side;
+
+/// One row of the table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    pub name: String,
+    pub version: String,
+    pub side: Side,
+    pub code: String,
+    pub count: u64,
+    /// Results with a duration, which the average and percentiles are over: all live ones;
+    /// mirror answers pipelined behind another request are untimed (`--pipeline-depth`).
+    #[serde(default)]
+    pub timed: u64,
+    pub avg_ms: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Mismatch {
+    pub name: String,
+    pub live_code: String,
+    pub mirror_code: String,
+    pub count: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LatencyRatio {
+    pub name: String,
+    pub pairs: u64,
+    /// Mean of mirror duration / live duration over paired requests.
+    pub mean_ratio: f64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub rows: Vec<Row>,
+    pub mismatches: Vec<Mismatch>,
+    pub latency_ratios: Vec<LatencyRatio>,
+    /// Results folded into `other` by the endpoint cap.
+    pub other_endpoint_results: u64,
+    /// Results folded into `other` series by the series cap (the memory budget).
+    #[serde(default)]
+    pub other_series_results: u64,
+    /// Live responses or mirror outcomes that never met their other half before being evicted.
+    pub unpaired_evicted: u64,
+    /// The share of new connections mirrored under a CPU budget (`--cpu-budget`).
+    #[serde(default)]
+    pub sampling: Option<Sampling>,
+}
+
+/// What a CPU budget lets through.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    /// Share of new connections mirrored, 0 to 1.
+    pub share: f64,
+    pub cpu_budget: f64,
+    /// The agent's CPU use over the last second, in cores.
+    pub cpu_used: f64,
+}
+
+/// One line per endpoint where the mirror diverges from live: faults first, then slowness;
+/// a single "matches" line when nothing diverges.
+pub fn verdicts(r: &Report) -> Vec<String> {
+    let mut out = Vec::new();
+    for m in &r.mismatches {
+        let failing = m.mirror_code.starts_with('5') || m.mirror_code.parse::<u16>().is_err();
+        if failing && !(m.live_code.starts_with('5')) {
+            out.push(format!(
+                "mirror fails on {}: {}× {} where live answered {}",
+                m.name, m.count, m.mirror_code, m.live_code
+            ));
+        }
+    }
+    let mut by_name: BTreeMap<&str, [(u64, f64); 2]> = BTreeMap::new();
+    for row in &r.rows {
+        let e = &mut by_name.entry(&row.name).or_default()[row.side as usize];
+        e.0 += row.timed;
+        e.1 += row.avg_ms * row.timed as f64;
+    }
+    for (name, [live, mirror]) in &by_name {
+        if live.0 == 0 || mirror.0 == 0 {
+            continue;
+        }
+        let (l, m) = (live.1 / live.0 as f64, mirror.1 / mirror.0 as f64);
+        if m > 2.0 * l && m - l > 100.0 {
+            out.push(format!(
+                "mirror slower on {name}: {} ms vs {} ms live",
+                fmt_ms(m),
+                fmt_ms(l)
+            ));
+        }
+    }
+    if out.is_empty() {
+        let both = by_name.values().filter(|[l, m]| l.0 > 0 && m.0 > 0).count();
+        out.push(format!(
+            "mirror matches live: same status codes, similar durations on {both} endpoints"
+        ));
+    }
+    out
+}
+
+/// Milliseconds, with a decimal below 10 ms so that sub-millisecond averages do not read as 0.
+fn fmt_ms(ms: f64) -> String {
+    if ms < 10.0 {
+        format!("{ms:.1}")
+    } else {
+        format!("{ms:.0}")
+    }
+}
+
+/// The seed's table: per endpoint, version and code, sorted by name then version, live rows
+/// and mirror rows together; then the divergences.
+pub fn format_table(r: &Report) -> String {
+    let mut rows = r.rows.clone();
+    rows.sort_by(|a, b| {
+        (&a.name, a.side, &a.version, &a.code).cmp(&(&b.name, b.side, &b.version, &b.code))
+    });
+    let w_name = rows.iter().map(|x| x.name.len()).max().unwrap_or(4).max(4);
+    let w_ver = rows
+        .iter()
+        .map(|x| x.version.len())
+        .max()
+        .unwrap_or(7)
+        .max(10);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<w_name$}  {:<w_ver$}  {:>10}  {:>13}  {:>12}  {:>9}  {:>9}",
+        "name", "podVersion", "resultCode", "duration (ms)", "requestCount", "p50 (ms)", "p99 (ms)"
+    );
+    for x in &rows {
+        let _ = writeln!(
+            out,
+            "{:<w_name$}  {:<w_ver$}  {:>10}  {:>13.1}  {:>12}  {:>9.1}  {:>9.1}",
+            x.name, x.version, x.code, x.avg_ms, x.count, x.p50_ms, x.p99_ms
+        );
+    }
+    if !r.mismatches.is_empty() {
+        let _ = writeln!(out, "\nstatus mismatches (live → mirror):");
+        for m in &r.mismatches {
+            let _ = writeln!(
+                out,
+                "  {}  {} → {}  ×{}",
+                m.name, m.live_code, m.mirror_code, m.count
+            );
+        }
+    }
+    if !r.latency_ratios.is_empty() {
+        let _ = writeln!(out, "\nmirror/live latency ratio (paired requests):");
+        for l in &r.latency_ratios {
+            let _ = writeln!(
+                out,
+                "  {}  {:.2}× over {} pairs",
+                l.name, l.mean_ratio, l.pairs
+            );
+        }
+    }
+    if r.other_endpoint_results > 0 {
+        let _ = writeln!(
+            out,
+            "\n{} results folded into `other` by the endpoint cap",
+            r.other_endpoint_results
+        );
+    }
+    if r.other_series_results > 0 {
+        let _ = writeln!(
+            out,
+            "\n{} results folded into `other` series by the memory budget (--memory-budget)",
+            r.other_series_results
+        );
+    }
+    if let Some(s) = &r.sampling {
+        let _ = writeln!(
+            out,
+            "\nmirrored {:.0}% of new connections: CPU budget {:.2} cores (agent used {:.2})",
+            s.share * 100.0,
+            s.cpu_budget,
+            s.cpu_used
+        );
+    }
+    let _ = writeln!(out);
+    for v in verdicts(r) {
+        let _ = writeln!(out, "verdict: {v}");
+    }
+    out
+}

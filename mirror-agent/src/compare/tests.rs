@@ -1,0 +1,254 @@
+use super::*;
+use crate::replay::MirrorResult;
+use std::time::Duration;
+
+fn live(conn: u64, seq: u64, target: &str, status: u16, ms: u64) -> ResponseMeta {
+    ResponseMeta {
+        conn,
+        request_seq: seq,
+        method: "GET".into(),
+        target: target.into(),
+        status,
+        grpc_status: None,
+        request_last_ts: 1_000,
+        response_first_ts: 1_000 + ms * 1_000_000,
+    }
+}
+
+fn mirror(conn: u64, seq: u64, target: &str, result: MirrorResult, ms: u64) -> MirrorOutcome {
+    MirrorOutcome {
+        conn,
+        seq,
+        method: "GET".into(),
+        target: target.into(),
+        result,
+        duration: Some(Duration::from_millis(ms)),
+    }
+}
+
+#[test]
+fn normalises_paths() {
+    let r: Vec<RouteTemplate> = vec!["/api/{tenant}/books".parse().unwrap()];
+    assert_eq!(
+        endpoint_name("GET", "/api/books/2/reviews?page=3", &[]),
+        "GET /api/books/{id}/reviews"
+    );
+    assert_eq!(
+        endpoint_name("GET", "/u/123e4567-e89b-12d3-a456-426614174000/x", &[]),
+        "GET /u/{id}/x"
+    );
+    assert_eq!(
+        endpoint_name("PUT", "/blob/deadbeefdeadbeef00", &[]),
+        "PUT /blob/{id}"
+    );
+    assert_eq!(
+        endpoint_name("GET", "/v2/cafe", &[]),
+        "GET /v2/cafe",
+        "short words stay"
+    );
+    assert_eq!(
+        endpoint_name("GET", "/api/acme/books?x", &r),
+        "GET /api/{tenant}/books"
+    );
+    assert_eq!(
+        endpoint_name("GET", "/api/acme/books/1", &r),
+        "GET /api/acme/books/{id}"
+    );
+    assert_eq!(
+        endpoint_name("GET", "http://h:80/a/7?q", &[]),
+        "GET /a/{id}"
+    );
+    assert_eq!(endpoint_name("GET", "", &[]), "GET /");
+}
+
+#[test]
+fn aggregates_match_a_reference() {
+    let mut c = Comparator::new(CompareConfig::default());
+    let durations: Vec<u64> = (1..=200).map(|i| (i * 7919) % 1000 + 1).collect();
+    for (i, ms) in durations.iter().enumerate() {
+        c.live(&live(1, i as u64, "/api/books/1", 200, *ms));
+    }
+    let r = c.report();
+    let row = &r.rows[0];
+    let mut sorted = durations.clone();
+    sorted.sort();
+    let avg = durations.iter().sum::<u64>() as f64 / durations.len() as f64;
+    assert_eq!(row.count, 200);
+    assert!((row.avg_ms - avg).abs() < 1e-9);
+    // HdrHistogram with 3 significant digits: within 0.1%.
+    let p50 = sorted[99] as f64;
+    let p99 = sorted[197] as f64;
+    assert!(
+        (row.p50_ms - p50).abs() <= p50 * 0.002 + 0.001,
+        "{} vs {p50}",
+        row.p50_ms
+    );
+    assert!(
+        (row.p99_ms - p99).abs() <= p99 * 0.002 + 0.001,
+        "{} vs {p99}",
+        row.p99_ms
+    );
+}
+
+#[test]
+fn untimed_mirror_answers_count_but_leave_durations_alone() {
+    let mut c = Comparator::new(CompareConfig::default());
+    for seq in 0..4 {
+        c.live(&live(1, seq, "/a", 200, 300));
+        let mut o = mirror(1, seq, "/a", MirrorResult::Status(200), 300);
+        if seq > 0 {
+            // Pipelined behind the first: its start is unknown.
+            o.duration = None;
+        }
+        c.mirror(&o);
+    }
+    let r = c.report();
+    let m = r.rows.iter().find(|x| x.side == Side::Mirror).unwrap();
+    assert_eq!((m.count, m.timed), (4, 1));
+    assert!((m.avg_ms - 300.0).abs() < 1e-9, "{}", m.avg_ms);
+    assert_eq!(r.latency_ratios[0].pairs, 1);
+    let h = c.histograms();
+    let mh = h.iter().find(|x| x.version == c.cfg.mirror_label).unwrap();
+    assert_eq!(mh.count, 1);
+    assert_eq!(mh.buckets.iter().map(|b| b.1).sum::<u64>(), 1);
+    assert!(verdicts(&r)[0].starts_with("mirror matches live"));
+}
+
+#[test]
+fn pairs_by_request_and_counts_mismatches_in_any_order() {
+    let mut c = Comparator::new(CompareConfig {
+        mirror_label: "V4MIR".into(),
+        ..Default::default()
+    });
+    // Pipelined requests on one connection; outcomes arrive out of order; one mirror error.
+    c.mirror(&mirror(
+        9,
+        1,
+        "/api/books/2/reviews",
+        MirrorResult::Status(500),
+        30,
+    ));
+    c.live(&live(9, 0, "/api/books/1/reviews", 200, 10));
+    c.live(&live(9, 1, "/api/books/2/reviews", 200, 10));
+    c.mirror(&mirror(
+        9,
+        0,
+        "/api/books/1/reviews",
+        MirrorResult::Status(200),
+        20,
+    ));
+    c.live(&live(9, 2, "/api/books/3/reviews", 200, 10));
+    c.mirror(&mirror(
+        9,
+        2,
+        "/api/books/3/reviews",
+        MirrorResult::Timeout,
+        2000,
+    ));
+    let r = c.report();
+    assert_eq!(
+        r.mismatches,
+        vec![
+            Mismatch {
+                name: "GET /api/books/{id}/reviews".into(),
+                live_code: "200".into(),
+                mirror_code: "500".into(),
+                count: 1
+            },
+            Mismatch {
+                name: "GET /api/books/{id}/reviews".into(),
+                live_code: "200".into(),
+                mirror_code: "timeout".into(),
+                count: 1
+            },
+        ]
+    );
+    assert_eq!(r.latency_ratios[0].pairs, 3);
+    assert!((r.latency_ratios[0].mean_ratio - (2.0 + 3.0 + 200.0) / 3.0).abs() < 1e-9);
+    let codes: Vec<(&str, &str, u64)> = r
+        .rows
+        .iter()
+        .map(|x| (x.version.as_str(), x.code.as_str(), x.count))
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            ("live", "200", 3),
+            ("V4MIR", "200", 1),
+            ("V4MIR", "500", 1),
+            ("V4MIR", "timeout", 1)
+        ]
+    );
+    let table = format_table(&r);
+    assert!(
+        table.contains("V4MIR") && table.contains("timeout") && table.contains("200 → 500"),
+        "{table}"
+    );
+}
+
+#[test]
+fn verdicts_name_faults_and_slowness() {
+    let mut c = Comparator::new(CompareConfig::default());
+    for i in 0..10 {
+        c.live(&live(1, i, "/api/books/2/reviews", 200, 15));
+        let result = if i % 2 == 0 {
+            MirrorResult::Status(500)
+        } else {
+            MirrorResult::Status(200)
+        };
+        c.mirror(&mirror(1, i, "/api/books/2/reviews", result, 1208));
+        c.live(&live(2, i, "/api/books", 200, 5));
+        c.mirror(&mirror(2, i, "/api/books", MirrorResult::Status(200), 6));
+    }
+    let v = verdicts(&c.report());
+    assert_eq!(
+        v,
+        [
+            "mirror fails on GET /api/books/{id}/reviews: 5× 500 where live answered 200",
+            "mirror slower on GET /api/books/{id}/reviews: 1208 ms vs 15 ms live",
+        ]
+    );
+    let mut same = Comparator::new(CompareConfig::default());
+    let mut quick = Comparator::new(CompareConfig::default());
+    quick.live(&live(1, 0, "/r", 200, 0));
+    quick.mirror(&mirror(1, 0, "/r", MirrorResult::Status(200), 1200));
+    assert_eq!(
+        verdicts(&quick.report()),
+        ["mirror slower on GET /r: 1200 ms vs 0.0 ms live"]
+    );
+    same.live(&live(1, 0, "/a", 200, 5));
+    same.mirror(&mirror(1, 0, "/a", MirrorResult::Status(200), 6));
+    assert_eq!(
+        verdicts(&same.report()),
+        ["mirror matches live: same status codes, similar durations on 1 endpoints"]
+    );
+}
+
+#[test]
+fn cardinality_cap_folds_into_other() {
+    let mut c = Comparator::new(CompareConfig {
+        max_endpoints: 3,
+        ..Default::default()
+    });
+    for i in 0..50 {
+        c.live(&live(1, i, &format!("/random/path-{i}/x"), 200, 1));
+    }
+    let r = c.report();
+    let names: HashSet<&str> = r.rows.iter().map(|x| x.name.as_str()).collect();
+    assert_eq!(names.len(), 4);
+    assert!(names.contains("other"));
+    assert_eq!(r.other_endpoint_results, 47);
+}
+
+#[test]
+fn pending_halves_are_bounded() {
+    let mut c = Comparator::new(CompareConfig {
+        max_pending: 10,
+        ..Default::default()
+    });
+    for i in 0..1000 {
+        c.live(&live(1, i, "/a", 200, 1)); // never mirrored (filtered, sampled out)
+    }
+    assert!(c.waiting[0].len() <= 10);
+    assert_eq!(c.report().unpaired_evicted, 990);
+}
