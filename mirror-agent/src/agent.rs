@@ -29,8 +29,8 @@ pub struct AgentConfig {
     pub capture: CaptureConfig,
     /// Reassembly and HTTP extraction.
     pub pipeline: PipelineConfig,
-    /// The mirror, and the address it resolved to; None: capture and extract only.
-    pub replay: Option<(ReplayConfig, SocketAddr)>,
+    /// The mirrors, each sent every request; none: capture and extract only.
+    pub mirrors: Vec<MirrorTarget>,
     pub compare: CompareConfig,
     /// Follow the pods that match a label selector (`--selector`).
     pub pods: Option<PodSelector>,
@@ -41,6 +41,22 @@ pub struct AgentConfig {
     /// Keep the agent under this many cores by shedding new connections in the kernel
     /// (needs `capture.matching.sticky_sampling`).
     pub cpu_budget: Option<f64>,
+}
+
+/// One mirror: its name (the version tag of its rows) and how its requests are replayed.
+#[derive(Clone, Debug)]
+pub struct MirrorTarget {
+    pub name: String,
+    pub replay: ReplayConfig,
+    /// The address its URL resolved to.
+    pub addr: SocketAddr,
+}
+
+/// A running mirror: its name and its own replay stage (caps, queue, workers, counters).
+#[derive(Clone)]
+struct Mirror {
+    name: String,
+    replayer: Replayer,
 }
 
 /// Kernel counters by name, refreshed once a second.
@@ -60,7 +76,7 @@ pub struct Agent {
     capture: Capture,
     pipeline: JoinHandle<Option<FlowRecorder>>,
     pipeline_stats: Arc<Mutex<PipelineStats>>,
-    replay: Option<Replayer>,
+    mirrors: Vec<Mirror>,
     comparison: Comparison,
     kernel: KernelCounters,
     /// What to mirror and forget, from the pod watcher.
@@ -80,7 +96,8 @@ pub struct Summary {
     pub kernel: Vec<(&'static str, u64)>,
     pub capture: Arc<CaptureStats>,
     pub pipeline: PipelineStats,
-    pub replay: Option<Arc<ReplayStats>>,
+    /// Each mirror's name and replay counters.
+    pub replay: Vec<(String, Arc<ReplayStats>)>,
     pub report: Report,
     /// The reassembled streams, when the pipeline recorded them (`--dump`).
     pub dump: Option<FlowRecorder>,
@@ -92,25 +109,39 @@ impl Agent {
         let _enter = rt.enter();
         // Compare: fed by the pipeline (live responses) and the replayer (mirror outcomes).
         let comparison = Comparison::new(cfg.compare.clone());
-        let grace = cfg.replay.as_ref().map_or(Duration::ZERO, |(r, _)| {
-            r.timeout.min(Duration::from_secs(5))
-        });
-        // Replay: ready before anything is captured.
-        let replay = cfg
-            .replay
-            .as_ref()
-            .map(|(r, _)| Replayer::start(r.clone(), rt, outcome_sink(comparison.clone())));
+        let grace = cfg
+            .mirrors
+            .iter()
+            .map(|m| m.replay.timeout.min(Duration::from_secs(5)))
+            .max()
+            .unwrap_or(Duration::ZERO);
+        // Replay: one stage per mirror, ready before anything is captured. Each has its own
+        // queue and workers, so a slow or dead mirror holds up nobody else.
+        let mirrors: Vec<Mirror> = cfg
+            .mirrors
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Mirror {
+                name: m.name.clone(),
+                replayer: Replayer::start(
+                    m.replay.clone(),
+                    rt,
+                    outcome_sink(comparison.clone(), i),
+                ),
+            })
+            .collect();
 
         // Capture: the program is attached and cloning from here on.
         let (mut capture, segments) = Capture::start(&cfg.capture)?;
-        if let Some((_, mirror)) = &cfg.replay {
-            check_no_loop(&capture, &cfg.capture, *mirror)?;
+        for m in &cfg.mirrors {
+            check_no_loop(&capture, &cfg.capture, m.addr)
+                .map_err(|e| e.context(format!("mirror {}", m.name)))?;
         }
 
         // Reassemble and parse, on their own thread.
         let pipeline_stats = Arc::new(Mutex::new(PipelineStats::default()));
         let events = PipelineEvents {
-            replay: replay.clone(),
+            replayers: mirrors.iter().map(|m| m.replayer.clone()).collect(),
             requests: Vec::new(),
             live: comparison.clone(),
             full_responses: capture.take_full_responses(),
@@ -145,7 +176,10 @@ impl Agent {
                 capture: Some(Arc::clone(capture.stats())),
                 kernel: Arc::clone(&kernel),
                 pipeline: Arc::clone(&pipeline_stats),
-                replay: replay.as_ref().map(|r| Arc::clone(r.stats())),
+                replay: mirrors
+                    .iter()
+                    .map(|m| (m.name.clone(), Arc::clone(m.replayer.stats())))
+                    .collect(),
             };
             let bound = rt.block_on(metrics::serve(addr, sources))?;
             log::info!("metrics on http://{bound}/metrics, comparison on http://{bound}/report");
@@ -174,7 +208,7 @@ impl Agent {
             capture,
             pipeline,
             pipeline_stats,
-            replay,
+            mirrors,
             comparison,
             kernel,
             pod_changes,
@@ -198,7 +232,11 @@ impl Agent {
         let drops = self.capture.stats().ring_drops.load(Ordering::Relaxed);
         let new_drops = drops > self.ring_drops;
         self.ring_drops = drops;
-        let queue = self.replay.as_ref().map_or(0.0, Replayer::queue_fill);
+        let queue = self
+            .mirrors
+            .iter()
+            .map(|m| m.replayer.queue_fill())
+            .fold(0.0, f64::max);
         let load = Load {
             cpu: cpu_budget::process_cpu_time(),
             at: std::time::Instant::now(),
@@ -259,7 +297,7 @@ impl Agent {
             capture,
             pipeline,
             pipeline_stats,
-            replay,
+            mirrors,
             comparison,
             grace,
             ..
@@ -269,10 +307,13 @@ impl Agent {
         let dump = tokio::task::spawn_blocking(move || pipeline.join())
             .await?
             .map_err(|_| anyhow!("pipeline thread panicked"))?;
-        let replay_stats = match replay {
-            Some(replayer) => Some(replayer.drain(grace).await),
-            None => None,
-        };
+        // The mirrors drain side by side: the grace is spent once, not once per mirror.
+        let drained = futures::future::join_all(
+            mirrors
+                .into_iter()
+                .map(|m| async move { (m.name, m.replayer.drain(grace).await) }),
+        );
+        let replay_stats = drained.await;
         let pipeline = pipeline_stats.lock().unwrap().clone();
         Ok(Summary {
             kernel,
@@ -322,10 +363,10 @@ async fn next_change(rx: &mut Option<tokio::sync::mpsc::Receiver<PodChange>>) ->
     }
 }
 
-/// Where the pipeline's events go: requests to the replayer, a batch at a time; live
-/// responses to the comparison; connections to capture whole to the kernel.
+/// Where the pipeline's events go: requests to every mirror's replayer, a batch at a time;
+/// live responses to the comparison; connections to capture whole to the kernel.
 struct PipelineEvents {
-    replay: Option<Replayer>,
+    replayers: Vec<Replayer>,
     requests: Vec<Request>,
     live: Comparison,
     full_responses: Option<FullResponses>,
@@ -335,7 +376,7 @@ impl pipeline::Sink for PipelineEvents {
     fn event(&mut self, event: HttpEvent) {
         match event {
             HttpEvent::Request(r) => {
-                if self.replay.is_some() {
+                if !self.replayers.is_empty() {
                     self.requests.push(r);
                 }
             }
@@ -351,16 +392,22 @@ impl pipeline::Sink for PipelineEvents {
     }
 
     fn flush(&mut self) {
-        if let Some(replayer) = &self.replay {
-            if !self.requests.is_empty() {
-                replayer.offer(self.requests.drain(..));
-            }
+        let Some((last, others)) = self.replayers.split_last() else {
+            return;
+        };
+        if self.requests.is_empty() {
+            return;
         }
+        // Requests share their bytes: a copy for each other mirror is a reference count.
+        for replayer in others {
+            replayer.offer(self.requests.iter().cloned());
+        }
+        last.offer(self.requests.drain(..));
     }
 }
 
-/// Mirror outcomes go straight into the comparison.
-fn outcome_sink(to: Comparison) -> replay::OutcomeSink {
+/// Mirror number `mirror`'s outcomes go straight into the comparison.
+fn outcome_sink(to: Comparison, mirror: usize) -> replay::OutcomeSink {
     Box::new(move |o: MirrorOutcome| {
         log::debug!(
             "mirror {} {} -> {} in {:?}",
@@ -369,7 +416,7 @@ fn outcome_sink(to: Comparison) -> replay::OutcomeSink {
             o.result.code(),
             o.duration
         );
-        to.mirror(&o);
+        to.mirror(mirror, &o);
     })
 }
 
@@ -403,8 +450,13 @@ impl Summary {
             format!("reassembly: {:?}", self.pipeline.reassembly),
             format!("http: {:?}", self.pipeline.http),
         ];
-        if let Some(r) = &self.replay {
-            out.push(format!("replay: {r:?}"));
+        match self.replay.as_slice() {
+            [(_, r)] => out.push(format!("replay: {r:?}")),
+            several => {
+                for (name, r) in several {
+                    out.push(format!("replay {name}: {r:?}"));
+                }
+            }
         }
         out
     }

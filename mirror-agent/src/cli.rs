@@ -127,10 +127,12 @@ pub struct AttachArgs {
     #[arg(long)]
     pub ebpf_log: bool,
 
-    /// Mirror service to replay requests to, e.g. http://bookservicemirror:8080. Without it the
-    /// agent only captures and extracts (see --dump).
-    #[arg(long)]
-    pub mirror: Option<String>,
+    /// Mirror service to replay requests to: a URL (http://bookservicemirror:8080) or
+    /// NAME=URL (cand=http://v5:8080). Repeatable: every request goes to every mirror, each
+    /// with its own queue, caps and counters, and its rows tagged with its name. Without it
+    /// the agent only captures and extracts (see --dump).
+    #[arg(long, value_parser = parse_mirror)]
+    pub mirror: Vec<MirrorArg>,
 
     /// Host header sent to the mirror: `mirror` (its own authority), `keep` (the original), or
     /// `shadow` (the original with -shadow appended, as Envoy does).
@@ -194,7 +196,7 @@ pub struct AttachArgs {
     #[arg(long, default_value = "live")]
     pub live_label: String,
 
-    /// Version tag of the mirror's rows, e.g. V4MIR-BookServiceFault.
+    /// Version tag of the rows of a mirror given without a name, e.g. V4MIR-BookServiceFault.
     #[arg(long, default_value = "mirror")]
     pub mirror_label: String,
 
@@ -223,6 +225,67 @@ pub struct AttachArgs {
     pub stats_interval: u64,
 }
 
+/// A `--mirror`: its name, if given, and its URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MirrorArg {
+    pub name: Option<String>,
+    pub url: String,
+}
+
+fn parse_mirror(s: &str) -> Result<MirrorArg, String> {
+    // A name stands before the URL's scheme; an `=` in the URL's query is not one.
+    let named = s
+        .find('=')
+        .filter(|&eq| s.find("://").is_none_or(|scheme| eq < scheme));
+    let Some(eq) = named else {
+        return Ok(MirrorArg {
+            name: None,
+            url: s.to_string(),
+        });
+    };
+    let (name, url) = (&s[..eq], &s[eq + 1..]);
+    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if name.is_empty() || !name.chars().all(valid) {
+        return Err(format!(
+            "{name:?}: a mirror's name is letters, digits, '-', '_' or '.', as in cand=http://v5:8080"
+        ));
+    }
+    Ok(MirrorArg {
+        name: Some(name.to_string()),
+        url: url.to_string(),
+    })
+}
+
+/// Each mirror's version tag: its name, or `--mirror-label` for the one given without a name.
+pub fn mirror_names(
+    mirrors: &[MirrorArg],
+    unnamed_label: &str,
+    live_label: &str,
+) -> Result<Vec<String>, String> {
+    if mirrors.len() > crate::compare::MAX_MIRRORS {
+        return Err(format!(
+            "{} mirrors: at most {} per agent",
+            mirrors.len(),
+            crate::compare::MAX_MIRRORS
+        ));
+    }
+    let unnamed = mirrors.iter().filter(|m| m.name.is_none()).count();
+    if unnamed > 1 {
+        return Err("several mirrors: give each a name, as in --mirror cand=http://v5:8080".into());
+    }
+    let mut names: Vec<String> = Vec::new();
+    for m in mirrors {
+        let name = m.name.clone().unwrap_or_else(|| unnamed_label.to_string());
+        if name == live_label || names.contains(&name) {
+            return Err(format!(
+                "mirror name {name:?} is taken: give each mirror a name of its own"
+            ));
+        }
+        names.push(name);
+    }
+    Ok(names)
+}
+
 pub fn parse_percent(s: &str) -> Result<f64, String> {
     let v: f64 = s
         .trim_end_matches('%')
@@ -247,4 +310,58 @@ fn parse_cores(s: &str) -> Result<f64, String> {
 pub enum ResponseCapture {
     Heads,
     Full,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attach(args: &[&str]) -> Result<Box<AttachArgs>, clap::Error> {
+        let mut argv = vec!["mirror-agent", "attach", "--iface", "eth0", "--port", "80"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Attach(a) => Ok(a),
+            Command::Report(_) => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn mirrors_by_name_or_bare_url() {
+        let a = attach(&[
+            "--mirror",
+            "cand=http://v5:8080",
+            "--mirror",
+            "http://v1:8080/x?a=b",
+            "--mirror-label",
+            "V1MIR",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.mirror,
+            [
+                MirrorArg {
+                    name: Some("cand".into()),
+                    url: "http://v5:8080".into()
+                },
+                MirrorArg {
+                    name: None,
+                    url: "http://v1:8080/x?a=b".into()
+                },
+            ]
+        );
+        assert_eq!(
+            mirror_names(&a.mirror, &a.mirror_label, &a.live_label).unwrap(),
+            ["cand", "V1MIR"]
+        );
+
+        let err = attach(&["--mirror", "bad name=http://x"]).unwrap_err();
+        assert!(err.to_string().contains("letters, digits"), "{err}");
+        let two_bare = attach(&["--mirror", "http://a", "--mirror", "http://b"]).unwrap();
+        let err = mirror_names(&two_bare.mirror, "mirror", "live").unwrap_err();
+        assert!(err.contains("give each a name"), "{err}");
+        let same = attach(&["--mirror", "a=http://a", "--mirror", "a=http://b"]).unwrap();
+        assert!(mirror_names(&same.mirror, "mirror", "live").is_err());
+        let live = attach(&["--mirror", "live=http://a"]).unwrap();
+        assert!(mirror_names(&live.mirror, "mirror", "live").is_err());
+    }
 }

@@ -9,12 +9,14 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use mirror_agent::agent::{Agent, AgentConfig};
+use mirror_agent::agent::{Agent, AgentConfig, MirrorTarget};
 use mirror_agent::budget;
 use mirror_agent::capture::netdev;
 use mirror_agent::capture::ring::RingConfig;
 use mirror_agent::capture::{CaptureConfig, Hook, MatchConfig, Target};
-use mirror_agent::cli::{AttachArgs, Cli, Command, ReportArgs, ReportFormat, ResponseCapture};
+use mirror_agent::cli::{
+    mirror_names, AttachArgs, Cli, Command, ReportArgs, ReportFormat, ResponseCapture,
+};
 use mirror_agent::compare::{self, format_table, CompareConfig, Report};
 use mirror_agent::http::HttpConfig;
 use mirror_agent::pipeline::PipelineConfig;
@@ -144,33 +146,41 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
     let ring_bytes = (capture.ring.block_count * capture.ring.block_size) as u64;
     let plan = budget::Plan::new(budget, ring_bytes, compare::series_bytes())?;
     log::info!("memory budget {budget} bytes ({budget_source}): {plan:?}");
-    let replay = match &args.mirror {
-        Some(url) => {
-            let uri = replay::parse_mirror_url(url)?;
-            let resolved = rt.block_on(replay::check_mirror(&uri))?;
-            let cfg = ReplayConfig {
-                host: args.host,
-                add_headers: args.add_headers.clone(),
-                drop_headers: args.drop_headers.clone(),
-                methods: args
-                    .methods
-                    .iter()
-                    .map(|m| m.to_ascii_uppercase())
-                    .collect(),
-                path: args.path.clone(),
-                max_rps: args.max_rps,
-                max_inflight: args.max_inflight,
-                pipeline_depth: args.pipeline_depth.into(),
-                timeout: Duration::from_secs_f64(args.timeout),
-                queue_bytes: args
-                    .queue_bytes
-                    .map_or(plan.replay_queue_bytes, |q| q as usize),
-                ..ReplayConfig::new(uri)
-            };
-            Some((cfg, resolved))
-        }
-        None => None,
-    };
+    let names = mirror_names(&args.mirror, &args.mirror_label, &args.live_label)
+        .map_err(anyhow::Error::msg)?;
+    // The memory plan's replay queue and pairing table are shared by the mirrors.
+    let shares = args.mirror.len().max(1);
+    let mut mirrors = Vec::new();
+    for (m, name) in args.mirror.iter().zip(&names) {
+        let uri = replay::parse_mirror_url(&m.url).with_context(|| format!("mirror {name}"))?;
+        let addr = rt
+            .block_on(replay::check_mirror(&uri))
+            .with_context(|| format!("mirror {name}"))?;
+        let replay = ReplayConfig {
+            host: args.host,
+            add_headers: args.add_headers.clone(),
+            drop_headers: args.drop_headers.clone(),
+            methods: args
+                .methods
+                .iter()
+                .map(|m| m.to_ascii_uppercase())
+                .collect(),
+            path: args.path.clone(),
+            max_rps: args.max_rps,
+            max_inflight: args.max_inflight,
+            pipeline_depth: args.pipeline_depth.into(),
+            timeout: Duration::from_secs_f64(args.timeout),
+            queue_bytes: args
+                .queue_bytes
+                .map_or(plan.replay_queue_bytes / shares, |q| q as usize),
+            ..ReplayConfig::new(uri)
+        };
+        mirrors.push(MirrorTarget {
+            name: name.clone(),
+            replay,
+            addr,
+        });
+    }
     let pipeline = PipelineConfig {
         reassembly: ReassemblyConfig {
             server_ports: args.port.clone(),
@@ -185,6 +195,7 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
             track_responses: !args.no_responses,
             response_heads,
             max_buffered_bytes: plan.http_buffered_bytes,
+            stream_copies: mirrors.len().max(1),
             ..HttpConfig::default()
         },
         record_streams: args.dump.is_some().then_some(args.dump_max_bytes),
@@ -193,14 +204,15 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
     Ok(AgentConfig {
         capture,
         pipeline,
-        replay,
+        mirrors,
         compare: CompareConfig {
             live_label: args.live_label.clone(),
-            mirror_label: args.mirror_label.clone(),
+            mirror_labels: names,
             routes: args.routes.clone(),
             max_endpoints: args.max_endpoints,
             max_series: plan.max_series,
-            max_pending: plan.max_pending_pairs,
+            // A waiting request holds the live response and up to one outcome per mirror.
+            max_pending: plan.max_pending_pairs * 2 / (shares + 1),
         },
         pods: args.selector.as_ref().map(|labels| PodSelector {
             labels: labels.clone(),

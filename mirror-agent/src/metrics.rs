@@ -35,7 +35,8 @@ pub struct Sources {
     /// Kernel program counters by name, refreshed by the agent's main loop.
     pub kernel: Arc<Mutex<Vec<(&'static str, u64)>>>,
     pub pipeline: Arc<Mutex<PipelineStats>>,
-    pub replay: Option<Arc<ReplayStats>>,
+    /// Each mirror's name and replay counters.
+    pub replay: Vec<(String, Arc<ReplayStats>)>,
 }
 
 impl std::fmt::Debug for Sources {
@@ -62,48 +63,96 @@ fn encode_stats(
     stage: &str,
     value: serde_json::Value,
 ) -> std::fmt::Result {
-    let serde_json::Value::Object(fields) = value else {
-        return Ok(());
-    };
-    // (metric, label name, [(label value, count)])
-    type Group<'a> = (&'a str, &'a str, Vec<(String, u64)>);
-    let mut grouped: Vec<Group> = Vec::new();
-    for (field, v) in &fields {
-        let Some(n) = v.as_u64() else { continue };
-        let group = [
-            ("dropped_", "dropped", "reason"),
-            ("errors_", "errors", "kind"),
-            ("stopped_", "stopped", "reason"),
-        ]
-        .into_iter()
-        .find(|(p, _, _)| field.starts_with(p));
-        match group {
-            Some((prefix, name, label)) => {
-                let reason = field[prefix.len()..].to_string();
-                match grouped.iter_mut().find(|(n2, _, _)| *n2 == name) {
-                    Some(g) => g.2.push((reason, n)),
-                    None => grouped.push((name, label, vec![(reason, n)])),
+    encode_labelled_stats(encoder, stage, "", vec![(String::new(), value)])
+}
+
+/// As `encode_stats`, for several instances of a stage (the mirrors), told apart by a label.
+fn encode_labelled_stats(
+    encoder: &mut DescriptorEncoder,
+    stage: &str,
+    instance_label: &str,
+    instances: Vec<(String, serde_json::Value)>,
+) -> std::fmt::Result {
+    struct Family {
+        help: String,
+        kind: MetricType,
+        samples: Vec<(Vec<(String, String)>, u64)>,
+    }
+    let mut families: Vec<(String, Family)> = Vec::new();
+    for (instance, value) in instances {
+        let serde_json::Value::Object(fields) = value else {
+            continue;
+        };
+        for (field, v) in &fields {
+            let Some(n) = v.as_u64() else { continue };
+            let mut labels = Vec::new();
+            if !instance_label.is_empty() {
+                labels.push((instance_label.to_string(), instance.clone()));
+            }
+            let group = [
+                ("dropped_", "dropped", "reason"),
+                ("errors_", "errors", "kind"),
+                ("stopped_", "stopped", "reason"),
+            ]
+            .into_iter()
+            .find(|(p, _, _)| field.starts_with(p));
+            let (metric, help, kind) = match group {
+                Some((prefix, name, label)) => {
+                    labels.push((label.to_string(), field[prefix.len()..].to_string()));
+                    (
+                        format!("mirror_{stage}_{name}"),
+                        format!("{stage} {name} by {label}"),
+                        MetricType::Counter,
+                    )
                 }
-            }
-            None if GAUGES.contains(&field.as_str()) => {
-                let metric = format!("mirror_{stage}_{field}");
-                let m = encoder.encode_descriptor(&metric, field, None, MetricType::Gauge)?;
-                ConstGauge::new(n as i64).encode(m)?;
-            }
-            None => {
-                let metric = format!("mirror_{stage}_{field}");
-                let m = encoder.encode_descriptor(&metric, field, None, MetricType::Counter)?;
-                ConstCounter::new(n).encode(m)?;
-            }
+                None if GAUGES.contains(&field.as_str()) => (
+                    format!("mirror_{stage}_{field}"),
+                    field.clone(),
+                    MetricType::Gauge,
+                ),
+                None => (
+                    format!("mirror_{stage}_{field}"),
+                    field.clone(),
+                    MetricType::Counter,
+                ),
+            };
+            let at = match families.iter().position(|(m, _)| *m == metric) {
+                Some(at) => at,
+                None => {
+                    families.push((
+                        metric,
+                        Family {
+                            help,
+                            kind,
+                            samples: Vec::new(),
+                        },
+                    ));
+                    families.len() - 1
+                }
+            };
+            families[at].1.samples.push((labels, n));
         }
     }
-    for (name, label, values) in grouped {
-        let metric = format!("mirror_{stage}_{name}");
-        let help = format!("{stage} {name} by {label}");
-        let mut m = encoder.encode_descriptor(&metric, &help, None, MetricType::Counter)?;
-        for (reason, n) in values {
-            let labels = [(label, reason.as_str())];
-            ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
+    for (metric, f) in families {
+        let mut m = encoder.encode_descriptor(&metric, &f.help, None, f.kind)?;
+        let gauge = matches!(f.kind, MetricType::Gauge);
+        if let [(labels, n)] = f.samples.as_slice() {
+            if labels.is_empty() {
+                // A single sample without labels: the descriptor's encoder takes it directly.
+                if gauge {
+                    ConstGauge::new(*n as i64).encode(m)?;
+                } else {
+                    ConstCounter::new(*n).encode(m)?;
+                }
+                continue;
+            }
+        }
+        for (labels, n) in &f.samples {
+            if gauge {
+                ConstGauge::new(*n as i64).encode(m.encode_family(labels)?)?;
+            } else {
+                ConstCounter::new(*n).encode(m.encode_family(labels)?)?;
+            }
         }
     }
     Ok(())
@@ -160,6 +209,7 @@ impl Collector for Sources {
             for x in &report.mismatches {
                 let labels = [
                     ("endpoint", x.name.as_str()),
+                    ("mirror", x.mirror.as_str()),
                     ("live_code", x.live_code.as_str()),
                     ("mirror_code", x.mirror_code.as_str()),
                 ];
@@ -174,8 +224,8 @@ impl Collector for Sources {
                 MetricType::Gauge,
             )?;
             for x in &report.latency_ratios {
-                ConstGauge::new(x.mean_ratio)
-                    .encode(m.encode_family(&[("endpoint", x.name.as_str())])?)?;
+                let labels = [("endpoint", x.name.as_str()), ("mirror", x.mirror.as_str())];
+                ConstGauge::new(x.mean_ratio).encode(m.encode_family(&labels)?)?;
             }
         }
         if let Some(sampling) = &report.sampling {
@@ -300,12 +350,18 @@ impl Collector for Sources {
             )?;
             ConstGauge::new(p.flows as i64).encode(m)?;
         }
-        if let Some(r) = &self.replay {
-            encode_stats(
-                &mut encoder,
-                "replay",
-                serde_json::to_value(r.as_ref()).unwrap_or_default(),
-            )?;
+        if !self.replay.is_empty() {
+            let mirrors = self
+                .replay
+                .iter()
+                .map(|(name, r)| {
+                    (
+                        name.clone(),
+                        serde_json::to_value(r.as_ref()).unwrap_or_default(),
+                    )
+                })
+                .collect();
+            encode_labelled_stats(&mut encoder, "replay", "mirror", mirrors)?;
         }
         Ok(())
     }
@@ -391,21 +447,24 @@ mod tests {
             response_first_ts: 2_000_000,
         };
         c.live(&meta);
-        c.mirror(&MirrorOutcome {
-            conn: 1,
-            seq: 0,
-            method: "GET".into(),
-            target: "/api/books/2/reviews".into(),
-            result: MirrorResult::Status(500),
-            duration: Some(std::time::Duration::from_millis(30)),
-        });
+        c.mirror(
+            0,
+            &MirrorOutcome {
+                conn: 1,
+                seq: 0,
+                method: "GET".into(),
+                target: "/api/books/2/reviews".into(),
+                result: MirrorResult::Status(500),
+                duration: Some(std::time::Duration::from_millis(30)),
+            },
+        );
         Sources {
             pods: Default::default(),
             comparison: c.into(),
             capture: Some(Arc::new(CaptureStats::default())),
             kernel: Arc::new(Mutex::new(vec![("cloned", 3), ("skip_not_tcp", 1)])),
             pipeline: Arc::new(Mutex::new(PipelineStats::default())),
-            replay: Some(Arc::new(ReplayStats::default())),
+            replay: vec![("mirror".into(), Arc::new(ReplayStats::default()))],
         }
     }
 
@@ -414,10 +473,11 @@ mod tests {
         let text = render(&sources());
         for line in [
             r#"mirror_requests_total{endpoint="GET /api/books/{id}/reviews",version="mirror",code="500"} 1"#,
-            r#"mirror_status_mismatch_total{endpoint="GET /api/books/{id}/reviews",live_code="200",mirror_code="500"} 1"#,
+            r#"mirror_status_mismatch_total{endpoint="GET /api/books/{id}/reviews",mirror="mirror",live_code="200",mirror_code="500"} 1"#,
             r#"mirror_kernel_packets_total{outcome="cloned"} 3"#,
             r#"mirror_http_dropped_total{reason="gap"} 0"#,
-            r#"mirror_replay_errors_total{kind="timeout"} 0"#,
+            r#"mirror_replay_errors_total{mirror="mirror",kind="timeout"} 0"#,
+            r#"mirror_replay_sent_total{mirror="mirror"} 0"#,
             r#"mirror_capture_frame_errors_total{reason="malformed"} 0"#,
         ] {
             assert!(text.contains(line), "missing {line}\n{text}");

@@ -50,29 +50,32 @@ fn pipelined(ns: &Netns, to: SocketAddr, requests: &[u8], expect_bytes: usize) -
 
 /// Times `n` sequential GETs on one keep-alive connection from inside `ns`.
 fn latencies(ns: &Netns, to: SocketAddr, n: usize) -> Vec<Duration> {
+    latencies_of(ns, to, vec!["/api/books/1".to_string(); n])
+}
+
+/// Times a GET of each target, in order, on one keep-alive connection from inside `ns`; each
+/// response is read whole and checked.
+fn latencies_of(ns: &Netns, to: SocketAddr, targets: Vec<String>) -> Vec<Duration> {
     let path = ns.path();
     std::thread::spawn(move || {
         netlab::enter_netns(&path);
         let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         s.set_nodelay(true).unwrap();
-        let want = {
-            let body = expected_body("GET", "/api/books/1", b"");
-            format!(
+        let mut out = Vec::with_capacity(targets.len());
+        for target in &targets {
+            let body = expected_body("GET", target, b"");
+            let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Test: 1\r\n\r\n",
                 body.len()
-            )
-            .len()
-                + body.len()
-        };
-        let mut out = Vec::with_capacity(n);
-        let mut buf = vec![0u8; want];
-        for _ in 0..n {
+            );
+            let mut buf = vec![0u8; head.len() + body.len()];
             let t = Instant::now();
-            s.write_all(b"GET /api/books/1 HTTP/1.1\r\nHost: books\r\n\r\n")
+            s.write_all(format!("GET {target} HTTP/1.1\r\nHost: books\r\n\r\n").as_bytes())
                 .unwrap();
             s.read_exact(&mut buf).unwrap();
             out.push(t.elapsed());
+            assert_eq!(buf[head.len()..], body[..], "live answered {target}");
         }
         out
     })
@@ -436,6 +439,118 @@ fn a_down_slow_or_resetting_mirror_costs_live_users_nothing() {
                 "{replay}"
             ),
         }
+    }
+}
+
+/// Every request goes to every mirror; a slow or down third one holds up neither the other
+/// two nor live users, and each mirror is counted apart.
+#[test]
+fn a_slow_or_down_third_mirror_costs_the_other_two_and_live_users_nothing() {
+    require_root();
+    let _serial = serial();
+    let pair = Pair::new("mm", 238);
+    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+    let _live = TestServer::start(&pair.server, &[live_addr]);
+    const METRICS: &str = "127.0.0.1:9472";
+    const N: usize = 300;
+    for case in ["slow", "down"] {
+        let a = TestServer::start(&pair.server, &["127.0.0.1:9101".parse().unwrap()]);
+        let b = TestServer::start(&pair.server, &["127.0.0.1:9102".parse().unwrap()]);
+        let _c = (case == "slow").then(|| {
+            TestServer::start_with_delay(
+                &pair.server,
+                &["127.0.0.1:9103".parse().unwrap()],
+                Duration::from_millis(1200),
+            )
+        });
+        let baseline = best_median(&pair.client, live_addr, 100);
+        let agent = Agent::start(
+            &pair.server,
+            &[
+                "--iface",
+                "srv0",
+                "--port",
+                "8080",
+                "--mirror",
+                "a=http://127.0.0.1:9101",
+                "--mirror",
+                "b=http://127.0.0.1:9102",
+                "--mirror",
+                "c=http://127.0.0.1:9103",
+                "--timeout",
+                "2",
+                "--max-inflight",
+                "32",
+                "--metrics",
+                METRICS,
+            ],
+        );
+        let targets: Vec<String> = (0..N).map(|i| format!("/mm/{case}/{i}")).collect();
+        let live = latencies_of(&pair.client, live_addr, targets.clone());
+        let sent_at = Instant::now();
+        // c's backlog alone would take N / 32 × 1.2 s ≈ 11 s to clear: a and b must not wait.
+        for m in [&a, &b] {
+            netlab::wait_until(Duration::from_secs(3), || m.requests() >= N);
+        }
+        let caught_up = sent_at.elapsed();
+        let with_agent = median(live);
+        eprintln!(
+            "{case}: live median {baseline:?} without the agent, {with_agent:?} with it; a and b had every request {caught_up:?} after the client's last"
+        );
+        assert!(
+            with_agent < baseline * 2 + Duration::from_millis(5),
+            "{case}: live median {with_agent:?} vs {baseline:?}"
+        );
+        for (name, m) in [("a", &a), ("b", &b)] {
+            let mut got: Vec<String> = m.log().into_iter().map(|r| r.target).collect();
+            got.sort();
+            let mut want = targets.clone();
+            want.sort();
+            assert_eq!(got, want, "mirror {name} got each request once");
+            let sent = metric(
+                &pair.server,
+                METRICS,
+                "mirror_replay_sent_total",
+                &[("mirror", name)],
+            );
+            assert_eq!(sent, Some(N as f64), "mirror {name}");
+        }
+        let counted = |name: &str, label: &str, values: &[&str]| {
+            values
+                .iter()
+                .filter_map(|v| metric(&pair.server, METRICS, name, &[("mirror", "c"), (label, v)]))
+                .sum::<f64>()
+        };
+        let c_failed = counted(
+            "mirror_replay_errors_total",
+            "kind",
+            &["timeout", "refused"],
+        ) + counted(
+            "mirror_replay_dropped_total",
+            "reason",
+            &["queue_full", "backoff"],
+        );
+        let report = report(&pair.server, METRICS).expect("a report");
+        let stderr = agent.terminate();
+        assert_eq!(report.mirrors, ["a", "b", "c"]);
+        let answered = |name: &str| {
+            report
+                .rows
+                .iter()
+                .filter(|r| r.version == name && r.code == "200")
+                .map(|r| r.count)
+                .sum::<u64>()
+        };
+        assert_eq!((answered("a"), answered("b")), (N as u64, N as u64));
+        if case == "down" {
+            assert!(c_failed >= 1.0, "c's failures are counted: {stderr}");
+            assert_eq!(answered("c"), 0);
+        } else {
+            // Still waiting on c when the agent stopped, or dropped by its full queue: in
+            // any case not all answered in time.
+            assert!(answered("c") < N as u64, "{stderr}");
+        }
+        assert!(stderr.contains("replay c: ReplayStats"), "{stderr}");
     }
 }
 

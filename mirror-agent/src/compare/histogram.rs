@@ -1,6 +1,6 @@
 //! The comparison's series as Prometheus histograms.
 
-use super::{Comparator, Side};
+use super::Comparator;
 
 /// Upper bounds (seconds) of the exported duration histograms.
 pub const BUCKETS_S: [f64; 14] = [
@@ -22,7 +22,7 @@ impl Comparator {
     pub fn histograms(&self) -> Vec<SeriesHistogram> {
         self.aggs
             .iter()
-            .map(|((name, side, code), a)| {
+            .map(|((name, src, code), a)| {
                 let mut buckets = Vec::with_capacity(BUCKETS_S.len() + 1);
                 let mut below = 0;
                 for b in BUCKETS_S {
@@ -33,10 +33,7 @@ impl Comparator {
                 buckets.push((f64::INFINITY, a.timed() - below));
                 SeriesHistogram {
                     name: name.clone(),
-                    version: match side {
-                        Side::Live => self.cfg.live_label.clone(),
-                        Side::Mirror => self.cfg.mirror_label.clone(),
-                    },
+                    version: self.label(*src).to_string(),
                     code: code.clone(),
                     sum_seconds: a.sum_ns as f64 / 1e9,
                     count: a.timed(),

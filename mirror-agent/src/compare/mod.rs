@@ -29,12 +29,13 @@ pub use report::{format_table, verdicts, LatencyRatio, Mismatch, Report, Row, Sa
 #[derive(Clone, Debug)]
 pub struct CompareConfig {
     pub live_label: String,
-    pub mirror_label: String,
+    /// One version tag per mirror, in the order the agent numbers its mirrors.
+    pub mirror_labels: Vec<String>,
     pub routes: Vec<RouteTemplate>,
     pub max_endpoints: usize,
     /// (endpoint, version, code) series at most; results beyond go to `other` series.
     pub max_series: usize,
-    /// Live responses or mirror outcomes waiting for their other half, at most.
+    /// Requests whose live response or mirror outcomes wait for the rest, at most.
     pub max_pending: usize,
 }
 
@@ -42,7 +43,7 @@ impl Default for CompareConfig {
     fn default() -> Self {
         CompareConfig {
             live_label: "live".into(),
-            mirror_label: "mirror".into(),
+            mirror_labels: vec!["mirror".into()],
             routes: Vec::new(),
             max_endpoints: 500,
             max_series: 4096,
@@ -95,22 +96,71 @@ pub fn series_bytes() -> u64 {
 
 type PairKey = (ConnId, u64);
 
+/// Where a result comes from: `LIVE`, or mirror `n` as `n + 1`.
+type Source = u8;
+const LIVE: Source = 0;
+
+/// Most mirrors one agent compares (their index is kept in a byte).
+pub const MAX_MIRRORS: usize = 32;
+
 struct Half {
     name: String,
     code: String,
     ns: Option<u64>,
 }
 
+/// One request's results, until the live response has met every mirror's outcome.
+#[derive(Default)]
+struct Pending {
+    live: Option<Half>,
+    /// Mirror outcomes that came before the live response.
+    early: Vec<(Source, Half)>,
+    /// Mirrors paired with the live response so far.
+    paired: usize,
+}
+
+/// What pairing found, per endpoint and mirror.
+#[derive(Default)]
+struct Pairs {
+    /// (endpoint, mirror, live code, mirror code) → count.
+    mismatches: BTreeMap<(String, Source, String, String), u64>,
+    /// (endpoint, mirror) → (pairs, sum of mirror/live duration ratios).
+    ratios: BTreeMap<(String, Source), (u64, f64)>,
+}
+
+impl Pairs {
+    fn pair(&mut self, live: &Half, src: Source, mirror: &Half) {
+        if live.code != mirror.code {
+            *self
+                .mismatches
+                .entry((
+                    live.name.clone(),
+                    src,
+                    live.code.clone(),
+                    mirror.code.clone(),
+                ))
+                .or_default() += 1;
+        }
+        if let (Some(l), Some(m)) = (live.ns, mirror.ns) {
+            if l > 0 {
+                let e = self.ratios.entry((live.name.clone(), src)).or_default();
+                e.0 += 1;
+                e.1 += m as f64 / l as f64;
+            }
+        }
+    }
+}
+
 pub struct Comparator {
     cfg: CompareConfig,
-    aggs: BTreeMap<(String, Side, String), Agg>,
+    aggs: BTreeMap<(String, Source, String), Agg>,
     endpoints: HashSet<String>,
     other: u64,
     other_series: u64,
-    waiting: [HashMap<PairKey, Half>; 2],
-    order: VecDeque<(Side, PairKey)>,
-    mismatches: BTreeMap<(String, String, String), u64>,
-    ratios: BTreeMap<String, (u64, f64)>,
+    pending: HashMap<PairKey, Pending>,
+    /// Pending keys, oldest first (with keys since resolved, dropped lazily).
+    order: VecDeque<PairKey>,
+    pairs: Pairs,
     evicted: u64,
     sampling: Option<Sampling>,
 }
@@ -123,12 +173,11 @@ impl Comparator {
             endpoints: HashSet::new(),
             other: 0,
             other_series: 0,
-            waiting: [HashMap::new(), HashMap::new()],
+            pending: HashMap::new(),
             order: VecDeque::new(),
-            sampling: None,
-            mismatches: BTreeMap::new(),
-            ratios: BTreeMap::new(),
+            pairs: Pairs::default(),
             evicted: 0,
+            sampling: None,
         }
     }
 
@@ -154,7 +203,7 @@ impl Comparator {
         let name = self.endpoint(&m.method, &m.target);
         let code = m.code();
         self.record(
-            Side::Live,
+            LIVE,
             (m.conn, m.request_seq),
             name,
             code,
@@ -162,10 +211,12 @@ impl Comparator {
         );
     }
 
-    pub fn mirror(&mut self, o: &MirrorOutcome) {
+    /// An outcome of mirror number `mirror` (0-based, as in `mirror_labels`).
+    pub fn mirror(&mut self, mirror: usize, o: &MirrorOutcome) {
         let name = self.endpoint(&o.method, &o.target);
+        let src = Source::try_from(mirror + 1).unwrap_or(Source::MAX);
         self.record(
-            Side::Mirror,
+            src,
             (o.conn, o.seq),
             name,
             o.result.code(),
@@ -173,11 +224,23 @@ impl Comparator {
         );
     }
 
-    fn record(&mut self, side: Side, key: PairKey, name: String, code: String, ns: Option<u64>) {
-        let mut series = (name.clone(), side, code.clone());
+    /// The version tag of a source.
+    fn label(&self, src: Source) -> &str {
+        match src {
+            LIVE => &self.cfg.live_label,
+            m => self
+                .cfg
+                .mirror_labels
+                .get(usize::from(m) - 1)
+                .map_or("mirror", String::as_str),
+        }
+    }
+
+    fn record(&mut self, src: Source, key: PairKey, name: String, code: String, ns: Option<u64>) {
+        let mut series = (name.clone(), src, code.clone());
         if !self.aggs.contains_key(&series) && self.aggs.len() >= self.cfg.max_series {
-            // Over the cap: one `other` series per side and code, as long as a little headroom
-            // lasts, then one per side.
+            // Over the cap: one `other` series per source and code, as long as a little
+            // headroom lasts, then one per source.
             self.other_series += 1;
             series.0 = "other".into();
             if !self.aggs.contains_key(&series) && self.aggs.len() >= self.cfg.max_series + 64 {
@@ -185,73 +248,72 @@ impl Comparator {
             }
         }
         self.aggs.entry(series).or_insert_with(Agg::new).add(ns);
-        let other = match side {
-            Side::Live => Side::Mirror,
-            Side::Mirror => Side::Live,
-        };
-        if let Some(peer) = self.waiting[other as usize].remove(&key) {
-            let (live, mirror) = match side {
-                Side::Live => (Half { name, code, ns }, peer),
-                Side::Mirror => (peer, Half { name, code, ns }),
-            };
-            self.pair(live, mirror);
+        let mirrors = self.cfg.mirror_labels.len();
+        if mirrors == 0 {
             return;
         }
-        if self.order.len() >= self.cfg.max_pending {
-            while let Some((s, k)) = self.order.pop_front() {
-                if self.waiting[s as usize].remove(&k).is_some() {
-                    self.evicted += 1;
-                    break;
-                }
-            }
+        let new = !self.pending.contains_key(&key);
+        if new && self.pending.len() >= self.cfg.max_pending {
+            self.evict_oldest();
         }
-        self.waiting[side as usize].insert(key, Half { name, code, ns });
-        self.order.push_back((side, key));
-        // Keys paired since leave from the front, so that the queue holds about what waits.
-        while let Some((s, k)) = self.order.front() {
-            if self.waiting[*s as usize].contains_key(k) {
+        let half = Half { name, code, ns };
+        let p = self.pending.entry(key).or_default();
+        if src == LIVE {
+            for (m, early) in p.early.drain(..) {
+                self.pairs.pair(&half, m, &early);
+                p.paired += 1;
+            }
+            p.live = Some(half);
+        } else if let Some(live) = &p.live {
+            self.pairs.pair(live, src, &half);
+            p.paired += 1;
+        } else {
+            p.early.push((src, half));
+        }
+        if p.paired >= mirrors {
+            self.pending.remove(&key);
+        } else if new {
+            self.order.push_back(key);
+        }
+        // Keys resolved since leave from the front, so that the queue holds about what waits.
+        while let Some(k) = self.order.front() {
+            if self.pending.contains_key(k) {
                 break;
             }
             self.order.pop_front();
         }
-        // A key that waits long (its peer lost) stops that: sweep the rest now and then.
+        // A key that waits long (a mirror dropped its request) stops that: sweep now and then.
         if self.order.len() > 2 * self.cfg.max_pending.max(1) {
-            let waiting = &self.waiting;
-            self.order
-                .retain(|(s, k)| waiting[*s as usize].contains_key(k));
+            let pending = &self.pending;
+            self.order.retain(|k| pending.contains_key(k));
         }
     }
 
-    fn pair(&mut self, live: Half, mirror: Half) {
-        if live.code != mirror.code {
-            *self
-                .mismatches
-                .entry((live.name.clone(), live.code, mirror.code))
-                .or_default() += 1;
-        }
-        if let (Some(l), Some(m)) = (live.ns, mirror.ns) {
-            if l > 0 {
-                let e = self.ratios.entry(live.name).or_default();
-                e.0 += 1;
-                e.1 += m as f64 / l as f64;
+    /// Makes room: the oldest waiting request goes; its halves that met nothing are counted.
+    fn evict_oldest(&mut self) {
+        while let Some(k) = self.order.pop_front() {
+            if let Some(p) = self.pending.remove(&k) {
+                let live_alone = p.live.is_some() && p.paired == 0;
+                self.evicted += u64::from(live_alone) + p.early.len() as u64;
+                return;
             }
         }
     }
 
     pub fn report(&self) -> Report {
-        let label = |s: Side| match s {
-            Side::Live => self.cfg.live_label.clone(),
-            Side::Mirror => self.cfg.mirror_label.clone(),
-        };
         let ms = |us: u64| us as f64 / 1000.0;
         Report {
             rows: self
                 .aggs
                 .iter()
-                .map(|((name, side, code), a)| Row {
+                .map(|((name, src, code), a)| Row {
                     name: name.clone(),
-                    version: label(*side),
-                    side: *side,
+                    version: self.label(*src).to_string(),
+                    side: if *src == LIVE {
+                        Side::Live
+                    } else {
+                        Side::Mirror
+                    },
                     code: code.clone(),
                     count: a.count,
                     timed: a.timed(),
@@ -261,24 +323,29 @@ impl Comparator {
                 })
                 .collect(),
             mismatches: self
+                .pairs
                 .mismatches
                 .iter()
-                .map(|((name, l, m), n)| Mismatch {
+                .map(|((name, src, l, m), n)| Mismatch {
                     name: name.clone(),
+                    mirror: self.label(*src).to_string(),
                     live_code: l.clone(),
                     mirror_code: m.clone(),
                     count: *n,
                 })
                 .collect(),
             latency_ratios: self
+                .pairs
                 .ratios
                 .iter()
-                .map(|(name, (n, sum))| LatencyRatio {
+                .map(|((name, src), (n, sum))| LatencyRatio {
                     name: name.clone(),
+                    mirror: self.label(*src).to_string(),
                     pairs: *n,
                     mean_ratio: sum / *n as f64,
                 })
                 .collect(),
+            mirrors: self.cfg.mirror_labels.clone(),
             other_endpoint_results: self.other,
             other_series_results: self.other_series,
             unpaired_evicted: self.evicted,
@@ -301,8 +368,8 @@ impl Comparison {
         self.lock().live(m);
     }
 
-    pub fn mirror(&self, o: &MirrorOutcome) {
-        self.lock().mirror(o);
+    pub fn mirror(&self, mirror: usize, o: &MirrorOutcome) {
+        self.lock().mirror(mirror, o);
     }
 
     pub fn report(&self) -> Report {

@@ -1,7 +1,7 @@
 //! What the comparison reports: the rows, divergences and verdicts, as `/report` serves them,
 //! and the seed's table that the agent prints and `mirror-agent report` shows.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
@@ -28,6 +28,9 @@ pub struct Row {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Mismatch {
     pub name: String,
+    /// The mirror's version tag.
+    #[serde(default)]
+    pub mirror: String,
     pub live_code: String,
     pub mirror_code: String,
     pub count: u64,
@@ -36,6 +39,9 @@ pub struct Mismatch {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LatencyRatio {
     pub name: String,
+    /// The mirror's version tag.
+    #[serde(default)]
+    pub mirror: String,
     pub pairs: u64,
     /// Mean of mirror duration / live duration over paired requests.
     pub mean_ratio: f64,
@@ -46,12 +52,15 @@ pub struct Report {
     pub rows: Vec<Row>,
     pub mismatches: Vec<Mismatch>,
     pub latency_ratios: Vec<LatencyRatio>,
+    /// The mirrors' version tags, in the agent's order.
+    #[serde(default)]
+    pub mirrors: Vec<String>,
     /// Results folded into `other` by the endpoint cap.
     pub other_endpoint_results: u64,
     /// Results folded into `other` series by the series cap (the memory budget).
     #[serde(default)]
     pub other_series_results: u64,
-    /// Live responses or mirror outcomes that never met their other half before being evicted.
+    /// Live responses or mirror outcomes that never met a partner before being evicted.
     pub unpaired_evicted: u64,
     /// The share of new connections mirrored under a CPU budget (`--cpu-budget`).
     #[serde(default)]
@@ -68,45 +77,91 @@ pub struct Sampling {
     pub cpu_used: f64,
 }
 
-/// One line per endpoint where the mirror diverges from live: faults first, then slowness;
-/// a single "matches" line when nothing diverges.
+/// One line per endpoint and mirror where the mirror diverges from live: faults first, then
+/// slowness; a "matches" line for a mirror where nothing diverges. With one mirror it is just
+/// "mirror"; with several, each is named by its tag.
 pub fn verdicts(r: &Report) -> Vec<String> {
+    let who = |label: &str| {
+        if r.mirrors.len() > 1 {
+            format!("mirror {label}")
+        } else {
+            "mirror".to_string()
+        }
+    };
     let mut out = Vec::new();
+    let mut diverged: BTreeSet<&str> = BTreeSet::new();
     for m in &r.mismatches {
         let failing = m.mirror_code.starts_with('5') || m.mirror_code.parse::<u16>().is_err();
         if failing && !(m.live_code.starts_with('5')) {
+            diverged.insert(&m.mirror);
             out.push(format!(
-                "mirror fails on {}: {}× {} where live answered {}",
-                m.name, m.count, m.mirror_code, m.live_code
+                "{} fails on {}: {}× {} where live answered {}",
+                who(&m.mirror),
+                m.name,
+                m.count,
+                m.mirror_code,
+                m.live_code
             ));
         }
     }
-    let mut by_name: BTreeMap<&str, [(u64, f64); 2]> = BTreeMap::new();
+    // Per endpoint: live (timed results, sum of ms), then per mirror tag the same.
+    type Timed = (u64, f64);
+    let mut live: BTreeMap<&str, Timed> = BTreeMap::new();
+    let mut mirrors: BTreeMap<&str, BTreeMap<&str, Timed>> = r
+        .mirrors
+        .iter()
+        .map(|m| (m.as_str(), BTreeMap::new()))
+        .collect();
     for row in &r.rows {
-        let e = &mut by_name.entry(&row.name).or_default()[row.side as usize];
+        let e = match row.side {
+            Side::Live => live.entry(&row.name).or_default(),
+            Side::Mirror => mirrors
+                .entry(&row.version)
+                .or_default()
+                .entry(&row.name)
+                .or_default(),
+        };
         e.0 += row.timed;
         e.1 += row.avg_ms * row.timed as f64;
     }
-    for (name, [live, mirror]) in &by_name {
-        if live.0 == 0 || mirror.0 == 0 {
-            continue;
+    let mut matching = Vec::new();
+    for (label, by_name) in &mirrors {
+        let mut both = 0;
+        for (name, m) in by_name {
+            let l = live.get(name).copied().unwrap_or_default();
+            if l.0 == 0 || m.0 == 0 {
+                continue;
+            }
+            both += 1;
+            let (l, m) = (l.1 / l.0 as f64, m.1 / m.0 as f64);
+            if m > 2.0 * l && m - l > 100.0 {
+                diverged.insert(label);
+                out.push(format!(
+                    "{} slower on {name}: {} ms vs {} ms live",
+                    who(label),
+                    fmt_ms(m),
+                    fmt_ms(l)
+                ));
+            }
         }
-        let (l, m) = (live.1 / live.0 as f64, mirror.1 / mirror.0 as f64);
-        if m > 2.0 * l && m - l > 100.0 {
-            out.push(format!(
-                "mirror slower on {name}: {} ms vs {} ms live",
-                fmt_ms(m),
-                fmt_ms(l)
+        if !diverged.contains(label) {
+            matching.push(format!(
+                "{} matches live: same status codes, similar durations on {both} endpoints",
+                who(label)
             ));
         }
     }
-    if out.is_empty() {
-        let both = by_name.values().filter(|[l, m]| l.0 > 0 && m.0 > 0).count();
-        out.push(format!(
-            "mirror matches live: same status codes, similar durations on {both} endpoints"
-        ));
-    }
+    out.extend(matching);
     out
+}
+
+/// `tag: ` before a divergence when there are several mirrors to tell apart.
+fn on_mirror(r: &Report, label: &str) -> String {
+    if r.mirrors.len() > 1 {
+        format!("{label}: ")
+    } else {
+        String::new()
+    }
 }
 
 /// Milliseconds, with a decimal below 10 ms so that sub-millisecond averages do not read as 0.
@@ -150,8 +205,12 @@ pub fn format_table(r: &Report) -> String {
         for m in &r.mismatches {
             let _ = writeln!(
                 out,
-                "  {}  {} → {}  ×{}",
-                m.name, m.live_code, m.mirror_code, m.count
+                "  {}  {}{} → {}  ×{}",
+                m.name,
+                on_mirror(r, &m.mirror),
+                m.live_code,
+                m.mirror_code,
+                m.count
             );
         }
     }
@@ -160,8 +219,11 @@ pub fn format_table(r: &Report) -> String {
         for l in &r.latency_ratios {
             let _ = writeln!(
                 out,
-                "  {}  {:.2}× over {} pairs",
-                l.name, l.mean_ratio, l.pairs
+                "  {}  {}{:.2}× over {} pairs",
+                l.name,
+                on_mirror(r, &l.mirror),
+                l.mean_ratio,
+                l.pairs
             );
         }
     }

@@ -100,7 +100,7 @@ fn untimed_mirror_answers_count_but_leave_durations_alone() {
             // Pipelined behind the first: its start is unknown.
             o.duration = None;
         }
-        c.mirror(&o);
+        c.mirror(0, &o);
     }
     let r = c.report();
     let m = r.rows.iter().find(|x| x.side == Side::Mirror).unwrap();
@@ -108,7 +108,10 @@ fn untimed_mirror_answers_count_but_leave_durations_alone() {
     assert!((m.avg_ms - 300.0).abs() < 1e-9, "{}", m.avg_ms);
     assert_eq!(r.latency_ratios[0].pairs, 1);
     let h = c.histograms();
-    let mh = h.iter().find(|x| x.version == c.cfg.mirror_label).unwrap();
+    let mh = h
+        .iter()
+        .find(|x| x.version == c.cfg.mirror_labels[0])
+        .unwrap();
     assert_eq!(mh.count, 1);
     assert_eq!(mh.buckets.iter().map(|b| b.1).sum::<u64>(), 1);
     assert!(verdicts(&r)[0].starts_with("mirror matches live"));
@@ -117,46 +120,39 @@ fn untimed_mirror_answers_count_but_leave_durations_alone() {
 #[test]
 fn pairs_by_request_and_counts_mismatches_in_any_order() {
     let mut c = Comparator::new(CompareConfig {
-        mirror_label: "V4MIR".into(),
+        mirror_labels: vec!["V4MIR".into()],
         ..Default::default()
     });
     // Pipelined requests on one connection; outcomes arrive out of order; one mirror error.
-    c.mirror(&mirror(
-        9,
-        1,
-        "/api/books/2/reviews",
-        MirrorResult::Status(500),
-        30,
-    ));
+    c.mirror(
+        0,
+        &mirror(9, 1, "/api/books/2/reviews", MirrorResult::Status(500), 30),
+    );
     c.live(&live(9, 0, "/api/books/1/reviews", 200, 10));
     c.live(&live(9, 1, "/api/books/2/reviews", 200, 10));
-    c.mirror(&mirror(
-        9,
+    c.mirror(
         0,
-        "/api/books/1/reviews",
-        MirrorResult::Status(200),
-        20,
-    ));
+        &mirror(9, 0, "/api/books/1/reviews", MirrorResult::Status(200), 20),
+    );
     c.live(&live(9, 2, "/api/books/3/reviews", 200, 10));
-    c.mirror(&mirror(
-        9,
-        2,
-        "/api/books/3/reviews",
-        MirrorResult::Timeout,
-        2000,
-    ));
+    c.mirror(
+        0,
+        &mirror(9, 2, "/api/books/3/reviews", MirrorResult::Timeout, 2000),
+    );
     let r = c.report();
     assert_eq!(
         r.mismatches,
         vec![
             Mismatch {
                 name: "GET /api/books/{id}/reviews".into(),
+                mirror: "V4MIR".into(),
                 live_code: "200".into(),
                 mirror_code: "500".into(),
                 count: 1
             },
             Mismatch {
                 name: "GET /api/books/{id}/reviews".into(),
+                mirror: "V4MIR".into(),
                 live_code: "200".into(),
                 mirror_code: "timeout".into(),
                 count: 1
@@ -196,9 +192,9 @@ fn verdicts_name_faults_and_slowness() {
         } else {
             MirrorResult::Status(200)
         };
-        c.mirror(&mirror(1, i, "/api/books/2/reviews", result, 1208));
+        c.mirror(0, &mirror(1, i, "/api/books/2/reviews", result, 1208));
         c.live(&live(2, i, "/api/books", 200, 5));
-        c.mirror(&mirror(2, i, "/api/books", MirrorResult::Status(200), 6));
+        c.mirror(0, &mirror(2, i, "/api/books", MirrorResult::Status(200), 6));
     }
     let v = verdicts(&c.report());
     assert_eq!(
@@ -211,13 +207,13 @@ fn verdicts_name_faults_and_slowness() {
     let mut same = Comparator::new(CompareConfig::default());
     let mut quick = Comparator::new(CompareConfig::default());
     quick.live(&live(1, 0, "/r", 200, 0));
-    quick.mirror(&mirror(1, 0, "/r", MirrorResult::Status(200), 1200));
+    quick.mirror(0, &mirror(1, 0, "/r", MirrorResult::Status(200), 1200));
     assert_eq!(
         verdicts(&quick.report()),
         ["mirror slower on GET /r: 1200 ms vs 0.0 ms live"]
     );
     same.live(&live(1, 0, "/a", 200, 5));
-    same.mirror(&mirror(1, 0, "/a", MirrorResult::Status(200), 6));
+    same.mirror(0, &mirror(1, 0, "/a", MirrorResult::Status(200), 6));
     assert_eq!(
         verdicts(&same.report()),
         ["mirror matches live: same status codes, similar durations on 1 endpoints"]
@@ -249,6 +245,71 @@ fn pending_halves_are_bounded() {
     for i in 0..1000 {
         c.live(&live(1, i, "/a", 200, 1)); // never mirrored (filtered, sampled out)
     }
-    assert!(c.waiting[0].len() <= 10);
+    assert!(c.pending.len() <= 10);
     assert_eq!(c.report().unpaired_evicted, 990);
+}
+
+#[test]
+fn each_mirror_is_paired_with_the_live_response_and_reported_apart() {
+    let mut c = Comparator::new(CompareConfig {
+        mirror_labels: vec!["cand".into(), "second".into(), "down".into()],
+        max_pending: 100,
+        ..Default::default()
+    });
+    for seq in 0..10 {
+        // Outcomes before and after the live response, as replay and capture race.
+        c.mirror(0, &mirror(1, seq, "/b/1", MirrorResult::Status(500), 30));
+        c.live(&live(1, seq, "/b/1", 200, 10));
+        c.mirror(1, &mirror(1, seq, "/b/1", MirrorResult::Status(200), 10));
+        c.mirror(2, &mirror(1, seq, "/b/1", MirrorResult::Refused, 1));
+    }
+    let r = c.report();
+    assert!(c.pending.is_empty(), "every request met all three mirrors");
+    assert_eq!(r.mirrors, ["cand", "second", "down"]);
+    let mism: Vec<(&str, &str, u64)> = r
+        .mismatches
+        .iter()
+        .map(|m| (m.mirror.as_str(), m.mirror_code.as_str(), m.count))
+        .collect();
+    assert_eq!(mism, [("cand", "500", 10), ("down", "refused", 10)]);
+    let ratios: Vec<(&str, u64)> = r
+        .latency_ratios
+        .iter()
+        .map(|l| (l.mirror.as_str(), l.pairs))
+        .collect();
+    assert_eq!(ratios, [("cand", 10), ("second", 10), ("down", 10)]);
+    let rows: Vec<(&str, u64)> = r
+        .rows
+        .iter()
+        .map(|x| (x.version.as_str(), x.count))
+        .collect();
+    assert_eq!(
+        rows,
+        [("live", 10), ("cand", 10), ("second", 10), ("down", 10)]
+    );
+    assert_eq!(
+        verdicts(&r),
+        [
+            "mirror cand fails on GET /b/{id}: 10× 500 where live answered 200",
+            "mirror down fails on GET /b/{id}: 10× refused where live answered 200",
+            "mirror second matches live: same status codes, similar durations on 1 endpoints",
+        ]
+    );
+    let table = format_table(&r);
+    assert!(table.contains("cand: 200 → 500"), "{table}");
+
+    // A mirror that never answers leaves the others paired; its requests wait, bounded.
+    let mut c = Comparator::new(CompareConfig {
+        mirror_labels: vec!["a".into(), "silent".into()],
+        max_pending: 10,
+        ..Default::default()
+    });
+    for seq in 0..1000 {
+        c.live(&live(2, seq, "/x", 200, 10));
+        c.mirror(0, &mirror(2, seq, "/x", MirrorResult::Status(200), 10));
+    }
+    assert!(c.pending.len() <= 10);
+    let r = c.report();
+    assert_eq!(r.latency_ratios[0].pairs, 1000);
+    assert_eq!(r.unpaired_evicted, 0, "each live response met mirror a");
 }

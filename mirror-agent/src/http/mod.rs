@@ -39,6 +39,8 @@ pub struct HttpConfig {
     /// The capture describes response segments by their heads (`--response-capture heads`):
     /// ask for a connection's responses whole where heads cannot frame them.
     pub response_heads: bool,
+    /// Copies of each streaming HTTP/2 request body handed on: one per mirror.
+    pub stream_copies: usize,
 }
 
 impl Default for HttpConfig {
@@ -52,6 +54,7 @@ impl Default for HttpConfig {
             max_pending: 256,
             max_hpack_table: 64 << 10,
             response_heads: false,
+            stream_copies: 1,
         }
     }
 }

@@ -556,3 +556,24 @@ pub fn report(ns: &Netns, metrics: &str) -> Option<mirror_agent::compare::Report
         .ok()?;
     serde_json::from_slice(&out.stdout).ok()
 }
+
+/// One sample of the agent's `/metrics` (served at `addr` inside `ns`), by name and labels;
+/// None when the agent does not answer or has no such sample.
+pub fn metric(ns: &Netns, addr: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let out = ns
+        .exec(&["curl", "-sf", &format!("http://{addr}/metrics")])
+        .output()
+        .ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).ok()?;
+    let sample = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))?;
+    match sample.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => Some(v),
+        _ => None,
+    }
+}

@@ -61,13 +61,14 @@ pub enum StreamPart {
     End,
 }
 
-/// The receiving end of a streaming request's body, taken once by the replay stage.
+/// The receiving ends of a streaming request's body, one per mirror (`stream_copies`), each
+/// taken once by a mirror's replay stage.
 #[derive(Clone, Debug)]
-pub struct BodyStream(Arc<Mutex<Option<StreamReceiver>>>);
+pub struct BodyStream(Arc<Mutex<Vec<StreamReceiver>>>);
 
 impl BodyStream {
     pub fn take(&self) -> Option<StreamReceiver> {
-        self.0.lock().ok()?.take()
+        self.0.lock().ok()?.pop()
     }
 }
 
@@ -255,7 +256,9 @@ struct Stream {
     path: String,
     state: ReqState,
     /// A streaming request's body goes on here.
-    tx: Option<(mpsc::UnboundedSender<StreamPart>, InFlight)>,
+    /// One sender per copy of the body (per mirror); a copy its mirror does not keep up with
+    /// is cut alone.
+    tx: Vec<(mpsc::UnboundedSender<StreamPart>, InFlight)>,
     fields: Vec<(Bytes, Bytes)>,
     body: BytesMut,
     trailers: Vec<(Bytes, Bytes)>,
@@ -322,7 +325,7 @@ impl H2Conn {
                     method: u.method,
                     path: u.target,
                     state: ReqState::Done,
-                    tx: None,
+                    tx: Vec::new(),
                     fields: Vec::new(),
                     body: BytesMut::new(),
                     trailers: Vec::new(),
@@ -371,14 +374,18 @@ impl H2Conn {
             if s.state != ReqState::Open || !long {
                 continue;
             }
-            let (tx, rx) = mpsc::unbounded_channel();
-            let in_flight = InFlight {
-                stream: Arc::default(),
-                all: Arc::clone(ctx.streaming),
-            };
+            let mut receivers = Vec::new();
+            for _ in 0..ctx.cfg.stream_copies.max(1) {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let in_flight = InFlight {
+                    stream: Arc::default(),
+                    all: Arc::clone(ctx.streaming),
+                };
+                s.tx.push((tx, in_flight.clone()));
+                receivers.push(StreamReceiver { rx, in_flight });
+            }
             s.state = ReqState::Streaming;
-            s.tx = Some((tx, in_flight.clone()));
-            let rest = BodyStream(Arc::new(Mutex::new(Some(StreamReceiver { rx, in_flight }))));
+            let rest = BodyStream(Arc::new(Mutex::new(receivers)));
             let request = take_request(ctx, s, self.from_start, Some(rest), ts);
             ctx.stats.requests += 1;
             ctx.stats.h2_streamed_requests += 1;
@@ -752,7 +759,7 @@ impl H2Conn {
                 method: method.unwrap_or_default(),
                 path: path.unwrap_or_default(),
                 state,
-                tx: None,
+                tx: Vec::new(),
                 fields: if state == ReqState::Open {
                     decoded.fields
                 } else {
@@ -860,7 +867,7 @@ impl H2Conn {
         }
         if s.state == ReqState::Streaming {
             send(ctx, s, StreamPart::End);
-            s.tx = None;
+            s.tx.clear();
             if s.state == ReqState::Streaming {
                 s.state = ReqState::Done;
             }
@@ -1061,32 +1068,45 @@ fn give_up(stats: &mut HttpStats, s: &mut Stream, count: impl FnOnce(&mut HttpSt
         ReqState::Open => count(stats),
         ReqState::Done | ReqState::Dropped => return,
     }
-    s.tx = None;
+    s.tx.clear();
     s.state = ReqState::Dropped;
     s.body = BytesMut::new();
 }
 
-/// Passes a part of a streaming request on. A replay stage that does not keep up cuts it: the
-/// stream's bytes not taken yet stay under `max_body_bytes`, and those of all streams (with
-/// what the extractor buffers) under `max_buffered_bytes`.
+/// Passes a part of a streaming request on, to every copy. A mirror's replay stage that does
+/// not keep up has its copy cut (its mirror's stream is reset), the others go on: a copy's bytes
+/// not taken yet stay under `max_body_bytes`, and those of all streams (with what the extractor
+/// buffers) under `max_buffered_bytes`. The stream is cut when no copy is left.
 fn send(ctx: &mut Ctx<'_>, s: &mut Stream, part: StreamPart) {
-    let Some((tx, in_flight)) = &s.tx else {
+    if s.tx.is_empty() {
         return;
-    };
+    }
     let n = match &part {
         StreamPart::Data(b) => b.len(),
         _ => 0,
     };
-    let stream = in_flight.stream.load(Ordering::Relaxed);
-    let all = in_flight.all.load(Ordering::Relaxed);
-    if stream + n > ctx.cfg.max_body_bytes || ctx.buffered + all + n > ctx.cfg.max_buffered_bytes {
-        return give_up(ctx.stats, s, |_| {});
-    }
-    in_flight.add(n);
-    if tx.send(part).is_err() {
-        // The replay stage let the request go (filtered, or not sendable): nothing to cut.
-        in_flight.sub(n);
-        s.tx = None;
+    let mut cut = false;
+    s.tx.retain(|(tx, in_flight)| {
+        let stream = in_flight.stream.load(Ordering::Relaxed);
+        let all = in_flight.all.load(Ordering::Relaxed);
+        if stream + n > ctx.cfg.max_body_bytes
+            || ctx.buffered + all + n > ctx.cfg.max_buffered_bytes
+        {
+            ctx.stats.h2_streams_cut += 1;
+            cut = true;
+            return false;
+        }
+        in_flight.add(n);
+        if tx.send(part.clone()).is_err() {
+            // That mirror let the request go (filtered, or not sendable): nothing to cut.
+            in_flight.sub(n);
+            return false;
+        }
+        true
+    });
+    if s.tx.is_empty() && cut {
+        s.state = ReqState::Dropped;
+        s.body = BytesMut::new();
     }
 }
 

@@ -513,7 +513,8 @@ fn parts(r: &h2::Request) -> Vec<Option<h2::StreamPart>> {
 
 #[test]
 fn a_request_still_arriving_is_handed_on_and_streams_or_is_cut() {
-    for reset in [false, true] {
+    // One copy of the body per mirror.
+    for (reset, copies) in [(false, 1), (true, 1), (false, 3), (true, 2)] {
         let mut ce = Enc::new(4096);
         let mut c = conv();
         let mut segs = c.handshake();
@@ -542,12 +543,22 @@ fn a_request_still_arriving_is_handed_on_and_streams_or_is_cut() {
             f
         };
         segs.extend(c.client_data(&last, 1000));
-        let x = run(&segs);
+        let x = run_with(
+            &segs,
+            HttpConfig {
+                stream_copies: copies,
+                ..Default::default()
+            },
+        );
         assert_eq!(x.h2_requests.len(), 1);
         let r = &x.h2_requests[0];
         // Handed on at the segment that came 30 ms later, with what had arrived by then.
         assert_eq!(&r.body[..], b"onetwo");
         let got = parts(r);
+        for _ in 1..copies {
+            assert_eq!(parts(r), got, "every mirror's copy is the same");
+        }
+        assert!(r.rest.as_ref().unwrap().take().is_none(), "{copies} copies");
         let data = |b: &'static [u8]| Some(h2::StreamPart::Data(bytes::Bytes::from_static(b)));
         let s = x.r.handler().stats();
         if reset {
