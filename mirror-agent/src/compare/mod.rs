@@ -16,6 +16,7 @@ use crate::http::ResponseMeta;
 use crate::reassembly::ConnId;
 use crate::replay::MirrorOutcome;
 
+pub mod content;
 mod endpoint;
 mod histogram;
 mod report;
