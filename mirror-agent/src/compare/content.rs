@@ -578,8 +578,8 @@ mod tests {
         let leaf = prop_oneof![
             Just(Value::Null),
             any::<bool>().prop_map(Value::Bool),
-            any::<i32>().prop_map(|n| Value::from(n)),
-            (-1e6f64..1e6).prop_map(|f| Value::from(f)),
+            any::<i32>().prop_map(Value::from),
+            (-1e6f64..1e6).prop_map(Value::from),
             "[a-z]{0,6}".prop_map(Value::String),
         ];
         leaf.prop_recursive(4, 64, 6, |inner| {
