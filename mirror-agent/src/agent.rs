@@ -381,6 +381,7 @@ impl pipeline::Sink for PipelineEvents {
                 }
             }
             HttpEvent::Response(m) => self.live.live(&m),
+            HttpEvent::ResponseContent(c) => self.live.live_content(&c),
             HttpEvent::FullResponses { client, server } => {
                 if let Some(full) = self.full_responses.as_mut() {
                     if let Err(e) = full.insert(client, server) {

@@ -192,6 +192,40 @@ pub struct AttachArgs {
     #[arg(long, value_parser = parse_cores)]
     pub cpu_budget: Option<f64>,
 
+    /// Compare what the mirrors answer with what live answered, not only status and timing:
+    /// the status, --compare-header headers and the body (JSON field by field, other bodies by
+    /// length and digest). Live responses are then captured whole on the connections compared
+    /// (--compare-sample), which costs the live path more than response heads. HTTP/1.
+    #[arg(long)]
+    pub compare_bodies: bool,
+
+    /// Percentage of connections whose contents are compared.
+    #[arg(long, default_value_t = 100.0, value_parser = parse_percent, requires = "compare_bodies")]
+    pub compare_sample: f64,
+
+    /// Header compared (repeatable; default content-type).
+    #[arg(long = "compare-header", requires = "compare_bodies")]
+    pub compare_headers: Vec<String>,
+
+    /// Bodies up to this size are compared field by field, larger ones by length and digest.
+    #[arg(long, default_value = "256K", value_parser = crate::budget::parse_size)]
+    pub compare_max_body: u64,
+
+    /// A field path never compared, with everything below it, e.g. '$.servedAt' or
+    /// '$.items[*].id' (repeatable).
+    #[arg(long = "ignore", requires = "compare_bodies")]
+    pub ignore: Vec<String>,
+
+    /// An array whose elements are matched by a key instead of by index: PATH=KEY, e.g.
+    /// '$.books=id' (repeatable).
+    #[arg(long = "array-key", value_parser = parse_array_key, requires = "compare_bodies")]
+    pub array_keys: Vec<(String, String)>,
+
+    /// The mirror that runs the live version (Diffy's secondary): what differs between it and
+    /// live is noise, and a candidate's difference on a field counts only beyond it.
+    #[arg(long, requires = "compare_bodies")]
+    pub secondary: Option<String>,
+
     /// Version tag of the live service's rows, e.g. V1MIR-LiveBookService.
     #[arg(long, default_value = "live")]
     pub live_label: String,
@@ -284,6 +318,15 @@ pub fn mirror_names(
         names.push(name);
     }
     Ok(names)
+}
+
+fn parse_array_key(s: &str) -> Result<(String, String), String> {
+    match s.rsplit_once('=') {
+        Some((path, key)) if path.starts_with('$') && !key.is_empty() => {
+            Ok((path.to_string(), key.to_string()))
+        }
+        _ => Err(format!("{s:?}: give PATH=KEY, as in '$.books=id'")),
+    }
 }
 
 pub fn parse_percent(s: &str) -> Result<f64, String> {

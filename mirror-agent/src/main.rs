@@ -17,6 +17,8 @@ use mirror_agent::capture::{CaptureConfig, Hook, MatchConfig, Target};
 use mirror_agent::cli::{
     mirror_names, AttachArgs, Cli, Command, ReportArgs, ReportFormat, ResponseCapture,
 };
+use mirror_agent::compare::content::{ContentCapture, ContentConfig};
+use mirror_agent::compare::diffs::DiffConfig;
 use mirror_agent::compare::{self, format_table, CompareConfig, Report};
 use mirror_agent::http::HttpConfig;
 use mirror_agent::pipeline::PipelineConfig;
@@ -126,6 +128,11 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
             response_heads,
             sample_ppm: (args.sample * 10_000.0).round() as u32,
             sticky_sampling: cpu_budget.is_some(),
+            whole_responses_ppm: if args.compare_bodies {
+                (args.compare_sample * 10_000.0).round() as u32
+            } else {
+                0
+            },
         },
         attach_mode: args.attach_mode,
         ring: RingConfig {
@@ -148,6 +155,32 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
     log::info!("memory budget {budget} bytes ({budget_source}): {plan:?}");
     let names = mirror_names(&args.mirror, &args.mirror_label, &args.live_label)
         .map_err(anyhow::Error::msg)?;
+    let content = args.compare_bodies.then(|| ContentCapture {
+        max_body: args.compare_max_body as usize,
+        headers: if args.compare_headers.is_empty() {
+            vec!["content-type".to_string()]
+        } else {
+            args.compare_headers
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect()
+        },
+    });
+    if args.compare_bodies && args.mirror.is_empty() {
+        anyhow::bail!("--compare-bodies compares mirrors' answers: give --mirror");
+    }
+    let secondary = match &args.secondary {
+        Some(s) => Some(names.iter().position(|n| n == s).with_context(|| {
+            format!("--secondary {s}: no mirror has that name (mirrors: {})", names.join(", "))
+        })?),
+        None => None,
+    };
+    // With contents compared, half the replay queue's memory holds contents waiting instead.
+    let (queue_share, content_bytes) = if args.compare_bodies {
+        (plan.replay_queue_bytes / 2, plan.replay_queue_bytes / 2)
+    } else {
+        (plan.replay_queue_bytes, 0)
+    };
     // The memory plan's replay queue and pairing table are shared by the mirrors.
     let shares = args.mirror.len().max(1);
     let mut mirrors = Vec::new();
@@ -172,7 +205,8 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
             timeout: Duration::from_secs_f64(args.timeout),
             queue_bytes: args
                 .queue_bytes
-                .map_or(plan.replay_queue_bytes / shares, |q| q as usize),
+                .map_or(queue_share / shares, |q| q as usize),
+            content: content.clone(),
             ..ReplayConfig::new(uri)
         };
         mirrors.push(MirrorTarget {
@@ -196,6 +230,7 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
             response_heads,
             max_buffered_bytes: plan.http_buffered_bytes,
             stream_copies: mirrors.len().max(1),
+            content: content.clone(),
             ..HttpConfig::default()
         },
         record_streams: args.dump.is_some().then_some(args.dump_max_bytes),
@@ -213,6 +248,17 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
             max_series: plan.max_series,
             // A waiting request holds the live response and up to one outcome per mirror.
             max_pending: plan.max_pending_pairs * 2 / (shares + 1),
+            diffs: content.map(|c| DiffConfig {
+                content: ContentConfig {
+                    headers: c.headers,
+                    redacted: redacted_headers(&args.drop_headers),
+                    array_keys: args.array_keys.clone(),
+                },
+                ignore: args.ignore.clone(),
+                secondary,
+                max_pending: plan.max_pending_pairs * 2 / (shares + 1),
+                max_bytes: content_bytes,
+            }),
         },
         pods: args.selector.as_ref().map(|labels| PodSelector {
             labels: labels.clone(),
@@ -223,6 +269,15 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
         stats_interval: args.stats_interval,
         cpu_budget,
     })
+}
+
+/// Headers whose values are never shown in examples: credentials, and those the user drops.
+fn redacted_headers(dropped: &[hyper::header::HeaderName]) -> Vec<String> {
+    let mut out: Vec<String> = ["authorization", "proxy-authorization", "cookie", "set-cookie"]
+        .map(String::from)
+        .to_vec();
+    out.extend(dropped.iter().map(|h| h.as_str().to_string()));
+    out
 }
 
 fn report(args: ReportArgs) -> Result<()> {

@@ -228,6 +228,83 @@ impl Collector for Sources {
                 ConstGauge::new(x.mean_ratio).encode(m.encode_family(&labels)?)?;
             }
         }
+        if !report.content.is_empty() {
+            let mut m = encoder.encode_descriptor(
+                "mirror_content_compared",
+                "Mirror answers whose content was compared with live's, by result",
+                None,
+                MetricType::Counter,
+            )?;
+            for c in &report.content {
+                for (result, n) in [("identical", c.identical), ("differing", c.differing)] {
+                    let labels = [
+                        ("endpoint", c.name.as_str()),
+                        ("mirror", c.mirror.as_str()),
+                        ("result", result),
+                    ];
+                    ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
+                }
+            }
+            // Paths are capped per endpoint and mirror (the rest as `other`), endpoints by
+            // --max-endpoints: the cardinality is bounded.
+            let mut m = encoder.encode_descriptor(
+                "mirror_content_field_differences",
+                "Compared answers where a field differed from live's",
+                None,
+                MetricType::Counter,
+            )?;
+            for c in &report.content {
+                for f in &c.fields {
+                    let labels = [
+                        ("endpoint", c.name.as_str()),
+                        ("mirror", c.mirror.as_str()),
+                        ("path", f.path.as_str()),
+                    ];
+                    ConstCounter::new(f.differing).encode(m.encode_family(&labels)?)?;
+                }
+            }
+            for (name, help, value) in [
+                (
+                    "mirror_content_field_noise_ratio",
+                    "A field's noise rate: how often it differs where nothing changed",
+                    (|f: &crate::compare::diffs::FieldRow| f.noise_rate)
+                        as fn(&crate::compare::diffs::FieldRow) -> f64,
+                ),
+                (
+                    "mirror_content_field_regression",
+                    "1 where a field's difference rate exceeds its noise (a candidate regression)",
+                    |f| f64::from(u8::from(f.regression)),
+                ),
+            ] {
+                let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                for c in &report.content {
+                    for f in &c.fields {
+                        let labels = [
+                            ("endpoint", c.name.as_str()),
+                            ("mirror", c.mirror.as_str()),
+                            ("path", f.path.as_str()),
+                        ];
+                        ConstGauge::new(value(f)).encode(m.encode_family(&labels)?)?;
+                    }
+                }
+            }
+        }
+        if let Some(n) = &report.content_not_compared {
+            let mut m = encoder.encode_descriptor(
+                "mirror_content_not_compared",
+                "Answers whose content could not be compared, by reason",
+                None,
+                MetricType::Counter,
+            )?;
+            for (reason, v) in [
+                ("mirror_failed", n.mirror_failed),
+                ("unsupported", n.unsupported),
+                ("no_live", n.no_live),
+                ("memory", n.memory),
+            ] {
+                ConstCounter::new(v).encode(m.encode_family(&[("reason", reason)])?)?;
+            }
+        }
         if let Some(sampling) = &report.sampling {
             for (name, help, value) in [
                 (
@@ -456,6 +533,7 @@ mod tests {
                 target: "/api/books/2/reviews".into(),
                 result: MirrorResult::Status(500),
                 duration: Some(std::time::Duration::from_millis(30)),
+                content: None,
             },
         );
         Sources {

@@ -149,6 +149,7 @@ pub struct Extract {
     pub responses: Vec<ResponseMeta>,
     /// Connections whose responses the parse stage asked for whole.
     pub full_responses: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
+    pub contents: Vec<crate::http::LiveContent>,
 }
 
 impl Extract {
@@ -169,6 +170,7 @@ impl Extract {
             h2_requests: Vec::new(),
             responses: Vec::new(),
             full_responses: Vec::new(),
+            contents: Vec::new(),
         }
     }
 
@@ -195,6 +197,7 @@ impl Extract {
                 HttpEvent::FullResponses { client, server } => {
                     self.full_responses.push((client, server))
                 }
+                HttpEvent::ResponseContent(c) => self.contents.push(c),
             }
         }
     }

@@ -61,6 +61,11 @@ pub struct MirrorConfig {
     /// (in parts per million) are dropped for the rest of their life. `SAMPLE_ALL` (or 0, an
     /// unset config) keeps them all; lowered only when the agent must shed load it admitted.
     pub keep_admitted_ppm: u32,
+    /// With `FLAG_RESPONSE_HEADS`: connections whose flow hash is under this (in parts per
+    /// million, as `sample_ppm`) have their responses cloned whole from their first segment,
+    /// for content comparison. 0: none.
+    pub whole_responses_ppm: u32,
+    pub _pad: u32,
 }
 
 /// The single entry of the `HEARTBEAT` array map: the agent's sign of life. An attachment can

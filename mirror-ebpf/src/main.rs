@@ -175,7 +175,10 @@ fn mirror(ctx: &TcContext) -> Counter {
     // put the clones back in this program's order among the records. A full capture ring
     // then drops request bytes only, never a connection's lifecycle.
     let heads = cfg.flags & FLAG_RESPONSE_HEADS != 0;
-    if heads && (tuple.payload_len == 0 || (is_response && !full_responses(&tuple))) {
+    if heads
+        && (tuple.payload_len == 0
+            || (is_response && !whole_by_rate(cfg, &tuple) && !full_responses(&tuple)))
+    {
         return record_head(ctx, &tuple);
     }
     // Flags 0: the clone leaves through the mirror interface's egress, so its veth peer
@@ -219,6 +222,14 @@ fn mirror(ctx: &TcContext) -> Counter {
         CloneResult::Dropped => Counter::CloneDropped,
         _ => Counter::Cloned,
     }
+}
+
+/// Whether this connection's responses are compared (`whole_responses_ppm`): then they are
+/// cloned whole from the first, which the agent could not ask for in time.
+#[inline(always)]
+fn whole_by_rate(cfg: &MirrorConfig, t: &Tuple) -> bool {
+    cfg.whole_responses_ppm != 0
+        && flow_hash(&t.src, &t.dst, t.sport, t.dport) % SAMPLE_ALL < cfg.whole_responses_ppm
 }
 
 /// Whether the agent asked for this connection's responses whole.

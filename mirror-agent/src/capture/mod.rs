@@ -65,6 +65,7 @@ impl Default for CaptureConfig {
                 response_heads: false,
                 sample_ppm: mirror_common::SAMPLE_ALL,
                 sticky_sampling: false,
+                whole_responses_ppm: 0,
             },
             attach_mode: AttachMode::Auto,
             ring: RingConfig::default(),

@@ -76,6 +76,9 @@ pub struct MatchConfig {
     /// Decide each connection once and remember it (`FLAG_STICKY_SAMPLING`): needed when the
     /// rate changes at run time, so that it sheds or admits whole connections only.
     pub sticky_sampling: bool,
+    /// With response heads: connections (parts per million) whose responses are cloned whole
+    /// for content comparison.
+    pub whole_responses_ppm: u32,
 }
 
 impl MatchConfig {
@@ -168,6 +171,8 @@ impl KernelProgram {
             flags,
             sample_ppm: m.sample_ppm,
             keep_admitted_ppm: SAMPLE_ALL,
+            whole_responses_ppm: m.whole_responses_ppm,
+            _pad: 0,
         };
         let mut config: Array<_, MirrorConfig> = Array::try_from(map(&mut self.ebpf, MAP_CONFIG)?)?;
         config.set(0, cfg, 0)?;

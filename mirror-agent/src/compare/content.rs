@@ -111,6 +111,57 @@ impl BodyCollector {
     }
 }
 
+/// What of each response is kept for comparison.
+#[derive(Clone, Debug)]
+pub struct ContentCapture {
+    /// Bodies up to this size are kept whole, larger ones by digest.
+    pub max_body: usize,
+    /// Headers kept (lower case).
+    pub headers: Vec<String>,
+}
+
+/// A response's content, gathered as it is read.
+#[derive(Debug)]
+pub struct ContentBuilder {
+    code: String,
+    headers: Vec<(String, String)>,
+    body: BodyCollector,
+}
+
+impl ContentBuilder {
+    /// Starts with the head: the result code, and the headers `cfg` names, from all of `headers`.
+    pub fn new<'a>(
+        cfg: &ContentCapture,
+        code: String,
+        headers: impl Iterator<Item = (&'a str, &'a [u8])>,
+    ) -> Self {
+        let mut kept = Vec::new();
+        for (name, value) in headers {
+            let name = name.to_ascii_lowercase();
+            if cfg.headers.contains(&name) {
+                kept.push((name, String::from_utf8_lossy(value).into_owned()));
+            }
+        }
+        ContentBuilder {
+            code,
+            headers: kept,
+            body: BodyCollector::new(cfg.max_body),
+        }
+    }
+
+    pub fn push(&mut self, body: &[u8]) {
+        self.body.push(body);
+    }
+
+    pub fn finish(self) -> Content {
+        Content {
+            code: self.code,
+            headers: self.headers,
+            body: self.body.finish(),
+        }
+    }
+}
+
 /// One response as compared: its result code, the compared headers (names in lower case) and
 /// its body.
 #[derive(Clone, Debug, PartialEq, Eq)]

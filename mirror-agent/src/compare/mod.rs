@@ -12,11 +12,13 @@ use std::sync::{Arc, Mutex};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use crate::http::ResponseMeta;
+use crate::http::{LiveContent, ResponseMeta};
+use diffs::{ContentDiffs, DiffConfig};
 use crate::reassembly::ConnId;
-use crate::replay::MirrorOutcome;
+use crate::replay::{MirrorOutcome, MirrorResult};
 
 pub mod content;
+pub mod diffs;
 mod endpoint;
 mod histogram;
 mod report;
@@ -38,6 +40,8 @@ pub struct CompareConfig {
     pub max_series: usize,
     /// Requests whose live response or mirror outcomes wait for the rest, at most.
     pub max_pending: usize,
+    /// Compare contents, not only status and timing (`--compare-bodies`).
+    pub diffs: Option<DiffConfig>,
 }
 
 impl Default for CompareConfig {
@@ -49,6 +53,7 @@ impl Default for CompareConfig {
             max_endpoints: 500,
             max_series: 4096,
             max_pending: 100_000,
+            diffs: None,
         }
     }
 }
@@ -164,11 +169,17 @@ pub struct Comparator {
     pairs: Pairs,
     evicted: u64,
     sampling: Option<Sampling>,
+    diffs: Option<ContentDiffs>,
 }
 
 impl Comparator {
     pub fn new(cfg: CompareConfig) -> Self {
+        let diffs = cfg
+            .diffs
+            .clone()
+            .map(|d| ContentDiffs::new(d, cfg.mirror_labels.len()));
         Comparator {
+            diffs,
             cfg,
             aggs: BTreeMap::new(),
             endpoints: HashSet::new(),
@@ -215,6 +226,10 @@ impl Comparator {
     /// An outcome of mirror number `mirror` (0-based, as in `mirror_labels`).
     pub fn mirror(&mut self, mirror: usize, o: &MirrorOutcome) {
         let name = self.endpoint(&o.method, &o.target);
+        if let Some(d) = &mut self.diffs {
+            let answered = matches!(o.result, MirrorResult::Status(_) | MirrorResult::Grpc(..));
+            d.mirror((o.conn, o.seq), &name, mirror, answered, o.content.clone());
+        }
         let src = Source::try_from(mirror + 1).unwrap_or(Source::MAX);
         self.record(
             src,
@@ -223,6 +238,23 @@ impl Comparator {
             o.result.code(),
             o.duration.map(|d| d.as_nanos() as u64),
         );
+    }
+
+    /// A live response's content, read whole (`--compare-bodies`).
+    pub fn live_content(&mut self, l: &LiveContent) {
+        if self.diffs.is_none() {
+            return;
+        }
+        let name = self.endpoint(&l.method, &l.target);
+        if let Some(d) = &mut self.diffs {
+            d.live(
+                (l.conn, l.request_seq),
+                &name,
+                &l.method,
+                &l.target,
+                std::sync::Arc::clone(&l.content),
+            );
+        }
     }
 
     /// The version tag of a source.
@@ -347,6 +379,10 @@ impl Comparator {
                 })
                 .collect(),
             mirrors: self.cfg.mirror_labels.clone(),
+            content: self.diffs.as_ref().map_or_else(Vec::new, |d| {
+                d.rows(|m| self.label(Source::try_from(m + 1).unwrap_or(Source::MAX)).to_string())
+            }),
+            content_not_compared: self.diffs.as_ref().map(ContentDiffs::not_compared),
             other_endpoint_results: self.other,
             other_series_results: self.other_series,
             unpaired_evicted: self.evicted,
@@ -371,6 +407,10 @@ impl Comparison {
 
     pub fn mirror(&self, mirror: usize, o: &MirrorOutcome) {
         self.lock().mirror(mirror, o);
+    }
+
+    pub fn live_content(&self, l: &LiveContent) {
+        self.lock().live_content(l);
     }
 
     pub fn report(&self) -> Report {

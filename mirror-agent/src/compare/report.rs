@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use super::diffs::{ContentRow, NotCompared};
 use super::Side;
 
 /// One row of the table.
@@ -55,6 +56,11 @@ pub struct Report {
     /// The mirrors' version tags, in the agent's order.
     #[serde(default)]
     pub mirrors: Vec<String>,
+    /// Content comparison per endpoint and mirror (`--compare-bodies`).
+    #[serde(default)]
+    pub content: Vec<ContentRow>,
+    #[serde(default)]
+    pub content_not_compared: Option<NotCompared>,
     /// Results folded into `other` by the endpoint cap.
     pub other_endpoint_results: u64,
     /// Results folded into `other` series by the series cap (the memory budget).
@@ -151,7 +157,46 @@ pub fn verdicts(r: &Report) -> Vec<String> {
             ));
         }
     }
+    let content = content_verdicts(r, &who);
+    for (label, _) in &content {
+        diverged.insert(label);
+    }
+    matching.retain(|line| {
+        !content
+            .iter()
+            .any(|(l, _)| line.starts_with(&format!("{} matches", who(l))))
+    });
+    out.extend(content.into_iter().map(|(_, line)| line));
     out.extend(matching);
+    out
+}
+
+/// Most fields named in a content verdict line.
+const VERDICT_FIELDS: usize = 5;
+
+/// One line per endpoint and candidate mirror whose content differs beyond the noise.
+fn content_verdicts<'a>(r: &'a Report, who: &dyn Fn(&str) -> String) -> Vec<(&'a str, String)> {
+    let pct = |x: f64| format!("{:.0}%", x * 100.0);
+    let mut out = Vec::new();
+    for row in r.content.iter().filter(|c| !c.secondary) {
+        let fields: Vec<String> = row
+            .fields
+            .iter()
+            .filter(|f| f.regression)
+            .take(VERDICT_FIELDS)
+            .map(|f| match (&f.live_example, &f.mirror_example) {
+                (Some(_), None) => format!("{} missing ({})", f.path, pct(f.rate)),
+                (None, Some(_)) => format!("{} added ({})", f.path, pct(f.rate)),
+                _ => format!("{} ({} vs {} noise)", f.path, pct(f.rate), pct(f.noise_rate)),
+            })
+            .collect();
+        if !fields.is_empty() {
+            out.push((
+                row.mirror.as_str(),
+                format!("{} differs on {}: {}", who(&row.mirror), row.name, fields.join(", ")),
+            ));
+        }
+    }
     out
 }
 
@@ -224,6 +269,44 @@ pub fn format_table(r: &Report) -> String {
                 on_mirror(r, &l.mirror),
                 l.mean_ratio,
                 l.pairs
+            );
+        }
+    }
+    if !r.content.is_empty() {
+        let _ = writeln!(out, "\ncontent (live → mirror; noise from the secondary and repeated live answers):");
+        for c in &r.content {
+            let _ = writeln!(
+                out,
+                "  {}  {}{}: {} compared, {} identical, {} differing",
+                c.name,
+                c.mirror,
+                if c.secondary { " (secondary)" } else { "" },
+                c.compared,
+                c.identical,
+                c.differing
+            );
+            for f in &c.fields {
+                let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "(missing)".into());
+                let _ = writeln!(
+                    out,
+                    "    {}  {:.0}% (noise {:.0}%)  {} → {}{}",
+                    f.path,
+                    f.rate * 100.0,
+                    f.noise_rate * 100.0,
+                    show(&f.live_example),
+                    show(&f.mirror_example),
+                    if f.regression { "  REGRESSION" } else { "" }
+                );
+            }
+        }
+    }
+    if let Some(n) = &r.content_not_compared {
+        let total = n.mirror_failed + n.unsupported + n.no_live + n.memory;
+        if total > 0 {
+            let _ = writeln!(
+                out,
+                "\n{total} answers not compared: {} mirror failed, {} HTTP/2, {} no live body, {} over memory",
+                n.mirror_failed, n.unsupported, n.no_live, n.memory
             );
         }
     }

@@ -23,6 +23,7 @@ fn mirror(conn: u64, seq: u64, target: &str, result: MirrorResult, ms: u64) -> M
         target: target.into(),
         result,
         duration: Some(Duration::from_millis(ms)),
+        content: None,
     }
 }
 
@@ -312,4 +313,163 @@ fn each_mirror_is_paired_with_the_live_response_and_reported_apart() {
     let r = c.report();
     assert_eq!(r.latency_ratios[0].pairs, 1000);
     assert_eq!(r.unpaired_evicted, 0, "each live response met mirror a");
+}
+
+mod contents {
+    use super::*;
+    use crate::compare::content::{Body, Content};
+    use crate::compare::diffs::DiffConfig;
+    use crate::http::LiveContent;
+    use std::sync::Arc;
+
+    fn json(code: &str, v: serde_json::Value) -> Arc<Content> {
+        Arc::new(Content {
+            code: code.into(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: Body::Whole(bytes::Bytes::from(v.to_string())),
+        })
+    }
+
+    fn book(i: u64, rating: f64, price_field: &str) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "id": i,
+            "rating": rating,
+            "servedAt": format!("2026-11-26T07:{i:02}:00Z"),
+            "requestId": format!("{:x}", i * 7919 + rating as u64),
+        });
+        v[price_field] = serde_json::json!(9.5);
+        v
+    }
+
+    fn comparator(mirrors: &[&str], secondary: Option<usize>, ignore: &[&str]) -> Comparator {
+        Comparator::new(CompareConfig {
+            mirror_labels: mirrors.iter().map(|m| m.to_string()).collect(),
+            diffs: Some(DiffConfig {
+                ignore: ignore.iter().map(|i| i.to_string()).collect(),
+                secondary,
+                max_pending: 1000,
+                max_bytes: 1 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    fn outcome(seq: u64, target: &str, content: Option<Arc<Content>>) -> MirrorOutcome {
+        MirrorOutcome {
+            content,
+            ..mirror(3, seq, target, MirrorResult::Status(200), 5)
+        }
+    }
+
+    fn live_content(seq: u64, target: &str, content: Arc<Content>) -> LiveContent {
+        LiveContent {
+            conn: 3,
+            request_seq: seq,
+            method: "GET".into(),
+            target: target.into(),
+            content,
+        }
+    }
+
+    #[test]
+    fn regressions_stand_out_from_the_noise_a_secondary_shows() {
+        let mut c = comparator(&["cand", "second"], Some(1), &[]);
+        for seq in 0..20 {
+            let target = format!("/api/books/{seq}");
+            // Every answer stamps its own time and id: live, the secondary and the candidate.
+            c.mirror(0, &outcome(seq, &target, Some(json("200", book(seq + 100, 4.0, "cost")))));
+            c.live_content(&live_content(seq, &target, json("200", book(seq, 4.5, "price"))));
+            c.mirror(1, &outcome(seq, &target, Some(json("200", book(seq + 200, 4.5, "price")))));
+            // An endpoint where only the noise differs.
+            let t2 = format!("/api/authors/{seq}");
+            c.live_content(&live_content(seq + 1000, &t2, json("200", book(seq, 1.0, "price"))));
+            c.mirror(0, &outcome(seq + 1000, &t2, Some(json("200", book(seq + 1, 1.0, "price")))));
+            c.mirror(1, &outcome(seq + 1000, &t2, Some(json("200", book(seq + 2, 1.0, "price")))));
+        }
+        let r = c.report();
+        let row = |name: &str, mirror: &str| {
+            r.content
+                .iter()
+                .find(|x| x.name == name && x.mirror == mirror)
+                .unwrap()
+                .clone()
+        };
+        let cand = row("GET /api/books/{id}", "cand");
+        assert_eq!((cand.compared, cand.differing), (20, 20));
+        let regressions: Vec<&str> = cand
+            .fields
+            .iter()
+            .filter(|f| f.regression)
+            .map(|f| f.path.as_str())
+            .collect();
+        assert_eq!(regressions, ["$.cost", "$.price", "$.rating"]);
+        for noise in ["$.servedAt", "$.requestId", "$.id"] {
+            let f = cand.fields.iter().find(|f| f.path == noise).unwrap();
+            assert_eq!((f.rate, f.noise_rate, f.regression), (1.0, 1.0, false), "{noise}");
+        }
+        let rating = cand.fields.iter().find(|f| f.path == "$.rating").unwrap();
+        assert_eq!(
+            (rating.live_example.as_deref(), rating.mirror_example.as_deref()),
+            (Some("4.5"), Some("4.0"))
+        );
+        assert!(row("GET /api/books/{id}", "second").secondary);
+        assert!(row("GET /api/authors/{id}", "cand")
+            .fields
+            .iter()
+            .all(|f| !f.regression));
+        assert_eq!(
+            verdicts(&r),
+            [
+                "mirror cand differs on GET /api/books/{id}: $.cost added (100%), $.price missing (100%), $.rating (100% vs 0% noise)",
+                "mirror second matches live: same status codes, similar durations on 0 endpoints",
+            ]
+        );
+        assert!(c.diffs.as_ref().unwrap().waiting().0 == 0, "nothing left waiting");
+        let table = format_table(&r);
+        assert!(table.contains("$.rating  100% (noise 0%)  4.5 → 4.0  REGRESSION"), "{table}");
+    }
+
+    #[test]
+    fn without_a_secondary_ignored_paths_and_learned_noise_keep_quiet() {
+        let mut c = comparator(&["cand"], None, &["$.servedAt"]);
+        for seq in 0..10 {
+            // The same request twice: live's two answers differ in their request id.
+            let live = book(seq, 4.5, "price");
+            c.live_content(&live_content(seq, "/api/books/1", json("200", live)));
+            c.mirror(0, &outcome(seq, "/api/books/1", Some(json("200", book(seq + 50, 4.5, "price")))));
+        }
+        let r = c.report();
+        let cand = &r.content[0];
+        assert!(cand.fields.iter().all(|f| f.path != "$.servedAt"), "ignored");
+        let id = cand.fields.iter().find(|f| f.path == "$.requestId").unwrap();
+        assert!(id.noise_rate > 0.5 && !id.regression, "{id:?}");
+        assert!(verdicts(&r)[0].starts_with("mirror matches live"), "{:?}", verdicts(&r));
+    }
+
+    #[test]
+    fn failed_mirrors_and_missing_live_bodies_are_counted_and_memory_is_bounded() {
+        let mut c = Comparator::new(CompareConfig {
+            mirror_labels: vec!["cand".into()],
+            diffs: Some(DiffConfig {
+                max_pending: 1000,
+                max_bytes: 4096,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let big = json("200", serde_json::json!({ "pad": "x".repeat(1000) }));
+        for seq in 0..100 {
+            // Mirror answers whose live bodies never come (not captured whole).
+            c.mirror(0, &outcome(seq, "/a", Some(Arc::clone(&big))));
+        }
+        let mut failed = mirror(3, 500, "/a", MirrorResult::Timeout, 5);
+        failed.content = None;
+        c.mirror(0, &failed);
+        let (_, held) = c.diffs.as_ref().unwrap().waiting();
+        assert!(held <= 4096, "{held}");
+        let n = c.report().content_not_compared.unwrap();
+        assert_eq!(n.mirror_failed, 1);
+        assert!(n.no_live + n.memory >= 96, "{n:?}");
+    }
 }

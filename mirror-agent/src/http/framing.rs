@@ -42,14 +42,28 @@ impl BodyDecoder {
     /// Consumes body bytes from `data`. Returns how many belong to the body and whether the body
     /// ended there.
     pub fn feed(&mut self, data: &[u8], max_line: usize) -> Result<(usize, bool), BodyError> {
+        self.feed_with(data, max_line, &mut |_| {})
+    }
+
+    /// As `feed`, and hands the body's bytes (without chunk framing) to `body` as they pass.
+    pub fn feed_with(
+        &mut self,
+        data: &[u8],
+        max_line: usize,
+        body: &mut dyn FnMut(&[u8]),
+    ) -> Result<(usize, bool), BodyError> {
         match self {
             BodyDecoder::Length { remaining } => {
                 let n = (*remaining).min(data.len() as u64) as usize;
                 *remaining -= n as u64;
+                body(&data[..n]);
                 Ok((n, *remaining == 0))
             }
-            BodyDecoder::Chunked(c) => c.feed(data, max_line),
-            BodyDecoder::UntilClose => Ok((data.len(), false)),
+            BodyDecoder::Chunked(c) => c.feed(data, max_line, body),
+            BodyDecoder::UntilClose => {
+                body(data);
+                Ok((data.len(), false))
+            }
         }
     }
 }
@@ -71,7 +85,12 @@ enum ChunkState {
 }
 
 impl ChunkDecoder {
-    fn feed(&mut self, data: &[u8], max_line: usize) -> Result<(usize, bool), BodyError> {
+    fn feed(
+        &mut self,
+        data: &[u8],
+        max_line: usize,
+        body: &mut dyn FnMut(&[u8]),
+    ) -> Result<(usize, bool), BodyError> {
         let mut at = 0;
         while at < data.len() {
             match self.state {
@@ -118,6 +137,7 @@ impl ChunkDecoder {
                 }
                 ChunkState::Data(remaining) => {
                     let n = remaining.min((data.len() - at) as u64);
+                    body(&data[at..at + n as usize]);
                     at += n as usize;
                     self.state = if remaining == n {
                         ChunkState::DataEnd
@@ -203,10 +223,20 @@ mod tests {
     use super::*;
 
     fn feed_all(d: &mut BodyDecoder, data: &[u8], step: usize) -> Result<Option<usize>, BodyError> {
+        feed_collecting(d, data, step, &mut Vec::new())
+    }
+
+    fn feed_collecting(
+        d: &mut BodyDecoder,
+        data: &[u8],
+        step: usize,
+        decoded: &mut Vec<u8>,
+    ) -> Result<Option<usize>, BodyError> {
         let mut at = 0;
         while at < data.len() {
             let end = (at + step).min(data.len());
-            let (n, done) = d.feed(&data[at..end], 4096)?;
+            let (n, done) =
+                d.feed_with(&data[at..end], 4096, &mut |b| decoded.extend_from_slice(b))?;
             at += n;
             if done {
                 return Ok(Some(at));
@@ -228,11 +258,13 @@ mod tests {
         all.extend_from_slice(next);
         for step in [1, 2, 3, 7, 100] {
             let mut d = BodyDecoder::new(Framing::Chunked).unwrap();
+            let mut decoded = Vec::new();
             assert_eq!(
-                feed_all(&mut d, &all, step).unwrap(),
+                feed_collecting(&mut d, &all, step, &mut decoded).unwrap(),
                 Some(body.len()),
                 "step {step}"
             );
+            assert_eq!(decoded, b"Wikipedia in\r\n\r\nchunks.", "step {step}");
         }
     }
 

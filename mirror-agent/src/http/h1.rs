@@ -1,8 +1,9 @@
 //! HTTP/1.x message extraction (httparse for the head).
 //!
 //! Requests (client → server) come out whole, with their exact bytes, for replay. Responses
-//! (server → client) are framed but not kept: only their status and timing come out, paired in
-//! order with the connection's requests. Anything dropped is counted by reason in `HttpStats`.
+//! (server → client) are framed but not kept: their status and timing come out, paired in
+//! order with the connection's requests, and with content comparison on
+//! (`HttpConfig::content`) their code, chosen headers and body once read to the end. Anything dropped is counted by reason in `HttpStats`.
 //! A connection that turns out to speak HTTP/2 (a preface, an `Upgrade: h2c` accepted with 101,
 //! or frames where a request was expected) is handed over (`H1Conn::switch`).
 
@@ -10,12 +11,17 @@ use std::collections::VecDeque;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 
 use super::framing::{find_request_start, find_response_start, BodyDecoder, Framing};
 use super::h2::frame::{find_frames, DEFAULT_MAX_FRAME};
-use super::{HttpEvent, HttpExtractor, HttpStats, ResponseMeta, StopReason, Switch, HEADER_SLOTS};
+use super::{
+    HttpEvent, HttpExtractor, HttpStats, LiveContent, ResponseMeta, StopReason, Switch,
+    HEADER_SLOTS,
+};
+use crate::compare::content::ContentBuilder;
 use crate::reassembly::{ConnId, ConnInfo, Direction};
 use crate::segment::TimestampNs;
 /// One request extracted from a live HTTP/1 connection, with its exact bytes.
@@ -151,6 +157,16 @@ struct MessageParser {
     /// `chunk_base` and `chunk_ack` when the current message began.
     start_base: u64,
     start_ack: Option<u64>,
+    /// Responses: the content of the response being read, when it is compared.
+    content: Option<Collecting>,
+}
+
+/// A live response's content being gathered for comparison.
+struct Collecting {
+    seq: u64,
+    method: String,
+    target: String,
+    builder: ContentBuilder,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,6 +192,7 @@ impl MessageParser {
             chunk_ack: None,
             start_base: 0,
             start_ack: None,
+            content: None,
         }
     }
 
@@ -336,7 +353,13 @@ impl HttpExtractor {
                     if data.is_empty() {
                         break;
                     }
-                    let (n, done) = match decoder.feed(data, self.cfg.max_head_bytes) {
+                    let content = &mut p.content;
+                    let fed = decoder.feed_with(data, self.cfg.max_head_bytes, &mut |b| {
+                        if let Some(c) = content.as_mut() {
+                            c.builder.push(b);
+                        }
+                    });
+                    let (n, done) = match fed {
                         Ok(v) => v,
                         Err(_) => {
                             self.malformed::<R>(c);
@@ -371,6 +394,9 @@ impl HttpExtractor {
 
     fn begin_message<R: Role>(&mut self, c: &mut H1Conn, ts: TimestampNs) {
         let p = R::parser(c);
+        if p.content.take().is_some() {
+            self.stats.content_incomplete += 1;
+        }
         p.state = State::Head;
         p.head_scanned = 0;
         p.head = None;
@@ -518,7 +544,22 @@ impl HttpExtractor {
             if !req.dropped {
                 if let Some(last) = req.last_ts {
                     self.stats.responses += 1;
-                    let p = &c.resp;
+                    let p = &mut c.resp;
+                    if let Some(cfg) = &self.cfg.content {
+                        let buf = &p.buf;
+                        let headers = head.headers.iter().map(|(n, v)| {
+                            (
+                                std::str::from_utf8(&buf[n.clone()]).unwrap_or(""),
+                                &buf[v.clone()],
+                            )
+                        });
+                        p.content = Some(Collecting {
+                            seq: req.seq,
+                            method: req.method.clone(),
+                            target: req.target.clone(),
+                            builder: ContentBuilder::new(cfg, status.to_string(), headers),
+                        });
+                    }
                     self.events.push(HttpEvent::Response(ResponseMeta {
                         conn: info.id,
                         request_seq: req.seq,
@@ -548,7 +589,13 @@ impl HttpExtractor {
             self.finish_message::<R>(c, info, ts);
             return true;
         };
-        let (n, done) = match decoder.feed(&p.buf[head_len..], self.cfg.max_head_bytes) {
+        let content = &mut p.content;
+        let fed = decoder.feed_with(&p.buf[head_len..], self.cfg.max_head_bytes, &mut |b| {
+            if let Some(c) = content.as_mut() {
+                c.builder.push(b);
+            }
+        });
+        let (n, done) = match fed {
             Ok(v) => v,
             Err(_) => {
                 self.malformed::<R>(c);
@@ -620,8 +667,24 @@ impl HttpExtractor {
                 }
             }
             self.report_early(c, info, head.seq);
+        } else {
+            self.emit_content(info, &mut c.resp);
         }
         self.begin_message::<R>(c, ts);
+    }
+
+    /// The response read to its end: its content goes to the comparison.
+    fn emit_content(&mut self, info: &ConnInfo, p: &mut MessageParser) {
+        if let Some(done) = p.content.take() {
+            self.stats.content_responses += 1;
+            self.events.push(HttpEvent::ResponseContent(LiveContent {
+                conn: info.id,
+                request_seq: done.seq,
+                method: done.method,
+                target: done.target,
+                content: Arc::new(done.builder.finish()),
+            }));
+        }
     }
 
     /// Reports the response held for request `seq`, now that the request is complete.
@@ -719,6 +782,7 @@ impl HttpExtractor {
 
     fn stop(&mut self, c: &mut H1Conn, reason: StopReason) {
         self.stats.stopped(reason);
+        self.drop_content(&mut c.resp);
         for p in [&mut c.req, &mut c.resp] {
             p.state = State::Stopped;
             p.buf = BytesMut::new();
@@ -727,8 +791,18 @@ impl HttpExtractor {
         c.pending.clear();
     }
 
+    /// A response whose bytes will not all be read: its content is not compared.
+    fn drop_content(&mut self, p: &mut MessageParser) {
+        if p.content.take().is_some() {
+            self.stats.content_incomplete += 1;
+        }
+    }
+
     /// `lost` bytes of the stream will never arrive.
     fn lose<R: Role>(&mut self, c: &mut H1Conn, info: &ConnInfo, lost: u64, ts: TimestampNs) {
+        if !R::REQUESTS {
+            self.drop_content(&mut c.resp);
+        }
         let framing_survives = match &R::parser(c).state {
             State::Body(BodyDecoder::Length { remaining }) => lost <= *remaining,
             State::Body(BodyDecoder::UntilClose) | State::Stopped => true,
@@ -783,11 +857,15 @@ impl HttpExtractor {
 
     /// The stream ended (FIN) or the connection closed: a message in progress is incomplete,
     /// except a response delimited by the close.
-    fn end_stream<R: Role>(&mut self, c: &mut H1Conn) {
+    fn end_stream<R: Role>(&mut self, c: &mut H1Conn, info: &ConnInfo) {
         let p = R::parser(c);
         if R::REQUESTS && p.in_message() {
             self.stats.dropped_incomplete += 1;
         }
+        if matches!(p.state, State::Body(BodyDecoder::UntilClose)) {
+            self.emit_content(info, p);
+        }
+        self.drop_content(p);
         p.head = None;
         p.buf = BytesMut::new();
         p.state = State::Stopped;
@@ -919,6 +997,7 @@ impl HttpExtractor {
             self.h1_gap(c, info, dir, len, ts);
             return;
         }
+        self.drop_content(&mut c.resp);
         let p = &mut c.resp;
         match &mut p.state {
             State::Body(BodyDecoder::Length { remaining }) if len <= *remaining => {
@@ -938,16 +1017,16 @@ impl HttpExtractor {
         }
     }
 
-    pub(super) fn h1_end(&mut self, c: &mut H1Conn, dir: Direction) {
+    pub(super) fn h1_end(&mut self, c: &mut H1Conn, info: &ConnInfo, dir: Direction) {
         match dir {
-            Direction::ToServer => self.end_stream::<Server>(c),
-            Direction::ToClient => self.end_stream::<Client>(c),
+            Direction::ToServer => self.end_stream::<Server>(c, info),
+            Direction::ToClient => self.end_stream::<Client>(c, info),
         }
     }
 
-    pub(super) fn h1_close(&mut self, mut c: H1Conn) {
-        self.end_stream::<Server>(&mut c);
-        self.end_stream::<Client>(&mut c);
+    pub(super) fn h1_close(&mut self, mut c: H1Conn, info: &ConnInfo) {
+        self.end_stream::<Server>(&mut c, info);
+        self.end_stream::<Client>(&mut c, info);
         self.stats.unpaired_responses += c.early.len() as u64;
     }
 }

@@ -41,6 +41,8 @@ pub struct HttpConfig {
     pub response_heads: bool,
     /// Copies of each streaming HTTP/2 request body handed on: one per mirror.
     pub stream_copies: usize,
+    /// Keep live HTTP/1 responses (status, chosen headers, body) for content comparison.
+    pub content: Option<crate::compare::content::ContentCapture>,
 }
 
 impl Default for HttpConfig {
@@ -55,6 +57,7 @@ impl Default for HttpConfig {
             max_hpack_table: 64 << 10,
             response_heads: false,
             stream_copies: 1,
+            content: None,
         }
     }
 }
@@ -186,6 +189,18 @@ pub enum HttpEvent {
         client: std::net::SocketAddr,
         server: std::net::SocketAddr,
     },
+    /// A live response read to its end, for content comparison (`HttpConfig::content`).
+    ResponseContent(LiveContent),
+}
+
+/// A live response's content, keyed like its `ResponseMeta`.
+#[derive(Clone, Debug)]
+pub struct LiveContent {
+    pub conn: ConnId,
+    pub request_seq: u64,
+    pub method: String,
+    pub target: String,
+    pub content: std::sync::Arc<crate::compare::content::Content>,
 }
 
 /// Why extraction stopped on a connection.
@@ -268,6 +283,11 @@ pub struct HttpStats {
     /// framing needed them. Responses resync at the next status line, and requests waiting
     /// for an answer then are counted in `unpaired_requests`.
     pub responses_unframed_heads: u64,
+    /// Live responses read whole for content comparison.
+    pub content_responses: u64,
+    /// Live responses whose content could not be kept: bytes not captured or lost, or the
+    /// connection ended inside the body.
+    pub content_incomplete: u64,
     /// Gauge: request bytes buffered now.
     pub buffered_bytes: u64,
     /// Gauge: HTTP/2 streams tracked now, across connections.
@@ -504,7 +524,7 @@ impl StreamHandler for HttpExtractor {
     fn end(&mut self, c: &mut HttpConn, info: &ConnInfo, dir: Direction, _ts: TimestampNs) {
         let before = c.held();
         match &mut c.0 {
-            Proto::H1(h1) => self.h1_end(h1, dir),
+            Proto::H1(h1) => self.h1_end(h1, info, dir),
             Proto::H2(h2) => h2.end(&mut self.h2_ctx(info), dir),
         }
         self.account(before, c.held());
@@ -513,7 +533,7 @@ impl StreamHandler for HttpExtractor {
     fn close(&mut self, c: HttpConn, info: &ConnInfo, _reason: CloseReason, _ts: TimestampNs) {
         let before = c.held();
         match c.0 {
-            Proto::H1(h1) => self.h1_close(h1),
+            Proto::H1(h1) => self.h1_close(h1, info),
             Proto::H2(h2) => h2.close(&mut self.h2_ctx(info)),
         }
         self.account(before, Held::default());

@@ -21,6 +21,7 @@
 //! came (extensions and trailers included). Only hop-by-hop headers, `--drop-header`, Host and
 //! `--add-header` change.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -29,6 +30,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{connect_mirror, mirror_authority, mirror_path, MirrorResult, ReplayConfig};
+use crate::compare::content::{Content, ContentBuilder, ContentCapture};
 use crate::http::framing::{BodyDecoder, Framing};
 use crate::http::h1::{self, parse_client_response};
 
@@ -136,9 +138,29 @@ pub fn serialize(cfg: &ReplayConfig, req: &h1::Request) -> Result<Outgoing> {
     })
 }
 
-/// How one request of a batch ended: its result and time (None: untimed, being behind another
-/// request), or None when the mirror closed cleanly before answering it (it was not processed).
-pub type Fate = Option<(MirrorResult, Option<Duration>)>;
+/// How one request of a batch ended, or None when the mirror closed cleanly before answering
+/// it (it was not processed).
+pub type Fate = Option<Answered>;
+
+/// One request's end.
+#[derive(Clone, Debug)]
+pub struct Answered {
+    pub result: MirrorResult,
+    /// None: untimed, being behind another request in its batch.
+    pub took: Option<Duration>,
+    /// The answer read whole, when contents are compared.
+    pub content: Option<Arc<Content>>,
+}
+
+impl Answered {
+    fn failed(result: MirrorResult, took: Option<Duration>) -> Fate {
+        Some(Answered {
+            result,
+            took,
+            content: None,
+        })
+    }
+}
 
 /// A worker's connection to the mirror.
 pub struct Conn {
@@ -151,6 +173,26 @@ pub struct Conn {
     last_read: Instant,
     /// How many requests the next batch may hold.
     depth: usize,
+}
+
+/// An answer read to its end.
+struct Answer {
+    status: u16,
+    /// When its head arrived.
+    head_at: Instant,
+    /// Whether the connection stays open after it.
+    keep_alive: bool,
+    content: Option<Content>,
+}
+
+/// The content of an answer whose head is `head`, to be filled with its body.
+fn content_builder(cfg: &ContentCapture, status: u16, head: &[u8]) -> ContentBuilder {
+    let mut slots = [httparse::EMPTY_HEADER; 100];
+    let mut resp = httparse::Response::new(&mut slots);
+    // Already parsed once: only the headers are wanted here.
+    let _ = resp.parse(head);
+    let headers = resp.headers.iter().filter(|h| !h.name.is_empty());
+    ContentBuilder::new(cfg, status.to_string(), headers.map(|h| (h.name, h.value)))
 }
 
 /// Why reading an answer stopped.
@@ -197,6 +239,7 @@ impl Conn {
         batch: &[&Outgoing],
         timeout: Duration,
         max_depth: usize,
+        content: Option<&ContentCapture>,
     ) -> (Vec<Fate>, bool) {
         let mut fates: Vec<Fate> = vec![None; batch.len()];
         self.out.clear();
@@ -207,7 +250,10 @@ impl Conn {
         let started = Instant::now();
         match tokio::time::timeout(timeout, self.stream.write_all(&self.out)).await {
             Err(_) => {
-                fates.fill(Some((MirrorResult::Timeout, Some(started.elapsed()))));
+                fates.fill(Answered::failed(
+                    MirrorResult::Timeout,
+                    Some(started.elapsed()),
+                ));
                 return (fates, false);
             }
             // Refused or reset under the write: none of it was answered; the caller decides.
@@ -220,11 +266,16 @@ impl Conn {
         let mut slow = false;
         for (i, o) in batch.iter().enumerate() {
             let timed = |took: Duration| (i == 0).then_some(took);
-            match self.read_answer(o.to_head, since + timeout).await {
-                Ok((status, head_at, keep_alive)) => {
-                    let took = head_at.saturating_duration_since(since);
+            match self.read_answer(o.to_head, since + timeout, content).await {
+                Ok(answer) => {
+                    let took = answer.head_at.saturating_duration_since(since);
                     slow |= took > FAST_ANSWER;
-                    fates[i] = Some((MirrorResult::Status(status), timed(took)));
+                    fates[i] = Some(Answered {
+                        result: MirrorResult::Status(answer.status),
+                        took: timed(took),
+                        content: answer.content.map(Arc::new),
+                    });
+                    let keep_alive = answer.keep_alive;
                     since = self.last_read.max(since);
                     if !keep_alive {
                         return (fates, false);
@@ -238,9 +289,9 @@ impl Conn {
                     } else {
                         MirrorResult::Reset
                     };
-                    fates[i] = Some((result, timed(since.elapsed())));
+                    fates[i] = Answered::failed(result, timed(since.elapsed()));
                     for f in &mut fates[i + 1..] {
-                        *f = Some((rest, None));
+                        *f = Answered::failed(rest, None);
                     }
                     return (fates, false);
                 }
@@ -255,13 +306,13 @@ impl Conn {
         (fates, self.buf.is_empty())
     }
 
-    /// Reads one answer (after any interim 1xx ones) to its end. Returns its status, when its
-    /// head arrived, and whether the connection stays open after it.
+    /// Reads one answer (after any interim 1xx ones) to its end.
     async fn read_answer(
         &mut self,
         to_head: bool,
         deadline: Instant,
-    ) -> Result<(u16, Instant, bool), ReadStop> {
+        content: Option<&ContentCapture>,
+    ) -> Result<Answer, ReadStop> {
         loop {
             let head = loop {
                 match parse_client_response(&self.buf, to_head) {
@@ -279,14 +330,23 @@ impl Conn {
                 }
             };
             let head_at = self.last_read;
+            let interim = (100..200).contains(&head.status) && head.status != 101;
+            let mut collect = match content {
+                Some(cfg) if !interim => Some(content_builder(cfg, head.status, &self.buf[..head.len])),
+                _ => None,
+            };
             self.buf.advance(head.len);
-            if (100..200).contains(&head.status) && head.status != 101 {
+            if interim {
                 continue;
             }
             if let Some(mut body) = BodyDecoder::new(head.framing) {
                 loop {
                     let (n, done) = body
-                        .feed(&self.buf, MAX_LINE)
+                        .feed_with(&self.buf, MAX_LINE, &mut |b| {
+                            if let Some(c) = collect.as_mut() {
+                                c.push(b);
+                            }
+                        })
                         .map_err(|_| ReadStop::Failed(MirrorResult::Error))?;
                     self.buf.advance(n);
                     if done {
@@ -300,7 +360,12 @@ impl Conn {
                     }
                 }
             }
-            return Ok((head.status, head_at, head.keep_alive));
+            return Ok(Answer {
+                status: head.status,
+                head_at,
+                keep_alive: head.keep_alive,
+                content: collect.map(ContentBuilder::finish),
+            });
         }
     }
 
@@ -475,12 +540,12 @@ mod tests {
     ) -> (Vec<Fate>, bool, Conn) {
         let mut conn = Conn::open(cfg).await.unwrap();
         let batch: Vec<&Outgoing> = reqs.iter().collect();
-        let (fates, reusable) = conn.exchange(&batch, timeout, 16).await;
+        let (fates, reusable) = conn.exchange(&batch, timeout, 16, None).await;
         (fates, reusable, conn)
     }
 
     fn statuses(fates: &[Fate]) -> Vec<Option<MirrorResult>> {
-        fates.iter().map(|f| f.map(|(r, _)| r)).collect()
+        fates.iter().map(|f| f.as_ref().map(|a| a.result)).collect()
     }
 
     #[tokio::test]
@@ -512,7 +577,7 @@ mod tests {
             ]
         );
         assert!(reusable);
-        let timed: Vec<bool> = fates.iter().map(|f| f.unwrap().1.is_some()).collect();
+        let timed: Vec<bool> = fates.iter().map(|f| f.as_ref().unwrap().took.is_some()).collect();
         assert_eq!(
             timed,
             [true, false, false, false, false],
@@ -577,8 +642,8 @@ mod tests {
         let req = outgoing(&cfg, b"GET /slowish HTTP/1.1\r\nHost: h\r\n\r\n");
         let mut conn = Conn::open(&cfg).await.unwrap();
         conn.depth = 8;
-        let (fates, reusable) = conn.exchange(&[&req], Duration::from_secs(5), 16).await;
-        let (result, took) = fates[0].unwrap();
+        let (fates, reusable) = conn.exchange(&[&req], Duration::from_secs(5), 16, None).await;
+        let Answered { result, took, .. } = fates[0].clone().unwrap();
         assert_eq!(result, MirrorResult::Status(200));
         assert!(took >= Some(Duration::from_millis(30)), "{took:?}");
         assert!(reusable);
@@ -589,7 +654,7 @@ mod tests {
         let mut conn = Conn::open(&cfg).await.unwrap();
         conn.depth = 8;
         let t = Instant::now();
-        let (fates, reusable) = conn.exchange(&[&req], Duration::from_millis(200), 16).await;
+        let (fates, reusable) = conn.exchange(&[&req], Duration::from_millis(200), 16, None).await;
         assert_eq!(statuses(&fates), [Some(MirrorResult::Timeout)]);
         assert!(!reusable);
         assert!(t.elapsed() >= Duration::from_millis(200));

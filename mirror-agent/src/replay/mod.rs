@@ -30,6 +30,7 @@ use hyper::Uri;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use regex::Regex;
 
+use crate::compare::content::{Content, ContentCapture};
 use crate::http::h2::{StreamPart, StreamReceiver};
 use crate::http::{h2, result_code, Request};
 use crate::reassembly::ConnId;
@@ -61,6 +62,8 @@ pub struct ReplayConfig {
     pub max_inflight: usize,
     /// HTTP/1 requests written at once on one connection at most (1: no pipelining).
     pub pipeline_depth: usize,
+    /// Read answers whole and keep their content for comparison (`--compare-bodies`; HTTP/1).
+    pub content: Option<ContentCapture>,
     pub timeout: Duration,
     /// Bytes of requests waiting to be sent at most (each counted with `QUEUE_ENTRY_OVERHEAD`).
     pub queue_bytes: usize,
@@ -81,6 +84,7 @@ impl ReplayConfig {
             max_rps: None,
             max_inflight: 256,
             pipeline_depth: 16,
+            content: None,
             timeout: Duration::from_secs(10),
             queue_bytes: 64 << 20,
         }
@@ -213,6 +217,8 @@ pub struct MirrorOutcome {
     /// From sending the request to the response head (or the error); None for an HTTP/1
     /// answer pipelined behind another request, whose start is not known.
     pub duration: Option<Duration>,
+    /// The answer's content, read whole, when contents are compared (`ReplayConfig::content`).
+    pub content: Option<Arc<Content>>,
 }
 
 /// Counters; every request offered ends in exactly one of them (plus `sent` for those sent).
@@ -804,7 +810,12 @@ impl Shared {
             let outs: Vec<&h1::Outgoing> = batch.iter().map(|(_, o, _)| o).collect();
             inc(&self.stats.batches);
             let (fates, reusable) = c
-                .exchange(&outs, self.cfg.timeout, self.cfg.pipeline_depth)
+                .exchange(
+                    &outs,
+                    self.cfg.timeout,
+                    self.cfg.pipeline_depth,
+                    self.cfg.content.as_ref(),
+                )
                 .await;
             if !reusable {
                 *conn = None;
@@ -812,7 +823,7 @@ impl Shared {
             let mut again = Vec::new();
             for ((req, out, retried), fate) in batch.into_iter().zip(fates) {
                 match fate {
-                    Some((result, took)) => self.finish(req, result, took),
+                    Some(a) => self.finish_with(req, a.result, a.took, a.content),
                     None if out.idempotent && !retried => {
                         inc(&self.stats.resent);
                         again.push((req, out, true));
@@ -855,6 +866,16 @@ impl Shared {
 
     /// Counts a sent request's end and hands its outcome to the sink.
     fn finish(&self, req: Request, result: MirrorResult, duration: Option<Duration>) {
+        self.finish_with(req, result, duration, None);
+    }
+
+    fn finish_with(
+        &self,
+        req: Request,
+        result: MirrorResult,
+        duration: Option<Duration>,
+        content: Option<Arc<Content>>,
+    ) {
         let stats = &self.stats;
         match result {
             MirrorResult::Status(_) | MirrorResult::Grpc(..) => {
@@ -874,6 +895,7 @@ impl Shared {
             target: req.target().to_string(),
             result,
             duration,
+            content,
         });
     }
 }
