@@ -171,7 +171,10 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
     }
     let secondary = match &args.secondary {
         Some(s) => Some(names.iter().position(|n| n == s).with_context(|| {
-            format!("--secondary {s}: no mirror has that name (mirrors: {})", names.join(", "))
+            format!(
+                "--secondary {s}: no mirror has that name (mirrors: {})",
+                names.join(", ")
+            )
         })?),
         None => None,
     };
@@ -273,9 +276,14 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
 
 /// Headers whose values are never shown in examples: credentials, and those the user drops.
 fn redacted_headers(dropped: &[hyper::header::HeaderName]) -> Vec<String> {
-    let mut out: Vec<String> = ["authorization", "proxy-authorization", "cookie", "set-cookie"]
-        .map(String::from)
-        .to_vec();
+    let mut out: Vec<String> = [
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+    ]
+    .map(String::from)
+    .to_vec();
     out.extend(dropped.iter().map(|h| h.as_str().to_string()));
     out
 }

@@ -565,6 +565,58 @@ mod tests {
     }
 
     #[test]
+    fn content_metrics_parse() {
+        use crate::compare::content::{Body, Content};
+        use crate::compare::diffs::DiffConfig;
+        let mut c = Comparator::new(CompareConfig {
+            diffs: Some(DiffConfig {
+                max_pending: 10,
+                max_bytes: 1 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let content = |b: &'static str| {
+            Some(Arc::new(Content {
+                code: "200".into(),
+                headers: vec![],
+                body: Body::Whole(bytes::Bytes::from_static(b.as_bytes())),
+            }))
+        };
+        c.live_content(&crate::http::LiveContent {
+            conn: 1,
+            request_seq: 0,
+            method: "GET".into(),
+            target: "/a".into(),
+            content: content(r#"{"rating":4.5}"#).unwrap(),
+        });
+        c.mirror(
+            0,
+            &MirrorOutcome {
+                conn: 1,
+                seq: 0,
+                method: "GET".into(),
+                target: "/a".into(),
+                result: MirrorResult::Status(200),
+                duration: None,
+                content: content(r#"{"rating":4}"#),
+            },
+        );
+        let text = render(&Sources {
+            comparison: c.into(),
+            ..sources()
+        });
+        let lines = text.lines().map(|l| Ok(l.to_string()));
+        let scrape = prometheus_parse::Scrape::parse(lines).expect("parses");
+        let s = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == "mirror_content_field_regression")
+            .unwrap_or_else(|| panic!("{text}"));
+        assert_eq!(s.labels.get("path"), Some("$.rating"), "{text}");
+    }
+
+    #[test]
     fn the_grafana_dashboard_only_uses_exported_metrics() {
         let text = render(&sources());
         let dashboard = include_str!("../../deploy/grafana-dashboard.json");

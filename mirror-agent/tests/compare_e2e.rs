@@ -313,3 +313,137 @@ fn response_heads_pair_large_responses_without_cloning_their_bodies() {
     );
     agent.terminate();
 }
+
+const JSON_PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/json_peer.py");
+
+/// Starts `json_peer.py` for `version` at `addr` inside `ns`, and waits until it answers.
+fn json_peer(ns: &Netns, version: &str, addr: SocketAddr) -> netlab::Proc {
+    let (host, port) = (addr.ip().to_string(), addr.port().to_string());
+    let proc = netlab::Proc::spawn(&mut ns.exec(&["python3", JSON_PEER, version, &host, &port]));
+    let up = netlab::wait_until(Duration::from_secs(10), || {
+        ns.exec(&[
+            "curl",
+            "-sf",
+            "-o",
+            "/dev/null",
+            &format!("http://{addr}/api/books/1"),
+        ])
+        .status()
+        .is_ok_and(|s| s.success())
+    });
+    assert!(up, "json_peer {version} at {addr} did not start");
+    proc
+}
+
+/// A candidate that answers 200 quickly with the wrong content, beside a secondary running the
+/// live version: the report names the two real regressions, and the fields that differ on
+/// every answer (a time and a random id) only as noise.
+#[test]
+fn content_regressions_stand_out_and_noise_does_not() {
+    require_root();
+    let pair = Pair::new("cnt", 239);
+    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+    let _live = json_peer(&pair.server, "v1", live_addr);
+    let _cand = json_peer(&pair.server, "v5", "127.0.0.1:9201".parse().unwrap());
+    let _second = json_peer(&pair.server, "v1", "127.0.0.1:9202".parse().unwrap());
+    const METRICS: &str = "127.0.0.1:9473";
+    let agent = Agent::start(
+        &pair.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "8080",
+            "--mirror",
+            "cand=http://127.0.0.1:9201",
+            "--mirror",
+            "second=http://127.0.0.1:9202",
+            "--secondary",
+            "second",
+            "--compare-bodies",
+            "--metrics",
+            METRICS,
+        ],
+    );
+    const N: usize = 40;
+    let mut urls: Vec<String> = Vec::new();
+    for i in 0..N {
+        urls.push(format!("http://{live_addr}/api/books/{}", i % 5 + 1));
+        urls.push(format!("http://{live_addr}/api/authors/{i}"));
+    }
+    // A few keep-alive connections, as clients do.
+    for chunk in urls.chunks(20) {
+        let args: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        curl(&pair.client, &args);
+    }
+    let compared = |r: &Report, name: &str, mirror: &str| {
+        r.content
+            .iter()
+            .find(|c| c.name == name && c.mirror == mirror)
+            .map_or(0, |c| c.compared)
+    };
+    let done = netlab::wait_until(Duration::from_secs(10), || {
+        common::report(&pair.server, METRICS).is_some_and(|r| {
+            ["cand", "second"].iter().all(|m| {
+                compared(&r, "GET /api/books/{id}", m) == N as u64
+                    && compared(&r, "GET /api/authors/{id}", m) == N as u64
+            })
+        })
+    });
+    let r = common::report(&pair.server, METRICS).expect("a report");
+    assert!(done, "every answer compared: {:?}", r.content);
+    let books = r
+        .content
+        .iter()
+        .find(|c| c.name == "GET /api/books/{id}" && c.mirror == "cand")
+        .unwrap();
+    let mut regressions: Vec<&str> = books
+        .fields
+        .iter()
+        .filter(|f| f.regression)
+        .map(|f| f.path.as_str())
+        .collect();
+    regressions.sort();
+    assert_eq!(regressions, ["$.cost", "$.price", "$.rating"], "{books:?}");
+    for noise in ["$.servedAt", "$.requestId"] {
+        let f = books.fields.iter().find(|f| f.path == noise).unwrap();
+        assert!(f.noise_rate > 0.9 && !f.regression, "{f:?}");
+    }
+    let rating = books.fields.iter().find(|f| f.path == "$.rating").unwrap();
+    // No book's rating is a whole number: every rounded one differs.
+    assert_eq!(rating.rate, 1.0, "{rating:?}");
+    let verdicts = mirror_agent::compare::verdicts(&r);
+    let cand: Vec<&String> = verdicts
+        .iter()
+        .filter(|v| v.contains("cand differs"))
+        .collect();
+    assert_eq!(cand.len(), 1, "one endpoint regressed: {verdicts:?}");
+    assert!(
+        cand[0].contains("$.rating") && cand[0].contains("$.price missing"),
+        "{verdicts:?}"
+    );
+    assert!(
+        !cand[0].contains("servedAt") && !cand[0].contains("requestId"),
+        "{verdicts:?}"
+    );
+    assert!(
+        !verdicts.iter().any(|v| v.contains("authors")),
+        "only noise differs on authors: {verdicts:?}"
+    );
+    // (prometheus_parse misreads the braces of `{id}` in label values: the line is checked.)
+    let text = pair
+        .server
+        .exec(&["curl", "-sf", &format!("http://{METRICS}/metrics")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    for line in [
+        r#"mirror_content_field_regression{endpoint="GET /api/books/{id}",mirror="cand",path="$.rating"} 1"#,
+        r#"mirror_content_field_regression{endpoint="GET /api/books/{id}",mirror="cand",path="$.servedAt"} 0"#,
+        r#"mirror_content_compared_total{endpoint="GET /api/books/{id}",mirror="cand",result="differing"} 40"#,
+    ] {
+        assert!(text.contains(line), "{line} not in\n{text}");
+    }
+    let stderr = agent.terminate();
+    assert!(stderr.contains("content_responses"), "{stderr}");
+}

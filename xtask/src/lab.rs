@@ -43,6 +43,7 @@ pub enum Candidate {
     V2,
     V3,
     V4,
+    V5,
     All,
 }
 
@@ -50,23 +51,39 @@ struct Step {
     version: &'static str,
     label: &'static str,
     title: &'static str,
+    /// Compare contents, with a second mirror running the live version (V1) as the secondary:
+    /// what differs between live and it is noise.
+    secondary: bool,
 }
 
-const STEPS: [Step; 3] = [
+/// The secondary's name, and its port in the mirror pod.
+const SECONDARY: &str = "V1MIR-Secondary";
+const SECONDARY_PORT: u16 = 8081;
+
+const STEPS: [Step; 4] = [
     Step {
         version: "v2",
         label: "V2MIR-BookService",
         title: "Step 1: mirror to an identical candidate (V2)",
+        secondary: false,
     },
     Step {
         version: "v3",
         label: "V3MIR-BookServiceDelay",
         title: "Step 2: a candidate that is slow on reviews (V3)",
+        secondary: false,
     },
     Step {
         version: "v4",
         label: "V4MIR-BookServiceFault",
         title: "Step 3: a candidate that fails on books 2 and 4 (V4)",
+        secondary: false,
+    },
+    Step {
+        version: "v5",
+        label: "V5MIR-BookServiceRounding",
+        title: "Step 4: a candidate that answers 200 quickly with the wrong content (V5), beside a secondary V1",
+        secondary: true,
     },
 ];
 
@@ -124,7 +141,7 @@ pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
         .args(flavour)
         .stderr(Stdio::null()),
     );
-    wait_service(&client, &poller, LIVE_IP, args.grpc)?;
+    wait_service(&client, &poller, &format!("{LIVE_IP}:8080"), args.grpc)?;
     // With --rollout, pods are found by label through the API, and reached through a Service.
     let kube_dir = tempfile::tempdir()?;
     let mut rollout = if args.rollout {
@@ -159,6 +176,10 @@ pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
         if interrupted.load(Ordering::Relaxed) {
             bail!(INTERRUPTED);
         }
+        if step.secondary && args.grpc {
+            println!("(Step 4 compares HTTP/1 contents; the gRPC flavour skips it.)\n");
+            continue;
+        }
         println!("=== {} ===", step.title);
         let _candidate = Proc::spawn(
             mirror
@@ -172,7 +193,43 @@ pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
                 .args(flavour)
                 .stderr(Stdio::null()),
         );
-        wait_service(&node, &poller, MIRROR_IP, args.grpc)?;
+        wait_service(&node, &poller, &format!("{MIRROR_IP}:8080"), args.grpc)?;
+        let _secondary = if step.secondary {
+            let listen = format!("{MIRROR_IP}:{SECONDARY_PORT}");
+            let pod = Proc::spawn(
+                mirror
+                    .exec(&[
+                        bookservice.to_str().unwrap(),
+                        "--listen",
+                        &listen,
+                        "--version",
+                        "v1",
+                    ])
+                    .stderr(Stdio::null()),
+            );
+            wait_service(&node, &poller, &listen, false)?;
+            Some(pod)
+        } else {
+            None
+        };
+        let mirrors: Vec<String> = if step.secondary {
+            vec![
+                "--mirror".into(),
+                format!("{}=http://{MIRROR_IP}:8080", step.label),
+                "--mirror".into(),
+                format!("{SECONDARY}=http://{MIRROR_IP}:{SECONDARY_PORT}"),
+                "--secondary".into(),
+                SECONDARY.into(),
+                "--compare-bodies".into(),
+            ]
+        } else {
+            vec![
+                "--mirror".into(),
+                format!("http://{MIRROR_IP}:8080"),
+                "--mirror-label".into(),
+                step.label.into(),
+            ]
+        };
         let select: Vec<&str> = match &rollout {
             Some(_) => vec!["--selector", LIVE_SELECTOR, "--node-name", NODE_NAME],
             None => vec!["--pod-ip", LIVE_IP],
@@ -184,15 +241,12 @@ pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
         }
         let mut agent_proc = Proc::spawn(
             agent_cmd
+                .args(&mirrors)
                 .args([
                     "--port",
                     "8080",
-                    "--mirror",
-                    &format!("http://{MIRROR_IP}:8080"),
                     "--live-label",
                     "V1MIR-LiveBookService",
-                    "--mirror-label",
-                    step.label,
                     "--metrics",
                     METRICS,
                     "--no-report",
@@ -294,7 +348,12 @@ impl Rollout {
             .args(flavour)
             .stderr(Stdio::null()),
         );
-        wait_service(node, &bin.join("poller"), NEXT_LIVE_IP, grpc)?;
+        wait_service(
+            node,
+            &bin.join("poller"),
+            &format!("{NEXT_LIVE_IP}:8080"),
+            grpc,
+        )?;
         self.api
             .event("ADDED", "bookservice-v1-b", Some(NEXT_LIVE_IP), true);
         // Endpoints reach kube-proxy some time after a pod is Ready; the agent's watch is
@@ -378,14 +437,15 @@ fn candidate_name(c: Candidate) -> &'static str {
         Candidate::V2 => "v2",
         Candidate::V3 => "v3",
         Candidate::V4 => "v4",
+        Candidate::V5 => "v5",
         Candidate::All => "all",
     }
 }
 
-/// Waits until the bookservice at `ip:8080` answers from inside `ns`, at most 10 s: its JSON
+/// Waits until the bookservice at `addr` answers from inside `ns`, at most 10 s: its JSON
 /// list over curl, or one gRPC round of the poller.
-fn wait_service(ns: &Netns, poller: &Path, ip: &str, grpc: bool) -> Result<()> {
-    let url = format!("http://{ip}:8080");
+fn wait_service(ns: &Netns, poller: &Path, addr: &str, grpc: bool) -> Result<()> {
+    let url = format!("http://{addr}");
     let ok = netlab::wait_until(Duration::from_secs(10), || {
         let mut probe = if grpc {
             let mut p = ns.exec(&[poller.to_str().unwrap(), "--grpc", "--target", &url]);

@@ -1,6 +1,9 @@
 //! The lab's bookservice. `v1` and `v2` behave alike; `v3` takes about 1.2 s to load reviews;
-//! `v4` answers 500 for the reviews of books 2 and 4. With `--grpc` it speaks gRPC (h2c)
-//! instead of JSON over HTTP/1.1, with the same behaviours (v4 answers INTERNAL).
+//! `v4` answers 500 for the reviews of books 2 and 4; `v5` answers quickly and with 200 but
+//! rounds each book's `rating` and renames its `price` to `cost`. Every version stamps its
+//! answers with `servedAt` and a random `requestId`, which differ on every answer: the noise a
+//! content comparison must see through. With `--grpc` it speaks gRPC (h2c) instead of JSON
+//! over HTTP/1.1, with the same behaviours (v4 answers INTERNAL).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -20,6 +23,7 @@ enum Version {
     V2,
     V3,
     V4,
+    V5,
 }
 
 #[derive(Parser)]
@@ -40,6 +44,10 @@ const BOOKS: [(&str, &str); 5] = [
     ("War and Peace", "Leo Tolstoy"),
     ("Dubliners", "James Joyce"),
 ];
+
+/// Ratings and prices, by book.
+const RATINGS: [f64; 5] = [4.5, 3.8, 4.2, 4.7, 3.9];
+const PRICES: [f64; 5] = [12.99, 9.5, 15.0, 18.25, 8.75];
 
 struct State {
     version: Version,
@@ -114,6 +122,30 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// `"rating":…,"price":…` of book `i` (0-based) as this version writes them.
+fn book_facts(version: Version, i: usize) -> String {
+    if version == Version::V5 {
+        format!("\"rating\":{:?},\"cost\":{}", RATINGS[i].round(), PRICES[i])
+    } else {
+        format!("\"rating\":{},\"price\":{}", RATINGS[i], PRICES[i])
+    }
+}
+
+/// `"servedAt":…,"requestId":"…"`: when, and a random id; different on every answer.
+fn stamp() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(now.as_nanos());
+    format!(
+        "\"servedAt\":{},\"requestId\":\"{:016x}\"",
+        now.as_millis(),
+        h.finish()
+    )
+}
+
 fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
@@ -141,7 +173,11 @@ async fn handle(
                 .iter()
                 .enumerate()
                 .map(|(i, (t, a))| {
-                    format!("{{\"id\":{},\"title\":\"{t}\",\"author\":\"{a}\"}}", i + 1)
+                    format!(
+                        "{{\"id\":{},\"title\":\"{t}\",\"author\":\"{a}\",{}}}",
+                        i + 1,
+                        book_facts(state.version, i)
+                    )
                 })
                 .collect();
             json(StatusCode::OK, format!("[{}]", list.join(",")))
@@ -151,7 +187,11 @@ async fn handle(
                 let (t, a) = BOOKS[id - 1];
                 json(
                     StatusCode::OK,
-                    format!("{{\"id\":{id},\"title\":\"{t}\",\"author\":\"{a}\"}}"),
+                    format!(
+                        "{{\"id\":{id},\"title\":\"{t}\",\"author\":\"{a}\",{},{}}}",
+                        book_facts(state.version, id - 1),
+                        stamp()
+                    ),
                 )
             }
             None => json(StatusCode::NOT_FOUND, "{\"error\":\"no such book\"}".into()),
@@ -171,7 +211,11 @@ async fn handle(
                     let items: Vec<String> = reviews.iter().map(|r| format!("\"{r}\"")).collect();
                     json(
                         StatusCode::OK,
-                        format!("{{\"id\":{id},\"reviews\":[{}]}}", items.join(",")),
+                        format!(
+                            "{{\"id\":{id},\"reviews\":[{}],{}}}",
+                            items.join(","),
+                            stamp()
+                        ),
                     )
                 }
             }

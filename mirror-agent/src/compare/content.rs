@@ -129,21 +129,23 @@ pub struct ContentBuilder {
 }
 
 impl ContentBuilder {
-    /// Starts with the head: the result code, and the headers `cfg` names, from all of `headers`.
-    pub fn new<'a>(
-        cfg: &ContentCapture,
-        code: String,
-        headers: impl Iterator<Item = (&'a str, &'a [u8])>,
-    ) -> Self {
+    /// Starts with a response's head (status line and headers, as received): the result
+    /// code, and the headers `cfg` names. The head was parsed once already, for its framing;
+    /// only compared responses pay for reading their headers again.
+    pub fn from_head(cfg: &ContentCapture, status: u16, head: &[u8]) -> Self {
+        let mut slots = [httparse::EMPTY_HEADER; crate::http::HEADER_SLOTS];
+        let mut resp = httparse::Response::new(&mut slots);
         let mut kept = Vec::new();
-        for (name, value) in headers {
-            let name = name.to_ascii_lowercase();
-            if cfg.headers.contains(&name) {
-                kept.push((name, String::from_utf8_lossy(value).into_owned()));
+        if resp.parse(head).is_ok() {
+            for h in resp.headers.iter() {
+                let name = h.name.to_ascii_lowercase();
+                if cfg.headers.contains(&name) {
+                    kept.push((name, String::from_utf8_lossy(h.value).into_owned()));
+                }
             }
         }
         ContentBuilder {
-            code,
+            code: status.to_string(),
             headers: kept,
             body: BodyCollector::new(cfg.max_body),
         }

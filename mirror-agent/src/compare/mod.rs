@@ -13,9 +13,9 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::http::{LiveContent, ResponseMeta};
-use diffs::{ContentDiffs, DiffConfig};
 use crate::reassembly::ConnId;
 use crate::replay::{MirrorOutcome, MirrorResult};
+use diffs::{ContentDiffs, DiffConfig};
 
 pub mod content;
 pub mod diffs;
@@ -380,7 +380,10 @@ impl Comparator {
                 .collect(),
             mirrors: self.cfg.mirror_labels.clone(),
             content: self.diffs.as_ref().map_or_else(Vec::new, |d| {
-                d.rows(|m| self.label(Source::try_from(m + 1).unwrap_or(Source::MAX)).to_string())
+                d.rows(|m| {
+                    self.label(Source::try_from(m + 1).unwrap_or(Source::MAX))
+                        .to_string()
+                })
             }),
             content_not_compared: self.diffs.as_ref().map(ContentDiffs::not_compared),
             other_endpoint_results: self.other,

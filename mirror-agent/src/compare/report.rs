@@ -187,13 +187,23 @@ fn content_verdicts<'a>(r: &'a Report, who: &dyn Fn(&str) -> String) -> Vec<(&'a
             .map(|f| match (&f.live_example, &f.mirror_example) {
                 (Some(_), None) => format!("{} missing ({})", f.path, pct(f.rate)),
                 (None, Some(_)) => format!("{} added ({})", f.path, pct(f.rate)),
-                _ => format!("{} ({} vs {} noise)", f.path, pct(f.rate), pct(f.noise_rate)),
+                _ => format!(
+                    "{} ({} vs {} noise)",
+                    f.path,
+                    pct(f.rate),
+                    pct(f.noise_rate)
+                ),
             })
             .collect();
         if !fields.is_empty() {
             out.push((
                 row.mirror.as_str(),
-                format!("{} differs on {}: {}", who(&row.mirror), row.name, fields.join(", ")),
+                format!(
+                    "{} differs on {}: {}",
+                    who(&row.mirror),
+                    row.name,
+                    fields.join(", ")
+                ),
             ));
         }
     }
@@ -273,7 +283,10 @@ pub fn format_table(r: &Report) -> String {
         }
     }
     if !r.content.is_empty() {
-        let _ = writeln!(out, "\ncontent (live → mirror; noise from the secondary and repeated live answers):");
+        let _ = writeln!(
+            out,
+            "\ncontent (live → mirror; noise from the secondary and repeated live answers):"
+        );
         for c in &r.content {
             let _ = writeln!(
                 out,

@@ -378,14 +378,50 @@ mod contents {
         for seq in 0..20 {
             let target = format!("/api/books/{seq}");
             // Every answer stamps its own time and id: live, the secondary and the candidate.
-            c.mirror(0, &outcome(seq, &target, Some(json("200", book(seq + 100, 4.0, "cost")))));
-            c.live_content(&live_content(seq, &target, json("200", book(seq, 4.5, "price"))));
-            c.mirror(1, &outcome(seq, &target, Some(json("200", book(seq + 200, 4.5, "price")))));
+            c.mirror(
+                0,
+                &outcome(
+                    seq,
+                    &target,
+                    Some(json("200", book(seq + 100, 4.0, "cost"))),
+                ),
+            );
+            c.live_content(&live_content(
+                seq,
+                &target,
+                json("200", book(seq, 4.5, "price")),
+            ));
+            c.mirror(
+                1,
+                &outcome(
+                    seq,
+                    &target,
+                    Some(json("200", book(seq + 200, 4.5, "price"))),
+                ),
+            );
             // An endpoint where only the noise differs.
             let t2 = format!("/api/authors/{seq}");
-            c.live_content(&live_content(seq + 1000, &t2, json("200", book(seq, 1.0, "price"))));
-            c.mirror(0, &outcome(seq + 1000, &t2, Some(json("200", book(seq + 1, 1.0, "price")))));
-            c.mirror(1, &outcome(seq + 1000, &t2, Some(json("200", book(seq + 2, 1.0, "price")))));
+            c.live_content(&live_content(
+                seq + 1000,
+                &t2,
+                json("200", book(seq, 1.0, "price")),
+            ));
+            c.mirror(
+                0,
+                &outcome(
+                    seq + 1000,
+                    &t2,
+                    Some(json("200", book(seq + 1, 1.0, "price"))),
+                ),
+            );
+            c.mirror(
+                1,
+                &outcome(
+                    seq + 1000,
+                    &t2,
+                    Some(json("200", book(seq + 2, 1.0, "price"))),
+                ),
+            );
         }
         let r = c.report();
         let row = |name: &str, mirror: &str| {
@@ -406,11 +442,18 @@ mod contents {
         assert_eq!(regressions, ["$.cost", "$.price", "$.rating"]);
         for noise in ["$.servedAt", "$.requestId", "$.id"] {
             let f = cand.fields.iter().find(|f| f.path == noise).unwrap();
-            assert_eq!((f.rate, f.noise_rate, f.regression), (1.0, 1.0, false), "{noise}");
+            assert_eq!(
+                (f.rate, f.noise_rate, f.regression),
+                (1.0, 1.0, false),
+                "{noise}"
+            );
         }
         let rating = cand.fields.iter().find(|f| f.path == "$.rating").unwrap();
         assert_eq!(
-            (rating.live_example.as_deref(), rating.mirror_example.as_deref()),
+            (
+                rating.live_example.as_deref(),
+                rating.mirror_example.as_deref()
+            ),
             (Some("4.5"), Some("4.0"))
         );
         assert!(row("GET /api/books/{id}", "second").secondary);
@@ -425,9 +468,15 @@ mod contents {
                 "mirror second matches live: same status codes, similar durations on 0 endpoints",
             ]
         );
-        assert!(c.diffs.as_ref().unwrap().waiting().0 == 0, "nothing left waiting");
+        assert!(
+            c.diffs.as_ref().unwrap().waiting().0 == 0,
+            "nothing left waiting"
+        );
         let table = format_table(&r);
-        assert!(table.contains("$.rating  100% (noise 0%)  4.5 → 4.0  REGRESSION"), "{table}");
+        assert!(
+            table.contains("$.rating  100% (noise 0%)  4.5 → 4.0  REGRESSION"),
+            "{table}"
+        );
     }
 
     #[test]
@@ -437,14 +486,32 @@ mod contents {
             // The same request twice: live's two answers differ in their request id.
             let live = book(seq, 4.5, "price");
             c.live_content(&live_content(seq, "/api/books/1", json("200", live)));
-            c.mirror(0, &outcome(seq, "/api/books/1", Some(json("200", book(seq + 50, 4.5, "price")))));
+            c.mirror(
+                0,
+                &outcome(
+                    seq,
+                    "/api/books/1",
+                    Some(json("200", book(seq + 50, 4.5, "price"))),
+                ),
+            );
         }
         let r = c.report();
         let cand = &r.content[0];
-        assert!(cand.fields.iter().all(|f| f.path != "$.servedAt"), "ignored");
-        let id = cand.fields.iter().find(|f| f.path == "$.requestId").unwrap();
+        assert!(
+            cand.fields.iter().all(|f| f.path != "$.servedAt"),
+            "ignored"
+        );
+        let id = cand
+            .fields
+            .iter()
+            .find(|f| f.path == "$.requestId")
+            .unwrap();
         assert!(id.noise_rate > 0.5 && !id.regression, "{id:?}");
-        assert!(verdicts(&r)[0].starts_with("mirror matches live"), "{:?}", verdicts(&r));
+        assert!(
+            verdicts(&r)[0].starts_with("mirror matches live"),
+            "{:?}",
+            verdicts(&r)
+        );
     }
 
     #[test]

@@ -222,10 +222,6 @@ pub fn find_response_start(buf: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
 
-    fn feed_all(d: &mut BodyDecoder, data: &[u8], step: usize) -> Result<Option<usize>, BodyError> {
-        feed_collecting(d, data, step, &mut Vec::new())
-    }
-
     fn feed_collecting(
         d: &mut BodyDecoder,
         data: &[u8],

@@ -546,18 +546,11 @@ impl HttpExtractor {
                     self.stats.responses += 1;
                     let p = &mut c.resp;
                     if let Some(cfg) = &self.cfg.content {
-                        let buf = &p.buf;
-                        let headers = head.headers.iter().map(|(n, v)| {
-                            (
-                                std::str::from_utf8(&buf[n.clone()]).unwrap_or(""),
-                                &buf[v.clone()],
-                            )
-                        });
                         p.content = Some(Collecting {
                             seq: req.seq,
                             method: req.method.clone(),
                             target: req.target.clone(),
-                            builder: ContentBuilder::new(cfg, status.to_string(), headers),
+                            builder: ContentBuilder::from_head(cfg, status, &p.buf[..head.len]),
                         });
                     }
                     self.events.push(HttpEvent::Response(ResponseMeta {

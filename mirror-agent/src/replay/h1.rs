@@ -185,16 +185,6 @@ struct Answer {
     content: Option<Content>,
 }
 
-/// The content of an answer whose head is `head`, to be filled with its body.
-fn content_builder(cfg: &ContentCapture, status: u16, head: &[u8]) -> ContentBuilder {
-    let mut slots = [httparse::EMPTY_HEADER; 100];
-    let mut resp = httparse::Response::new(&mut slots);
-    // Already parsed once: only the headers are wanted here.
-    let _ = resp.parse(head);
-    let headers = resp.headers.iter().filter(|h| !h.name.is_empty());
-    ContentBuilder::new(cfg, status.to_string(), headers.map(|h| (h.name, h.value)))
-}
-
 /// Why reading an answer stopped.
 enum ReadStop {
     /// The mirror closed the connection where an answer would start.
@@ -332,7 +322,11 @@ impl Conn {
             let head_at = self.last_read;
             let interim = (100..200).contains(&head.status) && head.status != 101;
             let mut collect = match content {
-                Some(cfg) if !interim => Some(content_builder(cfg, head.status, &self.buf[..head.len])),
+                Some(cfg) if !interim => Some(ContentBuilder::from_head(
+                    cfg,
+                    head.status,
+                    &self.buf[..head.len],
+                )),
                 _ => None,
             };
             self.buf.advance(head.len);
@@ -577,7 +571,10 @@ mod tests {
             ]
         );
         assert!(reusable);
-        let timed: Vec<bool> = fates.iter().map(|f| f.as_ref().unwrap().took.is_some()).collect();
+        let timed: Vec<bool> = fates
+            .iter()
+            .map(|f| f.as_ref().unwrap().took.is_some())
+            .collect();
         assert_eq!(
             timed,
             [true, false, false, false, false],
@@ -642,7 +639,9 @@ mod tests {
         let req = outgoing(&cfg, b"GET /slowish HTTP/1.1\r\nHost: h\r\n\r\n");
         let mut conn = Conn::open(&cfg).await.unwrap();
         conn.depth = 8;
-        let (fates, reusable) = conn.exchange(&[&req], Duration::from_secs(5), 16, None).await;
+        let (fates, reusable) = conn
+            .exchange(&[&req], Duration::from_secs(5), 16, None)
+            .await;
         let Answered { result, took, .. } = fates[0].clone().unwrap();
         assert_eq!(result, MirrorResult::Status(200));
         assert!(took >= Some(Duration::from_millis(30)), "{took:?}");
@@ -654,7 +653,9 @@ mod tests {
         let mut conn = Conn::open(&cfg).await.unwrap();
         conn.depth = 8;
         let t = Instant::now();
-        let (fates, reusable) = conn.exchange(&[&req], Duration::from_millis(200), 16, None).await;
+        let (fates, reusable) = conn
+            .exchange(&[&req], Duration::from_millis(200), 16, None)
+            .await;
         assert_eq!(statuses(&fates), [Some(MirrorResult::Timeout)]);
         assert!(!reusable);
         assert!(t.elapsed() >= Duration::from_millis(200));
