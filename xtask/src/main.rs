@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <task>`. Each task installs what it needs first, saying what.
 
 mod bench;
+mod bench_content;
 mod bench_full;
 mod bench_h2;
 mod bench_responses;
@@ -35,7 +36,8 @@ enum Task {
     /// Run the agent in a real container (podman + runc) under the DaemonSet's security context
     /// (also part of `test`).
     ContainerTest,
-    /// Run the traffic-mirroring lab locally: V2, V3 (slow) and V4 (faulty) candidates.
+    /// Run the traffic-mirroring lab locally: V2, V3 (slow), V4 (faulty) and V5 (wrong content,
+    /// beside a secondary V1) candidates.
     Lab(lab::LabArgs),
     /// Benchmark the full path against nginx's in-path `mirror` (figures only).
     Bench(bench_full::FullBenchArgs),
@@ -53,6 +55,9 @@ enum Task {
     /// What capturing responses costs the live service with large responses: heads, whole
     /// clones, none.
     BenchResponses(bench_responses::ResponsesBenchArgs),
+    /// What comparing contents (`--compare-bodies`) costs the agent per request, with 2 KiB
+    /// and 64 KiB JSON bodies, against the comparison off (figures only).
+    BenchContent(bench_content::ContentBenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -114,6 +119,12 @@ fn main() -> Result<()> {
             build_ebpf(&root)?;
             build_agent(&root)?;
             bench_responses::run(&root, &args)
+        }
+        Task::BenchContent(args) => {
+            prereq::ensure_bench_tools()?;
+            build_ebpf(&root)?;
+            build_agent(&root)?;
+            bench_content::run(&root, &args)
         }
     }
 }
