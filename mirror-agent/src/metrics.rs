@@ -301,6 +301,7 @@ impl Collector for Sources {
                 ("unsupported", n.unsupported),
                 ("no_live", n.no_live),
                 ("memory", n.memory),
+                ("busy", n.busy),
             ] {
                 ConstCounter::new(v).encode(m.encode_family(&[("reason", reason)])?)?;
             }
@@ -568,7 +569,7 @@ mod tests {
     fn content_metrics_parse() {
         use crate::compare::content::{Body, Content};
         use crate::compare::diffs::DiffConfig;
-        let mut c = Comparator::new(CompareConfig {
+        let c = crate::compare::Comparison::new(CompareConfig {
             diffs: Some(DiffConfig {
                 max_pending: 10,
                 max_bytes: 1 << 20,
@@ -577,11 +578,11 @@ mod tests {
             ..Default::default()
         });
         let content = |b: &'static str| {
-            Some(Arc::new(Content {
-                code: "200".into(),
-                headers: vec![],
-                body: Body::Whole(bytes::Bytes::from_static(b.as_bytes())),
-            }))
+            Some(Arc::new(Content::new(
+                "200".into(),
+                vec![],
+                Body::Whole(bytes::Bytes::from_static(b.as_bytes())),
+            )))
         };
         c.live_content(&crate::http::LiveContent {
             conn: 1,
@@ -602,8 +603,9 @@ mod tests {
                 content: content(r#"{"rating":4}"#),
             },
         );
+        c.content().unwrap().settle();
         let text = render(&Sources {
-            comparison: c.into(),
+            comparison: c,
             ..sources()
         });
         let lines = text.lines().map(|l| Ok(l.to_string()));

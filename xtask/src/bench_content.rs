@@ -29,6 +29,9 @@ pub struct ContentBenchArgs {
     pub connections: usize,
 }
 
+/// (body KiB, compared, agent CPU µs per request, share of requests compared)
+type Row = (usize, bool, f64, f64);
+
 /// A JSON document of about `bytes`: a list of books, as an API answers.
 fn document(bytes: usize) -> String {
     let mut items = Vec::new();
@@ -78,8 +81,7 @@ pub fn run(root: &Path, args: &ContentBenchArgs) -> Result<()> {
         bail!("nginx did not start");
     }
 
-    // (body KiB, compared, agent CPU µs per request, requests compared)
-    let mut rows: Vec<(usize, bool, f64, f64)> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     for round in 1..=args.rounds {
         for kib in [2, 64] {
             for compare in [false, true] {
@@ -91,18 +93,23 @@ pub fn run(root: &Path, args: &ContentBenchArgs) -> Result<()> {
                 let agent = Agent::start_on(&bin, &pair, "8080", MIRROR, 256, extra)?;
                 let cpu0 = agent.proc.cpu_time();
                 let url = format!("http://{live}/{kib}.json");
-                let (_, _, served) =
-                    oha(&pair.client, &url, args.rate, args.connections, args.seconds)?;
+                let (_, _, served) = oha(
+                    &pair.client,
+                    &url,
+                    args.rate,
+                    args.connections,
+                    args.seconds,
+                )?;
                 std::thread::sleep(Duration::from_millis(500));
                 let cpu = (agent.proc.cpu_time() - cpu0).as_secs_f64() * 1e6 / served.max(1.0);
-                let compared = if compare {
+                let (compared, missed) = if compare {
                     compared(&pair.server)?
                 } else {
-                    0.0
+                    (0.0, String::new())
                 };
                 agent.stop()?;
                 eprintln!(
-                    "round {round} {kib} KiB compare={compare}: {served:.0} served, {compared:.0} compared, agent CPU {cpu:.1} µs/req"
+                    "round {round} {kib} KiB compare={compare}: {served:.0} served, {compared:.0} compared ({missed}), agent CPU {cpu:.1} µs/req"
                 );
                 rows.push((kib, compare, cpu, compared / served.max(1.0)));
             }
@@ -116,7 +123,7 @@ pub fn run(root: &Path, args: &ContentBenchArgs) -> Result<()> {
     println!("|---|---|---|---|");
     for kib in [2, 64] {
         for compare in [false, true] {
-            let pick = |f: &dyn Fn(&(usize, bool, f64, f64)) -> f64| {
+            let pick = |f: &dyn Fn(&Row) -> f64| {
                 median(
                     rows.iter()
                         .filter(|r| r.0 == kib && r.1 == compare)
@@ -135,14 +142,33 @@ pub fn run(root: &Path, args: &ContentBenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Requests whose content the agent compared, from its /metrics.
-fn compared(ns: &netlab::Netns) -> Result<f64> {
+/// Requests whose content the agent compared, and those it could not compare by reason,
+/// from its /metrics.
+fn compared(ns: &netlab::Netns) -> Result<(f64, String)> {
     let out = ns
         .exec(&["curl", "-sf", &format!("http://{METRICS}/metrics")])
         .output()?;
-    Ok(String::from_utf8_lossy(&out.stdout)
+    let text = String::from_utf8_lossy(&out.stdout);
+    let compared = text
         .lines()
         .filter(|l| l.starts_with("mirror_content_compared_total"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
+        .sum();
+    let missed: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            [
+                "mirror_content_not_compared_total",
+                "mirror_http_content_",
+                "mirror_capture_ring_drops",
+                "mirror_capture_truncated",
+                "mirror_http_dropped_total",
+                "mirror_reassembly_lost_bytes",
+            ]
+            .iter()
+            .any(|p| l.starts_with(p))
+                && !l.ends_with(" 0")
+        })
+        .collect();
+    Ok((compared, missed.join(", ")))
 }

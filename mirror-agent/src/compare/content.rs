@@ -8,6 +8,7 @@
 //! body cap, serde_json's nesting limit (128) and `MAX_NODES` per comparison.
 
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -156,24 +157,56 @@ impl ContentBuilder {
     }
 
     pub fn finish(self) -> Content {
-        Content {
-            code: self.code,
-            headers: self.headers,
-            body: self.body.finish(),
-        }
+        Content::new(self.code, self.headers, self.body.finish())
     }
 }
 
 /// One response as compared: its result code, the compared headers (names in lower case) and
 /// its body.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Content {
     pub code: String,
     pub headers: Vec<(String, String)>,
     pub body: Body,
+    /// The body parsed as JSON, once: a live response is compared with every mirror's and
+    /// with the next live answer to the same request.
+    parsed: OnceLock<Option<Value>>,
 }
 
+impl PartialEq for Content {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.code, &self.headers, &self.body) == (&other.code, &other.headers, &other.body)
+    }
+}
+
+impl Eq for Content {}
+
 impl Content {
+    pub fn new(code: String, headers: Vec<(String, String)>, body: Body) -> Content {
+        Content {
+            code,
+            headers,
+            body,
+            parsed: OnceLock::new(),
+        }
+    }
+
+    /// The body as a JSON document (an object or an array: a bare scalar is taken as text).
+    fn json(&self) -> Option<&Value> {
+        self.parsed
+            .get_or_init(|| {
+                let Body::Whole(b) = &self.body else {
+                    return None;
+                };
+                let first = b.iter().find(|c| !c.is_ascii_whitespace())?;
+                if !matches!(first, b'{' | b'[') {
+                    return None;
+                }
+                serde_json::from_slice(b).ok()
+            })
+            .as_ref()
+    }
+
     /// Bytes this content holds in memory.
     pub fn held(&self) -> usize {
         self.body.held()
@@ -232,14 +265,15 @@ pub fn compare(live: &Content, mirror: &Content, cfg: &ContentConfig) -> Differe
             }
         }
     }
-    match (json(&live.body), json(&mirror.body)) {
+    match (live.json(), mirror.json()) {
         (Some(l), Some(m)) => {
             let mut walk = Walk {
                 cfg,
                 out: &mut d,
                 nodes: 0,
+                path: String::from("$"),
             };
-            walk.value("$", &l, &m);
+            walk.value(l, m);
         }
         _ => {
             d.by_digest = true;
@@ -273,16 +307,6 @@ fn hex8(d: &[u8; 32]) -> String {
     d[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A whole body that parses as JSON (an object or an array: a bare scalar is taken as text).
-fn json(body: &Body) -> Option<Value> {
-    let Body::Whole(b) = body else { return None };
-    let first = b.iter().find(|c| !c.is_ascii_whitespace())?;
-    if !matches!(first, b'{' | b'[') {
-        return None;
-    }
-    serde_json::from_slice(b).ok()
-}
-
 impl Differences {
     fn add(&mut self, path: &str, live: Option<&str>, mirror: Option<&str>) {
         if self.paths.contains_key(path) {
@@ -313,10 +337,13 @@ struct Walk<'a> {
     cfg: &'a ContentConfig,
     out: &'a mut Differences,
     nodes: usize,
+    /// The path of the value being compared; grown and cut back as the walk goes, so that
+    /// a path is written out only where something differs.
+    path: String,
 }
 
 impl Walk<'_> {
-    fn value(&mut self, path: &str, l: &Value, m: &Value) {
+    fn value(&mut self, l: &Value, m: &Value) {
         self.nodes += 1;
         if self.nodes > MAX_NODES {
             self.out.truncated = true;
@@ -324,56 +351,64 @@ impl Walk<'_> {
         }
         match (l, m) {
             (Value::Object(lo), Value::Object(mo)) => {
+                let at = self.path.len();
                 for (k, lv) in lo {
-                    let p = child(path, k);
+                    push_member(&mut self.path, k);
                     match mo.get(k) {
-                        Some(mv) => self.value(&p, lv, mv),
-                        None => self.out.add(&p, Some(&show(lv)), None),
+                        Some(mv) => self.value(lv, mv),
+                        None => self.out.add(&self.path, Some(&show(lv)), None),
                     }
+                    self.path.truncate(at);
                 }
                 for (k, mv) in mo {
                     if !lo.contains_key(k) {
-                        self.out.add(&child(path, k), None, Some(&show(mv)));
+                        push_member(&mut self.path, k);
+                        self.out.add(&self.path, None, Some(&show(mv)));
+                        self.path.truncate(at);
                     }
                 }
             }
             (Value::Array(la), Value::Array(ma)) => {
+                let at = self.path.len();
                 let key = self
                     .cfg
                     .array_keys
                     .iter()
-                    .find(|(p, _)| p == path)
+                    .find(|(p, _)| *p == self.path)
                     .map(|(_, k)| k.as_str());
-                let items = format!("{path}[*]");
+                if key.is_none() && la.len() != ma.len() {
+                    self.path.push_str(".length");
+                    self.out.add(
+                        &self.path,
+                        Some(&la.len().to_string()),
+                        Some(&ma.len().to_string()),
+                    );
+                    self.path.truncate(at);
+                }
+                self.path.push_str("[*]");
                 match key {
-                    Some(key) => self.keyed(&items, key, la, ma),
+                    Some(key) => self.keyed(key, la, ma),
                     None => {
-                        if la.len() != ma.len() {
-                            self.out.add(
-                                &format!("{path}.length"),
-                                Some(&la.len().to_string()),
-                                Some(&ma.len().to_string()),
-                            );
-                        }
                         for (lv, mv) in la.iter().zip(ma) {
-                            self.value(&items, lv, mv);
+                            self.value(lv, mv);
                         }
                     }
                 }
+                self.path.truncate(at);
             }
             (Value::Number(a), Value::Number(b)) => {
                 if !same_number(a, b) {
                     self.out
-                        .add(path, Some(&a.to_string()), Some(&b.to_string()));
+                        .add(&self.path, Some(&a.to_string()), Some(&b.to_string()));
                 }
             }
             _ if l == m => {}
-            _ => self.out.add(path, Some(&show(l)), Some(&show(m))),
+            _ => self.out.add(&self.path, Some(&show(l)), Some(&show(m))),
         }
     }
 
     /// Elements matched by their `key` field; those on one side only are missing or extra.
-    fn keyed(&mut self, items: &str, key: &str, la: &[Value], ma: &[Value]) {
+    fn keyed(&mut self, key: &str, la: &[Value], ma: &[Value]) {
         let key_of = |v: &Value| v.get(key).map(show);
         let mirror: BTreeMap<String, &Value> =
             ma.iter().filter_map(|v| Some((key_of(v)?, v))).collect();
@@ -381,29 +416,33 @@ impl Walk<'_> {
         for lv in la {
             let Some(k) = key_of(lv) else { continue };
             match mirror.get(&k) {
-                Some(mv) => self.value(items, lv, mv),
-                None => self.out.add(items, Some(&show(lv)), None),
+                Some(mv) => self.value(lv, mv),
+                None => self.out.add(&self.path, Some(&show(lv)), None),
             }
             seen.insert(k);
         }
         for (k, mv) in &mirror {
             if !seen.contains(k) {
-                self.out.add(items, None, Some(&show(mv)));
+                self.out.add(&self.path, None, Some(&show(mv)));
             }
         }
     }
 }
 
-/// A member's path: `$.name`, or `$["odd name"]` where the name is not a plain identifier.
-fn child(path: &str, key: &str) -> String {
+/// Appends a member to a path: `.name`, or `["odd name"]` where the name is not a plain
+/// identifier.
+fn push_member(path: &mut String, key: &str) {
     let plain = !key.is_empty()
         && key
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     if plain {
-        format!("{path}.{key}")
+        path.push('.');
+        path.push_str(key);
     } else {
-        format!("{path}[{}]", Value::String(key.to_string()))
+        path.push('[');
+        path.push_str(&Value::String(key.to_string()).to_string());
+        path.push(']');
     }
 }
 
@@ -439,11 +478,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn content(body: &str) -> Content {
-        Content {
-            code: "200".into(),
-            headers: Vec::new(),
-            body: Body::Whole(Bytes::from(body.to_string())),
-        }
+        Content::new(
+            "200".into(),
+            Vec::new(),
+            Body::Whole(Bytes::from(body.to_string())),
+        )
     }
 
     fn paths(live: &str, mirror: &str, cfg: &ContentConfig) -> Vec<(String, FieldDiff)> {
@@ -567,18 +606,16 @@ mod tests {
         );
         assert!(d.paths.is_empty() && d.by_digest);
         let big = "x".repeat(1000);
-        let a = Content {
-            body: Body::new(Bytes::from(big.clone()), 100),
-            ..content("")
-        };
+        let a = Content::new(
+            "200".into(),
+            Vec::new(),
+            Body::new(Bytes::from(big.clone()), 100),
+        );
         let mut c = BodyCollector::new(100);
         for chunk in big.as_bytes().chunks(7) {
             c.push(chunk);
         }
-        let b = Content {
-            body: c.finish(),
-            ..content("")
-        };
+        let b = Content::new("200".into(), Vec::new(), c.finish());
         assert!(matches!(a.body, Body::Digest { len: 1000, .. }));
         assert_eq!(a, b, "a body digested as it came equals one digested whole");
         assert!(compare(&a, &b, &ContentConfig::default()).paths.is_empty());

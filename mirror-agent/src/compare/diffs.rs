@@ -89,6 +89,9 @@ pub struct NotCompared {
     pub no_live: u64,
     /// Over the memory bound for contents waiting.
     pub memory: u64,
+    /// Passed over while the comparison's thread was behind (`compare::worker`).
+    #[serde(default)]
+    pub busy: u64,
 }
 
 #[derive(Default)]

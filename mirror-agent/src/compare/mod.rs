@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::http::{LiveContent, ResponseMeta};
 use crate::reassembly::ConnId;
 use crate::replay::{MirrorOutcome, MirrorResult};
-use diffs::{ContentDiffs, DiffConfig};
+use diffs::DiffConfig;
+use worker::ContentWorker;
 
 pub mod content;
 pub mod diffs;
@@ -24,6 +25,7 @@ mod histogram;
 mod report;
 #[cfg(test)]
 mod tests;
+pub mod worker;
 
 pub use endpoint::{endpoint_name, RouteTemplate};
 pub use histogram::{SeriesHistogram, BUCKETS_S};
@@ -169,17 +171,11 @@ pub struct Comparator {
     pairs: Pairs,
     evicted: u64,
     sampling: Option<Sampling>,
-    diffs: Option<ContentDiffs>,
 }
 
 impl Comparator {
     pub fn new(cfg: CompareConfig) -> Self {
-        let diffs = cfg
-            .diffs
-            .clone()
-            .map(|d| ContentDiffs::new(d, cfg.mirror_labels.len()));
         Comparator {
-            diffs,
             cfg,
             aggs: BTreeMap::new(),
             endpoints: HashSet::new(),
@@ -223,38 +219,19 @@ impl Comparator {
         );
     }
 
-    /// An outcome of mirror number `mirror` (0-based, as in `mirror_labels`).
-    pub fn mirror(&mut self, mirror: usize, o: &MirrorOutcome) {
+    /// An outcome of mirror number `mirror` (0-based, as in `mirror_labels`). Returns its
+    /// endpoint's name.
+    pub fn mirror(&mut self, mirror: usize, o: &MirrorOutcome) -> String {
         let name = self.endpoint(&o.method, &o.target);
-        if let Some(d) = &mut self.diffs {
-            let answered = matches!(o.result, MirrorResult::Status(_) | MirrorResult::Grpc(..));
-            d.mirror((o.conn, o.seq), &name, mirror, answered, o.content.clone());
-        }
         let src = Source::try_from(mirror + 1).unwrap_or(Source::MAX);
         self.record(
             src,
             (o.conn, o.seq),
-            name,
+            name.clone(),
             o.result.code(),
             o.duration.map(|d| d.as_nanos() as u64),
         );
-    }
-
-    /// A live response's content, read whole (`--compare-bodies`).
-    pub fn live_content(&mut self, l: &LiveContent) {
-        if self.diffs.is_none() {
-            return;
-        }
-        let name = self.endpoint(&l.method, &l.target);
-        if let Some(d) = &mut self.diffs {
-            d.live(
-                (l.conn, l.request_seq),
-                &name,
-                &l.method,
-                &l.target,
-                std::sync::Arc::clone(&l.content),
-            );
-        }
+        name
     }
 
     /// The version tag of a source.
@@ -379,13 +356,8 @@ impl Comparator {
                 })
                 .collect(),
             mirrors: self.cfg.mirror_labels.clone(),
-            content: self.diffs.as_ref().map_or_else(Vec::new, |d| {
-                d.rows(|m| {
-                    self.label(Source::try_from(m + 1).unwrap_or(Source::MAX))
-                        .to_string()
-                })
-            }),
-            content_not_compared: self.diffs.as_ref().map(ContentDiffs::not_compared),
+            content: Vec::new(),
+            content_not_compared: None,
             other_endpoint_results: self.other,
             other_series_results: self.other_series,
             unpaired_evicted: self.evicted,
@@ -395,13 +367,25 @@ impl Comparator {
 }
 
 /// The comparison as the other stages see it: the pipeline records live responses, the replay
-/// stage mirror outcomes, and metrics read reports, all through one shared `Comparator`.
+/// stage mirror outcomes, and metrics read reports, all through one shared `Comparator`; with
+/// `--compare-bodies`, contents go on to the comparison's own thread.
 #[derive(Clone)]
-pub struct Comparison(Arc<Mutex<Comparator>>);
+pub struct Comparison {
+    shared: Arc<Mutex<Comparator>>,
+    content: Option<Arc<ContentWorker>>,
+}
 
 impl Comparison {
     pub fn new(cfg: CompareConfig) -> Self {
-        Comparison(Arc::new(Mutex::new(Comparator::new(cfg))))
+        let content = cfg.diffs.clone().map(|d| {
+            let worker = ContentWorker::start(d, cfg.mirror_labels.clone())
+                .expect("starting the content comparison's thread");
+            Arc::new(worker)
+        });
+        Comparison {
+            shared: Arc::new(Mutex::new(Comparator::new(cfg))),
+            content,
+        }
     }
 
     pub fn live(&self, m: &ResponseMeta) {
@@ -409,15 +393,31 @@ impl Comparison {
     }
 
     pub fn mirror(&self, mirror: usize, o: &MirrorOutcome) {
-        self.lock().mirror(mirror, o);
+        let name = self.lock().mirror(mirror, o);
+        if let Some(w) = &self.content {
+            let answered = matches!(o.result, MirrorResult::Status(_) | MirrorResult::Grpc(..));
+            w.mirror((o.conn, o.seq), name, mirror, answered, o.content.clone());
+        }
     }
 
+    /// A live response's content, read whole (`--compare-bodies`).
     pub fn live_content(&self, l: &LiveContent) {
-        self.lock().live_content(l);
+        if let Some(w) = &self.content {
+            let name = self.lock().endpoint(&l.method, &l.target);
+            w.live(
+                (l.conn, l.request_seq),
+                name,
+                &l.method,
+                &l.target,
+                Arc::clone(&l.content),
+            );
+        }
     }
 
     pub fn report(&self) -> Report {
-        self.lock().report()
+        let mut r = self.lock().report();
+        self.add_content(&mut r);
+        r
     }
 
     pub fn set_sampling(&self, s: Sampling) {
@@ -426,19 +426,39 @@ impl Comparison {
 
     /// The report and the series' histograms, taken together.
     pub fn snapshot(&self) -> (Report, Vec<SeriesHistogram>) {
-        let c = self.lock();
-        (c.report(), c.histograms())
+        let (mut r, h) = {
+            let c = self.lock();
+            (c.report(), c.histograms())
+        };
+        self.add_content(&mut r);
+        (r, h)
+    }
+
+    /// The content comparison's handle, if contents are compared.
+    pub fn content(&self) -> Option<&ContentWorker> {
+        self.content.as_deref()
+    }
+
+    fn add_content(&self, r: &mut Report) {
+        if let Some(w) = &self.content {
+            let (rows, not) = w.report();
+            r.content = rows;
+            r.content_not_compared = Some(not);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Comparator> {
         // A panic while recording cannot leave the aggregates half-updated in a way that
         // matters for a report; keep serving them.
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl From<Comparator> for Comparison {
     fn from(c: Comparator) -> Self {
-        Comparison(Arc::new(Mutex::new(c)))
+        Comparison {
+            shared: Arc::new(Mutex::new(c)),
+            content: None,
+        }
     }
 }

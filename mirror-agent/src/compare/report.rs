@@ -314,12 +314,12 @@ pub fn format_table(r: &Report) -> String {
         }
     }
     if let Some(n) = &r.content_not_compared {
-        let total = n.mirror_failed + n.unsupported + n.no_live + n.memory;
+        let total = n.mirror_failed + n.unsupported + n.no_live + n.memory + n.busy;
         if total > 0 {
             let _ = writeln!(
                 out,
-                "\n{total} answers not compared: {} mirror failed, {} HTTP/2, {} no live body, {} over memory",
-                n.mirror_failed, n.unsupported, n.no_live, n.memory
+                "\n{total} answers not compared: {} mirror failed, {} HTTP/2, {} no live body, {} over memory, {} while comparing was behind",
+                n.mirror_failed, n.unsupported, n.no_live, n.memory, n.busy
             );
         }
     }
