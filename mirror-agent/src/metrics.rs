@@ -618,6 +618,73 @@ mod tests {
         assert_eq!(s.labels.get("path"), Some("$.rating"), "{text}");
     }
 
+    /// Metric families and their types, as `deploy/metrics.txt` lists them for users and
+    /// dashboards. Some names are derived from stats fields: renaming a field must not rename a
+    /// metric unnoticed, so the list is checked here and changed on purpose only.
+    #[test]
+    fn exported_metrics_are_the_documented_ones() {
+        use crate::compare::content::{Body, Content};
+        use crate::compare::diffs::DiffConfig;
+        let c = crate::compare::Comparison::new(CompareConfig {
+            diffs: Some(DiffConfig {
+                max_pending: 10,
+                max_bytes: 1 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let content = |b: &'static str| {
+            Arc::new(Content::new(
+                "200".into(),
+                vec![],
+                Body::Whole(bytes::Bytes::from_static(b.as_bytes())),
+            ))
+        };
+        c.live_content(&crate::http::LiveContent {
+            conn: 1,
+            request_seq: 0,
+            method: "GET".into(),
+            target: "/a".into(),
+            content: content(r#"{"a":1}"#),
+        });
+        c.mirror(
+            0,
+            &MirrorOutcome {
+                conn: 1,
+                seq: 0,
+                method: "GET".into(),
+                target: "/a".into(),
+                result: MirrorResult::Status(200),
+                duration: None,
+                content: Some(content(r#"{"a":2}"#)),
+            },
+        );
+        c.content().unwrap().settle();
+        c.set_sampling(crate::compare::Sampling {
+            share: 1.0,
+            cpu_budget: 1.0,
+            cpu_used: 0.1,
+        });
+        let text = render(&Sources {
+            comparison: c,
+            ..sources()
+        });
+        let exported: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(str::to_string)
+            .collect();
+        let documented: Vec<String> = include_str!("../../deploy/metrics.txt")
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(
+            exported, documented,
+            "the exported metrics changed: update deploy/metrics.txt (and dashboards) on purpose"
+        );
+    }
+
     #[test]
     fn the_grafana_dashboard_only_uses_exported_metrics() {
         let text = render(&sources());

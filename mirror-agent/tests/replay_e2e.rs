@@ -550,7 +550,6 @@ fn a_slow_or_down_third_mirror_costs_the_other_two_and_live_users_nothing() {
             // any case not all answered in time.
             assert!(answered("c") < N as u64, "{stderr}");
         }
-        assert!(stderr.contains("replay c: ReplayStats"), "{stderr}");
     }
 }
 
