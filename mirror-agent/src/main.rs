@@ -24,7 +24,7 @@ use mirror_agent::http::HttpConfig;
 use mirror_agent::pipeline::PipelineConfig;
 use mirror_agent::pods::PodSelector;
 use mirror_agent::reassembly::ReassemblyConfig;
-use mirror_agent::replay::{self, ReplayConfig};
+use mirror_agent::replay::{self, MirrorError, ReplayConfig};
 use tokio::signal::unix::{signal, SignalKind};
 
 fn main() {
@@ -55,7 +55,7 @@ fn attach(args: AttachArgs) -> Result<()> {
         )
     };
     let cfg = agent_config(&args, &rt)?;
-    let agent = Agent::start(cfg, rt.handle())?;
+    let agent = Agent::start(cfg, rt.handle()).map_err(with_hint)?;
     emit(&format!("{}\n", agent.ready_line()));
     let summary = rt.block_on(agent.run(async {
         tokio::select! {
@@ -188,10 +188,11 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
     let shares = args.mirror.len().max(1);
     let mut mirrors = Vec::new();
     for (m, name) in args.mirror.iter().zip(&names) {
-        let uri = replay::parse_mirror_url(&m.url).with_context(|| format!("mirror {name}"))?;
+        let uri = replay::parse_mirror_url(&m.url)
+            .map_err(|e| with_hint(anyhow::Error::new(e).context(format!("--mirror {name}"))))?;
         let addr = rt
             .block_on(replay::check_mirror(&uri))
-            .with_context(|| format!("mirror {name}"))?;
+            .map_err(|e| with_hint(anyhow::Error::new(e).context(format!("--mirror {name}"))))?;
         let replay = ReplayConfig {
             host: args.host,
             add_headers: args.add_headers.clone(),
@@ -272,6 +273,32 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
         stats_interval: args.stats_interval,
         cpu_budget,
     })
+}
+
+/// Adds the command-line fix to a mirror's error from the library.
+fn with_hint(e: anyhow::Error) -> anyhow::Error {
+    let hint = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<MirrorError>())
+        .map(|m| match m {
+            MirrorError::NotAUrl { .. }
+            | MirrorError::Scheme { .. }
+            | MirrorError::NoScheme { .. }
+            | MirrorError::NoHost { .. } => {
+                "give --mirror a URL such as http://bookservicemirror:8080"
+            }
+            MirrorError::Resolve { .. } | MirrorError::NoAddress { .. } => {
+                "check the host in --mirror (and DNS)"
+            }
+            MirrorError::FeedbackLoop { .. } => {
+                "give --addr with the live service's address so that only it is matched, or move \
+             the mirror to another port"
+            }
+        });
+    match hint {
+        Some(h) => anyhow::anyhow!("{e:#}. Fix: {h}"),
+        None => e,
+    }
 }
 
 /// Headers whose values are never shown in examples: credentials, and those the user drops.

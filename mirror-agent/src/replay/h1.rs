@@ -24,12 +24,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{connect_mirror, mirror_authority, mirror_path, MirrorResult, ReplayConfig};
+use super::{
+    connect_mirror, mirror_authority, mirror_path, MirrorResult, ReplayConfig, Unsendable,
+};
 use crate::compare::content::{Content, ContentBuilder, ContentCapture};
 use crate::http::framing::{BodyDecoder, Framing};
 use crate::http::h1::{self, parse_client_response};
@@ -84,7 +85,7 @@ pub fn idempotent(method: &str) -> bool {
 
 /// The mirror request for a live HTTP/1 request: same method, target (under the mirror's path
 /// prefix), headers and body; hop-by-hop and dropped headers left out; Host as `--host` says.
-pub fn serialize(cfg: &ReplayConfig, req: &h1::Request) -> Result<Outgoing> {
+pub fn serialize(cfg: &ReplayConfig, req: &h1::Request) -> Result<Outgoing, Unsendable> {
     let connection_tokens: Vec<String> = req
         .headers()
         .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))

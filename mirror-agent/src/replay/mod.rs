@@ -21,7 +21,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame};
@@ -91,18 +90,57 @@ impl ReplayConfig {
     }
 }
 
+/// Why a mirror cannot be used. The binary adds which option to change.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    #[error("{url:?} is not a URL")]
+    NotAUrl {
+        url: String,
+        #[source]
+        source: hyper::http::uri::InvalidUri,
+    },
+    #[error("{url:?}: scheme {scheme} is not supported; the mirror is spoken to over plain http")]
+    Scheme { url: String, scheme: String },
+    #[error("{url:?} has no scheme")]
+    NoScheme { url: String },
+    #[error("{url:?} has no host")]
+    NoHost { url: String },
+    #[error("cannot resolve the mirror host {host:?}")]
+    Resolve {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the mirror host {host:?} resolves to no address")]
+    NoAddress { host: String },
+    #[error(
+        "the mirror {mirror} is on live port {port} and is reached through {iface}, where the \
+         agent watches outgoing packets: it would capture the requests it replays there and \
+         mirror them again"
+    )]
+    FeedbackLoop {
+        mirror: SocketAddr,
+        port: u16,
+        iface: String,
+    },
+}
+
 /// Parses and checks a mirror URL: `http://host[:port]` (a path prefix is kept).
-pub fn parse_mirror_url(s: &str) -> Result<Uri> {
-    let uri = Uri::from_str(s).with_context(|| {
-        format!("--mirror {s:?} is not a URL; give e.g. http://bookservicemirror:8080")
-    })?;
+pub fn parse_mirror_url(s: &str) -> Result<Uri, MirrorError> {
+    let url = || s.to_string();
+    let uri = Uri::from_str(s).map_err(|source| MirrorError::NotAUrl { url: url(), source })?;
     match uri.scheme_str() {
         Some("http") => {}
-        Some(other) => bail!("--mirror {s:?}: scheme {other} is not supported; the mirror is spoken to over plain http://"),
-        None => bail!("--mirror {s:?} has no scheme; give e.g. http://{s}"),
+        Some(other) => {
+            return Err(MirrorError::Scheme {
+                url: url(),
+                scheme: other.to_string(),
+            })
+        }
+        None => return Err(MirrorError::NoScheme { url: url() }),
     }
     if uri.host().is_none() {
-        bail!("--mirror {s:?} has no host");
+        return Err(MirrorError::NoHost { url: url() });
     }
     Ok(uri)
 }
@@ -119,16 +157,19 @@ fn host_port(uri: &Uri) -> (&str, u16) {
 /// Resolves the mirror and tries one connection, so that a wrong name fails at start with a
 /// clear error. A mirror that is down is only a warning: the agent mirrors when it comes up.
 /// Returns the address connected to.
-pub async fn check_mirror(uri: &Uri) -> Result<SocketAddr> {
+pub async fn check_mirror(uri: &Uri) -> Result<SocketAddr, MirrorError> {
     let (host, port) = host_port(uri);
     let addrs: Vec<_> = tokio::net::lookup_host((host, port))
         .await
-        .with_context(|| {
-            format!("cannot resolve the mirror host {host:?}: check --mirror (and DNS)")
+        .map_err(|source| MirrorError::Resolve {
+            host: host.to_string(),
+            source,
         })?
         .collect();
     let Some(addr) = addrs.first() else {
-        bail!("the mirror host {host:?} resolves to no address: check --mirror");
+        return Err(MirrorError::NoAddress {
+            host: host.to_string(),
+        });
     };
     match tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await {
         Ok(Ok(_)) => {}
@@ -152,7 +193,7 @@ pub fn check_no_loop(
     addrs: &[IpAddr],
     route_iface: &str,
     egress_watched: &[String],
-) -> Result<String> {
+) -> Result<String, MirrorError> {
     let ip = mirror.ip().to_canonical();
     if !ports.contains(&mirror.port()) {
         return Ok(format!(
@@ -162,7 +203,7 @@ pub fn check_no_loop(
     }
     if !addrs.is_empty() && !addrs.contains(&ip) {
         return Ok(format!(
-            "no feedback loop: the mirror's address {ip} is not a live address (--addr)"
+            "no feedback loop: the mirror's address {ip} is not a live address"
         ));
     }
     if !egress_watched.iter().any(|i| i == route_iface) {
@@ -171,13 +212,11 @@ pub fn check_no_loop(
              where no hook sees outgoing packets"
         ));
     }
-    bail!(
-        "the mirror {mirror} is on live port {} and is reached through {route_iface}, where the \
-         agent watches outgoing packets: it would capture the requests it replays there and \
-         mirror them again. Give --addr with the live service's address so that only it is \
-         matched, or move the mirror to another port",
-        mirror.port()
-    )
+    Err(MirrorError::FeedbackLoop {
+        mirror,
+        port: mirror.port(),
+        iface: route_iface.to_string(),
+    })
 }
 
 /// How a mirrored request ended.
@@ -559,12 +598,35 @@ pub struct ReplayBody {
     rest: Option<StreamReceiver>,
 }
 
+/// Why a captured request cannot be replayed as it is (counted `dropped_unsendable`).
+#[derive(Debug, thiserror::Error)]
+pub enum Unsendable {
+    #[error("the mirror URL has no authority")]
+    NoAuthority,
+    #[error("a header name or value HTTP/2 does not allow: {0}")]
+    Header(String),
+    #[error("not a valid request: {0}")]
+    Request(#[from] hyper::http::Error),
+}
+
+impl From<hyper::header::InvalidHeaderName> for Unsendable {
+    fn from(e: hyper::header::InvalidHeaderName) -> Self {
+        Unsendable::Header(e.to_string())
+    }
+}
+
+impl From<hyper::header::InvalidHeaderValue> for Unsendable {
+    fn from(e: hyper::header::InvalidHeaderValue) -> Self {
+        Unsendable::Header(e.to_string())
+    }
+}
+
 /// The live stream was cut short: the mirror's stream is reset rather than ended.
 #[derive(Debug, thiserror::Error)]
 #[error("the live request was cut short")]
 pub struct StreamCut;
 
-fn header_map(fields: &[(Bytes, Bytes)]) -> Result<HeaderMap> {
+fn header_map(fields: &[(Bytes, Bytes)]) -> Result<HeaderMap, Unsendable> {
     let mut map = HeaderMap::new();
     for (name, value) in fields {
         map.append(
@@ -976,11 +1038,11 @@ fn mirror_path(cfg: &ReplayConfig, target: &str) -> String {
 }
 
 /// The authority the mirror is told (Host, or `:authority`), from the original one.
-fn mirror_authority(cfg: &ReplayConfig, original: Option<&[u8]>) -> Result<String> {
+fn mirror_authority(cfg: &ReplayConfig, original: Option<&[u8]>) -> Result<String, Unsendable> {
     let mirror = cfg
         .mirror
         .authority()
-        .ok_or_else(|| anyhow!("mirror URL has no authority"))?
+        .ok_or(Unsendable::NoAuthority)?
         .as_str();
     let original = || String::from_utf8_lossy(original.unwrap_or(mirror.as_bytes())).into_owned();
     Ok(match cfg.host {
@@ -1013,7 +1075,10 @@ const H2_FORBIDDEN: &[&str] = &[
 
 /// The mirror request for an HTTP/2 request: same method, `:path`, metadata (headers), body and
 /// trailers; `:authority` as `--host` says.
-fn build_h2(cfg: &ReplayConfig, req: &h2::Request) -> Result<hyper::Request<ReplayBody>> {
+fn build_h2(
+    cfg: &ReplayConfig,
+    req: &h2::Request,
+) -> Result<hyper::Request<ReplayBody>, Unsendable> {
     let original = match req.authority() {
         "" => req.headers().find(|(n, _)| *n == b"host").map(|(_, v)| v),
         a => Some(a.as_bytes()),
@@ -1075,10 +1140,10 @@ mod tests {
         let mirror: SocketAddr = "10.0.0.9:8080".parse().unwrap();
         let watched = ["veth1".to_string()];
         let ok = |m, addrs: &[IpAddr], via| check_no_loop(m, &[8080], addrs, via, &watched);
-        assert!(ok(mirror, &[], "veth1")
-            .unwrap_err()
-            .to_string()
-            .contains("--addr"));
+        assert!(matches!(
+            ok(mirror, &[], "veth1"),
+            Err(MirrorError::FeedbackLoop { port: 8080, .. })
+        ));
         let other_port: SocketAddr = "10.0.0.9:9090".parse().unwrap();
         assert!(ok(other_port, &[], "veth1")
             .unwrap()
