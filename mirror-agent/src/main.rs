@@ -157,6 +157,7 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
         .map_err(anyhow::Error::msg)?;
     let content = args.compare_bodies.then(|| ContentCapture {
         max_body: args.compare_max_body as usize,
+        share_ppm: (args.compare_sample * 10_000.0).round() as u32,
         headers: if args.compare_headers.is_empty() {
             vec!["content-type".to_string()]
         } else {

@@ -330,7 +330,7 @@ fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
 }
 
 /// An address as the kernel program keys and hashes it: IPv4 mapped into IPv6.
-pub(super) fn kernel_addr(ip: IpAddr) -> AddrKey {
+pub(crate) fn kernel_addr(ip: IpAddr) -> AddrKey {
     match ip.to_canonical() {
         IpAddr::V4(v4) => AddrKey::from_v4(v4.octets()),
         IpAddr::V6(v6) => AddrKey::from_v6(v6.octets()),

@@ -119,6 +119,21 @@ pub struct ContentCapture {
     pub max_body: usize,
     /// Headers kept (lower case).
     pub headers: Vec<String>,
+    /// Connections compared, in parts per million: the share whose responses the kernel
+    /// clones whole (`MirrorConfig::whole_responses_ppm`), chosen by the same flow hash.
+    pub share_ppm: u32,
+}
+
+impl ContentCapture {
+    /// Whether this connection's responses are compared: the kernel's own test, so that only
+    /// connections whose bodies it clones are read for content.
+    pub fn compares(&self, client: std::net::SocketAddr, server: std::net::SocketAddr) -> bool {
+        use crate::capture::program::kernel_addr;
+        let (c, s) = (kernel_addr(client.ip()), kernel_addr(server.ip()));
+        mirror_common::flow_hash(&c.addr, &s.addr, client.port(), server.port())
+            % mirror_common::SAMPLE_ALL
+            < self.share_ppm
+    }
 }
 
 /// A response's content, gathered as it is read.
@@ -522,6 +537,36 @@ mod tests {
             ("$.tags.length".to_string(), fd(Some("2"), Some("3"))),
         ];
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn the_connections_compared_are_those_the_kernel_clones_whole() {
+        let cfg = |share_ppm| ContentCapture {
+            max_body: 1,
+            headers: Vec::new(),
+            share_ppm,
+        };
+        let server: std::net::SocketAddr = "10.0.0.2:8080".parse().unwrap();
+        let clients: Vec<std::net::SocketAddr> = (0..2000)
+            .map(|p| format!("10.0.0.1:{}", 30000 + p).parse().unwrap())
+            .collect();
+        let half = clients
+            .iter()
+            .filter(|c| cfg(500_000).compares(**c, server))
+            .count();
+        assert!((800..1200).contains(&half), "{half} of 2000");
+        for c in &clients {
+            // The kernel hashes the response's tuple (server first): the hash is symmetric.
+            let (a, b) = (
+                crate::capture::program::kernel_addr(server.ip()),
+                crate::capture::program::kernel_addr(c.ip()),
+            );
+            let kernel = mirror_common::flow_hash(&a.addr, &b.addr, server.port(), c.port())
+                % mirror_common::SAMPLE_ALL
+                < 500_000;
+            assert_eq!(cfg(500_000).compares(*c, server), kernel);
+        }
+        assert!(clients.iter().all(|c| cfg(1_000_000).compares(*c, server)));
     }
 
     #[test]
