@@ -431,19 +431,28 @@ fn content_regressions_stand_out_and_noise_does_not() {
         "only noise differs on authors: {verdicts:?}"
     );
     // (prometheus_parse misreads the braces of `{id}` in label values: the line is checked.)
-    let text = pair
-        .server
-        .exec(&["curl", "-sf", &format!("http://{METRICS}/metrics")])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&text.stdout);
-    for line in [
+    let lines = [
         r#"mirror_content_field_regression{endpoint="GET /api/books/{id}",mirror="cand",path="$.rating"} 1"#,
         r#"mirror_content_field_regression{endpoint="GET /api/books/{id}",mirror="cand",path="$.servedAt"} 0"#,
         r#"mirror_content_compared_total{endpoint="GET /api/books/{id}",mirror="cand",result="differing"} 40"#,
-        // Every live response read whole: books and authors.
+        // Every live response read whole, books and authors (the pipeline's counters are
+        // published a tick after the comparison saw them).
         "mirror_http_content_responses_total 80",
-    ] {
+    ];
+    let scrape = || {
+        let out = pair
+            .server
+            .exec(&["curl", "-sf", &format!("http://{METRICS}/metrics")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    netlab::wait_until(Duration::from_secs(3), || {
+        let text = scrape();
+        lines.iter().all(|l| text.contains(l))
+    });
+    let text = scrape();
+    for line in lines {
         assert!(text.contains(line), "{line} not in\n{text}");
     }
     agent.terminate();
