@@ -530,10 +530,7 @@ fn a_slow_or_down_third_mirror_costs_the_other_two_and_live_users_nothing() {
             "reason",
             &["queue_full", "backoff"],
         );
-        let report = report(&pair.server, METRICS).expect("a report");
-        let stderr = agent.terminate();
-        assert_eq!(report.mirrors, ["a", "b", "c"]);
-        let answered = |name: &str| {
+        let answered_in = |report: &mirror_agent::compare::Report, name: &str| {
             report
                 .rows
                 .iter()
@@ -541,6 +538,16 @@ fn a_slow_or_down_third_mirror_costs_the_other_two_and_live_users_nothing() {
                 .map(|r| r.count)
                 .sum::<u64>()
         };
+        // The servers log a request before they answer it: the last outcomes follow shortly.
+        netlab::wait_until(Duration::from_secs(3), || {
+            report(&pair.server, METRICS).is_some_and(|r| {
+                answered_in(&r, "a") >= N as u64 && answered_in(&r, "b") >= N as u64
+            })
+        });
+        let report = report(&pair.server, METRICS).expect("a report");
+        let stderr = agent.terminate();
+        assert_eq!(report.mirrors, ["a", "b", "c"]);
+        let answered = |name: &str| answered_in(&report, name);
         assert_eq!((answered("a"), answered("b")), (N as u64, N as u64));
         if case == "down" {
             assert!(c_failed >= 1.0, "c's failures are counted: {stderr}");
