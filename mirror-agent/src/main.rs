@@ -187,6 +187,8 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
     };
     // The memory plan's replay queue and pairing table are shared by the mirrors.
     let shares = args.mirror.len().max(1);
+    // A waiting request holds the live response and up to one outcome per mirror.
+    let max_pending = plan.max_pending_pairs * 2 / (shares + 1);
     let mut mirrors = Vec::new();
     for (m, name) in args.mirror.iter().zip(&names) {
         let uri = replay::parse_mirror_url(&m.url)
@@ -251,8 +253,7 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
             routes: args.routes.clone(),
             max_endpoints: args.max_endpoints,
             max_series: plan.max_series,
-            // A waiting request holds the live response and up to one outcome per mirror.
-            max_pending: plan.max_pending_pairs * 2 / (shares + 1),
+            max_pending,
             diffs: content.map(|c| DiffConfig {
                 content: ContentConfig {
                     headers: c.headers,
@@ -261,7 +262,7 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
                 },
                 ignore: args.ignore.clone(),
                 secondary,
-                max_pending: plan.max_pending_pairs * 2 / (shares + 1),
+                max_pending,
                 max_bytes: content_bytes,
             }),
         },

@@ -565,64 +565,8 @@ mod tests {
         assert!(text.trim_end().ends_with("# EOF"));
     }
 
-    #[test]
-    fn content_metrics_parse() {
-        use crate::compare::content::{Body, Content};
-        use crate::compare::diffs::DiffConfig;
-        let c = crate::compare::Comparison::new(CompareConfig {
-            diffs: Some(DiffConfig {
-                max_pending: 10,
-                max_bytes: 1 << 20,
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-        let content = |b: &'static str| {
-            Some(Arc::new(Content::new(
-                "200".into(),
-                vec![],
-                Body::Whole(bytes::Bytes::from_static(b.as_bytes())),
-            )))
-        };
-        c.live_content(&crate::http::LiveContent {
-            conn: 1,
-            request_seq: 0,
-            method: "GET".into(),
-            target: "/a".into(),
-            content: content(r#"{"rating":4.5}"#).unwrap(),
-        });
-        c.mirror(
-            0,
-            &MirrorOutcome {
-                conn: 1,
-                seq: 0,
-                method: "GET".into(),
-                target: "/a".into(),
-                result: MirrorResult::Status(200),
-                duration: None,
-                content: content(r#"{"rating":4}"#),
-            },
-        );
-        c.content().unwrap().settle();
-        let text = render(&Sources {
-            comparison: c,
-            ..sources()
-        });
-        let lines = text.lines().map(|l| Ok(l.to_string()));
-        let scrape = prometheus_parse::Scrape::parse(lines).expect("parses");
-        let s = scrape
-            .samples
-            .iter()
-            .find(|s| s.metric == "mirror_content_field_regression")
-            .unwrap_or_else(|| panic!("{text}"));
-        assert_eq!(s.labels.get("path"), Some("$.rating"), "{text}");
-    }
-
-    /// Metric families and their types, as `deploy/metrics.txt` lists them for users and
-    /// dashboards. Some names are derived from stats fields: renaming a field must not rename a
-    /// metric unnoticed, so the list is checked here and changed on purpose only.
-    #[test]
-    fn exported_metrics_are_the_documented_ones() {
+    /// A comparison of contents that has compared one answer: `$.rating` differs.
+    fn compared_contents() -> crate::compare::Comparison {
         use crate::compare::content::{Body, Content};
         use crate::compare::diffs::DiffConfig;
         let c = crate::compare::Comparison::new(CompareConfig {
@@ -645,7 +589,7 @@ mod tests {
             request_seq: 0,
             method: "GET".into(),
             target: "/a".into(),
-            content: content(r#"{"a":1}"#),
+            content: content(r#"{"rating":4.5}"#),
         });
         c.mirror(
             0,
@@ -656,10 +600,35 @@ mod tests {
                 target: "/a".into(),
                 result: MirrorResult::Status(200),
                 duration: None,
-                content: Some(content(r#"{"a":2}"#)),
+                content: Some(content(r#"{"rating":4}"#)),
             },
         );
         c.content().unwrap().settle();
+        c
+    }
+
+    #[test]
+    fn content_metrics_parse() {
+        let text = render(&Sources {
+            comparison: compared_contents(),
+            ..sources()
+        });
+        let lines = text.lines().map(|l| Ok(l.to_string()));
+        let scrape = prometheus_parse::Scrape::parse(lines).expect("parses");
+        let s = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == "mirror_content_field_regression")
+            .unwrap_or_else(|| panic!("{text}"));
+        assert_eq!(s.labels.get("path"), Some("$.rating"), "{text}");
+    }
+
+    /// Metric families and their types, as `deploy/metrics.txt` lists them for users and
+    /// dashboards. Some names are derived from stats fields: renaming a field must not rename a
+    /// metric unnoticed, so the list is checked here and changed on purpose only.
+    #[test]
+    fn exported_metrics_are_the_documented_ones() {
+        let c = compared_contents();
         c.set_sampling(crate::compare::Sampling {
             share: 1.0,
             cpu_budget: 1.0,

@@ -271,7 +271,8 @@ fn program_stats(id: u32) -> Result<(u64, u64)> {
     Ok((info.run_time().as_nanos() as u64, info.run_count()))
 }
 
-fn curl_ok(ns: &netlab::Netns, url: &str) -> bool {
+/// Whether `url` answers with a success from inside `ns`, within a second.
+pub fn curl_ok(ns: &netlab::Netns, url: &str) -> bool {
     ns.exec(&["curl", "-sf", "--max-time", "1", url])
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use netlab::Pair;
 
-use crate::bench::{oha, Nginx};
+use crate::bench::{curl_ok, oha, Nginx};
 use crate::bench_full::{median, Agent};
 
 const MIRROR: &str = "127.0.0.1:9080";
@@ -72,12 +72,7 @@ pub fn run(root: &Path, args: &ContentBenchArgs) -> Result<()> {
         &format!("server {{ listen {MIRROR} reuseport; {site} }}"),
     )?;
     let probe = format!("http://{live}/2.json");
-    if !netlab::wait_until(Duration::from_secs(5), || {
-        pair.client
-            .exec(&["curl", "-sf", "--max-time", "1", "-o", "/dev/null", &probe])
-            .status()
-            .is_ok_and(|s| s.success())
-    }) {
+    if !netlab::wait_until(Duration::from_secs(5), || curl_ok(&pair.client, &probe)) {
         bail!("nginx did not start");
     }
 

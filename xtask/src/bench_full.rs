@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use netlab::{Pair, Proc};
 
-use crate::bench::{oha, wrk, Nginx};
+use crate::bench::{curl_ok, oha, wrk, Nginx};
 
 const PATH: &str = "/api/books/1/reviews";
 const FAST_MIRROR: &str = "127.0.0.1:9080";
@@ -164,20 +164,7 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
             v4 = pair.server_v4
         ),
     )?;
-    if !netlab::wait_until(Duration::from_secs(5), || {
-        pair.client
-            .exec(&[
-                "curl",
-                "-sf",
-                "--max-time",
-                "1",
-                "-o",
-                "/dev/null",
-                &live_url,
-            ])
-            .status()
-            .is_ok_and(|s| s.success())
-    }) {
+    if !netlab::wait_until(Duration::from_secs(5), || curl_ok(&pair.client, &live_url)) {
         bail!("nginx did not start");
     }
 

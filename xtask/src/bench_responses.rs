@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use netlab::Pair;
 
-use crate::bench::{oha, wrk, Nginx};
+use crate::bench::{curl_ok, oha, wrk, Nginx};
 use crate::bench_full::{median, Agent};
 
 const MIRROR: &str = "127.0.0.1:9080";
@@ -64,12 +64,7 @@ pub fn run(root: &Path, args: &ResponsesBenchArgs) -> Result<()> {
     )?;
     let _mirror = Nginx::start(&pair.server, MIRROR, "")?;
     let url = format!("http://{live}/api/books/1");
-    if !netlab::wait_until(Duration::from_secs(5), || {
-        pair.client
-            .exec(&["curl", "-sf", "--max-time", "1", "-o", "/dev/null", &url])
-            .status()
-            .is_ok_and(|s| s.success())
-    }) {
+    if !netlab::wait_until(Duration::from_secs(5), || curl_ok(&pair.client, &url)) {
         bail!("nginx did not start");
     }
 

@@ -255,12 +255,15 @@ impl ContentDiffs {
     fn slot(&mut self, key: PairKey, bytes: usize) -> Option<&mut Waiting> {
         if !self.waiting.contains_key(&key) {
             while self.waiting.len() >= self.cfg.max_pending.max(1) && self.evict_oldest() {}
-            self.order.push_back(key);
         }
         while self.held + bytes > self.cfg.max_bytes && self.evict_oldest() {}
         if self.held + bytes > self.cfg.max_bytes {
             self.not_compared.memory += 1;
             return None;
+        }
+        // Checked again: making room may have evicted this very request.
+        if !self.waiting.contains_key(&key) {
+            self.order.push_back(key);
         }
         Some(self.waiting.entry(key).or_default())
     }

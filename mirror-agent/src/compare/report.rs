@@ -95,7 +95,8 @@ pub fn verdicts(r: &Report) -> Vec<String> {
         }
     };
     let mut out = Vec::new();
-    let mut diverged: BTreeSet<&str> = BTreeSet::new();
+    let content = content_verdicts(r, &who);
+    let mut diverged: BTreeSet<&str> = content.iter().map(|(label, _)| *label).collect();
     for m in &r.mismatches {
         let failing = m.mirror_code.starts_with('5') || m.mirror_code.parse::<u16>().is_err();
         if failing && !(m.live_code.starts_with('5')) {
@@ -157,15 +158,6 @@ pub fn verdicts(r: &Report) -> Vec<String> {
             ));
         }
     }
-    let content = content_verdicts(r, &who);
-    for (label, _) in &content {
-        diverged.insert(label);
-    }
-    matching.retain(|line| {
-        !content
-            .iter()
-            .any(|(l, _)| line.starts_with(&format!("{} matches", who(l))))
-    });
     out.extend(content.into_iter().map(|(_, line)| line));
     out.extend(matching);
     out

@@ -545,10 +545,11 @@ impl HttpExtractor {
                 if let Some(last) = req.last_ts {
                     self.stats.responses += 1;
                     let p = &mut c.resp;
-                    let compared = self.cfg.content.as_ref().filter(|cfg| {
-                        cfg.share_ppm >= mirror_common::SAMPLE_ALL
-                            || cfg.compares(info.client, info.server)
-                    });
+                    let compared = self
+                        .cfg
+                        .content
+                        .as_ref()
+                        .filter(|cfg| cfg.compares(info.client, info.server));
                     if let Some(cfg) = compared {
                         p.content = Some(Collecting {
                             seq: req.seq,
