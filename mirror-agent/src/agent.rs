@@ -10,10 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
-
+use crate::capture::error::chain;
 use crate::capture::heads::FullResponses;
-use crate::capture::{named_counters, netdev, Capture, CaptureConfig, CaptureStats, Hook};
+use crate::capture::{
+    named_counters, netdev, Capture, CaptureConfig, CaptureError, CaptureStats, Hook,
+};
 use crate::compare::{CompareConfig, Comparison, Report, Sampling};
 use crate::cpu_budget::{self, CpuBudget, Load};
 use crate::dump::FlowRecorder;
@@ -21,8 +22,42 @@ use crate::http::{HttpEvent, Request};
 use crate::metrics::{self, Sources};
 use crate::pipeline::{self, PipelineConfig, PipelineStats};
 use crate::pods::{self, PodChange, PodSelector};
-use crate::replay::{self, MirrorOutcome, ReplayConfig, ReplayStats, Replayer};
+use crate::replay::{self, MirrorError, MirrorOutcome, ReplayConfig, ReplayStats, Replayer};
 use crate::segment::FrameError;
+
+/// Why the agent could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    /// The mirror cannot be replayed to from here: its route, or a feedback loop.
+    #[error("mirror {name}")]
+    MirrorRoute {
+        name: String,
+        #[source]
+        source: Box<CaptureError>,
+    },
+    #[error("mirror {name}")]
+    Mirror {
+        name: String,
+        #[source]
+        source: MirrorError,
+    },
+    #[error("--selector needs the Kubernetes API")]
+    Kubernetes(#[source] kube::Error),
+    #[error("--metrics {addr}: cannot listen there")]
+    Metrics {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting the pipeline thread")]
+    Thread(#[source] std::io::Error),
+    #[error("the pipeline thread panicked")]
+    PipelinePanicked,
+}
+
+type Result<T, E = AgentError> = std::result::Result<T, E>;
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -134,8 +169,7 @@ impl Agent {
         // Capture: the program is attached and cloning from here on.
         let (mut capture, segments) = Capture::start(&cfg.capture)?;
         for m in &cfg.mirrors {
-            check_no_loop(&capture, &cfg.capture, m.addr)
-                .map_err(|e| e.context(format!("mirror {}", m.name)))?;
+            check_no_loop(&capture, &cfg.capture, &m.name, m.addr)?;
         }
 
         // Reassemble and parse, on their own thread.
@@ -150,19 +184,17 @@ impl Agent {
             let (cfg, stats) = (cfg.pipeline.clone(), Arc::clone(&pipeline_stats));
             std::thread::Builder::new()
                 .name("mirror-pipeline".into())
-                .spawn(move || pipeline::run(segments, cfg, stats, events))?
+                .spawn(move || pipeline::run(segments, cfg, stats, events))
+                .map_err(AgentError::Thread)?
         };
 
         let kernel = KernelCounters::default();
         let mirrored_pods = MirroredPods::default();
         let pod_changes = match &cfg.pods {
             Some(sel) => {
-                let client = rt.block_on(kube::Client::try_default()).map_err(|e| {
-                    anyhow!(
-                        "--selector needs the Kubernetes API ({e}): run the agent in a pod with \
-                         a ServiceAccount, or set KUBECONFIG"
-                    )
-                })?;
+                let client = rt
+                    .block_on(kube::Client::try_default())
+                    .map_err(AgentError::Kubernetes)?;
                 let (tx, rx) = tokio::sync::mpsc::channel(1024);
                 rt.spawn(pods::watch(client, sel.clone(), tx));
                 Some(rx)
@@ -181,7 +213,9 @@ impl Agent {
                     .map(|m| (m.name.clone(), Arc::clone(m.replayer.stats())))
                     .collect(),
             };
-            let bound = rt.block_on(metrics::serve(addr, sources))?;
+            let bound = rt
+                .block_on(metrics::serve(addr, sources))
+                .map_err(|source| AgentError::Metrics { addr, source })?;
             log::info!("metrics on http://{bound}/metrics, comparison on http://{bound}/report");
         }
         let attached: Vec<String> = capture
@@ -252,7 +286,7 @@ impl Agent {
                 f64::from(rates.keep_admitted) / 1e4
             );
             if let Err(e) = self.capture.set_sampling(rates.new, rates.keep_admitted) {
-                log::warn!("cannot change the sampling rate: {e:#}");
+                log::warn!("cannot change the sampling rate: {}", chain(&e));
             }
         }
         self.comparison.set_sampling(Sampling {
@@ -305,8 +339,9 @@ impl Agent {
         let capture_stats = Arc::clone(capture.stats());
         let kernel = named_counters(&capture.stop()?);
         let dump = tokio::task::spawn_blocking(move || pipeline.join())
-            .await?
-            .map_err(|_| anyhow!("pipeline thread panicked"))?;
+            .await
+            .map_err(|_| AgentError::PipelinePanicked)?
+            .map_err(|_| AgentError::PipelinePanicked)?;
         // The mirrors drain side by side: the grace is spent once, not once per mirror.
         let drained = futures::future::join_all(
             mirrors
@@ -339,11 +374,11 @@ impl Agent {
                         .unwrap()
                         .push(MirroredPod { pod, ip, iface });
                 }
-                Err(e) => log::warn!("cannot mirror pod {pod} ({ip}): {e:#}"),
+                Err(e) => log::warn!("cannot mirror pod {pod} ({ip}): {}", chain(&e)),
             },
             PodChange::Forget { pod, ip } => {
                 if let Err(e) = self.capture.remove_pod(ip) {
-                    log::warn!("detaching from pod {pod} ({ip}): {e:#}");
+                    log::warn!("detaching from pod {pod} ({ip}): {}", chain(&e));
                 }
                 let mut pods = self.mirrored_pods.lock().unwrap();
                 if pods.iter().any(|p| p.ip == ip) {
@@ -385,7 +420,7 @@ impl pipeline::Sink for PipelineEvents {
             HttpEvent::FullResponses { client, server } => {
                 if let Some(full) = self.full_responses.as_mut() {
                     if let Err(e) = full.insert(client, server) {
-                        log::debug!("asking {client} <-> {server} whole: {e:#}");
+                        log::debug!("asking {client} <-> {server} whole: {}", chain(&e));
                     }
                 }
             }
@@ -423,21 +458,33 @@ fn outcome_sink(to: Comparison, mirror: usize) -> replay::OutcomeSink {
 
 /// Refuses a mirror whose replayed requests the program would capture again. Runs before the
 /// pipeline starts, so nothing has been replayed when it refuses.
-fn check_no_loop(capture: &Capture, cfg: &CaptureConfig, mirror: SocketAddr) -> Result<()> {
+fn check_no_loop(
+    capture: &Capture,
+    cfg: &CaptureConfig,
+    name: &str,
+    mirror: SocketAddr,
+) -> Result<()> {
     let egress_watched: Vec<String> = capture
         .attachments()
         .iter()
         .filter(|(t, hook, _)| *hook == Hook::Egress || t.iface == "lo")
         .map(|(t, _, _)| t.iface.clone())
         .collect();
-    let via = netdev::route_iface(mirror.ip())?;
+    let via = netdev::route_iface(mirror.ip()).map_err(|source| AgentError::MirrorRoute {
+        name: name.to_string(),
+        source: Box::new(source),
+    })?;
     let passed = replay::check_no_loop(
         mirror,
         &cfg.matching.ports,
         &cfg.matching.addrs,
         &via,
         &egress_watched,
-    )?;
+    )
+    .map_err(|source| AgentError::Mirror {
+        name: name.to_string(),
+        source,
+    })?;
     log::info!("{passed}");
     Ok(())
 }

@@ -9,11 +9,11 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use mirror_agent::agent::{Agent, AgentConfig, MirrorTarget};
+use mirror_agent::agent::{Agent, AgentConfig, AgentError, MirrorTarget};
 use mirror_agent::budget;
 use mirror_agent::capture::netdev;
 use mirror_agent::capture::ring::RingConfig;
-use mirror_agent::capture::{CaptureConfig, Hook, MatchConfig, Target};
+use mirror_agent::capture::{CaptureConfig, CaptureError, Hook, MatchConfig, Target};
 use mirror_agent::cli::{
     mirror_names, AttachArgs, Cli, Command, ReportArgs, ReportFormat, ResponseCapture,
 };
@@ -100,7 +100,7 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
         })
         .collect();
     for ip in &args.pod_ip {
-        let iface = netdev::iface_for_pod(*ip)?;
+        let iface = netdev::iface_for_pod(*ip).map_err(with_hint)?;
         log::info!("pod {ip} is behind {iface}: attaching to its egress");
         let target = Target {
             iface,
@@ -278,29 +278,106 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
 }
 
 /// Adds the command-line fix to a mirror's error from the library.
-fn with_hint(e: anyhow::Error) -> anyhow::Error {
-    let hint = e
-        .chain()
-        .find_map(|c| c.downcast_ref::<MirrorError>())
-        .map(|m| match m {
-            MirrorError::NotAUrl { .. }
-            | MirrorError::Scheme { .. }
-            | MirrorError::NoScheme { .. }
-            | MirrorError::NoHost { .. } => {
-                "give --mirror a URL such as http://bookservicemirror:8080"
-            }
-            MirrorError::Resolve { .. } | MirrorError::NoAddress { .. } => {
-                "check the host in --mirror (and DNS)"
-            }
-            MirrorError::FeedbackLoop { .. } => {
-                "give --addr with the live service's address so that only it is matched, or move \
-             the mirror to another port"
-            }
-        });
-    match hint {
+/// Adds to `e` what the user can do about it, named by the first typed error in its chain.
+fn with_hint(e: impl Into<anyhow::Error>) -> anyhow::Error {
+    let e = e.into();
+    match e.chain().find_map(hint) {
         Some(h) => anyhow::anyhow!("{e:#}. Fix: {h}"),
         None => e,
     }
+}
+
+fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    if let Some(m) = e.downcast_ref::<MirrorError>() {
+        return Some(mirror_hint(m).to_string());
+    }
+    if let Some(a) = e.downcast_ref::<AgentError>() {
+        return match a {
+            AgentError::Kubernetes(_) => Some(
+                "run the agent in a pod with a ServiceAccount allowed to list and watch pods \
+                 (deploy/), or set KUBECONFIG"
+                    .into(),
+            ),
+            AgentError::Metrics { .. } => Some(
+                "give --metrics a free port on an address of this host, such as 0.0.0.0:9090"
+                    .into(),
+            ),
+            AgentError::Capture(c) => capture_hint(c),
+            AgentError::MirrorRoute { source, .. } => capture_hint(source),
+            AgentError::Mirror { source, .. } => Some(mirror_hint(source).to_string()),
+            AgentError::Thread(_) | AgentError::PipelinePanicked => None,
+        };
+    }
+    e.downcast_ref::<CaptureError>().and_then(capture_hint)
+}
+
+fn mirror_hint(m: &MirrorError) -> &'static str {
+    match m {
+        MirrorError::NotAUrl { .. }
+        | MirrorError::Scheme { .. }
+        | MirrorError::NoScheme { .. }
+        | MirrorError::NoHost { .. } => "give --mirror a URL such as http://bookservicemirror:8080",
+        MirrorError::Resolve { .. } | MirrorError::NoAddress { .. } => {
+            "check the host in --mirror (and DNS)"
+        }
+        MirrorError::FeedbackLoop { .. } => {
+            "give --addr with the live service's address so that only it is matched, or move \
+             the mirror to another port"
+        }
+    }
+}
+
+fn capture_hint(c: &CaptureError) -> Option<String> {
+    const PRIVILEGES: &str = "run it as root (sudo), or grant CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW \
+         and CAP_SYS_ADMIN (in Kubernetes: the securityContext in deploy/daemonset.yaml)";
+    if c.permission_denied() {
+        return Some(format!("mirror-agent lacks a privilege: {PRIVILEGES}"));
+    }
+    let hint = match c {
+        CaptureError::MissingCapabilities { .. } => format!(
+            "mirror-agent needs them to load the TC program and read its mirror interface: \
+             {PRIVILEGES}"
+        ),
+        CaptureError::NothingToAttach => "give --iface, --pod-ip or --selector".into(),
+        CaptureError::NoSuchInterface { .. } => "list the interfaces with `ip link`; for a pod, \
+             give --pod-ip or run the agent in the node's network namespace"
+            .into(),
+        CaptureError::NotEthernet { .. } => "attach to an Ethernet interface, such as a pod's \
+             veth or eth0, or to lo"
+            .into(),
+        CaptureError::InterfaceBusy { .. } => "stop the other agent first, or give one agent \
+             all the ports (--port 80,8080)"
+            .into(),
+        CaptureError::Lock { path, .. } => format!(
+            "make {} writable by the agent (a hostPath volume in Kubernetes)",
+            path.parent().unwrap_or(path).display()
+        ),
+        CaptureError::NoRouteToPod { .. } => "run the agent in the node's network namespace \
+             (hostNetwork: true)"
+            .into(),
+        CaptureError::HostAddress { .. } => "attach with --iface instead of --pod-ip".into(),
+        CaptureError::PodNotLocal { .. } => "run the agent on the pod's node".into(),
+        CaptureError::Load(_) => "mirror-agent needs a kernel with BPF (CONFIG_BPF_SYSCALL), \
+             CAP_BPF and CAP_NET_ADMIN (or root), and an unlocked memlock limit"
+            .into(),
+        CaptureError::Rejected(_) => "use a kernel built with BTF (CONFIG_DEBUG_INFO_BTF=y); \
+             the README lists the kernels tested"
+            .into(),
+        CaptureError::Tcx { .. } => "this kernel has no tcx (6.6+, or a backport): use \
+             --attach-mode auto or netlink"
+            .into(),
+        CaptureError::Ports { .. } => "give --port between one and the listed number of \
+             ports"
+            .into(),
+        CaptureError::TooManyAddrs { .. } => "give fewer --addr / --pod-ip addresses, or \
+             none (every address)"
+            .into(),
+        CaptureError::ObjectIncomplete(_) => "rebuild with `cargo xtask build` so that the \
+             eBPF object matches the agent"
+            .into(),
+        _ => return None,
+    };
+    Some(hint)
 }
 
 /// Headers whose values are never shown in examples: credentials, and those the user drops.

@@ -7,7 +7,6 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::service::service_fn;
@@ -455,10 +454,8 @@ pub fn render(sources: &Sources) -> String {
 }
 
 /// Serves `/metrics` and `/report` until the runtime stops.
-pub async fn serve(addr: SocketAddr, sources: Sources) -> Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-        format!("--metrics {addr}: cannot listen there (in use, or not an address of this host)")
-    })?;
+pub async fn serve(addr: SocketAddr, sources: Sources) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
         loop {

@@ -377,14 +377,32 @@ fn clear_errors_for_bad_input() {
         )
     };
     let (ok, err) = run(&["--iface", "nope0", "--port", "80"]);
-    assert!(!ok && err.contains("does not exist"), "{err}");
+    // Each refusal says what went wrong and names the fix.
+    assert!(
+        !ok && err.contains("does not exist") && err.contains("Fix: list the interfaces"),
+        "{err}"
+    );
     let (ok, err) = run(&["--iface", "srv0", "--port", "http"]);
     assert!(!ok && err.contains("invalid value 'http'"), "{err}");
     // A TUN device carries bare IP packets: no Ethernet header for the program to parse.
     pair.server
         .ip(&["tuntap", "add", "mode", "tun", "name", "tun0"]);
     let (ok, err) = run(&["--iface", "tun0", "--port", "80"]);
-    assert!(!ok && err.contains("not Ethernet"), "{err}");
+    assert!(
+        !ok && err.contains("not Ethernet") && err.contains("Fix: attach to an Ethernet"),
+        "{err}"
+    );
+    let (ok, err) = run(&["--pod-ip", "198.51.100.7", "--port", "80"]);
+    assert!(
+        !ok && err.contains("no route to pod IP 198.51.100.7")
+            && err.contains("Fix: run the agent in the node's network namespace"),
+        "{err}"
+    );
+    let (ok, err) = run(&["--pod-ip", "127.0.0.1", "--port", "80"]);
+    assert!(
+        !ok && err.contains("an address of this host") && err.contains("Fix: attach with --iface"),
+        "{err}"
+    );
     // The mirror on a live port is refused only where its requests would be hooked: through lo
     // with lo hooked, not through lo with only srv0 hooked.
     let (ok, err) = run(&[
@@ -435,14 +453,18 @@ fn clear_errors_for_bad_input() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("run it as root"),
+        !out.status.success()
+            && err.contains("missing capabilities CAP_NET_ADMIN")
+            && err.contains("Fix:")
+            && err.contains("run it as root"),
         "{err}"
     );
 
     let first = Agent::start(&pair.server, &["--iface", "srv0", "--port", "8080"]);
     let (ok, err) = run(&["--iface", "srv0", "--port", "9090"]);
     assert!(
-        !ok && err.contains("already mirrored by another mirror-agent"),
+        !ok && err.contains("already mirrored by another mirror-agent")
+            && err.contains("Fix: stop the other agent"),
         "{err}"
     );
     first.terminate();

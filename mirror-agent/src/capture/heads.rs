@@ -9,7 +9,7 @@ use std::collections::{HashMap as StdHashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
-use anyhow::Result;
+use super::error::{CaptureError, Result};
 use aya::maps::{HashMap, MapData, RingBuf};
 use bytes::{Bytes, BytesMut};
 use smallvec::SmallVec;
@@ -39,8 +39,9 @@ impl FullResponses {
             client.port(),
             server.port(),
         );
-        self.map.insert(hash, 1, 0)?;
-        Ok(())
+        self.map
+            .insert(hash, 1, 0)
+            .map_err(CaptureError::map(mirror_common::MAP_FULL_RESPONSES))
     }
 }
 

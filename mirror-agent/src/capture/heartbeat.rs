@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use super::error::{CaptureError, Result};
 use aya::maps::{Array, MapData};
 use mirror_common::Heartbeat;
 
@@ -31,7 +31,7 @@ impl HeartbeatThread {
     /// then refreshes it every `BEAT_EVERY`.
     pub fn start(map: Array<MapData, Heartbeat>) -> Result<HeartbeatThread> {
         let mut beat = Beat { map };
-        beat.write().context("writing the first heartbeat")?;
+        beat.write()?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
@@ -40,11 +40,11 @@ impl HeartbeatThread {
                 while !stopped.load(Ordering::Relaxed) {
                     std::thread::park_timeout(BEAT_EVERY);
                     if let Err(e) = beat.write() {
-                        log::warn!("refreshing the heartbeat: {e:#}");
+                        log::warn!("refreshing the heartbeat: {}", super::error::chain(&e));
                     }
                 }
             })
-            .context("starting the heartbeat thread")?;
+            .map_err(CaptureError::io("starting the heartbeat thread"))?;
         Ok(HeartbeatThread {
             stop,
             thread: Some(thread),
@@ -73,7 +73,8 @@ impl Beat {
             at_ns: super::heads::clock_ns(libc::CLOCK_MONOTONIC) as u64,
             stale_after_ns: STALE_AFTER.as_nanos() as u64,
         };
-        self.map.set(0, hb, 0)?;
-        Ok(())
+        self.map
+            .set(0, hb, 0)
+            .map_err(CaptureError::map(mirror_common::MAP_HEARTBEAT))
     }
 }

@@ -5,6 +5,7 @@
 //! agent exits, however it exits, that namespace dies and takes the veth pair with it, and tcx
 //! links die with the process: nothing is left cloning.
 
+pub mod error;
 pub mod heads;
 pub mod heartbeat;
 pub mod netdev;
@@ -20,10 +21,11 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
 use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
 use mirror_common::{Counter, COUNTER_COUNT, PROGRAM_NAME};
 
+pub use self::error::CaptureError;
+use self::error::Result;
 use self::heads::{FullResponses, HeadMerge};
 use self::program::KernelProgram;
 pub use self::program::{AttachMode, Hook, MatchConfig};
@@ -147,7 +149,7 @@ impl Capture {
     pub fn start(cfg: &CaptureConfig) -> Result<(Capture, Receiver<SegmentBatch>)> {
         preflight()?;
         if cfg.targets.is_empty() && !cfg.matching.addr_filter {
-            bail!("nothing to attach to: give --iface, --pod-ip or --selector");
+            return Err(CaptureError::NothingToAttach);
         }
         let mut locks = HashMap::new();
         for t in &cfg.targets {
@@ -192,8 +194,9 @@ impl Capture {
         };
         ready()?;
         netdev::quiet_ipv6(&host_veth)?;
-        netdev::set_up(&host_veth).context("bringing the mirror interface up")?;
-        let mirror_ifindex = netdev::ifindex(&host_veth)?;
+        netdev::set_up(&host_veth).map_err(CaptureError::io("bringing the mirror interface up"))?;
+        let mirror_ifindex = netdev::ifindex(&host_veth)
+            .map_err(CaptureError::io("finding the mirror interface"))?;
 
         let mut program = KernelProgram::load(cfg.ebpf_log)?;
         for t in &cfg.targets {
@@ -205,7 +208,7 @@ impl Capture {
             let merge = HeadMerge::new(program.take_response_heads()?);
             heads_tx
                 .send(merge)
-                .map_err(|_| anyhow!("capture thread exited early"))?;
+                .map_err(|_| CaptureError::ThreadExited)?;
             capture.full_responses = Some(program.take_full_responses()?);
         }
         capture.heartbeat = Some(heartbeat::HeartbeatThread::start(
@@ -247,10 +250,7 @@ impl Capture {
             return Ok(iface.clone());
         }
         let iface = netdev::iface_for_pod(ip)?;
-        let mut program = self
-            .program
-            .take()
-            .ok_or_else(|| anyhow!("the capture is stopping"))?;
+        let mut program = self.program.take().ok_or(CaptureError::Stopping)?;
         // Both hooks first, the address last: the address filter holds the pod's packets back
         // until both directions are seen, or a request cloned before the response hook is on
         // would wait for an answer that never comes, and pair with the next one.
@@ -298,7 +298,7 @@ impl Capture {
             for (t, hook, _) in self.attached.iter().filter(|(t, _, _)| t.iface == iface) {
                 // A pod's veth that is gone took its links with it.
                 if let Err(e) = program.detach(&t.iface, *hook) {
-                    log::debug!("{e:#}");
+                    log::debug!("{}", error::chain(&e));
                 }
             }
         }
@@ -339,14 +339,14 @@ impl Capture {
     pub fn set_sampling(&mut self, new_ppm: u32, keep_admitted_ppm: u32) -> Result<()> {
         self.program
             .as_mut()
-            .ok_or_else(|| anyhow!("program not loaded"))?
+            .ok_or(CaptureError::Stopping)?
             .set_sampling(new_ppm, keep_admitted_ppm)
     }
 
     pub fn kernel_counters(&self) -> Result<[u64; COUNTER_COUNT as usize]> {
         self.program
             .as_ref()
-            .ok_or_else(|| anyhow!("program not loaded"))?
+            .ok_or(CaptureError::Stopping)?
             .counters()
     }
 
@@ -378,10 +378,10 @@ impl Capture {
     }
 
     fn shutdown(&mut self) -> Result<[u64; COUNTER_COUNT as usize]> {
-        let mut counters = Err(anyhow!("program not loaded"));
+        let mut counters = Err(CaptureError::Stopping);
         if let Some(mut program) = self.program.take() {
             if let Err(e) = program.disable() {
-                log::warn!("disabling the program: {e:#}");
+                log::warn!("disabling the program: {}", error::chain(&e));
             }
             // Nothing is cloned any more: these counts are final.
             counters = program.counters();
@@ -448,12 +448,7 @@ fn preflight() -> Result<()> {
         missing.push("CAP_BPF");
     }
     if !missing.is_empty() {
-        bail!(
-            "mirror-agent needs {} to load the TC program and read the mirror interface: run it \
-             as root (sudo), or grant those capabilities (in Kubernetes: securityContext \
-             capabilities add: [BPF, NET_ADMIN, NET_RAW, PERFMON])",
-            missing.join(", ")
-        );
+        return Err(CaptureError::MissingCapabilities { missing });
     }
     if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
         log::warn!("this kernel exposes no BTF (/sys/kernel/btf/vmlinux); if loading fails, use a kernel built with CONFIG_DEBUG_INFO_BTF=y");
@@ -474,16 +469,15 @@ fn spawn_reader(
     host_veth: String,
 ) -> Result<(JoinHandle<()>, impl FnOnce() -> Result<()>)> {
     const PEER: &str = "mirror0";
-    let (tid_tx, tid_rx) = mpsc::channel::<Result<i32, String>>();
+    let (tid_tx, tid_rx) = mpsc::channel::<std::io::Result<i32>>();
     let (go_tx, go_rx) = mpsc::channel::<()>();
-    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
     let handle = std::thread::Builder::new()
         .name("mirror-capture".into())
         .spawn(move || {
             // SAFETY: unshare only affects this thread.
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                let e = std::io::Error::last_os_error();
-                let _ = tid_tx.send(Err(format!("unshare(CLONE_NEWNET): {e}")));
+                let _ = tid_tx.send(Err(std::io::Error::last_os_error()));
                 return;
             }
             // SAFETY: gettid has no preconditions.
@@ -491,14 +485,14 @@ fn spawn_reader(
             if go_rx.recv().is_err() {
                 return;
             }
-            let ring = (|| -> Result<Option<PacketRing>, String> {
-                let idx = netdev::ifindex(PEER).map_err(|e| format!("veth peer missing: {e}"))?;
-                netdev::quiet_ipv6(PEER).map_err(|e| format!("{e:#}"))?;
-                netdev::set_up(PEER).map_err(|e| format!("bringing {PEER} up: {e}"))?;
+            let ring = (|| -> Result<Option<PacketRing>> {
+                let idx = netdev::ifindex(PEER).map_err(CaptureError::io("the veth peer"))?;
+                netdev::quiet_ipv6(PEER)?;
+                netdev::set_up(PEER).map_err(CaptureError::io(format!("bringing {PEER} up")))?;
                 ring_cfg
                     .map(|cfg| PacketRing::open(idx, cfg))
                     .transpose()
-                    .map_err(|e| format!("opening the capture ring: {e}"))
+                    .map_err(CaptureError::io("opening the capture ring"))
             })();
             match ring {
                 Ok(Some(ring)) => {
@@ -515,22 +509,16 @@ fn spawn_reader(
                     let _ = ready_tx.send(Err(e));
                 }
             }
-        })?;
+        })
+        .map_err(CaptureError::io("starting the capture thread"))?;
     let tid = tid_rx
         .recv()
-        .map_err(|_| anyhow!("capture thread exited early"))?
-        .map_err(|e| {
-            anyhow!("{e}: mirror-agent needs CAP_SYS_ADMIN or root to create its mirror namespace")
-        })?;
+        .map_err(|_| CaptureError::ThreadExited)?
+        .map_err(CaptureError::Namespace)?;
     let ready = move || -> Result<()> {
         netdev::create_veth(&host_veth, PEER, tid)?;
-        go_tx
-            .send(())
-            .map_err(|_| anyhow!("capture thread exited early"))?;
-        ready_rx
-            .recv()
-            .map_err(|_| anyhow!("capture thread exited early"))?
-            .map_err(|e| anyhow!(e))
+        go_tx.send(()).map_err(|_| CaptureError::ThreadExited)?;
+        ready_rx.recv().map_err(|_| CaptureError::ThreadExited)?
     };
     Ok((handle, ready))
 }

@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
-use anyhow::{anyhow, bail, Context, Result};
+use super::error::{CaptureError, Result};
 
 /// ifindex of `name` in the calling thread's network namespace.
 pub fn ifindex(name: &str) -> io::Result<u32> {
@@ -32,20 +32,17 @@ pub enum LinkKind {
 /// Checks that `name` exists and is an Ethernet or loopback interface (the program parses
 /// Ethernet headers, which loopback skbs carry too).
 pub fn check_target_iface(name: &str) -> Result<LinkKind> {
-    ifindex(name).map_err(|_| {
-        anyhow!(
-            "interface {name:?} does not exist in this network namespace \
-             (list them with `ip link`; for a pod, use --pod-ip or run in the node's namespace)"
-        )
+    ifindex(name).map_err(|_| CaptureError::NoSuchInterface {
+        iface: name.to_string(),
     })?;
-    let hw = hw_type(name).with_context(|| format!("reading the link type of {name}"))?;
+    let hw = hw_type(name).map_err(CaptureError::io(format!("reading the link type of {name}")))?;
     match hw {
         libc::ARPHRD_ETHER => Ok(LinkKind::Ethernet),
         libc::ARPHRD_LOOPBACK => Ok(LinkKind::Loopback),
-        _ => bail!(
-            "interface {name:?} has link type {hw}, not Ethernet: mirror-agent attaches to \
-             Ethernet interfaces such as a pod's veth or eth0, or to lo"
-        ),
+        _ => Err(CaptureError::NotEthernet {
+            iface: name.to_string(),
+            hw,
+        }),
     }
 }
 
@@ -79,9 +76,8 @@ pub fn set_up(name: &str) -> io::Result<()> {
 /// Keeps IPv6 quiet on `name` (no address, so no router solicitations or DAD) through
 /// rtnetlink: `/proc/sys` is read-only in containers. Call it before the link is up.
 pub fn quiet_ipv6(name: &str) -> Result<()> {
-    let index = ifindex(name).with_context(|| format!("finding {name}"))?;
-    super::rtnl::quiet_ipv6(name, index)
-        .context("mirror-agent needs CAP_NET_ADMIN to configure its mirror interface")
+    let index = ifindex(name).map_err(CaptureError::io(format!("finding {name}")))?;
+    Ok(super::rtnl::quiet_ipv6(name, index)?)
 }
 
 struct DgramSocket(i32);
@@ -123,15 +119,14 @@ fn ifreq(name: &str) -> io::Result<libc::ifreq> {
 /// Creates the veth pair: `host` in the current namespace, `peer` in the namespace of thread
 /// `peer_tid`.
 pub fn create_veth(host: &str, peer: &str, peer_tid: i32) -> Result<()> {
-    super::rtnl::create_veth(host, peer, peer_tid)
-        .context("mirror-agent needs CAP_NET_ADMIN to create its mirror veth pair")
+    Ok(super::rtnl::create_veth(host, peer, peer_tid)?)
 }
 
 /// Deletes a link if it still exists (a veth also goes when its peer's namespace dies).
 pub fn delete_link(name: &str) {
     if let Ok(index) = ifindex(name) {
         if let Err(e) = super::rtnl::delete_link(name, index) {
-            log::debug!("{e}");
+            log::debug!("{}", super::error::chain(&e));
         }
     }
 }
@@ -160,8 +155,11 @@ pub struct TargetLock {
 
 impl TargetLock {
     pub fn acquire(dir: &std::path::Path, iface: &str) -> Result<TargetLock> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the lock directory {}", dir.display()))?;
+        let lock_error = |path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| CaptureError::Lock { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(lock_error(dir))?;
         let netns = std::fs::metadata("/proc/self/ns/net")
             .map(|m| m.ino())
             .unwrap_or(0);
@@ -172,18 +170,18 @@ impl TargetLock {
             .read(true)
             .write(true)
             .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
+            .map_err(lock_error(&path))?;
         // SAFETY: valid fd.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } < 0 {
             let owner = std::fs::read_to_string(&path).unwrap_or_default();
-            bail!(
-                "interface {iface:?} is already mirrored by another mirror-agent (pid {}): stop \
-                 it first, or give one agent all the ports (--port 80,8080)",
-                owner.trim()
-            );
+            return Err(CaptureError::InterfaceBusy {
+                iface: iface.to_string(),
+                pid: owner.trim().to_string(),
+            });
         }
-        file.set_len(0)?;
-        write!(file, "{}", std::process::id())?;
+        file.set_len(0)
+            .and_then(|()| write!(file, "{}", std::process::id()))
+            .map_err(lock_error(&path))?;
         Ok(TargetLock { _file: file, path })
     }
 }
@@ -198,17 +196,18 @@ impl Drop for TargetLock {
 /// over the pod's veth. Errors name what was found instead.
 pub fn iface_for_pod(ip: std::net::IpAddr) -> Result<String> {
     use netlink_packet_route::route::RouteType;
-    let route = super::rtnl::route_get(ip).with_context(|| {
-        format!("no route to pod IP {ip} in this network namespace (is the agent in the node's namespace, hostNetwork: true?)")
-    })?;
+    let route =
+        super::rtnl::route_get(ip).map_err(|source| CaptureError::NoRouteToPod { ip, source })?;
     let dev = out_iface(ip, &route)?;
     if dev == "lo" || route.kind == RouteType::Local {
-        bail!(
-            "{ip} is an address of this host, not a pod behind a veth: attach with --iface instead"
-        );
+        return Err(CaptureError::HostAddress { ip });
     }
-    if let Some(gw) = route.gateway {
-        bail!("pod IP {ip} is reached via gateway {gw} on {dev}, so it is not a pod on this node: run the agent on the pod's node");
+    if let Some(gateway) = route.gateway {
+        return Err(CaptureError::PodNotLocal {
+            ip,
+            gateway,
+            iface: dev,
+        });
     }
     Ok(dev)
 }
@@ -222,8 +221,8 @@ pub fn route_iface(ip: std::net::IpAddr) -> Result<String> {
 fn out_iface(ip: std::net::IpAddr, route: &super::rtnl::Route) -> Result<String> {
     let index = route
         .oif
-        .ok_or_else(|| anyhow!("the route to {ip} names no interface"))?;
-    ifname(index).with_context(|| format!("naming interface {index}"))
+        .ok_or(CaptureError::RouteWithoutInterface { ip })?;
+    ifname(index).map_err(CaptureError::io(format!("naming interface {index}")))
 }
 
 /// The name of interface `index` in the calling thread's network namespace.

@@ -2,7 +2,7 @@
 
 use std::net::IpAddr;
 
-use anyhow::{anyhow, bail, Context, Result};
+use super::error::{CaptureError, Result};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::links::LinkOrder;
 use aya::programs::tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions};
@@ -112,13 +112,7 @@ impl KernelProgram {
         let mut ebpf = EbpfLoader::new()
             .override_global("AYA_LOG_LEVEL", &level, false)
             .load(EBPF_OBJECT)
-            .map_err(|e| {
-                anyhow!(
-                    "loading the eBPF object failed: {e}. mirror-agent needs a kernel with BPF \
-                     (CONFIG_BPF_SYSCALL), CAP_BPF + CAP_NET_ADMIN (or root), and an unlocked \
-                     memlock limit"
-                )
-            })?;
+            .map_err(|e| CaptureError::Load(Box::new(e)))?;
         if ebpf_log {
             match aya_log::EbpfLogger::init(&mut ebpf) {
                 Ok(logger) => spawn_log_forwarder(logger)?,
@@ -126,11 +120,8 @@ impl KernelProgram {
             }
         }
         let prog: &mut SchedClassifier = program(&mut ebpf)?;
-        prog.load().map_err(|e| {
-            anyhow!(
-                "the kernel rejected the TC program: {e}. Is this kernel built with BTF and BPF?"
-            )
-        })?;
+        prog.load()
+            .map_err(|e| CaptureError::Rejected(Box::new(e)))?;
         Ok(KernelProgram {
             ebpf,
             links: Default::default(),
@@ -140,15 +131,23 @@ impl KernelProgram {
     /// Fills the maps, then enables the program (the flag is written last).
     pub fn configure(&mut self, m: &MatchConfig, mirror_ifindex: u32) -> Result<()> {
         if m.ports.is_empty() || m.ports.len() > MAX_LIVE_PORTS as usize {
-            bail!("give between 1 and {MAX_LIVE_PORTS} live ports");
+            return Err(CaptureError::Ports {
+                given: m.ports.len(),
+                max: MAX_LIVE_PORTS,
+            });
         }
         if m.addrs.len() > MAX_LIVE_ADDRS as usize {
-            bail!("at most {MAX_LIVE_ADDRS} service addresses");
+            return Err(CaptureError::TooManyAddrs {
+                max: MAX_LIVE_ADDRS,
+            });
         }
         let mut ports: HashMap<_, u16, u8> =
-            HashMap::try_from(map(&mut self.ebpf, MAP_LIVE_PORTS)?)?;
+            HashMap::try_from(map(&mut self.ebpf, MAP_LIVE_PORTS)?)
+                .map_err(CaptureError::map(MAP_LIVE_PORTS))?;
         for p in &m.ports {
-            ports.insert(p, 1, 0)?;
+            ports
+                .insert(p, 1, 0)
+                .map_err(CaptureError::map(MAP_LIVE_PORTS))?;
         }
         for a in &m.addrs {
             self.set_live_addr(*a, true)?;
@@ -174,21 +173,26 @@ impl KernelProgram {
             whole_responses_ppm: m.whole_responses_ppm,
             _pad: 0,
         };
-        let mut config: Array<_, MirrorConfig> = Array::try_from(map(&mut self.ebpf, MAP_CONFIG)?)?;
-        config.set(0, cfg, 0)?;
-        Ok(())
+        config_map(&mut self.ebpf)?
+            .set(0, cfg, 0)
+            .map_err(CaptureError::map(MAP_CONFIG))
     }
 
     /// Adds `ip` to the live addresses (or removes it), while the program runs.
     pub fn set_live_addr(&mut self, ip: IpAddr, live: bool) -> Result<()> {
         let mut addrs: HashMap<_, AddrKey, u8> =
-            HashMap::try_from(map(&mut self.ebpf, MAP_LIVE_ADDRS)?)?;
+            HashMap::try_from(map(&mut self.ebpf, MAP_LIVE_ADDRS)?)
+                .map_err(CaptureError::map(MAP_LIVE_ADDRS))?;
         let key = kernel_addr(ip);
         if live {
             if addrs.keys().count() >= MAX_LIVE_ADDRS as usize {
-                bail!("at most {MAX_LIVE_ADDRS} service addresses");
+                return Err(CaptureError::TooManyAddrs {
+                    max: MAX_LIVE_ADDRS,
+                });
             }
-            addrs.insert(key, 1, 0)?;
+            addrs
+                .insert(key, 1, 0)
+                .map_err(CaptureError::map(MAP_LIVE_ADDRS))?;
         } else if let Err(e) = addrs.remove(&key) {
             log::debug!("removing live address {ip}: {e}");
         }
@@ -200,49 +204,52 @@ impl KernelProgram {
         if let Some(id) = self.links.remove(&(iface.to_string(), hook)) {
             program(&mut self.ebpf)?
                 .detach(id)
-                .with_context(|| format!("detaching from {iface} {}", hook.name()))?;
+                .map_err(|source| CaptureError::Detach {
+                    iface: iface.to_string(),
+                    hook: hook.name(),
+                    source: Box::new(source),
+                })?;
         }
         Ok(())
     }
 
     /// The ring buffer of response-head records, to be read by one owner.
     pub fn take_response_heads(&mut self) -> Result<RingBuf<MapData>> {
-        Ok(RingBuf::try_from(take_map(
-            &mut self.ebpf,
-            MAP_RESPONSE_HEADS,
-        )?)?)
+        RingBuf::try_from(take_map(&mut self.ebpf, MAP_RESPONSE_HEADS)?)
+            .map_err(CaptureError::map(MAP_RESPONSE_HEADS))
     }
 
     /// The heartbeat map, to be refreshed by one owner.
     pub fn take_heartbeat(&mut self) -> Result<Array<MapData, Heartbeat>> {
-        Ok(Array::try_from(take_map(&mut self.ebpf, MAP_HEARTBEAT)?)?)
+        Array::try_from(take_map(&mut self.ebpf, MAP_HEARTBEAT)?)
+            .map_err(CaptureError::map(MAP_HEARTBEAT))
     }
 
     /// The list of connections whose responses are cloned whole, to be filled by one owner.
     pub fn take_full_responses(&mut self) -> Result<super::heads::FullResponses> {
-        let map = HashMap::try_from(take_map(&mut self.ebpf, MAP_FULL_RESPONSES)?)?;
+        let map = HashMap::try_from(take_map(&mut self.ebpf, MAP_FULL_RESPONSES)?)
+            .map_err(CaptureError::map(MAP_FULL_RESPONSES))?;
         Ok(super::heads::FullResponses::new(map))
     }
 
     /// Changes the share of new connections mirrored, and of admitted ones kept, while the
     /// program runs.
     pub fn set_sampling(&mut self, new_ppm: u32, keep_admitted_ppm: u32) -> Result<()> {
-        let mut config: Array<_, MirrorConfig> = Array::try_from(map(&mut self.ebpf, MAP_CONFIG)?)?;
-        let mut cfg = config.get(&0, 0)?;
+        let mut config = config_map(&mut self.ebpf)?;
+        let mut cfg = config.get(&0, 0).map_err(CaptureError::map(MAP_CONFIG))?;
         if cfg.flags & FLAG_ENABLED == 0 {
             return Ok(());
         }
         cfg.sample_ppm = new_ppm;
         cfg.keep_admitted_ppm = keep_admitted_ppm;
-        config.set(0, cfg, 0)?;
-        Ok(())
+        config.set(0, cfg, 0).map_err(CaptureError::map(MAP_CONFIG))
     }
 
     /// Stops all cloning at once, before links are detached.
     pub fn disable(&mut self) -> Result<()> {
-        let mut config: Array<_, MirrorConfig> = Array::try_from(map(&mut self.ebpf, MAP_CONFIG)?)?;
-        config.set(0, MirrorConfig::default(), 0)?;
-        Ok(())
+        config_map(&mut self.ebpf)?
+            .set(0, MirrorConfig::default(), 0)
+            .map_err(CaptureError::map(MAP_CONFIG))
     }
 
     /// Attaches to one hook of `iface`. Returns the mode actually used.
@@ -260,8 +267,12 @@ impl KernelProgram {
                     self.links.insert((iface.to_string(), hook), id);
                     return Ok(AttachMode::Tcx);
                 }
-                Err(e) if mode == AttachMode::Tcx => {
-                    bail!("tcx attach to {iface} {} failed: {e} (the kernel needs tcx: 6.6+ or a backport; try --attach-mode netlink)", hook.name())
+                Err(source) if mode == AttachMode::Tcx => {
+                    return Err(CaptureError::Tcx {
+                        iface: iface.to_string(),
+                        hook: hook.name(),
+                        source: Box::new(source),
+                    })
                 }
                 Err(e) => log::info!(
                     "this kernel refused a tcx link on {iface} {} ({e}); attaching a clsact filter",
@@ -279,14 +290,21 @@ impl KernelProgram {
                 hook.tc(),
                 TcAttachOptions::Netlink(NlOptions::default()),
             )
-            .with_context(|| format!("attaching a clsact filter to {iface} {}", hook.name()))?;
+            .map_err(|source| CaptureError::Clsact {
+                iface: iface.to_string(),
+                hook: hook.name(),
+                source: Box::new(source),
+            })?;
         self.links.insert((iface.to_string(), hook), id);
         Ok(AttachMode::Netlink)
     }
 
     /// The kernel's id of the loaded program (`bpftool prog show id N`).
     pub fn id(&mut self) -> Result<u32> {
-        Ok(program(&mut self.ebpf)?.info()?.id())
+        Ok(program(&mut self.ebpf)?
+            .info()
+            .map_err(|e| CaptureError::Program(Box::new(e)))?
+            .id())
     }
 
     /// Kernel counters summed over CPUs, indexed by `Counter`.
@@ -294,11 +312,16 @@ impl KernelProgram {
         let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(
             self.ebpf
                 .map(MAP_COUNTERS)
-                .ok_or_else(|| anyhow!("map {MAP_COUNTERS} missing"))?,
-        )?;
+                .ok_or_else(|| CaptureError::ObjectIncomplete(format!("map {MAP_COUNTERS}")))?,
+        )
+        .map_err(CaptureError::map(MAP_COUNTERS))?;
         let mut out = [0u64; COUNTER_COUNT as usize];
         for c in Counter::ALL {
-            out[c as usize] = counters.get(&(c as u32), 0)?.iter().sum();
+            out[c as usize] = counters
+                .get(&(c as u32), 0)
+                .map_err(CaptureError::map(MAP_COUNTERS))?
+                .iter()
+                .sum();
         }
         Ok(out)
     }
@@ -318,15 +341,16 @@ fn spawn_log_forwarder(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) -
             // SAFETY: one valid pollfd.
             unsafe { libc::poll(&mut pfd, 1, 500) };
             logger.flush();
-        })?;
+        })
+        .map_err(CaptureError::io("starting the eBPF log thread"))?;
     Ok(())
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
-    Ok(ebpf
-        .program_mut(PROGRAM_NAME)
-        .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the eBPF object"))?
-        .try_into()?)
+    ebpf.program_mut(PROGRAM_NAME)
+        .ok_or_else(|| CaptureError::ObjectIncomplete(format!("program {PROGRAM_NAME}")))?
+        .try_into()
+        .map_err(|e| CaptureError::Program(Box::new(e)))
 }
 
 /// An address as the kernel program keys and hashes it: IPv4 mapped into IPv6.
@@ -339,10 +363,14 @@ pub(crate) fn kernel_addr(ip: IpAddr) -> AddrKey {
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
     ebpf.take_map(name)
-        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+        .ok_or_else(|| CaptureError::ObjectIncomplete(format!("map {name}")))
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map> {
     ebpf.map_mut(name)
-        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+        .ok_or_else(|| CaptureError::ObjectIncomplete(format!("map {name}")))
+}
+
+fn config_map(ebpf: &mut Ebpf) -> Result<Array<&mut aya::maps::MapData, MirrorConfig>> {
+    Array::try_from(map(ebpf, MAP_CONFIG)?).map_err(CaptureError::map(MAP_CONFIG))
 }

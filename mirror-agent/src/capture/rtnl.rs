@@ -19,7 +19,7 @@ use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 /// A failed rtnetlink operation: what was asked, and the kernel's answer.
 #[derive(Debug, thiserror::Error)]
-#[error("{op}: {source}")]
+#[error("{op}")]
 pub struct RtnlError {
     pub op: String,
     #[source]
