@@ -21,7 +21,7 @@ pub struct PipelineConfig {
     pub tick: Duration,
 }
 
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default)]
 pub struct PipelineStats {
     pub reassembly: ReassemblyStats,
     pub http: HttpStats,

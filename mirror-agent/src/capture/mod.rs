@@ -82,7 +82,7 @@ impl Default for CaptureConfig {
 /// Userspace capture counters. Every frame read from the ring ends in `segments` or in one
 /// `frame_errors` reason or in `truncated`; every response-head record in `segments` or in one
 /// `frame_errors` reason.
-#[derive(Debug, Default, serde::Serialize)]
+#[derive(Debug, Default)]
 pub struct CaptureStats {
     pub frames: AtomicU64,
     pub bytes: AtomicU64,

@@ -223,7 +223,7 @@ pub enum Switch {
 }
 
 /// Counters. A request head that parsed ends as exactly one of: `requests`, or a `dropped_*`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HttpStats {
     pub requests: u64,
     pub request_bytes: u64,

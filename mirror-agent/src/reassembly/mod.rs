@@ -161,7 +161,7 @@ impl Default for ReassemblyConfig {
 /// out of order, or discarded (it came after its connection closed); `lost_bytes` counts the
 /// sequence space never seen inside one connection (holes given up on, and what was missing
 /// before a FIN).
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReassemblyStats {
     pub segments: u64,
     pub payload_bytes: u64,

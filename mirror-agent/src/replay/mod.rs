@@ -261,7 +261,7 @@ pub struct MirrorOutcome {
 }
 
 /// Counters; every request offered ends in exactly one of them (plus `sent` for those sent).
-#[derive(Debug, Default, serde::Serialize)]
+#[derive(Debug, Default)]
 pub struct ReplayStats {
     pub offered: AtomicU64,
     pub filtered_method: AtomicU64,

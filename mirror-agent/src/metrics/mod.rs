@@ -4,6 +4,8 @@
 //! `Collector`), so no number is kept twice: the comparison's series, and every capture,
 //! reassembly, parse and replay counter, with drop reasons and error kinds as labels.
 
+mod stages;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -19,6 +21,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use self::stages::Families;
 use crate::capture::CaptureStats;
 use crate::compare::Comparison;
 use crate::pipeline::PipelineStats;
@@ -42,119 +45,6 @@ impl std::fmt::Debug for Sources {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Sources")
     }
-}
-
-/// Fields that are levels, not running totals.
-const GAUGES: &[&str] = &[
-    "ooo_bytes_held",
-    "buffered_bytes",
-    "inflight",
-    "flows",
-    "queued_bytes",
-    "h2_open_streams",
-    "h2_streaming_bytes",
-];
-
-/// Exports a stats struct's numeric fields: `dropped_X` / `errors_X` / `stopped_X` fields become
-/// one counter with a `reason` / `kind` label; the others one metric each.
-fn encode_stats(
-    encoder: &mut DescriptorEncoder,
-    stage: &str,
-    value: serde_json::Value,
-) -> std::fmt::Result {
-    encode_labelled_stats(encoder, stage, "", vec![(String::new(), value)])
-}
-
-/// As `encode_stats`, for several instances of a stage (the mirrors), told apart by a label.
-fn encode_labelled_stats(
-    encoder: &mut DescriptorEncoder,
-    stage: &str,
-    instance_label: &str,
-    instances: Vec<(String, serde_json::Value)>,
-) -> std::fmt::Result {
-    struct Family {
-        help: String,
-        kind: MetricType,
-        samples: Vec<(Vec<(String, String)>, u64)>,
-    }
-    let mut families: Vec<(String, Family)> = Vec::new();
-    for (instance, value) in instances {
-        let serde_json::Value::Object(fields) = value else {
-            continue;
-        };
-        for (field, v) in &fields {
-            let Some(n) = v.as_u64() else { continue };
-            let mut labels = Vec::new();
-            if !instance_label.is_empty() {
-                labels.push((instance_label.to_string(), instance.clone()));
-            }
-            let group = [
-                ("dropped_", "dropped", "reason"),
-                ("errors_", "errors", "kind"),
-                ("stopped_", "stopped", "reason"),
-            ]
-            .into_iter()
-            .find(|(p, _, _)| field.starts_with(p));
-            let (metric, help, kind) = match group {
-                Some((prefix, name, label)) => {
-                    labels.push((label.to_string(), field[prefix.len()..].to_string()));
-                    (
-                        format!("mirror_{stage}_{name}"),
-                        format!("{stage} {name} by {label}"),
-                        MetricType::Counter,
-                    )
-                }
-                None if GAUGES.contains(&field.as_str()) => (
-                    format!("mirror_{stage}_{field}"),
-                    field.clone(),
-                    MetricType::Gauge,
-                ),
-                None => (
-                    format!("mirror_{stage}_{field}"),
-                    field.clone(),
-                    MetricType::Counter,
-                ),
-            };
-            let at = match families.iter().position(|(m, _)| *m == metric) {
-                Some(at) => at,
-                None => {
-                    families.push((
-                        metric,
-                        Family {
-                            help,
-                            kind,
-                            samples: Vec::new(),
-                        },
-                    ));
-                    families.len() - 1
-                }
-            };
-            families[at].1.samples.push((labels, n));
-        }
-    }
-    for (metric, f) in families {
-        let mut m = encoder.encode_descriptor(&metric, &f.help, None, f.kind)?;
-        let gauge = matches!(f.kind, MetricType::Gauge);
-        if let [(labels, n)] = f.samples.as_slice() {
-            if labels.is_empty() {
-                // A single sample without labels: the descriptor's encoder takes it directly.
-                if gauge {
-                    ConstGauge::new(*n as i64).encode(m)?;
-                } else {
-                    ConstCounter::new(*n).encode(m)?;
-                }
-                continue;
-            }
-        }
-        for (labels, n) in &f.samples {
-            if gauge {
-                ConstGauge::new(*n as i64).encode(m.encode_family(labels)?)?;
-            } else {
-                ConstCounter::new(*n).encode(m.encode_family(labels)?)?;
-            }
-        }
-    }
-    Ok(())
 }
 
 impl Collector for Sources {
@@ -387,37 +277,14 @@ impl Collector for Sources {
                 ConstGauge::new(1).encode(m.encode_family(&labels)?)?;
             }
         }
-        if let Some(c) = &self.capture {
-            let mut v = serde_json::to_value(c.as_ref()).unwrap_or_default();
-            // Frame errors are an array indexed by reason.
-            if let Some(errors) = v.as_object_mut().and_then(|o| o.remove("frame_errors")) {
-                let mut m = encoder.encode_descriptor(
-                    "mirror_capture_frame_errors",
-                    "Captured frames that did not parse, by reason",
-                    None,
-                    MetricType::Counter,
-                )?;
-                for (e, n) in crate::segment::FrameError::ALL
-                    .iter()
-                    .zip(errors.as_array().into_iter().flatten())
-                {
-                    ConstCounter::new(n.as_u64().unwrap_or(0))
-                        .encode(m.encode_family(&[("reason", e.name())])?)?;
-                }
-            }
-            encode_stats(&mut encoder, "capture", v)?;
-        }
         let p = self.pipeline.lock().unwrap().clone();
-        encode_stats(
-            &mut encoder,
-            "reassembly",
-            serde_json::to_value(&p.reassembly).unwrap_or_default(),
-        )?;
-        encode_stats(
-            &mut encoder,
-            "http",
-            serde_json::to_value(&p.http).unwrap_or_default(),
-        )?;
+        let mut stages = Families::default();
+        if let Some(c) = &self.capture {
+            stages::capture(&mut stages, c);
+        }
+        stages::reassembly(&mut stages, &p.reassembly);
+        stages::http(&mut stages, &p.http);
+        stages.encode(&mut encoder)?;
         {
             let m = encoder.encode_descriptor(
                 "mirror_reassembly_flows",
@@ -427,19 +294,11 @@ impl Collector for Sources {
             )?;
             ConstGauge::new(p.flows as i64).encode(m)?;
         }
-        if !self.replay.is_empty() {
-            let mirrors = self
-                .replay
-                .iter()
-                .map(|(name, r)| {
-                    (
-                        name.clone(),
-                        serde_json::to_value(r.as_ref()).unwrap_or_default(),
-                    )
-                })
-                .collect();
-            encode_labelled_stats(&mut encoder, "replay", "mirror", mirrors)?;
+        let mut replay = Families::default();
+        for (name, r) in &self.replay {
+            stages::replay(&mut replay, name, r);
         }
+        replay.encode(&mut encoder)?;
         Ok(())
     }
 }
@@ -621,8 +480,7 @@ mod tests {
     }
 
     /// Metric families and their types, as `deploy/metrics.txt` lists them for users and
-    /// dashboards. Some names are derived from stats fields: renaming a field must not rename a
-    /// metric unnoticed, so the list is checked here and changed on purpose only.
+    /// dashboards: changed on purpose only.
     #[test]
     fn exported_metrics_are_the_documented_ones() {
         let c = compared_contents();
@@ -640,7 +498,7 @@ mod tests {
             .filter_map(|l| l.strip_prefix("# TYPE "))
             .map(str::to_string)
             .collect();
-        let documented: Vec<String> = include_str!("../../deploy/metrics.txt")
+        let documented: Vec<String> = include_str!("../../../deploy/metrics.txt")
             .lines()
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
             .map(str::to_string)
@@ -654,7 +512,7 @@ mod tests {
     #[test]
     fn the_grafana_dashboard_only_uses_exported_metrics() {
         let text = render(&sources());
-        let dashboard = include_str!("../../deploy/grafana-dashboard.json");
+        let dashboard = include_str!("../../../deploy/grafana-dashboard.json");
         let re = regex::Regex::new(r"mirror_[a-z_]+").unwrap();
         let names: std::collections::BTreeSet<&str> =
             re.find_iter(dashboard).map(|m| m.as_str()).collect();
