@@ -108,6 +108,8 @@ pub struct MirroredPod {
 pub type MirroredPods = Arc<Mutex<Vec<MirroredPod>>>;
 
 pub struct Agent {
+    /// What `/metrics` reads, kept for the final counters.
+    sources: Sources,
     capture: Capture,
     pipeline: JoinHandle<Option<FlowRecorder>>,
     pipeline_stats: Arc<Mutex<PipelineStats>>,
@@ -136,6 +138,8 @@ pub struct Summary {
     pub report: Report,
     /// The reassembled streams, when the pipeline recorded them (`--dump`).
     pub dump: Option<FlowRecorder>,
+    /// The final counters and comparison, as `/metrics` would have served them last.
+    pub metrics: String,
 }
 
 impl Agent {
@@ -201,20 +205,20 @@ impl Agent {
             }
             None => None,
         };
+        let sources = Sources {
+            pods: Arc::clone(&mirrored_pods),
+            comparison: comparison.clone(),
+            capture: Some(Arc::clone(capture.stats())),
+            kernel: Arc::clone(&kernel),
+            pipeline: Arc::clone(&pipeline_stats),
+            replay: mirrors
+                .iter()
+                .map(|m| (m.name.clone(), Arc::clone(m.replayer.stats())))
+                .collect(),
+        };
         if let Some(addr) = cfg.metrics {
-            let sources = Sources {
-                pods: Arc::clone(&mirrored_pods),
-                comparison: comparison.clone(),
-                capture: Some(Arc::clone(capture.stats())),
-                kernel: Arc::clone(&kernel),
-                pipeline: Arc::clone(&pipeline_stats),
-                replay: mirrors
-                    .iter()
-                    .map(|m| (m.name.clone(), Arc::clone(m.replayer.stats())))
-                    .collect(),
-            };
             let bound = rt
-                .block_on(metrics::serve(addr, sources))
+                .block_on(metrics::serve(addr, sources.clone()))
                 .map_err(|source| AgentError::Metrics { addr, source })?;
             log::info!("metrics on http://{bound}/metrics, comparison on http://{bound}/report");
         }
@@ -239,6 +243,7 @@ impl Agent {
             capture.program_id()
         );
         Ok(Agent {
+            sources,
             capture,
             pipeline,
             pipeline_stats,
@@ -334,6 +339,7 @@ impl Agent {
             mirrors,
             comparison,
             grace,
+            sources,
             ..
         } = self;
         let capture_stats = Arc::clone(capture.stats());
@@ -350,7 +356,13 @@ impl Agent {
         );
         let replay_stats = drained.await;
         let pipeline = pipeline_stats.lock().unwrap().clone();
+        // The content worker settles what it was given, so that the final counters include it.
+        if let Some(content) = comparison.content() {
+            content.settle();
+        }
+        *sources.kernel.lock().unwrap() = kernel.clone();
         Ok(Summary {
+            metrics: metrics::render(&sources),
             kernel,
             capture: capture_stats,
             pipeline,

@@ -246,6 +246,11 @@ pub struct AttachArgs {
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
 
+    /// Write the final counters and comparison on exit to this file, in the text format
+    /// /metrics serves (for batch runs and CI, where nothing scrapes the agent).
+    #[arg(long)]
+    pub metrics_file: Option<PathBuf>,
+
     /// Do not print the comparison table on exit.
     #[arg(long)]
     pub no_report: bool,

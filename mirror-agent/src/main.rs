@@ -69,6 +69,10 @@ fn attach(args: AttachArgs) -> Result<()> {
     if !args.no_report {
         emit(&format!("{}\n", format_table(&summary.report)));
     }
+    if let Some(path) = &args.metrics_file {
+        std::fs::write(path, &summary.metrics)
+            .with_context(|| format!("--metrics-file: writing {}", path.display()))?;
+    }
     if let (Some(path), Some(dump)) = (args.dump, summary.dump) {
         let mut f = std::io::BufWriter::new(
             std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?,

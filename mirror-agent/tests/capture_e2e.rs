@@ -130,7 +130,8 @@ fn captured_bytes_equal_what_client_sent_v4_and_v6() {
         "live responses differ with the agent attached"
     );
     std::thread::sleep(Duration::from_millis(300));
-    let stderr = agent.terminate();
+    let exit = agent.stop();
+    let stderr = &exit.stderr;
 
     let flows = parse_dump(&std::fs::read(&dump).unwrap());
     assert_eq!(clients.len(), 6);
@@ -163,29 +164,17 @@ fn captured_bytes_equal_what_client_sent_v4_and_v6() {
         rec_total(&flows) >= 2 * (3 << 20),
         "the 3 MiB uploads were captured"
     );
-    assert!(stderr.contains("ring_drops=0"), "{stderr}");
+    let kernel = |outcome| exit.metric("mirror_kernel_packets_total", &[("outcome", outcome)]);
+    assert_eq!(
+        exit.metric("mirror_capture_ring_drops_total", &[]),
+        0,
+        "{}",
+        exit.metrics
+    );
     // The bytes above are exact although pure ACKs (handshakes, teardowns, the acks of the
     // uploads) were never cloned.
-    assert!(kernel_counter(&stderr, "skip_no_payload") > 0, "{stderr}");
-    assert_eq!(kernel_counter(&stderr, "clone_errors"), 0, "{stderr}");
-}
-
-/// A counter from the agent's exit line `kernel counters: [("seen", 12), ...]`.
-fn kernel_counter(stderr: &str, name: &str) -> u64 {
-    let line = stderr
-        .lines()
-        .find(|l| l.starts_with("kernel counters:"))
-        .expect("kernel counters line");
-    let at = line
-        .find(&format!("(\"{name}\", "))
-        .expect("counter present")
-        + name.len()
-        + 5;
-    line[at..]
-        .split(')')
-        .next()
-        .and_then(|n| n.parse().ok())
-        .expect("a number")
+    assert!(kernel("skip_no_payload") > 0, "{}", exit.metrics);
+    assert_eq!(kernel("clone_errors"), 0, "{}", exit.metrics);
 }
 
 fn rec_total(flows: &[DumpedFlow]) -> usize {
@@ -347,16 +336,18 @@ fn a_killed_or_frozen_agents_program_goes_inert() {
     // The beat is refreshed within a quarter of a second of the thaw.
     std::thread::sleep(Duration::from_millis(600));
     get("/thawed");
-    let stderr = agent.terminate();
-    let gone = kernel_counter(&stderr, "skip_agent_gone");
+    let exit = agent.stop();
+    let kernel = |outcome| exit.metric("mirror_kernel_packets_total", &[("outcome", outcome)]);
     assert!(
-        gone >= 1,
-        "the frozen agent's packets were passed over: {stderr}"
+        kernel("skip_agent_gone") >= 1,
+        "the frozen agent's packets were passed over: {}",
+        exit.metrics
     );
-    let starts = kernel_counter(&stderr, "cloned_request_starts");
     assert_eq!(
-        starts, 2,
-        "/running and /thawed cloned, /frozen not: {stderr}"
+        kernel("cloned_request_starts"),
+        2,
+        "/running and /thawed cloned, /frozen not: {}",
+        exit.metrics
     );
 }
 

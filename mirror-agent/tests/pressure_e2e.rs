@@ -51,40 +51,6 @@ impl Rig {
     }
 }
 
-/// A number from the agent's exit summary: `name: N` (Debug lines) or `name=N` (capture line).
-fn stat(stderr: &str, name: &str) -> u64 {
-    for sep in [": ", "="] {
-        let key = format!("{name}{sep}");
-        if let Some(rest) = stderr
-            .match_indices(&key)
-            .find(|(i, _)| {
-                *i == 0
-                    || !stderr.as_bytes()[i - 1].is_ascii_alphanumeric()
-                        && stderr.as_bytes()[i - 1] != b'_'
-            })
-            .map(|(i, _)| &stderr[i + key.len()..])
-        {
-            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-            return digits
-                .parse()
-                .unwrap_or_else(|_| panic!("{name} in {stderr}"));
-        }
-    }
-    panic!("no {name} in the agent's summary:\n{stderr}")
-}
-
-/// The sum of every `dropped_*` counter on the summary line that starts with `prefix`.
-fn dropped(stderr: &str, prefix: &str) -> u64 {
-    let line = stderr
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .unwrap_or_else(|| panic!("no {prefix} line:\n{stderr}"));
-    line.split(['{', ',', '}'])
-        .filter_map(|f| f.trim().strip_prefix("dropped_"))
-        .filter_map(|f| f.split_once(": ").and_then(|(_, n)| n.parse::<u64>().ok()))
-        .sum()
-}
-
 /// Runs `f` on a thread inside `ns`.
 fn in_ns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = ns.path();
@@ -152,13 +118,18 @@ fn connections_from_the_live_port_are_all_mirrored() {
     });
     assert_eq!(answered, 10);
     netlab::wait_until(Duration::from_secs(10), || mirror.requests() >= 10);
-    let stderr = agent.terminate();
+    let exit = agent.stop();
     let mut got = targets(&mirror);
     got.sort();
     let mut want: Vec<String> = (0..10).map(|i| format!("/from-live-port/{i}")).collect();
     want.sort();
-    assert_eq!(got, want, "agent:\n{stderr}");
-    assert_eq!(stat(&stderr, "lost_bytes"), 0, "{stderr}");
+    assert_eq!(got, want, "agent:\n{}", exit.stderr);
+    assert_eq!(
+        exit.metric("mirror_reassembly_lost_bytes_total", &[]),
+        0,
+        "{}",
+        exit.metrics
+    );
 }
 
 #[test]
@@ -217,10 +188,12 @@ fn capture_drops_under_churn_invent_nothing_and_are_counted_as_requests() {
     let stalled = stalls.join().unwrap();
     let served = settle(&live);
     let received = settle(&mirror);
-    let stderr = agent.terminate();
+    let exit = agent.stop();
     eprintln!(
-        "sent {sent}, live served {served}, mirror received {received}, agent stalled {stalled}×\n{stderr}"
+        "sent {sent}, live served {served}, mirror received {received}, agent stalled {stalled}×\n{}",
+        exit.stderr
     );
+    let stat = |family: &str| exit.metric(family, &[]);
 
     // Nothing invented: every mirrored request is one a client sent, and none twice.
     let live_targets: HashSet<String> = targets(&live).into_iter().collect();
@@ -232,12 +205,14 @@ fn capture_drops_under_churn_invent_nothing_and_are_counted_as_requests() {
         );
         assert!(seen.insert(t.clone()), "the mirror got {t} twice");
     }
-    let ring_drops = stat(&stderr, "ring_drops");
+    let ring_drops = stat("mirror_capture_ring_drops_total");
     // Each frame the kernel put in the ring is read once: a block still held downstream is
     // never taken for a new one when the reader comes round the ring.
     assert!(
-        stat(&stderr, "frames") + ring_drops <= stat(&stderr, "ring_packets"),
-        "frames read twice: {stderr}"
+        stat("mirror_capture_frames_total") + ring_drops
+            <= stat("mirror_capture_ring_packets_total"),
+        "frames read twice: {}",
+        exit.metrics
     );
     assert!(
         ring_drops > 0,
@@ -245,10 +220,10 @@ fn capture_drops_under_churn_invent_nothing_and_are_counted_as_requests() {
     );
     // What did not reach the mirror is counted as requests, by reason.
     let missing = served - received;
-    let counted = stat(&stderr, "requests_lost")
-        + stat(&stderr, "dropped_at_stop")
-        + dropped(&stderr, "http:")
-        + dropped(&stderr, "replay:");
+    let counted = stat("mirror_capture_requests_lost_total")
+        + stat("mirror_capture_dropped_total")
+        + stat("mirror_http_dropped_total")
+        + stat("mirror_replay_dropped_total");
     eprintln!("missing {missing}, counted {counted}, ring drops {ring_drops}");
     assert!(
         counted as f64 >= 0.99 * missing as f64,
@@ -259,8 +234,9 @@ fn capture_drops_under_churn_invent_nothing_and_are_counted_as_requests() {
         "counted {counted} for {missing} missing: counted twice"
     );
     assert!(
-        stat(&stderr, "lost_bytes") <= stat(&stderr, "payload_bytes"),
-        "{stderr}"
+        stat("mirror_reassembly_lost_bytes_total") <= stat("mirror_reassembly_payload_bytes_total"),
+        "{}",
+        exit.metrics
     );
 }
 
@@ -322,18 +298,23 @@ fn a_mirror_that_restarts_gets_what_live_served_while_it_was_up() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     load.join().unwrap();
-    let stderr = agent.terminate();
+    let exit = agent.stop();
     let share = mirrored as f64 / live_up as f64;
     eprintln!(
-        "mirror got {mirrored} of {live_up} ({:.1} %)\n{stderr}",
-        share * 100.0
+        "mirror got {mirrored} of {live_up} ({:.1} %)\n{}",
+        share * 100.0,
+        exit.stderr
     );
     assert!(
         share >= 0.95,
         "the mirror got {:.1} % of what live served while it was up",
         share * 100.0
     );
-    assert!(stat(&stderr, "probe_recoveries") >= 2, "{stderr}");
+    assert!(
+        exit.metric("mirror_replay_probe_recoveries_total", &[]) >= 2,
+        "{}",
+        exit.metrics
+    );
 }
 
 #[test]
@@ -373,9 +354,14 @@ fn a_burst_of_small_requests_fits_the_queue() {
     }
     assert_eq!(settle(&live), CONNS * PER_CONN);
     let received = settle(&mirror);
-    let stderr = agent.terminate();
-    assert_eq!(stat(&stderr, "dropped_queue_full"), 0, "{stderr}");
-    assert_eq!(received, CONNS * PER_CONN, "{stderr}");
+    let exit = agent.stop();
+    assert_eq!(
+        exit.metric("mirror_replay_dropped_total", &[("reason", "queue_full")]),
+        0,
+        "{}",
+        exit.metrics
+    );
+    assert_eq!(received, CONNS * PER_CONN, "{}", exit.stderr);
 }
 
 fn rss_bytes(pid: i32) -> u64 {

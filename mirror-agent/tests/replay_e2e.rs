@@ -406,7 +406,7 @@ fn a_down_slow_or_resetting_mirror_costs_live_users_nothing() {
         );
         let with_agent = best_median(&pair.client, live_addr, N);
         let rss = agent_rss_kb(&agent);
-        let stderr = agent.terminate();
+        let exit = agent.stop();
         let ratio = with_agent.as_secs_f64() / baseline.as_secs_f64();
         eprintln!("{case}: live median {baseline:?} without the agent, {with_agent:?} with it (ratio {ratio:.3}); agent RSS {rss} kB");
         // Live requests complete (latencies() read every response in full). The slow mirror's
@@ -419,26 +419,15 @@ fn a_down_slow_or_resetting_mirror_costs_live_users_nothing() {
         // 1.2, with the agent on the same CPU); waiting on the mirror in any way would not fit.
         assert!(ratio < 1.5, "{case}: live median ratio {ratio:.3}");
         assert!(rss < 256 * 1024, "{case}: agent RSS {rss} kB");
-        let replay = stderr
-            .lines()
-            .find(|l| l.starts_with("replay:"))
-            .unwrap_or("")
-            .to_string();
-        match case {
-            "down" => assert!(
-                !replay.contains("errors_refused: 0,") || !replay.contains("dropped_backoff: 0,"),
-                "{replay}"
-            ),
-            "slow" => assert!(
-                !replay.contains("dropped_queue_full: 0,")
-                    || !replay.contains("errors_timeout: 0,"),
-                "{replay}"
-            ),
-            _ => assert!(
-                !replay.contains("errors_reset: 0,") || !replay.contains("errors_other: 0,"),
-                "{replay}"
-            ),
-        }
+        // The mirror's trouble is counted under its kind.
+        let dropped = |reason| exit.metric("mirror_replay_dropped_total", &[("reason", reason)]);
+        let errors = |kind| exit.metric("mirror_replay_errors_total", &[("kind", kind)]);
+        let counted = match case {
+            "down" => errors("refused") + dropped("backoff"),
+            "slow" => dropped("queue_full") + errors("timeout"),
+            _ => errors("reset") + errors("other"),
+        };
+        assert!(counted > 0, "{case}: {}", exit.metrics);
     }
 }
 
@@ -732,7 +721,8 @@ fn a_service_on_loopback_is_mirrored_once_per_request() {
     let sent = live.requests();
     assert_eq!(sent, 4);
     wait_for(&mirror, sent);
-    let (table, stderr) = agent.terminate_with_output();
+    let exit = agent.stop();
+    let (table, stderr) = (&exit.stdout, &exit.stderr);
     assert_eq!(
         mirror.requests(),
         sent,
@@ -748,9 +738,11 @@ fn a_service_on_loopback_is_mirrored_once_per_request() {
             (&w.method, &w.target, &w.body)
         );
     }
-    assert!(
-        stderr.contains("duplicate_bytes: 0,"),
-        "each packet cloned once:\n{stderr}"
+    assert_eq!(
+        exit.metric("mirror_reassembly_duplicate_bytes_total", &[]),
+        0,
+        "each packet cloned once:\n{}",
+        exit.metrics
     );
     // name (two words), tag, code, average, count, p50, p99
     let live_gets = table.lines().find_map(|l| {
@@ -899,33 +891,22 @@ fn pipelined_batches_to_a_python_mirror_arrive_whole_and_once() {
     .unwrap();
     netlab::wait_until(Duration::from_secs(20), || lines(&log).len() >= sent.len());
     std::thread::sleep(Duration::from_millis(300));
-    let (_, stderr) = agent.terminate_with_output();
+    let exit = agent.stop();
     let mut got = lines(&log);
     got.sort();
     sent.sort();
-    assert_eq!(got.len(), sent.len(), "{stderr}");
+    assert_eq!(got.len(), sent.len(), "{}", exit.stderr);
     assert_eq!(got, sent, "each request arrived whole and once");
-    let replay = stderr
-        .lines()
-        .find(|l| l.starts_with("replay:"))
-        .expect("replay stats");
-    let stat = |name: &str| -> u64 {
-        let at = replay.find(&format!(" {name}: ")).expect(name) + name.len() + 3;
-        replay[at..]
-            .split(|c: char| !c.is_ascii_digit())
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let stat = |name: &str| exit.metric(&format!("mirror_replay_{name}_total"), &[]);
     eprintln!(
         "{} requests mirrored in {} batches",
         stat("sent"),
         stat("batches")
     );
-    assert_eq!(stat("responses"), sent.len() as u64, "{stderr}");
+    assert_eq!(stat("responses"), sent.len() as u64, "{}", exit.metrics);
     assert!(
         stat("batches") < stat("sent"),
-        "requests were pipelined: {stderr}"
+        "requests were pipelined: {}",
+        exit.metrics
     );
 }

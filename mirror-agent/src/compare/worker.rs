@@ -170,7 +170,8 @@ impl ContentWorker {
         (rows, not)
     }
 
-    /// Waits (at most 5 s) until every content handed over has been compared: for tests.
+    /// Waits (at most 5 s) until every content handed over has been compared: at stop, so
+    /// that the final report holds them, and in tests.
     pub fn settle(&self) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while self.in_flight.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {

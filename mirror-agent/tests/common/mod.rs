@@ -47,6 +47,63 @@ pub struct Agent {
     pub ready_line: String,
     /// Standard output after the ready line, complete once the agent has exited.
     stdout: Option<JoinHandle<String>>,
+    /// Where the agent writes its final counters (`--metrics-file`).
+    metrics_file: Option<TempFile>,
+}
+
+/// A file removed when dropped.
+struct TempFile(std::path::PathBuf);
+
+impl TempFile {
+    fn new(what: &str) -> TempFile {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        TempFile(std::env::temp_dir().join(format!(
+            "mirror-test-{}-{}.{what}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        )))
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// What an agent left when it stopped: its output and its final counters.
+pub struct Exit {
+    pub stdout: String,
+    pub stderr: String,
+    /// The final `/metrics` text (`--metrics-file`).
+    pub metrics: String,
+}
+
+impl Exit {
+    /// The sum of the samples of `family` (named as /metrics serves it, with `_total` for
+    /// counters) that carry every label in `labels`. Panics when the family is not exported.
+    pub fn metric(&self, family: &str, labels: &[(&str, &str)]) -> u64 {
+        let mut found = false;
+        let mut sum = 0.0;
+        for line in self.metrics.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let (name, label_text) = series.split_once('{').unwrap_or((series, ""));
+            if name != family {
+                continue;
+            }
+            found = true;
+            if labels
+                .iter()
+                .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")))
+            {
+                sum += value.parse::<f64>().unwrap();
+            }
+        }
+        assert!(found, "no {family} in the final metrics:\n{}", self.metrics);
+        sum as u64
+    }
 }
 
 impl Agent {
@@ -61,9 +118,12 @@ impl Agent {
     }
 
     fn spawn(ns: &Netns, args: &[&str], keep_reading: bool) -> Agent {
+        let metrics_file = TempFile::new("prom");
         let mut cmd = ns.exec(&[AGENT, "attach"]);
-        cmd.args(args);
-        Self::spawn_with(cmd, keep_reading)
+        cmd.args(args).arg("--metrics-file").arg(&metrics_file.0);
+        let mut agent = Self::spawn_with(cmd, keep_reading);
+        agent.metrics_file = Some(metrics_file);
+        agent
     }
 
     /// Starts an agent with a command of the caller's (a container runtime's, say) and waits
@@ -93,6 +153,7 @@ impl Agent {
                 proc,
                 ready_line: line,
                 stdout: Some(reader),
+                metrics_file: None,
             },
             other => {
                 let (_, err) = proc.wait_exit(Duration::from_secs(5));
@@ -104,6 +165,22 @@ impl Agent {
     /// SIGTERM, then wait for a clean exit; returns stderr.
     pub fn terminate(self) -> String {
         self.terminate_with_output().1
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns its output and final counters.
+    pub fn stop(mut self) -> Exit {
+        let file = self
+            .metrics_file
+            .take()
+            .expect("an agent started with `start`");
+        let (stdout, stderr) = self.terminate_with_output();
+        let metrics = std::fs::read_to_string(&file.0)
+            .unwrap_or_else(|e| panic!("--metrics-file {}: {e}\n{stderr}", file.0.display()));
+        Exit {
+            stdout,
+            stderr,
+            metrics,
+        }
     }
 
     /// SIGTERM, then wait for a clean exit; returns (stdout after the ready line, stderr).
