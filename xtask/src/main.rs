@@ -7,6 +7,7 @@ mod bench_h2;
 mod bench_responses;
 mod lab;
 mod prereq;
+mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,6 +37,9 @@ enum Task {
     /// Run the agent in a real container (podman + runc) under the DaemonSet's security context
     /// (also part of `test`).
     ContainerTest,
+    /// Run the end-to-end suites inside Debian's 5.10, 6.1 or 6.12 kernels under qemu (`test`
+    /// runs the `ci` suite on 6.1).
+    VmTest(vm::VmTestArgs),
     /// Run the traffic-mirroring lab locally: V2, V3 (slow), V4 (faulty) and V5 (wrong content,
     /// beside a secondary V1) candidates.
     Lab(lab::LabArgs),
@@ -71,6 +75,12 @@ fn main() -> Result<()> {
         }
         Task::Test { args } => test(&root, &args),
         Task::ContainerTest => container_test(&root),
+        Task::VmTest(args) => {
+            e2e_prerequisites(&root)?;
+            let outcome = vm::run_matrix(&root, &args)?;
+            println!("tests: {} passed, {} failed", outcome.passed, outcome.failed);
+            Ok(())
+        }
         Task::Fuzz { seconds } => fuzz(&root, seconds),
         Task::Bench(args) => {
             prereq::ensure_bench_tools()?;

@@ -154,6 +154,45 @@ pub fn ensure_bench_tools() -> Result<()> {
     Ok(())
 }
 
+/// What `vm-test` boots kernels with: qemu, and virtme-ng (from PyPI) with the host tools it
+/// uses to build the guest's initramfs (busybox, depmod, file).
+pub fn ensure_vm_tools() -> Result<()> {
+    let mut missing = Vec::new();
+    for (bin, pkg) in [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("busybox", "busybox-static"),
+        ("depmod", "kmod"),
+        ("file", "file"),
+    ] {
+        if !on_path(bin) && !std::path::Path::new("/usr/sbin").join(bin).exists() {
+            missing.push(pkg);
+        }
+    }
+    if !missing.is_empty() {
+        eprintln!("xtask: installing the VM tools: {}", missing.join(" "));
+        apt_install(&missing, false)?;
+    }
+    if !on_path("vng") {
+        eprintln!("xtask: installing virtme-ng (vng) from PyPI");
+        let pip = |extra: &[&str]| {
+            run(Command::new("python3")
+                .args(["-m", "pip", "install", "-q", "virtme-ng"])
+                .args(extra))
+        };
+        // Debian's own Python refuses system-wide installs unless told (PEP 668).
+        if pip(&[]).is_err() {
+            if !succeeds(Command::new("python3").args(["-m", "pip", "--version"])) {
+                apt_install(&["python3-pip"], false)?;
+            }
+            pip(&["--break-system-packages"])?;
+        }
+        if !on_path("vng") && !std::path::Path::new("/usr/local/bin/vng").exists() {
+            bail!("virtme-ng installed, but `vng` is not on PATH: add pip's script directory");
+        }
+    }
+    Ok(())
+}
+
 fn apt_install(pkgs: &[&str], recommends: bool) -> Result<()> {
     static UPDATE: Once = Once::new();
     let mut update = Ok(());

@@ -31,6 +31,30 @@ pub fn pin_to_one_cpu() {
     }
 }
 
+/// True inside `cargo xtask vm-test`'s guests: qemu without KVM runs everything tens of times
+/// slower, so waits are stretched and timing assertions are skipped, saying so.
+pub fn emulated() -> bool {
+    std::env::var_os("MIRROR_TEST_EMULATED").is_some()
+}
+
+/// `d`, stretched under emulation.
+pub fn patience(d: Duration) -> Duration {
+    if emulated() {
+        d * 20
+    } else {
+        d
+    }
+}
+
+/// Whether a timing assertion holds here; under emulation it is skipped, and the skip printed.
+pub fn timing_applies(what: &str) -> bool {
+    if emulated() {
+        eprintln!("skipped under emulation (qemu TCG): {what}");
+        return false;
+    }
+    true
+}
+
 /// Fails loudly unless root: these tests are part of `cargo xtask test`, which runs as root.
 pub fn require_root() {
     // SAFETY: no preconditions.
@@ -148,7 +172,7 @@ impl Agent {
             lines.map_while(Result::ok).collect::<Vec<_>>().join("\n")
         });
         let mut proc = Proc { child: Some(child) };
-        match rx.recv_timeout(Duration::from_secs(20)) {
+        match rx.recv_timeout(patience(Duration::from_secs(20))) {
             Ok(line) if line.starts_with("ready:") => Agent {
                 proc,
                 ready_line: line,
@@ -186,7 +210,7 @@ impl Agent {
     /// SIGTERM, then wait for a clean exit; returns (stdout after the ready line, stderr).
     pub fn terminate_with_output(mut self) -> (String, String) {
         self.proc.signal(libc::SIGTERM);
-        let (code, err) = self.proc.wait_exit(Duration::from_secs(15));
+        let (code, err) = self.proc.wait_exit(patience(Duration::from_secs(15)));
         assert_eq!(code, Some(0), "agent exit code; stderr:\n{err}");
         let out = self
             .stdout

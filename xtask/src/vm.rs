@@ -1,0 +1,472 @@
+//! `cargo xtask vm-test`: the end-to-end suites inside Debian's own kernels, booted under qemu
+//! on the host's root filesystem by virtme-ng. The kernels are Debian's packages, fetched with
+//! a private apt configuration (5.10 lives in bullseye), so the host's apt setup is untouched.
+//! KVM guests hang on these machines: qemu runs in TCG, slowly, and the tests are told so
+//! (`MIRROR_TEST_EMULATED`) to skip, saying so, what cannot hold under emulation.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{prereq, run};
+
+#[derive(clap::Args)]
+pub struct VmTestArgs {
+    /// The kernel to boot: 5.10 (bullseye), 6.1 (bookworm), 6.12 (bookworm's newer kernel), or
+    /// all of them.
+    #[arg(long, default_value = "6.1")]
+    pub kernel: String,
+    /// `ci`: the tests that depend on the kernel most (attach, capture, a killed agent) in a
+    /// few minutes; `full`: every end-to-end suite that runs in one network (about 20 minutes
+    /// per kernel under emulation).
+    #[arg(long, value_enum, default_value_t = Suite::Full)]
+    pub suite: Suite,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Suite {
+    Ci,
+    Full,
+}
+
+/// A kernel of the matrix: its name, where Debian keeps it, and how its package is named.
+struct Kernel {
+    name: &'static str,
+    /// A regular expression for `apt-cache search --names-only`.
+    package: &'static str,
+}
+
+const KERNELS: &[Kernel] = &[
+    Kernel {
+        name: "5.10",
+        package: r"^linux-image-5\.10\.0-[0-9]+-amd64$",
+    },
+    Kernel {
+        name: "6.1",
+        package: r"^linux-image-6\.1\.0-[0-9]+-amd64$",
+    },
+    Kernel {
+        name: "6.12",
+        package: r"^linux-image-6\.12\.[0-9]+\+deb12-amd64$",
+    },
+];
+
+/// One suite run in the guest: a test binary and, for `ci`, the tests picked from it.
+struct Run {
+    binary: &'static str,
+    filters: &'static [&'static str],
+}
+
+fn runs(suite: Suite) -> Vec<Run> {
+    match suite {
+        Suite::Ci => vec![Run {
+            binary: "capture_e2e",
+            filters: &[
+                "captured_bytes_equal_what_client_sent_v4_and_v6",
+                "nothing_left_after_sigterm_or_sigkill",
+                "a_killed_or_frozen_agents_program_goes_inert",
+            ],
+        }],
+        Suite::Full => ["capture_e2e", "replay_e2e", "compare_e2e", "h2_e2e"]
+            .into_iter()
+            .map(|binary| Run {
+                binary,
+                filters: &[],
+            })
+            .collect(),
+    }
+}
+
+/// Passed and failed counts of one kernel's run.
+pub struct Outcome {
+    pub passed: u64,
+    pub failed: u64,
+}
+
+pub fn run_matrix(root: &Path, args: &VmTestArgs) -> Result<Outcome> {
+    let kernels: Vec<&Kernel> = if args.kernel == "all" {
+        KERNELS.iter().collect()
+    } else {
+        match KERNELS.iter().find(|k| k.name == args.kernel) {
+            Some(k) => vec![k],
+            None => bail!(
+                "--kernel {}: give one of {} or all",
+                args.kernel,
+                KERNELS
+                    .iter()
+                    .map(|k| k.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    };
+    prereq::ensure_vm_tools()?;
+    let binaries = test_binaries(root)?;
+    let dir = root.join("target/vm");
+    let apt = PrivateApt::new(&dir.join("apt"))?;
+    let mut lines = Vec::new();
+    let mut total = Outcome {
+        passed: 0,
+        failed: 0,
+    };
+    for k in kernels {
+        let image = apt.kernel_image(k, &dir)?;
+        let started = Instant::now();
+        let results = boot_and_test(root, &image, &binaries, &runs(args.suite))?;
+        let (passed, failed) = results
+            .iter()
+            .fold((0, 0), |(p, f), r| (p + r.passed, f + r.failed));
+        let detail: Vec<String> = results.iter().map(SuiteResult::summary).collect();
+        let line = format!(
+            "vm-test {} ({}): {passed} passed, {failed} failed in {:.0?} [{}]",
+            k.name,
+            image.file_name().unwrap_or_default().to_string_lossy(),
+            Duration::from_secs(started.elapsed().as_secs()),
+            detail.join("; ")
+        );
+        eprintln!("{line}");
+        lines.push(line);
+        total.passed += passed;
+        total.failed += failed;
+    }
+    for line in &lines {
+        println!("{line}");
+    }
+    Ok(total)
+}
+
+/// The e2e test binaries by name, built first.
+fn test_binaries(root: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let out = Command::new("cargo")
+        .current_dir(root)
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "mirror-agent",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .output()
+        .context("building the test binaries")?;
+    if !out.status.success() {
+        bail!(
+            "building the test binaries failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let is_test = msg["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|v| v == "test"));
+        if let (true, Some(exe), Some(name)) = (
+            is_test,
+            msg["executable"].as_str(),
+            msg["target"]["name"].as_str(),
+        ) {
+            found.push((name.to_string(), PathBuf::from(exe)));
+        }
+    }
+    Ok(found)
+}
+
+/// An apt configuration of our own: Debian's bullseye and bookworm lists, kept under
+/// `target/vm/apt`, so that the host's sources and lists stay as they are.
+struct PrivateApt {
+    dir: PathBuf,
+}
+
+impl PrivateApt {
+    fn new(dir: &Path) -> Result<PrivateApt> {
+        std::fs::create_dir_all(dir.join("lists/partial"))?;
+        std::fs::create_dir_all(dir.join("cache/archives/partial"))?;
+        let mirror = host_debian_mirror();
+        let security = format!("{mirror}-security");
+        let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
+        let opts = if Path::new(keyring).exists() {
+            format!("[signed-by={keyring}]")
+        } else {
+            "[trusted=yes]".to_string()
+        };
+        std::fs::write(
+            dir.join("sources.list"),
+            format!(
+                "deb {opts} {mirror} bullseye main\ndeb {opts} {mirror} bookworm main\n\
+                 deb {opts} {security} bookworm-security main\n"
+            ),
+        )?;
+        let apt = PrivateApt {
+            dir: dir.to_path_buf(),
+        };
+        // The lists are a few MB; refreshed once a day.
+        let fresh = std::fs::metadata(dir.join("updated"))
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(86_400));
+        if !fresh {
+            eprintln!("xtask: fetching Debian's package lists (bullseye, bookworm) for the kernels");
+            run(apt.command("apt-get").args(["update", "-q"]))?;
+            std::fs::write(dir.join("updated"), "")?;
+        }
+        Ok(apt)
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        let d = self.dir.display();
+        for opt in [
+            format!("Dir::Etc::sourcelist={d}/sources.list"),
+            "Dir::Etc::sourceparts=/dev/null".to_string(),
+            format!("Dir::State::Lists={d}/lists"),
+            format!("Dir::Cache={d}/cache"),
+            // The download goes to a root-owned directory.
+            "APT::Sandbox::User=root".to_string(),
+        ] {
+            cmd.arg("-o").arg(opt);
+        }
+        cmd
+    }
+
+    /// The newest package of `k`'s series, downloaded and unpacked once: its `vmlinuz`.
+    fn kernel_image(&self, k: &Kernel, dir: &Path) -> Result<PathBuf> {
+        let out = self
+            .command("apt-cache")
+            .args(["search", "--names-only", k.package])
+            .output()?;
+        let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect();
+        names.sort_by_key(|n| version_key(n));
+        let Some(package) = names.pop() else {
+            bail!(
+                "no package matches {} in Debian's lists (see {})",
+                k.package,
+                self.dir.join("sources.list").display()
+            );
+        };
+        let unpacked = dir.join(&package);
+        let boot = unpacked.join("boot");
+        if !boot.exists() {
+            let debs = dir.join("debs");
+            std::fs::create_dir_all(&debs)?;
+            eprintln!("xtask: downloading {package}");
+            run(self
+                .command("apt-get")
+                .current_dir(&debs)
+                .args(["download", "-q", &package]))?;
+            let deb = std::fs::read_dir(&debs)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .find(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
+                })
+                .with_context(|| format!("{package}: the download left no .deb"))?;
+            let partial = dir.join(format!("{package}.partial"));
+            let _ = std::fs::remove_dir_all(&partial);
+            run(Command::new("dpkg").arg("-x").arg(&deb).arg(&partial))?;
+            std::fs::rename(&partial, &unpacked)?;
+            std::fs::remove_file(&deb)?;
+        }
+        std::fs::read_dir(&boot)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+            })
+            .with_context(|| format!("no vmlinuz in {}", boot.display()))
+    }
+}
+
+/// Numbers in a package name, in order, for picking the newest.
+fn version_key(name: &str) -> Vec<u64> {
+    name.split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+/// The Debian mirror the host uses (deb.debian.org if none is found).
+fn host_debian_mirror() -> String {
+    let mut texts = Vec::new();
+    for f in [
+        "/etc/apt/sources.list.d/debian.sources",
+        "/etc/apt/sources.list",
+    ] {
+        texts.extend(std::fs::read_to_string(f).ok());
+    }
+    texts
+        .iter()
+        .flat_map(|t| t.lines())
+        .flat_map(|l| l.split_whitespace())
+        .find(|w| w.starts_with("http") && w.trim_end_matches('/').ends_with("/debian"))
+        .map(|w| w.trim_end_matches('/').to_string())
+        .unwrap_or_else(|| "http://deb.debian.org/debian".to_string())
+}
+
+struct SuiteResult {
+    binary: String,
+    passed: u64,
+    failed: u64,
+    /// Why the counts are incomplete (a timeout, a crash), if they are.
+    problem: Option<String>,
+}
+
+impl SuiteResult {
+    fn summary(&self) -> String {
+        match &self.problem {
+            Some(p) => format!("{} {}/{} ({p})", self.binary, self.passed, self.passed + self.failed),
+            None => format!("{} {}/{}", self.binary, self.passed, self.passed + self.failed),
+        }
+    }
+}
+
+/// Minutes a suite may take in the guest before it is stopped and counted as failed.
+const SUITE_MINUTES: u64 = 25;
+
+fn boot_and_test(
+    root: &Path,
+    image: &Path,
+    binaries: &[(String, PathBuf)],
+    runs: &[Run],
+) -> Result<Vec<SuiteResult>> {
+    let out = tempfile::tempdir()?;
+    let dir = out.path();
+    let mut script = String::from(
+        "#!/bin/sh\n\
+         export MIRROR_TEST_EMULATED=1 RUST_BACKTRACE=0\n\
+         mount -t bpf bpf /sys/fs/bpf 2>/dev/null\n\
+         modprobe tun 2>/dev/null\n",
+    );
+    script.push_str(&format!("cd {}\n", root.join("mirror-agent").display()));
+    for r in runs {
+        let exe = binaries
+            .iter()
+            .find(|(name, _)| name == r.binary)
+            .with_context(|| format!("no test binary {}", r.binary))?;
+        let log = dir.join(format!("{}.log", r.binary));
+        let filters = if r.filters.is_empty() {
+            String::new()
+        } else {
+            format!(" --exact {}", r.filters.join(" "))
+        };
+        script.push_str(&format!(
+            "timeout {} {} --test-threads=1{filters} > {log} 2>&1\necho \"exit $?\" >> {log}\n",
+            SUITE_MINUTES * 60,
+            exe.1.display(),
+            log = log.display()
+        ));
+    }
+    let script_path = dir.join("run.sh");
+    std::fs::write(&script_path, script)?;
+    run(Command::new("chmod").arg("+x").arg(&script_path))?;
+    let console = dir.join("console.log");
+    eprintln!("xtask: booting {} under qemu (TCG)", image.display());
+    let status = Command::new("vng")
+        .arg("-r")
+        .arg(image)
+        .args([
+            "--disable-kvm",
+            "--verbose",
+            "--memory",
+            "4G",
+            "--cpus",
+            "2",
+            "--rwdir",
+        ])
+        .arg(dir)
+        .arg("--exec")
+        .arg(&script_path)
+        .stdout(std::fs::File::create(&console)?)
+        .stderr(std::fs::File::create(dir.join("vng.stderr"))?)
+        .status()
+        .context("running vng (virtme-ng)")?;
+    if !status.success() {
+        let tail = std::fs::read_to_string(dir.join("vng.stderr")).unwrap_or_default();
+        eprintln!("xtask: vng exited with {status}: {tail}");
+    }
+    Ok(runs
+        .iter()
+        .map(|r| {
+            let log = std::fs::read_to_string(dir.join(format!("{}.log", r.binary)))
+                .unwrap_or_default();
+            let result = parse_log(r.binary, &log);
+            if result.failed > 0 || result.problem.is_some() {
+                eprintln!("---- {} in the guest ----\n{log}", r.binary);
+            }
+            result
+        })
+        .collect())
+}
+
+/// Counts from a test binary's output; a run that printed no result line failed whole.
+fn parse_log(binary: &str, log: &str) -> SuiteResult {
+    let mut result = SuiteResult {
+        binary: binary.to_string(),
+        passed: 0,
+        failed: 0,
+        problem: None,
+    };
+    let Some(line) = log.lines().find_map(|l| l.strip_prefix("test result: ")) else {
+        let exit = log
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("exit "))
+            .unwrap_or("none");
+        result.failed = 1;
+        result.problem = Some(match exit {
+            "124" => format!("stopped after {SUITE_MINUTES} min"),
+            "none" => "never ran".to_string(),
+            code => format!("no result, exit {code}"),
+        });
+        return result;
+    };
+    let count = |word: &str| -> u64 {
+        line.split(';')
+            .find_map(|part| part.trim().strip_suffix(word))
+            .and_then(|n| n.trim().trim_start_matches("ok.").trim_start_matches("FAILED.").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    result.passed = count("passed");
+    result.failed = count("failed");
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_come_from_the_result_line_or_the_run_failed() {
+        let ok = parse_log(
+            "capture_e2e",
+            "running 2 tests\ntest result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 3 filtered out; finished in 9.1s\nexit 0\n",
+        );
+        assert_eq!((ok.passed, ok.failed, ok.problem), (2, 0, None));
+        let failed = parse_log(
+            "capture_e2e",
+            "test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out\nexit 101\n",
+        );
+        assert_eq!((failed.passed, failed.failed), (1, 2));
+        let timed_out = parse_log("h2_e2e", "running 4 tests\nexit 124\n");
+        assert_eq!(timed_out.failed, 1);
+        assert_eq!(timed_out.problem.as_deref(), Some("stopped after 25 min"));
+        assert_eq!(parse_log("x", "").problem.as_deref(), Some("never ran"));
+    }
+
+    #[test]
+    fn the_newest_package_wins() {
+        let mut names = vec![
+            "linux-image-6.1.0-9-amd64",
+            "linux-image-6.1.0-56-amd64",
+            "linux-image-6.1.0-10-amd64",
+        ];
+        names.sort_by_key(|n| version_key(n));
+        assert_eq!(names.last(), Some(&"linux-image-6.1.0-56-amd64"));
+    }
+}
