@@ -78,7 +78,10 @@ fn main() -> Result<()> {
         Task::VmTest(args) => {
             e2e_prerequisites(&root)?;
             let outcome = vm::run_matrix(&root, &args)?;
-            println!("tests: {} passed, {} failed", outcome.passed, outcome.failed);
+            println!(
+                "tests: {} passed, {} failed",
+                outcome.passed, outcome.failed
+            );
             Ok(())
         }
         Task::Fuzz { seconds } => fuzz(&root, seconds),

@@ -209,7 +209,9 @@ impl PrivateApt {
             .and_then(|m| m.modified())
             .is_ok_and(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(86_400));
         if !fresh {
-            eprintln!("xtask: fetching Debian's package lists (bullseye, bookworm) for the kernels");
+            eprintln!(
+                "xtask: fetching Debian's package lists (bullseye, bookworm) for the kernels"
+            );
             run(apt.command("apt-get").args(["update", "-q"]))?;
             std::fs::write(dir.join("updated"), "")?;
         }
@@ -320,8 +322,18 @@ struct SuiteResult {
 impl SuiteResult {
     fn summary(&self) -> String {
         match &self.problem {
-            Some(p) => format!("{} {}/{} ({p})", self.binary, self.passed, self.passed + self.failed),
-            None => format!("{} {}/{}", self.binary, self.passed, self.passed + self.failed),
+            Some(p) => format!(
+                "{} {}/{} ({p})",
+                self.binary,
+                self.passed,
+                self.passed + self.failed
+            ),
+            None => format!(
+                "{} {}/{}",
+                self.binary,
+                self.passed,
+                self.passed + self.failed
+            ),
         }
     }
 }
@@ -393,8 +405,8 @@ fn boot_and_test(
     Ok(runs
         .iter()
         .map(|r| {
-            let log = std::fs::read_to_string(dir.join(format!("{}.log", r.binary)))
-                .unwrap_or_default();
+            let log =
+                std::fs::read_to_string(dir.join(format!("{}.log", r.binary))).unwrap_or_default();
             let result = parse_log(r.binary, &log);
             if result.failed > 0 || result.problem.is_some() {
                 eprintln!("---- {} in the guest ----\n{log}", r.binary);
@@ -429,7 +441,14 @@ fn parse_log(binary: &str, log: &str) -> SuiteResult {
     let count = |word: &str| -> u64 {
         line.split(';')
             .find_map(|part| part.trim().strip_suffix(word))
-            .and_then(|n| n.trim().trim_start_matches("ok.").trim_start_matches("FAILED.").trim().parse().ok())
+            .and_then(|n| {
+                n.trim()
+                    .trim_start_matches("ok.")
+                    .trim_start_matches("FAILED.")
+                    .trim()
+                    .parse()
+                    .ok()
+            })
             .unwrap_or(0)
     };
     result.passed = count("passed");

@@ -121,10 +121,15 @@ impl KernelProgram {
         }
         let prog: &mut SchedClassifier = program(&mut ebpf)?;
         let verifying = std::time::Instant::now();
-        prog.load().map_err(|e| CaptureError::Rejected(Box::new(e)))?;
+        prog.load()
+            .map_err(|e| CaptureError::Rejected(Box::new(e)))?;
         // The verifier's work grows with the kernel's age (older ones prune fewer paths): worth
         // seeing when a start is slow.
-        if let Some(n) = prog.info().ok().and_then(|i| i.verified_instruction_count()) {
+        if let Some(n) = prog
+            .info()
+            .ok()
+            .and_then(|i| i.verified_instruction_count())
+        {
             log::info!(
                 "the kernel verified the TC program in {:.0?} ({n} instructions processed)",
                 verifying.elapsed()
