@@ -411,13 +411,16 @@ fn a_down_slow_or_resetting_mirror_costs_live_users_nothing() {
         eprintln!("{case}: live median {baseline:?} without the agent, {with_agent:?} with it (ratio {ratio:.3}); agent RSS {rss} kB");
         // Live requests complete (latencies() read every response in full). The slow mirror's
         // 1.2 s never reaches a live request: anything near it would show here.
-        assert!(
-            with_agent < Duration::from_millis(50),
-            "{case}: live median {with_agent:?}"
-        );
-        // At ~13 µs round trips the two clones of an exchange cost about 2.5 µs (ratio about
-        // 1.2, with the agent on the same CPU); waiting on the mirror in any way would not fit.
-        assert!(ratio < 1.5, "{case}: live median ratio {ratio:.3}");
+        if timing_applies("live latency with and without the agent") {
+            assert!(
+                with_agent < Duration::from_millis(50),
+                "{case}: live median {with_agent:?}"
+            );
+            // At ~13 µs round trips the two clones of an exchange cost about 2.5 µs (ratio
+            // about 1.2, with the agent on the same CPU); waiting on the mirror in any way
+            // would not fit.
+            assert!(ratio < 1.5, "{case}: live median ratio {ratio:.3}");
+        }
         assert!(rss < 256 * 1024, "{case}: agent RSS {rss} kB");
         // The mirror's trouble is counted under its kind.
         let dropped = |reason| exit.metric("mirror_replay_dropped_total", &[("reason", reason)]);
@@ -479,17 +482,19 @@ fn a_slow_or_down_third_mirror_costs_the_other_two_and_live_users_nothing() {
         let sent_at = Instant::now();
         // c's backlog alone would take N / 32 × 1.2 s ≈ 11 s to clear: a and b must not wait.
         for m in [&a, &b] {
-            netlab::wait_until(Duration::from_secs(3), || m.requests() >= N);
+            netlab::wait_until(patience(Duration::from_secs(3)), || m.requests() >= N);
         }
         let caught_up = sent_at.elapsed();
         let with_agent = median(live);
         eprintln!(
             "{case}: live median {baseline:?} without the agent, {with_agent:?} with it; a and b had every request {caught_up:?} after the client's last"
         );
-        assert!(
-            with_agent < baseline * 2 + Duration::from_millis(5),
-            "{case}: live median {with_agent:?} vs {baseline:?}"
-        );
+        if timing_applies("live latency with a slow or down third mirror") {
+            assert!(
+                with_agent < baseline * 2 + Duration::from_millis(5),
+                "{case}: live median {with_agent:?} vs {baseline:?}"
+            );
+        }
         for (name, m) in [("a", &a), ("b", &b)] {
             let mut got: Vec<String> = m.log().into_iter().map(|r| r.target).collect();
             got.sort();
@@ -830,6 +835,8 @@ fn pipelined_batches_to_a_python_mirror_arrive_whole_and_once() {
             .map(str::to_string)
             .collect::<Vec<_>>()
     };
+    // The Python mirror answers slowly under emulation: every answer is awaited.
+    let timeout = patience(Duration::from_secs(5)).as_secs().to_string();
     let agent = Agent::start(
         &pair.server,
         &[
@@ -841,6 +848,8 @@ fn pipelined_batches_to_a_python_mirror_arrive_whole_and_once() {
             "http://127.0.0.1:9091",
             "--pipeline-depth",
             "16",
+            "--timeout",
+            &timeout,
         ],
     );
     // Eight keep-alive clients, every tenth request a POST with a body (which the agent never
@@ -889,7 +898,9 @@ fn pipelined_batches_to_a_python_mirror_arrive_whole_and_once() {
     })
     .join()
     .unwrap();
-    netlab::wait_until(Duration::from_secs(20), || lines(&log).len() >= sent.len());
+    netlab::wait_until(patience(Duration::from_secs(20)), || {
+        lines(&log).len() >= sent.len()
+    });
     std::thread::sleep(Duration::from_millis(300));
     let exit = agent.stop();
     let mut got = lines(&log);

@@ -126,7 +126,6 @@ pub fn run_matrix(root: &Path, args: &VmTestArgs) -> Result<Outcome> {
             Duration::from_secs(started.elapsed().as_secs()),
             detail.join("; ")
         );
-        eprintln!("{line}");
         lines.push(line);
         total.passed += passed;
         total.failed += failed;
