@@ -443,14 +443,7 @@ fn parse_log(binary: &str, log: &str) -> SuiteResult {
     let count = |word: &str| -> u64 {
         line.split(';')
             .find_map(|part| part.trim().strip_suffix(word))
-            .and_then(|n| {
-                n.trim()
-                    .trim_start_matches("ok.")
-                    .trim_start_matches("FAILED.")
-                    .trim()
-                    .parse()
-                    .ok()
-            })
+            .and_then(|n| n.split_whitespace().last()?.parse().ok())
             .unwrap_or(0)
     };
     result.passed = count("passed");
