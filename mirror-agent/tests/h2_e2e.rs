@@ -435,7 +435,7 @@ fn the_table_shows_grpc_statuses_and_a_slow_method() {
     let sent = grpc_client(&pair.client, &live, 3, ROUNDS, &["methods"]);
     assert_eq!(sent.len(), 3 * ROUNDS as usize);
     let mut last = None;
-    let done = netlab::wait_until(Duration::from_secs(20), || {
+    let done = netlab::wait_until(patience(Duration::from_secs(20)), || {
         last = report(&pair.server, METRICS);
         last.as_ref().is_some_and(|r| {
             r.rows
