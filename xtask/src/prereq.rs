@@ -135,16 +135,10 @@ pub fn ensure_cargo_fuzz() -> Result<()> {
 /// Load tools for the benchmarks: nginx, wrk and tcpdump from apt, oha from crates.io.
 pub fn ensure_bench_tools() -> Result<()> {
     ensure_test_tools()?;
-    let mut missing = Vec::new();
-    for (bin, pkg) in [("nginx", "nginx"), ("wrk", "wrk"), ("tcpdump", "tcpdump")] {
-        if !on_path(bin) && !std::path::Path::new("/usr/sbin").join(bin).exists() {
-            missing.push(pkg);
-        }
-    }
-    if !missing.is_empty() {
-        eprintln!("xtask: installing benchmark tools: {}", missing.join(" "));
-        apt_install(&missing, false)?;
-    }
+    install_missing(
+        "benchmark tools",
+        &[("nginx", "nginx"), ("wrk", "wrk"), ("tcpdump", "tcpdump")],
+    )?;
     if !on_path("oha") {
         eprintln!("xtask: installing oha (fixed-rate load generator) from crates.io");
         run(Command::new("cargo")
@@ -157,21 +151,15 @@ pub fn ensure_bench_tools() -> Result<()> {
 /// What `vm-test` boots kernels with: qemu, and virtme-ng (from PyPI) with the host tools it
 /// uses to build the guest's initramfs (busybox, depmod, file).
 pub fn ensure_vm_tools() -> Result<()> {
-    let mut missing = Vec::new();
-    for (bin, pkg) in [
-        ("qemu-system-x86_64", "qemu-system-x86"),
-        ("busybox", "busybox-static"),
-        ("depmod", "kmod"),
-        ("file", "file"),
-    ] {
-        if !on_path(bin) && !std::path::Path::new("/usr/sbin").join(bin).exists() {
-            missing.push(pkg);
-        }
-    }
-    if !missing.is_empty() {
-        eprintln!("xtask: installing the VM tools: {}", missing.join(" "));
-        apt_install(&missing, false)?;
-    }
+    install_missing(
+        "the VM tools",
+        &[
+            ("qemu-system-x86_64", "qemu-system-x86"),
+            ("busybox", "busybox-static"),
+            ("depmod", "kmod"),
+            ("file", "file"),
+        ],
+    )?;
     if !on_path("vng") {
         eprintln!("xtask: installing virtme-ng (vng) from PyPI");
         let pip = |extra: &[&str]| {
@@ -189,6 +177,21 @@ pub fn ensure_vm_tools() -> Result<()> {
         if !on_path("vng") && !std::path::Path::new("/usr/local/bin/vng").exists() {
             bail!("virtme-ng installed, but `vng` is not on PATH: add pip's script directory");
         }
+    }
+    Ok(())
+}
+
+/// Installs from apt the packages of the `(command, package)` pairs whose command is neither
+/// on PATH nor in /usr/sbin.
+fn install_missing(what: &str, tools: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(bin, _)| !on_path(bin) && !std::path::Path::new("/usr/sbin").join(bin).exists())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("xtask: installing {what}: {}", missing.join(" "));
+        apt_install(&missing, false)?;
     }
     Ok(())
 }
