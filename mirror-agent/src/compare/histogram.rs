@@ -32,9 +32,9 @@ impl Comparator {
                 }
                 buckets.push((f64::INFINITY, a.timed() - below));
                 SeriesHistogram {
-                    name: name.clone(),
+                    name: name.to_string(),
                     version: self.label(*src).to_string(),
-                    code: code.clone(),
+                    code: code.to_string(),
                     sum_seconds: a.sum_ns as f64 / 1e9,
                     count: a.timed(),
                     buckets,

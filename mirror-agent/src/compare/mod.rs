@@ -111,9 +111,25 @@ const LIVE: Source = 0;
 /// Most mirrors one agent compares (their index is kept in a byte).
 pub const MAX_MIRRORS: usize = 32;
 
+/// Endpoint names and result codes are few and repeat with every result: each is allocated
+/// once and shared.
+type Name = Arc<str>;
+
+/// The shared copy of `s`, added to `set` if it is new.
+fn intern(set: &mut HashSet<Name>, s: &str) -> Name {
+    match set.get(s) {
+        Some(n) => Arc::clone(n),
+        None => {
+            let n: Name = s.into();
+            set.insert(Arc::clone(&n));
+            n
+        }
+    }
+}
+
 struct Half {
-    name: String,
-    code: String,
+    name: Name,
+    code: Name,
     ns: Option<u64>,
 }
 
@@ -131,9 +147,9 @@ struct Pending {
 #[derive(Default)]
 struct Pairs {
     /// (endpoint, mirror, live code, mirror code) → count.
-    mismatches: BTreeMap<(String, Source, String, String), u64>,
+    mismatches: BTreeMap<(Name, Source, Name, Name), u64>,
     /// (endpoint, mirror) → (pairs, sum of mirror/live duration ratios).
-    ratios: BTreeMap<(String, Source), (u64, f64)>,
+    ratios: BTreeMap<(Name, Source), (u64, f64)>,
 }
 
 impl Pairs {
@@ -161,8 +177,10 @@ impl Pairs {
 
 pub struct Comparator {
     cfg: CompareConfig,
-    aggs: BTreeMap<(String, Source, String), Agg>,
-    endpoints: HashSet<String>,
+    aggs: BTreeMap<(Name, Source, Name), Agg>,
+    endpoints: HashSet<Name>,
+    /// Result codes seen (statuses have three digits: a thousand at most, with the others).
+    codes: HashSet<Name>,
     other: u64,
     other_series: u64,
     pending: HashMap<PairKey, Pending>,
@@ -179,6 +197,7 @@ impl Comparator {
             cfg,
             aggs: BTreeMap::new(),
             endpoints: HashSet::new(),
+            codes: HashSet::new(),
             other: 0,
             other_series: 0,
             pending: HashMap::new(),
@@ -194,22 +213,21 @@ impl Comparator {
     }
 
     /// The endpoint name for a request, `other` once the cap is reached.
-    pub fn endpoint(&mut self, method: &str, target: &str) -> String {
+    pub fn endpoint(&mut self, method: &str, target: &str) -> Name {
         let name = endpoint_name(method, target, &self.cfg.routes);
-        if self.endpoints.contains(&name) {
-            return name;
+        if let Some(n) = self.endpoints.get(name.as_str()) {
+            return Arc::clone(n);
         }
         if self.endpoints.len() >= self.cfg.max_endpoints {
             self.other += 1;
-            return "other".into();
+            return intern(&mut self.codes, "other");
         }
-        self.endpoints.insert(name.clone());
-        name
+        intern(&mut self.endpoints, &name)
     }
 
     pub fn live(&mut self, m: &ResponseMeta) {
         let name = self.endpoint(&m.method, &m.target);
-        let code = m.code();
+        let code = intern(&mut self.codes, &m.code());
         self.record(
             LIVE,
             (m.conn, m.request_seq),
@@ -221,14 +239,15 @@ impl Comparator {
 
     /// An outcome of mirror number `mirror` (0-based, as in `mirror_labels`). Returns its
     /// endpoint's name.
-    pub fn mirror(&mut self, mirror: usize, o: &MirrorOutcome) -> String {
+    pub fn mirror(&mut self, mirror: usize, o: &MirrorOutcome) -> Name {
         let name = self.endpoint(&o.method, &o.target);
         let src = Source::try_from(mirror + 1).unwrap_or(Source::MAX);
+        let code = intern(&mut self.codes, &o.result.code());
         self.record(
             src,
             (o.conn, o.seq),
-            name.clone(),
-            o.result.code(),
+            Arc::clone(&name),
+            code,
             o.duration.map(|d| d.as_nanos() as u64),
         );
         name
@@ -246,15 +265,15 @@ impl Comparator {
         }
     }
 
-    fn record(&mut self, src: Source, key: PairKey, name: String, code: String, ns: Option<u64>) {
-        let mut series = (name.clone(), src, code.clone());
+    fn record(&mut self, src: Source, key: PairKey, name: Name, code: Name, ns: Option<u64>) {
+        let mut series = (Arc::clone(&name), src, Arc::clone(&code));
         if !self.aggs.contains_key(&series) && self.aggs.len() >= self.cfg.max_series {
             // Over the cap: one `other` series per source and code, as long as a little
             // headroom lasts, then one per source.
             self.other_series += 1;
-            series.0 = "other".into();
+            series.0 = intern(&mut self.codes, "other");
             if !self.aggs.contains_key(&series) && self.aggs.len() >= self.cfg.max_series + 64 {
-                series.2 = "other".into();
+                series.2 = intern(&mut self.codes, "other");
             }
         }
         self.aggs.entry(series).or_insert_with(Agg::new).add(ns);
@@ -317,14 +336,14 @@ impl Comparator {
                 .aggs
                 .iter()
                 .map(|((name, src, code), a)| Row {
-                    name: name.clone(),
+                    name: name.to_string(),
                     version: self.label(*src).to_string(),
                     side: if *src == LIVE {
                         Side::Live
                     } else {
                         Side::Mirror
                     },
-                    code: code.clone(),
+                    code: code.to_string(),
                     count: a.count,
                     timed: a.timed(),
                     avg_ms: a.sum_ns as f64 / a.timed().max(1) as f64 / 1e6,
@@ -337,10 +356,10 @@ impl Comparator {
                 .mismatches
                 .iter()
                 .map(|((name, src, l, m), n)| Mismatch {
-                    name: name.clone(),
+                    name: name.to_string(),
                     mirror: self.label(*src).to_string(),
-                    live_code: l.clone(),
-                    mirror_code: m.clone(),
+                    live_code: l.to_string(),
+                    mirror_code: m.to_string(),
                     count: *n,
                 })
                 .collect(),
@@ -349,7 +368,7 @@ impl Comparator {
                 .ratios
                 .iter()
                 .map(|((name, src), (n, sum))| LatencyRatio {
-                    name: name.clone(),
+                    name: name.to_string(),
                     mirror: self.label(*src).to_string(),
                     pairs: *n,
                     mean_ratio: sum / *n as f64,
@@ -396,7 +415,7 @@ impl Comparison {
         let name = self.lock().mirror(mirror, o);
         if let Some(w) = &self.content {
             let answered = matches!(o.result, MirrorResult::Status(_) | MirrorResult::Grpc(..));
-            w.mirror((o.conn, o.seq), name, mirror, answered, o.content.clone());
+            w.mirror((o.conn, o.seq), name.to_string(), mirror, answered, o.content.clone());
         }
     }
 
@@ -406,7 +425,7 @@ impl Comparison {
             let name = self.lock().endpoint(&l.method, &l.target);
             w.live(
                 (l.conn, l.request_seq),
-                name,
+                name.to_string(),
                 &l.method,
                 &l.target,
                 Arc::clone(&l.content),
