@@ -22,6 +22,8 @@ use crate::http::{HttpEvent, Request};
 use crate::metrics::{self, Sources};
 use crate::pipeline::{self, PipelineConfig, PipelineStats};
 use crate::pods::{self, PodChange, PodSelector};
+use crate::record::writer::RecordError;
+use crate::record::{RecordConfig, RecordStats, Recorder};
 use crate::replay::{self, MirrorError, MirrorOutcome, ReplayConfig, ReplayStats, Replayer};
 use crate::segment::FrameError;
 
@@ -55,6 +57,8 @@ pub enum AgentError {
     Thread(#[source] std::io::Error),
     #[error("the pipeline thread panicked")]
     PipelinePanicked,
+    #[error("--record")]
+    Record(#[source] RecordError),
 }
 
 type Result<T, E = AgentError> = std::result::Result<T, E>;
@@ -76,6 +80,8 @@ pub struct AgentConfig {
     /// Keep the agent under this many cores by shedding new connections in the kernel
     /// (needs `capture.matching.sticky_sampling`).
     pub cpu_budget: Option<f64>,
+    /// Keep every extracted request and its live response on disk (`--record`).
+    pub record: Option<RecordConfig>,
 }
 
 /// One mirror: its name (the version tag of its rows) and how its requests are replayed.
@@ -135,6 +141,8 @@ pub struct Summary {
     pub pipeline: PipelineStats,
     /// Each mirror's name and replay counters.
     pub replay: Vec<(String, Arc<ReplayStats>)>,
+    /// The recording stage's counters (`--record`).
+    pub record: Option<Arc<RecordStats>>,
     pub report: Report,
     /// The reassembled streams, when the pipeline recorded them (`--dump`).
     pub dump: Option<FlowRecorder>,
@@ -178,7 +186,15 @@ impl Agent {
 
         // Reassemble and parse, on their own thread.
         let pipeline_stats = Arc::new(Mutex::new(PipelineStats::default()));
+        let recorder = cfg
+            .record
+            .clone()
+            .map(Recorder::start)
+            .transpose()
+            .map_err(AgentError::Record)?;
+        let record_stats = recorder.as_ref().map(|r| Arc::clone(r.stats()));
         let events = PipelineEvents {
+            recorder,
             replayers: mirrors.iter().map(|m| m.replayer.clone()).collect(),
             requests: Vec::new(),
             live: comparison.clone(),
@@ -215,6 +231,7 @@ impl Agent {
                 .iter()
                 .map(|m| (m.name.clone(), Arc::clone(m.replayer.stats())))
                 .collect(),
+            record: record_stats,
         };
         if let Some(addr) = cfg.metrics {
             let bound = rt
@@ -367,6 +384,7 @@ impl Agent {
             capture: capture_stats,
             pipeline,
             replay: replay_stats,
+            record: sources.record.clone(),
             report: comparison.report(),
             dump,
         })
@@ -413,6 +431,8 @@ async fn next_change(rx: &mut Option<tokio::sync::mpsc::Receiver<PodChange>>) ->
 /// Where the pipeline's events go: requests to every mirror's replayer, a batch at a time;
 /// live responses to the comparison; connections to capture whole to the kernel.
 struct PipelineEvents {
+    /// The recording stage; dropped (its last block written) when the pipeline ends.
+    recorder: Option<Recorder>,
     replayers: Vec<Replayer>,
     requests: Vec<Request>,
     live: Comparison,
@@ -423,11 +443,19 @@ impl pipeline::Sink for PipelineEvents {
     fn event(&mut self, event: HttpEvent) {
         match event {
             HttpEvent::Request(r) => {
+                if let Some(rec) = &self.recorder {
+                    rec.request(&r);
+                }
                 if !self.replayers.is_empty() {
                     self.requests.push(r);
                 }
             }
-            HttpEvent::Response(m) => self.live.live(&m),
+            HttpEvent::Response(m) => {
+                if let Some(rec) = &self.recorder {
+                    rec.response(&m);
+                }
+                self.live.live(&m)
+            }
             HttpEvent::ResponseContent(c) => self.live.live_content(&c),
             HttpEvent::FullResponses { client, server } => {
                 if let Some(full) = self.full_responses.as_mut() {
@@ -517,6 +545,21 @@ impl Summary {
                     out.push(format!("replay {name}: {r:?}"));
                 }
             }
+        }
+        if let Some(r) = &self.record {
+            let g = RecordStats::get;
+            out.push(format!(
+                "record: requests={} responses={} blocks={} bytes={} files={} files_removed={} dropped_queue_full={} dropped_write_error={} dropped_unsupported={}",
+                g(&r.requests),
+                g(&r.responses),
+                g(&r.blocks),
+                g(&r.bytes),
+                g(&r.files),
+                g(&r.files_removed),
+                g(&r.dropped_queue_full),
+                g(&r.dropped_write_error),
+                g(&r.dropped_unsupported)
+            ));
         }
         out
     }

@@ -29,6 +29,87 @@ pub enum Command {
     Attach(Box<AttachArgs>),
     /// Print the comparison table of a running agent (started with --metrics).
     Report(ReportArgs),
+    /// Send a recording (attach --record DIR) to a mirror again and compare as live mirroring
+    /// does, the recorded live responses being the live side.
+    Replay(Box<ReplayArgs>),
+    /// Write a recording out in another format.
+    Export(ExportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ReplayArgs {
+    /// The recording's directory.
+    pub dir: PathBuf,
+
+    /// Where to send: http://host:port[/prefix].
+    #[arg(long)]
+    pub mirror: String,
+
+    /// Pace: a factor on the recorded timing (2.0 sends twice as fast), or `max`.
+    #[arg(long, default_value = "1")]
+    pub speed: crate::record::playback::Speed,
+
+    /// Play the recording this many times in a row.
+    #[arg(long = "loop", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub loops: u32,
+
+    /// Most requests per second, whatever the speed (later ones wait).
+    #[arg(long)]
+    pub max_rps: Option<f64>,
+
+    /// Connections to the mirror: `same` (one per recorded connection) or a number; each
+    /// recorded connection's requests stay in order on one of them.
+    #[arg(long, default_value = "same")]
+    pub connections: crate::record::playback::Lanes,
+
+    /// Host header sent to the mirror (as for attach).
+    #[arg(long, value_enum, default_value_t = HostMode::Mirror)]
+    pub host: HostMode,
+
+    /// Header added to every request (NAME:VALUE; repeatable).
+    #[arg(long = "add-header", value_parser = replay::parse_header)]
+    pub add_headers: Vec<(HeaderName, HeaderValue)>,
+
+    /// Header removed from every request (repeatable).
+    #[arg(long = "drop-header")]
+    pub drop_headers: Vec<HeaderName>,
+
+    /// Only these methods (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Vec<String>,
+
+    /// Only requests whose path (without the query) matches this regex.
+    #[arg(long)]
+    pub path: Option<Regex>,
+
+    /// Seconds a request may take before it counts as a timeout.
+    #[arg(long, default_value_t = 10.0)]
+    pub timeout: f64,
+
+    /// Version tag of the recorded live responses' rows.
+    #[arg(long, default_value = "live")]
+    pub live_label: String,
+
+    /// Version tag of the mirror's rows.
+    #[arg(long, default_value = "mirror")]
+    pub mirror_label: String,
+
+    /// Endpoint template naming matching paths (repeatable).
+    #[arg(long = "route")]
+    pub routes: Vec<RouteTemplate>,
+
+    #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+    pub format: ReportFormat,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// The recording's directory.
+    pub dir: PathBuf,
+
+    /// Write HAR 1.2 to this file (`-` for standard output).
+    #[arg(long)]
+    pub har: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -114,6 +195,25 @@ pub struct AttachArgs {
     /// a tiny ring to force capture drops.
     #[arg(long, hide = true, value_parser = clap::value_parser!(u32).range(64..=1024))]
     pub ring_block_kb: Option<u32>,
+
+    /// Record every extracted request (HTTP/1) and its live response's status and timing in
+    /// this directory, for `mirror-agent replay` and `export`. Alone or with --mirror;
+    /// --drop-header applies to what is written. Never slows the pipeline: what the disk cannot
+    /// take is dropped and counted.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+
+    /// A recording file is closed and a new one started past this size.
+    #[arg(long, default_value = "64M", value_parser = crate::budget::parse_size)]
+    pub record_file_size: u64,
+
+    /// ... or past this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub record_file_seconds: u64,
+
+    /// The oldest recording files are removed to keep the directory under this size.
+    #[arg(long, default_value = "1G", value_parser = crate::budget::parse_size)]
+    pub record_max_size: u64,
 
     /// Write the captured streams, per flow, to this file on exit.
     #[arg(long)]
@@ -369,7 +469,28 @@ mod tests {
         argv.extend_from_slice(args);
         match Cli::try_parse_from(argv)?.command {
             Command::Attach(a) => Ok(a),
-            Command::Report(_) => unreachable!(),
+            _ => unreachable!("parsed as attach"),
+        }
+    }
+
+    #[test]
+    fn replay_arguments_and_their_errors() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["mirror-agent", "replay", "rec", "--mirror", "http://m:80"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|c| match c.command {
+                Command::Replay(r) => r,
+                _ => unreachable!("parsed as replay"),
+            })
+        };
+        use crate::record::playback::{Lanes, Speed};
+        let r = parse(&[]).unwrap();
+        assert_eq!((r.speed, r.loops, r.connections), (Speed::Factor(1.0), 1, Lanes::Same));
+        let r = parse(&["--speed", "max", "--loop", "3", "--connections", "8"]).unwrap();
+        assert_eq!((r.speed, r.loops, r.connections), (Speed::Max, 3, Lanes::Fixed(8)));
+        for bad in [["--speed", "0"], ["--speed", "fast"], ["--connections", "0"], ["--loop", "0"]] {
+            let e = parse(&bad).unwrap_err().to_string();
+            assert!(e.contains(bad[1]), "{bad:?}: {e}");
         }
     }
 

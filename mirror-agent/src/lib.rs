@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod pods;
 pub mod reassembly;
+pub mod record;
 pub mod replay;
 pub mod segment;
 #[doc(hidden)]

@@ -15,13 +15,15 @@ use mirror_agent::capture::netdev;
 use mirror_agent::capture::ring::RingConfig;
 use mirror_agent::capture::{CaptureConfig, CaptureError, Hook, MatchConfig, Target};
 use mirror_agent::cli::{
-    mirror_names, AttachArgs, Cli, Command, ReportArgs, ReportFormat, ResponseCapture,
+    mirror_names, AttachArgs, Cli, Command, ExportArgs, ReplayArgs, ReportArgs, ReportFormat,
+    ResponseCapture,
 };
 use mirror_agent::compare::content::{ContentCapture, ContentConfig};
 use mirror_agent::compare::diffs::DiffConfig;
 use mirror_agent::compare::{self, format_table, CompareConfig, Report};
 use mirror_agent::http::HttpConfig;
 use mirror_agent::pipeline::PipelineConfig;
+use mirror_agent::record::{self, playback::PlaybackConfig, RecordConfig};
 use mirror_agent::pods::PodSelector;
 use mirror_agent::reassembly::ReassemblyConfig;
 use mirror_agent::replay::{self, MirrorError, ReplayConfig};
@@ -33,6 +35,8 @@ fn main() {
     let result = match cli.command {
         Command::Attach(args) => attach(*args),
         Command::Report(args) => report(args),
+        Command::Replay(args) => playback(*args),
+        Command::Export(args) => export(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -247,7 +251,17 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
         record_streams: args.dump.is_some().then_some(args.dump_max_bytes),
         tick: Duration::from_millis(100),
     };
+    let record = args.record.as_ref().map(|dir| RecordConfig {
+        dir: dir.clone(),
+        file_bytes: args.record_file_size,
+        file_age: Duration::from_secs(args.record_file_seconds.max(1)),
+        max_bytes: args.record_max_size,
+        drop_headers: args.drop_headers.iter().map(|h| h.to_string()).collect(),
+        queue: 64 << 10,
+        block_age: record::writer::BLOCK_AGE,
+    });
     Ok(AgentConfig {
+        record,
         capture,
         pipeline,
         mirrors,
@@ -309,6 +323,11 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
             AgentError::Capture(c) => capture_hint(c),
             AgentError::MirrorRoute { source, .. } => capture_hint(source),
             AgentError::Mirror { source, .. } => Some(mirror_hint(source).to_string()),
+            AgentError::Record(_) => Some(
+                "give --record a directory the agent may create and write (in a pod, a mounted \
+                 volume)"
+                    .into(),
+            ),
             AgentError::Thread(_) | AgentError::PipelinePanicked => None,
         };
     }
@@ -396,6 +415,77 @@ fn redacted_headers(dropped: &[hyper::header::HeaderName]) -> Vec<String> {
     .to_vec();
     out.extend(dropped.iter().map(|h| h.as_str().to_string()));
     out
+}
+
+/// `mirror-agent replay DIR`: the recording sent again, and the comparison printed.
+fn playback(args: ReplayArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let uri = replay::parse_mirror_url(&args.mirror)
+        .map_err(|e| with_hint(anyhow::Error::new(e).context("--mirror")))?;
+    rt.block_on(replay::check_mirror(&uri))
+        .map_err(|e| with_hint(anyhow::Error::new(e).context("--mirror")))?;
+    let cfg = PlaybackConfig {
+        replay: ReplayConfig {
+            host: args.host,
+            add_headers: args.add_headers,
+            drop_headers: args.drop_headers,
+            methods: args.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
+            path: args.path,
+            timeout: Duration::from_secs_f64(args.timeout),
+            pipeline_depth: 1,
+            ..ReplayConfig::new(uri)
+        },
+        speed: args.speed,
+        loops: args.loops,
+        max_rps: args.max_rps,
+        lanes: args.connections,
+        compare: CompareConfig {
+            live_label: args.live_label,
+            mirror_labels: vec![args.mirror_label],
+            routes: args.routes,
+            ..CompareConfig::default()
+        },
+        progress: Some(Duration::from_secs(2)),
+    };
+    let summary = rt
+        .block_on(record::playback::run(&args.dir, cfg))
+        .map_err(|e| anyhow::Error::new(e).context("replay"))?;
+    for issue in &summary.issues {
+        eprintln!("warning: {issue}");
+    }
+    eprintln!("{}", summary.line());
+    match args.format {
+        ReportFormat::Json => emit(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&summary.report)?
+        )),
+        ReportFormat::Table => emit(&format!("{}\n", format_table(&summary.report))),
+    }
+    Ok(())
+}
+
+/// `mirror-agent export DIR --har FILE`.
+fn export(args: ExportArgs) -> Result<()> {
+    let to_stdout = args.har.as_os_str() == "-";
+    let mut out: Box<dyn std::io::Write> = if to_stdout {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(std::io::BufWriter::new(
+            std::fs::File::create(&args.har)
+                .with_context(|| format!("--har {}", args.har.display()))?,
+        ))
+    };
+    let (entries, issues) = record::har::export(&args.dir, &mut out)
+        .with_context(|| format!("exporting the recording in {}", args.dir.display()))?;
+    out.flush()?;
+    for issue in &issues {
+        eprintln!("warning: {issue}");
+    }
+    eprintln!("export: {entries} requests written as HAR");
+    Ok(())
 }
 
 fn report(args: ReportArgs) -> Result<()> {

@@ -71,6 +71,38 @@ impl Request {
     pub fn head(&self) -> &[u8] {
         &self.raw[..self.raw.len() - self.body.len()]
     }
+
+    /// A request read back from its wire bytes (a recording's), head parsed as the extractor
+    /// parses it and the body taken as framed. None when the head does not parse.
+    pub fn from_wire(raw: Bytes, at: WireOrigin) -> Option<Request> {
+        let head = parse_request_head(&raw, HEADER_SLOTS).ok()?;
+        Some(Request {
+            conn: at.conn,
+            seq: at.seq,
+            client: at.client,
+            server: at.server,
+            body: raw.slice(head.len..),
+            framing: head.framing,
+            version: head.version,
+            method: head.method,
+            target: head.target,
+            headers: head.headers,
+            first_ts: at.first_ts,
+            last_ts: at.last_ts,
+            raw,
+        })
+    }
+}
+
+/// Where a request read back from bytes came from.
+#[derive(Clone, Copy, Debug)]
+pub struct WireOrigin {
+    pub conn: ConnId,
+    pub seq: u64,
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub first_ts: TimestampNs,
+    pub last_ts: TimestampNs,
 }
 
 /// Which side of an HTTP/1 connection a parser reads, as hyper's `proto::h1::role` splits

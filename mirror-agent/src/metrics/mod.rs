@@ -39,6 +39,8 @@ pub struct Sources {
     pub pipeline: Arc<Mutex<PipelineStats>>,
     /// Each mirror's name and replay counters.
     pub replay: Vec<(String, Arc<ReplayStats>)>,
+    /// The recording stage's counters (`--record`).
+    pub record: Option<Arc<crate::record::RecordStats>>,
 }
 
 impl std::fmt::Debug for Sources {
@@ -299,6 +301,11 @@ impl Collector for Sources {
             stages::replay(&mut replay, name, r);
         }
         replay.encode(&mut encoder)?;
+        if let Some(r) = &self.record {
+            let mut record = Families::default();
+            stages::record(&mut record, r);
+            record.encode(&mut encoder)?;
+        }
         Ok(())
     }
 }
@@ -400,6 +407,7 @@ mod tests {
             kernel: Arc::new(Mutex::new(vec![("cloned", 3), ("skip_not_tcp", 1)])),
             pipeline: Arc::new(Mutex::new(PipelineStats::default())),
             replay: vec![("mirror".into(), Arc::new(ReplayStats::default()))],
+            record: Some(Default::default()),
         }
     }
 

@@ -557,6 +557,49 @@ pub fn replay(out: &mut Families, mirror: &str, s: &ReplayStats) {
     out.base.clear();
 }
 
+/// The recording stage's counters (`--record`).
+pub fn record(out: &mut Families, s: &crate::record::RecordStats) {
+    out.counter(
+        "mirror_record_blocks",
+        "Compressed blocks written to the recording",
+        get(&s.blocks),
+    );
+    out.counter(
+        "mirror_record_bytes",
+        "Bytes written to the recording (compressed)",
+        get(&s.bytes),
+    );
+    out.by(
+        "mirror_record_dropped",
+        "Requests and responses not recorded, by reason",
+        "reason",
+        &[
+            ("queue_full", get(&s.dropped_queue_full)),
+            ("unsupported", get(&s.dropped_unsupported)),
+            ("write_error", get(&s.dropped_write_error)),
+        ],
+    );
+    out.counter(
+        "mirror_record_files",
+        "Recording files started",
+        get(&s.files),
+    );
+    out.counter(
+        "mirror_record_files_removed",
+        "Oldest recording files removed to stay under --record-max-size",
+        get(&s.files_removed),
+    );
+    out.by(
+        "mirror_record_records",
+        "Records written, by kind",
+        "kind",
+        &[
+            ("request", get(&s.requests)),
+            ("response", get(&s.responses)),
+        ],
+    );
+}
+
 fn get_usize(c: &AtomicUsize) -> u64 {
     c.load(Ordering::Relaxed) as u64
 }

@@ -34,7 +34,7 @@ use crate::http::h2::{StreamPart, StreamReceiver};
 use crate::http::{h2, result_code, Request};
 use crate::reassembly::ConnId;
 
-mod h1;
+pub(crate) mod h1;
 
 /// What the mirror request's Host header is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

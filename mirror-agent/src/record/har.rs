@@ -1,0 +1,322 @@
+//! `mirror-agent export DIR --har FILE`: a recording as HAR 1.2 (the HTTP Archive format that
+//! browsers' developer tools, proxies and load-testing tools read). The format is plain JSON:
+//! serde types here, for the fields a recording has.
+//!
+//! A recording keeps each request whole and its live response's status and timing, not the
+//! response's headers or body: entries have the response's status, and its content is empty
+//! (`size` 0, `comment` saying so).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::reader::{Issue, Reader};
+use super::Record;
+use crate::http::h1::{self, WireOrigin};
+
+#[derive(Serialize)]
+struct Har {
+    log: Log,
+}
+
+#[derive(Serialize)]
+struct Log {
+    version: &'static str,
+    creator: Creator,
+    entries: Vec<Entry>,
+}
+
+#[derive(Serialize)]
+struct Creator {
+    name: &'static str,
+    version: &'static str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Entry {
+    started_date_time: String,
+    time: f64,
+    request: HarRequest,
+    response: HarResponse,
+    cache: Empty,
+    timings: Timings,
+    #[serde(rename = "serverIPAddress")]
+    server_ip_address: String,
+    connection: String,
+}
+
+#[derive(Serialize)]
+struct Empty {}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct HarRequest {
+    method: String,
+    url: String,
+    http_version: String,
+    cookies: Vec<NameValue>,
+    headers: Vec<NameValue>,
+    query_string: Vec<NameValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    post_data: Option<PostData>,
+    headers_size: i64,
+    body_size: i64,
+}
+
+#[derive(Serialize)]
+struct NameValue {
+    name: String,
+    value: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PostData {
+    mime_type: String,
+    text: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    encoding: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct HarResponse {
+    status: u16,
+    status_text: String,
+    http_version: String,
+    cookies: Vec<NameValue>,
+    headers: Vec<NameValue>,
+    content: Content,
+    #[serde(rename = "redirectURL")]
+    redirect_url: String,
+    headers_size: i64,
+    body_size: i64,
+    comment: &'static str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Content {
+    size: i64,
+    mime_type: String,
+}
+
+#[derive(Serialize)]
+struct Timings {
+    send: f64,
+    wait: f64,
+    receive: f64,
+}
+
+fn rfc3339(ns: u64) -> String {
+    let secs = (ns / 1_000_000_000) as i64;
+    let nanos = (ns % 1_000_000_000) as u32;
+    chrono::DateTime::from_timestamp(secs, nanos)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| "1970-01-01T00:00:00.000Z".into())
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The body as the client meant it: chunked framing removed.
+fn decoded_body(req: &h1::Request) -> Vec<u8> {
+    use crate::http::framing::{BodyDecoder, Framing};
+    let mut out = Vec::with_capacity(req.body.len());
+    match req.framing {
+        Framing::Chunked => {
+            if let Some(mut d) = BodyDecoder::new(Framing::Chunked) {
+                let _ = d.feed_with(&req.body, 64 << 10, &mut |b| out.extend_from_slice(b));
+            }
+        }
+        _ => out.extend_from_slice(&req.body),
+    }
+    out
+}
+
+fn entry(req: &h1::Request, resp: Option<&super::RecordedResponse>) -> Entry {
+    let headers: Vec<NameValue> = req
+        .headers()
+        .map(|(n, v)| NameValue {
+            name: n.to_string(),
+            value: text(v),
+        })
+        .collect();
+    let host = req
+        .header("host")
+        .map(text)
+        .unwrap_or_else(|| req.server.to_string());
+    let target = req.target();
+    let url = if target.starts_with("http://") || target.starts_with("https://") {
+        target.to_string()
+    } else {
+        format!("http://{host}{target}")
+    };
+    let query_string = target
+        .split_once('?')
+        .map(|(_, q)| {
+            q.split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (n, v) = p.split_once('=').unwrap_or((p, ""));
+                    NameValue {
+                        name: n.to_string(),
+                        value: v.to_string(),
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let body = decoded_body(req);
+    let post_data = (!body.is_empty()).then(|| {
+        let mime_type = req.header("content-type").map(text).unwrap_or_default();
+        match std::str::from_utf8(&body) {
+            Ok(t) => PostData {
+                mime_type,
+                text: t.to_string(),
+                encoding: None,
+            },
+            Err(_) => PostData {
+                mime_type,
+                text: base64(&body),
+                encoding: Some("base64"),
+            },
+        }
+    });
+    let version = if req.version == 0 { "HTTP/1.0" } else { "HTTP/1.1" };
+    let wait_ms = resp.map_or(-1.0, |r| {
+        r.response_first_ts.saturating_sub(r.request_last_ts) as f64 / 1e6
+    });
+    Entry {
+        started_date_time: rfc3339(req.first_ts),
+        time: wait_ms.max(0.0),
+        request: HarRequest {
+            method: req.method().to_string(),
+            url,
+            http_version: version.into(),
+            cookies: Vec::new(),
+            headers,
+            query_string,
+            post_data,
+            headers_size: req.head().len() as i64,
+            body_size: body.len() as i64,
+        },
+        response: HarResponse {
+            // HAR has no "unknown": 0 is what browsers write for a response that never came.
+            status: resp.map_or(0, |r| r.status),
+            status_text: String::new(),
+            http_version: version.into(),
+            cookies: Vec::new(),
+            headers: Vec::new(),
+            content: Content {
+                size: 0,
+                mime_type: String::new(),
+            },
+            redirect_url: String::new(),
+            headers_size: -1,
+            body_size: -1,
+            comment: "recorded: status and timing only",
+        },
+        cache: Empty {},
+        timings: Timings {
+            send: 0.0,
+            wait: wait_ms,
+            receive: 0.0,
+        },
+        server_ip_address: req.server.ip().to_string(),
+        connection: req.conn.to_string(),
+    }
+}
+
+fn base64(b: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(b.len().div_ceil(3) * 4);
+    for c in b.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Writes the recording in `dir` to `out` as HAR. Returns the entries written and the issues
+/// met reading.
+pub fn export(dir: &Path, out: &mut impl Write) -> std::io::Result<(usize, Vec<Issue>)> {
+    let mut reader = Reader::open(dir)?;
+    let mut requests: Vec<h1::Request> = Vec::new();
+    let mut responses: HashMap<(u64, u64), super::RecordedResponse> = HashMap::new();
+    for record in reader.by_ref() {
+        match record {
+            Record::Request(r) => {
+                let at = WireOrigin {
+                    conn: r.conn,
+                    seq: r.seq,
+                    client: r.client,
+                    server: r.server,
+                    first_ts: r.first_ts,
+                    last_ts: r.last_ts,
+                };
+                if let Some(req) = h1::Request::from_wire(r.raw, at) {
+                    requests.push(req);
+                }
+            }
+            Record::Response(r) => {
+                responses.insert((r.conn, r.seq), r);
+            }
+        }
+    }
+    let entries: Vec<Entry> = requests
+        .iter()
+        .map(|r| entry(r, responses.get(&(r.conn, r.seq))))
+        .collect();
+    let n = entries.len();
+    let har = Har {
+        log: Log {
+            version: "1.2",
+            creator: Creator {
+                name: "mirror-agent",
+                version: env!("CARGO_PKG_VERSION"),
+            },
+            entries,
+        },
+    };
+    serde_json::to_writer_pretty(&mut *out, &har)?;
+    out.write_all(b"\n")?;
+    Ok((n, reader.take_issues()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_the_rfc_examples() {
+        for (plain, coded) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(plain.as_bytes()), coded);
+        }
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(rfc3339(1_764_000_000_123_000_000), "2025-11-24T16:00:00.123Z");
+    }
+}

@@ -1,0 +1,421 @@
+//! `mirror-agent replay DIR`: a recording sent to a mirror again, with its original relative
+//! timing (scaled by `--speed`) or as fast as it goes, and compared as live mirroring is, with
+//! the recorded live responses as the live side.
+//!
+//! Each recorded connection's requests go out in their recorded order on one connection to the
+//! mirror (a *lane*), one at a time: with `--connections same` a lane per recorded connection
+//! (opened when its first request is due, closed when it has been idle a while), with
+//! `--connections N` N lanes, a recorded connection always on the same one. A request is sent at
+//! its due time or, when its lane is still busy with the one before, as soon as that one is
+//! answered: order is kept over timing.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::reader::{Issue, Reader};
+use super::{Record, RecordedRequest};
+use crate::compare::{CompareConfig, Comparison, Report};
+use crate::http::h1::{self, WireOrigin};
+use crate::http::ResponseMeta;
+use crate::replay::h1::{serialize, Conn};
+use crate::replay::{MirrorOutcome, MirrorResult, ReplayConfig};
+
+/// How requests are spread over connections to the mirror.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lanes {
+    /// One per recorded connection.
+    Same,
+    Fixed(usize),
+}
+
+impl std::str::FromStr for Lanes {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "same" {
+            return Ok(Lanes::Same);
+        }
+        match s.parse::<usize>() {
+            Ok(n) if (1..=10_000).contains(&n) => Ok(Lanes::Fixed(n)),
+            _ => Err(format!(
+                "{s:?} is neither `same` nor a number of connections from 1 to 10000"
+            )),
+        }
+    }
+}
+
+/// `--speed`: a factor on the recorded pace, or as fast as the lanes go.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Speed {
+    Factor(f64),
+    Max,
+}
+
+impl std::str::FromStr for Speed {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "max" {
+            return Ok(Speed::Max);
+        }
+        match s.parse::<f64>() {
+            Ok(f) if f > 0.0 && f.is_finite() => Ok(Speed::Factor(f)),
+            _ => Err(format!("{s:?} is neither `max` nor a positive factor such as 2.0")),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PlaybackConfig {
+    /// Where and how to send (mirror, Host mode, headers added and dropped, filters, timeout).
+    pub replay: ReplayConfig,
+    pub speed: Speed,
+    pub loops: u32,
+    pub max_rps: Option<f64>,
+    pub lanes: Lanes,
+    pub compare: CompareConfig,
+    /// Print progress to stderr every this often (None: never).
+    pub progress: Option<Duration>,
+}
+
+#[derive(Debug, Default)]
+pub struct PlaybackStats {
+    /// Requests in the recording (one pass), and those the filters leave.
+    pub recorded: AtomicU64,
+    pub filtered: AtomicU64,
+    /// Recorded requests whose head no longer parses (damage the checksums did not catch).
+    pub unparsable: AtomicU64,
+    pub sent: AtomicU64,
+    pub answered: AtomicU64,
+    pub errors: AtomicU64,
+    /// Requests sent later than due by more than 10 ms (their lane was busy, or the rate cap).
+    pub late: AtomicU64,
+}
+
+pub struct PlaybackSummary {
+    pub report: Report,
+    pub stats: Arc<PlaybackStats>,
+    pub issues: Vec<Issue>,
+    pub elapsed: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlaybackError {
+    #[error("cannot read the recording {dir}: {source}")]
+    Dir {
+        dir: String,
+        source: std::io::Error,
+    },
+    #[error("{dir} holds no recording files (rec-*.mrec)")]
+    Empty { dir: String },
+}
+
+struct Job {
+    req: h1::Request,
+    key: (u64, u64),
+    due: Instant,
+}
+
+struct Lane {
+    tx: mpsc::Sender<Job>,
+    /// Requests handed over and not yet finished.
+    pending: Arc<AtomicUsize>,
+    last_used: Instant,
+}
+
+/// A lane idle this long closes (`same`); its connection's next request opens a new one.
+const LANE_IDLE: Duration = Duration::from_secs(2);
+const LATE: Duration = Duration::from_millis(10);
+
+/// One pass over the recording's requests: how many, and the first one's capture time.
+fn survey(dir: &Path, cfg: &ReplayConfig) -> Result<(u64, u64, Option<u64>, Vec<Issue>), PlaybackError> {
+    let mut reader = Reader::open(dir).map_err(|source| PlaybackError::Dir {
+        dir: dir.display().to_string(),
+        source,
+    })?;
+    if reader.is_empty_dir() {
+        return Err(PlaybackError::Empty {
+            dir: dir.display().to_string(),
+        });
+    }
+    let (mut total, mut kept, mut t0) = (0, 0, None::<u64>);
+    for r in reader.by_ref() {
+        if let Record::Request(r) = r {
+            total += 1;
+            if let Some(req) = parse(&r, 0) {
+                if passes(cfg, &req) {
+                    kept += 1;
+                    t0 = Some(t0.map_or(r.first_ts, |t| t.min(r.first_ts)));
+                }
+            }
+        }
+    }
+    Ok((total, kept, t0, reader.take_issues()))
+}
+
+fn parse(r: &RecordedRequest, conn: u64) -> Option<h1::Request> {
+    h1::Request::from_wire(
+        r.raw.clone(),
+        WireOrigin {
+            conn,
+            seq: r.seq,
+            client: r.client,
+            server: r.server,
+            first_ts: r.first_ts,
+            last_ts: r.last_ts,
+        },
+    )
+}
+
+fn passes(cfg: &ReplayConfig, req: &h1::Request) -> bool {
+    let method_ok = cfg.methods.is_empty() || cfg.methods.iter().any(|m| m == req.method());
+    let path = req.target().split('?').next().unwrap_or("");
+    method_ok && cfg.path.as_ref().is_none_or(|re| re.is_match(path))
+}
+
+/// Plays the recording in `dir` back. Never fails on damage inside the recording: what could
+/// not be read is in the summary's issues.
+pub async fn run(dir: &Path, cfg: PlaybackConfig) -> Result<PlaybackSummary, PlaybackError> {
+    let (total, kept, t0, issues) = survey(dir, &cfg.replay)?;
+    let stats = Arc::new(PlaybackStats::default());
+    stats.recorded.store(total, Ordering::Relaxed);
+    stats.filtered.store(total - kept, Ordering::Relaxed);
+    let comparison = Comparison::new(cfg.compare.clone());
+    let started = Instant::now();
+    let progress = cfg.progress.map(|every| {
+        let stats = Arc::clone(&stats);
+        let planned = kept * u64::from(cfg.loops);
+        tokio::spawn(report_progress(stats, planned, every))
+    });
+    let cfg = Arc::new(cfg);
+    let t0 = t0.unwrap_or(0);
+    let mut handles = Vec::new();
+    for pass in 0..cfg.loops {
+        let pass_start = Instant::now();
+        let mut lanes: HashMap<u64, Lane> = HashMap::new();
+        // Recorded requests waiting for their live response: (conn, seq) → (method, target).
+        let mut asked: HashMap<(u64, u64), (String, String)> = HashMap::new();
+        let mut asked_order: VecDeque<(u64, u64)> = VecDeque::new();
+        let mut next_slot = Instant::now();
+        let mut last_sweep = Instant::now();
+        let Ok(reader) = Reader::open(dir) else { break };
+        for record in reader {
+            match record {
+                Record::Request(r) => {
+                    let key_conn = r.conn.wrapping_add(u64::from(pass) << 48);
+                    let Some(req) = parse(&r, key_conn) else {
+                        if pass == 0 {
+                            stats.unparsable.fetch_add(1, Ordering::Relaxed);
+                        }
+                        continue;
+                    };
+                    if !passes(&cfg.replay, &req) {
+                        continue;
+                    }
+                    let mut due = match cfg.speed {
+                        Speed::Max => Instant::now(),
+                        Speed::Factor(f) => {
+                            let offset = r.first_ts.saturating_sub(t0) as f64 / 1e9 / f;
+                            pass_start + Duration::from_secs_f64(offset)
+                        }
+                    };
+                    if let Some(rps) = cfg.max_rps {
+                        due = due.max(next_slot);
+                        next_slot = due + Duration::from_secs_f64(1.0 / rps);
+                    }
+                    tokio::time::sleep_until(due).await;
+                    let key = (key_conn, r.seq);
+                    if asked.len() >= cfg.compare.max_pending {
+                        if let Some(old) = asked_order.pop_front() {
+                            asked.remove(&old);
+                        }
+                    }
+                    asked.insert(key, (req.method().to_string(), req.target().to_string()));
+                    asked_order.push_back(key);
+                    let lane_id = match cfg.lanes {
+                        Lanes::Same => r.conn,
+                        Lanes::Fixed(n) => r.conn % n as u64,
+                    };
+                    let lane = lanes.entry(lane_id).or_insert_with(|| {
+                        let (lane, handle) = open_lane(&cfg, &comparison, &stats);
+                        handles.push(handle);
+                        lane
+                    });
+                    lane.pending.fetch_add(1, Ordering::AcqRel);
+                    lane.last_used = Instant::now();
+                    // Waits when the lane is far behind: memory stays bounded.
+                    let _ = lane.tx.send(Job { req, key, due }).await;
+                }
+                Record::Response(resp) => {
+                    let key = (resp.conn.wrapping_add(u64::from(pass) << 48), resp.seq);
+                    if let Some((method, target)) = asked.remove(&key) {
+                        comparison.live(&ResponseMeta {
+                            conn: key.0,
+                            request_seq: key.1,
+                            method,
+                            target,
+                            status: resp.status,
+                            grpc_status: resp.grpc_status,
+                            request_last_ts: resp.request_last_ts,
+                            response_first_ts: resp.response_first_ts,
+                        });
+                    }
+                }
+            }
+            if cfg.lanes == Lanes::Same && last_sweep.elapsed() >= LANE_IDLE {
+                lanes.retain(|_, l| {
+                    l.pending.load(Ordering::Acquire) > 0 || l.last_used.elapsed() < LANE_IDLE
+                });
+                last_sweep = Instant::now();
+            }
+        }
+        drop(lanes);
+    }
+    for h in handles {
+        let _ = h.await;
+    }
+    if let Some(p) = progress {
+        p.abort();
+    }
+    Ok(PlaybackSummary {
+        report: comparison.report(),
+        stats,
+        issues,
+        elapsed: started.elapsed(),
+    })
+}
+
+fn open_lane(
+    cfg: &Arc<PlaybackConfig>,
+    comparison: &Comparison,
+    stats: &Arc<PlaybackStats>,
+) -> (Lane, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(256);
+    let pending = Arc::new(AtomicUsize::new(0));
+    let handle = tokio::spawn(lane(
+        Arc::clone(cfg),
+        comparison.clone(),
+        Arc::clone(stats),
+        Arc::clone(&pending),
+        rx,
+    ));
+    let lane = Lane {
+        tx,
+        pending,
+        last_used: Instant::now(),
+    };
+    (lane, handle)
+}
+
+/// Sends a lane's requests one at a time, in order, on one connection (reopened when the
+/// mirror closes it or it sat idle).
+async fn lane(
+    cfg: Arc<PlaybackConfig>,
+    comparison: Comparison,
+    stats: Arc<PlaybackStats>,
+    pending: Arc<AtomicUsize>,
+    mut rx: mpsc::Receiver<Job>,
+) {
+    let mut conn: Option<Conn> = None;
+    let mut idle_since = Instant::now();
+    while let Some(job) = rx.recv().await {
+        if idle_since.elapsed() >= LANE_IDLE {
+            conn = None;
+        }
+        if Instant::now().duration_since(job.due) > LATE {
+            stats.late.fetch_add(1, Ordering::Relaxed);
+        }
+        let (result, took) = send_one(&cfg.replay, &mut conn, &job.req).await;
+        stats.sent.fetch_add(1, Ordering::Relaxed);
+        match result {
+            MirrorResult::Status(_) | MirrorResult::Grpc(..) => &stats.answered,
+            _ => &stats.errors,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        comparison.mirror(
+            0,
+            &MirrorOutcome {
+                conn: job.key.0,
+                seq: job.key.1,
+                method: job.req.method().to_string(),
+                target: job.req.target().to_string(),
+                result,
+                duration: took,
+                content: None,
+            },
+        );
+        pending.fetch_sub(1, Ordering::AcqRel);
+        idle_since = Instant::now();
+    }
+}
+
+/// One request and its answer; an idempotent request left unanswered by a mirror that closed
+/// the connection goes out once more on a new one.
+async fn send_one(
+    cfg: &ReplayConfig,
+    conn: &mut Option<Conn>,
+    req: &h1::Request,
+) -> (MirrorResult, Option<Duration>) {
+    let out = match serialize(cfg, req) {
+        Ok(out) => out,
+        Err(_) => return (MirrorResult::Error, None),
+    };
+    for attempt in 0..2 {
+        let started = std::time::Instant::now();
+        let c = match conn {
+            Some(c) => c,
+            None => match Conn::open(cfg).await {
+                Ok(c) => conn.insert(c),
+                Err(e) => return (e, Some(started.elapsed())),
+            },
+        };
+        let (fates, reusable) = c.exchange(&[&out], cfg.timeout, 1, None).await;
+        if !reusable {
+            *conn = None;
+        }
+        match fates.into_iter().next().flatten() {
+            Some(a) => return (a.result, a.took),
+            None if out.idempotent && attempt == 0 => continue,
+            None => return (MirrorResult::Reset, Some(started.elapsed())),
+        }
+    }
+    (MirrorResult::Reset, None)
+}
+
+async fn report_progress(stats: Arc<PlaybackStats>, planned: u64, every: Duration) {
+    let start = Instant::now();
+    let mut tick = tokio::time::interval_at(start + every, every);
+    loop {
+        tick.tick().await;
+        let sent = stats.sent.load(Ordering::Relaxed);
+        let secs = start.elapsed().as_secs_f64().max(1e-3);
+        eprintln!(
+            "replay: {sent} / {planned} requests sent, {:.0} req/s, {} errors",
+            sent as f64 / secs,
+            stats.errors.load(Ordering::Relaxed)
+        );
+    }
+}
+
+impl PlaybackSummary {
+    pub fn line(&self) -> String {
+        let s = &self.stats;
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "replay: {} requests recorded, {} left out by filters, {} unparsable; {} sent, {} answered, {} errors, {} late by over 10 ms; {:.1} s, {:.0} req/s",
+            g(&s.recorded),
+            g(&s.filtered),
+            g(&s.unparsable),
+            g(&s.sent),
+            g(&s.answered),
+            g(&s.errors),
+            g(&s.late),
+            self.elapsed.as_secs_f64(),
+            g(&s.sent) as f64 / self.elapsed.as_secs_f64().max(1e-3)
+        )
+    }
+}

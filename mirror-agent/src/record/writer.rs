@@ -1,0 +1,478 @@
+//! The recording stage (`--record DIR`): its own thread writes what the pipeline hands it, so
+//! that a slow or full disk never holds the pipeline up. Handing over never waits: when the
+//! thread is behind (its queue is full) or a write fails, records are dropped and counted.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+
+use super::{
+    without_headers, Record, RecordedRequest, RecordedResponse, BLOCK_MAGIC, FILE_MAGIC,
+    FILE_SUFFIX, VERSION,
+};
+use crate::http::{h1, Request, ResponseMeta};
+
+/// A block is written once it holds this much, or is `RecordConfig::block_age` old.
+const BLOCK_BYTES: usize = 256 << 10;
+/// The default block age: a crash loses a second at most.
+pub const BLOCK_AGE: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Debug)]
+pub struct RecordConfig {
+    pub dir: PathBuf,
+    /// A file is closed and a new one started past this size or age.
+    pub file_bytes: u64,
+    pub file_age: Duration,
+    /// The oldest files are removed to keep the recording under this.
+    pub max_bytes: u64,
+    /// Headers never written (`--drop-header`), so that credentials do not reach the disk.
+    pub drop_headers: Vec<String>,
+    /// Events waiting for the writer, at most.
+    pub queue: usize,
+    /// A block is written at the latest this long after its first record.
+    pub block_age: Duration,
+}
+
+#[derive(Debug, Default)]
+pub struct RecordStats {
+    pub requests: AtomicU64,
+    pub responses: AtomicU64,
+    pub blocks: AtomicU64,
+    /// Compressed bytes written.
+    pub bytes: AtomicU64,
+    pub files: AtomicU64,
+    pub files_removed: AtomicU64,
+    pub dropped_queue_full: AtomicU64,
+    pub dropped_write_error: AtomicU64,
+    /// HTTP/2 requests (not recorded by this format version).
+    pub dropped_unsupported: AtomicU64,
+}
+
+impl RecordStats {
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+enum Event {
+    Request(h1::Request),
+    Response(RecordedResponse),
+}
+
+/// The pipeline's handle on the recording stage.
+pub struct Recorder {
+    tx: Option<Sender<Event>>,
+    stats: Arc<RecordStats>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("cannot create the recording directory {dir}: {source}")]
+    Dir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the recording thread: {0}")]
+    Thread(std::io::Error),
+}
+
+impl Recorder {
+    pub fn start(cfg: RecordConfig) -> Result<Recorder, RecordError> {
+        std::fs::create_dir_all(&cfg.dir).map_err(|source| RecordError::Dir {
+            dir: cfg.dir.clone(),
+            source,
+        })?;
+        let stats = Arc::new(RecordStats::default());
+        let (tx, rx) = bounded(cfg.queue.max(1));
+        let mut writer = Writer::new(cfg, Arc::clone(&stats));
+        let thread = std::thread::Builder::new()
+            .name("mirror-record".into())
+            .spawn(move || writer.run(rx))
+            .map_err(RecordError::Thread)?;
+        Ok(Recorder {
+            tx: Some(tx),
+            stats,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn stats(&self) -> &Arc<RecordStats> {
+        &self.stats
+    }
+
+    pub fn request(&self, r: &Request) {
+        match r {
+            Request::H1(r) => self.send(Event::Request(r.clone())),
+            Request::H2(_) => {
+                self.stats
+                    .dropped_unsupported
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn response(&self, m: &ResponseMeta) {
+        self.send(Event::Response(RecordedResponse {
+            conn: m.conn,
+            seq: m.request_seq,
+            status: m.status,
+            grpc_status: m.grpc_status,
+            request_last_ts: m.request_last_ts,
+            response_first_ts: m.response_first_ts,
+        }));
+    }
+
+    fn send(&self, e: Event) {
+        let Some(tx) = &self.tx else { return };
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(e) {
+            self.stats
+                .dropped_queue_full
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes what is queued and closes the current file (as dropping the recorder does).
+    pub fn finish(self) -> Arc<RecordStats> {
+        Arc::clone(&self.stats)
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Open {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    since: Instant,
+}
+
+struct Writer {
+    cfg: RecordConfig,
+    drop: Vec<String>,
+    stats: Arc<RecordStats>,
+    block: Vec<u8>,
+    block_requests: u64,
+    block_responses: u64,
+    block_since: Option<Instant>,
+    open: Option<Open>,
+    next_file: u64,
+}
+
+impl Writer {
+    fn new(cfg: RecordConfig, stats: Arc<RecordStats>) -> Writer {
+        Writer {
+            drop: cfg.drop_headers.clone(),
+            cfg,
+            stats,
+            block: Vec::with_capacity(BLOCK_BYTES + (64 << 10)),
+            block_requests: 0,
+            block_responses: 0,
+            block_since: None,
+            open: None,
+            next_file: 0,
+        }
+    }
+
+    fn run(&mut self, rx: Receiver<Event>) {
+        loop {
+            match rx.recv_timeout(self.cfg.block_age / 4) {
+                Ok(e) => self.add(e),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            let old = self
+                .block_since
+                .is_some_and(|t| t.elapsed() >= self.cfg.block_age);
+            if self.block.len() >= BLOCK_BYTES || old {
+                self.flush();
+            }
+        }
+        self.flush();
+        self.open = None;
+    }
+
+    fn add(&mut self, e: Event) {
+        let record = match e {
+            Event::Request(r) => {
+                self.block_requests += 1;
+                let drop: Vec<&str> = self.drop.iter().map(String::as_str).collect();
+                let raw = if drop.is_empty() {
+                    r.raw.clone()
+                } else {
+                    without_headers(&r.raw, r.head().len(), &drop).into()
+                };
+                Record::Request(RecordedRequest {
+                    first_ts: r.first_ts,
+                    last_ts: r.last_ts,
+                    conn: r.conn,
+                    seq: r.seq,
+                    client: r.client,
+                    server: r.server,
+                    version: r.version,
+                    raw,
+                })
+            }
+            Event::Response(r) => {
+                self.block_responses += 1;
+                Record::Response(r)
+            }
+        };
+        record.encode(&mut self.block);
+        self.block_since.get_or_insert_with(Instant::now);
+    }
+
+    /// Compresses and writes the block; on failure its records are counted as dropped and the
+    /// file is closed (a new one is started for the next block).
+    fn flush(&mut self) {
+        if self.block.is_empty() {
+            return;
+        }
+        let (requests, responses) = (self.block_requests, self.block_responses);
+        let written = self.write_block();
+        let s = &self.stats;
+        match written {
+            Ok(n) => {
+                s.requests.fetch_add(requests, Ordering::Relaxed);
+                s.responses.fetch_add(responses, Ordering::Relaxed);
+                s.blocks.fetch_add(1, Ordering::Relaxed);
+                s.bytes.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                log::debug!("recording: a block of {requests} requests was not written: {e}");
+                s.dropped_write_error
+                    .fetch_add(requests + responses, Ordering::Relaxed);
+                self.open = None;
+            }
+        }
+        self.block.clear();
+        self.block_requests = 0;
+        self.block_responses = 0;
+        self.block_since = None;
+    }
+
+    fn write_block(&mut self) -> std::io::Result<u64> {
+        let mut enc =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&self.block)?;
+        let compressed = enc.finish()?;
+        let mut out = Vec::with_capacity(compressed.len() + 16);
+        out.extend_from_slice(BLOCK_MAGIC);
+        out.extend_from_slice(&(compressed.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(self.block.len() as u32).to_le_bytes());
+        out.extend_from_slice(&crc32fast::hash(&compressed).to_le_bytes());
+        out.extend_from_slice(&compressed);
+        let rotate = self.open.as_ref().is_some_and(|o| {
+            o.size >= self.cfg.file_bytes || o.since.elapsed() >= self.cfg.file_age
+        });
+        if rotate {
+            self.open = None;
+        }
+        if self.open.is_none() {
+            self.open = Some(self.new_file()?);
+            self.enforce_cap();
+        }
+        let open = self.open.as_mut().expect("opened above");
+        open.file.write_all(&out)?;
+        open.size += out.len() as u64;
+        Ok(out.len() as u64)
+    }
+
+    fn new_file(&mut self) -> std::io::Result<Open> {
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let path = self
+            .cfg
+            .dir
+            .join(format!("rec-{ms:013}-{:06}{FILE_SUFFIX}", self.next_file));
+        self.next_file += 1;
+        let mut file = File::create(&path)?;
+        let mut header = FILE_MAGIC.to_vec();
+        header.extend_from_slice(&VERSION.to_le_bytes());
+        if let Err(e) = file.write_all(&header) {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        self.stats.files.fetch_add(1, Ordering::Relaxed);
+        Ok(Open {
+            file,
+            path,
+            size: header.len() as u64,
+            since: Instant::now(),
+        })
+    }
+
+    /// Removes the oldest files while the recording is over its cap (the open file stays).
+    fn enforce_cap(&self) {
+        let Ok(files) = super::reader::files(&self.cfg.dir) else {
+            return;
+        };
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let mut total: u64 = files.iter().map(|p| size(p)).sum();
+        let current = self.open.as_ref().map(|o| o.path.as_path());
+        for f in &files {
+            if total <= self.cfg.max_bytes {
+                break;
+            }
+            if Some(f.as_path()) == current {
+                continue;
+            }
+            let n = size(f);
+            if std::fs::remove_file(f).is_ok() {
+                total = total.saturating_sub(n);
+                self.stats.files_removed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::reader::{read_bytes, IssueKind, Reader};
+    use crate::testkit::{Conversation, Extract};
+
+    fn requests(n: usize) -> Vec<h1::Request> {
+        let mut c = Conversation::new("10.0.0.1:40000", "10.0.0.2:8080", 7, 9);
+        let mut x = Extract::new(&[8080]);
+        x.feed(&c.handshake());
+        for i in 0..n {
+            let wire = format!(
+                "GET /r/{i} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer secret\r\n\r\n"
+            );
+            x.feed(&c.client_data(wire.as_bytes(), 1400));
+        }
+        std::mem::take(&mut x.requests)
+    }
+
+    fn config(dir: &Path) -> RecordConfig {
+        RecordConfig {
+            dir: dir.to_path_buf(),
+            file_bytes: 64 << 20,
+            file_age: Duration::from_secs(600),
+            max_bytes: 1 << 30,
+            drop_headers: vec!["authorization".into()],
+            queue: 1024,
+            block_age: Duration::from_millis(50),
+        }
+    }
+
+    fn record(cfg: RecordConfig, reqs: &[h1::Request]) -> Arc<RecordStats> {
+        let rec = Recorder::start(cfg).unwrap();
+        for r in reqs {
+            rec.request(&Request::H1(r.clone()));
+        }
+        rec.finish()
+    }
+
+    #[test]
+    fn what_is_written_reads_back_without_dropped_headers() {
+        let dir = tempfile::tempdir().unwrap();
+        let reqs = requests(50);
+        let stats = record(config(dir.path()), &reqs);
+        assert_eq!(RecordStats::get(&stats.requests), 50);
+        let mut reader = Reader::open(dir.path()).unwrap();
+        let back: Vec<Record> = reader.by_ref().collect();
+        assert!(reader.take_issues().is_empty());
+        assert_eq!(back.len(), 50);
+        for (r, b) in reqs.iter().zip(&back) {
+            let Record::Request(b) = b else { panic!("not a request") };
+            assert_eq!((b.conn, b.seq), (r.conn, r.seq));
+            let text = String::from_utf8_lossy(&b.raw);
+            assert!(!text.to_ascii_lowercase().contains("authorization"), "{text}");
+            assert!(text.starts_with(&format!("GET {} HTTP/1.1\r\nHost: a\r\n", r.target())));
+        }
+    }
+
+    #[test]
+    fn files_rotate_and_the_oldest_go_over_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.file_bytes = 1;
+        cfg.max_bytes = 1024;
+        let rec = Recorder::start(cfg).unwrap();
+        for r in requests(20) {
+            rec.request(&Request::H1(r));
+            // One block per request: each older than a block's age by the next.
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        let stats = rec.finish();
+        let files = super::super::reader::files(dir.path()).unwrap();
+        let total: u64 = files
+            .iter()
+            .map(|f| std::fs::metadata(f).unwrap().len())
+            .sum();
+        assert!(RecordStats::get(&stats.files) >= 5);
+        assert!(RecordStats::get(&stats.files_removed) > 0);
+        assert!(total <= 1024 + 512, "{total} bytes left");
+        // What is left is the newest, readable and whole.
+        let back: Vec<Record> = Reader::open(dir.path()).unwrap().collect();
+        let Some(Record::Request(last)) = back.last() else { panic!("nothing left") };
+        assert_eq!(last.seq, 19);
+    }
+
+    #[test]
+    fn torn_and_damaged_files_say_where_and_keep_the_good_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let reqs = requests(3);
+        let rec = Recorder::start(config(dir.path())).unwrap();
+        for r in &reqs {
+            rec.request(&Request::H1(r.clone()));
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        rec.finish();
+        let file = &super::super::reader::files(dir.path()).unwrap()[0];
+        let data = std::fs::read(file).unwrap();
+        let (whole, issues) = read_bytes("f", data.clone());
+        assert_eq!((whole.len(), issues.len()), (3, 0));
+        let starts: Vec<usize> = memchr::memmem::find_iter(&data, BLOCK_MAGIC).collect();
+        assert_eq!(starts.len(), 3);
+
+        // Cut in the last block: two records, and where the cut is.
+        let (recs, issues) = read_bytes("f", data[..data.len() - 3].to_vec());
+        assert_eq!(recs.len(), 2);
+        assert_eq!(issues[0].kind, IssueKind::TornBlock);
+        assert_eq!(issues[0].offset, starts[2]);
+
+        // A flipped byte in the middle block: that block skipped, the third read.
+        let mut flipped = data.clone();
+        flipped[starts[1] + 20] ^= 0x40;
+        let (recs, issues) = read_bytes("f", flipped);
+        assert_eq!(recs.len(), 2);
+        assert_eq!(issues[0].kind, IssueKind::BadChecksum);
+        assert_eq!(issues[0].offset, starts[1]);
+
+        // A damaged length in the first block: resynchronised at the second.
+        let mut bad_len = data.clone();
+        bad_len[starts[0] + 4] ^= 0x10;
+        let (recs, issues) = read_bytes("f", bad_len);
+        assert_eq!(recs.len(), 2);
+        assert!(!issues.is_empty());
+
+        // An unknown version: the file is refused, saying why.
+        let mut v2 = data.clone();
+        v2[6] = 2;
+        let (recs, issues) = read_bytes("f", v2);
+        assert!(recs.is_empty());
+        assert_eq!(issues[0].kind, IssueKind::UnknownVersion(2));
+        assert!(issues[0].to_string().contains("use a newer mirror-agent"));
+
+        // Not a recording at all.
+        let (_, issues) = read_bytes("f", b"hello".to_vec());
+        assert_eq!(issues[0].kind, IssueKind::NotARecording);
+    }
+}
