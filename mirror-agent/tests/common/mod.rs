@@ -678,3 +678,55 @@ pub fn metric(ns: &Netns, addr: &str, name: &str, labels: &[(&str, &str)]) -> Op
         _ => None,
     }
 }
+
+/// Sends `requests` on one connection in one write (pipelined) from inside `ns`, and reads
+/// until `expect_bytes` response bytes arrived. Returns the response bytes.
+pub fn pipelined(ns: &Netns, to: SocketAddr, requests: &[u8], expect_bytes: usize) -> Vec<u8> {
+    let path = ns.path();
+    let requests = requests.to_vec();
+    std::thread::spawn(move || {
+        netlab::enter_netns(&path);
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&requests).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 65536];
+        while out.len() < expect_bytes {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "server closed early");
+            out.extend_from_slice(&buf[..n]);
+        }
+        out
+    })
+    .join()
+    .unwrap()
+}
+
+/// A request as it should reach the mirror: no hop-by-hop headers, names compared without case,
+/// the agent's documented rewrites applied. Content-Length is the sender's to set, but chunked
+/// bodies must arrive in the same chunks, with the same trailers.
+pub fn normalised(r: &Recorded) -> Recorded {
+    let mut headers: Vec<(String, String)> = r
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "connection" | "content-length" | "expect" | "authorization"
+            )
+        })
+        .collect();
+    headers.sort();
+    let trailers = r
+        .trailers
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+        .collect();
+    Recorded {
+        headers,
+        trailers,
+        ..r.clone()
+    }
+}
+

@@ -1,0 +1,346 @@
+//! Record and replay end to end (root only): live traffic recorded with `attach --record`, then
+//! sent again with `mirror-agent replay` at recorded pace and at full speed, and exported as HAR.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const MIRROR: &str = "127.0.0.1:9090";
+/// The pause between the keep-alive requests of the timed connections.
+const GAP: Duration = Duration::from_millis(400);
+
+/// GETs of `targets` on one keep-alive connection from the namespace at `path`, `GAP` apart,
+/// each answer read whole.
+fn paced(path: String, to: SocketAddr, targets: Vec<String>) {
+    std::thread::spawn(move || {
+        netlab::enter_netns(&path);
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        for (i, target) in targets.iter().enumerate() {
+            if i > 0 {
+                std::thread::sleep(GAP);
+            }
+            let body = expected_body("GET", target, b"");
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Test: 1\r\n\r\n",
+                body.len()
+            );
+            s.write_all(format!("GET {target} HTTP/1.1\r\nHost: books\r\n\r\n").as_bytes())
+                .unwrap();
+            let mut buf = vec![0u8; head.len() + body.len()];
+            s.read_exact(&mut buf).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+/// A mirror that notes when each target arrived.
+fn timed_mirror(ns: &Netns) -> (TestServer, Arc<Mutex<Vec<(String, Instant)>>>) {
+    let arrivals = Arc::new(Mutex::new(Vec::new()));
+    let a = Arc::clone(&arrivals);
+    let server = TestServer::start_with(
+        ns,
+        &[MIRROR.parse().unwrap()],
+        Arc::new(move |target: &str| {
+            a.lock().unwrap().push((target.to_string(), Instant::now()));
+            (200, Duration::ZERO)
+        }),
+    );
+    (server, arrivals)
+}
+
+fn replay(ns: &Netns, dir: &std::path::Path, extra: &[&str]) -> (String, String) {
+    let mut cmd = ns.exec(&[
+        AGENT,
+        "replay",
+        dir.to_str().unwrap(),
+        "--mirror",
+        &format!("http://{MIRROR}"),
+        "--host",
+        "keep",
+    ]);
+    cmd.args(extra);
+    let out = cmd.output().expect("mirror-agent replay");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "replay failed:\n{stderr}");
+    (stdout, stderr)
+}
+
+/// Targets of one tagged connection (`/k/<tag>/<i>`) in the order the mirror got them.
+fn order_of(log: &[Recorded], tag: &str) -> Vec<usize> {
+    let prefix = format!("/k/{tag}/");
+    log.iter()
+        .filter_map(|r| r.target.strip_prefix(&prefix))
+        .map(|i| i.split('?').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_recorded_session_replays_intact_in_order_and_on_time() {
+    require_root();
+    let pair = Pair::new("rr", 243);
+    let v4: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+    let v6: SocketAddr = format!("[{}]:8080", pair.server_v6).parse().unwrap();
+    let live = TestServer::start(&pair.server, &[v4, v6]);
+    let rec = tempfile::tempdir().unwrap();
+    let agent = Agent::start(
+        &pair.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "8080",
+            "--record",
+            rec.path().to_str().unwrap(),
+            "--drop-header",
+            "Authorization",
+        ],
+    );
+    let recorded_at = Instant::now();
+    // Two keep-alive connections with pauses, over v4 and v6, at the same time.
+    let client = pair.client.path();
+    let t_a = std::thread::spawn(move || {
+        paced(client, v4, (0..3).map(|i| format!("/k/a/{i}")).collect())
+    });
+    paced(pair.client.path(), v6, (0..3).map(|i| format!("/k/b/{i}")).collect());
+    t_a.join().unwrap();
+    let span = recorded_at.elapsed();
+    // Pipelined, with a chunked POST (extension and trailer) at the end.
+    let reqs = b"GET /k/p/0 HTTP/1.1\r\nHost: b\r\n\r\nGET /k/p/1 HTTP/1.1\r\nHost: b\r\n\r\n\
+                 POST /k/p/2 HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n\
+                 5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum: abc\r\n\r\n";
+    let expect: usize = [("GET", "/k/p/0", &b""[..]), ("GET", "/k/p/1", b""), ("POST", "/k/p/2", b"hello world")]
+        .iter()
+        .map(|(m, t, body)| {
+            let b = expected_body(m, t, body);
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Test: 1\r\n\r\n", b.len()).len()
+                + b.len()
+        })
+        .sum();
+    pipelined(&pair.client, v4, reqs, expect);
+    // A 1 MiB upload with credentials, and a chunked one over v6.
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.bin");
+    std::fs::write(
+        &big,
+        (0..1u32 << 20)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let big_arg = format!("@{}", big.display());
+    curl(
+        &pair.client,
+        &[
+            "-H",
+            "Authorization: Bearer secret",
+            "-H",
+            "Content-Type: application/octet-stream",
+            "--data-binary",
+            &big_arg,
+            &format!("http://{v4}/k/u/0"),
+        ],
+    );
+    curl(
+        &pair.client,
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &big_arg,
+            &format!("http://{v6}/k/c/0"),
+        ],
+    );
+    let sent = live.requests();
+    assert_eq!(sent, 3 + 3 + 3 + 2);
+    // The live responses are recorded as they come: give the last ones a moment.
+    std::thread::sleep(Duration::from_millis(300));
+    let exit = agent.stop();
+    let recorded = exit.metric("mirror_record_records_total", &[("kind", "request")]);
+    assert_eq!(recorded as usize, sent, "every request recorded\n{}", exit.stderr);
+    assert_eq!(
+        exit.metric("mirror_record_records_total", &[("kind", "response")]) as usize,
+        sent,
+        "every live response recorded"
+    );
+    assert_eq!(exit.metric("mirror_record_dropped_total", &[]), 0);
+    let on_disk: Vec<u8> = std::fs::read_dir(rec.path())
+        .unwrap()
+        .flat_map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(
+        memchr::memmem::find(&on_disk, b"Bearer secret").is_none(),
+        "credentials never reach the disk"
+    );
+
+    // At recorded pace: intact, in order per connection, with the recorded gaps.
+    let (mirror, arrivals) = timed_mirror(&pair.server);
+    let started = Instant::now();
+    let (table, stderr) = replay(&pair.server, rec.path(), &["--speed", "1"]);
+    let paced_run = started.elapsed();
+    assert_eq!(mirror.requests(), sent, "every recorded request replayed\n{stderr}");
+    assert!(
+        stderr.contains(&format!("{sent} sent, {sent} answered, 0 errors")),
+        "{stderr}"
+    );
+    assert!(table.contains("GET /k/a/{id}") && table.contains("mirror"), "{table}");
+    let mut want: Vec<Recorded> = live.log().iter().map(normalised).collect();
+    want.sort();
+    let mut got: Vec<Recorded> = mirror.log().iter().map(normalised).collect();
+    got.sort();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!((&g.method, &g.target), (&w.method, &w.target));
+        assert_eq!(g.headers, w.headers, "{} {}", g.method, g.target);
+        assert!(g.body == w.body, "{} {}: body differs", g.method, g.target);
+        assert_eq!((&g.chunks, &g.trailers), (&w.chunks, &w.trailers), "{}", g.target);
+    }
+    assert!(mirror.log().iter().all(|r| r.header("authorization").is_none()));
+    assert!(mirror.log().iter().any(|r| r.body.len() == 1 << 20));
+    for tag in ["a", "b", "p"] {
+        assert_eq!(order_of(&mirror.log(), tag), vec![0, 1, 2], "order on connection {tag}");
+    }
+    if timing_applies("replayed gaps match the recorded ones within 100 ms") {
+        let arrivals = arrivals.lock().unwrap().clone();
+        let at = |t: &str| arrivals.iter().find(|(x, _)| x == t).unwrap().1;
+        for tag in ["a", "b"] {
+            for i in 1..3 {
+                let gap = at(&format!("/k/{tag}/{i}")) - at(&format!("/k/{tag}/{}", i - 1));
+                assert!(
+                    gap.abs_diff(GAP) < Duration::from_millis(100),
+                    "/k/{tag}/{i} came {gap:?} after the one before; recorded about {GAP:?}"
+                );
+            }
+        }
+    }
+    drop(mirror);
+
+    // As fast as it goes: the same requests, in less time than they took live.
+    let (fast, _) = timed_mirror(&pair.server);
+    let started = Instant::now();
+    replay(&pair.server, rec.path(), &["--speed", "max", "--connections", "2", "--loop", "2"]);
+    let max_run = started.elapsed();
+    assert_eq!(fast.requests(), 2 * sent);
+    for tag in ["a", "b", "p"] {
+        assert_eq!(order_of(&fast.log(), tag), vec![0, 1, 2, 0, 1, 2], "order on {tag}");
+    }
+    if timing_applies("--speed max runs faster than the recording") {
+        assert!(
+            max_run < span && max_run < paced_run,
+            "two loops at max speed took {max_run:?}; the recorded span was {span:?}, one paced run {paced_run:?}"
+        );
+    }
+    drop(fast);
+
+    // HAR: every request, its status and timing, no credentials.
+    let har_path = dir.path().join("out.har");
+    let out = pair
+        .server
+        .exec(&[AGENT, "export", rec.path().to_str().unwrap(), "--har", har_path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let har: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&har_path).unwrap()).unwrap();
+    let entries = har["log"]["entries"].as_array().unwrap();
+    assert_eq!(har["log"]["version"], "1.2");
+    assert_eq!(entries.len(), sent);
+    let first = entries
+        .iter()
+        .find(|e| e["request"]["url"].as_str().unwrap().ends_with("/k/a/0"))
+        .expect("an entry for /k/a/0");
+    assert_eq!(first["request"]["method"], "GET");
+    assert_eq!(first["response"]["status"], 200);
+    assert!(first["timings"]["wait"].as_f64().unwrap() >= 0.0);
+    let chunked = entries
+        .iter()
+        .find(|e| e["request"]["url"].as_str().unwrap().ends_with("/k/p/2"))
+        .unwrap();
+    assert_eq!(chunked["request"]["postData"]["text"], "hello world");
+    assert!(!String::from_utf8_lossy(&std::fs::read(&har_path).unwrap()).contains("Bearer"));
+}
+
+/// A small tmpfs, unmounted on drop.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn new(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        sh(&["mount", "-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", dir.path().to_str().unwrap()]);
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn a_full_disk_drops_records_counted_and_mirroring_goes_on() {
+    require_root();
+    let pair = Pair::new("rd", 244);
+    let v4: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+    let live = TestServer::start(&pair.server, &[v4]);
+    let mirror = TestServer::start(&pair.server, &[MIRROR.parse().unwrap()]);
+    let disk = Tmpfs::new("256k");
+    let agent = Agent::start(
+        &pair.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "8080",
+            "--mirror",
+            &format!("http://{MIRROR}"),
+            "--record",
+            disk.0.path().to_str().unwrap(),
+        ],
+    );
+    // Incompressible 32 KiB bodies: 40 of them are five times what the disk holds.
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..40u32 {
+        let body = dir.path().join(format!("b{i}"));
+        let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ u64::from(i);
+        let noise: Vec<u8> = (0..32 << 10)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        std::fs::write(&body, noise).unwrap();
+        curl(
+            &pair.client,
+            &["--data-binary", &format!("@{}", body.display()), &format!("http://{v4}/up/{i}")],
+        );
+        // Blocks of a second: spread the uploads over a few.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    netlab::wait_until(patience(Duration::from_secs(10)), || mirror.requests() >= 40);
+    let exit = agent.stop();
+    assert_eq!(live.requests(), 40);
+    assert_eq!(mirror.requests(), 40, "mirroring went on with the disk full\n{}", exit.stderr);
+    let written = exit.metric("mirror_record_records_total", &[("kind", "request")]);
+    let responses = exit.metric("mirror_record_records_total", &[("kind", "response")]);
+    let dropped = exit.metric("mirror_record_dropped_total", &[("reason", "write_error")]);
+    assert!(dropped > 0, "the full disk made writes fail\n{}", exit.metrics);
+    assert_eq!(
+        written + responses + dropped,
+        80,
+        "every request and response either written or counted as dropped"
+    );
+}
