@@ -40,8 +40,11 @@ fn paced(path: String, to: SocketAddr, targets: Vec<String>) {
     .unwrap();
 }
 
+/// Targets in the order they reached a mirror, and when.
+type Arrivals = Arc<Mutex<Vec<(String, Instant)>>>;
+
 /// A mirror that notes when each target arrived.
-fn timed_mirror(ns: &Netns) -> (TestServer, Arc<Mutex<Vec<(String, Instant)>>>) {
+fn timed_mirror(ns: &Netns) -> (TestServer, Arrivals) {
     let arrivals = Arc::new(Mutex::new(Vec::new()));
     let a = Arc::clone(&arrivals);
     let server = TestServer::start_with(

@@ -269,7 +269,7 @@ fn fuzz(root: &Path, seconds: u64) -> Result<()> {
     build_ebpf(root)?;
     prereq::ensure_cargo_fuzz()?;
     let dir = root.join("fuzz");
-    for target in ["segments", "frames", "h2"] {
+    for target in ["segments", "frames", "h2", "recording"] {
         // New inputs go to corpus/ (not committed); seeds/ holds hand-made valid conversations.
         let corpus = format!("corpus/{target}");
         let seeds = format!("seeds/{target}");
