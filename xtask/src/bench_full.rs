@@ -98,18 +98,32 @@ impl Agent {
         Ok(Agent { proc })
     }
 
+    /// Stops the agent; returns the requests it recorded (`--record`), when it recorded.
+    pub fn stop_with_record(self) -> Result<Option<u64>> {
+        let err = self.stop_stderr()?;
+        Ok(err
+            .lines()
+            .find_map(|l| l.strip_prefix("record: requests="))
+            .and_then(|v| v.split(' ').next()?.parse().ok()))
+    }
+
     /// Stops the agent; returns its replay summary line.
-    pub fn stop(mut self) -> Result<String> {
+    pub fn stop(self) -> Result<String> {
+        Ok(self
+            .stop_stderr()?
+            .lines()
+            .find(|l| l.starts_with("replay:"))
+            .unwrap_or("")
+            .to_string())
+    }
+
+    fn stop_stderr(mut self) -> Result<String> {
         self.proc.signal(libc::SIGTERM);
         let (code, err) = self.proc.wait_exit(Duration::from_secs(20));
         if code != Some(0) {
             bail!("agent exited with {code:?}: {err}");
         }
-        Ok(err
-            .lines()
-            .find(|l| l.starts_with("replay:"))
-            .unwrap_or("")
-            .to_string())
+        Ok(err)
     }
 }
 

@@ -4,6 +4,7 @@ mod bench;
 mod bench_content;
 mod bench_full;
 mod bench_h2;
+mod bench_record;
 mod bench_responses;
 mod lab;
 mod prereq;
@@ -63,6 +64,8 @@ enum Task {
     /// What comparing contents (`--compare-bodies`) costs the agent per request, with 2 KiB
     /// and 64 KiB JSON bodies, against the comparison off (figures only).
     BenchContent(bench_content::ContentBenchArgs),
+    /// What --record costs on top of mirroring, and replay --speed max's throughput.
+    BenchRecord(bench_record::RecordBenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -139,6 +142,12 @@ fn main() -> Result<()> {
             build_ebpf(&root)?;
             build_agent(&root)?;
             bench_content::run(&root, &args)
+        }
+        Task::BenchRecord(args) => {
+            prereq::ensure_bench_tools()?;
+            build_ebpf(&root)?;
+            build_agent(&root)?;
+            bench_record::run(&root, &args)
         }
     }
 }
