@@ -855,7 +855,27 @@ fn pipelined_batches_to_a_python_mirror_arrive_whole_and_once() {
     let mut got = lines(&log);
     got.sort();
     sent.sort();
-    assert_eq!(got.len(), sent.len(), "{}", exit.stderr);
+    if got.len() != sent.len() {
+        // Where the missing requests went: the mirror's listen queue, or the agent's errors.
+        let nstat = pair
+            .server
+            .exec(&["nstat", "-az", "TcpExtListenOverflows", "TcpExtListenDrops", "TcpExtTCPTimeouts", "TcpExtTCPAbortOnTimeout"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let errors: Vec<String> = ["timeout", "reset", "refused", "other"]
+            .iter()
+            .map(|k| format!("{k}={}", exit.metric("mirror_replay_errors_total", &[("kind", k)])))
+            .collect();
+        panic!(
+            "the mirror logged {} of {} requests; replay errors {errors:?}; resent {}; batches {}\n{nstat}\n{}",
+            got.len(),
+            sent.len(),
+            exit.metric("mirror_replay_resent_total", &[]),
+            exit.metric("mirror_replay_batches_total", &[]),
+            exit.stderr
+        );
+    }
     assert_eq!(got, sent, "each request arrived whole and once");
     let stat = |name: &str| exit.metric(&format!("mirror_replay_{name}_total"), &[]);
     eprintln!(

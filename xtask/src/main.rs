@@ -227,6 +227,7 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
             &vm::VmTestArgs {
                 kernel: "6.1".into(),
                 suite: vm::Suite::Ci,
+                test: None,
             },
         )?;
         passed += vm.passed;

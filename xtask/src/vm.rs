@@ -23,6 +23,9 @@ pub struct VmTestArgs {
     /// per kernel under emulation).
     #[arg(long, value_enum, default_value_t = Suite::Full)]
     pub suite: Suite,
+    /// Only the suite's tests whose names contain this (to rerun one test on a kernel).
+    #[arg(long)]
+    pub test: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -114,7 +117,13 @@ pub fn run_matrix(root: &Path, args: &VmTestArgs) -> Result<Outcome> {
     for k in kernels {
         let image = apt.kernel_image(k, &dir)?;
         let started = Instant::now();
-        let results = boot_and_test(root, &image, &binaries, &runs(args.suite))?;
+        let results = boot_and_test(
+            root,
+            &image,
+            &binaries,
+            &runs(args.suite),
+            args.test.as_deref(),
+        )?;
         let (passed, failed) = results
             .iter()
             .fold((0, 0), |(p, f), r| (p + r.passed, f + r.failed));
@@ -345,6 +354,7 @@ fn boot_and_test(
     image: &Path,
     binaries: &[(String, PathBuf)],
     runs: &[Run],
+    only: Option<&str>,
 ) -> Result<Vec<SuiteResult>> {
     let out = tempfile::tempdir()?;
     let dir = out.path();
@@ -361,10 +371,10 @@ fn boot_and_test(
             .find(|(name, _)| name == r.binary)
             .with_context(|| format!("no test binary {}", r.binary))?;
         let log = dir.join(format!("{}.log", r.binary));
-        let filters = if r.filters.is_empty() {
-            String::new()
-        } else {
-            format!(" --exact {}", r.filters.join(" "))
+        let filters = match only {
+            Some(name) => format!(" '{}'", name.replace('\'', "")),
+            None if r.filters.is_empty() => String::new(),
+            None => format!(" --exact {}", r.filters.join(" ")),
         };
         script.push_str(&format!(
             "timeout {} {} --test-threads=1{filters} > {log} 2>&1\necho \"exit $?\" >> {log}\n",
