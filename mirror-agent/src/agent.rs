@@ -443,7 +443,7 @@ impl pipeline::Sink for PipelineEvents {
     fn event(&mut self, event: HttpEvent) {
         match event {
             HttpEvent::Request(r) => {
-                if let Some(rec) = &self.recorder {
+                if let Some(rec) = self.recorder.as_mut() {
                     rec.request(&r);
                 }
                 if !self.replayers.is_empty() {
@@ -451,7 +451,7 @@ impl pipeline::Sink for PipelineEvents {
                 }
             }
             HttpEvent::Response(m) => {
-                if let Some(rec) = &self.recorder {
+                if let Some(rec) = self.recorder.as_mut() {
                     rec.response(&m);
                 }
                 self.live.live(&m)
@@ -468,6 +468,9 @@ impl pipeline::Sink for PipelineEvents {
     }
 
     fn flush(&mut self) {
+        if let Some(rec) = self.recorder.as_mut() {
+            rec.flush();
+        }
         let Some((last, others)) = self.replayers.split_last() else {
             return;
         };

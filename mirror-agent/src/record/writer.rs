@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -64,9 +64,15 @@ enum Event {
     Response(RecordedResponse),
 }
 
-/// The pipeline's handle on the recording stage.
+/// The pipeline's handle on the recording stage. Events are handed over a batch at a time
+/// (`flush`, after each batch of segments): one channel operation and one wake-up per batch,
+/// not per request.
 pub struct Recorder {
-    tx: Option<Sender<Event>>,
+    tx: Option<Sender<Vec<Event>>>,
+    batch: Vec<Event>,
+    /// Events handed over and not yet written; bounded by `RecordConfig::queue`.
+    queued: Arc<AtomicUsize>,
+    max_queued: usize,
     stats: Arc<RecordStats>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -89,14 +95,20 @@ impl Recorder {
             source,
         })?;
         let stats = Arc::new(RecordStats::default());
-        let (tx, rx) = bounded(cfg.queue.max(1));
-        let mut writer = Writer::new(cfg, Arc::clone(&stats));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let max_queued = cfg.queue.max(1);
+        // The event bound is what limits memory; batches are only counted here.
+        let (tx, rx) = bounded(4096);
+        let mut writer = Writer::new(cfg, Arc::clone(&stats), Arc::clone(&queued));
         let thread = std::thread::Builder::new()
             .name("mirror-record".into())
             .spawn(move || writer.run(rx))
             .map_err(RecordError::Thread)?;
         Ok(Recorder {
             tx: Some(tx),
+            batch: Vec::new(),
+            queued,
+            max_queued,
             stats,
             thread: Some(thread),
         })
@@ -106,9 +118,9 @@ impl Recorder {
         &self.stats
     }
 
-    pub fn request(&self, r: &Request) {
+    pub fn request(&mut self, r: &Request) {
         match r {
-            Request::H1(r) => self.send(Event::Request(r.clone())),
+            Request::H1(r) => self.batch.push(Event::Request(r.clone())),
             Request::H2(_) => {
                 self.stats
                     .dropped_unsupported
@@ -117,8 +129,8 @@ impl Recorder {
         }
     }
 
-    pub fn response(&self, m: &ResponseMeta) {
-        self.send(Event::Response(RecordedResponse {
+    pub fn response(&mut self, m: &ResponseMeta) {
+        self.batch.push(Event::Response(RecordedResponse {
             conn: m.conn,
             seq: m.request_seq,
             status: m.status,
@@ -128,12 +140,32 @@ impl Recorder {
         }));
     }
 
-    fn send(&self, e: Event) {
+    /// Hands the events since the last flush to the writer, or counts them as dropped when it
+    /// is that far behind.
+    pub fn flush(&mut self) {
+        let n = self.batch.len();
         let Some(tx) = &self.tx else { return };
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(e) {
+        if n == 0 {
+            return;
+        }
+        let fits = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q + n <= self.max_queued).then_some(q + n)
+            })
+            .is_ok();
+        let batch = std::mem::take(&mut self.batch);
+        if !fits {
             self.stats
                 .dropped_queue_full
-                .fetch_add(1, Ordering::Relaxed);
+                .fetch_add(n as u64, Ordering::Relaxed);
+            return;
+        }
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(batch) {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+            self.stats
+                .dropped_queue_full
+                .fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 
@@ -145,6 +177,7 @@ impl Recorder {
 
 impl Drop for Recorder {
     fn drop(&mut self) {
+        self.flush();
         self.tx = None;
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -161,6 +194,7 @@ struct Open {
 
 struct Writer {
     cfg: RecordConfig,
+    queued: Arc<AtomicUsize>,
     drop: Vec<String>,
     stats: Arc<RecordStats>,
     block: Vec<u8>,
@@ -172,8 +206,9 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(cfg: RecordConfig, stats: Arc<RecordStats>) -> Writer {
+    fn new(cfg: RecordConfig, stats: Arc<RecordStats>, queued: Arc<AtomicUsize>) -> Writer {
         Writer {
+            queued,
             drop: cfg.drop_headers.clone(),
             cfg,
             stats,
@@ -186,10 +221,15 @@ impl Writer {
         }
     }
 
-    fn run(&mut self, rx: Receiver<Event>) {
+    fn run(&mut self, rx: Receiver<Vec<Event>>) {
         loop {
             match rx.recv_timeout(self.cfg.block_age / 4) {
-                Ok(e) => self.add(e),
+                Ok(batch) => {
+                    self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
+                    for e in batch {
+                        self.add(e);
+                    }
+                }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
@@ -372,7 +412,7 @@ mod tests {
     }
 
     fn record(cfg: RecordConfig, reqs: &[h1::Request]) -> Arc<RecordStats> {
-        let rec = Recorder::start(cfg).unwrap();
+        let mut rec = Recorder::start(cfg).unwrap();
         for r in reqs {
             rec.request(&Request::H1(r.clone()));
         }
@@ -404,9 +444,10 @@ mod tests {
         let mut cfg = config(dir.path());
         cfg.file_bytes = 1;
         cfg.max_bytes = 1024;
-        let rec = Recorder::start(cfg).unwrap();
+        let mut rec = Recorder::start(cfg).unwrap();
         for r in requests(20) {
             rec.request(&Request::H1(r));
+            rec.flush();
             // One block per request: each older than a block's age by the next.
             std::thread::sleep(Duration::from_millis(150));
         }
@@ -429,9 +470,10 @@ mod tests {
     fn torn_and_damaged_files_say_where_and_keep_the_good_blocks() {
         let dir = tempfile::tempdir().unwrap();
         let reqs = requests(3);
-        let rec = Recorder::start(config(dir.path())).unwrap();
+        let mut rec = Recorder::start(config(dir.path())).unwrap();
         for r in &reqs {
             rec.request(&Request::H1(r.clone()));
+            rec.flush();
             std::thread::sleep(Duration::from_millis(150));
         }
         rec.finish();
