@@ -277,10 +277,11 @@ pub async fn run(dir: &Path, cfg: PlaybackConfig) -> Result<PlaybackSummary, Pla
                 last_sweep = Instant::now();
             }
         }
+        // The next pass starts once this one is answered: passes follow each other.
         drop(lanes);
-    }
-    for h in handles {
-        let _ = h.await;
+        for h in handles.drain(..) {
+            let _ = h.await;
+        }
     }
     if let Some(p) = progress {
         p.abort();
