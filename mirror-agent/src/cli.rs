@@ -485,10 +485,21 @@ mod tests {
         };
         use crate::record::playback::{Lanes, Speed};
         let r = parse(&[]).unwrap();
-        assert_eq!((r.speed, r.loops, r.connections), (Speed::Factor(1.0), 1, Lanes::Same));
+        assert_eq!(
+            (r.speed, r.loops, r.connections),
+            (Speed::Factor(1.0), 1, Lanes::Same)
+        );
         let r = parse(&["--speed", "max", "--loop", "3", "--connections", "8"]).unwrap();
-        assert_eq!((r.speed, r.loops, r.connections), (Speed::Max, 3, Lanes::Fixed(8)));
-        for bad in [["--speed", "0"], ["--speed", "fast"], ["--connections", "0"], ["--loop", "0"]] {
+        assert_eq!(
+            (r.speed, r.loops, r.connections),
+            (Speed::Max, 3, Lanes::Fixed(8))
+        );
+        for bad in [
+            ["--speed", "0"],
+            ["--speed", "fast"],
+            ["--connections", "0"],
+            ["--loop", "0"],
+        ] {
             let e = parse(&bad).unwrap_err().to_string();
             assert!(e.contains(bad[1]), "{bad:?}: {e}");
         }

@@ -23,9 +23,9 @@ use mirror_agent::compare::diffs::DiffConfig;
 use mirror_agent::compare::{self, format_table, CompareConfig, Report};
 use mirror_agent::http::HttpConfig;
 use mirror_agent::pipeline::PipelineConfig;
-use mirror_agent::record::{self, playback::PlaybackConfig, RecordConfig};
 use mirror_agent::pods::PodSelector;
 use mirror_agent::reassembly::ReassemblyConfig;
+use mirror_agent::record::{self, playback::PlaybackConfig, RecordConfig};
 use mirror_agent::replay::{self, MirrorError, ReplayConfig};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -432,7 +432,11 @@ fn playback(args: ReplayArgs) -> Result<()> {
             host: args.host,
             add_headers: args.add_headers,
             drop_headers: args.drop_headers,
-            methods: args.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
+            methods: args
+                .methods
+                .iter()
+                .map(|m| m.to_ascii_uppercase())
+                .collect(),
             path: args.path,
             timeout: Duration::from_secs_f64(args.timeout),
             pipeline_depth: 1,

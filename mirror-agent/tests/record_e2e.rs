@@ -114,21 +114,33 @@ fn a_recorded_session_replays_intact_in_order_and_on_time() {
     let t_a = std::thread::spawn(move || {
         paced(client, v4, (0..3).map(|i| format!("/k/a/{i}")).collect())
     });
-    paced(pair.client.path(), v6, (0..3).map(|i| format!("/k/b/{i}")).collect());
+    paced(
+        pair.client.path(),
+        v6,
+        (0..3).map(|i| format!("/k/b/{i}")).collect(),
+    );
     t_a.join().unwrap();
     let span = recorded_at.elapsed();
     // Pipelined, with a chunked POST (extension and trailer) at the end.
     let reqs = b"GET /k/p/0 HTTP/1.1\r\nHost: b\r\n\r\nGET /k/p/1 HTTP/1.1\r\nHost: b\r\n\r\n\
                  POST /k/p/2 HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n\
                  5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum: abc\r\n\r\n";
-    let expect: usize = [("GET", "/k/p/0", &b""[..]), ("GET", "/k/p/1", b""), ("POST", "/k/p/2", b"hello world")]
-        .iter()
-        .map(|(m, t, body)| {
-            let b = expected_body(m, t, body);
-            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Test: 1\r\n\r\n", b.len()).len()
-                + b.len()
-        })
-        .sum();
+    let expect: usize = [
+        ("GET", "/k/p/0", &b""[..]),
+        ("GET", "/k/p/1", b""),
+        ("POST", "/k/p/2", b"hello world"),
+    ]
+    .iter()
+    .map(|(m, t, body)| {
+        let b = expected_body(m, t, body);
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Test: 1\r\n\r\n",
+            b.len()
+        )
+        .len()
+            + b.len()
+    })
+    .sum();
     pipelined(&pair.client, v4, reqs, expect);
     // A 1 MiB upload with credentials, and a chunked one over v6.
     let dir = tempfile::tempdir().unwrap();
@@ -171,7 +183,11 @@ fn a_recorded_session_replays_intact_in_order_and_on_time() {
     std::thread::sleep(Duration::from_millis(300));
     let exit = agent.stop();
     let recorded = exit.metric("mirror_record_records_total", &[("kind", "request")]);
-    assert_eq!(recorded as usize, sent, "every request recorded\n{}", exit.stderr);
+    assert_eq!(
+        recorded as usize, sent,
+        "every request recorded\n{}",
+        exit.stderr
+    );
     assert_eq!(
         exit.metric("mirror_record_records_total", &[("kind", "response")]) as usize,
         sent,
@@ -192,12 +208,19 @@ fn a_recorded_session_replays_intact_in_order_and_on_time() {
     let started = Instant::now();
     let (table, stderr) = replay(&pair.server, rec.path(), &["--speed", "1"]);
     let paced_run = started.elapsed();
-    assert_eq!(mirror.requests(), sent, "every recorded request replayed\n{stderr}");
+    assert_eq!(
+        mirror.requests(),
+        sent,
+        "every recorded request replayed\n{stderr}"
+    );
     assert!(
         stderr.contains(&format!("{sent} sent, {sent} answered, 0 errors")),
         "{stderr}"
     );
-    assert!(table.contains("GET /k/a/{id}") && table.contains("mirror"), "{table}");
+    assert!(
+        table.contains("GET /k/a/{id}") && table.contains("mirror"),
+        "{table}"
+    );
     let mut want: Vec<Recorded> = live.log().iter().map(normalised).collect();
     want.sort();
     let mut got: Vec<Recorded> = mirror.log().iter().map(normalised).collect();
@@ -207,12 +230,24 @@ fn a_recorded_session_replays_intact_in_order_and_on_time() {
         assert_eq!((&g.method, &g.target), (&w.method, &w.target));
         assert_eq!(g.headers, w.headers, "{} {}", g.method, g.target);
         assert!(g.body == w.body, "{} {}: body differs", g.method, g.target);
-        assert_eq!((&g.chunks, &g.trailers), (&w.chunks, &w.trailers), "{}", g.target);
+        assert_eq!(
+            (&g.chunks, &g.trailers),
+            (&w.chunks, &w.trailers),
+            "{}",
+            g.target
+        );
     }
-    assert!(mirror.log().iter().all(|r| r.header("authorization").is_none()));
+    assert!(mirror
+        .log()
+        .iter()
+        .all(|r| r.header("authorization").is_none()));
     assert!(mirror.log().iter().any(|r| r.body.len() == 1 << 20));
     for tag in ["a", "b", "p"] {
-        assert_eq!(order_of(&mirror.log(), tag), vec![0, 1, 2], "order on connection {tag}");
+        assert_eq!(
+            order_of(&mirror.log(), tag),
+            vec![0, 1, 2],
+            "order on connection {tag}"
+        );
     }
     if timing_applies("replayed gaps match the recorded ones within 100 ms") {
         let arrivals = arrivals.lock().unwrap().clone();
@@ -232,11 +267,19 @@ fn a_recorded_session_replays_intact_in_order_and_on_time() {
     // As fast as it goes: the same requests, in less time than they took live.
     let (fast, _) = timed_mirror(&pair.server);
     let started = Instant::now();
-    replay(&pair.server, rec.path(), &["--speed", "max", "--connections", "2", "--loop", "2"]);
+    replay(
+        &pair.server,
+        rec.path(),
+        &["--speed", "max", "--connections", "2", "--loop", "2"],
+    );
     let max_run = started.elapsed();
     assert_eq!(fast.requests(), 2 * sent);
     for tag in ["a", "b", "p"] {
-        assert_eq!(order_of(&fast.log(), tag), vec![0, 1, 2, 0, 1, 2], "order on {tag}");
+        assert_eq!(
+            order_of(&fast.log(), tag),
+            vec![0, 1, 2, 0, 1, 2],
+            "order on {tag}"
+        );
     }
     if timing_applies("--speed max runs faster than the recording") {
         assert!(
@@ -250,10 +293,20 @@ fn a_recorded_session_replays_intact_in_order_and_on_time() {
     let har_path = dir.path().join("out.har");
     let out = pair
         .server
-        .exec(&[AGENT, "export", rec.path().to_str().unwrap(), "--har", har_path.to_str().unwrap()])
+        .exec(&[
+            AGENT,
+            "export",
+            rec.path().to_str().unwrap(),
+            "--har",
+            har_path.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let har: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&har_path).unwrap()).unwrap();
     let entries = har["log"]["entries"].as_array().unwrap();
@@ -280,14 +333,24 @@ struct Tmpfs(tempfile::TempDir);
 impl Tmpfs {
     fn new(size: &str) -> Tmpfs {
         let dir = tempfile::tempdir().unwrap();
-        sh(&["mount", "-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", dir.path().to_str().unwrap()]);
+        sh(&[
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={size}"),
+            "tmpfs",
+            dir.path().to_str().unwrap(),
+        ]);
         Tmpfs(dir)
     }
 }
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(self.0.path()).status();
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
     }
 }
 
@@ -328,19 +391,34 @@ fn a_full_disk_drops_records_counted_and_mirroring_goes_on() {
         std::fs::write(&body, noise).unwrap();
         curl(
             &pair.client,
-            &["--data-binary", &format!("@{}", body.display()), &format!("http://{v4}/up/{i}")],
+            &[
+                "--data-binary",
+                &format!("@{}", body.display()),
+                &format!("http://{v4}/up/{i}"),
+            ],
         );
         // Blocks of a second: spread the uploads over a few.
         std::thread::sleep(Duration::from_millis(100));
     }
-    netlab::wait_until(patience(Duration::from_secs(10)), || mirror.requests() >= 40);
+    netlab::wait_until(patience(Duration::from_secs(10)), || {
+        mirror.requests() >= 40
+    });
     let exit = agent.stop();
     assert_eq!(live.requests(), 40);
-    assert_eq!(mirror.requests(), 40, "mirroring went on with the disk full\n{}", exit.stderr);
+    assert_eq!(
+        mirror.requests(),
+        40,
+        "mirroring went on with the disk full\n{}",
+        exit.stderr
+    );
     let written = exit.metric("mirror_record_records_total", &[("kind", "request")]);
     let responses = exit.metric("mirror_record_records_total", &[("kind", "response")]);
     let dropped = exit.metric("mirror_record_dropped_total", &[("reason", "write_error")]);
-    assert!(dropped > 0, "the full disk made writes fail\n{}", exit.metrics);
+    assert!(
+        dropped > 0,
+        "the full disk made writes fail\n{}",
+        exit.metrics
+    );
     assert_eq!(
         written + responses + dropped,
         80,

@@ -859,13 +859,25 @@ fn pipelined_batches_to_a_python_mirror_arrive_whole_and_once() {
         // Where the missing requests went: the mirror's listen queue, or the agent's errors.
         let nstat = pair
             .server
-            .exec(&["nstat", "-az", "TcpExtListenOverflows", "TcpExtListenDrops", "TcpExtTCPTimeouts", "TcpExtTCPAbortOnTimeout"])
+            .exec(&[
+                "nstat",
+                "-az",
+                "TcpExtListenOverflows",
+                "TcpExtListenDrops",
+                "TcpExtTCPTimeouts",
+                "TcpExtTCPAbortOnTimeout",
+            ])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
         let errors: Vec<String> = ["timeout", "reset", "refused", "other"]
             .iter()
-            .map(|k| format!("{k}={}", exit.metric("mirror_replay_errors_total", &[("kind", k)])))
+            .map(|k| {
+                format!(
+                    "{k}={}",
+                    exit.metric("mirror_replay_errors_total", &[("kind", k)])
+                )
+            })
             .collect();
         panic!(
             "the mirror logged {} of {} requests; replay errors {errors:?}; resent {}; batches {}\n{nstat}\n{}",

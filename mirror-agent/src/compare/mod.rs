@@ -415,7 +415,13 @@ impl Comparison {
         let name = self.lock().mirror(mirror, o);
         if let Some(w) = &self.content {
             let answered = matches!(o.result, MirrorResult::Status(_) | MirrorResult::Grpc(..));
-            w.mirror((o.conn, o.seq), name.to_string(), mirror, answered, o.content.clone());
+            w.mirror(
+                (o.conn, o.seq),
+                name.to_string(),
+                mirror,
+                answered,
+                o.content.clone(),
+            );
         }
     }
 

@@ -138,25 +138,92 @@ fn decoded_body(req: &h1::Request) -> Vec<u8> {
     out
 }
 
-fn entry(req: &h1::Request, resp: Option<&super::RecordedResponse>) -> Entry {
-    let headers: Vec<NameValue> = req
-        .headers()
-        .map(|(n, v)| NameValue {
-            name: n.to_string(),
-            value: text(v),
-        })
-        .collect();
-    let host = req
-        .header("host")
-        .map(text)
-        .unwrap_or_else(|| req.server.to_string());
-    let target = req.target();
-    let url = if target.starts_with("http://") || target.starts_with("https://") {
-        target.to_string()
-    } else {
-        format!("http://{host}{target}")
+/// What an entry is made of, from either protocol's request.
+struct Asked {
+    method: String,
+    target: String,
+    host: String,
+    version: &'static str,
+    headers: Vec<NameValue>,
+    content_type: String,
+    body: Vec<u8>,
+    headers_size: i64,
+    first_ts: u64,
+    server: std::net::SocketAddr,
+    conn: u64,
+    seq: u64,
+}
+
+fn asked_h1(req: &h1::Request) -> Asked {
+    Asked {
+        method: req.method().to_string(),
+        target: req.target().to_string(),
+        host: req
+            .header("host")
+            .map(text)
+            .unwrap_or_else(|| req.server.to_string()),
+        version: if req.version == 0 {
+            "HTTP/1.0"
+        } else {
+            "HTTP/1.1"
+        },
+        headers: req
+            .headers()
+            .map(|(n, v)| NameValue {
+                name: n.to_string(),
+                value: text(v),
+            })
+            .collect(),
+        content_type: req.header("content-type").map(text).unwrap_or_default(),
+        body: decoded_body(req),
+        headers_size: req.head().len() as i64,
+        first_ts: req.first_ts,
+        server: req.server,
+        conn: req.conn,
+        seq: req.seq,
+    }
+}
+
+fn asked_h2(r: &super::RecordedH2Request) -> Asked {
+    let field = |name: &[u8]| {
+        r.fields
+            .iter()
+            .find(|(n, _)| n.as_ref() == name)
+            .map(|(_, v)| text(v))
     };
-    let query_string = target
+    Asked {
+        method: field(b":method").unwrap_or_default(),
+        target: field(b":path").unwrap_or_default(),
+        host: field(b":authority")
+            .or_else(|| field(b"host"))
+            .unwrap_or_else(|| r.server.to_string()),
+        version: "HTTP/2",
+        headers: r
+            .fields
+            .iter()
+            .map(|(n, v)| NameValue {
+                name: text(n),
+                value: text(v),
+            })
+            .collect(),
+        content_type: field(b"content-type").unwrap_or_default(),
+        body: r.body.to_vec(),
+        headers_size: -1,
+        first_ts: r.first_ts,
+        server: r.server,
+        conn: r.conn,
+        seq: r.seq,
+    }
+}
+
+fn entry(a: Asked, resp: Option<&super::RecordedResponse>) -> Entry {
+    let url = if a.target.starts_with("http://") || a.target.starts_with("https://") {
+        a.target.clone()
+    } else {
+        format!("http://{}{}", a.host, a.target)
+    };
+    let query_string = a
+        .target
         .split_once('?')
         .map(|(_, q)| {
             q.split('&')
@@ -171,45 +238,40 @@ fn entry(req: &h1::Request, resp: Option<&super::RecordedResponse>) -> Entry {
                 .collect()
         })
         .unwrap_or_default();
-    let body = decoded_body(req);
-    let post_data = (!body.is_empty()).then(|| {
-        let mime_type = req.header("content-type").map(text).unwrap_or_default();
-        match std::str::from_utf8(&body) {
-            Ok(t) => PostData {
-                mime_type,
-                text: t.to_string(),
-                encoding: None,
-            },
-            Err(_) => PostData {
-                mime_type,
-                text: base64(&body),
-                encoding: Some("base64"),
-            },
-        }
+    let post_data = (!a.body.is_empty()).then(|| match std::str::from_utf8(&a.body) {
+        Ok(t) => PostData {
+            mime_type: a.content_type.clone(),
+            text: t.to_string(),
+            encoding: None,
+        },
+        Err(_) => PostData {
+            mime_type: a.content_type.clone(),
+            text: base64(&a.body),
+            encoding: Some("base64"),
+        },
     });
-    let version = if req.version == 0 { "HTTP/1.0" } else { "HTTP/1.1" };
     let wait_ms = resp.map_or(-1.0, |r| {
         r.response_first_ts.saturating_sub(r.request_last_ts) as f64 / 1e6
     });
     Entry {
-        started_date_time: rfc3339(req.first_ts),
+        started_date_time: rfc3339(a.first_ts),
         time: wait_ms.max(0.0),
         request: HarRequest {
-            method: req.method().to_string(),
+            method: a.method,
             url,
-            http_version: version.into(),
+            http_version: a.version.into(),
             cookies: Vec::new(),
-            headers,
+            headers: a.headers,
             query_string,
             post_data,
-            headers_size: req.head().len() as i64,
-            body_size: body.len() as i64,
+            headers_size: a.headers_size,
+            body_size: a.body.len() as i64,
         },
         response: HarResponse {
             // HAR has no "unknown": 0 is what browsers write for a response that never came.
             status: resp.map_or(0, |r| r.status),
             status_text: String::new(),
-            http_version: version.into(),
+            http_version: a.version.into(),
             cookies: Vec::new(),
             headers: Vec::new(),
             content: Content {
@@ -227,8 +289,8 @@ fn entry(req: &h1::Request, resp: Option<&super::RecordedResponse>) -> Entry {
             wait: wait_ms,
             receive: 0.0,
         },
-        server_ip_address: req.server.ip().to_string(),
-        connection: req.conn.to_string(),
+        server_ip_address: a.server.ip().to_string(),
+        connection: format!("{}", a.conn),
     }
 }
 
@@ -254,7 +316,7 @@ fn base64(b: &[u8]) -> String {
 /// met reading.
 pub fn export(dir: &Path, out: &mut impl Write) -> std::io::Result<(usize, Vec<Issue>)> {
     let mut reader = Reader::open(dir)?;
-    let mut requests: Vec<h1::Request> = Vec::new();
+    let mut requests: Vec<Asked> = Vec::new();
     let mut responses: HashMap<(u64, u64), super::RecordedResponse> = HashMap::new();
     for record in reader.by_ref() {
         match record {
@@ -268,17 +330,21 @@ pub fn export(dir: &Path, out: &mut impl Write) -> std::io::Result<(usize, Vec<I
                     last_ts: r.last_ts,
                 };
                 if let Some(req) = h1::Request::from_wire(r.raw, at) {
-                    requests.push(req);
+                    requests.push(asked_h1(&req));
                 }
             }
+            Record::H2Request(r) => requests.push(asked_h2(&r)),
             Record::Response(r) => {
                 responses.insert((r.conn, r.seq), r);
             }
         }
     }
     let entries: Vec<Entry> = requests
-        .iter()
-        .map(|r| entry(r, responses.get(&(r.conn, r.seq))))
+        .into_iter()
+        .map(|a| {
+            let resp = responses.get(&(a.conn, a.seq));
+            entry(a, resp)
+        })
         .collect();
     let n = entries.len();
     let har = Har {
@@ -317,6 +383,9 @@ mod tests {
 
     #[test]
     fn timestamps_are_rfc3339_utc() {
-        assert_eq!(rfc3339(1_764_000_000_123_000_000), "2025-11-24T16:00:00.123Z");
+        assert_eq!(
+            rfc3339(1_764_000_000_123_000_000),
+            "2025-11-24T16:00:00.123Z"
+        );
     }
 }

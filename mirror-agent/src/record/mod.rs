@@ -21,7 +21,11 @@
 //!   and framed body) minus the `--drop-header` headers, and `addr = family:u8 (4|6) ip:[u8; 16]
 //!   port:u16`;
 //! - `2`, the live response to request `(conn, seq)`: `conn:u64 seq:u64 status:u16
-//!   grpc:u8 grpc_status:u32 request_last_ts:u64 response_first_ts:u64`.
+//!   grpc:u8 grpc_status:u32 request_last_ts:u64 response_first_ts:u64`;
+//! - `3`, an HTTP/2 request (gRPC calls among them; `seq` is its stream id): `first_ts:u64
+//!   last_ts:u64 conn:u64 seq:u64 client:addr server:addr fields:list body_len:u32 body
+//!   trailers:list`, where `list = count:u32 (name_len:u32 name value_len:u32 value)*` and the
+//!   fields are the decoded header block, pseudo-headers first, minus dropped headers.
 //!
 //! Why this shape: length-prefixed binary records need no escaping and skip unknown kinds (a
 //! later version may add some); blocks with their own length and checksum let a reader find a
@@ -53,6 +57,7 @@ pub const FILE_SUFFIX: &str = ".mrec";
 
 const KIND_REQUEST: u8 = 1;
 const KIND_RESPONSE: u8 = 2;
+const KIND_H2_REQUEST: u8 = 3;
 
 /// A recorded request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,6 +76,22 @@ pub struct RecordedRequest {
     pub raw: Bytes,
 }
 
+/// A recorded HTTP/2 request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedH2Request {
+    pub first_ts: u64,
+    pub last_ts: u64,
+    pub conn: u64,
+    /// Its stream id.
+    pub seq: u64,
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    /// The header block, pseudo-headers first, as decoded.
+    pub fields: Vec<(Bytes, Bytes)>,
+    pub body: Bytes,
+    pub trailers: Vec<(Bytes, Bytes)>,
+}
+
 /// A recorded live response.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordedResponse {
@@ -85,6 +106,7 @@ pub struct RecordedResponse {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
     Request(RecordedRequest),
+    H2Request(RecordedH2Request),
     Response(RecordedResponse),
 }
 
@@ -100,6 +122,19 @@ fn put_addr(out: &mut Vec<u8>, a: &SocketAddr) {
     out.push(family);
     out.extend_from_slice(&octets);
     out.extend_from_slice(&a.port().to_le_bytes());
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+fn put_list(out: &mut Vec<u8>, list: &[(Bytes, Bytes)]) {
+    out.extend_from_slice(&(list.len() as u32).to_le_bytes());
+    for (n, v) in list {
+        put_bytes(out, n);
+        put_bytes(out, v);
+    }
 }
 
 impl Record {
@@ -118,6 +153,17 @@ impl Record {
                 out.push(r.version);
                 out.extend_from_slice(&(r.raw.len() as u32).to_le_bytes());
                 out.extend_from_slice(&r.raw);
+            }
+            Record::H2Request(r) => {
+                out.push(KIND_H2_REQUEST);
+                for v in [r.first_ts, r.last_ts, r.conn, r.seq] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+                put_addr(out, &r.client);
+                put_addr(out, &r.server);
+                put_list(out, &r.fields);
+                put_bytes(out, &r.body);
+                put_list(out, &r.trailers);
             }
             Record::Response(r) => {
                 out.push(KIND_RESPONSE);
@@ -156,6 +202,25 @@ impl Record {
                     server,
                     version,
                     raw,
+                })
+            }
+            KIND_H2_REQUEST => {
+                let (first_ts, last_ts, conn, seq) = (c.u64()?, c.u64()?, c.u64()?, c.u64()?);
+                let client = c.addr()?;
+                let server = c.addr()?;
+                let fields = c.list()?;
+                let body = c.bytes()?;
+                let trailers = c.list()?;
+                Record::H2Request(RecordedH2Request {
+                    first_ts,
+                    last_ts,
+                    conn,
+                    seq,
+                    client,
+                    server,
+                    fields,
+                    body,
+                    trailers,
                 })
             }
             KIND_RESPONSE => {
@@ -209,6 +274,18 @@ impl<'a> Cursor<'a> {
     fn u64(&mut self) -> Result<u64, DecodeError> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
     }
+    fn bytes(&mut self) -> Result<Bytes, DecodeError> {
+        let n = self.u32()? as usize;
+        Ok(Bytes::copy_from_slice(self.take(n)?))
+    }
+    fn list(&mut self) -> Result<Vec<(Bytes, Bytes)>, DecodeError> {
+        let n = self.u32()? as usize;
+        // Each entry takes at least 8 bytes: a count beyond what is left is damage.
+        if n > self.0.len() / 8 {
+            return Err(DecodeError::Short);
+        }
+        (0..n).map(|_| Ok((self.bytes()?, self.bytes()?))).collect()
+    }
     fn addr(&mut self) -> Result<SocketAddr, DecodeError> {
         let family = self.u8()?;
         let o: [u8; 16] = self.take(16)?.try_into().unwrap();
@@ -233,9 +310,8 @@ pub fn without_headers(raw: &[u8], head_len: usize, drop: &[&str]) -> Vec<u8> {
     }
     for line in lines {
         let name = line.split(|b| *b == b':').next().unwrap_or(b"");
-        let named = |d: &&str| {
-            std::str::from_utf8(name).is_ok_and(|n| n.trim().eq_ignore_ascii_case(d))
-        };
+        let named =
+            |d: &&str| std::str::from_utf8(name).is_ok_and(|n| n.trim().eq_ignore_ascii_case(d));
         if line.contains(&b':') && drop.iter().any(named) {
             continue;
         }
@@ -272,7 +348,24 @@ mod tests {
             request_last_ts: 2,
             response_first_ts: 9,
         });
-        for r in [request(), response] {
+        let h2 = Record::H2Request(RecordedH2Request {
+            first_ts: 5,
+            last_ts: 6,
+            conn: 7,
+            seq: 3,
+            client: "10.0.0.1:40000".parse().unwrap(),
+            server: "10.0.0.2:50051".parse().unwrap(),
+            fields: vec![
+                (Bytes::from_static(b":method"), Bytes::from_static(b"POST")),
+                (
+                    Bytes::from_static(b":path"),
+                    Bytes::from_static(b"/pkg.Svc/Call"),
+                ),
+            ],
+            body: Bytes::from_static(b"\0\0\0\0\x02hi"),
+            trailers: vec![(Bytes::from_static(b"x-t"), Bytes::from_static(b"1"))],
+        });
+        for r in [request(), response, h2] {
             let mut out = Vec::new();
             r.encode(&mut out);
             let len = u32::from_le_bytes(out[..4].try_into().unwrap()) as usize;

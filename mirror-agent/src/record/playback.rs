@@ -19,12 +19,12 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::reader::{Issue, Reader};
-use super::{Record, RecordedRequest};
+use super::{Record, RecordedH2Request, RecordedRequest};
 use crate::compare::{CompareConfig, Comparison, Report};
 use crate::http::h1::{self, WireOrigin};
-use crate::http::ResponseMeta;
+use crate::http::{h2, ResponseMeta};
 use crate::replay::h1::{serialize, Conn};
-use crate::replay::{MirrorOutcome, MirrorResult, ReplayConfig};
+use crate::replay::{send_h2_once, H2Mirror, MirrorOutcome, MirrorResult, ReplayConfig};
 
 /// How requests are spread over connections to the mirror.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,7 +64,9 @@ impl std::str::FromStr for Speed {
         }
         match s.parse::<f64>() {
             Ok(f) if f > 0.0 && f.is_finite() => Ok(Speed::Factor(f)),
-            _ => Err(format!("{s:?} is neither `max` nor a positive factor such as 2.0")),
+            _ => Err(format!(
+                "{s:?} is neither `max` nor a positive factor such as 2.0"
+            )),
         }
     }
 }
@@ -106,16 +108,70 @@ pub struct PlaybackSummary {
 #[derive(Debug, thiserror::Error)]
 pub enum PlaybackError {
     #[error("cannot read the recording {dir}: {source}")]
-    Dir {
-        dir: String,
-        source: std::io::Error,
-    },
+    Dir { dir: String, source: std::io::Error },
     #[error("{dir} holds no recording files (rec-*.mrec)")]
     Empty { dir: String },
 }
 
+/// A recorded request, ready to send again.
+enum Replayable {
+    H1(h1::Request),
+    H2(h2::Request),
+}
+
+impl Replayable {
+    fn method(&self) -> &str {
+        match self {
+            Replayable::H1(r) => r.method(),
+            Replayable::H2(r) => r.method(),
+        }
+    }
+    fn target(&self) -> &str {
+        match self {
+            Replayable::H1(r) => r.target(),
+            Replayable::H2(r) => r.path(),
+        }
+    }
+}
+
+/// A request record's connection, stream position and capture time, and the request (None
+/// when it no longer parses), read with connection id `conn`.
+fn replayable(record: &Record, conn: u64) -> Option<(u64, u64, u64, Option<Replayable>)> {
+    match record {
+        Record::Request(r) => Some((
+            r.conn,
+            r.seq,
+            r.first_ts,
+            parse(r, conn).map(Replayable::H1),
+        )),
+        Record::H2Request(r) => Some((
+            r.conn,
+            r.seq,
+            r.first_ts,
+            Some(Replayable::H2(h2_request(r, conn))),
+        )),
+        Record::Response(_) => None,
+    }
+}
+
+fn h2_request(r: &RecordedH2Request, conn: u64) -> h2::Request {
+    h2::Request {
+        conn,
+        seq: r.seq,
+        client: r.client,
+        server: r.server,
+        fields: r.fields.clone(),
+        body: r.body.clone(),
+        trailers: r.trailers.clone(),
+        from_start: true,
+        rest: None,
+        first_ts: r.first_ts,
+        last_ts: r.last_ts,
+    }
+}
+
 struct Job {
-    req: h1::Request,
+    req: Replayable,
     key: (u64, u64),
     due: Instant,
 }
@@ -132,7 +188,10 @@ const LANE_IDLE: Duration = Duration::from_secs(2);
 const LATE: Duration = Duration::from_millis(10);
 
 /// One pass over the recording's requests: how many, and the first one's capture time.
-fn survey(dir: &Path, cfg: &ReplayConfig) -> Result<(u64, u64, Option<u64>, Vec<Issue>), PlaybackError> {
+fn survey(
+    dir: &Path,
+    cfg: &ReplayConfig,
+) -> Result<(u64, u64, Option<u64>, Vec<Issue>), PlaybackError> {
     let mut reader = Reader::open(dir).map_err(|source| PlaybackError::Dir {
         dir: dir.display().to_string(),
         source,
@@ -143,18 +202,30 @@ fn survey(dir: &Path, cfg: &ReplayConfig) -> Result<(u64, u64, Option<u64>, Vec<
         });
     }
     let (mut total, mut kept, mut t0) = (0, 0, None::<u64>);
-    for r in reader.by_ref() {
-        if let Record::Request(r) = r {
+    for record in reader.by_ref() {
+        if let Some((_, _, first_ts, req)) = replayable(&record, 0) {
             total += 1;
-            if let Some(req) = parse(&r, 0) {
-                if passes(cfg, &req) {
-                    kept += 1;
-                    t0 = Some(t0.map_or(r.first_ts, |t| t.min(r.first_ts)));
-                }
+            if req.is_some_and(|req| passes(cfg, &req)) {
+                kept += 1;
+                t0 = Some(t0.map_or(first_ts, |t| t.min(first_ts)));
             }
         }
     }
     Ok((total, kept, t0, reader.take_issues()))
+}
+
+/// The request with the connection id the comparison pairs it by.
+fn with_conn(req: Replayable, conn: u64) -> Replayable {
+    match req {
+        Replayable::H1(mut r) => {
+            r.conn = conn;
+            Replayable::H1(r)
+        }
+        Replayable::H2(mut r) => {
+            r.conn = conn;
+            Replayable::H2(r)
+        }
+    }
 }
 
 fn parse(r: &RecordedRequest, conn: u64) -> Option<h1::Request> {
@@ -171,7 +242,7 @@ fn parse(r: &RecordedRequest, conn: u64) -> Option<h1::Request> {
     )
 }
 
-fn passes(cfg: &ReplayConfig, req: &h1::Request) -> bool {
+fn passes(cfg: &ReplayConfig, req: &Replayable) -> bool {
     let method_ok = cfg.methods.is_empty() || cfg.methods.iter().any(|m| m == req.method());
     let path = req.target().split('?').next().unwrap_or("");
     method_ok && cfg.path.as_ref().is_none_or(|re| re.is_match(path))
@@ -204,71 +275,70 @@ pub async fn run(dir: &Path, cfg: PlaybackConfig) -> Result<PlaybackSummary, Pla
         let mut last_sweep = Instant::now();
         let Ok(reader) = Reader::open(dir) else { break };
         for record in reader {
-            match record {
-                Record::Request(r) => {
-                    let key_conn = r.conn.wrapping_add(u64::from(pass) << 48);
-                    let Some(req) = parse(&r, key_conn) else {
-                        if pass == 0 {
-                            stats.unparsable.fetch_add(1, Ordering::Relaxed);
-                        }
-                        continue;
-                    };
-                    if !passes(&cfg.replay, &req) {
-                        continue;
-                    }
-                    let mut due = match cfg.speed {
-                        Speed::Max => Instant::now(),
-                        Speed::Factor(f) => {
-                            let offset = r.first_ts.saturating_sub(t0) as f64 / 1e9 / f;
-                            pass_start + Duration::from_secs_f64(offset)
-                        }
-                    };
-                    if let Some(rps) = cfg.max_rps {
-                        due = due.max(next_slot);
-                        next_slot = due + Duration::from_secs_f64(1.0 / rps);
-                    }
-                    // A timer, even one already due, waits for the timer wheel's next tick
-                    // (a millisecond): only sleep for a time still ahead.
-                    if due > Instant::now() {
-                        tokio::time::sleep_until(due).await;
-                    }
-                    let key = (key_conn, r.seq);
-                    if asked.len() >= cfg.compare.max_pending {
-                        if let Some(old) = asked_order.pop_front() {
-                            asked.remove(&old);
-                        }
-                    }
-                    asked.insert(key, (req.method().to_string(), req.target().to_string()));
-                    asked_order.push_back(key);
-                    let lane_id = match cfg.lanes {
-                        Lanes::Same => r.conn,
-                        Lanes::Fixed(n) => r.conn % n as u64,
-                    };
-                    let lane = lanes.entry(lane_id).or_insert_with(|| {
-                        let (lane, handle) = open_lane(&cfg, &comparison, &stats);
-                        handles.push(handle);
-                        lane
+            let pass_key = u64::from(pass) << 48;
+            if let Record::Response(resp) = &record {
+                let key = (resp.conn.wrapping_add(pass_key), resp.seq);
+                if let Some((method, target)) = asked.remove(&key) {
+                    comparison.live(&ResponseMeta {
+                        conn: key.0,
+                        request_seq: key.1,
+                        method,
+                        target,
+                        status: resp.status,
+                        grpc_status: resp.grpc_status,
+                        request_last_ts: resp.request_last_ts,
+                        response_first_ts: resp.response_first_ts,
                     });
-                    lane.pending.fetch_add(1, Ordering::AcqRel);
-                    lane.last_used = Instant::now();
-                    // Waits when the lane is far behind: memory stays bounded.
-                    let _ = lane.tx.send(Job { req, key, due }).await;
                 }
-                Record::Response(resp) => {
-                    let key = (resp.conn.wrapping_add(u64::from(pass) << 48), resp.seq);
-                    if let Some((method, target)) = asked.remove(&key) {
-                        comparison.live(&ResponseMeta {
-                            conn: key.0,
-                            request_seq: key.1,
-                            method,
-                            target,
-                            status: resp.status,
-                            grpc_status: resp.grpc_status,
-                            request_last_ts: resp.request_last_ts,
-                            response_first_ts: resp.response_first_ts,
-                        });
+            }
+            if let Some((rec_conn, seq, first_ts, req)) = replayable(&record, 0) {
+                let key_conn = rec_conn.wrapping_add(pass_key);
+                let Some(req) = req.map(|r| with_conn(r, key_conn)) else {
+                    if pass == 0 {
+                        stats.unparsable.fetch_add(1, Ordering::Relaxed);
+                    }
+                    continue;
+                };
+                if !passes(&cfg.replay, &req) {
+                    continue;
+                }
+                let mut due = match cfg.speed {
+                    Speed::Max => Instant::now(),
+                    Speed::Factor(f) => {
+                        let offset = first_ts.saturating_sub(t0) as f64 / 1e9 / f;
+                        pass_start + Duration::from_secs_f64(offset)
+                    }
+                };
+                if let Some(rps) = cfg.max_rps {
+                    due = due.max(next_slot);
+                    next_slot = due + Duration::from_secs_f64(1.0 / rps);
+                }
+                // A timer, even one already due, waits for the timer wheel's next tick
+                // (a millisecond): only sleep for a time still ahead.
+                if due > Instant::now() {
+                    tokio::time::sleep_until(due).await;
+                }
+                let key = (key_conn, seq);
+                if asked.len() >= cfg.compare.max_pending {
+                    if let Some(old) = asked_order.pop_front() {
+                        asked.remove(&old);
                     }
                 }
+                asked.insert(key, (req.method().to_string(), req.target().to_string()));
+                asked_order.push_back(key);
+                let lane_id = match cfg.lanes {
+                    Lanes::Same => rec_conn,
+                    Lanes::Fixed(n) => rec_conn % n as u64,
+                };
+                let lane = lanes.entry(lane_id).or_insert_with(|| {
+                    let (lane, handle) = open_lane(&cfg, &comparison, &stats);
+                    handles.push(handle);
+                    lane
+                });
+                lane.pending.fetch_add(1, Ordering::AcqRel);
+                lane.last_used = Instant::now();
+                // Waits when the lane is far behind: memory stays bounded.
+                let _ = lane.tx.send(Job { req, key, due }).await;
             }
             if cfg.lanes == Lanes::Same && last_sweep.elapsed() >= LANE_IDLE {
                 lanes.retain(|_, l| {
@@ -326,16 +396,21 @@ async fn lane(
     mut rx: mpsc::Receiver<Job>,
 ) {
     let mut conn: Option<Conn> = None;
+    let mut h2_conn = H2Mirror::new();
     let mut idle_since = Instant::now();
     while let Some(job) = rx.recv().await {
         if idle_since.elapsed() >= LANE_IDLE {
             conn = None;
+            h2_conn = H2Mirror::new();
         }
         let paced = cfg.speed != Speed::Max || cfg.max_rps.is_some();
         if paced && Instant::now().duration_since(job.due) > LATE {
             stats.late.fetch_add(1, Ordering::Relaxed);
         }
-        let (result, took) = send_one(&cfg.replay, &mut conn, &job.req).await;
+        let (result, took) = match &job.req {
+            Replayable::H1(r) => send_one(&cfg.replay, &mut conn, r).await,
+            Replayable::H2(r) => send_h2_once(&cfg.replay, &h2_conn, r).await,
+        };
         stats.sent.fetch_add(1, Ordering::Relaxed);
         match result {
             MirrorResult::Status(_) | MirrorResult::Grpc(..) => &stats.answered,

@@ -294,7 +294,9 @@ mod tests {
         let (records, issues) = read_bytes("seed", data);
         assert!(issues.is_empty(), "{issues:?}");
         assert_eq!(records.len(), 4);
-        let Record::Request(r) = &records[2] else { panic!("a request") };
+        let Record::Request(r) = &records[2] else {
+            panic!("a request")
+        };
         let req = crate::http::h1::Request::from_wire(
             r.raw.clone(),
             crate::http::h1::WireOrigin {

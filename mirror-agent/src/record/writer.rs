@@ -15,7 +15,7 @@ use super::{
     without_headers, Record, RecordedRequest, RecordedResponse, BLOCK_MAGIC, FILE_MAGIC,
     FILE_SUFFIX, VERSION,
 };
-use crate::http::{h1, Request, ResponseMeta};
+use crate::http::{h1, h2, Request, ResponseMeta};
 
 /// A block is written once it holds this much, or is `RecordConfig::block_age` old.
 const BLOCK_BYTES: usize = 256 << 10;
@@ -49,7 +49,7 @@ pub struct RecordStats {
     pub files_removed: AtomicU64,
     pub dropped_queue_full: AtomicU64,
     pub dropped_write_error: AtomicU64,
-    /// HTTP/2 requests (not recorded by this format version).
+    /// Streaming HTTP/2 requests (handed on before their body ended): not recorded.
     pub dropped_unsupported: AtomicU64,
 }
 
@@ -61,6 +61,7 @@ impl RecordStats {
 
 enum Event {
     Request(h1::Request),
+    H2Request(h2::Request),
     Response(RecordedResponse),
 }
 
@@ -121,6 +122,7 @@ impl Recorder {
     pub fn request(&mut self, r: &Request) {
         match r {
             Request::H1(r) => self.batch.push(Event::Request(r.clone())),
+            Request::H2(r) if r.rest.is_none() => self.batch.push(Event::H2Request(r.clone())),
             Request::H2(_) => {
                 self.stats
                     .dropped_unsupported
@@ -265,6 +267,32 @@ impl Writer {
                     raw,
                 })
             }
+            Event::H2Request(r) => {
+                self.block_requests += 1;
+                let kept =
+                    |list: &[(bytes::Bytes, bytes::Bytes)]| -> Vec<(bytes::Bytes, bytes::Bytes)> {
+                        list.iter()
+                            .filter(|(n, _)| {
+                                !self
+                                    .drop
+                                    .iter()
+                                    .any(|d| d.as_bytes().eq_ignore_ascii_case(n))
+                            })
+                            .cloned()
+                            .collect()
+                    };
+                Record::H2Request(super::RecordedH2Request {
+                    first_ts: r.first_ts,
+                    last_ts: r.last_ts,
+                    conn: r.conn,
+                    seq: r.seq,
+                    client: r.client,
+                    server: r.server,
+                    fields: kept(&r.fields),
+                    body: r.body.clone(),
+                    trailers: kept(&r.trailers),
+                })
+            }
             Event::Response(r) => {
                 self.block_responses += 1;
                 Record::Response(r)
@@ -304,8 +332,7 @@ impl Writer {
     }
 
     fn write_block(&mut self) -> std::io::Result<u64> {
-        let mut enc =
-            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
         enc.write_all(&self.block)?;
         let compressed = enc.finish()?;
         let mut out = Vec::with_capacity(compressed.len() + 16);
@@ -391,9 +418,8 @@ mod tests {
         let mut x = Extract::new(&[8080]);
         x.feed(&c.handshake());
         for i in 0..n {
-            let wire = format!(
-                "GET /r/{i} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer secret\r\n\r\n"
-            );
+            let wire =
+                format!("GET /r/{i} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer secret\r\n\r\n");
             x.feed(&c.client_data(wire.as_bytes(), 1400));
         }
         std::mem::take(&mut x.requests)
@@ -430,10 +456,15 @@ mod tests {
         assert!(reader.take_issues().is_empty());
         assert_eq!(back.len(), 50);
         for (r, b) in reqs.iter().zip(&back) {
-            let Record::Request(b) = b else { panic!("not a request") };
+            let Record::Request(b) = b else {
+                panic!("not a request")
+            };
             assert_eq!((b.conn, b.seq), (r.conn, r.seq));
             let text = String::from_utf8_lossy(&b.raw);
-            assert!(!text.to_ascii_lowercase().contains("authorization"), "{text}");
+            assert!(
+                !text.to_ascii_lowercase().contains("authorization"),
+                "{text}"
+            );
             assert!(text.starts_with(&format!("GET {} HTTP/1.1\r\nHost: a\r\n", r.target())));
         }
     }
@@ -462,7 +493,9 @@ mod tests {
         assert!(total <= 1024 + 512, "{total} bytes left");
         // What is left is the newest, readable and whole.
         let back: Vec<Record> = Reader::open(dir.path()).unwrap().collect();
-        let Some(Record::Request(last)) = back.last() else { panic!("nothing left") };
+        let Some(Record::Request(last)) = back.last() else {
+            panic!("nothing left")
+        };
         assert_eq!(last.seq, 19);
     }
 

@@ -540,15 +540,38 @@ async fn connect_mirror(cfg: &ReplayConfig) -> Result<tokio::net::TcpStream, Mir
     Ok(stream)
 }
 
+/// One HTTP/2 request to the mirror on `conn` (opened or reopened as needed), answered or
+/// failed within the timeout: for `mirror-agent replay`, which keeps a connection per lane.
+pub(crate) async fn send_h2_once(
+    cfg: &ReplayConfig,
+    conn: &H2Mirror,
+    req: &h2::Request,
+) -> (MirrorResult, Option<Duration>) {
+    let outgoing = match build_h2(cfg, req) {
+        Ok(o) => o,
+        Err(_) => return (MirrorResult::Error, None),
+    };
+    let started = Instant::now();
+    let exchange = async {
+        let resp = conn.request(cfg, outgoing).await?;
+        read_answer(resp, started).await
+    };
+    match tokio::time::timeout(cfg.timeout, exchange).await {
+        Ok(Ok((result, took))) => (result, Some(took)),
+        Ok(Err(e)) => (e, Some(started.elapsed())),
+        Err(_) => (MirrorResult::Timeout, Some(started.elapsed())),
+    }
+}
+
 /// One HTTP/2 connection to the mirror, made again when it closes. Its own connection (rather
 /// than a pooled client's) so that `:authority` can be what `--host` says while the connection
 /// goes to the mirror.
-struct H2Mirror {
+pub(crate) struct H2Mirror {
     sender: tokio::sync::Mutex<Option<hyper::client::conn::http2::SendRequest<ReplayBody>>>,
 }
 
 impl H2Mirror {
-    fn new() -> H2Mirror {
+    pub(crate) fn new() -> H2Mirror {
         H2Mirror {
             sender: tokio::sync::Mutex::new(None),
         }

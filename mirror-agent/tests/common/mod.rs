@@ -729,4 +729,3 @@ pub fn normalised(r: &Recorded) -> Recorded {
         ..r.clone()
     }
 }
-
