@@ -495,9 +495,10 @@ fn a_slow_or_down_third_mirror_costs_the_other_two_and_live_users_nothing() {
         if case == "down" {
             assert!(c_failed >= 1.0, "c's failures are counted: {stderr}");
             assert_eq!(answered("c"), 0);
-        } else {
+        } else if timing_applies("the slow mirror cannot have caught up by the stop") {
             // Still waiting on c when the agent stopped, or dropped by its full queue: in
-            // any case not all answered in time.
+            // any case not all answered in time. (Under emulation the test's own steps take
+            // longer than c's backlog.)
             assert!(answered("c") < N as u64, "{stderr}");
         }
     }
@@ -725,8 +726,10 @@ class H(http.server.BaseHTTPRequestHandler):
         pass
 class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
-    # The default backlog of 5 drops the SYNs of a burst of new connections.
-    request_queue_size = 128
+    # The default backlog of 5 drops the connections of a burst. The agent may open one per
+    # request in flight (--max-inflight, 256) when answers are slow, as under emulation, where
+    # a backlog of 128 overflowed (TcpExtListenOverflows) and 16 requests timed out unanswered.
+    request_queue_size = 1024
 S(("127.0.0.1", 9091), H).serve_forever()
 "#;
 
