@@ -563,6 +563,11 @@ impl Summary {
                 g(&r.dropped_write_error),
                 g(&r.dropped_unsupported)
             ));
+            out.push(format!(
+                "record: streamed requests dropped_cut={} dropped_too_large={}",
+                g(&r.dropped_cut),
+                g(&r.dropped_too_large)
+            ));
         }
         out
     }

@@ -244,7 +244,8 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
             track_responses: !args.no_responses,
             response_heads,
             max_buffered_bytes: plan.http_buffered_bytes,
-            stream_copies: mirrors.len().max(1),
+            // One copy of a streamed body per mirror, and one for the recording.
+            stream_copies: (mirrors.len() + usize::from(args.record.is_some())).max(1),
             content: content.clone(),
             ..HttpConfig::default()
         },

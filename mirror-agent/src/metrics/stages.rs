@@ -574,7 +574,9 @@ pub fn record(out: &mut Families, s: &crate::record::RecordStats) {
         "Requests and responses not recorded, by reason",
         "reason",
         &[
+            ("cut", get(&s.dropped_cut)),
             ("queue_full", get(&s.dropped_queue_full)),
+            ("too_large", get(&s.dropped_too_large)),
             ("unsupported", get(&s.dropped_unsupported)),
             ("write_error", get(&s.dropped_write_error)),
         ],

@@ -271,6 +271,9 @@ pub async fn run(dir: &Path, cfg: PlaybackConfig) -> Result<PlaybackSummary, Pla
         // Recorded requests waiting for their live response: (conn, seq) → (method, target).
         let mut asked: HashMap<(u64, u64), (String, String)> = HashMap::new();
         let mut asked_order: VecDeque<(u64, u64)> = VecDeque::new();
+        // Live responses recorded before their request (a streamed request is written when it
+        // ends, after an answer that may have come first).
+        let mut early: HashMap<(u64, u64), super::RecordedResponse> = HashMap::new();
         let mut next_slot = Instant::now();
         let mut last_sweep = Instant::now();
         let Ok(reader) = Reader::open(dir) else { break };
@@ -278,17 +281,12 @@ pub async fn run(dir: &Path, cfg: PlaybackConfig) -> Result<PlaybackSummary, Pla
             let pass_key = u64::from(pass) << 48;
             if let Record::Response(resp) = &record {
                 let key = (resp.conn.wrapping_add(pass_key), resp.seq);
-                if let Some((method, target)) = asked.remove(&key) {
-                    comparison.live(&ResponseMeta {
-                        conn: key.0,
-                        request_seq: key.1,
-                        method,
-                        target,
-                        status: resp.status,
-                        grpc_status: resp.grpc_status,
-                        request_last_ts: resp.request_last_ts,
-                        response_first_ts: resp.response_first_ts,
-                    });
+                match asked.remove(&key) {
+                    Some((method, target)) => live(&comparison, key, method, target, resp),
+                    None if early.len() < cfg.compare.max_pending => {
+                        early.insert(key, resp.clone());
+                    }
+                    None => {}
                 }
             }
             if let Some((rec_conn, seq, first_ts, req)) = replayable(&record, 0) {
@@ -324,8 +322,19 @@ pub async fn run(dir: &Path, cfg: PlaybackConfig) -> Result<PlaybackSummary, Pla
                         asked.remove(&old);
                     }
                 }
-                asked.insert(key, (req.method().to_string(), req.target().to_string()));
-                asked_order.push_back(key);
+                match early.remove(&key) {
+                    Some(resp) => live(
+                        &comparison,
+                        key,
+                        req.method().to_string(),
+                        req.target().to_string(),
+                        &resp,
+                    ),
+                    None => {
+                        asked.insert(key, (req.method().to_string(), req.target().to_string()));
+                        asked_order.push_back(key);
+                    }
+                }
                 let lane_id = match cfg.lanes {
                     Lanes::Same => rec_conn,
                     Lanes::Fixed(n) => rec_conn % n as u64,
@@ -362,6 +371,26 @@ pub async fn run(dir: &Path, cfg: PlaybackConfig) -> Result<PlaybackSummary, Pla
         issues,
         elapsed: started.elapsed(),
     })
+}
+
+/// The recorded live response to request `key`, to the comparison.
+fn live(
+    comparison: &Comparison,
+    key: (u64, u64),
+    method: String,
+    target: String,
+    resp: &super::RecordedResponse,
+) {
+    comparison.live(&ResponseMeta {
+        conn: key.0,
+        request_seq: key.1,
+        method,
+        target,
+        status: resp.status,
+        grpc_status: resp.grpc_status,
+        request_last_ts: resp.request_last_ts,
+        response_first_ts: resp.response_first_ts,
+    });
 }
 
 fn open_lane(

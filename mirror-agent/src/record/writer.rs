@@ -49,8 +49,12 @@ pub struct RecordStats {
     pub files_removed: AtomicU64,
     pub dropped_queue_full: AtomicU64,
     pub dropped_write_error: AtomicU64,
-    /// Streaming HTTP/2 requests (handed on before their body ended): not recorded.
+    /// Streamed HTTP/2 requests whose copy of the body was not available to the recorder.
     pub dropped_unsupported: AtomicU64,
+    /// Streamed requests cut before their end (a reset or loss, or the copy left behind), or
+    /// whose body exceeded 16 MiB.
+    pub dropped_cut: AtomicU64,
+    pub dropped_too_large: AtomicU64,
 }
 
 impl RecordStats {
@@ -62,7 +66,21 @@ impl RecordStats {
 enum Event {
     Request(h1::Request),
     H2Request(h2::Request),
+    /// An HTTP/2 request handed on while its body was still arriving, with the recorder's own
+    /// copy of the rest: written once the client ends the stream.
+    H2Streaming(h2::Request, h2::StreamReceiver),
     Response(RecordedResponse),
+}
+
+/// Most body bytes kept for one streamed request; a longer one is dropped, counted.
+const MAX_STREAMED_BODY: usize = 16 << 20;
+
+/// A streamed request being collected.
+struct Streaming {
+    req: h2::Request,
+    rx: h2::StreamReceiver,
+    body: Vec<u8>,
+    too_large: bool,
 }
 
 /// The pipeline's handle on the recording stage. Events are handed over a batch at a time
@@ -123,6 +141,11 @@ impl Recorder {
         match r {
             Request::H1(r) => self.batch.push(Event::Request(r.clone())),
             Request::H2(r) if r.rest.is_none() => self.batch.push(Event::H2Request(r.clone())),
+            Request::H2(r) if let Some(rx) = r.rest.as_ref().and_then(|s| s.take()) => {
+                let mut head = r.clone();
+                head.rest = None;
+                self.batch.push(Event::H2Streaming(head, rx));
+            }
             Request::H2(_) => {
                 self.stats
                     .dropped_unsupported
@@ -205,6 +228,7 @@ struct Writer {
     block_since: Option<Instant>,
     open: Option<Open>,
     next_file: u64,
+    streams: Vec<Streaming>,
 }
 
 impl Writer {
@@ -220,12 +244,21 @@ impl Writer {
             block_since: None,
             open: None,
             next_file: 0,
+            streams: Vec::new(),
         }
     }
 
     fn run(&mut self, rx: Receiver<Vec<Event>>) {
         loop {
-            match rx.recv_timeout(self.cfg.block_age / 4) {
+            // Streams in progress are looked at often: their parts wait in memory meanwhile.
+            let wait = if self.streams.is_empty() {
+                self.cfg.block_age / 4
+            } else {
+                Duration::from_millis(2)
+            };
+            let received = rx.recv_timeout(wait);
+            self.poll_streams();
+            match received {
                 Ok(batch) => {
                     self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
                     for e in batch {
@@ -242,8 +275,53 @@ impl Writer {
                 self.flush();
             }
         }
+        self.poll_streams();
+        let cut = self.streams.len() as u64;
+        self.stats.dropped_cut.fetch_add(cut, Ordering::Relaxed);
+        self.streams.clear();
         self.flush();
         self.open = None;
+    }
+
+    /// Takes what arrived of the streams in progress; a stream that ended is recorded.
+    fn poll_streams(&mut self) {
+        use h2::StreamPart;
+        use tokio::sync::mpsc::error::TryRecvError;
+        let mut i = 0;
+        while i < self.streams.len() {
+            let s = &mut self.streams[i];
+            let ended = loop {
+                match s.rx.try_recv() {
+                    Ok(StreamPart::Data(b)) => {
+                        if s.body.len() + b.len() > MAX_STREAMED_BODY {
+                            s.too_large = true;
+                        } else if !s.too_large {
+                            s.body.extend_from_slice(&b);
+                        }
+                    }
+                    Ok(StreamPart::Trailers(t)) => s.req.trailers = t,
+                    Ok(StreamPart::End) => break Some(true),
+                    Err(TryRecvError::Empty) => break None,
+                    Err(TryRecvError::Disconnected) => break Some(false),
+                }
+            };
+            match ended {
+                None => i += 1,
+                Some(complete) => {
+                    let mut s = self.streams.swap_remove(i);
+                    if !complete {
+                        self.stats.dropped_cut.fetch_add(1, Ordering::Relaxed);
+                    } else if s.too_large {
+                        self.stats.dropped_too_large.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        let mut body = std::mem::take(&mut s.req.body).to_vec();
+                        body.extend_from_slice(&s.body);
+                        s.req.body = body.into();
+                        self.add(Event::H2Request(s.req));
+                    }
+                }
+            }
+        }
     }
 
     fn add(&mut self, e: Event) {
@@ -292,6 +370,15 @@ impl Writer {
                     body: r.body.clone(),
                     trailers: kept(&r.trailers),
                 })
+            }
+            Event::H2Streaming(req, rx) => {
+                self.streams.push(Streaming {
+                    req,
+                    rx,
+                    body: Vec::new(),
+                    too_large: false,
+                });
+                return;
             }
             Event::Response(r) => {
                 self.block_responses += 1;
