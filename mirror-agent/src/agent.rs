@@ -451,10 +451,10 @@ impl pipeline::Sink for PipelineEvents {
                 }
             }
             HttpEvent::Response(m) => {
+                self.live.live(&m);
                 if let Some(rec) = self.recorder.as_mut() {
-                    rec.response(&m);
+                    rec.response(m);
                 }
-                self.live.live(&m)
             }
             HttpEvent::ResponseContent(c) => self.live.live_content(&c),
             HttpEvent::FullResponses { client, server } => {

@@ -18,7 +18,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use super::framing::{find_request_start, find_response_start, BodyDecoder, Framing};
 use super::h2::frame::{find_frames, DEFAULT_MAX_FRAME};
 use super::{
-    HttpEvent, HttpExtractor, HttpStats, LiveContent, ResponseMeta, StopReason, Switch,
+    HttpEvent, HttpExtractor, HttpStats, LiveContent, ResponseMeta, StopReason, Switch, WireOrigin,
     HEADER_SLOTS,
 };
 use crate::compare::content::ContentBuilder;
@@ -76,7 +76,23 @@ impl Request {
     /// parses it and the body taken as framed. None when the head does not parse.
     pub fn from_wire(raw: Bytes, at: WireOrigin) -> Option<Request> {
         let head = parse_request_head(&raw, HEADER_SLOTS).ok()?;
-        Some(Request {
+        Some(Request::assemble(raw, head, at))
+    }
+
+    pub fn origin(&self) -> WireOrigin {
+        WireOrigin {
+            conn: self.conn,
+            seq: self.seq,
+            client: self.client,
+            server: self.server,
+            first_ts: self.first_ts,
+            last_ts: self.last_ts,
+        }
+    }
+
+    /// The request whose whole message is `raw` and whose head is `head`.
+    fn assemble(raw: Bytes, head: Head, at: WireOrigin) -> Request {
+        Request {
             conn: at.conn,
             seq: at.seq,
             client: at.client,
@@ -90,19 +106,8 @@ impl Request {
             first_ts: at.first_ts,
             last_ts: at.last_ts,
             raw,
-        })
+        }
     }
-}
-
-/// Where a request read back from bytes came from.
-#[derive(Clone, Copy, Debug)]
-pub struct WireOrigin {
-    pub conn: ConnId,
-    pub seq: u64,
-    pub client: SocketAddr,
-    pub server: SocketAddr,
-    pub first_ts: TimestampNs,
-    pub last_ts: TimestampNs,
 }
 
 /// Which side of an HTTP/1 connection a parser reads, as hyper's `proto::h1::role` splits
@@ -662,9 +667,10 @@ impl HttpExtractor {
         };
         let bytes = p.buf.split_to(len);
         if R::REQUESTS {
+            let seq = head.seq;
             let p = &mut c.req;
             let keep = p.keep && p.drop_reason.is_none();
-            if let Some(pending) = c.pending.iter_mut().find(|x| x.seq == head.seq) {
+            if let Some(pending) = c.pending.iter_mut().find(|x| x.seq == seq) {
                 pending.last_ts = Some(ts);
                 pending.dropped = !keep;
             }
@@ -672,22 +678,18 @@ impl HttpExtractor {
                 let raw = bytes.freeze();
                 self.stats.requests += 1;
                 self.stats.request_bytes += raw.len() as u64;
+                let at = WireOrigin {
+                    conn: info.id,
+                    seq,
+                    client: info.client,
+                    server: info.server,
+                    first_ts: p.first_ts,
+                    last_ts: ts,
+                };
                 self.events
-                    .push(HttpEvent::Request(super::Request::H1(Request {
-                        conn: info.id,
-                        seq: head.seq,
-                        client: info.client,
-                        server: info.server,
-                        body: raw.slice(head.len..),
-                        framing: head.framing,
-                        version: head.version,
-                        method: head.method,
-                        target: head.target,
-                        headers: head.headers,
-                        first_ts: p.first_ts,
-                        last_ts: ts,
-                        raw,
-                    })));
+                    .push(HttpEvent::Request(super::Request::H1(Request::assemble(
+                        raw, head, at,
+                    ))));
             } else {
                 match p.drop_reason {
                     Some(DropReason::Gap) => self.stats.dropped_gap += 1,
@@ -696,7 +698,7 @@ impl HttpExtractor {
                     None => self.stats.dropped_incomplete += 1,
                 }
             }
-            self.report_early(c, info, head.seq);
+            self.report_early(c, info, seq);
         } else {
             self.emit_content(info, &mut c.resp);
         }

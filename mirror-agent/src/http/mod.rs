@@ -10,6 +10,8 @@ pub mod framing;
 pub mod h1;
 pub mod h2;
 
+use std::net::SocketAddr;
+
 use bytes::Bytes;
 
 use crate::reassembly::{CloseReason, ConnId, ConnInfo, Direction, StreamHandler};
@@ -104,6 +106,18 @@ impl Request {
             Request::H2(r) => r.size(),
         }
     }
+}
+
+/// Where a request came from: its connection, its position on it, and the capture times of its
+/// first and last byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WireOrigin {
+    pub conn: ConnId,
+    pub seq: u64,
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub first_ts: TimestampNs,
+    pub last_ts: TimestampNs,
 }
 
 /// What is known of a live response: its status and how long the service took.

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::reader::{Issue, Reader};
 use super::Record;
-use crate::http::h1::{self, WireOrigin};
+use crate::http::{h1, ResponseMeta, WireOrigin};
 
 #[derive(Serialize)]
 struct Har {
@@ -148,10 +148,7 @@ struct Asked {
     content_type: String,
     body: Vec<u8>,
     headers_size: i64,
-    first_ts: u64,
-    server: std::net::SocketAddr,
-    conn: u64,
-    seq: u64,
+    at: WireOrigin,
 }
 
 fn asked_h1(req: &h1::Request) -> Asked {
@@ -177,10 +174,7 @@ fn asked_h1(req: &h1::Request) -> Asked {
         content_type: req.header("content-type").map(text).unwrap_or_default(),
         body: decoded_body(req),
         headers_size: req.head().len() as i64,
-        first_ts: req.first_ts,
-        server: req.server,
-        conn: req.conn,
-        seq: req.seq,
+        at: req.origin(),
     }
 }
 
@@ -196,7 +190,7 @@ fn asked_h2(r: &super::RecordedH2Request) -> Asked {
         target: field(b":path").unwrap_or_default(),
         host: field(b":authority")
             .or_else(|| field(b"host"))
-            .unwrap_or_else(|| r.server.to_string()),
+            .unwrap_or_else(|| r.at.server.to_string()),
         version: "HTTP/2",
         headers: r
             .fields
@@ -209,14 +203,11 @@ fn asked_h2(r: &super::RecordedH2Request) -> Asked {
         content_type: field(b"content-type").unwrap_or_default(),
         body: r.body.to_vec(),
         headers_size: -1,
-        first_ts: r.first_ts,
-        server: r.server,
-        conn: r.conn,
-        seq: r.seq,
+        at: r.at,
     }
 }
 
-fn entry(a: Asked, resp: Option<&super::RecordedResponse>) -> Entry {
+fn entry(a: Asked, resp: Option<&ResponseMeta>) -> Entry {
     let url = if a.target.starts_with("http://") || a.target.starts_with("https://") {
         a.target.clone()
     } else {
@@ -254,7 +245,7 @@ fn entry(a: Asked, resp: Option<&super::RecordedResponse>) -> Entry {
         r.response_first_ts.saturating_sub(r.request_last_ts) as f64 / 1e6
     });
     Entry {
-        started_date_time: rfc3339(a.first_ts),
+        started_date_time: rfc3339(a.at.first_ts),
         time: wait_ms.max(0.0),
         request: HarRequest {
             method: a.method,
@@ -289,8 +280,8 @@ fn entry(a: Asked, resp: Option<&super::RecordedResponse>) -> Entry {
             wait: wait_ms,
             receive: 0.0,
         },
-        server_ip_address: a.server.ip().to_string(),
-        connection: format!("{}", a.conn),
+        server_ip_address: a.at.server.ip().to_string(),
+        connection: a.at.conn.to_string(),
     }
 }
 
@@ -317,32 +308,24 @@ fn base64(b: &[u8]) -> String {
 pub fn export(dir: &Path, out: &mut impl Write) -> std::io::Result<(usize, Vec<Issue>)> {
     let mut reader = Reader::open(dir)?;
     let mut requests: Vec<Asked> = Vec::new();
-    let mut responses: HashMap<(u64, u64), super::RecordedResponse> = HashMap::new();
+    let mut responses: HashMap<(u64, u64), ResponseMeta> = HashMap::new();
     for record in reader.by_ref() {
         match record {
             Record::Request(r) => {
-                let at = WireOrigin {
-                    conn: r.conn,
-                    seq: r.seq,
-                    client: r.client,
-                    server: r.server,
-                    first_ts: r.first_ts,
-                    last_ts: r.last_ts,
-                };
-                if let Some(req) = h1::Request::from_wire(r.raw, at) {
+                if let Some(req) = h1::Request::from_wire(r.raw, r.at) {
                     requests.push(asked_h1(&req));
                 }
             }
             Record::H2Request(r) => requests.push(asked_h2(&r)),
             Record::Response(r) => {
-                responses.insert((r.conn, r.seq), r);
+                responses.insert((r.conn, r.request_seq), r);
             }
         }
     }
     let entries: Vec<Entry> = requests
         .into_iter()
         .map(|a| {
-            let resp = responses.get(&(a.conn, a.seq));
+            let resp = responses.get(&(a.at.conn, a.at.seq));
             entry(a, resp)
         })
         .collect();

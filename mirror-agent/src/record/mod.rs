@@ -16,23 +16,25 @@
 //! second (or 256 KiB) of records, so a crash loses at most that, and compression sees enough
 //! text to pay (HTTP heads shrink about 5×). Record kinds:
 //!
-//! - `1`, a request: `first_ts:u64 last_ts:u64 conn:u64 seq:u64 client:addr server:addr
-//!   version:u8 raw_len:u32 raw`, where `raw` is the HTTP/1 message as it crossed the wire (head
-//!   and framed body) minus the `--drop-header` headers, and `addr = family:u8 (4|6) ip:[u8; 16]
-//!   port:u16`;
+//! - `1`, a request: `origin version:u8 raw_len:u32 raw`, where `raw` is the HTTP/1 message as
+//!   it crossed the wire (head and framed body) minus the `--drop-header` headers;
 //! - `2`, the live response to request `(conn, seq)`: `conn:u64 seq:u64 status:u16
-//!   grpc:u8 grpc_status:u32 request_last_ts:u64 response_first_ts:u64`;
-//! - `3`, an HTTP/2 request (gRPC calls among them; `seq` is its stream id): `first_ts:u64
-//!   last_ts:u64 conn:u64 seq:u64 client:addr server:addr fields:list body_len:u32 body
-//!   trailers:list`, where `list = count:u32 (name_len:u32 name value_len:u32 value)*` and the
-//!   fields are the decoded header block, pseudo-headers first, minus dropped headers.
+//!   grpc:u8 grpc_status:u32 request_last_ts:u64 response_first_ts:u64 method:str target:str`;
+//! - `3`, an HTTP/2 request (gRPC calls among them; `seq` is its stream id): `origin
+//!   fields:list body:str trailers:list`, where the fields are the decoded header block,
+//!   pseudo-headers first, minus dropped headers.
+//!
+//! with `origin = first_ts:u64 last_ts:u64 conn:u64 seq:u64 client:addr server:addr`,
+//! `addr = family:u8 (4|6) ip:[u8; 16] port:u16`, `str = len:u32 bytes` and
+//! `list = count:u32 (name:str value:str)*`.
 //!
 //! Why this shape: length-prefixed binary records need no escaping and skip unknown kinds (a
 //! later version may add some); blocks with their own length and checksum let a reader find a
 //! torn or damaged part, say where it is, and carry on at the next block instead of losing the
 //! rest of the file; the version in each file's header lets a reader refuse what it does not
 //! know. Requests are written when they are extracted and responses when they come, so nothing
-//! waits in memory for its pair; readers join them by `(conn, seq)`.
+//! waits in memory for its pair; a response carries its request's method and target, so that it
+//! can be compared without finding its request, and `(conn, seq)` joins them where needed.
 
 pub mod har;
 pub mod playback;
@@ -42,6 +44,8 @@ pub mod writer;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::Bytes;
+
+use crate::http::{ResponseMeta, WireOrigin};
 
 pub use reader::{Issue, IssueKind, Reader};
 pub use writer::{RecordConfig, RecordStats, Recorder};
@@ -62,14 +66,8 @@ const KIND_H2_REQUEST: u8 = 3;
 /// A recorded request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordedRequest {
-    /// Capture times of its first and last byte (ns since the Unix epoch).
-    pub first_ts: u64,
-    pub last_ts: u64,
-    pub conn: u64,
-    /// Its position on the connection (0, 1, …).
-    pub seq: u64,
-    pub client: SocketAddr,
-    pub server: SocketAddr,
+    /// Its connection, position on it (0, 1, …) and capture times (ns since the Unix epoch).
+    pub at: WireOrigin,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub version: u8,
     /// The message as it crossed the wire, minus dropped headers.
@@ -79,35 +77,28 @@ pub struct RecordedRequest {
 /// A recorded HTTP/2 request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordedH2Request {
-    pub first_ts: u64,
-    pub last_ts: u64,
-    pub conn: u64,
-    /// Its stream id.
-    pub seq: u64,
-    pub client: SocketAddr,
-    pub server: SocketAddr,
+    /// Its connection, stream id and capture times.
+    pub at: WireOrigin,
     /// The header block, pseudo-headers first, as decoded.
     pub fields: Vec<(Bytes, Bytes)>,
     pub body: Bytes,
     pub trailers: Vec<(Bytes, Bytes)>,
 }
 
-/// A recorded live response.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RecordedResponse {
-    pub conn: u64,
-    pub seq: u64,
-    pub status: u16,
-    pub grpc_status: Option<u32>,
-    pub request_last_ts: u64,
-    pub response_first_ts: u64,
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
     Request(RecordedRequest),
     H2Request(RecordedH2Request),
-    Response(RecordedResponse),
+    /// A live response, as the pipeline described it.
+    Response(ResponseMeta),
+}
+
+fn put_origin(out: &mut Vec<u8>, at: &WireOrigin) {
+    for v in [at.first_ts, at.last_ts, at.conn, at.seq] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    put_addr(out, &at.client);
+    put_addr(out, &at.server);
 }
 
 fn put_addr(out: &mut Vec<u8>, a: &SocketAddr) {
@@ -145,22 +136,13 @@ impl Record {
         match self {
             Record::Request(r) => {
                 out.push(KIND_REQUEST);
-                for v in [r.first_ts, r.last_ts, r.conn, r.seq] {
-                    out.extend_from_slice(&v.to_le_bytes());
-                }
-                put_addr(out, &r.client);
-                put_addr(out, &r.server);
+                put_origin(out, &r.at);
                 out.push(r.version);
-                out.extend_from_slice(&(r.raw.len() as u32).to_le_bytes());
-                out.extend_from_slice(&r.raw);
+                put_bytes(out, &r.raw);
             }
             Record::H2Request(r) => {
                 out.push(KIND_H2_REQUEST);
-                for v in [r.first_ts, r.last_ts, r.conn, r.seq] {
-                    out.extend_from_slice(&v.to_le_bytes());
-                }
-                put_addr(out, &r.client);
-                put_addr(out, &r.server);
+                put_origin(out, &r.at);
                 put_list(out, &r.fields);
                 put_bytes(out, &r.body);
                 put_list(out, &r.trailers);
@@ -168,12 +150,14 @@ impl Record {
             Record::Response(r) => {
                 out.push(KIND_RESPONSE);
                 out.extend_from_slice(&r.conn.to_le_bytes());
-                out.extend_from_slice(&r.seq.to_le_bytes());
+                out.extend_from_slice(&r.request_seq.to_le_bytes());
                 out.extend_from_slice(&r.status.to_le_bytes());
                 out.push(u8::from(r.grpc_status.is_some()));
                 out.extend_from_slice(&r.grpc_status.unwrap_or(0).to_le_bytes());
                 out.extend_from_slice(&r.request_last_ts.to_le_bytes());
                 out.extend_from_slice(&r.response_first_ts.to_le_bytes());
+                put_bytes(out, r.method.as_bytes());
+                put_bytes(out, r.target.as_bytes());
             }
         }
         let len = (out.len() - start - 4) as u32;
@@ -186,54 +170,30 @@ impl Record {
         let mut c = Cursor(payload);
         let kind = c.u8()?;
         let record = match kind {
-            KIND_REQUEST => {
-                let (first_ts, last_ts, conn, seq) = (c.u64()?, c.u64()?, c.u64()?, c.u64()?);
-                let client = c.addr()?;
-                let server = c.addr()?;
-                let version = c.u8()?;
-                let len = c.u32()? as usize;
-                let raw = Bytes::copy_from_slice(c.take(len)?);
-                Record::Request(RecordedRequest {
-                    first_ts,
-                    last_ts,
-                    conn,
-                    seq,
-                    client,
-                    server,
-                    version,
-                    raw,
-                })
-            }
-            KIND_H2_REQUEST => {
-                let (first_ts, last_ts, conn, seq) = (c.u64()?, c.u64()?, c.u64()?, c.u64()?);
-                let client = c.addr()?;
-                let server = c.addr()?;
-                let fields = c.list()?;
-                let body = c.bytes()?;
-                let trailers = c.list()?;
-                Record::H2Request(RecordedH2Request {
-                    first_ts,
-                    last_ts,
-                    conn,
-                    seq,
-                    client,
-                    server,
-                    fields,
-                    body,
-                    trailers,
-                })
-            }
+            KIND_REQUEST => Record::Request(RecordedRequest {
+                at: c.origin()?,
+                version: c.u8()?,
+                raw: c.bytes()?,
+            }),
+            KIND_H2_REQUEST => Record::H2Request(RecordedH2Request {
+                at: c.origin()?,
+                fields: c.list()?,
+                body: c.bytes()?,
+                trailers: c.list()?,
+            }),
             KIND_RESPONSE => {
-                let (conn, seq, status) = (c.u64()?, c.u64()?, c.u16()?);
+                let (conn, request_seq, status) = (c.u64()?, c.u64()?, c.u16()?);
                 let has_grpc = c.u8()? != 0;
                 let grpc = c.u32()?;
-                Record::Response(RecordedResponse {
+                Record::Response(ResponseMeta {
                     conn,
-                    seq,
+                    request_seq,
                     status,
                     grpc_status: has_grpc.then_some(grpc),
                     request_last_ts: c.u64()?,
                     response_first_ts: c.u64()?,
+                    method: c.text()?,
+                    target: c.text()?,
                 })
             }
             _ => return Ok(None),
@@ -274,6 +234,19 @@ impl<'a> Cursor<'a> {
     fn u64(&mut self) -> Result<u64, DecodeError> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
     }
+    fn text(&mut self) -> Result<String, DecodeError> {
+        Ok(String::from_utf8_lossy(&self.bytes()?).into_owned())
+    }
+    fn origin(&mut self) -> Result<WireOrigin, DecodeError> {
+        Ok(WireOrigin {
+            first_ts: self.u64()?,
+            last_ts: self.u64()?,
+            conn: self.u64()?,
+            seq: self.u64()?,
+            client: self.addr()?,
+            server: self.addr()?,
+        })
+    }
     fn bytes(&mut self) -> Result<Bytes, DecodeError> {
         let n = self.u32()? as usize;
         Ok(Bytes::copy_from_slice(self.take(n)?))
@@ -301,7 +274,7 @@ impl<'a> Cursor<'a> {
 
 /// The message `raw` without the headers named in `drop` (case-insensitively): the request line
 /// and every other header line kept byte for byte. `head_len` is where the body starts.
-pub fn without_headers(raw: &[u8], head_len: usize, drop: &[&str]) -> Vec<u8> {
+pub fn without_headers(raw: &[u8], head_len: usize, drop: &[impl AsRef<str>]) -> Vec<u8> {
     let (head, body) = raw.split_at(head_len.min(raw.len()));
     let mut out = Vec::with_capacity(raw.len());
     let mut lines = head.split_inclusive(|b| *b == b'\n');
@@ -310,8 +283,10 @@ pub fn without_headers(raw: &[u8], head_len: usize, drop: &[&str]) -> Vec<u8> {
     }
     for line in lines {
         let name = line.split(|b| *b == b':').next().unwrap_or(b"");
-        let named =
-            |d: &&str| std::str::from_utf8(name).is_ok_and(|n| n.trim().eq_ignore_ascii_case(d));
+        let named = |d: &_| {
+            let d: &str = AsRef::as_ref(d);
+            std::str::from_utf8(name).is_ok_and(|n| n.trim().eq_ignore_ascii_case(d))
+        };
         if line.contains(&b':') && drop.iter().any(named) {
             continue;
         }
@@ -327,12 +302,14 @@ mod tests {
 
     fn request() -> Record {
         Record::Request(RecordedRequest {
-            first_ts: 1,
-            last_ts: 2,
-            conn: 3,
-            seq: 4,
-            client: "10.0.0.1:40000".parse().unwrap(),
-            server: "[fd00::2]:8080".parse().unwrap(),
+            at: WireOrigin {
+                first_ts: 1,
+                last_ts: 2,
+                conn: 3,
+                seq: 4,
+                client: "10.0.0.1:40000".parse().unwrap(),
+                server: "[fd00::2]:8080".parse().unwrap(),
+            },
             version: 1,
             raw: Bytes::from_static(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
         })
@@ -340,21 +317,25 @@ mod tests {
 
     #[test]
     fn records_survive_encoding_and_unknown_kinds_are_skipped() {
-        let response = Record::Response(RecordedResponse {
+        let response = Record::Response(ResponseMeta {
             conn: 3,
-            seq: 4,
+            request_seq: 4,
+            method: "GET".into(),
+            target: "/".into(),
             status: 200,
             grpc_status: Some(14),
             request_last_ts: 2,
             response_first_ts: 9,
         });
         let h2 = Record::H2Request(RecordedH2Request {
-            first_ts: 5,
-            last_ts: 6,
-            conn: 7,
-            seq: 3,
-            client: "10.0.0.1:40000".parse().unwrap(),
-            server: "10.0.0.2:50051".parse().unwrap(),
+            at: WireOrigin {
+                first_ts: 5,
+                last_ts: 6,
+                conn: 7,
+                seq: 3,
+                client: "10.0.0.1:40000".parse().unwrap(),
+                server: "10.0.0.2:50051".parse().unwrap(),
+            },
             fields: vec![
                 (Bytes::from_static(b":method"), Bytes::from_static(b"POST")),
                 (

@@ -9,7 +9,7 @@
 //! its due time or, when its lane is still busy with the one before, as soon as that one is
 //! answered: order is kept over timing.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -19,10 +19,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::reader::{Issue, Reader};
-use super::{Record, RecordedH2Request, RecordedRequest};
+use super::{Record, RecordedH2Request};
 use crate::compare::{CompareConfig, Comparison, Report};
-use crate::http::h1::{self, WireOrigin};
-use crate::http::{h2, ResponseMeta};
+use crate::http::{h1, h2, WireOrigin};
 use crate::replay::h1::{serialize, Conn};
 use crate::replay::{send_h2_once, H2Mirror, MirrorOutcome, MirrorResult, ReplayConfig};
 
@@ -134,39 +133,36 @@ impl Replayable {
     }
 }
 
-/// A request record's connection, stream position and capture time, and the request (None
-/// when it no longer parses), read with connection id `conn`.
-fn replayable(record: &Record, conn: u64) -> Option<(u64, u64, u64, Option<Replayable>)> {
+/// A request record's origin as recorded, and the request with its connection id moved by
+/// `pass_key` (each pass is paired apart); None for the request when it no longer parses.
+fn replayable(record: &Record, pass_key: u64) -> Option<(WireOrigin, Option<Replayable>)> {
+    let moved = |at: &WireOrigin| WireOrigin {
+        conn: at.conn.wrapping_add(pass_key),
+        ..*at
+    };
     match record {
         Record::Request(r) => Some((
-            r.conn,
-            r.seq,
-            r.first_ts,
-            parse(r, conn).map(Replayable::H1),
+            r.at,
+            h1::Request::from_wire(r.raw.clone(), moved(&r.at)).map(Replayable::H1),
         )),
-        Record::H2Request(r) => Some((
-            r.conn,
-            r.seq,
-            r.first_ts,
-            Some(Replayable::H2(h2_request(r, conn))),
-        )),
+        Record::H2Request(r) => Some((r.at, Some(Replayable::H2(h2_request(r, moved(&r.at)))))),
         Record::Response(_) => None,
     }
 }
 
-fn h2_request(r: &RecordedH2Request, conn: u64) -> h2::Request {
+fn h2_request(r: &RecordedH2Request, at: WireOrigin) -> h2::Request {
     h2::Request {
-        conn,
-        seq: r.seq,
-        client: r.client,
-        server: r.server,
+        conn: at.conn,
+        seq: at.seq,
+        client: at.client,
+        server: at.server,
         fields: r.fields.clone(),
         body: r.body.clone(),
         trailers: r.trailers.clone(),
         from_start: true,
         rest: None,
-        first_ts: r.first_ts,
-        last_ts: r.last_ts,
+        first_ts: at.first_ts,
+        last_ts: at.last_ts,
     }
 }
 
@@ -203,43 +199,15 @@ fn survey(
     }
     let (mut total, mut kept, mut t0) = (0, 0, None::<u64>);
     for record in reader.by_ref() {
-        if let Some((_, _, first_ts, req)) = replayable(&record, 0) {
+        if let Some((at, req)) = replayable(&record, 0) {
             total += 1;
             if req.is_some_and(|req| passes(cfg, &req)) {
                 kept += 1;
-                t0 = Some(t0.map_or(first_ts, |t| t.min(first_ts)));
+                t0 = Some(t0.map_or(at.first_ts, |t| t.min(at.first_ts)));
             }
         }
     }
     Ok((total, kept, t0, reader.take_issues()))
-}
-
-/// The request with the connection id the comparison pairs it by.
-fn with_conn(req: Replayable, conn: u64) -> Replayable {
-    match req {
-        Replayable::H1(mut r) => {
-            r.conn = conn;
-            Replayable::H1(r)
-        }
-        Replayable::H2(mut r) => {
-            r.conn = conn;
-            Replayable::H2(r)
-        }
-    }
-}
-
-fn parse(r: &RecordedRequest, conn: u64) -> Option<h1::Request> {
-    h1::Request::from_wire(
-        r.raw.clone(),
-        WireOrigin {
-            conn,
-            seq: r.seq,
-            client: r.client,
-            server: r.server,
-            first_ts: r.first_ts,
-            last_ts: r.last_ts,
-        },
-    )
 }
 
 fn passes(cfg: &ReplayConfig, req: &Replayable) -> bool {
@@ -268,30 +236,20 @@ pub async fn run(dir: &Path, cfg: PlaybackConfig) -> Result<PlaybackSummary, Pla
     for pass in 0..cfg.loops {
         let pass_start = Instant::now();
         let mut lanes: HashMap<u64, Lane> = HashMap::new();
-        // Recorded requests waiting for their live response: (conn, seq) → (method, target).
-        let mut asked: HashMap<(u64, u64), (String, String)> = HashMap::new();
-        let mut asked_order: VecDeque<(u64, u64)> = VecDeque::new();
-        // Live responses recorded before their request (a streamed request is written when it
-        // ends, after an answer that may have come first).
-        let mut early: HashMap<(u64, u64), super::RecordedResponse> = HashMap::new();
         let mut next_slot = Instant::now();
         let mut last_sweep = Instant::now();
         let Ok(reader) = Reader::open(dir) else { break };
+        let pass_key = u64::from(pass) << 48;
         for record in reader {
-            let pass_key = u64::from(pass) << 48;
-            if let Record::Response(resp) = &record {
-                let key = (resp.conn.wrapping_add(pass_key), resp.seq);
-                match asked.remove(&key) {
-                    Some((method, target)) => live(&comparison, key, method, target, resp),
-                    None if early.len() < cfg.compare.max_pending => {
-                        early.insert(key, resp.clone());
-                    }
-                    None => {}
-                }
+            // The recorded live side; the comparison pairs it with the mirror's answer, in
+            // whichever order they come.
+            if let Record::Response(mut live) = record {
+                live.conn = live.conn.wrapping_add(pass_key);
+                comparison.live(&live);
+                continue;
             }
-            if let Some((rec_conn, seq, first_ts, req)) = replayable(&record, 0) {
-                let key_conn = rec_conn.wrapping_add(pass_key);
-                let Some(req) = req.map(|r| with_conn(r, key_conn)) else {
+            if let Some((at, req)) = replayable(&record, pass_key) {
+                let Some(req) = req else {
                     if pass == 0 {
                         stats.unparsable.fetch_add(1, Ordering::Relaxed);
                     }
@@ -303,7 +261,7 @@ pub async fn run(dir: &Path, cfg: PlaybackConfig) -> Result<PlaybackSummary, Pla
                 let mut due = match cfg.speed {
                     Speed::Max => Instant::now(),
                     Speed::Factor(f) => {
-                        let offset = first_ts.saturating_sub(t0) as f64 / 1e9 / f;
+                        let offset = at.first_ts.saturating_sub(t0) as f64 / 1e9 / f;
                         pass_start + Duration::from_secs_f64(offset)
                     }
                 };
@@ -316,28 +274,10 @@ pub async fn run(dir: &Path, cfg: PlaybackConfig) -> Result<PlaybackSummary, Pla
                 if due > Instant::now() {
                     tokio::time::sleep_until(due).await;
                 }
-                let key = (key_conn, seq);
-                if asked.len() >= cfg.compare.max_pending {
-                    if let Some(old) = asked_order.pop_front() {
-                        asked.remove(&old);
-                    }
-                }
-                match early.remove(&key) {
-                    Some(resp) => live(
-                        &comparison,
-                        key,
-                        req.method().to_string(),
-                        req.target().to_string(),
-                        &resp,
-                    ),
-                    None => {
-                        asked.insert(key, (req.method().to_string(), req.target().to_string()));
-                        asked_order.push_back(key);
-                    }
-                }
+                let key = (at.conn.wrapping_add(pass_key), at.seq);
                 let lane_id = match cfg.lanes {
-                    Lanes::Same => rec_conn,
-                    Lanes::Fixed(n) => rec_conn % n as u64,
+                    Lanes::Same => at.conn,
+                    Lanes::Fixed(n) => at.conn % n as u64,
                 };
                 let lane = lanes.entry(lane_id).or_insert_with(|| {
                     let (lane, handle) = open_lane(&cfg, &comparison, &stats);
@@ -371,26 +311,6 @@ pub async fn run(dir: &Path, cfg: PlaybackConfig) -> Result<PlaybackSummary, Pla
         issues,
         elapsed: started.elapsed(),
     })
-}
-
-/// The recorded live response to request `key`, to the comparison.
-fn live(
-    comparison: &Comparison,
-    key: (u64, u64),
-    method: String,
-    target: String,
-    resp: &super::RecordedResponse,
-) {
-    comparison.live(&ResponseMeta {
-        conn: key.0,
-        request_seq: key.1,
-        method,
-        target,
-        status: resp.status,
-        grpc_status: resp.grpc_status,
-        request_last_ts: resp.request_last_ts,
-        response_first_ts: resp.response_first_ts,
-    });
 }
 
 fn open_lane(

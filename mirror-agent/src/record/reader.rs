@@ -297,18 +297,14 @@ mod tests {
         let Record::Request(r) = &records[2] else {
             panic!("a request")
         };
-        let req = crate::http::h1::Request::from_wire(
-            r.raw.clone(),
-            crate::http::h1::WireOrigin {
-                conn: r.conn,
-                seq: r.seq,
-                client: r.client,
-                server: r.server,
-                first_ts: r.first_ts,
-                last_ts: r.last_ts,
-            },
-        )
-        .unwrap();
+        let req = crate::http::h1::Request::from_wire(r.raw.clone(), r.at).unwrap();
         assert_eq!((req.method(), req.target()), ("POST", "/p"));
+        let Record::Response(live) = &records[3] else {
+            panic!("a response")
+        };
+        assert_eq!(
+            (live.method.as_str(), live.target.as_str(), live.status),
+            ("POST", "/p", 201)
+        );
     }
 }

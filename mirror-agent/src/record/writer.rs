@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 
 use super::{
-    without_headers, Record, RecordedRequest, RecordedResponse, BLOCK_MAGIC, FILE_MAGIC,
+    without_headers, Record, RecordedH2Request, RecordedRequest, BLOCK_MAGIC, FILE_MAGIC,
     FILE_SUFFIX, VERSION,
 };
 use crate::http::{h1, h2, Request, ResponseMeta};
@@ -69,7 +69,7 @@ enum Event {
     /// An HTTP/2 request handed on while its body was still arriving, with the recorder's own
     /// copy of the rest: written once the client ends the stream.
     H2Streaming(h2::Request, h2::StreamReceiver),
-    Response(RecordedResponse),
+    Response(ResponseMeta),
 }
 
 /// Most body bytes kept for one streamed request; a longer one is dropped, counted.
@@ -154,15 +154,8 @@ impl Recorder {
         }
     }
 
-    pub fn response(&mut self, m: &ResponseMeta) {
-        self.batch.push(Event::Response(RecordedResponse {
-            conn: m.conn,
-            seq: m.request_seq,
-            status: m.status,
-            grpc_status: m.grpc_status,
-            request_last_ts: m.request_last_ts,
-            response_first_ts: m.response_first_ts,
-        }));
+    pub fn response(&mut self, m: ResponseMeta) {
+        self.batch.push(Event::Response(m));
     }
 
     /// Hands the events since the last flush to the writer, or counts them as dropped when it
@@ -220,7 +213,6 @@ struct Open {
 struct Writer {
     cfg: RecordConfig,
     queued: Arc<AtomicUsize>,
-    drop: Vec<String>,
     stats: Arc<RecordStats>,
     block: Vec<u8>,
     block_requests: u64,
@@ -235,7 +227,6 @@ impl Writer {
     fn new(cfg: RecordConfig, stats: Arc<RecordStats>, queued: Arc<AtomicUsize>) -> Writer {
         Writer {
             queued,
-            drop: cfg.drop_headers.clone(),
             cfg,
             stats,
             block: Vec::with_capacity(BLOCK_BYTES + (64 << 10)),
@@ -328,19 +319,14 @@ impl Writer {
         let record = match e {
             Event::Request(r) => {
                 self.block_requests += 1;
-                let drop: Vec<&str> = self.drop.iter().map(String::as_str).collect();
+                let drop = &self.cfg.drop_headers;
                 let raw = if drop.is_empty() {
                     r.raw.clone()
                 } else {
-                    without_headers(&r.raw, r.head().len(), &drop).into()
+                    without_headers(&r.raw, r.head().len(), drop).into()
                 };
                 Record::Request(RecordedRequest {
-                    first_ts: r.first_ts,
-                    last_ts: r.last_ts,
-                    conn: r.conn,
-                    seq: r.seq,
-                    client: r.client,
-                    server: r.server,
+                    at: r.origin(),
                     version: r.version,
                     raw,
                 })
@@ -352,20 +338,16 @@ impl Writer {
                         list.iter()
                             .filter(|(n, _)| {
                                 !self
-                                    .drop
+                                    .cfg
+                                    .drop_headers
                                     .iter()
                                     .any(|d| d.as_bytes().eq_ignore_ascii_case(n))
                             })
                             .cloned()
                             .collect()
                     };
-                Record::H2Request(super::RecordedH2Request {
-                    first_ts: r.first_ts,
-                    last_ts: r.last_ts,
-                    conn: r.conn,
-                    seq: r.seq,
-                    client: r.client,
-                    server: r.server,
+                Record::H2Request(RecordedH2Request {
+                    at: r.origin(),
                     fields: kept(&r.fields),
                     body: r.body.clone(),
                     trailers: kept(&r.trailers),
@@ -546,7 +528,7 @@ mod tests {
             let Record::Request(b) = b else {
                 panic!("not a request")
             };
-            assert_eq!((b.conn, b.seq), (r.conn, r.seq));
+            assert_eq!((b.at.conn, b.at.seq), (r.conn, r.seq));
             let text = String::from_utf8_lossy(&b.raw);
             assert!(
                 !text.to_ascii_lowercase().contains("authorization"),
@@ -583,7 +565,7 @@ mod tests {
         let Some(Record::Request(last)) = back.last() else {
             panic!("nothing left")
         };
-        assert_eq!(last.seq, 19);
+        assert_eq!(last.at.seq, 19);
     }
 
     #[test]

@@ -136,6 +136,16 @@ impl Request {
     fn pseudo(&self, name: &str) -> &str {
         field_str(&self.fields, name).unwrap_or("")
     }
+    pub fn origin(&self) -> super::WireOrigin {
+        super::WireOrigin {
+            conn: self.conn,
+            seq: self.seq,
+            client: self.client,
+            server: self.server,
+            first_ts: self.first_ts,
+            last_ts: self.last_ts,
+        }
+    }
     pub fn method(&self) -> &str {
         self.pseudo(":method")
     }
