@@ -62,29 +62,8 @@ pub struct ReplayArgs {
     #[arg(long, default_value = "same")]
     pub connections: crate::record::playback::Lanes,
 
-    /// Host header sent to the mirror (as for attach).
-    #[arg(long, value_enum, default_value_t = HostMode::Mirror)]
-    pub host: HostMode,
-
-    /// Header added to every request (NAME:VALUE; repeatable).
-    #[arg(long = "add-header", value_parser = replay::parse_header)]
-    pub add_headers: Vec<(HeaderName, HeaderValue)>,
-
-    /// Header removed from every request (repeatable).
-    #[arg(long = "drop-header")]
-    pub drop_headers: Vec<HeaderName>,
-
-    /// Only these methods (comma-separated).
-    #[arg(long, value_delimiter = ',')]
-    pub methods: Vec<String>,
-
-    /// Only requests whose path (without the query) matches this regex.
-    #[arg(long)]
-    pub path: Option<Regex>,
-
-    /// Seconds a request may take before it counts as a timeout.
-    #[arg(long, default_value_t = 10.0)]
-    pub timeout: f64,
+    #[command(flatten)]
+    pub requests: RequestArgs,
 
     /// Version tag of the recorded live responses' rows.
     #[arg(long, default_value = "live")]
@@ -100,6 +79,56 @@ pub struct ReplayArgs {
 
     #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
     pub format: ReportFormat,
+}
+
+/// Which requests go to the mirror and how they are written: the same for live mirroring
+/// (`attach`) and for a recording sent again (`replay`).
+#[derive(Args, Debug)]
+pub struct RequestArgs {
+    /// Host header sent to the mirror: `mirror` (its own authority), `keep` (the original), or
+    /// `shadow` (the original with -shadow appended, as Envoy does).
+    #[arg(long, value_enum, default_value_t = HostMode::Mirror)]
+    pub host: HostMode,
+
+    /// Header added to every request sent (NAME:VALUE; repeatable).
+    #[arg(long = "add-header", value_parser = replay::parse_header)]
+    pub add_headers: Vec<(HeaderName, HeaderValue)>,
+
+    /// Header removed from every request sent (and from what `attach --record` writes), e.g.
+    /// Authorization or Cookie (repeatable).
+    #[arg(long = "drop-header")]
+    pub drop_headers: Vec<HeaderName>,
+
+    /// Only these methods (comma-separated, e.g. GET,HEAD).
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Vec<String>,
+
+    /// Only requests whose path (without the query) matches this regex.
+    #[arg(long)]
+    pub path: Option<Regex>,
+
+    /// Seconds a request sent to the mirror may take before it counts as a timeout.
+    #[arg(long, default_value_t = 10.0)]
+    pub timeout: f64,
+}
+
+impl RequestArgs {
+    /// How requests go to `mirror`; the stage's caps keep their defaults.
+    pub fn replay_config(&self, mirror: hyper::Uri) -> replay::ReplayConfig {
+        replay::ReplayConfig {
+            host: self.host,
+            add_headers: self.add_headers.clone(),
+            drop_headers: self.drop_headers.clone(),
+            methods: self
+                .methods
+                .iter()
+                .map(|m| m.to_ascii_uppercase())
+                .collect(),
+            path: self.path.clone(),
+            timeout: std::time::Duration::from_secs_f64(self.timeout),
+            ..replay::ReplayConfig::new(mirror)
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -234,26 +263,8 @@ pub struct AttachArgs {
     #[arg(long, value_parser = parse_mirror)]
     pub mirror: Vec<MirrorArg>,
 
-    /// Host header sent to the mirror: `mirror` (its own authority), `keep` (the original), or
-    /// `shadow` (the original with -shadow appended, as Envoy does).
-    #[arg(long, value_enum, default_value_t = HostMode::Mirror)]
-    pub host: HostMode,
-
-    /// Header added to every mirrored request (NAME:VALUE; repeatable).
-    #[arg(long = "add-header", value_parser = replay::parse_header)]
-    pub add_headers: Vec<(HeaderName, HeaderValue)>,
-
-    /// Header removed from mirrored requests, e.g. Authorization or Cookie (repeatable).
-    #[arg(long = "drop-header")]
-    pub drop_headers: Vec<HeaderName>,
-
-    /// Only mirror these methods (comma-separated, e.g. GET,HEAD).
-    #[arg(long, value_delimiter = ',')]
-    pub methods: Vec<String>,
-
-    /// Only mirror requests whose path (without the query) matches this regex.
-    #[arg(long)]
-    pub path: Option<Regex>,
+    #[command(flatten)]
+    pub requests: RequestArgs,
 
     /// Most mirrored requests per second (token bucket); the rest are dropped and counted.
     #[arg(long)]
@@ -269,10 +280,6 @@ pub struct AttachArgs {
     /// their status. 1 turns pipelining off, for a mirror that mishandles it.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub pipeline_depth: u16,
-
-    /// Seconds a mirrored request may take before it counts as a timeout.
-    #[arg(long, default_value_t = 10.0)]
-    pub timeout: f64,
 
     /// Bytes of requests waiting to be mirrored at most (e.g. 64M); when full, new ones are
     /// dropped and counted. Default: a fifth of what --memory-budget leaves for traffic.

@@ -205,24 +205,14 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
             .block_on(replay::check_mirror(&uri))
             .map_err(|e| with_hint(anyhow::Error::new(e).context(format!("--mirror {name}"))))?;
         let replay = ReplayConfig {
-            host: args.host,
-            add_headers: args.add_headers.clone(),
-            drop_headers: args.drop_headers.clone(),
-            methods: args
-                .methods
-                .iter()
-                .map(|m| m.to_ascii_uppercase())
-                .collect(),
-            path: args.path.clone(),
             max_rps: args.max_rps,
             max_inflight: args.max_inflight,
             pipeline_depth: args.pipeline_depth.into(),
-            timeout: Duration::from_secs_f64(args.timeout),
             queue_bytes: args
                 .queue_bytes
                 .map_or(queue_share / shares, |q| q as usize),
             content: content.clone(),
-            ..ReplayConfig::new(uri)
+            ..args.requests.replay_config(uri)
         };
         mirrors.push(MirrorTarget {
             name: name.clone(),
@@ -257,7 +247,12 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
         file_bytes: args.record_file_size,
         file_age: Duration::from_secs(args.record_file_seconds.max(1)),
         max_bytes: args.record_max_size,
-        drop_headers: args.drop_headers.iter().map(|h| h.to_string()).collect(),
+        drop_headers: args
+            .requests
+            .drop_headers
+            .iter()
+            .map(|h| h.to_string())
+            .collect(),
         queue: 64 << 10,
         block_age: record::writer::BLOCK_AGE,
     });
@@ -276,7 +271,7 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
             diffs: content.map(|c| DiffConfig {
                 content: ContentConfig {
                     headers: c.headers,
-                    redacted: redacted_headers(&args.drop_headers),
+                    redacted: redacted_headers(&args.requests.drop_headers),
                     array_keys: args.array_keys.clone(),
                 },
                 ignore: args.ignore.clone(),
@@ -430,18 +425,8 @@ fn playback(args: ReplayArgs) -> Result<()> {
         .map_err(|e| with_hint(anyhow::Error::new(e).context("--mirror")))?;
     let cfg = PlaybackConfig {
         replay: ReplayConfig {
-            host: args.host,
-            add_headers: args.add_headers,
-            drop_headers: args.drop_headers,
-            methods: args
-                .methods
-                .iter()
-                .map(|m| m.to_ascii_uppercase())
-                .collect(),
-            path: args.path,
-            timeout: Duration::from_secs_f64(args.timeout),
             pipeline_depth: 1,
-            ..ReplayConfig::new(uri)
+            ..args.requests.replay_config(uri)
         },
         speed: args.speed,
         loops: args.loops,
