@@ -25,14 +25,9 @@ fn paced(path: String, to: SocketAddr, targets: Vec<String>) {
             if i > 0 {
                 std::thread::sleep(GAP);
             }
-            let body = expected_body("GET", target, b"");
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Test: 1\r\n\r\n",
-                body.len()
-            );
             s.write_all(format!("GET {target} HTTP/1.1\r\nHost: books\r\n\r\n").as_bytes())
                 .unwrap();
-            let mut buf = vec![0u8; head.len() + body.len()];
+            let mut buf = vec![0u8; expected_answer("GET", target, b"").len()];
             s.read_exact(&mut buf).unwrap();
         }
     })
@@ -131,28 +126,12 @@ fn a_recorded_session_replays_intact_in_order_and_on_time() {
         ("POST", "/k/p/2", b"hello world"),
     ]
     .iter()
-    .map(|(m, t, body)| {
-        let b = expected_body(m, t, body);
-        format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Test: 1\r\n\r\n",
-            b.len()
-        )
-        .len()
-            + b.len()
-    })
+    .map(|(m, t, body)| expected_answer(m, t, body).len())
     .sum();
     pipelined(&pair.client, v4, reqs, expect);
     // A 1 MiB upload with credentials, and a chunked one over v6.
     let dir = tempfile::tempdir().unwrap();
-    let big = dir.path().join("big.bin");
-    std::fs::write(
-        &big,
-        (0..1u32 << 20)
-            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-            .collect::<Vec<_>>(),
-    )
-    .unwrap();
-    let big_arg = format!("@{}", big.display());
+    let big_arg = big_upload(dir.path());
     curl(
         &pair.client,
         &[
@@ -225,18 +204,7 @@ fn a_recorded_session_replays_intact_in_order_and_on_time() {
     want.sort();
     let mut got: Vec<Recorded> = mirror.log().iter().map(normalised).collect();
     got.sort();
-    assert_eq!(got.len(), want.len());
-    for (g, w) in got.iter().zip(&want) {
-        assert_eq!((&g.method, &g.target), (&w.method, &w.target));
-        assert_eq!(g.headers, w.headers, "{} {}", g.method, g.target);
-        assert!(g.body == w.body, "{} {}: body differs", g.method, g.target);
-        assert_eq!(
-            (&g.chunks, &g.trailers),
-            (&w.chunks, &w.trailers),
-            "{}",
-            g.target
-        );
-    }
+    assert_same_requests(&got, &want);
     assert!(mirror
         .log()
         .iter()

@@ -380,6 +380,56 @@ pub fn expected_body(method: &str, target: &str, body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The whole answer the server sends to a request it answers with 200 (not HEAD).
+pub fn expected_answer(method: &str, target: &str, body: &[u8]) -> Vec<u8> {
+    let body = expected_body(method, target, body);
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Test: 1\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Writes a 1 MiB body of varied bytes to `dir` and returns curl's `@file` argument for it.
+pub fn big_upload(dir: &std::path::Path) -> String {
+    let big = dir.join("big.bin");
+    std::fs::write(
+        &big,
+        (0..1u32 << 20)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    format!("@{}", big.display())
+}
+
+/// `got` and `want`, sorted alike, are the same requests: method, target, headers, body, and
+/// for chunked bodies the same chunks and trailers.
+pub fn assert_same_requests(got: &[Recorded], want: &[Recorded]) {
+    assert_eq!(got.len(), want.len(), "requests");
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!((&g.method, &g.target), (&w.method, &w.target));
+        assert_eq!(g.headers, w.headers, "{} {}", g.method, g.target);
+        assert!(
+            g.body == w.body,
+            "{} {}: body differs ({} vs {} bytes)",
+            g.method,
+            g.target,
+            g.body.len(),
+            w.body.len()
+        );
+        assert_eq!(
+            (&g.chunks, &g.trailers),
+            (&w.chunks, &w.trailers),
+            "{} {}: chunked framing differs",
+            g.method,
+            g.target
+        );
+    }
+}
+
 pub fn fnv(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ *b as u64).wrapping_mul(0x100000001b3)
