@@ -552,7 +552,7 @@ impl Summary {
         if let Some(r) = &self.record {
             let g = RecordStats::get;
             out.push(format!(
-                "record: requests={} responses={} blocks={} bytes={} files={} files_removed={} dropped_queue_full={} dropped_write_error={} dropped_unsupported={}",
+                "record: requests={} responses={} blocks={} bytes={} files={} files_removed={} dropped_queue_full={} dropped_write_error={} dropped_unsupported={} dropped_cut={} dropped_too_large={}",
                 g(&r.requests),
                 g(&r.responses),
                 g(&r.blocks),
@@ -561,10 +561,7 @@ impl Summary {
                 g(&r.files_removed),
                 g(&r.dropped_queue_full),
                 g(&r.dropped_write_error),
-                g(&r.dropped_unsupported)
-            ));
-            out.push(format!(
-                "record: streamed requests dropped_cut={} dropped_too_large={}",
+                g(&r.dropped_unsupported),
                 g(&r.dropped_cut),
                 g(&r.dropped_too_large)
             ));
