@@ -547,19 +547,12 @@ pub(crate) async fn send_h2_once(
     conn: &H2Mirror,
     req: &h2::Request,
 ) -> (MirrorResult, Option<Duration>) {
-    let outgoing = match build_h2(cfg, req) {
-        Ok(o) => o,
-        Err(_) => return (MirrorResult::Error, None),
-    };
-    let started = Instant::now();
-    let exchange = async {
-        let resp = conn.request(cfg, outgoing).await?;
-        read_answer(resp, started).await
-    };
-    match tokio::time::timeout(cfg.timeout, exchange).await {
-        Ok(Ok((result, took))) => (result, Some(took)),
-        Ok(Err(e)) => (e, Some(started.elapsed())),
-        Err(_) => (MirrorResult::Timeout, Some(started.elapsed())),
+    match build_h2(cfg, req) {
+        Ok(outgoing) => {
+            let (result, took) = conn.exchange(cfg, outgoing).await;
+            (result, Some(took))
+        }
+        Err(_) => (MirrorResult::Error, None),
     }
 }
 
@@ -574,6 +567,25 @@ impl H2Mirror {
     pub(crate) fn new() -> H2Mirror {
         H2Mirror {
             sender: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Sends `outgoing` and reads the answer to its end within the timeout: the result, and
+    /// the time to the answer's head (or to the failure).
+    async fn exchange(
+        &self,
+        cfg: &ReplayConfig,
+        outgoing: hyper::Request<ReplayBody>,
+    ) -> (MirrorResult, Duration) {
+        let started = Instant::now();
+        let exchange = async {
+            let resp = self.request(cfg, outgoing).await?;
+            read_answer(resp, started).await
+        };
+        match tokio::time::timeout(cfg.timeout, exchange).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => (e, started.elapsed()),
+            Err(_) => (MirrorResult::Timeout, started.elapsed()),
         }
     }
 
@@ -921,16 +933,7 @@ impl Shared {
     }
 
     async fn send_h2(self: &Arc<Self>, req: Request, outgoing: hyper::Request<ReplayBody>) {
-        let started = Instant::now();
-        let exchange = async {
-            let resp = self.h2.request(&self.cfg, outgoing).await?;
-            read_answer(resp, started).await
-        };
-        let (result, took) = match tokio::time::timeout(self.cfg.timeout, exchange).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(e)) => (e, started.elapsed()),
-            Err(_) => (MirrorResult::Timeout, started.elapsed()),
-        };
+        let (result, took) = self.h2.exchange(&self.cfg, outgoing).await;
         if result == MirrorResult::Refused {
             self.connect_failed(result);
         }
