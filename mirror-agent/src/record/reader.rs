@@ -230,7 +230,7 @@ impl Reader {
         })
     }
 
-    /// Files left to read, this one included.
+    /// Whether no recording file is left to read (before reading: the directory has none).
     pub fn is_empty_dir(&self) -> bool {
         self.files.is_empty() && self.current.is_none()
     }
