@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::capture::error::chain;
 use crate::capture::heads::FullResponses;
 use crate::capture::{
-    named_counters, netdev, Capture, CaptureConfig, CaptureError, CaptureStats, Hook,
+    named_counters, netdev, Capture, CaptureConfig, CaptureError, CaptureStats, Hook, KernelReport,
 };
 use crate::compare::{CompareConfig, Comparison, Report, Sampling};
 use crate::cpu_budget::{self, CpuBudget, Load};
@@ -100,8 +100,8 @@ struct Mirror {
     replayer: Replayer,
 }
 
-/// Kernel counters by name, refreshed once a second.
-type KernelCounters = Arc<Mutex<Vec<(&'static str, u64)>>>;
+/// What the kernel program reports, refreshed once a second.
+type KernelCounters = Arc<Mutex<KernelReport>>;
 
 /// A pod mirrored now, for metrics.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,7 +136,7 @@ pub struct Agent {
 
 /// What the agent did, for the exit summary.
 pub struct Summary {
-    pub kernel: Vec<(&'static str, u64)>,
+    pub kernel: KernelReport,
     pub capture: Arc<CaptureStats>,
     pub pipeline: PipelineStats,
     /// Each mirror's name and replay counters.
@@ -295,14 +295,16 @@ impl Agent {
             .fold(0.0, f64::max);
         let load = Load {
             cpu: cpu_budget::process_cpu_time(),
+            live_path: self.kernel.lock().unwrap().work,
             at: std::time::Instant::now(),
             backlog: if new_drops { 1.0 } else { queue },
         };
         if let Some(rates) = budget.observe(load) {
             log::info!(
-                "CPU budget {:.2} cores (used {:.2}, backlog {:.0} %): mirroring {:.1} % of new connections, keeping {:.1} % of admitted ones",
+                "CPU budget {:.2} cores (used {:.2}, {:.2} of it in the live path; backlog {:.0} %): mirroring {:.1} % of new connections, keeping {:.1} % of admitted ones",
                 budget.cores(),
                 budget.used(),
+                budget.used_live_path(),
                 load.backlog * 100.0,
                 f64::from(rates.new) / 1e4,
                 f64::from(rates.keep_admitted) / 1e4
@@ -315,6 +317,7 @@ impl Agent {
             share: f64::from(budget.ppm()) / 1e6,
             cpu_budget: budget.cores(),
             cpu_used: budget.used(),
+            live_path_used: budget.used_live_path(),
         });
     }
 
@@ -335,14 +338,17 @@ impl Agent {
                 _ = &mut shutdown => break,
                 Some(change) = next_change(&mut self.pod_changes) => self.apply(change),
                 _ = tick.tick() => {
-                    self.apply_cpu_budget();
                     if let Ok(c) = self.capture.kernel_counters() {
                         self.capture.account_lost_requests(&c);
-                        *self.kernel.lock().unwrap() = named_counters(&c);
+                        self.kernel.lock().unwrap().packets = named_counters(&c);
                     }
+                    if let Ok(work) = self.capture.kernel_work() {
+                        self.kernel.lock().unwrap().work = work;
+                    }
+                    self.apply_cpu_budget();
                     seconds += 1;
                     if self.stats_interval > 0 && seconds.is_multiple_of(self.stats_interval) {
-                        log::info!("kernel {:?}", self.kernel.lock().unwrap());
+                        log::info!("kernel {:?}", self.kernel.lock().unwrap().packets);
                         log::info!("capture {}", format_capture(self.capture.stats()));
                         log::info!("pipeline {:?}", self.pipeline_stats.lock().unwrap());
                     }
@@ -360,7 +366,11 @@ impl Agent {
             ..
         } = self;
         let capture_stats = Arc::clone(capture.stats());
-        let kernel = named_counters(&capture.stop()?);
+        let work = capture.kernel_work().unwrap_or_default();
+        let kernel = KernelReport {
+            packets: named_counters(&capture.stop()?),
+            work,
+        };
         let dump = tokio::task::spawn_blocking(move || pipeline.join())
             .await
             .map_err(|_| AgentError::PipelinePanicked)?
@@ -536,7 +546,11 @@ impl Summary {
     /// The counters, one stage a line, for the exit log.
     pub fn lines(&self) -> Vec<String> {
         let mut out = vec![
-            format!("kernel counters: {:?}", self.kernel),
+            format!("kernel counters: {:?}", self.kernel.packets),
+            format!(
+                "kernel work in the live path: {:.3} s",
+                self.kernel.work.as_secs_f64()
+            ),
             format!("capture: {}", format_capture(&self.capture)),
             format!("reassembly: {:?}", self.pipeline.reassembly),
             format!("http: {:?}", self.pipeline.http),

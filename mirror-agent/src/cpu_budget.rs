@@ -3,8 +3,9 @@
 //!
 //! The lever is the kernel's per-connection decision (`FLAG_STICKY_SAMPLING`): a lower rate
 //! sheds whole new connections before a single clone of theirs is made, and a connection being
-//! mirrored stays mirrored. Once a second the controller looks at the agent's CPU use and its
-//! backlog (replay queue, capture ring): over budget or behind, it cuts the rate in proportion;
+//! mirrored stays mirrored. Once a second the controller looks at the agent's CPU use (its
+//! threads, and the time its kernel program spent cloning and recording in the live path, which
+//! no cgroup limit of the agent's covers) and its backlog (replay queue, capture ring): over budget or behind, it cuts the rate in proportion;
 //! under 70 % of the budget with no backlog, it raises it by a fifth, but not within five
 //! seconds of a cut, so that the lag of connection-level shedding does not make it oscillate.
 //! `--sample` stays the upper limit. Only when the agent stays over budget for
@@ -31,6 +32,8 @@ const ALL: u32 = 1_000_000;
 pub struct Load {
     /// The agent's CPU time so far (user and system).
     pub cpu: Duration,
+    /// The kernel program's time so far, spent mirroring in the live path.
+    pub live_path: Duration,
     pub at: Instant,
     /// How full the fullest stage is, 0 to 1 (1: it is dropping).
     pub backlog: f64,
@@ -43,8 +46,10 @@ pub struct CpuBudget {
     ppm: u32,
     last: Option<Load>,
     hold: u32,
-    /// The last second's CPU use, in cores.
+    /// The last second's CPU use, in cores, the live path's included.
     used: f64,
+    /// Of `used`, the kernel program's work in the live path.
+    used_live_path: f64,
     /// Seconds over budget in a row.
     over: u32,
     /// Admitted connections kept: `ALL`, or the rate while the agent must drop.
@@ -69,6 +74,7 @@ impl CpuBudget {
             last: None,
             hold: 0,
             used: 0.0,
+            used_live_path: 0.0,
             over: 0,
             keep_admitted: ALL,
         }
@@ -88,9 +94,14 @@ impl CpuBudget {
         self.ppm
     }
 
-    /// CPU used over the last interval, in cores.
+    /// CPU used over the last interval, in cores, the live path's included.
     pub fn used(&self) -> f64 {
         self.used
+    }
+
+    /// Of `used`, the kernel program's work in the live path.
+    pub fn used_live_path(&self) -> f64 {
+        self.used_live_path
     }
 
     /// Takes one observation; returns the new rates when they change.
@@ -101,7 +112,8 @@ impl CpuBudget {
             self.last = Some(prev);
             return None;
         }
-        self.used = now.cpu.saturating_sub(prev.cpu).as_secs_f64() / wall;
+        self.used_live_path = now.live_path.saturating_sub(prev.live_path).as_secs_f64() / wall;
+        self.used = now.cpu.saturating_sub(prev.cpu).as_secs_f64() / wall + self.used_live_path;
         self.hold = self.hold.saturating_sub(1);
         let next = if self.used > self.cores || now.backlog >= 0.5 {
             // In proportion to the excess (at least a tenth less), never below the floor.
@@ -214,6 +226,7 @@ mod tests {
             cpu += Duration::from_secs_f64(demand_at_full * admitted);
             b.observe(Load {
                 cpu,
+                live_path: Duration::ZERO,
                 at: start + Duration::from_secs(s as u64 + 1),
                 backlog: 0.0,
             });
@@ -249,6 +262,7 @@ mod tests {
         let mut cpu = Duration::ZERO;
         b.observe(Load {
             cpu,
+            live_path: Duration::ZERO,
             at: t,
             backlog: 0.0,
         });
@@ -260,6 +274,7 @@ mod tests {
             cpu += Duration::from_secs_f64(used);
             b.observe(Load {
                 cpu,
+                live_path: Duration::ZERO,
                 at: t + Duration::from_secs(s),
                 backlog: 0.0,
             });
@@ -286,11 +301,13 @@ mod tests {
         let t = Instant::now();
         b.observe(Load {
             cpu: Duration::ZERO,
+            live_path: Duration::ZERO,
             at: t,
             backlog: 0.0,
         });
         let next = b.observe(Load {
             cpu: Duration::from_millis(100),
+            live_path: Duration::ZERO,
             at: t + Duration::from_secs(1),
             backlog: 1.0,
         });
@@ -301,6 +318,24 @@ mod tests {
                 keep_admitted: ALL
             })
         );
+    }
+
+    #[test]
+    fn the_live_paths_work_counts_against_the_budget() {
+        let mut b = CpuBudget::new(0.5, 1_000_000);
+        let t = Instant::now();
+        let load = |cpu_ms, live_ms, s| Load {
+            cpu: Duration::from_millis(cpu_ms),
+            live_path: Duration::from_millis(live_ms),
+            at: t + Duration::from_secs(s),
+            backlog: 0.0,
+        };
+        b.observe(load(0, 0, 0));
+        // The agent's threads alone (0.3 cores) fit; with the kernel's 0.4 they do not.
+        let next = b.observe(load(300, 400, 1));
+        assert!((b.used() - 0.7).abs() < 1e-9 && (b.used_live_path() - 0.4).abs() < 1e-9);
+        let new = next.expect("a cut").new;
+        assert!(new < 1_000_000 * 5 / 7 + 1, "cut in proportion: {new}");
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub const MAP_DECISIONS: &str = "DECISIONS";
 pub const MAP_RESPONSE_HEADS: &str = "RESPONSE_HEADS";
 pub const MAP_FULL_RESPONSES: &str = "FULL_RESPONSES";
 pub const MAP_HEARTBEAT: &str = "HEARTBEAT";
+/// Per CPU, one `u64`: nanoseconds the program spent mirroring (see `mirror-ebpf`'s `WORK_NS`).
+pub const MAP_WORK_NS: &str = "WORK_NS";
 
 /// Upper bounds of the maps the agent fills.
 pub const MAX_LIVE_PORTS: u32 = 64;

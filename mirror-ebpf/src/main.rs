@@ -56,6 +56,15 @@ static LIVE_ADDRS: HashMap<AddrKey, u8> = HashMap::with_max_entries(MAX_LIVE_ADD
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 
+/// Nanoseconds spent on the packets of mirrored connections, from the clock read after
+/// matching to the end of their clone or record. This work runs in the live path (the sender's
+/// context or its softirq), outside the agent's threads, so the agent adds it to its own CPU
+/// time against `--cpu-budget`; shed connections cost only the match and the sampling lookup.
+/// The clone's delivery to the agent's socket on the mirror veth runs later, in the same CPU's
+/// softirq, and is not in it.
+#[map]
+static WORK_NS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// With `FLAG_STICKY_SAMPLING`: per connection (keyed by its symmetric flow hash), 1 if it is
 /// mirrored. Decided at the connection's first packet against the rate of that moment, so that
 /// when the agent lowers the rate to stay in its CPU budget, whole new connections are shed
@@ -156,11 +165,11 @@ fn mirror(ctx: &TcContext) -> Counter {
     if is_response {
         count(Counter::MatchedResponses);
     }
-    // Checked on matched packets only, so that the rest of the node's traffic does not pay
-    // for the clock read.
+    // Read on matched packets only, so that the rest of the node's traffic does not pay for it.
+    // SAFETY: no preconditions.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
     if let Some(hb) = HEARTBEAT.get(0) {
-        // SAFETY: no preconditions.
-        if hb.is_stale(unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }) {
+        if hb.is_stale(now) {
             return Counter::SkipAgentGone;
         }
     }
@@ -170,6 +179,24 @@ fn mirror(ctx: &TcContext) -> Counter {
     if tuple.pure_ack {
         return Counter::SkipNoPayload;
     }
+    let outcome = deliver(ctx, cfg, &tuple, is_response, now);
+    if let Some(slot) = WORK_NS.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, and TC programs are not preempted on their CPU.
+        unsafe { *slot += aya_ebpf::helpers::bpf_ktime_get_ns().wrapping_sub(now) };
+    }
+    outcome
+}
+
+/// Clones a sampled segment, or describes it in a record; `now` is the packet's time.
+#[inline(always)]
+fn deliver(
+    ctx: &TcContext,
+    cfg: &MirrorConfig,
+    tuple: &Tuple,
+    is_response: bool,
+    now: u64,
+) -> Counter {
+    let is_request = !is_response;
     // With heads, SYN, FIN and RST without payload (both directions) and response segments are
     // records; what is still cloned gets a `CloneMark` in the same ring, so that the agent can
     // put the clones back in this program's order among the records. A full capture ring
@@ -177,9 +204,9 @@ fn mirror(ctx: &TcContext) -> Counter {
     let heads = cfg.flags & FLAG_RESPONSE_HEADS != 0;
     if heads
         && (tuple.payload_len == 0
-            || (is_response && !whole_by_rate(cfg, &tuple) && !full_responses(&tuple)))
+            || (is_response && !whole_by_rate(cfg, tuple) && !full_responses(tuple)))
     {
-        return record_head(ctx, &tuple);
+        return record_head(ctx, tuple, now);
     }
     // Flags 0: the clone leaves through the mirror interface's egress, so its veth peer
     // receives it, where the agent's AF_PACKET socket reads it.
@@ -196,7 +223,7 @@ fn mirror(ctx: &TcContext) -> Counter {
         return Counter::CloneErrors;
     }
     let sent = result != CloneResult::Dropped;
-    if sent && heads && !mark_clone(&tuple) {
+    if sent && heads && !mark_clone(tuple, now) {
         count(Counter::MarksRingFull);
     }
     // Lets the agent count the requests lost after this point (dropped by the mirror device,
@@ -242,7 +269,7 @@ fn full_responses(t: &Tuple) -> bool {
 
 /// Describes a response segment in a `RESPONSE_HEADS` record.
 #[inline(always)]
-fn record_head(ctx: &TcContext, t: &Tuple) -> Counter {
+fn record_head(ctx: &TcContext, t: &Tuple, now: u64) -> Counter {
     let wake = if RESPONSE_HEADS.query(BPF_RB_AVAIL_DATA) > (RESPONSE_HEADS_RING_BYTES / 2) as u64 {
         BPF_RB_FORCE_WAKEUP
     } else {
@@ -276,7 +303,7 @@ fn record_head(ctx: &TcContext, t: &Tuple) -> Counter {
         (*rec).ack = t.ack;
         (*rec).payload_len = t.payload_len as u32;
         (*rec)._pad = 0;
-        (*rec).ts_ns = aya_ebpf::helpers::bpf_ktime_get_ns();
+        (*rec).ts_ns = now;
     }
     entry.submit(wake);
     Counter::HeadRecorded
@@ -317,9 +344,10 @@ unsafe fn load_head(ctx: &TcContext, from: usize, head: *mut u8, n: u64) -> bool
     n & 1 == 0 || bpf_skb_load_bytes(skb, (from + off) as u32, head.add(off).cast(), 1) == 0
 }
 
-/// Writes the `CloneMark` of a clone just made. False when the ring is full.
+/// Writes the `CloneMark` of a clone just made of a packet seen at `now`. False when the ring
+/// is full.
 #[inline(always)]
-fn mark_clone(t: &Tuple) -> bool {
+fn mark_clone(t: &Tuple, now: u64) -> bool {
     let Some(mut entry) = RESPONSE_HEADS.reserve::<CloneMark>(0) else {
         return false;
     };
@@ -336,8 +364,7 @@ fn mark_clone(t: &Tuple) -> bool {
         payload_len: t.payload_len as u32,
         // SAFETY: no preconditions.
         cpu: unsafe { aya_ebpf::helpers::bpf_get_smp_processor_id() },
-        // SAFETY: no preconditions.
-        ts_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
+        ts_ns: now,
     });
     entry.submit(BPF_RB_NO_WAKEUP);
     true

@@ -107,14 +107,16 @@ impl Agent {
             .and_then(|v| v.split(' ').next()?.parse().ok()))
     }
 
-    /// Stops the agent; returns its replay summary line.
-    pub fn stop(self) -> Result<String> {
-        Ok(self
-            .stop_stderr()?
-            .lines()
-            .find(|l| l.starts_with("replay:"))
-            .unwrap_or("")
-            .to_string())
+    /// Stops the agent; returns what its exit summary says.
+    pub fn stop(self) -> Result<Stopped> {
+        let err = self.stop_stderr()?;
+        let line = |prefix: &str| err.lines().find_map(|l| l.strip_prefix(prefix));
+        Ok(Stopped {
+            replay: line("replay:").unwrap_or("").trim().to_string(),
+            live_path_seconds: line("kernel work in the live path:")
+                .and_then(|v| v.trim().trim_end_matches(" s").parse().ok())
+                .unwrap_or(0.0),
+        })
     }
 
     fn stop_stderr(mut self) -> Result<String> {
@@ -125,6 +127,14 @@ impl Agent {
         }
         Ok(err)
     }
+}
+
+/// What a stopped agent's exit summary says.
+pub struct Stopped {
+    /// The replay counters.
+    pub replay: String,
+    /// The time its kernel program spent mirroring in the live path (clones, records).
+    pub live_path_seconds: f64,
 }
 
 pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
@@ -209,7 +219,7 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
             let mut cpu_per = None;
             if let Some(a) = agent {
                 let cpu = a.proc.cpu_time() - cpu0.unwrap();
-                let summary = a.stop()?;
+                let summary = a.stop()?.replay;
                 if setup == "agent, fast mirror" {
                     std::thread::sleep(Duration::from_millis(1500));
                     let mirrored = (lines(&mirror_log) - mirrored0).max(1);
@@ -330,21 +340,22 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
         "\nat {} req/s for {FIDELITY_SECONDS} s (oha, {} connections):",
         args.fidelity_rate, args.connections
     );
-    println!("| setup | live served | mirror received | fidelity | CPU µs per request |");
-    println!("|---|---|---|---|---|");
+    println!("| setup | live served | mirror received | fidelity | agent CPU µs per request | kernel program in the live path, µs per request |");
+    println!("|---|---|---|---|---|---|");
     for (label, f) in [
         ("agent, `ok` responses", &small),
         ("agent, 16 KiB responses", &big),
     ] {
         println!(
-            "| {label} | {:.0} | {} | {:.2} % | {:.1} |",
+            "| {label} | {:.0} | {} | {:.2} % | {:.1} | {:.2} |",
             f.served,
             f.received,
             100.0 * f.received as f64 / f.served.max(1.0),
-            f.cpu_us_per_request
+            f.cpu_us_per_request,
+            f.live_path_us_per_request
         );
     }
-    println!("| tcpdump capturing the `ok` traffic (whole packets, to /dev/null) | - | - | - | {tcpdump_cpu:.1} |");
+    println!("| tcpdump capturing the `ok` traffic (whole packets, to /dev/null) | - | - | - | {tcpdump_cpu:.1} | - |");
     println!(
         "\nnginx `mirror` in the path (wrk, {} connections): direct {direct:.0} req/s; via nginx mirror (fast) {via_fast:.0} req/s ({:.1} % of direct); \
          via nginx mirror (1.2 s mirror) {via_slow:.0} req/s ({:.1} %); live p50 through nginx with the slow mirror at 20 req/s: {slow_p50:.0} ms",
@@ -377,6 +388,8 @@ struct Fidelity {
     served: f64,
     received: usize,
     cpu_us_per_request: f64,
+    /// The kernel program's work in the live path, per mirrored request.
+    live_path_us_per_request: f64,
 }
 
 /// A run at a fixed `(rate, connections)` against the live service on `port`, with an agent
@@ -395,10 +408,10 @@ fn fidelity(
     let cpu0 = agent.proc.cpu_time();
     let (_, _, served) = oha(&pair.client, url, rate, connections, FIDELITY_SECONDS)?;
     let cpu = agent.proc.cpu_time() - cpu0;
-    let summary = agent.stop()?;
+    let stopped = agent.stop()?;
     std::thread::sleep(Duration::from_millis(1500));
     let received = lines(mirror_log) - before;
-    eprintln!("fidelity run on port {port}: {summary}");
+    eprintln!("fidelity run on port {port}: {}", stopped.replay);
     if served < 1.0 {
         bail!("the fidelity run on port {port} served nothing");
     }
@@ -406,6 +419,7 @@ fn fidelity(
         served,
         received,
         cpu_us_per_request: cpu.as_secs_f64() * 1e6 / received.max(1) as f64,
+        live_path_us_per_request: stopped.live_path_seconds * 1e6 / received.max(1) as f64,
     })
 }
 

@@ -128,7 +128,7 @@ fn measure(
         .and_then(|p| p.trim_end_matches(" succeeded").trim().parse().ok())
         .with_context(|| format!("h2load output:\n{text}"))?;
     let cpu = agent.proc.cpu_time() - cpu0;
-    let replay = agent.stop()?;
+    let replay = agent.stop()?.replay;
     std::thread::sleep(Duration::from_millis(1500));
     let received = lines(log) - before;
     Ok(Run {

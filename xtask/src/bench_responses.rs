@@ -33,8 +33,9 @@ pub struct ResponsesBenchArgs {
     pub rate: u64,
 }
 
-/// (setup, live req/s, agent CPU µs per request served)
-type Row = (&'static str, f64, Option<f64>);
+/// (setup, live req/s, agent CPU µs per request served, its kernel program's µs per request
+/// served in the live path)
+type Row = (&'static str, f64, Option<f64>, Option<f64>);
 
 const SETUPS: [(&str, Option<&[&str]>); 4] = [
     ("no agent", None),
@@ -80,11 +81,14 @@ pub fn run(root: &Path, args: &ResponsesBenchArgs) -> Result<()> {
                 (a.proc.cpu_time() - cpu0.unwrap()).as_secs_f64() * 1e6
                     / (rps * args.seconds as f64).max(1.0)
             });
-            if let Some(a) = agent {
-                a.stop()?;
-            }
-            eprintln!("round {round} {setup:<30} {rps:.0} req/s, agent CPU {cpu:?} µs/req");
-            rows.push((setup, rps, cpu));
+            let live_path = match agent {
+                Some(a) => Some(
+                    a.stop()?.live_path_seconds * 1e6 / (rps * args.seconds as f64).max(1.0),
+                ),
+                None => None,
+            };
+            eprintln!("round {round} {setup:<30} {rps:.0} req/s, agent CPU {cpu:?} µs/req, live path {live_path:?} µs/req");
+            rows.push((setup, rps, cpu, live_path));
         }
     }
 
@@ -131,17 +135,20 @@ pub fn run(root: &Path, args: &ResponsesBenchArgs) -> Result<()> {
         "\nresponse capture with {} KiB responses: {} rounds, wrk {} s, {} connections",
         args.body_kib, args.rounds, args.seconds, args.connections
     );
-    println!("| setup | live req/s | ratio to no agent | agent CPU µs per request |");
-    println!("|---|---|---|---|");
-    for (setup, _) in SETUPS {
-        let rps = of(setup, &|r| Some(r.1));
-        let cpu = of(setup, &|r| r.2);
-        let cpu = if cpu.is_nan() {
+    println!("| setup | live req/s | ratio to no agent | agent CPU µs per request | kernel program in the live path, µs per request |");
+    println!("|---|---|---|---|---|");
+    let figure = |v: f64, decimals: usize| {
+        if v.is_nan() {
             "-".to_string()
         } else {
-            format!("{cpu:.1}")
-        };
-        println!("| {setup} | {rps:.0} | {:.2} | {cpu} |", rps / base);
+            format!("{v:.decimals$}")
+        }
+    };
+    for (setup, _) in SETUPS {
+        let rps = of(setup, &|r| Some(r.1));
+        let cpu = figure(of(setup, &|r| r.2), 1);
+        let live_path = figure(of(setup, &|r| r.3), 2);
+        println!("| {setup} | {rps:.0} | {:.2} | {cpu} | {live_path} |", rps / base);
     }
     println!("\nat {} req/s for {} s:", args.rate, args.seconds);
     println!("| setup | live served | live responses paired | head records | clones |");

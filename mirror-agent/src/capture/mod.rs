@@ -350,6 +350,14 @@ impl Capture {
             .counters()
     }
 
+    /// Time the kernel program has spent mirroring in the live path so far.
+    pub fn kernel_work(&self) -> Result<std::time::Duration> {
+        self.program
+            .as_ref()
+            .ok_or(CaptureError::Stopping)?
+            .work()
+    }
+
     /// Updates `requests_lost` from the kernel's counters; call it about once a second. While
     /// running, the kernel's count from the previous call is compared with what has been
     /// received by now, so that segments still on their way are not taken for lost (an
@@ -634,6 +642,15 @@ fn accumulate_ring_stats(ring: &PacketRing, stats: &CaptureStats) {
         stats.ring_drops.fetch_add(s.drops, Ordering::Relaxed);
         stats.ring_freezes.fetch_add(s.freezes, Ordering::Relaxed);
     }
+}
+
+/// What the kernel program reports, for logs and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct KernelReport {
+    /// Packets by outcome (`named_counters`).
+    pub packets: Vec<(&'static str, u64)>,
+    /// Time spent mirroring in the live path (clones, records), all CPUs.
+    pub work: std::time::Duration,
 }
 
 /// Names and values of the kernel counters, for logs and metrics.

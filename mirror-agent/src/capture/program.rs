@@ -12,6 +12,7 @@ use mirror_common::{
     AddrKey, Counter, Heartbeat, MirrorConfig, COUNTER_COUNT, FLAG_ADDR_FILTER, FLAG_ENABLED,
     FLAG_RESPONSES, FLAG_RESPONSE_HEADS, FLAG_STICKY_SAMPLING, MAP_CONFIG, MAP_COUNTERS,
     MAP_FULL_RESPONSES, MAP_HEARTBEAT, MAP_LIVE_ADDRS, MAP_LIVE_PORTS, MAP_RESPONSE_HEADS,
+    MAP_WORK_NS,
     MAX_LIVE_ADDRS, MAX_LIVE_PORTS, PROGRAM_NAME, SAMPLE_ALL,
 };
 
@@ -337,6 +338,22 @@ impl KernelProgram {
                 .sum();
         }
         Ok(out)
+    }
+
+    /// Time the program spent mirroring in the live path, summed over CPUs (`MAP_WORK_NS`).
+    pub fn work(&self) -> Result<std::time::Duration> {
+        let work: PerCpuArray<_, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map(MAP_WORK_NS)
+                .ok_or_else(|| CaptureError::ObjectIncomplete(format!("map {MAP_WORK_NS}")))?,
+        )
+        .map_err(CaptureError::map(MAP_WORK_NS))?;
+        let ns = work
+            .get(&0, 0)
+            .map_err(CaptureError::map(MAP_WORK_NS))?
+            .iter()
+            .sum();
+        Ok(std::time::Duration::from_nanos(ns))
     }
 }
 

@@ -79,8 +79,12 @@ pub struct Sampling {
     /// Share of new connections mirrored, 0 to 1.
     pub share: f64,
     pub cpu_budget: f64,
-    /// The agent's CPU use over the last second, in cores.
+    /// The agent's CPU use over the last second, in cores: its threads and its kernel
+    /// program's work in the live path.
     pub cpu_used: f64,
+    /// Of `cpu_used`, the kernel program's work in the live path.
+    #[serde(default)]
+    pub live_path_used: f64,
 }
 
 /// One line per endpoint and mirror where the mirror diverges from live: faults first, then
@@ -332,10 +336,11 @@ pub fn format_table(r: &Report) -> String {
     if let Some(s) = &r.sampling {
         let _ = writeln!(
             out,
-            "\nmirrored {:.0}% of new connections: CPU budget {:.2} cores (agent used {:.2})",
+            "\nmirrored {:.0}% of new connections: CPU budget {:.2} cores (agent used {:.2}, {:.2} of it cloning in the live path)",
             s.share * 100.0,
             s.cpu_budget,
-            s.cpu_used
+            s.cpu_used,
+            s.live_path_used
         );
     }
     let _ = writeln!(out);

@@ -34,8 +34,8 @@ pub struct Sources {
     pub pods: crate::agent::MirroredPods,
     pub comparison: Comparison,
     pub capture: Option<Arc<CaptureStats>>,
-    /// Kernel program counters by name, refreshed by the agent's main loop.
-    pub kernel: Arc<Mutex<Vec<(&'static str, u64)>>>,
+    /// What the kernel program reports, refreshed by the agent's main loop.
+    pub kernel: Arc<Mutex<crate::capture::KernelReport>>,
     pub pipeline: Arc<Mutex<PipelineStats>>,
     /// Each mirror's name and replay counters.
     pub replay: Vec<(String, Arc<ReplayStats>)>,
@@ -211,8 +211,13 @@ impl Collector for Sources {
                 ),
                 (
                     "mirror_agent_cpu_cores",
-                    "The agent's CPU use over the last second, in cores",
+                    "The agent's CPU use over the last second, in cores, its kernel program's work in the live path included",
                     sampling.cpu_used,
+                ),
+                (
+                    "mirror_agent_live_path_cpu_cores",
+                    "Of mirror_agent_cpu_cores, the kernel program's work in the live path (clones, records)",
+                    sampling.live_path_used,
                 ),
             ] {
                 let m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
@@ -250,9 +255,16 @@ impl Collector for Sources {
                 None,
                 MetricType::Counter,
             )?;
-            for (name, n) in kernel {
+            for (name, n) in kernel.packets {
                 ConstCounter::new(n).encode(m.encode_family(&[("outcome", name)])?)?;
             }
+            let m = encoder.encode_descriptor(
+                "mirror_kernel_work_seconds",
+                "Time the TC program spent mirroring in the live path (clones, records), all CPUs",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(kernel.work.as_secs_f64()).encode(m)?;
         }
         {
             let pods = self.pods.lock().unwrap().clone();
@@ -404,7 +416,10 @@ mod tests {
             pods: Default::default(),
             comparison: c.into(),
             capture: Some(Arc::new(CaptureStats::default())),
-            kernel: Arc::new(Mutex::new(vec![("cloned", 3), ("skip_not_tcp", 1)])),
+            kernel: Arc::new(Mutex::new(crate::capture::KernelReport {
+                packets: vec![("cloned", 3), ("skip_not_tcp", 1)],
+                work: std::time::Duration::from_millis(1500),
+            })),
             pipeline: Arc::new(Mutex::new(PipelineStats::default())),
             replay: vec![("mirror".into(), Arc::new(ReplayStats::default()))],
             record: Some(Default::default()),
@@ -418,6 +433,7 @@ mod tests {
             r#"mirror_requests_total{endpoint="GET /api/books/{id}/reviews",version="mirror",code="500"} 1"#,
             r#"mirror_status_mismatch_total{endpoint="GET /api/books/{id}/reviews",mirror="mirror",live_code="200",mirror_code="500"} 1"#,
             r#"mirror_kernel_packets_total{outcome="cloned"} 3"#,
+            "mirror_kernel_work_seconds_total 1.5",
             r#"mirror_http_dropped_total{reason="gap"} 0"#,
             r#"mirror_replay_errors_total{mirror="mirror",kind="timeout"} 0"#,
             r#"mirror_replay_sent_total{mirror="mirror"} 0"#,
@@ -496,6 +512,7 @@ mod tests {
             share: 1.0,
             cpu_budget: 1.0,
             cpu_used: 0.1,
+            live_path_used: 0.02,
         });
         let text = render(&Sources {
             comparison: c,
