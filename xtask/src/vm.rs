@@ -485,7 +485,7 @@ mod tests {
 
     #[test]
     fn the_newest_package_wins() {
-        let mut names = vec![
+        let mut names = [
             "linux-image-6.1.0-9-amd64",
             "linux-image-6.1.0-56-amd64",
             "linux-image-6.1.0-10-amd64",
