@@ -155,23 +155,32 @@ impl CpuBudget {
 
 /// The default budget: the cgroup's CPU limit (v2 `cpu.max`, v1 `cpu.cfs_quota_us` over
 /// `cpu.cfs_period_us`), read below `root` (`/` in production). None when unlimited.
+///
+/// The cgroup is found at its path from `/proc/self/cgroup` under the controller's mount, or,
+/// when that path is not there, at the mount itself: a container that shares the host's cgroup
+/// namespace (the default with cgroup v1) sees its host path but has its own cgroup mounted.
 pub fn cgroup_cpu_limit(root: &Path) -> Option<f64> {
     let cgroups = std::fs::read_to_string(root.join("proc/self/cgroup")).ok()?;
     let fs = root.join("sys/fs/cgroup");
+    let own = |mount: &Path, path: &str, file: &str| {
+        [mount.join(path), mount.to_path_buf()]
+            .into_iter()
+            .find(|d| d.join(file).exists())
+    };
     for line in cgroups.lines() {
         let mut parts = line.splitn(3, ':');
         let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
         let path = path.trim_start_matches('/');
         if controllers.is_empty() {
-            let max = std::fs::read_to_string(fs.join(path).join("cpu.max")).ok();
+            let max = own(&fs, path, "cpu.max")
+                .and_then(|d| std::fs::read_to_string(d.join("cpu.max")).ok());
             if let Some(limit) = max.as_deref().and_then(parse_cpu_max) {
                 return Some(limit);
             }
         } else if controllers.split(',').any(|c| c == "cpu") {
             let dir = ["cpu,cpuacct", "cpu"]
                 .iter()
-                .map(|d| fs.join(d).join(path))
-                .find(|d| d.join("cpu.cfs_quota_us").exists())?;
+                .find_map(|d| own(&fs.join(d), path, "cpu.cfs_quota_us"))?;
             let read = |f: &str| -> Option<i64> {
                 std::fs::read_to_string(dir.join(f))
                     .ok()?
@@ -355,5 +364,16 @@ mod tests {
         std::fs::write(v1.join("cpu.cfs_quota_us"), "50000\n").unwrap();
         std::fs::write(v1.join("cpu.cfs_period_us"), "100000\n").unwrap();
         assert_eq!(cgroup_cpu_limit(root), Some(0.5));
+        // A container sharing the host's cgroup namespace: its host path, its own cgroup at
+        // the mount.
+        std::fs::write(
+            root.join("proc/self/cgroup"),
+            "4:cpu,cpuacct:/machine.slice/libpod-1.scope\n",
+        )
+        .unwrap();
+        let mount = root.join("sys/fs/cgroup/cpu,cpuacct");
+        std::fs::write(mount.join("cpu.cfs_quota_us"), "100000\n").unwrap();
+        std::fs::write(mount.join("cpu.cfs_period_us"), "100000\n").unwrap();
+        assert_eq!(cgroup_cpu_limit(root), Some(1.0));
     }
 }

@@ -120,9 +120,17 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
     }
     let mut addrs = args.addrs.clone();
     addrs.extend(&args.pod_ip);
-    let cpu_budget = args
-        .cpu_budget
-        .or_else(|| mirror_agent::cpu_budget::cgroup_cpu_limit(std::path::Path::new("/")));
+    let cpu_budget = match args.cpu_budget {
+        Some(cores) => Some(cores),
+        None => {
+            let limit = mirror_agent::cpu_budget::cgroup_cpu_limit(std::path::Path::new("/"));
+            match limit {
+                Some(cores) => log::info!("CPU budget {cores:.2} cores: the cgroup's CPU limit"),
+                None => log::info!("no CPU budget: no cgroup CPU limit and no --cpu-budget"),
+            }
+            limit
+        }
+    };
     // A dump shows the streams as they crossed the wire, response bodies included.
     let response_heads = args.response_capture == ResponseCapture::Heads && args.dump.is_none();
     let capture = CaptureConfig {

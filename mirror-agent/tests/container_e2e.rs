@@ -16,15 +16,32 @@ use serde_yaml::Value;
 
 const MIRROR: &str = "127.0.0.1:9090";
 
-/// podman's flags for the agent container's securityContext in the DaemonSet.
-fn security_flags() -> Vec<String> {
+/// The agent's container in `deploy/daemonset.yaml`.
+fn agent_container() -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
     let text = std::fs::read_to_string(&path).unwrap();
     let daemonset = serde_yaml::Deserializer::from_str(&text)
         .map(|d| Value::deserialize(d).unwrap())
         .find(|d| d["kind"] == "DaemonSet")
         .expect("a DaemonSet in deploy/daemonset.yaml");
-    let container = &daemonset["spec"]["template"]["spec"]["containers"][0];
+    daemonset["spec"]["template"]["spec"]["containers"][0].clone()
+}
+
+/// The container's CPU limit in cores ("1", "1.5", "500m" in the manifest).
+fn limit_cores() -> f64 {
+    let quantity = agent_container()["resources"]["limits"]["cpu"]
+        .as_str()
+        .expect("a CPU limit in the DaemonSet")
+        .to_string();
+    match quantity.strip_suffix('m') {
+        Some(milli) => milli.parse::<f64>().unwrap() / 1000.0,
+        None => quantity.parse().unwrap(),
+    }
+}
+
+/// podman's flags for the agent container's securityContext and CPU limit in the DaemonSet.
+fn security_flags() -> Vec<String> {
+    let container = agent_container();
     let sc = &container["securityContext"];
     let caps = |key: &str| -> Vec<String> {
         sc["capabilities"][key]
@@ -59,6 +76,8 @@ fn security_flags() -> Vec<String> {
     if sc["readOnlyRootFilesystem"].as_bool() == Some(true) {
         flags.push("--read-only".into());
     }
+    // The CPU limit, which the agent takes as its CPU budget when none is given.
+    flags.extend(["--cpus".into(), limit_cores().to_string()]);
     flags
 }
 
@@ -199,6 +218,11 @@ fn the_daemonset_security_context_starts_mirrors_and_stops_clean() {
         metrics.contains("mirror_http_requests_total 3")
     });
     assert!(counted, "{metrics}");
+    // No --cpu-budget: the container's CPU limit is the budget.
+    assert!(
+        metrics.contains(&format!("mirror_cpu_budget_cores {}", limit_cores())),
+        "{metrics}"
+    );
 
     // SIGTERM (podman forwards it) detaches and leaves nothing behind.
     let stderr = container.agent.take().unwrap().terminate();
