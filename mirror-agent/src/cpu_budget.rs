@@ -9,9 +9,9 @@
 //! under 70 % of the budget with no backlog, it raises it by a fifth, but not within five
 //! seconds of a cut, so that the lag of connection-level shedding does not make it oscillate.
 //! `--sample` stays the upper limit. Only when the agent stays over budget for
-//! `MUST_DROP_AFTER` seconds in a row (long-lived connections keep the load that new ones no
-//! longer bring) does it drop admitted connections too: those the current rate would not admit,
-//! each for the rest of its life, never to be resumed in its middle.
+//! `MUST_DROP_AFTER` seconds in a row, cuts notwithstanding (long-lived connections keep the
+//! load that new ones no longer bring), does it drop admitted connections too: those the current
+//! rate would not admit, each for the rest of its life, never to be resumed in its middle.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -50,7 +50,7 @@ pub struct CpuBudget {
     used: f64,
     /// Of `used`, the kernel program's work in the live path.
     used_live_path: f64,
-    /// Seconds over budget in a row.
+    /// Seconds over budget, or losing data, in a row.
     over: u32,
     /// Admitted connections kept: `ALL`, or the rate while the agent must drop.
     keep_admitted: u32,
@@ -130,17 +130,21 @@ impl CpuBudget {
         } else {
             self.ppm
         };
-        self.over = if self.used > self.cores {
+        // Losing data (a full ring or queue) counts as over: shedding whole connections beats
+        // losing pieces of many.
+        self.over = if self.used > self.cores || now.backlog >= 1.0 {
             self.over + 1
         } else {
             0
         };
-        // Dropping admitted connections is the last resort: only once new ones are shed as far
-        // as they go, or while the agent is losing data anyway.
-        let shed_all_it_can = next <= MIN_PPM.min(self.max_ppm) || now.backlog >= 1.0;
+        // Dropping admitted connections is the last resort: only after `MUST_DROP_AFTER`
+        // seconds over budget (or losing data) in a row, which cutting the new-connection rate
+        // every second did not end, so the load is on connections already admitted (long-lived
+        // ones). Those the current rate would not admit go: the admitted set becomes what that
+        // rate admits.
         let keep = match self.over {
             0 => ALL,
-            n if n >= MUST_DROP_AFTER && shed_all_it_can => next,
+            n if n >= MUST_DROP_AFTER => next,
             _ => self.keep_admitted,
         };
         let changed = next != self.ppm || keep != self.keep_admitted;
@@ -296,6 +300,65 @@ mod tests {
         );
         assert!(keeps[2] < ALL && keeps[3] < ALL, "{keeps:?}");
         assert_eq!(keeps[4], ALL, "back to keeping all once under budget");
+    }
+
+    /// Long-lived connections a little over budget: cutting the new-connection rate changes
+    /// nothing, and admitted connections are dropped after `MUST_DROP_AFTER` seconds, not once
+    /// the rate has crept down to its floor (which would take many more seconds).
+    #[test]
+    fn a_moderate_overload_on_admitted_connections_is_shed_in_seconds() {
+        let mut b = CpuBudget::new(0.5, 1_000_000);
+        let t = Instant::now();
+        let mut cpu = Duration::ZERO;
+        let at = |s: u64| t + Duration::from_secs(s);
+        let idle = |cpu, s| Load {
+            cpu,
+            live_path: Duration::ZERO,
+            at: at(s),
+            backlog: 0.0,
+        };
+        b.observe(idle(cpu, 0));
+        let mut keeps = Vec::new();
+        for s in 1..=3u64 {
+            cpu += Duration::from_millis(800);
+            b.observe(idle(cpu, s));
+            keeps.push(b.keep_admitted());
+        }
+        assert!(b.ppm() > 10 * MIN_PPM, "the rate is far from its floor");
+        assert_eq!(
+            &keeps[..2],
+            &[ALL, ALL],
+            "not before {MUST_DROP_AFTER} s over"
+        );
+        assert_eq!(
+            keeps[2],
+            b.ppm(),
+            "admitted connections kept as the rate admits"
+        );
+    }
+
+    /// An agent starved of CPU (under its budget, but losing data) sheds admitted connections
+    /// too after `MUST_DROP_AFTER` seconds, rather than lose pieces of all of them.
+    #[test]
+    fn losing_data_for_seconds_sheds_admitted_connections() {
+        let mut b = CpuBudget::new(1.0, 1_000_000);
+        let t = Instant::now();
+        let losing = |s: u64| Load {
+            cpu: Duration::from_millis(100 * s),
+            live_path: Duration::ZERO,
+            at: t + Duration::from_secs(s),
+            backlog: 1.0,
+        };
+        b.observe(losing(0));
+        let keeps: Vec<u32> = (1..=3)
+            .map(|s| {
+                b.observe(losing(s));
+                b.keep_admitted()
+            })
+            .collect();
+        assert_eq!(&keeps[..2], &[ALL, ALL]);
+        assert_eq!(keeps[2], b.ppm());
+        assert!(keeps[2] < ALL);
     }
 
     #[test]

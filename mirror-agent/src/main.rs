@@ -126,7 +126,15 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
             let limit = mirror_agent::cpu_budget::cgroup_cpu_limit(std::path::Path::new("/"));
             match limit {
                 Some(cores) => log::info!("CPU budget {cores:.2} cores: the cgroup's CPU limit"),
-                None => log::info!("no CPU budget: no cgroup CPU limit and no --cpu-budget"),
+                None if std::fs::read_dir("/sys/fs/cgroup")
+                    .is_ok_and(|mut d| d.next().is_some()) =>
+                {
+                    log::info!("no CPU budget: no cgroup CPU limit and no --cpu-budget")
+                }
+                None => log::info!(
+                    "no CPU budget: no cgroup filesystem at /sys/fs/cgroup to read a limit from \
+                     (`ip netns exec` mounts a fresh /sys); --cpu-budget sets one"
+                ),
             }
             limit
         }

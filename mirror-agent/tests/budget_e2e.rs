@@ -195,7 +195,10 @@ fn a_tiny_budget_sheds_whole_connections_in_the_kernel() {
     };
     let work = kernel("mirror_kernel_work_seconds_total", &[]);
     let handled = kernel("mirror_kernel_packets_total", &[("outcome", "cloned")])
-        + kernel("mirror_kernel_packets_total", &[("outcome", "head_recorded")]);
+        + kernel(
+            "mirror_kernel_packets_total",
+            &[("outcome", "head_recorded")],
+        );
     let per_packet_ns = work * 1e9 / handled.max(1.0);
     assert!(
         handled > 0.0 && (20.0..1e6).contains(&per_packet_ns),

@@ -232,3 +232,80 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// A cgroup with a CPU limit, as a container runtime makes for a container with one (cgroup v2
+/// `cpu.max`, or v1's `cpu` controller). Removed on drop, once the processes in it have exited.
+pub struct CpuCgroup {
+    dir: std::path::PathBuf,
+}
+
+impl CpuCgroup {
+    pub fn new(tag: &str, cores: f64) -> std::io::Result<CpuCgroup> {
+        use std::path::Path;
+        const PERIOD_US: u64 = 100_000;
+        let quota = (cores * PERIOD_US as f64).round() as u64;
+        let root = Path::new("/sys/fs/cgroup");
+        if root.join("cgroup.controllers").exists() {
+            // Children of the root get the cpu controller only when the root hands it down.
+            let control = root.join("cgroup.subtree_control");
+            if !std::fs::read_to_string(&control)?
+                .split_whitespace()
+                .any(|c| c == "cpu")
+            {
+                std::fs::write(&control, "+cpu")?;
+            }
+            let dir = root.join(unique(tag));
+            std::fs::create_dir(&dir)?;
+            std::fs::write(dir.join("cpu.max"), format!("{quota} {PERIOD_US}"))?;
+            return Ok(CpuCgroup { dir });
+        }
+        let mount = ["cpu,cpuacct", "cpu"]
+            .iter()
+            .map(|m| root.join(m))
+            .find(|m| m.join("cpu.cfs_quota_us").exists())
+            .ok_or_else(|| std::io::Error::other("no cgroup v2 and no v1 cpu controller"))?;
+        let dir = mount.join(unique(tag));
+        std::fs::create_dir(&dir)?;
+        std::fs::write(dir.join("cpu.cfs_period_us"), PERIOD_US.to_string())?;
+        std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string())?;
+        Ok(CpuCgroup { dir })
+    }
+
+    /// Makes `cmd` join this cgroup before it runs.
+    pub fn contain(&self, cmd: &mut Command) {
+        use std::os::unix::process::CommandExt;
+        let procs = std::ffi::CString::new(
+            self.dir
+                .join("cgroup.procs")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .expect("a cgroup path without NUL");
+        // SAFETY: between fork and exec the closure only calls open, write and close, which are
+        // async-signal-safe; "0" names the writing process itself.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if written == 1 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            })
+        };
+    }
+}
+
+impl Drop for CpuCgroup {
+    fn drop(&mut self) {
+        // A process that just exited may still be listed for a moment.
+        wait_until(Duration::from_secs(2), || {
+            std::fs::remove_dir(&self.dir).is_ok()
+        });
+    }
+}

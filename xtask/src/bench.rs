@@ -56,7 +56,7 @@ struct Sample {
 
 /// nginx with one worker in a namespace, with the given server blocks.
 pub struct Nginx {
-    _proc: Proc,
+    proc: Proc,
     _dir: tempfile::TempDir,
 }
 
@@ -92,10 +92,20 @@ impl Nginx {
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
         );
-        Ok(Nginx {
-            _proc: proc,
-            _dir: dir,
-        })
+        Ok(Nginx { proc, _dir: dir })
+    }
+
+    /// CPU time of its master and worker processes so far.
+    pub fn cpu_time(&self) -> Duration {
+        let master = self.proc.pid();
+        let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+            .unwrap_or_default();
+        children
+            .split_whitespace()
+            .filter_map(|pid| pid.parse().ok())
+            .map(netlab::cpu_time)
+            .sum::<Duration>()
+            + self.proc.cpu_time()
     }
 }
 

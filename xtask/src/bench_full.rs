@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use netlab::{Pair, Proc};
+use netlab::{CpuCgroup, Pair, Proc};
 
 use crate::bench::{curl_ok, oha, wrk, Nginx};
 
@@ -68,26 +68,50 @@ impl Agent {
         max_inflight: usize,
         extra: &[&str],
     ) -> Result<Agent> {
+        Self::start_in(None, bin, pair, port, mirror, max_inflight, extra)
+    }
+
+    /// `start_on`, in `cgroup` when there is one.
+    pub fn start_in(
+        cgroup: Option<&CpuCgroup>,
+        bin: &Path,
+        pair: &Pair,
+        port: &str,
+        mirror: &str,
+        max_inflight: usize,
+        extra: &[&str],
+    ) -> Result<Agent> {
         use std::io::BufRead;
-        let mut proc = Proc::spawn(
-            pair.server
-                .exec(&[
-                    bin.to_str().unwrap(),
-                    "attach",
-                    "--iface",
-                    "srv0",
-                    "--port",
-                    port,
-                    "--mirror",
-                    &format!("http://{mirror}"),
-                    "--no-report",
-                    "--max-inflight",
-                    &max_inflight.to_string(),
-                ])
-                .args(extra)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped()),
-        );
+        let agent = [
+            bin.to_str().unwrap(),
+            "attach",
+            "--iface",
+            "srv0",
+            "--port",
+            port,
+            "--mirror",
+            &format!("http://{mirror}"),
+            "--no-report",
+            "--max-inflight",
+            &max_inflight.to_string(),
+        ];
+        let mut cmd = match cgroup {
+            // `ip netns exec` mounts a fresh /sys, without the cgroup filesystems the agent
+            // reads its limit from; nsenter joins the network namespace alone.
+            Some(cgroup) => {
+                let mut cmd = std::process::Command::new("nsenter");
+                cmd.arg(format!("--net={}", pair.server.path()))
+                    .arg("--")
+                    .args(agent);
+                cgroup.contain(&mut cmd);
+                cmd
+            }
+            None => pair.server.exec(&agent),
+        };
+        cmd.args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut proc = Proc::spawn(&mut cmd);
         let mut line = String::new();
         std::io::BufReader::new(proc.child.as_mut().unwrap().stdout.take().unwrap())
             .read_line(&mut line)?;
@@ -116,6 +140,11 @@ impl Agent {
             live_path_seconds: line("kernel work in the live path:")
                 .and_then(|v| v.trim().trim_end_matches(" s").parse().ok())
                 .unwrap_or(0.0),
+            budget: err
+                .lines()
+                .rfind(|l| l.contains("CPU budget"))
+                .unwrap_or("")
+                .to_string(),
         })
     }
 
@@ -135,6 +164,8 @@ pub struct Stopped {
     pub replay: String,
     /// The time its kernel program spent mirroring in the live path (clones, records).
     pub live_path_seconds: f64,
+    /// Its last log line about its CPU budget, if any.
+    pub budget: String,
 }
 
 pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
@@ -153,7 +184,7 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
             log_dir.path().display()
         ),
     )?;
-    let _fast = Nginx::with_servers(
+    let fast = Nginx::with_servers(
         &pair.server,
         &format!(
             "server {{ listen {FAST_MIRROR}; access_log {} combined buffer=256k flush=1s; location / {{ return 200 \"ok\\n\"; }} }}",
@@ -264,19 +295,24 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
         args.seconds.max(5),
     )?;
 
-    // At saturation: what the agent costs the live service, without and with a CPU budget.
+    // At saturation: what the agent costs the live service, without and with a CPU budget, the
+    // latter given on the command line or taken from a cgroup's CPU limit as in a DaemonSet.
     let budget = format!("{}", args.cpu_budget);
+    let budget_flag = ["--cpu-budget", budget.as_str()];
+    let in_cgroup = format!("agent in a {}-core cgroup, no flag", args.cpu_budget);
     let mut saturation = Vec::new();
-    for (setup, extra) in [
-        ("no agent", None),
-        ("agent, no budget", Some(vec![])),
-        (
-            "agent, --cpu-budget",
-            Some(vec!["--cpu-budget", budget.as_str()]),
-        ),
+    for (setup, extra, limit) in [
+        ("no agent", None, None),
+        ("agent, no budget", Some(&[][..]), None),
+        ("agent, --cpu-budget", Some(&budget_flag[..]), None),
+        (in_cgroup.as_str(), Some(&[][..]), Some(args.cpu_budget)),
     ] {
-        let agent = match &extra {
-            Some(extra) => Some(Agent::start_on(
+        let cgroup = limit
+            .map(|cores| CpuCgroup::new("mirror-bench", cores))
+            .transpose()?;
+        let agent = match extra {
+            Some(extra) => Some(Agent::start_in(
+                cgroup.as_ref(),
                 &bin.join("mirror-agent"),
                 &pair,
                 "8080",
@@ -287,16 +323,31 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
             None => None,
         };
         let before = lines(&mirror_log);
+        let cpu0 = agent.as_ref().map(|a| a.proc.cpu_time());
+        let mirror_cpu0 = fast.cpu_time();
         // Long enough for the budget to reach its last resort on wrk's long-lived connections.
         let seconds = args.seconds.max(15);
         let throughput = wrk(&pair.client, &live_url, args.connections, seconds)?;
-        if let Some(a) = agent {
-            a.stop()?;
+        let per_second = |d: Duration| d.as_secs_f64() / seconds as f64;
+        let mirror_cores = per_second(fast.cpu_time() - mirror_cpu0);
+        let mut cores = (0.0, 0.0, mirror_cores);
+        if let (Some(a), Some(cpu0)) = (agent, cpu0) {
+            let threads = per_second(a.proc.cpu_time() - cpu0);
+            let stopped = a.stop()?;
+            eprintln!("{setup}: {}\n  {}", stopped.replay, stopped.budget);
+            cores.0 = threads;
+            cores.1 = stopped.live_path_seconds / seconds as f64;
         }
+        drop(cgroup);
         std::thread::sleep(Duration::from_millis(1500));
         let mirrored = lines(&mirror_log) - before;
         let served = throughput * seconds as f64;
-        saturation.push((setup, throughput, mirrored as f64 / served.max(1.0)));
+        saturation.push((
+            setup.to_string(),
+            throughput,
+            mirrored as f64 / served.max(1.0),
+            cores,
+        ));
     }
 
     let base50 = median(
@@ -369,12 +420,12 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
         args.seconds.max(15),
         args.cpu_budget
     );
-    println!("| setup | live req/s | ratio | requests mirrored |");
-    println!("|---|---|---|---|");
+    println!("| setup | live req/s | ratio | requests mirrored | agent's threads, cores | its kernel program in the live path, cores | the mirror (nginx on the same cores), cores |");
+    println!("|---|---|---|---|---|---|---|");
     let base = saturation[0].1;
-    for (setup, throughput, share) in &saturation {
+    for (setup, throughput, share, (threads, live_path, mirror)) in &saturation {
         println!(
-            "| {setup} | {throughput:.0} | {:.2} | {:.1} % |",
+            "| {setup} | {throughput:.0} | {:.2} | {:.1} % | {threads:.2} | {live_path:.2} | {mirror:.2} |",
             throughput / base,
             share * 100.0
         );

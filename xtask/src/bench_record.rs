@@ -52,8 +52,13 @@ pub fn run(root: &Path, args: &RecordBenchArgs) -> Result<()> {
             };
             let agent = Agent::start_on(&bin, &pair, "8080", MIRROR, 512, &extra)?;
             let cpu0 = agent.proc.cpu_time();
-            let (_, _, served) =
-                oha(&pair.client, &url, args.rate, args.connections, args.seconds)?;
+            let (_, _, served) = oha(
+                &pair.client,
+                &url,
+                args.rate,
+                args.connections,
+                args.seconds,
+            )?;
             let cpu = agent.proc.cpu_time() - cpu0;
             let summary = agent.stop_with_record()?;
             let per = cpu.as_secs_f64() * 1e6 / served.max(1.0);
@@ -108,8 +113,17 @@ pub fn run(root: &Path, args: &RecordBenchArgs) -> Result<()> {
     println!("|---|---|---|");
     for setup in ["mirroring", "mirroring + --record"] {
         let cpu = median(rows.iter().filter(|r| r.0 == setup).map(|r| r.1).collect());
-        let rec = median(rows.iter().filter(|r| r.0 == setup).filter_map(|r| r.2).collect());
-        let rec = if rec.is_nan() { "-".into() } else { format!("{rec:.4}") };
+        let rec = median(
+            rows.iter()
+                .filter(|r| r.0 == setup)
+                .filter_map(|r| r.2)
+                .collect(),
+        );
+        let rec = if rec.is_nan() {
+            "-".into()
+        } else {
+            format!("{rec:.4}")
+        };
         println!("| {setup} | {cpu:.1} | {rec} |");
     }
     println!(

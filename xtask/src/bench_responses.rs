@@ -82,9 +82,9 @@ pub fn run(root: &Path, args: &ResponsesBenchArgs) -> Result<()> {
                     / (rps * args.seconds as f64).max(1.0)
             });
             let live_path = match agent {
-                Some(a) => Some(
-                    a.stop()?.live_path_seconds * 1e6 / (rps * args.seconds as f64).max(1.0),
-                ),
+                Some(a) => {
+                    Some(a.stop()?.live_path_seconds * 1e6 / (rps * args.seconds as f64).max(1.0))
+                }
                 None => None,
             };
             eprintln!("round {round} {setup:<30} {rps:.0} req/s, agent CPU {cpu:?} µs/req, live path {live_path:?} µs/req");
@@ -148,7 +148,10 @@ pub fn run(root: &Path, args: &ResponsesBenchArgs) -> Result<()> {
         let rps = of(setup, &|r| Some(r.1));
         let cpu = figure(of(setup, &|r| r.2), 1);
         let live_path = figure(of(setup, &|r| r.3), 2);
-        println!("| {setup} | {rps:.0} | {:.2} | {cpu} | {live_path} |", rps / base);
+        println!(
+            "| {setup} | {rps:.0} | {:.2} | {cpu} | {live_path} |",
+            rps / base
+        );
     }
     println!("\nat {} req/s for {} s:", args.rate, args.seconds);
     println!("| setup | live served | live responses paired | head records | clones |");

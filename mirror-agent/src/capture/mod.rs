@@ -352,10 +352,7 @@ impl Capture {
 
     /// Time the kernel program has spent mirroring in the live path so far.
     pub fn kernel_work(&self) -> Result<std::time::Duration> {
-        self.program
-            .as_ref()
-            .ok_or(CaptureError::Stopping)?
-            .work()
+        self.program.as_ref().ok_or(CaptureError::Stopping)?.work()
     }
 
     /// Updates `requests_lost` from the kernel's counters; call it about once a second. While
