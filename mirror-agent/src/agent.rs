@@ -288,16 +288,18 @@ impl Agent {
         let drops = self.capture.stats().ring_drops.load(Ordering::Relaxed);
         let new_drops = drops > self.ring_drops;
         self.ring_drops = drops;
-        let queue = self
+        // The fullest stage: the replay queues, the capture ring or its channel to the parse
+        // stage (which backs up into the ring); a frame the ring dropped is a full backlog.
+        let backlog = self
             .mirrors
             .iter()
             .map(|m| m.replayer.queue_fill())
-            .fold(0.0, f64::max);
+            .fold(self.capture.stats().take_backlog(), f64::max);
         let load = Load {
             cpu: cpu_budget::process_cpu_time(),
             live_path: self.kernel.lock().unwrap().work,
             at: std::time::Instant::now(),
-            backlog: if new_drops { 1.0 } else { queue },
+            backlog: if new_drops { 1.0 } else { backlog },
         };
         if let Some(rates) = budget.observe(load) {
             log::info!(

@@ -109,9 +109,22 @@ pub struct CaptureStats {
     /// Clone marks whose clone never came (the capture ring was full): the records behind
     /// them went on after a short wait.
     pub marks_unmatched: AtomicU64,
+    /// The fullest the capture ring or the channel to the parse stage has been since the last
+    /// `take_backlog`, in parts per million.
+    backlog_ppm: AtomicU64,
 }
 
 impl CaptureStats {
+    /// How full the capture stage has been (ring or channel, 0 to 1) since the last call.
+    pub fn take_backlog(&self) -> f64 {
+        self.backlog_ppm.swap(0, Ordering::Relaxed) as f64 / 1e6
+    }
+
+    fn note_backlog(&self, fill: f64) {
+        self.backlog_ppm
+            .fetch_max((fill.clamp(0.0, 1.0) * 1e6) as u64, Ordering::Relaxed);
+    }
+
     fn frame_error(&self, e: FrameError) {
         let i = FrameError::ALL.iter().position(|x| *x == e).unwrap_or(0);
         self.frame_errors[i].fetch_add(1, Ordering::Relaxed);
@@ -592,6 +605,8 @@ fn read_loop(
         if let Some(m) = merge.as_mut() {
             batch = m.merge(batch, stats, false);
         }
+        let channel = tx.len() as f64 / tx.capacity().unwrap_or(1).max(1) as f64;
+        stats.note_backlog(ring.fill().max(channel));
         if !batch.is_empty() && !send_batch(tx, batch, stats, stop) {
             return;
         }

@@ -281,6 +281,19 @@ impl PacketRing {
     }
 
     /// Reads and resets the kernel's socket counters.
+    /// Share of the blocks the kernel cannot fill now (handed to us and not yet given back),
+    /// 0 to 1: at 1 the next frame is dropped.
+    pub fn fill(&self) -> f64 {
+        let ours = (0..self.cfg.block_count)
+            .filter(|i| {
+                block_status(&self.map, i * self.cfg.block_size).load(Ordering::Acquire)
+                    & libc::TP_STATUS_USER
+                    != 0
+            })
+            .count();
+        ours as f64 / self.cfg.block_count as f64
+    }
+
     pub fn take_stats(&self) -> io::Result<RingStats> {
         let mut st: libc::tpacket_stats_v3 = unsafe { std::mem::zeroed() };
         let mut len = std::mem::size_of::<libc::tpacket_stats_v3>() as libc::socklen_t;
