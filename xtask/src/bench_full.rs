@@ -29,9 +29,13 @@ pub struct FullBenchArgs {
     /// Offered rate of the fidelity run (requests per second, 10 s).
     #[arg(long, default_value_t = 20_000)]
     pub fidelity_rate: u64,
-    /// The agent's CPU budget in the saturation run, in cores.
-    #[arg(long, default_value_t = 0.5)]
-    pub cpu_budget: f64,
+    /// The agent's CPU budgets in the saturation runs, in cores; the first is also given as a
+    /// cgroup's CPU limit.
+    #[arg(long, value_delimiter = ',', default_values_t = [0.5, 0.2, 0.1])]
+    pub cpu_budgets: Vec<f64>,
+    /// Rounds of the saturation runs, interleaved.
+    #[arg(long, default_value_t = 3)]
+    pub saturation_rounds: usize,
 }
 
 pub fn median(mut v: Vec<f64>) -> f64 {
@@ -54,10 +58,6 @@ pub struct Agent {
 }
 
 impl Agent {
-    fn start(bin: &Path, pair: &Pair, mirror: &str) -> Result<Agent> {
-        Self::start_on(bin, pair, "8080", mirror, 512, &[])
-    }
-
     /// The agent on the server side of `pair`, mirroring `port` to `mirror`, with `extra`
     /// arguments; waits for it to be ready.
     pub fn start_on(
@@ -227,16 +227,31 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
     let rate = (max / 2.0).round() as u64;
     eprintln!("calibration: live saturation {max:.0} req/s; fixed rate {rate} req/s");
 
+    // The smallest budget tried at saturation, here with the fast mirror.
+    let least = args.cpu_budgets.iter().copied().fold(f64::INFINITY, f64::min);
+    let least = if least.is_finite() { least } else { 0.1 };
+    let (least_flag, budgeted) = (
+        least.to_string(),
+        format!("agent, fast mirror, --cpu-budget {least}"),
+    );
+    let half_setups = [
+        "no agent",
+        "agent, fast mirror",
+        budgeted.as_str(),
+        "agent, 1.2 s mirror",
+    ];
     // (setup, p50, p99, agent CPU µs per mirrored request)
     let mut rows: Vec<(&str, f64, f64, Option<f64>)> = Vec::new();
     for round in 1..=args.rounds {
-        for setup in ["no agent", "agent, fast mirror", "agent, 1.2 s mirror"] {
+        for setup in half_setups {
+            let start = |mirror, extra: &[&str]| {
+                Agent::start_on(&bin.join("mirror-agent"), &pair, "8080", mirror, 512, extra)
+            };
             let agent = match setup {
                 "no agent" => None,
-                "agent, fast mirror" => {
-                    Some(Agent::start(&bin.join("mirror-agent"), &pair, FAST_MIRROR)?)
-                }
-                _ => Some(Agent::start(&bin.join("mirror-agent"), &pair, SLOW_MIRROR)?),
+                "agent, fast mirror" => Some(start(FAST_MIRROR, &[])?),
+                "agent, 1.2 s mirror" => Some(start(SLOW_MIRROR, &[])?),
+                _ => Some(start(FAST_MIRROR, &["--cpu-budget", &least_flag])?),
             };
             let cpu0 = agent.as_ref().map(|a| a.proc.cpu_time());
             let mirrored0 = lines(&mirror_log);
@@ -251,7 +266,7 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
             if let Some(a) = agent {
                 let cpu = a.proc.cpu_time() - cpu0.unwrap();
                 let summary = a.stop()?.replay;
-                if setup == "agent, fast mirror" {
+                if setup.starts_with("agent, fast mirror") {
                     std::thread::sleep(Duration::from_millis(1500));
                     let mirrored = (lines(&mirror_log) - mirrored0).max(1);
                     cpu_per = Some(cpu.as_secs_f64() * 1e6 / mirrored as f64);
@@ -295,60 +310,7 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
         args.seconds.max(5),
     )?;
 
-    // At saturation: what the agent costs the live service, without and with a CPU budget, the
-    // latter given on the command line or taken from a cgroup's CPU limit as in a DaemonSet.
-    let budget = format!("{}", args.cpu_budget);
-    let budget_flag = ["--cpu-budget", budget.as_str()];
-    let in_cgroup = format!("agent in a {}-core cgroup, no flag", args.cpu_budget);
-    let mut saturation = Vec::new();
-    for (setup, extra, limit) in [
-        ("no agent", None, None),
-        ("agent, no budget", Some(&[][..]), None),
-        ("agent, --cpu-budget", Some(&budget_flag[..]), None),
-        (in_cgroup.as_str(), Some(&[][..]), Some(args.cpu_budget)),
-    ] {
-        let cgroup = limit
-            .map(|cores| CpuCgroup::new("mirror-bench", cores))
-            .transpose()?;
-        let agent = match extra {
-            Some(extra) => Some(Agent::start_in(
-                cgroup.as_ref(),
-                &bin.join("mirror-agent"),
-                &pair,
-                "8080",
-                FAST_MIRROR,
-                512,
-                extra,
-            )?),
-            None => None,
-        };
-        let before = lines(&mirror_log);
-        let cpu0 = agent.as_ref().map(|a| a.proc.cpu_time());
-        let mirror_cpu0 = fast.cpu_time();
-        // Long enough for the budget to reach its last resort on wrk's long-lived connections.
-        let seconds = args.seconds.max(15);
-        let throughput = wrk(&pair.client, &live_url, args.connections, seconds)?;
-        let per_second = |d: Duration| d.as_secs_f64() / seconds as f64;
-        let mirror_cores = per_second(fast.cpu_time() - mirror_cpu0);
-        let mut cores = (0.0, 0.0, mirror_cores);
-        if let (Some(a), Some(cpu0)) = (agent, cpu0) {
-            let threads = per_second(a.proc.cpu_time() - cpu0);
-            let stopped = a.stop()?;
-            eprintln!("{setup}: {}\n  {}", stopped.replay, stopped.budget);
-            cores.0 = threads;
-            cores.1 = stopped.live_path_seconds / seconds as f64;
-        }
-        drop(cgroup);
-        std::thread::sleep(Duration::from_millis(1500));
-        let mirrored = lines(&mirror_log) - before;
-        let served = throughput * seconds as f64;
-        saturation.push((
-            setup.to_string(),
-            throughput,
-            mirrored as f64 / served.max(1.0),
-            cores,
-        ));
-    }
+    let saturation = saturation(&bin, &pair, &fast, &live_url, &mirror_log, args)?;
 
     let base50 = median(
         rows.iter()
@@ -367,7 +329,7 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
         "| setup | live p50 ms | ratio | live p99 ms | ratio | agent CPU µs per mirrored request |"
     );
     println!("|---|---|---|---|---|---|");
-    for setup in ["no agent", "agent, fast mirror", "agent, 1.2 s mirror"] {
+    for setup in half_setups {
         let p50 = median(rows.iter().filter(|r| r.0 == setup).map(|r| r.1).collect());
         let p99 = median(rows.iter().filter(|r| r.0 == setup).map(|r| r.2).collect());
         let cpu = median(
@@ -415,22 +377,130 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
         100.0 * via_slow / direct
     );
     println!(
-        "\nat saturation (wrk, {} connections, {} s each; --cpu-budget {}):",
+        "\nat saturation (wrk, {} connections, {} s each, {} rounds interleaved, medians):",
         args.connections,
-        args.seconds.max(15),
-        args.cpu_budget
+        saturation_seconds(args),
+        args.saturation_rounds
     );
     println!("| setup | live req/s | ratio | requests mirrored | agent's threads, cores | its kernel program in the live path, cores | the mirror (nginx on the same cores), cores |");
     println!("|---|---|---|---|---|---|---|");
-    let base = saturation[0].1;
-    for (setup, throughput, share, (threads, live_path, mirror)) in &saturation {
+    let of = |setup: &str, f: fn(&Saturated) -> f64| {
+        median(saturation.iter().filter(|r| r.setup == setup).map(f).collect())
+    };
+    let base = of("no agent", |r| r.throughput);
+    let mut setups: Vec<&str> = Vec::new();
+    for r in &saturation {
+        if !setups.contains(&r.setup.as_str()) {
+            setups.push(&r.setup);
+        }
+    }
+    for setup in setups {
+        let throughput = of(setup, |r| r.throughput);
         println!(
-            "| {setup} | {throughput:.0} | {:.2} | {:.1} % | {threads:.2} | {live_path:.2} | {mirror:.2} |",
+            "| {setup} | {throughput:.0} | {:.2} | {:.1} % | {:.2} | {:.2} | {:.2} |",
             throughput / base,
-            share * 100.0
+            of(setup, |r| r.mirrored_share) * 100.0,
+            of(setup, |r| r.agent_cores),
+            of(setup, |r| r.live_path_cores),
+            of(setup, |r| r.mirror_cores),
         );
     }
     Ok(())
+}
+
+/// One saturation run.
+struct Saturated {
+    setup: String,
+    throughput: f64,
+    mirrored_share: f64,
+    agent_cores: f64,
+    live_path_cores: f64,
+    mirror_cores: f64,
+}
+
+/// Long enough for the budget to reach its last resort on wrk's long-lived connections.
+fn saturation_seconds(args: &FullBenchArgs) -> u64 {
+    args.seconds.max(15)
+}
+
+/// At saturation, rounds interleaved: what the agent costs the live service without a budget,
+/// with each of `--cpu-budgets`, and with the first taken from a cgroup's CPU limit as in a
+/// DaemonSet (no flag).
+fn saturation(
+    bin: &Path,
+    pair: &Pair,
+    mirror: &Nginx,
+    live_url: &str,
+    mirror_log: &Path,
+    args: &FullBenchArgs,
+) -> Result<Vec<Saturated>> {
+    let flags: Vec<(String, String)> = args
+        .cpu_budgets
+        .iter()
+        .map(|b| (format!("agent, --cpu-budget {b}"), b.to_string()))
+        .collect();
+    let limit = args.cpu_budgets.first().copied().unwrap_or(0.5);
+    let in_cgroup = format!("agent in a {limit}-core cgroup, no flag");
+    // (label, the agent's extra flags (None: no agent), the cgroup CPU limit it runs under)
+    type Setup<'a> = (&'a str, Option<Vec<&'a str>>, Option<f64>);
+    let mut setups: Vec<Setup> = vec![
+        ("no agent", None, None),
+        ("agent, no budget", Some(vec![]), None),
+    ];
+    for (label, budget) in &flags {
+        setups.push((label, Some(vec!["--cpu-budget", budget]), None));
+    }
+    setups.push((&in_cgroup, Some(vec![]), Some(limit)));
+    let seconds = saturation_seconds(args);
+    let mut runs = Vec::new();
+    for round in 1..=args.saturation_rounds {
+        for (setup, extra, limit) in &setups {
+            let cgroup = limit
+                .map(|cores| CpuCgroup::new("mirror-bench", cores))
+                .transpose()?;
+            let agent = match extra {
+                Some(extra) => Some(Agent::start_in(
+                    cgroup.as_ref(),
+                    &bin.join("mirror-agent"),
+                    pair,
+                    "8080",
+                    FAST_MIRROR,
+                    512,
+                    extra,
+                )?),
+                None => None,
+            };
+            let before = lines(mirror_log);
+            let cpu0 = agent.as_ref().map(|a| a.proc.cpu_time());
+            let mirror_cpu0 = mirror.cpu_time();
+            let throughput = wrk(&pair.client, live_url, args.connections, seconds)?;
+            let per_second = |d: Duration| d.as_secs_f64() / seconds as f64;
+            let mut run = Saturated {
+                setup: setup.to_string(),
+                throughput,
+                mirrored_share: 0.0,
+                agent_cores: 0.0,
+                live_path_cores: 0.0,
+                mirror_cores: per_second(mirror.cpu_time() - mirror_cpu0),
+            };
+            if let (Some(a), Some(cpu0)) = (agent, cpu0) {
+                run.agent_cores = per_second(a.proc.cpu_time() - cpu0);
+                let stopped = a.stop()?;
+                eprintln!("round {round} {setup}: {}\n  {}", stopped.replay, stopped.budget);
+                run.live_path_cores = stopped.live_path_seconds / seconds as f64;
+            }
+            drop(cgroup);
+            std::thread::sleep(Duration::from_millis(1500));
+            let mirrored = lines(mirror_log) - before;
+            run.mirrored_share = mirrored as f64 / (throughput * seconds as f64).max(1.0);
+            eprintln!(
+                "round {round} {setup}: {throughput:.0} req/s, {:.1} % mirrored",
+                run.mirrored_share * 100.0
+            );
+            runs.push(run);
+        }
+    }
+    Ok(runs)
 }
 
 const FIDELITY_SECONDS: u64 = 10;
