@@ -104,6 +104,11 @@ impl HeadMerge {
         }
     }
 
+    /// Whether records or clones wait here for their turn (which comes with time, too).
+    pub(super) fn holds(&self) -> bool {
+        !self.queue.is_empty() || !self.orphans.is_empty()
+    }
+
     /// Takes the clones just read from the capture ring (their marks are in the records ring
     /// by then: the program writes a mark before its clone is received) and returns what can
     /// go on, in the kernel's order. `flush` gives up waiting (at the stop).

@@ -541,6 +541,11 @@ fn spawn_reader(
     Ok((handle, ready))
 }
 
+/// How long the reader waits for a block while response-head records come, in milliseconds.
+const BUSY_POLL_MS: i32 = 5;
+/// The longest it waits when nothing has come for a while.
+const IDLE_POLL_MS: i32 = 80;
+
 /// Reads the clones, and the response-head records once `heads` hands them over, merged.
 fn read_loop(
     mut ring: PacketRing,
@@ -559,6 +564,7 @@ fn read_loop(
     let mut merge: Option<HeadMerge> = (matching.responses && matching.response_heads)
         .then(|| heads.recv().ok())
         .flatten();
+    let mut idle_poll_ms = BUSY_POLL_MS;
     loop {
         if drain_until.is_none() && stop.load(Ordering::Relaxed) {
             drain_until = Some(Instant::now() + Duration::from_millis(50));
@@ -573,12 +579,16 @@ fn read_loop(
             break;
         }
         let mut batch = Vec::new();
-        // Records are read between blocks: come back often while they are on.
+        // Records are read between blocks: come back often while they come. Under traffic a
+        // block retires every few milliseconds and wakes the poll anyway; an idle node is
+        // polled less and less often, down to every `IDLE_POLL_MS`.
         let timeout_ms = match (drain_until.is_some(), merge.is_some()) {
-            (_, true) => 5,
+            (true, true) => BUSY_POLL_MS,
+            (false, true) => idle_poll_ms,
             (true, false) => 10,
             (false, false) => 100,
         };
+        let records_before = stats.head_records.load(Ordering::Relaxed);
         let res = ring.poll_block(timeout_ms, |frame| {
             stats.frames.fetch_add(1, Ordering::Relaxed);
             stats
@@ -605,6 +615,14 @@ fn read_loop(
         if let Some(m) = merge.as_mut() {
             batch = m.merge(batch, stats, false);
         }
+        let idle = matches!(res, Ok(0))
+            && stats.head_records.load(Ordering::Relaxed) == records_before
+            && !merge.as_ref().is_some_and(HeadMerge::holds);
+        idle_poll_ms = if idle {
+            (idle_poll_ms * 2).min(IDLE_POLL_MS)
+        } else {
+            BUSY_POLL_MS
+        };
         let channel = tx.len() as f64 / tx.capacity().unwrap_or(1).max(1) as f64;
         stats.note_backlog(ring.fill().max(channel));
         if !batch.is_empty() && !send_batch(tx, batch, stats, stop) {
