@@ -279,7 +279,8 @@ impl Agent {
         })
     }
 
-    /// Once a second with a CPU budget: the agent's CPU use and backlog set the share of new
+    /// Once a second with a CPU budget: the agent's CPU use (its threads, and its kernel
+    /// program's work in the live path, read just before) and backlog set the share of new
     /// connections the kernel mirrors.
     fn apply_cpu_budget(&mut self) {
         let Some(budget) = self.cpu_budget.as_mut() else {

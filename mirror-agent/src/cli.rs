@@ -292,7 +292,8 @@ pub struct AttachArgs {
     #[arg(long, value_parser = crate::budget::parse_size)]
     pub memory_budget: Option<u64>,
 
-    /// CPU the agent may use, in cores (e.g. 0.5). Over it, or falling behind, the agent lowers
+    /// CPU the agent may use, in cores (e.g. 0.5): its threads and its kernel program's work in
+    /// the live path (clones, records). Over it, or falling behind, the agent lowers
     /// the share of new connections the kernel mirrors (whole connections, never one in part);
     /// with headroom it raises it back, up to --sample. Default: the cgroup's (pod's) CPU limit;
     /// none without one.
