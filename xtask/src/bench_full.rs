@@ -228,7 +228,11 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
     eprintln!("calibration: live saturation {max:.0} req/s; fixed rate {rate} req/s");
 
     // The smallest budget tried at saturation, here with the fast mirror.
-    let least = args.cpu_budgets.iter().copied().fold(f64::INFINITY, f64::min);
+    let least = args
+        .cpu_budgets
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min);
     let least = if least.is_finite() { least } else { 0.1 };
     let (least_flag, budgeted) = (
         least.to_string(),
@@ -385,7 +389,13 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
     println!("| setup | live req/s | ratio | requests mirrored | agent's threads, cores | its kernel program in the live path, cores | the mirror (nginx on the same cores), cores |");
     println!("|---|---|---|---|---|---|---|");
     let of = |setup: &str, f: fn(&Saturated) -> f64| {
-        median(saturation.iter().filter(|r| r.setup == setup).map(f).collect())
+        median(
+            saturation
+                .iter()
+                .filter(|r| r.setup == setup)
+                .map(f)
+                .collect(),
+        )
     };
     let base = of("no agent", |r| r.throughput);
     let mut setups: Vec<&str> = Vec::new();
@@ -486,7 +496,10 @@ fn saturation(
             if let (Some(a), Some(cpu0)) = (agent, cpu0) {
                 run.agent_cores = per_second(a.proc.cpu_time() - cpu0);
                 let stopped = a.stop()?;
-                eprintln!("round {round} {setup}: {}\n  {}", stopped.replay, stopped.budget);
+                eprintln!(
+                    "round {round} {setup}: {}\n  {}",
+                    stopped.replay, stopped.budget
+                );
                 run.live_path_cores = stopped.live_path_seconds / seconds as f64;
             }
             drop(cgroup);
