@@ -65,20 +65,28 @@ pub struct ReplayArgs {
     #[command(flatten)]
     pub requests: RequestArgs,
 
-    /// Version tag of the recorded live responses' rows.
-    #[arg(long, default_value = "live")]
-    pub live_label: String,
-
-    /// Version tag of the mirror's rows.
-    #[arg(long, default_value = "mirror")]
-    pub mirror_label: String,
-
-    /// Endpoint template naming matching paths (repeatable).
-    #[arg(long = "route")]
-    pub routes: Vec<RouteTemplate>,
+    #[command(flatten)]
+    pub series: SeriesArgs,
 
     #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
     pub format: ReportFormat,
+}
+
+/// How the comparison names its rows: the same for live mirroring (`attach`) and for a
+/// recording sent again (`replay`, where live is the recorded responses).
+#[derive(Args, Debug)]
+pub struct SeriesArgs {
+    /// Version tag of the live service's rows, e.g. V1MIR-LiveBookService.
+    #[arg(long, default_value = "live")]
+    pub live_label: String,
+
+    /// Version tag of the rows of a mirror given without a name, e.g. V4MIR-BookServiceFault.
+    #[arg(long, default_value = "mirror")]
+    pub mirror_label: String,
+
+    /// Endpoint template naming matching paths, e.g. /api/{tenant}/books (repeatable).
+    #[arg(long = "route")]
+    pub routes: Vec<RouteTemplate>,
 }
 
 /// Which requests go to the mirror and how they are written: the same for live mirroring
@@ -334,17 +342,8 @@ pub struct AttachArgs {
     #[arg(long, requires = "compare_bodies")]
     pub secondary: Option<String>,
 
-    /// Version tag of the live service's rows, e.g. V1MIR-LiveBookService.
-    #[arg(long, default_value = "live")]
-    pub live_label: String,
-
-    /// Version tag of the rows of a mirror given without a name, e.g. V4MIR-BookServiceFault.
-    #[arg(long, default_value = "mirror")]
-    pub mirror_label: String,
-
-    /// Endpoint template naming matching paths, e.g. /api/{tenant}/books (repeatable).
-    #[arg(long = "route")]
-    pub routes: Vec<RouteTemplate>,
+    #[command(flatten)]
+    pub series: SeriesArgs,
 
     /// Distinct endpoints tracked at most; the rest are reported as `other`.
     #[arg(long, default_value_t = 500)]
@@ -538,7 +537,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            mirror_names(&a.mirror, &a.mirror_label, &a.live_label).unwrap(),
+            mirror_names(&a.mirror, &a.series.mirror_label, &a.series.live_label).unwrap(),
             ["cand", "V1MIR"]
         );
 

@@ -177,8 +177,12 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
     let ring_bytes = (capture.ring.block_count * capture.ring.block_size) as u64;
     let plan = budget::Plan::new(budget, ring_bytes, compare::series_bytes())?;
     log::info!("memory budget {budget} bytes ({budget_source}): {plan:?}");
-    let names = mirror_names(&args.mirror, &args.mirror_label, &args.live_label)
-        .map_err(anyhow::Error::msg)?;
+    let names = mirror_names(
+        &args.mirror,
+        &args.series.mirror_label,
+        &args.series.live_label,
+    )
+    .map_err(anyhow::Error::msg)?;
     let content = args.compare_bodies.then(|| ContentCapture {
         max_body: args.compare_max_body as usize,
         share_ppm: (args.compare_sample * 10_000.0).round() as u32,
@@ -278,9 +282,9 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
         pipeline,
         mirrors,
         compare: CompareConfig {
-            live_label: args.live_label.clone(),
+            live_label: args.series.live_label.clone(),
             mirror_labels: names,
-            routes: args.routes.clone(),
+            routes: args.series.routes.clone(),
             max_endpoints: args.max_endpoints,
             max_series: plan.max_series,
             max_pending,
@@ -449,9 +453,9 @@ fn playback(args: ReplayArgs) -> Result<()> {
         max_rps: args.max_rps,
         lanes: args.connections,
         compare: CompareConfig {
-            live_label: args.live_label,
-            mirror_labels: vec![args.mirror_label],
-            routes: args.routes,
+            live_label: args.series.live_label,
+            mirror_labels: vec![args.series.mirror_label],
+            routes: args.series.routes,
             ..CompareConfig::default()
         },
         progress: Some(Duration::from_secs(2)),
