@@ -17,8 +17,7 @@ use smallvec::SmallVec;
 use super::program::kernel_addr;
 use super::{CaptureStats, SegmentBatch};
 use crate::segment::{parse_record, MarkKey, Record, Segment, TimestampNs};
-
-type FastHash = foldhash::fast::RandomState;
+use crate::FastHash;
 
 /// The kernel's list of connections whose responses are cloned whole.
 pub struct FullResponses {

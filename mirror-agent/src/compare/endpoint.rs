@@ -78,10 +78,10 @@ fn is_identifier(seg: &str) -> bool {
     if !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_digit()) {
         return true;
     }
-    let parts: Vec<&str> = seg.split('-').collect();
-    if parts.len() == 5
-        && parts.iter().map(|p| p.len()).eq([8, 4, 4, 4, 12])
-        && parts.iter().all(|p| hex(p))
+    // A UUID: 8-4-4-4-12 hex digits.
+    if seg.len() == 36
+        && seg.split('-').map(str::len).eq([8, 4, 4, 4, 12])
+        && seg.split('-').all(hex)
     {
         return true;
     }

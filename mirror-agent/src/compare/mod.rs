@@ -6,7 +6,7 @@
 //! is also paired with the live response to the same request, to count status mismatches and
 //! the mirror/live latency ratio per endpoint. Endpoints are capped: beyond `max_endpoints`,
 //! new ones are reported as `other`.
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use hdrhistogram::Histogram;
@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::http::{LiveContent, ResponseMeta};
 use crate::reassembly::ConnId;
 use crate::replay::{MirrorOutcome, MirrorResult};
+use crate::{FastMap, FastSet};
 use diffs::DiffConfig;
 use worker::ContentWorker;
 
@@ -116,7 +117,7 @@ pub const MAX_MIRRORS: usize = 32;
 type Name = Arc<str>;
 
 /// The shared copy of `s`, added to `set` if it is new.
-fn intern(set: &mut HashSet<Name>, s: &str) -> Name {
+fn intern(set: &mut FastSet<Name>, s: &str) -> Name {
     match set.get(s) {
         Some(n) => Arc::clone(n),
         None => {
@@ -178,12 +179,12 @@ impl Pairs {
 pub struct Comparator {
     cfg: CompareConfig,
     aggs: BTreeMap<(Name, Source, Name), Agg>,
-    endpoints: HashSet<Name>,
+    endpoints: FastSet<Name>,
     /// Result codes seen (statuses have three digits: a thousand at most, with the others).
-    codes: HashSet<Name>,
+    codes: FastSet<Name>,
     other: u64,
     other_series: u64,
-    pending: HashMap<PairKey, Pending>,
+    pending: FastMap<PairKey, Pending>,
     /// Pending keys, oldest first (with keys since resolved, dropped lazily).
     order: VecDeque<PairKey>,
     pairs: Pairs,
@@ -196,11 +197,11 @@ impl Comparator {
         Comparator {
             cfg,
             aggs: BTreeMap::new(),
-            endpoints: HashSet::new(),
-            codes: HashSet::new(),
+            endpoints: FastSet::default(),
+            codes: FastSet::default(),
             other: 0,
             other_series: 0,
-            pending: HashMap::new(),
+            pending: FastMap::default(),
             order: VecDeque::new(),
             pairs: Pairs::default(),
             evicted: 0,

@@ -231,7 +231,7 @@ fn cardinality_cap_folds_into_other() {
         c.live(&live(1, i, &format!("/random/path-{i}/x"), 200, 1));
     }
     let r = c.report();
-    let names: HashSet<&str> = r.rows.iter().map(|x| x.name.as_str()).collect();
+    let names: std::collections::HashSet<&str> = r.rows.iter().map(|x| x.name.as_str()).collect();
     assert_eq!(names.len(), 4);
     assert!(names.contains("other"));
     assert_eq!(r.other_endpoint_results, 47);

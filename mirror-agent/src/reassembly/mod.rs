@@ -18,7 +18,7 @@
 //! `hole_timeout` or that would overflow a cap is declared lost and reported to the handler.
 //! Every such event is counted in `ReassemblyStats`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroUsize;
 
@@ -26,6 +26,7 @@ use bytes::Bytes;
 use lru::LruCache;
 
 use crate::segment::{Segment, SeqNumber, TcpFlags, TimestampNs};
+use crate::FastSet;
 
 /// Unique id of a connection for the life of the agent.
 pub type ConnId = u64;
@@ -372,9 +373,9 @@ pub struct Reassembler<H: StreamHandler> {
     cfg: ReassemblyConfig,
     flows: LruCache<ConnKey, Flow<H::Conn>>,
     /// Connections that hold out-of-order data, for the hole timeout.
-    with_holes: HashSet<ConnKey>,
+    with_holes: FastSet<ConnKey>,
     /// Connections lingering after a RST.
-    resetting: HashSet<ConnKey>,
+    resetting: FastSet<ConnKey>,
     /// Recently closed connections, so that late retransmissions do not reopen them.
     closed: LruCache<ConnKey, Ended>,
     next_id: ConnId,
@@ -388,8 +389,8 @@ impl<H: StreamHandler> Reassembler<H> {
         let cap = NonZeroUsize::new(cfg.max_flows.max(1)).unwrap();
         Reassembler {
             flows: LruCache::new(cap),
-            with_holes: HashSet::new(),
-            resetting: HashSet::new(),
+            with_holes: FastSet::default(),
+            resetting: FastSet::default(),
             closed: LruCache::new(NonZeroUsize::new(cfg.max_flows.clamp(1, 16_384)).unwrap()),
             cfg,
             next_id: 1,

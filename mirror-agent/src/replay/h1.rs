@@ -96,6 +96,17 @@ pub fn serialize(cfg: &ReplayConfig, req: &h1::Request) -> Result<Outgoing, Unse
                 .collect::<Vec<_>>()
         })
         .collect();
+    // Names are compared in place: a lowercased copy per header was most of this function.
+    let dropped = |name: &str| {
+        HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+            || connection_tokens
+                .iter()
+                .any(|t| name.eq_ignore_ascii_case(t))
+            || cfg
+                .drop_headers
+                .iter()
+                .any(|d| name.eq_ignore_ascii_case(d.as_str()))
+    };
     let mut head = Vec::with_capacity(req.head().len() + 64);
     let line = |head: &mut Vec<u8>, name: &[u8], value: &[u8]| {
         head.extend_from_slice(name);
@@ -109,18 +120,11 @@ pub fn serialize(cfg: &ReplayConfig, req: &h1::Request) -> Result<Outgoing, Unse
     head.extend_from_slice(b" HTTP/1.1\r\n");
     let mut original_host = None;
     for (name, value) in req.headers() {
-        let lower = name.to_ascii_lowercase();
-        if lower == "host" {
+        if name.eq_ignore_ascii_case("host") {
             original_host = Some(value);
-            continue;
+        } else if !dropped(name) {
+            line(&mut head, name.as_bytes(), value);
         }
-        if HOP_BY_HOP.contains(&lower.as_str())
-            || connection_tokens.contains(&lower)
-            || cfg.drop_headers.iter().any(|d| d.as_str() == lower)
-        {
-            continue;
-        }
-        line(&mut head, name.as_bytes(), value);
     }
     let host = mirror_authority(cfg, original_host)?;
     line(&mut head, b"Host", host.as_bytes());
@@ -128,7 +132,8 @@ pub fn serialize(cfg: &ReplayConfig, req: &h1::Request) -> Result<Outgoing, Unse
         line(&mut head, name.as_str().as_bytes(), value.as_bytes());
     }
     if let Framing::Length(n) = req.framing {
-        line(&mut head, b"Content-Length", n.to_string().as_bytes());
+        let mut digits = itoa::Buffer::new();
+        line(&mut head, b"Content-Length", digits.format(n).as_bytes());
     }
     head.extend_from_slice(b"\r\n");
     Ok(Outgoing {

@@ -12,6 +12,7 @@
 //! of milliseconds meanwhile, so that mirroring resumes as soon as the mirror is back. The queue
 //! is bounded in bytes, so that a burst of small requests fits where a few large ones would not.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -1052,39 +1053,50 @@ fn classify(err: &(dyn std::error::Error + 'static)) -> MirrorResult {
 
 /// The path and query the mirror is asked for: the request's (absolute-form targets keep only
 /// their path and query) under the mirror URL's path prefix.
-fn mirror_path(cfg: &ReplayConfig, target: &str) -> String {
-    let path = match Uri::from_str(target) {
-        Ok(u) if u.scheme().is_some() => u
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into()),
-        _ => target.to_string(),
+fn mirror_path<'a>(cfg: &ReplayConfig, target: &'a str) -> Cow<'a, str> {
+    // The origin form (`/path?query`), nearly every request's, is kept as it is.
+    let path: Cow<'a, str> = if target.starts_with('/') {
+        Cow::Borrowed(target)
+    } else {
+        match Uri::from_str(target) {
+            Ok(u) if u.scheme().is_some() => Cow::Owned(
+                u.path_and_query()
+                    .map_or_else(|| "/".into(), |p| p.as_str().to_string()),
+            ),
+            _ => Cow::Borrowed(target),
+        }
     };
-    format!("{}{path}", cfg.mirror.path().trim_end_matches('/'))
+    match cfg.mirror.path().trim_end_matches('/') {
+        "" => path,
+        prefix => Cow::Owned(format!("{prefix}{path}")),
+    }
 }
 
 /// The authority the mirror is told (Host, or `:authority`), from the original one.
-fn mirror_authority(cfg: &ReplayConfig, original: Option<&[u8]>) -> Result<String, Unsendable> {
+fn mirror_authority<'a>(
+    cfg: &'a ReplayConfig,
+    original: Option<&'a [u8]>,
+) -> Result<Cow<'a, str>, Unsendable> {
     let mirror = cfg
         .mirror
         .authority()
         .ok_or(Unsendable::NoAuthority)?
         .as_str();
-    let original = || String::from_utf8_lossy(original.unwrap_or(mirror.as_bytes())).into_owned();
+    let original = || String::from_utf8_lossy(original.unwrap_or(mirror.as_bytes()));
     Ok(match cfg.host {
-        HostMode::Mirror => mirror.to_string(),
+        HostMode::Mirror => Cow::Borrowed(mirror),
         HostMode::Keep => original(),
         HostMode::Shadow => {
             let h = original();
             // Envoy appends the suffix to the host name, before any port.
-            match h.rsplit_once(':') {
+            Cow::Owned(match h.rsplit_once(':') {
                 Some((name, port))
                     if !h.ends_with(']') && port.bytes().all(|c| c.is_ascii_digit()) =>
                 {
                     format!("{name}-shadow:{port}")
                 }
                 _ => format!("{h}-shadow"),
-            }
+            })
         }
     })
 }
@@ -1112,8 +1124,8 @@ fn build_h2(
     let authority = mirror_authority(cfg, original)?;
     let uri = Uri::builder()
         .scheme("http")
-        .authority(authority.as_str())
-        .path_and_query(mirror_path(cfg, req.path()))
+        .authority(&*authority)
+        .path_and_query(&*mirror_path(cfg, req.path()))
         .build()?;
     let mut b = hyper::Request::builder()
         .method(req.method())
