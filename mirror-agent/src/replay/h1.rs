@@ -92,7 +92,7 @@ pub fn serialize(cfg: &ReplayConfig, req: &h1::Request) -> Result<Outgoing, Unse
         .flat_map(|(_, v)| {
             String::from_utf8_lossy(v)
                 .split(',')
-                .map(|t| t.trim().to_ascii_lowercase())
+                .map(|t| t.trim().to_owned())
                 .collect::<Vec<_>>()
         })
         .collect();
