@@ -554,6 +554,11 @@ pub fn replay(out: &mut Families, mirror: &str, s: &ReplayStats) {
         "Requests sent to the mirror",
         get(&s.sent),
     );
+    out.gauge(
+        "mirror_replay_workers",
+        "Replay workers alive, each with at most one connection to the mirror",
+        get_usize(&s.workers),
+    );
     out.base.clear();
 }
 

@@ -4,7 +4,8 @@
 //! when the bounded queue is full. Workers take requests from the queue; each owns one HTTP/1
 //! connection to the mirror and drives it itself (hyper's connection-level client), so a request
 //! costs no task spawn, pool checkout or hand-off between tasks. The workers' number is the
-//! in-flight cap: one starts when a request finds none idle, and one idle for 30 s exits. A rate
+//! in-flight cap: one more starts when requests have waited a millisecond with none idle (see
+//! `Shared::wake_one`), and one idle for 30 s exits. A rate
 //! cap and a timeout apply; replies are read to the end (so connections stay reusable) and only
 //! their status and head time are kept, as `MirrorOutcome`s handed straight to the comparison. While the
 //! mirror refuses connections, sending backs off exponentially (connections are retried, never
@@ -284,6 +285,8 @@ pub struct ReplayStats {
     /// Times the mirror was found back by the prober while sending was backing off.
     pub probe_recoveries: AtomicU64,
     pub inflight: AtomicU64,
+    /// Gauge: workers alive, each with at most one connection to the mirror.
+    pub workers: AtomicUsize,
     /// Gauge: bytes of requests waiting in the queue.
     pub queued_bytes: AtomicUsize,
 }
@@ -315,16 +318,18 @@ struct Shared {
     backoff: Mutex<Backoff>,
     probing: AtomicBool,
     bucket: Option<Mutex<TokenBucket>>,
-    /// Workers alive, and those waiting for the bell.
-    workers: AtomicUsize,
+    /// Workers waiting for the bell (those alive are `ReplayStats::workers`).
     idle: AtomicUsize,
+    /// A look at whether requests wait too long for a worker is due (`Shared::grow_later`).
+    grow_due: AtomicBool,
     on_outcome: OutcomeSink,
     rt: tokio::runtime::Handle,
 }
 
 #[derive(Default)]
 struct Queue {
-    requests: VecDeque<Request>,
+    /// Each with when it was queued.
+    requests: VecDeque<(Instant, Request)>,
     closed: bool,
 }
 
@@ -335,6 +340,11 @@ fn queue_cost(req: &Request) -> usize {
 /// A worker with no request for this long exits (and closes its connection), so the pool
 /// shrinks after a burst and DNS is resolved again at least this often.
 const WORKER_IDLE_EXIT: Duration = Duration::from_secs(30);
+
+/// A request that waited this long with no worker idle starts one more worker. Busy workers on
+/// a fast mirror come back for the queue sooner; on a slow one, the pool grows by one worker a
+/// millisecond at most.
+const GROW_AFTER: Duration = Duration::from_millis(1);
 
 impl Replayer {
     /// Starts the replay stage on `rt`. Outcomes go to `on_outcome`, called from the workers.
@@ -359,8 +369,8 @@ impl Replayer {
             backoff: Mutex::new(Backoff::default()),
             probing: AtomicBool::new(false),
             bucket,
-            workers: AtomicUsize::new(0),
             idle: AtomicUsize::new(0),
+            grow_due: AtomicBool::new(false),
             on_outcome,
             rt: rt.clone(),
         });
@@ -400,7 +410,10 @@ impl Replayer {
                     .fetch_add(n as u64, Ordering::Relaxed);
                 return 0;
             }
-            queue.requests.extend(admitted);
+            let now = Instant::now();
+            queue
+                .requests
+                .extend(admitted.into_iter().map(|r| (now, r)));
         }
         self.shared.wake_one();
         n
@@ -441,7 +454,9 @@ impl Replayer {
         shared.queue.lock().unwrap().closed = true;
         shared.bell.notify_waiters();
         let deadline = tokio::time::Instant::now() + grace;
-        while shared.workers.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+        while shared.stats.workers.load(Ordering::SeqCst) > 0
+            && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Arc::clone(&shared.stats)
@@ -736,15 +751,33 @@ enum Taken {
 }
 
 impl Shared {
-    /// Gets one more worker to look at the queue: a waiting one, else a new one unless there
-    /// are as many as requests may be in flight (then the first to finish its batch takes it).
+    /// Gets a worker to look at the queue: a waiting one, else the first one; else busy ones
+    /// will come back for it, and one more starts if requests wait `GROW_AFTER` for them. (A
+    /// new connection's pipeline is one deep: when each request left behind started a worker,
+    /// each new one took one request and started the next, and a steady load that a dozen
+    /// connections carry opened hundreds.)
     fn wake_one(self: &Arc<Self>) {
         if self.idle.load(Ordering::SeqCst) > 0 {
             self.bell.notify_one();
             return;
         }
+        if self.stats.workers.load(Ordering::SeqCst) == 0 {
+            self.start_worker();
+            return;
+        }
+        // A worker about to wait finds the bell rung (it listens before it looks).
+        self.bell.notify_one();
+        if self.stats.workers.load(Ordering::SeqCst) < self.cfg.max_inflight {
+            self.grow_later();
+        }
+    }
+
+    /// Starts a worker unless there are as many as requests may be in flight (then the first
+    /// to finish its batch takes what is queued). Returns whether it did.
+    fn start_worker(self: &Arc<Self>) -> bool {
         let max = self.cfg.max_inflight.max(1);
         let added = self
+            .stats
             .workers
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
                 (w < max).then_some(w + 1)
@@ -753,6 +786,41 @@ impl Shared {
         if added {
             self.rt.spawn(Arc::clone(self).worker());
         }
+        added
+    }
+
+    /// Watches the queue's oldest request until the queue is empty or the pool full: when one
+    /// has waited `GROW_AFTER`, an idle worker is rung, else one more is started.
+    fn grow_later(self: &Arc<Self>) {
+        if self.grow_due.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let shared = Arc::clone(self);
+        self.rt.spawn(async move {
+            let mut due = Instant::now() + GROW_AFTER;
+            let emptied = loop {
+                tokio::time::sleep_until(due.into()).await;
+                let Some(queued) = shared.queue.lock().unwrap().requests.front().map(|r| r.0)
+                else {
+                    break true;
+                };
+                if queued.elapsed() >= GROW_AFTER {
+                    if shared.idle.load(Ordering::SeqCst) > 0 {
+                        shared.bell.notify_one();
+                    } else if !shared.start_worker() {
+                        break false;
+                    }
+                    due = Instant::now() + GROW_AFTER;
+                } else {
+                    due = queued + GROW_AFTER;
+                }
+            };
+            shared.grow_due.store(false, Ordering::SeqCst);
+            // Requests queued after the last look found the watch still on.
+            if emptied && !shared.queue.lock().unwrap().requests.is_empty() {
+                shared.grow_later();
+            }
+        });
     }
 
     /// Takes the next request and those behind it that may be pipelined after it: HTTP/1
@@ -760,7 +828,7 @@ impl Shared {
     /// worker when requests are left.
     fn take(self: &Arc<Self>, depth: usize) -> Taken {
         let mut queue = self.queue.lock().unwrap();
-        let Some(first) = queue.requests.pop_front() else {
+        let Some((_, first)) = queue.requests.pop_front() else {
             return if queue.closed {
                 Taken::Closed
             } else {
@@ -775,8 +843,11 @@ impl Shared {
         let mut batch = Vec::with_capacity(depth);
         let more = pipelinable(&first);
         batch.push(first);
-        while more && batch.len() < depth && queue.requests.front().is_some_and(pipelinable) {
-            batch.extend(queue.requests.pop_front());
+        while more
+            && batch.len() < depth
+            && queue.requests.front().is_some_and(|(_, r)| pipelinable(r))
+        {
+            batch.extend(queue.requests.pop_front().map(|(_, r)| r));
         }
         let left = !queue.requests.is_empty();
         drop(queue);
@@ -817,17 +888,17 @@ impl Shared {
                 Turn::Rung => {}
                 Turn::ConnectionEnded => conn = None,
                 Turn::IdleTooLong => {
-                    self.workers.fetch_sub(1, Ordering::SeqCst);
+                    self.stats.workers.fetch_sub(1, Ordering::SeqCst);
                     // Requests queued while this worker was leaving found it idle and started
                     // no worker: stay for them (see `Replayer::offer`).
                     if self.queue.lock().unwrap().requests.is_empty() {
                         return;
                     }
-                    self.workers.fetch_add(1, Ordering::SeqCst);
+                    self.stats.workers.fetch_add(1, Ordering::SeqCst);
                 }
             }
         }
-        self.workers.fetch_sub(1, Ordering::SeqCst);
+        self.stats.workers.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Sends a batch from `take`: pipelined HTTP/1 requests, or one HTTP/2 request.
@@ -1205,16 +1276,28 @@ mod worker_tests {
     use crate::testkit::{Conversation, Extract};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A mirror that answers 200 to each request and closes after every `per_conn`-th answer
-    /// (saying so), leaving what was pipelined behind it unanswered. Logs the paths it answered.
-    async fn closing_mirror(per_conn: usize) -> (String, Arc<Mutex<Vec<String>>>) {
+    /// A test mirror's address and what it saw.
+    struct TestMirror {
+        url: String,
+        /// The paths answered, in order.
+        log: Arc<Mutex<Vec<String>>>,
+        connections: Arc<AtomicUsize>,
+    }
+
+    /// A mirror that answers 200 to each request `delay` after reading it, and closes after
+    /// every `per_conn`-th answer (saying so), leaving what was pipelined behind it unanswered.
+    async fn test_mirror(per_conn: usize, delay: Duration) -> TestMirror {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let log = Arc::new(Mutex::new(Vec::new()));
-        let answered = Arc::clone(&log);
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (answered, accepted) = (Arc::clone(&log), Arc::clone(&connections));
         tokio::spawn(async move {
             loop {
                 let (mut s, _) = listener.accept().await.unwrap();
+                accepted.fetch_add(1, Ordering::SeqCst);
+                // As servers do: else Nagle holds each pipelined answer for the agent's ACK.
+                s.set_nodelay(true).unwrap();
                 let log = Arc::clone(&answered);
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
@@ -1239,6 +1322,9 @@ mod worker_tests {
                         } else {
                             ""
                         };
+                        if !delay.is_zero() {
+                            tokio::time::sleep(delay).await;
+                        }
                         let answer =
                             format!("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n{close}\r\nok");
                         if s.write_all(answer.as_bytes()).await.is_err() {
@@ -1248,7 +1334,23 @@ mod worker_tests {
                 });
             }
         });
-        (url, log)
+        TestMirror {
+            url,
+            log,
+            connections,
+        }
+    }
+
+    /// A replayer whose outcomes are collected.
+    fn collecting(cfg: ReplayConfig) -> (Replayer, Arc<Mutex<Vec<MirrorOutcome>>>) {
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&outcomes);
+        let replayer = Replayer::start(
+            cfg,
+            &tokio::runtime::Handle::current(),
+            Box::new(move |o: MirrorOutcome| sink.lock().unwrap().push(o)),
+        );
+        (replayer, outcomes)
     }
 
     fn requests(n: usize) -> Vec<Request> {
@@ -1264,17 +1366,11 @@ mod worker_tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pipelined_requests_left_unanswered_by_a_closing_mirror_are_sent_again_once() {
-        let (url, log) = closing_mirror(5).await;
-        let outcomes = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&outcomes);
-        let mut cfg = ReplayConfig::new(parse_mirror_url(&url).unwrap());
+        let mirror = test_mirror(5, Duration::ZERO).await;
+        let mut cfg = ReplayConfig::new(parse_mirror_url(&mirror.url).unwrap());
         cfg.max_inflight = 4;
         cfg.pipeline_depth = 16;
-        let replayer = Replayer::start(
-            cfg,
-            &tokio::runtime::Handle::current(),
-            Box::new(move |o: MirrorOutcome| sink.lock().unwrap().push(o)),
-        );
+        let (replayer, outcomes) = collecting(cfg);
         // Several rounds, so that connections are fast and deep by the later ones.
         for round in requests(300).chunks(60) {
             assert_eq!(replayer.offer(round.to_vec()), 60);
@@ -1289,7 +1385,7 @@ mod worker_tests {
                 .all(|o| o.result == MirrorResult::Status(200)),
             "every request answered: {stats:?}"
         );
-        let mut answered = log.lock().unwrap().clone();
+        let mut answered = mirror.log.lock().unwrap().clone();
         answered.sort();
         let mut sent: Vec<String> = (0..300).map(|i| format!("/r/{i}")).collect();
         sent.sort();
@@ -1301,5 +1397,61 @@ mod worker_tests {
             stats.resent.load(Ordering::Relaxed) > 0,
             "batches outran the mirror's closes"
         );
+    }
+
+    /// Requests offered at `per_ms` a millisecond for `ms` milliseconds, like the pipeline
+    /// hands them on under a steady load.
+    async fn offer_steadily(replayer: &Replayer, per_ms: usize, ms: usize) {
+        let all = requests(per_ms * ms);
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        for chunk in all.chunks(per_ms) {
+            tick.tick().await;
+            assert_eq!(replayer.offer(chunk.to_vec()), chunk.len());
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_steady_load_on_a_fast_mirror_is_carried_by_a_few_connections() {
+        let mirror = test_mirror(usize::MAX, Duration::ZERO).await;
+        let mut cfg = ReplayConfig::new(parse_mirror_url(&mirror.url).unwrap());
+        cfg.max_inflight = 512;
+        let (replayer, outcomes) = collecting(cfg);
+        offer_steadily(&replayer, 20, 300).await;
+        let stats = replayer.drain(Duration::from_secs(10)).await;
+        assert_eq!(outcomes.lock().unwrap().len(), 6000, "{stats:?}");
+        assert_eq!(stats.responses.load(Ordering::Relaxed), 6000);
+        // 20k requests a second to a mirror answering at once: a handful of pipelined
+        // connections carry it.
+        let connections = mirror.connections.load(Ordering::SeqCst);
+        assert!(connections <= 8, "{connections} connections: {stats:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_to_a_slow_mirror_fans_out_over_connections() {
+        let mirror = test_mirror(usize::MAX, Duration::from_millis(400)).await;
+        let mut cfg = ReplayConfig::new(parse_mirror_url(&mirror.url).unwrap());
+        cfg.max_inflight = 64;
+        cfg.timeout = Duration::from_secs(5);
+        let (replayer, outcomes) = collecting(cfg);
+        let started = Instant::now();
+        // One burst, then nothing: no later offer starts workers for what waits.
+        assert_eq!(replayer.offer(requests(32)), 32);
+        while outcomes.lock().unwrap().len() < 32 && started.elapsed() < Duration::from_secs(20) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let took = started.elapsed();
+        let stats = replayer.drain(Duration::from_secs(1)).await;
+        let outcomes = outcomes.lock().unwrap();
+        assert_eq!(outcomes.len(), 32, "{stats:?}");
+        assert!(outcomes
+            .iter()
+            .all(|o| o.result == MirrorResult::Status(200)));
+        // One at a time the 32 would take 12.8 s; side by side, one round of 0.4 s and the
+        // millisecond per new worker.
+        assert!(
+            took < Duration::from_secs(2),
+            "answered in {took:?}: {stats:?}"
+        );
+        assert!(mirror.connections.load(Ordering::SeqCst) >= 16);
     }
 }
