@@ -824,8 +824,8 @@ impl Shared {
     }
 
     /// Takes the next request and those behind it that may be pipelined after it: HTTP/1
-    /// requests with idempotent methods, up to `depth` and the in-flight cap. Rings for another
-    /// worker when requests are left.
+    /// requests with idempotent methods, up to `depth` and the in-flight cap. Calls on another
+    /// worker (`wake_one`) when requests are left.
     fn take(self: &Arc<Self>, depth: usize) -> Taken {
         let mut queue = self.queue.lock().unwrap();
         let Some((_, first)) = queue.requests.pop_front() else {
