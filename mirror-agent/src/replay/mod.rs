@@ -761,21 +761,27 @@ impl Shared {
             self.bell.notify_one();
             return;
         }
-        if self.stats.workers.load(Ordering::SeqCst) == 0 {
+        let workers = self.stats.workers.load(Ordering::SeqCst);
+        if workers == 0 {
             self.start_worker();
             return;
         }
         // A worker about to wait finds the bell rung (it listens before it looks).
         self.bell.notify_one();
-        if self.stats.workers.load(Ordering::SeqCst) < self.cfg.max_inflight {
+        if workers < self.max_workers() {
             self.grow_later();
         }
+    }
+
+    /// As many workers as requests may be in flight, each sending at least one.
+    fn max_workers(&self) -> usize {
+        self.cfg.max_inflight.max(1)
     }
 
     /// Starts a worker unless there are as many as requests may be in flight (then the first
     /// to finish its batch takes what is queued). Returns whether it did.
     fn start_worker(self: &Arc<Self>) -> bool {
-        let max = self.cfg.max_inflight.max(1);
+        let max = self.max_workers();
         let added = self
             .stats
             .workers
