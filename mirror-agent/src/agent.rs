@@ -7,7 +7,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::capture::error::chain;
@@ -20,7 +19,7 @@ use crate::cpu_budget::{self, CpuBudget, Load};
 use crate::dump::FlowRecorder;
 use crate::http::{HttpEvent, Request};
 use crate::metrics::{self, Sources};
-use crate::pipeline::{self, PipelineConfig, PipelineStats};
+use crate::pipeline::{self, Pipeline, PipelineConfig, PipelineStats};
 use crate::pods::{self, PodChange, PodSelector};
 use crate::record::writer::RecordError;
 use crate::record::{RecordConfig, RecordStats, Recorder};
@@ -53,9 +52,7 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
-    #[error("starting the pipeline thread")]
-    Thread(#[source] std::io::Error),
-    #[error("the pipeline thread panicked")]
+    #[error("the capture thread panicked in the pipeline")]
     PipelinePanicked,
     #[error("--record")]
     Record(#[source] RecordError),
@@ -117,7 +114,8 @@ pub struct Agent {
     /// What `/metrics` reads, kept for the final counters.
     sources: Sources,
     capture: Capture,
-    pipeline: JoinHandle<Option<FlowRecorder>>,
+    /// The stream recorder, once the pipeline (on the capture thread) has finished.
+    pipeline_done: pipeline::Finished,
     pipeline_stats: Arc<Mutex<PipelineStats>>,
     mirrors: Vec<Mirror>,
     comparison: Comparison,
@@ -179,12 +177,12 @@ impl Agent {
             .collect();
 
         // Capture: the program is attached and cloning from here on.
-        let (mut capture, segments) = Capture::start(&cfg.capture)?;
+        let mut capture = Capture::start(&cfg.capture)?;
         for m in &cfg.mirrors {
             check_no_loop(&capture, &cfg.capture, &m.name, m.addr)?;
         }
 
-        // Reassemble and parse, on their own thread.
+        // Reassemble and parse, on the capture thread.
         let pipeline_stats = Arc::new(Mutex::new(PipelineStats::default()));
         let recorder = cfg
             .record
@@ -200,13 +198,9 @@ impl Agent {
             live: comparison.clone(),
             full_responses: capture.take_full_responses(),
         };
-        let pipeline = {
-            let (cfg, stats) = (cfg.pipeline.clone(), Arc::clone(&pipeline_stats));
-            std::thread::Builder::new()
-                .name("mirror-pipeline".into())
-                .spawn(move || pipeline::run(segments, cfg, stats, events))
-                .map_err(AgentError::Thread)?
-        };
+        let (pipeline, pipeline_done) =
+            Pipeline::new(cfg.pipeline.clone(), Arc::clone(&pipeline_stats), events);
+        capture.feed(Box::new(pipeline))?;
 
         let kernel = KernelCounters::default();
         let mirrored_pods = MirroredPods::default();
@@ -262,7 +256,7 @@ impl Agent {
         Ok(Agent {
             sources,
             capture,
-            pipeline,
+            pipeline_done,
             pipeline_stats,
             mirrors,
             comparison,
@@ -360,7 +354,7 @@ impl Agent {
         }
         let Agent {
             capture,
-            pipeline,
+            pipeline_done,
             pipeline_stats,
             mirrors,
             comparison,
@@ -374,9 +368,9 @@ impl Agent {
             packets: named_counters(&capture.stop()?),
             work,
         };
-        let dump = tokio::task::spawn_blocking(move || pipeline.join())
-            .await
-            .map_err(|_| AgentError::PipelinePanicked)?
+        // The capture thread has ended: the pipeline finished on it, or died with it.
+        let dump = pipeline_done
+            .try_recv()
             .map_err(|_| AgentError::PipelinePanicked)?;
         // The mirrors drain side by side: the grace is spent once, not once per mirror.
         let drained = futures::future::join_all(
@@ -595,19 +589,17 @@ fn format_capture(s: &CaptureStats) -> String {
         .map(|(e, c)| format!("{}={}", e.name(), n(c)))
         .collect();
     format!(
-        "frames={} bytes={} segments={} truncated={} {} channel_full_waits={} ring_packets={} \
-         ring_drops={} ring_freezes={} request_starts={} requests_lost={} dropped_at_stop={}",
+        "frames={} bytes={} segments={} truncated={} {} ring_packets={} ring_drops={} \
+         ring_freezes={} request_starts={} requests_lost={}",
         n(&s.frames),
         n(&s.bytes),
         n(&s.segments),
         n(&s.truncated),
         errors.join(" "),
-        n(&s.channel_full_waits),
         n(&s.ring_packets),
         n(&s.ring_drops),
         n(&s.ring_freezes),
         n(&s.request_starts),
         n(&s.requests_lost),
-        n(&s.dropped_at_stop),
     )
 }

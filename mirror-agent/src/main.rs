@@ -348,7 +348,7 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
                  volume)"
                     .into(),
             ),
-            AgentError::Thread(_) | AgentError::PipelinePanicked => None,
+            AgentError::PipelinePanicked => None,
         };
     }
     e.downcast_ref::<CaptureError>().and_then(capture_hint)

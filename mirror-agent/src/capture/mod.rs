@@ -21,7 +21,6 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
 use mirror_common::{Counter, COUNTER_COUNT, PROGRAM_NAME};
 
 pub use self::error::CaptureError;
@@ -46,8 +45,6 @@ pub struct CaptureConfig {
     pub matching: MatchConfig,
     pub attach_mode: AttachMode,
     pub ring: RingConfig,
-    /// Capacity of the segment channel, in batches (one batch per ring block).
-    pub channel_batches: usize,
     pub ebpf_log: bool,
     pub lock_dir: PathBuf,
     /// Read the clones. Off only to measure the kernel side alone: clones then die in the
@@ -71,7 +68,6 @@ impl Default for CaptureConfig {
             },
             attach_mode: AttachMode::Auto,
             ring: RingConfig::default(),
-            channel_batches: 256,
             ebpf_log: false,
             lock_dir: PathBuf::from("/run/mirror-agent"),
             read_clones: true,
@@ -89,8 +85,6 @@ pub struct CaptureStats {
     pub segments: AtomicU64,
     pub truncated: AtomicU64,
     pub frame_errors: [AtomicU64; FrameError::ALL.len()],
-    /// Times the reader waited because the next stage's channel was full.
-    pub channel_full_waits: AtomicU64,
     pub ring_packets: AtomicU64,
     /// Frames the kernel could not put in the ring (it was full).
     pub ring_drops: AtomicU64,
@@ -101,21 +95,19 @@ pub struct CaptureStats {
     /// Requests whose first segment the kernel cloned but the agent never received (a full
     /// ring, a full backlog): the kernel's count less `request_starts`.
     pub requests_lost: AtomicU64,
-    /// Segments read from the ring after the stop while the next stage was still full.
-    pub dropped_at_stop: AtomicU64,
     /// Records read from the response-head ring (`--response-capture heads`): heads and
     /// clone marks.
     pub head_records: AtomicU64,
     /// Clone marks whose clone never came (the capture ring was full): the records behind
     /// them went on after a short wait.
     pub marks_unmatched: AtomicU64,
-    /// The fullest the capture ring or the channel to the parse stage has been since the last
-    /// `take_backlog`, in parts per million.
+    /// The fullest the capture ring has been since the last `take_backlog`, in parts per
+    /// million.
     backlog_ppm: AtomicU64,
 }
 
 impl CaptureStats {
-    /// How full the capture stage has been (ring or channel, 0 to 1) since the last call.
+    /// How full the capture ring has been (0 to 1) since the last call.
     pub fn take_backlog(&self) -> f64 {
         self.backlog_ppm.swap(0, Ordering::Relaxed) as f64 / 1e6
     }
@@ -133,6 +125,18 @@ impl CaptureStats {
 
 pub type SegmentBatch = Vec<Segment>;
 
+/// The next stage, run on the capture thread: each batch goes on straight from the ring, with
+/// no wake-up of another thread, and a stage that falls behind backs up into the ring, where
+/// the CPU budget sees it and the kernel counts what did not fit.
+pub trait BatchSink: Send {
+    /// The segments of one ring block, in the order the kernel cloned them.
+    fn batch(&mut self, batch: SegmentBatch);
+    /// Called after every look at the ring, at least every 100 ms, busy or idle.
+    fn poll(&mut self);
+    /// Called once, after the last batch.
+    fn finish(self: Box<Self>);
+}
+
 /// A running capture. Dropping it (or calling `stop`) disables the program, detaches it and
 /// removes the mirror interface.
 pub struct Capture {
@@ -141,6 +145,8 @@ pub struct Capture {
     host_veth: String,
     stop: Arc<AtomicBool>,
     reader: Option<JoinHandle<()>>,
+    /// Where the reader thread gets its next stage, once, from `feed`.
+    sink_tx: Option<mpsc::Sender<Box<dyn BatchSink>>>,
     full_responses: Option<FullResponses>,
     heartbeat: Option<heartbeat::HeartbeatThread>,
     stats: Arc<CaptureStats>,
@@ -159,7 +165,9 @@ pub struct Capture {
 }
 
 impl Capture {
-    pub fn start(cfg: &CaptureConfig) -> Result<(Capture, Receiver<SegmentBatch>)> {
+    /// Attaches the program and starts the reader thread. The reader reads nothing before
+    /// `feed` gives it its next stage: until then, the clones wait in the ring.
+    pub fn start(cfg: &CaptureConfig) -> Result<Capture> {
         preflight()?;
         if cfg.targets.is_empty() && !cfg.matching.addr_filter {
             return Err(CaptureError::NothingToAttach);
@@ -174,7 +182,7 @@ impl Capture {
 
         let stats = Arc::new(CaptureStats::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = crossbeam_channel::bounded(cfg.channel_batches.max(1));
+        let (sink_tx, sink_rx) = mpsc::channel::<Box<dyn BatchSink>>();
         // Unique per agent on the node: in containers every agent is pid 1.
         let host_veth = format!("mirr{:08x}", unique_tag());
         let (heads_tx, heads_rx) = mpsc::channel::<HeadMerge>();
@@ -182,7 +190,7 @@ impl Capture {
             cfg.read_clones.then_some(cfg.ring),
             cfg.matching.clone(),
             heads_rx,
-            tx,
+            sink_rx,
             Arc::clone(&stats),
             Arc::clone(&stop),
             host_veth.clone(),
@@ -193,6 +201,7 @@ impl Capture {
             host_veth: host_veth.clone(),
             stop,
             reader: Some(reader),
+            sink_tx: Some(sink_tx),
             full_responses: None,
             heartbeat: None,
             stats,
@@ -230,7 +239,16 @@ impl Capture {
         program.configure(&cfg.matching, mirror_ifindex)?;
         capture.program_id = program.id()?;
         capture.program = Some(program);
-        Ok((capture, rx))
+        Ok(capture)
+    }
+
+    /// Gives the reader thread the stage its batches go to, and starts the reading.
+    pub fn feed(&mut self, sink: Box<dyn BatchSink>) -> Result<()> {
+        self.sink_tx
+            .take()
+            .ok_or(CaptureError::ThreadExited)?
+            .send(sink)
+            .map_err(|_| CaptureError::ThreadExited)
     }
 
     /// Attaches to the target's hook, and to the opposite one for responses (on lo one hook
@@ -408,6 +426,8 @@ impl Capture {
         }
         self.heartbeat = None;
         self.stop.store(true, Ordering::Relaxed);
+        // Never fed: the reader stops waiting for its stage.
+        self.sink_tx = None;
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
@@ -481,7 +501,7 @@ fn spawn_reader(
     ring_cfg: Option<RingConfig>,
     matching: MatchConfig,
     heads: mpsc::Receiver<HeadMerge>,
-    tx: Sender<SegmentBatch>,
+    sink: mpsc::Receiver<Box<dyn BatchSink>>,
     stats: Arc<CaptureStats>,
     stop: Arc<AtomicBool>,
     host_veth: String,
@@ -515,12 +535,18 @@ fn spawn_reader(
             match ring {
                 Ok(Some(ring)) => {
                     let _ = ready_tx.send(Ok(()));
-                    read_loop(ring, heads, &matching, &tx, &stats, &stop);
+                    if let Ok(sink) = sink.recv() {
+                        read_loop(ring, heads, &matching, sink, &stats, &stop);
+                    }
                 }
                 Ok(None) => {
                     let _ = ready_tx.send(Ok(()));
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(Duration::from_millis(100));
+                    if let Ok(mut sink) = sink.recv() {
+                        while !stop.load(Ordering::Relaxed) {
+                            std::thread::sleep(Duration::from_millis(100));
+                            sink.poll();
+                        }
+                        sink.finish();
                     }
                 }
                 Err(e) => {
@@ -551,7 +577,7 @@ fn read_loop(
     mut ring: PacketRing,
     heads: mpsc::Receiver<HeadMerge>,
     matching: &MatchConfig,
-    tx: &Sender<SegmentBatch>,
+    mut sink: Box<dyn BatchSink>,
     stats: &CaptureStats,
     stop: &AtomicBool,
 ) {
@@ -573,7 +599,7 @@ fn read_loop(
             if let Some(m) = merge.as_mut() {
                 let rest = m.merge(Vec::new(), stats, true);
                 if !rest.is_empty() {
-                    send_batch(tx, rest, stats, stop);
+                    hand_on(sink.as_mut(), rest, stats);
                 }
             }
             break;
@@ -623,47 +649,25 @@ fn read_loop(
         } else {
             BUSY_POLL_MS
         };
-        let channel = tx.len() as f64 / tx.capacity().unwrap_or(1).max(1) as f64;
-        stats.note_backlog(ring.fill().max(channel));
-        if !batch.is_empty() && !send_batch(tx, batch, stats, stop) {
-            return;
+        stats.note_backlog(ring.fill());
+        if !batch.is_empty() {
+            hand_on(sink.as_mut(), batch, stats);
         }
+        sink.poll();
         if last_stats.elapsed() >= Duration::from_millis(500) {
             accumulate_ring_stats(&ring, stats);
             last_stats = Instant::now();
         }
     }
     accumulate_ring_stats(&ring, stats);
+    sink.finish();
 }
 
-/// Hands a batch to the next stage, waiting while its channel is full (after the stop, a
-/// batch that cannot go is counted dropped). Returns false once the next stage is gone.
-fn send_batch(
-    tx: &Sender<SegmentBatch>,
-    batch: SegmentBatch,
-    stats: &CaptureStats,
-    stop: &AtomicBool,
-) -> bool {
+fn hand_on(sink: &mut dyn BatchSink, batch: SegmentBatch, stats: &CaptureStats) {
     stats
         .segments
         .fetch_add(batch.len() as u64, Ordering::Relaxed);
-    let mut pending = batch;
-    loop {
-        match tx.send_timeout(pending, Duration::from_millis(100)) {
-            Ok(()) => return true,
-            Err(SendTimeoutError::Timeout(b)) => {
-                stats.channel_full_waits.fetch_add(1, Ordering::Relaxed);
-                if stop.load(Ordering::Relaxed) {
-                    stats
-                        .dropped_at_stop
-                        .fetch_add(b.len() as u64, Ordering::Relaxed);
-                    return true;
-                }
-                pending = b;
-            }
-            Err(SendTimeoutError::Disconnected(_)) => return false,
-        }
-    }
+    sink.batch(batch);
 }
 
 fn accumulate_ring_stats(ring: &PacketRing, stats: &CaptureStats) {

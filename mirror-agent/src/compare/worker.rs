@@ -1,5 +1,5 @@
 //! The content comparison's own thread. Comparing two JSON documents costs from microseconds
-//! to milliseconds; done where contents arrive, it would hold up the pipeline thread (and the
+//! to milliseconds; done where contents arrive, it would hold up the capture thread (and the
 //! capture ring behind it would drop live packets) or a replay worker. Contents are handed over
 //! a bounded channel instead, bounded in bytes too: when the thread does not keep up, new ones
 //! are passed over and counted (`busy`), never queued without bound.

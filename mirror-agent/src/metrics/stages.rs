@@ -127,17 +127,6 @@ pub fn capture(out: &mut Families, s: &CaptureStats) {
         get(&s.bytes),
     );
     out.counter(
-        "mirror_capture_channel_full_waits",
-        "Times the reader waited because the next stage's channel was full",
-        get(&s.channel_full_waits),
-    );
-    out.by(
-        "mirror_capture_dropped",
-        "Segments the capture stage dropped, by reason",
-        "reason",
-        &[("at_stop", get(&s.dropped_at_stop))],
-    );
-    out.counter(
         "mirror_capture_frames",
         "Frames read from the capture ring",
         get(&s.frames),

@@ -299,7 +299,7 @@ fn inc(c: &AtomicU64) {
 /// channel or task sits between the mirror and the comparison.
 pub type OutcomeSink = Box<dyn Fn(MirrorOutcome) + Send + Sync>;
 
-/// The producer side, used by the pipeline thread; `drain` closes it.
+/// The producer side, used by the pipeline (on the capture thread); `drain` closes it.
 #[derive(Clone)]
 pub struct Replayer {
     shared: Arc<Shared>,
