@@ -48,6 +48,15 @@ impl RouteTemplate {
 /// `METHOD /path` with the query dropped and identifier-like segments (numbers, UUIDs, long hex)
 /// replaced by `{id}`, unless a route template matches first.
 pub fn endpoint_name(method: &str, target: &str, routes: &[RouteTemplate]) -> String {
+    let mut out = String::new();
+    write_endpoint_name(&mut out, method, target, routes);
+    out
+}
+
+/// `endpoint_name` into `out` (cleared first): a buffer kept from call to call allocates
+/// nothing for names already seen.
+pub fn write_endpoint_name(out: &mut String, method: &str, target: &str, routes: &[RouteTemplate]) {
+    out.clear();
     // Absolute-form targets keep only their path.
     let target = match target.find("://") {
         Some(i) => target[i + 3..]
@@ -58,19 +67,18 @@ pub fn endpoint_name(method: &str, target: &str, routes: &[RouteTemplate]) -> St
     };
     let path = target.split(['?', '#']).next().unwrap_or("/");
     let path = if path.is_empty() { "/" } else { path };
-    if let Some(r) = routes.iter().find(|r| r.matches(path)) {
-        return format!("{method} {}", r.text);
-    }
-    let mut out = String::with_capacity(path.len() + method.len() + 1);
     out.push_str(method);
     out.push(' ');
+    if let Some(r) = routes.iter().find(|r| r.matches(path)) {
+        out.push_str(&r.text);
+        return;
+    }
     for (i, seg) in path.split('/').enumerate() {
         if i > 0 {
             out.push('/');
         }
         out.push_str(if is_identifier(seg) { "{id}" } else { seg });
     }
-    out
 }
 
 fn is_identifier(seg: &str) -> bool {

@@ -28,7 +28,7 @@ mod report;
 mod tests;
 pub mod worker;
 
-pub use endpoint::{endpoint_name, RouteTemplate};
+pub use endpoint::{endpoint_name, write_endpoint_name, RouteTemplate};
 pub use histogram::{SeriesHistogram, BUCKETS_S};
 pub use report::{format_table, verdicts, LatencyRatio, Mismatch, Report, Row, Sampling};
 
@@ -112,6 +112,14 @@ const LIVE: Source = 0;
 /// Most mirrors one agent compares (their index is kept in a byte).
 pub const MAX_MIRRORS: usize = 32;
 
+/// Codes past which a numbered `grpc-status` (one without a name) is counted as `other`.
+const MAX_CODES: usize = 2048;
+
+/// A `grpc-status` with no name, shown as `grpc-N`.
+fn numbered(grpc_status: u32) -> bool {
+    grpc_status > 16
+}
+
 /// Endpoint names and result codes are few and repeat with every result: each is allocated
 /// once and shared.
 type Name = Arc<str>;
@@ -182,6 +190,12 @@ pub struct Comparator {
     endpoints: FastSet<Name>,
     /// Result codes seen (statuses have three digits: a thousand at most, with the others).
     codes: FastSet<Name>,
+    /// The code of a live status (and `grpc-status`), and of a mirror's result, found without
+    /// formatting it again.
+    live_codes: FastMap<(u16, Option<u32>), Name>,
+    mirror_codes: FastMap<MirrorResult, Name>,
+    /// The endpoint name being looked up, kept for its capacity.
+    name_buf: String,
     other: u64,
     other_series: u64,
     pending: FastMap<PairKey, Pending>,
@@ -199,6 +213,9 @@ impl Comparator {
             aggs: BTreeMap::new(),
             endpoints: FastSet::default(),
             codes: FastSet::default(),
+            live_codes: FastMap::default(),
+            mirror_codes: FastMap::default(),
+            name_buf: String::new(),
             other: 0,
             other_series: 0,
             pending: FastMap::default(),
@@ -215,20 +232,30 @@ impl Comparator {
 
     /// The endpoint name for a request, `other` once the cap is reached.
     pub fn endpoint(&mut self, method: &str, target: &str) -> Name {
-        let name = endpoint_name(method, target, &self.cfg.routes);
-        if let Some(n) = self.endpoints.get(name.as_str()) {
+        write_endpoint_name(&mut self.name_buf, method, target, &self.cfg.routes);
+        if let Some(n) = self.endpoints.get(self.name_buf.as_str()) {
             return Arc::clone(n);
         }
         if self.endpoints.len() >= self.cfg.max_endpoints {
             self.other += 1;
             return intern(&mut self.codes, "other");
         }
-        intern(&mut self.endpoints, &name)
+        intern(&mut self.endpoints, &self.name_buf)
     }
 
     pub fn live(&mut self, m: &ResponseMeta) {
         let name = self.endpoint(&m.method, &m.target);
-        let code = intern(&mut self.codes, &m.code());
+        let code = match self.live_codes.get(&(m.status, m.grpc_status)) {
+            Some(c) => Arc::clone(c),
+            None => {
+                let c = self.new_code(&m.code(), m.grpc_status.is_some_and(numbered));
+                if self.live_codes.len() < MAX_CODES {
+                    self.live_codes
+                        .insert((m.status, m.grpc_status), Arc::clone(&c));
+                }
+                c
+            }
+        };
         self.record(
             LIVE,
             (m.conn, m.request_seq),
@@ -243,7 +270,17 @@ impl Comparator {
     pub fn mirror(&mut self, mirror: usize, o: &MirrorOutcome) -> Name {
         let name = self.endpoint(&o.method, &o.target);
         let src = Source::try_from(mirror + 1).unwrap_or(Source::MAX);
-        let code = intern(&mut self.codes, &o.result.code());
+        let code = match self.mirror_codes.get(&o.result) {
+            Some(c) => Arc::clone(c),
+            None => {
+                let numbered = matches!(o.result, MirrorResult::Grpc(_, g) if numbered(g));
+                let c = self.new_code(&o.result.code(), numbered);
+                if self.mirror_codes.len() < MAX_CODES {
+                    self.mirror_codes.insert(o.result, Arc::clone(&c));
+                }
+                c
+            }
+        };
         self.record(
             src,
             (o.conn, o.seq),
@@ -252,6 +289,16 @@ impl Comparator {
             o.duration.map(|d| d.as_nanos() as u64),
         );
         name
+    }
+
+    /// A code not in the caches, interned. HTTP statuses have three digits and gRPC's named
+    /// codes are 17, but a `grpc-status` can be any number: those fold into `other` once the
+    /// codes are many.
+    fn new_code(&mut self, code: &str, numbered_grpc: bool) -> Name {
+        if numbered_grpc && self.codes.len() >= MAX_CODES && !self.codes.contains(code) {
+            return intern(&mut self.codes, "other");
+        }
+        intern(&mut self.codes, code)
     }
 
     /// The version tag of a source.

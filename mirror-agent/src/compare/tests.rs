@@ -544,3 +544,56 @@ mod contents {
         assert!(n.no_live + n.memory + n.busy >= 96, "{n:?}");
     }
 }
+
+#[test]
+fn result_codes_are_bounded_whatever_a_peer_sends() {
+    let mut c = Comparator::new(CompareConfig {
+        mirror_labels: vec!["M".into()],
+        max_series: 100_000,
+        ..Default::default()
+    });
+    // A gRPC peer can answer any `grpc-status`; every one is a distinct code.
+    for g in 0..(MAX_CODES as u32 + 500) {
+        let mut l = live(1, u64::from(g), "/rpc", 200, 1);
+        l.grpc_status = Some(g);
+        c.live(&l);
+        c.mirror(
+            0,
+            &mirror(1, u64::from(g), "/rpc", MirrorResult::Grpc(200, g), 1),
+        );
+    }
+    assert!(
+        c.codes.len() <= MAX_CODES + 1,
+        "{} codes kept",
+        c.codes.len()
+    );
+    let r = c.report();
+    let count = |code: &str| -> u64 {
+        r.rows
+            .iter()
+            .filter(|row| row.code == code)
+            .map(|row| row.count)
+            .sum()
+    };
+    // The first codes keep their names, from the cache as from the first sight.
+    assert_eq!(count("OK"), 2);
+    assert_eq!(count("grpc-100"), 2);
+    assert!(
+        count("other") >= 2 * 500,
+        "the codes over the cap fold into `other`"
+    );
+    // HTTP statuses and error codes keep their names past the cap, seen once or again.
+    c.live(&live(2, 0, "/a", 503, 1));
+    c.live(&live(2, 1, "/a", 503, 1));
+    c.mirror(0, &mirror(2, 0, "/a", MirrorResult::Timeout, 1));
+    c.mirror(0, &mirror(2, 1, "/a", MirrorResult::Timeout, 1));
+    let r = c.report();
+    let n = |code: &str| -> u64 {
+        r.rows
+            .iter()
+            .filter(|row| row.code == code && row.name == "GET /a")
+            .map(|row| row.count)
+            .sum()
+    };
+    assert_eq!((n("503"), n("timeout")), (2, 2));
+}
