@@ -14,6 +14,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
+use bytestring::ByteString;
 
 use super::framing::{find_request_start, find_response_start, BodyDecoder, Framing};
 use super::h2::frame::{find_frames, DEFAULT_MAX_FRAME};
@@ -53,6 +54,13 @@ impl Request {
     }
     pub fn target(&self) -> &str {
         std::str::from_utf8(&self.raw[self.target.clone()]).unwrap_or("")
+    }
+    /// The method and target as strings sharing `raw`; empty unless UTF-8, like `target()`.
+    pub(super) fn shared_method_and_target(&self) -> (ByteString, ByteString) {
+        let shared = |part: &Range<usize>| {
+            ByteString::try_from(self.raw.slice(part.clone())).unwrap_or_default()
+        };
+        (shared(&self.method), shared(&self.target))
     }
     /// Header names and values, in order, exactly as sent.
     pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {

@@ -13,6 +13,7 @@ pub mod h2;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
+use bytestring::ByteString;
 
 use crate::reassembly::{CloseReason, ConnId, ConnInfo, Direction, StreamHandler};
 use crate::segment::TimestampNs;
@@ -99,6 +100,17 @@ impl Request {
             Request::H2(r) => r.path(),
         }
     }
+    /// `method()` and `target()` as strings that share the request's bytes: no copy, for what
+    /// outlives the request (a mirror's outcome).
+    pub fn shared_method_and_target(&self) -> (ByteString, ByteString) {
+        match self {
+            Request::H1(r) => r.shared_method_and_target(),
+            Request::H2(r) => (
+                shared_field(&r.fields, ":method"),
+                shared_field(&r.fields, ":path"),
+            ),
+        }
+    }
     /// Bytes the request holds (head or header fields, and body).
     pub fn size(&self) -> usize {
         match self {
@@ -181,6 +193,15 @@ pub fn field<'a>(fields: &'a [(Bytes, Bytes)], name: &str) -> Option<&'a [u8]> {
         .iter()
         .find(|(n, _)| &n[..] == name.as_bytes())
         .map(|(_, v)| &v[..])
+}
+
+/// The value of the first field named `name`, sharing its bytes; empty unless UTF-8.
+fn shared_field(fields: &[(Bytes, Bytes)], name: &str) -> ByteString {
+    fields
+        .iter()
+        .find(|(n, _)| &n[..] == name.as_bytes())
+        .and_then(|(_, v)| ByteString::try_from(v.clone()).ok())
+        .unwrap_or_default()
 }
 
 /// The value of the first field named `name`, as text, if it is UTF-8.

@@ -112,6 +112,14 @@ fn pipelined_gets_pair_in_order() {
     let x = run(&segs);
     let targets: Vec<_> = x.requests.iter().map(|r| r.target().to_string()).collect();
     assert_eq!(targets, ["/a", "/b", "/c"]);
+    // What a mirror's outcome keeps: slices of each request's own bytes.
+    let shared: Vec<_> = x
+        .requests
+        .iter()
+        .map(|r| r.shared_method_and_target())
+        .collect();
+    let shared: Vec<_> = shared.iter().map(|(m, t)| (&m[..], &t[..])).collect();
+    assert_eq!(shared, [("GET", "/a"), ("HEAD", "/b"), ("GET", "/c")]);
     let got: Vec<_> = x
         .responses
         .iter()

@@ -371,8 +371,8 @@ async fn lane(
             &MirrorOutcome {
                 conn: job.key.0,
                 seq: job.key.1,
-                method: job.req.method().to_string(),
-                target: job.req.target().to_string(),
+                method: job.req.method().into(),
+                target: job.req.target().into(),
                 result,
                 duration: took,
                 content: None,

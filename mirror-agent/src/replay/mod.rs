@@ -24,6 +24,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use bytestring::ByteString;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
@@ -252,8 +253,8 @@ impl MirrorResult {
 pub struct MirrorOutcome {
     pub conn: ConnId,
     pub seq: u64,
-    pub method: String,
-    pub target: String,
+    pub method: ByteString,
+    pub target: ByteString,
     pub result: MirrorResult,
     /// From sending the request to the response head (or the error); None for an HTTP/1
     /// answer pipelined behind another request, whose start is not known.
@@ -1054,11 +1055,12 @@ impl Shared {
             MirrorResult::Error => inc(&stats.errors_other),
         }
         stats.inflight.fetch_sub(1, Ordering::Relaxed);
+        let (method, target) = req.shared_method_and_target();
         (self.on_outcome)(MirrorOutcome {
             conn: req.conn(),
             seq: req.seq(),
-            method: req.method().to_string(),
-            target: req.target().to_string(),
+            method,
+            target,
             result,
             duration,
             content,

@@ -344,6 +344,9 @@ fn an_accepted_h2c_upgrade_goes_on_as_http2() {
     assert_eq!(x.requests[0].target(), "/books");
     assert_eq!(x.h2_requests.len(), 1);
     assert_eq!(x.h2_requests[0].path(), "/books/2");
+    let (method, path) =
+        crate::http::Request::H2(x.h2_requests[0].clone()).shared_method_and_target();
+    assert_eq!((&method[..], &path[..]), ("GET", "/books/2"));
     let got: Vec<_> = x
         .responses
         .iter()
