@@ -28,7 +28,8 @@ mod report;
 mod tests;
 pub mod worker;
 
-pub use endpoint::{endpoint_name, write_endpoint_name, RouteTemplate};
+use endpoint::write_endpoint_name;
+pub use endpoint::{endpoint_name, RouteTemplate};
 pub use histogram::{SeriesHistogram, BUCKETS_S};
 pub use report::{format_table, verdicts, LatencyRatio, Mismatch, Report, Row, Sampling};
 
@@ -134,6 +135,32 @@ fn intern(set: &mut FastSet<Name>, s: &str) -> Name {
             n
         }
     }
+}
+
+/// The code for `key`: from `cache`, or made by `code` and interned in `codes`, then kept in
+/// `cache` while it has room. HTTP statuses have three digits and gRPC's named codes are 17,
+/// but a `grpc-status` can be any number: numbered ones fold into `other` once the codes are
+/// many.
+fn cached_code<K: std::hash::Hash + Eq>(
+    cache: &mut FastMap<K, Name>,
+    codes: &mut FastSet<Name>,
+    key: K,
+    numbered_grpc: bool,
+    code: impl FnOnce() -> String,
+) -> Name {
+    if let Some(c) = cache.get(&key) {
+        return Arc::clone(c);
+    }
+    let code = code();
+    let c = if numbered_grpc && codes.len() >= MAX_CODES && !codes.contains(code.as_str()) {
+        intern(codes, "other")
+    } else {
+        intern(codes, &code)
+    };
+    if cache.len() < MAX_CODES {
+        cache.insert(key, Arc::clone(&c));
+    }
+    c
 }
 
 struct Half {
@@ -245,17 +272,13 @@ impl Comparator {
 
     pub fn live(&mut self, m: &ResponseMeta) {
         let name = self.endpoint(&m.method, &m.target);
-        let code = match self.live_codes.get(&(m.status, m.grpc_status)) {
-            Some(c) => Arc::clone(c),
-            None => {
-                let c = self.new_code(&m.code(), m.grpc_status.is_some_and(numbered));
-                if self.live_codes.len() < MAX_CODES {
-                    self.live_codes
-                        .insert((m.status, m.grpc_status), Arc::clone(&c));
-                }
-                c
-            }
-        };
+        let code = cached_code(
+            &mut self.live_codes,
+            &mut self.codes,
+            (m.status, m.grpc_status),
+            m.grpc_status.is_some_and(numbered),
+            || m.code(),
+        );
         self.record(
             LIVE,
             (m.conn, m.request_seq),
@@ -270,17 +293,13 @@ impl Comparator {
     pub fn mirror(&mut self, mirror: usize, o: &MirrorOutcome) -> Name {
         let name = self.endpoint(&o.method, &o.target);
         let src = Source::try_from(mirror + 1).unwrap_or(Source::MAX);
-        let code = match self.mirror_codes.get(&o.result) {
-            Some(c) => Arc::clone(c),
-            None => {
-                let numbered = matches!(o.result, MirrorResult::Grpc(_, g) if numbered(g));
-                let c = self.new_code(&o.result.code(), numbered);
-                if self.mirror_codes.len() < MAX_CODES {
-                    self.mirror_codes.insert(o.result, Arc::clone(&c));
-                }
-                c
-            }
-        };
+        let code = cached_code(
+            &mut self.mirror_codes,
+            &mut self.codes,
+            o.result,
+            matches!(o.result, MirrorResult::Grpc(_, g) if numbered(g)),
+            || o.result.code(),
+        );
         self.record(
             src,
             (o.conn, o.seq),
@@ -289,16 +308,6 @@ impl Comparator {
             o.duration.map(|d| d.as_nanos() as u64),
         );
         name
-    }
-
-    /// A code not in the caches, interned. HTTP statuses have three digits and gRPC's named
-    /// codes are 17, but a `grpc-status` can be any number: those fold into `other` once the
-    /// codes are many.
-    fn new_code(&mut self, code: &str, numbered_grpc: bool) -> Name {
-        if numbered_grpc && self.codes.len() >= MAX_CODES && !self.codes.contains(code) {
-            return intern(&mut self.codes, "other");
-        }
-        intern(&mut self.codes, code)
     }
 
     /// The version tag of a source.

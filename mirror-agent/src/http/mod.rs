@@ -189,18 +189,20 @@ pub fn result_code(status: u16, grpc_status: Option<u32>) -> String {
 
 /// The value of the first field named `name` (lower case, as HTTP/2 sends names).
 pub fn field<'a>(fields: &'a [(Bytes, Bytes)], name: &str) -> Option<&'a [u8]> {
+    field_bytes(fields, name).map(|v| &v[..])
+}
+
+fn field_bytes<'a>(fields: &'a [(Bytes, Bytes)], name: &str) -> Option<&'a Bytes> {
     fields
         .iter()
         .find(|(n, _)| &n[..] == name.as_bytes())
-        .map(|(_, v)| &v[..])
+        .map(|(_, v)| v)
 }
 
 /// The value of the first field named `name`, sharing its bytes; empty unless UTF-8.
 fn shared_field(fields: &[(Bytes, Bytes)], name: &str) -> ByteString {
-    fields
-        .iter()
-        .find(|(n, _)| &n[..] == name.as_bytes())
-        .and_then(|(_, v)| ByteString::try_from(v.clone()).ok())
+    field_bytes(fields, name)
+        .and_then(|v| ByteString::try_from(v.clone()).ok())
         .unwrap_or_default()
 }
 
