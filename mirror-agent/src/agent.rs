@@ -290,11 +290,17 @@ impl Agent {
             .iter()
             .map(|m| m.replayer.queue_fill())
             .fold(self.capture.stats().take_backlog(), f64::max);
+        let (segments, long_lived_segments) = {
+            let r = &self.pipeline_stats.lock().unwrap().reassembly;
+            (r.segments, r.long_lived_segments)
+        };
         let load = Load {
             cpu: cpu_budget::process_cpu_time(),
             live_path: self.kernel.lock().unwrap().work,
             at: std::time::Instant::now(),
             backlog: if new_drops { 1.0 } else { backlog },
+            segments,
+            long_lived_segments,
         };
         if let Some(rates) = budget.observe(load) {
             log::info!(

@@ -5,13 +5,15 @@
 //! sheds whole new connections before a single clone of theirs is made, and a connection being
 //! mirrored stays mirrored. Once a second the controller looks at the agent's CPU use (its
 //! threads, and the time its kernel program spent cloning and recording in the live path, which
-//! no cgroup limit of the agent's covers) and its backlog (replay queue, capture ring): over budget or behind, it cuts the rate in proportion;
-//! under 70 % of the budget with no backlog, it raises it by a fifth, but not within five
-//! seconds of a cut, so that the lag of connection-level shedding does not make it oscillate.
-//! `--sample` stays the upper limit. Only when the agent stays over budget for
-//! `MUST_DROP_AFTER` seconds in a row, cuts notwithstanding (long-lived connections keep the
-//! load that new ones no longer bring), does it drop admitted connections too: those the current
-//! rate would not admit, each for the rest of its life, never to be resumed in its middle.
+//! no cgroup limit of the agent's covers) and its backlog (replay queue, capture ring): over
+//! budget or behind, it cuts the rate in proportion; under 70 % of the budget with no backlog,
+//! it raises it by a fifth, but not within five seconds of a cut, so that the lag of
+//! connection-level shedding does not make it oscillate. `--sample` stays the upper limit.
+//! Only when the agent stays over budget for `MUST_DROP_AFTER` seconds in a row, cuts
+//! notwithstanding, while most of what it mirrors is of long-lived connections (which keep the
+//! load that new ones no longer bring), does it drop admitted connections too: those the
+//! current rate would not admit, each for the rest of its life, never to be resumed in its
+//! middle.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -37,6 +39,10 @@ pub struct Load {
     pub at: Instant,
     /// How full the fullest stage is, 0 to 1 (1: it is dropping).
     pub backlog: f64,
+    /// Segments mirrored so far, and of them those of long-lived connections
+    /// (`ReassemblyStats::long_lived_segments`).
+    pub segments: u64,
+    pub long_lived_segments: u64,
 }
 
 #[derive(Debug)]
@@ -131,8 +137,16 @@ impl CpuBudget {
             self.ppm
         };
         // Losing data (a full ring or queue) counts as over: shedding whole connections beats
-        // losing pieces of many.
-        self.over = if self.used > self.cores || now.backlog >= 1.0 {
+        // losing pieces of many. But dropping admitted connections helps only when they carry
+        // the load, that is when most of the interval's segments are of long-lived connections:
+        // short ones end by themselves as the cuts take effect, and an agent over budget with
+        // next to nothing mirrored (its own fixed cost above a tiny budget) has nothing to drop.
+        let segments = now.segments.saturating_sub(prev.segments);
+        let long_lived = now
+            .long_lived_segments
+            .saturating_sub(prev.long_lived_segments);
+        let admitted_carry_load = segments > 0 && long_lived * 2 >= segments;
+        self.over = if (self.used > self.cores || now.backlog >= 1.0) && admitted_carry_load {
             self.over + 1
         } else {
             0
@@ -242,6 +256,8 @@ mod tests {
                 live_path: Duration::ZERO,
                 at: start + Duration::from_secs(s as u64 + 1),
                 backlog: 0.0,
+                segments: 0,
+                long_lived_segments: 0,
             });
             out.push((b.ppm(), demand_at_full * admitted));
         }
@@ -278,6 +294,8 @@ mod tests {
             live_path: Duration::ZERO,
             at: t,
             backlog: 0.0,
+            segments: 0,
+            long_lived_segments: 0,
         });
         // Long-lived connections: the load stays at 50 cores whatever the new-connection rate,
         // which reaches its floor within the first seconds.
@@ -290,6 +308,8 @@ mod tests {
                 live_path: Duration::ZERO,
                 at: t + Duration::from_secs(s),
                 backlog: 0.0,
+                segments: s * 1000,
+                long_lived_segments: s * 1000,
             });
             keeps.push(b.keep_admitted());
         }
@@ -316,6 +336,8 @@ mod tests {
             live_path: Duration::ZERO,
             at: at(s),
             backlog: 0.0,
+            segments: s * 1000,
+            long_lived_segments: s * 1000,
         };
         b.observe(idle(cpu, 0));
         let mut keeps = Vec::new();
@@ -348,6 +370,8 @@ mod tests {
             live_path: Duration::ZERO,
             at: t + Duration::from_secs(s),
             backlog: 1.0,
+            segments: s * 1000,
+            long_lived_segments: s * 900,
         };
         b.observe(losing(0));
         let keeps: Vec<u32> = (1..=3)
@@ -359,6 +383,29 @@ mod tests {
         assert_eq!(&keeps[..2], &[ALL, ALL]);
         assert_eq!(keeps[2], b.ppm());
         assert!(keeps[2] < ALL);
+    }
+
+    /// Far over budget for many seconds, but on short connections (or on next to nothing: the
+    /// agent's own fixed cost above a tiny budget): cutting the new-connection rate is the only
+    /// lever, and no admitted connection is cut in its middle.
+    #[test]
+    fn short_connections_are_never_dropped_once_admitted() {
+        let mut b = CpuBudget::new(0.002, 1_000_000);
+        let t = Instant::now();
+        let over = |s: u64, segments: u64| Load {
+            cpu: Duration::from_millis(10 * s),
+            live_path: Duration::ZERO,
+            at: t + Duration::from_secs(s),
+            backlog: 0.0,
+            segments,
+            long_lived_segments: segments / 10,
+        };
+        b.observe(over(0, 0));
+        for s in 1..=10 {
+            b.observe(over(s, if s <= 5 { s * 400 } else { 2000 }));
+            assert_eq!(b.keep_admitted(), ALL, "second {s}");
+        }
+        assert_eq!(b.ppm(), MIN_PPM, "new connections shed as far as they go");
     }
 
     #[test]
@@ -376,12 +423,16 @@ mod tests {
             live_path: Duration::ZERO,
             at: t,
             backlog: 0.0,
+            segments: 0,
+            long_lived_segments: 0,
         });
         let next = b.observe(Load {
             cpu: Duration::from_millis(100),
             live_path: Duration::ZERO,
             at: t + Duration::from_secs(1),
             backlog: 1.0,
+            segments: 1000,
+            long_lived_segments: 0,
         });
         assert_eq!(
             next,
@@ -401,6 +452,8 @@ mod tests {
             live_path: Duration::from_millis(live_ms),
             at: t + Duration::from_secs(s),
             backlog: 0.0,
+            segments: 0,
+            long_lived_segments: 0,
         };
         b.observe(load(0, 0, 0));
         // The agent's threads alone (0.3 cores) fit; with the kernel's 0.4 they do not.

@@ -156,16 +156,42 @@ fn a_tiny_budget_sheds_whole_connections_in_the_kernel() {
     let sent = made * PER_CONN;
     // Mirrored requests settle.
     wait_settled(mirror);
-    let mut per_conn: HashMap<String, usize> = HashMap::new();
+    let mut per_conn: HashMap<String, Vec<String>> = HashMap::new();
     for r in mirror.log() {
-        let conn = r.target.split('/').nth(2).unwrap_or("").to_string();
-        *per_conn.entry(conn).or_default() += 1;
+        let mut parts = r.target.split('/').skip(2);
+        let conn = parts.next().unwrap_or("").to_string();
+        let i = parts.next().unwrap_or("").to_string();
+        per_conn.entry(conn).or_default().push(i);
     }
-    let partial: Vec<_> = per_conn.iter().filter(|(_, n)| **n != PER_CONN).collect();
-    assert!(
-        partial.is_empty(),
-        "connections mirrored in part: {partial:?}"
-    );
+    let metrics = pair
+        .server
+        .exec(&["curl", "-sf", &format!("http://{METRICS}/metrics")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&metrics.stdout);
+    let partial: Vec<_> = per_conn
+        .iter()
+        .filter(|(_, got)| got.len() != PER_CONN)
+        .collect();
+    if !partial.is_empty() {
+        let counters = text
+            .lines()
+            .filter(|l| {
+                [
+                    "kernel_packets",
+                    "capture",
+                    "reassembly_closed",
+                    "http_dropped",
+                    "replay",
+                ]
+                .iter()
+                .any(|m| l.starts_with(&format!("mirror_{m}")))
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let (_, log) = agent.terminate_with_output();
+        panic!("connections mirrored in part: {partial:?}; counters:\n{counters}\nagent:\n{log}");
+    }
     let mirrored = per_conn.len();
     assert!(mirrored > 0, "nothing mirrored");
     assert!(
@@ -175,12 +201,6 @@ fn a_tiny_budget_sheds_whole_connections_in_the_kernel() {
     let r = report(&pair.server, METRICS).expect("report");
     let sampling = r.sampling.expect("the report shows the sampling");
     assert!(sampling.share < 1.0, "{sampling:?}");
-    let metrics = pair
-        .server
-        .exec(&["curl", "-sf", &format!("http://{METRICS}/metrics")])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&metrics.stdout);
     let sampled_out = text
         .lines()
         .find(|l| l.starts_with("mirror_kernel_packets_total{outcome=\"skip_sampled_out\"}"))

@@ -209,9 +209,14 @@ pub enum Counter {
     /// Matched packets passed over because the agent's heartbeat is stale: it was killed or
     /// is frozen, and its attachment outlived it.
     SkipAgentGone,
+    /// Failed attempts to store a connection's sampling decision (`FLAG_STICKY_SAMPLING`): the
+    /// map's bucket lock gave up under contention, or it had no free entry. The program tries
+    /// again once; a connection whose decision is still not stored is decided again at its
+    /// next packet, at the rate of that moment.
+    DecisionStoreFailed,
 }
 
-pub const COUNTER_COUNT: u32 = Counter::SkipAgentGone as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::DecisionStoreFailed as u32 + 1;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -237,6 +242,7 @@ impl Counter {
         Counter::CloneDropped,
         Counter::CloneCongested,
         Counter::SkipAgentGone,
+        Counter::DecisionStoreFailed,
     ];
 
     /// Stable snake_case name, used in metrics labels and dumps.
@@ -264,6 +270,7 @@ impl Counter {
             Counter::CloneDropped => "clone_dropped",
             Counter::CloneCongested => "clone_congested",
             Counter::SkipAgentGone => "skip_agent_gone",
+            Counter::DecisionStoreFailed => "decision_store_failed",
         }
     }
 }

@@ -391,14 +391,27 @@ fn sampled_in(cfg: &MirrorConfig, t: &Tuple) -> bool {
         // resumed in the middle later.
         let keep = cfg.keep_admitted_ppm;
         if keep != 0 && keep < SAMPLE_ALL && hash % SAMPLE_ALL >= keep {
-            let _ = DECISIONS.insert(&hash, &0, 0);
+            store_decision(hash, 0);
             return false;
         }
         return true;
     }
-    // A full map evicts its least recently used entry; a failed insert decides this packet only.
-    let _ = DECISIONS.insert(&hash, &(by_rate as u8), 0);
+    store_decision(hash, by_rate as u8);
     by_rate
+}
+
+/// Remembers a connection's sampling decision. A full map evicts its least recently used
+/// entry; an insert can also fail when the bucket's lock gives up under contention (kernels
+/// from 6.15 on), and a lost decision would let the connection's next packets be decided again
+/// at another rate, mirroring it in part. So a failure is counted and tried once more.
+#[inline(always)]
+fn store_decision(hash: u32, decision: u8) {
+    for _ in 0..2 {
+        if DECISIONS.insert(&hash, &decision, 0).is_ok() {
+            return;
+        }
+        count(Counter::DecisionStoreFailed);
+    }
 }
 
 /// Reads the addresses and ports of an Ethernet + IPv4/IPv6 + TCP packet with

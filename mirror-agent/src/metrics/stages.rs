@@ -251,6 +251,11 @@ pub fn reassembly(out: &mut Families, s: &ReassemblyStats) {
             s.late_syns,
         ),
         (
+            "mirror_reassembly_long_lived_segments",
+            "Segments of connections seen for 2 s or more, which shedding new connections does not remove",
+            s.long_lived_segments,
+        ),
+        (
             "mirror_reassembly_lost_bytes",
             "Sequence space never seen inside a connection",
             s.lost_bytes,

@@ -158,6 +158,9 @@ impl Default for ReassemblyConfig {
     }
 }
 
+/// Age from which a connection counts as long-lived (`ReassemblyStats::long_lived_segments`).
+pub const LONG_LIVED_NS: u64 = 2_000_000_000;
+
 /// Counters. Every payload byte handed in (captured or elided) is delivered, a duplicate, held
 /// out of order, or discarded (it came after its connection closed); `lost_bytes` counts the
 /// sequence space never seen inside one connection (holes given up on, and what was missing
@@ -192,6 +195,10 @@ pub struct ReassemblyStats {
     pub duplicate_syns: u64,
     /// SYNs that arrived after their connection's first bytes (see `DirState::joined`).
     pub late_syns: u64,
+    /// Of `segments`, those of connections seen for `LONG_LIVED_NS` or more: the load that
+    /// shedding new connections does not remove (the CPU budget's sign that it must drop
+    /// admitted ones).
+    pub long_lived_segments: u64,
     /// Segments of a connection that has already closed (late retransmissions), and their
     /// payload bytes; ignored.
     pub after_close_segments: u64,
@@ -352,6 +359,7 @@ struct Flow<C> {
     info: ConnInfo,
     dirs: [DirState; 2],
     conn: C,
+    first_ts: TimestampNs,
     last_ts: TimestampNs,
     /// When a RST was seen, while the connection lingers (`reset_linger_ns`).
     reset_at: Option<TimestampNs>,
@@ -493,6 +501,9 @@ impl<H: StreamHandler> Reassembler<H> {
         } = self;
         let flow = flows.get_mut(&key).expect("flow just ensured");
         flow.last_ts = flow.last_ts.max(seg.ts);
+        if seg.ts.saturating_sub(flow.first_ts) >= LONG_LIVED_NS {
+            stats.long_lived_segments += 1;
+        }
         if seg.flags.contains(TcpFlags::RST) {
             if self.cfg.reset_linger_ns == 0 {
                 self.close_flow(&key, CloseReason::Rst, seg.ts);
@@ -674,6 +685,7 @@ impl<H: StreamHandler> Reassembler<H> {
                 info,
                 dirs: Default::default(),
                 conn,
+                first_ts: ts,
                 last_ts: ts,
                 reset_at: None,
             },

@@ -391,3 +391,21 @@ fn a_fin_beyond_a_hole_that_acknowledges_the_peers_fin_is_the_same_connection() 
     );
     assert_eq!(x.responses.len(), 1);
 }
+
+#[test]
+fn segments_of_connections_older_than_two_seconds_count_as_long_lived() {
+    let mut x = extract();
+    let mut c = Conversation::new(CLIENT, SERVER, 1000, 5000);
+    let mut segs = c.handshake();
+    segs.extend(c.client_data(&request(1), 1400));
+    segs.extend(c.server_data(response(), 1400));
+    c.advance(super::LONG_LIVED_NS);
+    let mut later = c.client_data(&request(2), 1400);
+    later.extend(c.server_data(response(), 1400));
+    x.feed(&segs);
+    assert_eq!(x.r.stats().long_lived_segments, 0);
+    x.feed(&later);
+    let st = x.r.stats();
+    assert_eq!(st.long_lived_segments, later.len() as u64);
+    assert_eq!(st.segments, (segs.len() + later.len()) as u64);
+}
