@@ -132,24 +132,11 @@ fn connections_from_the_live_port_are_all_mirrored() {
     );
 }
 
-#[test]
-fn capture_drops_under_churn_invent_nothing_and_are_counted_as_requests() {
-    require_root();
-    let _serial = serial();
-    // Two 64 KiB blocks: the ring overflows whenever the agent falls a few ms behind.
-    let rig = Rig::start("cd", 238, &["--ring-mb", "2", "--ring-block-kb", "64"]);
-    let mirror = rig.mirror();
-    let Rig {
-        agent,
-        live,
-        live_addr,
-        pair,
-    } = rig;
-    // The agent falls behind as on a busy node: stopped for 40 ms every 150 ms, while the
-    // kernel goes on cloning into the tiny ring.
-    let pid = agent.proc.pid();
-    let stalls = std::thread::spawn(move || {
-        let until = Instant::now() + Duration::from_secs(6);
+/// Stops `pid` for 40 ms every 150 ms for `how_long`, as a busy node or a container's CPU
+/// quota does. Returns how many times.
+fn stall(pid: i32, how_long: Duration) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let until = Instant::now() + how_long;
         let mut n = 0;
         while Instant::now() < until {
             std::thread::sleep(Duration::from_millis(150));
@@ -160,20 +147,21 @@ fn capture_drops_under_churn_invent_nothing_and_are_counted_as_requests() {
             n += 1;
         }
         n
-    });
-    const THREADS: usize = 4;
-    const MAX_PER_THREAD: usize = 20_000;
-    let deadline = Instant::now() + Duration::from_secs(6);
-    let sent: usize = (0..THREADS)
+    })
+}
+
+/// One request per connection from 4 threads in `ns`, `/churn/{thread}/{n}`, for `how_long`
+/// and at most `max_per_thread` each. Returns how many were sent.
+fn churn(ns: &Netns, to: SocketAddr, max_per_thread: usize, how_long: Duration) -> usize {
+    let deadline = Instant::now() + how_long;
+    (0..4)
         .map(|t| {
-            let path = pair.client.path();
+            let path = ns.path();
             std::thread::spawn(move || {
                 netlab::enter_netns(&path);
                 let mut n = 0;
-                while n < MAX_PER_THREAD && Instant::now() < deadline {
-                    if let Ok(mut s) =
-                        TcpStream::connect_timeout(&live_addr, Duration::from_secs(2))
-                    {
+                while n < max_per_thread && Instant::now() < deadline {
+                    if let Ok(mut s) = TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
                         one_shot(&mut s, &format!("/churn/{t}/{n}"));
                     }
                     n += 1;
@@ -184,15 +172,103 @@ fn capture_drops_under_churn_invent_nothing_and_are_counted_as_requests() {
         .collect::<Vec<_>>()
         .into_iter()
         .map(|h| h.join().unwrap())
-        .sum();
+        .sum()
+}
+
+/// What `churn_while_stalled` leaves.
+struct Stalled {
+    exit: Exit,
+    live: TestServer,
+    mirror: TestServer,
+    /// Requests the live server answered.
+    served: usize,
+    /// Times the agent was stopped.
+    stalled: usize,
+}
+
+/// `churn` against `rig`'s live server for `how_long` while its agent is stalled (`stall`),
+/// then lets the live server and a mirror settle and stops the agent.
+fn churn_while_stalled(rig: Rig, max_per_thread: usize, how_long: Duration) -> Stalled {
+    let mirror = rig.mirror();
+    let Rig {
+        agent,
+        live,
+        live_addr,
+        pair,
+    } = rig;
+    let stalls = stall(agent.proc.pid(), how_long);
+    let sent = churn(&pair.client, live_addr, max_per_thread, how_long);
     let stalled = stalls.join().unwrap();
     let served = settle(&live);
     let received = settle(&mirror);
-    let exit = agent.stop();
     eprintln!(
-        "sent {sent}, live served {served}, mirror received {received}, agent stalled {stalled}×\n{}",
-        exit.stderr
+        "sent {sent}, live served {served}, mirror received {received}, agent stalled {stalled}×"
     );
+    Stalled {
+        exit: agent.stop(),
+        live,
+        mirror,
+        served,
+        stalled,
+    }
+}
+
+/// An agent that keeps being stopped for tens of milliseconds (a CPU quota's throttling) with
+/// room in its ring loses nothing and reorders nothing: each clone still finds its place among
+/// the response-head records, SYNs before the bytes they open, though the reader comes back
+/// long after the kernel wrote them.
+#[test]
+fn a_throttled_agent_puts_every_clone_in_its_place() {
+    require_root();
+    let _serial = serial();
+    let Stalled {
+        exit,
+        live,
+        mirror,
+        served,
+        stalled,
+    } = churn_while_stalled(Rig::start("th", 236, &[]), 400, Duration::from_secs(4));
+    let stat = |family: &str| exit.metric(family, &[]);
+    assert_eq!(
+        stat("mirror_capture_ring_drops_total"),
+        0,
+        "the ring was too small for this test"
+    );
+    assert!(
+        stalled >= 10 && served >= 100,
+        "stalled {stalled}×, served {served}"
+    );
+    for family in [
+        "mirror_capture_marks_unmatched_total",
+        "mirror_reassembly_midstream_joins_total",
+        "mirror_http_dropped_total",
+    ] {
+        assert_eq!(stat(family), 0, "{family}\n{}", exit.metrics);
+    }
+    let mut got = targets(&mirror);
+    let mut want = targets(&live);
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn capture_drops_under_churn_invent_nothing_and_are_counted_as_requests() {
+    require_root();
+    let _serial = serial();
+    // Two 64 KiB blocks: the ring overflows whenever the agent falls a few ms behind.
+    let rig = Rig::start("cd", 238, &["--ring-mb", "2", "--ring-block-kb", "64"]);
+    // The agent falls behind as on a busy node, while the kernel goes on cloning into the
+    // tiny ring.
+    let Stalled {
+        exit,
+        live,
+        mirror,
+        served,
+        ..
+    } = churn_while_stalled(rig, 20_000, Duration::from_secs(6));
+    let received = mirror.requests();
+    eprintln!("{}", exit.stderr);
     let stat = |family: &str| exit.metric(family, &[]);
 
     // Nothing invented: every mirrored request is one a client sent, and none twice.

@@ -60,20 +60,97 @@ pub(super) fn clock_ns(clock: libc::clockid_t) -> i64 {
     ts.tv_sec * 1_000_000_000 + ts.tv_nsec
 }
 
-/// Longest a mark waits for its clone (lost when the capture ring was full) before the
-/// records behind it go on.
+/// Longest a mark waits for its clone (lost when the capture ring was full) once the reader
+/// has caught up with the capture ring, before the records behind it go on.
 const MARK_WAIT_NS: u64 = 20_000_000;
+/// Longest a mark waits for its clone while the reader is behind, its clone perhaps in a block
+/// not read yet: the records behind it must go on some time even under a load that never lets
+/// the reader catch up.
+const MARK_WAIT_BEHIND_NS: u64 = 1_000_000_000;
 /// Longest a clone waits for its mark to become readable.
 const ORPHAN_WAIT_NS: u64 = 5_000_000;
 /// Most clones waiting for their mark's turn: beyond it, marks stop being waited for.
 const MAX_WAITING: usize = 1 << 16;
 
-/// Puts the clones back in the kernel's order among the response-head records. The ring holds,
-/// in the order the program ran, the records and a `CloneMark` for each clone; a clone goes
-/// out at its mark's place. A mark whose clone is lost (a full capture ring) is known lost as
-/// soon as a later clone of the same CPU arrives, and is waited for `MARK_WAIT_NS` at most.
+/// How far the capture ring had been read when clones are merged, which says whether a mark
+/// waiting for its clone may be given up for lost by its age: a reader that was descheduled or
+/// busy finds marks older than `MARK_WAIT_NS` whose clones sit in blocks it has not read yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Progress {
+    /// More blocks were ready to be read.
+    Behind,
+    /// No block was ready when looked at after the merge's `now`: every clone made before
+    /// `now` less the block retire time (a few milliseconds) has been read.
+    CaughtUp,
+    /// The stop: nothing more comes.
+    Flush,
+}
+
+/// Puts the clones back in the kernel's order among the response-head records, read from the
+/// kernel's ring buffer (`HeadMerge::merge`).
 pub(super) struct HeadMerge {
     ring: RingBuf<MapData>,
+    order: KernelOrder,
+}
+
+impl HeadMerge {
+    pub(super) fn new(ring: RingBuf<MapData>) -> Self {
+        HeadMerge {
+            ring,
+            order: KernelOrder::default(),
+        }
+    }
+
+    /// Whether records or clones wait here for their turn (which comes with time, too).
+    pub(super) fn holds(&self) -> bool {
+        self.order.holds()
+    }
+
+    /// Takes the clones just read from the capture ring (their marks are in the records ring
+    /// by then: the program writes a mark before its clone is received) and returns what can
+    /// go on, in the kernel's order; `now` was read before `progress` was found.
+    pub(super) fn merge(
+        &mut self,
+        clones: SegmentBatch,
+        stats: &CaptureStats,
+        now: TimestampNs,
+        progress: Progress,
+    ) -> SegmentBatch {
+        self.read(stats);
+        self.order.merge(clones, stats, now, progress)
+    }
+
+    /// Appends what the ring holds to the records waiting.
+    fn read(&mut self, stats: &CaptureStats) {
+        let mut buf = BytesMut::new();
+        let mut ends = Vec::new();
+        while let Some(item) = self.ring.next() {
+            buf.extend_from_slice(&item);
+            ends.push(buf.len());
+        }
+        if ends.is_empty() {
+            return;
+        }
+        let all: Bytes = buf.freeze();
+        let offset = realtime_offset_ns();
+        let mut start = 0;
+        for end in ends {
+            stats.head_records.fetch_add(1, Ordering::Relaxed);
+            match parse_record(&all.slice(start..end), offset) {
+                Ok(r) => self.order.push(r),
+                Err(e) => stats.frame_error(e),
+            }
+            start = end;
+        }
+    }
+}
+
+/// The records in the kernel's order, and the clones waiting for their marks' turn. The records
+/// hold a `CloneMark` for each clone; a clone goes out at its mark's place. A mark whose clone
+/// is lost (a full capture ring) is known lost as soon as a later clone of the same CPU arrives,
+/// and is waited for `MARK_WAIT_NS` at most once the reader has caught up.
+#[derive(Default)]
+struct KernelOrder {
     /// Records and marks read and not yet placed, in the kernel's order, each mark with its
     /// position among all marks.
     queue: VecDeque<(u64, Record)>,
@@ -90,35 +167,29 @@ pub(super) struct HeadMerge {
     orphans: VecDeque<(TimestampNs, Segment)>,
 }
 
-impl HeadMerge {
-    pub(super) fn new(ring: RingBuf<MapData>) -> Self {
-        HeadMerge {
-            ring,
-            queue: VecDeque::new(),
-            marked: StdHashMap::default(),
-            waiting: Default::default(),
-            arrived: StdHashMap::default(),
-            next_position: 0,
-            orphans: VecDeque::new(),
-        }
-    }
-
-    /// Whether records or clones wait here for their turn (which comes with time, too).
-    pub(super) fn holds(&self) -> bool {
+impl KernelOrder {
+    fn holds(&self) -> bool {
         !self.queue.is_empty() || !self.orphans.is_empty()
     }
 
-    /// Takes the clones just read from the capture ring (their marks are in the records ring
-    /// by then: the program writes a mark before its clone is received) and returns what can
-    /// go on, in the kernel's order. `flush` gives up waiting (at the stop).
-    pub(super) fn merge(
+    /// Appends a record read from the kernel's ring.
+    fn push(&mut self, r: Record) {
+        let position = self.next_position;
+        if let Record::Mark(key, _, cpu) = &r {
+            self.next_position += 1;
+            self.marked.entry(*key).or_default().push((position, *cpu));
+        }
+        self.queue.push_back((position, r));
+    }
+
+    fn merge(
         &mut self,
         clones: SegmentBatch,
         stats: &CaptureStats,
-        flush: bool,
+        now: TimestampNs,
+        progress: Progress,
     ) -> SegmentBatch {
-        self.read(stats);
-        let now = crate::pipeline::now_ns();
+        let flush = progress == Progress::Flush;
         let mut out = Vec::with_capacity(clones.len() + self.queue.len());
         let orphans = std::mem::take(&mut self.orphans);
         let clones = orphans
@@ -138,7 +209,7 @@ impl HeadMerge {
             };
             let latest = self.arrived.entry(cpu).or_default();
             *latest = (*latest).max(position);
-            self.release(&mut out, stats, Some(position), flush, now);
+            self.release(&mut out, stats, Some(position), now, progress);
             if let Some((front, Record::Mark(_, ts, _))) = self.queue.front() {
                 if *front == position {
                     // Its turn already (the usual case): on at once, without a copy.
@@ -152,7 +223,7 @@ impl HeadMerge {
             c.payload = Bytes::copy_from_slice(&c.payload);
             self.waiting.insert(position, c);
         }
-        self.release(&mut out, stats, None, flush, now);
+        self.release(&mut out, stats, None, now, progress);
         if flush {
             out.extend(std::mem::take(&mut self.waiting).into_values());
         }
@@ -168,8 +239,8 @@ impl HeadMerge {
         out: &mut Vec<Segment>,
         stats: &CaptureStats,
         in_hand: Option<u64>,
-        flush: bool,
-        now: u64,
+        now: TimestampNs,
+        progress: Progress,
     ) {
         while let Some((position, front)) = self.queue.front() {
             let position = *position;
@@ -188,9 +259,14 @@ impl HeadMerge {
             if in_hand == Some(position) {
                 break;
             }
-            let lost = flush
+            let wait = if progress == Progress::CaughtUp {
+                MARK_WAIT_NS
+            } else {
+                MARK_WAIT_BEHIND_NS
+            };
+            let lost = progress == Progress::Flush
                 || self.arrived.get(cpu).is_some_and(|p| *p > position)
-                || ts.saturating_add(MARK_WAIT_NS) <= now
+                || ts.saturating_add(wait) <= now
                 || self.waiting.len() > MAX_WAITING;
             if !lost {
                 break;
@@ -222,35 +298,75 @@ impl HeadMerge {
             }
         }
     }
+}
 
-    /// Appends what the ring holds to `queue`.
-    fn read(&mut self, stats: &CaptureStats) {
-        let mut buf = BytesMut::new();
-        let mut ends = Vec::new();
-        while let Some(item) = self.ring.next() {
-            buf.extend_from_slice(&item);
-            ends.push(buf.len());
-        }
-        if ends.is_empty() {
-            return;
-        }
-        let all: Bytes = buf.freeze();
-        let offset = realtime_offset_ns();
-        let mut start = 0;
-        for end in ends {
-            stats.head_records.fetch_add(1, Ordering::Relaxed);
-            match parse_record(&all.slice(start..end), offset) {
-                Ok(r) => {
-                    let position = self.next_position;
-                    if let Record::Mark(key, _, cpu) = &r {
-                        self.next_position += 1;
-                        self.marked.entry(*key).or_default().push((position, *cpu));
-                    }
-                    self.queue.push_back((position, r));
-                }
-                Err(e) => stats.frame_error(e),
-            }
-            start = end;
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::Conversation;
+
+    const MS: u64 = 1_000_000;
+    /// The client's initial sequence number: its SYN's.
+    const SYN: u32 = 1000;
+
+    /// A connection's SYN described in a record, then two request clones made on two CPUs,
+    /// their marks in the kernel's order.
+    fn kernel_order() -> (KernelOrder, Segment, Segment) {
+        let mut c = Conversation::new("10.0.0.1:40000", "10.0.0.2:8080", SYN, 5000);
+        let syn = c.handshake().remove(0);
+        let mut data = c.client_data(&[b'x'; 200], 100);
+        let (a, b) = (data.remove(0), data.remove(0));
+        let mut order = KernelOrder::default();
+        order.push(Record::Head(syn));
+        order.push(Record::Mark(MarkKey::of(&a), 10 * MS, 0));
+        order.push(Record::Mark(MarkKey::of(&b), 10 * MS, 1));
+        (order, a, b)
+    }
+
+    fn seqs(out: &[Segment]) -> Vec<u32> {
+        out.iter().map(|s| s.seq).collect()
+    }
+
+    /// A reader that was descheduled comes back long after the marks were written, the clones
+    /// still in blocks it has not read, the later one first: the earlier mark is not given up.
+    #[test]
+    fn a_reader_behind_waits_for_clones_in_blocks_not_read_yet() {
+        let (mut order, a, b) = kernel_order();
+        let stats = CaptureStats::default();
+        let out = order.merge(vec![b.clone()], &stats, 500 * MS, Progress::Behind);
+        assert_eq!(
+            seqs(&out),
+            [SYN],
+            "the SYN only: the first clone's turn comes first"
+        );
+        let out = order.merge(vec![a.clone()], &stats, 501 * MS, Progress::CaughtUp);
+        assert_eq!(seqs(&out), [a.seq, b.seq]);
+        assert_eq!(stats.marks_unmatched.load(Ordering::Relaxed), 0);
+        assert!(!order.holds());
+    }
+
+    /// Once the reader has caught up, a clone not there after `MARK_WAIT_NS` was lost: the
+    /// records and clones behind its mark go on.
+    #[test]
+    fn a_reader_caught_up_gives_a_mark_up_after_its_wait() {
+        let (mut order, _, b) = kernel_order();
+        let stats = CaptureStats::default();
+        let out = order.merge(vec![b.clone()], &stats, 25 * MS, Progress::CaughtUp);
+        assert_eq!(seqs(&out), [SYN], "not before its wait");
+        let out = order.merge(Vec::new(), &stats, 31 * MS, Progress::CaughtUp);
+        assert_eq!(seqs(&out), [b.seq]);
+        assert_eq!(stats.marks_unmatched.load(Ordering::Relaxed), 1);
+    }
+
+    /// A load that never lets the reader catch up still moves the records on, a second late.
+    #[test]
+    fn a_reader_always_behind_gives_a_mark_up_after_a_second() {
+        let (mut order, _, b) = kernel_order();
+        let stats = CaptureStats::default();
+        let out = order.merge(vec![b.clone()], &stats, 900 * MS, Progress::Behind);
+        assert_eq!(seqs(&out), [SYN]);
+        let out = order.merge(Vec::new(), &stats, 1_011 * MS, Progress::Behind);
+        assert_eq!(seqs(&out), [b.seq]);
+        assert_eq!(stats.marks_unmatched.load(Ordering::Relaxed), 1);
     }
 }

@@ -25,7 +25,7 @@ use mirror_common::{Counter, COUNTER_COUNT, PROGRAM_NAME};
 
 pub use self::error::CaptureError;
 use self::error::Result;
-use self::heads::{FullResponses, HeadMerge};
+use self::heads::{FullResponses, HeadMerge, Progress};
 use self::program::KernelProgram;
 pub use self::program::{AttachMode, Hook, MatchConfig};
 use self::ring::{PacketRing, RingConfig};
@@ -597,7 +597,12 @@ fn read_loop(
         }
         if drain_until.is_some_and(|t| Instant::now() >= t) {
             if let Some(m) = merge.as_mut() {
-                let rest = m.merge(Vec::new(), stats, true);
+                let rest = m.merge(
+                    Vec::new(),
+                    stats,
+                    crate::pipeline::now_ns(),
+                    Progress::Flush,
+                );
                 if !rest.is_empty() {
                     hand_on(sink.as_mut(), rest, stats);
                 }
@@ -639,7 +644,15 @@ fn read_loop(
             break;
         }
         if let Some(m) = merge.as_mut() {
-            batch = m.merge(batch, stats, false);
+            // In this order: a clone made before `now` (less the block retire time) is in a
+            // block read or ready by the time the ring is looked at.
+            let now = crate::pipeline::now_ns();
+            let progress = if ring.next_block_ready() {
+                Progress::Behind
+            } else {
+                Progress::CaughtUp
+            };
+            batch = m.merge(batch, stats, now, progress);
         }
         let idle = matches!(res, Ok(0))
             && stats.head_records.load(Ordering::Relaxed) == records_before

@@ -196,6 +196,16 @@ impl PacketRing {
         })
     }
 
+    /// Whether the next block is the reader's: retired by the kernel, and given back by the
+    /// stages that held its bytes the last time round.
+    pub fn next_block_ready(&self) -> bool {
+        let index = self.next_block;
+        block_status(&self.map, index * self.cfg.block_size).load(Ordering::Acquire)
+            & libc::TP_STATUS_USER
+            != 0
+            && !self.handed_out[index].load(Ordering::Acquire)
+    }
+
     /// Waits up to `timeout_ms` for the next block and calls `on_frame` for each frame in it.
     /// Returns the number of frames (0 on timeout).
     pub fn poll_block(
@@ -205,12 +215,7 @@ impl PacketRing {
     ) -> io::Result<usize> {
         let index = self.next_block;
         let offset = index * self.cfg.block_size;
-        let status = block_status(&self.map, offset);
-        let ready = || {
-            status.load(Ordering::Acquire) & libc::TP_STATUS_USER != 0
-                && !self.handed_out[index].load(Ordering::Acquire)
-        };
-        if !ready() {
+        if !self.next_block_ready() {
             let mut pfd = libc::pollfd {
                 fd: self.map.fd.as_raw_fd(),
                 events: libc::POLLIN | libc::POLLERR,
@@ -226,7 +231,7 @@ impl PacketRing {
                     Err(err)
                 };
             }
-            if !ready() {
+            if !self.next_block_ready() {
                 if rc > 0 {
                     // TPACKET_V3 reports readable while the block before the one the kernel
                     // fills is still ours, as it is until the next stage drops its last
@@ -280,7 +285,6 @@ impl PacketRing {
         Ok(frames)
     }
 
-    /// Reads and resets the kernel's socket counters.
     /// Share of the blocks the kernel cannot fill now (handed to us and not yet given back),
     /// 0 to 1: at 1 the next frame is dropped.
     pub fn fill(&self) -> f64 {
@@ -294,6 +298,7 @@ impl PacketRing {
         ours as f64 / self.cfg.block_count as f64
     }
 
+    /// Reads and resets the kernel's socket counters.
     pub fn take_stats(&self) -> io::Result<RingStats> {
         let mut st: libc::tpacket_stats_v3 = unsafe { std::mem::zeroed() };
         let mut len = std::mem::size_of::<libc::tpacket_stats_v3>() as libc::socklen_t;
