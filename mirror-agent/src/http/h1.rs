@@ -209,8 +209,8 @@ struct MessageParser {
 /// A live response's content being gathered for comparison.
 struct Collecting {
     seq: u64,
-    method: String,
-    target: String,
+    method: ByteString,
+    target: ByteString,
     builder: ContentBuilder,
 }
 
@@ -305,8 +305,10 @@ struct EarlyResponse {
 
 struct Pending {
     seq: u64,
-    method: String,
-    target: String,
+    /// Shared with the request's bytes once it is complete (empty until then, but for an
+    /// `Upgrade: h2c` request, which HTTP/2 may take over before its body ends).
+    method: ByteString,
+    target: ByteString,
     head: bool,
     connect: bool,
     /// None until the request's last byte is seen.
@@ -506,7 +508,8 @@ impl HttpExtractor {
                 self.stop(c, StopReason::Connect);
                 return false;
             }
-            match upgrade_to(&p.buf, &head) {
+            let upgrade = upgrade_to(&p.buf, &head);
+            match upgrade {
                 // Replayed as a plain request; its answer says which protocol follows.
                 Some(Upgrade::H2c) => c.h2c_upgrade = Some(c.next_seq),
                 Some(Upgrade::Other) => {
@@ -524,8 +527,14 @@ impl HttpExtractor {
                     self.stats.pending_overflow += 1;
                 }
                 let start = p.start_base;
-                let method = String::from_utf8_lossy(&p.buf[head.method.clone()]).into_owned();
-                let target = String::from_utf8_lossy(&p.buf[head.target.clone()]).into_owned();
+                let (method, target) = if upgrade == Some(Upgrade::H2c) {
+                    let copy = |r: &Range<usize>| {
+                        ByteString::from(String::from_utf8_lossy(&p.buf[r.clone()]).into_owned())
+                    };
+                    (copy(&head.method), copy(&head.target))
+                } else {
+                    Default::default()
+                };
                 let is_head = &p.buf[head.method.clone()] == b"HEAD";
                 let early = take_early(&mut c.early, start, &mut self.stats);
                 c.pending.push_back(Pending {
@@ -678,7 +687,8 @@ impl HttpExtractor {
             let seq = head.seq;
             let p = &mut c.req;
             let keep = p.keep && p.drop_reason.is_none();
-            if let Some(pending) = c.pending.iter_mut().find(|x| x.seq == seq) {
+            let mut pending = c.pending.iter_mut().find(|x| x.seq == seq);
+            if let Some(pending) = pending.as_mut() {
                 pending.last_ts = Some(ts);
                 pending.dropped = !keep;
             }
@@ -694,10 +704,12 @@ impl HttpExtractor {
                     first_ts: p.first_ts,
                     last_ts: ts,
                 };
+                let request = Request::assemble(raw, head, at);
+                if let Some(pending) = pending {
+                    (pending.method, pending.target) = request.shared_method_and_target();
+                }
                 self.events
-                    .push(HttpEvent::Request(super::Request::H1(Request::assemble(
-                        raw, head, at,
-                    ))));
+                    .push(HttpEvent::Request(super::Request::H1(request)));
             } else {
                 match p.drop_reason {
                     Some(DropReason::Gap) => self.stats.dropped_gap += 1,
@@ -925,8 +937,8 @@ impl H1Conn {
             let p = self.pending.remove(i)?;
             (!p.dropped).then_some(UpgradeRequest {
                 seq,
-                method: p.method,
-                target: p.target,
+                method: p.method.to_string(),
+                target: p.target.to_string(),
                 last_ts: p.last_ts,
             })
         });
@@ -1251,6 +1263,7 @@ fn response_framing(framing: Framing, status: u16, to_head: bool) -> Framing {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Upgrade {
     H2c,
     Other,

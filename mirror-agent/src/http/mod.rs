@@ -137,8 +137,8 @@ pub struct WireOrigin {
 pub struct ResponseMeta {
     pub conn: ConnId,
     pub request_seq: u64,
-    pub method: String,
-    pub target: String,
+    pub method: ByteString,
+    pub target: ByteString,
     pub status: u16,
     /// A gRPC response's `grpc-status` (from its trailers, or its headers when it has no body).
     pub grpc_status: Option<u32>,
@@ -235,8 +235,8 @@ pub enum HttpEvent {
 pub struct LiveContent {
     pub conn: ConnId,
     pub request_seq: u64,
-    pub method: String,
-    pub target: String,
+    pub method: ByteString,
+    pub target: ByteString,
     pub content: std::sync::Arc<crate::compare::content::Content>,
 }
 

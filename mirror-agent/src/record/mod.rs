@@ -192,8 +192,8 @@ impl Record {
                     grpc_status: has_grpc.then_some(grpc),
                     request_last_ts: c.u64()?,
                     response_first_ts: c.u64()?,
-                    method: c.text()?,
-                    target: c.text()?,
+                    method: c.text()?.into(),
+                    target: c.text()?.into(),
                 })
             }
             _ => return Ok(None),

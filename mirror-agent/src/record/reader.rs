@@ -303,7 +303,7 @@ mod tests {
             panic!("a response")
         };
         assert_eq!(
-            (live.method.as_str(), live.target.as_str(), live.status),
+            (&*live.method, &*live.target, live.status),
             ("POST", "/p", 201)
         );
     }

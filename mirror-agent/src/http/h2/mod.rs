@@ -923,8 +923,8 @@ impl H2Conn {
         ctx.events.push(HttpEvent::Response(ResponseMeta {
             conn: ctx.info.id,
             request_seq: s.seq,
-            method: s.method,
-            target: s.path,
+            method: s.method.into(),
+            target: s.path.into(),
             status,
             grpc_status: s.response.grpc_status,
             // A response that began before the request ended (streaming) is timed from the

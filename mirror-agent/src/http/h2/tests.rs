@@ -350,7 +350,7 @@ fn an_accepted_h2c_upgrade_goes_on_as_http2() {
     let got: Vec<_> = x
         .responses
         .iter()
-        .map(|m| (m.request_seq, m.target.as_str(), m.status))
+        .map(|m| (m.request_seq, &*m.target, m.status))
         .collect();
     assert_eq!(got, [(0, "/books", 204), (3, "/books/2", 200)]);
     let s = x.r.handler().stats();
