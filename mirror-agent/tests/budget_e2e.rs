@@ -163,32 +163,13 @@ fn a_tiny_budget_sheds_whole_connections_in_the_kernel() {
         let i = parts.next().unwrap_or("").to_string();
         per_conn.entry(conn).or_default().push(i);
     }
-    let metrics = pair
-        .server
-        .exec(&["curl", "-sf", &format!("http://{METRICS}/metrics")])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&metrics.stdout);
+    let text = metrics_text(&pair.server, METRICS).expect("/metrics");
     let partial: Vec<_> = per_conn
         .iter()
         .filter(|(_, got)| got.len() != PER_CONN)
         .collect();
     if !partial.is_empty() {
-        let counters = text
-            .lines()
-            .filter(|l| {
-                [
-                    "kernel_packets",
-                    "capture",
-                    "reassembly_closed",
-                    "http_dropped",
-                    "replay",
-                ]
-                .iter()
-                .any(|m| l.starts_with(&format!("mirror_{m}")))
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
+        let counters = stage_counters(&text);
         let (_, log) = agent.terminate_with_output();
         panic!("connections mirrored in part: {partial:?}; counters:\n{counters}\nagent:\n{log}");
     }

@@ -129,11 +129,7 @@ fn agent(ns: &Netns) -> Agent {
 
 /// The agent's counters from /metrics, by sample name and labels.
 fn metrics(ns: &Netns) -> HashMap<String, f64> {
-    let out = ns
-        .exec(&["curl", "-sf", &format!("http://{METRICS}/metrics")])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let text = metrics_text(ns, METRICS).expect("/metrics");
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
         .expect("valid Prometheus text");
     scrape
@@ -335,14 +331,13 @@ fn curl_and_h2load_requests_are_mirrored_byte_for_byte() {
     netlab::wait_until(Duration::from_secs(20), || mirror.calls().len() >= 203);
     let calls = mirror.calls();
     if calls.len() != 203 {
-        // Where the missing calls went: every stage's counters, the kernel program's first.
-        let stages = ["kernel_", "capture_", "reassembly_", "http_", "replay_"];
-        let mut m: Vec<_> = metrics(&pair.server)
-            .into_iter()
-            .filter(|(k, v)| *v != 0.0 && stages.iter().any(|s| k.contains(s)))
-            .collect();
-        m.sort_by(|a, b| a.0.cmp(&b.0));
-        panic!("the mirror got {} of 203 calls; agent: {m:#?}", calls.len());
+        // Where the missing calls went.
+        let text = metrics_text(&pair.server, METRICS).unwrap_or_default();
+        panic!(
+            "the mirror got {} of 203 calls; agent:\n{}",
+            calls.len(),
+            stage_counters(&text)
+        );
     }
     let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
     for c in &calls {

@@ -711,11 +711,7 @@ pub fn report(ns: &Netns, metrics: &str) -> Option<mirror_agent::compare::Report
 /// One sample of the agent's `/metrics` (served at `addr` inside `ns`), by name and labels;
 /// None when the agent does not answer or has no such sample.
 pub fn metric(ns: &Netns, addr: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let out = ns
-        .exec(&["curl", "-sf", &format!("http://{addr}/metrics")])
-        .output()
-        .ok()?;
-    let text = String::from_utf8(out.stdout).ok()?;
+    let text = metrics_text(ns, addr)?;
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).ok()?;
     let sample = scrape
         .samples
@@ -727,6 +723,32 @@ pub fn metric(ns: &Netns, addr: &str, name: &str, labels: &[(&str, &str)]) -> Op
         | prometheus_parse::Value::Untyped(v) => Some(v),
         _ => None,
     }
+}
+
+/// The agent's `/metrics` text (served at `addr` inside `ns`), if it answers.
+pub fn metrics_text(ns: &Netns, addr: &str) -> Option<String> {
+    let out = ns
+        .exec(&["curl", "-sf", &format!("http://{addr}/metrics")])
+        .output()
+        .ok()?;
+    String::from_utf8(out.stdout).ok()
+}
+
+/// The non-zero series of every pipeline stage's counters in a `/metrics` text, the kernel
+/// program's first, a line each: what a failing test prints to say where requests went.
+pub fn stage_counters(metrics: &str) -> String {
+    let stages = ["kernel_", "capture_", "reassembly_", "http_", "replay_"];
+    metrics
+        .lines()
+        .filter(|l| {
+            let (name, value) = l.rsplit_once(' ').unwrap_or_default();
+            stages
+                .iter()
+                .any(|s| name.starts_with(&format!("mirror_{s}")))
+                && value.parse::<f64>().is_ok_and(|v| v != 0.0)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Sends `requests` on one connection in one write (pipelined) from inside `ns`, and reads
