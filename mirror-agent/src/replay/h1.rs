@@ -15,7 +15,9 @@
 //!   comes late when the agent is busy, and would make the answer read short (a 300 ms endpoint
 //!   averaged 295 ms). Later answers count for their status, not for durations;
 //! - the depth doubles while answers come within `FAST_ANSWER` and falls back to one request
-//!   as soon as one is slower, so that a slow answer holds up at most one batch.
+//!   as soon as one is slower, so that a slow answer holds up at most one batch; it halves when
+//!   a batch's answers, each fast, take longer than `FAST_BATCH` together, so that pipelining
+//!   does not stack a mirror's answers deeper than that behind each other.
 //!
 //! The bytes keep the client's header names, case and order, and a chunked body goes out as it
 //! came (extensions and trailers included). Only hop-by-hop headers, `--drop-header`, Host and
@@ -47,11 +49,17 @@ const HOP_BY_HOP: &[&str] = &[
     "content-length",
 ];
 
-/// Answers that come this soon after the mirror could start on them let the depth grow. A batch
-/// of 16 such answers holds its last one up by 75 ms at most; and the time includes the agent's
-/// own delay in reading, so a tighter bound would stop pipelining exactly when the agent is
-/// busiest and needs it most.
+/// Answers that come this soon after the mirror could start on them let the depth grow. The
+/// time includes the agent's own delay in reading, so a tighter bound would stop pipelining
+/// exactly when the agent is busiest and needs it most.
 const FAST_ANSWER: Duration = Duration::from_millis(5);
+
+/// Batches answered this soon, from the write to the last answer, let the depth grow; longer
+/// ones halve it, so that the last answer of a batch waits about this long behind the others
+/// (a deep batch of answers that are each just under `FAST_ANSWER` would wait for all of them).
+/// Against a mirror that takes 1 ms a request the depth moves between 8 and 16; against one that
+/// answers in microseconds it reaches `--pipeline-depth`.
+const FAST_BATCH: Duration = Duration::from_millis(10);
 
 /// Longest chunk-size or trailer line accepted in an answer.
 const MAX_LINE: usize = 64 << 10;
@@ -295,6 +303,8 @@ impl Conn {
         }
         self.depth = if slow {
             1
+        } else if self.last_read.saturating_duration_since(started) > FAST_BATCH {
+            (self.depth / 2).max(1)
         } else {
             (self.depth * 2).min(max_depth.max(1))
         };
@@ -506,6 +516,17 @@ mod tests {
         delay: Duration,
         close: bool,
     ) -> (ReplayConfig, tokio::task::JoinHandle<Vec<u8>>) {
+        paced_mirror(vec![script], wait_for, delay, close).await
+    }
+
+    /// A mirror that, once the first `wait_for` requests have arrived, writes each piece of
+    /// `script` `gap` after the previous one, then closes if `close`.
+    async fn paced_mirror(
+        script: Vec<&'static [u8]>,
+        wait_for: usize,
+        gap: Duration,
+        close: bool,
+    ) -> (ReplayConfig, tokio::task::JoinHandle<Vec<u8>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let cfg = config(&format!("http://{}", listener.local_addr().unwrap()));
         let task = tokio::spawn(async move {
@@ -517,8 +538,10 @@ mod tests {
                 assert!(n > 0, "the client closed early");
                 got.extend_from_slice(&buf[..n]);
             }
-            tokio::time::sleep(delay).await;
-            s.write_all(script).await.unwrap();
+            for piece in script {
+                tokio::time::sleep(gap).await;
+                s.write_all(piece).await.unwrap();
+            }
             if !close {
                 // Hold the connection open until the client is done with it.
                 let _ = s.read(&mut buf).await;
@@ -665,6 +688,35 @@ mod tests {
         assert_eq!(statuses(&fates), [Some(MirrorResult::Timeout)]);
         assert!(!reusable);
         assert!(t.elapsed() >= Duration::from_millis(200));
+    }
+
+    #[tokio::test]
+    async fn a_batch_answered_fast_one_by_one_but_slowly_in_all_halves_the_depth() {
+        const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        // Each answer 3 ms after the one before (under FAST_ANSWER), 18 ms in all.
+        let (cfg, _server) = paced_mirror(vec![OK; 6], 6, Duration::from_millis(3), false).await;
+        let reqs: Vec<Outgoing> = (0..6)
+            .map(|i| {
+                outgoing(
+                    &cfg,
+                    format!("GET /{i} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes(),
+                )
+            })
+            .collect();
+        let mut conn = Conn::open(&cfg).await.unwrap();
+        conn.depth = 8;
+        let batch: Vec<&Outgoing> = reqs.iter().collect();
+        let (fates, reusable) = conn
+            .exchange(&batch, Duration::from_secs(5), 64, None)
+            .await;
+        assert_eq!(statuses(&fates), vec![Some(MirrorResult::Status(200)); 6]);
+        assert!(reusable);
+        // 4 when no gap was stretched past FAST_ANSWER by a busy machine, else 1.
+        assert!(
+            conn.depth() <= 4,
+            "a batch longer than FAST_BATCH must not deepen the next one: {}",
+            conn.depth()
+        );
     }
 
     #[tokio::test]

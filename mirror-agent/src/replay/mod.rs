@@ -85,7 +85,7 @@ impl ReplayConfig {
             path: None,
             max_rps: None,
             max_inflight: 256,
-            pipeline_depth: 16,
+            pipeline_depth: 64,
             content: None,
             timeout: Duration::from_secs(10),
             queue_bytes: 64 << 20,
