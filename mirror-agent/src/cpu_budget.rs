@@ -146,19 +146,21 @@ impl CpuBudget {
             .long_lived_segments
             .saturating_sub(prev.long_lived_segments);
         let admitted_carry_load = segments > 0 && long_lived * 2 >= segments;
-        self.over = if (self.used > self.cores || now.backlog >= 1.0) && admitted_carry_load {
+        self.over = if self.used > self.cores || now.backlog >= 1.0 {
             self.over + 1
         } else {
             0
         };
         // Dropping admitted connections is the last resort: only after `MUST_DROP_AFTER`
         // seconds over budget (or losing data) in a row, which cutting the new-connection rate
-        // every second did not end, so the load is on connections already admitted (long-lived
-        // ones). Those the current rate would not admit go: the admitted set becomes what that
-        // rate admits.
+        // every second did not end, and while long-lived connections carry the load. The streak
+        // counts from the first second over, not from when the connections came of age, so that
+        // connections opened with the overload are dropped as soon as they have lasted
+        // `MUST_DROP_AFTER` seconds. Those the current rate would not admit go: the admitted set
+        // becomes what that rate admits.
         let keep = match self.over {
             0 => ALL,
-            n if n >= MUST_DROP_AFTER => next,
+            n if n >= MUST_DROP_AFTER && admitted_carry_load => next,
             _ => self.keep_admitted,
         };
         let changed = next != self.ppm || keep != self.keep_admitted;
@@ -406,6 +408,36 @@ mod tests {
             assert_eq!(b.keep_admitted(), ALL, "second {s}");
         }
         assert_eq!(b.ppm(), MIN_PPM, "new connections shed as far as they go");
+    }
+
+    /// Connections opened with the overload (a load generator's keep-alive connections): they
+    /// become long-lived after two seconds, and are dropped at the end of the third second
+    /// over, not three seconds after they came of age.
+    #[test]
+    fn connections_opened_with_the_overload_are_dropped_after_it_lasted() {
+        let mut b = CpuBudget::new(0.1, 1_000_000);
+        let t = Instant::now();
+        let over = |s: u64| Load {
+            cpu: Duration::from_millis(800 * s),
+            live_path: Duration::ZERO,
+            at: t + Duration::from_secs(s),
+            backlog: 0.0,
+            segments: s * 1000,
+            long_lived_segments: s.saturating_sub(2) * 1000,
+        };
+        b.observe(over(0));
+        let keeps: Vec<u32> = (1..=3)
+            .map(|s| {
+                b.observe(over(s));
+                b.keep_admitted()
+            })
+            .collect();
+        assert_eq!(&keeps[..2], &[ALL, ALL], "young connections are kept");
+        assert_eq!(
+            keeps[2],
+            b.ppm(),
+            "dropped once over for {MUST_DROP_AFTER} s"
+        );
     }
 
     #[test]
