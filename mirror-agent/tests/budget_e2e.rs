@@ -241,6 +241,7 @@ fn sustained_overload_drops_admitted_connections_for_good() {
         got.entry(conn).or_default().push(i);
     }
     let mut cut = 0;
+    let mut mirrored = Vec::new();
     for (conn, n) in sent.iter().enumerate() {
         let mut seen = got.remove(&conn).unwrap_or_default();
         seen.sort();
@@ -254,8 +255,12 @@ fn sustained_overload_drops_admitted_connections_for_good() {
         if seen.len() < *n {
             cut += 1;
         }
+        mirrored.push(seen.len());
     }
     assert!(cut > 0, "no admitted connection was dropped: {sent:?}");
     agent.terminate();
-    eprintln!("long-lived: sent {sent:?}; {cut} of 4 connections dropped for good");
+    eprintln!(
+        "long-lived: sent {sent:?}, mirrored the first {mirrored:?}; {cut} of 4 connections \
+         dropped for good"
+    );
 }
