@@ -266,6 +266,18 @@ mod tests {
         out
     }
 
+    /// Feeds `load` at second 0, then at each of the next `seconds`; returns the share of
+    /// admitted connections kept after each.
+    fn keeps_over(b: &mut CpuBudget, load: impl Fn(u64) -> Load, seconds: u64) -> Vec<u32> {
+        b.observe(load(0));
+        (1..=seconds)
+            .map(|s| {
+                b.observe(load(s));
+                b.keep_admitted()
+            })
+            .collect()
+    }
+
     #[test]
     fn settles_under_the_budget_without_oscillating() {
         // Demand of 2 cores against a budget of 0.5.
@@ -375,13 +387,7 @@ mod tests {
             segments: s * 1000,
             long_lived_segments: s * 900,
         };
-        b.observe(losing(0));
-        let keeps: Vec<u32> = (1..=3)
-            .map(|s| {
-                b.observe(losing(s));
-                b.keep_admitted()
-            })
-            .collect();
+        let keeps = keeps_over(&mut b, losing, 3);
         assert_eq!(&keeps[..2], &[ALL, ALL]);
         assert_eq!(keeps[2], b.ppm());
         assert!(keeps[2] < ALL);
@@ -425,13 +431,7 @@ mod tests {
             segments: s * 1000,
             long_lived_segments: s.saturating_sub(2) * 1000,
         };
-        b.observe(over(0));
-        let keeps: Vec<u32> = (1..=3)
-            .map(|s| {
-                b.observe(over(s));
-                b.keep_admitted()
-            })
-            .collect();
+        let keeps = keeps_over(&mut b, over, 3);
         assert_eq!(&keeps[..2], &[ALL, ALL], "young connections are kept");
         assert_eq!(
             keeps[2],
