@@ -286,7 +286,11 @@ pub struct AttachArgs {
     /// are waiting (pipelining; the depth adapts to the mirror's speed). Roughly halves the
     /// agent's CPU per request. Only the first answer of a batch is timed; the others count for
     /// their status. 1 turns pipelining off, for a mirror that mishandles it.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=256))]
+    #[arg(
+        long,
+        default_value_t = replay::DEFAULT_PIPELINE_DEPTH,
+        value_parser = clap::value_parser!(u16).range(1..=256)
+    )]
     pub pipeline_depth: u16,
 
     /// Bytes of requests waiting to be mirrored at most (e.g. 64M); when full, new ones are

@@ -74,6 +74,9 @@ pub struct ReplayConfig {
 /// What a queued request costs beyond its bytes (the request's own fields and header index).
 pub const QUEUE_ENTRY_OVERHEAD: usize = 512;
 
+/// Most HTTP/1 requests written at once on a mirror connection unless `--pipeline-depth` says.
+pub const DEFAULT_PIPELINE_DEPTH: u16 = 64;
+
 impl ReplayConfig {
     pub fn new(mirror: Uri) -> Self {
         ReplayConfig {
@@ -85,7 +88,7 @@ impl ReplayConfig {
             path: None,
             max_rps: None,
             max_inflight: 256,
-            pipeline_depth: 64,
+            pipeline_depth: DEFAULT_PIPELINE_DEPTH.into(),
             content: None,
             timeout: Duration::from_secs(10),
             queue_bytes: 64 << 20,
