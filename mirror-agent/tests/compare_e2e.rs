@@ -457,3 +457,102 @@ fn content_regressions_stand_out_and_noise_does_not() {
     }
     agent.terminate();
 }
+
+/// Two real servers that disagree on routes: live answers 404 where the candidate answers 200,
+/// and the candidate lost a route live serves. The verdict names both, in /report's JSON, the
+/// `report` command's table and the exit summary, and never says "matches".
+#[test]
+fn servers_that_disagree_on_a_route_get_a_differs_verdict() {
+    use mirror_agent::compare::VerdictKind;
+    require_root();
+    let pair = Pair::new("dis", 247);
+    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+    let _live = TestServer::start_with(
+        &pair.server,
+        &[live_addr],
+        Arc::new(|target| match target {
+            t if t.starts_with("/missing/") => (404, Duration::ZERO),
+            _ => (200, Duration::ZERO),
+        }),
+    );
+    let _candidate = TestServer::start_with(
+        &pair.server,
+        &[MIRROR.parse().unwrap()],
+        Arc::new(|target| match target {
+            "/api/lost" => (404, Duration::ZERO),
+            _ => (200, Duration::ZERO),
+        }),
+    );
+    let agent = Agent::start(
+        &pair.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "8080",
+            "--mirror",
+            &format!("http://{MIRROR}"),
+            "--metrics",
+            METRICS,
+        ],
+    );
+    const MISSING: u64 = 6;
+    let base = format!("http://{}:8080", pair.server_v4);
+    let mut urls: Vec<String> = (1..=MISSING)
+        .map(|i| format!("{base}/missing/{i}"))
+        .collect();
+    urls.extend([format!("{base}/api/lost"), format!("{base}/api/ok")]);
+    let args: Vec<&str> = urls.iter().map(String::as_str).collect();
+    curl(&pair.client, &args);
+
+    let total = MISSING + 2;
+    let mut last = None;
+    let paired = netlab::wait_until(Duration::from_secs(20), || {
+        last = report(&pair.server);
+        last.as_ref()
+            .is_some_and(|r| r.paired.iter().map(|p| p.count).sum::<u64>() == total)
+    });
+    let r = last.expect("the report command answered");
+    assert!(
+        paired,
+        "every request paired with its live response: {r:#?}"
+    );
+    let verdict = |name: &str| {
+        r.verdicts
+            .iter()
+            .find(|v| v.name == name)
+            .unwrap_or_else(|| panic!("no verdict on {name}: {:#?}", r.verdicts))
+    };
+    let missing = verdict("GET /missing/{id}");
+    assert_eq!(
+        (missing.verdict, missing.paired, missing.mismatched),
+        (VerdictKind::Differs, MISSING, MISSING)
+    );
+    assert_eq!(
+        missing.findings[0].detail,
+        format!("200 where live answered 404 ×{MISSING} of {MISSING} paired")
+    );
+    let lost = verdict("GET /api/lost");
+    assert_eq!((lost.verdict, lost.mismatched), (VerdictKind::Differs, 1));
+    assert!(lost.findings[0]
+        .detail
+        .starts_with("404 where live answered 200"));
+    assert_eq!(verdict("GET /api/ok").verdict, VerdictKind::Match);
+
+    let table = pair
+        .server
+        .exec(&[AGENT, "report", "--agent", METRICS])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    let (exit_summary, _) = agent.terminate_with_output();
+    for out in [table.as_ref(), exit_summary.as_str()] {
+        assert!(
+            out.contains(&format!(
+                "verdict: mirror differs on GET /missing/{{id}}: 200 where live answered 404 ×{MISSING} of {MISSING} paired"
+            )) && out.contains("verdict: mirror differs on GET /api/lost: 404 where live answered 200 ×1 of 1 paired"),
+            "{out}"
+        );
+        assert!(!out.contains("matches live"), "{out}");
+    }
+}

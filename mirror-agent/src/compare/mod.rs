@@ -26,12 +26,14 @@ mod histogram;
 mod report;
 #[cfg(test)]
 mod tests;
+mod verdict;
 pub mod worker;
 
 use endpoint::write_endpoint_name;
 pub use endpoint::{endpoint_name, RouteTemplate};
 pub use histogram::{SeriesHistogram, BUCKETS_S};
-pub use report::{format_table, verdicts, LatencyRatio, Mismatch, Report, Row, Sampling};
+pub use report::{format_table, LatencyRatio, Mismatch, Paired, Report, Row, Sampling};
+pub use verdict::{judge, verdicts, Verdict, VerdictKind};
 
 #[derive(Clone, Debug)]
 pub struct CompareConfig {
@@ -186,10 +188,13 @@ struct Pairs {
     mismatches: BTreeMap<(Name, Source, Name, Name), u64>,
     /// (endpoint, mirror) → (pairs, sum of mirror/live duration ratios).
     ratios: BTreeMap<(Name, Source), (u64, f64)>,
+    /// (endpoint, mirror) → pairs, timed or not: what a verdict's share is of.
+    paired: BTreeMap<(Name, Source), u64>,
 }
 
 impl Pairs {
     fn pair(&mut self, live: &Half, src: Source, mirror: &Half) {
+        *self.paired.entry((live.name.clone(), src)).or_default() += 1;
         if live.code != mirror.code {
             *self
                 .mismatches
@@ -431,6 +436,17 @@ impl Comparator {
                     mean_ratio: sum / *n as f64,
                 })
                 .collect(),
+            paired: self
+                .pairs
+                .paired
+                .iter()
+                .map(|((name, src), n)| Paired {
+                    name: name.to_string(),
+                    mirror: self.label(*src).to_string(),
+                    count: *n,
+                })
+                .collect(),
+            verdicts: Vec::new(),
             mirrors: self.cfg.mirror_labels.clone(),
             content: Vec::new(),
             content_not_compared: None,
@@ -496,9 +512,11 @@ impl Comparison {
         }
     }
 
+    /// The report, with its verdicts.
     pub fn report(&self) -> Report {
         let mut r = self.lock().report();
         self.add_content(&mut r);
+        r.verdicts = judge(&r);
         r
     }
 
@@ -513,6 +531,7 @@ impl Comparison {
             (c.report(), c.histograms())
         };
         self.add_content(&mut r);
+        r.verdicts = judge(&r);
         (r, h)
     }
 

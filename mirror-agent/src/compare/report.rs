@@ -1,12 +1,12 @@
 //! What the comparison reports: the rows, divergences and verdicts, as `/report` serves them,
 //! and the seed's table that the agent prints and `mirror-agent report` shows.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
 use super::diffs::{ContentRow, NotCompared};
+use super::verdict::{verdicts, Verdict};
 use super::Side;
 
 /// One row of the table.
@@ -48,11 +48,26 @@ pub struct LatencyRatio {
     pub mean_ratio: f64,
 }
 
+/// Requests of one endpoint paired with their live response, per mirror.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Paired {
+    pub name: String,
+    /// The mirror's version tag.
+    pub mirror: String,
+    pub count: u64,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub rows: Vec<Row>,
     pub mismatches: Vec<Mismatch>,
     pub latency_ratios: Vec<LatencyRatio>,
+    /// Pairs per endpoint and mirror, timed or not.
+    #[serde(default)]
+    pub paired: Vec<Paired>,
+    /// One verdict per endpoint and mirror (`judge`), for machines; the table words them.
+    #[serde(default)]
+    pub verdicts: Vec<Verdict>,
     /// The mirrors' version tags, in the agent's order.
     #[serde(default)]
     pub mirrors: Vec<String>,
@@ -87,140 +102,12 @@ pub struct Sampling {
     pub live_path_used: f64,
 }
 
-/// One line per endpoint and mirror where the mirror diverges from live: faults first, then
-/// slowness; a "matches" line for a mirror where nothing diverges. With one mirror it is just
-/// "mirror"; with several, each is named by its tag.
-pub fn verdicts(r: &Report) -> Vec<String> {
-    let who = |label: &str| {
-        if r.mirrors.len() > 1 {
-            format!("mirror {label}")
-        } else {
-            "mirror".to_string()
-        }
-    };
-    let mut out = Vec::new();
-    let content = content_verdicts(r, &who);
-    let mut diverged: BTreeSet<&str> = content.iter().map(|(label, _)| *label).collect();
-    for m in &r.mismatches {
-        let failing = m.mirror_code.starts_with('5') || m.mirror_code.parse::<u16>().is_err();
-        if failing && !(m.live_code.starts_with('5')) {
-            diverged.insert(&m.mirror);
-            out.push(format!(
-                "{} fails on {}: {}× {} where live answered {}",
-                who(&m.mirror),
-                m.name,
-                m.count,
-                m.mirror_code,
-                m.live_code
-            ));
-        }
-    }
-    // Per endpoint: live (timed results, sum of ms), then per mirror tag the same.
-    type Timed = (u64, f64);
-    let mut live: BTreeMap<&str, Timed> = BTreeMap::new();
-    let mut mirrors: BTreeMap<&str, BTreeMap<&str, Timed>> = r
-        .mirrors
-        .iter()
-        .map(|m| (m.as_str(), BTreeMap::new()))
-        .collect();
-    for row in &r.rows {
-        let e = match row.side {
-            Side::Live => live.entry(&row.name).or_default(),
-            Side::Mirror => mirrors
-                .entry(&row.version)
-                .or_default()
-                .entry(&row.name)
-                .or_default(),
-        };
-        e.0 += row.timed;
-        e.1 += row.avg_ms * row.timed as f64;
-    }
-    let mut matching = Vec::new();
-    for (label, by_name) in &mirrors {
-        let mut both = 0;
-        for (name, m) in by_name {
-            let l = live.get(name).copied().unwrap_or_default();
-            if l.0 == 0 || m.0 == 0 {
-                continue;
-            }
-            both += 1;
-            let (l, m) = (l.1 / l.0 as f64, m.1 / m.0 as f64);
-            if m > 2.0 * l && m - l > 100.0 {
-                diverged.insert(label);
-                out.push(format!(
-                    "{} slower on {name}: {} ms vs {} ms live",
-                    who(label),
-                    fmt_ms(m),
-                    fmt_ms(l)
-                ));
-            }
-        }
-        if !diverged.contains(label) {
-            matching.push(format!(
-                "{} matches live: same status codes, similar durations on {both} endpoints",
-                who(label)
-            ));
-        }
-    }
-    out.extend(content.into_iter().map(|(_, line)| line));
-    out.extend(matching);
-    out
-}
-
-/// Most fields named in a content verdict line.
-const VERDICT_FIELDS: usize = 5;
-
-/// One line per endpoint and candidate mirror whose content differs beyond the noise.
-fn content_verdicts<'a>(r: &'a Report, who: &dyn Fn(&str) -> String) -> Vec<(&'a str, String)> {
-    let pct = |x: f64| format!("{:.0}%", x * 100.0);
-    let mut out = Vec::new();
-    for row in r.content.iter().filter(|c| !c.secondary) {
-        let fields: Vec<String> = row
-            .fields
-            .iter()
-            .filter(|f| f.regression)
-            .take(VERDICT_FIELDS)
-            .map(|f| match (&f.live_example, &f.mirror_example) {
-                (Some(_), None) => format!("{} missing ({})", f.path, pct(f.rate)),
-                (None, Some(_)) => format!("{} added ({})", f.path, pct(f.rate)),
-                _ => format!(
-                    "{} ({} vs {} noise)",
-                    f.path,
-                    pct(f.rate),
-                    pct(f.noise_rate)
-                ),
-            })
-            .collect();
-        if !fields.is_empty() {
-            out.push((
-                row.mirror.as_str(),
-                format!(
-                    "{} differs on {}: {}",
-                    who(&row.mirror),
-                    row.name,
-                    fields.join(", ")
-                ),
-            ));
-        }
-    }
-    out
-}
-
 /// `tag: ` before a divergence when there are several mirrors to tell apart.
 fn on_mirror(r: &Report, label: &str) -> String {
     if r.mirrors.len() > 1 {
         format!("{label}: ")
     } else {
         String::new()
-    }
-}
-
-/// Milliseconds, with a decimal below 10 ms so that sub-millisecond averages do not read as 0.
-fn fmt_ms(ms: f64) -> String {
-    if ms < 10.0 {
-        format!("{ms:.1}")
-    } else {
-        format!("{ms:.0}")
     }
 }
 

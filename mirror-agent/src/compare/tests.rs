@@ -372,6 +372,12 @@ mod contents {
         }
     }
 
+    /// Live's answer to request `seq`: its status and timing, then its content.
+    fn answer_live(c: &Comparison, seq: u64, target: &str, content: Arc<Content>) {
+        c.live(&live(3, seq, target, 200, 5));
+        c.live_content(&live_content(seq, target, content));
+    }
+
     #[test]
     fn regressions_stand_out_from_the_noise_a_secondary_shows() {
         let c = comparator(&["cand", "second"], Some(1), &[]);
@@ -386,11 +392,7 @@ mod contents {
                     Some(json("200", book(seq + 100, 4.0, "cost"))),
                 ),
             );
-            c.live_content(&live_content(
-                seq,
-                &target,
-                json("200", book(seq, 4.5, "price")),
-            ));
+            answer_live(&c, seq, &target, json("200", book(seq, 4.5, "price")));
             c.mirror(
                 1,
                 &outcome(
@@ -401,11 +403,7 @@ mod contents {
             );
             // An endpoint where only the noise differs.
             let t2 = format!("/api/authors/{seq}");
-            c.live_content(&live_content(
-                seq + 1000,
-                &t2,
-                json("200", book(seq, 1.0, "price")),
-            ));
+            answer_live(&c, seq + 1000, &t2, json("200", book(seq, 1.0, "price")));
             c.mirror(
                 0,
                 &outcome(
@@ -466,7 +464,7 @@ mod contents {
             verdicts(&r),
             [
                 "mirror cand differs on GET /api/books/{id}: $.cost added (100%), $.price missing (100%), $.rating (100% vs 0% noise)",
-                "mirror second matches live: same status codes, similar durations on 0 endpoints",
+                "mirror second matches live: same status codes, similar durations on 2 endpoints",
             ]
         );
         assert!(
@@ -486,7 +484,7 @@ mod contents {
         for seq in 0..10 {
             // The same request twice: live's two answers differ in their request id.
             let live = book(seq, 4.5, "price");
-            c.live_content(&live_content(seq, "/api/books/1", json("200", live)));
+            answer_live(&c, seq, "/api/books/1", json("200", live));
             c.mirror(
                 0,
                 &outcome(
@@ -596,4 +594,155 @@ fn result_codes_are_bounded_whatever_a_peer_sends() {
             .sum()
     };
     assert_eq!((n("503"), n("timeout")), (2, 2));
+}
+
+mod verdicts {
+    use super::*;
+
+    /// `n` requests to `target`: live answers `live_code`, the mirror `result`, both in 5 ms.
+    fn judged(pairs: &[(&str, u16, MirrorResult, u64)]) -> Report {
+        let mut c = Comparator::new(CompareConfig::default());
+        let mut seq = 0;
+        for (target, live_code, result, n) in pairs {
+            for _ in 0..*n {
+                seq += 1;
+                c.live(&live(1, seq, target, *live_code, 5));
+                c.mirror(0, &mirror(1, seq, target, *result, 5));
+            }
+        }
+        let mut r = c.report();
+        r.verdicts = judge(&r);
+        r
+    }
+
+    fn kinds(r: &Report) -> Vec<(&str, VerdictKind)> {
+        r.verdicts
+            .iter()
+            .map(|v| (v.name.as_str(), v.verdict))
+            .collect()
+    }
+
+    #[test]
+    fn any_status_difference_is_named_in_either_direction() {
+        for (live_code, mirror_code) in [(200, 404), (404, 200), (201, 200), (302, 200), (200, 401)]
+        {
+            let r = judged(&[
+                (
+                    "/missing/1",
+                    live_code,
+                    MirrorResult::Status(mirror_code),
+                    20,
+                ),
+                ("/ok", 200, MirrorResult::Status(200), 3),
+            ]);
+            assert_eq!(
+                kinds(&r),
+                [
+                    ("GET /missing/{id}", VerdictKind::Differs),
+                    ("GET /ok", VerdictKind::Match)
+                ],
+                "{live_code} → {mirror_code}"
+            );
+            let v = &r.verdicts[0];
+            assert_eq!((v.paired, v.mismatched), (20, 20));
+            assert_eq!(
+                verdicts(&r),
+                [format!(
+                    "mirror differs on GET /missing/{{id}}: {mirror_code} where live answered {live_code} ×20 of 20 paired"
+                )],
+                "no \"matches\" line while an endpoint differs"
+            );
+        }
+    }
+
+    #[test]
+    fn grpc_statuses_are_judged_by_name() {
+        let mut c = Comparator::new(CompareConfig::default());
+        for seq in 0..4 {
+            let mut l = live(1, seq, "/books.Books/Get", 200, 5);
+            l.grpc_status = Some(0);
+            l.method = "POST".into();
+            c.live(&l);
+            // NOT_FOUND where live said OK, then INTERNAL: a difference, then a failure.
+            let g = if seq < 3 { 5 } else { 13 };
+            let mut o = mirror(1, seq, "/books.Books/Get", MirrorResult::Grpc(200, g), 5);
+            o.method = "POST".into();
+            c.mirror(0, &o);
+        }
+        let r = c.report();
+        let v = judge(&r);
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].verdict, VerdictKind::Fails, "the worst finding wins");
+        assert_eq!(
+            verdicts(&r),
+            [
+                "mirror fails on POST /books.Books/Get: 1× INTERNAL where live answered OK",
+                "mirror differs on POST /books.Books/Get: NOT_FOUND where live answered OK ×3 of 4 paired (75%)",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_rare_difference_is_shown_with_its_share_and_live_flapping_named() {
+        // Live flapped once to 404 on an endpoint it otherwise answers 200; the mirror said 200.
+        let r = judged(&[
+            ("/books/1", 200, MirrorResult::Status(200), 999),
+            ("/books/2", 404, MirrorResult::Status(200), 1),
+        ]);
+        assert_eq!(kinds(&r), [("GET /books/{id}", VerdictKind::Differs)]);
+        assert_eq!(
+            verdicts(&r),
+            ["mirror differs on GET /books/{id}: 200 where live answered 404 ×1 of 1000 paired (0.100%); live itself answered 200 ×999 here, so live may flap"]
+        );
+    }
+
+    #[test]
+    fn failures_keep_their_wording_and_both_failing_differently_differs() {
+        let r = judged(&[
+            ("/a", 200, MirrorResult::Status(503), 2),
+            ("/b", 200, MirrorResult::Timeout, 1),
+            ("/c", 500, MirrorResult::Status(503), 1),
+        ]);
+        assert_eq!(
+            kinds(&r),
+            [
+                ("GET /a", VerdictKind::Fails),
+                ("GET /b", VerdictKind::Fails),
+                ("GET /c", VerdictKind::Differs)
+            ]
+        );
+        assert_eq!(
+            verdicts(&r)[1],
+            "mirror fails on GET /b: 1× timeout where live answered 200"
+        );
+    }
+
+    #[test]
+    fn report_json_carries_a_verdict_per_endpoint_and_mirror() {
+        let r = judged(&[
+            ("/gone", 200, MirrorResult::Status(404), 2),
+            ("/ok", 200, MirrorResult::Status(200), 2),
+        ]);
+        let json = serde_json::to_value(&r).unwrap();
+        let v = &json["verdicts"];
+        assert_eq!(v[0]["name"], "GET /gone");
+        assert_eq!(v[0]["verdict"], "differs");
+        assert_eq!(v[0]["mismatched"], 2);
+        assert_eq!(v[0]["findings"][0]["kind"], "differs");
+        assert_eq!(v[1]["verdict"], "match");
+        let back: Report = serde_json::from_value(json).unwrap();
+        assert_eq!(back.verdicts, r.verdicts);
+    }
+
+    #[test]
+    fn nothing_paired_claims_no_match() {
+        let mut c = Comparator::new(CompareConfig::default());
+        c.mirror(0, &mirror(1, 0, "/a", MirrorResult::Status(200), 5));
+        let r = c.report();
+        assert!(judge(&r).is_empty());
+        assert_eq!(
+            verdicts(&r),
+            ["mirror: nothing to judge yet, no request paired with its live response"]
+        );
+    }
 }
