@@ -45,6 +45,9 @@ fn main() {
 }
 
 fn attach(args: AttachArgs) -> Result<()> {
+    // Before any thread: it raises the memlock limit where the kernel needs it, then gives up
+    // CAP_SYS_RESOURCE for every thread to come.
+    mirror_agent::capture::memlock::prepare();
     // One runtime thread per mirror, up to the CPUs: with two for one mirror, the second mostly
     // woke to take a task the first was about to run (measured at 20k req/s: 28 % more context
     // switches and 12 % more CPU per mirrored request than with one).
@@ -401,7 +404,14 @@ fn capture_hint(c: &CaptureError) -> Option<String> {
         CaptureError::HostAddress { .. } => "attach with --iface instead of --pod-ip".into(),
         CaptureError::PodNotLocal { .. } => "run the agent on the pod's node".into(),
         CaptureError::Load(_) => "mirror-agent needs a kernel with BPF (CONFIG_BPF_SYSCALL), \
-             CAP_BPF and CAP_NET_ADMIN (or root), and an unlocked memlock limit"
+             and CAP_BPF and CAP_NET_ADMIN (or root)"
+            .into(),
+        CaptureError::Memlock { .. } => "kernels before 5.11 charge BPF maps to the memlock \
+             limit, and raising it takes CAP_SYS_RESOURCE: add SYS_RESOURCE to the container's \
+             securityContext.capabilities.add (deploy/daemonset.yaml does; the agent uses it \
+             only there, and drops it at start), or raise the node's container runtime memlock \
+             limit (LimitMEMLOCK=infinity in the containerd or docker systemd unit, or \
+             `--ulimit memlock=-1`)"
             .into(),
         CaptureError::Rejected(_) => "use a kernel built with BTF (CONFIG_DEBUG_INFO_BTF=y); \
              the README lists the kernels tested"

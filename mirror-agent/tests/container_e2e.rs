@@ -117,20 +117,13 @@ impl Drop for Container {
     }
 }
 
-#[test]
-fn the_daemonset_security_context_starts_mirrors_and_stops_clean() {
-    require_root();
-    let pair = Pair::new("ct", 242);
-    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
-    let _live = TestServer::start(&pair.server, &[live_addr]);
-    let mirror = TestServer::start(&pair.server, &[MIRROR.parse().unwrap()]);
-    let dir = tempfile::tempdir().unwrap();
-    let root = rootfs(dir.path());
-    let name = netlab::unique("mirror-agent-ct");
+/// The agent's container as podman runs it: the DaemonSet's security flags (`flags`), the test
+/// namespace for hostNetwork, the rootfs with the agent, mirroring srv0's port 8080.
+fn podman_agent(name: &str, pair: &Pair, root: &Path, flags: Vec<String>) -> Command {
     let mut cmd = Command::new("podman");
-    cmd.args(["--runtime", "runc", "run", "--rm", "--name", &name])
+    cmd.args(["--runtime", "runc", "run", "--rm", "--name", name])
         .arg(format!("--network=ns:{}", pair.server.path()))
-        .args(security_flags())
+        .args(flags)
         // podman's own defaults exceed what this host allows (see shared notes).
         .args([
             "--ulimit",
@@ -153,6 +146,38 @@ fn the_daemonset_security_context_starts_mirrors_and_stops_clean() {
             "--metrics",
             "127.0.0.1:9464",
         ]);
+    cmd
+}
+
+/// Whether this process's bounding set holds CAP_SYS_RESOURCE, so that podman can grant it.
+fn may_grant_sys_resource() -> bool {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let bounding = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .expect("CapBnd in /proc/self/status");
+    bounding & (1 << CAP_SYS_RESOURCE) != 0
+}
+
+/// Whether the running kernel charges BPF maps to the memlock limit (before 5.11).
+fn kernel_charges_memlock() -> bool {
+    use mirror_agent::capture::memlock;
+    memlock::charges_memlock(memlock::kernel().expect("the kernel's version"))
+}
+
+#[test]
+fn the_daemonset_security_context_starts_mirrors_and_stops_clean() {
+    require_root();
+    let pair = Pair::new("ct", 242);
+    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+    let _live = TestServer::start(&pair.server, &[live_addr]);
+    let mirror = TestServer::start(&pair.server, &[MIRROR.parse().unwrap()]);
+    let dir = tempfile::tempdir().unwrap();
+    let root = rootfs(dir.path());
+    let name = netlab::unique("mirror-agent-ct");
+    let cmd = podman_agent(&name, &pair, &root, security_flags());
     let mut container = Container {
         name,
         agent: Some(Agent::spawn_command(cmd)),
@@ -227,6 +252,18 @@ fn the_daemonset_security_context_starts_mirrors_and_stops_clean() {
     // SIGTERM (podman forwards it) detaches and leaves nothing behind.
     let stderr = container.agent.take().unwrap().terminate();
     assert!(stderr.contains("kernel counters"), "{stderr}");
+    // SYS_RESOURCE served only to raise the memlock limit, on kernels that charge it (a
+    // sandbox whose bounding set lacks it cannot grant it to the container).
+    assert_eq!(
+        stderr.contains("CAP_SYS_RESOURCE dropped"),
+        may_grant_sys_resource(),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.contains("charges BPF maps to the memlock limit: raised it from"),
+        kernel_charges_memlock(),
+        "{stderr}"
+    );
     let links = pair.server.ip(&["-o", "link"]);
     assert!(!links.contains("mirr"), "mirror veth left behind:\n{links}");
     assert!(
@@ -244,4 +281,45 @@ fn program_id(ready: &str) -> u32 {
         .next()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or_else(|| panic!("no program id in {ready:?}"))
+}
+
+/// The DaemonSet's context less SYS_RESOURCE: kernels from 5.11 need nothing more; on older
+/// ones the agent cannot load its maps under the runtime's memlock limit, and says which
+/// capability, or which node setting, fixes it.
+#[test]
+fn without_sys_resource_only_kernels_before_5_11_fail_and_name_the_fix() {
+    require_root();
+    let pair = Pair::new("ctm", 250);
+    let dir = tempfile::tempdir().unwrap();
+    let root = rootfs(dir.path());
+    let mut flags = security_flags();
+    let add = flags
+        .iter_mut()
+        .skip_while(|f| *f != "--cap-add")
+        .nth(1)
+        .expect("--cap-add");
+    assert!(add.contains("CAP_SYS_RESOURCE"), "{add}");
+    *add = add
+        .split(',')
+        .filter(|c| *c != "CAP_SYS_RESOURCE")
+        .collect::<Vec<_>>()
+        .join(",");
+    let name = netlab::unique("mirror-agent-ctm");
+    let started = Agent::try_spawn_command(podman_agent(&name, &pair, &root, flags));
+    let mut container = Container { name, agent: None };
+    match started {
+        Ok(agent) => {
+            assert!(
+                !kernel_charges_memlock(),
+                "started without SYS_RESOURCE on a kernel that charges memlock"
+            );
+            container.agent = Some(agent);
+        }
+        Err(stderr) => {
+            assert!(kernel_charges_memlock(), "{stderr}");
+            for fix in ["memlock limit of 64 KiB", "SYS_RESOURCE", "LimitMEMLOCK=infinity"] {
+                assert!(stderr.contains(fix), "the error names {fix:?}:\n{stderr}");
+            }
+        }
+    }
 }

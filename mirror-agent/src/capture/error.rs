@@ -58,6 +58,19 @@ pub enum CaptureError {
     Namespace(#[source] io::Error),
     #[error("loading the eBPF object")]
     Load(#[source] Box<aya::EbpfError>),
+    /// Loading failed on a kernel that charges BPF maps to a memlock limit the agent could not
+    /// raise (before 5.11, without `CAP_SYS_RESOURCE`).
+    #[error(
+        "loading the eBPF object on kernel {} with a memlock limit of {}",
+        .kernel.map_or("(unknown)".to_string(), |k| k.to_string()),
+        super::memlock::human(*.limit)
+    )]
+    Memlock {
+        kernel: Option<super::memlock::Kernel>,
+        limit: u64,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
     #[error("the kernel rejected the TC program")]
     Rejected(#[source] Box<aya::programs::ProgramError>),
     #[error("tcx attach to {iface} {hook} failed")]

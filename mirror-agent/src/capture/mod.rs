@@ -8,6 +8,7 @@
 pub mod error;
 pub mod heads;
 pub mod heartbeat;
+pub mod memlock;
 pub mod netdev;
 pub mod program;
 pub mod ring;
@@ -488,6 +489,8 @@ fn preflight() -> Result<()> {
     if !missing.is_empty() {
         return Err(CaptureError::MissingCapabilities { missing });
     }
+    // The binary prepares before its first thread; a library caller gets the limit raised here.
+    memlock::prepare();
     if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
         log::warn!("this kernel exposes no BTF (/sys/kernel/btf/vmlinux); if loading fails, use a kernel built with CONFIG_DEBUG_INFO_BTF=y");
     }

@@ -112,7 +112,14 @@ impl KernelProgram {
         let mut ebpf = EbpfLoader::new()
             .override_global("AYA_LOG_LEVEL", &level, false)
             .load(EBPF_OBJECT)
-            .map_err(|e| CaptureError::Load(Box::new(e)))?;
+            .map_err(|e| match super::memlock::limiting() {
+                Some((kernel, limit)) => CaptureError::Memlock {
+                    kernel,
+                    limit,
+                    source: Box::new(e),
+                },
+                None => CaptureError::Load(Box::new(e)),
+            })?;
         if ebpf_log {
             match aya_log::EbpfLogger::init(&mut ebpf) {
                 Ok(logger) => spawn_log_forwarder(logger)?,

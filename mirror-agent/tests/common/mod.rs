@@ -145,7 +145,7 @@ impl Agent {
         let metrics_file = TempFile::new("prom");
         let mut cmd = ns.exec(&[AGENT, "attach"]);
         cmd.args(args).arg("--metrics-file").arg(&metrics_file.0);
-        let mut agent = Self::spawn_with(cmd, keep_reading);
+        let mut agent = Self::spawn_with(cmd, keep_reading).unwrap_or_else(|e| panic!("{e}"));
         agent.metrics_file = Some(metrics_file);
         agent
     }
@@ -153,10 +153,16 @@ impl Agent {
     /// Starts an agent with a command of the caller's (a container runtime's, say) and waits
     /// (bounded) for its ready line.
     pub fn spawn_command(cmd: std::process::Command) -> Agent {
+        Self::spawn_with(cmd, true).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// As `spawn_command`, but an agent that exits before it is ready is an answer, not a
+    /// failure: its stderr.
+    pub fn try_spawn_command(cmd: std::process::Command) -> Result<Agent, String> {
         Self::spawn_with(cmd, true)
     }
 
-    fn spawn_with(mut cmd: std::process::Command, keep_reading: bool) -> Agent {
+    fn spawn_with(mut cmd: std::process::Command, keep_reading: bool) -> Result<Agent, String> {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn agent");
         let stdout = child.stdout.take().unwrap();
@@ -173,15 +179,17 @@ impl Agent {
         });
         let mut proc = Proc { child: Some(child) };
         match rx.recv_timeout(patience(Duration::from_secs(20))) {
-            Ok(line) if line.starts_with("ready:") => Agent {
+            Ok(line) if line.starts_with("ready:") => Ok(Agent {
                 proc,
                 ready_line: line,
                 stdout: Some(reader),
                 metrics_file: None,
-            },
+            }),
             other => {
                 let (_, err) = proc.wait_exit(Duration::from_secs(5));
-                panic!("agent did not become ready: {other:?}\nstderr:\n{err}");
+                Err(format!(
+                    "agent did not become ready: {other:?}\nstderr:\n{err}"
+                ))
             }
         }
     }
