@@ -317,7 +317,11 @@ fn without_sys_resource_only_kernels_before_5_11_fail_and_name_the_fix() {
         }
         Err(stderr) => {
             assert!(kernel_charges_memlock(), "{stderr}");
-            for fix in ["memlock limit of 64 KiB", "SYS_RESOURCE", "LimitMEMLOCK=infinity"] {
+            for fix in [
+                "memlock limit of 64 KiB",
+                "SYS_RESOURCE",
+                "LimitMEMLOCK=infinity",
+            ] {
                 assert!(stderr.contains(fix), "the error names {fix:?}:\n{stderr}");
             }
         }

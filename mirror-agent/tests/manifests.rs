@@ -169,8 +169,15 @@ fn every_manifest_parses_and_agent_args_are_accepted_by_the_cli() {
                     .collect();
                 for cap in &caps {
                     assert!(
-                        ["BPF", "PERFMON", "NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_RESOURCE"]
-                            .contains(cap),
+                        [
+                            "BPF",
+                            "PERFMON",
+                            "NET_ADMIN",
+                            "NET_RAW",
+                            "SYS_ADMIN",
+                            "SYS_RESOURCE"
+                        ]
+                        .contains(cap),
                         "capability {cap} is not needed"
                     );
                 }

@@ -696,6 +696,9 @@ fn a_service_on_loopback_is_mirrored_once_per_request() {
 
 /// Python's http.server, a mirror the agent was not written against: it logs each request's
 /// method, path and body length as it answers.
+/// The agent's metrics in the Python mirror's test.
+const PY_METRICS: &str = "127.0.0.1:9465";
+
 const PY_MIRROR: &str = r#"
 import http.server, socketserver, sys
 log = open(sys.argv[1], "a", buffering=1)
@@ -789,6 +792,8 @@ fn pipelined_batches_to_a_python_mirror_arrive_whole_and_once() {
             "16",
             "--timeout",
             &timeout,
+            "--metrics",
+            PY_METRICS,
         ],
     );
     // Eight keep-alive clients, every tenth request a POST with a body (which the agent never
@@ -840,7 +845,20 @@ fn pipelined_batches_to_a_python_mirror_arrive_whole_and_once() {
     netlab::wait_until(patience(Duration::from_secs(20)), || {
         lines(&log).len() >= sent.len()
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // The mirror logs a request before it answers: the stop waits until the agent has read
+    // every answer (slow under emulation), so that none is left to the stop's grace.
+    let answered = || {
+        metric(
+            &pair.server,
+            PY_METRICS,
+            "mirror_replay_responses_total",
+            &[],
+        )
+        .unwrap_or(0.0) as usize
+    };
+    netlab::wait_until(patience(Duration::from_secs(10)), || {
+        answered() >= sent.len()
+    });
     let exit = agent.stop();
     let mut got = lines(&log);
     got.sort();
@@ -885,7 +903,14 @@ fn pipelined_batches_to_a_python_mirror_arrive_whole_and_once() {
         stat("sent"),
         stat("batches")
     );
-    assert_eq!(stat("responses"), sent.len() as u64, "{}", exit.metrics);
+    // Every request sent is accounted for: answered, or unanswered when the stop came.
+    let stopped = exit.metric("mirror_replay_errors_total", &[("kind", "stopped")]);
+    assert_eq!(
+        (stat("responses"), stopped),
+        (sent.len() as u64, 0),
+        "{}",
+        exit.metrics
+    );
     assert!(
         stat("batches") < stat("sent"),
         "requests were pipelined: {}",

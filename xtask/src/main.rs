@@ -29,8 +29,9 @@ enum Task {
     BuildEbpf,
     /// Build the kernel program and the agent (release).
     Build,
-    /// Build everything and run every test, including the root-only end-to-end tests and the
-    /// kernel-dependent ones inside Debian 6.1 under qemu (`vm-test --suite ci`).
+    /// Build everything and run every test, including the root-only end-to-end tests, the
+    /// kernel-dependent ones inside Debian 6.1 under qemu (`vm-test --suite ci`) and the
+    /// DaemonSet's container inside 5.10 (`vm-test --kernel 5.10 --suite container`).
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
         #[arg(last = true)]
@@ -40,7 +41,7 @@ enum Task {
     /// (also part of `test`).
     ContainerTest,
     /// Run the end-to-end suites inside Debian's 5.10, 6.1 or 6.12 kernels under qemu (`test`
-    /// runs the `ci` suite on 6.1).
+    /// runs the `ci` suite on 6.1 and the `container` suite on 5.10).
     VmTest(vm::VmTestArgs),
     /// Run the traffic-mirroring lab locally: V2, V3 (slow), V4 (faulty) and V5 (wrong content,
     /// beside a secondary V1) candidates.
@@ -221,17 +222,20 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     let (mut passed, mut failed) = run_counting_tests(&mut cmd)?;
     if extra.is_empty() {
         fuzz(root, 20)?;
-        // The kernel-dependent tests again on a kernel without tcx, as most nodes still run.
-        let vm = vm::run_matrix(
-            root,
-            &vm::VmTestArgs {
-                kernel: "6.1".into(),
-                suite: vm::Suite::Ci,
-                test: None,
-            },
-        )?;
-        passed += vm.passed;
-        failed += vm.failed;
+        // The kernel-dependent tests again on a kernel without tcx, as most nodes still run,
+        // and the DaemonSet's container on 5.10, which charges BPF maps to the memlock limit.
+        for (kernel, suite) in [("6.1", vm::Suite::Ci), ("5.10", vm::Suite::Container)] {
+            let vm = vm::run_matrix(
+                root,
+                &vm::VmTestArgs {
+                    kernel: kernel.into(),
+                    suite,
+                    test: None,
+                },
+            )?;
+            passed += vm.passed;
+            failed += vm.failed;
+        }
     }
     // The closing line CI reads.
     println!("tests: {passed} passed, {failed} failed");

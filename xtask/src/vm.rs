@@ -19,8 +19,8 @@ pub struct VmTestArgs {
     #[arg(long, default_value = "6.1")]
     pub kernel: String,
     /// `ci`: the tests that depend on the kernel most (attach, capture, a killed agent) in a
-    /// few minutes; `full`: every end-to-end suite that runs in one network (about 20 minutes
-    /// per kernel under emulation).
+    /// few minutes; `container`: the agent under the DaemonSet's security context in podman;
+    /// `full`: every end-to-end binary (`tests/*_e2e.rs`), timing assertions skipped.
     #[arg(long, value_enum, default_value_t = Suite::Full)]
     pub suite: Suite,
     /// Only the suite's tests whose names contain this (to rerun one test on a kernel).
@@ -30,7 +30,11 @@ pub struct VmTestArgs {
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Suite {
+    /// The tests that depend on the kernel most: attach, capture, a killed agent.
     Ci,
+    /// The agent in a real container under the DaemonSet's security context.
+    Container,
+    /// Every end-to-end test binary (`tests/*_e2e.rs`).
     Full,
 }
 
@@ -58,27 +62,36 @@ const KERNELS: &[Kernel] = &[
 
 /// One suite run in the guest: a test binary and, for `ci`, the tests picked from it.
 struct Run {
-    binary: &'static str,
+    binary: String,
     filters: &'static [&'static str],
 }
 
-fn runs(suite: Suite) -> Vec<Run> {
+/// The runs of `suite`, given the test binaries built.
+fn runs(suite: Suite, binaries: &[(String, PathBuf)]) -> Vec<Run> {
+    let whole = |binary: &str| Run {
+        binary: binary.to_string(),
+        filters: &[],
+    };
     match suite {
         Suite::Ci => vec![Run {
-            binary: "capture_e2e",
+            binary: "capture_e2e".into(),
             filters: &[
                 "captured_bytes_equal_what_client_sent_v4_and_v6",
                 "nothing_left_after_sigterm_or_sigkill",
                 "a_killed_or_frozen_agents_program_goes_inert",
             ],
         }],
-        Suite::Full => ["capture_e2e", "replay_e2e", "compare_e2e", "h2_e2e"]
-            .into_iter()
-            .map(|binary| Run {
-                binary,
-                filters: &[],
-            })
-            .collect(),
+        Suite::Container => vec![whole("container_e2e")],
+        Suite::Full => {
+            let mut names: Vec<&str> = binaries
+                .iter()
+                .map(|(name, _)| name.as_str())
+                .filter(|name| name.ends_with("_e2e"))
+                .collect();
+            names.sort();
+            names.dedup();
+            names.into_iter().map(whole).collect()
+        }
     }
 }
 
@@ -121,7 +134,7 @@ pub fn run_matrix(root: &Path, args: &VmTestArgs) -> Result<Outcome> {
             root,
             &image,
             &binaries,
-            &runs(args.suite),
+            &runs(args.suite, &binaries),
             args.test.as_deref(),
         )?;
         let (passed, failed) = results
@@ -325,23 +338,38 @@ struct SuiteResult {
     failed: u64,
     /// Why the counts are incomplete (a timeout, a crash), if they are.
     problem: Option<String>,
+    /// Tests that failed, by name.
+    failures: Vec<String>,
+    /// Tests that passed with timing assertions skipped under emulation, by name.
+    timing_skipped: Vec<String>,
 }
 
 impl SuiteResult {
+    /// `capture_e2e 5/5 (timing skipped: a, b)`, with failures and problems named.
     fn summary(&self) -> String {
-        match &self.problem {
-            Some(p) => format!(
-                "{} {}/{} ({p})",
-                self.binary,
-                self.passed,
-                self.passed + self.failed
-            ),
-            None => format!(
-                "{} {}/{}",
-                self.binary,
-                self.passed,
-                self.passed + self.failed
-            ),
+        let mut notes = Vec::new();
+        if let Some(p) = &self.problem {
+            notes.push(p.clone());
+        }
+        if !self.failures.is_empty() {
+            notes.push(format!("failed: {}", self.failures.join(", ")));
+        }
+        if !self.timing_skipped.is_empty() {
+            notes.push(format!(
+                "timing skipped: {}",
+                self.timing_skipped.join(", ")
+            ));
+        }
+        let counts = format!(
+            "{} {}/{}",
+            self.binary,
+            self.passed,
+            self.passed + self.failed
+        );
+        if notes.is_empty() {
+            counts
+        } else {
+            format!("{counts} ({})", notes.join("; "))
         }
     }
 }
@@ -368,7 +396,7 @@ fn boot_and_test(
     for r in runs {
         let exe = binaries
             .iter()
-            .find(|(name, _)| name == r.binary)
+            .find(|(name, _)| *name == r.binary)
             .with_context(|| format!("no test binary {}", r.binary))?;
         let log = dir.join(format!("{}.log", r.binary));
         let filters = match only {
@@ -377,7 +405,8 @@ fn boot_and_test(
             None => format!(" --exact {}", r.filters.join(" ")),
         };
         script.push_str(&format!(
-            "timeout {} {} --test-threads=1{filters} > {log} 2>&1\necho \"exit $?\" >> {log}\n",
+            // --nocapture: a test's skip lines follow its name in the log.
+            "timeout {} {} --test-threads=1 --nocapture{filters} > {log} 2>&1\necho \"exit $?\" >> {log}\n",
             SUITE_MINUTES * 60,
             exe.1.display(),
             log = log.display()
@@ -419,7 +448,7 @@ fn boot_and_test(
         .map(|r| {
             let log =
                 std::fs::read_to_string(dir.join(format!("{}.log", r.binary))).unwrap_or_default();
-            let result = parse_log(r.binary, &log);
+            let result = parse_log(&r.binary, &log);
             if result.failed > 0 || result.problem.is_some() {
                 eprintln!("---- {} in the guest ----\n{log}", r.binary);
             }
@@ -428,14 +457,43 @@ fn boot_and_test(
         .collect())
 }
 
-/// Counts from a test binary's output; a run that printed no result line failed whole.
+/// Counts from a test binary's output; a run that printed no result line failed whole. With
+/// one test thread and `--nocapture`, what a test prints comes after its `test NAME ... ` and
+/// before its status.
 fn parse_log(binary: &str, log: &str) -> SuiteResult {
     let mut result = SuiteResult {
         binary: binary.to_string(),
         passed: 0,
         failed: 0,
         problem: None,
+        failures: Vec::new(),
+        timing_skipped: Vec::new(),
     };
+    let mut current: Option<&str> = None;
+    for line in log.lines() {
+        let status = match line
+            .strip_prefix("test ")
+            .and_then(|l| l.split_once(" ... "))
+        {
+            Some((name, rest)) => {
+                current = Some(name);
+                rest.trim()
+            }
+            None => line.trim(),
+        };
+        if let Some(name) = current {
+            if line.contains("skipped under emulation") {
+                if result.timing_skipped.last().map(String::as_str) != Some(name) {
+                    result.timing_skipped.push(name.to_string());
+                }
+            } else if status == "FAILED" || status.ends_with(" FAILED") {
+                result.failures.push(name.to_string());
+                current = None;
+            } else if status == "ok" || status.ends_with(" ok") {
+                current = None;
+            }
+        }
+    }
     let Some(line) = log.lines().find_map(|l| l.strip_prefix("test result: ")) else {
         let exit = log
             .lines()
@@ -481,6 +539,27 @@ mod tests {
         assert_eq!(timed_out.failed, 1);
         assert_eq!(timed_out.problem.as_deref(), Some("stopped after 25 min"));
         assert_eq!(parse_log("x", "").problem.as_deref(), Some("never ran"));
+    }
+
+    #[test]
+    fn each_tests_skips_and_failures_are_named() {
+        let log = "running 3 tests\n\
+            test fast_one ... skipped under emulation (qemu TCG): latency\n\
+            skipped under emulation (qemu TCG): throughput\n\
+            ok\n\
+            test plain ... ok\n\
+            test broken ... some output\n\
+            FAILED\n\
+            test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out\n\
+            exit 101\n";
+        let r = parse_log("pressure_e2e", log);
+        assert_eq!((r.passed, r.failed), (2, 1));
+        assert_eq!(r.timing_skipped, ["fast_one"]);
+        assert_eq!(r.failures, ["broken"]);
+        assert_eq!(
+            r.summary(),
+            "pressure_e2e 2/3 (failed: broken; timing skipped: fast_one)"
+        );
     }
 
     #[test]

@@ -489,6 +489,7 @@ pub fn replay(out: &mut Families, mirror: &str, s: &ReplayStats) {
             ("backoff", get(&s.dropped_backoff)),
             ("queue_full", get(&s.dropped_queue_full)),
             ("rate_limit", get(&s.dropped_rate_limit)),
+            ("stopped", get(&s.dropped_at_stop)),
             ("unsendable", get(&s.dropped_unsendable)),
         ],
     );
@@ -500,6 +501,7 @@ pub fn replay(out: &mut Families, mirror: &str, s: &ReplayStats) {
             ("other", get(&s.errors_other)),
             ("refused", get(&s.errors_refused)),
             ("reset", get(&s.errors_reset)),
+            ("stopped", get(&s.errors_stopped)),
             ("timeout", get(&s.errors_timeout)),
         ],
     );

@@ -276,12 +276,16 @@ pub struct ReplayStats {
     pub dropped_rate_limit: AtomicU64,
     pub dropped_backoff: AtomicU64,
     pub dropped_unsendable: AtomicU64,
+    /// Requests still queued when the stop's grace ended.
+    pub dropped_at_stop: AtomicU64,
     pub sent: AtomicU64,
     pub responses: AtomicU64,
     pub errors_timeout: AtomicU64,
     pub errors_refused: AtomicU64,
     pub errors_reset: AtomicU64,
     pub errors_other: AtomicU64,
+    /// Requests sent whose answer had not come when the stop's grace ended.
+    pub errors_stopped: AtomicU64,
     /// HTTP/1 batches written to the mirror (`sent` over this is the mean pipelining depth).
     pub batches: AtomicU64,
     /// Requests sent again on a new connection: the mirror closed before answering them.
@@ -452,7 +456,9 @@ impl Replayer {
     }
 
     /// Closes the queue and waits, at most `grace`, for the workers to send what was queued and
-    /// read the answers. Returns the final counters.
+    /// read the answers. What the grace leaves is counted: requests still queued as
+    /// `dropped_at_stop`, requests sent and not answered yet as `errors_stopped`. Returns the
+    /// final counters.
     pub async fn drain(self, grace: Duration) -> Arc<ReplayStats> {
         let shared = self.shared;
         shared.queue.lock().unwrap().closed = true;
@@ -463,7 +469,19 @@ impl Replayer {
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Arc::clone(&shared.stats)
+        let stats = &shared.stats;
+        let queued = std::mem::take(&mut shared.queue.lock().unwrap().requests);
+        stats
+            .dropped_at_stop
+            .fetch_add(queued.len() as u64, Ordering::Relaxed);
+        let cost: usize = queued.iter().map(|(_, r)| queue_cost(r)).sum();
+        stats.queued_bytes.fetch_sub(cost, Ordering::AcqRel);
+        // Each request in flight is claimed once: here, or by its outcome (`finish_with`).
+        let unanswered = stats.inflight.swap(0, Ordering::AcqRel);
+        stats
+            .errors_stopped
+            .fetch_add(unanswered, Ordering::Relaxed);
+        Arc::clone(stats)
     }
 }
 
@@ -1047,6 +1065,15 @@ impl Shared {
         content: Option<Arc<Content>>,
     ) {
         let stats = &self.stats;
+        // Claims the request from the in-flight count; a stop (`drain`) that already counted it
+        // as unanswered keeps it so, and its outcome goes nowhere.
+        let claimed = stats
+            .inflight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        if !claimed {
+            return;
+        }
         match result {
             MirrorResult::Status(_) | MirrorResult::Grpc(..) => {
                 inc(&stats.responses);
@@ -1057,7 +1084,6 @@ impl Shared {
             MirrorResult::Reset => inc(&stats.errors_reset),
             MirrorResult::Error => inc(&stats.errors_other),
         }
-        stats.inflight.fetch_sub(1, Ordering::Relaxed);
         let (method, target) = req.shared_method_and_target();
         (self.on_outcome)(MirrorOutcome {
             conn: req.conn(),
@@ -1464,5 +1490,33 @@ mod worker_tests {
             "answered in {took:?}: {stats:?}"
         );
         assert!(mirror.connections.load(Ordering::SeqCst) >= 16);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_a_stop_leaves_is_counted_once_and_late_answers_are_not() {
+        // Answers take 2 s; the stop's grace is 200 ms.
+        let mirror = test_mirror(usize::MAX, Duration::from_secs(2)).await;
+        let mut cfg = ReplayConfig::new(parse_mirror_url(&mirror.url).unwrap());
+        cfg.max_inflight = 4;
+        cfg.timeout = Duration::from_secs(10);
+        let (replayer, outcomes) = collecting(cfg);
+        assert_eq!(replayer.offer(requests(10)), 10);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stats = replayer.drain(Duration::from_millis(200)).await;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let (sent, stopped, queued) = (
+            get(&stats.sent),
+            get(&stats.errors_stopped),
+            get(&stats.dropped_at_stop),
+        );
+        assert!(sent >= 1 && sent <= 4, "{stats:?}");
+        assert_eq!((stopped, queued), (sent, 10 - sent), "{stats:?}");
+        assert_eq!(get(&stats.inflight), 0);
+        assert_eq!(stats.queued_bytes.load(Ordering::Relaxed), 0);
+        // The answers that come after the stop change nothing.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(get(&stats.responses), 0, "{stats:?}");
+        assert_eq!(get(&stats.errors_stopped), sent);
+        assert!(outcomes.lock().unwrap().is_empty());
     }
 }
