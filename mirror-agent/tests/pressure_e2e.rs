@@ -427,16 +427,39 @@ fn a_burst_of_small_requests_fits_the_queue() {
     for h in handles {
         h.join().unwrap();
     }
-    assert_eq!(settle(&live), CONNS * PER_CONN);
+    let sent = CONNS * PER_CONN;
+    assert_eq!(settle(&live), sent);
     let received = settle(&mirror);
     let exit = agent.stop();
+    let stat = |name: &str| exit.metric(name, &[]);
     assert_eq!(
         exit.metric("mirror_replay_dropped_total", &[("reason", "queue_full")]),
         0,
         "{}",
         exit.metrics
     );
-    assert_eq!(received, CONNS * PER_CONN, "{}", exit.stderr);
+    // Past the HTTP stage nothing is lost: the mirror got each request extracted.
+    assert_eq!(
+        received as u64,
+        stat("mirror_http_requests_total"),
+        "{}",
+        exit.stderr
+    );
+    // Before it, a request not extracted has its bytes counted: lost by reassembly (a hole
+    // given up), or skipped while the parser looked for the next request.
+    eprintln!("the mirror received {received} of {sent} requests");
+    let missing = (sent - received) as u64;
+    let counted =
+        stat("mirror_reassembly_lost_bytes_total") + stat("mirror_http_resync_skipped_bytes_total");
+    let smallest = "GET /burst/0/0 HTTP/1.1\r\nHost: svc\r\n\r\n".len() as u64;
+    assert!(
+        counted >= missing * smallest,
+        "{missing} requests not extracted, {counted} bytes counted lost or skipped\n{}",
+        exit.stderr
+    );
+    if timing_applies("the whole burst is extracted") {
+        assert_eq!(received, sent, "{}", exit.stderr);
+    }
 }
 
 fn rss_bytes(pid: i32) -> u64 {

@@ -911,9 +911,13 @@ fn pipelined_batches_to_a_python_mirror_arrive_whole_and_once() {
         "{}",
         exit.metrics
     );
-    assert!(
-        stat("batches") < stat("sent"),
-        "requests were pipelined: {}",
-        exit.metrics
-    );
+    // Pipelining deepens only while answers come within 5 ms, which the Python mirror's do
+    // not under emulation.
+    if timing_applies("requests are pipelined to a mirror answering within 5 ms") {
+        assert!(
+            stat("batches") < stat("sent"),
+            "requests were pipelined: {}",
+            exit.metrics
+        );
+    }
 }

@@ -386,6 +386,13 @@ fn boot_and_test(
 ) -> Result<Vec<SuiteResult>> {
     let out = tempfile::tempdir()?;
     let dir = out.path();
+    let kept = root.join("target/vm/logs").join(
+        image
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .as_ref(),
+    );
     let mut script = String::from(
         "#!/bin/sh\n\
          export MIRROR_TEST_EMULATED=1 RUST_BACKTRACE=0\n\
@@ -448,10 +455,17 @@ fn boot_and_test(
         .map(|r| {
             let log =
                 std::fs::read_to_string(dir.join(format!("{}.log", r.binary))).unwrap_or_default();
+            // Kept for reading after the run: what each test printed, passed or not.
+            let _ = std::fs::create_dir_all(&kept)
+                .and_then(|()| std::fs::write(kept.join(format!("{}.log", r.binary)), &log));
             let result = parse_log(&r.binary, &log);
             if result.failed > 0 || result.problem.is_some() {
                 eprintln!("---- {} in the guest ----\n{log}", r.binary);
             }
+            eprintln!(
+                "xtask: the guest's log: {}",
+                kept.join(format!("{}.log", r.binary)).display()
+            );
             result
         })
         .collect())
