@@ -450,6 +450,7 @@ fn boot_and_test(
         let last: Vec<&str> = console.lines().rev().take(3).collect();
         eprintln!("xtask: vng exited with {status}; the console ended with: {last:?}");
     }
+    eprintln!("xtask: the guest's logs are kept in {}", kept.display());
     Ok(runs
         .iter()
         .map(|r| {
@@ -462,10 +463,6 @@ fn boot_and_test(
             if result.failed > 0 || result.problem.is_some() {
                 eprintln!("---- {} in the guest ----\n{log}", r.binary);
             }
-            eprintln!(
-                "xtask: the guest's log: {}",
-                kept.join(format!("{}.log", r.binary)).display()
-            );
             result
         })
         .collect())
