@@ -78,11 +78,12 @@ fn targets(server: &TestServer) -> Vec<String> {
     server.log().into_iter().map(|r| r.target).collect()
 }
 
-/// Waits (bounded) until the server's request count stops growing.
+/// Waits (bounded) until the server's request count stops growing for a while (stretched under
+/// emulation, where the agent may pause longer than 300 ms between batches).
 fn settle(server: &TestServer) -> usize {
     let mut last = usize::MAX;
-    netlab::wait_until(Duration::from_secs(20), || {
-        std::thread::sleep(Duration::from_millis(300));
+    netlab::wait_until(patience(Duration::from_secs(20)), || {
+        std::thread::sleep(patience(Duration::from_millis(300)));
         let now = server.requests();
         std::mem::replace(&mut last, now) == now
     });
@@ -448,6 +449,13 @@ fn a_burst_of_small_requests_fits_the_queue() {
     // Before it, a request not extracted has its bytes counted: lost by reassembly (a hole
     // given up), or skipped while the parser looked for the next request.
     eprintln!("the mirror received {received} of {sent} requests");
+    for line in exit.stderr.lines().filter(|l| {
+        ["kernel counters", "capture:", "reassembly:"]
+            .iter()
+            .any(|p| l.starts_with(p))
+    }) {
+        eprintln!("{line}");
+    }
     let missing = (sent - received) as u64;
     let counted =
         stat("mirror_reassembly_lost_bytes_total") + stat("mirror_http_resync_skipped_bytes_total");

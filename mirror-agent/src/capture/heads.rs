@@ -63,10 +63,10 @@ pub(super) fn clock_ns(clock: libc::clockid_t) -> i64 {
 /// Longest a mark waits for its clone (lost when the capture ring was full) once the reader
 /// has caught up with the capture ring, before the records behind it go on. A caught-up reader
 /// does not mean the clone is lost: it may still wait in the kernel's backlog for its softirq,
-/// which on a busy or slow machine runs tens of milliseconds late (20 ms here gave up the
-/// clones of 14,000 of 20,000 pipelined requests under qemu, whose responses' FINs then closed
-/// the connections before them). A lost clone is usually known sooner, by a later clone of the
-/// same CPU; this wait only bounds how long the records behind it are held.
+/// which on a busy or slow machine (ksoftirqd under load, qemu) runs tens of milliseconds late;
+/// given up, its connection's FIN record goes ahead of it and the request is lost (counted). A
+/// lost clone is usually known sooner, by a later clone of the same CPU; this wait only bounds
+/// how long the records behind it are held.
 const MARK_WAIT_NS: u64 = 250_000_000;
 /// Longest a mark waits for its clone while the reader is behind, its clone perhaps in a block
 /// not read yet: the records behind it must go on some time even under a load that never lets
