@@ -456,6 +456,10 @@ fn a_burst_of_small_requests_fits_the_queue() {
     }) {
         eprintln!("{line}");
     }
+    eprintln!(
+        "marks given up: {}",
+        stat("mirror_capture_marks_unmatched_total")
+    );
     let missing = (sent - received) as u64;
     let counted =
         stat("mirror_reassembly_lost_bytes_total") + stat("mirror_http_resync_skipped_bytes_total");

@@ -61,13 +61,8 @@ pub(super) fn clock_ns(clock: libc::clockid_t) -> i64 {
 }
 
 /// Longest a mark waits for its clone (lost when the capture ring was full) once the reader
-/// has caught up with the capture ring, before the records behind it go on. A caught-up reader
-/// does not mean the clone is lost: it may still wait in the kernel's backlog for its softirq,
-/// which on a busy or slow machine (ksoftirqd under load, qemu) runs tens of milliseconds late;
-/// given up, its connection's FIN record goes ahead of it and the request is lost (counted). A
-/// lost clone is usually known sooner, by a later clone of the same CPU; this wait only bounds
-/// how long the records behind it are held.
-const MARK_WAIT_NS: u64 = 250_000_000;
+/// has caught up with the capture ring, before the records behind it go on.
+const MARK_WAIT_NS: u64 = 20_000_000;
 /// Longest a mark waits for its clone while the reader is behind, its clone perhaps in a block
 /// not read yet: the records behind it must go on some time even under a load that never lets
 /// the reader catch up.
@@ -356,20 +351,9 @@ mod tests {
     fn a_reader_caught_up_gives_a_mark_up_after_its_wait() {
         let (mut order, _, b) = kernel_order();
         let stats = CaptureStats::default();
-        let marked = 10 * MS;
-        let out = order.merge(
-            vec![b.clone()],
-            &stats,
-            marked + MARK_WAIT_NS - MS,
-            Progress::CaughtUp,
-        );
+        let out = order.merge(vec![b.clone()], &stats, 25 * MS, Progress::CaughtUp);
         assert_eq!(seqs(&out), [SYN], "not before its wait");
-        let out = order.merge(
-            Vec::new(),
-            &stats,
-            marked + MARK_WAIT_NS,
-            Progress::CaughtUp,
-        );
+        let out = order.merge(Vec::new(), &stats, 31 * MS, Progress::CaughtUp);
         assert_eq!(seqs(&out), [b.seq]);
         assert_eq!(stats.marks_unmatched.load(Ordering::Relaxed), 1);
     }
