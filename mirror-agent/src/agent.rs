@@ -17,13 +17,14 @@ use crate::capture::{
 use crate::compare::{CompareConfig, Comparison, Report, Sampling};
 use crate::cpu_budget::{self, CpuBudget, Load};
 use crate::dump::FlowRecorder;
+use crate::exchange::MirrorOutcome;
 use crate::http::{HttpEvent, Request};
 use crate::metrics::{self, Sources};
 use crate::pipeline::{self, Pipeline, PipelineConfig, PipelineStats};
-use crate::pods::{self, PodChange, PodSelector};
+use crate::pods::{self, MirroredPod, MirroredPods, PodChange, PodSelector};
 use crate::record::writer::RecordError;
 use crate::record::{RecordConfig, RecordStats, Recorder};
-use crate::replay::{self, MirrorError, MirrorOutcome, ReplayConfig, ReplayStats, Replayer};
+use crate::replay::{self, MirrorError, ReplayConfig, ReplayStats, Replayer};
 use crate::segment::FrameError;
 
 /// Why the agent could not start or stop cleanly.
@@ -99,16 +100,6 @@ struct Mirror {
 
 /// What the kernel program reports, refreshed once a second.
 type KernelCounters = Arc<Mutex<KernelReport>>;
-
-/// A pod mirrored now, for metrics.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MirroredPod {
-    pub pod: String,
-    pub ip: std::net::IpAddr,
-    pub iface: String,
-}
-
-pub type MirroredPods = Arc<Mutex<Vec<MirroredPod>>>;
 
 pub struct Agent {
     /// What `/metrics` reads, kept for the final counters.

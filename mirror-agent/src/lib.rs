@@ -10,6 +10,7 @@ pub mod cli;
 pub mod compare;
 pub mod cpu_budget;
 pub mod dump;
+pub mod exchange;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;

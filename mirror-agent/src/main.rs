@@ -18,9 +18,10 @@ use mirror_agent::cli::{
     mirror_names, AttachArgs, Cli, Command, ExportArgs, ReplayArgs, ReportArgs, ReportFormat,
     ResponseCapture,
 };
-use mirror_agent::compare::content::{ContentCapture, ContentConfig};
+use mirror_agent::compare::content::ContentConfig;
 use mirror_agent::compare::diffs::DiffConfig;
 use mirror_agent::compare::{self, format_table, CompareConfig, Report};
+use mirror_agent::exchange::content::ContentCapture;
 use mirror_agent::http::HttpConfig;
 use mirror_agent::pipeline::PipelineConfig;
 use mirror_agent::pods::PodSelector;

@@ -4,13 +4,13 @@
 //! snapshots are published for logs and metrics.
 
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::capture::{BatchSink, SegmentBatch};
 use crate::dump::FlowRecorder;
 use crate::http::{HttpConfig, HttpEvent, HttpExtractor, HttpStats};
 use crate::reassembly::{Reassembler, ReassemblyConfig, ReassemblyStats};
-use crate::segment::TimestampNs;
+use crate::segment::now_ns;
 
 #[derive(Clone, Debug)]
 pub struct PipelineConfig {
@@ -26,13 +26,6 @@ pub struct PipelineStats {
     pub reassembly: ReassemblyStats,
     pub http: HttpStats,
     pub flows: usize,
-}
-
-pub fn now_ns() -> TimestampNs {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }
 
 /// Where the pipeline's events go.

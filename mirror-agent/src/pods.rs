@@ -14,6 +14,16 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 use tokio::sync::mpsc;
 
+/// A pod mirrored now, for metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MirroredPod {
+    pub pod: String,
+    pub ip: std::net::IpAddr,
+    pub iface: String,
+}
+
+pub type MirroredPods = std::sync::Arc<std::sync::Mutex<Vec<MirroredPod>>>;
+
 /// What matters of a pod for mirroring it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodState {

@@ -302,6 +302,14 @@ pub fn parse_record(bytes: &Bytes, realtime_offset_ns: i64) -> Result<Record, Fr
     }))
 }
 
+/// The wall clock in nanoseconds: the agent's "now" beside the kernel's packet stamps.
+pub fn now_ns() -> TimestampNs {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -164,6 +164,15 @@ impl AddrKey {
     pub const fn from_v6(addr: [u8; 16]) -> Self {
         Self { addr }
     }
+
+    /// An address as the kernel program keys and hashes it: IPv4 (also IPv4-mapped IPv6)
+    /// mapped into IPv6.
+    pub const fn from_ip(ip: core::net::IpAddr) -> Self {
+        match ip.to_canonical() {
+            core::net::IpAddr::V4(v4) => Self::from_v4(v4.octets()),
+            core::net::IpAddr::V6(v6) => Self::from_v6(v6.octets()),
+        }
+    }
 }
 
 /// Indices of the per-CPU `COUNTERS` array. Every packet the program sees lands in `Seen` and in

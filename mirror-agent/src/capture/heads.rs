@@ -12,9 +12,9 @@ use std::sync::atomic::Ordering;
 use super::error::{CaptureError, Result};
 use aya::maps::{HashMap, MapData, RingBuf};
 use bytes::{Bytes, BytesMut};
+use mirror_common::AddrKey;
 use smallvec::SmallVec;
 
-use super::program::kernel_addr;
 use super::{CaptureStats, SegmentBatch};
 use crate::segment::{parse_record, MarkKey, Record, Segment, TimestampNs};
 use crate::FastHash;
@@ -33,8 +33,8 @@ impl FullResponses {
     /// `server` whole.
     pub fn insert(&mut self, client: SocketAddr, server: SocketAddr) -> Result<()> {
         let hash = mirror_common::flow_hash(
-            &kernel_addr(client.ip()).addr,
-            &kernel_addr(server.ip()).addr,
+            &AddrKey::from_ip(client.ip()).addr,
+            &AddrKey::from_ip(server.ip()).addr,
             client.port(),
             server.port(),
         );

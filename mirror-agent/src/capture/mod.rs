@@ -600,12 +600,7 @@ fn read_loop(
         }
         if drain_until.is_some_and(|t| Instant::now() >= t) {
             if let Some(m) = merge.as_mut() {
-                let rest = m.merge(
-                    Vec::new(),
-                    stats,
-                    crate::pipeline::now_ns(),
-                    Progress::Flush,
-                );
+                let rest = m.merge(Vec::new(), stats, crate::segment::now_ns(), Progress::Flush);
                 if !rest.is_empty() {
                     hand_on(sink.as_mut(), rest, stats);
                 }
@@ -649,7 +644,7 @@ fn read_loop(
         if let Some(m) = merge.as_mut() {
             // In this order: a clone made before `now` (less the block retire time) is in a
             // block read or ready by the time the ring is looked at.
-            let now = crate::pipeline::now_ns();
+            let now = crate::segment::now_ns();
             let progress = if ring.next_block_ready() {
                 Progress::Behind
             } else {

@@ -203,7 +203,7 @@ impl KernelProgram {
         let mut addrs: HashMap<_, AddrKey, u8> =
             HashMap::try_from(map(&mut self.ebpf, MAP_LIVE_ADDRS)?)
                 .map_err(CaptureError::map(MAP_LIVE_ADDRS))?;
-        let key = kernel_addr(ip);
+        let key = AddrKey::from_ip(ip);
         if live {
             if addrs.keys().count() >= MAX_LIVE_ADDRS as usize {
                 return Err(CaptureError::TooManyAddrs {
@@ -387,14 +387,6 @@ fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
         .ok_or_else(|| CaptureError::ObjectIncomplete(format!("program {PROGRAM_NAME}")))?
         .try_into()
         .map_err(|e| CaptureError::Program(Box::new(e)))
-}
-
-/// An address as the kernel program keys and hashes it: IPv4 mapped into IPv6.
-pub(crate) fn kernel_addr(ip: IpAddr) -> AddrKey {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => AddrKey::from_v4(v4.octets()),
-        IpAddr::V6(v6) => AddrKey::from_v6(v6.octets()),
-    }
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {

@@ -19,8 +19,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::content::{compare, Content, ContentConfig, FieldDiff};
+use super::content::{compare, ContentConfig, FieldDiff};
 use super::PairKey;
+use crate::exchange::content::Content;
 
 /// A path's candidate rate must exceed its noise rate by this much (absolute)…
 pub const ABSOLUTE: f64 = 0.03;

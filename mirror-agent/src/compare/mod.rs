@@ -12,9 +12,8 @@ use std::sync::{Arc, Mutex};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::exchange::{ConnId, MirrorOutcome, MirrorResult};
 use crate::http::{LiveContent, ResponseMeta};
-use crate::reassembly::ConnId;
-use crate::replay::{MirrorOutcome, MirrorResult};
 use crate::{FastMap, FastSet};
 use diffs::DiffConfig;
 use worker::ContentWorker;

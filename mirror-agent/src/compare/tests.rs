@@ -1,5 +1,5 @@
 use super::*;
-use crate::replay::MirrorResult;
+use crate::exchange::MirrorResult;
 use std::time::Duration;
 
 fn live(conn: u64, seq: u64, target: &str, status: u16, ms: u64) -> ResponseMeta {
@@ -317,8 +317,8 @@ fn each_mirror_is_paired_with_the_live_response_and_reported_apart() {
 
 mod contents {
     use super::*;
-    use crate::compare::content::{Body, Content};
     use crate::compare::diffs::DiffConfig;
+    use crate::exchange::content::{Body, Content};
     use crate::http::LiveContent;
     use std::sync::Arc;
 

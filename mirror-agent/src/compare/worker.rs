@@ -7,9 +7,9 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::content::Content;
 use super::diffs::{ContentDiffs, ContentRow, DiffConfig, NotCompared};
 use super::PairKey;
+use crate::exchange::content::Content;
 
 /// Events waiting for the thread, at most.
 const QUEUE: usize = 4096;

@@ -22,7 +22,7 @@ use super::{
     HttpEvent, HttpExtractor, HttpStats, LiveContent, ResponseMeta, StopReason, Switch, WireOrigin,
     HEADER_SLOTS,
 };
-use crate::compare::content::ContentBuilder;
+use crate::exchange::content::ContentBuilder;
 use crate::reassembly::{ConnId, ConnInfo, Direction};
 use crate::segment::TimestampNs;
 /// One request extracted from a live HTTP/1 connection, with its exact bytes.

@@ -18,8 +18,7 @@ use bytestring::ByteString;
 use crate::reassembly::{CloseReason, ConnId, ConnInfo, Direction, StreamHandler};
 use crate::segment::TimestampNs;
 
-/// Most headers httparse is given room for; `HttpConfig::max_headers` is capped to it.
-pub const HEADER_SLOTS: usize = 128;
+pub use crate::exchange::HEADER_SLOTS;
 
 #[derive(Clone, Debug)]
 pub struct HttpConfig {
@@ -45,7 +44,7 @@ pub struct HttpConfig {
     /// Copies of each streaming HTTP/2 request body handed on: one per mirror.
     pub stream_copies: usize,
     /// Keep live HTTP/1 responses (status, chosen headers, body) for content comparison.
-    pub content: Option<crate::compare::content::ContentCapture>,
+    pub content: Option<crate::exchange::content::ContentCapture>,
 }
 
 impl Default for HttpConfig {
@@ -154,36 +153,7 @@ impl ResponseMeta {
 
     /// The result code shown in reports: the gRPC status name, or the HTTP status.
     pub fn code(&self) -> String {
-        result_code(self.status, self.grpc_status)
-    }
-}
-
-/// The gRPC status name when there is one (`OK`, `INTERNAL`, …), else the HTTP status.
-pub fn result_code(status: u16, grpc_status: Option<u32>) -> String {
-    const NAMES: [&str; 17] = [
-        "OK",
-        "CANCELLED",
-        "UNKNOWN",
-        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED",
-        "NOT_FOUND",
-        "ALREADY_EXISTS",
-        "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED",
-        "FAILED_PRECONDITION",
-        "ABORTED",
-        "OUT_OF_RANGE",
-        "UNIMPLEMENTED",
-        "INTERNAL",
-        "UNAVAILABLE",
-        "DATA_LOSS",
-        "UNAUTHENTICATED",
-    ];
-    match grpc_status {
-        Some(g) => NAMES
-            .get(g as usize)
-            .map_or_else(|| format!("grpc-{g}"), |n| n.to_string()),
-        None => status.to_string(),
+        crate::exchange::result_code(self.status, self.grpc_status)
     }
 }
 
@@ -237,7 +207,7 @@ pub struct LiveContent {
     pub request_seq: u64,
     pub method: ByteString,
     pub target: ByteString,
-    pub content: std::sync::Arc<crate::compare::content::Content>,
+    pub content: std::sync::Arc<crate::exchange::content::Content>,
 }
 
 /// Why extraction stopped on a connection.

@@ -31,7 +31,7 @@ use crate::replay::ReplayStats;
 #[derive(Clone)]
 pub struct Sources {
     /// Pods mirrored now (`--selector`).
-    pub pods: crate::agent::MirroredPods,
+    pub pods: crate::pods::MirroredPods,
     pub comparison: Comparison,
     pub capture: Option<Arc<CaptureStats>>,
     /// What the kernel program reports, refreshed by the agent's main loop.
@@ -384,8 +384,8 @@ pub async fn serve(addr: SocketAddr, sources: Sources) -> std::io::Result<Socket
 mod tests {
     use super::*;
     use crate::compare::{Comparator, CompareConfig};
+    use crate::exchange::{MirrorOutcome, MirrorResult};
     use crate::http::ResponseMeta;
-    use crate::replay::{MirrorOutcome, MirrorResult};
 
     fn sources() -> Sources {
         let mut c = Comparator::new(CompareConfig::default());
@@ -447,8 +447,8 @@ mod tests {
 
     /// A comparison of contents that has compared one answer: `$.rating` differs.
     fn compared_contents() -> crate::compare::Comparison {
-        use crate::compare::content::{Body, Content};
         use crate::compare::diffs::DiffConfig;
+        use crate::exchange::content::{Body, Content};
         let c = crate::compare::Comparison::new(CompareConfig {
             diffs: Some(DiffConfig {
                 max_pending: 10,

@@ -28,8 +28,7 @@ use lru::LruCache;
 use crate::segment::{Segment, SeqNumber, TcpFlags, TimestampNs};
 use crate::FastSet;
 
-/// Unique id of a connection for the life of the agent.
-pub type ConnId = u64;
+pub use crate::exchange::ConnId;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Direction {

@@ -21,9 +21,10 @@ use tokio::time::Instant;
 use super::reader::{Issue, Reader};
 use super::{Record, RecordedH2Request};
 use crate::compare::{CompareConfig, Comparison, Report};
+use crate::exchange::{MirrorOutcome, MirrorResult};
 use crate::http::{h1, h2, WireOrigin};
 use crate::replay::h1::{serialize, Conn};
-use crate::replay::{send_h2_once, H2Mirror, MirrorOutcome, MirrorResult, ReplayConfig};
+use crate::replay::{send_h2_once, H2Mirror, ReplayConfig};
 
 /// How requests are spread over connections to the mirror.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

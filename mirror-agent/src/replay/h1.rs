@@ -30,10 +30,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{
-    connect_mirror, mirror_authority, mirror_path, MirrorResult, ReplayConfig, Unsendable,
-};
-use crate::compare::content::{Content, ContentBuilder, ContentCapture};
+use super::{connect_mirror, mirror_authority, mirror_path, ReplayConfig, Unsendable};
+use crate::exchange::content::{Content, ContentBuilder, ContentCapture};
+use crate::exchange::MirrorResult;
 use crate::http::framing::{BodyDecoder, Framing};
 use crate::http::h1::{self, parse_client_response};
 

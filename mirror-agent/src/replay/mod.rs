@@ -24,7 +24,6 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use bytestring::ByteString;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
@@ -32,10 +31,10 @@ use hyper::Uri;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use regex::Regex;
 
-use crate::compare::content::{Content, ContentCapture};
+use crate::exchange::content::{Content, ContentCapture};
+use crate::exchange::{MirrorOutcome, MirrorResult};
 use crate::http::h2::{StreamPart, StreamReceiver};
-use crate::http::{h2, result_code, Request};
-use crate::reassembly::ConnId;
+use crate::http::{h2, Request};
 
 pub(crate) mod h1;
 
@@ -223,47 +222,6 @@ pub fn check_no_loop(
         port: mirror.port(),
         iface: route_iface.to_string(),
     })
-}
-
-/// How a mirrored request ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum MirrorResult {
-    Status(u16),
-    /// A gRPC answer: the HTTP status and `grpc-status`.
-    Grpc(u16, u32),
-    Timeout,
-    Refused,
-    Reset,
-    Error,
-}
-
-impl MirrorResult {
-    /// The code shown in reports: the status, or a pseudo-code for errors.
-    pub fn code(&self) -> String {
-        match self {
-            MirrorResult::Status(s) => s.to_string(),
-            MirrorResult::Grpc(s, g) => result_code(*s, Some(*g)),
-            MirrorResult::Timeout => "timeout".into(),
-            MirrorResult::Refused => "refused".into(),
-            MirrorResult::Reset => "reset".into(),
-            MirrorResult::Error => "error".into(),
-        }
-    }
-}
-
-/// One mirrored request's outcome, keyed like the live response (`conn`, `seq`).
-#[derive(Clone, Debug)]
-pub struct MirrorOutcome {
-    pub conn: ConnId,
-    pub seq: u64,
-    pub method: ByteString,
-    pub target: ByteString,
-    pub result: MirrorResult,
-    /// From sending the request to the response head (or the error); None for an HTTP/1
-    /// answer pipelined behind another request, whose start is not known.
-    pub duration: Option<Duration>,
-    /// The answer's content, read whole, when contents are compared (`ReplayConfig::content`).
-    pub content: Option<Arc<Content>>,
 }
 
 /// Counters; every request offered ends in exactly one of them (plus `sent` for those sent).
@@ -1509,7 +1467,7 @@ mod worker_tests {
             get(&stats.errors_stopped),
             get(&stats.dropped_at_stop),
         );
-        assert!(sent >= 1 && sent <= 4, "{stats:?}");
+        assert!((1..=4).contains(&sent), "{stats:?}");
         assert_eq!((stopped, queued), (sent, 10 - sent), "{stats:?}");
         assert_eq!(get(&stats.inflight), 0);
         assert_eq!(stats.queued_bytes.load(Ordering::Relaxed), 0);
