@@ -426,6 +426,9 @@ fn capture_hint(c: &CaptureError) -> Option<String> {
         CaptureError::TooManyAddrs { .. } => "give fewer --addr / --pod-ip addresses, or \
              none (every address)"
             .into(),
+        CaptureError::NoObject => "build it with `cargo xtask build` (the kernel side first, \
+             then the agent)"
+            .into(),
         CaptureError::ObjectIncomplete(_) => "rebuild with `cargo xtask build` so that the \
              eBPF object matches the agent"
             .into(),

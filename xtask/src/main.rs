@@ -186,6 +186,9 @@ fn build_agent(root: &Path) -> Result<()> {
         .args(["build", "--release", "-p", "mirror-agent"]))
 }
 
+/// Tells the end-to-end tests that a missing root is a failure, not a reason to skip.
+const REQUIRE_ROOT: &str = "MIRROR_TEST_REQUIRE_ROOT";
+
 /// What every end-to-end run needs: the kernel program, the tools, root.
 fn e2e_prerequisites(root: &Path) -> Result<()> {
     build_ebpf(root)?;
@@ -208,6 +211,7 @@ fn container_test(root: &Path) -> Result<()> {
         "--test",
         "container_e2e",
     ]);
+    cmd.env(REQUIRE_ROOT, "1");
     let (passed, failed) = run_counting_tests(&mut cmd)?;
     println!("tests: {passed} passed, {failed} failed");
     Ok(())
@@ -218,7 +222,8 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root)
         .args(["test", "--workspace", "--release", "--"])
-        .args(extra);
+        .args(extra)
+        .env(REQUIRE_ROOT, "1");
     let (mut passed, mut failed) = run_counting_tests(&mut cmd)?;
     if extra.is_empty() {
         fuzz(root, 20)?;

@@ -395,7 +395,7 @@ fn boot_and_test(
     );
     let mut script = String::from(
         "#!/bin/sh\n\
-         export MIRROR_TEST_EMULATED=1 RUST_BACKTRACE=0\n\
+         export MIRROR_TEST_EMULATED=1 MIRROR_TEST_REQUIRE_ROOT=1 RUST_BACKTRACE=0\n\
          mount -t bpf bpf /sys/fs/bpf 2>/dev/null\n\
          modprobe tun 2>/dev/null\n",
     );

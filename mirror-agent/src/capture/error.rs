@@ -98,6 +98,9 @@ pub enum CaptureError {
     Ports { given: usize, max: u32 },
     #[error("more than {max} service addresses")]
     TooManyAddrs { max: u32 },
+    /// Built without the kernel object (build.rs warned).
+    #[error("this agent was built without its eBPF object")]
+    NoObject,
     /// The object does not hold what this binary expects: a build mismatch, never the user's.
     #[error("{0} missing from the eBPF object")]
     ObjectIncomplete(String),

@@ -16,7 +16,11 @@ use mirror_common::{
 };
 
 /// The kernel object, built by `cargo xtask build-ebpf` (see build.rs).
+#[cfg(not(ebpf_object_missing))]
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MIRROR_EBPF_OBJECT"));
+/// Built without the kernel object (see build.rs): loading says so.
+#[cfg(ebpf_object_missing)]
+static EBPF_OBJECT: &[u8] = &[];
 
 /// How the program is attached to an interface hook.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -108,6 +112,9 @@ pub struct KernelProgram {
 impl KernelProgram {
     pub fn load(ebpf_log: bool) -> Result<KernelProgram> {
         // aya-log's kernel side logs everything unless told otherwise; keep it off by default.
+        if EBPF_OBJECT.is_empty() {
+            return Err(CaptureError::NoObject);
+        }
         let level: u8 = if ebpf_log { 0xff } else { 0 };
         let mut ebpf = EbpfLoader::new()
             .override_global("AYA_LOG_LEVEL", &level, false)
