@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod budget;
 pub mod capture;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod compare;
 pub mod cpu_budget;

@@ -23,7 +23,8 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MIRROR_EBPF_OBJECT
 static EBPF_OBJECT: &[u8] = &[];
 
 /// How the program is attached to an interface hook.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum AttachMode {
     /// tcx where the kernel accepts a tcx link (6.6+, or a backport such as RHEL 9's 5.14),
     /// else a classic clsact filter. Decided by trying, not by the version number.
@@ -35,7 +36,8 @@ pub enum AttachMode {
 }
 
 /// Direction of travel through an interface, as seen by TC.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum Hook {
     Ingress,
     Egress,

@@ -39,7 +39,8 @@ use crate::http::{h2, Request};
 pub(crate) mod h1;
 
 /// What the mirror request's Host header is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum HostMode {
     /// The original Host, as the client sent it.
     Keep,
