@@ -3,6 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::str::FromStr;
 
 use clap::{Args, Parser, Subcommand};
 use hyper::header::{HeaderName, HeaderValue};
@@ -99,7 +100,7 @@ pub struct RequestArgs {
     pub host: HostMode,
 
     /// Header added to every request sent (NAME:VALUE; repeatable).
-    #[arg(long = "add-header", value_parser = replay::parse_header)]
+    #[arg(long = "add-header", value_parser = parse_header)]
     pub add_headers: Vec<(HeaderName, HeaderValue)>,
 
     /// Header removed from every request sent (and from what `attach --record` writes), e.g.
@@ -469,6 +470,17 @@ fn parse_cores(s: &str) -> Result<f64, String> {
 pub enum ResponseCapture {
     Heads,
     Full,
+}
+
+/// Parses `K:V` for `--add-header`.
+pub fn parse_header(s: &str) -> Result<(HeaderName, HeaderValue), String> {
+    let (k, v) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected NAME:VALUE"))?;
+    Ok((
+        HeaderName::from_str(k.trim()).map_err(|e| format!("header name {k:?}: {e}"))?,
+        HeaderValue::from_str(v.trim()).map_err(|e| format!("header value {v:?}: {e}"))?,
+    ))
 }
 
 #[cfg(test)]
