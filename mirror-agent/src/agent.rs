@@ -55,6 +55,8 @@ pub enum AgentError {
     },
     #[error("the capture thread panicked in the pipeline")]
     PipelinePanicked,
+    #[error("starting a thread")]
+    Thread(#[source] std::io::Error),
     #[error("--record")]
     Record(#[source] RecordError),
 }
@@ -144,7 +146,7 @@ impl Agent {
     pub fn start(cfg: AgentConfig, rt: &tokio::runtime::Handle) -> Result<Agent> {
         let _enter = rt.enter();
         // Compare: fed by the pipeline (live responses) and the replayer (mirror outcomes).
-        let comparison = Comparison::new(cfg.compare.clone());
+        let comparison = Comparison::new(cfg.compare.clone()).map_err(AgentError::Thread)?;
         let grace = cfg
             .mirrors
             .iter()

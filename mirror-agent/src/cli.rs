@@ -242,7 +242,7 @@ pub struct AttachArgs {
     pub record: Option<PathBuf>,
 
     /// A recording file is closed and a new one started past this size.
-    #[arg(long, default_value = "64M", value_parser = crate::budget::parse_size)]
+    #[arg(long, default_value = "64M", value_parser = crate::memory_budget::parse_size)]
     pub record_file_size: u64,
 
     /// ... or past this many seconds.
@@ -250,7 +250,7 @@ pub struct AttachArgs {
     pub record_file_seconds: u64,
 
     /// The oldest recording files are removed to keep the directory under this size.
-    #[arg(long, default_value = "1G", value_parser = crate::budget::parse_size)]
+    #[arg(long, default_value = "1G", value_parser = crate::memory_budget::parse_size)]
     pub record_max_size: u64,
 
     /// Write the captured streams, per flow, to this file on exit.
@@ -296,13 +296,13 @@ pub struct AttachArgs {
 
     /// Bytes of requests waiting to be mirrored at most (e.g. 64M); when full, new ones are
     /// dropped and counted. Default: a fifth of what --memory-budget leaves for traffic.
-    #[arg(long, value_parser = crate::budget::parse_size)]
+    #[arg(long, value_parser = crate::memory_budget::parse_size)]
     pub queue_bytes: Option<u64>,
 
     /// Memory the agent may use in all (e.g. 384M, 1G): the flow table, buffers, replay queue
     /// and comparison are sized from it. Default: three quarters of the cgroup (pod) memory
     /// limit, or 1G without one.
-    #[arg(long, value_parser = crate::budget::parse_size)]
+    #[arg(long, value_parser = crate::memory_budget::parse_size)]
     pub memory_budget: Option<u64>,
 
     /// CPU the agent may use, in cores (e.g. 0.5): its threads and its kernel program's work in
@@ -329,7 +329,7 @@ pub struct AttachArgs {
     pub compare_headers: Vec<String>,
 
     /// Bodies up to this size are compared field by field, larger ones by length and digest.
-    #[arg(long, default_value = "256K", value_parser = crate::budget::parse_size)]
+    #[arg(long, default_value = "256K", value_parser = crate::memory_budget::parse_size)]
     pub compare_max_body: u64,
 
     /// A field path never compared, with everything below it, e.g. '$.servedAt' or

@@ -4,7 +4,6 @@
 //! one owner of its state. Only `capture` needs root and a kernel.
 
 pub mod agent;
-pub mod budget;
 pub mod capture;
 #[cfg(feature = "cli")]
 pub mod cli;
@@ -13,6 +12,7 @@ pub mod cpu_budget;
 pub mod dump;
 pub mod exchange;
 pub mod http;
+pub mod memory_budget;
 pub mod metrics;
 pub mod pipeline;
 pub mod pods;

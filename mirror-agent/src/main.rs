@@ -10,7 +10,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use mirror_agent::agent::{Agent, AgentConfig, AgentError, MirrorTarget};
-use mirror_agent::budget;
 use mirror_agent::capture::netdev;
 use mirror_agent::capture::ring::RingConfig;
 use mirror_agent::capture::{CaptureConfig, CaptureError, Hook, MatchConfig, Target};
@@ -23,6 +22,7 @@ use mirror_agent::compare::diffs::DiffConfig;
 use mirror_agent::compare::{self, format_table, CompareConfig, Report};
 use mirror_agent::exchange::content::ContentCapture;
 use mirror_agent::http::HttpConfig;
+use mirror_agent::memory_budget;
 use mirror_agent::pipeline::PipelineConfig;
 use mirror_agent::pods::PodSelector;
 use mirror_agent::reassembly::ReassemblyConfig;
@@ -180,10 +180,10 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
     };
     let (budget, budget_source) = match args.memory_budget {
         Some(b) => (b, "--memory-budget".to_string()),
-        None => budget::default_budget(),
+        None => memory_budget::default_budget(),
     };
     let ring_bytes = (capture.ring.block_count * capture.ring.block_size) as u64;
-    let plan = budget::Plan::new(budget, ring_bytes, compare::series_bytes())?;
+    let plan = memory_budget::Plan::new(budget, ring_bytes, compare::series_bytes())?;
     log::info!("memory budget {budget} bytes ({budget_source}): {plan:?}");
     let names = mirror_names(
         &args.mirror,
@@ -352,7 +352,7 @@ fn hint(e: &(dyn std::error::Error + 'static)) -> Option<String> {
                  volume)"
                     .into(),
             ),
-            AgentError::PipelinePanicked => None,
+            AgentError::PipelinePanicked | AgentError::Thread(_) => None,
         };
     }
     e.downcast_ref::<CaptureError>().and_then(capture_hint)

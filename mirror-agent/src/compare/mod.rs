@@ -467,16 +467,19 @@ pub struct Comparison {
 }
 
 impl Comparison {
-    pub fn new(cfg: CompareConfig) -> Self {
-        let content = cfg.diffs.clone().map(|d| {
-            let worker = ContentWorker::start(d, cfg.mirror_labels.clone())
-                .expect("starting the content comparison's thread");
-            Arc::new(worker)
-        });
-        Comparison {
+    /// Fails only when contents are compared and their thread cannot start.
+    pub fn new(cfg: CompareConfig) -> std::io::Result<Self> {
+        let content = match cfg.diffs.clone() {
+            Some(d) => Some(Arc::new(ContentWorker::start(
+                d,
+                cfg.mirror_labels.clone(),
+            )?)),
+            None => None,
+        };
+        Ok(Comparison {
             shared: Arc::new(Mutex::new(Comparator::new(cfg))),
             content,
-        }
+        })
     }
 
     pub fn live(&self, m: &ResponseMeta) {

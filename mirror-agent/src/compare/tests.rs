@@ -353,6 +353,7 @@ mod contents {
             }),
             ..Default::default()
         })
+        .unwrap()
     }
 
     fn outcome(seq: u64, target: &str, content: Option<Arc<Content>>) -> MirrorOutcome {
@@ -524,7 +525,8 @@ mod contents {
                 ..Default::default()
             }),
             ..Default::default()
-        });
+        })
+        .unwrap();
         let big = json("200", serde_json::json!({ "pad": "x".repeat(1000) }));
         for seq in 0..100 {
             // Mirror answers whose live bodies never come (not captured whole).

@@ -337,8 +337,14 @@ pub async fn serve(addr: SocketAddr, sources: Sources) -> std::io::Result<Socket
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: wait rather than spin on the error.
+                    log::warn!("metrics: accepting a connection failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
             };
             let sources = sources.clone();
             tokio::spawn(async move {
@@ -456,7 +462,8 @@ mod tests {
                 ..Default::default()
             }),
             ..Default::default()
-        });
+        })
+        .unwrap();
         let content = |b: &'static str| {
             Arc::new(Content::new(
                 "200".into(),

@@ -111,6 +111,8 @@ pub enum PlaybackError {
     Dir { dir: String, source: std::io::Error },
     #[error("{dir} holds no recording files (rec-*.mrec)")]
     Empty { dir: String },
+    #[error("starting the content comparison's thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// A recorded request, ready to send again.
@@ -224,7 +226,7 @@ pub async fn run(dir: &Path, cfg: PlaybackConfig) -> Result<PlaybackSummary, Pla
     let stats = Arc::new(PlaybackStats::default());
     stats.recorded.store(total, Ordering::Relaxed);
     stats.filtered.store(total - kept, Ordering::Relaxed);
-    let comparison = Comparison::new(cfg.compare.clone());
+    let comparison = Comparison::new(cfg.compare.clone()).map_err(PlaybackError::Thread)?;
     let started = Instant::now();
     let progress = cfg.progress.map(|every| {
         let stats = Arc::clone(&stats);
