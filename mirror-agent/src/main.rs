@@ -215,16 +215,7 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
         })?),
         None => None,
     };
-    // With contents compared, half the replay queue's memory holds contents waiting instead.
-    let (queue_share, content_bytes) = if args.compare_bodies {
-        (plan.replay_queue_bytes / 2, plan.replay_queue_bytes / 2)
-    } else {
-        (plan.replay_queue_bytes, 0)
-    };
-    // The memory plan's replay queue and pairing table are shared by the mirrors.
-    let shares = args.mirror.len().max(1);
-    // A waiting request holds the live response and up to one outcome per mirror.
-    let max_pending = plan.max_pending_pairs * 2 / (shares + 1);
+    let split = plan.split(args.mirror.len(), args.compare_bodies);
     let mut mirrors = Vec::new();
     for (m, name) in args.mirror.iter().zip(&names) {
         let uri = replay::parse_mirror_url(&m.url)
@@ -238,7 +229,7 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
             pipeline_depth: args.pipeline_depth.into(),
             queue_bytes: args
                 .queue_bytes
-                .map_or(queue_share / shares, |q| q as usize),
+                .map_or(split.queue_bytes_per_mirror, |q| q as usize),
             content: content.clone(),
             ..args.requests.replay_config(uri)
         };
@@ -295,7 +286,7 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
             routes: args.series.routes.clone(),
             max_endpoints: args.max_endpoints,
             max_series: plan.max_series,
-            max_pending,
+            max_pending: split.max_pending,
             diffs: content.map(|c| DiffConfig {
                 content: ContentConfig {
                     headers: c.headers,
@@ -304,8 +295,8 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
                 },
                 ignore: args.ignore.clone(),
                 secondary,
-                max_pending,
-                max_bytes: content_bytes,
+                max_pending: split.max_pending,
+                max_bytes: split.content_bytes,
             }),
         },
         pods: args.selector.as_ref().map(|labels| PodSelector {

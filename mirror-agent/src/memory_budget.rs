@@ -73,6 +73,34 @@ impl Plan {
             max_pending_pairs: count(share(5), PENDING_PAIR_BYTES, 1 << 22),
         })
     }
+
+    /// How the parts the mirrors share divide among `mirrors` (one at least): the replay queue
+    /// per mirror, half of it given to contents waiting when contents are compared, and the
+    /// requests that may wait for their pairing (each holds the live response and up to one
+    /// outcome per mirror).
+    pub fn split(&self, mirrors: usize, compare_contents: bool) -> Split {
+        let mirrors = mirrors.max(1);
+        let (queue, content_bytes) = if compare_contents {
+            (self.replay_queue_bytes / 2, self.replay_queue_bytes / 2)
+        } else {
+            (self.replay_queue_bytes, 0)
+        };
+        Split {
+            queue_bytes_per_mirror: queue / mirrors,
+            content_bytes,
+            max_pending: self.max_pending_pairs * 2 / (mirrors + 1),
+        }
+    }
+}
+
+/// The shared parts of a `Plan`, divided (`Plan::split`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Split {
+    pub queue_bytes_per_mirror: usize,
+    /// Contents waiting for their partner (`--compare-bodies`), all mirrors together.
+    pub content_bytes: usize,
+    /// Requests waiting for their live response or mirror outcomes.
+    pub max_pending: usize,
 }
 
 /// The default budget and where it came from.
@@ -192,5 +220,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cgroup_memory_limit(root), None);
+    }
+
+    #[test]
+    fn the_shared_parts_divide_among_mirrors_and_contents() {
+        let plan = Plan::new(1 << 30, 64 << 20, 13 << 10).unwrap();
+        let one = plan.split(1, false);
+        assert_eq!(one.queue_bytes_per_mirror, plan.replay_queue_bytes);
+        assert_eq!(
+            (one.content_bytes, one.max_pending),
+            (0, plan.max_pending_pairs)
+        );
+        let three = plan.split(3, true);
+        assert_eq!(
+            three.queue_bytes_per_mirror,
+            plan.replay_queue_bytes / 2 / 3
+        );
+        assert_eq!(three.content_bytes, plan.replay_queue_bytes / 2);
+        assert_eq!(three.max_pending, plan.max_pending_pairs / 2);
+        assert_eq!(plan.split(0, false), one, "no mirror divides as one");
     }
 }
