@@ -214,9 +214,7 @@ fn survey(
 }
 
 fn passes(cfg: &ReplayConfig, req: &Replayable) -> bool {
-    let method_ok = cfg.methods.is_empty() || cfg.methods.iter().any(|m| m == req.method());
-    let path = req.target().split('?').next().unwrap_or("");
-    method_ok && cfg.path.as_ref().is_none_or(|re| re.is_match(path))
+    cfg.filter(req.method(), req.target()).is_ok()
 }
 
 /// Plays the recording in `dir` back. Never fails on damage inside the recording: what could

@@ -93,7 +93,27 @@ pub const QUEUE_ENTRY_OVERHEAD: usize = 512;
 /// Most HTTP/1 requests written at once on a mirror connection unless `--pipeline-depth` says.
 pub const DEFAULT_PIPELINE_DEPTH: u16 = 64;
 
+/// Why a request is left out by the filters (`--methods`, `--path`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filtered {
+    Method,
+    Path,
+}
+
 impl ReplayConfig {
+    /// The one request filter, of live mirroring and of playback: the method among `methods`
+    /// (all when empty), and the path (before any query) matching `path`.
+    pub fn filter(&self, method: &str, target: &str) -> Result<(), Filtered> {
+        if !self.methods.is_empty() && !self.methods.iter().any(|m| m == method) {
+            return Err(Filtered::Method);
+        }
+        let path = target.split('?').next().unwrap_or("");
+        match &self.path {
+            Some(re) if !re.is_match(path) => Err(Filtered::Path),
+            _ => Ok(()),
+        }
+    }
+
     pub fn new(mirror: Uri) -> Self {
         ReplayConfig {
             mirror,
@@ -156,6 +176,17 @@ pub type OutcomeSink = Box<dyn Fn(MirrorOutcome) + Send + Sync>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_filter_by_method_and_path_before_the_query() {
+        let mut cfg = ReplayConfig::new(parse_mirror_url("http://127.0.0.1:9").unwrap());
+        assert_eq!(cfg.filter("DELETE", "/anything"), Ok(()), "no filter: all");
+        cfg.methods = vec!["GET".into(), "HEAD".into()];
+        cfg.path = Some(Regex::new("^/api/").unwrap());
+        assert_eq!(cfg.filter("GET", "/api/books?x=/other"), Ok(()));
+        assert_eq!(cfg.filter("POST", "/api/books"), Err(Filtered::Method));
+        assert_eq!(cfg.filter("HEAD", "/health?/api/"), Err(Filtered::Path));
+    }
 
     #[test]
     fn a_loop_is_refused_only_where_replayed_requests_are_hooked() {

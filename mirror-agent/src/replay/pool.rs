@@ -122,13 +122,13 @@ impl Replayer {
     fn admit(&self, req: &Request) -> bool {
         let (cfg, stats) = (&self.shared.cfg, &self.shared.stats);
         inc(&stats.offered);
-        if !cfg.methods.is_empty() && !cfg.methods.iter().any(|m| m == req.method()) {
-            inc(&stats.filtered_method);
-            return false;
-        }
-        if let Some(re) = &cfg.path {
-            let path = req.target().split('?').next().unwrap_or("");
-            if !re.is_match(path) {
+        match cfg.filter(req.method(), req.target()) {
+            Ok(()) => {}
+            Err(Filtered::Method) => {
+                inc(&stats.filtered_method);
+                return false;
+            }
+            Err(Filtered::Path) => {
                 inc(&stats.filtered_path);
                 return false;
             }
