@@ -18,38 +18,48 @@ fn report(ns: &Netns) -> Option<Report> {
     common::report(ns, METRICS)
 }
 
+/// A live server on the pair's 8080 and a mirror at `MIRROR`, each answering by its own
+/// behaviour, and an agent mirroring one to the other with /report on `METRICS`.
+fn live_and_mirror(
+    pair: &Pair,
+    live: Behaviour,
+    mirror: Behaviour,
+    extra: &[&str],
+) -> (TestServer, TestServer, Agent) {
+    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+    let live = TestServer::start_with(&pair.server, &[live_addr], live);
+    let mirror = TestServer::start_with(&pair.server, &[MIRROR.parse().unwrap()], mirror);
+    let mirror_url = format!("http://{MIRROR}");
+    let mut args = vec![
+        "--iface",
+        "srv0",
+        "--port",
+        "8080",
+        "--mirror",
+        &mirror_url,
+        "--metrics",
+        METRICS,
+    ];
+    args.extend_from_slice(extra);
+    let agent = Agent::start(&pair.server, &args);
+    (live, mirror, agent)
+}
+
 #[test]
 fn report_shows_the_mirrors_faults_and_delay_while_live_is_fine() {
     if not_root() {
         return;
     }
     let pair = Pair::new("cmp", 238);
-    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
-    let _live = TestServer::start_with(
-        &pair.server,
-        &[live_addr],
+    let (_live, _mirror, agent) = live_and_mirror(
+        &pair,
         Arc::new(|_| (200, Duration::from_millis(2))),
-    );
-    let _mirror = TestServer::start_with(
-        &pair.server,
-        &[MIRROR.parse().unwrap()],
         Arc::new(|target| match target {
             "/api/books/2/reviews" => (500, Duration::ZERO),
             "/api/books/3/reviews" => (200, Duration::from_millis(300)),
             _ => (200, Duration::from_millis(2)),
         }),
-    );
-    let agent = Agent::start(
-        &pair.server,
         &[
-            "--iface",
-            "srv0",
-            "--port",
-            "8080",
-            "--mirror",
-            &format!("http://{MIRROR}"),
-            "--metrics",
-            METRICS,
             "--live-label",
             "V1MIR-LiveBookService",
             "--mirror-label",
@@ -476,35 +486,17 @@ fn servers_that_disagree_on_a_route_get_a_differs_verdict() {
         return;
     }
     let pair = Pair::new("dis", 247);
-    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
-    let _live = TestServer::start_with(
-        &pair.server,
-        &[live_addr],
+    let (_live, _candidate, agent) = live_and_mirror(
+        &pair,
         Arc::new(|target| match target {
             t if t.starts_with("/missing/") => (404, Duration::ZERO),
             _ => (200, Duration::ZERO),
         }),
-    );
-    let _candidate = TestServer::start_with(
-        &pair.server,
-        &[MIRROR.parse().unwrap()],
         Arc::new(|target| match target {
             "/api/lost" => (404, Duration::ZERO),
             _ => (200, Duration::ZERO),
         }),
-    );
-    let agent = Agent::start(
-        &pair.server,
-        &[
-            "--iface",
-            "srv0",
-            "--port",
-            "8080",
-            "--mirror",
-            &format!("http://{MIRROR}"),
-            "--metrics",
-            METRICS,
-        ],
+        &[],
     );
     const MISSING: u64 = 6;
     let base = format!("http://{}:8080", pair.server_v4);
