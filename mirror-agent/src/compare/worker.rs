@@ -29,6 +29,8 @@ enum Event {
         answered: bool,
         content: Option<Arc<Content>>,
     },
+    /// Answered once every event before it is done.
+    Settle(crossbeam_channel::Sender<()>),
 }
 
 impl Event {
@@ -36,9 +38,13 @@ impl Event {
         match self {
             Event::Live { content, .. } => content.held(),
             Event::Mirror { content, .. } => content.as_ref().map_or(0, |c| c.held()),
+            Event::Settle(_) => 0,
         }
     }
 }
+
+/// Longest a stop waits for the contents handed over to be compared.
+const SETTLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The handle the other stages use; the thread owns the comparison's state between events.
 pub struct ContentWorker {
@@ -46,8 +52,6 @@ pub struct ContentWorker {
     state: Arc<Mutex<ContentDiffs>>,
     /// Bytes of contents queued for the thread.
     queued: Arc<AtomicUsize>,
-    /// Events handed over and not yet done.
-    in_flight: Arc<AtomicUsize>,
     max_queued: usize,
     /// Contents passed over because the thread was behind.
     busy: AtomicU64,
@@ -62,12 +66,7 @@ impl ContentWorker {
         let max_queued = cfg.max_bytes;
         let state = Arc::new(Mutex::new(ContentDiffs::new(cfg, labels.len())));
         let queued = Arc::new(AtomicUsize::new(0));
-        let in_flight = Arc::new(AtomicUsize::new(0));
-        let (shared, counted, events) = (
-            Arc::clone(&state),
-            Arc::clone(&queued),
-            Arc::clone(&in_flight),
-        );
+        let (shared, counted) = (Arc::clone(&state), Arc::clone(&queued));
         std::thread::Builder::new()
             .name("mirror-compare".into())
             .spawn(move || {
@@ -90,17 +89,19 @@ impl ContentWorker {
                             answered,
                             content,
                         } => d.mirror(key, &endpoint, mirror, answered, content),
+                        Event::Settle(done) => {
+                            // The waiter may have given up: nothing to tell then.
+                            let _ = done.send(());
+                        }
                     }
                     drop(d);
                     counted.fetch_sub(bytes, Ordering::Relaxed);
-                    events.fetch_sub(1, Ordering::Release);
                 }
             })?;
         Ok(ContentWorker {
             tx,
             state,
             queued,
-            in_flight,
             max_queued,
             busy: AtomicU64::new(0),
             labels,
@@ -148,10 +149,8 @@ impl ContentWorker {
             return;
         }
         self.queued.fetch_add(bytes, Ordering::Relaxed);
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
         if self.tx.try_send(ev).is_err() {
             self.queued.fetch_sub(bytes, Ordering::Relaxed);
-            self.in_flight.fetch_sub(1, Ordering::Relaxed);
             self.busy.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -171,11 +170,13 @@ impl ContentWorker {
     }
 
     /// Waits (at most 5 s) until every content handed over has been compared: at stop, so
-    /// that the final report holds them, and in tests.
+    /// that the final report holds them, and in tests. The thread answers a marker queued
+    /// behind them, so nothing polls.
     pub fn settle(&self) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while self.in_flight.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(1));
+        let (done, answered) = crossbeam_channel::bounded(1);
+        let deadline = std::time::Instant::now() + SETTLE_WITHIN;
+        if self.tx.send_deadline(Event::Settle(done), deadline).is_ok() {
+            let _ = answered.recv_deadline(deadline);
         }
     }
 
