@@ -389,11 +389,31 @@ fn a_mirror_that_restarts_gets_what_live_served_while_it_was_up() {
         share * 100.0,
         exit.stderr
     );
-    assert!(
-        share >= 0.95,
-        "the mirror got {:.1} % of what live served while it was up",
-        share * 100.0
+    // Whatever the timing, every request offered to the replay stage is accounted for.
+    let m = |name: &str| exit.metric(name, &[]);
+    assert_eq!(
+        m("mirror_replay_offered_total"),
+        m("mirror_replay_sent_total")
+            + m("mirror_replay_dropped_total")
+            + m("mirror_replay_filtered_method_total")
+            + m("mirror_replay_filtered_path_total"),
+        "{}",
+        exit.metrics
     );
+    assert_eq!(
+        m("mirror_replay_sent_total"),
+        m("mirror_replay_responses_total") + m("mirror_replay_errors_total"),
+        "{}",
+        exit.metrics
+    );
+    // Keeping up within each 4 s window, backoff and recovery included, is a timing claim.
+    if timing_applies("the mirror gets 95 % of what live served while it was up") {
+        assert!(
+            share >= 0.95,
+            "the mirror got {:.1} % of what live served while it was up",
+            share * 100.0
+        );
+    }
     assert!(
         exit.metric("mirror_replay_probe_recoveries_total", &[]) >= 2,
         "{}",
