@@ -167,27 +167,8 @@ pub fn judge<'a>(r: &'a Report) -> Vec<Verdict> {
         let mut mismatches = s.mismatches;
         mismatches.sort_by_key(|m| std::cmp::Reverse(m.2));
         for (live, cand, count) in &mismatches {
-            let finding = if is_failure(cand) && !is_failure(live) {
-                Finding {
-                    kind: VerdictKind::Fails,
-                    detail: format!("{count}× {cand} where live answered {live}"),
-                }
-            } else {
-                let mut detail = format!(
-                    "{cand} where live answered {live} {}",
-                    share(*count, s.paired)
-                );
-                if let Some(n) = live_codes.get(&(name, cand.as_str())) {
-                    detail.push_str(&format!(
-                        "; live itself answered {cand} ×{n} here, so live may flap"
-                    ));
-                }
-                Finding {
-                    kind: VerdictKind::Differs,
-                    detail,
-                }
-            };
-            findings.push(finding);
+            let live_answered = live_codes.get(&(name, cand.as_str())).copied();
+            findings.push(status_finding(live, cand, *count, s.paired, live_answered));
         }
         if let Some(detail) = s.content {
             findings.push(Finding {
@@ -198,14 +179,7 @@ pub fn judge<'a>(r: &'a Report) -> Vec<Verdict> {
         let mean = |(n, sum): (u64, f64)| (n > 0).then(|| sum / n as f64);
         let live_ms = live_timed.get(name).copied().and_then(mean);
         let mirror_ms = mean(s.timed);
-        if let (Some(l), Some(m)) = (live_ms, mirror_ms) {
-            if m > SLOWER_FACTOR * l && m - l > SLOWER_BY_MS {
-                findings.push(Finding {
-                    kind: VerdictKind::Slower,
-                    detail: format!("{} ms vs {} ms live", fmt_ms(m), fmt_ms(l)),
-                });
-            }
-        }
+        findings.extend(slower_finding(live_ms, mirror_ms));
         if findings.is_empty() && s.paired == 0 {
             continue;
         }
@@ -222,6 +196,43 @@ pub fn judge<'a>(r: &'a Report) -> Vec<Verdict> {
         });
     }
     out
+}
+
+/// A mirror over `SLOWER_FACTOR` times live's mean duration and `SLOWER_BY_MS` more is slower.
+fn slower_finding(live_ms: Option<f64>, mirror_ms: Option<f64>) -> Option<Finding> {
+    let (l, m) = (live_ms?, mirror_ms?);
+    (m > SLOWER_FACTOR * l && m - l > SLOWER_BY_MS).then(|| Finding {
+        kind: VerdictKind::Slower,
+        detail: format!("{} ms vs {} ms live", fmt_ms(m), fmt_ms(l)),
+    })
+}
+
+/// What `count` paired requests answered with `cand` where live answered `live` say: a failure,
+/// or a difference worded with its share and, when live itself answered `cand` on this endpoint
+/// (`live_answered` times), that live may flap.
+fn status_finding(
+    live: &str,
+    cand: &str,
+    count: u64,
+    paired: u64,
+    live_answered: Option<u64>,
+) -> Finding {
+    if is_failure(cand) && !is_failure(live) {
+        return Finding {
+            kind: VerdictKind::Fails,
+            detail: format!("{count}× {cand} where live answered {live}"),
+        };
+    }
+    let mut detail = format!("{cand} where live answered {live} {}", share(count, paired));
+    if let Some(n) = live_answered {
+        detail.push_str(&format!(
+            "; live itself answered {cand} ×{n} here, so live may flap"
+        ));
+    }
+    Finding {
+        kind: VerdictKind::Differs,
+        detail,
+    }
 }
 
 /// The content regressions of one endpoint on one candidate, if any.
