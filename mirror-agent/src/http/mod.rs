@@ -313,6 +313,34 @@ impl HttpStats {
     }
 }
 
+/// What a connection's parser needs of the extractor while it runs: the configuration, the
+/// counters, where events go, and the totals across connections when the call began.
+pub struct Ctx<'a> {
+    pub cfg: &'a HttpConfig,
+    pub stats: &'a mut HttpStats,
+    pub events: &'a mut Vec<HttpEvent>,
+    pub info: &'a ConnInfo,
+    /// Bytes buffered across all connections when this call began.
+    pub buffered: usize,
+    /// Bytes of streaming bodies handed on and not yet taken by the replay stage.
+    pub streaming: &'a std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Ctx<'_> {
+    /// Asks the capture for the connection's responses whole, once.
+    fn ask_full_responses(&mut self, asked: &mut bool) {
+        if !self.cfg.response_heads || *asked {
+            return;
+        }
+        *asked = true;
+        self.stats.full_response_connections += 1;
+        self.events.push(HttpEvent::FullResponses {
+            client: self.info.client,
+            server: self.info.server,
+        });
+    }
+}
+
 /// The parse stage: a `StreamHandler` that turns streams into `HttpEvent`s.
 pub struct HttpExtractor {
     cfg: HttpConfig,
@@ -371,7 +399,8 @@ impl HttpExtractor {
             streams: 0,
         };
         let handover = h1.hand_over();
-        self.ask_full_responses(&mut h1.full_responses_asked, info);
+        self.ctx(info)
+            .ask_full_responses(&mut h1.full_responses_asked);
         self.account(before, Held::default());
         match how {
             Switch::Frames => self.stats.h2_joined_connections += 1,
@@ -382,31 +411,18 @@ impl HttpExtractor {
             Switch::Preface => self.stats.h2_connections += 1,
         }
         let mut h2 = Box::new(h2::H2Conn::new(&self.cfg, how, handover.upgrade));
-        let mut ctx = self.h2_ctx(info);
+        let mut ctx = self.ctx(info);
         h2.feed(&mut ctx, Direction::ToServer, &handover.to_server, ts);
         if self.cfg.track_responses {
-            let mut ctx = self.h2_ctx(info);
+            let mut ctx = self.ctx(info);
             h2.feed(&mut ctx, Direction::ToClient, &handover.to_client, ts);
         }
         c.0 = Proto::H2(h2);
         self.account(Held::default(), c.held());
     }
 
-    /// Asks the capture for the connection's responses whole, once.
-    fn ask_full_responses(&mut self, asked: &mut bool, info: &ConnInfo) {
-        if !self.cfg.response_heads || *asked {
-            return;
-        }
-        *asked = true;
-        self.stats.full_response_connections += 1;
-        self.events.push(HttpEvent::FullResponses {
-            client: info.client,
-            server: info.server,
-        });
-    }
-
-    fn h2_ctx<'a>(&'a mut self, info: &'a ConnInfo) -> h2::Ctx<'a> {
-        h2::Ctx {
+    fn ctx<'a>(&'a mut self, info: &'a ConnInfo) -> Ctx<'a> {
+        Ctx {
             cfg: &self.cfg,
             stats: &mut self.stats,
             events: &mut self.events,
@@ -453,12 +469,12 @@ impl StreamHandler for HttpExtractor {
     type Conn = HttpConn;
 
     fn open(&mut self, _info: &ConnInfo) -> HttpConn {
-        HttpConn(Proto::H1(HttpExtractor::h1_open()))
+        HttpConn(Proto::H1(h1::H1Conn::open()))
     }
 
     fn start(&mut self, c: &mut HttpConn, _info: &ConnInfo, dir: Direction, from_syn: bool) {
         if let Proto::H1(h1) = &mut c.0 {
-            HttpExtractor::h1_start(h1, dir, from_syn);
+            h1.start(dir, from_syn);
         }
     }
 
@@ -477,14 +493,14 @@ impl StreamHandler for HttpExtractor {
         let before = c.held();
         match &mut c.0 {
             Proto::H1(h1) => {
-                self.h1_data(h1, info, dir, data, ts, ack);
+                h1.data(&mut self.ctx(info), dir, data, ts, ack);
                 if h1.switch.is_some() {
                     self.account(before, c.held());
                     self.switch(c, info, ts);
                     return;
                 }
             }
-            Proto::H2(h2) => h2.feed(&mut self.h2_ctx(info), dir, data, ts),
+            Proto::H2(h2) => h2.feed(&mut self.ctx(info), dir, data, ts),
         }
         self.account(before, c.held());
     }
@@ -502,11 +518,11 @@ impl StreamHandler for HttpExtractor {
         }
         let before = c.held();
         match &mut c.0 {
-            Proto::H1(h1) => self.h1_elided(h1, info, dir, len, ts),
+            Proto::H1(h1) => h1.elided(&mut self.ctx(info), dir, len, ts),
             Proto::H2(h2) => {
                 // Asked whole at the switch; these were described before the kernel knew.
                 self.stats.responses_unframed_heads += 1;
-                h2.gap(&mut self.h2_ctx(info), dir, len)
+                h2.gap(&mut self.ctx(info), dir, len)
             }
         }
         self.account(before, c.held());
@@ -522,8 +538,8 @@ impl StreamHandler for HttpExtractor {
     ) {
         let before = c.held();
         match &mut c.0 {
-            Proto::H1(h1) => self.h1_gap(h1, info, dir, lost, ts),
-            Proto::H2(h2) => h2.gap(&mut self.h2_ctx(info), dir, lost),
+            Proto::H1(h1) => h1.gap(&mut self.ctx(info), dir, lost, ts),
+            Proto::H2(h2) => h2.gap(&mut self.ctx(info), dir, lost),
         }
         self.account(before, c.held());
     }
@@ -531,8 +547,8 @@ impl StreamHandler for HttpExtractor {
     fn end(&mut self, c: &mut HttpConn, info: &ConnInfo, dir: Direction, _ts: TimestampNs) {
         let before = c.held();
         match &mut c.0 {
-            Proto::H1(h1) => self.h1_end(h1, info, dir),
-            Proto::H2(h2) => h2.end(&mut self.h2_ctx(info), dir),
+            Proto::H1(h1) => h1.end(&mut self.ctx(info), dir),
+            Proto::H2(h2) => h2.end(&mut self.ctx(info), dir),
         }
         self.account(before, c.held());
     }
@@ -540,8 +556,8 @@ impl StreamHandler for HttpExtractor {
     fn close(&mut self, c: HttpConn, info: &ConnInfo, _reason: CloseReason, _ts: TimestampNs) {
         let before = c.held();
         match c.0 {
-            Proto::H1(h1) => self.h1_close(h1, info),
-            Proto::H2(h2) => h2.close(&mut self.h2_ctx(info)),
+            Proto::H1(h1) => h1.close(&mut self.ctx(info)),
+            Proto::H2(h2) => h2.close(&mut self.ctx(info)),
         }
         self.account(before, Held::default());
     }

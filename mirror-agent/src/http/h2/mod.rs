@@ -24,9 +24,9 @@ use bytes::{Bytes, BytesMut};
 use self::frame::{FrameHeader, HEADER_LEN, PREFACE};
 use super::h1::UpgradeRequest;
 use super::{
-    field, field_str, grpc_status, HttpConfig, HttpEvent, HttpStats, ResponseMeta, Switch,
+    field, field_str, grpc_status, Ctx, HttpConfig, HttpEvent, HttpStats, ResponseMeta, Switch,
 };
-use crate::reassembly::{ConnId, ConnInfo, Direction};
+use crate::reassembly::{ConnId, Direction};
 use crate::segment::TimestampNs;
 
 /// One request taken from an HTTP/2 stream.
@@ -166,18 +166,6 @@ impl Request {
         let fields = |f: &[(Bytes, Bytes)]| f.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>();
         fields(&self.fields) + self.body.len() + fields(&self.trailers)
     }
-}
-
-/// What `H2Conn` needs of the extractor while it runs.
-pub struct Ctx<'a> {
-    pub cfg: &'a HttpConfig,
-    pub stats: &'a mut HttpStats,
-    pub events: &'a mut Vec<HttpEvent>,
-    pub info: &'a ConnInfo,
-    /// Bytes buffered across all connections when this call began.
-    pub buffered: usize,
-    /// Bytes of streaming bodies handed on and not yet taken by the replay stage.
-    pub streaming: &'a Arc<AtomicUsize>,
 }
 
 /// Most bytes kept while looking for frames, and most bytes of a frame that is neither a header
