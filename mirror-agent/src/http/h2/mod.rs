@@ -9,222 +9,29 @@
 
 pub mod frame;
 pub mod hpack;
+mod reader;
+mod request;
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 
 use bytes::{Bytes, BytesMut};
 
-use self::frame::{FrameHeader, HEADER_LEN, PREFACE};
+use self::reader::{Block, Reader, Side};
+pub use self::request::{BodyStream, InFlight, Request, StreamPart, StreamReceiver};
+use self::request::{STREAM_AFTER, STREAM_AFTER_BYTES};
 use super::h1::UpgradeRequest;
 use super::{
     field, field_str, grpc_status, Ctx, HttpConfig, HttpEvent, HttpStats, ResponseMeta, Switch,
 };
-use crate::reassembly::{ConnId, Direction};
+use crate::reassembly::Direction;
 use crate::segment::TimestampNs;
 
-/// One request taken from an HTTP/2 stream.
-#[derive(Clone, Debug)]
-pub struct Request {
-    pub conn: ConnId,
-    /// The stream id (or the upgrading HTTP/1.1 request's index, for stream 1 after h2c).
-    pub seq: u64,
-    pub client: SocketAddr,
-    pub server: SocketAddr,
-    /// Pseudo-headers first, then the other fields, in the order sent.
-    pub fields: Vec<(Bytes, Bytes)>,
-    pub body: Bytes,
-    pub trailers: Vec<(Bytes, Bytes)>,
-    /// Whether the connection was seen from its start (its HPACK tables complete).
-    pub from_start: bool,
-    /// The rest of a request handed on while it was still arriving (a streaming call): `body`
-    /// is what had arrived then, the rest follows here.
-    pub rest: Option<BodyStream>,
-    pub first_ts: TimestampNs,
-    /// For a streaming request: when it was handed on.
-    pub last_ts: TimestampNs,
-}
-
-/// What follows of a request body handed on while still arriving.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StreamPart {
-    Data(Bytes),
-    Trailers(Vec<(Bytes, Bytes)>),
-    /// The client ended the stream. A channel that closes without it was cut short (a reset,
-    /// a loss, the connection's end, a full channel): the mirror's stream must be reset too.
-    End,
-}
-
-/// The receiving ends of a streaming request's body, one per mirror (`stream_copies`), each
-/// taken once by a mirror's replay stage.
-#[derive(Clone, Debug)]
-pub struct BodyStream(Arc<Mutex<Vec<StreamReceiver>>>);
-
-impl BodyStream {
-    pub fn take(&self) -> Option<StreamReceiver> {
-        self.0.lock().ok()?.pop()
-    }
-}
-
-/// Body bytes handed on to the replay stage and not taken yet: of one stream, and of all.
-#[derive(Clone, Debug, Default)]
-pub struct InFlight {
-    stream: Arc<AtomicUsize>,
-    all: Arc<AtomicUsize>,
-}
-
-impl InFlight {
-    fn add(&self, n: usize) {
-        self.stream.fetch_add(n, Ordering::Relaxed);
-        self.all.fetch_add(n, Ordering::Relaxed);
-    }
-    fn sub(&self, n: usize) {
-        self.stream.fetch_sub(n, Ordering::Relaxed);
-        self.all.fetch_sub(n, Ordering::Relaxed);
-    }
-}
-
-#[derive(Debug)]
-pub struct StreamReceiver {
-    rx: mpsc::UnboundedReceiver<StreamPart>,
-    in_flight: InFlight,
-}
-
-impl StreamReceiver {
-    fn taken(&self, p: &StreamPart) {
-        if let StreamPart::Data(b) = p {
-            self.in_flight.sub(b.len());
-        }
-    }
-
-    pub fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Option<StreamPart>> {
-        let p = std::task::ready!(self.rx.poll_recv(cx));
-        if let Some(p) = &p {
-            self.taken(p);
-        }
-        Poll::Ready(p)
-    }
-
-    pub fn try_recv(&mut self) -> Result<StreamPart, mpsc::error::TryRecvError> {
-        let p = self.rx.try_recv()?;
-        self.taken(&p);
-        Ok(p)
-    }
-}
-
-impl Drop for StreamReceiver {
-    fn drop(&mut self) {
-        self.rx.close();
-        while let Ok(p) = self.rx.try_recv() {
-            self.taken(&p);
-        }
-    }
-}
-
-/// A request still arriving this long after its HEADERS is handed on and streamed.
-const STREAM_AFTER: Duration = Duration::from_millis(20);
-/// A request body that grows to this size before its end is handed on and streamed.
-const STREAM_AFTER_BYTES: usize = 64 << 10;
-
-impl Request {
-    fn pseudo(&self, name: &str) -> &str {
-        field_str(&self.fields, name).unwrap_or("")
-    }
-    pub fn origin(&self) -> super::WireOrigin {
-        super::WireOrigin {
-            conn: self.conn,
-            seq: self.seq,
-            client: self.client,
-            server: self.server,
-            first_ts: self.first_ts,
-            last_ts: self.last_ts,
-        }
-    }
-    pub fn method(&self) -> &str {
-        self.pseudo(":method")
-    }
-    pub fn path(&self) -> &str {
-        self.pseudo(":path")
-    }
-    pub fn authority(&self) -> &str {
-        self.pseudo(":authority")
-    }
-    /// The regular header fields (no pseudo-headers), in order.
-    pub fn headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.fields
-            .iter()
-            .filter(|(n, _)| !n.starts_with(b":"))
-            .map(|(n, v)| (&n[..], &v[..]))
-    }
-    pub fn size(&self) -> usize {
-        let fields = |f: &[(Bytes, Bytes)]| f.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>();
-        fields(&self.fields) + self.body.len() + fields(&self.trailers)
-    }
-}
-
-/// Most bytes kept while looking for frames, and most bytes of a frame that is neither a header
-/// block nor DATA (SETTINGS, GOAWAY, …): larger ones are skipped.
-const HUNT_KEEP: usize = 64 << 10;
 /// Most responses held per connection for streams whose request was not read yet.
 const MAX_EARLY: usize = 8;
-
-/// How a direction's bytes are being read.
-#[derive(Clone, Copy, Debug)]
-enum Reader {
-    /// The client's preface: `buf` holds what matched so far.
-    Preface,
-    /// Looking for frames (after a join or a loss); offsets before `from` were ruled out.
-    Hunt { from: usize },
-    /// A frame header: `buf` holds what arrived of it.
-    Header,
-    /// A frame kept whole: `buf` holds what arrived of its payload.
-    Payload(FrameHeader),
-    /// A DATA frame's payload, passed on as it arrives.
-    Data(DataFrame),
-    /// A frame's payload not kept; `oversize` header blocks make the table unknown.
-    Skip {
-        left: u32,
-        oversize_block: Option<u32>,
-    },
-}
-
-#[derive(Clone, Copy, Debug)]
-struct DataFrame {
-    stream: u32,
-    end_stream: bool,
-    /// The pad length byte is still to come.
-    pad_length_next: bool,
-    /// Payload bytes left, padding included.
-    left: u32,
-    /// Padding at the end of the payload.
-    pad: u32,
-}
-
-/// One direction: client to server (requests) or server to client (responses).
-struct Side {
-    reader: Reader,
-    buf: BytesMut,
-    hpack: hpack::Decoder,
-    /// The largest frame this side may send (the other side's SETTINGS_MAX_FRAME_SIZE).
-    max_frame: u32,
-    /// A header block waiting for its CONTINUATIONs.
-    block: Option<Block>,
-}
-
-struct Block {
-    stream: u32,
-    push: bool,
-    end_stream: bool,
-    buf: BytesMut,
-    /// Over `max_head_bytes`: not kept.
-    oversize: bool,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ReqState {
@@ -393,256 +200,6 @@ impl H2Conn {
         }
     }
 
-    fn read(&mut self, ctx: &mut Ctx<'_>, dir: Direction, mut data: &[u8], ts: TimestampNs) {
-        loop {
-            let side = self.side(dir);
-            match side.reader {
-                Reader::Preface => {
-                    if data.is_empty() {
-                        return;
-                    }
-                    let take = (PREFACE.len() - side.buf.len()).min(data.len());
-                    side.buf.extend_from_slice(&data[..take]);
-                    data = &data[take..];
-                    if !PREFACE.starts_with(&side.buf) {
-                        // Not the preface after all: find frames in what came.
-                        ctx.stats.h2_resyncs += 1;
-                        side.hpack.forget();
-                        side.reader = Reader::Hunt { from: 0 };
-                    } else if side.buf.len() == PREFACE.len() {
-                        side.buf.clear();
-                        side.reader = Reader::Header;
-                    }
-                }
-                Reader::Hunt { from } => {
-                    side.buf.extend_from_slice(data);
-                    match frame::find_frames(&side.buf, from, side.max_frame) {
-                        Ok(at) => {
-                            ctx.stats.resync_skipped_bytes += at as u64;
-                            let rest = side.buf.split_off(at).freeze();
-                            side.buf.clear();
-                            side.reader = Reader::Header;
-                            return self.read(ctx, dir, &rest, ts);
-                        }
-                        Err(next) => {
-                            let drop = side.buf.len().saturating_sub(HUNT_KEEP);
-                            ctx.stats.resync_skipped_bytes += drop as u64;
-                            let _ = side.buf.split_to(drop);
-                            side.reader = Reader::Hunt {
-                                from: next.saturating_sub(drop),
-                            };
-                            return;
-                        }
-                    }
-                }
-                Reader::Header => {
-                    if data.is_empty() {
-                        return;
-                    }
-                    let take = (HEADER_LEN - side.buf.len()).min(data.len());
-                    side.buf.extend_from_slice(&data[..take]);
-                    data = &data[take..];
-                    if side.buf.len() == HEADER_LEN {
-                        let h = FrameHeader::parse(&side.buf);
-                        side.buf.clear();
-                        self.begin_frame(ctx, dir, h, ts);
-                    }
-                }
-                Reader::Payload(h) => {
-                    let take = (h.len as usize - side.buf.len()).min(data.len());
-                    side.buf.extend_from_slice(&data[..take]);
-                    data = &data[take..];
-                    if side.buf.len() < h.len as usize {
-                        return;
-                    }
-                    let payload = side.buf.split().freeze();
-                    side.reader = Reader::Header;
-                    self.frame(ctx, dir, h, &payload, ts);
-                }
-                Reader::Data(mut d) => {
-                    if d.left > 0 && data.is_empty() {
-                        return;
-                    }
-                    if d.pad_length_next && d.left > 0 {
-                        d.pad = data[0] as u32;
-                        d.pad_length_next = false;
-                        d.left -= 1;
-                        data = &data[1..];
-                        if d.pad > d.left {
-                            self.lose_sync(ctx, dir);
-                            continue;
-                        }
-                    }
-                    // Padding may be partly skipped already: `left` can be below `pad`.
-                    let useful = d.left.saturating_sub(d.pad) as usize;
-                    let take = useful.min(data.len());
-                    self.body(ctx, dir, d.stream, &data[..take]);
-                    d.left -= take as u32;
-                    data = &data[take..];
-                    if d.left <= d.pad {
-                        let skip = (d.left as usize).min(data.len());
-                        d.left -= skip as u32;
-                        data = &data[skip..];
-                    }
-                    let side = self.side(dir);
-                    if d.left == 0 {
-                        side.reader = Reader::Header;
-                        if d.end_stream {
-                            self.end_of_stream(ctx, dir, d.stream, ts);
-                        }
-                    } else {
-                        side.reader = Reader::Data(d);
-                    }
-                }
-                Reader::Skip {
-                    left,
-                    oversize_block,
-                } => {
-                    let take = (left as usize).min(data.len());
-                    data = &data[take..];
-                    let left = left - take as u32;
-                    if left > 0 {
-                        side.reader = Reader::Skip {
-                            left,
-                            oversize_block,
-                        };
-                        return;
-                    }
-                    side.reader = Reader::Header;
-                    if let Some(stream) = oversize_block {
-                        self.oversize_block(ctx, dir, stream);
-                    }
-                }
-            }
-        }
-    }
-
-    fn begin_frame(&mut self, ctx: &mut Ctx<'_>, dir: Direction, h: FrameHeader, ts: TimestampNs) {
-        let side = self.side(dir);
-        let known = h.kind <= frame::CONTINUATION;
-        if h.len > side.max_frame || (known && !h.plausible(side.max_frame)) {
-            return self.lose_sync(ctx, dir);
-        }
-        let header_block = matches!(
-            h.kind,
-            frame::HEADERS | frame::PUSH_PROMISE | frame::CONTINUATION
-        );
-        side.reader = match h.kind {
-            frame::DATA => Reader::Data(DataFrame {
-                stream: h.stream,
-                end_stream: h.flags & frame::END_STREAM != 0,
-                pad_length_next: h.flags & frame::PADDED != 0,
-                left: h.len,
-                pad: 0,
-            }),
-            _ if header_block && h.len as usize > ctx.cfg.max_head_bytes => Reader::Skip {
-                left: h.len,
-                oversize_block: Some(h.stream),
-            },
-            _ if !known || h.len as usize > HUNT_KEEP => Reader::Skip {
-                left: h.len,
-                oversize_block: None,
-            },
-            _ => Reader::Payload(h),
-        };
-        // Frames without payload complete now.
-        match side.reader {
-            Reader::Payload(h) if h.len == 0 => {
-                side.reader = Reader::Header;
-                self.frame(ctx, dir, h, &[], ts);
-            }
-            Reader::Data(d) if d.left == 0 => {
-                side.reader = Reader::Header;
-                if d.end_stream {
-                    self.end_of_stream(ctx, dir, d.stream, ts);
-                }
-            }
-            Reader::Skip { left: 0, .. } => side.reader = Reader::Header,
-            _ => {}
-        }
-    }
-
-    /// A whole frame other than DATA.
-    fn frame(
-        &mut self,
-        ctx: &mut Ctx<'_>,
-        dir: Direction,
-        h: FrameHeader,
-        payload: &[u8],
-        ts: TimestampNs,
-    ) {
-        let side = self.side(dir);
-        if side.block.is_some() && h.kind != frame::CONTINUATION {
-            // A header block must be continued before anything else (RFC 9113 6.10).
-            return self.lose_sync(ctx, dir);
-        }
-        match h.kind {
-            frame::HEADERS | frame::PUSH_PROMISE => {
-                let Some(fragment) = frame::header_fragment(&h, payload) else {
-                    return self.lose_sync(ctx, dir);
-                };
-                side.block = Some(Block {
-                    stream: h.stream,
-                    push: h.kind == frame::PUSH_PROMISE,
-                    end_stream: h.kind == frame::HEADERS && h.flags & frame::END_STREAM != 0,
-                    buf: BytesMut::from(fragment),
-                    oversize: false,
-                });
-            }
-            frame::CONTINUATION => {
-                let max = ctx.cfg.max_head_bytes;
-                match side.block.as_mut() {
-                    Some(b) if b.stream == h.stream => {
-                        if b.buf.len() + payload.len() > max {
-                            b.oversize = true;
-                            b.buf = BytesMut::new();
-                        } else if !b.oversize {
-                            b.buf.extend_from_slice(payload);
-                        }
-                    }
-                    _ => return self.lose_sync(ctx, dir),
-                }
-            }
-            frame::SETTINGS if h.flags & frame::ACK == 0 => {
-                for (id, value) in frame::settings(payload) {
-                    if id == frame::SETTINGS_MAX_FRAME_SIZE {
-                        // What this side accepts bounds what the other side sends.
-                        let other = self.side(dir.reverse());
-                        other.max_frame = value.clamp(frame::DEFAULT_MAX_FRAME, frame::MAX_FRAME);
-                    }
-                }
-            }
-            frame::RST_STREAM => self.reset(ctx, h.stream),
-            frame::GOAWAY if dir == Direction::ToClient && payload.len() >= 4 => {
-                let last = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
-                    & 0x7fff_ffff;
-                let refused: Vec<u32> = self
-                    .streams
-                    .keys()
-                    .copied()
-                    .filter(|&id| id > last)
-                    .collect();
-                for id in refused {
-                    ctx.stats.h2_refused_streams += 1;
-                    if let Some(mut s) = self.streams.remove(&id) {
-                        give_up(ctx.stats, &mut s, |_| {});
-                    }
-                }
-            }
-            _ => {}
-        }
-        if h.flags & frame::END_HEADERS != 0
-            && matches!(
-                h.kind,
-                frame::HEADERS | frame::PUSH_PROMISE | frame::CONTINUATION
-            )
-        {
-            if let Some(block) = self.side(dir).block.take() {
-                self.header_block(ctx, dir, block, ts);
-            }
-        }
-    }
-
     /// A header block larger than `max_head_bytes` was skipped: the entries it inserted are
     /// unknown from now on, and its request is dropped.
     fn oversize_block(&mut self, ctx: &mut Ctx<'_>, dir: Direction, stream: u32) {
@@ -691,21 +248,8 @@ impl H2Conn {
         ts: TimestampNs,
     ) {
         let id = block.stream;
-        if let Some(s) = self.streams.get_mut(&id) {
-            // Trailers.
-            if matches!(s.state, ReqState::Open | ReqState::Streaming) {
-                if decoded.unknown > 0 || decoded.too_large {
-                    give_up(ctx.stats, s, |st| count_unknown(st, &decoded));
-                } else if s.state == ReqState::Streaming {
-                    send(ctx, s, StreamPart::Trailers(decoded.fields));
-                } else {
-                    s.trailers = decoded.fields;
-                }
-            }
-            if block.end_stream {
-                self.end_of_stream(ctx, Direction::ToServer, id, ts);
-            }
-            return;
+        if self.streams.contains_key(&id) {
+            return self.request_trailers(ctx, block, decoded, ts);
         }
         if id <= self.highest_request || id.is_multiple_of(2) {
             // A stream from before the join, or one already dropped and forgotten.
@@ -721,28 +265,11 @@ impl H2Conn {
             ctx.stats.dropped_h2_streams_over_cap += 1;
             return;
         }
-        let mut state = ReqState::Open;
-        if decoded.unknown > 0 || decoded.too_large {
-            count_unknown(ctx.stats, &decoded);
-            state = ReqState::Dropped;
-        }
         let text = |name: &str| {
             field(&decoded.fields, name).map(|v| String::from_utf8_lossy(v).into_owned())
         };
         let (method, path) = (text(":method"), text(":path"));
-        if state == ReqState::Open {
-            match method.as_deref() {
-                Some("CONNECT") => {
-                    ctx.stats.dropped_stopped += 1;
-                    state = ReqState::Dropped;
-                }
-                Some(_) if path.is_some() => {}
-                _ => {
-                    ctx.stats.dropped_malformed += 1;
-                    state = ReqState::Dropped;
-                }
-            }
-        }
+        let state = new_request_state(ctx.stats, &decoded, method.as_deref(), path.is_some());
         let response = match self.early.iter().position(|(s, _)| *s == id) {
             Some(i) => {
                 ctx.stats.early_responses += 1;
@@ -774,6 +301,32 @@ impl H2Conn {
             self.end_of_stream(ctx, Direction::ToServer, id, ts);
         } else {
             self.report(ctx, id);
+        }
+    }
+
+    /// A header block on a stream whose request is open: its trailers.
+    fn request_trailers(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        block: Block,
+        decoded: hpack::HeaderBlock,
+        ts: TimestampNs,
+    ) {
+        let id = block.stream;
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if matches!(s.state, ReqState::Open | ReqState::Streaming) {
+            if decoded.unknown > 0 || decoded.too_large {
+                give_up(ctx.stats, s, |st| count_unknown(st, &decoded));
+            } else if s.state == ReqState::Streaming {
+                send(ctx, s, StreamPart::Trailers(decoded.fields));
+            } else {
+                s.trailers = decoded.fields;
+            }
+        }
+        if block.end_stream {
+            self.end_of_stream(ctx, Direction::ToServer, id, ts);
         }
     }
 
@@ -1106,6 +659,26 @@ fn send(ctx: &mut Ctx<'_>, s: &mut Stream, part: StreamPart) {
         s.state = ReqState::Dropped;
         s.body = BytesMut::new();
     }
+}
+
+/// A new request is read (`Open`) unless its fields are unknown or too large, it is a
+/// `CONNECT`, or it lacks a method or path: then it is counted and `Dropped`.
+fn new_request_state(
+    stats: &mut HttpStats,
+    decoded: &hpack::HeaderBlock,
+    method: Option<&str>,
+    has_path: bool,
+) -> ReqState {
+    if decoded.unknown > 0 || decoded.too_large {
+        count_unknown(stats, decoded);
+        return ReqState::Dropped;
+    }
+    match method {
+        Some("CONNECT") => stats.dropped_stopped += 1,
+        Some(_) if has_path => return ReqState::Open,
+        _ => stats.dropped_malformed += 1,
+    }
+    ReqState::Dropped
 }
 
 fn count_unknown(stats: &mut HttpStats, decoded: &hpack::HeaderBlock) {
