@@ -18,12 +18,14 @@
 //! `hole_timeout` or that would overflow a cap is declared lost and reported to the handler.
 //! Every such event is counted in `ReassemblyStats`.
 
-use std::collections::BTreeMap;
+mod direction;
+
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroUsize;
 
-use bytes::Bytes;
 use lru::LruCache;
+
+use self::direction::{offset_of, DirCtx, DirState, Span};
 
 use crate::segment::{Segment, SeqNumber, TcpFlags, TimestampNs};
 use crate::FastSet;
@@ -206,126 +208,6 @@ pub struct ReassemblyStats {
     pub ooo_bytes_held: u64,
 }
 
-/// Part of a segment's payload: bytes captured, or a length whose bytes were not.
-#[derive(Clone, Copy)]
-enum Span<'a> {
-    Data(&'a [u8]),
-    Elided(u64),
-}
-
-impl Span<'_> {
-    fn len(&self) -> u64 {
-        match self {
-            Span::Data(d) => d.len() as u64,
-            Span::Elided(n) => *n,
-        }
-    }
-
-    /// Bytes of memory it takes when held.
-    fn held(&self) -> usize {
-        match self {
-            Span::Data(d) => d.len(),
-            Span::Elided(_) => 0,
-        }
-    }
-
-    /// The part from `from` to `to` (offsets into the span).
-    fn slice(&self, from: u64, to: u64) -> Self {
-        match self {
-            Span::Data(d) => Span::Data(&d[from as usize..to as usize]),
-            Span::Elided(_) => Span::Elided(to - from),
-        }
-    }
-}
-
-/// A `Span` held out of order.
-enum Piece {
-    Data(Bytes),
-    Elided(u64),
-}
-
-impl Piece {
-    fn span(&self) -> Span<'_> {
-        match self {
-            Piece::Data(d) => Span::Data(d),
-            Piece::Elided(n) => Span::Elided(*n),
-        }
-    }
-}
-
-#[derive(Default)]
-struct DirState {
-    /// Sequence number of the SYN, when seen.
-    isn: Option<SeqNumber>,
-    /// Sequence number of the next byte to deliver; None until the first segment.
-    next_seq: Option<SeqNumber>,
-    /// Bytes delivered (or declared lost) so far: the stream offset of `next_seq`.
-    delivered: u64,
-    /// Out-of-order pieces keyed by stream offset; they never overlap.
-    ooo: BTreeMap<u64, Piece>,
-    /// Bytes held in `ooo` (elided pieces hold none).
-    ooo_bytes: usize,
-    /// Stream offset of the FIN, once seen.
-    fin_at: Option<u64>,
-    ended: bool,
-    /// Capture time at which the current hole was first waited on.
-    hole_since: TimestampNs,
-    /// Joined mid-stream on a segment without payload: where the stream stands is only a
-    /// guess until data (or a FIN) arrives, and bytes before that are not counted lost.
-    provisional: bool,
-    /// Joined mid-stream: the sequence and acknowledgement numbers of the first segment seen.
-    /// They recognise this connection's own handshake when it arrives late (clones made on
-    /// two CPUs reach the capture ring in either order: a server's first bytes can overtake
-    /// the SYN).
-    joined: Option<(SeqNumber, SeqNumber)>,
-}
-
-impl DirState {
-    /// Waiting on a hole: data or a FIN lies beyond what was delivered.
-    fn waiting(&self) -> bool {
-        !self.ooo.is_empty() || self.fin_at.is_some_and(|f| f > self.delivered)
-    }
-
-    /// Sequence number just past everything this direction sent that was seen (data and FIN
-    /// alike), once data or its FIN is delivered.
-    fn end_seq(&self) -> Option<SeqNumber> {
-        let next = self.next_seq?;
-        let beyond = self.fin_at.unwrap_or(0).saturating_sub(self.delivered);
-        Some(next + beyond as usize)
-    }
-
-    /// Sequence number just past the highest byte (or FIN, which takes one) seen, out of
-    /// order ones included: the most the peer can acknowledge of what was seen.
-    fn highest_seq(&self) -> Option<SeqNumber> {
-        let next = self.next_seq?;
-        let ooo_end = self
-            .ooo
-            .last_key_value()
-            .map_or(0, |(k, v)| k + v.span().len());
-        let fin_end = self.fin_at.map_or(0, |f| f + 1);
-        let high = ooo_end.max(fin_end).max(self.delivered);
-        Some(next + (high - self.delivered) as usize)
-    }
-
-    /// Whether a segment at `seq` carrying `len` bytes cannot belong to this direction's
-    /// connection: it lies past the FIN, too far from the next byte either way, or past a hole
-    /// while acknowledging bytes the peer was never seen to send. Loss of both directions at
-    /// once is what a new connection on the same 4-tuple looks like when its SYN was missed.
-    fn foreign(&self, seg: &Segment, peer: &DirState, max_jump: u32) -> bool {
-        let Some(next) = self.next_seq else {
-            return false;
-        };
-        let rel = seg.seq() - next;
-        let at = self.delivered as i64 + rel;
-        let past_fin = self
-            .fin_at
-            .is_some_and(|f| at > f as i64 || (at == f as i64 && !seg.is_empty()));
-        let acks_unseen = seg.flags.contains(TcpFlags::ACK)
-            && peer.highest_seq().is_some_and(|h| seg.ack() - h > 0);
-        past_fin || rel.unsigned_abs() > max_jump as u64 || (rel > 0 && acks_unseen)
-    }
-}
-
 /// What is remembered of a connection that closed, to tell its late retransmissions from a new
 /// connection on the same 4-tuple.
 #[derive(Clone, Copy)]
@@ -459,35 +341,8 @@ impl<H: StreamHandler> Reassembler<H> {
         self.stats.elided_bytes += u64::from(seg.elided);
         let key = conn_key(seg);
         let is_syn = seg.flags.contains(TcpFlags::SYN);
-        let tracked = self
-            .flows
-            .peek(&key)
-            .map(|flow| supersedes(flow, seg, self.cfg.max_seq_jump, &mut self.stats));
-        if let Some(new_client) = tracked {
-            if let Some(client) = new_client {
-                let was_reset = self.flows.peek(&key).is_some_and(|f| f.reset_at.is_some());
-                let reason = if was_reset {
-                    CloseReason::Rst
-                } else {
-                    CloseReason::Superseded
-                };
-                self.close_flow(&key, reason, seg.ts);
-                self.open_flow(key, client, seg.ts);
-            }
-        } else {
-            if let Some(ended) = self.closed.peek(&key) {
-                if !is_syn && !ended.is_new_connection(seg, self.cfg.max_seq_jump) {
-                    self.stats.after_close_segments += 1;
-                    self.stats.discarded_bytes += seg.len() as u64;
-                    return;
-                }
-                if !is_syn {
-                    self.stats.superseded_without_syn += 1;
-                }
-                self.closed.pop(&key);
-            }
-            let client = self.client_of(seg);
-            self.open_flow(key, client, seg.ts);
+        if !self.flow_for(key, seg) {
+            return;
         }
         let Reassembler {
             flows,
@@ -517,31 +372,8 @@ impl<H: StreamHandler> Reassembler<H> {
         } else {
             Direction::ToClient
         };
-        let d = &mut flow.dirs[dir as usize];
-        if d.next_seq.is_none() {
-            if is_syn {
-                d.isn = Some(seg.seq());
-                d.next_seq = Some(seg.seq() + 1);
-            } else {
-                d.next_seq = Some(seg.seq());
-                d.provisional = seg.is_empty() && !seg.flags.contains(TcpFlags::FIN);
-                d.joined = seg
-                    .flags
-                    .contains(TcpFlags::ACK)
-                    .then(|| (seg.seq(), seg.ack()));
-                stats.midstream_joins += 1;
-            }
+        if flow.dirs[dir as usize].observe(seg, is_syn, stats) {
             handler.start(&mut flow.conn, &flow.info, dir, is_syn);
-        } else if is_syn && d.isn.is_none() {
-            // A late SYN-ACK (`late_handshake`): its retransmissions are duplicates.
-            d.isn = Some(seg.seq());
-        } else if d.provisional && (!seg.is_empty() || seg.flags.contains(TcpFlags::FIN)) {
-            // The first bytes of a joined direction: the stream begins here for this agent,
-            // like everything before the join.
-            d.provisional = false;
-            if offset_of(d, seg.seq()) > d.delivered as i64 {
-                d.next_seq = Some(seg.seq());
-            }
         }
         let data_seq = if is_syn { seg.seq() + 1 } else { seg.seq() };
         let other = &flow.dirs[1 - dir as usize];
@@ -565,14 +397,7 @@ impl<H: StreamHandler> Reassembler<H> {
             ctx.accept(d, at, Span::Elided(seg.elided.into()), seg.ts);
         }
         if seg.flags.contains(TcpFlags::FIN) {
-            let fin = offset_of(d, data_seq + seg.len());
-            if fin >= d.delivered as i64 {
-                if d.ooo.is_empty() && fin > d.delivered as i64 {
-                    // A FIN beyond a hole waits like out-of-order data.
-                    d.hole_since = seg.ts;
-                }
-                d.fin_at = Some(fin as u64);
-            }
+            d.fin(data_seq + seg.len(), seg.ts);
         }
         ctx.check_end(d, seg.ts);
         let has_holes = flow.dirs.iter().any(DirState::waiting);
@@ -585,6 +410,43 @@ impl<H: StreamHandler> Reassembler<H> {
         if both_ended {
             self.close_flow(&key, CloseReason::Fin, seg.ts);
         }
+    }
+
+    /// Makes sure `key` has a flow for `seg`: the tracked one, or a new connection where `seg`
+    /// shows the old one is over. False when `seg` is a late copy from a closed connection.
+    fn flow_for(&mut self, key: ConnKey, seg: &Segment) -> bool {
+        let is_syn = seg.flags.contains(TcpFlags::SYN);
+        let tracked = self
+            .flows
+            .peek(&key)
+            .map(|flow| supersedes(flow, seg, self.cfg.max_seq_jump, &mut self.stats));
+        if let Some(new_client) = tracked {
+            if let Some(client) = new_client {
+                let was_reset = self.flows.peek(&key).is_some_and(|f| f.reset_at.is_some());
+                let reason = if was_reset {
+                    CloseReason::Rst
+                } else {
+                    CloseReason::Superseded
+                };
+                self.close_flow(&key, reason, seg.ts);
+                self.open_flow(key, client, seg.ts);
+            }
+        } else {
+            if let Some(ended) = self.closed.peek(&key) {
+                if !is_syn && !ended.is_new_connection(seg, self.cfg.max_seq_jump) {
+                    self.stats.after_close_segments += 1;
+                    self.stats.discarded_bytes += seg.len() as u64;
+                    return false;
+                }
+                if !is_syn {
+                    self.stats.superseded_without_syn += 1;
+                }
+                self.closed.pop(&key);
+            }
+            let client = self.client_of(seg);
+            self.open_flow(key, client, seg.ts);
+        }
+        true
     }
 
     /// Time passes: gives up on holes older than `hole_timeout` and evicts idle connections.
@@ -806,200 +668,6 @@ fn late_handshake(
             && d.next_seq.is_none()
             && peer.isn.is_none()
             && peer.joined.is_some_and(|(_, ack)| seg.seq() + 1 == ack)
-    }
-}
-
-/// Stream offset of `seq` relative to what was delivered (may be negative: already delivered).
-fn offset_of(d: &DirState, seq: SeqNumber) -> i64 {
-    let next = d.next_seq.expect("direction started");
-    d.delivered as i64 + (seq - next)
-}
-
-/// What one direction's processing needs, borrowed apart from the flow table.
-struct DirCtx<'a, H: StreamHandler> {
-    cfg: &'a ReassemblyConfig,
-    stats: &'a mut ReassemblyStats,
-    ooo_total: &'a mut usize,
-    handler: &'a mut H,
-    conn: &'a mut H::Conn,
-    info: &'a ConnInfo,
-    dir: Direction,
-    /// The segment's acknowledgement, as an offset in the other direction's stream.
-    ack: Option<u64>,
-}
-
-impl<H: StreamHandler> DirCtx<'_, H> {
-    fn accept(&mut self, d: &mut DirState, seq: SeqNumber, span: Span<'_>, ts: TimestampNs) {
-        if span.len() == 0 {
-            return;
-        }
-        let mut at = offset_of(d, seq);
-        let mut span = span;
-        let end = at + span.len() as i64;
-        if end <= d.delivered as i64 {
-            self.stats.duplicate_bytes += span.len();
-            return;
-        }
-        if at < d.delivered as i64 {
-            let skip = (d.delivered as i64 - at) as u64;
-            self.stats.duplicate_bytes += skip;
-            span = span.slice(skip, span.len());
-            at = d.delivered as i64;
-        }
-        let at = at as u64;
-        if at == d.delivered {
-            self.deliver(d, span, ts, self.ack);
-            self.drain(d, ts);
-            return;
-        }
-        if let Span::Data(_) = span {
-            // A segment's elided rest follows its data wherever the data goes: one count.
-            self.stats.out_of_order_segments += 1;
-        }
-        if d.ooo.is_empty() {
-            d.hole_since = ts;
-        }
-        // Make room, giving up on the oldest hole, until the new piece fits or is deliverable.
-        loop {
-            let fits = d.ooo_bytes + span.held() <= self.cfg.max_ooo_bytes_per_dir
-                && d.ooo.len() < self.cfg.max_ooo_segments_per_dir
-                && *self.ooo_total + span.held() <= self.cfg.max_ooo_bytes_total;
-            if fits {
-                break;
-            }
-            self.stats.holes_overflow += 1;
-            let before = d.delivered;
-            self.skip_hole_to(d, at, ts);
-            if d.delivered >= at || d.delivered == before {
-                break;
-            }
-        }
-        if at <= d.delivered {
-            let skip = d.delivered - at;
-            if skip < span.len() {
-                self.stats.duplicate_bytes += skip;
-                self.deliver(d, span.slice(skip, span.len()), ts, self.ack);
-                self.drain(d, ts);
-            } else {
-                self.stats.duplicate_bytes += span.len();
-            }
-            return;
-        }
-        self.insert_ooo(d, at, span);
-    }
-
-    /// Stores the parts of `span` at `at` that no buffered piece covers (first copy wins) and
-    /// counts overlaps whose bytes differ (where both copies were captured).
-    fn insert_ooo(&mut self, d: &mut DirState, at: u64, span: Span<'_>) {
-        let end = at + span.len();
-        let start_key = d
-            .ooo
-            .range(..=at)
-            .next_back()
-            .map(|(k, _)| *k)
-            .unwrap_or(at);
-        let covered: Vec<(u64, u64)> = d
-            .ooo
-            .range(start_key..end)
-            .map(|(k, v)| (*k, k + v.span().len()))
-            .filter(|(_, e)| *e > at)
-            .collect();
-        let mut cursor = at;
-        for (s, e) in covered.iter().copied().chain([(end, end)]) {
-            if s > cursor {
-                let piece = match span.slice(cursor - at, s.min(end) - at) {
-                    Span::Data(d) => Piece::Data(Bytes::copy_from_slice(d)),
-                    Span::Elided(n) => Piece::Elided(n),
-                };
-                let held = piece.span().held();
-                d.ooo.insert(cursor, piece);
-                d.ooo_bytes += held;
-                *self.ooo_total += held;
-            }
-            if s < end {
-                // A buffered piece (not the end sentinel) overlaps the new span: compare.
-                let (os, oe) = (s.max(at), e.min(end));
-                self.stats.duplicate_bytes += oe - os;
-                let existing = d.ooo[&s].span().slice(os - s, oe - s);
-                if let (Span::Data(a), Span::Data(b)) = (existing, span.slice(os - at, oe - at)) {
-                    if a != b {
-                        self.stats.overlap_conflicts += 1;
-                    }
-                }
-            }
-            cursor = cursor.max(e);
-            if cursor >= end {
-                break;
-            }
-        }
-    }
-
-    fn deliver(&mut self, d: &mut DirState, span: Span<'_>, ts: TimestampNs, ack: Option<u64>) {
-        let len = span.len();
-        d.delivered += len;
-        d.next_seq = d.next_seq.map(|n| n + len as usize);
-        self.stats.delivered_bytes += len;
-        match span {
-            Span::Data(data) => self
-                .handler
-                .data(self.conn, self.info, self.dir, data, ts, ack),
-            Span::Elided(n) => self.handler.elided(self.conn, self.info, self.dir, n, ts),
-        }
-    }
-
-    /// Delivers buffered pieces that have become contiguous.
-    fn drain(&mut self, d: &mut DirState, ts: TimestampNs) {
-        while let Some(entry) = d.ooo.first_entry() {
-            let at = *entry.key();
-            if at > d.delivered {
-                break;
-            }
-            let piece = entry.remove();
-            let span = piece.span();
-            d.ooo_bytes -= span.held();
-            *self.ooo_total -= span.held();
-            let skip = d.delivered - at;
-            if skip < span.len() {
-                self.deliver(d, span.slice(skip, span.len()), ts, None);
-            }
-        }
-        if !d.ooo.is_empty() {
-            d.hole_since = ts;
-        }
-    }
-
-    /// Gives up on the hole before the first buffered piece (or before the FIN).
-    fn skip_hole(&mut self, d: &mut DirState, ts: TimestampNs) {
-        if let Some(next) = d.ooo.first_key_value().map(|(k, _)| *k).or(d.fin_at) {
-            self.skip_hole_to(d, next, ts);
-        }
-    }
-
-    /// Declares the bytes up to the first buffered piece (or `limit`, if no piece is earlier)
-    /// lost, then delivers what follows contiguously.
-    fn skip_hole_to(&mut self, d: &mut DirState, limit: u64, ts: TimestampNs) {
-        let target = d
-            .ooo
-            .first_key_value()
-            .map(|(k, _)| *k)
-            .unwrap_or(limit)
-            .min(limit);
-        if target <= d.delivered {
-            return;
-        }
-        let lost = target - d.delivered;
-        self.stats.lost_bytes += lost;
-        d.delivered = target;
-        d.next_seq = d.next_seq.map(|n| n + lost as usize);
-        self.handler.gap(self.conn, self.info, self.dir, lost, ts);
-        self.drain(d, ts);
-    }
-
-    fn check_end(&mut self, d: &mut DirState, ts: TimestampNs) {
-        if !d.ended && d.fin_at.is_some_and(|f| d.delivered >= f) {
-            d.ended = true;
-            self.handler.end(self.conn, self.info, self.dir, ts);
-        }
     }
 }
 
