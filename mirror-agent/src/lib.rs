@@ -10,21 +10,13 @@ pub mod cli;
 pub mod compare;
 pub mod cpu_budget;
 pub mod dump;
-pub mod exchange;
-pub mod http;
 pub mod memory_budget;
 pub mod metrics;
 pub mod pipeline;
 pub mod pods;
-pub mod reassembly;
 pub mod record;
 pub mod replay;
-pub mod segment;
-#[doc(hidden)]
-pub mod testkit;
 
-/// The hasher of the per-request tables (flows, pending pairs, names): seeded per table, and
-/// several times cheaper than SipHash, which took a twentieth of the agent's instructions.
-pub(crate) type FastHash = foldhash::fast::RandomState;
-pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, FastHash>;
-pub(crate) type FastSet<K> = std::collections::HashSet<K, FastHash>;
+// The pure stages live in mirror-core; they keep their paths here.
+pub use mirror_core::{exchange, http, reassembly, segment, testkit};
+pub(crate) use mirror_core::{FastHash, FastMap, FastSet};

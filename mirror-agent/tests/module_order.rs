@@ -1,28 +1,32 @@
-//! The library's top-level modules depend on each other in one order, without a cycle: a module
-//! uses only modules below it (segment ← exchange ← reassembly ← http ← {replay, compare,
-//! record} ← pipeline, agent). Read from the sources' `crate::` paths, leaving out test code
-//! (`tests.rs` files, `#[cfg(test)]` modules, and `testkit`, which only tests and fuzzers use).
-//! Needs no root.
+//! The top-level modules of mirror-core and mirror-agent depend on each other in one order,
+//! without a cycle: a module uses only modules below it (segment ← exchange ← reassembly ←
+//! http, in mirror-core, ← {replay, compare, record} ← pipeline, agent). Read from the
+//! sources' `crate::` and `mirror_core::` paths, leaving out test code (`tests.rs` files,
+//! `#[cfg(test)]` modules, and `testkit`, which only tests and fuzzers use). Needs no root.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-fn src() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
+/// The source folders of the two crates: mirror-core's stages, then the agent's.
+fn srcs() -> [PathBuf; 2] {
+    let agent = Path::new(env!("CARGO_MANIFEST_DIR"));
+    [agent.join("../mirror-core/src"), agent.join("src")]
 }
 
-/// The top-level modules declared in lib.rs.
+/// The top-level modules declared in the crates' lib.rs.
 fn modules() -> BTreeSet<String> {
-    let lib = std::fs::read_to_string(src().join("lib.rs")).unwrap();
-    lib.lines()
-        .filter_map(|l| {
+    let mut all = BTreeSet::new();
+    for src in srcs() {
+        let lib = std::fs::read_to_string(src.join("lib.rs")).unwrap();
+        all.extend(lib.lines().filter_map(|l| {
             let l = l.trim();
             let l = l.strip_prefix("pub ").unwrap_or(l);
             l.strip_prefix("mod ")?
                 .strip_suffix(';')
                 .map(str::to_string)
-        })
-        .collect()
+        }));
+    }
+    all
 }
 
 /// The library's source files other than lib.rs and main.rs, with their top-level module.
@@ -69,7 +73,9 @@ fn without_tests(text: &str) -> String {
 fn dependencies() -> BTreeMap<String, BTreeSet<String>> {
     let modules = modules();
     let mut sources = Vec::new();
-    files(&src(), None, &mut sources);
+    for src in srcs() {
+        files(&src, None, &mut sources);
+    }
     let mut deps: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (module, path) in sources {
         if module == "testkit" {
@@ -77,8 +83,11 @@ fn dependencies() -> BTreeMap<String, BTreeSet<String>> {
         }
         let text = without_tests(&std::fs::read_to_string(&path).unwrap());
         let entry = deps.entry(module.clone()).or_default();
-        for (at, _) in text.match_indices("crate::") {
-            let name: String = text[at + "crate::".len()..]
+        let paths = ["crate::", "mirror_core::"]
+            .into_iter()
+            .flat_map(|p| text.match_indices(p).map(move |(at, _)| at + p.len()));
+        for at in paths {
+            let name: String = text[at..]
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect();

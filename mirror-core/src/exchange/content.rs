@@ -30,14 +30,14 @@ impl Body {
         }
     }
 
-    pub(crate) fn len(&self) -> u64 {
+    pub fn len(&self) -> u64 {
         match self {
             Body::Whole(b) => b.len() as u64,
             Body::Digest { len, .. } => *len,
         }
     }
 
-    pub(crate) fn sha256(&self) -> [u8; 32] {
+    pub fn sha256(&self) -> [u8; 32] {
         match self {
             Body::Whole(b) => Sha256::digest(b).into(),
             Body::Digest { sha256, .. } => *sha256,
@@ -196,7 +196,7 @@ impl Content {
     }
 
     /// The body as a JSON document (an object or an array: a bare scalar is taken as text).
-    pub(crate) fn json(&self) -> Option<&Value> {
+    pub fn json(&self) -> Option<&Value> {
         self.parsed
             .get_or_init(|| {
                 let Body::Whole(b) = &self.body else {

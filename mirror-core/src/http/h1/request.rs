@@ -50,7 +50,7 @@ impl Request {
         std::str::from_utf8(&self.raw[self.target.clone()]).unwrap_or("")
     }
     /// The method and target as strings sharing `raw`; empty unless UTF-8, like `target()`.
-    pub(crate) fn shared_method_and_target(&self) -> (ByteString, ByteString) {
+    pub fn shared_method_and_target(&self) -> (ByteString, ByteString) {
         let shared = |part: &Range<usize>| {
             ByteString::try_from(self.raw.slice(part.clone())).unwrap_or_default()
         };
