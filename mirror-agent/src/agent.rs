@@ -3,6 +3,7 @@
 //! `AgentConfig`, starts the agent and stops it on a signal, as mini-redis's server binary calls
 //! `server::run`.
 
+use mirror_core::counters::Counters;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -548,57 +549,29 @@ impl Summary {
                 self.kernel.work.as_secs_f64()
             ),
             format!("capture: {}", format_capture(&self.capture)),
-            format!("reassembly: {:?}", self.pipeline.reassembly),
-            format!("http: {:?}", self.pipeline.http),
+            format!("reassembly: {}", self.pipeline.reassembly.summary()),
+            format!("http: {}", self.pipeline.http.summary()),
         ];
         match self.replay.as_slice() {
-            [(_, r)] => out.push(format!("replay: {r:?}")),
+            [(_, r)] => out.push(format!("replay: {}", r.summary())),
             several => {
                 for (name, r) in several {
-                    out.push(format!("replay {name}: {r:?}"));
+                    out.push(format!("replay {name}: {}", r.summary()));
                 }
             }
         }
         if let Some(r) = &self.record {
-            let g = RecordStats::get;
-            out.push(format!(
-                "record: requests={} responses={} blocks={} bytes={} files={} files_removed={} dropped_queue_full={} dropped_write_error={} dropped_unsupported={} dropped_cut={} dropped_too_large={}",
-                g(&r.requests),
-                g(&r.responses),
-                g(&r.blocks),
-                g(&r.bytes),
-                g(&r.files),
-                g(&r.files_removed),
-                g(&r.dropped_queue_full),
-                g(&r.dropped_write_error),
-                g(&r.dropped_unsupported),
-                g(&r.dropped_cut),
-                g(&r.dropped_too_large)
-            ));
+            out.push(format!("record: {}", r.summary()));
         }
         out
     }
 }
 
+/// The frame errors by reason, then the capture's declared counters.
 fn format_capture(s: &CaptureStats) -> String {
-    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    let errors: Vec<String> = FrameError::ALL
+    let errors = FrameError::ALL
         .iter()
         .zip(&s.frame_errors)
-        .map(|(e, c)| format!("{}={}", e.name(), n(c)))
-        .collect();
-    format!(
-        "frames={} bytes={} segments={} truncated={} {} ring_packets={} ring_drops={} \
-         ring_freezes={} request_starts={} requests_lost={}",
-        n(&s.frames),
-        n(&s.bytes),
-        n(&s.segments),
-        n(&s.truncated),
-        errors.join(" "),
-        n(&s.ring_packets),
-        n(&s.ring_drops),
-        n(&s.ring_freezes),
-        n(&s.request_starts),
-        n(&s.requests_lost),
-    )
+        .map(|(e, c)| format!("{}={} ", e.name(), c.load(Ordering::Relaxed)));
+    errors.collect::<String>() + &s.summary()
 }

@@ -4,6 +4,7 @@
 //! live in `exchange`. The dependency order has no cycle:
 //! segment ← exchange ← reassembly ← http. `cargo test -p mirror-core` runs on stable.
 
+pub mod counters;
 pub mod exchange;
 pub mod http;
 pub mod reassembly;

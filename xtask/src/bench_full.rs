@@ -127,8 +127,9 @@ impl Agent {
         let err = self.stop_stderr()?;
         Ok(err
             .lines()
-            .find_map(|l| l.strip_prefix("record: requests="))
-            .and_then(|v| v.split(' ').next()?.parse().ok()))
+            .find_map(|l| l.strip_prefix("record: "))
+            .and_then(|l| l.split(' ').find_map(|w| w.strip_prefix("requests=")))
+            .and_then(|v| v.parse().ok()))
     }
 
     /// Stops the agent; returns what its exit summary says.

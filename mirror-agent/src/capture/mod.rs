@@ -76,35 +76,48 @@ impl Default for CaptureConfig {
     }
 }
 
-/// Userspace capture counters. Every frame read from the ring ends in `segments` or in one
-/// `frame_errors` reason or in `truncated`; every response-head record in `segments` or in one
-/// `frame_errors` reason.
-#[derive(Debug, Default)]
-pub struct CaptureStats {
-    pub frames: AtomicU64,
-    pub bytes: AtomicU64,
-    pub segments: AtomicU64,
-    pub truncated: AtomicU64,
-    pub frame_errors: [AtomicU64; FrameError::ALL.len()],
-    pub ring_packets: AtomicU64,
-    /// Frames the kernel could not put in the ring (it was full).
-    pub ring_drops: AtomicU64,
-    pub ring_freezes: AtomicU64,
-    /// Segments towards the service that start like a request: what reached the agent of the
-    /// kernel's `cloned_request_starts`.
-    pub request_starts: AtomicU64,
-    /// Requests whose first segment the kernel cloned but the agent never received (a full
-    /// ring, a full backlog): the kernel's count less `request_starts`.
-    pub requests_lost: AtomicU64,
-    /// Records read from the response-head ring (`--response-capture heads`): heads and
-    /// clone marks.
-    pub head_records: AtomicU64,
-    /// Clone marks whose clone never came (the capture ring was full): the records behind
-    /// them went on after a short wait.
-    pub marks_unmatched: AtomicU64,
-    /// The fullest the capture ring has been since the last `take_backlog`, in parts per
-    /// million.
-    backlog_ppm: AtomicU64,
+mirror_core::stage_counters! {
+    /// Userspace capture counters. Every frame read from the ring ends in `segments` or in one
+    /// `frame_errors` reason or in `truncated`; every response-head record in `segments` or in one
+    /// `frame_errors` reason.
+    #[derive(Debug, Default)]
+    pub struct CaptureStats {
+        pub bytes: AtomicU64 => Counter "mirror_capture_bytes"
+            "Bytes of frames read from the capture ring",
+        pub frames: AtomicU64 => Counter "mirror_capture_frames"
+            "Frames read from the capture ring",
+        /// Records read from the response-head ring (`--response-capture heads`): heads and
+        /// clone marks.
+        pub head_records: AtomicU64 => Counter "mirror_capture_head_records"
+            "Records read from the response-head ring (heads and clone marks)",
+        /// Clone marks whose clone never came (the capture ring was full): the records behind
+        /// them went on after a short wait.
+        pub marks_unmatched: AtomicU64 => Counter "mirror_capture_marks_unmatched"
+            "Clone marks whose clone never came (the capture ring was full)",
+        /// Segments towards the service that start like a request: what reached the agent of the
+        /// kernel's `cloned_request_starts`.
+        pub request_starts: AtomicU64 => Counter "mirror_capture_request_starts"
+            "Segments towards the service that start like a request",
+        /// Requests whose first segment the kernel cloned but the agent never received (a full
+        /// ring, a full backlog): the kernel's count less `request_starts`.
+        pub requests_lost: AtomicU64 => Counter "mirror_capture_requests_lost"
+            "Requests whose first segment the kernel cloned but the agent never received",
+        /// Frames the kernel could not put in the ring (it was full).
+        pub ring_drops: AtomicU64 => Counter "mirror_capture_ring_drops"
+            "Frames the kernel could not put in the capture ring (it was full)",
+        pub ring_freezes: AtomicU64 => Counter "mirror_capture_ring_freezes"
+            "Times the kernel froze the capture ring's queue because every block was full",
+        pub ring_packets: AtomicU64 => Counter "mirror_capture_ring_packets"
+            "Packets the kernel delivered to the capture socket",
+        pub segments: AtomicU64 => Counter "mirror_capture_segments"
+            "TCP segments handed to reassembly",
+        pub truncated: AtomicU64 => Counter "mirror_capture_truncated"
+            "Frames cut short by the ring's frame size",
+        pub frame_errors: [AtomicU64; FrameError::ALL.len()],
+        /// The fullest the capture ring has been since the last `take_backlog`, in parts per
+        /// million.
+        backlog_ppm: AtomicU64,
+}
 }
 
 impl CaptureStats {

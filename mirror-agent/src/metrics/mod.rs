@@ -296,8 +296,8 @@ impl Collector for Sources {
         if let Some(c) = &self.capture {
             stages::capture(&mut stages, c);
         }
-        stages::reassembly(&mut stages, &p.reassembly);
-        stages::http(&mut stages, &p.http);
+        stages.stage(&p.reassembly);
+        stages.stage(&p.http);
         stages.encode(&mut encoder)?;
         {
             let m = encoder.encode_descriptor(
@@ -310,12 +310,12 @@ impl Collector for Sources {
         }
         let mut replay = Families::default();
         for (name, r) in &self.replay {
-            stages::replay(&mut replay, name, r);
+            replay.stage_of(name, r.as_ref());
         }
         replay.encode(&mut encoder)?;
         if let Some(r) = &self.record {
             let mut record = Families::default();
-            stages::record(&mut record, r);
+            record.stage(r.as_ref());
             record.encode(&mut encoder)?;
         }
         Ok(())

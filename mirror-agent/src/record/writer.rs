@@ -38,23 +38,36 @@ pub struct RecordConfig {
     pub block_age: Duration,
 }
 
-#[derive(Debug, Default)]
-pub struct RecordStats {
-    pub requests: AtomicU64,
-    pub responses: AtomicU64,
-    pub blocks: AtomicU64,
-    /// Compressed bytes written.
-    pub bytes: AtomicU64,
-    pub files: AtomicU64,
-    pub files_removed: AtomicU64,
-    pub dropped_queue_full: AtomicU64,
-    pub dropped_write_error: AtomicU64,
-    /// Streamed HTTP/2 requests whose copy of the body was not available to the recorder.
-    pub dropped_unsupported: AtomicU64,
-    /// Streamed requests cut before their end (a reset or loss, or the copy left behind), or
-    /// whose body exceeded 16 MiB.
-    pub dropped_cut: AtomicU64,
-    pub dropped_too_large: AtomicU64,
+mirror_core::stage_counters! {
+    #[derive(Debug, Default)]
+    pub struct RecordStats {
+        pub blocks: AtomicU64 => Counter "mirror_record_blocks"
+            "Compressed blocks written to the recording",
+        /// Compressed bytes written.
+        pub bytes: AtomicU64 => Counter "mirror_record_bytes"
+            "Bytes written to the recording (compressed)",
+        /// Streamed requests cut before their end (a reset or loss, or the copy left behind), or
+        /// whose body exceeded 16 MiB.
+        pub dropped_cut: AtomicU64 => Counter "mirror_record_dropped" [reason = "cut"]
+            "Requests and responses not recorded, by reason",
+        pub dropped_queue_full: AtomicU64 => Counter "mirror_record_dropped" [reason = "queue_full"]
+            "Requests and responses not recorded, by reason",
+        pub dropped_too_large: AtomicU64 => Counter "mirror_record_dropped" [reason = "too_large"]
+            "Requests and responses not recorded, by reason",
+        /// Streamed HTTP/2 requests whose copy of the body was not available to the recorder.
+        pub dropped_unsupported: AtomicU64 => Counter "mirror_record_dropped" [reason = "unsupported"]
+            "Requests and responses not recorded, by reason",
+        pub dropped_write_error: AtomicU64 => Counter "mirror_record_dropped" [reason = "write_error"]
+            "Requests and responses not recorded, by reason",
+        pub files: AtomicU64 => Counter "mirror_record_files"
+            "Recording files started",
+        pub files_removed: AtomicU64 => Counter "mirror_record_files_removed"
+            "Oldest recording files removed to stay under --record-max-size",
+        pub requests: AtomicU64 => Counter "mirror_record_records" [kind = "request"]
+            "Records written, by kind",
+        pub responses: AtomicU64 => Counter "mirror_record_records" [kind = "response"]
+            "Records written, by kind",
+}
 }
 
 impl RecordStats {

@@ -132,37 +132,60 @@ impl ReplayConfig {
     }
 }
 
-/// Counters; every request offered ends in exactly one of them (plus `sent` for those sent).
-#[derive(Debug, Default)]
-pub struct ReplayStats {
-    pub offered: AtomicU64,
-    pub filtered_method: AtomicU64,
-    pub filtered_path: AtomicU64,
-    pub dropped_queue_full: AtomicU64,
-    pub dropped_rate_limit: AtomicU64,
-    pub dropped_backoff: AtomicU64,
-    pub dropped_unsendable: AtomicU64,
-    /// Requests still queued when the stop's grace ended.
-    pub dropped_at_stop: AtomicU64,
-    pub sent: AtomicU64,
-    pub responses: AtomicU64,
-    pub errors_timeout: AtomicU64,
-    pub errors_refused: AtomicU64,
-    pub errors_reset: AtomicU64,
-    pub errors_other: AtomicU64,
-    /// Requests sent whose answer had not come when the stop's grace ended.
-    pub errors_stopped: AtomicU64,
-    /// HTTP/1 batches written to the mirror (`sent` over this is the mean pipelining depth).
-    pub batches: AtomicU64,
-    /// Requests sent again on a new connection: the mirror closed before answering them.
-    pub resent: AtomicU64,
-    /// Times the mirror was found back by the prober while sending was backing off.
-    pub probe_recoveries: AtomicU64,
-    pub inflight: AtomicU64,
-    /// Gauge: workers alive, each with at most one connection to the mirror.
-    pub workers: AtomicUsize,
-    /// Gauge: bytes of requests waiting in the queue.
-    pub queued_bytes: AtomicUsize,
+mirror_core::stage_counters! {
+    /// Counters; every request offered ends in exactly one of them (plus `sent` for those sent).
+    #[derive(Debug, Default)]
+    pub struct ReplayStats {
+        /// HTTP/1 batches written to the mirror (`sent` over this is the mean pipelining depth).
+        pub batches: AtomicU64 => Counter "mirror_replay_batches"
+            "HTTP/1 batches written to the mirror",
+        pub dropped_backoff: AtomicU64 => Counter "mirror_replay_dropped" [reason = "backoff"]
+            "Requests not sent to the mirror, by reason",
+        pub dropped_queue_full: AtomicU64 => Counter "mirror_replay_dropped" [reason = "queue_full"]
+            "Requests not sent to the mirror, by reason",
+        pub dropped_rate_limit: AtomicU64 => Counter "mirror_replay_dropped" [reason = "rate_limit"]
+            "Requests not sent to the mirror, by reason",
+        /// Requests still queued when the stop's grace ended.
+        pub dropped_at_stop: AtomicU64 => Counter "mirror_replay_dropped" [reason = "stopped"]
+            "Requests not sent to the mirror, by reason",
+        pub dropped_unsendable: AtomicU64 => Counter "mirror_replay_dropped" [reason = "unsendable"]
+            "Requests not sent to the mirror, by reason",
+        pub errors_other: AtomicU64 => Counter "mirror_replay_errors" [kind = "other"]
+            "Requests sent that got no answer, by kind",
+        pub errors_refused: AtomicU64 => Counter "mirror_replay_errors" [kind = "refused"]
+            "Requests sent that got no answer, by kind",
+        pub errors_reset: AtomicU64 => Counter "mirror_replay_errors" [kind = "reset"]
+            "Requests sent that got no answer, by kind",
+        /// Requests sent whose answer had not come when the stop's grace ended.
+        pub errors_stopped: AtomicU64 => Counter "mirror_replay_errors" [kind = "stopped"]
+            "Requests sent that got no answer, by kind",
+        pub errors_timeout: AtomicU64 => Counter "mirror_replay_errors" [kind = "timeout"]
+            "Requests sent that got no answer, by kind",
+        pub filtered_method: AtomicU64 => Counter "mirror_replay_filtered_method"
+            "Requests left out by --methods",
+        pub filtered_path: AtomicU64 => Counter "mirror_replay_filtered_path"
+            "Requests left out by --path",
+        pub inflight: AtomicU64 => Gauge "mirror_replay_inflight"
+            "Requests sent and not yet answered",
+        pub offered: AtomicU64 => Counter "mirror_replay_offered"
+            "Requests offered to the replay stage",
+        /// Times the mirror was found back by the prober while sending was backing off.
+        pub probe_recoveries: AtomicU64 => Counter "mirror_replay_probe_recoveries"
+            "Times the mirror was found back while sending was backing off",
+        /// Gauge: bytes of requests waiting in the queue.
+        pub queued_bytes: AtomicUsize => Gauge "mirror_replay_queued_bytes"
+            "Bytes of requests waiting in the queue",
+        /// Requests sent again on a new connection: the mirror closed before answering them.
+        pub resent: AtomicU64 => Counter "mirror_replay_resent"
+            "Requests sent again on a new connection after the mirror closed",
+        pub responses: AtomicU64 => Counter "mirror_replay_responses"
+            "Answers from the mirror",
+        pub sent: AtomicU64 => Counter "mirror_replay_sent"
+            "Requests sent to the mirror",
+        /// Gauge: workers alive, each with at most one connection to the mirror.
+        pub workers: AtomicUsize => Gauge "mirror_replay_workers"
+            "Replay workers alive, each with at most one connection to the mirror",
+}
 }
 
 fn inc(c: &AtomicU64) {

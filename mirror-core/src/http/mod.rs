@@ -229,78 +229,119 @@ pub enum Switch {
     Frames,
 }
 
-/// Counters. A request head that parsed ends as exactly one of: `requests`, or a `dropped_*`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct HttpStats {
-    pub requests: u64,
-    pub request_bytes: u64,
-    pub responses: u64,
-    /// Bytes skipped while looking for a message start (mid-stream joins, after losses).
-    pub resync_skipped_bytes: u64,
-    pub dropped_malformed: u64,
-    pub dropped_oversize_head: u64,
-    pub dropped_oversize_body: u64,
-    pub dropped_gap: u64,
-    pub dropped_memory: u64,
-    pub dropped_incomplete: u64,
-    pub dropped_expect_rejected: u64,
-    pub dropped_stopped: u64,
-    pub malformed_responses: u64,
-    pub unpaired_responses: u64,
-    /// Responses captured before their request (the two directions' clones reached the agent
-    /// out of order) and paired once the request arrived.
-    pub early_responses: u64,
-    /// Requests whose response could not be told apart after a loss in the response stream.
-    pub unpaired_requests: u64,
-    pub pending_overflow: u64,
-    pub stopped_upgrade: u64,
-    pub stopped_connect: u64,
-    pub stopped_tls: u64,
-    /// HTTP/2 connections seen from their start (prior knowledge, or upgraded from HTTP/1.1).
-    pub h2_connections: u64,
-    /// Of those, upgraded from HTTP/1.1 (`Upgrade: h2c`).
-    pub h2_upgrades: u64,
-    /// HTTP/2 connections joined after their start, recognised from their frames.
-    pub h2_joined_connections: u64,
-    /// HTTP/2 requests dropped because a header referenced a table entry from before the join
-    /// (or from before a loss): never guessed.
-    pub dropped_hpack_unknown_index: u64,
-    /// Header blocks that did not decode (their table is forgotten, as after a join).
-    pub hpack_errors: u64,
-    /// Times an HTTP/2 stream's framing was lost (a hole) and frames were looked for again.
-    pub h2_resyncs: u64,
-    /// HTTP/2 requests dropped because their connection had `max_pending` streams open.
-    pub dropped_h2_streams_over_cap: u64,
-    /// HTTP/2 streams reset (RST_STREAM) before their request or response was whole.
-    pub h2_reset_streams: u64,
-    /// HTTP/2 requests above the last stream id of the server's GOAWAY: the server did not
-    /// process them (the client may retry them on another connection).
-    pub h2_refused_streams: u64,
-    /// Server pushes (PUSH_PROMISE): decoded to keep the table in step, not replayed.
-    pub h2_pushes: u64,
-    /// HTTP/2 requests handed on while still arriving (client streaming, bidi, large bodies),
-    /// their body streamed after them.
-    pub h2_streamed_requests: u64,
-    /// Of those, cut short (reset, loss, the connection's end, or a replay stage that could not
-    /// keep up): the mirror's stream is reset, never ended as if whole.
-    pub h2_streams_cut: u64,
-    /// Connections whose responses were asked for whole (see `HttpEvent::FullResponses`).
-    pub full_response_connections: u64,
-    /// Times response heads could not frame a response stream: bytes not captured fell where
-    /// framing needed them. Responses resync at the next status line, and requests waiting
-    /// for an answer then are counted in `unpaired_requests`.
-    pub responses_unframed_heads: u64,
-    /// Live responses read whole for content comparison.
-    pub content_responses: u64,
-    /// Live responses whose content could not be kept: bytes not captured or lost, or the
-    /// connection ended inside the body.
-    pub content_incomplete: u64,
-    /// Gauge: request bytes buffered now.
-    pub buffered_bytes: u64,
-    /// Gauge: HTTP/2 streams tracked now, across connections.
-    pub h2_open_streams: u64,
-    /// Gauge: bytes of streaming request bodies handed on and not yet sent by the replay stage.
-    pub h2_streaming_bytes: u64,
+crate::stage_counters! {
+    /// Counters. A request head that parsed ends as exactly one of: `requests`, or a `dropped_*`.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct HttpStats {
+        /// Gauge: request bytes buffered now.
+        pub buffered_bytes: u64 => Gauge "mirror_http_buffered_bytes"
+            "Request bytes buffered now",
+        /// Live responses whose content could not be kept: bytes not captured or lost, or the
+        /// connection ended inside the body.
+        pub content_incomplete: u64 => Counter "mirror_http_content_incomplete"
+            "Live responses whose content could not be kept whole for comparison",
+        /// Live responses read whole for content comparison.
+        pub content_responses: u64 => Counter "mirror_http_content_responses"
+            "Live responses read whole for content comparison",
+        pub dropped_expect_rejected: u64 => Counter "mirror_http_dropped" [reason = "expect_rejected"]
+            "Requests the parse stage dropped, by reason",
+        pub dropped_gap: u64 => Counter "mirror_http_dropped" [reason = "gap"]
+            "Requests the parse stage dropped, by reason",
+        /// HTTP/2 requests dropped because their connection had `max_pending` streams open.
+        pub dropped_h2_streams_over_cap: u64 => Counter "mirror_http_dropped" [reason = "h2_streams_over_cap"]
+            "Requests the parse stage dropped, by reason",
+        /// HTTP/2 requests dropped because a header referenced a table entry from before the join
+        /// (or from before a loss): never guessed.
+        pub dropped_hpack_unknown_index: u64 => Counter "mirror_http_dropped" [reason = "hpack_unknown_index"]
+            "Requests the parse stage dropped, by reason",
+        pub dropped_incomplete: u64 => Counter "mirror_http_dropped" [reason = "incomplete"]
+            "Requests the parse stage dropped, by reason",
+        pub dropped_malformed: u64 => Counter "mirror_http_dropped" [reason = "malformed"]
+            "Requests the parse stage dropped, by reason",
+        pub dropped_memory: u64 => Counter "mirror_http_dropped" [reason = "memory"]
+            "Requests the parse stage dropped, by reason",
+        pub dropped_oversize_body: u64 => Counter "mirror_http_dropped" [reason = "oversize_body"]
+            "Requests the parse stage dropped, by reason",
+        pub dropped_oversize_head: u64 => Counter "mirror_http_dropped" [reason = "oversize_head"]
+            "Requests the parse stage dropped, by reason",
+        pub dropped_stopped: u64 => Counter "mirror_http_dropped" [reason = "stopped"]
+            "Requests the parse stage dropped, by reason",
+        /// Responses captured before their request (the two directions' clones reached the agent
+        /// out of order) and paired once the request arrived.
+        pub early_responses: u64 => Counter "mirror_http_early_responses"
+            "Responses captured before their request and paired once it arrived",
+        /// Connections whose responses were asked for whole (see `HttpEvent::FullResponses`).
+        pub full_response_connections: u64 => Counter "mirror_http_full_response_connections"
+            "Connections whose responses were asked of the kernel whole",
+        /// HTTP/2 connections seen from their start (prior knowledge, or upgraded from HTTP/1.1).
+        pub h2_connections: u64 => Counter "mirror_http_h2_connections"
+            "HTTP/2 connections seen from their start",
+        /// HTTP/2 connections joined after their start, recognised from their frames.
+        pub h2_joined_connections: u64 => Counter "mirror_http_h2_joined_connections"
+            "HTTP/2 connections joined after their start",
+        /// Gauge: HTTP/2 streams tracked now, across connections.
+        pub h2_open_streams: u64 => Gauge "mirror_http_h2_open_streams"
+            "HTTP/2 streams tracked now",
+        /// Server pushes (PUSH_PROMISE): decoded to keep the table in step, not replayed.
+        pub h2_pushes: u64 => Counter "mirror_http_h2_pushes"
+            "Server pushes decoded (not replayed)",
+        /// HTTP/2 requests above the last stream id of the server's GOAWAY: the server did not
+        /// process them (the client may retry them on another connection).
+        pub h2_refused_streams: u64 => Counter "mirror_http_h2_refused_streams"
+            "HTTP/2 requests above the last stream id of the server's GOAWAY",
+        /// HTTP/2 streams reset (RST_STREAM) before their request or response was whole.
+        pub h2_reset_streams: u64 => Counter "mirror_http_h2_reset_streams"
+            "HTTP/2 streams reset before their request or response was whole",
+        /// Times an HTTP/2 stream's framing was lost (a hole) and frames were looked for again.
+        pub h2_resyncs: u64 => Counter "mirror_http_h2_resyncs"
+            "Times an HTTP/2 connection's framing was lost and looked for again",
+        /// HTTP/2 requests handed on while still arriving (client streaming, bidi, large bodies),
+        /// their body streamed after them.
+        pub h2_streamed_requests: u64 => Counter "mirror_http_h2_streamed_requests"
+            "HTTP/2 requests handed on while their body was still arriving",
+        /// Gauge: bytes of streaming request bodies handed on and not yet sent by the replay stage.
+        pub h2_streaming_bytes: u64 => Gauge "mirror_http_h2_streaming_bytes"
+            "Streaming request body bytes handed on and not yet sent",
+        /// Of those, cut short (reset, loss, the connection's end, or a replay stage that could not
+        /// keep up): the mirror's stream is reset, never ended as if whole.
+        pub h2_streams_cut: u64 => Counter "mirror_http_h2_streams_cut"
+            "Streamed HTTP/2 requests cut short (the mirror's stream is reset)",
+        /// Of those, upgraded from HTTP/1.1 (`Upgrade: h2c`).
+        pub h2_upgrades: u64 => Counter "mirror_http_h2_upgrades"
+            "HTTP/2 connections upgraded from HTTP/1.1",
+        /// Header blocks that did not decode (their table is forgotten, as after a join).
+        pub hpack_errors: u64 => Counter "mirror_http_hpack_errors"
+            "HTTP/2 header blocks that did not decode",
+        pub malformed_responses: u64 => Counter "mirror_http_malformed_responses"
+            "Responses that did not parse",
+        pub pending_overflow: u64 => Counter "mirror_http_pending_overflow"
+            "Requests no longer awaiting their response: the connection had too many waiting",
+        pub request_bytes: u64 => Counter "mirror_http_request_bytes"
+            "Bytes of requests extracted",
+        pub requests: u64 => Counter "mirror_http_requests"
+            "Requests extracted",
+        pub responses: u64 => Counter "mirror_http_responses"
+            "Responses paired",
+        /// Times response heads could not frame a response stream: bytes not captured fell where
+        /// framing needed them. Responses resync at the next status line, and requests waiting
+        /// for an answer then are counted in `unpaired_requests`.
+        pub responses_unframed_heads: u64 => Counter "mirror_http_responses_unframed_heads"
+            "Times response heads could not frame a response stream",
+        /// Bytes skipped while looking for a message start (mid-stream joins, after losses).
+        pub resync_skipped_bytes: u64 => Counter "mirror_http_resync_skipped_bytes"
+            "Bytes skipped while looking for a message start",
+        pub stopped_connect: u64 => Counter "mirror_http_stopped" [reason = "connect"]
+            "Connections no longer parsed, by reason",
+        pub stopped_tls: u64 => Counter "mirror_http_stopped" [reason = "tls"]
+            "Connections no longer parsed, by reason",
+        pub stopped_upgrade: u64 => Counter "mirror_http_stopped" [reason = "upgrade"]
+            "Connections no longer parsed, by reason",
+        /// Requests whose response could not be told apart after a loss in the response stream.
+        pub unpaired_requests: u64 => Counter "mirror_http_unpaired_requests"
+            "Requests whose response could not be told apart after a loss",
+        pub unpaired_responses: u64 => Counter "mirror_http_unpaired_responses"
+            "Responses without a request to pair with",
+}
 }
 
 impl HttpStats {

@@ -162,50 +162,76 @@ impl Default for ReassemblyConfig {
 /// Age from which a connection counts as long-lived (`ReassemblyStats::long_lived_segments`).
 pub const LONG_LIVED_NS: u64 = 2_000_000_000;
 
-/// Counters. Every payload byte handed in (captured or elided) is delivered, a duplicate, held
-/// out of order, or discarded (it came after its connection closed); `lost_bytes` counts the
-/// sequence space never seen inside one connection (holes given up on, and what was missing
-/// before a FIN).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ReassemblyStats {
-    pub segments: u64,
-    pub payload_bytes: u64,
-    /// Of `payload_bytes`, those described but not captured (response bodies).
-    pub elided_bytes: u64,
-    pub delivered_bytes: u64,
-    /// Bytes that arrived again (retransmissions, overlaps); the first copy was kept.
-    pub duplicate_bytes: u64,
-    /// Overlapping copies whose bytes differed from the first copy.
-    pub overlap_conflicts: u64,
-    pub out_of_order_segments: u64,
-    /// Holes given up on, by cause.
-    pub holes_timeout: u64,
-    pub holes_overflow: u64,
-    pub lost_bytes: u64,
-    pub connections: u64,
-    pub midstream_joins: u64,
-    pub closed_fin: u64,
-    pub closed_rst: u64,
-    pub evicted_idle: u64,
-    pub evicted_full: u64,
-    /// Connections ended because a new one took over their 4-tuple: announced by a SYN, or
-    /// (its SYN not seen) by bytes beyond the old FIN or a sequence jump.
-    pub superseded_by_syn: u64,
-    pub superseded_without_syn: u64,
-    /// Retransmitted SYNs (same initial sequence number): not a new connection.
-    pub duplicate_syns: u64,
-    /// SYNs that arrived after their connection's first bytes (see `DirState::joined`).
-    pub late_syns: u64,
-    /// Of `segments`, those of connections seen for `LONG_LIVED_NS` or more: the load that
-    /// shedding new connections does not remove (the CPU budget's sign that it must drop
-    /// admitted ones).
-    pub long_lived_segments: u64,
-    /// Segments of a connection that has already closed (late retransmissions), and their
-    /// payload bytes; ignored.
-    pub after_close_segments: u64,
-    pub discarded_bytes: u64,
-    /// Gauge: out-of-order bytes held now.
-    pub ooo_bytes_held: u64,
+crate::stage_counters! {
+    /// Counters. Every payload byte handed in (captured or elided) is delivered, a duplicate, held
+    /// out of order, or discarded (it came after its connection closed); `lost_bytes` counts the
+    /// sequence space never seen inside one connection (holes given up on, and what was missing
+    /// before a FIN).
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct ReassemblyStats {
+        /// Segments of a connection that has already closed (late retransmissions), and their
+        /// payload bytes; ignored.
+        pub after_close_segments: u64 => Counter "mirror_reassembly_after_close_segments"
+            "Segments of a connection already closed (late retransmissions), ignored",
+        pub closed_fin: u64 => Counter "mirror_reassembly_closed_fin"
+            "Connections closed by FIN",
+        pub closed_rst: u64 => Counter "mirror_reassembly_closed_rst"
+            "Connections closed by RST",
+        pub connections: u64 => Counter "mirror_reassembly_connections"
+            "Connections tracked since the start",
+        pub delivered_bytes: u64 => Counter "mirror_reassembly_delivered_bytes"
+            "Payload bytes delivered in order to the parse stage",
+        pub discarded_bytes: u64 => Counter "mirror_reassembly_discarded_bytes"
+            "Payload bytes of segments after their connection closed",
+        /// Bytes that arrived again (retransmissions, overlaps); the first copy was kept.
+        pub duplicate_bytes: u64 => Counter "mirror_reassembly_duplicate_bytes"
+            "Bytes that arrived again (retransmissions, overlaps); the first copy kept",
+        /// Retransmitted SYNs (same initial sequence number): not a new connection.
+        pub duplicate_syns: u64 => Counter "mirror_reassembly_duplicate_syns"
+            "Retransmitted SYNs (same initial sequence number)",
+        /// Of `payload_bytes`, those described but not captured (response bodies).
+        pub elided_bytes: u64 => Counter "mirror_reassembly_elided_bytes"
+            "Payload bytes described but not captured (response bodies)",
+        pub evicted_full: u64 => Counter "mirror_reassembly_evicted_full"
+            "Connections evicted because the flow table was full",
+        pub evicted_idle: u64 => Counter "mirror_reassembly_evicted_idle"
+            "Connections evicted after going idle",
+        pub holes_overflow: u64 => Counter "mirror_reassembly_holes_overflow"
+            "Holes given up on because out-of-order memory ran out",
+        /// Holes given up on, by cause.
+        pub holes_timeout: u64 => Counter "mirror_reassembly_holes_timeout"
+            "Holes given up on after waiting for the missing bytes",
+        /// SYNs that arrived after their connection's first bytes (see `DirState::joined`).
+        pub late_syns: u64 => Counter "mirror_reassembly_late_syns"
+            "SYNs that arrived after their connection's first bytes",
+        /// Of `segments`, those of connections seen for `LONG_LIVED_NS` or more: the load that
+        /// shedding new connections does not remove (the CPU budget's sign that it must drop
+        /// admitted ones).
+        pub long_lived_segments: u64 => Counter "mirror_reassembly_long_lived_segments"
+            "Segments of connections seen for 2 s or more, which shedding new connections does not remove",
+        pub lost_bytes: u64 => Counter "mirror_reassembly_lost_bytes"
+            "Sequence space never seen inside a connection",
+        pub midstream_joins: u64 => Counter "mirror_reassembly_midstream_joins"
+            "Connections joined after their start",
+        /// Gauge: out-of-order bytes held now.
+        pub ooo_bytes_held: u64 => Gauge "mirror_reassembly_ooo_bytes_held"
+            "Out-of-order bytes held now",
+        pub out_of_order_segments: u64 => Counter "mirror_reassembly_out_of_order_segments"
+            "Segments that arrived ahead of a hole",
+        /// Overlapping copies whose bytes differed from the first copy.
+        pub overlap_conflicts: u64 => Counter "mirror_reassembly_overlap_conflicts"
+            "Overlapping copies whose bytes differed from the first copy",
+        pub payload_bytes: u64 => Counter "mirror_reassembly_payload_bytes"
+            "Payload bytes handed in (captured or elided)",
+        pub segments: u64 => Counter "mirror_reassembly_segments"
+            "Segments handed in",
+        /// Connections ended because a new one took over their 4-tuple: announced by a SYN, or
+        /// (its SYN not seen) by bytes beyond the old FIN or a sequence jump.
+        pub superseded_by_syn: u64 => Counter "mirror_reassembly_superseded_by_syn"
+            "Connections ended because a SYN reused their 4-tuple",
+        pub superseded_without_syn: u64 => Counter "mirror_reassembly_superseded_without_syn"
+            "Connections ended because bytes beyond their FIN or a sequence jump reused their 4-tuple",
+}
 }
 
 /// What is remembered of a connection that closed, to tell its late retransmissions from a new
