@@ -107,77 +107,10 @@ fn attach(args: AttachArgs) -> Result<()> {
 /// The agent's configuration from the command line: targets (pod IPs found by route), the
 /// memory plan, and the mirror, resolved.
 fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<AgentConfig> {
-    let mut targets: Vec<Target> = args
-        .iface
-        .iter()
-        .map(|iface| Target {
-            iface: iface.clone(),
-            hook: args.direction,
-        })
-        .collect();
-    for ip in &args.pod_ip {
-        let iface = netdev::iface_for_pod(*ip).map_err(with_hint)?;
-        log::info!("pod {ip} is behind {iface}: attaching to its egress");
-        let target = Target {
-            iface,
-            hook: Hook::Egress,
-        };
-        if !targets.contains(&target) {
-            targets.push(target);
-        }
-    }
-    let mut addrs = args.addrs.clone();
-    addrs.extend(&args.pod_ip);
-    let cpu_budget = match args.cpu_budget {
-        Some(cores) => Some(cores),
-        None => {
-            let limit = mirror_agent::cpu_budget::cgroup_cpu_limit(std::path::Path::new("/"));
-            match limit {
-                Some(cores) => log::info!("CPU budget {cores:.2} cores: the cgroup's CPU limit"),
-                None if std::fs::read_dir("/sys/fs/cgroup")
-                    .is_ok_and(|mut d| d.next().is_some()) =>
-                {
-                    log::info!("no CPU budget: no cgroup CPU limit and no --cpu-budget")
-                }
-                None => log::info!(
-                    "no CPU budget: no cgroup filesystem at /sys/fs/cgroup to read a limit from \
-                     (`ip netns exec` mounts a fresh /sys); --cpu-budget sets one"
-                ),
-            }
-            limit
-        }
-    };
+    let cpu_budget = cpu_budget(args);
     // A dump shows the streams as they crossed the wire, response bodies included.
     let response_heads = args.response_capture == ResponseCapture::Heads && args.dump.is_none();
-    let capture = CaptureConfig {
-        targets,
-        matching: MatchConfig {
-            ports: args.port.clone(),
-            // Selected pods come and go: none selected must not mean every address.
-            addr_filter: !addrs.is_empty() || args.selector.is_some(),
-            addrs,
-            responses: !args.no_responses,
-            response_heads,
-            sample_ppm: (args.sample * 10_000.0).round() as u32,
-            sticky_sampling: cpu_budget.is_some(),
-            whole_responses_ppm: if args.compare_bodies {
-                (args.compare_sample * 10_000.0).round() as u32
-            } else {
-                0
-            },
-        },
-        attach_mode: args.attach_mode,
-        ring: RingConfig {
-            block_count: args.ring_mb as usize,
-            block_size: args
-                .ring_block_kb
-                .map_or(RingConfig::default().block_size, |kb| kb as usize * 1024),
-            ..RingConfig::default()
-        },
-        ebpf_log: args.ebpf_log,
-        read_clones: !args.no_reader,
-        ..CaptureConfig::default()
-    };
+    let capture = capture_config(args, targets(args)?, cpu_budget.is_some(), response_heads);
     let (budget, budget_source) = match args.memory_budget {
         Some(b) => (b, "--memory-budget".to_string()),
         None => memory_budget::default_budget(),
@@ -191,54 +124,9 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
         &args.series.live_label,
     )
     .map_err(anyhow::Error::msg)?;
-    let content = args.compare_bodies.then(|| ContentCapture {
-        max_body: args.compare_max_body as usize,
-        share_ppm: (args.compare_sample * 10_000.0).round() as u32,
-        headers: if args.compare_headers.is_empty() {
-            vec!["content-type".to_string()]
-        } else {
-            args.compare_headers
-                .iter()
-                .map(|h| h.to_ascii_lowercase())
-                .collect()
-        },
-    });
-    if args.compare_bodies && args.mirror.is_empty() {
-        anyhow::bail!("--compare-bodies compares mirrors' answers: give --mirror");
-    }
-    let secondary = match &args.secondary {
-        Some(s) => Some(names.iter().position(|n| n == s).with_context(|| {
-            format!(
-                "--secondary {s}: no mirror has that name (mirrors: {})",
-                names.join(", ")
-            )
-        })?),
-        None => None,
-    };
+    let content = content_capture(args)?;
     let split = plan.split(args.mirror.len(), args.compare_bodies);
-    let mut mirrors = Vec::new();
-    for (m, name) in args.mirror.iter().zip(&names) {
-        let uri = replay::parse_mirror_url(&m.url)
-            .map_err(|e| with_hint(anyhow::Error::new(e).context(format!("--mirror {name}"))))?;
-        let addr = rt
-            .block_on(replay::check_mirror(&uri))
-            .map_err(|e| with_hint(anyhow::Error::new(e).context(format!("--mirror {name}"))))?;
-        let replay = ReplayConfig {
-            max_rps: args.max_rps,
-            max_inflight: args.max_inflight,
-            pipeline_depth: args.pipeline_depth.into(),
-            queue_bytes: args
-                .queue_bytes
-                .map_or(split.queue_bytes_per_mirror, |q| q as usize),
-            content: content.clone(),
-            ..args.requests.replay_config(uri)
-        };
-        mirrors.push(MirrorTarget {
-            name: name.clone(),
-            replay,
-            addr,
-        });
-    }
+    let mirrors = mirror_targets(args, &names, split.queue_bytes_per_mirror, &content, rt)?;
     let pipeline = PipelineConfig {
         reassembly: ReassemblyConfig {
             server_ports: args.port.clone(),
@@ -261,7 +149,202 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
         record_streams: args.dump.is_some().then_some(args.dump_max_bytes),
         tick: Duration::from_millis(100),
     };
-    let record = args.record.as_ref().map(|dir| RecordConfig {
+    let diffs = match content {
+        Some(c) => Some(diff_config(args, &names, c, &split)?),
+        None => None,
+    };
+    Ok(AgentConfig {
+        record: record_config(args),
+        capture,
+        pipeline,
+        mirrors,
+        compare: CompareConfig {
+            live_label: args.series.live_label.clone(),
+            mirror_labels: names,
+            routes: args.series.routes.clone(),
+            max_endpoints: args.max_endpoints,
+            max_series: plan.max_series,
+            max_pending: split.max_pending,
+            diffs,
+        },
+        pods: args.selector.as_ref().map(|labels| PodSelector {
+            labels: labels.clone(),
+            namespace: args.namespace.clone(),
+            node: args.node_name.clone(),
+        }),
+        metrics: args.metrics,
+        stats_interval: args.stats_interval,
+        cpu_budget,
+    })
+}
+
+/// The interfaces to attach to: those named, and those behind the pods named (by route).
+fn targets(args: &AttachArgs) -> Result<Vec<Target>> {
+    let mut targets: Vec<Target> = args
+        .iface
+        .iter()
+        .map(|iface| Target {
+            iface: iface.clone(),
+            hook: args.direction,
+        })
+        .collect();
+    for ip in &args.pod_ip {
+        let iface = netdev::iface_for_pod(*ip).map_err(with_hint)?;
+        log::info!("pod {ip} is behind {iface}: attaching to its egress");
+        let target = Target {
+            iface,
+            hook: Hook::Egress,
+        };
+        if !targets.contains(&target) {
+            targets.push(target);
+        }
+    }
+    Ok(targets)
+}
+
+/// `--cpu-budget`, or the cgroup's CPU limit; the log says which, or why there is none.
+fn cpu_budget(args: &AttachArgs) -> Option<f64> {
+    if let Some(cores) = args.cpu_budget {
+        return Some(cores);
+    }
+    let limit = mirror_agent::cpu_budget::cgroup_cpu_limit(std::path::Path::new("/"));
+    match limit {
+        Some(cores) => log::info!("CPU budget {cores:.2} cores: the cgroup's CPU limit"),
+        None if std::fs::read_dir("/sys/fs/cgroup").is_ok_and(|mut d| d.next().is_some()) => {
+            log::info!("no CPU budget: no cgroup CPU limit and no --cpu-budget")
+        }
+        None => log::info!(
+            "no CPU budget: no cgroup filesystem at /sys/fs/cgroup to read a limit from \
+             (`ip netns exec` mounts a fresh /sys); --cpu-budget sets one"
+        ),
+    }
+    limit
+}
+
+fn capture_config(
+    args: &AttachArgs,
+    targets: Vec<Target>,
+    sticky_sampling: bool,
+    response_heads: bool,
+) -> CaptureConfig {
+    let mut addrs = args.addrs.clone();
+    addrs.extend(&args.pod_ip);
+    let ppm = |share: f64| (share * 10_000.0).round() as u32;
+    CaptureConfig {
+        targets,
+        matching: MatchConfig {
+            ports: args.port.clone(),
+            // Selected pods come and go: none selected must not mean every address.
+            addr_filter: !addrs.is_empty() || args.selector.is_some(),
+            addrs,
+            responses: !args.no_responses,
+            response_heads,
+            sample_ppm: ppm(args.sample),
+            sticky_sampling,
+            whole_responses_ppm: if args.compare_bodies {
+                ppm(args.compare_sample)
+            } else {
+                0
+            },
+        },
+        attach_mode: args.attach_mode,
+        ring: RingConfig {
+            block_count: args.ring_mb as usize,
+            block_size: args
+                .ring_block_kb
+                .map_or(RingConfig::default().block_size, |kb| kb as usize * 1024),
+            ..RingConfig::default()
+        },
+        ebpf_log: args.ebpf_log,
+        read_clones: !args.no_reader,
+        ..CaptureConfig::default()
+    }
+}
+
+/// What of live responses is kept for `--compare-bodies`.
+fn content_capture(args: &AttachArgs) -> Result<Option<ContentCapture>> {
+    if !args.compare_bodies {
+        return Ok(None);
+    }
+    if args.mirror.is_empty() {
+        anyhow::bail!("--compare-bodies compares mirrors' answers: give --mirror");
+    }
+    Ok(Some(ContentCapture {
+        max_body: args.compare_max_body as usize,
+        share_ppm: (args.compare_sample * 10_000.0).round() as u32,
+        headers: if args.compare_headers.is_empty() {
+            vec!["content-type".to_string()]
+        } else {
+            args.compare_headers
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect()
+        },
+    }))
+}
+
+/// Each `--mirror`, its URL parsed and its address resolved and checked.
+fn mirror_targets(
+    args: &AttachArgs,
+    names: &[String],
+    queue_bytes: usize,
+    content: &Option<ContentCapture>,
+    rt: &tokio::runtime::Runtime,
+) -> Result<Vec<MirrorTarget>> {
+    let mut mirrors = Vec::new();
+    for (m, name) in args.mirror.iter().zip(names) {
+        let named =
+            |e: MirrorError| with_hint(anyhow::Error::new(e).context(format!("--mirror {name}")));
+        let uri = replay::parse_mirror_url(&m.url).map_err(named)?;
+        let addr = rt.block_on(replay::check_mirror(&uri)).map_err(named)?;
+        let replay = ReplayConfig {
+            max_rps: args.max_rps,
+            max_inflight: args.max_inflight,
+            pipeline_depth: args.pipeline_depth.into(),
+            queue_bytes: args.queue_bytes.map_or(queue_bytes, |q| q as usize),
+            content: content.clone(),
+            ..args.requests.replay_config(uri)
+        };
+        mirrors.push(MirrorTarget {
+            name: name.clone(),
+            replay,
+            addr,
+        });
+    }
+    Ok(mirrors)
+}
+
+/// How contents are compared (`--compare-bodies`), and which mirror cancels noise.
+fn diff_config(
+    args: &AttachArgs,
+    names: &[String],
+    content: ContentCapture,
+    split: &memory_budget::Split,
+) -> Result<DiffConfig> {
+    let secondary = match &args.secondary {
+        Some(s) => Some(names.iter().position(|n| n == s).with_context(|| {
+            format!(
+                "--secondary {s}: no mirror has that name (mirrors: {})",
+                names.join(", ")
+            )
+        })?),
+        None => None,
+    };
+    Ok(DiffConfig {
+        content: ContentConfig {
+            headers: content.headers,
+            redacted: redacted_headers(&args.requests.drop_headers),
+            array_keys: args.array_keys.clone(),
+        },
+        ignore: args.ignore.clone(),
+        secondary,
+        max_pending: split.max_pending,
+        max_bytes: split.content_bytes,
+    })
+}
+
+fn record_config(args: &AttachArgs) -> Option<RecordConfig> {
+    args.record.as_ref().map(|dir| RecordConfig {
         dir: dir.clone(),
         file_bytes: args.record_file_size,
         file_age: Duration::from_secs(args.record_file_seconds.max(1)),
@@ -274,39 +357,6 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
             .collect(),
         queue: 64 << 10,
         block_age: record::writer::BLOCK_AGE,
-    });
-    Ok(AgentConfig {
-        record,
-        capture,
-        pipeline,
-        mirrors,
-        compare: CompareConfig {
-            live_label: args.series.live_label.clone(),
-            mirror_labels: names,
-            routes: args.series.routes.clone(),
-            max_endpoints: args.max_endpoints,
-            max_series: plan.max_series,
-            max_pending: split.max_pending,
-            diffs: content.map(|c| DiffConfig {
-                content: ContentConfig {
-                    headers: c.headers,
-                    redacted: redacted_headers(&args.requests.drop_headers),
-                    array_keys: args.array_keys.clone(),
-                },
-                ignore: args.ignore.clone(),
-                secondary,
-                max_pending: split.max_pending,
-                max_bytes: split.content_bytes,
-            }),
-        },
-        pods: args.selector.as_ref().map(|labels| PodSelector {
-            labels: labels.clone(),
-            namespace: args.namespace.clone(),
-            node: args.node_name.clone(),
-        }),
-        metrics: args.metrics,
-        stats_interval: args.stats_interval,
-        cpu_budget,
     })
 }
 
