@@ -23,7 +23,7 @@ use prometheus_client::registry::Registry;
 
 use self::stages::Families;
 use crate::capture::CaptureStats;
-use crate::compare::Comparison;
+use crate::compare::{Comparison, Report, SeriesHistogram};
 use crate::pipeline::PipelineStats;
 use crate::replay::ReplayStats;
 
@@ -52,153 +52,262 @@ impl std::fmt::Debug for Sources {
 impl Collector for Sources {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let (report, hists) = self.comparison.snapshot();
-        {
-            let mut m = encoder.encode_descriptor(
-                "mirror_requests",
-                "Requests by endpoint, version tag and result code",
-                None,
-                MetricType::Counter,
-            )?;
-            for r in &report.rows {
-                let labels = [
-                    ("endpoint", r.name.as_str()),
-                    ("version", r.version.as_str()),
-                    ("code", r.code.as_str()),
-                ];
-                ConstCounter::new(r.count).encode(m.encode_family(&labels)?)?;
-            }
+        encode_series(&mut encoder, &report, &hists)?;
+        encode_content(&mut encoder, &report)?;
+        encode_compare_state(&mut encoder, &report)?;
+        self.encode_kernel_and_pods(&mut encoder)?;
+        self.encode_stages(&mut encoder)
+    }
+}
+
+impl Sources {
+    fn encode_kernel_and_pods(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
+        let kernel = self.kernel.lock().unwrap().clone();
+        let mut m = encoder.encode_descriptor(
+            "mirror_kernel_packets",
+            "Packets seen by the TC program, by outcome",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, n) in kernel.packets {
+            ConstCounter::new(n).encode(m.encode_family(&[("outcome", name)])?)?;
         }
-        {
-            let mut m = encoder.encode_descriptor(
-                "mirror_request_duration_seconds",
-                "Live: last request byte to first response byte; mirror: request sent to response head",
-                None,
-                MetricType::Histogram,
-            )?;
-            for h in &hists {
-                let labels = [
-                    ("endpoint", h.name.as_str()),
-                    ("version", h.version.as_str()),
-                    ("code", h.code.as_str()),
-                ];
-                m.encode_family(&labels)?
-                    .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                        h.sum_seconds,
-                        h.count,
-                        &h.buckets,
-                        None,
-                    )?;
-            }
+        let m = encoder.encode_descriptor(
+            "mirror_kernel_work_seconds",
+            "Time the TC program spent mirroring in the live path (clones, records), all CPUs",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(kernel.work.as_secs_f64()).encode(m)?;
+        let pods = self.pods.lock().unwrap().clone();
+        let m = encoder.encode_descriptor(
+            "mirror_pods_mirrored",
+            "Pods mirrored now (--selector)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(pods.len() as i64).encode(m)?;
+        let mut m = encoder.encode_descriptor(
+            "mirror_pod",
+            "A pod mirrored now: its address and host interface",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in &pods {
+            let ip = p.ip.to_string();
+            let labels = [
+                ("pod", p.pod.as_str()),
+                ("ip", ip.as_str()),
+                ("interface", p.iface.as_str()),
+            ];
+            ConstGauge::new(1).encode(m.encode_family(&labels)?)?;
         }
-        {
-            let mut m = encoder.encode_descriptor(
-                "mirror_status_mismatch",
-                "Mirrored requests whose status differed from the live response",
-                None,
-                MetricType::Counter,
-            )?;
-            for x in &report.mismatches {
-                let labels = [
-                    ("endpoint", x.name.as_str()),
-                    ("mirror", x.mirror.as_str()),
-                    ("live_code", x.live_code.as_str()),
-                    ("mirror_code", x.mirror_code.as_str()),
-                ];
-                ConstCounter::new(x.count).encode(m.encode_family(&labels)?)?;
-            }
+        Ok(())
+    }
+
+    /// Every stage's declared counters.
+    fn encode_stages(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
+        let p = self.pipeline.lock().unwrap().clone();
+        let mut stages = Families::default();
+        if let Some(c) = &self.capture {
+            stages::capture(&mut stages, c);
         }
+        stages.stage(&p.reassembly);
+        stages.stage(&p.http);
+        stages.encode(encoder)?;
         {
-            let mut m = encoder.encode_descriptor(
-                "mirror_latency_ratio",
-                "Mean mirror/live duration over paired requests",
+            let m = encoder.encode_descriptor(
+                "mirror_reassembly_flows",
+                "Connections tracked now",
                 None,
                 MetricType::Gauge,
             )?;
-            for x in &report.latency_ratios {
-                let labels = [("endpoint", x.name.as_str()), ("mirror", x.mirror.as_str())];
-                ConstGauge::new(x.mean_ratio).encode(m.encode_family(&labels)?)?;
+            ConstGauge::new(p.flows as i64).encode(m)?;
+        }
+        let mut replay = Families::default();
+        for (name, r) in &self.replay {
+            replay.stage_of(name, r.as_ref());
+        }
+        replay.encode(encoder)?;
+        if let Some(r) = &self.record {
+            let mut record = Families::default();
+            record.stage(r.as_ref());
+            record.encode(encoder)?;
+        }
+        Ok(())
+    }
+}
+
+/// The comparison's series: requests and durations by endpoint, version and code, status
+/// mismatches and latency ratios by mirror.
+fn encode_series(
+    encoder: &mut DescriptorEncoder,
+    report: &Report,
+    hists: &[SeriesHistogram],
+) -> std::fmt::Result {
+    {
+        let mut m = encoder.encode_descriptor(
+            "mirror_requests",
+            "Requests by endpoint, version tag and result code",
+            None,
+            MetricType::Counter,
+        )?;
+        for r in &report.rows {
+            let labels = [
+                ("endpoint", r.name.as_str()),
+                ("version", r.version.as_str()),
+                ("code", r.code.as_str()),
+            ];
+            ConstCounter::new(r.count).encode(m.encode_family(&labels)?)?;
+        }
+    }
+    {
+        let mut m = encoder.encode_descriptor(
+            "mirror_request_duration_seconds",
+            "Live: last request byte to first response byte; mirror: request sent to response head",
+            None,
+            MetricType::Histogram,
+        )?;
+        for h in hists {
+            let labels = [
+                ("endpoint", h.name.as_str()),
+                ("version", h.version.as_str()),
+                ("code", h.code.as_str()),
+            ];
+            m.encode_family(&labels)?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    h.sum_seconds,
+                    h.count,
+                    &h.buckets,
+                    None,
+                )?;
+        }
+    }
+    {
+        let mut m = encoder.encode_descriptor(
+            "mirror_status_mismatch",
+            "Mirrored requests whose status differed from the live response",
+            None,
+            MetricType::Counter,
+        )?;
+        for x in &report.mismatches {
+            let labels = [
+                ("endpoint", x.name.as_str()),
+                ("mirror", x.mirror.as_str()),
+                ("live_code", x.live_code.as_str()),
+                ("mirror_code", x.mirror_code.as_str()),
+            ];
+            ConstCounter::new(x.count).encode(m.encode_family(&labels)?)?;
+        }
+    }
+    {
+        let mut m = encoder.encode_descriptor(
+            "mirror_latency_ratio",
+            "Mean mirror/live duration over paired requests",
+            None,
+            MetricType::Gauge,
+        )?;
+        for x in &report.latency_ratios {
+            let labels = [("endpoint", x.name.as_str()), ("mirror", x.mirror.as_str())];
+            ConstGauge::new(x.mean_ratio).encode(m.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
+}
+
+/// What content comparison found (`--compare-bodies`).
+fn encode_content(encoder: &mut DescriptorEncoder, report: &Report) -> std::fmt::Result {
+    if !report.content.is_empty() {
+        let mut m = encoder.encode_descriptor(
+            "mirror_content_compared",
+            "Mirror answers whose content was compared with live's, by result",
+            None,
+            MetricType::Counter,
+        )?;
+        for c in &report.content {
+            for (result, n) in [("identical", c.identical), ("differing", c.differing)] {
+                let labels = [
+                    ("endpoint", c.name.as_str()),
+                    ("mirror", c.mirror.as_str()),
+                    ("result", result),
+                ];
+                ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
             }
         }
-        if !report.content.is_empty() {
-            let mut m = encoder.encode_descriptor(
-                "mirror_content_compared",
-                "Mirror answers whose content was compared with live's, by result",
-                None,
-                MetricType::Counter,
-            )?;
-            for c in &report.content {
-                for (result, n) in [("identical", c.identical), ("differing", c.differing)] {
-                    let labels = [
-                        ("endpoint", c.name.as_str()),
-                        ("mirror", c.mirror.as_str()),
-                        ("result", result),
-                    ];
-                    ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
-                }
-            }
-            // Paths are capped per endpoint and mirror (the rest as `other`), endpoints by
-            // --max-endpoints: the cardinality is bounded.
-            let mut m = encoder.encode_descriptor(
-                "mirror_content_field_differences",
-                "Compared answers where a field differed from live's",
-                None,
-                MetricType::Counter,
-            )?;
-            for c in &report.content {
-                for f in &c.fields {
-                    let labels = [
-                        ("endpoint", c.name.as_str()),
-                        ("mirror", c.mirror.as_str()),
-                        ("path", f.path.as_str()),
-                    ];
-                    ConstCounter::new(f.differing).encode(m.encode_family(&labels)?)?;
-                }
-            }
-            for (name, help, value) in [
-                (
-                    "mirror_content_field_noise_ratio",
-                    "A field's noise rate: how often it differs where nothing changed",
-                    (|f: &crate::compare::diffs::FieldRow| f.noise_rate)
-                        as fn(&crate::compare::diffs::FieldRow) -> f64,
-                ),
-                (
-                    "mirror_content_field_regression",
-                    "1 where a field's difference rate exceeds its noise (a candidate regression)",
-                    |f| f64::from(u8::from(f.regression)),
-                ),
-            ] {
-                let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-                for c in &report.content {
-                    for f in &c.fields {
-                        let labels = [
-                            ("endpoint", c.name.as_str()),
-                            ("mirror", c.mirror.as_str()),
-                            ("path", f.path.as_str()),
-                        ];
-                        ConstGauge::new(value(f)).encode(m.encode_family(&labels)?)?;
-                    }
-                }
+        // Paths are capped per endpoint and mirror (the rest as `other`), endpoints by
+        // --max-endpoints: the cardinality is bounded.
+        let mut m = encoder.encode_descriptor(
+            "mirror_content_field_differences",
+            "Compared answers where a field differed from live's",
+            None,
+            MetricType::Counter,
+        )?;
+        for c in &report.content {
+            for f in &c.fields {
+                let labels = [
+                    ("endpoint", c.name.as_str()),
+                    ("mirror", c.mirror.as_str()),
+                    ("path", f.path.as_str()),
+                ];
+                ConstCounter::new(f.differing).encode(m.encode_family(&labels)?)?;
             }
         }
-        if let Some(n) = &report.content_not_compared {
-            let mut m = encoder.encode_descriptor(
-                "mirror_content_not_compared",
-                "Answers whose content could not be compared, by reason",
-                None,
-                MetricType::Counter,
-            )?;
-            for (reason, v) in [
-                ("mirror_failed", n.mirror_failed),
-                ("unsupported", n.unsupported),
-                ("no_live", n.no_live),
-                ("memory", n.memory),
-                ("busy", n.busy),
-            ] {
-                ConstCounter::new(v).encode(m.encode_family(&[("reason", reason)])?)?;
+        encode_field_rates(encoder, report)?;
+    }
+    if let Some(n) = &report.content_not_compared {
+        let mut m = encoder.encode_descriptor(
+            "mirror_content_not_compared",
+            "Answers whose content could not be compared, by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, v) in [
+            ("mirror_failed", n.mirror_failed),
+            ("unsupported", n.unsupported),
+            ("no_live", n.no_live),
+            ("memory", n.memory),
+            ("busy", n.busy),
+        ] {
+            ConstCounter::new(v).encode(m.encode_family(&[("reason", reason)])?)?;
+        }
+    }
+    Ok(())
+}
+
+/// Each compared field's noise rate, and whether it differs beyond its noise.
+fn encode_field_rates(encoder: &mut DescriptorEncoder, report: &Report) -> std::fmt::Result {
+    for (name, help, value) in [
+        (
+            "mirror_content_field_noise_ratio",
+            "A field's noise rate: how often it differs where nothing changed",
+            (|f: &crate::compare::diffs::FieldRow| f.noise_rate)
+                as fn(&crate::compare::diffs::FieldRow) -> f64,
+        ),
+        (
+            "mirror_content_field_regression",
+            "1 where a field's difference rate exceeds its noise (a candidate regression)",
+            |f| f64::from(u8::from(f.regression)),
+        ),
+    ] {
+        let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for c in &report.content {
+            for f in &c.fields {
+                let labels = [
+                    ("endpoint", c.name.as_str()),
+                    ("mirror", c.mirror.as_str()),
+                    ("path", f.path.as_str()),
+                ];
+                ConstGauge::new(value(f)).encode(m.encode_family(&labels)?)?;
             }
         }
-        if let Some(sampling) = &report.sampling {
-            for (name, help, value) in [
+    }
+    Ok(())
+}
+
+/// The comparison's own state: sampling under the CPU budget, and what its caps folded.
+fn encode_compare_state(encoder: &mut DescriptorEncoder, report: &Report) -> std::fmt::Result {
+    if let Some(sampling) = &report.sampling {
+        for (name, help, value) in [
                 (
                     "mirror_sampled_connections_share",
                     "Share of new connections mirrored under the CPU budget (0 to 1)",
@@ -223,103 +332,29 @@ impl Collector for Sources {
                 let m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
                 ConstGauge::new(value).encode(m)?;
             }
-        }
-        {
-            let m = encoder.encode_descriptor(
-                "mirror_compare_other_endpoint",
-                "Results folded into `other` by the endpoint cap",
-                None,
-                MetricType::Counter,
-            )?;
-            ConstCounter::new(report.other_endpoint_results).encode(m)?;
-            let m = encoder.encode_descriptor(
-                "mirror_compare_other_series",
-                "Results folded into `other` series by the series cap (--memory-budget)",
-                None,
-                MetricType::Counter,
-            )?;
-            ConstCounter::new(report.other_series_results).encode(m)?;
-            let m = encoder.encode_descriptor(
-                "mirror_compare_unpaired_evicted",
-                "Live or mirror results evicted before pairing",
-                None,
-                MetricType::Counter,
-            )?;
-            ConstCounter::new(report.unpaired_evicted).encode(m)?;
-        }
-        {
-            let kernel = self.kernel.lock().unwrap().clone();
-            let mut m = encoder.encode_descriptor(
-                "mirror_kernel_packets",
-                "Packets seen by the TC program, by outcome",
-                None,
-                MetricType::Counter,
-            )?;
-            for (name, n) in kernel.packets {
-                ConstCounter::new(n).encode(m.encode_family(&[("outcome", name)])?)?;
-            }
-            let m = encoder.encode_descriptor(
-                "mirror_kernel_work_seconds",
-                "Time the TC program spent mirroring in the live path (clones, records), all CPUs",
-                None,
-                MetricType::Counter,
-            )?;
-            ConstCounter::new(kernel.work.as_secs_f64()).encode(m)?;
-        }
-        {
-            let pods = self.pods.lock().unwrap().clone();
-            let m = encoder.encode_descriptor(
-                "mirror_pods_mirrored",
-                "Pods mirrored now (--selector)",
-                None,
-                MetricType::Gauge,
-            )?;
-            ConstGauge::new(pods.len() as i64).encode(m)?;
-            let mut m = encoder.encode_descriptor(
-                "mirror_pod",
-                "A pod mirrored now: its address and host interface",
-                None,
-                MetricType::Gauge,
-            )?;
-            for p in &pods {
-                let ip = p.ip.to_string();
-                let labels = [
-                    ("pod", p.pod.as_str()),
-                    ("ip", ip.as_str()),
-                    ("interface", p.iface.as_str()),
-                ];
-                ConstGauge::new(1).encode(m.encode_family(&labels)?)?;
-            }
-        }
-        let p = self.pipeline.lock().unwrap().clone();
-        let mut stages = Families::default();
-        if let Some(c) = &self.capture {
-            stages::capture(&mut stages, c);
-        }
-        stages.stage(&p.reassembly);
-        stages.stage(&p.http);
-        stages.encode(&mut encoder)?;
-        {
-            let m = encoder.encode_descriptor(
-                "mirror_reassembly_flows",
-                "Connections tracked now",
-                None,
-                MetricType::Gauge,
-            )?;
-            ConstGauge::new(p.flows as i64).encode(m)?;
-        }
-        let mut replay = Families::default();
-        for (name, r) in &self.replay {
-            replay.stage_of(name, r.as_ref());
-        }
-        replay.encode(&mut encoder)?;
-        if let Some(r) = &self.record {
-            let mut record = Families::default();
-            record.stage(r.as_ref());
-            record.encode(&mut encoder)?;
-        }
-        Ok(())
     }
+    let m = encoder.encode_descriptor(
+        "mirror_compare_other_endpoint",
+        "Results folded into `other` by the endpoint cap",
+        None,
+        MetricType::Counter,
+    )?;
+    ConstCounter::new(report.other_endpoint_results).encode(m)?;
+    let m = encoder.encode_descriptor(
+        "mirror_compare_other_series",
+        "Results folded into `other` series by the series cap (--memory-budget)",
+        None,
+        MetricType::Counter,
+    )?;
+    ConstCounter::new(report.other_series_results).encode(m)?;
+    let m = encoder.encode_descriptor(
+        "mirror_compare_unpaired_evicted",
+        "Live or mirror results evicted before pairing",
+        None,
+        MetricType::Counter,
+    )?;
+    ConstCounter::new(report.unpaired_evicted).encode(m)?;
+    Ok(())
 }
 
 /// Prometheus text for the current state.
