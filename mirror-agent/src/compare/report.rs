@@ -138,6 +138,18 @@ pub fn format_table(r: &Report) -> String {
             x.name, x.version, x.code, x.avg_ms, x.count, x.p50_ms, x.p99_ms
         );
     }
+    write_divergences(&mut out, r);
+    write_contents(&mut out, r);
+    write_caps_and_sampling(&mut out, r);
+    let _ = writeln!(out);
+    for v in verdicts(r) {
+        let _ = writeln!(out, "verdict: {v}");
+    }
+    out
+}
+
+/// Status mismatches and latency ratios, per mirror.
+fn write_divergences(out: &mut String, r: &Report) {
     if !r.mismatches.is_empty() {
         let _ = writeln!(out, "\nstatus mismatches (live → mirror):");
         for m in &r.mismatches {
@@ -165,6 +177,10 @@ pub fn format_table(r: &Report) -> String {
             );
         }
     }
+}
+
+/// What content comparison found, field by field.
+fn write_contents(out: &mut String, r: &Report) {
     if !r.content.is_empty() {
         let _ = writeln!(
             out,
@@ -196,6 +212,10 @@ pub fn format_table(r: &Report) -> String {
             }
         }
     }
+}
+
+/// What was not compared, what the caps folded, and the sampling under the CPU budget.
+fn write_caps_and_sampling(out: &mut String, r: &Report) {
     if let Some(n) = &r.content_not_compared {
         let total = n.mirror_failed + n.unsupported + n.no_live + n.memory + n.busy;
         if total > 0 {
@@ -230,9 +250,4 @@ pub fn format_table(r: &Report) -> String {
             s.live_path_used
         );
     }
-    let _ = writeln!(out);
-    for v in verdicts(r) {
-        let _ = writeln!(out, "verdict: {v}");
-    }
-    out
 }
