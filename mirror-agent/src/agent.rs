@@ -148,27 +148,8 @@ impl Agent {
         let _enter = rt.enter();
         // Compare: fed by the pipeline (live responses) and the replayer (mirror outcomes).
         let comparison = Comparison::new(cfg.compare.clone()).map_err(AgentError::Thread)?;
-        let grace = cfg
-            .mirrors
-            .iter()
-            .map(|m| m.replay.timeout.min(Duration::from_secs(5)))
-            .max()
-            .unwrap_or(Duration::ZERO);
-        // Replay: one stage per mirror, ready before anything is captured. Each has its own
-        // queue and workers, so a slow or dead mirror holds up nobody else.
-        let mirrors: Vec<Mirror> = cfg
-            .mirrors
-            .iter()
-            .enumerate()
-            .map(|(i, m)| Mirror {
-                name: m.name.clone(),
-                replayer: Replayer::start(
-                    m.replay.clone(),
-                    rt,
-                    outcome_sink(comparison.clone(), i),
-                ),
-            })
-            .collect();
+        // Replay: ready before anything is captured.
+        let mirrors = start_mirrors(&cfg.mirrors, rt, &comparison);
 
         // Capture: the program is attached and cloning from here on.
         let mut capture = Capture::start(&cfg.capture)?;
@@ -198,17 +179,7 @@ impl Agent {
 
         let kernel = KernelCounters::default();
         let mirrored_pods = MirroredPods::default();
-        let pod_changes = match &cfg.pods {
-            Some(sel) => {
-                let client = rt
-                    .block_on(kube::Client::try_default())
-                    .map_err(AgentError::Kubernetes)?;
-                let (tx, rx) = tokio::sync::mpsc::channel(1024);
-                rt.spawn(pods::watch(client, sel.clone(), tx));
-                Some(rx)
-            }
-            None => None,
-        };
+        let pod_changes = watch_pods(cfg.pods.as_ref(), rt)?;
         let sources = Sources {
             pods: Arc::clone(&mirrored_pods),
             comparison: comparison.clone(),
@@ -227,26 +198,7 @@ impl Agent {
                 .map_err(|source| AgentError::Metrics { addr, source })?;
             log::info!("metrics on http://{bound}/metrics, comparison on http://{bound}/report");
         }
-        let attached: Vec<String> = capture
-            .attachments()
-            .iter()
-            .map(|(t, hook, mode)| format!("{} {} ({mode:?})", t.iface, hook.name()))
-            .collect();
-        let on = match (&cfg.pods, attached.is_empty()) {
-            (Some(sel), true) => format!("the pods matching {:?} as they become Ready", sel.labels),
-            (Some(sel), false) => format!(
-                "{} and the pods matching {:?} as they become Ready",
-                attached.join(", "),
-                sel.labels
-            ),
-            (None, _) => attached.join(", "),
-        };
-        let ready = format!(
-            "ready: mirroring ports {:?} on {on}; mirror interface {}; program id {}",
-            cfg.capture.matching.ports,
-            capture.mirror_interface(),
-            capture.program_id()
-        );
+        let ready = ready_line(&cfg, &capture);
         Ok(Agent {
             sources,
             capture,
@@ -258,7 +210,7 @@ impl Agent {
             pod_changes,
             mirrored_pods,
             stats_interval: cfg.stats_interval,
-            grace,
+            grace: stop_grace(&cfg.mirrors),
             ready,
             cpu_budget: cfg
                 .cpu_budget
@@ -537,6 +489,72 @@ fn check_no_loop(
     })?;
     log::info!("{passed}");
     Ok(())
+}
+
+/// The line that says the agent mirrors: ports, where it is attached, the pods it follows.
+fn ready_line(cfg: &AgentConfig, capture: &Capture) -> String {
+    let attached: Vec<String> = capture
+        .attachments()
+        .iter()
+        .map(|(t, hook, mode)| format!("{} {} ({mode:?})", t.iface, hook.name()))
+        .collect();
+    let on = match (&cfg.pods, attached.is_empty()) {
+        (Some(sel), true) => format!("the pods matching {:?} as they become Ready", sel.labels),
+        (Some(sel), false) => format!(
+            "{} and the pods matching {:?} as they become Ready",
+            attached.join(", "),
+            sel.labels
+        ),
+        (None, _) => attached.join(", "),
+    };
+    format!(
+        "ready: mirroring ports {:?} on {on}; mirror interface {}; program id {}",
+        cfg.capture.matching.ports,
+        capture.mirror_interface(),
+        capture.program_id()
+    )
+}
+
+/// Pods matching the selector as they come and go, watched on `rt`.
+fn watch_pods(
+    selector: Option<&PodSelector>,
+    rt: &tokio::runtime::Handle,
+) -> Result<Option<tokio::sync::mpsc::Receiver<pods::PodChange>>> {
+    let Some(sel) = selector else {
+        return Ok(None);
+    };
+    let client = rt
+        .block_on(kube::Client::try_default())
+        .map_err(AgentError::Kubernetes)?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    rt.spawn(pods::watch(client, sel.clone(), tx));
+    Ok(Some(rx))
+}
+
+/// Replay: one stage per mirror, each with its own queue and workers, so that a slow or dead
+/// mirror holds up nobody else; their outcomes go to the comparison.
+fn start_mirrors(
+    mirrors: &[MirrorTarget],
+    rt: &tokio::runtime::Handle,
+    comparison: &Comparison,
+) -> Vec<Mirror> {
+    mirrors
+        .iter()
+        .enumerate()
+        .map(|(i, m)| Mirror {
+            name: m.name.clone(),
+            replayer: Replayer::start(m.replay.clone(), rt, outcome_sink(comparison.clone(), i)),
+        })
+        .collect()
+}
+
+/// How long a stop waits for answers in flight: the longest mirror timeout, at most 5 s.
+fn stop_grace(mirrors: &[MirrorTarget]) -> Duration {
+    mirrors
+        .iter()
+        .map(|m| m.replay.timeout.min(Duration::from_secs(5)))
+        .max()
+        .unwrap_or(Duration::ZERO)
 }
 
 impl Summary {
