@@ -620,7 +620,6 @@ fn read_loop(
             }
             break;
         }
-        let mut batch = Vec::new();
         // Records are read between blocks: come back often while they come. Under traffic a
         // block retires every few milliseconds and wakes the poll anyway; an idle node is
         // polled less and less often, down to every `IDLE_POLL_MS`.
@@ -631,25 +630,7 @@ fn read_loop(
             (false, false) => 100,
         };
         let records_before = stats.head_records.load(Ordering::Relaxed);
-        let res = ring.poll_block(timeout_ms, |frame| {
-            stats.frames.fetch_add(1, Ordering::Relaxed);
-            stats
-                .bytes
-                .fetch_add(frame.data.len() as u64, Ordering::Relaxed);
-            if frame.data.len() < frame.wire_len {
-                stats.truncated.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            match parse_frame(&frame.data, frame.ts_ns) {
-                Ok(seg) => {
-                    if matching.is_request_start(&seg) {
-                        stats.request_starts.fetch_add(1, Ordering::Relaxed);
-                    }
-                    batch.push(seg)
-                }
-                Err(e) => stats.frame_error(e),
-            }
-        });
+        let (res, mut batch) = read_block(&mut ring, timeout_ms, matching, stats);
         if let Err(e) = res {
             log::error!("capture ring: {e}");
             break;
@@ -685,6 +666,37 @@ fn read_loop(
     }
     accumulate_ring_stats(&ring, stats);
     sink.finish();
+}
+
+/// Waits up to `timeout_ms` for a block of clones and parses its frames into segments, each
+/// frame counted, and those that do not parse counted by reason.
+fn read_block(
+    ring: &mut PacketRing,
+    timeout_ms: i32,
+    matching: &MatchConfig,
+    stats: &CaptureStats,
+) -> (std::io::Result<usize>, SegmentBatch) {
+    let mut batch = Vec::new();
+    let res = ring.poll_block(timeout_ms, |frame| {
+        stats.frames.fetch_add(1, Ordering::Relaxed);
+        stats
+            .bytes
+            .fetch_add(frame.data.len() as u64, Ordering::Relaxed);
+        if frame.data.len() < frame.wire_len {
+            stats.truncated.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        match parse_frame(&frame.data, frame.ts_ns) {
+            Ok(seg) => {
+                if matching.is_request_start(&seg) {
+                    stats.request_starts.fetch_add(1, Ordering::Relaxed);
+                }
+                batch.push(seg)
+            }
+            Err(e) => stats.frame_error(e),
+        }
+    });
+    (res, batch)
 }
 
 fn hand_on(sink: &mut dyn BatchSink, batch: SegmentBatch, stats: &CaptureStats) {

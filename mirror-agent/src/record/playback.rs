@@ -221,86 +221,22 @@ fn passes(cfg: &ReplayConfig, req: &Replayable) -> bool {
 /// not be read is in the summary's issues.
 pub async fn run(dir: &Path, cfg: PlaybackConfig) -> Result<PlaybackSummary, PlaybackError> {
     let (total, kept, t0, issues) = survey(dir, &cfg.replay)?;
-    let stats = Arc::new(PlaybackStats::default());
-    stats.recorded.store(total, Ordering::Relaxed);
-    stats.filtered.store(total - kept, Ordering::Relaxed);
+    let stats = Arc::new(PlaybackStats {
+        recorded: total.into(),
+        filtered: (total - kept).into(),
+        ..Default::default()
+    });
     let comparison = Comparison::new(cfg.compare.clone()).map_err(PlaybackError::Thread)?;
     let started = Instant::now();
-    let progress = cfg.progress.map(|every| {
-        let stats = Arc::clone(&stats);
-        let planned = kept * u64::from(cfg.loops);
-        tokio::spawn(report_progress(stats, planned, every))
-    });
+    let planned = kept * u64::from(cfg.loops);
+    let progress = cfg
+        .progress
+        .map(|every| tokio::spawn(report_progress(Arc::clone(&stats), planned, every)));
     let cfg = Arc::new(cfg);
     let t0 = t0.unwrap_or(0);
-    let mut handles = Vec::new();
     for pass in 0..cfg.loops {
-        let pass_start = Instant::now();
-        let mut lanes: HashMap<u64, Lane> = HashMap::new();
-        let mut next_slot = Instant::now();
-        let mut last_sweep = Instant::now();
-        let Ok(reader) = Reader::open(dir) else { break };
-        let pass_key = u64::from(pass) << 48;
-        for record in reader {
-            // The recorded live side; the comparison pairs it with the mirror's answer, in
-            // whichever order they come.
-            if let Record::Response(mut live) = record {
-                live.conn = live.conn.wrapping_add(pass_key);
-                comparison.live(&live);
-                continue;
-            }
-            if let Some((at, req)) = replayable(&record, pass_key) {
-                let Some(req) = req else {
-                    if pass == 0 {
-                        stats.unparsable.fetch_add(1, Ordering::Relaxed);
-                    }
-                    continue;
-                };
-                if !passes(&cfg.replay, &req) {
-                    continue;
-                }
-                let mut due = match cfg.speed {
-                    Speed::Max => Instant::now(),
-                    Speed::Factor(f) => {
-                        let offset = at.first_ts.saturating_sub(t0) as f64 / 1e9 / f;
-                        pass_start + Duration::from_secs_f64(offset)
-                    }
-                };
-                if let Some(rps) = cfg.max_rps {
-                    due = due.max(next_slot);
-                    next_slot = due + Duration::from_secs_f64(1.0 / rps);
-                }
-                // A timer, even one already due, waits for the timer wheel's next tick
-                // (a millisecond): only sleep for a time still ahead.
-                if due > Instant::now() {
-                    tokio::time::sleep_until(due).await;
-                }
-                let key = (at.conn.wrapping_add(pass_key), at.seq);
-                let lane_id = match cfg.lanes {
-                    Lanes::Same => at.conn,
-                    Lanes::Fixed(n) => at.conn % n as u64,
-                };
-                let lane = lanes.entry(lane_id).or_insert_with(|| {
-                    let (lane, handle) = open_lane(&cfg, &comparison, &stats);
-                    handles.push(handle);
-                    lane
-                });
-                lane.pending.fetch_add(1, Ordering::AcqRel);
-                lane.last_used = Instant::now();
-                // Waits when the lane is far behind: memory stays bounded.
-                let _ = lane.tx.send(Job { req, key, due }).await;
-            }
-            if cfg.lanes == Lanes::Same && last_sweep.elapsed() >= LANE_IDLE {
-                lanes.retain(|_, l| {
-                    l.pending.load(Ordering::Acquire) > 0 || l.last_used.elapsed() < LANE_IDLE
-                });
-                last_sweep = Instant::now();
-            }
-        }
-        // The next pass starts once this one is answered: passes follow each other.
-        drop(lanes);
-        for h in handles.drain(..) {
-            let _ = h.await;
+        if !play_pass(dir, &cfg, &comparison, &stats, pass, t0).await {
+            break;
         }
     }
     if let Some(p) = progress {
@@ -312,6 +248,114 @@ pub async fn run(dir: &Path, cfg: PlaybackConfig) -> Result<PlaybackSummary, Pla
         issues,
         elapsed: started.elapsed(),
     })
+}
+
+/// One pass over the recording: each request at its time on its lane, the recorded live
+/// answers to the comparison. Returns once every request is answered; false when the
+/// recording can no longer be opened.
+async fn play_pass(
+    dir: &Path,
+    cfg: &Arc<PlaybackConfig>,
+    comparison: &Comparison,
+    stats: &Arc<PlaybackStats>,
+    pass: u32,
+    t0: u64,
+) -> bool {
+    let mut handles = Vec::new();
+    let pass_start = Instant::now();
+    let mut lanes: HashMap<u64, Lane> = HashMap::new();
+    let mut next_slot = Instant::now();
+    let mut last_sweep = Instant::now();
+    let Ok(reader) = Reader::open(dir) else {
+        return false;
+    };
+    let pass_key = u64::from(pass) << 48;
+    for record in reader {
+        // The recorded live side; the comparison pairs it with the mirror's answer, in
+        // whichever order they come.
+        if let Record::Response(mut live) = record {
+            live.conn = live.conn.wrapping_add(pass_key);
+            comparison.live(&live);
+            continue;
+        }
+        if let Some((at, req)) = replayable(&record, pass_key) {
+            let Some(req) = req else {
+                if pass == 0 {
+                    stats.unparsable.fetch_add(1, Ordering::Relaxed);
+                }
+                continue;
+            };
+            if !passes(&cfg.replay, &req) {
+                continue;
+            }
+            let due = due_time(
+                cfg,
+                at.first_ts.saturating_sub(t0),
+                pass_start,
+                &mut next_slot,
+            );
+            // A timer, even one already due, waits for the timer wheel's next tick
+            // (a millisecond): only sleep for a time still ahead.
+            if due > Instant::now() {
+                tokio::time::sleep_until(due).await;
+            }
+            let key = (at.conn.wrapping_add(pass_key), at.seq);
+            let lane = lanes.entry(cfg.lanes.of(at.conn)).or_insert_with(|| {
+                let (lane, handle) = open_lane(cfg, comparison, stats);
+                handles.push(handle);
+                lane
+            });
+            lane.pending.fetch_add(1, Ordering::AcqRel);
+            lane.last_used = Instant::now();
+            // Waits when the lane is far behind: memory stays bounded.
+            let _ = lane.tx.send(Job { req, key, due }).await;
+        }
+        if cfg.lanes == Lanes::Same && last_sweep.elapsed() >= LANE_IDLE {
+            forget_idle_lanes(&mut lanes);
+            last_sweep = Instant::now();
+        }
+    }
+    // The next pass starts once this one is answered: passes follow each other.
+    drop(lanes);
+    for h in handles.drain(..) {
+        let _ = h.await;
+    }
+    true
+}
+
+/// When a request recorded `since` nanoseconds after the recording began is due: at the
+/// recorded pace scaled by `--speed`, or at once, and no sooner than `--max-rps` allows
+/// (`next_slot` moves on).
+fn due_time(
+    cfg: &PlaybackConfig,
+    since: u64,
+    pass_start: Instant,
+    next_slot: &mut Instant,
+) -> Instant {
+    let mut due = match cfg.speed {
+        Speed::Max => Instant::now(),
+        Speed::Factor(f) => pass_start + Duration::from_secs_f64(since as f64 / 1e9 / f),
+    };
+    if let Some(rps) = cfg.max_rps {
+        due = due.max(*next_slot);
+        *next_slot = due + Duration::from_secs_f64(1.0 / rps);
+    }
+    due
+}
+
+/// Lanes of connections that ended: nothing pending, and idle for `LANE_IDLE`.
+fn forget_idle_lanes(lanes: &mut HashMap<u64, Lane>) {
+    lanes.retain(|_, l| l.pending.load(Ordering::Acquire) > 0 || l.last_used.elapsed() < LANE_IDLE);
+}
+
+impl Lanes {
+    /// The lane a recorded connection's requests are played on.
+    fn of(self, conn: u64) -> u64 {
+        match self {
+            Lanes::Same => conn,
+            Lanes::Fixed(n) => conn % n as u64,
+        }
+    }
 }
 
 fn open_lane(

@@ -30,11 +30,16 @@ impl Body {
         }
     }
 
+    /// The body's length, also when only its digest was kept.
     pub fn len(&self) -> u64 {
         match self {
             Body::Whole(b) => b.len() as u64,
             Body::Digest { len, .. } => *len,
         }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     pub fn sha256(&self) -> [u8; 32] {
