@@ -1,7 +1,9 @@
 //! mirror-agent: kernel-level HTTP traffic mirroring.
 //!
 //! The pipeline is capture → reassemble → parse → replay → compare; each stage is a module with
-//! one owner of its state. Only `capture` needs root and a kernel.
+//! one owner of its state. Reassembly and parsing live in `mirror-core` (no kernel, no root),
+//! re-exported here under their paths; this crate adds the capture (the only stage that needs
+//! root and a kernel), replay, comparison, recording, and the agent that wires them in order.
 
 pub mod agent;
 pub mod capture;

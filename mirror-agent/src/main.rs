@@ -1,3 +1,7 @@
+//! The mirror-agent binary: a launcher. It maps the command line to the library's configuration
+//! (`AgentConfig`, `PlaybackConfig`), runs `Agent::start` and `Agent::run` until a signal, and
+//! turns library errors into messages that name the fix. The stages live in the library.
+
 use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
