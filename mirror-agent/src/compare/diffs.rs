@@ -20,6 +20,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::content::{compare, ContentConfig, FieldDiff};
+use super::waiting::Waiting;
 use super::PairKey;
 use crate::exchange::content::Content;
 
@@ -142,7 +143,7 @@ impl Tally {
 }
 
 #[derive(Default)]
-struct Waiting {
+struct Halves {
     live: Option<Arc<Content>>,
     /// Mirror contents that came before the live one, with their endpoint.
     early: Vec<(usize, String, Arc<Content>)>,
@@ -150,12 +151,28 @@ struct Waiting {
     done: usize,
 }
 
+impl Halves {
+    /// Bytes of the contents held.
+    fn held(&self) -> usize {
+        self.live.as_ref().map_or(0, |c| c.held())
+            + self.early.iter().map(|(_, _, c)| c.held()).sum::<usize>()
+    }
+}
+
+/// A waiting request made room for: its bytes are freed, and mirror answers that never met
+/// their live response are counted.
+fn evicted(held: &mut usize, not_compared: &mut NotCompared, w: &Halves) {
+    if w.live.is_none() {
+        not_compared.no_live += w.early.len() as u64;
+    }
+    *held = held.saturating_sub(w.held());
+}
+
 /// The content comparison's state; lives inside the `Comparator`.
 pub struct ContentDiffs {
     cfg: DiffConfig,
     mirrors: usize,
-    waiting: HashMap<PairKey, Waiting>,
-    order: VecDeque<PairKey>,
+    waiting: Waiting<Halves>,
     /// Bytes of the contents in `waiting`.
     held: usize,
     tallies: BTreeMap<(String, usize), Tally>,
@@ -173,8 +190,7 @@ impl ContentDiffs {
         ContentDiffs {
             cfg,
             mirrors,
-            waiting: HashMap::new(),
-            order: VecDeque::new(),
+            waiting: Waiting::new(),
             held: 0,
             tallies: BTreeMap::new(),
             live_noise: BTreeMap::new(),
@@ -253,20 +269,21 @@ impl ContentDiffs {
     }
 
     /// The request's waiting slot, made room for; None when `bytes` more do not fit.
-    fn slot(&mut self, key: PairKey, bytes: usize) -> Option<&mut Waiting> {
-        if !self.waiting.contains_key(&key) {
-            while self.waiting.len() >= self.cfg.max_pending.max(1) && self.evict_oldest() {}
+    fn slot(&mut self, key: PairKey, bytes: usize) -> Option<&mut Halves> {
+        while self.held + bytes > self.cfg.max_bytes {
+            let Some(w) = self.waiting.evict_oldest() else {
+                break;
+            };
+            evicted(&mut self.held, &mut self.not_compared, &w);
         }
-        while self.held + bytes > self.cfg.max_bytes && self.evict_oldest() {}
         if self.held + bytes > self.cfg.max_bytes {
             self.not_compared.memory += 1;
             return None;
         }
-        // Checked again: making room may have evicted this very request.
-        if !self.waiting.contains_key(&key) {
-            self.order.push_back(key);
-        }
-        Some(self.waiting.entry(key).or_default())
+        let (held, not_compared) = (&mut self.held, &mut self.not_compared);
+        Some(self.waiting.entry(key, self.cfg.max_pending, |w| {
+            evicted(held, not_compared, &w)
+        }))
     }
 
     fn mirror_done(&mut self, key: PairKey) {
@@ -275,35 +292,10 @@ impl ContentDiffs {
         };
         w.done += 1;
         if w.done >= self.mirrors {
-            let w = self.waiting.remove(&key).expect("present");
-            self.release(&w);
-        }
-        while let Some(k) = self.order.front() {
-            if self.waiting.contains_key(k) {
-                break;
-            }
-            self.order.pop_front();
-        }
-    }
-
-    fn release(&mut self, w: &Waiting) {
-        let bytes = w.live.as_ref().map_or(0, |c| c.held())
-            + w.early.iter().map(|(_, _, c)| c.held()).sum::<usize>();
-        self.held = self.held.saturating_sub(bytes);
-    }
-
-    /// Drops the oldest waiting request. False when none waits.
-    fn evict_oldest(&mut self) -> bool {
-        while let Some(k) = self.order.pop_front() {
-            if let Some(w) = self.waiting.remove(&k) {
-                if w.live.is_none() {
-                    self.not_compared.no_live += w.early.len() as u64;
-                }
-                self.release(&w);
-                return true;
+            if let Some(w) = self.waiting.remove(&key) {
+                self.held = self.held.saturating_sub(w.held());
             }
         }
-        false
     }
 
     /// Requests waiting now, and the bytes they hold.

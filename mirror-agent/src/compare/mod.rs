@@ -6,7 +6,7 @@
 //! is also paired with the live response to the same request, to count status mismatches and
 //! the mirror/live latency ratio per endpoint. Endpoints are capped: beyond `max_endpoints`,
 //! new ones are reported as `other`.
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use hdrhistogram::Histogram;
@@ -16,6 +16,7 @@ use crate::exchange::{ConnId, MirrorOutcome, MirrorResult};
 use crate::http::{LiveContent, ResponseMeta};
 use crate::{FastMap, FastSet};
 use diffs::DiffConfig;
+use waiting::Waiting;
 use worker::ContentWorker;
 
 pub mod content;
@@ -26,6 +27,7 @@ mod report;
 #[cfg(test)]
 mod tests;
 mod verdict;
+mod waiting;
 pub mod worker;
 
 use endpoint::write_endpoint_name;
@@ -229,9 +231,7 @@ pub struct Comparator {
     name_buf: String,
     other: u64,
     other_series: u64,
-    pending: FastMap<PairKey, Pending>,
-    /// Pending keys, oldest first (with keys since resolved, dropped lazily).
-    order: VecDeque<PairKey>,
+    pending: Waiting<Pending>,
     pairs: Pairs,
     evicted: u64,
     sampling: Option<Sampling>,
@@ -249,8 +249,7 @@ impl Comparator {
             name_buf: String::new(),
             other: 0,
             other_series: 0,
-            pending: FastMap::default(),
-            order: VecDeque::new(),
+            pending: Waiting::new(),
             pairs: Pairs::default(),
             evicted: 0,
             sampling: None,
@@ -342,12 +341,13 @@ impl Comparator {
         if mirrors == 0 {
             return;
         }
-        let new = !self.pending.contains_key(&key);
-        if new && self.pending.len() >= self.cfg.max_pending {
-            self.evict_oldest();
-        }
         let half = Half { name, code, ns };
-        let p = self.pending.entry(key).or_default();
+        let evicted = &mut self.evicted;
+        let p = self.pending.entry(key, self.cfg.max_pending, |p| {
+            // Its halves that met nothing are counted.
+            let live_alone = p.live.is_some() && p.paired == 0;
+            *evicted += u64::from(live_alone) + p.early.len() as u64;
+        });
         if src == LIVE {
             for (m, early) in p.early.drain(..) {
                 self.pairs.pair(&half, m, &early);
@@ -362,31 +362,6 @@ impl Comparator {
         }
         if p.paired >= mirrors {
             self.pending.remove(&key);
-        } else if new {
-            self.order.push_back(key);
-        }
-        // Keys resolved since leave from the front, so that the queue holds about what waits.
-        while let Some(k) = self.order.front() {
-            if self.pending.contains_key(k) {
-                break;
-            }
-            self.order.pop_front();
-        }
-        // A key that waits long (a mirror dropped its request) stops that: sweep now and then.
-        if self.order.len() > 2 * self.cfg.max_pending.max(1) {
-            let pending = &self.pending;
-            self.order.retain(|k| pending.contains_key(k));
-        }
-    }
-
-    /// Makes room: the oldest waiting request goes; its halves that met nothing are counted.
-    fn evict_oldest(&mut self) {
-        while let Some(k) = self.order.pop_front() {
-            if let Some(p) = self.pending.remove(&k) {
-                let live_alone = p.live.is_some() && p.paired == 0;
-                self.evicted += u64::from(live_alone) + p.early.len() as u64;
-                return;
-            }
         }
     }
 
