@@ -19,6 +19,8 @@ pub(super) struct Shared {
     queue: Mutex<Queue>,
     /// Rung when requests are queued (or the queue closes): wakes one waiting worker.
     bell: tokio::sync::Notify,
+    /// Rung when a worker leaves: the stop waits on it for the last one.
+    left: tokio::sync::Notify,
     h2: H2Mirror,
     backoff: Mutex<Backoff>,
     probing: AtomicBool,
@@ -65,6 +67,7 @@ impl Replayer {
             stats: Arc::new(ReplayStats::default()),
             queue: Mutex::default(),
             bell: tokio::sync::Notify::new(),
+            left: tokio::sync::Notify::new(),
             backoff: Mutex::new(Backoff::default()),
             probing: AtomicBool::new(false),
             bucket,
@@ -155,10 +158,16 @@ impl Replayer {
         shared.queue.lock().unwrap().closed = true;
         shared.bell.notify_waiters();
         let deadline = tokio::time::Instant::now() + grace;
-        while shared.stats.workers.load(Ordering::SeqCst) > 0
-            && tokio::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        loop {
+            let left = shared.left.notified();
+            tokio::pin!(left);
+            // Listening before looking, so that the last worker's leaving is not missed.
+            left.as_mut().enable();
+            if shared.stats.workers.load(Ordering::SeqCst) == 0
+                || tokio::time::timeout_at(deadline, left).await.is_err()
+            {
+                break;
+            }
         }
         let stats = &shared.stats;
         let queued = std::mem::take(&mut shared.queue.lock().unwrap().requests);
@@ -373,6 +382,7 @@ impl Shared {
                     // Requests queued while this worker was leaving found it idle and started
                     // no worker: stay for them (see `Replayer::offer`).
                     if self.queue.lock().unwrap().requests.is_empty() {
+                        self.left.notify_waiters();
                         return;
                     }
                     self.stats.workers.fetch_add(1, Ordering::SeqCst);
@@ -380,6 +390,7 @@ impl Shared {
             }
         }
         self.stats.workers.fetch_sub(1, Ordering::SeqCst);
+        self.left.notify_waiters();
     }
 
     /// Sends a batch from `take`: pipelined HTTP/1 requests, or one HTTP/2 request.
