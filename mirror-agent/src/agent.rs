@@ -18,7 +18,6 @@ use crate::capture::{
 use crate::compare::{CompareConfig, Comparison, Report, Sampling};
 use crate::cpu_budget::{self, CpuBudget, Load};
 use crate::dump::FlowRecorder;
-use crate::exchange::MirrorOutcome;
 use crate::http::{HttpEvent, Request};
 use crate::metrics::{self, Sources};
 use crate::pipeline::{self, Pipeline, PipelineConfig, PipelineStats};
@@ -444,20 +443,6 @@ impl pipeline::Sink for PipelineEvents {
     }
 }
 
-/// Mirror number `mirror`'s outcomes go straight into the comparison.
-fn outcome_sink(to: Comparison, mirror: usize) -> replay::OutcomeSink {
-    Box::new(move |o: MirrorOutcome| {
-        log::debug!(
-            "mirror {} {} -> {} in {:?}",
-            o.method,
-            o.target,
-            o.result.code(),
-            o.duration
-        );
-        to.mirror(mirror, &o);
-    })
-}
-
 /// Refuses a mirror whose replayed requests the program would capture again. Runs before the
 /// pipeline starts, so nothing has been replayed when it refuses.
 fn check_no_loop(
@@ -543,7 +528,7 @@ fn start_mirrors(
         .enumerate()
         .map(|(i, m)| Mirror {
             name: m.name.clone(),
-            replayer: Replayer::start(m.replay.clone(), rt, outcome_sink(comparison.clone(), i)),
+            replayer: Replayer::start(m.replay.clone(), rt, Box::new(comparison.outcomes_of(i))),
         })
         .collect()
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use crate::exchange::{ConnId, MirrorOutcome, MirrorResult};
+use crate::exchange::{ConnId, MirrorOutcome, MirrorResult, OutcomeSink};
 use crate::http::{LiveContent, ResponseMeta};
 use crate::{FastMap, FastSet};
 use diffs::DiffConfig;
@@ -517,6 +517,14 @@ impl Comparison {
         self.content.as_deref()
     }
 
+    /// Where mirror `mirror`'s replay stage sends its outcomes.
+    pub fn outcomes_of(&self, mirror: usize) -> MirrorOutcomes {
+        MirrorOutcomes {
+            comparison: self.clone(),
+            mirror,
+        }
+    }
+
     fn add_content(&self, r: &mut Report) {
         if let Some(w) = &self.content {
             let (rows, not) = w.report();
@@ -538,5 +546,24 @@ impl From<Comparator> for Comparison {
             shared: Arc::new(Mutex::new(c)),
             content: None,
         }
+    }
+}
+
+/// One mirror's outcomes, on their way into the comparison.
+pub struct MirrorOutcomes {
+    comparison: Comparison,
+    mirror: usize,
+}
+
+impl OutcomeSink for MirrorOutcomes {
+    fn outcome(&self, o: MirrorOutcome) {
+        log::debug!(
+            "mirror {} {} -> {} in {:?}",
+            o.method,
+            o.target,
+            o.result.code(),
+            o.duration
+        );
+        self.comparison.mirror(self.mirror, &o);
     }
 }

@@ -192,9 +192,8 @@ fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Where mirror outcomes go: called on the replay worker that saw the answer, so that no
-/// channel or task sits between the mirror and the comparison.
-pub type OutcomeSink = Box<dyn Fn(MirrorOutcome) + Send + Sync>;
+/// Where a replay stage's outcomes go (see `exchange::OutcomeSink`).
+pub type OutcomeSink = Box<dyn crate::exchange::OutcomeSink>;
 
 #[cfg(test)]
 mod tests {

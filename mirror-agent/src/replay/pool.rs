@@ -549,7 +549,7 @@ impl Shared {
             MirrorResult::Error => inc(&stats.errors_other),
         }
         let (method, target) = req.shared_method_and_target();
-        (self.on_outcome)(MirrorOutcome {
+        self.on_outcome.outcome(MirrorOutcome {
             conn: req.conn(),
             seq: req.seq(),
             method,

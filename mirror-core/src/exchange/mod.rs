@@ -73,6 +73,19 @@ impl MirrorResult {
     }
 }
 
+/// Where mirror outcomes go: called on the replay worker that saw the answer, so that no
+/// channel or task sits between the mirror and the comparison. The comparison implements it
+/// (`compare::MirrorOutcomes`); so does any closure, for tests.
+pub trait OutcomeSink: Send + Sync {
+    fn outcome(&self, o: MirrorOutcome);
+}
+
+impl<F: Fn(MirrorOutcome) + Send + Sync> OutcomeSink for F {
+    fn outcome(&self, o: MirrorOutcome) {
+        self(o)
+    }
+}
+
 /// One mirrored request's outcome, keyed like the live response (`conn`, `seq`).
 #[derive(Clone, Debug)]
 pub struct MirrorOutcome {
