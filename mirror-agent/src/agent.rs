@@ -17,7 +17,7 @@ use crate::capture::{
 };
 use crate::compare::{CompareConfig, Comparison, Report, Sampling};
 use crate::cpu_budget::{self, CpuBudget, Load};
-use crate::dump::FlowRecorder;
+use crate::dump::StreamDump;
 use crate::http::{HttpEvent, Request};
 use crate::metrics::{self, Sources};
 use crate::pipeline::{self, Pipeline, PipelineConfig, PipelineStats};
@@ -107,7 +107,7 @@ pub struct Agent {
     /// What `/metrics` reads, kept for the final counters.
     sources: Sources,
     capture: Capture,
-    /// The stream recorder, once the pipeline (on the capture thread) has finished.
+    /// The stream dump (`--dump`), once the pipeline (on the capture thread) has finished.
     pipeline_done: pipeline::Finished,
     pipeline_stats: Arc<Mutex<PipelineStats>>,
     mirrors: Vec<Mirror>,
@@ -136,7 +136,7 @@ pub struct Summary {
     pub record: Option<Arc<RecordStats>>,
     pub report: Report,
     /// The reassembled streams, when the pipeline recorded them (`--dump`).
-    pub dump: Option<FlowRecorder>,
+    pub dump: Option<StreamDump>,
     /// The final counters and comparison, as `/metrics` would have served them last.
     pub metrics: String,
 }
@@ -158,15 +158,15 @@ impl Agent {
 
         // Reassemble and parse, on the capture thread.
         let pipeline_stats = Arc::new(Mutex::new(PipelineStats::default()));
-        let recorder = cfg
+        let recording = cfg
             .record
             .clone()
             .map(Recorder::start)
             .transpose()
             .map_err(AgentError::Record)?;
-        let record_stats = recorder.as_ref().map(|r| Arc::clone(r.stats()));
+        let record_stats = recording.as_ref().map(|r| Arc::clone(r.stats()));
         let events = PipelineEvents {
-            recorder,
+            recording,
             replayers: mirrors.iter().map(|m| m.replayer.clone()).collect(),
             requests: Vec::new(),
             live: comparison.clone(),
@@ -390,7 +390,7 @@ async fn next_change(rx: &mut Option<tokio::sync::mpsc::Receiver<PodChange>>) ->
 /// live responses to the comparison; connections to capture whole to the kernel.
 struct PipelineEvents {
     /// The recording stage; dropped (its last block written) when the pipeline ends.
-    recorder: Option<Recorder>,
+    recording: Option<Recorder>,
     replayers: Vec<Replayer>,
     requests: Vec<Request>,
     live: Comparison,
@@ -401,7 +401,7 @@ impl pipeline::Sink for PipelineEvents {
     fn event(&mut self, event: HttpEvent) {
         match event {
             HttpEvent::Request(r) => {
-                if let Some(rec) = self.recorder.as_mut() {
+                if let Some(rec) = self.recording.as_mut() {
                     rec.request(&r);
                 }
                 if !self.replayers.is_empty() {
@@ -410,7 +410,7 @@ impl pipeline::Sink for PipelineEvents {
             }
             HttpEvent::Response(m) => {
                 self.live.live(&m);
-                if let Some(rec) = self.recorder.as_mut() {
+                if let Some(rec) = self.recording.as_mut() {
                     rec.response(m);
                 }
             }
@@ -426,7 +426,7 @@ impl pipeline::Sink for PipelineEvents {
     }
 
     fn flush(&mut self) {
-        if let Some(rec) = self.recorder.as_mut() {
+        if let Some(rec) = self.recording.as_mut() {
             rec.flush();
         }
         let Some((last, others)) = self.replayers.split_last() else {

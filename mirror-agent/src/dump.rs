@@ -26,16 +26,16 @@ pub struct ConnRecord {
 }
 
 /// A `StreamHandler` that keeps every connection's streams until written out.
-pub struct FlowRecorder {
+pub struct StreamDump {
     done: Vec<(ConnRecord, bool)>,
     held: usize,
     max_bytes: usize,
     dropped_bytes: u64,
 }
 
-impl FlowRecorder {
+impl StreamDump {
     pub fn new(max_bytes: usize) -> Self {
-        FlowRecorder {
+        StreamDump {
             done: Vec::new(),
             held: 0,
             max_bytes,
@@ -69,7 +69,7 @@ impl FlowRecorder {
     }
 }
 
-impl StreamHandler for FlowRecorder {
+impl StreamHandler for StreamDump {
     type Conn = ConnRecord;
 
     fn open(&mut self, info: &ConnInfo) -> ConnRecord {
@@ -131,7 +131,7 @@ mod tests {
                 server_ports: vec![80],
                 ..Default::default()
             },
-            FlowRecorder::new(12),
+            StreamDump::new(12),
         );
         let mut c = Conversation::new("1.1.1.1:1", "2.2.2.2:80", 10, 20);
         let mut segs = c.handshake();

@@ -150,7 +150,7 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
             content: content.clone(),
             ..HttpConfig::default()
         },
-        record_streams: args.dump.is_some().then_some(args.dump_max_bytes),
+        dump_streams: args.dump.is_some().then_some(args.dump_max_bytes),
         tick: Duration::from_millis(100),
     };
     let diffs = match content {

@@ -7,7 +7,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::capture::{BatchSink, SegmentBatch};
-use crate::dump::FlowRecorder;
+use crate::dump::StreamDump;
 use crate::http::{HttpConfig, HttpEvent, HttpExtractor, HttpStats};
 use crate::reassembly::{Reassembler, ReassemblyConfig, ReassemblyStats};
 use crate::segment::now_ns;
@@ -17,7 +17,7 @@ pub struct PipelineConfig {
     pub reassembly: ReassemblyConfig,
     pub http: HttpConfig,
     /// Also record the reassembled streams for `--dump`, holding at most this many bytes.
-    pub record_streams: Option<usize>,
+    pub dump_streams: Option<usize>,
     pub tick: Duration,
 }
 
@@ -36,22 +36,22 @@ pub trait Sink {
     fn flush(&mut self);
 }
 
-/// What the pipeline leaves when it finishes: the stream recorder, if asked for.
-pub type Finished = mpsc::Receiver<Option<FlowRecorder>>;
+/// What the pipeline leaves when it finishes: the stream dump, if asked for.
+pub type Finished = mpsc::Receiver<Option<StreamDump>>;
 
 pub struct Pipeline<S> {
     extract: Reassembler<HttpExtractor>,
-    recorder: Option<Reassembler<FlowRecorder>>,
+    dump: Option<Reassembler<StreamDump>>,
     sink: S,
     stats: Arc<Mutex<PipelineStats>>,
     tick: Duration,
     last_tick: Instant,
-    finished: mpsc::Sender<Option<FlowRecorder>>,
+    finished: mpsc::Sender<Option<StreamDump>>,
 }
 
 impl<S: Sink> Pipeline<S> {
     /// A pipeline that hands its events to `sink` and publishes its counters to `stats`. The
-    /// receiver gets the stream recorder once the pipeline has finished (nothing, if it died).
+    /// receiver gets the stream dump once the pipeline has finished (nothing, if it died).
     pub fn new(
         cfg: PipelineConfig,
         stats: Arc<Mutex<PipelineStats>>,
@@ -60,9 +60,9 @@ impl<S: Sink> Pipeline<S> {
         let (finished, done) = mpsc::channel();
         let pipeline = Pipeline {
             extract: Reassembler::new(cfg.reassembly.clone(), HttpExtractor::new(cfg.http)),
-            recorder: cfg
-                .record_streams
-                .map(|max| Reassembler::new(cfg.reassembly, FlowRecorder::new(max))),
+            dump: cfg
+                .dump_streams
+                .map(|max| Reassembler::new(cfg.reassembly, StreamDump::new(max))),
             sink,
             stats,
             tick: cfg.tick,
@@ -94,7 +94,7 @@ impl<S: Sink + Send + 'static> BatchSink for Pipeline<S> {
     fn batch(&mut self, batch: SegmentBatch) {
         for seg in &batch {
             self.extract.process(seg);
-            if let Some(r) = self.recorder.as_mut() {
+            if let Some(r) = self.dump.as_mut() {
                 r.process(seg);
             }
         }
@@ -109,7 +109,7 @@ impl<S: Sink + Send + 'static> BatchSink for Pipeline<S> {
         }
         let now = now_ns();
         self.extract.tick(now);
-        if let Some(r) = self.recorder.as_mut() {
+        if let Some(r) = self.dump.as_mut() {
             r.tick(now);
         }
         self.hand_on();
@@ -122,11 +122,11 @@ impl<S: Sink + Send + 'static> BatchSink for Pipeline<S> {
         self.extract.shutdown(now);
         self.hand_on();
         self.publish();
-        let recorder = self.recorder.take().map(|mut r| {
+        let dump = self.dump.take().map(|mut r| {
             r.shutdown(now);
             r.into_handler()
         });
-        let _ = self.finished.send(recorder);
+        let _ = self.finished.send(dump);
     }
 }
 
@@ -162,14 +162,14 @@ mod tests {
         }
     }
 
-    fn config(record_streams: Option<usize>) -> PipelineConfig {
+    fn config(dump_streams: Option<usize>) -> PipelineConfig {
         PipelineConfig {
             reassembly: ReassemblyConfig {
                 server_ports: vec![80],
                 ..Default::default()
             },
             http: HttpConfig::default(),
-            record_streams,
+            dump_streams,
             tick: Duration::from_millis(100),
         }
     }
@@ -200,7 +200,7 @@ mod tests {
         assert!(finished.try_recv().is_err(), "finished before its end");
 
         sink.finish();
-        let streams = finished.try_recv().expect("finish hands on the recorder");
+        let streams = finished.try_recv().expect("finish hands on the dump");
         assert!(streams.is_some(), "--dump asked for the streams");
         assert_eq!(stats.lock().unwrap().flows, 0, "finish closed every flow");
         assert!(stats.lock().unwrap().http.requests >= 2);
