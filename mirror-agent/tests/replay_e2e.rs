@@ -4,9 +4,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -18,60 +16,6 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Best of seven medians, 100 ms apart: contention on this shared machine only ever adds
-/// latency, and so does a vCPU that idles between request and answer (about 5 µs more per
-/// round trip here, with or without the agent, for a while at a time).
-fn best_median(ns: &Netns, to: SocketAddr, n: usize) -> Duration {
-    (0..7)
-        .map(|_| {
-            std::thread::sleep(Duration::from_millis(100));
-            median(latencies(ns, to, n))
-        })
-        .min()
-        .unwrap()
-}
-
-/// Times `n` sequential GETs on one keep-alive connection from inside `ns`.
-fn latencies(ns: &Netns, to: SocketAddr, n: usize) -> Vec<Duration> {
-    latencies_of(ns, to, vec!["/api/books/1".to_string(); n])
-}
-
-/// Times a GET of each target, in order, on one keep-alive connection from inside `ns`; each
-/// response is read whole and checked.
-fn latencies_of(ns: &Netns, to: SocketAddr, targets: Vec<String>) -> Vec<Duration> {
-    let path = ns.path();
-    std::thread::spawn(move || {
-        netlab::enter_netns(&path);
-        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.set_nodelay(true).unwrap();
-        let mut out = Vec::with_capacity(targets.len());
-        for target in &targets {
-            let body = expected_body("GET", target, b"");
-            let answer = expected_answer("GET", target, b"");
-            let mut buf = vec![0u8; answer.len()];
-            let t = Instant::now();
-            s.write_all(format!("GET {target} HTTP/1.1\r\nHost: books\r\n\r\n").as_bytes())
-                .unwrap();
-            s.read_exact(&mut buf).unwrap();
-            out.push(t.elapsed());
-            assert_eq!(
-                buf[answer.len() - body.len()..],
-                body[..],
-                "live answered {target}"
-            );
-        }
-        out
-    })
-    .join()
-    .unwrap()
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
 }
 
 fn wait_for(server: &TestServer, n: usize) {
@@ -215,72 +159,6 @@ fn mirror_receives_every_request_intact_v4_and_v6() {
         mirror.log().iter().any(|r| r.body.len() == 1 << 20),
         "the 1 MiB bodies arrived"
     );
-}
-
-/// A mirror that accepts and resets every connection.
-struct ResettingMirror {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl ResettingMirror {
-    fn start(ns: &Netns, addr: &str) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (path, addr, s) = (ns.path(), addr.to_string(), Arc::clone(&stop));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            netlab::enter_netns(&path);
-            let l = TcpListener::bind(&addr).unwrap();
-            l.set_nonblocking(true).unwrap();
-            tx.send(()).unwrap();
-            while !s.load(Ordering::Relaxed) {
-                match l.accept() {
-                    Ok((c, _)) => {
-                        // SO_LINGER 0: close sends RST.
-                        let lg = libc::linger {
-                            l_onoff: 1,
-                            l_linger: 0,
-                        };
-                        unsafe {
-                            libc::setsockopt(
-                                std::os::fd::AsRawFd::as_raw_fd(&c),
-                                libc::SOL_SOCKET,
-                                libc::SO_LINGER,
-                                (&lg as *const libc::linger).cast(),
-                                std::mem::size_of::<libc::linger>() as u32,
-                            )
-                        };
-                        std::thread::sleep(Duration::from_millis(5));
-                        drop(c);
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(5)).unwrap();
-        ResettingMirror {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for ResettingMirror {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn agent_rss_kb(agent: &Agent) -> u64 {
-    std::fs::read_to_string(format!("/proc/{}/status", agent.proc.pid()))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 #[test]
@@ -711,29 +589,8 @@ fn a_service_on_loopback_is_mirrored_once_per_request() {
 /// The agent's metrics in the Python mirror's test.
 const PY_METRICS: &str = "127.0.0.1:9465";
 
-const PY_MIRROR: &str = r#"
-import http.server, socketserver, sys
-log = open(sys.argv[1], "a", buffering=1)
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def answer(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        log.write(f"{self.command} {self.path} {len(body)}\n")
-        self.send_response(200)
-        self.send_header("Content-Length", "3")
-        self.end_headers()
-        self.wfile.write(b"ok\n")
-    do_GET = do_POST = answer
-    def log_message(self, *args):
-        pass
-class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
-    # The default backlog of 5 drops the connections of a burst. The agent may open one per
-    # request in flight (--max-inflight, 256) when answers are slow, as under emulation, where
-    # a backlog of 128 overflowed (TcpExtListenOverflows) and 16 requests timed out unanswered.
-    request_queue_size = 1024
-S(("127.0.0.1", 9091), H).serve_forever()
-"#;
+/// The Python mirror (`pipelined_mirror.py`), its log file given as its argument.
+const PY_MIRROR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pipelined_mirror.py");
 
 /// Reads one response with a Content-Length body.
 fn read_response(s: &mut TcpStream) {
@@ -762,13 +619,13 @@ fn pipelined_batches_to_a_python_mirror_arrive_whole_and_once() {
     let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
     let _live = TestServer::start(&pair.server, &[live_addr]);
     let dir = tempfile::tempdir().unwrap();
-    let (script, log) = (dir.path().join("mirror.py"), dir.path().join("mirror.log"));
-    std::fs::write(&script, PY_MIRROR).unwrap();
-    let _mirror = netlab::Proc::spawn(&mut pair.server.exec(&[
-        "python3",
-        script.to_str().unwrap(),
-        log.to_str().unwrap(),
-    ]));
+    let log = dir.path().join("mirror.log");
+    let _mirror =
+        netlab::Proc::spawn(
+            &mut pair
+                .server
+                .exec(&["python3", PY_MIRROR, log.to_str().unwrap()]),
+        );
     let listening = || {
         pair.server
             .exec(&[

@@ -18,6 +18,7 @@ pub(super) enum Span<'a> {
 }
 
 impl Span<'_> {
+    #[inline]
     pub(super) fn len(&self) -> u64 {
         match self {
             Span::Data(d) => d.len() as u64,
@@ -26,6 +27,7 @@ impl Span<'_> {
     }
 
     /// Bytes of memory it takes when held.
+    #[inline]
     pub(super) fn held(&self) -> usize {
         match self {
             Span::Data(d) => d.len(),
@@ -34,6 +36,7 @@ impl Span<'_> {
     }
 
     /// The part from `from` to `to` (offsets into the span).
+    #[inline]
     pub(super) fn slice(&self, from: u64, to: u64) -> Self {
         match self {
             Span::Data(d) => Span::Data(&d[from as usize..to as usize]),
@@ -49,6 +52,7 @@ pub(super) enum Piece {
 }
 
 impl Piece {
+    #[inline]
     pub(super) fn span(&self) -> Span<'_> {
         match self {
             Piece::Data(d) => Span::Data(d),
@@ -87,6 +91,7 @@ pub(super) struct DirState {
 impl DirState {
     /// Notes a segment's place in a direction's stream before its bytes are accepted. Returns
     /// whether this segment starts the direction (the handler is told once).
+    #[inline]
     pub(super) fn observe(
         &mut self,
         seg: &Segment,
@@ -123,6 +128,7 @@ impl DirState {
     }
 
     /// A FIN after the byte at `end` (exclusive); one beyond a hole waits like out-of-order data.
+    #[inline]
     pub(super) fn fin(&mut self, end: SeqNumber, ts: TimestampNs) {
         let fin = offset_of(self, end);
         if fin >= self.delivered as i64 {
@@ -134,12 +140,14 @@ impl DirState {
     }
 
     /// Waiting on a hole: data or a FIN lies beyond what was delivered.
+    #[inline]
     pub(super) fn waiting(&self) -> bool {
         !self.ooo.is_empty() || self.fin_at.is_some_and(|f| f > self.delivered)
     }
 
     /// Sequence number just past everything this direction sent that was seen (data and FIN
     /// alike), once data or its FIN is delivered.
+    #[inline]
     pub(super) fn end_seq(&self) -> Option<SeqNumber> {
         let next = self.next_seq?;
         let beyond = self.fin_at.unwrap_or(0).saturating_sub(self.delivered);
@@ -148,6 +156,7 @@ impl DirState {
 
     /// Sequence number just past the highest byte (or FIN, which takes one) seen, out of
     /// order ones included: the most the peer can acknowledge of what was seen.
+    #[inline]
     pub(super) fn highest_seq(&self) -> Option<SeqNumber> {
         let next = self.next_seq?;
         let ooo_end = self
@@ -163,6 +172,7 @@ impl DirState {
     /// connection: it lies past the FIN, too far from the next byte either way, or past a hole
     /// while acknowledging bytes the peer was never seen to send. Loss of both directions at
     /// once is what a new connection on the same 4-tuple looks like when its SYN was missed.
+    #[inline]
     pub(super) fn foreign(&self, seg: &Segment, peer: &DirState, max_jump: u32) -> bool {
         let Some(next) = self.next_seq else {
             return false;
@@ -179,6 +189,7 @@ impl DirState {
 }
 
 /// Stream offset of `seq` relative to what was delivered (may be negative: already delivered).
+#[inline]
 pub(super) fn offset_of(d: &DirState, seq: SeqNumber) -> i64 {
     let next = d.next_seq.expect("direction started");
     d.delivered as i64 + (seq - next)
