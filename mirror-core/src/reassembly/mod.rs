@@ -275,6 +275,7 @@ struct Flow<C> {
 /// Connection key: the two endpoints, lower first, so that both directions find the flow.
 type ConnKey = (SocketAddr, SocketAddr);
 
+#[inline]
 fn conn_key(seg: &Segment) -> ConnKey {
     let (a, b) = (seg.flow.src, seg.flow.dst);
     if a <= b {

@@ -46,8 +46,8 @@ trait Role {
         true
     }
     fn parse_head(buf: &[u8], max_headers: usize) -> Result<Head, HeadError>;
-    /// A head parsed: what the message is to the connection.
-    fn on_head(c: &mut H1Conn, cx: &mut Ctx, head: Head, ts: TimestampNs) -> AfterHead;
+    /// A head parsed (this side may complete it): what the message is to the connection.
+    fn on_head(c: &mut H1Conn, cx: &mut Ctx, head: &mut Head, ts: TimestampNs) -> AfterHead;
     /// The message ended; `bytes` are its wire bytes when it was kept.
     fn on_end(c: &mut H1Conn, cx: &mut Ctx, head: Head, bytes: BytesMut, ts: TimestampNs);
     /// A message lost for `why`, counted as this side counts its losses.
@@ -61,7 +61,7 @@ trait Role {
 /// What follows a parsed head.
 enum AfterHead {
     /// Frame the body of this message.
-    Body(Head),
+    Body,
     /// The head was all of it (an interim response): read the next message.
     Next,
     /// The connection stopped or was handed over.
@@ -461,7 +461,7 @@ impl H1Conn {
             }
             return false;
         };
-        let head = match R::parse_head(&p.buf[..head_end], cx.cfg.max_headers) {
+        let mut head = match R::parse_head(&p.buf[..head_end], cx.cfg.max_headers) {
             Ok(h) if h.len <= cx.cfg.max_head_bytes => h,
             other => {
                 let why = match other {
@@ -475,8 +475,8 @@ impl H1Conn {
                 return true;
             }
         };
-        match R::on_head(self, cx, head, ts) {
-            AfterHead::Body(head) => {
+        match R::on_head(self, cx, &mut head, ts) {
+            AfterHead::Body => {
                 R::parser(self).head = Some(head);
                 self.enter_body::<R>(cx, ts)
             }

@@ -162,14 +162,14 @@ impl Role for Server {
         parse_request_head(buf, max_headers)
     }
 
-    fn on_head(c: &mut H1Conn, cx: &mut Ctx, mut head: Head, _ts: TimestampNs) -> AfterHead {
+    fn on_head(c: &mut H1Conn, cx: &mut Ctx, head: &mut Head, _ts: TimestampNs) -> AfterHead {
         let p = &c.req;
         if &p.buf[head.method.clone()] == b"CONNECT" {
             cx.stats.dropped_stopped += 1;
             c.stop(cx.stats, StopReason::Connect);
             return AfterHead::Halt;
         }
-        let upgrade = upgrade_to(&p.buf, &head);
+        let upgrade = upgrade_to(&p.buf, head);
         match upgrade {
             // Replayed as a plain request; its answer says which protocol follows.
             Some(Upgrade::H2c) => c.h2c_upgrade = Some(c.next_seq),
@@ -183,13 +183,13 @@ impl Role for Server {
         head.seq = c.next_seq;
         c.next_seq += 1;
         if cx.cfg.track_responses {
-            let pending = pending(&c.req, &head, upgrade == Some(Upgrade::H2c));
+            let pending = pending(&c.req, head, upgrade == Some(Upgrade::H2c));
             let early = c.pairing.take_early(c.req.start_base, cx.stats);
             let pending = Pending { early, ..pending };
             c.pairing.expect(pending, cx.cfg.max_pending, cx.stats);
         }
         c.req.keep = true;
-        AfterHead::Body(head)
+        AfterHead::Body
     }
 
     fn on_end(c: &mut H1Conn, cx: &mut Ctx, head: Head, bytes: BytesMut, ts: TimestampNs) {

@@ -45,7 +45,7 @@ impl Role for Client {
         parse_response_head(buf, max_headers)
     }
 
-    fn on_head(c: &mut H1Conn, cx: &mut Ctx, mut head: Head, ts: TimestampNs) -> AfterHead {
+    fn on_head(c: &mut H1Conn, cx: &mut Ctx, head: &mut Head, ts: TimestampNs) -> AfterHead {
         let status = head.status;
         if (100..200).contains(&status) {
             return interim(c, cx, head, ts);
@@ -66,7 +66,7 @@ impl Role for Client {
                 None => cx.stats.unpaired_responses += 1,
             }
             head.framing = response_framing(head.framing, status, false);
-            return AfterHead::Body(head);
+            return AfterHead::Body;
         };
         head.framing = response_framing(head.framing, status, req.head);
         if head.framing == Framing::Chunked {
@@ -75,9 +75,9 @@ impl Role for Client {
         }
         answer_expect(c, cx.stats, &req, status);
         if !req.dropped {
-            report(c, cx, req, &head);
+            report(c, cx, req, head);
         }
-        AfterHead::Body(head)
+        AfterHead::Body
     }
 
     fn on_end(c: &mut H1Conn, cx: &mut Ctx, _head: Head, _bytes: BytesMut, _ts: TimestampNs) {
@@ -99,7 +99,7 @@ impl Role for Client {
 
 /// A 1xx: `101` hands an h2c upgrade to HTTP/2; the others (`100 Continue`, `103 Early
 /// Hints`) are not the answer, which follows.
-fn interim(c: &mut H1Conn, cx: &mut Ctx, head: Head, ts: TimestampNs) -> AfterHead {
+fn interim(c: &mut H1Conn, cx: &mut Ctx, head: &Head, ts: TimestampNs) -> AfterHead {
     let p = &mut c.resp;
     if head.status == 101 {
         match c.h2c_upgrade {
