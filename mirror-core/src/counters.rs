@@ -21,6 +21,7 @@ pub struct Declared {
     /// The label that tells this part of `metric` apart (`reason`, `kind`), and its value.
     pub label: Option<(&'static str, &'static str)>,
     pub kind: Kind,
+    /// The family's help, given on its first part only (empty on the others).
     pub help: &'static str,
 }
 
@@ -74,6 +75,7 @@ pub trait Counters {
 ///         /// Requests seen.
 ///         pub requests: u64 => Counter "mirror_example_requests" "Requests seen",
 ///         pub dropped_gap: u64 => Counter "mirror_example_dropped" [reason = "gap"] "Requests dropped, by reason",
+///         pub dropped_memory: u64 => Counter "mirror_example_dropped" [reason = "memory"],
 ///         pub held: u64 => Gauge "mirror_example_held" "Bytes held now",
 ///         /// Not exported.
 ///         scratch: u64,
@@ -81,8 +83,9 @@ pub trait Counters {
 /// }
 /// use mirror_core::counters::Counters;
 /// let s = ExampleStats { requests: 2, ..Default::default() };
-/// assert_eq!(s.summary(), "requests=2 dropped_gap=0 held=0");
+/// assert_eq!(s.summary(), "requests=2 dropped_gap=0 dropped_memory=0 held=0");
 /// assert_eq!(ExampleStats::DECLARED[1].label, Some(("reason", "gap")));
+/// assert_eq!(ExampleStats::DECLARED[2].help, "");
 /// ```
 #[macro_export]
 macro_rules! stage_counters {
@@ -92,7 +95,7 @@ macro_rules! stage_counters {
             $(
                 $(#[$fmeta:meta])*
                 $fvis:vis $field:ident : $ty:ty
-                $(=> $kind:ident $metric:literal $([$lk:ident = $lv:literal])? $help:literal)?,
+                $(=> $kind:ident $metric:literal $([$lk:ident = $lv:literal])? $($help:literal)?)?,
             )*
         }
     ) => {
@@ -109,7 +112,7 @@ macro_rules! stage_counters {
                         metric: $metric,
                         label: $crate::stage_counters!(@label $($lk $lv)?),
                         kind: $crate::counters::Kind::$kind,
-                        help: $help,
+                        help: $crate::stage_counters!(@help $($help)?),
                     },
                 )?)*
             ];
@@ -126,6 +129,23 @@ macro_rules! stage_counters {
     };
     (@label) => { None };
     (@label $k:ident $v:literal) => { Some((stringify!($k), $v)) };
+    (@help) => { "" };
+    (@help $h:literal) => { $h };
+}
+
+/// Checks a declaration: each family's help given on its first part, and only there.
+pub fn check_declared(declared: &[Declared]) -> Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    for d in declared {
+        let first = seen.insert(d.metric);
+        if first == d.help.is_empty() {
+            return Err(format!(
+                "{} ({}): help belongs on the family's first part, and only there",
+                d.metric, d.field
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -577,6 +577,28 @@ mod tests {
     }
 
     #[test]
+    fn every_stage_declares_each_familys_help_once() {
+        use mirror_core::counters::{check_declared, Counters};
+        for declared in [
+            crate::reassembly::ReassemblyStats::DECLARED,
+            crate::http::HttpStats::DECLARED,
+            crate::capture::CaptureStats::DECLARED,
+            crate::replay::ReplayStats::DECLARED,
+            crate::record::RecordStats::DECLARED,
+        ] {
+            check_declared(declared).unwrap();
+        }
+        let text = render(&sources());
+        let helps: Vec<&str> = text.lines().filter(|l| l.starts_with("# HELP ")).collect();
+        assert!(helps
+            .iter()
+            .any(|l| l.starts_with("# HELP mirror_http_dropped ")));
+        for help in helps {
+            assert!(help.split(' ').count() > 3, "a family without help: {help}");
+        }
+    }
+
+    #[test]
     fn the_grafana_dashboard_only_uses_exported_metrics() {
         let text = render(&sources());
         let dashboard = include_str!("../../../deploy/grafana-dashboard.json");

@@ -50,23 +50,18 @@ mirror_core::stage_counters! {
         /// whose body exceeded 16 MiB.
         pub dropped_cut: AtomicU64 => Counter "mirror_record_dropped" [reason = "cut"]
             "Requests and responses not recorded, by reason",
-        pub dropped_queue_full: AtomicU64 => Counter "mirror_record_dropped" [reason = "queue_full"]
-            "Requests and responses not recorded, by reason",
-        pub dropped_too_large: AtomicU64 => Counter "mirror_record_dropped" [reason = "too_large"]
-            "Requests and responses not recorded, by reason",
+        pub dropped_queue_full: AtomicU64 => Counter "mirror_record_dropped" [reason = "queue_full"],
+        pub dropped_too_large: AtomicU64 => Counter "mirror_record_dropped" [reason = "too_large"],
         /// Streamed HTTP/2 requests whose copy of the body was not available to the recorder.
-        pub dropped_unsupported: AtomicU64 => Counter "mirror_record_dropped" [reason = "unsupported"]
-            "Requests and responses not recorded, by reason",
-        pub dropped_write_error: AtomicU64 => Counter "mirror_record_dropped" [reason = "write_error"]
-            "Requests and responses not recorded, by reason",
+        pub dropped_unsupported: AtomicU64 => Counter "mirror_record_dropped" [reason = "unsupported"],
+        pub dropped_write_error: AtomicU64 => Counter "mirror_record_dropped" [reason = "write_error"],
         pub files: AtomicU64 => Counter "mirror_record_files"
             "Recording files started",
         pub files_removed: AtomicU64 => Counter "mirror_record_files_removed"
             "Oldest recording files removed to stay under --record-max-size",
         pub requests: AtomicU64 => Counter "mirror_record_records" [kind = "request"]
             "Records written, by kind",
-        pub responses: AtomicU64 => Counter "mirror_record_records" [kind = "response"]
-            "Records written, by kind",
+        pub responses: AtomicU64 => Counter "mirror_record_records" [kind = "response"],
 }
 }
 

@@ -141,26 +141,18 @@ mirror_core::stage_counters! {
             "HTTP/1 batches written to the mirror",
         pub dropped_backoff: AtomicU64 => Counter "mirror_replay_dropped" [reason = "backoff"]
             "Requests not sent to the mirror, by reason",
-        pub dropped_queue_full: AtomicU64 => Counter "mirror_replay_dropped" [reason = "queue_full"]
-            "Requests not sent to the mirror, by reason",
-        pub dropped_rate_limit: AtomicU64 => Counter "mirror_replay_dropped" [reason = "rate_limit"]
-            "Requests not sent to the mirror, by reason",
+        pub dropped_queue_full: AtomicU64 => Counter "mirror_replay_dropped" [reason = "queue_full"],
+        pub dropped_rate_limit: AtomicU64 => Counter "mirror_replay_dropped" [reason = "rate_limit"],
         /// Requests still queued when the stop's grace ended.
-        pub dropped_at_stop: AtomicU64 => Counter "mirror_replay_dropped" [reason = "stopped"]
-            "Requests not sent to the mirror, by reason",
-        pub dropped_unsendable: AtomicU64 => Counter "mirror_replay_dropped" [reason = "unsendable"]
-            "Requests not sent to the mirror, by reason",
+        pub dropped_at_stop: AtomicU64 => Counter "mirror_replay_dropped" [reason = "stopped"],
+        pub dropped_unsendable: AtomicU64 => Counter "mirror_replay_dropped" [reason = "unsendable"],
         pub errors_other: AtomicU64 => Counter "mirror_replay_errors" [kind = "other"]
             "Requests sent that got no answer, by kind",
-        pub errors_refused: AtomicU64 => Counter "mirror_replay_errors" [kind = "refused"]
-            "Requests sent that got no answer, by kind",
-        pub errors_reset: AtomicU64 => Counter "mirror_replay_errors" [kind = "reset"]
-            "Requests sent that got no answer, by kind",
+        pub errors_refused: AtomicU64 => Counter "mirror_replay_errors" [kind = "refused"],
+        pub errors_reset: AtomicU64 => Counter "mirror_replay_errors" [kind = "reset"],
         /// Requests sent whose answer had not come when the stop's grace ended.
-        pub errors_stopped: AtomicU64 => Counter "mirror_replay_errors" [kind = "stopped"]
-            "Requests sent that got no answer, by kind",
-        pub errors_timeout: AtomicU64 => Counter "mirror_replay_errors" [kind = "timeout"]
-            "Requests sent that got no answer, by kind",
+        pub errors_stopped: AtomicU64 => Counter "mirror_replay_errors" [kind = "stopped"],
+        pub errors_timeout: AtomicU64 => Counter "mirror_replay_errors" [kind = "timeout"],
         pub filtered_method: AtomicU64 => Counter "mirror_replay_filtered_method"
             "Requests left out by --methods",
         pub filtered_path: AtomicU64 => Counter "mirror_replay_filtered_path"

@@ -245,27 +245,18 @@ crate::stage_counters! {
             "Live responses read whole for content comparison",
         pub dropped_expect_rejected: u64 => Counter "mirror_http_dropped" [reason = "expect_rejected"]
             "Requests the parse stage dropped, by reason",
-        pub dropped_gap: u64 => Counter "mirror_http_dropped" [reason = "gap"]
-            "Requests the parse stage dropped, by reason",
+        pub dropped_gap: u64 => Counter "mirror_http_dropped" [reason = "gap"],
         /// HTTP/2 requests dropped because their connection had `max_pending` streams open.
-        pub dropped_h2_streams_over_cap: u64 => Counter "mirror_http_dropped" [reason = "h2_streams_over_cap"]
-            "Requests the parse stage dropped, by reason",
+        pub dropped_h2_streams_over_cap: u64 => Counter "mirror_http_dropped" [reason = "h2_streams_over_cap"],
         /// HTTP/2 requests dropped because a header referenced a table entry from before the join
         /// (or from before a loss): never guessed.
-        pub dropped_hpack_unknown_index: u64 => Counter "mirror_http_dropped" [reason = "hpack_unknown_index"]
-            "Requests the parse stage dropped, by reason",
-        pub dropped_incomplete: u64 => Counter "mirror_http_dropped" [reason = "incomplete"]
-            "Requests the parse stage dropped, by reason",
-        pub dropped_malformed: u64 => Counter "mirror_http_dropped" [reason = "malformed"]
-            "Requests the parse stage dropped, by reason",
-        pub dropped_memory: u64 => Counter "mirror_http_dropped" [reason = "memory"]
-            "Requests the parse stage dropped, by reason",
-        pub dropped_oversize_body: u64 => Counter "mirror_http_dropped" [reason = "oversize_body"]
-            "Requests the parse stage dropped, by reason",
-        pub dropped_oversize_head: u64 => Counter "mirror_http_dropped" [reason = "oversize_head"]
-            "Requests the parse stage dropped, by reason",
-        pub dropped_stopped: u64 => Counter "mirror_http_dropped" [reason = "stopped"]
-            "Requests the parse stage dropped, by reason",
+        pub dropped_hpack_unknown_index: u64 => Counter "mirror_http_dropped" [reason = "hpack_unknown_index"],
+        pub dropped_incomplete: u64 => Counter "mirror_http_dropped" [reason = "incomplete"],
+        pub dropped_malformed: u64 => Counter "mirror_http_dropped" [reason = "malformed"],
+        pub dropped_memory: u64 => Counter "mirror_http_dropped" [reason = "memory"],
+        pub dropped_oversize_body: u64 => Counter "mirror_http_dropped" [reason = "oversize_body"],
+        pub dropped_oversize_head: u64 => Counter "mirror_http_dropped" [reason = "oversize_head"],
+        pub dropped_stopped: u64 => Counter "mirror_http_dropped" [reason = "stopped"],
         /// Responses captured before their request (the two directions' clones reached the agent
         /// out of order) and paired once the request arrived.
         pub early_responses: u64 => Counter "mirror_http_early_responses"
@@ -332,10 +323,8 @@ crate::stage_counters! {
             "Bytes skipped while looking for a message start",
         pub stopped_connect: u64 => Counter "mirror_http_stopped" [reason = "connect"]
             "Connections no longer parsed, by reason",
-        pub stopped_tls: u64 => Counter "mirror_http_stopped" [reason = "tls"]
-            "Connections no longer parsed, by reason",
-        pub stopped_upgrade: u64 => Counter "mirror_http_stopped" [reason = "upgrade"]
-            "Connections no longer parsed, by reason",
+        pub stopped_tls: u64 => Counter "mirror_http_stopped" [reason = "tls"],
+        pub stopped_upgrade: u64 => Counter "mirror_http_stopped" [reason = "upgrade"],
         /// Requests whose response could not be told apart after a loss in the response stream.
         pub unpaired_requests: u64 => Counter "mirror_http_unpaired_requests"
             "Requests whose response could not be told apart after a loss",
