@@ -424,12 +424,7 @@ impl H1Conn {
         if data.is_empty() {
             return false;
         }
-        let content = &mut p.content;
-        let fed = decoder.feed_with(data, cx.cfg.max_head_bytes, &mut |b| {
-            if let Some(c) = content.as_mut() {
-                c.builder.push(b);
-            }
-        });
+        let fed = frame_body(decoder, &mut p.content, data, cx.cfg.max_head_bytes);
         let Ok((n, done)) = fed else {
             self.malformed::<R>(cx.stats);
             return true;
@@ -496,12 +491,12 @@ impl H1Conn {
             self.finish::<R>(cx, ts);
             return true;
         };
-        let content = &mut p.content;
-        let fed = decoder.feed_with(&p.buf[head_len..], cx.cfg.max_head_bytes, &mut |b| {
-            if let Some(c) = content.as_mut() {
-                c.builder.push(b);
-            }
-        });
+        let fed = frame_body(
+            &mut decoder,
+            &mut p.content,
+            &p.buf[head_len..],
+            cx.cfg.max_head_bytes,
+        );
         let Ok((n, done)) = fed else {
             self.malformed::<R>(cx.stats);
             return true;
@@ -664,6 +659,20 @@ pub struct UpgradeRequest {
     pub target: String,
     /// None while the request's body is still on its way.
     pub last_ts: Option<TimestampNs>,
+}
+
+/// Frames body bytes; a response's content, when it is compared, takes them as they pass.
+fn frame_body(
+    decoder: &mut BodyDecoder,
+    content: &mut Option<Collecting>,
+    data: &[u8],
+    max_line: usize,
+) -> Result<(usize, bool), super::framing::BodyError> {
+    decoder.feed_with(data, max_line, &mut |b| {
+        if let Some(c) = content.as_mut() {
+            c.builder.push(b);
+        }
+    })
 }
 
 fn parse_length(v: &[u8]) -> Option<u64> {
