@@ -73,6 +73,8 @@ pub struct AgentConfig {
     pub compare: CompareConfig,
     /// Follow the pods that match a label selector (`--selector`).
     pub pods: Option<PodSelector>,
+    /// Pods to attach inside their network namespace from the start (`--pod-ip … --in-pod`).
+    pub in_pod: Vec<std::net::IpAddr>,
     /// Serve `/metrics` and `/report` here.
     pub metrics: Option<SocketAddr>,
     /// Log the counters every this many seconds (0: only at exit).
@@ -115,6 +117,8 @@ pub struct Agent {
     kernel: KernelCounters,
     /// What to mirror and forget, from the pod watcher.
     pod_changes: Option<tokio::sync::mpsc::Receiver<PodChange>>,
+    /// Attach every selected pod inside its namespace (`--in-pod`), meshed or not.
+    in_pod: bool,
     mirrored_pods: MirroredPods,
     stats_interval: u64,
     /// How long queued and in-flight mirror requests may finish at stop.
@@ -178,6 +182,16 @@ impl Agent {
 
         let kernel = KernelCounters::default();
         let mirrored_pods = MirroredPods::default();
+        for &ip in &cfg.in_pod {
+            let at = capture.add_pod_in_netns(ip)?;
+            log::info!("pod {ip}: attached to {at}");
+            let pod = ip.to_string();
+            let iface = at;
+            mirrored_pods
+                .lock()
+                .unwrap()
+                .push(MirroredPod { pod, ip, iface });
+        }
         let pod_changes = watch_pods(cfg.pods.as_ref(), rt)?;
         let sources = Sources {
             pods: Arc::clone(&mirrored_pods),
@@ -208,6 +222,7 @@ impl Agent {
             kernel,
             pod_changes,
             mirrored_pods,
+            in_pod: cfg.pods.as_ref().is_some_and(|p| p.in_pod),
             stats_interval: cfg.stats_interval,
             grace: stop_grace(&cfg.mirrors),
             ready,
@@ -350,11 +365,33 @@ impl Agent {
 }
 
 impl Agent {
+    /// Attaches to a pod on its host veth, or inside its network namespace when it is in a mesh
+    /// (its wire carries mTLS) or `--in-pod` says so.
+    fn attach_pod(
+        &mut self,
+        pod: &str,
+        ip: std::net::IpAddr,
+        mesh: Option<pods::Mesh>,
+    ) -> Result<String, crate::capture::CaptureError> {
+        match (mesh, self.in_pod) {
+            (Some(mesh), _) => {
+                log::info!(
+                    "pod {pod} ({ip}) is in the {} mesh: its wire carries mTLS; attaching inside \
+                     the pod, where the proxy hands the application plaintext",
+                    mesh.name()
+                );
+                self.capture.add_pod_in_netns(ip)
+            }
+            (None, true) => self.capture.add_pod_in_netns(ip),
+            (None, false) => self.capture.add_pod(ip),
+        }
+    }
+
     /// Attaches to a pod that appeared, or detaches from one that went. A pod that cannot be
     /// mirrored from here (no route, not on this node) is logged and skipped.
     fn apply(&mut self, change: PodChange) {
         match change {
-            PodChange::Mirror { pod, ip } => match self.capture.add_pod(ip) {
+            PodChange::Mirror { pod, ip, mesh } => match self.attach_pod(&pod, ip, mesh) {
                 Ok(iface) => {
                     log::info!("mirroring pod {pod} ({ip}) behind {iface}");
                     self.mirrored_pods

@@ -178,9 +178,18 @@ pub struct AttachArgs {
 
     /// Mirror this node's pods that match a Kubernetes label selector (e.g. app=bookservice),
     /// following them as they come and go: each Ready pod's host veth is attached when it
-    /// appears and detached when it goes. Uses the in-cluster ServiceAccount, or KUBECONFIG.
+    /// appears and detached when it goes. Pods in a service mesh (Istio sidecar or ambient,
+    /// Linkerd), whose wire carries mTLS, are attached inside their network namespace instead
+    /// (see --in-pod). Uses the in-cluster ServiceAccount, or KUBECONFIG.
     #[arg(long)]
     pub selector: Option<String>,
+
+    /// Attach inside each pod's own network namespace, on its `lo`, instead of on its host veth:
+    /// where a mesh proxy or a TLS-terminating sidecar hands the application plaintext. The
+    /// namespace is found by the pod's address (among /proc/*/ns/net and /var/run/netns), which
+    /// needs the node's processes (hostPID) or netns files, and CAP_SYS_ADMIN to enter it.
+    #[arg(long)]
+    pub in_pod: bool,
 
     /// With --selector: only pods in this namespace (default: all namespaces).
     #[arg(long, requires = "selector")]

@@ -175,7 +175,13 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
             labels: labels.clone(),
             namespace: args.namespace.clone(),
             node: args.node_name.clone(),
+            in_pod: args.in_pod,
         }),
+        in_pod: if args.in_pod {
+            args.pod_ip.clone()
+        } else {
+            Vec::new()
+        },
         metrics: args.metrics,
         stats_interval: args.stats_interval,
         cpu_budget,
@@ -187,18 +193,18 @@ fn targets(args: &AttachArgs) -> Result<Vec<Target>> {
     let mut targets: Vec<Target> = args
         .iface
         .iter()
-        .map(|iface| Target {
-            iface: iface.clone(),
-            hook: args.direction,
-        })
+        .map(|iface| Target::here(iface.clone(), args.direction))
         .collect();
-    for ip in &args.pod_ip {
+    // Pods attached inside their namespace are attached once the capture runs.
+    let on_host_veth = if args.in_pod {
+        &[][..]
+    } else {
+        &args.pod_ip[..]
+    };
+    for ip in on_host_veth {
         let iface = netdev::iface_for_pod(*ip).map_err(with_hint)?;
         log::info!("pod {ip} is behind {iface}: attaching to its egress");
-        let target = Target {
-            iface,
-            hook: Hook::Egress,
-        };
+        let target = Target::here(iface, Hook::Egress);
         if !targets.contains(&target) {
             targets.push(target);
         }

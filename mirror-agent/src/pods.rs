@@ -24,6 +24,56 @@ pub struct MirroredPod {
 
 pub type MirroredPods = std::sync::Arc<std::sync::Mutex<Vec<MirroredPod>>>;
 
+/// A service mesh whose proxy hands the pod's application its plaintext inside the pod, over
+/// the pod's `lo`, while the wire between nodes carries mTLS: such a pod is mirrored from inside
+/// its network namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mesh {
+    /// An `istio-proxy` sidecar (Envoy connects to the app at POD_IP:port from 127.0.0.6).
+    IstioSidecar,
+    /// Istio ambient: ztunnel's in-pod sockets connect to the app with the client's address.
+    IstioAmbient,
+    /// A `linkerd-proxy` sidecar (connects to the original POD_IP:port).
+    Linkerd,
+}
+
+impl Mesh {
+    /// What a pod's metadata says: the annotations the meshes' injectors and CNI write, or the
+    /// proxy containers (a native sidecar is an init container). `istio.io/dataplane-mode=none`
+    /// opts a pod out of ambient.
+    fn of(pod: &Pod) -> Option<Mesh> {
+        let meta = &pod.metadata;
+        let annotated = |k: &str| meta.annotations.as_ref().and_then(|a| a.get(k));
+        let label = |k: &str| meta.labels.as_ref().and_then(|l| l.get(k));
+        let spec = pod.spec.as_ref();
+        let containers = spec.into_iter().flat_map(|s| {
+            s.containers
+                .iter()
+                .chain(s.init_containers.iter().flatten())
+        });
+        let has_container = |name: &str| containers.clone().any(|c| c.name == name);
+        if annotated("sidecar.istio.io/status").is_some() || has_container("istio-proxy") {
+            return Some(Mesh::IstioSidecar);
+        }
+        if annotated("linkerd.io/proxy-version").is_some() || has_container("linkerd-proxy") {
+            return Some(Mesh::Linkerd);
+        }
+        // istio-cni annotates every pod it redirects, whether the pod or its namespace asked.
+        let ambient = label("istio.io/dataplane-mode").map(String::as_str) == Some("ambient")
+            || annotated("ambient.istio.io/redirection").map(String::as_str) == Some("enabled");
+        let opted_out = label("istio.io/dataplane-mode").map(String::as_str) == Some("none");
+        (ambient && !opted_out).then_some(Mesh::IstioAmbient)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mesh::IstioSidecar => "Istio (sidecar)",
+            Mesh::IstioAmbient => "Istio (ambient)",
+            Mesh::Linkerd => "Linkerd",
+        }
+    }
+}
+
 /// What matters of a pod for mirroring it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodState {
@@ -33,6 +83,7 @@ pub struct PodState {
     pub ready: bool,
     /// A pod on the node's network has no veth of its own to attach to.
     pub host_network: bool,
+    pub mesh: Option<Mesh>,
 }
 
 impl PodState {
@@ -62,6 +113,7 @@ impl PodState {
             ip,
             ready,
             host_network,
+            mesh: Mesh::of(pod),
         }
     }
 
@@ -77,8 +129,15 @@ impl PodState {
 /// A decision for the capture stage.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PodChange {
-    Mirror { pod: String, ip: IpAddr },
-    Forget { pod: String, ip: IpAddr },
+    Mirror {
+        pod: String,
+        ip: IpAddr,
+        mesh: Option<Mesh>,
+    },
+    Forget {
+        pod: String,
+        ip: IpAddr,
+    },
 }
 
 /// The pods mirrored now, by key.
@@ -121,6 +180,7 @@ impl PodSet {
             out.push(PodChange::Mirror {
                 pod: pod.key.clone(),
                 ip,
+                mesh: pod.mesh,
             });
         }
         out
@@ -171,6 +231,8 @@ pub struct PodSelector {
     pub namespace: Option<String>,
     /// This node's name (from the downward API): only its pods have veths here.
     pub node: Option<String>,
+    /// Attach inside every pod's namespace, meshed or not (`--in-pod`).
+    pub in_pod: bool,
 }
 
 /// Watches the selected pods and sends what to mirror and forget, until `changes` is closed.
@@ -251,6 +313,7 @@ mod tests {
             ip: ip.map(|i| i.parse().unwrap()),
             ready,
             host_network: false,
+            mesh: None,
         }
     }
 
@@ -258,6 +321,7 @@ mod tests {
         PodChange::Mirror {
             pod: pod.into(),
             ip: ip.parse().unwrap(),
+            mesh: None,
         }
     }
 
@@ -310,5 +374,64 @@ mod tests {
         ]);
         assert_eq!(out, [forget("d/a", "10.0.0.5"), mirror("d/c", "10.0.0.9")]);
         assert_eq!(s.len(), 2);
+    }
+
+    fn meshed(json: serde_json::Value) -> Option<Mesh> {
+        let pod: Pod = serde_json::from_value(json).unwrap();
+        PodState::from_pod(&pod).mesh
+    }
+
+    #[test]
+    fn meshes_are_told_by_their_marks() {
+        let c = |name: &str| serde_json::json!({"name": name, "image": "x"});
+        assert_eq!(
+            meshed(
+                serde_json::json!({"metadata": {"name": "p"}, "spec": {"containers": [c("app")]}})
+            ),
+            None
+        );
+        assert_eq!(
+            meshed(
+                serde_json::json!({"metadata": {"name": "p", "annotations": {"sidecar.istio.io/status": "{}"}}})
+            ),
+            Some(Mesh::IstioSidecar)
+        );
+        // A native sidecar: the proxy is an init container.
+        assert_eq!(
+            meshed(serde_json::json!({"metadata": {"name": "p"},
+                "spec": {"containers": [c("app")], "initContainers": [c("istio-proxy")]}})),
+            Some(Mesh::IstioSidecar)
+        );
+        assert_eq!(
+            meshed(
+                serde_json::json!({"metadata": {"name": "p"}, "spec": {"containers": [c("app"), c("linkerd-proxy")]}})
+            ),
+            Some(Mesh::Linkerd)
+        );
+        assert_eq!(
+            meshed(
+                serde_json::json!({"metadata": {"name": "p", "annotations": {"linkerd.io/proxy-version": "edge-24.1.1"}}})
+            ),
+            Some(Mesh::Linkerd)
+        );
+        assert_eq!(
+            meshed(
+                serde_json::json!({"metadata": {"name": "p", "labels": {"istio.io/dataplane-mode": "ambient"}}})
+            ),
+            Some(Mesh::IstioAmbient)
+        );
+        // Enrolled through its namespace's label: the CNI's annotation says so.
+        assert_eq!(
+            meshed(
+                serde_json::json!({"metadata": {"name": "p", "annotations": {"ambient.istio.io/redirection": "enabled"}}})
+            ),
+            Some(Mesh::IstioAmbient)
+        );
+        assert_eq!(
+            meshed(serde_json::json!({"metadata": {"name": "p",
+                "labels": {"istio.io/dataplane-mode": "none"},
+                "annotations": {"ambient.istio.io/redirection": "enabled"}}})),
+            None
+        );
     }
 }

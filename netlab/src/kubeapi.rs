@@ -22,6 +22,8 @@ enum WatchItem {
 struct ApiState {
     /// Labels every pod carries, as a JSON object's members.
     labels: String,
+    /// Container names of the pods streamed from now on (default: one, `app`).
+    containers: Vec<String>,
     node: String,
     /// Pods as JSON, returned by a list.
     pods: Vec<String>,
@@ -42,8 +44,18 @@ pub struct FakeApi {
 
 fn pod_json(s: &ApiState, name: &str, ip: Option<&str>, ready: bool) -> String {
     let ip = ip.map(|i| format!(r#""podIP":"{i}","#)).unwrap_or_default();
+    let names = if s.containers.is_empty() {
+        vec!["app".to_string()]
+    } else {
+        s.containers.clone()
+    };
+    let containers = names
+        .iter()
+        .map(|c| format!(r#"{{"name":"{c}","image":"{c}:1"}}"#))
+        .collect::<Vec<_>>()
+        .join(",");
     format!(
-        r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"{name}","namespace":"default","resourceVersion":"{rv}","labels":{{{labels}}}}},"spec":{{"nodeName":"{node}","containers":[{{"name":"app","image":"app:1"}}]}},"status":{{{ip}"conditions":[{{"type":"Ready","status":"{ready}"}}]}}}}"#,
+        r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"{name}","namespace":"default","resourceVersion":"{rv}","labels":{{{labels}}}}},"spec":{{"nodeName":"{node}","containers":[{containers}]}},"status":{{{ip}"conditions":[{{"type":"Ready","status":"{ready}"}}]}}}}"#,
         rv = s.resource_version,
         labels = s.labels,
         node = s.node,
@@ -122,6 +134,11 @@ impl FakeApi {
                 r#"{{"type":"{kind}","object":{json}}}"#
             )));
         });
+    }
+
+    /// The containers of the pods streamed from now on, e.g. an app and a mesh's sidecar.
+    pub fn containers(&self, names: &[&str]) {
+        self.with(|s| s.containers = names.iter().map(|n| n.to_string()).collect());
     }
 
     /// Streams a bookmark: a newer resource version and no change.

@@ -42,6 +42,8 @@ pub enum CaptureError {
         gateway: IpAddr,
         iface: String,
     },
+    #[error(transparent)]
+    PodNetns(#[from] super::netns::NotFound),
     #[error("the route to {ip} names no interface")]
     RouteWithoutInterface { ip: IpAddr },
     /// A link or route operation the kernel refused (creating the veth pair, a route lookup).

@@ -10,6 +10,7 @@ pub mod heads;
 pub mod heartbeat;
 pub mod memlock;
 pub mod netdev;
+pub mod netns;
 pub mod program;
 pub mod ring;
 pub mod rtnl;
@@ -27,6 +28,7 @@ use mirror_common::{Counter, COUNTER_COUNT, PROGRAM_NAME};
 pub use self::error::CaptureError;
 use self::error::Result;
 use self::heads::{FullResponses, HeadMerge, Progress};
+use self::netns::Netns;
 use self::program::KernelProgram;
 pub use self::program::{AttachMode, Hook, MatchConfig};
 use self::ring::{PacketRing, RingConfig};
@@ -38,6 +40,67 @@ pub struct Target {
     pub iface: String,
     /// The hook that requests cross; responses cross the opposite one.
     pub hook: Hook,
+    /// The network namespace the interface is in (a pod's `lo`); None: the agent's own.
+    pub netns: Option<Netns>,
+}
+
+impl Target {
+    /// An interface of the agent's own namespace.
+    pub fn here(iface: impl Into<String>, hook: Hook) -> Target {
+        Target {
+            iface: iface.into(),
+            hook,
+            netns: None,
+        }
+    }
+
+    /// Names the interface uniquely across namespaces (every pod has an `lo`), for its lock and
+    /// its links.
+    pub fn key(&self) -> String {
+        match &self.netns {
+            None => self.iface.clone(),
+            Some(ns) => format!("{}@netns:{}", self.iface, ns.inode()),
+        }
+    }
+
+    /// Runs `f` in the target's namespace.
+    fn within<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+        within(self.netns.as_ref(), f)
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.netns {
+            None => f.write_str(&self.iface),
+            Some(ns) => write!(
+                f,
+                "{} inside netns {} ({})",
+                self.iface,
+                ns.inode(),
+                ns.origin().display()
+            ),
+        }
+    }
+}
+
+/// Runs `f` in `netns`, or right here for None.
+fn within<T: Send>(netns: Option<&Netns>, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    match netns {
+        None => f(),
+        Some(ns) => ns.run(f).map_err(CaptureError::io(format!(
+            "entering network namespace {} ({})",
+            ns.inode(),
+            ns.origin().display()
+        )))?,
+    }
+}
+
+/// A pod mirrored now: where, and for one attached inside its namespace, the mirror veth's end
+/// in the reader's namespace (deleting it deletes the pair).
+struct PodAttachment {
+    target: Target,
+    peer: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -167,12 +230,19 @@ pub struct Capture {
     /// The kernel's `cloned_request_starts` at the previous `account_lost_requests`.
     kernel_request_starts: AtomicU64,
     attached: Vec<(Target, Hook, AttachMode)>,
-    /// One lock per interface attached to, released when the agent lets the interface go.
+    /// One lock per interface attached to (by `Target::key`), released when the agent lets the
+    /// interface go.
     locks: HashMap<String, netdev::TargetLock>,
-    /// Pods attached by address while running, and the interface each is behind.
-    pods: HashMap<IpAddr, String>,
-    /// Interfaces given at start: they stay attached whatever pods come and go.
+    /// Pods attached by address while running, and where.
+    pods: HashMap<IpAddr, PodAttachment>,
+    /// Keys of the interfaces given at start: they stay attached whatever pods come and go.
     fixed: Vec<String>,
+    /// The reader thread's namespace, where the mirror veths of in-pod attachments end.
+    reader_netns: Netns,
+    /// The host mirror veth's index; each pod's mirror veth gets it too (see `add_pod_in_netns`).
+    mirror_ifindex: u32,
+    /// In-pod mirror veths made so far, to name the next.
+    pod_veths: u32,
     responses: bool,
     attach_mode: AttachMode,
     lock_dir: PathBuf,
@@ -188,9 +258,9 @@ impl Capture {
         }
         let mut locks = HashMap::new();
         for t in &cfg.targets {
-            if !locks.contains_key(&t.iface) {
-                netdev::check_target_iface(&t.iface)?;
-                locks.insert(t.iface.clone(), lock_iface(&cfg.lock_dir, &t.iface)?);
+            if let std::collections::hash_map::Entry::Vacant(slot) = locks.entry(t.key()) {
+                t.within(|| netdev::check_target_iface(&t.iface))?;
+                slot.insert(lock_iface(&cfg.lock_dir, t)?);
             }
         }
 
@@ -198,16 +268,20 @@ impl Capture {
         let stop = Arc::new(AtomicBool::new(false));
         let (sink_tx, sink_rx) = mpsc::channel::<Box<dyn BatchSink>>();
         // Unique per agent on the node: in containers every agent is pid 1.
-        let host_veth = format!("mirr{:08x}", unique_tag());
+        let tag = unique_tag();
+        let host_veth = format!("mirr{tag:08x}");
+        // Every mirror veth of this agent, here and inside pods, has this index: the program
+        // is configured with one. High and random, so that no pod's own interfaces hold it.
+        let mirror_ifindex = MIRROR_IFINDEX_BASE | (tag & 0x0fff_ffff);
         let (heads_tx, heads_rx) = mpsc::channel::<HeadMerge>();
-        let (reader, ready) = spawn_reader(
+        let (reader, reader_netns, ready) = spawn_reader(
             cfg.read_clones.then_some(cfg.ring),
             cfg.matching.clone(),
             heads_rx,
             sink_rx,
             Arc::clone(&stats),
             Arc::clone(&stop),
-            host_veth.clone(),
+            (host_veth.clone(), mirror_ifindex),
         )?;
         let mut capture = Capture {
             program: None,
@@ -223,7 +297,10 @@ impl Capture {
             attached: Vec::new(),
             locks,
             pods: HashMap::new(),
-            fixed: cfg.targets.iter().map(|t| t.iface.clone()).collect(),
+            fixed: cfg.targets.iter().map(Target::key).collect(),
+            reader_netns,
+            mirror_ifindex,
+            pod_veths: 0,
             responses: cfg.matching.responses,
             attach_mode: cfg.attach_mode,
             lock_dir: cfg.lock_dir.clone(),
@@ -231,8 +308,6 @@ impl Capture {
         ready()?;
         netdev::quiet_ipv6(&host_veth)?;
         netdev::set_up(&host_veth).map_err(CaptureError::io("bringing the mirror interface up"))?;
-        let mirror_ifindex = netdev::ifindex(&host_veth)
-            .map_err(CaptureError::io("finding the mirror interface"))?;
 
         let mut program = KernelProgram::load(cfg.ebpf_log)?;
         for t in &cfg.targets {
@@ -269,91 +344,151 @@ impl Capture {
     /// sees both directions). Each hook once: a packet cloned twice would be a request replayed
     /// twice.
     fn attach_target(&mut self, program: &mut KernelProgram, t: &Target) -> Result<()> {
-        let lo = netdev::check_target_iface(&t.iface)? == netdev::LinkKind::Loopback;
+        let lo = t.within(|| netdev::check_target_iface(&t.iface))? == netdev::LinkKind::Loopback;
         let mut hooks = vec![t.hook];
         if self.responses && !lo {
             hooks.push(t.hook.opposite());
         }
+        let key = t.key();
         for hook in hooks {
             if self
                 .attached
                 .iter()
-                .any(|(a, h, _)| a.iface == t.iface && *h == hook)
+                .any(|(a, h, _)| a.key() == key && *h == hook)
             {
                 continue;
             }
-            let mode = program.attach(&t.iface, hook, self.attach_mode)?;
+            let mode = self.attach_mode;
+            let mode = t.within(|| program.attach(&t.iface, &key, hook, mode))?;
             self.attached.push((t.clone(), hook, mode));
         }
         Ok(())
     }
 
     /// Starts mirroring the pod at `ip` while running: its address joins the live filter, and
-    /// its host-side veth (found by route) is attached unless it already is. Returns the veth.
+    /// its host-side veth (found by route) is attached unless it already is. Returns where.
     pub fn add_pod(&mut self, ip: IpAddr) -> Result<String> {
-        if let Some(iface) = self.pods.get(&ip) {
-            return Ok(iface.clone());
+        if let Some(p) = self.pods.get(&ip) {
+            return Ok(p.target.to_string());
         }
         let iface = netdev::iface_for_pod(ip)?;
+        // The hook requests cross: the veth's egress, towards the pod.
+        let target = Target::here(iface, Hook::Egress);
+        self.attach_pod(ip, target, None)
+    }
+
+    /// Starts mirroring the pod at `ip` inside its own network namespace, on its `lo`: where a
+    /// mesh proxy (Istio, Linkerd) hands the application plaintext that crossed the node
+    /// encrypted. The namespace is the one whose interfaces carry `ip`.
+    ///
+    /// The program's clones leave through a veth whose one end is made inside the pod's
+    /// namespace with the host mirror veth's interface index, so that the one index the program
+    /// is configured with names a mirror veth in every namespace, and whose other end is in the
+    /// reader's namespace, where the capture socket reads every interface. Nothing is left in
+    /// the pod when the agent dies: the reader's namespace dies with it, and the pair with it.
+    pub fn add_pod_in_netns(&mut self, ip: IpAddr) -> Result<String> {
+        if let Some(p) = self.pods.get(&ip) {
+            return Ok(p.target.to_string());
+        }
+        let ns = netns::find_by_addr(ip)?;
+        self.pod_veths += 1;
+        let peer = format!("mirror{}", self.pod_veths);
+        let end = self.host_veth.clone();
+        let (index, reader_fd) = (self.mirror_ifindex, self.reader_netns.fd());
+        within(Some(&ns), || {
+            Ok(rtnl::create_veth(&end, index, &peer, reader_fd)?)
+        })?;
+        let up = |at: &Netns, name: &str| {
+            within(Some(at), || {
+                netdev::quiet_ipv6(name)?;
+                netdev::set_up(name).map_err(CaptureError::io(format!("bringing {name} up")))
+            })
+        };
+        let target = Target {
+            iface: "lo".into(),
+            hook: Hook::Ingress,
+            netns: Some(ns.clone()),
+        };
+        let ready = up(&self.reader_netns, &peer).and_then(|()| up(&ns, &end));
+        match ready.and_then(|()| self.attach_pod(ip, target, Some(peer.clone()))) {
+            Ok(at) => Ok(at),
+            Err(e) => {
+                self.delete_pod_veth(&peer);
+                Err(e)
+            }
+        }
+    }
+
+    /// Attaches `target` for the pod at `ip`, then adds its address to the live filter.
+    fn attach_pod(&mut self, ip: IpAddr, target: Target, peer: Option<String>) -> Result<String> {
+        let key = target.key();
         let mut program = self.program.take().ok_or(CaptureError::Stopping)?;
         // Both hooks first, the address last: the address filter holds the pod's packets back
         // until both directions are seen, or a request cloned before the response hook is on
         // would wait for an answer that never comes, and pair with the next one.
         let attached = (|| {
-            if !self.locks.contains_key(&iface) {
-                let lock = lock_iface(&self.lock_dir, &iface)?;
-                self.locks.insert(iface.clone(), lock);
+            if !self.locks.contains_key(&key) {
+                let lock = lock_iface(&self.lock_dir, &target)?;
+                self.locks.insert(key.clone(), lock);
             }
-            let target = Target {
-                iface: iface.clone(),
-                hook: Hook::Egress,
-            };
             self.attach_target(&mut program, &target)?;
             program.set_live_addr(ip, true)
         })();
         self.program = Some(program);
         if let Err(e) = attached {
-            self.release_iface_if_unused(&iface);
+            self.release_iface_if_unused(&key);
             let _ = self.program.as_mut().map(|p| p.set_live_addr(ip, false));
             return Err(e);
         }
-        self.pods.insert(ip, iface.clone());
-        Ok(iface)
+        let at = target.to_string();
+        self.pods.insert(ip, PodAttachment { target, peer });
+        Ok(at)
     }
 
     /// Stops mirroring the pod at `ip`: its address leaves the live filter at once, and its
-    /// veth is detached when no other mirrored pod is behind it.
+    /// interface is detached when no other mirrored pod is behind it.
     pub fn remove_pod(&mut self, ip: IpAddr) -> Result<()> {
-        let Some(iface) = self.pods.remove(&ip) else {
+        let Some(pod) = self.pods.remove(&ip) else {
             return Ok(());
         };
         if let Some(program) = self.program.as_mut() {
             program.set_live_addr(ip, false)?;
         }
-        self.release_iface_if_unused(&iface);
+        self.release_iface_if_unused(&pod.target.key());
+        if let Some(peer) = &pod.peer {
+            self.delete_pod_veth(peer);
+        }
         Ok(())
     }
 
-    /// Detaches from `iface` and lets its lock go, unless a pod or a start target still uses it.
-    fn release_iface_if_unused(&mut self, iface: &str) {
-        if self.fixed.iter().any(|f| f == iface) || self.pods.values().any(|i| i == iface) {
+    /// Deletes an in-pod mirror veth by its end in the reader's namespace.
+    fn delete_pod_veth(&self, peer: &str) {
+        let deleted = within(Some(&self.reader_netns), || {
+            netdev::delete_link(peer);
+            Ok(())
+        });
+        if let Err(e) = deleted {
+            log::warn!("deleting the mirror veth {peer}: {}", error::chain(&e));
+        }
+    }
+
+    /// Detaches from the interface `key` names and lets its lock go, unless a pod or a start
+    /// target still uses it.
+    fn release_iface_if_unused(&mut self, key: &str) {
+        if self.fixed.iter().any(|f| f == key) || self.pods.values().any(|p| p.target.key() == key)
+        {
             return;
         }
         if let Some(program) = self.program.as_mut() {
-            for (t, hook, _) in self.attached.iter().filter(|(t, _, _)| t.iface == iface) {
-                // A pod's veth that is gone took its links with it.
-                if let Err(e) = program.detach(&t.iface, *hook) {
+            for (t, hook, _) in self.attached.iter().filter(|(t, _, _)| t.key() == key) {
+                // A pod's veth or namespace that is gone took its links with it.
+                if let Err(e) = t.within(|| program.detach(key, *hook)) {
                     log::debug!("{}", error::chain(&e));
                 }
             }
         }
-        self.attached.retain(|(t, _, _)| t.iface != iface);
-        self.locks.remove(iface);
-    }
-
-    /// Pods mirrored now, with the interface each is behind.
-    pub fn pods(&self) -> &HashMap<IpAddr, String> {
-        &self.pods
+        self.attached.retain(|(t, _, _)| t.key() != key);
+        self.locks.remove(key);
     }
 
     /// The hooks attached, with the mode used for each.
@@ -446,6 +581,11 @@ impl Capture {
             let _ = reader.join();
         }
         netdev::delete_link(&self.host_veth);
+        // The reader's namespace would take them too, but later: the kernel frees a namespace
+        // asynchronously. A pod is left as it was found when the agent exits.
+        for pod in self.pods.values().filter_map(|p| p.peer.as_deref()) {
+            self.delete_pod_veth(pod);
+        }
         counters
     }
 }
@@ -455,6 +595,10 @@ impl Drop for Capture {
         let _ = self.shutdown();
     }
 }
+
+/// The mirror veths' interface index is this with 28 random bits: above the indexes kernels
+/// hand out (they count up from 1 in each namespace), and a valid positive `int`.
+const MIRROR_IFINDEX_BASE: u32 = 0x4000_0000;
 
 /// 32 random bits from the kernel, or (without getrandom) from the clock and pid.
 fn unique_tag() -> u32 {
@@ -470,11 +614,13 @@ fn unique_tag() -> u32 {
     tag
 }
 
-/// Claims `iface` for this agent and removes filters a dead agent left there.
-fn lock_iface(dir: &std::path::Path, iface: &str) -> Result<netdev::TargetLock> {
-    let lock = netdev::TargetLock::acquire(dir, iface)?;
-    netdev::remove_stale_filters(iface, PROGRAM_NAME);
-    Ok(lock)
+/// Claims the target's interface for this agent and removes filters a dead agent left there.
+fn lock_iface(dir: &std::path::Path, t: &Target) -> Result<netdev::TargetLock> {
+    t.within(|| {
+        let lock = netdev::TargetLock::acquire(dir, &t.iface)?;
+        netdev::remove_stale_filters(&t.iface, PROGRAM_NAME);
+        Ok(lock)
+    })
 }
 
 fn preflight() -> Result<()> {
@@ -511,8 +657,10 @@ fn preflight() -> Result<()> {
 }
 
 /// Starts the reader thread. It moves into a fresh network namespace, waits there for the veth
-/// peer, opens the ring on it (unless `ring_cfg` is None) and then reads until stopped. The
-/// returned closure creates the veth pair and waits until the reader is ready.
+/// peer, opens the ring on every interface of that namespace (the mirror veths of pods attached
+/// later end there too; unless `ring_cfg` is None) and then reads until stopped. Returns the
+/// thread, its namespace, and a closure that creates the veth pair and waits until the reader
+/// is ready.
 fn spawn_reader(
     ring_cfg: Option<RingConfig>,
     matching: MatchConfig,
@@ -520,8 +668,8 @@ fn spawn_reader(
     sink: mpsc::Receiver<Box<dyn BatchSink>>,
     stats: Arc<CaptureStats>,
     stop: Arc<AtomicBool>,
-    host_veth: String,
-) -> Result<(JoinHandle<()>, impl FnOnce() -> Result<()>)> {
+    (host_veth, mirror_ifindex): (String, u32),
+) -> Result<(JoinHandle<()>, Netns, impl FnOnce() -> Result<()>)> {
     const PEER: &str = "mirror0";
     let (tid_tx, tid_rx) = mpsc::channel::<std::io::Result<i32>>();
     let (go_tx, go_rx) = mpsc::channel::<()>();
@@ -540,11 +688,12 @@ fn spawn_reader(
                 return;
             }
             let ring = (|| -> Result<Option<PacketRing>> {
-                let idx = netdev::ifindex(PEER).map_err(CaptureError::io("the veth peer"))?;
                 netdev::quiet_ipv6(PEER)?;
                 netdev::set_up(PEER).map_err(CaptureError::io(format!("bringing {PEER} up")))?;
+                // Index 0: every interface here. This namespace's `lo` stays down, and
+                // nothing but the mirror veths' ends is ever added.
                 ring_cfg
-                    .map(|cfg| PacketRing::open(idx, cfg))
+                    .map(|cfg| PacketRing::open(0, cfg))
                     .transpose()
                     .map_err(CaptureError::io("opening the capture ring"))
             })();
@@ -575,12 +724,17 @@ fn spawn_reader(
         .recv()
         .map_err(|_| CaptureError::ThreadExited)?
         .map_err(CaptureError::Namespace)?;
+    let netns = Netns::open(std::path::Path::new(&format!(
+        "/proc/self/task/{tid}/ns/net"
+    )))
+    .map_err(CaptureError::Namespace)?;
+    let peer_netns = netns.clone();
     let ready = move || -> Result<()> {
-        netdev::create_veth(&host_veth, PEER, tid)?;
+        rtnl::create_veth(&host_veth, mirror_ifindex, PEER, peer_netns.fd())?;
         go_tx.send(()).map_err(|_| CaptureError::ThreadExited)?;
         ready_rx.recv().map_err(|_| CaptureError::ThreadExited)?
     };
-    Ok((handle, ready))
+    Ok((handle, netns, ready))
 }
 
 /// How long the reader waits for a block while response-head records come, in milliseconds.

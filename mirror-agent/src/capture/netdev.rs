@@ -116,12 +116,6 @@ fn ifreq(name: &str) -> io::Result<libc::ifreq> {
     Ok(req)
 }
 
-/// Creates the veth pair: `host` in the current namespace, `peer` in the namespace of thread
-/// `peer_tid`.
-pub fn create_veth(host: &str, peer: &str, peer_tid: i32) -> Result<()> {
-    Ok(super::rtnl::create_veth(host, peer, peer_tid)?)
-}
-
 /// Deletes a link if it still exists (a veth also goes when its peer's namespace dies).
 pub fn delete_link(name: &str) {
     if let Ok(index) = ifindex(name) {
@@ -160,7 +154,8 @@ impl TargetLock {
             move |source| CaptureError::Lock { path, source }
         };
         std::fs::create_dir_all(dir).map_err(lock_error(dir))?;
-        let netns = std::fs::metadata("/proc/self/ns/net")
+        // The calling thread's: it may be in a pod's namespace (see `netns`).
+        let netns = std::fs::metadata("/proc/thread-self/ns/net")
             .map(|m| m.ino())
             .unwrap_or(0);
         let path = dir.join(format!("{netns}-{iface}.lock"));

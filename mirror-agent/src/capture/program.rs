@@ -107,7 +107,8 @@ impl MatchConfig {
 
 pub struct KernelProgram {
     ebpf: Ebpf,
-    /// Attached hooks, so that one can be detached while the others keep cloning.
+    /// Attached hooks by target key (`Target::key`: the interface and its namespace), so that
+    /// one can be detached while the others keep cloning.
     links: std::collections::HashMap<(String, Hook), SchedClassifierLinkId>,
 }
 
@@ -228,13 +229,14 @@ impl KernelProgram {
         Ok(())
     }
 
-    /// Detaches one hook; the others keep cloning.
-    pub fn detach(&mut self, iface: &str, hook: Hook) -> Result<()> {
-        if let Some(id) = self.links.remove(&(iface.to_string(), hook)) {
+    /// Detaches one hook; the others keep cloning. A clsact filter is removed over netlink in
+    /// the calling thread's namespace: call it in the interface's.
+    pub fn detach(&mut self, key: &str, hook: Hook) -> Result<()> {
+        if let Some(id) = self.links.remove(&(key.to_string(), hook)) {
             program(&mut self.ebpf)?
                 .detach(id)
                 .map_err(|source| CaptureError::Detach {
-                    iface: iface.to_string(),
+                    iface: key.to_string(),
                     hook: hook.name(),
                     source: Box::new(source),
                 })?;
@@ -281,8 +283,15 @@ impl KernelProgram {
             .map_err(CaptureError::map(MAP_CONFIG))
     }
 
-    /// Attaches to one hook of `iface`. Returns the mode actually used.
-    pub fn attach(&mut self, iface: &str, hook: Hook, mode: AttachMode) -> Result<AttachMode> {
+    /// Attaches to one hook of `iface` in the calling thread's namespace, remembered as `key`.
+    /// Returns the mode actually used.
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        key: &str,
+        hook: Hook,
+        mode: AttachMode,
+    ) -> Result<AttachMode> {
         let prog = program(&mut self.ebpf)?;
         // Auto tries tcx on every kernel: vendors backport it, so the version says too little.
         let use_tcx = mode != AttachMode::Netlink;
@@ -293,7 +302,7 @@ impl KernelProgram {
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             ) {
                 Ok(id) => {
-                    self.links.insert((iface.to_string(), hook), id);
+                    self.links.insert((key.to_string(), hook), id);
                     return Ok(AttachMode::Tcx);
                 }
                 Err(source) if mode == AttachMode::Tcx => {
@@ -324,7 +333,7 @@ impl KernelProgram {
                 hook: hook.name(),
                 source: Box::new(source),
             })?;
-        self.links.insert((iface.to_string(), hook), id);
+        self.links.insert((key.to_string(), hook), id);
         Ok(AttachMode::Netlink)
     }
 

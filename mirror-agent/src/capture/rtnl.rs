@@ -114,22 +114,29 @@ fn link(index: u32, attributes: Vec<LinkAttribute>) -> LinkMessage {
     m
 }
 
-/// Creates a veth pair: `host` in this namespace, `peer` in the network namespace of thread (or
-/// process) `peer_tid`. Both ends get the largest MTU, so that no clone is too big for the pair.
-pub fn create_veth(host: &str, peer: &str, peer_tid: i32) -> Result<(), RtnlError> {
+/// Creates a veth pair: `name` in this namespace with interface index `index`, and `peer` in the
+/// network namespace open at `peer_netns`. Both ends get the largest MTU, so that no clone is
+/// too big for the pair.
+pub fn create_veth(
+    name: &str,
+    index: u32,
+    peer: &str,
+    peer_netns: std::os::fd::RawFd,
+) -> Result<(), RtnlError> {
+    let peer_ns = LinkAttribute::NetNsFd(peer_netns);
     const MTU: u32 = 65535;
     let peer_msg = link(
         0,
         vec![
             LinkAttribute::IfName(peer.into()),
             LinkAttribute::Mtu(MTU),
-            LinkAttribute::NetNsPid(peer_tid as u32),
+            peer_ns,
         ],
     );
     let msg = link(
-        0,
+        index,
         vec![
-            LinkAttribute::IfName(host.into()),
+            LinkAttribute::IfName(name.into()),
             LinkAttribute::Mtu(MTU),
             LinkAttribute::LinkInfo(vec![
                 LinkInfo::Kind(InfoKind::Veth),
@@ -138,7 +145,7 @@ pub fn create_veth(host: &str, peer: &str, peer_tid: i32) -> Result<(), RtnlErro
         ],
     );
     run(
-        || format!("creating the veth pair {host} / {peer}"),
+        || format!("creating the veth pair {name} (index {index}) / {peer}"),
         RouteNetlinkMessage::NewLink(msg),
         NLM_F_CREATE | NLM_F_EXCL,
     )

@@ -1,0 +1,281 @@
+//! A service mesh's data path, rebuilt with real pieces (root only): a pod namespace behind a
+//! veth on a node namespace, where a TLS-terminating nginx "sidecar" takes the pod's port by an
+//! iptables REDIRECT, as Istio's init container sets it up, and forwards the plaintext to the
+//! app at POD_IP:8080 from 127.0.0.6, over the pod's `lo`. HTTPS clients (curl, Python) reach
+//! the pod from the node. The wire on the host veth carries only TLS; the agent, attached
+//! inside the pod, must mirror every plaintext request the app received, once, and nothing of
+//! the TLS leg.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use netlab::kubeapi::FakeApi;
+
+const MIRROR: &str = "127.0.0.1:9095";
+const METRICS: &str = "127.0.0.1:9467";
+
+/// A meshed pod: its namespace, the app on POD_IP:8080 and the TLS sidecar in front of it.
+struct MeshedPod {
+    ns: Netns,
+    app: TestServer,
+    _sidecar: Proc,
+    _dir: tempfile::TempDir,
+    ip: String,
+}
+
+fn meshed_pod(node: &Netns, tag: &str, net: u8) -> MeshedPod {
+    let ns = Netns::new(&netlab::unique(tag));
+    netlab::link(node, &format!("vm{net}"), &ns, "eth0", net);
+    let ip = format!("10.{net}.0.2");
+    let app = TestServer::start(&ns, &[format!("{ip}:8080").parse().unwrap()]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    netlab::sh(&[
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=pod",
+        "-days",
+        "2",
+        "-keyout",
+        &format!("{d}/k.pem"),
+        "-out",
+        &format!("{d}/c.pem"),
+    ]);
+    let conf = format!(
+        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         events {{ worker_connections 256; }}\n\
+         http {{\n access_log off;\n client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+         server {{\n  listen 15006 ssl;\n  ssl_certificate {d}/c.pem;\n  ssl_certificate_key {d}/k.pem;\n\
+           location / {{\n   proxy_pass http://{ip}:8080;\n   proxy_bind 127.0.0.6;\n\
+           proxy_http_version 1.1;\n   proxy_request_buffering off;\n  }}\n }}\n}}\n"
+    );
+    std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+    let sidecar = Proc::spawn(
+        ns.exec(&["nginx", "-c", &format!("{d}/nginx.conf"), "-p", &d])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    );
+    // Istio's capture: inbound traffic to any port goes to the proxy's inbound listener.
+    netlab::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns.name,
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "--dport",
+        "8080",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15006",
+    ]);
+    let pod = MeshedPod {
+        ns,
+        app,
+        _sidecar: sidecar,
+        _dir: dir,
+        ip,
+    };
+    assert!(
+        netlab::wait_until(Duration::from_secs(10), || https_get(node, &pod, "/ping")),
+        "the sidecar never answered HTTPS"
+    );
+    pod
+}
+
+fn https_get(node: &Netns, pod: &MeshedPod, path: &str) -> bool {
+    node.exec(&[
+        "curl",
+        "-sSk",
+        "--max-time",
+        "3",
+        "-o",
+        "/dev/null",
+        &format!("https://{}:8080{path}", pod.ip),
+    ])
+    .status()
+    .is_ok_and(|s| s.success())
+}
+
+/// HTTPS from the node: curl (its own BIO; one connection per call) and Python's `ssl` (many
+/// requests on one keep-alive connection), GETs and POSTs with bodies. Returns how many.
+fn https_clients(node: &Netns, pod: &MeshedPod, tag: &str) -> usize {
+    let base = format!("https://{}:8080", pod.ip);
+    for i in 0..5 {
+        curl(node, &["-k", &format!("{base}/{tag}/curl/get/{i}")]);
+        curl(
+            node,
+            &[
+                "-k",
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                &format!("{{\"order\":{i},\"items\":[\"a\",\"b\"]}}"),
+                &format!("{base}/{tag}/curl/post/{i}"),
+            ],
+        );
+    }
+    let script = format!(
+        r#"
+import http.client, ssl
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+c = http.client.HTTPSConnection("{ip}", 8080, context=ctx, timeout=5)
+for i in range(6):
+    body = ("x" * (i * 3000)).encode()
+    c.request("POST" if i % 2 else "GET", "/{tag}/python/%d" % i, body=body if i % 2 else None,
+              headers={{"X-Client": "python"}})
+    r = c.getresponse()
+    r.read()
+    assert r.status == 200, r.status
+"#,
+        ip = pod.ip
+    );
+    let out = node.exec(&["python3", "-c", &script]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "python client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    10 + 6
+}
+
+/// Compares what the mirror received with what the app received after its first `probes`
+/// requests (made before the agent attached).
+fn assert_mirrored(
+    app: &TestServer,
+    probes: usize,
+    mirror: &TestServer,
+    sent: usize,
+    stderr: &str,
+) {
+    assert_eq!(
+        app.requests(),
+        probes + sent,
+        "the app received every request"
+    );
+    let mut want: Vec<Recorded> = app.log()[probes..].iter().map(normalised).collect();
+    want.sort();
+    let mut got: Vec<Recorded> = mirror.log().iter().map(normalised).collect();
+    got.sort();
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "the mirror got each plaintext request once\n{stderr}"
+    );
+    assert_same_requests(&got, &want);
+}
+
+#[test]
+fn a_sidecar_pods_plaintext_is_mirrored_from_inside_the_pod() {
+    if not_root() {
+        return;
+    }
+    let node = Netns::new(&netlab::unique("mnode"));
+    let mirror = TestServer::start(&node, &[MIRROR.parse().unwrap()]);
+    let pod = meshed_pod(&node, "mpod", 241);
+    let probes = pod.app.requests();
+    let agent = Agent::start(
+        &node,
+        &[
+            "--pod-ip",
+            &pod.ip,
+            "--in-pod",
+            "--port",
+            "8080",
+            "--mirror",
+            &format!("http://{MIRROR}"),
+            "--host",
+            "keep",
+        ],
+    );
+    assert!(
+        agent.ready_line.contains("lo ingress"),
+        "attached inside the pod: {}",
+        agent.ready_line
+    );
+    let sent = https_clients(&node, &pod, "tls");
+    netlab::wait_until(Duration::from_secs(20), || mirror.requests() >= sent);
+    // Nothing more comes: no request twice, and no TLS record taken for one.
+    std::thread::sleep(Duration::from_millis(300));
+    let exit = agent.stop();
+    assert_mirrored(&pod.app, probes, &mirror, sent, &exit.stderr);
+    // The pod's mirror veth went with the agent; the app's namespace is as it was.
+    let links = pod.ns.ip(&["-o", "link"]);
+    assert!(!links.contains("mirr"), "left in the pod: {links}");
+}
+
+#[test]
+fn meshed_pods_are_found_by_their_sidecar_and_attached_inside() {
+    if not_root() {
+        return;
+    }
+    let node = Netns::new(&netlab::unique("mnode"));
+    let mirror = TestServer::start(&node, &[MIRROR.parse().unwrap()]);
+    let api = FakeApi::start(&node, &[("app", "pay")], "node1");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let mut cmd = node.exec(&[
+        AGENT,
+        "attach",
+        "--selector",
+        "app=pay",
+        "--node-name",
+        "node1",
+        "--port",
+        "8080",
+        "--mirror",
+        &format!("http://{MIRROR}"),
+        "--host",
+        "keep",
+        "--metrics",
+        METRICS,
+    ]);
+    cmd.env("KUBECONFIG", &kubeconfig);
+    let agent = Agent::spawn_command(cmd);
+
+    let pod = meshed_pod(&node, "mpod", 242);
+    let probes = pod.app.requests();
+    api.containers(&["app", "istio-proxy"]);
+    api.event("ADDED", "pay-v1", Some(&pod.ip), true);
+    let mirrored = netlab::wait_until(Duration::from_secs(20), || {
+        metric(&node, METRICS, "mirror_pods_mirrored", &[]) == Some(1.0)
+    });
+    if !mirrored {
+        panic!("the meshed pod was never mirrored:\n{}", agent.terminate());
+    }
+    let sent = https_clients(&node, &pod, "sel");
+    netlab::wait_until(Duration::from_secs(20), || mirror.requests() >= sent);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The pod goes: its attachment and mirror veth go with it, while the agent runs.
+    api.event("DELETED", "pay-v1", Some(&pod.ip), true);
+    assert!(
+        netlab::wait_until(Duration::from_secs(20), || !pod
+            .ns
+            .ip(&["-o", "link"])
+            .contains("mirr")),
+        "the pod's mirror veth outlived its pod"
+    );
+    let stderr = agent.terminate();
+    assert!(
+        stderr.contains("is in the Istio (sidecar) mesh"),
+        "the log names the mesh:\n{stderr}"
+    );
+    assert_mirrored(&pod.app, probes, &mirror, sent, &stderr);
+}
