@@ -105,7 +105,13 @@ def message(i, size):
 def client(args):
     options = [("grpc.max_receive_message_length", 8 << 20),
                ("grpc.max_send_message_length", 8 << 20)]
-    channel = grpc.insecure_channel(args.target, options=options)
+    if args.tls_ca:
+        # gRPC over TLS, to a server whose certificate names --tls-name.
+        creds = grpc.ssl_channel_credentials(root_certificates=open(args.tls_ca, "rb").read())
+        options.append(("grpc.ssl_target_name_override", args.tls_name))
+        channel = grpc.secure_channel(args.target, creds, options=options)
+    else:
+        channel = grpc.insecure_channel(args.target, options=options)
     grpc.channel_ready_future(channel).result(timeout=10)
     sent = []
     results = []
@@ -261,6 +267,8 @@ def main():
     c.add_argument("--target", required=True)
     c.add_argument("--calls", type=int, default=20)
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--tls-ca", help="speak TLS, trusting this CA certificate")
+    c.add_argument("--tls-name", default="pod", help="the name the certificate carries")
     c.add_argument("scenario", nargs="+")
     h = sub.add_parser("h2client")
     h.add_argument("--target", required=True)

@@ -15,102 +15,6 @@ use mirror_agent::compare::Side;
 
 const MIRROR: &str = "127.0.0.1:9092";
 const METRICS: &str = "127.0.0.1:9465";
-const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/grpc_peer.py");
-/// Debian's interpreter, which python3-grpcio is installed for.
-const PYTHON: &str = "/usr/bin/python3";
-
-/// Metadata that transports add, which the mirror may see with other values.
-const TRANSPORT_METADATA: &[&str] = &["user-agent", "grpc-accept-encoding", "grpc-timeout"];
-
-/// One call as the client sent it or the mirror logged it.
-#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
-struct Call {
-    method: String,
-    metadata: Vec<(String, String)>,
-    messages: Vec<String>,
-    #[serde(default)]
-    code: String,
-    /// When the mirror got each message (seconds since the epoch).
-    #[serde(default)]
-    arrivals: Vec<f64>,
-}
-
-impl Call {
-    fn id(&self) -> String {
-        self.metadata
-            .iter()
-            .find(|(k, _)| k == "x-request-id" || k == "x-call-id")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    }
-    /// Metadata the application set.
-    fn app_metadata(&self) -> Vec<(String, String)> {
-        self.metadata
-            .iter()
-            .filter(|(k, _)| !TRANSPORT_METADATA.contains(&k.as_str()))
-            .cloned()
-            .collect()
-    }
-}
-
-/// A grpcio server in `ns`, logging calls to a file.
-struct GrpcServer {
-    _proc: Proc,
-    log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl GrpcServer {
-    fn start(ns: &Netns, bind: &[String], args: &[&str]) -> GrpcServer {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("calls.jsonl");
-        let mut cmd = ns.exec(&[PYTHON, PEER, "serve", "--log", log.to_str().unwrap()]);
-        for b in bind {
-            cmd.args(["--bind", b]);
-        }
-        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::null());
-        let mut proc = Proc::spawn(&mut cmd);
-        let out = proc.child.as_mut().unwrap().stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(out).read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "serving", "the gRPC server did not start");
-        GrpcServer {
-            _proc: proc,
-            log,
-            _dir: dir,
-        }
-    }
-
-    fn calls(&self) -> Vec<Call> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-}
-
-/// Runs the grpcio client's scenarios against `target` from `ns`; returns the calls it made.
-fn grpc_client(ns: &Netns, target: &str, seed: u32, calls: u32, scenarios: &[&str]) -> Vec<Call> {
-    let mut cmd = ns.exec(&[PYTHON, PEER, "client", "--target", target]);
-    cmd.args(["--seed", &seed.to_string(), "--calls", &calls.to_string()])
-        .args(scenarios);
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "client failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse_calls(&out.stdout)
-}
-
-fn parse_calls(out: &[u8]) -> Vec<Call> {
-    String::from_utf8_lossy(out)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 fn agent(ns: &Netns) -> Agent {
     Agent::start(
         ns,
@@ -154,38 +58,6 @@ fn metric(m: &HashMap<String, f64>, key: &str) -> f64 {
     m.get(key).copied().unwrap_or(0.0)
 }
 
-fn by_id(calls: &[Call]) -> HashMap<String, Call> {
-    calls.iter().map(|c| (c.id(), c.clone())).collect()
-}
-
-/// Every call the client made reached the mirror once, with the same method, application
-/// metadata and messages.
-fn assert_mirrored(sent: &[Call], mirror: &GrpcServer) {
-    netlab::wait_until(Duration::from_secs(20), || {
-        mirror.calls().len() >= sent.len()
-    });
-    let got = mirror.calls();
-    assert_eq!(got.len(), sent.len(), "calls at the mirror");
-    let got = by_id(&got);
-    for s in sent {
-        let g = got
-            .get(&s.id())
-            .unwrap_or_else(|| panic!("{} {} never reached the mirror", s.method, s.id()));
-        assert_eq!(g.method, s.method);
-        assert_eq!(g.app_metadata(), s.app_metadata(), "{}", s.id());
-        assert!(
-            g.messages == s.messages,
-            "{} {}: {} messages ({} bytes) at the mirror, {} ({} bytes) sent",
-            s.method,
-            s.id(),
-            g.messages.len(),
-            g.messages.iter().map(|m| m.len() / 2).sum::<usize>(),
-            s.messages.len(),
-            s.messages.iter().map(|m| m.len() / 2).sum::<usize>()
-        );
-    }
-}
-
 #[test]
 fn grpc_calls_reach_the_mirror_intact_v4_and_v6() {
     if not_root() {
@@ -205,7 +77,7 @@ fn grpc_calls_reach_the_mirror_intact_v4_and_v6() {
         assert!(calls.iter().all(|c| c.code == "OK"), "{calls:?}");
         sent.extend(calls);
     }
-    assert_mirrored(&sent, &mirror);
+    assert_calls_mirrored(&sent, &mirror);
     let m = metrics(&pair.server);
     assert_eq!(
         metric(&m, "mirror_http_h2_connections_total{}"),
@@ -239,7 +111,7 @@ fn streaming_calls_reach_the_mirror_message_by_message() {
     let agent = agent(&pair.server);
     let sent = grpc_client(&pair.client, &live, 6, 1, &["slowstreams"]);
     assert!(sent.iter().all(|c| c.code == "OK"), "{sent:?}");
-    assert_mirrored(&sent, &mirror);
+    assert_calls_mirrored(&sent, &mirror);
     if timing_applies("streamed messages reach the mirror spread out in time") {
         for call in mirror.calls() {
             // The client sent a message every 100 ms: the mirror got the first one long before
@@ -609,5 +481,5 @@ fn grpc_calls_recorded_then_replayed_reach_the_mirror_intact() {
         String::from_utf8_lossy(&out.stdout).contains("OK"),
         "the table shows gRPC statuses"
     );
-    assert_mirrored(&sent, &mirror);
+    assert_calls_mirrored(&sent, &mirror);
 }

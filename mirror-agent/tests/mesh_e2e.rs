@@ -16,20 +16,76 @@ use netlab::kubeapi::FakeApi;
 const MIRROR: &str = "127.0.0.1:9095";
 const METRICS: &str = "127.0.0.1:9467";
 
+/// The application behind the sidecar.
+enum App {
+    Http(TestServer),
+    Grpc(GrpcServer),
+}
+
 /// A meshed pod: its namespace, the app on POD_IP:8080 and the TLS sidecar in front of it.
 struct MeshedPod {
     ns: Netns,
-    app: TestServer,
+    app: App,
     _sidecar: Proc,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     ip: String,
 }
 
-fn meshed_pod(node: &Netns, tag: &str, net: u8) -> MeshedPod {
+impl MeshedPod {
+    fn http(&self) -> &TestServer {
+        match &self.app {
+            App::Http(s) => s,
+            App::Grpc(_) => panic!("a gRPC pod"),
+        }
+    }
+
+    fn grpc(&self) -> &GrpcServer {
+        match &self.app {
+            App::Grpc(s) => s,
+            App::Http(_) => panic!("an HTTP/1.1 pod"),
+        }
+    }
+
+    fn ca(&self) -> String {
+        self.dir.path().join("c.pem").display().to_string()
+    }
+}
+
+/// The sidecar's server block: TLS in, plaintext to the app from 127.0.0.6 over `lo`, HTTP/1.1
+/// or, for gRPC, HTTP/2 by ALPN in and h2c out.
+fn sidecar_server(d: &str, ip: &str, grpc: bool) -> String {
+    let (listen, forward) = if grpc {
+        (
+            "listen 15006 ssl http2;\n  client_max_body_size 0;",
+            format!("grpc_pass grpc://{ip}:8080;\n   grpc_bind 127.0.0.6;"),
+        )
+    } else {
+        (
+            "listen 15006 ssl;",
+            format!(
+                "proxy_pass http://{ip}:8080;\n   proxy_bind 127.0.0.6;\n   \
+                 proxy_http_version 1.1;\n   proxy_request_buffering off;"
+            ),
+        )
+    };
+    format!(
+        "server {{\n  {listen}\n  ssl_certificate {d}/c.pem;\n  ssl_certificate_key {d}/k.pem;\n\
+         location / {{\n   {forward}\n  }}\n }}"
+    )
+}
+
+fn meshed_pod(node: &Netns, tag: &str, net: u8, grpc: bool) -> MeshedPod {
     let ns = Netns::new(&netlab::unique(tag));
     netlab::link(node, &format!("vm{net}"), &ns, "eth0", net);
     let ip = format!("10.{net}.0.2");
-    let app = TestServer::start(&ns, &[format!("{ip}:8080").parse().unwrap()]);
+    let app = if grpc {
+        App::Grpc(GrpcServer::start(&ns, &[format!("{ip}:8080")], &[]))
+    } else {
+        App::Http(TestServer::start(
+            &ns,
+            &[format!("{ip}:8080").parse().unwrap()],
+        ))
+    };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display().to_string();
     netlab::sh(&[
@@ -41,6 +97,8 @@ fn meshed_pod(node: &Netns, tag: &str, net: u8) -> MeshedPod {
         "-nodes",
         "-subj",
         "/CN=pod",
+        "-addext",
+        "subjectAltName=DNS:pod",
         "-days",
         "2",
         "-keyout",
@@ -52,10 +110,8 @@ fn meshed_pod(node: &Netns, tag: &str, net: u8) -> MeshedPod {
         "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
          events {{ worker_connections 256; }}\n\
          http {{\n access_log off;\n client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
-         fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
-         server {{\n  listen 15006 ssl;\n  ssl_certificate {d}/c.pem;\n  ssl_certificate_key {d}/k.pem;\n\
-           location / {{\n   proxy_pass http://{ip}:8080;\n   proxy_bind 127.0.0.6;\n\
-           proxy_http_version 1.1;\n   proxy_request_buffering off;\n  }}\n }}\n}}\n"
+         fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n{}\n}}\n",
+        sidecar_server(&d, &ip, grpc)
     );
     std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
     let sidecar = Proc::spawn(
@@ -63,7 +119,7 @@ fn meshed_pod(node: &Netns, tag: &str, net: u8) -> MeshedPod {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null()),
     );
-    // Istio's capture: inbound traffic to any port goes to the proxy's inbound listener.
+    // Istio's capture: inbound traffic to the app's port goes to the proxy's inbound listener.
     netlab::sh(&[
         "ip",
         "netns",
@@ -87,11 +143,12 @@ fn meshed_pod(node: &Netns, tag: &str, net: u8) -> MeshedPod {
         ns,
         app,
         _sidecar: sidecar,
-        _dir: dir,
+        dir,
         ip,
     };
     assert!(
-        netlab::wait_until(Duration::from_secs(10), || https_get(node, &pod, "/ping")),
+        netlab::wait_until(Duration::from_secs(10), || grpc
+            || https_get(node, &pod, "/ping")),
         "the sidecar never answered HTTPS"
     );
     pod
@@ -188,8 +245,8 @@ fn a_sidecar_pods_plaintext_is_mirrored_from_inside_the_pod() {
     }
     let node = Netns::new(&netlab::unique("mnode"));
     let mirror = TestServer::start(&node, &[MIRROR.parse().unwrap()]);
-    let pod = meshed_pod(&node, "mpod", 241);
-    let probes = pod.app.requests();
+    let pod = meshed_pod(&node, "mpod", 241, false);
+    let probes = pod.http().requests();
     let agent = Agent::start(
         &node,
         &[
@@ -214,10 +271,56 @@ fn a_sidecar_pods_plaintext_is_mirrored_from_inside_the_pod() {
     // Nothing more comes: no request twice, and no TLS record taken for one.
     std::thread::sleep(Duration::from_millis(300));
     let exit = agent.stop();
-    assert_mirrored(&pod.app, probes, &mirror, sent, &exit.stderr);
+    assert_mirrored(pod.http(), probes, &mirror, sent, &exit.stderr);
     // The pod's mirror veth went with the agent; the app's namespace is as it was.
     let links = pod.ns.ip(&["-o", "link"]);
     assert!(!links.contains("mirr"), "left in the pod: {links}");
+}
+
+#[test]
+fn grpc_over_tls_is_mirrored_from_the_sidecars_h2c_leg() {
+    if not_root() {
+        return;
+    }
+    let node = Netns::new(&netlab::unique("mnode"));
+    let mirror = GrpcServer::start(&node, &[MIRROR.to_string()], &[]);
+    let pod = meshed_pod(&node, "mgrpc", 243, true);
+    let agent = Agent::start(
+        &node,
+        &[
+            "--pod-ip",
+            &pod.ip,
+            "--in-pod",
+            "--port",
+            "8080",
+            "--mirror",
+            &format!("http://{MIRROR}"),
+        ],
+    );
+    let target = format!("{}:8080", pod.ip);
+    let tls = ["--tls-ca", &pod.ca(), "--tls-name", "pod"];
+    let mut sent = grpc_client_with(&node, &target, &tls, 1, 20, &["unary", "methods"]);
+    sent.extend(grpc_client_with(
+        &node,
+        &target,
+        &tls,
+        2,
+        4,
+        &["streams", "big"],
+    ));
+    let failed: Vec<_> = sent.iter().filter(|c| c.code != "OK").collect();
+    assert!(failed.is_empty(), "the live calls succeed: {failed:?}");
+    assert_eq!(pod.grpc().calls().len(), sent.len(), "calls at the app");
+    assert_calls_mirrored(&sent, &mirror);
+    let exit = agent.stop();
+    // Each call once: from the h2c leg on lo, none from the TLS leg on the host veth.
+    assert_eq!(
+        exit.metric("mirror_http_requests_total", &[]) as usize,
+        sent.len(),
+        "{}",
+        exit.stderr
+    );
+    assert!(exit.metric("mirror_http_h2_connections_total", &[]) >= 1);
 }
 
 #[test]
@@ -249,8 +352,8 @@ fn meshed_pods_are_found_by_their_sidecar_and_attached_inside() {
     cmd.env("KUBECONFIG", &kubeconfig);
     let agent = Agent::spawn_command(cmd);
 
-    let pod = meshed_pod(&node, "mpod", 242);
-    let probes = pod.app.requests();
+    let pod = meshed_pod(&node, "mpod", 242, false);
+    let probes = pod.http().requests();
     api.containers(&["app", "istio-proxy"]);
     api.event("ADDED", "pay-v1", Some(&pod.ip), true);
     let mirrored = netlab::wait_until(Duration::from_secs(20), || {
@@ -277,5 +380,5 @@ fn meshed_pods_are_found_by_their_sidecar_and_attached_inside() {
         stderr.contains("is in the Istio (sidecar) mesh"),
         "the log names the mesh:\n{stderr}"
     );
-    assert_mirrored(&pod.app, probes, &mirror, sent, &stderr);
+    assert_mirrored(pod.http(), probes, &mirror, sent, &stderr);
 }

@@ -13,8 +13,11 @@ use std::time::{Duration, Instant};
 #[allow(unused_imports)]
 pub use netlab::{sh, Netns, Pair, Proc};
 
+mod grpc;
 mod latency;
 mod server;
+#[allow(unused_imports)]
+pub use grpc::*;
 #[allow(unused_imports)]
 pub use latency::*;
 #[allow(unused_imports)]
