@@ -183,14 +183,15 @@ impl Agent {
         let kernel = KernelCounters::default();
         let mirrored_pods = MirroredPods::default();
         for &ip in &cfg.in_pod {
-            let at = capture.add_pod_in_netns(ip)?;
-            log::info!("pod {ip}: attached to {at}");
-            let pod = ip.to_string();
-            let iface = at;
-            mirrored_pods
-                .lock()
-                .unwrap()
-                .push(MirroredPod { pod, ip, iface });
+            let iface = capture.add_pod_in_netns(ip)?;
+            log::info!("pod {ip}: attached to {iface}");
+            mirrored_pods.lock().unwrap().mirrored.push(MirroredPod {
+                pod: ip.to_string(),
+                ip,
+                iface,
+                in_pod: true,
+                mesh: None,
+            });
         }
         let pod_changes = watch_pods(cfg.pods.as_ref(), rt)?;
         let sources = Sources {
@@ -366,50 +367,59 @@ impl Agent {
 
 impl Agent {
     /// Attaches to a pod on its host veth, or inside its network namespace when it is in a mesh
-    /// (its wire carries mTLS) or `--in-pod` says so.
+    /// (its wire carries mTLS) or `--in-pod` says so. Returns where, and whether inside.
     fn attach_pod(
         &mut self,
         pod: &str,
         ip: std::net::IpAddr,
         mesh: Option<pods::Mesh>,
-    ) -> Result<String, crate::capture::CaptureError> {
-        match (mesh, self.in_pod) {
-            (Some(mesh), _) => {
-                log::info!(
-                    "pod {pod} ({ip}) is in the {} mesh: its wire carries mTLS; attaching inside \
-                     the pod, where the proxy hands the application plaintext",
-                    mesh.name()
-                );
-                self.capture.add_pod_in_netns(ip)
-            }
-            (None, true) => self.capture.add_pod_in_netns(ip),
-            (None, false) => self.capture.add_pod(ip),
+    ) -> Result<(String, bool), crate::capture::CaptureError> {
+        if let Some(mesh) = mesh {
+            log::info!(
+                "pod {pod} ({ip}) is in the {} mesh: its wire carries mTLS; attaching inside the \
+                 pod, where the proxy hands the application plaintext",
+                mesh.name()
+            );
+        }
+        if mesh.is_some() || self.in_pod {
+            Ok((self.capture.add_pod_in_netns(ip)?, true))
+        } else {
+            Ok((self.capture.add_pod(ip)?, false))
         }
     }
 
     /// Attaches to a pod that appeared, or detaches from one that went. A pod that cannot be
-    /// mirrored from here (no route, not on this node) is logged and skipped.
+    /// mirrored from here (no route, not on this node, no namespace found) is logged, counted by
+    /// reason and skipped; the other pods stay mirrored.
     fn apply(&mut self, change: PodChange) {
         match change {
             PodChange::Mirror { pod, ip, mesh } => match self.attach_pod(&pod, ip, mesh) {
-                Ok(iface) => {
-                    log::info!("mirroring pod {pod} ({ip}) behind {iface}");
-                    self.mirrored_pods
-                        .lock()
-                        .unwrap()
-                        .push(MirroredPod { pod, ip, iface });
+                Ok((iface, in_pod)) => {
+                    log::info!("mirroring pod {pod} ({ip}) at {iface}");
+                    let mirrored = MirroredPod {
+                        pod,
+                        ip,
+                        iface,
+                        in_pod,
+                        mesh,
+                    };
+                    self.mirrored_pods.lock().unwrap().mirrored.push(mirrored);
                 }
-                Err(e) => log::warn!("cannot mirror pod {pod} ({ip}): {}", chain(&e)),
+                Err(e) => {
+                    log::warn!("cannot mirror pod {pod} ({ip}): {}", chain(&e));
+                    let mut pods = self.mirrored_pods.lock().unwrap();
+                    *pods.attach_failures.entry(e.pod_reason()).or_default() += 1;
+                }
             },
             PodChange::Forget { pod, ip } => {
                 if let Err(e) = self.capture.remove_pod(ip) {
                     log::warn!("detaching from pod {pod} ({ip}): {}", chain(&e));
                 }
                 let mut pods = self.mirrored_pods.lock().unwrap();
-                if pods.iter().any(|p| p.ip == ip) {
+                if pods.mirrored.iter().any(|p| p.ip == ip) {
                     log::info!("pod {pod} ({ip}) is gone: no longer mirrored");
                 }
-                pods.retain(|p| p.ip != ip);
+                pods.mirrored.retain(|p| p.ip != ip);
             }
         }
     }

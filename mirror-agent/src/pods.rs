@@ -19,10 +19,21 @@ use tokio::sync::mpsc;
 pub struct MirroredPod {
     pub pod: String,
     pub ip: std::net::IpAddr,
+    /// Where the program is attached, as `Target` shows it.
     pub iface: String,
+    /// Attached inside the pod's namespace rather than on its host veth.
+    pub in_pod: bool,
+    pub mesh: Option<Mesh>,
 }
 
-pub type MirroredPods = std::sync::Arc<std::sync::Mutex<Vec<MirroredPod>>>;
+/// The pods mirrored now, and the attachments that failed, by reason.
+#[derive(Clone, Debug, Default)]
+pub struct PodsReport {
+    pub mirrored: Vec<MirroredPod>,
+    pub attach_failures: BTreeMap<&'static str, u64>,
+}
+
+pub type MirroredPods = std::sync::Arc<std::sync::Mutex<PodsReport>>;
 
 /// A service mesh whose proxy hands the pod's application its plaintext inside the pod, over
 /// the pod's `lo`, while the wire between nodes carries mTLS: such a pod is mirrored from inside
@@ -63,6 +74,15 @@ impl Mesh {
             || annotated("ambient.istio.io/redirection").map(String::as_str) == Some("enabled");
         let opted_out = label("istio.io/dataplane-mode").map(String::as_str) == Some("none");
         (ambient && !opted_out).then_some(Mesh::IstioAmbient)
+    }
+
+    /// For metric labels.
+    pub fn label(self) -> &'static str {
+        match self {
+            Mesh::IstioSidecar => "istio_sidecar",
+            Mesh::IstioAmbient => "istio_ambient",
+            Mesh::Linkerd => "linkerd",
+        }
     }
 
     pub fn name(self) -> &'static str {

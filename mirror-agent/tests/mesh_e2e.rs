@@ -362,6 +362,26 @@ fn meshed_pods_are_found_by_their_sidecar_and_attached_inside() {
     if !mirrored {
         panic!("the meshed pod was never mirrored:\n{}", agent.terminate());
     }
+    assert_eq!(
+        metric(
+            &node,
+            METRICS,
+            "mirror_pod",
+            &[("read_at", "in_pod"), ("mesh", "istio_sidecar")]
+        ),
+        Some(1.0)
+    );
+    // A meshed pod whose namespace is nowhere on this node: counted, and the other stays.
+    api.event("ADDED", "pay-astray", Some("10.242.0.77"), true);
+    assert!(
+        netlab::wait_until(Duration::from_secs(20), || metric(
+            &node,
+            METRICS,
+            "mirror_pod_attach_failures_total",
+            &[("reason", "netns_not_found")]
+        ) == Some(1.0)),
+        "the missing namespace was never counted"
+    );
     let sent = https_clients(&node, &pod, "sel");
     netlab::wait_until(Duration::from_secs(20), || mirror.requests() >= sent);
     std::thread::sleep(Duration::from_millis(300));
@@ -379,6 +399,10 @@ fn meshed_pods_are_found_by_their_sidecar_and_attached_inside() {
     assert!(
         stderr.contains("is in the Istio (sidecar) mesh"),
         "the log names the mesh:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("cannot mirror pod default/pay-astray (10.242.0.77): no network namespace"),
+        "the log says why:\n{stderr}"
     );
     assert_mirrored(pod.http(), probes, &mirror, sent, &stderr);
 }

@@ -133,6 +133,23 @@ impl CaptureError {
         }
     }
 
+    /// Why a pod could not be attached, for the `mirror_pod_attach_failures` counter.
+    pub fn pod_reason(&self) -> &'static str {
+        match self {
+            _ if self.permission_denied() => "permission",
+            CaptureError::PodNetns(_) => "netns_not_found",
+            CaptureError::NoRouteToPod { .. }
+            | CaptureError::PodNotLocal { .. }
+            | CaptureError::HostAddress { .. }
+            | CaptureError::RouteWithoutInterface { .. } => "no_local_route",
+            CaptureError::InterfaceBusy { .. } => "interface_busy",
+            CaptureError::Io { .. } if self.to_string().contains("network namespace") => {
+                "netns_unenterable"
+            }
+            _ => "other",
+        }
+    }
+
     /// True when the kernel said no for want of a privilege.
     pub fn permission_denied(&self) -> bool {
         let kind = match self {

@@ -86,21 +86,34 @@ impl Sources {
             None,
             MetricType::Gauge,
         )?;
-        ConstGauge::new(pods.len() as i64).encode(m)?;
+        ConstGauge::new(pods.mirrored.len() as i64).encode(m)?;
         let mut m = encoder.encode_descriptor(
             "mirror_pod",
-            "A pod mirrored now: its address and host interface",
+            "A pod mirrored now: its address, where it is read (wire: its host veth; in_pod: \
+             its lo, inside its namespace) and its mesh",
             None,
             MetricType::Gauge,
         )?;
-        for p in &pods {
+        for p in &pods.mirrored {
             let ip = p.ip.to_string();
             let labels = [
                 ("pod", p.pod.as_str()),
                 ("ip", ip.as_str()),
                 ("interface", p.iface.as_str()),
+                ("read_at", if p.in_pod { "in_pod" } else { "wire" }),
+                ("mesh", p.mesh.map_or("none", crate::pods::Mesh::label)),
             ];
             ConstGauge::new(1).encode(m.encode_family(&labels)?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "mirror_pod_attach_failures",
+            "Pods that could not be attached, by reason (netns_not_found, no_local_route, \
+             permission, interface_busy, netns_unenterable, other)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, n) in &pods.attach_failures {
+            ConstCounter::new(*n).encode(m.encode_family(&[("reason", *reason)])?)?;
         }
         Ok(())
     }
