@@ -119,9 +119,37 @@ pub struct RequestArgs {
     /// Seconds a request sent to the mirror may take before it counts as a timeout.
     #[arg(long, default_value_t = 10.0)]
     pub timeout: f64,
+
+    /// With an https mirror: trust only the CA certificates in this PEM file (default: the
+    /// system's roots).
+    #[arg(long, value_name = "FILE")]
+    pub mirror_ca: Option<PathBuf>,
+
+    /// With an https mirror that asks for a client certificate (mTLS): the certificate chain,
+    /// PEM (with --mirror-key).
+    #[arg(long, value_name = "FILE", requires = "mirror_key")]
+    pub mirror_cert: Option<PathBuf>,
+
+    /// The private key of --mirror-cert, PEM.
+    #[arg(long, value_name = "FILE", requires = "mirror_cert")]
+    pub mirror_key: Option<PathBuf>,
+
+    /// With an https mirror: accept any certificate. For test setups only; the mirror's
+    /// identity is then not checked at all.
+    #[arg(long, conflicts_with = "mirror_ca")]
+    pub mirror_insecure: bool,
 }
 
 impl RequestArgs {
+    /// How the agent speaks TLS to https mirrors.
+    pub fn tls_options(&self) -> replay::TlsOptions {
+        replay::TlsOptions {
+            ca: self.mirror_ca.clone(),
+            client_cert: self.mirror_cert.clone().zip(self.mirror_key.clone()),
+            insecure: self.mirror_insecure,
+        }
+    }
+
     /// How requests go to `mirror`; the stage's caps keep their defaults.
     pub fn replay_config(&self, mirror: hyper::Uri) -> replay::ReplayConfig {
         replay::ReplayConfig {

@@ -306,8 +306,13 @@ fn mirror_targets(
         let named =
             |e: MirrorError| with_hint(anyhow::Error::new(e).context(format!("--mirror {name}")));
         let uri = replay::parse_mirror_url(&m.url).map_err(named)?;
-        let addr = rt.block_on(replay::check_mirror(&uri)).map_err(named)?;
+        let tls = replay::mirror_tls(&uri, &args.requests.tls_options())
+            .with_context(|| format!("--mirror {name}"))?;
+        let addr = rt
+            .block_on(replay::check_mirror(&uri, tls.as_ref()))
+            .map_err(named)?;
         let replay = ReplayConfig {
+            tls,
             max_rps: args.max_rps,
             max_inflight: args.max_inflight,
             pipeline_depth: args.pipeline_depth.into(),
@@ -510,10 +515,12 @@ fn playback(args: ReplayArgs) -> Result<()> {
         .build()?;
     let uri = replay::parse_mirror_url(&args.mirror)
         .map_err(|e| with_hint(anyhow::Error::new(e).context("--mirror")))?;
-    rt.block_on(replay::check_mirror(&uri))
+    let tls = replay::mirror_tls(&uri, &args.requests.tls_options()).context("--mirror")?;
+    rt.block_on(replay::check_mirror(&uri, tls.as_ref()))
         .map_err(|e| with_hint(anyhow::Error::new(e).context("--mirror")))?;
     let cfg = PlaybackConfig {
         replay: ReplayConfig {
+            tls,
             pipeline_depth: 1,
             ..args.requests.replay_config(uri)
         },

@@ -92,7 +92,12 @@ def serve(args):
                          options=options, maximum_concurrent_rpcs=256)
     server.add_generic_rpc_handlers((Handler(),))
     for b in args.bind:
-        server.add_insecure_port(b)
+        if args.tls_cert:
+            key = open(args.tls_key, "rb").read()
+            cert = open(args.tls_cert, "rb").read()
+            server.add_secure_port(b, grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            server.add_insecure_port(b)
     server.start()
     print("serving", flush=True)
     server.wait_for_termination()
@@ -263,6 +268,8 @@ def main():
     s.add_argument("--log")
     s.add_argument("--fail", action="append", default=[])
     s.add_argument("--delay", action="append", default=[])
+    s.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
+    s.add_argument("--tls-key", help="the key of --tls-cert (PEM)")
     c = sub.add_parser("client")
     c.add_argument("--target", required=True)
     c.add_argument("--calls", type=int, default=20)

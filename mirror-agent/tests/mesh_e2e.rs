@@ -26,8 +26,8 @@ enum App {
 struct MeshedPod {
     ns: Netns,
     app: App,
-    _sidecar: Proc,
-    dir: tempfile::TempDir,
+    _sidecar: Nginx,
+    certs: Certs,
     ip: String,
 }
 
@@ -45,15 +45,11 @@ impl MeshedPod {
             App::Http(_) => panic!("an HTTP/1.1 pod"),
         }
     }
-
-    fn ca(&self) -> String {
-        self.dir.path().join("c.pem").display().to_string()
-    }
 }
 
 /// The sidecar's server block: TLS in, plaintext to the app from 127.0.0.6 over `lo`, HTTP/1.1
 /// or, for gRPC, HTTP/2 by ALPN in and h2c out.
-fn sidecar_server(d: &str, ip: &str, grpc: bool) -> String {
+fn sidecar_server(certs: &Certs, ip: &str, grpc: bool) -> String {
     let (listen, forward) = if grpc {
         (
             "listen 15006 ssl http2;\n  client_max_body_size 0;",
@@ -69,8 +65,10 @@ fn sidecar_server(d: &str, ip: &str, grpc: bool) -> String {
         )
     };
     format!(
-        "server {{\n  {listen}\n  ssl_certificate {d}/c.pem;\n  ssl_certificate_key {d}/k.pem;\n\
-         location / {{\n   {forward}\n  }}\n }}"
+        "server {{\n  {listen}\n  ssl_certificate {};\n  ssl_certificate_key {};\n\
+         location / {{\n   {forward}\n  }}\n }}",
+        certs.path("server.pem"),
+        certs.path("server.key")
     )
 }
 
@@ -86,39 +84,8 @@ fn meshed_pod(node: &Netns, tag: &str, net: u8, grpc: bool) -> MeshedPod {
             &[format!("{ip}:8080").parse().unwrap()],
         ))
     };
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().display().to_string();
-    netlab::sh(&[
-        "openssl",
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=pod",
-        "-addext",
-        "subjectAltName=DNS:pod",
-        "-days",
-        "2",
-        "-keyout",
-        &format!("{d}/k.pem"),
-        "-out",
-        &format!("{d}/c.pem"),
-    ]);
-    let conf = format!(
-        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
-         events {{ worker_connections 256; }}\n\
-         http {{\n access_log off;\n client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
-         fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n{}\n}}\n",
-        sidecar_server(&d, &ip, grpc)
-    );
-    std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-    let sidecar = Proc::spawn(
-        ns.exec(&["nginx", "-c", &format!("{d}/nginx.conf"), "-p", &d])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null()),
-    );
+    let certs = Certs::make();
+    let sidecar = Nginx::start(&ns, &sidecar_server(&certs, &ip, grpc));
     // Istio's capture: inbound traffic to the app's port goes to the proxy's inbound listener.
     netlab::sh(&[
         "ip",
@@ -143,7 +110,7 @@ fn meshed_pod(node: &Netns, tag: &str, net: u8, grpc: bool) -> MeshedPod {
         ns,
         app,
         _sidecar: sidecar,
-        dir,
+        certs,
         ip,
     };
     assert!(
@@ -298,7 +265,8 @@ fn grpc_over_tls_is_mirrored_from_the_sidecars_h2c_leg() {
         ],
     );
     let target = format!("{}:8080", pod.ip);
-    let tls = ["--tls-ca", &pod.ca(), "--tls-name", "pod"];
+    let ca = pod.certs.path("ca.pem");
+    let tls = ["--tls-ca", &ca, "--tls-name", "pod"];
     let mut sent = grpc_client_with(&node, &target, &tls, 1, 20, &["unary", "methods"]);
     sent.extend(grpc_client_with(
         &node,

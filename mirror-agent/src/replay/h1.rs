@@ -26,9 +26,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::tls::{Alpn, MirrorStream};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::{connect_mirror, mirror_authority, mirror_path, ReplayConfig, Unsendable};
 use crate::exchange::content::{Content, ContentBuilder, ContentCapture};
@@ -177,7 +177,7 @@ impl Answered {
 
 /// A worker's connection to the mirror.
 pub struct Conn {
-    stream: TcpStream,
+    stream: MirrorStream,
     /// Bytes read and not yet parsed.
     buf: BytesMut,
     /// The batch being written.
@@ -208,7 +208,7 @@ enum ReadStop {
 impl Conn {
     pub async fn open(cfg: &ReplayConfig) -> Result<Conn, MirrorResult> {
         Ok(Conn {
-            stream: connect_mirror(cfg).await?,
+            stream: connect_mirror(cfg, Alpn::Http1).await?,
             buf: BytesMut::with_capacity(16 << 10),
             out: Vec::new(),
             last_read: Instant::now(),
@@ -223,15 +223,9 @@ impl Conn {
     /// Resolves when the idle connection is closed by the mirror, fails, or receives bytes
     /// nobody asked for; it cannot carry a request then.
     pub async fn unusable(&mut self) {
-        loop {
-            if self.stream.readable().await.is_err() {
-                return;
-            }
-            match self.stream.try_read_buf(&mut self.buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                _ => return,
-            }
-        }
+        // Anything (bytes, the end, an error) makes it unusable; a TLS record that carries no
+        // data (a session ticket) reads as nothing and is waited past.
+        let _ = self.stream.read_buf(&mut self.buf).await;
     }
 
     /// Writes `batch` in one write and reads its answers in order, each within `timeout` of when

@@ -75,7 +75,7 @@ impl H2Mirror {
     pub(super) async fn connect(
         cfg: &ReplayConfig,
     ) -> Result<hyper::client::conn::http2::SendRequest<ReplayBody>, MirrorResult> {
-        let stream = connect_mirror(cfg).await?;
+        let stream = connect_mirror(cfg, Alpn::H2).await?;
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .handshake(TokioIo::new(stream))
             .await

@@ -45,6 +45,7 @@ mod h2;
 mod pacing;
 mod pool;
 mod target;
+mod tls;
 
 use self::h2::*;
 pub(crate) use self::h2::{send_h2_once, H2Mirror};
@@ -52,7 +53,11 @@ pub use self::h2::{ReplayBody, StreamCut, Unsendable};
 use self::pacing::*;
 pub use self::pool::Replayer;
 use self::target::*;
-pub use self::target::{check_mirror, check_no_loop, parse_mirror_url, MirrorError};
+pub use self::target::{
+    check_mirror, check_no_loop, is_https, mirror_tls, parse_mirror_url, MirrorError,
+};
+use self::tls::{Alpn, MirrorStream};
+pub use self::tls::{MirrorTls, TlsError, TlsOptions};
 
 /// What the mirror request's Host header is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,6 +90,8 @@ pub struct ReplayConfig {
     pub timeout: Duration,
     /// Bytes of requests waiting to be sent at most (each counted with `QUEUE_ENTRY_OVERHEAD`).
     pub queue_bytes: usize,
+    /// TLS to an https mirror.
+    pub tls: Option<MirrorTls>,
 }
 
 /// What a queued request costs beyond its bytes (the request's own fields and header index).
@@ -128,6 +135,7 @@ impl ReplayConfig {
             content: None,
             timeout: Duration::from_secs(10),
             queue_bytes: 64 << 20,
+            tls: None,
         }
     }
 }

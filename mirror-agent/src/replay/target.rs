@@ -12,7 +12,9 @@ pub enum MirrorError {
         #[source]
         source: hyper::http::uri::InvalidUri,
     },
-    #[error("{url:?}: scheme {scheme} is not supported; the mirror is spoken to over plain http")]
+    #[error(
+        "{url:?}: scheme {scheme} is not supported; the mirror is spoken to over http or https"
+    )]
     Scheme { url: String, scheme: String },
     #[error("{url:?} has no scheme")]
     NoScheme { url: String },
@@ -38,12 +40,12 @@ pub enum MirrorError {
     },
 }
 
-/// Parses and checks a mirror URL: `http://host[:port]` (a path prefix is kept).
+/// Parses and checks a mirror URL: `http[s]://host[:port]` (a path prefix is kept).
 pub fn parse_mirror_url(s: &str) -> Result<Uri, MirrorError> {
     let url = || s.to_string();
     let uri = Uri::from_str(s).map_err(|source| MirrorError::NotAUrl { url: url(), source })?;
     match uri.scheme_str() {
-        Some("http") => {}
+        Some("http" | "https") => {}
         Some(other) => {
             return Err(MirrorError::Scheme {
                 url: url(),
@@ -64,13 +66,32 @@ pub(super) fn host_port(uri: &Uri) -> (&str, u16) {
         .host()
         .unwrap_or_default()
         .trim_matches(|c| c == '[' || c == ']');
-    (host, uri.port_u16().unwrap_or(80))
+    let default = if uri.scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    };
+    (host, uri.port_u16().unwrap_or(default))
 }
 
-/// Resolves the mirror and tries one connection, so that a wrong name fails at start with a
-/// clear error. A mirror that is down is only a warning: the agent mirrors when it comes up.
-/// Returns the address connected to.
-pub async fn check_mirror(uri: &Uri) -> Result<SocketAddr, MirrorError> {
+/// Whether the mirror is spoken to over TLS.
+pub fn is_https(uri: &Uri) -> bool {
+    uri.scheme_str() == Some("https")
+}
+
+/// TLS for `uri` when it is an https mirror.
+pub fn mirror_tls(uri: &Uri, opts: &TlsOptions) -> Result<Option<MirrorTls>, TlsError> {
+    if !is_https(uri) {
+        return Ok(None);
+    }
+    MirrorTls::new(host_port(uri).0, opts).map(Some)
+}
+
+/// Resolves the mirror and tries one connection (and a TLS handshake for an https mirror), so
+/// that a wrong name fails at start with a clear error. A mirror that is down, or whose
+/// certificate is refused, is only a warning: the agent mirrors when it comes up. Returns the
+/// address connected to.
+pub async fn check_mirror(uri: &Uri, tls: Option<&MirrorTls>) -> Result<SocketAddr, MirrorError> {
     let (host, port) = host_port(uri);
     let addrs: Vec<_> = tokio::net::lookup_host((host, port))
         .await
@@ -85,7 +106,20 @@ pub async fn check_mirror(uri: &Uri) -> Result<SocketAddr, MirrorError> {
         });
     };
     match tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await {
-        Ok(Ok(_)) => {}
+        Ok(Ok(tcp)) => {
+            if let Some(tls) = tls {
+                let handshake = tls.connect(tcp, Alpn::Http1);
+                match tokio::time::timeout(Duration::from_secs(2), handshake).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => log::warn!(
+                        "mirror {uri}: the TLS handshake failed ({e}); every request will fail \
+                         until it succeeds (--mirror-ca FILE trusts a private CA, \
+                         --mirror-cert/--mirror-key give a client certificate)"
+                    ),
+                    Err(_) => log::warn!("mirror {uri}: no TLS handshake within 2 s"),
+                }
+            }
+        }
         Ok(Err(e)) => log::warn!(
             "mirror {uri} is not reachable now ({e}); mirroring starts when it is, with backoff"
         ),
@@ -137,18 +171,25 @@ pub(super) fn connect_timeout(cfg: &ReplayConfig) -> Duration {
     cfg.timeout.min(Duration::from_secs(3))
 }
 
-/// Opens a TCP connection to the mirror, within the connect timeout.
+/// Opens a connection to the mirror within the connect timeout, and over TLS (its handshake
+/// within the same timeout) for an https mirror, offering `alpn`.
 pub(super) async fn connect_mirror(
     cfg: &ReplayConfig,
-) -> Result<tokio::net::TcpStream, MirrorResult> {
+    alpn: Alpn,
+) -> Result<MirrorStream, MirrorResult> {
     let (host, port) = host_port(&cfg.mirror);
-    let connect = tokio::net::TcpStream::connect((host, port));
-    let stream = tokio::time::timeout(connect_timeout(cfg), connect)
+    let open = async {
+        let stream = tokio::net::TcpStream::connect((host, port)).await?;
+        let _ = stream.set_nodelay(true);
+        match &cfg.tls {
+            Some(tls) => tls.connect(stream, alpn).await,
+            None => Ok(MirrorStream::Plain(stream)),
+        }
+    };
+    tokio::time::timeout(connect_timeout(cfg), open)
         .await
         .map_err(|_| MirrorResult::Timeout)?
-        .map_err(|e| classify(&e))?;
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
+        .map_err(|e| classify(&e))
 }
 
 pub(super) fn classify(err: &(dyn std::error::Error + 'static)) -> MirrorResult {

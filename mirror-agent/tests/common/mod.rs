@@ -16,12 +16,15 @@ pub use netlab::{sh, Netns, Pair, Proc};
 mod grpc;
 mod latency;
 mod server;
+mod tls;
 #[allow(unused_imports)]
 pub use grpc::*;
 #[allow(unused_imports)]
 pub use latency::*;
 #[allow(unused_imports)]
 pub use server::*;
+#[allow(unused_imports)]
+pub use tls::*;
 
 pub const AGENT: &str = env!("CARGO_BIN_EXE_mirror-agent");
 
