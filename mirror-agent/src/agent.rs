@@ -205,6 +205,10 @@ impl Agent {
                 .map(|m| (m.name.clone(), Arc::clone(m.replayer.stats())))
                 .collect(),
             record: record_stats,
+            tls: cfg.capture.tls.is_some().then(|| metrics::TlsSources {
+                stats: Arc::clone(capture.tls_stats()),
+                report: Arc::default(),
+            }),
         };
         if let Some(addr) = cfg.metrics {
             let bound = rt
@@ -311,6 +315,7 @@ impl Agent {
                     }
                     self.apply_cpu_budget();
                     seconds += 1;
+                    self.tick_tls(seconds);
                     if self.stats_interval > 0 && seconds.is_multiple_of(self.stats_interval) {
                         log::info!("kernel {:?}", self.kernel.lock().unwrap().packets);
                         log::info!("capture {}", format_capture(self.capture.stats()));
@@ -366,6 +371,20 @@ impl Agent {
 }
 
 impl Agent {
+    /// With TLS capture: every 2 s, processes and libraries that appeared are found; every
+    /// second, the probes' counters are refreshed for `/metrics`.
+    fn tick_tls(&mut self, seconds: u64) {
+        let Some(tls) = &self.sources.tls else {
+            return;
+        };
+        if seconds.is_multiple_of(2) {
+            self.capture.rescan_tls();
+        }
+        if let Some(report) = self.capture.tls_report() {
+            *tls.report.lock().unwrap() = report;
+        }
+    }
+
     /// Attaches to a pod on its host veth, or inside its network namespace when it is in a mesh
     /// (its wire carries mTLS) or `--in-pod` says so. Returns where, and whether inside.
     fn attach_pod(

@@ -196,7 +196,7 @@ pub enum ReportFormat {
 #[derive(Args, Debug)]
 pub struct AttachArgs {
     /// Interface(s) that the live service's traffic crosses (comma-separated).
-    #[arg(long, value_delimiter = ',', required_unless_present_any = ["pod_ip", "selector"])]
+    #[arg(long, value_delimiter = ',', required_unless_present_any = ["pod_ip", "selector", "tls_pid"])]
     pub iface: Vec<String>,
 
     /// Live pod address(es) (comma-separated): the agent finds the host-side veth that routes to
@@ -228,9 +228,20 @@ pub struct AttachArgs {
     #[arg(long, env = "NODE_NAME", requires = "selector")]
     pub node_name: Option<String>,
 
-    /// Live service port(s) (comma-separated).
-    #[arg(long, value_delimiter = ',', required = true, value_parser = clap::value_parser!(u16).range(1..))]
+    /// Live service port(s) (comma-separated), read on the wire.
+    #[arg(long, value_delimiter = ',', required_unless_present = "tls_port", value_parser = clap::value_parser!(u16).range(1..))]
     pub port: Vec<u16>,
+
+    /// Port(s) on which the selected processes serve TLS themselves (comma-separated): their
+    /// plaintext is read around OpenSSL's SSL_read/SSL_write by uprobes on libssl, not on the
+    /// wire. The processes: --tls-pid, and those in the network namespaces of --pod-ip pods.
+    /// Needs the node's processes (hostPID) and CAP_SYS_ADMIN (or CAP_PERFMON with CAP_BPF).
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..))]
+    pub tls_port: Vec<u16>,
+
+    /// With --tls-port: processes whose TLS is read, by pid (comma-separated).
+    #[arg(long, value_delimiter = ',', requires = "tls_port")]
+    pub tls_pid: Vec<u32>,
 
     /// Hook that requests to the service cross: `ingress` on the service's own interface,
     /// `egress` on the host side of a pod's veth. Responses are read on the other hook.

@@ -16,6 +16,7 @@ use hyper_util::rt::TokioExecutor;
 use mirror_agent::agent::{Agent, AgentConfig, AgentError, MirrorTarget};
 use mirror_agent::capture::netdev;
 use mirror_agent::capture::ring::RingConfig;
+use mirror_agent::capture::tls::TlsConfig;
 use mirror_agent::capture::{CaptureConfig, CaptureError, Hook, MatchConfig, Target};
 use mirror_agent::cli::{
     mirror_names, AttachArgs, Cli, Command, ExportArgs, ReplayArgs, ReportArgs, ReportFormat,
@@ -111,6 +112,12 @@ fn attach(args: AttachArgs) -> Result<()> {
 /// The agent's configuration from the command line: targets (pod IPs found by route), the
 /// memory plan, and the mirror, resolved.
 fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<AgentConfig> {
+    if let Some(p) = args.tls_port.iter().find(|p| args.port.contains(p)) {
+        anyhow::bail!(
+            "port {p} is both a --port and a --tls-port: its bytes on the wire are TLS, read it \
+             with --tls-port only"
+        );
+    }
     let cpu_budget = cpu_budget(args);
     // A dump shows the streams as they crossed the wire, response bodies included.
     let response_heads = args.response_capture == ResponseCapture::Heads && args.dump.is_none();
@@ -133,7 +140,8 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
     let mirrors = mirror_targets(args, &names, split.queue_bytes_per_mirror, &content, rt)?;
     let pipeline = PipelineConfig {
         reassembly: ReassemblyConfig {
-            server_ports: args.port.clone(),
+            // TLS connections are the probed processes' own: their local port is the server's.
+            server_ports: args.port.iter().chain(&args.tls_port).copied().collect(),
             server_addrs: capture.matching.addrs.clone(),
             max_flows: plan.max_flows,
             max_ooo_bytes_total: plan.ooo_bytes,
@@ -195,8 +203,9 @@ fn targets(args: &AttachArgs) -> Result<Vec<Target>> {
         .iter()
         .map(|iface| Target::here(iface.clone(), args.direction))
         .collect();
-    // Pods attached inside their namespace are attached once the capture runs.
-    let on_host_veth = if args.in_pod {
+    // Pods attached inside their namespace are attached once the capture runs; pods read only
+    // by their TLS library (no --port) are not attached on the wire, whose bytes are TLS.
+    let on_host_veth = if args.in_pod || args.port.is_empty() {
         &[][..]
     } else {
         &args.pod_ip[..]
@@ -267,6 +276,11 @@ fn capture_config(
         },
         ebpf_log: args.ebpf_log,
         read_clones: !args.no_reader,
+        tls: (!args.tls_port.is_empty()).then(|| TlsConfig {
+            ports: args.tls_port.clone(),
+            pids: args.tls_pid.clone(),
+            pods: args.pod_ip.clone(),
+        }),
         ..CaptureConfig::default()
     }
 }

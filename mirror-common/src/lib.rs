@@ -358,6 +358,119 @@ const fn mix(mut x: u32) -> u32 {
     x
 }
 
+/// Plaintext read around a TLS library's calls (`SSL_read`, `SSL_write` and their `_ex`
+/// forms), by uprobes in the processes the agent selects (`TLS_PIDS`).
+pub mod tls {
+    /// Map names.
+    pub const MAP_TLS_PIDS: &str = "TLS_PIDS";
+    pub const MAP_TLS_DATA: &str = "TLS_DATA";
+    pub const MAP_TLS_COUNTERS: &str = "TLS_COUNTERS";
+
+    /// Program names: the uprobes on the library's functions, the return probe they share,
+    /// and the syscall tracepoint that finds the socket an SSL call uses.
+    pub const PROG_READ_ENTRY: &str = "ssl_read_entry";
+    pub const PROG_READ_EX_ENTRY: &str = "ssl_read_ex_entry";
+    pub const PROG_WRITE_ENTRY: &str = "ssl_write_entry";
+    pub const PROG_WRITE_EX_ENTRY: &str = "ssl_write_ex_entry";
+    pub const PROG_RETURN: &str = "ssl_return";
+    pub const PROG_FREE: &str = "ssl_free";
+    pub const PROG_SYSCALL: &str = "ssl_syscall";
+
+    /// Processes whose TLS calls are read; the agent fills it.
+    pub const MAX_TLS_PIDS: u32 = 4096;
+    /// TLS connections followed at once (least recently used go first).
+    pub const MAX_TLS_STREAMS: u32 = 65_536;
+    /// Bytes of the `TLS_DATA` ring buffer when TLS capture is on (a power of two).
+    pub const TLS_RING_BYTES: u32 = 16 << 20;
+    /// Data bytes of a large record: a whole TLS record's plaintext.
+    pub const BIG_CHUNK: usize = 16 << 10;
+    /// Data bytes of a small record, for most requests' and responses' heads.
+    pub const SMALL_CHUNK: usize = 1 << 10;
+    /// Big chunks one call is cut into at most (256 KiB); a longer call ends its connection's
+    /// mirroring (`TooLong`), since its bytes cannot all be read.
+    pub const MAX_CHUNKS: usize = 16;
+
+    /// What a record says.
+    pub const KIND_READ: u8 = 0;
+    pub const KIND_WRITE: u8 = 1;
+    /// `SSL_free`: the connection is over.
+    pub const KIND_CLOSE: u8 = 2;
+    /// A call longer than `MAX_CHUNKS` big chunks: its bytes from `offset` on are missing.
+    pub const KIND_TOO_LONG: u8 = 3;
+
+    /// The head of every `TLS_DATA` record; `len` data bytes follow it.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct ChunkHead {
+        /// The `SSL *`: with `tgid`, names the connection.
+        pub ssl: u64,
+        /// Offset of the first data byte in this direction of the connection.
+        pub offset: u64,
+        pub ts_ns: u64,
+        pub tgid: u32,
+        /// The socket the library's calls on this connection use; -1 when none was seen.
+        pub fd: i32,
+        pub len: u32,
+        pub kind: u8,
+        pub _pad: [u8; 3],
+    }
+
+    #[repr(C)]
+    pub struct SmallChunk {
+        pub head: ChunkHead,
+        pub data: [u8; SMALL_CHUNK],
+    }
+
+    #[repr(C)]
+    pub struct BigChunk {
+        pub head: ChunkHead,
+        pub data: [u8; BIG_CHUNK],
+    }
+
+    /// What the kernel side counts, by outcome.
+    #[repr(u32)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum TlsCounter {
+        /// Calls returned with data, in selected processes.
+        Calls = 0,
+        /// Bytes of plaintext put in the ring.
+        Bytes,
+        /// Calls on a connection whose socket no syscall showed (a memory BIO, as asyncio,
+        /// Node and Envoy use): not mirrored.
+        NoSocket,
+        /// Records that did not fit in the ring: their connection's mirroring ends there.
+        RingFull,
+        /// Calls longer than `MAX_CHUNKS` big chunks.
+        TooLong,
+        /// User memory that could not be read.
+        ReadFailed,
+    }
+
+    pub const TLS_COUNTER_COUNT: u32 = TlsCounter::ReadFailed as u32 + 1;
+
+    impl TlsCounter {
+        pub const ALL: [TlsCounter; TLS_COUNTER_COUNT as usize] = [
+            TlsCounter::Calls,
+            TlsCounter::Bytes,
+            TlsCounter::NoSocket,
+            TlsCounter::RingFull,
+            TlsCounter::TooLong,
+            TlsCounter::ReadFailed,
+        ];
+
+        pub const fn name(self) -> &'static str {
+            match self {
+                TlsCounter::Calls => "calls",
+                TlsCounter::Bytes => "bytes",
+                TlsCounter::NoSocket => "no_socket",
+                TlsCounter::RingFull => "ring_full",
+                TlsCounter::TooLong => "too_long",
+                TlsCounter::ReadFailed => "read_failed",
+            }
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -367,6 +480,7 @@ mod user {
     unsafe impl aya::Pod for ResponseHead {}
     unsafe impl aya::Pod for CloneMark {}
     unsafe impl aya::Pod for Heartbeat {}
+    unsafe impl aya::Pod for super::tls::ChunkHead {}
 }
 
 #[cfg(test)]

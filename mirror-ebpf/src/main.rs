@@ -22,6 +22,8 @@
 #![no_std]
 #![no_main]
 
+mod tls;
+
 use aya_ebpf::{
     bindings::TC_ACT_OK,
     helpers::bpf_skb_load_bytes,

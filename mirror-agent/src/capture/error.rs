@@ -114,6 +114,12 @@ pub enum CaptureError {
     },
     #[error("the TC program")]
     Program(#[source] Box<aya::programs::ProgramError>),
+    #[error("TLS probes: {what}")]
+    Tls {
+        what: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
     #[error("the capture thread exited early")]
     ThreadExited,
     #[error("the capture is stopping")]

@@ -46,7 +46,7 @@ impl FullResponses {
 
 /// CLOCK_REALTIME less CLOCK_MONOTONIC, in nanoseconds: records carry the monotonic clock,
 /// clones (and everything downstream) the real-time one.
-fn realtime_offset_ns() -> i64 {
+pub(super) fn realtime_offset_ns() -> i64 {
     clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC)
 }
 

@@ -14,6 +14,7 @@ pub mod netns;
 pub mod program;
 pub mod ring;
 pub mod rtnl;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -114,6 +115,8 @@ pub struct CaptureConfig {
     /// Read the clones. Off only to measure the kernel side alone: clones then die in the
     /// mirror namespace unread.
     pub read_clones: bool,
+    /// Read plaintext around OpenSSL's calls in these processes (`--tls-port`).
+    pub tls: Option<tls::TlsConfig>,
 }
 
 impl Default for CaptureConfig {
@@ -135,6 +138,7 @@ impl Default for CaptureConfig {
             ebpf_log: false,
             lock_dir: PathBuf::from("/run/mirror-agent"),
             read_clones: true,
+            tls: None,
         }
     }
 }
@@ -243,6 +247,9 @@ pub struct Capture {
     mirror_ifindex: u32,
     /// In-pod mirror veths made so far, to name the next.
     pod_veths: u32,
+    /// The TLS probes, when on.
+    tls: Option<tls::TlsCapture>,
+    tls_stats: Arc<tls::streams::TlsStats>,
     responses: bool,
     attach_mode: AttachMode,
     lock_dir: PathBuf,
@@ -253,7 +260,7 @@ impl Capture {
     /// `feed` gives it its next stage: until then, the clones wait in the ring.
     pub fn start(cfg: &CaptureConfig) -> Result<Capture> {
         preflight()?;
-        if cfg.targets.is_empty() && !cfg.matching.addr_filter {
+        if cfg.targets.is_empty() && !cfg.matching.addr_filter && cfg.tls.is_none() {
             return Err(CaptureError::NothingToAttach);
         }
         let mut locks = HashMap::new();
@@ -274,10 +281,14 @@ impl Capture {
         // is configured with one. High and random, so that no pod's own interfaces hold it.
         let mirror_ifindex = MIRROR_IFINDEX_BASE | (tag & 0x0fff_ffff);
         let (heads_tx, heads_rx) = mpsc::channel::<HeadMerge>();
+        let (tls_tx, tls_rx) = mpsc::channel::<tls::TlsSource>();
         let (reader, reader_netns, ready) = spawn_reader(
             cfg.read_clones.then_some(cfg.ring),
             cfg.matching.clone(),
-            heads_rx,
+            Sources {
+                heads: heads_rx,
+                tls: tls_rx,
+            },
             sink_rx,
             Arc::clone(&stats),
             Arc::clone(&stop),
@@ -301,6 +312,8 @@ impl Capture {
             reader_netns,
             mirror_ifindex,
             pod_veths: 0,
+            tls: None,
+            tls_stats: Arc::default(),
             responses: cfg.matching.responses,
             attach_mode: cfg.attach_mode,
             lock_dir: cfg.lock_dir.clone(),
@@ -309,7 +322,7 @@ impl Capture {
         netdev::quiet_ipv6(&host_veth)?;
         netdev::set_up(&host_veth).map_err(CaptureError::io("bringing the mirror interface up"))?;
 
-        let mut program = KernelProgram::load(cfg.ebpf_log)?;
+        let mut program = KernelProgram::load(cfg.ebpf_log, cfg.tls.is_some())?;
         for t in &cfg.targets {
             capture.attach_target(&mut program, t)?;
         }
@@ -325,10 +338,59 @@ impl Capture {
         capture.heartbeat = Some(heartbeat::HeartbeatThread::start(
             program.take_heartbeat()?,
         )?);
-        program.configure(&cfg.matching, mirror_ifindex)?;
+        if let Some(tls_cfg) = &cfg.tls {
+            capture.start_tls(&mut program, tls_cfg.clone(), &tls_tx)?;
+        }
+        // Only TLS ports: the TC program stays off, attached nowhere.
+        if !cfg.matching.ports.is_empty() {
+            program.configure(&cfg.matching, mirror_ifindex)?;
+        }
         capture.program_id = program.id()?;
         capture.program = Some(program);
         Ok(capture)
+    }
+
+    /// Loads the TLS probes, hands their ring to the reader thread, and finds the processes.
+    fn start_tls(
+        &mut self,
+        program: &mut KernelProgram,
+        cfg: tls::TlsConfig,
+        to_reader: &mpsc::Sender<tls::TlsSource>,
+    ) -> Result<()> {
+        let mut probes = tls::TlsCapture::start(program.ebpf_mut(), cfg)?;
+        let ring = tls::take_ring(program.ebpf_mut())?;
+        let source = tls::TlsSource::new(ring, probes.ports().to_vec(), Arc::clone(&self.tls_stats));
+        to_reader
+            .send(source)
+            .map_err(|_| CaptureError::ThreadExited)?;
+        probes.rescan(program.ebpf_mut())?;
+        self.tls = Some(probes);
+        Ok(())
+    }
+
+    /// Finds processes and TLS libraries that appeared, and forgets processes that exited; call
+    /// it every few seconds. Nothing without TLS capture.
+    pub fn rescan_tls(&mut self) {
+        if let (Some(probes), Some(program)) = (self.tls.as_mut(), self.program.as_mut()) {
+            if let Err(e) = probes.rescan(program.ebpf_mut()) {
+                log::warn!("TLS: {}", error::chain(&e));
+            }
+        }
+    }
+
+    /// The TLS probes' kernel counters by name, and the processes and libraries read now.
+    pub fn tls_report(&self) -> Option<TlsReport> {
+        let probes = self.tls.as_ref()?;
+        let kernel = tls::kernel_counters(self.program.as_ref()?.ebpf()).ok()?;
+        Some(TlsReport {
+            kernel,
+            processes: probes.processes(),
+            libraries: probes.libraries(),
+        })
+    }
+
+    pub fn tls_stats(&self) -> &Arc<tls::streams::TlsStats> {
+        &self.tls_stats
     }
 
     /// Gives the reader thread the stage its batches go to, and starts the reading.
@@ -664,7 +726,7 @@ fn preflight() -> Result<()> {
 fn spawn_reader(
     ring_cfg: Option<RingConfig>,
     matching: MatchConfig,
-    heads: mpsc::Receiver<HeadMerge>,
+    sources: Sources,
     sink: mpsc::Receiver<Box<dyn BatchSink>>,
     stats: Arc<CaptureStats>,
     stop: Arc<AtomicBool>,
@@ -701,7 +763,7 @@ fn spawn_reader(
                 Ok(Some(ring)) => {
                     let _ = ready_tx.send(Ok(()));
                     if let Ok(sink) = sink.recv() {
-                        read_loop(ring, heads, &matching, sink, &stats, &stop);
+                        read_loop(ring, sources, &matching, sink, &stats, &stop);
                     }
                 }
                 Ok(None) => {
@@ -743,9 +805,15 @@ const BUSY_POLL_MS: i32 = 5;
 const IDLE_POLL_MS: i32 = 80;
 
 /// Reads the clones, and the response-head records once `heads` hands them over, merged.
+/// What the reader merges with the clones, handed over once the program is loaded.
+struct Sources {
+    heads: mpsc::Receiver<HeadMerge>,
+    tls: mpsc::Receiver<tls::TlsSource>,
+}
+
 fn read_loop(
     mut ring: PacketRing,
-    heads: mpsc::Receiver<HeadMerge>,
+    sources: Sources,
     matching: &MatchConfig,
     mut sink: Box<dyn BatchSink>,
     stats: &CaptureStats,
@@ -758,26 +826,30 @@ fn read_loop(
     // With response heads, no clone is read before the merge is here: it comes before the
     // program is enabled (or never, if loading fails, when the sender is dropped).
     let mut merge: Option<HeadMerge> = (matching.responses && matching.response_heads)
-        .then(|| heads.recv().ok())
+        .then(|| sources.heads.recv().ok())
         .flatten();
+    let mut tls = TlsFeed::new(sources.tls);
     let mut idle_poll_ms = BUSY_POLL_MS;
     loop {
         if drain_until.is_none() && stop.load(Ordering::Relaxed) {
             drain_until = Some(Instant::now() + Duration::from_millis(50));
         }
         if drain_until.is_some_and(|t| Instant::now() >= t) {
+            let mut rest = Vec::new();
             if let Some(m) = merge.as_mut() {
-                let rest = m.merge(Vec::new(), stats, crate::segment::now_ns(), Progress::Flush);
-                if !rest.is_empty() {
-                    hand_on(sink.as_mut(), rest, stats);
-                }
+                rest = m.merge(rest, stats, crate::segment::now_ns(), Progress::Flush);
+            }
+            tls.drain(&mut rest);
+            if !rest.is_empty() {
+                hand_on(sink.as_mut(), rest, stats);
             }
             break;
         }
         // Records are read between blocks: come back often while they come. Under traffic a
         // block retires every few milliseconds and wakes the poll anyway; an idle node is
         // polled less and less often, down to every `IDLE_POLL_MS`.
-        let timeout_ms = match (drain_until.is_some(), merge.is_some()) {
+        let records = merge.is_some() || tls.on();
+        let timeout_ms = match (drain_until.is_some(), records) {
             (true, true) => BUSY_POLL_MS,
             (false, true) => idle_poll_ms,
             (true, false) => 10,
@@ -800,7 +872,9 @@ fn read_loop(
             };
             batch = m.merge(batch, stats, now, progress);
         }
+        let tls_records = tls.drain(&mut batch);
         let idle = matches!(res, Ok(0))
+            && tls_records == 0
             && stats.head_records.load(Ordering::Relaxed) == records_before
             && !merge.as_ref().is_some_and(HeadMerge::holds);
         idle_poll_ms = if idle {
@@ -820,6 +894,33 @@ fn read_loop(
     }
     accumulate_ring_stats(&ring, stats);
     sink.finish();
+}
+
+/// The TLS probes' records, once their source is handed over (after the program loads).
+struct TlsFeed {
+    rx: mpsc::Receiver<tls::TlsSource>,
+    source: Option<tls::TlsSource>,
+}
+
+impl TlsFeed {
+    fn new(rx: mpsc::Receiver<tls::TlsSource>) -> Self {
+        TlsFeed { rx, source: None }
+    }
+
+    fn on(&mut self) -> bool {
+        if self.source.is_none() {
+            self.source = self.rx.try_recv().ok();
+        }
+        self.source.is_some()
+    }
+
+    /// Appends the segments of the records waiting; returns how many records were read.
+    fn drain(&mut self, out: &mut SegmentBatch) -> usize {
+        if !self.on() {
+            return 0;
+        }
+        self.source.as_mut().map_or(0, |s| s.drain(out))
+    }
 }
 
 /// Waits up to `timeout_ms` for a block of clones and parses its frames into segments, each
@@ -866,6 +967,15 @@ fn accumulate_ring_stats(ring: &PacketRing, stats: &CaptureStats) {
         stats.ring_drops.fetch_add(s.drops, Ordering::Relaxed);
         stats.ring_freezes.fetch_add(s.freezes, Ordering::Relaxed);
     }
+}
+
+/// What the TLS probes report, for logs and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct TlsReport {
+    /// The kernel side's counters by name.
+    pub kernel: Vec<(&'static str, u64)>,
+    pub processes: usize,
+    pub libraries: usize,
 }
 
 /// What the kernel program reports, for logs and metrics.

@@ -113,14 +113,23 @@ pub struct KernelProgram {
 }
 
 impl KernelProgram {
-    pub fn load(ebpf_log: bool) -> Result<KernelProgram> {
+    /// Loads the object and the TC program. With `tls`, the plaintext ring gets its full size
+    /// (the TLS probes are loaded by `tls::TlsCapture`).
+    pub fn load(ebpf_log: bool, tls: bool) -> Result<KernelProgram> {
         // aya-log's kernel side logs everything unless told otherwise; keep it off by default.
         if EBPF_OBJECT.is_empty() {
             return Err(CaptureError::NoObject);
         }
         let level: u8 = if ebpf_log { 0xff } else { 0 };
-        let mut ebpf = EbpfLoader::new()
-            .override_global("AYA_LOG_LEVEL", &level, false)
+        let mut loader = EbpfLoader::new();
+        loader.override_global("AYA_LOG_LEVEL", &level, false);
+        if tls {
+            loader.map_max_entries(
+                mirror_common::tls::MAP_TLS_DATA,
+                mirror_common::tls::TLS_RING_BYTES,
+            );
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| match super::memlock::limiting() {
                 Some((kernel, limit)) => CaptureError::Memlock {
@@ -335,6 +344,15 @@ impl KernelProgram {
             })?;
         self.links.insert((key.to_string(), hook), id);
         Ok(AttachMode::Netlink)
+    }
+
+    /// The loaded object, for the TLS probes that share its maps.
+    pub(super) fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    pub(super) fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
     }
 
     /// The kernel's id of the loaded program (`bpftool prog show id N`).

@@ -41,6 +41,16 @@ pub struct Sources {
     pub replay: Vec<(String, Arc<ReplayStats>)>,
     /// The recording stage's counters (`--record`).
     pub record: Option<Arc<crate::record::RecordStats>>,
+    /// The TLS probes (`--tls-port`): what became of their records, and their kernel side.
+    pub tls: Option<TlsSources>,
+}
+
+/// What `/metrics` reads of the TLS probes.
+#[derive(Clone, Debug, Default)]
+pub struct TlsSources {
+    pub stats: Arc<crate::capture::tls::streams::TlsStats>,
+    /// Refreshed by the agent's main loop.
+    pub report: Arc<Mutex<crate::capture::TlsReport>>,
 }
 
 impl std::fmt::Debug for Sources {
@@ -79,6 +89,9 @@ impl Sources {
             MetricType::Counter,
         )?;
         ConstCounter::new(kernel.work.as_secs_f64()).encode(m)?;
+        if let Some(t) = &self.tls {
+            encode_tls(encoder, &t.report.lock().unwrap())?;
+        }
         let pods = self.pods.lock().unwrap().clone();
         let m = encoder.encode_descriptor(
             "mirror_pods_mirrored",
@@ -125,6 +138,9 @@ impl Sources {
         if let Some(c) = &self.capture {
             stages::capture(&mut stages, c);
         }
+        if let Some(t) = &self.tls {
+            stages.stage(t.stats.as_ref());
+        }
         stages.stage(&p.reassembly);
         stages.stage(&p.http);
         stages.encode(encoder)?;
@@ -149,6 +165,35 @@ impl Sources {
         }
         Ok(())
     }
+}
+
+/// The TLS probes' kernel side: calls by outcome, and what they are attached to.
+fn encode_tls(encoder: &mut DescriptorEncoder, r: &crate::capture::TlsReport) -> std::fmt::Result {
+    let mut m = encoder.encode_descriptor(
+        "mirror_tls_kernel_events",
+        "What the TLS probes saw in the kernel, by outcome (calls, bytes, no_socket: a memory \
+         BIO, ring_full, too_long, read_failed)",
+        None,
+        MetricType::Counter,
+    )?;
+    for (name, n) in &r.kernel {
+        ConstCounter::new(*n).encode(m.encode_family(&[("outcome", *name)])?)?;
+    }
+    let m = encoder.encode_descriptor(
+        "mirror_tls_processes",
+        "Processes whose TLS calls are read now",
+        None,
+        MetricType::Gauge,
+    )?;
+    ConstGauge::new(r.processes as i64).encode(m)?;
+    let m = encoder.encode_descriptor(
+        "mirror_tls_libraries",
+        "TLS library files the probes are attached to",
+        None,
+        MetricType::Gauge,
+    )?;
+    ConstGauge::new(r.libraries as i64).encode(m)?;
+    Ok(())
 }
 
 /// The comparison's series: requests and durations by endpoint, version and code, status
@@ -477,6 +522,7 @@ mod tests {
             pipeline: Arc::new(Mutex::new(PipelineStats::default())),
             replay: vec![("mirror".into(), Arc::new(ReplayStats::default()))],
             record: Some(Default::default()),
+            tls: Some(Default::default()),
         }
     }
 
@@ -598,6 +644,7 @@ mod tests {
             crate::capture::CaptureStats::DECLARED,
             crate::replay::ReplayStats::DECLARED,
             crate::record::RecordStats::DECLARED,
+            crate::capture::tls::streams::TlsStats::DECLARED,
         ] {
             check_declared(declared).unwrap();
         }

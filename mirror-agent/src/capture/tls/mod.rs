@@ -1,0 +1,307 @@
+//! The second capture source: plaintext read by uprobes on OpenSSL's `libssl` in the processes
+//! of services that terminate TLS themselves (see `mirror-ebpf`'s `tls.rs`).
+//!
+//! A uprobe binds to a library file and fires in every process that maps it, so each file is
+//! attached once, opened through `/proc/PID/root` of a process that maps it (a container's file
+//! from the host), and the kernel side reads only the processes listed in `TLS_PIDS`: those
+//! given, or those in the network namespace of a pod given. `rescan` finds processes and
+//! libraries that appeared since, and forgets processes that exited.
+
+pub mod procfs;
+pub mod streams;
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::programs::uprobe::UProbeScope;
+use aya::programs::{TracePoint, UProbe};
+use aya::Ebpf;
+use mirror_common::tls::{
+    TlsCounter, MAP_TLS_COUNTERS, MAP_TLS_DATA, MAP_TLS_PIDS, PROG_FREE, PROG_READ_ENTRY,
+    PROG_READ_EX_ENTRY, PROG_RETURN, PROG_SYSCALL, PROG_WRITE_ENTRY, PROG_WRITE_EX_ENTRY,
+    TLS_COUNTER_COUNT,
+};
+
+use super::error::{CaptureError, Result};
+use super::netns::Netns;
+
+/// Whose TLS is read.
+#[derive(Clone, Debug, Default)]
+pub struct TlsConfig {
+    /// Ports the processes serve TLS on: connections to them are mirrored.
+    pub ports: Vec<u16>,
+    /// Processes given by pid.
+    pub pids: Vec<u32>,
+    /// Pods by address: the processes in their network namespaces.
+    pub pods: Vec<IpAddr>,
+}
+
+/// The library functions probed: entry program and symbol, and whether a library must have it.
+const ENTRIES: [(&str, &str, bool); 4] = [
+    (PROG_READ_ENTRY, "SSL_read", true),
+    (PROG_WRITE_ENTRY, "SSL_write", true),
+    (PROG_READ_EX_ENTRY, "SSL_read_ex", false),
+    (PROG_WRITE_EX_ENTRY, "SSL_write_ex", false),
+];
+
+/// Syscalls a socket BIO reads and writes with; the first argument of each is the fd.
+const SYSCALLS: [&str; 8] = [
+    "sys_enter_read",
+    "sys_enter_write",
+    "sys_enter_recvfrom",
+    "sys_enter_sendto",
+    "sys_enter_readv",
+    "sys_enter_writev",
+    "sys_enter_recvmsg",
+    "sys_enter_sendmsg",
+];
+
+/// The TLS probes' state in the agent: what is attached, and to whom it listens.
+pub struct TlsCapture {
+    cfg: TlsConfig,
+    /// Libraries attached, by file identity, with the path used.
+    libraries: HashMap<(u64, u64), std::path::PathBuf>,
+    /// Files that could not be attached (no symbols, say): not tried again.
+    refused: HashSet<(u64, u64)>,
+    pids: HashSet<u32>,
+    /// The pods' namespaces, found once.
+    pods: Vec<(IpAddr, Option<Netns>)>,
+}
+
+impl TlsCapture {
+    /// Loads the probes and the syscall tracepoints. Nothing is read until `rescan` lists
+    /// processes.
+    pub fn start(ebpf: &mut Ebpf, cfg: TlsConfig) -> Result<TlsCapture> {
+        for (name, _, _) in ENTRIES {
+            uprobe(ebpf, name)?.load().map_err(program_error(name))?;
+        }
+        for name in [PROG_RETURN, PROG_FREE] {
+            uprobe(ebpf, name)?.load().map_err(program_error(name))?;
+        }
+        let tp: &mut TracePoint = ebpf
+            .program_mut(PROG_SYSCALL)
+            .ok_or_else(|| CaptureError::ObjectIncomplete(format!("program {PROG_SYSCALL}")))?
+            .try_into()
+            .map_err(program_error(PROG_SYSCALL))?;
+        tp.load().map_err(program_error(PROG_SYSCALL))?;
+        let mut attached = 0;
+        for call in SYSCALLS {
+            match tp.attach("syscalls", call) {
+                Ok(_) => attached += 1,
+                Err(e) => log::warn!("TLS: cannot trace syscalls/{call} ({e}): a library reading with it is not mirrored"),
+            }
+        }
+        if attached == 0 {
+            return Err(CaptureError::Io {
+                what: "TLS capture needs the syscalls tracepoints (CONFIG_FTRACE_SYSCALLS) and tracefs".into(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
+        }
+        let pods = cfg.pods.iter().map(|ip| (*ip, None)).collect();
+        Ok(TlsCapture {
+            cfg,
+            libraries: HashMap::new(),
+            refused: HashSet::new(),
+            pids: HashSet::new(),
+            pods,
+        })
+    }
+
+    pub fn ports(&self) -> &[u16] {
+        &self.cfg.ports
+    }
+
+    /// Finds the selected processes now, attaches to the libraries they map that are not yet
+    /// attached, and updates the kernel's list of processes read. Errors about one process or
+    /// library are logged and the others go on.
+    pub fn rescan(&mut self, ebpf: &mut Ebpf) -> Result<()> {
+        let mut now: HashSet<u32> = self
+            .cfg
+            .pids
+            .iter()
+            .copied()
+            .filter(|p| procfs::alive(*p))
+            .collect();
+        for (ip, ns) in &mut self.pods {
+            if ns.is_none() {
+                match super::netns::find_by_addr(*ip) {
+                    Ok(found) => *ns = Some(found),
+                    Err(e) => log::debug!("TLS: {e}"),
+                }
+            }
+            if let Some(ns) = ns {
+                now.extend(procfs::processes_in_netns(ns.inode()));
+            }
+        }
+        for pid in &now {
+            for lib in procfs::libssl_of(*pid) {
+                if self.libraries.contains_key(&lib.id) || self.refused.contains(&lib.id) {
+                    continue;
+                }
+                match attach_library(ebpf, &lib.path) {
+                    Ok(n) => {
+                        log::info!(
+                            "TLS: attached {n} probes to {} (mapped by pid {pid})",
+                            lib.path.display()
+                        );
+                        self.libraries.insert(lib.id, lib.path);
+                    }
+                    Err(e) => {
+                        log::warn!(
+                            "TLS: cannot attach to {}: {}; that process's TLS is not mirrored",
+                            lib.path.display(),
+                            super::error::chain(&e)
+                        );
+                        self.refused.insert(lib.id);
+                    }
+                }
+            }
+        }
+        let mut pids: aya::maps::HashMap<_, u32, u8> = aya::maps::HashMap::try_from(
+            ebpf.map_mut(MAP_TLS_PIDS)
+                .ok_or_else(|| CaptureError::ObjectIncomplete(format!("map {MAP_TLS_PIDS}")))?,
+        )
+        .map_err(CaptureError::map(MAP_TLS_PIDS))?;
+        for gone in self.pids.difference(&now) {
+            let _ = pids.remove(gone);
+        }
+        for new in now.difference(&self.pids) {
+            pids.insert(new, 1, 0).map_err(CaptureError::map(MAP_TLS_PIDS))?;
+            log::info!("TLS: reading the TLS calls of pid {new}");
+        }
+        self.pids = now;
+        Ok(())
+    }
+
+    /// Processes read now.
+    pub fn processes(&self) -> usize {
+        self.pids.len()
+    }
+
+    /// Libraries attached now.
+    pub fn libraries(&self) -> usize {
+        self.libraries.len()
+    }
+}
+
+/// The kernel side's counters, by name.
+pub fn kernel_counters(ebpf: &Ebpf) -> Result<Vec<(&'static str, u64)>> {
+    let map = ebpf
+        .map(MAP_TLS_COUNTERS)
+        .ok_or_else(|| CaptureError::ObjectIncomplete(format!("map {MAP_TLS_COUNTERS}")))?;
+    let counters: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(map).map_err(CaptureError::map(MAP_TLS_COUNTERS))?;
+    let mut out = Vec::with_capacity(TLS_COUNTER_COUNT as usize);
+    for c in TlsCounter::ALL {
+        let n = counters
+            .get(&(c as u32), 0)
+            .map_err(CaptureError::map(MAP_TLS_COUNTERS))?
+            .iter()
+            .sum();
+        out.push((c.name(), n));
+    }
+    Ok(out)
+}
+
+/// The plaintext ring, to be read by one owner.
+pub fn take_ring(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>> {
+    let map = ebpf
+        .take_map(MAP_TLS_DATA)
+        .ok_or_else(|| CaptureError::ObjectIncomplete(format!("map {MAP_TLS_DATA}")))?;
+    RingBuf::try_from(map).map_err(CaptureError::map(MAP_TLS_DATA))
+}
+
+/// Attaches the probes to one library file. Returns how many were attached.
+fn attach_library(ebpf: &mut Ebpf, path: &std::path::Path) -> Result<usize> {
+    let mut n = 0;
+    for (name, symbol, required) in ENTRIES {
+        let entry = uprobe(ebpf, name)?.attach(symbol, path, UProbeScope::AllProcesses);
+        match entry {
+            Ok(_) => n += 1,
+            // OpenSSL before 1.1.1 has no `_ex` forms.
+            Err(_) if !required => continue,
+            Err(e) => return Err(program_error(symbol)(e)),
+        }
+        uprobe(ebpf, PROG_RETURN)?
+            .attach(symbol, path, UProbeScope::AllProcesses)
+            .map_err(program_error(symbol))?;
+        n += 1;
+    }
+    uprobe(ebpf, PROG_FREE)?
+        .attach("SSL_free", path, UProbeScope::AllProcesses)
+        .map_err(program_error("SSL_free"))?;
+    Ok(n + 1)
+}
+
+fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| CaptureError::ObjectIncomplete(format!("program {name}")))?
+        .try_into()
+        .map_err(program_error(name))
+}
+
+fn program_error<E: Into<aya::programs::ProgramError>>(
+    what: &str,
+) -> impl FnOnce(E) -> CaptureError + '_ {
+    move |e| CaptureError::Tls {
+        what: what.to_string(),
+        source: Box::new(e.into()),
+    }
+}
+
+/// The reader thread's side: the plaintext ring, drained into segments between ring blocks.
+pub struct TlsSource {
+    ring: RingBuf<MapData>,
+    streams: streams::TlsStreams<procfs::ProcSockets>,
+    stats: std::sync::Arc<streams::TlsStats>,
+}
+
+/// Records taken from the ring at one look at most, so that the wire's clones wait little.
+const RECORDS_PER_DRAIN: usize = 4096;
+
+impl TlsSource {
+    pub fn new(
+        ring: RingBuf<MapData>,
+        ports: Vec<u16>,
+        stats: std::sync::Arc<streams::TlsStats>,
+    ) -> Self {
+        let offset = super::heads::realtime_offset_ns();
+        TlsSource {
+            ring,
+            streams: streams::TlsStreams::new(procfs::ProcSockets::default(), ports, offset),
+            stats,
+        }
+    }
+
+    /// Appends the segments of the records waiting to `out`. Returns how many records were read.
+    pub fn drain(&mut self, out: &mut Vec<crate::segment::Segment>) -> usize {
+        use mirror_common::tls::ChunkHead;
+        const HEAD: usize = std::mem::size_of::<ChunkHead>();
+        let mut n = 0;
+        while n < RECORDS_PER_DRAIN {
+            let Some(item) = self.ring.next() else {
+                break;
+            };
+            n += 1;
+            let bytes: &[u8] = &item;
+            if bytes.len() < HEAD {
+                self.stats
+                    .malformed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                continue;
+            }
+            // SAFETY: at least HEAD bytes, and ChunkHead is plain data.
+            let head: ChunkHead = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            match bytes.get(HEAD..HEAD + head.len as usize) {
+                Some(data) => self.streams.record(&head, data, &self.stats, out),
+                None => {
+                    self.stats
+                        .malformed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        n
+    }
+}

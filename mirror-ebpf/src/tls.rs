@@ -1,0 +1,373 @@
+//! Plaintext around a TLS library's calls, in the processes the agent lists in `TLS_PIDS`.
+//!
+//! An entry uprobe on `SSL_read`/`SSL_write` (and their `_ex` forms) keeps the call's buffer per
+//! thread; the return probe, shared by the four, copies the bytes the call moved into the
+//! `TLS_DATA` ring, cut into chunks, and advances the connection's offset in that direction.
+//! The connection is the `SSL *` of the process; its socket is the fd of the read or write
+//! syscall made inside one of its calls (the tracepoint below), kept for the calls that make
+//! none (data the library had already read). `SSL_free` ends the connection.
+//!
+//! None of this changes what the process does: the probes only read its memory.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated},
+    macros::{map, tracepoint, uprobe, uretprobe},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
+};
+use mirror_common::tls::{
+    BigChunk, ChunkHead, SmallChunk, TlsCounter, BIG_CHUNK, KIND_CLOSE, KIND_READ, KIND_TOO_LONG,
+    KIND_WRITE, MAX_CHUNKS, MAX_TLS_PIDS, MAX_TLS_STREAMS, SMALL_CHUNK, TLS_COUNTER_COUNT,
+};
+
+/// The processes whose calls are read (by tgid, as the host's pid namespace numbers them).
+#[map]
+static TLS_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_TLS_PIDS, 0);
+
+/// Sized by the agent when it turns TLS capture on (`TLS_RING_BYTES`); a page otherwise.
+#[map]
+static TLS_DATA: RingBuf = RingBuf::with_byte_size(4096, 0);
+
+#[map]
+static TLS_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(TLS_COUNTER_COUNT, 0);
+
+/// A call in progress, by thread (`pid_tgid`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SslCall {
+    ssl: u64,
+    buf: u64,
+    /// `_ex` forms: where the library writes the byte count; 0 for the plain forms.
+    len_out: u64,
+    /// The socket of a read or write syscall made inside the call, or -1.
+    fd: i32,
+    kind: u8,
+    _pad: [u8; 3],
+}
+
+#[map]
+static SSL_CALLS: HashMap<u64, SslCall> = HashMap::with_max_entries(MAX_TLS_PIDS * 4, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct StreamKey {
+    ssl: u64,
+    tgid: u32,
+    _pad: u32,
+}
+
+/// A connection: its socket and how far each direction has gone.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Stream {
+    read_off: u64,
+    write_off: u64,
+    fd: i32,
+    _pad: u32,
+}
+
+#[map]
+static SSL_STREAMS: LruHashMap<StreamKey, Stream> =
+    LruHashMap::with_max_entries(MAX_TLS_STREAMS, 0);
+
+/// `bpf_ringbuf_submit` flags, as for the response heads.
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+
+#[inline(always)]
+fn count(c: TlsCounter, n: u64) {
+    if let Some(slot) = TLS_COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: a per-CPU slot; the probes run with preemption off.
+        unsafe { *slot += n };
+    }
+}
+
+#[uprobe]
+pub fn ssl_read_entry(ctx: ProbeContext) -> u32 {
+    enter(&ctx, KIND_READ, false)
+}
+
+#[uprobe]
+pub fn ssl_read_ex_entry(ctx: ProbeContext) -> u32 {
+    enter(&ctx, KIND_READ, true)
+}
+
+#[uprobe]
+pub fn ssl_write_entry(ctx: ProbeContext) -> u32 {
+    enter(&ctx, KIND_WRITE, false)
+}
+
+#[uprobe]
+pub fn ssl_write_ex_entry(ctx: ProbeContext) -> u32 {
+    enter(&ctx, KIND_WRITE, true)
+}
+
+/// Keeps the call's arguments for its return: `(SSL *, buf, num[, size_t *out])`.
+#[inline(always)]
+fn enter(ctx: &ProbeContext, kind: u8, ex: bool) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: a plain read of a u8 value.
+    if unsafe { TLS_PIDS.get(&((id >> 32) as u32)) }.is_none() {
+        return 0;
+    }
+    let (Some(ssl), Some(buf)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
+        return 0;
+    };
+    let len_out = if ex { ctx.arg::<u64>(3).unwrap_or(0) } else { 0 };
+    let call = SslCall {
+        ssl,
+        buf,
+        len_out,
+        fd: -1,
+        kind,
+        _pad: [0; 3],
+    };
+    let _ = SSL_CALLS.insert(&id, &call, 0);
+    0
+}
+
+/// The fd of a read or write syscall (`sys_enter_read`, `_write`, `_recvfrom`, `_sendto`,
+/// `_readv`, `_writev`, `_recvmsg`, `_sendmsg`: the first argument of each, at offset 16 of
+/// their stable tracepoint format) made inside an SSL call.
+#[tracepoint]
+pub fn ssl_syscall(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    if let Some(call) = SSL_CALLS.get_ptr_mut(&id) {
+        // SAFETY: offset 16 is the first syscall argument in every sys_enter_* format.
+        if let Ok(fd) = unsafe { ctx.read_at::<u64>(16) } {
+            // SAFETY: the entry of this thread, written only by this thread.
+            unsafe { (*call).fd = fd as i32 };
+        }
+    }
+    0
+}
+
+#[uretprobe]
+pub fn ssl_return(ctx: RetProbeContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: a copy of this thread's entry.
+    let Some(call) = (unsafe { SSL_CALLS.get(&id) }).copied() else {
+        return 0;
+    };
+    let _ = SSL_CALLS.remove(&id);
+    let ret = ctx.ret::<i64>() as i32;
+    let n = if call.len_out != 0 {
+        if ret != 1 {
+            return 0;
+        }
+        // SAFETY: a read of the process's memory that can fail, and is checked.
+        match unsafe { bpf_probe_read_user(call.len_out as *const u64) } {
+            Ok(n) => n,
+            Err(_) => {
+                count(TlsCounter::ReadFailed, 1);
+                return 0;
+            }
+        }
+    } else if ret > 0 {
+        ret as u64
+    } else {
+        return 0;
+    };
+    if n == 0 {
+        return 0;
+    }
+    count(TlsCounter::Calls, 1);
+    let tgid = (id >> 32) as u32;
+    let key = StreamKey {
+        ssl: call.ssl,
+        tgid,
+        _pad: 0,
+    };
+    let Some(stream) = stream_of(&key) else {
+        return 0;
+    };
+    // SAFETY: the connection's entry; its calls are made one at a time (OpenSSL does not allow
+    // concurrent calls on one SSL).
+    let (fd, offset) = unsafe {
+        if call.fd >= 0 {
+            (*stream).fd = call.fd;
+        }
+        let at = if call.kind == KIND_READ {
+            &mut (*stream).read_off
+        } else {
+            &mut (*stream).write_off
+        };
+        let offset = *at;
+        *at += n;
+        ((*stream).fd, offset)
+    };
+    if fd < 0 {
+        count(TlsCounter::NoSocket, 1);
+        return 0;
+    }
+    let head = ChunkHead {
+        ssl: call.ssl,
+        offset,
+        // SAFETY: no preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        tgid,
+        fd,
+        len: 0,
+        kind: call.kind,
+        _pad: [0; 3],
+    };
+    emit(head, call.buf, n);
+    0
+}
+
+/// The connection's entry, made at its first call.
+#[inline(always)]
+fn stream_of(key: &StreamKey) -> Option<*mut Stream> {
+    if let Some(s) = SSL_STREAMS.get_ptr_mut(key) {
+        return Some(s);
+    }
+    let fresh = Stream {
+        read_off: 0,
+        write_off: 0,
+        fd: -1,
+        _pad: 0,
+    };
+    SSL_STREAMS.insert(key, &fresh, 0).ok()?;
+    SSL_STREAMS.get_ptr_mut(key)
+}
+
+#[uprobe]
+pub fn ssl_free(ctx: ProbeContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let tgid = (id >> 32) as u32;
+    // SAFETY: a plain read of a u8 value.
+    if unsafe { TLS_PIDS.get(&tgid) }.is_none() {
+        return 0;
+    }
+    let Some(ssl) = ctx.arg::<u64>(0) else {
+        return 0;
+    };
+    let key = StreamKey { ssl, tgid, _pad: 0 };
+    // SAFETY: a copy of the entry.
+    let Some(stream) = (unsafe { SSL_STREAMS.get(&key) }).copied() else {
+        return 0;
+    };
+    let _ = SSL_STREAMS.remove(&key);
+    if stream.fd >= 0 {
+        let head = ChunkHead {
+            ssl,
+            offset: stream.read_off,
+            // SAFETY: no preconditions.
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+            tgid,
+            fd: stream.fd,
+            len: 0,
+            kind: KIND_CLOSE,
+            _pad: [0; 3],
+        };
+        small_record(head, 0, 0);
+    }
+    0
+}
+
+/// Copies `n` bytes at `buf` into records: full big chunks, then the rest in a small or a big
+/// one. Constant-size copies in the loop and one bounded variable copy at the end keep the
+/// verifier's work small on every kernel.
+#[inline(always)]
+fn emit(mut head: ChunkHead, buf: u64, n: u64) {
+    let base = head.offset;
+    let mut done = 0u64;
+    for _ in 0..MAX_CHUNKS {
+        if n - done <= BIG_CHUNK as u64 {
+            break;
+        }
+        head.offset = base + done;
+        // A record lost here leaves a gap in the offsets: the agent ends the connection there.
+        if !big_record(head, buf + done, BIG_CHUNK as u64) {
+            return;
+        }
+        done += BIG_CHUNK as u64;
+    }
+    head.offset = base + done;
+    let rest = n - done;
+    if rest > BIG_CHUNK as u64 {
+        count(TlsCounter::TooLong, 1);
+        head.kind = KIND_TOO_LONG;
+        small_record(head, 0, 0);
+        return;
+    }
+    if rest <= SMALL_CHUNK as u64 {
+        small_record(head, buf + done, rest);
+    } else {
+        big_record(head, buf + done, rest);
+    }
+}
+
+#[inline(always)]
+fn wake_flags() -> u64 {
+    if TLS_DATA.query(BPF_RB_AVAIL_DATA) > (mirror_common::tls::TLS_RING_BYTES / 2) as u64 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
+/// A record of at most `SMALL_CHUNK` bytes (none for a close). False when it could not be made.
+#[inline(always)]
+fn small_record(mut head: ChunkHead, from: u64, len: u64) -> bool {
+    if len > SMALL_CHUNK as u64 {
+        return false;
+    }
+    let wake = wake_flags();
+    let Some(mut entry) = TLS_DATA.reserve::<SmallChunk>(0) else {
+        count(TlsCounter::RingFull, 1);
+        return false;
+    };
+    let rec = entry.as_mut_ptr();
+    head.len = len as u32;
+    // SAFETY: `rec` is a reserved record; at most `SMALL_CHUNK` bytes are written into its data.
+    unsafe {
+        (*rec).head = head;
+        if len > 0 {
+            let to = core::ptr::addr_of_mut!((*rec).data).cast();
+            let size = core::hint::black_box(len as u32) & (2 * SMALL_CHUNK as u32 - 1);
+            if size > SMALL_CHUNK as u32
+                || generated::bpf_probe_read_user(to, size, from as *const _) != 0
+            {
+                entry.discard(0);
+                count(TlsCounter::ReadFailed, 1);
+                return false;
+            }
+        }
+    }
+    entry.submit(wake);
+    count(TlsCounter::Bytes, len);
+    true
+}
+
+/// A record of at most `BIG_CHUNK` bytes.
+#[inline(always)]
+fn big_record(mut head: ChunkHead, from: u64, len: u64) -> bool {
+    if len == 0 || len > BIG_CHUNK as u64 {
+        return false;
+    }
+    let wake = wake_flags();
+    let Some(mut entry) = TLS_DATA.reserve::<BigChunk>(0) else {
+        count(TlsCounter::RingFull, 1);
+        return false;
+    };
+    let rec = entry.as_mut_ptr();
+    head.len = len as u32;
+    // SAFETY: `rec` is a reserved record; at most `BIG_CHUNK` bytes are written into its data.
+    unsafe {
+        (*rec).head = head;
+        let to = core::ptr::addr_of_mut!((*rec).data).cast();
+        let size = core::hint::black_box(len as u32) & (2 * BIG_CHUNK as u32 - 1);
+        if size > BIG_CHUNK as u32
+            || generated::bpf_probe_read_user(to, size, from as *const _) != 0
+        {
+            entry.discard(0);
+            count(TlsCounter::ReadFailed, 1);
+            return false;
+        }
+    }
+    entry.submit(wake);
+    count(TlsCounter::Bytes, len);
+    true
+}
