@@ -367,19 +367,25 @@ pub mod tls {
     pub const MAP_TLS_COUNTERS: &str = "TLS_COUNTERS";
 
     /// Program names: the uprobes on the library's functions, the return probe they share,
-    /// and the syscall tracepoint that finds the socket an SSL call uses.
+    /// the kprobe on `tcp_sendmsg`/`tcp_recvmsg` that finds the socket an SSL call uses, and
+    /// the tracepoint that learns sockets' addresses as they become established.
     pub const PROG_READ_ENTRY: &str = "ssl_read_entry";
     pub const PROG_READ_EX_ENTRY: &str = "ssl_read_ex_entry";
     pub const PROG_WRITE_ENTRY: &str = "ssl_write_entry";
     pub const PROG_WRITE_EX_ENTRY: &str = "ssl_write_ex_entry";
     pub const PROG_RETURN: &str = "ssl_return";
     pub const PROG_FREE: &str = "ssl_free";
-    pub const PROG_SYSCALL: &str = "ssl_syscall";
+    pub const PROG_TCP_SOCK: &str = "ssl_tcp_sock";
+    pub const PROG_TCP_SEND_FENTRY: &str = "ssl_tcp_send";
+    pub const PROG_TCP_RECV_FENTRY: &str = "ssl_tcp_recv";
+    pub const PROG_SOCK_STATE: &str = "ssl_sock_state";
 
     /// Processes whose TLS calls are read; the agent fills it.
     pub const MAX_TLS_PIDS: u32 = 4096;
     /// TLS connections followed at once (least recently used go first).
     pub const MAX_TLS_STREAMS: u32 = 65_536;
+    /// Established TCP sockets whose addresses are kept (least recently used go first).
+    pub const MAX_SOCKETS: u32 = 262_144;
     /// Bytes of the `TLS_DATA` ring buffer when TLS capture is on (a power of two).
     pub const TLS_RING_BYTES: u32 = 16 << 20;
     /// Data bytes of a large record: a whole TLS record's plaintext.
@@ -398,6 +404,20 @@ pub mod tls {
     /// A call longer than `MAX_CHUNKS` big chunks: its bytes from `offset` on are missing.
     pub const KIND_TOO_LONG: u8 = 3;
 
+    /// A TCP connection's addresses, from the socket's own view: IPv4 as IPv4-mapped IPv6,
+    /// ports in host byte order.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct SockTuple {
+        pub local: [u8; 16],
+        pub peer: [u8; 16],
+        pub local_port: u16,
+        pub peer_port: u16,
+        /// 4 or 6.
+        pub ip_version: u8,
+        pub _pad: [u8; 3],
+    }
+
     /// The head of every `TLS_DATA` record; `len` data bytes follow it.
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -407,12 +427,12 @@ pub mod tls {
         /// Offset of the first data byte in this direction of the connection.
         pub offset: u64,
         pub ts_ns: u64,
+        /// The connection's socket, as the kernel saw it become established.
+        pub conn: SockTuple,
         pub tgid: u32,
-        /// The socket the library's calls on this connection use; -1 when none was seen.
-        pub fd: i32,
         pub len: u32,
         pub kind: u8,
-        pub _pad: [u8; 3],
+        pub _pad: [u8; 7],
     }
 
     #[repr(C)]
@@ -435,9 +455,12 @@ pub mod tls {
         Calls = 0,
         /// Bytes of plaintext put in the ring.
         Bytes,
-        /// Calls on a connection whose socket no syscall showed (a memory BIO, as asyncio,
-        /// Node and Envoy use): not mirrored.
+        /// Calls on a connection whose socket no TCP send or receive showed (a memory BIO, as
+        /// asyncio, Node and Envoy use): not mirrored.
         NoSocket,
+        /// Calls on a socket established before the probes were loaded: its addresses are
+        /// unknown, and it is not mirrored.
+        UnknownSocket,
         /// Records that did not fit in the ring: their connection's mirroring ends there.
         RingFull,
         /// Calls longer than `MAX_CHUNKS` big chunks.
@@ -453,6 +476,7 @@ pub mod tls {
             TlsCounter::Calls,
             TlsCounter::Bytes,
             TlsCounter::NoSocket,
+            TlsCounter::UnknownSocket,
             TlsCounter::RingFull,
             TlsCounter::TooLong,
             TlsCounter::ReadFailed,
@@ -463,6 +487,7 @@ pub mod tls {
                 TlsCounter::Calls => "calls",
                 TlsCounter::Bytes => "bytes",
                 TlsCounter::NoSocket => "no_socket",
+                TlsCounter::UnknownSocket => "unknown_socket",
                 TlsCounter::RingFull => "ring_full",
                 TlsCounter::TooLong => "too_long",
                 TlsCounter::ReadFailed => "read_failed",

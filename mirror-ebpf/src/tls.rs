@@ -3,21 +3,24 @@
 //! An entry uprobe on `SSL_read`/`SSL_write` (and their `_ex` forms) keeps the call's buffer per
 //! thread; the return probe, shared by the four, copies the bytes the call moved into the
 //! `TLS_DATA` ring, cut into chunks, and advances the connection's offset in that direction.
-//! The connection is the `SSL *` of the process; its socket is the fd of the read or write
-//! syscall made inside one of its calls (the tracepoint below), kept for the calls that make
-//! none (data the library had already read). `SSL_free` ends the connection.
+//! The connection is the `SSL *` of the process. Its socket is the one a TCP send or receive
+//! (`tcp_sendmsg`, `tcp_recvmsg`) inside one of its calls is made on, kept for the calls that
+//! make none (data the library had already read), and its addresses are those the socket had
+//! when it became established (the `sock/inet_sock_set_state` tracepoint, whose format has been
+//! stable since 4.16): no kernel structure is read. `SSL_free` ends the connection.
 //!
 //! None of this changes what the process does: the probes only read its memory.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated},
-    macros::{map, tracepoint, uprobe, uretprobe},
+    macros::{fentry, kprobe, map, tracepoint, uprobe, uretprobe},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{ProbeContext, RetProbeContext, TracePointContext},
+    programs::{FEntryContext, ProbeContext, RetProbeContext, TracePointContext},
 };
 use mirror_common::tls::{
-    BigChunk, ChunkHead, SmallChunk, TlsCounter, BIG_CHUNK, KIND_CLOSE, KIND_READ, KIND_TOO_LONG,
-    KIND_WRITE, MAX_CHUNKS, MAX_TLS_PIDS, MAX_TLS_STREAMS, SMALL_CHUNK, TLS_COUNTER_COUNT,
+    BigChunk, ChunkHead, SmallChunk, SockTuple, TlsCounter, BIG_CHUNK, KIND_CLOSE, KIND_READ,
+    KIND_TOO_LONG, KIND_WRITE, MAX_CHUNKS, MAX_SOCKETS, MAX_TLS_PIDS, MAX_TLS_STREAMS, SMALL_CHUNK,
+    TLS_COUNTER_COUNT,
 };
 
 /// The processes whose calls are read (by tgid, as the host's pid namespace numbers them).
@@ -39,10 +42,10 @@ struct SslCall {
     buf: u64,
     /// `_ex` forms: where the library writes the byte count; 0 for the plain forms.
     len_out: u64,
-    /// The socket of a read or write syscall made inside the call, or -1.
-    fd: i32,
+    /// The `struct sock *` of a TCP send or receive made inside the call, or 0.
+    sk: u64,
     kind: u8,
-    _pad: [u8; 3],
+    _pad: [u8; 7],
 }
 
 #[map]
@@ -62,9 +65,13 @@ struct StreamKey {
 struct Stream {
     read_off: u64,
     write_off: u64,
-    fd: i32,
-    _pad: u32,
+    /// `struct sock *`, or 0 before one is seen.
+    sk: u64,
 }
+
+/// Established TCP sockets' addresses, by `struct sock *`.
+#[map]
+static SOCKETS: LruHashMap<u64, SockTuple> = LruHashMap::with_max_entries(MAX_SOCKETS, 0);
 
 #[map]
 static SSL_STREAMS: LruHashMap<StreamKey, Stream> =
@@ -119,28 +126,111 @@ fn enter(ctx: &ProbeContext, kind: u8, ex: bool) -> u32 {
         ssl,
         buf,
         len_out,
-        fd: -1,
+        sk: 0,
         kind,
-        _pad: [0; 3],
+        _pad: [0; 7],
     };
     let _ = SSL_CALLS.insert(&id, &call, 0);
     0
 }
 
-/// The fd of a read or write syscall (`sys_enter_read`, `_write`, `_recvfrom`, `_sendto`,
-/// `_readv`, `_writev`, `_recvmsg`, `_sendmsg`: the first argument of each, at offset 16 of
-/// their stable tracepoint format) made inside an SSL call.
-#[tracepoint]
-pub fn ssl_syscall(ctx: TracePointContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    if let Some(call) = SSL_CALLS.get_ptr_mut(&id) {
-        // SAFETY: offset 16 is the first syscall argument in every sys_enter_* format.
-        if let Ok(fd) = unsafe { ctx.read_at::<u64>(16) } {
-            // SAFETY: the entry of this thread, written only by this thread.
-            unsafe { (*call).fd = fd as i32 };
-        }
+/// `tcp_sendmsg(struct sock *sk, ...)` and `tcp_recvmsg(struct sock *sk, ...)`: the socket of
+/// an SSL call in progress on this thread. A kprobe where the kernel has them; the two fentry
+/// programs below do the same on kernels with BTF trampolines but no kprobes.
+#[kprobe]
+pub fn ssl_tcp_sock(ctx: ProbeContext) -> u32 {
+    if let Some(sk) = ctx.arg::<u64>(0) {
+        note_socket(sk);
     }
     0
+}
+
+#[fentry(function = "tcp_sendmsg")]
+pub fn ssl_tcp_send(ctx: FEntryContext) -> u32 {
+    // tcp_sendmsg's first argument is its `struct sock *`.
+    note_socket(ctx.arg::<u64>(0));
+    0
+}
+
+#[fentry(function = "tcp_recvmsg")]
+pub fn ssl_tcp_recv(ctx: FEntryContext) -> u32 {
+    // tcp_recvmsg's first argument is its `struct sock *`.
+    note_socket(ctx.arg::<u64>(0));
+    0
+}
+
+#[inline(always)]
+fn note_socket(sk: u64) {
+    let id = bpf_get_current_pid_tgid();
+    if let Some(call) = SSL_CALLS.get_ptr_mut(&id) {
+        // SAFETY: the entry of this thread, written only by this thread.
+        unsafe { (*call).sk = sk };
+    }
+}
+
+/// `sock/inet_sock_set_state`: a TCP socket's addresses when it becomes established, dropped
+/// when it closes. Offsets from the tracepoint's format.
+#[tracepoint]
+pub fn ssl_sock_state(ctx: TracePointContext) -> u32 {
+    const TCP_ESTABLISHED: i32 = 1;
+    const TCP_CLOSE: i32 = 7;
+    const AF_INET: u16 = 2;
+    const IPPROTO_TCP: u16 = 6;
+    // SAFETY: reads within the tracepoint's record, at its format's offsets.
+    unsafe {
+        let (Ok(sk), Ok(state), Ok(protocol)) = (
+            ctx.read_at::<u64>(8),
+            ctx.read_at::<i32>(20),
+            ctx.read_at::<u16>(30),
+        ) else {
+            return 0;
+        };
+        if protocol != IPPROTO_TCP {
+            return 0;
+        }
+        if state == TCP_CLOSE {
+            let _ = SOCKETS.remove(&sk);
+            return 0;
+        }
+        if state != TCP_ESTABLISHED {
+            return 0;
+        }
+        let (Ok(sport), Ok(dport), Ok(family)) = (
+            ctx.read_at::<u16>(24),
+            ctx.read_at::<u16>(26),
+            ctx.read_at::<u16>(28),
+        ) else {
+            return 0;
+        };
+        let mut t = SockTuple {
+            local_port: sport,
+            peer_port: dport,
+            ip_version: 6,
+            ..SockTuple::default()
+        };
+        if family == AF_INET {
+            let (Ok(s4), Ok(d4)) = (ctx.read_at::<[u8; 4]>(32), ctx.read_at::<[u8; 4]>(36)) else {
+                return 0;
+            };
+            t.ip_version = 4;
+            t.local = v4_mapped(s4);
+            t.peer = v4_mapped(d4);
+        } else {
+            let (Ok(s6), Ok(d6)) = (ctx.read_at::<[u8; 16]>(40), ctx.read_at::<[u8; 16]>(56))
+            else {
+                return 0;
+            };
+            t.local = s6;
+            t.peer = d6;
+        }
+        let _ = SOCKETS.insert(&sk, &t, 0);
+    }
+    0
+}
+
+#[inline(always)]
+fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
 }
 
 #[uretprobe]
@@ -184,9 +274,9 @@ pub fn ssl_return(ctx: RetProbeContext) -> u32 {
     };
     // SAFETY: the connection's entry; its calls are made one at a time (OpenSSL does not allow
     // concurrent calls on one SSL).
-    let (fd, offset) = unsafe {
-        if call.fd >= 0 {
-            (*stream).fd = call.fd;
+    let (sk, offset) = unsafe {
+        if call.sk != 0 {
+            (*stream).sk = call.sk;
         }
         let at = if call.kind == KIND_READ {
             &mut (*stream).read_off
@@ -195,22 +285,27 @@ pub fn ssl_return(ctx: RetProbeContext) -> u32 {
         };
         let offset = *at;
         *at += n;
-        ((*stream).fd, offset)
+        ((*stream).sk, offset)
     };
-    if fd < 0 {
+    if sk == 0 {
         count(TlsCounter::NoSocket, 1);
         return 0;
     }
+    // SAFETY: a copy of the socket's addresses.
+    let Some(conn) = (unsafe { SOCKETS.get(&sk) }).copied() else {
+        count(TlsCounter::UnknownSocket, 1);
+        return 0;
+    };
     let head = ChunkHead {
         ssl: call.ssl,
         offset,
         // SAFETY: no preconditions.
         ts_ns: unsafe { bpf_ktime_get_ns() },
+        conn,
         tgid,
-        fd,
         len: 0,
         kind: call.kind,
-        _pad: [0; 3],
+        _pad: [0; 7],
     };
     emit(head, call.buf, n);
     0
@@ -225,8 +320,7 @@ fn stream_of(key: &StreamKey) -> Option<*mut Stream> {
     let fresh = Stream {
         read_off: 0,
         write_off: 0,
-        fd: -1,
-        _pad: 0,
+        sk: 0,
     };
     SSL_STREAMS.insert(key, &fresh, 0).ok()?;
     SSL_STREAMS.get_ptr_mut(key)
@@ -249,17 +343,18 @@ pub fn ssl_free(ctx: ProbeContext) -> u32 {
         return 0;
     };
     let _ = SSL_STREAMS.remove(&key);
-    if stream.fd >= 0 {
+    // SAFETY: a copy of the socket's addresses.
+    if let Some(conn) = unsafe { SOCKETS.get(&stream.sk) }.copied() {
         let head = ChunkHead {
             ssl,
             offset: stream.read_off,
             // SAFETY: no preconditions.
             ts_ns: unsafe { bpf_ktime_get_ns() },
+            conn,
             tgid,
-            fd: stream.fd,
             len: 0,
             kind: KIND_CLOSE,
-            _pad: [0; 3],
+            _pad: [0; 7],
         };
         small_record(head, 0, 0);
     }

@@ -15,12 +15,12 @@ use std::net::IpAddr;
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::uprobe::UProbeScope;
-use aya::programs::{TracePoint, UProbe};
+use aya::programs::{FEntry, KProbe, TracePoint, UProbe};
 use aya::Ebpf;
 use mirror_common::tls::{
     TlsCounter, MAP_TLS_COUNTERS, MAP_TLS_DATA, MAP_TLS_PIDS, PROG_FREE, PROG_READ_ENTRY,
-    PROG_READ_EX_ENTRY, PROG_RETURN, PROG_SYSCALL, PROG_WRITE_ENTRY, PROG_WRITE_EX_ENTRY,
-    TLS_COUNTER_COUNT,
+    PROG_READ_EX_ENTRY, PROG_RETURN, PROG_SOCK_STATE, PROG_TCP_RECV_FENTRY, PROG_TCP_SEND_FENTRY,
+    PROG_TCP_SOCK, PROG_WRITE_ENTRY, PROG_WRITE_EX_ENTRY, TLS_COUNTER_COUNT,
 };
 
 use super::error::{CaptureError, Result};
@@ -45,18 +45,6 @@ const ENTRIES: [(&str, &str, bool); 4] = [
     (PROG_WRITE_EX_ENTRY, "SSL_write_ex", false),
 ];
 
-/// Syscalls a socket BIO reads and writes with; the first argument of each is the fd.
-const SYSCALLS: [&str; 8] = [
-    "sys_enter_read",
-    "sys_enter_write",
-    "sys_enter_recvfrom",
-    "sys_enter_sendto",
-    "sys_enter_readv",
-    "sys_enter_writev",
-    "sys_enter_recvmsg",
-    "sys_enter_sendmsg",
-];
-
 /// The TLS probes' state in the agent: what is attached, and to whom it listens.
 pub struct TlsCapture {
     cfg: TlsConfig,
@@ -79,25 +67,16 @@ impl TlsCapture {
         for name in [PROG_RETURN, PROG_FREE] {
             uprobe(ebpf, name)?.load().map_err(program_error(name))?;
         }
+        socket_probes(ebpf)?;
         let tp: &mut TracePoint = ebpf
-            .program_mut(PROG_SYSCALL)
-            .ok_or_else(|| CaptureError::ObjectIncomplete(format!("program {PROG_SYSCALL}")))?
+            .program_mut(PROG_SOCK_STATE)
+            .ok_or_else(|| CaptureError::ObjectIncomplete(format!("program {PROG_SOCK_STATE}")))?
             .try_into()
-            .map_err(program_error(PROG_SYSCALL))?;
-        tp.load().map_err(program_error(PROG_SYSCALL))?;
-        let mut attached = 0;
-        for call in SYSCALLS {
-            match tp.attach("syscalls", call) {
-                Ok(_) => attached += 1,
-                Err(e) => log::warn!("TLS: cannot trace syscalls/{call} ({e}): a library reading with it is not mirrored"),
-            }
-        }
-        if attached == 0 {
-            return Err(CaptureError::Io {
-                what: "TLS capture needs the syscalls tracepoints (CONFIG_FTRACE_SYSCALLS) and tracefs".into(),
-                source: std::io::Error::from(std::io::ErrorKind::NotFound),
-            });
-        }
+            .map_err(program_error(PROG_SOCK_STATE))?;
+        tp.load().map_err(program_error(PROG_SOCK_STATE))?;
+        ensure_tracefs();
+        tp.attach("sock", "inet_sock_set_state")
+            .map_err(program_error("the sock/inet_sock_set_state tracepoint"))?;
         let pods = cfg.pods.iter().map(|ip| (*ip, None)).collect();
         Ok(TlsCapture {
             cfg,
@@ -185,6 +164,78 @@ impl TlsCapture {
     }
 }
 
+/// Every TCP send and receive names its socket; a TLS call's are its connection's. A kprobe on
+/// `tcp_sendmsg` and `tcp_recvmsg` where the kernel has kprobes, else fentry programs on them
+/// (kernels with BTF). Returns which.
+fn socket_probes(ebpf: &mut Ebpf) -> Result<&'static str> {
+    let kprobe = (|| -> Result<()> {
+        let kp: &mut KProbe = ebpf
+            .program_mut(PROG_TCP_SOCK)
+            .ok_or_else(|| CaptureError::ObjectIncomplete(format!("program {PROG_TCP_SOCK}")))?
+            .try_into()
+            .map_err(program_error(PROG_TCP_SOCK))?;
+        kp.load().map_err(program_error(PROG_TCP_SOCK))?;
+        for f in ["tcp_sendmsg", "tcp_recvmsg"] {
+            kp.attach(f, 0).map_err(program_error(f))?;
+        }
+        Ok(())
+    })();
+    let Err(kprobe_error) = kprobe else {
+        return Ok("kprobes");
+    };
+    let btf = aya::Btf::from_sys_fs().map_err(|e| CaptureError::Tls {
+        what: format!(
+            "no kprobes ({}) and no kernel BTF for fentry",
+            super::error::chain(&kprobe_error)
+        ),
+        source: Box::new(aya::programs::ProgramError::Btf(e)),
+    })?;
+    for (name, f) in [
+        (PROG_TCP_SEND_FENTRY, "tcp_sendmsg"),
+        (PROG_TCP_RECV_FENTRY, "tcp_recvmsg"),
+    ] {
+        let fe: &mut FEntry = ebpf
+            .program_mut(name)
+            .ok_or_else(|| CaptureError::ObjectIncomplete(format!("program {name}")))?
+            .try_into()
+            .map_err(program_error(name))?;
+        fe.load(f, &btf).map_err(program_error(name))?;
+        fe.attach().map_err(program_error(name))?;
+    }
+    log::info!(
+        "TLS: sockets found by fentry on tcp_sendmsg/tcp_recvmsg (kprobes: {})",
+        super::error::chain(&kprobe_error)
+    );
+    Ok("fentry")
+}
+
+/// A tracepoint is found through tracefs. A fresh mount namespace (a container's, or `ip netns
+/// exec`'s) may have sysfs without it: it is mounted there, at its usual place, for this
+/// namespace only.
+fn ensure_tracefs() {
+    const AT: &str = "/sys/kernel/tracing";
+    if std::path::Path::new(AT).join("events").exists()
+        || std::path::Path::new("/sys/kernel/debug/tracing/events").exists()
+    {
+        return;
+    }
+    let c = |s: &str| std::ffi::CString::new(s).unwrap();
+    let (src, at, fs) = (c("tracefs"), c(AT), c("tracefs"));
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(src.as_ptr(), at.as_ptr(), fs.as_ptr(), 0, std::ptr::null())
+    };
+    if rc == 0 {
+        log::info!("TLS: mounted tracefs at {AT} in the agent's mount namespace, to find tracepoints");
+    } else {
+        log::warn!(
+            "TLS: no tracefs, and mounting it at {AT} failed ({}); mount tracefs (or \
+             debugfs) into the agent",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// The kernel side's counters, by name.
 pub fn kernel_counters(ebpf: &Ebpf) -> Result<Vec<(&'static str, u64)>> {
     let map = ebpf
@@ -253,7 +304,7 @@ fn program_error<E: Into<aya::programs::ProgramError>>(
 /// The reader thread's side: the plaintext ring, drained into segments between ring blocks.
 pub struct TlsSource {
     ring: RingBuf<MapData>,
-    streams: streams::TlsStreams<procfs::ProcSockets>,
+    streams: streams::TlsStreams,
     stats: std::sync::Arc<streams::TlsStats>,
 }
 
@@ -269,7 +320,7 @@ impl TlsSource {
         let offset = super::heads::realtime_offset_ns();
         TlsSource {
             ring,
-            streams: streams::TlsStreams::new(procfs::ProcSockets::default(), ports, offset),
+            streams: streams::TlsStreams::new(ports, offset),
             stats,
         }
     }

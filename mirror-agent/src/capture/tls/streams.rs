@@ -2,26 +2,35 @@
 //! reassembly, HTTP/1 and HTTP/2 extraction, pairing and comparison take them as they take the
 //! wire's.
 //!
-//! A connection is a process's `SSL *`. At its first chunk its socket's addresses are looked up
-//! (the fd of the library's syscalls, in the process's own `/proc`), and it is mirrored when its
-//! local port is a TLS live port: the process serves it. Its reads are then the client's bytes
+//! A connection is a process's `SSL *`, and each record carries its socket's addresses. It is
+//! mirrored when its local port is a TLS live port: the process serves it. Its reads are then the client's bytes
 //! and its writes the server's. Sequence numbers are the chunks' stream offsets after a
 //! synthetic SYN from each side; `SSL_free` closes both directions. A chunk that is not where
 //! the last one ended (the ring was full, or a call was too long to read) resets the connection
 //! and stops its mirroring: a request is never spliced from bytes around a hole.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
-use mirror_common::tls::{ChunkHead, KIND_CLOSE, KIND_READ, KIND_TOO_LONG, KIND_WRITE};
+use mirror_common::tls::{ChunkHead, SockTuple, KIND_CLOSE, KIND_READ, KIND_TOO_LONG, KIND_WRITE};
 
 use crate::segment::{FlowKey, Segment, TcpFlags, TimestampNs};
 
-/// Finds a process's socket's local and peer addresses.
-pub trait SocketLookup {
-    fn lookup(&mut self, tgid: u32, fd: i32) -> Option<(SocketAddr, SocketAddr)>;
+/// A socket's local and peer addresses.
+fn addrs(t: &SockTuple) -> (SocketAddr, SocketAddr) {
+    let ip = |a: [u8; 16]| {
+        let v6 = Ipv6Addr::from(a);
+        match (t.ip_version, v6.to_ipv4_mapped()) {
+            (4, Some(v4)) => IpAddr::V4(v4),
+            _ => IpAddr::V6(v6),
+        }
+    };
+    (
+        SocketAddr::new(ip(t.local), t.local_port),
+        SocketAddr::new(ip(t.peer), t.peer_port),
+    )
 }
 
 mirror_core::stage_counters! {
@@ -39,7 +48,6 @@ mirror_core::stage_counters! {
             "TLS connections closed by SSL_free",
         pub not_live_port: AtomicU64 => Counter "mirror_tls_not_mirrored" [reason = "not_live_port"]
             "TLS records not mirrored, by reason",
-        pub unresolved: AtomicU64 => Counter "mirror_tls_not_mirrored" [reason = "socket_unresolved"],
         pub lost: AtomicU64 => Counter "mirror_tls_not_mirrored" [reason = "gap"],
         pub too_long: AtomicU64 => Counter "mirror_tls_not_mirrored" [reason = "too_long"],
         pub evicted: AtomicU64 => Counter "mirror_tls_not_mirrored" [reason = "evicted"],
@@ -58,22 +66,20 @@ enum Conn {
         /// Bytes each direction has had so far: reads (the client's), writes (the server's).
         next: [u64; 2],
     },
-    /// Not a live port, unresolved, or stopped after a hole: its records are passed over.
+    /// Not a live port, or stopped after a hole: its records are passed over.
     Ignored,
 }
 
-pub struct TlsStreams<L> {
-    lookup: L,
+pub struct TlsStreams {
     ports: Vec<u16>,
     conns: lru::LruCache<(u32, u64), Conn>,
     /// Added to the records' monotonic clock to make it real time, as the segments carry.
     realtime_offset_ns: i64,
 }
 
-impl<L: SocketLookup> TlsStreams<L> {
-    pub fn new(lookup: L, ports: Vec<u16>, realtime_offset_ns: i64) -> Self {
+impl TlsStreams {
+    pub fn new(ports: Vec<u16>, realtime_offset_ns: i64) -> Self {
         TlsStreams {
-            lookup,
             ports,
             conns: lru::LruCache::new(NonZeroUsize::new(MAX_CONNECTIONS).unwrap()),
             realtime_offset_ns,
@@ -135,10 +141,7 @@ impl<L: SocketLookup> TlsStreams<L> {
 
     /// A connection's first record: mirrored, with its handshake, or ignored.
     fn open(&mut self, head: &ChunkHead, ts: TimestampNs, stats: &TlsStats, out: &mut Vec<Segment>) -> Conn {
-        let Some((local, peer)) = self.lookup.lookup(head.tgid, head.fd) else {
-            bump(&stats.unresolved, 1);
-            return Conn::Ignored;
-        };
+        let (local, peer) = addrs(&head.conn);
         if !self.ports.contains(&local.port()) {
             bump(&stats.not_live_port, 1);
             return Conn::Ignored;
@@ -197,31 +200,41 @@ fn reset(flow: FlowKey, next: &[u64; 2], ts: TimestampNs) -> Segment {
 mod tests {
     use super::*;
 
-    struct Fixed(Option<(SocketAddr, SocketAddr)>);
-
-    impl SocketLookup for Fixed {
-        fn lookup(&mut self, _: u32, _: i32) -> Option<(SocketAddr, SocketAddr)> {
-            self.0
-        }
-    }
-
-    fn head(kind: u8, offset: u64, len: usize) -> ChunkHead {
-        ChunkHead {
-            ssl: 0xabc,
-            offset,
-            ts_ns: 1,
-            tgid: 7,
-            fd: 5,
-            len: len as u32,
-            kind,
+    fn tuple(local: &str, peer: &str) -> SockTuple {
+        let (l, p): (SocketAddr, SocketAddr) = (local.parse().unwrap(), peer.parse().unwrap());
+        let v6 = |a: SocketAddr| match a.ip() {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        SockTuple {
+            local: v6(l),
+            peer: v6(p),
+            local_port: l.port(),
+            peer_port: p.port(),
+            ip_version: if l.is_ipv4() { 4 } else { 6 },
             _pad: [0; 3],
         }
     }
 
-    fn streams() -> TlsStreams<Fixed> {
-        let local = "10.0.0.2:8443".parse().unwrap();
-        let peer = "10.0.0.1:40000".parse().unwrap();
-        TlsStreams::new(Fixed(Some((local, peer))), vec![8443], 0)
+    fn head_on(conn: SockTuple, kind: u8, offset: u64, len: usize) -> ChunkHead {
+        ChunkHead {
+            ssl: 0xabc,
+            offset,
+            ts_ns: 1,
+            conn,
+            tgid: 7,
+            len: len as u32,
+            kind,
+            _pad: [0; 7],
+        }
+    }
+
+    fn head(kind: u8, offset: u64, len: usize) -> ChunkHead {
+        head_on(tuple("10.0.0.2:8443", "10.0.0.1:40000"), kind, offset, len)
+    }
+
+    fn streams() -> TlsStreams {
+        TlsStreams::new(vec![8443], 0)
     }
 
     #[test]
@@ -268,17 +281,17 @@ mod tests {
     }
 
     #[test]
-    fn clients_and_unresolved_sockets_are_not_mirrored() {
+    fn clients_are_not_mirrored_and_ipv6_keeps_its_addresses() {
         let stats = TlsStats::default();
         let mut out = Vec::new();
-        let local = "10.0.0.2:51000".parse().unwrap();
-        let peer = "10.0.0.9:443".parse().unwrap();
-        let mut client = TlsStreams::new(Fixed(Some((local, peer))), vec![8443], 0);
-        client.record(&head(KIND_WRITE, 0, 3), b"GET", &stats, &mut out);
-        let mut unresolved = TlsStreams::new(Fixed(None), vec![8443], 0);
-        unresolved.record(&head(KIND_READ, 0, 3), b"GET", &stats, &mut out);
+        let mut s = streams();
+        let client = tuple("10.0.0.2:51000", "10.0.0.9:443");
+        s.record(&head_on(client, KIND_WRITE, 0, 3), b"GET", &stats, &mut out);
         assert!(out.is_empty());
         assert_eq!(stats.not_live_port.load(Ordering::Relaxed), 1);
-        assert_eq!(stats.unresolved.load(Ordering::Relaxed), 1);
+        let mut v6 = head_on(tuple("[fd00::2]:8443", "[fd00::1]:50000"), KIND_READ, 0, 3);
+        v6.ssl += 1;
+        s.record(&v6, b"GET", &stats, &mut out);
+        assert_eq!(out[0].flow.to_string(), "[fd00::1]:50000 -> [fd00::2]:8443");
     }
 }
