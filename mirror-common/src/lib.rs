@@ -379,6 +379,7 @@ pub mod tls {
     pub const PROG_TCP_SEND_FENTRY: &str = "ssl_tcp_send";
     pub const PROG_TCP_RECV_FENTRY: &str = "ssl_tcp_recv";
     pub const PROG_SOCK_STATE: &str = "ssl_sock_state";
+    pub const PROG_SOCK_IO: &str = "ssl_sock_io";
 
     /// Processes whose TLS calls are read; the agent fills it.
     pub const MAX_TLS_PIDS: u32 = 4096;

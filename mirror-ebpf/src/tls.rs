@@ -135,8 +135,8 @@ fn enter(ctx: &ProbeContext, kind: u8, ex: bool) -> u32 {
 }
 
 /// `tcp_sendmsg(struct sock *sk, ...)` and `tcp_recvmsg(struct sock *sk, ...)`: the socket of
-/// an SSL call in progress on this thread. A kprobe where the kernel has them; the two fentry
-/// programs below do the same on kernels with BTF trampolines but no kprobes.
+/// an SSL call in progress on this thread. A kprobe where the kernel has them; the programs
+/// below do the same from the `sock` tracepoints (6.5+) or from fentry (BTF trampolines).
 #[kprobe]
 pub fn ssl_tcp_sock(ctx: ProbeContext) -> u32 {
     if let Some(sk) = ctx.arg::<u64>(0) {
@@ -156,6 +156,18 @@ pub fn ssl_tcp_send(ctx: FEntryContext) -> u32 {
 pub fn ssl_tcp_recv(ctx: FEntryContext) -> u32 {
     // tcp_recvmsg's first argument is its `struct sock *`.
     note_socket(ctx.arg::<u64>(0));
+    0
+}
+
+/// `sock/sock_send_length` and `sock/sock_recv_length`: fired in the caller's context after
+/// each socket send or receive, with its `struct sock *`. Offsets from the tracepoints' format.
+#[tracepoint]
+pub fn ssl_sock_io(ctx: TracePointContext) -> u32 {
+    const IPPROTO_TCP: u16 = 6;
+    // SAFETY: reads within the tracepoint's record, at its format's offsets.
+    if let (Ok(sk), Ok(IPPROTO_TCP)) = unsafe { (ctx.read_at::<u64>(8), ctx.read_at::<u16>(18)) } {
+        note_socket(sk);
+    }
     0
 }
 

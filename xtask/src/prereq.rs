@@ -99,6 +99,9 @@ pub fn ensure_test_tools() -> Result<()> {
         ("tc", "iproute2"),
         ("curl", "curl"),
         ("iptables", "iptables"),
+        // The TLS suites: nginx linked with OpenSSL 3 (libssl.so.3) and the certificates' tool.
+        ("nginx", "nginx"),
+        ("openssl", "openssl"),
         ("h2load", "nghttp2-client"),
         ("/usr/lib/python3/dist-packages/grpc", "python3-grpcio"),
         ("/usr/lib/python3/dist-packages/h2", "python3-h2"),

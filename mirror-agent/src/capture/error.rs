@@ -120,6 +120,13 @@ pub enum CaptureError {
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
+    /// None of the ways to learn a TLS call's socket loaded; each one's failure is named.
+    #[error("TLS probes: nothing tells which socket a TLS call uses (the kernel needs 6.5+ for the sock tracepoints, CONFIG_KPROBES, or BTF trampolines for fentry): sock tracepoints: {tracepoints}; kprobes: {kprobes}; fentry: {fentry}")]
+    TlsNoSocketProbe {
+        tracepoints: String,
+        kprobes: String,
+        fentry: String,
+    },
     #[error("the capture thread exited early")]
     ThreadExited,
     #[error("the capture is stopping")]

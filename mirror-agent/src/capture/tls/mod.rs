@@ -19,7 +19,7 @@ use aya::programs::{FEntry, KProbe, TracePoint, UProbe};
 use aya::Ebpf;
 use mirror_common::tls::{
     TlsCounter, MAP_TLS_COUNTERS, MAP_TLS_DATA, MAP_TLS_PIDS, PROG_FREE, PROG_READ_ENTRY,
-    PROG_READ_EX_ENTRY, PROG_RETURN, PROG_SOCK_STATE, PROG_TCP_RECV_FENTRY, PROG_TCP_SEND_FENTRY,
+    PROG_READ_EX_ENTRY, PROG_RETURN, PROG_SOCK_IO, PROG_SOCK_STATE, PROG_TCP_RECV_FENTRY, PROG_TCP_SEND_FENTRY,
     PROG_TCP_SOCK, PROG_WRITE_ENTRY, PROG_WRITE_EX_ENTRY, TLS_COUNTER_COUNT,
 };
 
@@ -67,16 +67,13 @@ impl TlsCapture {
         for name in [PROG_RETURN, PROG_FREE] {
             uprobe(ebpf, name)?.load().map_err(program_error(name))?;
         }
-        socket_probes(ebpf)?;
-        let tp: &mut TracePoint = ebpf
-            .program_mut(PROG_SOCK_STATE)
-            .ok_or_else(|| CaptureError::ObjectIncomplete(format!("program {PROG_SOCK_STATE}")))?
-            .try_into()
-            .map_err(program_error(PROG_SOCK_STATE))?;
-        tp.load().map_err(program_error(PROG_SOCK_STATE))?;
         ensure_tracefs();
+        let tp = tracepoint(ebpf, PROG_SOCK_STATE)?;
+        tp.load().map_err(program_error(PROG_SOCK_STATE))?;
         tp.attach("sock", "inet_sock_set_state")
             .map_err(program_error("the sock/inet_sock_set_state tracepoint"))?;
+        let how = socket_probes(ebpf)?;
+        log::info!("TLS: a call's socket is learned from {how}");
         let pods = cfg.pods.iter().map(|ip| (*ip, None)).collect();
         Ok(TlsCapture {
             cfg,
@@ -164,11 +161,24 @@ impl TlsCapture {
     }
 }
 
-/// Every TCP send and receive names its socket; a TLS call's are its connection's. A kprobe on
-/// `tcp_sendmsg` and `tcp_recvmsg` where the kernel has kprobes, else fentry programs on them
-/// (kernels with BTF). Returns which.
+/// Every TCP send and receive names its socket; a TLS call's are its connection's. Learned from
+/// the first that loads of: the `sock/sock_send_length` and `sock/sock_recv_length` tracepoints
+/// (6.5+, a stable format), kprobes on `tcp_sendmsg` and `tcp_recvmsg`, fentry on them (BTF
+/// trampolines). Returns which; the error names why each failed.
 fn socket_probes(ebpf: &mut Ebpf) -> Result<&'static str> {
-    let kprobe = (|| -> Result<()> {
+    let tracepoints = (|| -> Result<()> {
+        let tp = tracepoint(ebpf, PROG_SOCK_IO)?;
+        tp.load().map_err(program_error(PROG_SOCK_IO))?;
+        for event in ["sock_send_length", "sock_recv_length"] {
+            tp.attach("sock", event)
+                .map_err(program_error(&format!("the sock/{event} tracepoint")))?;
+        }
+        Ok(())
+    })();
+    let Err(tracepoint_error) = tracepoints else {
+        return Ok("the sock_send_length/sock_recv_length tracepoints");
+    };
+    let kprobes = (|| -> Result<()> {
         let kp: &mut KProbe = ebpf
             .program_mut(PROG_TCP_SOCK)
             .ok_or_else(|| CaptureError::ObjectIncomplete(format!("program {PROG_TCP_SOCK}")))?
@@ -180,33 +190,43 @@ fn socket_probes(ebpf: &mut Ebpf) -> Result<&'static str> {
         }
         Ok(())
     })();
-    let Err(kprobe_error) = kprobe else {
-        return Ok("kprobes");
+    let Err(kprobe_error) = kprobes else {
+        return Ok("kprobes on tcp_sendmsg/tcp_recvmsg");
     };
-    let btf = aya::Btf::from_sys_fs().map_err(|e| CaptureError::Tls {
-        what: format!(
-            "no kprobes ({}) and no kernel BTF for fentry",
-            super::error::chain(&kprobe_error)
-        ),
-        source: Box::new(aya::programs::ProgramError::Btf(e)),
-    })?;
-    for (name, f) in [
-        (PROG_TCP_SEND_FENTRY, "tcp_sendmsg"),
-        (PROG_TCP_RECV_FENTRY, "tcp_recvmsg"),
-    ] {
-        let fe: &mut FEntry = ebpf
-            .program_mut(name)
-            .ok_or_else(|| CaptureError::ObjectIncomplete(format!("program {name}")))?
-            .try_into()
-            .map_err(program_error(name))?;
-        fe.load(f, &btf).map_err(program_error(name))?;
-        fe.attach().map_err(program_error(name))?;
+    let fentry = (|| -> Result<()> {
+        let btf = aya::Btf::from_sys_fs().map_err(|e| CaptureError::Tls {
+            what: "no kernel BTF for fentry".into(),
+            source: Box::new(aya::programs::ProgramError::Btf(e)),
+        })?;
+        for (name, f) in [
+            (PROG_TCP_SEND_FENTRY, "tcp_sendmsg"),
+            (PROG_TCP_RECV_FENTRY, "tcp_recvmsg"),
+        ] {
+            let fe: &mut FEntry = ebpf
+                .program_mut(name)
+                .ok_or_else(|| CaptureError::ObjectIncomplete(format!("program {name}")))?
+                .try_into()
+                .map_err(program_error(name))?;
+            fe.load(f, &btf).map_err(program_error(name))?;
+            fe.attach().map_err(program_error(name))?;
+        }
+        Ok(())
+    })();
+    match fentry {
+        Ok(()) => Ok("fentry on tcp_sendmsg/tcp_recvmsg"),
+        Err(fentry_error) => Err(CaptureError::TlsNoSocketProbe {
+            tracepoints: super::error::chain(&tracepoint_error),
+            kprobes: super::error::chain(&kprobe_error),
+            fentry: super::error::chain(&fentry_error),
+        }),
     }
-    log::info!(
-        "TLS: sockets found by fentry on tcp_sendmsg/tcp_recvmsg (kprobes: {})",
-        super::error::chain(&kprobe_error)
-    );
-    Ok("fentry")
+}
+
+fn tracepoint<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut TracePoint> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| CaptureError::ObjectIncomplete(format!("program {name}")))?
+        .try_into()
+        .map_err(program_error(name))
 }
 
 /// A tracepoint is found through tracefs. A fresh mount namespace (a container's, or `ip netns
