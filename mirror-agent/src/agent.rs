@@ -558,8 +558,15 @@ fn ready_line(cfg: &AgentConfig, capture: &Capture) -> String {
         ),
         (None, _) => attached.join(", "),
     };
+    let tls = match (&cfg.capture.tls, capture.tls_report()) {
+        (Some(tls), Some(report)) => format!(
+            "; TLS plaintext on ports {:?} from {} processes ({} libraries)",
+            tls.ports, report.processes, report.libraries
+        ),
+        _ => String::new(),
+    };
     format!(
-        "ready: mirroring ports {:?} on {on}; mirror interface {}; program id {}",
+        "ready: mirroring ports {:?} on {on}{tls}; mirror interface {}; program id {}",
         cfg.capture.matching.ports,
         capture.mirror_interface(),
         capture.program_id()

@@ -359,11 +359,24 @@ impl Capture {
     ) -> Result<()> {
         let mut probes = tls::TlsCapture::start(program.ebpf_mut(), cfg)?;
         let ring = tls::take_ring(program.ebpf_mut())?;
-        let source = tls::TlsSource::new(ring, probes.ports().to_vec(), Arc::clone(&self.tls_stats));
+        let source =
+            tls::TlsSource::new(ring, probes.ports().to_vec(), Arc::clone(&self.tls_stats));
         to_reader
             .send(source)
             .map_err(|_| CaptureError::ThreadExited)?;
         probes.rescan(program.ebpf_mut())?;
+        if probes.processes() == 0 {
+            log::warn!(
+                "TLS: no process to read yet (a --tls-pid that is not running, or a pod whose \
+                 network namespace is not found); looked for again every 2 s"
+            );
+        } else if probes.libraries() == 0 {
+            log::warn!(
+                "TLS: none of the {} processes maps OpenSSL's libssl: their TLS is not read \
+                 (statically linked TLS, Go's crypto/tls and rustls are not supported)",
+                probes.processes()
+            );
+        }
         self.tls = Some(probes);
         Ok(())
     }

@@ -19,8 +19,8 @@ use aya::programs::{FEntry, KProbe, TracePoint, UProbe};
 use aya::Ebpf;
 use mirror_common::tls::{
     TlsCounter, MAP_TLS_COUNTERS, MAP_TLS_DATA, MAP_TLS_PIDS, PROG_FREE, PROG_READ_ENTRY,
-    PROG_READ_EX_ENTRY, PROG_RETURN, PROG_SOCK_IO, PROG_SOCK_STATE, PROG_TCP_RECV_FENTRY, PROG_TCP_SEND_FENTRY,
-    PROG_TCP_SOCK, PROG_WRITE_ENTRY, PROG_WRITE_EX_ENTRY, TLS_COUNTER_COUNT,
+    PROG_READ_EX_ENTRY, PROG_RETURN, PROG_SOCK_IO, PROG_SOCK_STATE, PROG_TCP_RECV_FENTRY,
+    PROG_TCP_SEND_FENTRY, PROG_TCP_SOCK, PROG_WRITE_ENTRY, PROG_WRITE_EX_ENTRY, TLS_COUNTER_COUNT,
 };
 
 use super::error::{CaptureError, Result};
@@ -143,7 +143,8 @@ impl TlsCapture {
             let _ = pids.remove(gone);
         }
         for new in now.difference(&self.pids) {
-            pids.insert(new, 1, 0).map_err(CaptureError::map(MAP_TLS_PIDS))?;
+            pids.insert(new, 1, 0)
+                .map_err(CaptureError::map(MAP_TLS_PIDS))?;
             log::info!("TLS: reading the TLS calls of pid {new}");
         }
         self.pids = now;
@@ -242,11 +243,11 @@ fn ensure_tracefs() {
     let c = |s: &str| std::ffi::CString::new(s).unwrap();
     let (src, at, fs) = (c("tracefs"), c(AT), c("tracefs"));
     // SAFETY: valid NUL-terminated strings; no data argument.
-    let rc = unsafe {
-        libc::mount(src.as_ptr(), at.as_ptr(), fs.as_ptr(), 0, std::ptr::null())
-    };
+    let rc = unsafe { libc::mount(src.as_ptr(), at.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
     if rc == 0 {
-        log::info!("TLS: mounted tracefs at {AT} in the agent's mount namespace, to find tracepoints");
+        log::info!(
+            "TLS: mounted tracefs at {AT} in the agent's mount namespace, to find tracepoints"
+        );
     } else {
         log::warn!(
             "TLS: no tracefs, and mounting it at {AT} failed ({}); mount tracefs (or \

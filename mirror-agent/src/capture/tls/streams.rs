@@ -87,13 +87,33 @@ impl TlsStreams {
     }
 
     /// One record: its head and data. Segments it makes go to `out`.
-    pub fn record(&mut self, head: &ChunkHead, data: &[u8], stats: &TlsStats, out: &mut Vec<Segment>) {
+    pub fn record(
+        &mut self,
+        head: &ChunkHead,
+        data: &[u8],
+        stats: &TlsStats,
+        out: &mut Vec<Segment>,
+    ) {
         let key = (head.tgid, head.ssl);
         let ts = (head.ts_ns as i64 + self.realtime_offset_ns) as TimestampNs;
         if head.kind == KIND_CLOSE {
             if let Some(Conn::Mirrored { flow, next }) = self.conns.pop(&key) {
-                out.push(segment(flow, next[0], next[1], TcpFlags::FIN, Bytes::new(), ts));
-                out.push(segment(flow.reverse(), next[1], next[0], TcpFlags::FIN, Bytes::new(), ts));
+                out.push(segment(
+                    flow,
+                    next[0],
+                    next[1],
+                    TcpFlags::FIN,
+                    Bytes::new(),
+                    ts,
+                ));
+                out.push(segment(
+                    flow.reverse(),
+                    next[1],
+                    next[0],
+                    TcpFlags::FIN,
+                    Bytes::new(),
+                    ts,
+                ));
                 bump(&stats.closes, 1);
             }
             return;
@@ -131,7 +151,11 @@ impl TlsStreams {
             self.conns.put(key, Conn::Ignored);
             return;
         }
-        let (this, other) = if dir == 0 { (flow, next[1]) } else { (flow.reverse(), next[0]) };
+        let (this, other) = if dir == 0 {
+            (flow, next[1])
+        } else {
+            (flow.reverse(), next[0])
+        };
         let payload = Bytes::copy_from_slice(data);
         out.push(segment(this, next[dir], other, TcpFlags::PSH, payload, ts));
         next[dir] += data.len() as u64;
@@ -140,7 +164,13 @@ impl TlsStreams {
     }
 
     /// A connection's first record: mirrored, with its handshake, or ignored.
-    fn open(&mut self, head: &ChunkHead, ts: TimestampNs, stats: &TlsStats, out: &mut Vec<Segment>) -> Conn {
+    fn open(
+        &mut self,
+        head: &ChunkHead,
+        ts: TimestampNs,
+        stats: &TlsStats,
+        out: &mut Vec<Segment>,
+    ) -> Conn {
         let (local, peer) = addrs(&head.conn);
         if !self.ports.contains(&local.port()) {
             bump(&stats.not_live_port, 1);
@@ -179,7 +209,14 @@ fn bump(c: &AtomicU64, n: u64) {
 }
 
 /// A segment at stream offset `at`, acknowledging offset `acked` of the other direction.
-fn segment(flow: FlowKey, at: u64, acked: u64, flags: TcpFlags, payload: Bytes, ts: TimestampNs) -> Segment {
+fn segment(
+    flow: FlowKey,
+    at: u64,
+    acked: u64,
+    flags: TcpFlags,
+    payload: Bytes,
+    ts: TimestampNs,
+) -> Segment {
     Segment {
         flow,
         seq: (at as u32).wrapping_add(1),
@@ -248,7 +285,16 @@ mod tests {
         s.record(&head(KIND_CLOSE, 16, 0), b"", &stats, &mut out);
         let shown: Vec<String> = out
             .iter()
-            .map(|g| format!("{} {} {} {} {}", g.flow, g.flags, g.seq, g.ack, g.payload.len()))
+            .map(|g| {
+                format!(
+                    "{} {} {} {} {}",
+                    g.flow,
+                    g.flags,
+                    g.seq,
+                    g.ack,
+                    g.payload.len()
+                )
+            })
             .collect();
         assert_eq!(
             shown,
@@ -276,7 +322,11 @@ mod tests {
         s.record(&head(KIND_READ, 10, 3), b"abc", &stats, &mut out);
         s.record(&head(KIND_READ, 13, 3), b"def", &stats, &mut out);
         assert!(out.last().unwrap().flags.contains(TcpFlags::RST));
-        assert_eq!(out.len(), 4, "SYN, SYN-ACK, data, RST; nothing after the hole");
+        assert_eq!(
+            out.len(),
+            4,
+            "SYN, SYN-ACK, data, RST; nothing after the hole"
+        );
         assert_eq!(stats.lost.load(Ordering::Relaxed), 1);
     }
 

@@ -1,0 +1,362 @@
+//! Services that terminate TLS themselves (root only): the wire carries only TLS records, and
+//! the agent reads the plaintext from uprobes on the OpenSSL `libssl.so.3` the process maps.
+//! Real servers (Debian's nginx, Python's `ssl` module, both on OpenSSL 3) in a pod namespace
+//! behind a veth, real clients (curl, Python, grpcio) on the node; the agent runs on the node
+//! and finds the processes by the pod's address (`--pod-ip`) or by pid (`--tls-pid`).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const MIRROR: &str = "127.0.0.1:9096";
+
+/// A pod namespace linked to `node`, with its address.
+fn pod(node: &Netns, tag: &str, net: u8) -> (Netns, String) {
+    let ns = Netns::new(&netlab::unique(tag));
+    netlab::link(node, &format!("vt{net}"), &ns, "eth0", net);
+    (ns, format!("10.{net}.0.2"))
+}
+
+/// nginx terminating TLS on `ip:8443` (HTTP/1.1, and HTTP/2 by ALPN) in front of `upstream`.
+fn tls_nginx(ns: &Netns, certs: &Certs, ip: &str, location: &str) -> Nginx {
+    let nginx = Nginx::start(
+        ns,
+        &format!(
+            "server {{\n  listen {ip}:8443 ssl http2;\n  client_max_body_size 0;\n  \
+             ssl_certificate {};\n  ssl_certificate_key {};\n  location / {{\n   {location}\n  }}\n }}",
+            certs.path("server.pem"),
+            certs.path("server.key")
+        ),
+    );
+    let up = netlab::wait_until(Duration::from_secs(10), || {
+        ns.exec(&[
+            "curl",
+            "-sk",
+            "-o",
+            "/dev/null",
+            &format!("https://{ip}:8443/"),
+        ])
+        .status()
+        .is_ok_and(|s| s.success())
+    });
+    assert!(up, "nginx never answered HTTPS");
+    nginx
+}
+
+/// HTTPS from the node: curl (one connection per call, HTTP/1.1; a 1 MiB upload) and Python's
+/// `http.client` (one keep-alive connection, bodies up to 45 KB, more than one TLS record).
+/// Returns how many requests.
+fn https_clients(node: &Netns, base: &str, dir: &std::path::Path) -> usize {
+    for i in 0..4 {
+        curl(
+            node,
+            &["-k", "--http1.1", &format!("{base}/curl/get/{i}?q={i}")],
+        );
+        curl(
+            node,
+            &[
+                "-k",
+                "--http1.1",
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                &format!("{{\"order\":{i},\"items\":[\"a\",\"b\"]}}"),
+                &format!("{base}/curl/post/{i}"),
+            ],
+        );
+    }
+    curl(
+        node,
+        &[
+            "-k",
+            "--http1.1",
+            "-H",
+            "Content-Type: application/octet-stream",
+            "--data-binary",
+            &big_upload(dir),
+            &format!("{base}/curl/upload"),
+        ],
+    );
+    let script = format!(
+        r#"
+import http.client, ssl, urllib.parse
+u = urllib.parse.urlparse("{base}")
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+c = http.client.HTTPSConnection(u.hostname, u.port, context=ctx, timeout=5)
+for i in range(8):
+    body = bytes((i * 7 + j) % 251 for j in range(i * 6500))
+    c.request("PUT" if i % 2 else "GET", "/python/%d" % i, body=body if i % 2 else None,
+              headers={{"X-Client": "python", "X-Seq": str(i)}})
+    r = c.getresponse()
+    r.read()
+    assert r.status == 200, r.status
+"#
+    );
+    let out = node.exec(&["python3", "-c", &script]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "python client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    9 + 8
+}
+
+#[test]
+fn nginx_terminating_tls_is_mirrored_from_its_libssl() {
+    if not_root() {
+        return;
+    }
+    let node = Netns::new(&netlab::unique("tnode"));
+    let mirror = TestServer::start(&node, &[MIRROR.parse().unwrap()]);
+    let (ns, ip) = pod(&node, "tpod", 231);
+    let app = TestServer::start(&ns, &["127.0.0.1:8080".parse().unwrap()]);
+    let certs = Certs::make();
+    let _nginx = tls_nginx(
+        &ns,
+        &certs,
+        &ip,
+        "proxy_pass http://127.0.0.1:8080;\n   proxy_http_version 1.1;\n   \
+         proxy_set_header Host $http_host;\n   proxy_set_header Connection \"\";\n   \
+         proxy_request_buffering off;",
+    );
+    let probes = app.requests();
+    let agent = Agent::start(
+        &node,
+        &[
+            "--pod-ip",
+            &ip,
+            "--tls-port",
+            "8443",
+            "--mirror",
+            &format!("http://{MIRROR}"),
+            "--host",
+            "keep",
+        ],
+    );
+    assert!(
+        agent
+            .ready_line
+            .contains("TLS plaintext on ports [8443] from 2 processes (1 libraries)"),
+        "nginx's master and worker, one libssl: {}",
+        agent.ready_line
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let sent = https_clients(&node, &format!("https://{ip}:8443"), dir.path());
+    netlab::wait_until(Duration::from_secs(20), || mirror.requests() >= sent);
+    std::thread::sleep(Duration::from_millis(300));
+    let exit = agent.stop();
+    assert_eq!(app.requests(), probes + sent);
+    let mut want: Vec<Recorded> = app.log()[probes..].iter().map(normalised).collect();
+    want.sort();
+    let mut got: Vec<Recorded> = mirror.log().iter().map(normalised).collect();
+    got.sort();
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "each request mirrored once\n{}",
+        exit.stderr
+    );
+    assert_same_requests(&got, &want);
+    // Live statuses come from the responses nginx wrote through SSL_write.
+    assert_eq!(
+        exit.metric(
+            "mirror_requests_total",
+            &[("version", "live"), ("code", "200")]
+        ) as usize,
+        sent,
+        "{}",
+        exit.metrics
+    );
+    for lost in ["no_socket", "unknown_socket", "ring_full", "read_failed"] {
+        assert_eq!(
+            exit.metric("mirror_tls_kernel_events_total", &[("outcome", lost)]),
+            0,
+            "{lost}"
+        );
+    }
+    assert_eq!(
+        exit.metric("mirror_tls_connections_total", &[]),
+        4 + 4 + 1 + 1
+    );
+}
+
+#[test]
+fn grpc_over_tls_is_mirrored_from_nginx_http2() {
+    if not_root() {
+        return;
+    }
+    let node = Netns::new(&netlab::unique("tnode"));
+    let mirror = GrpcServer::start(&node, &[MIRROR.to_string()], &[]);
+    let (ns, ip) = pod(&node, "tgrpc", 232);
+    let app = GrpcServer::start(&ns, &["127.0.0.1:8080".to_string()], &[]);
+    let certs = Certs::make();
+    let _nginx = tls_nginx(&ns, &certs, &ip, "grpc_pass grpc://127.0.0.1:8080;");
+    let agent = Agent::start(
+        &node,
+        &[
+            "--pod-ip",
+            &ip,
+            "--tls-port",
+            "8443",
+            "--mirror",
+            &format!("http://{MIRROR}"),
+        ],
+    );
+    let target = format!("{ip}:8443");
+    let ca = certs.path("ca.pem");
+    let tls = ["--tls-ca", &ca, "--tls-name", "pod"];
+    let mut sent = grpc_client_with(&node, &target, &tls, 1, 20, &["unary", "methods"]);
+    sent.extend(grpc_client_with(
+        &node,
+        &target,
+        &tls,
+        2,
+        4,
+        &["streams", "big"],
+    ));
+    let failed: Vec<_> = sent.iter().filter(|c| c.code != "OK").collect();
+    assert!(failed.is_empty(), "the live calls succeed: {failed:?}");
+    assert_eq!(app.calls().len(), sent.len(), "calls at the app");
+    assert_calls_mirrored(&sent, &mirror);
+    let exit = agent.stop();
+    assert_eq!(
+        exit.metric("mirror_http_requests_total", &[]) as usize,
+        sent.len(),
+        "{}",
+        exit.stderr
+    );
+    assert!(exit.metric("mirror_http_h2_connections_total", &[]) >= 1);
+}
+
+/// Python's `ssl` module reads with `SSL_read_ex` and writes with `SSL_write_ex`; the app is
+/// the HTTPS server itself, found by pid.
+#[test]
+fn a_python_https_server_is_mirrored_by_pid() {
+    if not_root() {
+        return;
+    }
+    let node = Netns::new(&netlab::unique("tnode"));
+    let mirror = TestServer::start(&node, &[MIRROR.parse().unwrap()]);
+    let (ns, ip) = pod(&node, "tpy", 233);
+    let certs = Certs::make();
+    let server = format!(
+        r#"
+import http.server, ssl, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def handle_one(self):
+        n = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(n)
+        out = b"%s %s %d\n" % (self.command.encode(), self.path.encode(), len(body))
+        self.send_response(200)
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    do_GET = do_POST = do_PUT = handle_one
+    def log_message(self, *a):
+        pass
+s = http.server.ThreadingHTTPServer(("{ip}", 8443), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain("{cert}", "{key}")
+s.socket = ctx.wrap_socket(s.socket, server_side=True)
+print("up", flush=True)
+s.serve_forever()
+"#,
+        cert = certs.path("server.pem"),
+        key = certs.path("server.key"),
+    );
+    let mut cmd = ns.exec(&["python3", "-u", "-c", &server]);
+    cmd.stdout(std::process::Stdio::piped());
+    let app = Proc::spawn(&mut cmd);
+    let base = format!("https://{ip}:8443");
+    assert!(
+        netlab::wait_until(Duration::from_secs(10), || ns
+            .exec(&["curl", "-sk", "-o", "/dev/null", &format!("{base}/")])
+            .status()
+            .is_ok_and(|s| s.success())),
+        "the Python server never answered"
+    );
+    let pid = app.pid().to_string();
+    let agent = Agent::start(
+        &node,
+        &[
+            "--tls-pid",
+            &pid,
+            "--tls-port",
+            "8443",
+            "--mirror",
+            &format!("http://{MIRROR}"),
+            "--host",
+            "keep",
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let sent = https_clients(&node, &base, dir.path());
+    netlab::wait_until(Duration::from_secs(20), || mirror.requests() >= sent);
+    std::thread::sleep(Duration::from_millis(300));
+    let exit = agent.stop();
+    let log = mirror.log();
+    assert_eq!(
+        log.len(),
+        sent,
+        "each request mirrored once\n{}",
+        exit.stderr
+    );
+    // What the clients sent, as the mirror received it.
+    let mut want: Vec<(String, String, usize)> = (0..4)
+        .flat_map(|i| {
+            let post = format!("{{\"order\":{i},\"items\":[\"a\",\"b\"]}}");
+            [
+                ("GET".into(), format!("/curl/get/{i}?q={i}"), 0),
+                ("POST".into(), format!("/curl/post/{i}"), post.len()),
+            ]
+        })
+        .chain([("POST".into(), "/curl/upload".into(), 1 << 20)])
+        .chain((0..8).map(|i| {
+            let m = if i % 2 == 1 { "PUT" } else { "GET" };
+            (
+                m.into(),
+                format!("/python/{i}"),
+                if i % 2 == 1 { i * 6500 } else { 0 },
+            )
+        }))
+        .collect();
+    want.sort();
+    let mut got: Vec<(String, String, usize)> = log
+        .iter()
+        .map(|r| (r.method.clone(), r.target.clone(), r.body.len()))
+        .collect();
+    got.sort();
+    assert_eq!(got, want);
+    let python: Vec<_> = log
+        .iter()
+        .filter(|r| r.target.starts_with("/python/"))
+        .collect();
+    for r in &python {
+        let i: usize = r.target.rsplit('/').next().unwrap().parse().unwrap();
+        assert_eq!(r.header("x-seq"), Some(i.to_string().as_str()));
+        let body: Vec<u8> = (0..r.body.len())
+            .map(|j| ((i * 7 + j) % 251) as u8)
+            .collect();
+        assert!(r.body == body, "/python/{i}: the body's bytes");
+    }
+    let upload = log.iter().find(|r| r.target == "/curl/upload").unwrap();
+    assert_eq!(
+        fnv(&upload.body),
+        fnv(&(0..1u32 << 20)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect::<Vec<_>>()),
+        "the 1 MiB upload"
+    );
+    assert!(
+        exit.metric(
+            "mirror_requests_total",
+            &[("version", "live"), ("code", "200")]
+        ) as usize
+            >= sent
+    );
+}
