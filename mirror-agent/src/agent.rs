@@ -335,6 +335,10 @@ impl Agent {
             ..
         } = self;
         let capture_stats = Arc::clone(capture.stats());
+        // The final counters include the TLS probes' last second.
+        if let (Some(tls), Some(report)) = (&sources.tls, capture.tls_report()) {
+            *tls.report.lock().unwrap() = report;
+        }
         let work = capture.kernel_work().unwrap_or_default();
         let kernel = KernelReport {
             packets: named_counters(&capture.stop()?),

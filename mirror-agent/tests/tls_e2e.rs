@@ -171,6 +171,11 @@ fn nginx_terminating_tls_is_mirrored_from_its_libssl() {
         "{}",
         exit.metrics
     );
+    let calls = exit.metric("mirror_tls_kernel_events_total", &[("outcome", "calls")]);
+    assert!(
+        calls >= 2 * sent as u64,
+        "a read and a write per request at least: {calls}"
+    );
     for lost in ["no_socket", "unknown_socket", "ring_full", "read_failed"] {
         assert_eq!(
             exit.metric("mirror_tls_kernel_events_total", &[("outcome", lost)]),
@@ -222,14 +227,136 @@ fn grpc_over_tls_is_mirrored_from_nginx_http2() {
     assert!(failed.is_empty(), "the live calls succeed: {failed:?}");
     assert_eq!(app.calls().len(), sent.len(), "calls at the app");
     assert_calls_mirrored(&sent, &mirror);
+    let before = mirror.calls().len();
+
+    // h2load over TLS (nghttp2 on OpenSSL, ALPN h2): 200 calls on 2 connections, 20 at once.
+    let dir = tempfile::tempdir().unwrap();
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i * 31 % 251) as u8).collect();
+    let mut msg = vec![0u8];
+    msg.extend((payload.len() as u32).to_be_bytes());
+    msg.extend(&payload);
+    let file = dir.path().join("msg.bin");
+    std::fs::write(&file, &msg).unwrap();
+    let h2load = node
+        .exec(&[
+            "h2load",
+            "-n",
+            "200",
+            "-c",
+            "2",
+            "-m",
+            "20",
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "-H",
+            "x-request-id: h2load",
+            "-d",
+            file.to_str().unwrap(),
+            &format!("https://{target}/test.Echo/UnaryLoad"),
+        ])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&h2load.stdout);
+    assert!(
+        report.contains("200 succeeded") && report.contains("h2"),
+        "h2load:\n{report}\n{}",
+        String::from_utf8_lossy(&h2load.stderr)
+    );
+    netlab::wait_until(Duration::from_secs(20), || {
+        mirror.calls().len() >= before + 200
+    });
+    let loads: Vec<Call> = mirror
+        .calls()
+        .into_iter()
+        .filter(|c| c.method == "/test.Echo/UnaryLoad")
+        .collect();
+    assert_eq!(loads.len(), 200, "h2load's calls at the mirror");
+    let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
+    for c in &loads {
+        assert_eq!(c.messages, std::slice::from_ref(&hex));
+        assert_eq!(c.id(), "h2load");
+    }
     let exit = agent.stop();
     assert_eq!(
         exit.metric("mirror_http_requests_total", &[]) as usize,
-        sent.len(),
+        sent.len() + 200,
         "{}",
         exit.stderr
     );
-    assert!(exit.metric("mirror_http_h2_connections_total", &[]) >= 1);
+    assert!(exit.metric("mirror_http_h2_connections_total", &[]) >= 3);
+}
+
+/// asyncio's TLS runs OpenSSL on memory BIOs: SSL_read and SSL_write make no socket call, so
+/// no connection can be named. Nothing is mirrored, nothing is guessed, and each call is
+/// counted as `no_socket`.
+#[test]
+fn a_memory_bio_server_is_counted_not_guessed() {
+    if not_root() {
+        return;
+    }
+    let node = Netns::new(&netlab::unique("tnode"));
+    let mirror = TestServer::start(&node, &[MIRROR.parse().unwrap()]);
+    let (ns, ip) = pod(&node, "tbio", 234);
+    let certs = Certs::make();
+    let server = format!(
+        r#"
+import asyncio, ssl
+async def serve(r, w):
+    while True:
+        head = await r.readuntil(b"\r\n\r\n")
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
+        await w.drain()
+async def main():
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain("{cert}", "{key}")
+    s = await asyncio.start_server(serve, "{ip}", 8443, ssl=ctx)
+    async with s:
+        await s.serve_forever()
+asyncio.run(main())
+"#,
+        cert = certs.path("server.pem"),
+        key = certs.path("server.key"),
+    );
+    let app = Proc::spawn(&mut ns.exec(&["python3", "-u", "-c", &server]));
+    let base = format!("https://{ip}:8443");
+    assert!(
+        netlab::wait_until(Duration::from_secs(10), || ns
+            .exec(&["curl", "-sk", "-o", "/dev/null", &format!("{base}/")])
+            .status()
+            .is_ok_and(|s| s.success())),
+        "the asyncio server never answered"
+    );
+    let pid = app.pid().to_string();
+    let agent = Agent::start(
+        &node,
+        &[
+            "--tls-pid",
+            &pid,
+            "--tls-port",
+            "8443",
+            "--mirror",
+            &format!("http://{MIRROR}"),
+        ],
+    );
+    for i in 0..5 {
+        let (body, _) = curl(&node, &["-k", &format!("{base}/bio/{i}")]);
+        assert_eq!(body, b"ok\n");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let exit = agent.stop();
+    assert_eq!(mirror.requests(), 0, "nothing guessed");
+    let no_socket = exit.metric(
+        "mirror_tls_kernel_events_total",
+        &[("outcome", "no_socket")],
+    );
+    assert!(
+        no_socket >= 10,
+        "each read and write counted: {no_socket}\n{}",
+        exit.metrics
+    );
+    assert_eq!(exit.metric("mirror_tls_connections_total", &[]), 0);
 }
 
 /// Python's `ssl` module reads with `SSL_read_ex` and writes with `SSL_write_ex`; the app is
