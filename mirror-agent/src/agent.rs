@@ -416,35 +416,47 @@ impl Agent {
     /// reason and skipped; the other pods stay mirrored.
     fn apply(&mut self, change: PodChange) {
         match change {
-            PodChange::Mirror { pod, ip, mesh } => match self.attach_pod(&pod, ip, mesh) {
-                Ok((iface, in_pod)) => {
-                    log::info!("mirroring pod {pod} ({ip}) at {iface}");
-                    let mirrored = MirroredPod {
-                        pod,
-                        ip,
-                        iface,
-                        in_pod,
-                        mesh,
-                    };
-                    self.mirrored_pods.lock().unwrap().mirrored.push(mirrored);
-                }
-                Err(e) => {
-                    log::warn!("cannot mirror pod {pod} ({ip}): {}", chain(&e));
-                    let mut pods = self.mirrored_pods.lock().unwrap();
-                    *pods.attach_failures.entry(e.pod_reason()).or_default() += 1;
-                }
-            },
+            PodChange::Mirror { pod, ip, mesh } => {
+                self.capture.tls_follow_pod(ip, true);
+                self.mirror_pod(pod, ip, mesh)
+            }
             PodChange::Forget { pod, ip } => {
-                if let Err(e) = self.capture.remove_pod(ip) {
-                    log::warn!("detaching from pod {pod} ({ip}): {}", chain(&e));
-                }
-                let mut pods = self.mirrored_pods.lock().unwrap();
-                if pods.mirrored.iter().any(|p| p.ip == ip) {
-                    log::info!("pod {pod} ({ip}) is gone: no longer mirrored");
-                }
-                pods.mirrored.retain(|p| p.ip != ip);
+                self.capture.tls_follow_pod(ip, false);
+                self.forget_pod(pod, ip)
             }
         }
+    }
+
+    fn mirror_pod(&mut self, pod: String, ip: std::net::IpAddr, mesh: Option<pods::Mesh>) {
+        match self.attach_pod(&pod, ip, mesh) {
+            Ok((iface, in_pod)) => {
+                log::info!("mirroring pod {pod} ({ip}) at {iface}");
+                let mirrored = MirroredPod {
+                    pod,
+                    ip,
+                    iface,
+                    in_pod,
+                    mesh,
+                };
+                self.mirrored_pods.lock().unwrap().mirrored.push(mirrored);
+            }
+            Err(e) => {
+                log::warn!("cannot mirror pod {pod} ({ip}): {}", chain(&e));
+                let mut pods = self.mirrored_pods.lock().unwrap();
+                *pods.attach_failures.entry(e.pod_reason()).or_default() += 1;
+            }
+        }
+    }
+
+    fn forget_pod(&mut self, pod: String, ip: std::net::IpAddr) {
+        if let Err(e) = self.capture.remove_pod(ip) {
+            log::warn!("detaching from pod {pod} ({ip}): {}", chain(&e));
+        }
+        let mut pods = self.mirrored_pods.lock().unwrap();
+        if pods.mirrored.iter().any(|p| p.ip == ip) {
+            log::info!("pod {pod} ({ip}) is gone: no longer mirrored");
+        }
+        pods.mirrored.retain(|p| p.ip != ip);
     }
 }
 

@@ -487,3 +487,73 @@ s.serve_forever()
             >= sent
     );
 }
+
+/// `--selector` with `--tls-port`: the pods the watch finds have their processes' TLS read, and
+/// a pod that goes stops being read.
+#[test]
+fn selected_pods_have_their_tls_read_while_they_live() {
+    if not_root() {
+        return;
+    }
+    const METRICS: &str = "127.0.0.1:9469";
+    let node = Netns::new(&netlab::unique("tnode"));
+    let mirror = TestServer::start(&node, &[MIRROR.parse().unwrap()]);
+    let api = netlab::kubeapi::FakeApi::start(&node, &[("app", "pay")], "node1");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let (ns, ip) = pod(&node, "tsel", 235);
+    let app = TestServer::start(&ns, &["127.0.0.1:8080".parse().unwrap()]);
+    let certs = Certs::make();
+    let _nginx = tls_nginx(
+        &ns,
+        &certs,
+        &ip,
+        "proxy_pass http://127.0.0.1:8080;\n   proxy_http_version 1.1;\n   \
+         proxy_set_header Host $http_host;\n   proxy_set_header Connection \"\";",
+    );
+    let probes = app.requests();
+    let mut cmd = node.exec(&[
+        AGENT,
+        "attach",
+        "--selector",
+        "app=pay",
+        "--node-name",
+        "node1",
+        "--tls-port",
+        "8443",
+        "--mirror",
+        &format!("http://{MIRROR}"),
+        "--host",
+        "keep",
+        "--metrics",
+        METRICS,
+    ]);
+    cmd.env("KUBECONFIG", &kubeconfig);
+    let agent = Agent::spawn_command(cmd);
+    api.event("ADDED", "pay-v1", Some(&ip), true);
+    let reading = netlab::wait_until(Duration::from_secs(20), || {
+        metric(&node, METRICS, "mirror_tls_processes", &[]) == Some(2.0)
+    });
+    if !reading {
+        panic!("the pod's nginx was never read:\n{}", agent.terminate());
+    }
+    let sent = https_clients(&node, &format!("https://{ip}:8443"), dir.path());
+    netlab::wait_until(Duration::from_secs(20), || mirror.requests() >= sent);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut want: Vec<Recorded> = app.log()[probes..].iter().map(normalised).collect();
+    want.sort();
+    let mut got: Vec<Recorded> = mirror.log().iter().map(normalised).collect();
+    got.sort();
+    assert_eq!(got.len(), sent, "each request mirrored once");
+    assert_same_requests(&got, &want);
+
+    api.event("DELETED", "pay-v1", Some(&ip), true);
+    let forgotten = netlab::wait_until(Duration::from_secs(20), || {
+        metric(&node, METRICS, "mirror_tls_processes", &[]) == Some(0.0)
+    });
+    let stderr = agent.terminate();
+    assert!(
+        forgotten,
+        "the gone pod's processes are still read:\n{stderr}"
+    );
+}

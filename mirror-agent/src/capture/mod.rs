@@ -391,6 +391,21 @@ impl Capture {
         }
     }
 
+    /// With TLS capture, reads (or stops reading) the TLS of a pod's processes, found in its
+    /// network namespace; nothing without.
+    pub fn tls_follow_pod(&mut self, ip: IpAddr, follow: bool) {
+        if let Some(probes) = self.tls.as_mut() {
+            if follow {
+                probes.follow_pod(ip);
+            } else {
+                probes.forget_pod(ip);
+            }
+        }
+        if follow {
+            self.rescan_tls();
+        }
+    }
+
     /// The TLS probes' kernel counters by name, and the processes and libraries read now.
     pub fn tls_report(&self) -> Option<TlsReport> {
         let probes = self.tls.as_ref()?;

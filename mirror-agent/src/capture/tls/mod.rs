@@ -151,6 +151,19 @@ impl TlsCapture {
         Ok(())
     }
 
+    /// Reads the TLS of the processes in this pod's network namespace too, from the next
+    /// `rescan` (a pod that `--selector` found).
+    pub fn follow_pod(&mut self, ip: IpAddr) {
+        if !self.pods.iter().any(|(p, _)| *p == ip) {
+            self.pods.push((ip, None));
+        }
+    }
+
+    /// Stops reading the processes of this pod (it is gone); they leave at the next `rescan`.
+    pub fn forget_pod(&mut self, ip: IpAddr) {
+        self.pods.retain(|(p, _)| *p != ip);
+    }
+
     /// Processes read now.
     pub fn processes(&self) -> usize {
         self.pids.len()
