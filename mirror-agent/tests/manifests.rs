@@ -19,7 +19,8 @@ fn manifests() -> Vec<(PathBuf, Vec<Value>)> {
     for dir in [deploy_dir(), deploy_dir().join("lab")] {
         for e in std::fs::read_dir(&dir).unwrap() {
             let p = e.unwrap().path();
-            if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+            let patch = p.to_string_lossy().ends_with(".patch.yaml");
+            if p.extension().is_some_and(|x| x == "yaml" || x == "yml") && !patch {
                 files.push(p);
             }
         }
@@ -56,7 +57,7 @@ fn expand(arg: &str, env: &HashMap<String, String>) -> String {
 #[test]
 fn every_manifest_parses_and_agent_args_are_accepted_by_the_cli() {
     let all = manifests();
-    let configmaps: HashMap<String, HashMap<String, String>> = all
+    let configmaps: ConfigMaps = all
         .iter()
         .flat_map(|(_, docs)| docs.iter())
         .filter(|d| s(d, &["kind"]).and_then(Value::as_str) == Some("ConfigMap"))
@@ -95,121 +96,7 @@ fn every_manifest_parses_and_agent_args_are_accepted_by_the_cli() {
                     continue;
                 }
                 agents += 1;
-                let mut env = HashMap::new();
-                for from in s(c, &["envFrom"])
-                    .and_then(Value::as_sequence)
-                    .into_iter()
-                    .flatten()
-                {
-                    let name = s(from, &["configMapRef", "name"])
-                        .and_then(Value::as_str)
-                        .unwrap();
-                    env.extend(
-                        configmaps
-                            .get(name)
-                            .unwrap_or_else(|| panic!("ConfigMap {name} not defined"))
-                            .clone(),
-                    );
-                }
-                for e in s(c, &["env"])
-                    .and_then(Value::as_sequence)
-                    .into_iter()
-                    .flatten()
-                {
-                    if let (Some(k), Some(v)) = (
-                        s(e, &["name"]).and_then(Value::as_str),
-                        s(e, &["value"]).and_then(Value::as_str),
-                    ) {
-                        env.insert(k.to_string(), v.to_string());
-                    }
-                }
-                let args: Vec<String> = s(c, &["args"])
-                    .and_then(Value::as_sequence)
-                    .unwrap()
-                    .iter()
-                    .map(|a| expand(a.as_str().unwrap(), &env))
-                    .collect();
-                let cli = Cli::try_parse_from(
-                    std::iter::once("mirror-agent".to_string()).chain(args.clone()),
-                )
-                .unwrap_or_else(|e| panic!("{}: the agent rejects {args:?}:\n{e}", path.display()));
-                let Command::Attach(a) = cli.command else {
-                    panic!("the DaemonSet must run `attach`")
-                };
-                assert!(
-                    a.selector.is_some(),
-                    "the DaemonSet follows pods by label (--selector)"
-                );
-                let node_name = s(c, &["env"])
-                    .and_then(Value::as_sequence)
-                    .into_iter()
-                    .flatten()
-                    .find(|e| s(e, &["name"]).and_then(Value::as_str) == Some("NODE_NAME"));
-                assert_eq!(
-                    node_name
-                        .and_then(|e| s(e, &["valueFrom", "fieldRef", "fieldPath"]))
-                        .and_then(Value::as_str),
-                    Some("spec.nodeName"),
-                    "NODE_NAME from the downward API, so that each agent watches its node's pods"
-                );
-                let account = s(d, &["spec", "template", "spec", "serviceAccountName"])
-                    .and_then(Value::as_str)
-                    .expect("a ServiceAccount for the pod watch");
-                assert_read_only_pod_rbac(&all, account);
-                assert!(
-                    a.metrics.is_some(),
-                    "metrics must be exported for the scrape annotations"
-                );
-
-                let caps: Vec<&str> = s(c, &["securityContext", "capabilities", "add"])
-                    .and_then(Value::as_sequence)
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_str().unwrap())
-                    .collect();
-                for cap in &caps {
-                    assert!(
-                        [
-                            "BPF",
-                            "PERFMON",
-                            "NET_ADMIN",
-                            "NET_RAW",
-                            "SYS_ADMIN",
-                            "SYS_RESOURCE"
-                        ]
-                        .contains(cap),
-                        "capability {cap} is not needed"
-                    );
-                }
-                for needed in ["BPF", "NET_ADMIN", "NET_RAW"] {
-                    assert!(caps.contains(&needed), "capability {needed} missing");
-                }
-                assert_ne!(
-                    s(c, &["securityContext", "privileged"]).and_then(Value::as_bool),
-                    Some(true),
-                    "privileged: true is not needed"
-                );
-                let pod = s(d, &["spec", "template", "spec"]).unwrap();
-                assert_eq!(
-                    s(pod, &["hostNetwork"]).and_then(Value::as_bool),
-                    Some(true),
-                    "the agent runs in the node's namespace"
-                );
-                let ann = s(d, &["spec", "template", "metadata", "annotations"]).unwrap();
-                assert_eq!(
-                    s(ann, &["prometheus.io/scrape"]).and_then(Value::as_str),
-                    Some("true")
-                );
-                let port: u16 = s(ann, &["prometheus.io/port"])
-                    .and_then(Value::as_str)
-                    .unwrap()
-                    .parse()
-                    .unwrap();
-                assert_eq!(
-                    Some(port),
-                    a.metrics.map(|m| m.port()),
-                    "scrape port = --metrics port"
-                );
+                check_agent(path, d, c, &all, &configmaps);
             }
         }
     }
@@ -286,4 +173,207 @@ fn dockerfile_is_multi_stage_and_ships_the_agent() {
     );
     assert!(text.contains("cargo xtask build-ebpf") && text.contains("mirror-agent"));
     assert!(text.contains("ENTRYPOINT [\"/usr/local/bin/mirror-agent\"]"));
+}
+
+type ConfigMaps = HashMap<String, HashMap<String, String>>;
+
+/// The agent container `c` of DaemonSet `d`: its arguments are the agent's, it follows its
+/// node's pods with read-only RBAC, exports metrics where the scrape looks, and asks for no
+/// capability it does not use. Returns its parsed arguments.
+fn check_agent(
+    path: &Path,
+    d: &Value,
+    c: &Value,
+    all: &[(PathBuf, Vec<Value>)],
+    configmaps: &ConfigMaps,
+) -> Box<mirror_agent::cli::AttachArgs> {
+    let mut env = HashMap::new();
+    for from in s(c, &["envFrom"])
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+    {
+        let name = s(from, &["configMapRef", "name"])
+            .and_then(Value::as_str)
+            .unwrap();
+        env.extend(
+            configmaps
+                .get(name)
+                .unwrap_or_else(|| panic!("ConfigMap {name} not defined"))
+                .clone(),
+        );
+    }
+    for e in s(c, &["env"])
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+    {
+        if let (Some(k), Some(v)) = (
+            s(e, &["name"]).and_then(Value::as_str),
+            s(e, &["value"]).and_then(Value::as_str),
+        ) {
+            env.insert(k.to_string(), v.to_string());
+        }
+    }
+    let args: Vec<String> = s(c, &["args"])
+        .and_then(Value::as_sequence)
+        .unwrap()
+        .iter()
+        .map(|a| expand(a.as_str().unwrap(), &env))
+        .collect();
+    let cli = Cli::try_parse_from(std::iter::once("mirror-agent".to_string()).chain(args.clone()))
+        .unwrap_or_else(|e| panic!("{}: the agent rejects {args:?}:\n{e}", path.display()));
+    let Command::Attach(a) = cli.command else {
+        panic!("the DaemonSet must run `attach`")
+    };
+    assert!(
+        a.selector.is_some(),
+        "the DaemonSet follows pods by label (--selector)"
+    );
+    let node_name = s(c, &["env"])
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+        .find(|e| s(e, &["name"]).and_then(Value::as_str) == Some("NODE_NAME"));
+    assert_eq!(
+        node_name
+            .and_then(|e| s(e, &["valueFrom", "fieldRef", "fieldPath"]))
+            .and_then(Value::as_str),
+        Some("spec.nodeName"),
+        "NODE_NAME from the downward API, so that each agent watches its node's pods"
+    );
+    let account = s(d, &["spec", "template", "spec", "serviceAccountName"])
+        .and_then(Value::as_str)
+        .expect("a ServiceAccount for the pod watch");
+    assert_read_only_pod_rbac(&all, account);
+    assert!(
+        a.metrics.is_some(),
+        "metrics must be exported for the scrape annotations"
+    );
+
+    let caps: Vec<&str> = s(c, &["securityContext", "capabilities", "add"])
+        .and_then(Value::as_sequence)
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    // TLS capture reads other users' processes' /proc/PID/maps and root: SYS_PTRACE,
+    // with hostPID, and only then.
+    let tls = !a.tls_port.is_empty();
+    for cap in &caps {
+        assert!(
+            [
+                "BPF",
+                "PERFMON",
+                "NET_ADMIN",
+                "NET_RAW",
+                "SYS_ADMIN",
+                "SYS_RESOURCE"
+            ]
+            .contains(cap)
+                || (tls && *cap == "SYS_PTRACE"),
+            "capability {cap} is not needed"
+        );
+    }
+    let host_pid = s(d, &["spec", "template", "spec", "hostPID"]).and_then(Value::as_bool);
+    assert_eq!(
+        host_pid == Some(true),
+        tls,
+        "hostPID with TLS capture (to see the pods' processes), and only then"
+    );
+    if tls {
+        assert!(caps.contains(&"SYS_PTRACE"), "TLS capture needs SYS_PTRACE");
+        assert!(caps.contains(&"PERFMON"), "uprobes need PERFMON");
+    }
+    for needed in ["BPF", "NET_ADMIN", "NET_RAW"] {
+        assert!(caps.contains(&needed), "capability {needed} missing");
+    }
+    assert_ne!(
+        s(c, &["securityContext", "privileged"]).and_then(Value::as_bool),
+        Some(true),
+        "privileged: true is not needed"
+    );
+    let pod = s(d, &["spec", "template", "spec"]).unwrap();
+    assert_eq!(
+        s(pod, &["hostNetwork"]).and_then(Value::as_bool),
+        Some(true),
+        "the agent runs in the node's namespace"
+    );
+    let ann = s(d, &["spec", "template", "metadata", "annotations"]).unwrap();
+    assert_eq!(
+        s(ann, &["prometheus.io/scrape"]).and_then(Value::as_str),
+        Some("true")
+    );
+    let port: u16 = s(ann, &["prometheus.io/port"])
+        .and_then(Value::as_str)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        Some(port),
+        a.metrics.map(|m| m.port()),
+        "scrape port = --metrics port"
+    );
+    a
+}
+
+/// `deploy/tls-capture.patch.yaml`, applied as `kubectl patch --type json` does, turns TLS
+/// capture on: the patched DaemonSet still passes every check, reads TLS on the patch's port,
+/// and gains hostPID and SYS_PTRACE (which the plain one must not have).
+#[test]
+fn the_tls_capture_patch_applies_and_adds_only_what_tls_needs() {
+    let all = manifests();
+    let configmaps: ConfigMaps = all
+        .iter()
+        .flat_map(|(_, docs)| docs.iter())
+        .filter(|d| s(d, &["kind"]).and_then(Value::as_str) == Some("ConfigMap"))
+        .map(|d| {
+            let name = s(d, &["metadata", "name"])
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_string();
+            (
+                name,
+                serde_yaml::from_value(s(d, &["data"]).unwrap().clone()).unwrap(),
+            )
+        })
+        .collect();
+    let path = deploy_dir().join("daemonset.yaml");
+    let daemonset = all
+        .iter()
+        .find(|(p, _)| *p == path)
+        .and_then(|(_, docs)| {
+            docs.iter()
+                .find(|d| s(d, &["kind"]).and_then(Value::as_str) == Some("DaemonSet"))
+        })
+        .expect("the DaemonSet")
+        .clone();
+    let patch_path = deploy_dir().join("tls-capture.patch.yaml");
+    let patch: json_patch::Patch =
+        serde_yaml::from_str(&std::fs::read_to_string(&patch_path).unwrap())
+            .expect("a JSON patch, in YAML");
+    let mut doc: serde_json::Value = serde_json::to_value(&daemonset).unwrap();
+    json_patch::patch(&mut doc, &patch).expect("the patch applies to the DaemonSet");
+    let patched: Value = serde_json::from_value(doc).unwrap();
+    let c = s(&patched, &["spec", "template", "spec", "containers"])
+        .and_then(Value::as_sequence)
+        .unwrap()[0]
+        .clone();
+    let plain = s(&daemonset, &["spec", "template", "spec", "containers"])
+        .and_then(Value::as_sequence)
+        .unwrap()[0]
+        .clone();
+    assert!(check_agent(&path, &daemonset, &plain, &all, &configmaps)
+        .tls_port
+        .is_empty());
+    let a = check_agent(&patch_path, &patched, &c, &all, &configmaps);
+    assert_eq!(a.tls_port, [8443]);
+    let mounts = s(&c, &["volumeMounts"])
+        .and_then(Value::as_sequence)
+        .unwrap();
+    assert!(mounts.iter().any(|m| {
+        s(m, &["mountPath"]).and_then(Value::as_str) == Some("/sys/kernel/tracing")
+            && s(m, &["readOnly"]).and_then(Value::as_bool) == Some(true)
+    }));
 }
