@@ -16,15 +16,34 @@ use serde_yaml::Value;
 
 const MIRROR: &str = "127.0.0.1:9090";
 
+fn deploy(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(file)
+}
+
+/// The DaemonSet in `deploy/daemonset.yaml`.
+fn daemonset() -> Value {
+    let text = std::fs::read_to_string(deploy("daemonset.yaml")).unwrap();
+    let found = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .find(|d| d["kind"] == "DaemonSet");
+    found.expect("a DaemonSet in deploy/daemonset.yaml")
+}
+
+/// The DaemonSet with `deploy/tls-capture.patch.yaml` applied, as `kubectl patch` does.
+fn tls_daemonset() -> Value {
+    let patch: json_patch::Patch =
+        serde_yaml::from_str(&std::fs::read_to_string(deploy("tls-capture.patch.yaml")).unwrap())
+            .unwrap();
+    let mut doc = serde_json::to_value(daemonset()).unwrap();
+    json_patch::patch(&mut doc, &patch).unwrap();
+    serde_json::from_value(doc).unwrap()
+}
+
 /// The agent's container in `deploy/daemonset.yaml`.
 fn agent_container() -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let daemonset = serde_yaml::Deserializer::from_str(&text)
-        .map(|d| Value::deserialize(d).unwrap())
-        .find(|d| d["kind"] == "DaemonSet")
-        .expect("a DaemonSet in deploy/daemonset.yaml");
-    daemonset["spec"]["template"]["spec"]["containers"][0].clone()
+    daemonset()["spec"]["template"]["spec"]["containers"][0].clone()
 }
 
 /// The container's CPU limit in cores ("1", "1.5", "500m" in the manifest).
@@ -41,7 +60,10 @@ fn limit_cores() -> f64 {
 
 /// podman's flags for the agent container's securityContext and CPU limit in the DaemonSet.
 fn security_flags() -> Vec<String> {
-    let container = agent_container();
+    security_flags_of(&agent_container())
+}
+
+fn security_flags_of(container: &Value) -> Vec<String> {
     let sc = &container["securityContext"];
     let caps = |key: &str| -> Vec<String> {
         sc["capabilities"][key]
@@ -120,9 +142,30 @@ impl Drop for Container {
 /// The agent's container as podman runs it: the DaemonSet's security flags (`flags`), the test
 /// namespace for hostNetwork, the rootfs with the agent, mirroring srv0's port 8080.
 fn podman_agent(name: &str, pair: &Pair, root: &Path, flags: Vec<String>) -> Command {
+    let args = [
+        "--iface",
+        "srv0",
+        "--port",
+        "8080",
+        "--mirror",
+        &format!("http://{MIRROR}"),
+        "--metrics",
+        "127.0.0.1:9464",
+    ];
+    podman_agent_in(name, &pair.server, root, flags, &args)
+}
+
+/// `mirror-agent attach <args>` in a container in network namespace `ns`.
+fn podman_agent_in(
+    name: &str,
+    ns: &Netns,
+    root: &Path,
+    flags: Vec<String>,
+    args: &[&str],
+) -> Command {
     let mut cmd = Command::new("podman");
     cmd.args(["--runtime", "runc", "run", "--rm", "--name", name])
-        .arg(format!("--network=ns:{}", pair.server.path()))
+        .arg(format!("--network=ns:{}", ns.path()))
         .args(flags)
         // podman's own defaults exceed what this host allows (see shared notes).
         .args([
@@ -134,18 +177,8 @@ fn podman_agent(name: &str, pair: &Pair, root: &Path, flags: Vec<String>) -> Com
         .args(["--env", "RUST_LOG=info"])
         .arg("--rootfs")
         .arg(format!("{}:O", root.display()))
-        .args([
-            "/usr/local/bin/mirror-agent",
-            "attach",
-            "--iface",
-            "srv0",
-            "--port",
-            "8080",
-            "--mirror",
-            &format!("http://{MIRROR}"),
-            "--metrics",
-            "127.0.0.1:9464",
-        ]);
+        .args(["/usr/local/bin/mirror-agent", "attach"])
+        .args(args);
     cmd
 }
 
@@ -330,4 +363,163 @@ fn without_sys_resource_only_kernels_before_5_11_fail_and_name_the_fix() {
             }
         }
     }
+}
+
+/// tracefs at /sys/kernel/tracing on the host, as the TLS patch's hostPath expects it: mounted
+/// for the test where the host has none, and unmounted after.
+struct Tracefs {
+    mounted: bool,
+}
+
+impl Tracefs {
+    fn ensure() -> Tracefs {
+        const AT: &str = "/sys/kernel/tracing";
+        if Path::new(AT).join("events").exists() {
+            return Tracefs { mounted: false };
+        }
+        sh(&["mount", "-t", "tracefs", "tracefs", AT]);
+        Tracefs { mounted: true }
+    }
+}
+
+impl Drop for Tracefs {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg("/sys/kernel/tracing").status();
+        }
+    }
+}
+
+/// podman's flags for the pod spec's hostPID and the container's hostPath volumes.
+fn host_flags(daemonset: &Value) -> Vec<String> {
+    let spec = &daemonset["spec"]["template"]["spec"];
+    let mut flags = Vec::new();
+    if spec["hostPID"].as_bool() == Some(true) {
+        flags.push("--pid=host".to_string());
+    }
+    let volumes = spec["volumes"].as_sequence().cloned().unwrap_or_default();
+    for m in spec["containers"][0]["volumeMounts"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+    {
+        let v = volumes
+            .iter()
+            .find(|v| v["name"] == m["name"])
+            .expect("a volume for each mount");
+        let host = v["hostPath"]["path"].as_str().expect("hostPath volumes");
+        std::fs::create_dir_all(host).unwrap();
+        let ro = if m["readOnly"].as_bool() == Some(true) {
+            ":ro"
+        } else {
+            ""
+        };
+        flags.extend([
+            "-v".to_string(),
+            format!("{host}:{}{ro}", m["mountPath"].as_str().unwrap()),
+        ]);
+    }
+    flags
+}
+
+/// The DaemonSet with the TLS capture patch, as a container: it finds a pod's nginx by the
+/// pod's address among the host's processes, attaches to the libssl in the pod's filesystem,
+/// and mirrors what HTTPS clients sent, though the wire carries only TLS.
+#[test]
+fn the_tls_capture_patch_reads_a_pods_nginx_from_the_container() {
+    if not_root() {
+        return;
+    }
+    let _tracefs = Tracefs::ensure();
+    let node = Netns::new(&netlab::unique("ctlsn"));
+    let pod = Netns::new(&netlab::unique("ctlsp"));
+    netlab::link(&node, "vc251", &pod, "eth0", 251);
+    let ip = "10.251.0.2";
+    let mirror = TestServer::start(&node, &[MIRROR.parse().unwrap()]);
+    let certs = Certs::make();
+    let _nginx = Nginx::start(
+        &pod,
+        &format!(
+            "server {{\n listen {ip}:8443 ssl;\n ssl_certificate {};\n ssl_certificate_key {};\n \
+             location / {{ return 200 \"ok\\n\"; }}\n}}",
+            certs.path("server.pem"),
+            certs.path("server.key")
+        ),
+    );
+    let base = format!("https://{ip}:8443");
+    assert!(
+        netlab::wait_until(Duration::from_secs(10), || node
+            .exec(&["curl", "-sk", "-o", "/dev/null", &format!("{base}/")])
+            .status()
+            .is_ok_and(|s| s.success())),
+        "nginx never answered HTTPS"
+    );
+    let daemonset = tls_daemonset();
+    let container = &daemonset["spec"]["template"]["spec"]["containers"][0];
+    let mut flags = security_flags_of(container);
+    flags.extend(host_flags(&daemonset));
+    let dir = tempfile::tempdir().unwrap();
+    let root = rootfs(dir.path());
+    let name = netlab::unique("mirror-agent-ctls");
+    let mirror_url = format!("http://{MIRROR}");
+    let cmd = podman_agent_in(
+        &name,
+        &node,
+        &root,
+        flags,
+        &[
+            "--pod-ip",
+            ip,
+            "--tls-port",
+            "8443",
+            "--mirror",
+            &mirror_url,
+            "--host",
+            "keep",
+        ],
+    );
+    let mut container = Container {
+        name,
+        agent: Some(Agent::spawn_command(cmd)),
+    };
+    let ready = container.agent.as_ref().unwrap().ready_line.clone();
+    assert!(
+        ready.contains("TLS plaintext on ports [8443] from 2 processes (1 libraries)"),
+        "{ready}"
+    );
+    for i in 0..3 {
+        curl(&node, &["-k", &format!("{base}/get/{i}")]);
+        curl(
+            &node,
+            &[
+                "-k",
+                "--data-binary",
+                &format!("order={i}"),
+                &format!("{base}/post/{i}"),
+            ],
+        );
+    }
+    netlab::wait_until(Duration::from_secs(10), || mirror.requests() >= 6);
+    std::thread::sleep(Duration::from_millis(300));
+    let stderr = container.agent.take().unwrap().terminate();
+    let mut got: Vec<(String, String, Vec<u8>)> = mirror
+        .log()
+        .into_iter()
+        .map(|r| (r.method, r.target, r.body))
+        .collect();
+    got.sort();
+    let mut want: Vec<(String, String, Vec<u8>)> = (0..3)
+        .flat_map(|i| {
+            [
+                ("GET".to_string(), format!("/get/{i}"), vec![]),
+                (
+                    "POST".to_string(),
+                    format!("/post/{i}"),
+                    format!("order={i}").into_bytes(),
+                ),
+            ]
+        })
+        .collect();
+    want.sort();
+    assert_eq!(got, want, "{stderr}");
 }
