@@ -95,17 +95,23 @@ impl Nginx {
         Ok(Nginx { proc, _dir: dir })
     }
 
-    /// CPU time of its master and worker processes so far.
-    pub fn cpu_time(&self) -> Duration {
+    /// Its master's and workers' pids.
+    pub fn pids(&self) -> Vec<i32> {
         let master = self.proc.pid();
         let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
             .unwrap_or_default();
-        children
-            .split_whitespace()
-            .filter_map(|pid| pid.parse().ok())
-            .map(netlab::cpu_time)
-            .sum::<Duration>()
-            + self.proc.cpu_time()
+        std::iter::once(master)
+            .chain(
+                children
+                    .split_whitespace()
+                    .filter_map(|pid| pid.parse().ok()),
+            )
+            .collect()
+    }
+
+    /// CPU time of its master and worker processes so far.
+    pub fn cpu_time(&self) -> Duration {
+        self.pids().into_iter().map(netlab::cpu_time).sum()
     }
 }
 
@@ -318,6 +324,18 @@ pub fn oha(
     connections: usize,
     seconds: u64,
 ) -> Result<(f64, f64, f64)> {
+    oha_with(ns, url, rate, connections, seconds, &[])
+}
+
+/// `oha` with extra arguments (`--insecure` for a test certificate, say).
+pub fn oha_with(
+    ns: &netlab::Netns,
+    url: &str,
+    rate: u64,
+    connections: usize,
+    seconds: u64,
+    extra: &[&str],
+) -> Result<(f64, f64, f64)> {
     let out = ns
         .exec(&[
             "oha",
@@ -330,8 +348,9 @@ pub fn oha(
             &rate.to_string(),
             "-c",
             &connections.to_string(),
-            url,
         ])
+        .args(extra)
+        .arg(url)
         .output()
         .context("running oha (cargo install oha)")?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)

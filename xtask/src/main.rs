@@ -6,6 +6,7 @@ mod bench_full;
 mod bench_h2;
 mod bench_record;
 mod bench_responses;
+mod bench_tls;
 mod lab;
 mod prereq;
 mod vm;
@@ -67,6 +68,9 @@ enum Task {
     BenchContent(bench_content::ContentBenchArgs),
     /// What --record costs on top of mirroring, and replay --speed max's throughput.
     BenchRecord(bench_record::RecordBenchArgs),
+    /// What reading TLS plaintext from uprobes costs a live nginx terminating TLS, and the
+    /// agent (figures only).
+    BenchTls(bench_tls::TlsBenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -149,6 +153,12 @@ fn main() -> Result<()> {
             build_ebpf(&root)?;
             build_agent(&root)?;
             bench_record::run(&root, &args)
+        }
+        Task::BenchTls(args) => {
+            prereq::ensure_bench_tools()?;
+            build_ebpf(&root)?;
+            build_agent(&root)?;
+            bench_tls::run(&root, &args)
         }
     }
 }
