@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crate::capture::error::chain;
 use crate::capture::heads::FullResponses;
+use crate::capture::read_at::Provenance;
 use crate::capture::{
     named_counters, netdev, Capture, CaptureConfig, CaptureError, CaptureStats, Hook, KernelReport,
 };
@@ -169,7 +170,15 @@ impl Agent {
             .transpose()
             .map_err(AgentError::Record)?;
         let record_stats = recording.as_ref().map(|r| Arc::clone(r.stats()));
+        let read_at = Provenance::new(
+            cfg.capture
+                .tls
+                .as_ref()
+                .map(|t| t.ports.clone())
+                .unwrap_or_default(),
+        );
         let events = PipelineEvents {
+            read_at: read_at.clone(),
             recording,
             replayers: mirrors.iter().map(|m| m.replayer.clone()).collect(),
             requests: Vec::new(),
@@ -185,6 +194,7 @@ impl Agent {
         for &ip in &cfg.in_pod {
             let iface = capture.add_pod_in_netns(ip)?;
             log::info!("pod {ip}: attached to {iface}");
+            read_at.set_in_pod(ip, true);
             mirrored_pods.lock().unwrap().mirrored.push(MirroredPod {
                 pod: ip.to_string(),
                 ip,
@@ -209,6 +219,7 @@ impl Agent {
                 stats: Arc::clone(capture.tls_stats()),
                 report: Arc::default(),
             }),
+            read_at,
         };
         if let Some(addr) = cfg.metrics {
             let bound = rt
@@ -368,7 +379,11 @@ impl Agent {
             pipeline,
             replay: replay_stats,
             record: sources.record.clone(),
-            report: comparison.report(),
+            report: {
+                let mut r = comparison.report();
+                r.set_read_at(&sources.read_at);
+                r
+            },
             dump,
         })
     }
@@ -430,6 +445,7 @@ impl Agent {
     fn mirror_pod(&mut self, pod: String, ip: std::net::IpAddr, mesh: Option<pods::Mesh>) {
         match self.attach_pod(&pod, ip, mesh) {
             Ok((iface, in_pod)) => {
+                self.sources.read_at.set_in_pod(ip, in_pod);
                 log::info!("mirroring pod {pod} ({ip}) at {iface}");
                 let mirrored = MirroredPod {
                     pod,
@@ -449,6 +465,7 @@ impl Agent {
     }
 
     fn forget_pod(&mut self, pod: String, ip: std::net::IpAddr) {
+        self.sources.read_at.set_in_pod(ip, false);
         if let Err(e) = self.capture.remove_pod(ip) {
             log::warn!("detaching from pod {pod} ({ip}): {}", chain(&e));
         }
@@ -471,6 +488,8 @@ async fn next_change(rx: &mut Option<tokio::sync::mpsc::Receiver<PodChange>>) ->
 /// Where the pipeline's events go: requests to every mirror's replayer, a batch at a time;
 /// live responses to the comparison; connections to capture whole to the kernel.
 struct PipelineEvents {
+    /// Tells and counts where each request was read.
+    read_at: Provenance,
     /// The recording stage; dropped (its last block written) when the pipeline ends.
     recording: Option<Recorder>,
     replayers: Vec<Replayer>,
@@ -483,8 +502,9 @@ impl pipeline::Sink for PipelineEvents {
     fn event(&mut self, event: HttpEvent) {
         match event {
             HttpEvent::Request(r) => {
+                let at = self.read_at.count(r.server());
                 if let Some(rec) = self.recording.as_mut() {
-                    rec.request(&r);
+                    rec.request(&r, at);
                 }
                 if !self.replayers.is_empty() {
                     self.requests.push(r);

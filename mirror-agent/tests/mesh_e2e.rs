@@ -239,6 +239,10 @@ fn a_sidecar_pods_plaintext_is_mirrored_from_inside_the_pod() {
     std::thread::sleep(Duration::from_millis(300));
     let exit = agent.stop();
     assert_mirrored(pod.http(), probes, &mirror, sent, &exit.stderr);
+    assert_eq!(
+        exit.metric("mirror_requests_read_total", &[("read_at", "in_pod")]) as usize,
+        sent
+    );
     // The pod's mirror veth went with the agent; the app's namespace is as it was.
     let links = pod.ns.ip(&["-o", "link"]);
     assert!(!links.contains("mirr"), "left in the pod: {links}");

@@ -187,6 +187,14 @@ fn nginx_terminating_tls_is_mirrored_from_its_libssl() {
         exit.metric("mirror_tls_connections_total", &[]),
         4 + 4 + 1 + 1
     );
+    assert_eq!(
+        exit.metric("mirror_requests_read_total", &[("read_at", "tls_library")]) as usize,
+        sent
+    );
+    assert_eq!(
+        exit.metric("mirror_requests_read_total", &[("read_at", "wire")]),
+        0
+    );
 }
 
 #[test]
@@ -408,6 +416,7 @@ s.serve_forever()
         "the Python server never answered"
     );
     let pid = app.pid().to_string();
+    let rec = tempfile::tempdir().unwrap();
     let agent = Agent::start(
         &node,
         &[
@@ -419,6 +428,8 @@ s.serve_forever()
             &format!("http://{MIRROR}"),
             "--host",
             "keep",
+            "--record",
+            rec.path().to_str().unwrap(),
         ],
     );
     let dir = tempfile::tempdir().unwrap();
@@ -486,6 +497,27 @@ s.serve_forever()
         ) as usize
             >= sent
     );
+    // The recording says where each request was read; its HAR, that it was sent over HTTPS.
+    let har_path = rec.path().join("out.har");
+    let out = std::process::Command::new(AGENT)
+        .args(["export", rec.path().to_str().unwrap(), "--har"])
+        .arg(&har_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let har: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&har_path).unwrap()).unwrap();
+    let entries = har["log"]["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), sent);
+    for e in entries {
+        assert_eq!(e["_readAt"], "tls_library", "{e}");
+        let url = e["request"]["url"].as_str().unwrap();
+        assert!(url.starts_with(&format!("https://{ip}:8443/")), "{url}");
+    }
 }
 
 /// `--selector` with `--tls-port`: the pods the watch finds have their processes' TLS read, and
@@ -547,6 +579,8 @@ fn selected_pods_have_their_tls_read_while_they_live() {
     assert_eq!(got.len(), sent, "each request mirrored once");
     assert_same_requests(&got, &want);
 
+    let report = report(&node, METRICS).expect("/report");
+    assert_eq!(report.requests_read_at.get("tls_library"), Some(&(sent as u64)));
     api.event("DELETED", "pay-v1", Some(&ip), true);
     let forgotten = netlab::wait_until(Duration::from_secs(20), || {
         metric(&node, METRICS, "mirror_tls_processes", &[]) == Some(0.0)

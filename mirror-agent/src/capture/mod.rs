@@ -12,6 +12,7 @@ pub mod memlock;
 pub mod netdev;
 pub mod netns;
 pub mod program;
+pub mod read_at;
 pub mod ring;
 pub mod rtnl;
 pub mod tls;

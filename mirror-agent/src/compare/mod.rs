@@ -428,6 +428,7 @@ impl Comparator {
             other_series_results: self.other_series,
             unpaired_evicted: self.evicted,
             sampling: self.sampling,
+            requests_read_at: Default::default(),
         }
     }
 }

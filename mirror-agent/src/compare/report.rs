@@ -86,6 +86,20 @@ pub struct Report {
     /// The share of new connections mirrored under a CPU budget (`--cpu-budget`).
     #[serde(default)]
     pub sampling: Option<Sampling>,
+    /// Requests extracted by where they were read (`wire`, `in_pod`, `tls_library`).
+    #[serde(default)]
+    pub requests_read_at: std::collections::BTreeMap<String, u64>,
+}
+
+impl Report {
+    /// Fills `requests_read_at` from the pipeline's counts.
+    pub fn set_read_at(&mut self, read_at: &crate::capture::read_at::Provenance) {
+        self.requests_read_at = read_at
+            .requests()
+            .into_iter()
+            .map(|(at, n)| (at.label().to_string(), n))
+            .collect();
+    }
 }
 
 /// What a CPU budget lets through.

@@ -43,6 +43,8 @@ pub struct Sources {
     pub record: Option<Arc<crate::record::RecordStats>>,
     /// The TLS probes (`--tls-port`): what became of their records, and their kernel side.
     pub tls: Option<TlsSources>,
+    /// Requests by where they were read.
+    pub read_at: crate::capture::read_at::Provenance,
 }
 
 /// What `/metrics` reads of the TLS probes.
@@ -73,6 +75,15 @@ impl Collector for Sources {
 impl Sources {
     fn encode_kernel_and_pods(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
         let kernel = self.kernel.lock().unwrap().clone();
+        let mut m = encoder.encode_descriptor(
+            "mirror_requests_read",
+            "Requests extracted, by where they were read: wire, in_pod (a pod's lo), tls_library",
+            None,
+            MetricType::Counter,
+        )?;
+        for (at, n) in self.read_at.requests() {
+            ConstCounter::new(n).encode(m.encode_family(&[("read_at", at.label())])?)?;
+        }
         let mut m = encoder.encode_descriptor(
             "mirror_kernel_packets",
             "Packets seen by the TC program, by outcome",
@@ -451,7 +462,8 @@ pub async fn serve(addr: SocketAddr, sources: Sources) -> std::io::Result<Socket
                                 render(&sources),
                             ),
                             "/report" => {
-                                let report = sources.comparison.report();
+                                let mut report = sources.comparison.report();
+                                report.set_read_at(&sources.read_at);
                                 (
                                     StatusCode::OK,
                                     "application/json",
@@ -523,6 +535,7 @@ mod tests {
             replay: vec![("mirror".into(), Arc::new(ReplayStats::default()))],
             record: Some(Default::default()),
             tls: Some(Default::default()),
+            read_at: Default::default(),
         }
     }
 

@@ -6,6 +6,7 @@
 //! response's headers or body: entries have the response's status, and its content is empty
 //! (`size` 0, `comment` saying so).
 
+use crate::capture::read_at::ReadAt;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
@@ -46,6 +47,10 @@ struct Entry {
     #[serde(rename = "serverIPAddress")]
     server_ip_address: String,
     connection: String,
+    /// Where the request was read (`wire`, `in_pod`, `tls_library`): a custom field, as HAR
+    /// allows with a leading underscore; absent in recordings that do not say.
+    #[serde(rename = "_readAt", skip_serializing_if = "Option::is_none")]
+    read_at: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -207,11 +212,16 @@ fn asked_h2(r: &super::RecordedH2Request) -> Asked {
     }
 }
 
-fn entry(a: Asked, resp: Option<&ResponseMeta>) -> Entry {
+fn entry(a: Asked, resp: Option<&ResponseMeta>, read_at: Option<ReadAt>) -> Entry {
+    // Plaintext read from a TLS library was sent over HTTPS.
+    let scheme = match read_at {
+        Some(ReadAt::TlsLibrary) => "https",
+        _ => "http",
+    };
     let url = if a.target.starts_with("http://") || a.target.starts_with("https://") {
         a.target.clone()
     } else {
-        format!("http://{}{}", a.host, a.target)
+        format!("{scheme}://{}{}", a.host, a.target)
     };
     let query_string = a
         .target
@@ -282,6 +292,7 @@ fn entry(a: Asked, resp: Option<&ResponseMeta>) -> Entry {
         },
         server_ip_address: a.at.server.ip().to_string(),
         connection: a.at.conn.to_string(),
+        read_at: read_at.map(ReadAt::label),
     }
 }
 
@@ -309,6 +320,7 @@ pub fn export(dir: &Path, out: &mut impl Write) -> std::io::Result<(usize, Vec<I
     let mut reader = Reader::open(dir)?;
     let mut requests: Vec<Asked> = Vec::new();
     let mut responses: HashMap<(u64, u64), ResponseMeta> = HashMap::new();
+    let mut sources: HashMap<u64, ReadAt> = HashMap::new();
     for record in reader.by_ref() {
         match record {
             Record::Request(r) => {
@@ -320,13 +332,17 @@ pub fn export(dir: &Path, out: &mut impl Write) -> std::io::Result<(usize, Vec<I
             Record::Response(r) => {
                 responses.insert((r.conn, r.request_seq), r);
             }
+            Record::Source { conn, read_at } => {
+                sources.insert(conn, read_at);
+            }
         }
     }
     let entries: Vec<Entry> = requests
         .into_iter()
         .map(|a| {
             let resp = responses.get(&(a.at.conn, a.at.seq));
-            entry(a, resp)
+            let read_at = sources.get(&a.at.conn).copied();
+            entry(a, resp, read_at)
         })
         .collect();
     let n = entries.len();

@@ -22,7 +22,9 @@
 //!   grpc:u8 grpc_status:u32 request_last_ts:u64 response_first_ts:u64 method:str target:str`;
 //! - `3`, an HTTP/2 request (gRPC calls among them; `seq` is its stream id): `origin
 //!   fields:list body:str trailers:list`, where the fields are the decoded header block,
-//!   pseudo-headers first, minus dropped headers.
+//!   pseudo-headers first, minus dropped headers;
+//! - `4`, where a connection's requests were read: `conn:u64 read_at:u8` (0 the wire, 1 a
+//!   pod's `lo`, 2 a TLS library), before the connection's first request in each block.
 //!
 //! with `origin = first_ts:u64 last_ts:u64 conn:u64 seq:u64 client:addr server:addr`,
 //! `addr = family:u8 (4|6) ip:[u8; 16] port:u16`, `str = len:u32 bytes` and
@@ -45,6 +47,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::Bytes;
 
+use crate::capture::read_at::ReadAt;
 use crate::http::{ResponseMeta, WireOrigin};
 
 pub use reader::{Issue, IssueKind, Reader};
@@ -62,6 +65,7 @@ pub const FILE_SUFFIX: &str = ".mrec";
 const KIND_REQUEST: u8 = 1;
 const KIND_RESPONSE: u8 = 2;
 const KIND_H2_REQUEST: u8 = 3;
+const KIND_SOURCE: u8 = 4;
 
 /// A recorded request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,6 +95,11 @@ pub enum Record {
     H2Request(RecordedH2Request),
     /// A live response, as the pipeline described it.
     Response(ResponseMeta),
+    /// Where the requests of connection `conn` that follow were read.
+    Source {
+        conn: u64,
+        read_at: ReadAt,
+    },
 }
 
 fn put_origin(out: &mut Vec<u8>, at: &WireOrigin) {
@@ -147,6 +156,11 @@ impl Record {
                 put_bytes(out, &r.body);
                 put_list(out, &r.trailers);
             }
+            Record::Source { conn, read_at } => {
+                out.push(KIND_SOURCE);
+                out.extend_from_slice(&conn.to_le_bytes());
+                out.push(read_at.code());
+            }
             Record::Response(r) => {
                 out.push(KIND_RESPONSE);
                 out.extend_from_slice(&r.conn.to_le_bytes());
@@ -195,6 +209,14 @@ impl Record {
                     method: c.text()?.into(),
                     target: c.text()?.into(),
                 })
+            }
+            KIND_SOURCE => {
+                let conn = c.u64()?;
+                // A source this version does not know: the requests are kept, their source not.
+                let Some(read_at) = ReadAt::from_code(c.u8()?) else {
+                    return Ok(None);
+                };
+                Record::Source { conn, read_at }
             }
             _ => return Ok(None),
         };

@@ -149,7 +149,7 @@ fn replayable(record: &Record, pass_key: u64) -> Option<(WireOrigin, Option<Repl
             h1::Request::from_wire(r.raw.clone(), moved(&r.at)).map(Replayable::H1),
         )),
         Record::H2Request(r) => Some((r.at, Some(Replayable::H2(h2_request(r, moved(&r.at)))))),
-        Record::Response(_) => None,
+        Record::Response(_) | Record::Source { .. } => None,
     }
 }
 

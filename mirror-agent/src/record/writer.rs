@@ -15,6 +15,7 @@ use super::{
     without_headers, Record, RecordedH2Request, RecordedRequest, BLOCK_MAGIC, FILE_MAGIC,
     FILE_SUFFIX, VERSION,
 };
+use crate::capture::read_at::ReadAt;
 use crate::http::{h1, h2, Request, ResponseMeta};
 
 /// A block is written once it holds this much, or is `RecordConfig::block_age` old.
@@ -72,11 +73,11 @@ impl RecordStats {
 }
 
 enum Event {
-    Request(h1::Request),
-    H2Request(h2::Request),
+    Request(h1::Request, ReadAt),
+    H2Request(h2::Request, ReadAt),
     /// An HTTP/2 request handed on while its body was still arriving, with the recorder's own
     /// copy of the rest: written once the client ends the stream.
-    H2Streaming(h2::Request, h2::StreamReceiver),
+    H2Streaming(h2::Request, h2::StreamReceiver, ReadAt),
     Response(ResponseMeta),
 }
 
@@ -86,6 +87,7 @@ const MAX_STREAMED_BODY: usize = 16 << 20;
 /// A streamed request being collected.
 struct Streaming {
     req: h2::Request,
+    at: ReadAt,
     rx: h2::StreamReceiver,
     body: Vec<u8>,
     too_large: bool,
@@ -145,14 +147,15 @@ impl Recorder {
         &self.stats
     }
 
-    pub fn request(&mut self, r: &Request) {
+    /// Records a request, read at `at`.
+    pub fn request(&mut self, r: &Request, at: ReadAt) {
         match r {
-            Request::H1(r) => self.batch.push(Event::Request(r.clone())),
-            Request::H2(r) if r.rest.is_none() => self.batch.push(Event::H2Request(r.clone())),
+            Request::H1(r) => self.batch.push(Event::Request(r.clone(), at)),
+            Request::H2(r) if r.rest.is_none() => self.batch.push(Event::H2Request(r.clone(), at)),
             Request::H2(r) if let Some(rx) = r.rest.as_ref().and_then(|s| s.take()) => {
                 let mut head = r.clone();
                 head.rest = None;
-                self.batch.push(Event::H2Streaming(head, rx));
+                self.batch.push(Event::H2Streaming(head, rx, at));
             }
             Request::H2(_) => {
                 self.stats
@@ -231,6 +234,9 @@ struct Writer {
     open: Option<Open>,
     next_file: u64,
     streams: Vec<Streaming>,
+    /// Connections whose source the current block has said: each block says it again, so
+    /// that it stands alone (a file whose predecessors were removed still tells it).
+    block_sources: std::collections::HashSet<u64>,
 }
 
 impl Writer {
@@ -246,6 +252,7 @@ impl Writer {
             open: None,
             next_file: 0,
             streams: Vec::new(),
+            block_sources: std::collections::HashSet::new(),
         }
     }
 
@@ -318,7 +325,7 @@ impl Writer {
                         let mut body = std::mem::take(&mut s.req.body).to_vec();
                         body.extend_from_slice(&s.body);
                         s.req.body = body.into();
-                        self.add(Event::H2Request(s.req));
+                        self.add(Event::H2Request(s.req, s.at));
                     }
                 }
             }
@@ -327,7 +334,8 @@ impl Writer {
 
     fn add(&mut self, e: Event) {
         let record = match e {
-            Event::Request(r) => {
+            Event::Request(r, at) => {
+                self.say_source(r.conn, at);
                 self.block_requests += 1;
                 let drop = &self.cfg.drop_headers;
                 let raw = if drop.is_empty() {
@@ -341,7 +349,8 @@ impl Writer {
                     raw,
                 })
             }
-            Event::H2Request(r) => {
+            Event::H2Request(r, at) => {
+                self.say_source(r.conn, at);
                 self.block_requests += 1;
                 let kept =
                     |list: &[(bytes::Bytes, bytes::Bytes)]| -> Vec<(bytes::Bytes, bytes::Bytes)> {
@@ -363,9 +372,10 @@ impl Writer {
                     trailers: kept(&r.trailers),
                 })
             }
-            Event::H2Streaming(req, rx) => {
+            Event::H2Streaming(req, rx, at) => {
                 self.streams.push(Streaming {
                     req,
+                    at,
                     rx,
                     body: Vec::new(),
                     too_large: false,
@@ -405,9 +415,17 @@ impl Writer {
             }
         }
         self.block.clear();
+        self.block_sources.clear();
         self.block_requests = 0;
         self.block_responses = 0;
         self.block_since = None;
+    }
+
+    /// A connection's source, before its first request in the block.
+    fn say_source(&mut self, conn: u64, at: ReadAt) {
+        if self.block_sources.insert(conn) {
+            Record::Source { conn, read_at: at }.encode(&mut self.block);
+        }
     }
 
     fn write_block(&mut self) -> std::io::Result<u64> {
@@ -492,6 +510,19 @@ mod tests {
     use crate::record::reader::{read_bytes, IssueKind, Reader};
     use crate::testkit::{Conversation, Extract};
 
+    fn without_sources(records: Vec<Record>) -> Vec<Record> {
+        records
+            .into_iter()
+            .filter(|r| !matches!(r, Record::Source { .. }))
+            .collect()
+    }
+
+    /// `read_bytes`, less the source records (one per block here).
+    fn requests_of(name: &str, data: Vec<u8>) -> (Vec<Record>, Vec<super::super::Issue>) {
+        let (records, issues) = read_bytes(name, data);
+        (without_sources(records), issues)
+    }
+
     fn requests(n: usize) -> Vec<h1::Request> {
         let mut c = Conversation::new("10.0.0.1:40000", "10.0.0.2:8080", 7, 9);
         let mut x = Extract::new(&[8080]);
@@ -519,7 +550,7 @@ mod tests {
     fn record(cfg: RecordConfig, reqs: &[h1::Request]) -> Arc<RecordStats> {
         let mut rec = Recorder::start(cfg).unwrap();
         for r in reqs {
-            rec.request(&Request::H1(r.clone()));
+            rec.request(&Request::H1(r.clone()), ReadAt::TlsLibrary);
         }
         rec.finish()
     }
@@ -531,8 +562,17 @@ mod tests {
         let stats = record(config(dir.path()), &reqs);
         assert_eq!(RecordStats::get(&stats.requests), 50);
         let mut reader = Reader::open(dir.path()).unwrap();
-        let back: Vec<Record> = reader.by_ref().collect();
+        let all: Vec<Record> = reader.by_ref().collect();
         assert!(reader.take_issues().is_empty());
+        // Each block says first where its connection was read.
+        assert_eq!(
+            all[0],
+            Record::Source {
+                conn: reqs[0].conn,
+                read_at: ReadAt::TlsLibrary
+            }
+        );
+        let back = without_sources(all);
         assert_eq!(back.len(), 50);
         for (r, b) in reqs.iter().zip(&back) {
             let Record::Request(b) = b else {
@@ -556,7 +596,7 @@ mod tests {
         cfg.max_bytes = 1024;
         let mut rec = Recorder::start(cfg).unwrap();
         for r in requests(20) {
-            rec.request(&Request::H1(r));
+            rec.request(&Request::H1(r), ReadAt::TlsLibrary);
             rec.flush();
             // One block per request: each older than a block's age by the next.
             std::thread::sleep(Duration::from_millis(150));
@@ -571,7 +611,7 @@ mod tests {
         assert!(RecordStats::get(&stats.files_removed) > 0);
         assert!(total <= 1024 + 512, "{total} bytes left");
         // What is left is the newest, readable and whole.
-        let back: Vec<Record> = Reader::open(dir.path()).unwrap().collect();
+        let back = without_sources(Reader::open(dir.path()).unwrap().collect());
         let Some(Record::Request(last)) = back.last() else {
             panic!("nothing left")
         };
@@ -584,20 +624,20 @@ mod tests {
         let reqs = requests(3);
         let mut rec = Recorder::start(config(dir.path())).unwrap();
         for r in &reqs {
-            rec.request(&Request::H1(r.clone()));
+            rec.request(&Request::H1(r.clone()), ReadAt::TlsLibrary);
             rec.flush();
             std::thread::sleep(Duration::from_millis(150));
         }
         rec.finish();
         let file = &super::super::reader::files(dir.path()).unwrap()[0];
         let data = std::fs::read(file).unwrap();
-        let (whole, issues) = read_bytes("f", data.clone());
+        let (whole, issues) = requests_of("f", data.clone());
         assert_eq!((whole.len(), issues.len()), (3, 0));
         let starts: Vec<usize> = memchr::memmem::find_iter(&data, BLOCK_MAGIC).collect();
         assert_eq!(starts.len(), 3);
 
         // Cut in the last block: two records, and where the cut is.
-        let (recs, issues) = read_bytes("f", data[..data.len() - 3].to_vec());
+        let (recs, issues) = requests_of("f", data[..data.len() - 3].to_vec());
         assert_eq!(recs.len(), 2);
         assert_eq!(issues[0].kind, IssueKind::TornBlock);
         assert_eq!(issues[0].offset, starts[2]);
@@ -605,7 +645,7 @@ mod tests {
         // A flipped byte in the middle block: that block skipped, the third read.
         let mut flipped = data.clone();
         flipped[starts[1] + 20] ^= 0x40;
-        let (recs, issues) = read_bytes("f", flipped);
+        let (recs, issues) = requests_of("f", flipped);
         assert_eq!(recs.len(), 2);
         assert_eq!(issues[0].kind, IssueKind::BadChecksum);
         assert_eq!(issues[0].offset, starts[1]);
@@ -613,20 +653,20 @@ mod tests {
         // A damaged length in the first block: resynchronised at the second.
         let mut bad_len = data.clone();
         bad_len[starts[0] + 4] ^= 0x10;
-        let (recs, issues) = read_bytes("f", bad_len);
+        let (recs, issues) = requests_of("f", bad_len);
         assert_eq!(recs.len(), 2);
         assert!(!issues.is_empty());
 
         // An unknown version: the file is refused, saying why.
         let mut v2 = data.clone();
         v2[6] = 2;
-        let (recs, issues) = read_bytes("f", v2);
+        let (recs, issues) = requests_of("f", v2);
         assert!(recs.is_empty());
         assert_eq!(issues[0].kind, IssueKind::UnknownVersion(2));
         assert!(issues[0].to_string().contains("use a newer mirror-agent"));
 
         // Not a recording at all.
-        let (_, issues) = read_bytes("f", b"hello".to_vec());
+        let (_, issues) = requests_of("f", b"hello".to_vec());
         assert_eq!(issues[0].kind, IssueKind::NotARecording);
     }
 }

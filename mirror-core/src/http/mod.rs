@@ -110,6 +110,13 @@ impl Request {
             ),
         }
     }
+    /// The server's address: the live service's.
+    pub fn server(&self) -> std::net::SocketAddr {
+        match self {
+            Request::H1(r) => r.server,
+            Request::H2(r) => r.server,
+        }
+    }
     /// Bytes the request holds (head or header fields, and body).
     pub fn size(&self) -> usize {
         match self {
