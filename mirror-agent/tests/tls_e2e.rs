@@ -378,43 +378,8 @@ fn a_python_https_server_is_mirrored_by_pid() {
     let mirror = TestServer::start(&node, &[MIRROR.parse().unwrap()]);
     let (ns, ip) = pod(&node, "tpy", 233);
     let certs = Certs::make();
-    let server = format!(
-        r#"
-import http.server, ssl, sys
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def handle_one(self):
-        n = int(self.headers.get("content-length") or 0)
-        body = self.rfile.read(n)
-        out = b"%s %s %d\n" % (self.command.encode(), self.path.encode(), len(body))
-        self.send_response(200)
-        self.send_header("content-length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-    do_GET = do_POST = do_PUT = handle_one
-    def log_message(self, *a):
-        pass
-s = http.server.ThreadingHTTPServer(("{ip}", 8443), H)
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-ctx.load_cert_chain("{cert}", "{key}")
-s.socket = ctx.wrap_socket(s.socket, server_side=True)
-print("up", flush=True)
-s.serve_forever()
-"#,
-        cert = certs.path("server.pem"),
-        key = certs.path("server.key"),
-    );
-    let mut cmd = ns.exec(&["python3", "-u", "-c", &server]);
-    cmd.stdout(std::process::Stdio::piped());
-    let app = Proc::spawn(&mut cmd);
+    let app = python_https_server(&ns, &ip, &certs, None);
     let base = format!("https://{ip}:8443");
-    assert!(
-        netlab::wait_until(Duration::from_secs(10), || ns
-            .exec(&["curl", "-sk", "-o", "/dev/null", &format!("{base}/")])
-            .status()
-            .is_ok_and(|s| s.success())),
-        "the Python server never answered"
-    );
     let pid = app.pid().to_string();
     let rec = tempfile::tempdir().unwrap();
     let agent = Agent::start(
@@ -580,7 +545,10 @@ fn selected_pods_have_their_tls_read_while_they_live() {
     assert_same_requests(&got, &want);
 
     let report = report(&node, METRICS).expect("/report");
-    assert_eq!(report.requests_read_at.get("tls_library"), Some(&(sent as u64)));
+    assert_eq!(
+        report.requests_read_at.get("tls_library"),
+        Some(&(sent as u64))
+    );
     api.event("DELETED", "pay-v1", Some(&ip), true);
     let forgotten = netlab::wait_until(Duration::from_secs(20), || {
         metric(&node, METRICS, "mirror_tls_processes", &[]) == Some(0.0)
@@ -589,5 +557,129 @@ fn selected_pods_have_their_tls_read_while_they_live() {
     assert!(
         forgotten,
         "the gone pod's processes are still read:\n{stderr}"
+    );
+}
+
+/// Python's `http.server` over `ssl` on `ip:8443` in `ns`, answering each request with its
+/// method, target and body length; `libs`: a directory searched first for the libraries
+/// (`LD_LIBRARY_PATH`). Returns once it answers HTTPS.
+fn python_https_server(ns: &Netns, ip: &str, certs: &Certs, libs: Option<&str>) -> Proc {
+    let server = format!(
+        r#"
+import http.server, ssl, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def handle_one(self):
+        n = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(n)
+        out = b"%s %s %d\n" % (self.command.encode(), self.path.encode(), len(body))
+        self.send_response(200)
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    do_GET = do_POST = do_PUT = handle_one
+    def log_message(self, *a):
+        pass
+s = http.server.ThreadingHTTPServer(("{ip}", 8443), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain("{cert}", "{key}")
+s.socket = ctx.wrap_socket(s.socket, server_side=True)
+s.serve_forever()
+"#,
+        cert = certs.path("server.pem"),
+        key = certs.path("server.key"),
+    );
+    let mut cmd = ns.exec(&["python3", "-u", "-c", &server]);
+    if let Some(dir) = libs {
+        cmd.env("LD_LIBRARY_PATH", dir);
+    }
+    let app = Proc::spawn(&mut cmd);
+    assert!(
+        netlab::wait_until(Duration::from_secs(10), || ns
+            .exec(&[
+                "curl",
+                "-sk",
+                "-o",
+                "/dev/null",
+                &format!("https://{ip}:8443/")
+            ])
+            .status()
+            .is_ok_and(|s| s.success())),
+        "the Python server never answered"
+    );
+    app
+}
+
+/// Bad libraries: a server whose libssl was replaced on disk while it ran (a package upgrade)
+/// is still read, through the inode it maps; a process mapping a "libssl" without the TLS
+/// functions is refused, logged and counted, and the other stays mirrored.
+#[test]
+fn an_upgraded_libssl_is_read_and_a_bogus_one_refused() {
+    if not_root() {
+        return;
+    }
+    let node = Netns::new(&netlab::unique("tnode"));
+    let mirror = TestServer::start(&node, &[MIRROR.parse().unwrap()]);
+    let (ns, ip) = pod(&node, "tupg", 236);
+    let certs = Certs::make();
+    let libs = tempfile::tempdir().unwrap();
+    let lib = libs.path().join("libssl.so.3");
+    std::fs::copy("/usr/lib/x86_64-linux-gnu/libssl.so.3", &lib).unwrap();
+    let app = python_https_server(&ns, &ip, &certs, libs.path().to_str());
+    // The upgrade: a new file renamed over the one the server runs.
+    let next = libs.path().join("libssl.so.3.new");
+    std::fs::copy("/usr/lib/x86_64-linux-gnu/libssl.so.3", &next).unwrap();
+    std::fs::rename(&next, &lib).unwrap();
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", app.pid())).unwrap();
+    assert!(maps.contains("libssl.so.3 (deleted)"), "{maps}");
+    // A file named like libssl that is not OpenSSL (zlib), loaded by another process.
+    let bogus = libs.path().join("libssl.so.9");
+    std::fs::copy("/usr/lib/x86_64-linux-gnu/libz.so.1", &bogus).unwrap();
+    let mut cmd = ns.exec(&[
+        "python3",
+        "-c",
+        &format!(
+            "import ctypes, time; ctypes.CDLL({:?}); time.sleep(60)",
+            bogus.display().to_string()
+        ),
+    ]);
+    let other = Proc::spawn(&mut cmd);
+    assert!(netlab::wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(format!("/proc/{}/maps", other.pid()))
+            .is_ok_and(|m| m.contains("libssl.so.9"))
+    }));
+    let pids = format!("{},{}", app.pid(), other.pid());
+    let agent = Agent::start(
+        &node,
+        &[
+            "--tls-pid",
+            &pids,
+            "--tls-port",
+            "8443",
+            "--mirror",
+            &format!("http://{MIRROR}"),
+        ],
+    );
+    for i in 0..4 {
+        curl(&node, &["-k", &format!("https://{ip}:8443/upgraded/{i}")]);
+    }
+    netlab::wait_until(Duration::from_secs(10), || mirror.requests() >= 4);
+    std::thread::sleep(Duration::from_millis(300));
+    let exit = agent.stop();
+    let mut got: Vec<String> = mirror.log().into_iter().map(|r| r.target).collect();
+    got.sort();
+    assert_eq!(
+        got,
+        (0..4).map(|i| format!("/upgraded/{i}")).collect::<Vec<_>>(),
+        "{}",
+        exit.stderr
+    );
+    assert_eq!(exit.metric("mirror_tls_libraries", &[]), 1);
+    assert_eq!(exit.metric("mirror_tls_libraries_refused", &[]), 1);
+    assert!(
+        exit.stderr.contains("libssl.so.9")
+            && exit.stderr.contains("that process's TLS is not mirrored"),
+        "the log names the refused file:\n{}",
+        exit.stderr
     );
 }

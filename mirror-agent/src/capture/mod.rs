@@ -415,6 +415,7 @@ impl Capture {
             kernel,
             processes: probes.processes(),
             libraries: probes.libraries(),
+            refused: probes.refused(),
         })
     }
 
@@ -1005,6 +1006,8 @@ pub struct TlsReport {
     pub kernel: Vec<(&'static str, u64)>,
     pub processes: usize,
     pub libraries: usize,
+    /// Library files that could not be attached.
+    pub refused: usize,
 }
 
 /// What the kernel program reports, for logs and metrics.

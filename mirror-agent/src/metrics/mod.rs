@@ -204,6 +204,14 @@ fn encode_tls(encoder: &mut DescriptorEncoder, r: &crate::capture::TlsReport) ->
         MetricType::Gauge,
     )?;
     ConstGauge::new(r.libraries as i64).encode(m)?;
+    let m = encoder.encode_descriptor(
+        "mirror_tls_libraries_refused",
+        "TLS library files found but not attached (no SSL_read/SSL_write symbols, or the \
+         kernel refused the probe): their processes' TLS is not read",
+        None,
+        MetricType::Gauge,
+    )?;
+    ConstGauge::new(r.refused as i64).encode(m)?;
     Ok(())
 }
 

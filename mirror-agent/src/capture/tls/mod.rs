@@ -169,6 +169,11 @@ impl TlsCapture {
         self.pids.len()
     }
 
+    /// Library files that could not be attached.
+    pub fn refused(&self) -> usize {
+        self.refused.len()
+    }
+
     /// Libraries attached now.
     pub fn libraries(&self) -> usize {
         self.libraries.len()
