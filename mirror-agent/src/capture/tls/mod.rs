@@ -1,11 +1,13 @@
 //! The second capture source: plaintext read by uprobes on OpenSSL's `libssl` in the processes
 //! of services that terminate TLS themselves (see `mirror-ebpf`'s `tls.rs`).
 //!
-//! A uprobe binds to a library file and fires in every process that maps it, so each file is
-//! attached once, opened through `/proc/PID/root` of a process that maps it (a container's file
-//! from the host), and the kernel side reads only the processes listed in `TLS_PIDS`: those
-//! given, or those in the network namespace of a pod given. `rescan` finds processes and
-//! libraries that appeared since, and forgets processes that exited.
+//! The probes are attached per process, to the library file it maps (opened through
+//! `/proc/PID/root`, so a container's own file): a uprobe scoped to a process puts its
+//! breakpoint in that process alone, and every other process mapping the same file (a client
+//! on the node, a load generator) runs without a trap. The processes are those given, or those
+//! in the network namespace of a pod given; the kernel side also checks them against
+//! `TLS_PIDS`. `rescan` finds processes and libraries that appeared since, and detaches from
+//! processes that exited.
 
 pub mod procfs;
 pub mod streams;
@@ -14,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use aya::programs::uprobe::UProbeScope;
+use aya::programs::uprobe::{UProbeLinkId, UProbeScope};
 use aya::programs::{FEntry, KProbe, TracePoint, UProbe};
 use aya::Ebpf;
 use mirror_common::tls::{
@@ -48,8 +50,9 @@ const ENTRIES: [(&str, &str, bool); 4] = [
 /// The TLS probes' state in the agent: what is attached, and to whom it listens.
 pub struct TlsCapture {
     cfg: TlsConfig,
-    /// Libraries attached, by file identity, with the path used.
-    libraries: HashMap<(u64, u64), std::path::PathBuf>,
+    /// Each process read, the library files attached in it and the links to detach when it
+    /// is gone.
+    attached: HashMap<u32, Attached>,
     /// Files that could not be attached (no symbols, say): not tried again.
     refused: HashSet<(u64, u64)>,
     pids: HashSet<u32>,
@@ -57,9 +60,15 @@ pub struct TlsCapture {
     pods: Vec<(IpAddr, Option<Netns>)>,
 }
 
+/// The probes of one process.
+#[derive(Default)]
+struct Attached {
+    libraries: HashSet<(u64, u64)>,
+    links: Vec<(&'static str, UProbeLinkId)>,
+}
+
 impl TlsCapture {
-    /// Loads the probes and the syscall tracepoints. Nothing is read until `rescan` lists
-    /// processes.
+    /// Loads the probes and the tracepoints. Nothing is read until `rescan` lists processes.
     pub fn start(ebpf: &mut Ebpf, cfg: TlsConfig) -> Result<TlsCapture> {
         for (name, _, _) in ENTRIES {
             uprobe(ebpf, name)?.load().map_err(program_error(name))?;
@@ -77,7 +86,7 @@ impl TlsCapture {
         let pods = cfg.pods.iter().map(|ip| (*ip, None)).collect();
         Ok(TlsCapture {
             cfg,
-            libraries: HashMap::new(),
+            attached: HashMap::new(),
             refused: HashSet::new(),
             pids: HashSet::new(),
             pods,
@@ -111,27 +120,17 @@ impl TlsCapture {
             }
         }
         for pid in &now {
-            for lib in procfs::libssl_of(*pid) {
-                if self.libraries.contains_key(&lib.id) || self.refused.contains(&lib.id) {
-                    continue;
-                }
-                match attach_library(ebpf, &lib.path) {
-                    Ok(n) => {
-                        log::info!(
-                            "TLS: attached {n} probes to {} (mapped by pid {pid})",
-                            lib.path.display()
-                        );
-                        self.libraries.insert(lib.id, lib.path);
-                    }
-                    Err(e) => {
-                        log::warn!(
-                            "TLS: cannot attach to {}: {}; that process's TLS is not mirrored",
-                            lib.path.display(),
-                            super::error::chain(&e)
-                        );
-                        self.refused.insert(lib.id);
-                    }
-                }
+            self.attach_process(ebpf, *pid);
+        }
+        let gone: Vec<u32> = self
+            .attached
+            .keys()
+            .filter(|p| !now.contains(p))
+            .copied()
+            .collect();
+        for pid in gone {
+            if let Some(a) = self.attached.remove(&pid) {
+                detach(ebpf, a.links);
             }
         }
         let mut pids: aya::maps::HashMap<_, u32, u8> = aya::maps::HashMap::try_from(
@@ -149,6 +148,44 @@ impl TlsCapture {
         }
         self.pids = now;
         Ok(())
+    }
+
+    /// Attaches the probes to the libssl files `pid` maps that are not attached in it yet.
+    /// A uprobe scoped to one process puts its breakpoint in that process only: the node's
+    /// other processes that map the same file (clients, load generators) run untouched.
+    fn attach_process(&mut self, ebpf: &mut Ebpf, pid: u32) {
+        let Some(scope) = std::num::NonZeroU32::new(pid) else {
+            return;
+        };
+        for lib in procfs::libssl_of(pid) {
+            let done = self
+                .attached
+                .get(&pid)
+                .is_some_and(|a| a.libraries.contains(&lib.id));
+            if done || self.refused.contains(&lib.id) {
+                continue;
+            }
+            match attach_library(ebpf, &lib.path, UProbeScope::OneProcess(scope)) {
+                Ok(links) => {
+                    log::info!(
+                        "TLS: attached {} probes to {} in pid {pid}",
+                        links.len(),
+                        lib.path.display()
+                    );
+                    let a = self.attached.entry(pid).or_default();
+                    a.libraries.insert(lib.id);
+                    a.links.extend(links);
+                }
+                Err(e) => {
+                    log::warn!(
+                        "TLS: cannot attach to {} (pid {pid}): {}; that process's TLS is not mirrored",
+                        lib.path.display(),
+                        super::error::chain(&e)
+                    );
+                    self.refused.insert(lib.id);
+                }
+            }
+        }
     }
 
     /// Reads the TLS of the processes in this pod's network namespace too, from the next
@@ -174,9 +211,13 @@ impl TlsCapture {
         self.refused.len()
     }
 
-    /// Libraries attached now.
+    /// Library files attached now, in any process.
     pub fn libraries(&self) -> usize {
-        self.libraries.len()
+        self.attached
+            .values()
+            .flat_map(|a| a.libraries.iter())
+            .collect::<HashSet<_>>()
+            .len()
     }
 }
 
@@ -303,25 +344,48 @@ pub fn take_ring(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>> {
 }
 
 /// Attaches the probes to one library file. Returns how many were attached.
-fn attach_library(ebpf: &mut Ebpf, path: &std::path::Path) -> Result<usize> {
-    let mut n = 0;
-    for (name, symbol, required) in ENTRIES {
-        let entry = uprobe(ebpf, name)?.attach(symbol, path, UProbeScope::AllProcesses);
-        match entry {
-            Ok(_) => n += 1,
-            // OpenSSL before 1.1.1 has no `_ex` forms.
-            Err(_) if !required => continue,
-            Err(e) => return Err(program_error(symbol)(e)),
+/// The probes on one library file, in `scope`; on an error, what was attached is detached.
+fn attach_library(
+    ebpf: &mut Ebpf,
+    path: &std::path::Path,
+    scope: UProbeScope,
+) -> Result<Vec<(&'static str, UProbeLinkId)>> {
+    let mut links = Vec::new();
+    let attached = (|| -> Result<()> {
+        for (name, symbol, required) in ENTRIES {
+            match uprobe(ebpf, name)?.attach(symbol, path, scope) {
+                Ok(link) => links.push((name, link)),
+                // OpenSSL before 1.1.1 has no `_ex` forms.
+                Err(_) if !required => continue,
+                Err(e) => return Err(program_error(symbol)(e)),
+            }
+            let link = uprobe(ebpf, PROG_RETURN)?
+                .attach(symbol, path, scope)
+                .map_err(program_error(symbol))?;
+            links.push((PROG_RETURN, link));
         }
-        uprobe(ebpf, PROG_RETURN)?
-            .attach(symbol, path, UProbeScope::AllProcesses)
-            .map_err(program_error(symbol))?;
-        n += 1;
+        let link = uprobe(ebpf, PROG_FREE)?
+            .attach("SSL_free", path, scope)
+            .map_err(program_error("SSL_free"))?;
+        links.push((PROG_FREE, link));
+        Ok(())
+    })();
+    match attached {
+        Ok(()) => Ok(links),
+        Err(e) => {
+            detach(ebpf, links);
+            Err(e)
+        }
     }
-    uprobe(ebpf, PROG_FREE)?
-        .attach("SSL_free", path, UProbeScope::AllProcesses)
-        .map_err(program_error("SSL_free"))?;
-    Ok(n + 1)
+}
+
+/// Detaches uprobe links; a link the kernel already dropped is no error.
+fn detach(ebpf: &mut Ebpf, links: Vec<(&'static str, UProbeLinkId)>) {
+    for (name, link) in links {
+        if let Ok(p) = uprobe(ebpf, name) {
+            let _ = p.detach(link);
+        }
+    }
 }
 
 fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe> {
