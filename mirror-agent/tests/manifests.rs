@@ -245,7 +245,7 @@ fn check_agent(
     let account = s(d, &["spec", "template", "spec", "serviceAccountName"])
         .and_then(Value::as_str)
         .expect("a ServiceAccount for the pod watch");
-    assert_read_only_pod_rbac(&all, account);
+    assert_read_only_pod_rbac(all, account);
     assert!(
         a.metrics.is_some(),
         "metrics must be exported for the scrape annotations"
