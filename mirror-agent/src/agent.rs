@@ -163,46 +163,15 @@ impl Agent {
 
         // Reassemble and parse, on the capture thread.
         let pipeline_stats = Arc::new(Mutex::new(PipelineStats::default()));
-        let recording = cfg
-            .record
-            .clone()
-            .map(Recorder::start)
-            .transpose()
-            .map_err(AgentError::Record)?;
-        let record_stats = recording.as_ref().map(|r| Arc::clone(r.stats()));
-        let read_at = Provenance::new(
-            cfg.capture
-                .tls
-                .as_ref()
-                .map(|t| t.ports.clone())
-                .unwrap_or_default(),
-        );
-        let events = PipelineEvents {
-            read_at: read_at.clone(),
-            recording,
-            replayers: mirrors.iter().map(|m| m.replayer.clone()).collect(),
-            requests: Vec::new(),
-            live: comparison.clone(),
-            full_responses: capture.take_full_responses(),
-        };
+        let events = PipelineEvents::new(&cfg, &mirrors, &comparison, &mut capture)?;
+        let record_stats = events.recording.as_ref().map(|r| Arc::clone(r.stats()));
+        let read_at = events.read_at.clone();
         let (pipeline, pipeline_done) =
             Pipeline::new(cfg.pipeline.clone(), Arc::clone(&pipeline_stats), events);
         capture.feed(Box::new(pipeline))?;
 
         let kernel = KernelCounters::default();
-        let mirrored_pods = MirroredPods::default();
-        for &ip in &cfg.in_pod {
-            let iface = capture.add_pod_in_netns(ip)?;
-            log::info!("pod {ip}: attached to {iface}");
-            read_at.set_in_pod(ip, true);
-            mirrored_pods.lock().unwrap().mirrored.push(MirroredPod {
-                pod: ip.to_string(),
-                ip,
-                iface,
-                in_pod: true,
-                mesh: None,
-            });
-        }
+        let mirrored_pods = attach_in_pods(&mut capture, &cfg.in_pod, &read_at)?;
         let pod_changes = watch_pods(cfg.pods.as_ref(), rt)?;
         let sources = Sources {
             pods: Arc::clone(&mirrored_pods),
@@ -477,6 +446,28 @@ impl Agent {
     }
 }
 
+/// Attaches inside the network namespaces of the `--in-pod` pods given by address.
+fn attach_in_pods(
+    capture: &mut Capture,
+    ips: &[std::net::IpAddr],
+    read_at: &Provenance,
+) -> Result<MirroredPods> {
+    let mirrored_pods = MirroredPods::default();
+    for &ip in ips {
+        let iface = capture.add_pod_in_netns(ip)?;
+        log::info!("pod {ip}: attached to {iface}");
+        read_at.set_in_pod(ip, true);
+        mirrored_pods.lock().unwrap().mirrored.push(MirroredPod {
+            pod: ip.to_string(),
+            ip,
+            iface,
+            in_pod: true,
+            mesh: None,
+        });
+    }
+    Ok(mirrored_pods)
+}
+
 /// The next pod change; never, without a watcher.
 async fn next_change(rx: &mut Option<tokio::sync::mpsc::Receiver<PodChange>>) -> Option<PodChange> {
     match rx {
@@ -496,6 +487,31 @@ struct PipelineEvents {
     requests: Vec<Request>,
     live: Comparison,
     full_responses: Option<FullResponses>,
+}
+
+impl PipelineEvents {
+    fn new(
+        cfg: &AgentConfig,
+        mirrors: &[Mirror],
+        comparison: &Comparison,
+        capture: &mut Capture,
+    ) -> Result<PipelineEvents> {
+        let recording = cfg
+            .record
+            .clone()
+            .map(Recorder::start)
+            .transpose()
+            .map_err(AgentError::Record)?;
+        let tls_ports = cfg.capture.tls.as_ref().map(|t| t.ports.clone());
+        Ok(PipelineEvents {
+            read_at: Provenance::new(tls_ports.unwrap_or_default()),
+            recording,
+            replayers: mirrors.iter().map(|m| m.replayer.clone()).collect(),
+            requests: Vec::new(),
+            live: comparison.clone(),
+            full_responses: capture.take_full_responses(),
+        })
+    }
 }
 
 impl pipeline::Sink for PipelineEvents {

@@ -138,29 +138,14 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
     let content = content_capture(args)?;
     let split = plan.split(args.mirror.len(), args.compare_bodies);
     let mirrors = mirror_targets(args, &names, split.queue_bytes_per_mirror, &content, rt)?;
-    let pipeline = PipelineConfig {
-        reassembly: ReassemblyConfig {
-            // TLS connections are the probed processes' own: their local port is the server's.
-            server_ports: args.port.iter().chain(&args.tls_port).copied().collect(),
-            server_addrs: capture.matching.addrs.clone(),
-            max_flows: plan.max_flows,
-            max_ooo_bytes_total: plan.ooo_bytes,
-            // With heads, a clone placed out of order (its mark lost) may follow a RST.
-            reset_linger_ns: if response_heads { 50_000_000 } else { 0 },
-            ..ReassemblyConfig::default()
-        },
-        http: HttpConfig {
-            track_responses: !args.no_responses,
-            response_heads,
-            max_buffered_bytes: plan.http_buffered_bytes,
-            // One copy of a streamed body per mirror, and one for the recording.
-            stream_copies: (mirrors.len() + usize::from(args.record.is_some())).max(1),
-            content: content.clone(),
-            ..HttpConfig::default()
-        },
-        dump_streams: args.dump.is_some().then_some(args.dump_max_bytes),
-        tick: Duration::from_millis(100),
-    };
+    let pipeline = pipeline_config(
+        args,
+        &capture,
+        &plan,
+        response_heads,
+        mirrors.len(),
+        &content,
+    );
     let diffs = match content {
         Some(c) => Some(diff_config(args, &names, c, &split)?),
         None => None,
@@ -194,6 +179,40 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
         stats_interval: args.stats_interval,
         cpu_budget,
     })
+}
+
+/// Reassembly and HTTP extraction, sized by the memory plan.
+fn pipeline_config(
+    args: &AttachArgs,
+    capture: &CaptureConfig,
+    plan: &memory_budget::Plan,
+    response_heads: bool,
+    mirrors: usize,
+    content: &Option<ContentCapture>,
+) -> PipelineConfig {
+    PipelineConfig {
+        reassembly: ReassemblyConfig {
+            // TLS connections are the probed processes' own: their local port is the server's.
+            server_ports: args.port.iter().chain(&args.tls_port).copied().collect(),
+            server_addrs: capture.matching.addrs.clone(),
+            max_flows: plan.max_flows,
+            max_ooo_bytes_total: plan.ooo_bytes,
+            // With heads, a clone placed out of order (its mark lost) may follow a RST.
+            reset_linger_ns: if response_heads { 50_000_000 } else { 0 },
+            ..ReassemblyConfig::default()
+        },
+        http: HttpConfig {
+            track_responses: !args.no_responses,
+            response_heads,
+            max_buffered_bytes: plan.http_buffered_bytes,
+            // One copy of a streamed body per mirror, and one for the recording.
+            stream_copies: (mirrors + usize::from(args.record.is_some())).max(1),
+            content: content.clone(),
+            ..HttpConfig::default()
+        },
+        dump_streams: args.dump.is_some().then_some(args.dump_max_bytes),
+        tick: Duration::from_millis(100),
+    }
 }
 
 /// The interfaces to attach to: those named, and those behind the pods named (by route).

@@ -30,7 +30,6 @@ pub struct TlsBenchArgs {
 }
 
 struct Row {
-    setup: &'static str,
     rps: f64,
     nginx_us: f64,
     agent_us: Option<f64>,
@@ -44,22 +43,7 @@ pub fn run(root: &Path, args: &TlsBenchArgs) -> Result<()> {
     let bin = root.join("target/release/mirror-agent");
     let pair = Pair::new("bt", 243);
     let certs = tempfile::tempdir()?;
-    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-    let made = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-        ])
-        .arg("/CN=bench")
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(Stdio::null())
-        .status()
-        .context("openssl")?;
-    if !made.success() {
-        bail!("openssl could not make a certificate");
-    }
+    let (cert, key) = self_signed(certs.path())?;
     let live = format!("{}:8443", pair.server_v4);
     let nginx = Nginx::with_servers(
         &pair.server,
@@ -86,50 +70,95 @@ pub fn run(root: &Path, args: &TlsBenchArgs) -> Result<()> {
     let mut rows = Vec::new();
     for round in 1..=args.rounds {
         for setup in SETUPS {
-            let agent = (setup != "no agent")
-                .then(|| start_agent(&bin, &pair, &pids.join(",")))
-                .transpose()?;
-            let (agent_cpu0, nginx_cpu0) = (agent.as_ref().map(Proc::cpu_time), nginx.cpu_time());
-            let rps = wrk(&pair.client, &url, args.connections, args.seconds)?;
-            let served = (rps * args.seconds as f64).max(1.0);
-            let nginx_us = (nginx.cpu_time() - nginx_cpu0).as_secs_f64() * 1e6 / served;
-            let agent_us = agent
-                .as_ref()
-                .map(|a| (a.cpu_time() - agent_cpu0.unwrap()).as_secs_f64() * 1e6 / served);
-            let (p50_ms, p99_ms, _) = oha_with(
-                &pair.client,
+            let with_agent = setup != "no agent";
+            let row = measure(
+                args,
+                &pair,
+                &nginx,
                 &url,
-                args.rate,
-                args.connections,
-                args.seconds,
-                &["--insecure"],
+                with_agent.then_some((&bin, &pids)),
             )?;
-            if let Some(mut a) = agent {
-                a.signal(libc::SIGTERM);
-                let (code, err) = a.wait_exit(Duration::from_secs(20));
-                if code != Some(0) {
-                    bail!("agent exited with {code:?}: {err}");
-                }
-            }
             eprintln!(
-                "round {round} {setup:<30} {rps:.0} req/s, nginx {nginx_us:.1} µs/req, agent {agent_us:?} µs/req, p50 {p50_ms:.3} ms, p99 {p99_ms:.3} ms"
+                "round {round} {setup:<30} {:.0} req/s, nginx {:.1} µs/req, agent {:?} µs/req, p50 {:.3} ms, p99 {:.3} ms",
+                row.rps, row.nginx_us, row.agent_us, row.p50_ms, row.p99_ms
             );
-            rows.push(Row {
-                setup,
-                rps,
-                nginx_us,
-                agent_us,
-                p50_ms,
-                p99_ms,
-            });
+            rows.push((setup, row));
         }
     }
+    print_table(args, &rows);
+    Ok(())
+}
 
+/// A certificate and key for the bench's nginx, in `dir`.
+fn self_signed(dir: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+        ])
+        .arg("/CN=bench")
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .context("openssl")?;
+    if !made.success() {
+        bail!("openssl could not make a certificate");
+    }
+    Ok((cert, key))
+}
+
+/// One setup's figures: saturation with wrk (and the CPU it cost), then latency with oha;
+/// `agent`: the binary and nginx's pids, when the agent reads its TLS.
+fn measure(
+    args: &TlsBenchArgs,
+    pair: &Pair,
+    nginx: &Nginx,
+    url: &str,
+    agent: Option<(&Path, &[String])>,
+) -> Result<Row> {
+    let agent = agent
+        .map(|(bin, pids)| start_agent(bin, pair, &pids.join(",")))
+        .transpose()?;
+    let (agent_cpu0, nginx_cpu0) = (agent.as_ref().map(Proc::cpu_time), nginx.cpu_time());
+    let rps = wrk(&pair.client, url, args.connections, args.seconds)?;
+    let served = (rps * args.seconds as f64).max(1.0);
+    let nginx_us = (nginx.cpu_time() - nginx_cpu0).as_secs_f64() * 1e6 / served;
+    let agent_us = agent
+        .as_ref()
+        .map(|a| (a.cpu_time() - agent_cpu0.unwrap()).as_secs_f64() * 1e6 / served);
+    let (p50_ms, p99_ms, _) = oha_with(
+        &pair.client,
+        url,
+        args.rate,
+        args.connections,
+        args.seconds,
+        &["--insecure"],
+    )?;
+    if let Some(mut a) = agent {
+        a.signal(libc::SIGTERM);
+        let (code, err) = a.wait_exit(Duration::from_secs(20));
+        if code != Some(0) {
+            bail!("agent exited with {code:?}: {err}");
+        }
+    }
+    Ok(Row {
+        rps,
+        nginx_us,
+        agent_us,
+        p50_ms,
+        p99_ms,
+    })
+}
+
+fn print_table(args: &TlsBenchArgs, rows: &[(&str, Row)]) {
     let of = |setup: &str, f: &dyn Fn(&Row) -> Option<f64>| {
         median(
             rows.iter()
-                .filter(|r| r.setup == setup)
-                .filter_map(f)
+                .filter(|r| r.0 == setup)
+                .filter_map(|r| f(&r.1))
                 .collect(),
         )
     };
@@ -156,7 +185,6 @@ pub fn run(root: &Path, args: &TlsBenchArgs) -> Result<()> {
             of(setup, &|r| Some(r.p99_ms)),
         );
     }
-    Ok(())
 }
 
 fn start_agent(bin: &Path, pair: &Pair, pids: &str) -> Result<Proc> {

@@ -323,9 +323,21 @@ impl Capture {
         netdev::quiet_ipv6(&host_veth)?;
         netdev::set_up(&host_veth).map_err(CaptureError::io("bringing the mirror interface up"))?;
 
+        capture.start_program(cfg, &heads_tx, &tls_tx)?;
+        Ok(capture)
+    }
+
+    /// Loads the kernel program, attaches it to the targets, hands its rings to the reader
+    /// thread and enables it; with TLS capture, the probes too.
+    fn start_program(
+        &mut self,
+        cfg: &CaptureConfig,
+        heads_tx: &mpsc::Sender<HeadMerge>,
+        tls_tx: &mpsc::Sender<tls::TlsSource>,
+    ) -> Result<()> {
         let mut program = KernelProgram::load(cfg.ebpf_log, cfg.tls.is_some())?;
         for t in &cfg.targets {
-            capture.attach_target(&mut program, t)?;
+            self.attach_target(&mut program, t)?;
         }
         if cfg.matching.responses && cfg.matching.response_heads {
             // The capture thread reads the records with the clones, from before the program
@@ -334,21 +346,21 @@ impl Capture {
             heads_tx
                 .send(merge)
                 .map_err(|_| CaptureError::ThreadExited)?;
-            capture.full_responses = Some(program.take_full_responses()?);
+            self.full_responses = Some(program.take_full_responses()?);
         }
-        capture.heartbeat = Some(heartbeat::HeartbeatThread::start(
+        self.heartbeat = Some(heartbeat::HeartbeatThread::start(
             program.take_heartbeat()?,
         )?);
         if let Some(tls_cfg) = &cfg.tls {
-            capture.start_tls(&mut program, tls_cfg.clone(), &tls_tx)?;
+            self.start_tls(&mut program, tls_cfg.clone(), tls_tx)?;
         }
         // Only TLS ports: the TC program stays off, attached nowhere.
         if !cfg.matching.ports.is_empty() {
-            program.configure(&cfg.matching, mirror_ifindex)?;
+            program.configure(&cfg.matching, self.mirror_ifindex)?;
         }
-        capture.program_id = program.id()?;
-        capture.program = Some(program);
-        Ok(capture)
+        self.program_id = program.id()?;
+        self.program = Some(program);
+        Ok(())
     }
 
     /// Loads the TLS probes, hands their ring to the reader thread, and finds the processes.
@@ -841,6 +853,23 @@ struct Sources {
     tls: mpsc::Receiver<tls::TlsSource>,
 }
 
+/// At the end: what the head merge still holds and the TLS records waiting.
+fn hand_on_the_rest(
+    merge: Option<&mut HeadMerge>,
+    tls: &mut TlsFeed,
+    sink: &mut dyn BatchSink,
+    stats: &CaptureStats,
+) {
+    let mut rest = Vec::new();
+    if let Some(m) = merge {
+        rest = m.merge(rest, stats, crate::segment::now_ns(), Progress::Flush);
+    }
+    tls.drain(&mut rest);
+    if !rest.is_empty() {
+        hand_on(sink, rest, stats);
+    }
+}
+
 fn read_loop(
     mut ring: PacketRing,
     sources: Sources,
@@ -865,14 +894,7 @@ fn read_loop(
             drain_until = Some(Instant::now() + Duration::from_millis(50));
         }
         if drain_until.is_some_and(|t| Instant::now() >= t) {
-            let mut rest = Vec::new();
-            if let Some(m) = merge.as_mut() {
-                rest = m.merge(rest, stats, crate::segment::now_ns(), Progress::Flush);
-            }
-            tls.drain(&mut rest);
-            if !rest.is_empty() {
-                hand_on(sink.as_mut(), rest, stats);
-            }
+            hand_on_the_rest(merge.as_mut(), &mut tls, sink.as_mut(), stats);
             break;
         }
         // Records are read between blocks: come back often while they come. Under traffic a

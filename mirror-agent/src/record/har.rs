@@ -212,6 +212,23 @@ fn asked_h2(r: &super::RecordedH2Request) -> Asked {
     }
 }
 
+/// The query's parameters, undecoded, as HAR lists them.
+fn query_of(target: &str) -> Vec<NameValue> {
+    let Some((_, q)) = target.split_once('?') else {
+        return Vec::new();
+    };
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (n, v) = p.split_once('=').unwrap_or((p, ""));
+            NameValue {
+                name: n.to_string(),
+                value: v.to_string(),
+            }
+        })
+        .collect()
+}
+
 fn entry(a: Asked, resp: Option<&ResponseMeta>, read_at: Option<ReadAt>) -> Entry {
     // Plaintext read from a TLS library was sent over HTTPS.
     let scheme = match read_at {
@@ -223,22 +240,7 @@ fn entry(a: Asked, resp: Option<&ResponseMeta>, read_at: Option<ReadAt>) -> Entr
     } else {
         format!("{scheme}://{}{}", a.host, a.target)
     };
-    let query_string = a
-        .target
-        .split_once('?')
-        .map(|(_, q)| {
-            q.split('&')
-                .filter(|p| !p.is_empty())
-                .map(|p| {
-                    let (n, v) = p.split_once('=').unwrap_or((p, ""));
-                    NameValue {
-                        name: n.to_string(),
-                        value: v.to_string(),
-                    }
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let query_string = query_of(&a.target);
     let post_data = (!a.body.is_empty()).then(|| match std::str::from_utf8(&a.body) {
         Ok(t) => PostData {
             mime_type: a.content_type.clone(),
