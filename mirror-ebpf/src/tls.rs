@@ -3,8 +3,9 @@
 //! An entry uprobe on `SSL_read`/`SSL_write` (and their `_ex` forms) keeps the call's buffer per
 //! thread; the return probe, shared by the four, copies the bytes the call moved into the
 //! `TLS_DATA` ring, cut into chunks, and advances the connection's offset in that direction.
-//! The connection is the `SSL *` of the process. Its socket is the one a TCP send or receive
-//! (`tcp_sendmsg`, `tcp_recvmsg`) inside one of its calls is made on, kept for the calls that
+//! The connection is the `SSL *` of the process. Its socket is the one a socket send or
+//! receive inside one of its calls is made on (the `sock_send_length`/`sock_recv_length`
+//! tracepoints, or `tcp_sendmsg`/`tcp_recvmsg` by kprobe or fentry), kept for the calls that
 //! make none (data the library had already read), and its addresses are those the socket had
 //! when it became established (the `sock/inet_sock_set_state` tracepoint, whose format has been
 //! stable since 4.16): no kernel structure is read. `SSL_free` ends the connection.
