@@ -683,3 +683,77 @@ fn an_upgraded_libssl_is_read_and_a_bogus_one_refused() {
         exit.stderr
     );
 }
+
+/// A server killed in the middle of a request: its half request is never mirrored, the agent
+/// lets the process go, and another server read by the same agent stays mirrored.
+#[test]
+fn a_server_killed_mid_request_leaves_nothing_half_mirrored() {
+    if not_root() {
+        return;
+    }
+    let node = Netns::new(&netlab::unique("tnode"));
+    let mirror = TestServer::start(&node, &[MIRROR.parse().unwrap()]);
+    let (ns, ip) = pod(&node, "tkill", 237);
+    let certs = Certs::make();
+    let mut doomed = python_https_server(&ns, &ip, &certs, None);
+    let app = TestServer::start(&ns, &["127.0.0.1:8080".parse().unwrap()]);
+    let _nginx = Nginx::start(
+        &ns,
+        &format!(
+            "server {{\n listen {ip}:9443 ssl;\n ssl_certificate {};\n ssl_certificate_key {};\n \
+             location / {{ proxy_pass http://127.0.0.1:8080; proxy_http_version 1.1;\n \
+             proxy_set_header Host $http_host; proxy_set_header Connection \"\"; }}\n}}",
+            certs.path("server.pem"),
+            certs.path("server.key")
+        ),
+    );
+    let agent = Agent::start(
+        &node,
+        &[
+            "--pod-ip",
+            &ip,
+            "--tls-port",
+            "8443,9443",
+            "--mirror",
+            &format!("http://{MIRROR}"),
+            "--host",
+            "keep",
+        ],
+    );
+    // Half a request: the head and 1,000 of the 100,000 bytes it announces, then the kill.
+    let script = format!(
+        r#"
+import socket, ssl, time
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+s = ctx.wrap_socket(socket.create_connection(("{ip}", 8443)), server_hostname="pod")
+s.sendall(b"POST /half HTTP/1.1\r\nHost: pod\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+time.sleep(3)
+"#
+    );
+    let mut client = Proc::spawn(&mut node.exec(&["python3", "-c", &script]));
+    std::thread::sleep(Duration::from_millis(800));
+    doomed.signal(libc::SIGKILL);
+    let _ = doomed.wait_exit(Duration::from_secs(5));
+    let _ = client.wait_exit(Duration::from_secs(5));
+    // The other server, after the kill and after the agent's next look for processes.
+    std::thread::sleep(Duration::from_secs(3));
+    for i in 0..3 {
+        curl(&node, &["-k", &format!("https://{ip}:9443/after/{i}")]);
+    }
+    netlab::wait_until(Duration::from_secs(10), || mirror.requests() >= 3);
+    std::thread::sleep(Duration::from_millis(300));
+    let exit = agent.stop();
+    let mut got: Vec<String> = mirror.log().into_iter().map(|r| r.target).collect();
+    got.sort();
+    assert_eq!(got, ["/after/0", "/after/1", "/after/2"], "{}", exit.stderr);
+    assert_eq!(app.requests(), 3);
+    // nginx's master and worker are still read; the killed server is not.
+    assert_eq!(
+        exit.metric("mirror_tls_processes", &[]),
+        2,
+        "{}",
+        exit.stderr
+    );
+}
