@@ -617,9 +617,14 @@ fn ready_line(cfg: &AgentConfig, capture: &Capture) -> String {
         ),
         _ => String::new(),
     };
+    // With only --tls-port, nothing is read from the wire.
+    let wire = if cfg.capture.matching.ports.is_empty() && cfg.pods.is_none() {
+        "nothing from the wire".to_string()
+    } else {
+        format!("mirroring ports {:?} on {on}", cfg.capture.matching.ports)
+    };
     format!(
-        "ready: mirroring ports {:?} on {on}{tls}; mirror interface {}; program id {}",
-        cfg.capture.matching.ports,
+        "ready: {wire}{tls}; mirror interface {}; program id {}",
         capture.mirror_interface(),
         capture.program_id()
     )
