@@ -16,8 +16,8 @@ use crate::capture::read_at::Provenance;
 use crate::capture::{
     named_counters, netdev, Capture, CaptureConfig, CaptureError, CaptureStats, Hook, KernelReport,
 };
-use crate::compare::{CompareConfig, Comparison, Report, Sampling};
-use crate::cpu_budget::{self, CpuBudget, Load};
+use crate::compare::{CompareConfig, Comparison, Report};
+use crate::cpu_budget::{self, Load};
 use crate::dump::StreamDump;
 use crate::http::{HttpEvent, Request};
 use crate::metrics::{self, Sources};
@@ -27,6 +27,7 @@ use crate::record::writer::RecordError;
 use crate::record::{RecordConfig, RecordStats, Recorder};
 use crate::replay::{self, MirrorError, ReplayConfig, ReplayStats, Replayer};
 use crate::segment::FrameError;
+use crate::shedding::{Shedding, SheddingConfig};
 
 /// Why the agent could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -80,9 +81,9 @@ pub struct AgentConfig {
     pub metrics: Option<SocketAddr>,
     /// Log the counters every this many seconds (0: only at exit).
     pub stats_interval: u64,
-    /// Keep the agent under this many cores by shedding new connections in the kernel
-    /// (needs `capture.matching.sticky_sampling`).
-    pub cpu_budget: Option<f64>,
+    /// The limits that shed whole connections in the kernel: the live service's CPU pressure,
+    /// the agent's CPU budget, its backlog (needs `capture.matching.sticky_sampling`).
+    pub shedding: SheddingConfig,
     /// Keep every extracted request and its live response on disk (`--record`).
     pub record: Option<RecordConfig>,
 }
@@ -125,7 +126,7 @@ pub struct Agent {
     /// How long queued and in-flight mirror requests may finish at stop.
     grace: Duration,
     ready: String,
-    cpu_budget: Option<CpuBudget>,
+    shedding: Shedding,
     /// Ring drops at the last look, to see new ones (backlog).
     ring_drops: u64,
 }
@@ -211,20 +212,15 @@ impl Agent {
             stats_interval: cfg.stats_interval,
             grace: stop_grace(&cfg.mirrors),
             ready,
-            cpu_budget: cfg
-                .cpu_budget
-                .map(|cores| CpuBudget::new(cores, cfg.capture.matching.sample_ppm)),
+            shedding: Shedding::new(&cfg.shedding),
             ring_drops: 0,
         })
     }
 
-    /// Once a second with a CPU budget: the agent's CPU use (its threads, and its kernel
-    /// program's work in the live path, read just before) and backlog set the share of new
-    /// connections the kernel mirrors.
-    fn apply_cpu_budget(&mut self) {
-        let Some(budget) = self.cpu_budget.as_mut() else {
-            return;
-        };
+    /// Once a second: the live service's CPU pressure, the agent's CPU use (its threads, and
+    /// its kernel program's work in the live path, read just before) and its backlog set the
+    /// share of connections the kernel mirrors.
+    fn apply_shedding(&mut self) {
         let drops = self.capture.stats().ring_drops.load(Ordering::Relaxed);
         let new_drops = drops > self.ring_drops;
         self.ring_drops = drops;
@@ -247,26 +243,19 @@ impl Agent {
             segments,
             long_lived_segments,
         };
-        if let Some(rates) = budget.observe(load) {
+        if let Some(rates) = self.shedding.tick(load) {
             log::info!(
-                "CPU budget {:.2} cores (used {:.2}, {:.2} of it in the live path; backlog {:.0} %): mirroring {:.1} % of new connections, keeping {:.1} % of admitted ones",
-                budget.cores(),
-                budget.used(),
-                budget.used_live_path(),
-                load.backlog * 100.0,
+                "mirroring {:.1} % of new connections, keeping {:.1} % of admitted ones: {}; backlog {:.0} %",
                 f64::from(rates.new) / 1e4,
-                f64::from(rates.keep_admitted) / 1e4
+                f64::from(rates.keep_admitted) / 1e4,
+                self.shedding.describe(),
+                load.backlog * 100.0
             );
             if let Err(e) = self.capture.set_sampling(rates.new, rates.keep_admitted) {
                 log::warn!("cannot change the sampling rate: {}", chain(&e));
             }
         }
-        self.comparison.set_sampling(Sampling {
-            share: f64::from(budget.ppm()) / 1e6,
-            cpu_budget: budget.cores(),
-            cpu_used: budget.used(),
-            live_path_used: budget.used_live_path(),
-        });
+        self.comparison.set_sampling(self.shedding.sampling());
     }
 
     /// The line that says what is mirrored, where.
@@ -293,7 +282,7 @@ impl Agent {
                     if let Ok(work) = self.capture.kernel_work() {
                         self.kernel.lock().unwrap().work = work;
                     }
-                    self.apply_cpu_budget();
+                    self.apply_shedding();
                     seconds += 1;
                     self.tick_tls(seconds);
                     if self.stats_interval > 0 && seconds.is_multiple_of(self.stats_interval) {
@@ -423,7 +412,10 @@ impl Agent {
                     in_pod,
                     mesh,
                 };
-                self.mirrored_pods.lock().unwrap().mirrored.push(mirrored);
+                let mut pods = self.mirrored_pods.lock().unwrap();
+                pods.mirrored.push(mirrored);
+                self.shedding
+                    .set_live_addrs(pods.mirrored.iter().map(|p| p.ip).collect());
             }
             Err(e) => {
                 log::warn!("cannot mirror pod {pod} ({ip}): {}", chain(&e));
@@ -443,6 +435,8 @@ impl Agent {
             log::info!("pod {pod} ({ip}) is gone: no longer mirrored");
         }
         pods.mirrored.retain(|p| p.ip != ip);
+        self.shedding
+            .set_live_addrs(pods.mirrored.iter().map(|p| p.ip).collect());
     }
 }
 

@@ -361,6 +361,14 @@ pub struct AttachArgs {
     #[arg(long, value_parser = parse_cores)]
     pub cpu_budget: Option<f64>,
 
+    /// Mirror with spare CPU only: while the live service's CPU pressure (the share of time
+    /// some of its tasks waited for a CPU, PSI) is above this, the share of new connections
+    /// mirrored falls; it comes back once the pressure stays under half of it. Read from the
+    /// cgroups of the processes listening on --port (the node's where none can be read).
+    /// A percentage (e.g. 10%), or `off`.
+    #[arg(long, default_value = "10%", value_parser = parse_pressure)]
+    pub max_live_pressure: Pressure,
+
     /// Compare what the mirrors answer with what live answered, not only status and timing:
     /// the status, --compare-header headers and the body (JSON field by field, other bodies by
     /// length and digest). Live responses are then captured whole on the connections compared
@@ -510,6 +518,22 @@ fn parse_cores(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(c) if c > 0.0 && c.is_finite() => Ok(c),
         _ => Err(format!("{s:?}: give a number of cores above 0, e.g. 0.5")),
+    }
+}
+
+/// `--max-live-pressure`: a share of time (0 to 1), or none.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pressure(pub Option<f64>);
+
+fn parse_pressure(s: &str) -> Result<Pressure, String> {
+    if s == "off" {
+        return Ok(Pressure(None));
+    }
+    match s.trim_end_matches('%').parse::<f64>() {
+        Ok(p) if p > 0.0 && p <= 100.0 => Ok(Pressure(Some(p / 100.0))),
+        _ => Err(format!(
+            "{s:?}: give a percentage of time above 0 and at most 100, e.g. 10%, or off"
+        )),
     }
 }
 

@@ -18,6 +18,7 @@ pub mod pipeline;
 pub mod pods;
 pub mod record;
 pub mod replay;
+pub mod shedding;
 
 // The pure stages live in mirror-core; they keep their paths here.
 pub use mirror_core::{exchange, http, reassembly, segment, testkit};

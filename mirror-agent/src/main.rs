@@ -33,6 +33,7 @@ use mirror_agent::pods::PodSelector;
 use mirror_agent::reassembly::ReassemblyConfig;
 use mirror_agent::record::{self, playback::PlaybackConfig, RecordConfig};
 use mirror_agent::replay::{self, MirrorError, ReplayConfig};
+use mirror_agent::shedding::{LiveService, SheddingConfig};
 use tokio::signal::unix::{signal, SignalKind};
 
 fn main() {
@@ -121,7 +122,7 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
     let cpu_budget = cpu_budget(args);
     // A dump shows the streams as they crossed the wire, response bodies included.
     let response_heads = args.response_capture == ResponseCapture::Heads && args.dump.is_none();
-    let capture = capture_config(args, targets(args)?, cpu_budget.is_some(), response_heads);
+    let capture = capture_config(args, targets(args)?, response_heads);
     let (budget, budget_source) = match args.memory_budget {
         Some(b) => (b, "--memory-budget".to_string()),
         None => memory_budget::default_budget(),
@@ -152,7 +153,6 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
     };
     Ok(AgentConfig {
         record: record_config(args),
-        capture,
         pipeline,
         mirrors,
         compare: CompareConfig {
@@ -177,7 +177,16 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
         },
         metrics: args.metrics,
         stats_interval: args.stats_interval,
-        cpu_budget,
+        shedding: SheddingConfig {
+            max_ppm: capture.matching.sample_ppm,
+            cpu_budget,
+            max_live_pressure: args.max_live_pressure.0,
+            live: LiveService {
+                ports: capture.matching.ports.clone(),
+                addrs: capture.matching.addrs.clone(),
+            },
+        },
+        capture,
     })
 }
 
@@ -259,12 +268,7 @@ fn cpu_budget(args: &AttachArgs) -> Option<f64> {
     limit
 }
 
-fn capture_config(
-    args: &AttachArgs,
-    targets: Vec<Target>,
-    sticky_sampling: bool,
-    response_heads: bool,
-) -> CaptureConfig {
+fn capture_config(args: &AttachArgs, targets: Vec<Target>, response_heads: bool) -> CaptureConfig {
     let mut addrs = args.addrs.clone();
     addrs.extend(&args.pod_ip);
     let ppm = |share: f64| (share * 10_000.0).round() as u32;
@@ -278,7 +282,9 @@ fn capture_config(
             responses: !args.no_responses,
             response_heads,
             sample_ppm: ppm(args.sample),
-            sticky_sampling,
+            // Every limit may change the rates at run time (the backlog's always can): each
+            // connection is decided once, so that shedding takes whole connections only.
+            sticky_sampling: true,
             whole_responses_ppm: if args.compare_bodies {
                 ppm(args.compare_sample)
             } else {

@@ -1,7 +1,9 @@
-//! The CPU budget end to end (root only), as behaviour tests, not timing ones: with a tiny
+//! Shedding end to end (root only), as behaviour tests, not timing ones: with a tiny CPU
 //! budget, load makes the kernel shed new connections (its counters show sampled-out packets)
 //! and every connection is mirrored whole or not at all; under sustained overload from
-//! long-lived connections, admitted ones are dropped for good, never resumed in their middle.
+//! long-lived connections, admitted ones are dropped for good, never resumed in their middle;
+//! a CPU hog in the live service's cgroup sheds mirroring by its CPU pressure, and the share
+//! comes back when the hog stops.
 
 mod common;
 
@@ -266,5 +268,168 @@ fn sustained_overload_drops_admitted_connections_for_good() {
     eprintln!(
         "long-lived: sent {sent:?}, mirrored the first {mirrored:?}; {cut} of 4 connections \
          dropped for good"
+    );
+}
+
+/// The live service: HTTP/1.1 keep-alive, "ok" to every GET.
+const LIVE_PY: &str = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "3")
+        self.end_headers()
+        self.wfile.write(b"ok\n")
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
+"#;
+
+/// Connections mirrored, by the `conn` of their `/c/{conn}/{i}` requests, and the requests of
+/// each.
+fn mirrored_connections(mirror: &TestServer) -> HashMap<String, Vec<String>> {
+    let mut per_conn: HashMap<String, Vec<String>> = HashMap::new();
+    for r in mirror.log() {
+        let mut parts = r.target.split('/').skip(2);
+        let conn = parts.next().unwrap_or("").to_string();
+        let i = parts.next().unwrap_or("").to_string();
+        per_conn.entry(conn).or_default().push(i);
+    }
+    per_conn
+}
+
+/// Mirroring uses spare CPU only: a CPU hog in the live service's cgroup (a process of its own
+/// that listens on the mirrored port, found by the agent through /proc) raises the cgroup's CPU
+/// pressure, and the kernel sheds new connections, each whole; when the hog stops, the share
+/// comes back to every connection.
+#[test]
+fn the_live_services_cpu_pressure_sheds_whole_connections_until_it_falls() {
+    if not_root() {
+        return;
+    }
+    let pair = Pair::new("psi", 228);
+    let cgroup = match netlab::PsiCgroup::new("mirror-live") {
+        Ok(c) => c,
+        Err(e) => panic!("a cgroup v2 for the live service: {e}"),
+    };
+    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+    let ip = pair.server_v4.to_string();
+    let mut cmd = pair.server.exec(&["python3", "-c", LIVE_PY, &ip, "8080"]);
+    cgroup.contain(&mut cmd);
+    let _live = netlab::Proc::spawn(&mut cmd);
+    let client_ns = pair.client.path();
+    assert!(
+        netlab::wait_until(Duration::from_secs(10), || {
+            let ns = client_ns.clone();
+            std::thread::spawn(move || {
+                netlab::enter_netns(&ns);
+                TcpStream::connect_timeout(&live_addr, Duration::from_millis(200)).is_ok()
+            })
+            .join()
+            .unwrap()
+        }),
+        "the live service did not start"
+    );
+    let mirror = TestServer::start(&pair.server, &[MIRROR.parse().unwrap()]);
+    let agent = Agent::start(
+        &pair.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "8080",
+            "--mirror",
+            &format!("http://{MIRROR}"),
+            "--metrics",
+            METRICS,
+        ],
+    );
+    let gauge = |name: &str| metric(&pair.server, METRICS, name, &[]).unwrap_or(f64::NAN);
+    if !netlab::wait_until(Duration::from_secs(15), || {
+        gauge("mirror_live_cpu_pressure_cgroups") == 1.0
+    }) {
+        let (_, log) = agent.terminate_with_output();
+        panic!("the agent did not find the live service's cgroup:\n{log}");
+    }
+
+    // Three busy loops in the live cgroup, on two CPUs: its tasks wait for a CPU.
+    let hogs: Vec<netlab::Proc> = (0..3)
+        .map(|_| {
+            let mut c = std::process::Command::new("timeout");
+            c.args(["60", "sh", "-c", "while :; do :; done"]);
+            cgroup.contain(&mut c);
+            netlab::Proc::spawn(&mut c)
+        })
+        .collect();
+    let made = load(
+        &pair.client,
+        live_addr,
+        2,
+        Instant::now() + Duration::from_secs(10),
+    );
+    let (pressure, share) = (
+        gauge("mirror_live_cpu_pressure"),
+        gauge("mirror_sampled_connections_share"),
+    );
+    drop(hogs);
+    wait_settled(&mirror);
+    let text = metrics_text(&pair.server, METRICS).expect("/metrics");
+    let per_conn = mirrored_connections(&mirror);
+    let partial: Vec<_> = per_conn
+        .iter()
+        .filter(|(_, got)| got.len() != PER_CONN)
+        .collect();
+    assert!(
+        partial.is_empty(),
+        "connections mirrored in part: {partial:?}\n{}",
+        stage_counters(&text)
+    );
+    let sampled_out = metric(
+        &pair.server,
+        METRICS,
+        "mirror_kernel_packets_total",
+        &[("outcome", "skip_sampled_out")],
+    )
+    .unwrap_or(0.0);
+    assert!(
+        pressure > 0.1 && share < 0.5 && sampled_out > 0.0 && per_conn.len() < made,
+        "under the hog: pressure {pressure}, share {share}, {sampled_out} packets sampled out, \
+         {} of {made} connections mirrored",
+        per_conn.len()
+    );
+
+    // The hog stopped: the share comes back, and every new connection is mirrored again.
+    assert!(
+        netlab::wait_until(Duration::from_secs(60), || gauge(
+            "mirror_sampled_connections_share"
+        ) == 1.0),
+        "the share did not come back: {}",
+        gauge("mirror_sampled_connections_share")
+    );
+    let (before, requests_before) = (per_conn.len(), mirror.requests());
+    let after = load(
+        &pair.client,
+        live_addr,
+        2,
+        Instant::now() + Duration::from_secs(3),
+    );
+    wait_settled(&mirror);
+    assert_eq!(
+        mirror.requests() - requests_before,
+        after * PER_CONN,
+        "after the hog, every request of the {after} new connections is mirrored"
+    );
+    let (table, _) = agent.terminate_with_output();
+    assert!(
+        table.contains("live CPU pressure") && table.contains("1 live cgroup"),
+        "{table}"
+    );
+    eprintln!(
+        "live CPU pressure under the hog {:.0} %: share {:.3}, {} of {made} connections mirrored, \
+         each whole; after it, all {after} mirrored",
+        pressure * 100.0,
+        share,
+        before
     );
 }

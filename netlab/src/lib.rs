@@ -273,31 +273,87 @@ impl CpuCgroup {
 
     /// Makes `cmd` join this cgroup before it runs.
     pub fn contain(&self, cmd: &mut Command) {
-        use std::os::unix::process::CommandExt;
-        let procs = std::ffi::CString::new(
-            self.dir
-                .join("cgroup.procs")
-                .into_os_string()
-                .into_encoded_bytes(),
-        )
-        .expect("a cgroup path without NUL");
-        // SAFETY: between fork and exec the closure only calls open, write and close, which are
-        // async-signal-safe; "0" names the writing process itself.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if written == 1 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
+        join_on_exec(&self.dir, cmd);
+    }
+}
+
+/// Makes `cmd` join the cgroup at `dir` between fork and exec.
+fn join_on_exec(dir: &std::path::Path, cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let procs = std::ffi::CString::new(
+        dir.join("cgroup.procs")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .expect("a cgroup path without NUL");
+    // SAFETY: between fork and exec the closure only calls open, write and close, which are
+    // async-signal-safe; "0" names the writing process itself.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if written == 1 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        })
+    };
+}
+
+/// A cgroup in the v2 hierarchy (on a hybrid host too, under `/sys/fs/cgroup/unified`), as a
+/// pod has: its `cpu.pressure` tells how long its tasks waited for a CPU. Its processes are
+/// killed and it is removed on drop.
+pub struct PsiCgroup {
+    dir: std::path::PathBuf,
+}
+
+impl PsiCgroup {
+    pub fn new(tag: &str) -> std::io::Result<PsiCgroup> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let mount = info
+            .lines()
+            .find_map(|l| {
+                let (m, fs) = l.split_once(" - ")?;
+                (fs.split_whitespace().next()? == "cgroup2").then(|| m.split_whitespace().nth(4))?
             })
-        };
+            .ok_or_else(|| std::io::Error::other("no cgroup v2 hierarchy is mounted"))?;
+        let dir = std::path::Path::new(mount).join(unique(tag));
+        std::fs::create_dir(&dir)?;
+        Ok(PsiCgroup { dir })
+    }
+
+    /// Makes `cmd` join this cgroup before it runs.
+    pub fn contain(&self, cmd: &mut Command) {
+        join_on_exec(&self.dir, cmd);
+    }
+
+    /// Microseconds some task of this cgroup waited for a CPU (`cpu.pressure`'s `some total`).
+    pub fn stalled_us(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join("cpu.pressure"))
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("some "))?
+                    .split_whitespace()
+                    .find_map(|f| f.strip_prefix("total="))?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for PsiCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.dir.join("cgroup.kill"), "1");
+        wait_until(Duration::from_secs(2), || {
+            std::fs::remove_dir(&self.dir).is_ok()
+        });
     }
 }
 

@@ -33,7 +33,9 @@ pub mod worker;
 use endpoint::write_endpoint_name;
 pub use endpoint::{endpoint_name, RouteTemplate};
 pub use histogram::{SeriesHistogram, BUCKETS_S};
-pub use report::{format_table, LatencyRatio, Mismatch, Paired, Report, Row, Sampling};
+pub use report::{
+    format_table, LatencyRatio, Mismatch, Paired, PressureSeen, Report, Row, Sampling,
+};
 pub use verdict::{judge, verdicts, Verdict, VerdictKind};
 
 #[derive(Clone, Debug)]

@@ -102,18 +102,54 @@ impl Report {
     }
 }
 
-/// What a CPU budget lets through.
+/// The share of connections mirrored, and the limits that set it (`shedding`).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Sampling {
     /// Share of new connections mirrored, 0 to 1.
     pub share: f64,
-    pub cpu_budget: f64,
+    /// The agent's CPU budget, in cores, when it has one.
+    #[serde(default)]
+    pub cpu_budget: Option<f64>,
     /// The agent's CPU use over the last second, in cores: its threads and its kernel
-    /// program's work in the live path.
+    /// program's work in the live path (measured with a budget).
     pub cpu_used: f64,
     /// Of `cpu_used`, the kernel program's work in the live path.
     #[serde(default)]
     pub live_path_used: f64,
+    /// The live service's CPU pressure, when mirroring is shed by it.
+    #[serde(default)]
+    pub pressure: Option<PressureSeen>,
+    /// The share the backlog limit allows, 0 to 1.
+    #[serde(default = "one")]
+    pub backlog_share: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// The live service's CPU pressure, as the shedding saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PressureSeen {
+    /// Share of time some task of the live service waited for a CPU (PSI `some`), smoothed.
+    pub pressure: f64,
+    /// Above this, new connections are shed.
+    pub threshold: f64,
+    /// The live cgroups read; 0: the node's pressure stood for them.
+    pub cgroups: usize,
+    /// The share of new connections this limit allows, 0 to 1.
+    pub share: f64,
+}
+
+impl PressureSeen {
+    /// Where the pressure was read.
+    pub fn source(&self) -> String {
+        match self.cgroups {
+            0 => "the node's".to_string(),
+            1 => "1 live cgroup".to_string(),
+            n => format!("{n} live cgroups"),
+        }
+    }
 }
 
 /// `tag: ` before a divergence when there are several mirrors to tell apart.
@@ -255,13 +291,37 @@ fn write_caps_and_sampling(out: &mut String, r: &Report) {
         );
     }
     if let Some(s) = &r.sampling {
-        let _ = writeln!(
-            out,
-            "\nmirrored {:.0}% of new connections: CPU budget {:.2} cores (agent used {:.2}, {:.2} of it cloning in the live path)",
-            s.share * 100.0,
-            s.cpu_budget,
-            s.cpu_used,
-            s.live_path_used
-        );
+        let _ = writeln!(out, "\n{}", sampling_line(s));
     }
+}
+
+/// "mirrored 40% of new connections: " and what limited it.
+fn sampling_line(s: &Sampling) -> String {
+    let mut limits = Vec::new();
+    if let Some(cores) = s.cpu_budget {
+        limits.push(format!(
+            "CPU budget {cores:.2} cores (agent used {:.2}, {:.2} of it cloning in the live path)",
+            s.cpu_used, s.live_path_used
+        ));
+    }
+    if let Some(p) = &s.pressure {
+        limits.push(format!(
+            "live CPU pressure {:.1}% ({}; sheds above {:.0}%, allows {:.0}%)",
+            p.pressure * 100.0,
+            p.source(),
+            p.threshold * 100.0,
+            p.share * 100.0
+        ));
+    }
+    if s.backlog_share < 1.0 {
+        limits.push(format!(
+            "backlog (replay queue or capture ring filling) allows {:.0}%",
+            s.backlog_share * 100.0
+        ));
+    }
+    format!(
+        "mirrored {:.0}% of new connections: {}",
+        s.share * 100.0,
+        limits.join("; ")
+    )
 }

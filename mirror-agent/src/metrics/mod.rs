@@ -23,7 +23,7 @@ use prometheus_client::registry::Registry;
 
 use self::stages::Families;
 use crate::capture::CaptureStats;
-use crate::compare::{Comparison, Report, SeriesHistogram};
+use crate::compare::{Comparison, Report, Sampling, SeriesHistogram};
 use crate::pipeline::PipelineStats;
 use crate::replay::ReplayStats;
 
@@ -381,34 +381,75 @@ fn encode_field_rates(encoder: &mut DescriptorEncoder, report: &Report) -> std::
     Ok(())
 }
 
-/// The comparison's own state: sampling under the CPU budget, and what its caps folded.
+/// The share of connections mirrored and each limit's view: the CPU budget, the live service's
+/// CPU pressure, the backlog. A limit that is off has no series.
+fn encode_sampling(encoder: &mut DescriptorEncoder, s: &Sampling) -> std::fmt::Result {
+    let mut gauges = vec![
+        (
+            "mirror_sampled_connections_share",
+            "Share of new connections mirrored, the lowest that the limits allow (0 to 1)",
+            s.share,
+        ),
+        (
+            "mirror_backlog_limit_share",
+            "Share of new connections the backlog limit allows (a replay queue or the capture ring filling up)",
+            s.backlog_share,
+        ),
+    ];
+    if let Some(cores) = s.cpu_budget {
+        gauges.extend([
+            (
+                "mirror_cpu_budget_cores",
+                "The agent's CPU budget (--cpu-budget)",
+                cores,
+            ),
+            (
+                "mirror_agent_cpu_cores",
+                "The agent's CPU use over the last second, in cores, its kernel program's work in the live path included",
+                s.cpu_used,
+            ),
+            (
+                "mirror_agent_live_path_cpu_cores",
+                "Of mirror_agent_cpu_cores, the kernel program's work in the live path (clones, records)",
+                s.live_path_used,
+            ),
+        ]);
+    }
+    if let Some(p) = &s.pressure {
+        gauges.extend([
+            (
+                "mirror_live_cpu_pressure",
+                "Share of time some task of the live service waited for a CPU (PSI some, smoothed over about 2 s)",
+                p.pressure,
+            ),
+            (
+                "mirror_live_cpu_pressure_threshold",
+                "Above this live CPU pressure new connections are shed (--max-live-pressure)",
+                p.threshold,
+            ),
+            (
+                "mirror_live_cpu_pressure_cgroups",
+                "Live cgroups whose pressure is read; 0: the node's pressure stands for them",
+                p.cgroups as f64,
+            ),
+            (
+                "mirror_live_cpu_pressure_limit_share",
+                "Share of new connections the live CPU pressure limit allows",
+                p.share,
+            ),
+        ]);
+    }
+    for (name, help, value) in gauges {
+        let m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        ConstGauge::new(value).encode(m)?;
+    }
+    Ok(())
+}
+
+/// The comparison's own state: sampling under the limits, and what its caps folded.
 fn encode_compare_state(encoder: &mut DescriptorEncoder, report: &Report) -> std::fmt::Result {
     if let Some(sampling) = &report.sampling {
-        for (name, help, value) in [
-                (
-                    "mirror_sampled_connections_share",
-                    "Share of new connections mirrored under the CPU budget (0 to 1)",
-                    sampling.share,
-                ),
-                (
-                    "mirror_cpu_budget_cores",
-                    "The agent's CPU budget (--cpu-budget)",
-                    sampling.cpu_budget,
-                ),
-                (
-                    "mirror_agent_cpu_cores",
-                    "The agent's CPU use over the last second, in cores, its kernel program's work in the live path included",
-                    sampling.cpu_used,
-                ),
-                (
-                    "mirror_agent_live_path_cpu_cores",
-                    "Of mirror_agent_cpu_cores, the kernel program's work in the live path (clones, records)",
-                    sampling.live_path_used,
-                ),
-            ] {
-                let m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-                ConstGauge::new(value).encode(m)?;
-            }
+        encode_sampling(encoder, sampling)?;
     }
     let m = encoder.encode_descriptor(
         "mirror_compare_other_endpoint",
@@ -632,9 +673,16 @@ mod tests {
         let c = compared_contents();
         c.set_sampling(crate::compare::Sampling {
             share: 1.0,
-            cpu_budget: 1.0,
+            cpu_budget: Some(1.0),
             cpu_used: 0.1,
             live_path_used: 0.02,
+            pressure: Some(crate::compare::PressureSeen {
+                pressure: 0.01,
+                threshold: 0.1,
+                cgroups: 1,
+                share: 1.0,
+            }),
+            backlog_share: 1.0,
         });
         let text = render(&Sources {
             comparison: c,
