@@ -332,6 +332,11 @@ impl PsiCgroup {
         join_on_exec(&self.dir, cmd);
     }
 
+    /// Moves a running process (all its threads) into this cgroup.
+    pub fn adopt(&self, pid: i32) -> std::io::Result<()> {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string())
+    }
+
     /// Microseconds some task of this cgroup waited for a CPU (`cpu.pressure`'s `some total`).
     pub fn stalled_us(&self) -> u64 {
         std::fs::read_to_string(self.dir.join("cpu.pressure"))

@@ -299,10 +299,21 @@ pub fn curl_ok(ns: &netlab::Netns, url: &str) -> bool {
 
 /// Saturation throughput (req/s) from wrk.
 pub fn wrk(ns: &netlab::Netns, url: &str, connections: usize, seconds: u64) -> Result<f64> {
+    wrk_latency(ns, url, connections, seconds).map(|(rate, _)| rate)
+}
+
+/// Saturation throughput (req/s) and p99 latency (ms) from wrk.
+pub fn wrk_latency(
+    ns: &netlab::Netns,
+    url: &str,
+    connections: usize,
+    seconds: u64,
+) -> Result<(f64, f64)> {
     let out = ns
         .exec(&[
             "wrk",
             "-t1",
+            "--latency",
             &format!("-c{connections}"),
             &format!("-d{seconds}s"),
             url,
@@ -310,10 +321,31 @@ pub fn wrk(ns: &netlab::Netns, url: &str, connections: usize, seconds: u64) -> R
         .output()
         .context("running wrk")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
+    let rate = text
+        .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| anyhow!("no Requests/sec in wrk output:\n{text}"))
+        .ok_or_else(|| anyhow!("no Requests/sec in wrk output:\n{text}"))?;
+    let p99 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .and_then(|v| wrk_ms(v.trim()))
+        .ok_or_else(|| anyhow!("no 99% latency in wrk output:\n{text}"))?;
+    Ok((rate, p99))
+}
+
+/// A wrk duration ("812.00us", "1.44ms", "2.01s") in milliseconds.
+fn wrk_ms(v: &str) -> Option<f64> {
+    let split = v.find(|c: char| c.is_ascii_alphabetic())?;
+    let (n, unit) = v.split_at(split);
+    let n: f64 = n.parse().ok()?;
+    match unit {
+        "us" => Some(n / 1000.0),
+        "ms" => Some(n),
+        "s" => Some(n * 1000.0),
+        "m" => Some(n * 60_000.0),
+        _ => None,
+    }
 }
 
 /// Fixed-rate load with oha: (p50 ms, p99 ms, requests completed).

@@ -10,9 +10,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use netlab::{CpuCgroup, Pair, Proc};
+use netlab::{CpuCgroup, Pair, Proc, PsiCgroup};
 
-use crate::bench::{curl_ok, oha, wrk, Nginx};
+use crate::bench::{curl_ok, oha, wrk, wrk_latency, Nginx};
 
 const PATH: &str = "/api/books/1/reviews";
 const FAST_MIRROR: &str = "127.0.0.1:9080";
@@ -36,6 +36,48 @@ pub struct FullBenchArgs {
     /// Rounds of the saturation runs, interleaved.
     #[arg(long, default_value_t = 3)]
     pub saturation_rounds: usize,
+    /// The CPU limit of the agent's cgroup in the DaemonSet-like saturation run, in cores (a
+    /// small pod on a larger node).
+    #[arg(long, default_value_t = 0.25)]
+    pub daemonset_cores: f64,
+}
+
+/// The share of time some task of the live service waited for a CPU (its cgroup's PSI) over
+/// a run: what mirroring must not raise.
+struct LivePressure<'a> {
+    cgroup: &'a PsiCgroup,
+    stalled_us: u64,
+    at: std::time::Instant,
+}
+
+impl<'a> LivePressure<'a> {
+    fn start(cgroup: &'a PsiCgroup) -> LivePressure<'a> {
+        LivePressure {
+            cgroup,
+            stalled_us: cgroup.stalled_us(),
+            at: std::time::Instant::now(),
+        }
+    }
+
+    fn share(&self) -> f64 {
+        let stalled = self.cgroup.stalled_us().saturating_sub(self.stalled_us) as f64 / 1e6;
+        stalled / self.at.elapsed().as_secs_f64()
+    }
+}
+
+/// The peak resident memory of a process (`VmHWM`), in MiB.
+fn peak_rss_mib(pid: i32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))?
+                .trim()
+                .trim_end_matches(" kB")
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 pub fn median(mut v: Vec<f64>) -> f64 {
@@ -143,7 +185,7 @@ impl Agent {
                 .unwrap_or(0.0),
             budget: err
                 .lines()
-                .rfind(|l| l.contains("CPU budget"))
+                .rfind(|l| l.contains("of new connections"))
                 .unwrap_or("")
                 .to_string(),
         })
@@ -165,7 +207,7 @@ pub struct Stopped {
     pub replay: String,
     /// The time its kernel program spent mirroring in the live path (clones, records).
     pub live_path_seconds: f64,
-    /// Its last log line about its CPU budget, if any.
+    /// Its last log line about shedding (the limits and the share they allow), if any.
     pub budget: String,
 }
 
@@ -175,7 +217,12 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
     let log_dir = tempfile::tempdir()?;
     let mirror_log = log_dir.path().join("mirror.log");
     let live_url = format!("http://{}:8080{PATH}", pair.server_v4);
-    let _live = Nginx::start(&pair.server, &format!("{}:8080", pair.server_v4), "")?;
+    let live = Nginx::start(&pair.server, &format!("{}:8080", pair.server_v4), "")?;
+    // The live service in a cgroup of its own, as a pod is: its CPU pressure is read there.
+    let live_cgroup = PsiCgroup::new("mirror-bench-live")?;
+    for pid in live.pids() {
+        live_cgroup.adopt(pid)?;
+    }
     std::fs::write(log_dir.path().join("big"), "x".repeat(16 << 10))?;
     let _big = Nginx::with_servers(
         &pair.server,
@@ -245,8 +292,8 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
         budgeted.as_str(),
         "agent, 1.2 s mirror",
     ];
-    // (setup, p50, p99, agent CPU µs per mirrored request)
-    let mut rows: Vec<(&str, f64, f64, Option<f64>)> = Vec::new();
+    // (setup, p50, p99, agent CPU µs per mirrored request, live CPU pressure)
+    let mut rows: Vec<(&str, f64, f64, Option<f64>, f64)> = Vec::new();
     for round in 1..=args.rounds {
         for setup in half_setups {
             let start = |mirror, extra: &[&str]| {
@@ -260,6 +307,7 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
             };
             let cpu0 = agent.as_ref().map(|a| a.proc.cpu_time());
             let mirrored0 = lines(&mirror_log);
+            let pressure = LivePressure::start(&live_cgroup);
             let (p50, p99, _) = oha(
                 &pair.client,
                 &live_url,
@@ -267,6 +315,7 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
                 args.connections,
                 args.seconds,
             )?;
+            let pressure = pressure.share();
             let mut cpu_per = None;
             if let Some(a) = agent {
                 let cpu = a.proc.cpu_time() - cpu0.unwrap();
@@ -279,9 +328,10 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
                 eprintln!("  {summary}");
             }
             eprintln!(
-                "round {round} {setup:<22} p50 {p50:.3} ms p99 {p99:.3} ms cpu/req {cpu_per:?} µs"
+                "round {round} {setup:<22} p50 {p50:.3} ms p99 {p99:.3} ms cpu/req {cpu_per:?} µs, live pressure {:.1} %",
+                pressure * 100.0
             );
-            rows.push((setup, p50, p99, cpu_per));
+            rows.push((setup, p50, p99, cpu_per, pressure));
         }
     }
 
@@ -315,7 +365,14 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
         args.seconds.max(5),
     )?;
 
-    let saturation = saturation(&bin, &pair, &fast, &live_url, &mirror_log, args)?;
+    let saturation = saturation(
+        &bin,
+        &pair,
+        (&fast, &live_cgroup),
+        &live_url,
+        &mirror_log,
+        args,
+    )?;
 
     let base50 = median(
         rows.iter()
@@ -331,9 +388,9 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
     );
     println!("\nfull-path benchmark: {} rounds, {} s runs, {} connections, fixed rate {rate} req/s (half of {max:.0})", args.rounds, args.seconds, args.connections);
     println!(
-        "| setup | live p50 ms | ratio | live p99 ms | ratio | agent CPU µs per mirrored request |"
+        "| setup | live p50 ms | ratio | live p99 ms | ratio | agent CPU µs per mirrored request | live CPU pressure |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for setup in half_setups {
         let p50 = median(rows.iter().filter(|r| r.0 == setup).map(|r| r.1).collect());
         let p99 = median(rows.iter().filter(|r| r.0 == setup).map(|r| r.2).collect());
@@ -348,10 +405,12 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
         } else {
             format!("{cpu:.1}")
         };
+        let pressure = median(rows.iter().filter(|r| r.0 == setup).map(|r| r.4).collect());
         println!(
-            "| {setup} | {p50:.3} | {:.3} | {p99:.3} | {:.3} | {cpu} |",
+            "| {setup} | {p50:.3} | {:.3} | {p99:.3} | {:.3} | {cpu} | {:.1} % |",
             p50 / base50,
-            p99 / base99
+            p99 / base99,
+            pressure * 100.0
         );
     }
     println!(
@@ -387,8 +446,8 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
         saturation_seconds(args),
         args.saturation_rounds
     );
-    println!("| setup | live req/s | ratio | requests mirrored | agent's threads, cores | its kernel program in the live path, cores | the mirror (nginx on the same cores), cores |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| setup | live req/s | ratio | live p99 ms | ratio | requests mirrored | live CPU pressure | agent's threads, cores | its kernel program in the live path, cores | the mirror (nginx on the same cores), cores | agent peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let of = |setup: &str, f: fn(&Saturated) -> f64| {
         median(
             saturation
@@ -398,7 +457,7 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
                 .collect(),
         )
     };
-    let base = of("no agent", |r| r.throughput);
+    let (base, base99) = (of("no agent", |r| r.throughput), of("no agent", |r| r.p99));
     let mut setups: Vec<&str> = Vec::new();
     for r in &saturation {
         if !setups.contains(&r.setup.as_str()) {
@@ -406,14 +465,17 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
         }
     }
     for setup in setups {
-        let throughput = of(setup, |r| r.throughput);
+        let (throughput, p99) = (of(setup, |r| r.throughput), of(setup, |r| r.p99));
         println!(
-            "| {setup} | {throughput:.0} | {:.2} | {:.1} % | {:.2} | {:.2} | {:.2} |",
+            "| {setup} | {throughput:.0} | {:.2} | {p99:.2} | {:.2} | {:.1} % | {:.1} % | {:.2} | {:.2} | {:.2} | {:.0} |",
             throughput / base,
+            p99 / base99,
             of(setup, |r| r.mirrored_share) * 100.0,
+            of(setup, |r| r.live_pressure) * 100.0,
             of(setup, |r| r.agent_cores),
             of(setup, |r| r.live_path_cores),
             of(setup, |r| r.mirror_cores),
+            of(setup, |r| r.agent_rss_mib),
         );
     }
     Ok(())
@@ -423,10 +485,13 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
 struct Saturated {
     setup: String,
     throughput: f64,
+    p99: f64,
     mirrored_share: f64,
+    live_pressure: f64,
     agent_cores: f64,
     live_path_cores: f64,
     mirror_cores: f64,
+    agent_rss_mib: f64,
 }
 
 /// Long enough for the budget to reach its last resort on wrk's long-lived connections.
@@ -434,34 +499,52 @@ fn saturation_seconds(args: &FullBenchArgs) -> u64 {
     args.seconds.max(15)
 }
 
-/// At saturation, rounds interleaved: what the agent costs the live service without a budget,
-/// with each of `--cpu-budgets`, and with the first taken from a cgroup's CPU limit as in a
-/// DaemonSet (no flag).
+/// (label, the agent's extra flags (None: no agent), the cgroup CPU limit it runs under)
+type Setup = (String, Option<Vec<String>>, Option<f64>);
+
+/// The saturation setups: no agent; the agent with its defaults (shedding by the live
+/// service's CPU pressure), without that limit (as before it), with each of `--cpu-budgets`;
+/// and with its defaults in a small cgroup, as a DaemonSet pod on a larger node.
+fn saturation_setups(args: &FullBenchArgs) -> Vec<Setup> {
+    let flags = |f: &[&str]| Some(f.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    let mut setups: Vec<Setup> = vec![
+        ("no agent".into(), None, None),
+        ("agent, defaults".into(), flags(&[]), None),
+        (
+            "agent, --max-live-pressure off".into(),
+            flags(&["--max-live-pressure", "off"]),
+            None,
+        ),
+    ];
+    for b in &args.cpu_budgets {
+        setups.push((
+            format!("agent, --cpu-budget {b}"),
+            flags(&["--cpu-budget", &b.to_string()]),
+            None,
+        ));
+    }
+    setups.push((
+        format!(
+            "agent in a {}-core cgroup (DaemonSet-like), defaults",
+            args.daemonset_cores
+        ),
+        flags(&[]),
+        Some(args.daemonset_cores),
+    ));
+    setups
+}
+
+/// At saturation, rounds interleaved: what the agent costs the live service in each of
+/// `saturation_setups`.
 fn saturation(
     bin: &Path,
     pair: &Pair,
-    mirror: &Nginx,
+    (mirror, live_cgroup): (&Nginx, &PsiCgroup),
     live_url: &str,
     mirror_log: &Path,
     args: &FullBenchArgs,
 ) -> Result<Vec<Saturated>> {
-    let flags: Vec<(String, String)> = args
-        .cpu_budgets
-        .iter()
-        .map(|b| (format!("agent, --cpu-budget {b}"), b.to_string()))
-        .collect();
-    let limit = args.cpu_budgets.first().copied().unwrap_or(0.5);
-    let in_cgroup = format!("agent in a {limit}-core cgroup, no flag");
-    // (label, the agent's extra flags (None: no agent), the cgroup CPU limit it runs under)
-    type Setup<'a> = (&'a str, Option<Vec<&'a str>>, Option<f64>);
-    let mut setups: Vec<Setup> = vec![
-        ("no agent", None, None),
-        ("agent, no budget", Some(vec![]), None),
-    ];
-    for (label, budget) in &flags {
-        setups.push((label, Some(vec!["--cpu-budget", budget]), None));
-    }
-    setups.push((&in_cgroup, Some(vec![]), Some(limit)));
+    let setups = saturation_setups(args);
     let seconds = saturation_seconds(args);
     let mut runs = Vec::new();
     for round in 1..=args.saturation_rounds {
@@ -470,32 +553,40 @@ fn saturation(
                 .map(|cores| CpuCgroup::new("mirror-bench", cores))
                 .transpose()?;
             let agent = match extra {
-                Some(extra) => Some(Agent::start_in(
-                    cgroup.as_ref(),
-                    &bin.join("mirror-agent"),
-                    pair,
-                    "8080",
-                    FAST_MIRROR,
-                    512,
-                    extra,
-                )?),
+                Some(extra) => {
+                    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+                    Some(Agent::start_in(
+                        cgroup.as_ref(),
+                        &bin.join("mirror-agent"),
+                        pair,
+                        "8080",
+                        FAST_MIRROR,
+                        512,
+                        &extra,
+                    )?)
+                }
                 None => None,
             };
             let before = lines(mirror_log);
             let cpu0 = agent.as_ref().map(|a| a.proc.cpu_time());
             let mirror_cpu0 = mirror.cpu_time();
-            let throughput = wrk(&pair.client, live_url, args.connections, seconds)?;
+            let pressure = LivePressure::start(live_cgroup);
+            let (throughput, p99) = wrk_latency(&pair.client, live_url, args.connections, seconds)?;
             let per_second = |d: Duration| d.as_secs_f64() / seconds as f64;
             let mut run = Saturated {
                 setup: setup.to_string(),
                 throughput,
+                p99,
                 mirrored_share: 0.0,
+                live_pressure: pressure.share(),
                 agent_cores: 0.0,
                 live_path_cores: 0.0,
                 mirror_cores: per_second(mirror.cpu_time() - mirror_cpu0),
+                agent_rss_mib: f64::NAN,
             };
             if let (Some(a), Some(cpu0)) = (agent, cpu0) {
                 run.agent_cores = per_second(a.proc.cpu_time() - cpu0);
+                run.agent_rss_mib = peak_rss_mib(a.proc.pid());
                 let stopped = a.stop()?;
                 eprintln!(
                     "round {round} {setup}: {}\n  {}",
@@ -508,8 +599,10 @@ fn saturation(
             let mirrored = lines(mirror_log) - before;
             run.mirrored_share = mirrored as f64 / (throughput * seconds as f64).max(1.0);
             eprintln!(
-                "round {round} {setup}: {throughput:.0} req/s, {:.1} % mirrored",
-                run.mirrored_share * 100.0
+                "round {round} {setup}: {throughput:.0} req/s, p99 {p99:.2} ms, {:.1} % mirrored, live pressure {:.1} %, agent peak RSS {:.0} MiB",
+                run.mirrored_share * 100.0,
+                run.live_pressure * 100.0,
+                run.agent_rss_mib
             );
             runs.push(run);
         }

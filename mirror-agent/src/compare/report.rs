@@ -139,6 +139,10 @@ pub struct PressureSeen {
     pub cgroups: usize,
     /// The share of new connections this limit allows, 0 to 1.
     pub share: f64,
+    /// The node's idle CPU share over the last second: with spare CPU the pressure is not shed
+    /// for.
+    #[serde(default)]
+    pub node_idle: f64,
 }
 
 impl PressureSeen {
@@ -306,10 +310,11 @@ fn sampling_line(s: &Sampling) -> String {
     }
     if let Some(p) = &s.pressure {
         limits.push(format!(
-            "live CPU pressure {:.1}% ({}; sheds above {:.0}%, allows {:.0}%)",
+            "live CPU pressure {:.1}% ({}; sheds above {:.0}% while the node has no spare CPU, {:.0}% idle now; allows {:.0}%)",
             p.pressure * 100.0,
             p.source(),
             p.threshold * 100.0,
+            p.node_idle * 100.0,
             p.share * 100.0
         ));
     }

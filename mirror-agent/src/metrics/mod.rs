@@ -437,6 +437,11 @@ fn encode_sampling(encoder: &mut DescriptorEncoder, s: &Sampling) -> std::fmt::R
                 "Share of new connections the live CPU pressure limit allows",
                 p.share,
             ),
+            (
+                "mirror_node_cpu_idle",
+                "The node's idle CPU share over the last second: with spare CPU, the live CPU pressure is not shed for",
+                p.node_idle,
+            ),
         ]);
     }
     for (name, help, value) in gauges {
@@ -681,6 +686,7 @@ mod tests {
                 threshold: 0.1,
                 cgroups: 1,
                 share: 1.0,
+                node_idle: 0.5,
             }),
             backlog_share: 1.0,
         });

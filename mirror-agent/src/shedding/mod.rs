@@ -10,7 +10,9 @@
 //!   the agent cannot: the budget caps the agent, not what mirroring costs the node. The
 //!   pressure is read from the cgroups of the processes that listen on a mirrored port, or from
 //!   the node's `/proc/pressure/cpu` where no such cgroup can be read (cgroup v1, processes in
-//!   the root cgroup).
+//!   the root cgroup). Pressure counts only while the node has no spare CPU (`spare_gated`):
+//!   with idle CPU, waits are wake-up latency or the service's own CPU limit, which shedding
+//!   mirroring would not relieve.
 //! - **The CPU budget** (`--cpu-budget`, or the cgroup's limit): the agent's own CPU.
 //! - **The backlog**: a replay queue or capture ring filling up means the agent (starved of CPU)
 //!   or a mirror (slow) does not keep up; shedding whole connections in the kernel then beats
@@ -31,7 +33,7 @@ use crate::compare::{PressureSeen, Sampling};
 use crate::cpu_budget::{CpuBudget, Load, Rates};
 use limit::Limit;
 pub use live::{Found, LiveService};
-use psi::PsiFile;
+use psi::{NodeIdle, PsiFile};
 
 /// The node's CPU pressure, standing in where the live service's cgroups cannot be read.
 const NODE_PSI: &str = "/proc/pressure/cpu";
@@ -39,6 +41,24 @@ const NODE_PSI: &str = "/proc/pressure/cpu";
 const RESCAN_EVERY: u32 = 10;
 /// The backlog (0 to 1: how full the fullest queue is) above which new connections are shed.
 pub const MAX_BACKLOG: f64 = 0.25;
+/// With at least this share of the node's CPU idle, mirroring takes spare CPU: the live
+/// service's pressure is not shed for, and the share may rise.
+const SPARE: f64 = 0.15;
+/// Under this idle share the node has no spare CPU: the live service's pressure counts whole.
+/// Between the two the share holds.
+const NO_SPARE: f64 = 0.05;
+
+/// The pressure the limit acts on, given the node's idle share: all of it when the node has no
+/// spare CPU; when it has, none that would make it cut (at most three quarters of the
+/// threshold, where the share holds) or, with ample idle CPU, none that would keep it from
+/// rising (at most 0.4 of it).
+pub fn spare_gated(pressure: f64, idle: Option<f64>, threshold: f64) -> f64 {
+    match idle {
+        Some(i) if i >= SPARE => pressure.min(0.4 * threshold),
+        Some(i) if i >= NO_SPARE => pressure.min(0.75 * threshold),
+        _ => pressure,
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct SheddingConfig {
@@ -152,10 +172,11 @@ impl Shedding {
         if let Some(p) = &self.pressure {
             let seen = p.seen();
             parts.push(format!(
-                "live CPU pressure {:.1} % ({}; limit {:.0} %) allows {:.1} %",
+                "live CPU pressure {:.1} % ({}; limit {:.0} %; node {:.0} % idle) allows {:.1} %",
                 seen.pressure * 100.0,
                 seen.source(),
                 seen.threshold * 100.0,
+                seen.node_idle * 100.0,
                 f64::from(p.limit.rates().new) / 1e4
             ));
         }
@@ -177,6 +198,9 @@ struct LivePressure {
     rescan_in: u32,
     /// The pressure seen, smoothed over about two seconds (a one-second PSI reading is noisy).
     smoothed: f64,
+    idle: NodeIdle,
+    /// The node's idle CPU share over the last second.
+    idle_share: Option<f64>,
 }
 
 impl LivePressure {
@@ -188,6 +212,8 @@ impl LivePressure {
             files: Vec::new(),
             rescan_in: 0,
             smoothed: 0.0,
+            idle: NodeIdle::default(),
+            idle_share: None,
         }
     }
 
@@ -196,6 +222,7 @@ impl LivePressure {
             self.rescan();
         }
         self.rescan_in = self.rescan_in.saturating_sub(1);
+        self.idle_share = self.idle.sample();
         let samples: Vec<f64> = self
             .files
             .iter_mut()
@@ -210,7 +237,8 @@ impl LivePressure {
         }
         let worst = samples.into_iter().fold(0.0, f64::max);
         self.smoothed = 0.5 * self.smoothed + 0.5 * worst;
-        self.limit.observe(self.smoothed, admitted_carry_load)
+        let gated = spare_gated(self.smoothed, self.idle_share, self.limit.threshold());
+        self.limit.observe(gated, admitted_carry_load)
     }
 
     /// Finds the live service's cgroups again, keeping the readings of those still there.
@@ -254,7 +282,27 @@ impl LivePressure {
                 Found::Cgroups(f) => f.len(),
                 Found::Node(_) => 0,
             },
+            node_idle: self.idle_share.unwrap_or(f64::NAN),
             share: f64::from(self.limit.rates().new) / 1e6,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pressure_counts_only_while_the_node_has_no_spare_cpu() {
+        let t = 0.1;
+        // No idle CPU (or unknown): all of it.
+        assert_eq!(spare_gated(0.3, Some(0.01), t), 0.3);
+        assert_eq!(spare_gated(0.3, None, t), 0.3);
+        // Some idle CPU: never a cut, the share holds.
+        let near = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        assert!(near(spare_gated(0.3, Some(0.1), t), 0.075));
+        // Ample idle CPU: the share may rise; low pressure stays what it is.
+        assert!(near(spare_gated(0.3, Some(0.4), t), 0.04));
+        assert_eq!(spare_gated(0.01, Some(0.4), t), 0.01);
     }
 }

@@ -59,9 +59,50 @@ impl PsiFile {
     }
 }
 
+/// The node's idle CPU: the share of its CPU time spent idle between two reads of
+/// `/proc/stat`.
+#[derive(Debug, Default)]
+pub struct NodeIdle {
+    /// (idle, total) jiffies at the last read.
+    last: Option<(u64, u64)>,
+}
+
+impl NodeIdle {
+    /// The idle share (0 to 1) since the last call; None at the first, or when unreadable.
+    pub fn sample(&mut self) -> Option<f64> {
+        let text = std::fs::read_to_string("/proc/stat").ok()?;
+        let now = idle_and_total(&text)?;
+        let (idle0, total0) = self.last.replace(now)?;
+        let total = now.1.saturating_sub(total0);
+        (total > 0).then(|| now.0.saturating_sub(idle0) as f64 / total as f64)
+    }
+}
+
+/// From `/proc/stat`'s first line: idle (idle and iowait) and total jiffies, guests left out
+/// (they are counted in user and nice already).
+fn idle_and_total(stat: &str) -> Option<(u64, u64)> {
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+    let total = fields.iter().take(8).sum();
+    Some((idle, total))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_and_total_leave_guests_out() {
+        let stat = "cpu  100 5 50 800 20 3 7 0 40 0\ncpu0 50 2 25 400 10 1 3 0 20 0\n";
+        assert_eq!(idle_and_total(stat), Some((820, 985)));
+        assert_eq!(idle_and_total("intr 1 2 3\n"), None);
+    }
 
     #[test]
     fn the_some_total_is_read_from_either_file() {
