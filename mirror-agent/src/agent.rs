@@ -389,12 +389,14 @@ impl Agent {
     /// reason and skipped; the other pods stay mirrored.
     fn apply(&mut self, change: PodChange) {
         match change {
-            PodChange::Mirror { pod, ip, mesh } => {
+            PodChange::Mirror { pod, ip, mesh, uid } => {
                 self.capture.tls_follow_pod(ip, true);
+                self.shedding.follow_pod(ip, uid);
                 self.mirror_pod(pod, ip, mesh)
             }
             PodChange::Forget { pod, ip } => {
                 self.capture.tls_follow_pod(ip, false);
+                self.shedding.forget_pod(ip);
                 self.forget_pod(pod, ip)
             }
         }
@@ -412,10 +414,7 @@ impl Agent {
                     in_pod,
                     mesh,
                 };
-                let mut pods = self.mirrored_pods.lock().unwrap();
-                pods.mirrored.push(mirrored);
-                self.shedding
-                    .set_live_addrs(pods.mirrored.iter().map(|p| p.ip).collect());
+                self.mirrored_pods.lock().unwrap().mirrored.push(mirrored);
             }
             Err(e) => {
                 log::warn!("cannot mirror pod {pod} ({ip}): {}", chain(&e));
@@ -435,8 +434,6 @@ impl Agent {
             log::info!("pod {pod} ({ip}) is gone: no longer mirrored");
         }
         pods.mirrored.retain(|p| p.ip != ip);
-        self.shedding
-            .set_live_addrs(pods.mirrored.iter().map(|p| p.ip).collect());
     }
 }
 

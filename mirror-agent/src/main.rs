@@ -184,6 +184,7 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
             live: LiveService {
                 ports: capture.matching.ports.clone(),
                 addrs: capture.matching.addrs.clone(),
+                pod_uids: Vec::new(),
             },
         },
         capture,

@@ -104,6 +104,8 @@ pub struct PodState {
     /// A pod on the node's network has no veth of its own to attach to.
     pub host_network: bool,
     pub mesh: Option<Mesh>,
+    /// The pod's UID: its cgroup's name on the node.
+    pub uid: Option<String>,
 }
 
 impl PodState {
@@ -134,6 +136,7 @@ impl PodState {
             ready,
             host_network,
             mesh: Mesh::of(pod),
+            uid: meta.uid.clone(),
         }
     }
 
@@ -153,6 +156,7 @@ pub enum PodChange {
         pod: String,
         ip: IpAddr,
         mesh: Option<Mesh>,
+        uid: Option<String>,
     },
     Forget {
         pod: String,
@@ -201,6 +205,7 @@ impl PodSet {
                 pod: pod.key.clone(),
                 ip,
                 mesh: pod.mesh,
+                uid: pod.uid.clone(),
             });
         }
         out
@@ -334,6 +339,7 @@ mod tests {
             ready,
             host_network: false,
             mesh: None,
+            uid: None,
         }
     }
 
@@ -342,6 +348,7 @@ mod tests {
             pod: pod.into(),
             ip: ip.parse().unwrap(),
             mesh: None,
+            uid: None,
         }
     }
 

@@ -377,3 +377,44 @@ fn the_tls_capture_patch_applies_and_adds_only_what_tls_needs() {
             && s(m, &["readOnly"]).and_then(Value::as_bool) == Some(true)
     }));
 }
+
+/// The DaemonSet gives the agent the node's cgroup tree, read-only, where it reads the selected
+/// pods' CPU pressure by UID (`shedding::live::HOST_CGROUP`).
+#[test]
+fn the_daemonset_mounts_the_nodes_cgroup_tree_read_only() {
+    let path = deploy_dir().join("daemonset.yaml");
+    let docs: Vec<Value> = manifests()
+        .into_iter()
+        .find(|(p, _)| *p == path)
+        .map(|(_, d)| d)
+        .expect("daemonset.yaml");
+    let ds = docs
+        .iter()
+        .find(|d| s(d, &["kind"]).and_then(Value::as_str) == Some("DaemonSet"))
+        .expect("the DaemonSet");
+    let pod = s(ds, &["spec", "template", "spec"]).unwrap();
+    let container = &s(pod, &["containers"])
+        .and_then(Value::as_sequence)
+        .unwrap()[0];
+    let mount = s(container, &["volumeMounts"])
+        .and_then(Value::as_sequence)
+        .unwrap()
+        .iter()
+        .find(|m| {
+            s(m, &["mountPath"]).and_then(Value::as_str)
+                == Some(mirror_agent::shedding::live::HOST_CGROUP)
+        })
+        .expect("a mount at HOST_CGROUP");
+    assert_eq!(s(mount, &["readOnly"]).and_then(Value::as_bool), Some(true));
+    let name = s(mount, &["name"]).and_then(Value::as_str).unwrap();
+    let volume = s(pod, &["volumes"])
+        .and_then(Value::as_sequence)
+        .unwrap()
+        .iter()
+        .find(|v| s(v, &["name"]).and_then(Value::as_str) == Some(name))
+        .expect("its volume");
+    assert_eq!(
+        s(volume, &["hostPath", "path"]).and_then(Value::as_str),
+        Some("/sys/fs/cgroup")
+    );
+}

@@ -1,6 +1,8 @@
-//! Which cgroups the live service runs in: the processes that listen on a mirrored port (on a
-//! mirrored address, when addresses are given), found through `/proc`, and their cgroup v2
-//! directories, where `cpu.pressure` is.
+//! Which cgroups the live service runs in, where `cpu.pressure` is: the cgroup v2 directories of
+//! the processes that listen on a mirrored port (on a mirrored address, when addresses are
+//! given), found through `/proc`; and those of the selected pods, found by UID in the node's
+//! cgroup tree (the DaemonSet mounts it at `HOST_CGROUP`), for an agent that cannot see the
+//! pods' processes.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
@@ -17,39 +19,53 @@ pub enum Found {
     Node(&'static str),
 }
 
-/// What identifies the live service: its ports, and its addresses when known.
+/// Where the DaemonSet mounts the node's cgroup tree (a container sees only its own).
+pub const HOST_CGROUP: &str = "/host/sys/fs/cgroup";
+
+/// What identifies the live service: its ports, and its addresses and pods when known.
 #[derive(Clone, Debug, Default)]
 pub struct LiveService {
     pub ports: Vec<u16>,
     pub addrs: Vec<IpAddr>,
+    /// The selected pods' UIDs, by address.
+    pub pod_uids: Vec<(IpAddr, String)>,
 }
 
 impl LiveService {
-    /// Looks through `/proc` now.
+    /// Looks through `/proc` and the cgroup tree now.
     pub fn find(&self) -> Found {
-        let Some(mount) = cgroup2_mount() else {
-            return Found::Node("no cgroup v2 hierarchy is mounted (cgroup v1)");
-        };
-        let pids = self.listening_processes();
-        if pids.is_empty() {
-            return Found::Node("no process found listening on a mirrored port");
+        let mount = cgroup2_mount();
+        let listeners = self.listening_processes();
+        let mut dirs = BTreeSet::new();
+        if let Some(mount) = &mount {
+            let own = cgroup_of(std::process::id());
+            dirs.extend(
+                listeners
+                    .iter()
+                    .filter_map(|p| cgroup_of(*p))
+                    .filter(|c| Some(c) != own.as_ref())
+                    .filter_map(|c| cgroup_dir(mount, &c)),
+            );
         }
-        let own = cgroup_of(std::process::id());
-        let dirs: BTreeSet<PathBuf> = pids
-            .into_iter()
-            .filter_map(cgroup_of)
-            .filter(|c| Some(c) != own.as_ref())
-            .filter_map(|c| cgroup_dir(&mount, &c))
-            .collect();
+        let roots = [Some(PathBuf::from(HOST_CGROUP)), mount.clone()];
+        for (_, uid) in &self.pod_uids {
+            dirs.extend(roots.iter().flatten().find_map(|r| pod_cgroup(r, uid)));
+        }
         let files: Vec<PathBuf> = dirs
             .into_iter()
             .map(|d| d.join("cpu.pressure"))
             .filter(|f| f.exists())
             .collect();
-        if files.is_empty() {
-            return Found::Node("the live processes are in the root cgroup or the agent's own");
+        if !files.is_empty() {
+            return Found::Cgroups(files);
         }
-        Found::Cgroups(files)
+        Found::Node(if mount.is_none() && !Path::new(HOST_CGROUP).exists() {
+            "no cgroup v2 hierarchy is mounted (cgroup v1)"
+        } else if self.pod_uids.is_empty() && listeners.is_empty() {
+            "no process found listening on a mirrored port"
+        } else {
+            "the live processes are in the root cgroup or the agent's own, or their cgroups have no cpu.pressure"
+        })
     }
 
     /// Processes holding a socket that listens on a mirrored port (and address), other than
@@ -196,6 +212,39 @@ fn holds_any(pid: u32, inodes: &HashSet<u64>) -> bool {
         .any(|i| inodes.contains(&i))
 }
 
+/// The cgroup of a Kubernetes pod by its UID, as the kubelet names it: `pod<uid>` (cgroupfs
+/// driver) or `kubepods-<qos>-pod<uid with _>.slice` (systemd driver), within the kubelet's
+/// directories (`kubepods…`, its QoS classes) at most four levels under `root`.
+fn pod_cgroup(root: &Path, uid: &str) -> Option<PathBuf> {
+    let (plain, slice) = (
+        format!("pod{uid}"),
+        format!("pod{}.slice", uid.replace('-', "_")),
+    );
+    let mut level = vec![root.to_path_buf()];
+    for _ in 0..4 {
+        let mut next = Vec::new();
+        for dir in &level {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if name == plain || name.ends_with(&slice) {
+                    return Some(e.path());
+                }
+                let kubelets = name.contains("kubepods")
+                    || ["burstable", "besteffort", "kubelet.slice"].contains(&&*name);
+                if kubelets && e.path().is_dir() {
+                    next.push(e.path());
+                }
+            }
+        }
+        level = next;
+    }
+    None
+}
+
 /// The cgroup v2 path of `pid` (`0::/path` in `/proc/PID/cgroup`).
 fn cgroup_of(pid: u32) -> Option<String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
@@ -325,12 +374,36 @@ mod tests {
     }
 
     #[test]
+    fn a_pods_cgroup_is_found_by_uid_with_either_kubelet_driver() {
+        let uid = "5f0c1e2a-93b4-4a8e-9a51-0c3d2b7e6f10";
+        let root = tempfile::tempdir().unwrap();
+        let cgroupfs = root
+            .path()
+            .join("kubepods/burstable")
+            .join(format!("pod{uid}"));
+        std::fs::create_dir_all(cgroupfs.join("c1")).unwrap();
+        assert_eq!(pod_cgroup(root.path(), uid), Some(cgroupfs));
+        let root = tempfile::tempdir().unwrap();
+        let systemd = root
+            .path()
+            .join("kubepods.slice/kubepods-besteffort.slice")
+            .join(format!(
+                "kubepods-besteffort-pod{}.slice",
+                uid.replace('-', "_")
+            ));
+        std::fs::create_dir_all(&systemd).unwrap();
+        std::fs::create_dir_all(root.path().join("system.slice/pod-lookalike")).unwrap();
+        assert_eq!(pod_cgroup(root.path(), uid), Some(systemd));
+        assert_eq!(pod_cgroup(root.path(), "another-uid"), None);
+    }
+
+    #[test]
     fn this_test_listening_is_found_as_the_live_service() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let svc = LiveService {
             ports: vec![port],
-            addrs: vec![],
+            ..LiveService::default()
         };
         // Other processes of this namespace only: the test's own socket does not count.
         assert!(svc.listening_processes().is_empty());

@@ -109,10 +109,20 @@ impl Shedding {
         }
     }
 
-    /// The live service's addresses changed (pods came or went).
-    pub fn set_live_addrs(&mut self, addrs: Vec<std::net::IpAddr>) {
+    /// A selected pod is mirrored: its address and UID identify the live service too.
+    pub fn follow_pod(&mut self, ip: std::net::IpAddr, uid: Option<String>) {
         if let Some(p) = self.pressure.as_mut() {
-            p.live.addrs = addrs;
+            p.live.addrs.push(ip);
+            p.live.pod_uids.extend(uid.map(|u| (ip, u)));
+            p.rescan_in = 0;
+        }
+    }
+
+    /// A selected pod is gone.
+    pub fn forget_pod(&mut self, ip: std::net::IpAddr) {
+        if let Some(p) = self.pressure.as_mut() {
+            p.live.addrs.retain(|a| *a != ip);
+            p.live.pod_uids.retain(|(a, _)| *a != ip);
             p.rescan_in = 0;
         }
     }
