@@ -392,6 +392,20 @@ fn the_live_services_cpu_pressure_sheds_whole_connections_until_it_falls() {
         &[("outcome", "skip_sampled_out")],
     )
     .unwrap_or(0.0);
+    // Each request of the connections shed is counted once, as a request.
+    let shed_requests = metric(
+        &pair.server,
+        METRICS,
+        "mirror_kernel_packets_total",
+        &[("outcome", "sampled_out_request_starts")],
+    )
+    .unwrap_or(0.0);
+    assert_eq!(
+        shed_requests as usize,
+        (made - per_conn.len()) * PER_CONN,
+        "requests shed, of {made} connections ({} mirrored)",
+        per_conn.len()
+    );
     assert!(
         pressure > 0.1 && share < 0.5 && sampled_out > 0.0 && per_conn.len() < made,
         "under the hog: pressure {pressure}, share {share}, {sampled_out} packets sampled out, \

@@ -223,9 +223,12 @@ pub enum Counter {
     /// again once; a connection whose decision is still not stored is decided again at its
     /// next packet, at the rate of that moment.
     DecisionStoreFailed,
+    /// Of `SkipSampledOut`, segments towards the service whose payload starts like a request:
+    /// the requests that sampling and shedding passed over, each counted once at its start.
+    SampledOutRequestStarts,
 }
 
-pub const COUNTER_COUNT: u32 = Counter::DecisionStoreFailed as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::SampledOutRequestStarts as u32 + 1;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -252,6 +255,7 @@ impl Counter {
         Counter::CloneCongested,
         Counter::SkipAgentGone,
         Counter::DecisionStoreFailed,
+        Counter::SampledOutRequestStarts,
     ];
 
     /// Stable snake_case name, used in metrics labels and dumps.
@@ -280,6 +284,7 @@ impl Counter {
             Counter::CloneCongested => "clone_congested",
             Counter::SkipAgentGone => "skip_agent_gone",
             Counter::DecisionStoreFailed => "decision_store_failed",
+            Counter::SampledOutRequestStarts => "sampled_out_request_starts",
         }
     }
 }

@@ -176,6 +176,10 @@ fn mirror(ctx: &TcContext) -> Counter {
         }
     }
     if !sampled_in(cfg, &tuple) {
+        // Shed requests are counted as requests too, not only as packets.
+        if is_request && starts_request(ctx, &tuple) {
+            count(Counter::SampledOutRequestStarts);
+        }
         return Counter::SkipSampledOut;
     }
     if tuple.pure_ack {
@@ -251,6 +255,13 @@ fn deliver(
         CloneResult::Dropped => Counter::CloneDropped,
         _ => Counter::Cloned,
     }
+}
+
+/// Whether a segment's payload starts like a request (`is_request_start`).
+#[inline(always)]
+fn starts_request(ctx: &TcContext, t: &Tuple) -> bool {
+    ctx.load::<[u8; REQUEST_START_LEN]>(t.payload_at)
+        .is_ok_and(|head| is_request_start(&head))
 }
 
 /// Whether this connection's responses are compared (`whole_responses_ppm`): then they are
