@@ -292,8 +292,8 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
         budgeted.as_str(),
         "agent, 1.2 s mirror",
     ];
-    // (setup, p50, p99, agent CPU µs per mirrored request, live CPU pressure)
-    let mut rows: Vec<(&str, f64, f64, Option<f64>, f64)> = Vec::new();
+    // (setup, p50, p99, agent CPU µs per mirrored request, live CPU pressure, share mirrored)
+    let mut rows: Vec<(&str, f64, f64, Option<f64>, f64, Option<f64>)> = Vec::new();
     for round in 1..=args.rounds {
         for setup in half_setups {
             let start = |mirror, extra: &[&str]| {
@@ -308,7 +308,7 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
             let cpu0 = agent.as_ref().map(|a| a.proc.cpu_time());
             let mirrored0 = lines(&mirror_log);
             let pressure = LivePressure::start(&live_cgroup);
-            let (p50, p99, _) = oha(
+            let (p50, p99, served) = oha(
                 &pair.client,
                 &live_url,
                 rate,
@@ -316,7 +316,7 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
                 args.seconds,
             )?;
             let pressure = pressure.share();
-            let mut cpu_per = None;
+            let (mut cpu_per, mut share) = (None, None);
             if let Some(a) = agent {
                 let cpu = a.proc.cpu_time() - cpu0.unwrap();
                 let summary = a.stop()?.replay;
@@ -324,6 +324,7 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
                     std::thread::sleep(Duration::from_millis(1500));
                     let mirrored = (lines(&mirror_log) - mirrored0).max(1);
                     cpu_per = Some(cpu.as_secs_f64() * 1e6 / mirrored as f64);
+                    share = Some(mirrored as f64 / served.max(1.0));
                 }
                 eprintln!("  {summary}");
             }
@@ -331,7 +332,7 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
                 "round {round} {setup:<22} p50 {p50:.3} ms p99 {p99:.3} ms cpu/req {cpu_per:?} µs, live pressure {:.1} %",
                 pressure * 100.0
             );
-            rows.push((setup, p50, p99, cpu_per, pressure));
+            rows.push((setup, p50, p99, cpu_per, pressure, share));
         }
     }
 
@@ -388,9 +389,9 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
     );
     println!("\nfull-path benchmark: {} rounds, {} s runs, {} connections, fixed rate {rate} req/s (half of {max:.0})", args.rounds, args.seconds, args.connections);
     println!(
-        "| setup | live p50 ms | ratio | live p99 ms | ratio | agent CPU µs per mirrored request | live CPU pressure |"
+        "| setup | live p50 ms | ratio | live p99 ms | ratio | agent CPU µs per mirrored request | live CPU pressure | requests mirrored |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for setup in half_setups {
         let p50 = median(rows.iter().filter(|r| r.0 == setup).map(|r| r.1).collect());
         let p99 = median(rows.iter().filter(|r| r.0 == setup).map(|r| r.2).collect());
@@ -406,8 +407,19 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
             format!("{cpu:.1}")
         };
         let pressure = median(rows.iter().filter(|r| r.0 == setup).map(|r| r.4).collect());
+        let share = median(
+            rows.iter()
+                .filter(|r| r.0 == setup)
+                .filter_map(|r| r.5)
+                .collect(),
+        );
+        let share = if share.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{:.2} %", share * 100.0)
+        };
         println!(
-            "| {setup} | {p50:.3} | {:.3} | {p99:.3} | {:.3} | {cpu} | {:.1} % |",
+            "| {setup} | {p50:.3} | {:.3} | {p99:.3} | {:.3} | {cpu} | {:.1} % | {share} |",
             p50 / base50,
             p99 / base99,
             pressure * 100.0

@@ -29,6 +29,10 @@ pub(super) struct Shared {
     idle: AtomicUsize,
     /// A look at whether requests wait too long for a worker is due (`Shared::grow_later`).
     grow_due: AtomicBool,
+    /// The busy workers' room for pipelining: over the workers, the depth of their next batch
+    /// beyond one request. Requests that fit in it are taken at the workers' next turn, so
+    /// they start no worker (see `grow_later`).
+    pipeline_room: AtomicUsize,
     on_outcome: OutcomeSink,
     rt: tokio::runtime::Handle,
 }
@@ -38,6 +42,35 @@ pub(super) struct Queue {
     /// Each with when it was queued.
     requests: VecDeque<(Instant, Request)>,
     closed: bool,
+}
+
+/// A worker's part of `Shared::pipeline_room`, kept in the sum while the worker lives.
+struct PipelineRoom<'a> {
+    sum: &'a AtomicUsize,
+    mine: usize,
+}
+
+impl<'a> PipelineRoom<'a> {
+    fn new(sum: &'a AtomicUsize) -> Self {
+        PipelineRoom { sum, mine: 0 }
+    }
+
+    /// The worker's next batch may be `depth` deep.
+    fn set(&mut self, depth: usize) {
+        let room = depth.saturating_sub(1);
+        if room > self.mine {
+            self.sum.fetch_add(room - self.mine, Ordering::SeqCst);
+        } else {
+            self.sum.fetch_sub(self.mine - room, Ordering::SeqCst);
+        }
+        self.mine = room;
+    }
+}
+
+impl Drop for PipelineRoom<'_> {
+    fn drop(&mut self) {
+        self.sum.fetch_sub(self.mine, Ordering::SeqCst);
+    }
 }
 
 pub(super) fn queue_cost(req: &Request) -> usize {
@@ -73,6 +106,7 @@ impl Replayer {
             bucket,
             idle: AtomicUsize::new(0),
             grow_due: AtomicBool::new(false),
+            pipeline_room: AtomicUsize::new(0),
             on_outcome,
             rt: rt.clone(),
         });
@@ -295,8 +329,14 @@ impl Shared {
                     break true;
                 };
                 if queued.elapsed() >= GROW_AFTER {
+                    let waiting = shared.queue.lock().unwrap().requests.len();
                     if shared.idle.load(Ordering::SeqCst) > 0 {
                         shared.bell.notify_one();
+                    } else if waiting <= shared.pipeline_room.load(Ordering::SeqCst) {
+                        // The busy workers pipeline them at their next turn: a new worker
+                        // would only thin the batches (on a saturated node, where every
+                        // answer comes late, the pool grew to hundreds of connections of a
+                        // request or two each).
                     } else if !shared.start_worker() {
                         break false;
                     }
@@ -354,6 +394,7 @@ impl Shared {
     /// or nothing came for `WORKER_IDLE_EXIT`.
     async fn worker(self: Arc<Self>) {
         let mut conn: Option<h1::Conn> = None;
+        let mut room = PipelineRoom::new(&self.pipeline_room);
         loop {
             let bell = self.bell.notified();
             tokio::pin!(bell);
@@ -362,6 +403,7 @@ impl Shared {
             match self.take(conn.as_ref().map_or(1, h1::Conn::depth)) {
                 Taken::Batch(batch) => {
                     self.send(&mut conn, batch).await;
+                    room.set(conn.as_ref().map_or(1, h1::Conn::depth));
                     continue;
                 }
                 Taken::Closed => break,
@@ -376,7 +418,10 @@ impl Shared {
             self.idle.fetch_sub(1, Ordering::SeqCst);
             match turn {
                 Turn::Rung => {}
-                Turn::ConnectionEnded => conn = None,
+                Turn::ConnectionEnded => {
+                    conn = None;
+                    room.set(1);
+                }
                 Turn::IdleTooLong => {
                     self.stats.workers.fetch_sub(1, Ordering::SeqCst);
                     // Requests queued while this worker was leaving found it idle and started
