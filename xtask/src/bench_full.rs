@@ -48,6 +48,7 @@ struct LivePressure<'a> {
     cgroup: &'a PsiCgroup,
     stalled_us: u64,
     at: std::time::Instant,
+    idle: (u64, u64),
 }
 
 impl<'a> LivePressure<'a> {
@@ -56,6 +57,7 @@ impl<'a> LivePressure<'a> {
             cgroup,
             stalled_us: cgroup.stalled_us(),
             at: std::time::Instant::now(),
+            idle: idle_jiffies(),
         }
     }
 
@@ -63,6 +65,27 @@ impl<'a> LivePressure<'a> {
         let stalled = self.cgroup.stalled_us().saturating_sub(self.stalled_us) as f64 / 1e6;
         stalled / self.at.elapsed().as_secs_f64()
     }
+
+    /// The node's idle CPU share since the start.
+    fn node_idle(&self) -> f64 {
+        let (idle, total) = idle_jiffies();
+        (idle - self.idle.0) as f64 / (total - self.idle.1).max(1) as f64
+    }
+}
+
+/// Idle (idle and iowait) and total jiffies of the node, from `/proc/stat`.
+fn idle_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    (idle, f.iter().take(8).sum())
 }
 
 /// The peak resident memory of a process (`VmHWM`), in MiB.
@@ -292,8 +315,7 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
         budgeted.as_str(),
         "agent, 1.2 s mirror",
     ];
-    // (setup, p50, p99, agent CPU µs per mirrored request, live CPU pressure, share mirrored)
-    let mut rows: Vec<(&str, f64, f64, Option<f64>, f64, Option<f64>)> = Vec::new();
+    let mut rows: Vec<HalfRow> = Vec::new();
     for round in 1..=args.rounds {
         for setup in half_setups {
             let start = |mirror, extra: &[&str]| {
@@ -315,6 +337,7 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
                 args.connections,
                 args.seconds,
             )?;
+            let node_idle = pressure.node_idle();
             let pressure = pressure.share();
             let (mut cpu_per, mut share) = (None, None);
             if let Some(a) = agent {
@@ -329,8 +352,9 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
                 eprintln!("  {summary}");
             }
             eprintln!(
-                "round {round} {setup:<22} p50 {p50:.3} ms p99 {p99:.3} ms cpu/req {cpu_per:?} µs, live pressure {:.1} %",
-                pressure * 100.0
+                "round {round} {setup:<22} p50 {p50:.3} ms p99 {p99:.3} ms cpu/req {cpu_per:?} µs, live pressure {:.1} %, node idle {:.1} %",
+                pressure * 100.0,
+                node_idle * 100.0
             );
             rows.push((setup, p50, p99, cpu_per, pressure, share));
         }
@@ -458,8 +482,8 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
         saturation_seconds(args),
         args.saturation_rounds
     );
-    println!("| setup | live req/s | ratio | live p99 ms | ratio | requests mirrored | live CPU pressure | agent's threads, cores | its kernel program in the live path, cores | the mirror (nginx on the same cores), cores | agent peak RSS MiB |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| setup | live req/s | ratio | live p99 ms | ratio | requests mirrored | live CPU pressure | node idle | agent's threads, cores | its kernel program in the live path, cores | the mirror (nginx on the same cores), cores | agent peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let of = |setup: &str, f: fn(&Saturated) -> f64| {
         median(
             saturation
@@ -479,11 +503,12 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
     for setup in setups {
         let (throughput, p99) = (of(setup, |r| r.throughput), of(setup, |r| r.p99));
         println!(
-            "| {setup} | {throughput:.0} | {:.2} | {p99:.2} | {:.2} | {:.1} % | {:.1} % | {:.2} | {:.2} | {:.2} | {:.0} |",
+            "| {setup} | {throughput:.0} | {:.2} | {p99:.2} | {:.2} | {:.1} % | {:.1} % | {:.1} % | {:.2} | {:.2} | {:.2} | {:.0} |",
             throughput / base,
             p99 / base99,
             of(setup, |r| r.mirrored_share) * 100.0,
             of(setup, |r| r.live_pressure) * 100.0,
+            of(setup, |r| r.node_idle) * 100.0,
             of(setup, |r| r.agent_cores),
             of(setup, |r| r.live_path_cores),
             of(setup, |r| r.mirror_cores),
@@ -493,6 +518,10 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// One run at half of saturation: (setup, p50, p99, agent CPU µs per mirrored request, live CPU
+/// pressure, share mirrored).
+type HalfRow<'a> = (&'a str, f64, f64, Option<f64>, f64, Option<f64>);
+
 /// One saturation run.
 struct Saturated {
     setup: String,
@@ -500,6 +529,7 @@ struct Saturated {
     p99: f64,
     mirrored_share: f64,
     live_pressure: f64,
+    node_idle: f64,
     agent_cores: f64,
     live_path_cores: f64,
     mirror_cores: f64,
@@ -591,6 +621,7 @@ fn saturation(
                 p99,
                 mirrored_share: 0.0,
                 live_pressure: pressure.share(),
+                node_idle: pressure.node_idle(),
                 agent_cores: 0.0,
                 live_path_cores: 0.0,
                 mirror_cores: per_second(mirror.cpu_time() - mirror_cpu0),
@@ -611,9 +642,10 @@ fn saturation(
             let mirrored = lines(mirror_log) - before;
             run.mirrored_share = mirrored as f64 / (throughput * seconds as f64).max(1.0);
             eprintln!(
-                "round {round} {setup}: {throughput:.0} req/s, p99 {p99:.2} ms, {:.1} % mirrored, live pressure {:.1} %, agent peak RSS {:.0} MiB",
+                "round {round} {setup}: {throughput:.0} req/s, p99 {p99:.2} ms, {:.1} % mirrored, live pressure {:.1} %, node idle {:.1} %, agent peak RSS {:.0} MiB",
                 run.mirrored_share * 100.0,
                 run.live_pressure * 100.0,
+                run.node_idle * 100.0,
                 run.agent_rss_mib
             );
             runs.push(run);

@@ -310,7 +310,7 @@ fn sampling_line(s: &Sampling) -> String {
     }
     if let Some(p) = &s.pressure {
         limits.push(format!(
-            "live CPU pressure {:.1}% ({}; sheds above {:.0}% while the node has no spare CPU, {:.0}% idle now; allows {:.0}%)",
+            "live CPU pressure {:.1}% ({}; sheds above {:.0}% while the node's CPU is contended, {:.0}% idle now; allows {:.0}%)",
             p.pressure * 100.0,
             p.source(),
             p.threshold * 100.0,
