@@ -392,18 +392,19 @@ fn the_live_services_cpu_pressure_sheds_whole_connections_until_it_falls() {
         &[("outcome", "skip_sampled_out")],
     )
     .unwrap_or(0.0);
-    // Each request of the connections shed is counted once, as a request.
+    // Each request of the connections shed is counted once, as a request: all but those whose
+    // first segment was too short to tell (the client's formatted write may go out in pieces).
     let shed_requests = metric(
         &pair.server,
         METRICS,
         "mirror_kernel_packets_total",
         &[("outcome", "sampled_out_request_starts")],
     )
-    .unwrap_or(0.0);
-    assert_eq!(
-        shed_requests as usize,
-        (made - per_conn.len()) * PER_CONN,
-        "requests shed, of {made} connections ({} mirrored)",
+    .unwrap_or(0.0) as usize;
+    let shed = (made - per_conn.len()) * PER_CONN;
+    assert!(
+        shed_requests <= shed && shed_requests * 100 >= shed * 97,
+        "{shed_requests} requests counted as shed, of {shed} ({made} connections, {} mirrored)",
         per_conn.len()
     );
     assert!(
