@@ -158,11 +158,7 @@ impl CpuBudget {
         // connections opened with the overload are dropped as soon as they have lasted
         // `MUST_DROP_AFTER` seconds. Those the current rate would not admit go: the admitted set
         // becomes what that rate admits.
-        let keep = match self.over {
-            0 => ALL,
-            n if n >= MUST_DROP_AFTER && admitted_carry_load => next,
-            _ => self.keep_admitted,
-        };
+        let keep = keep_admitted(self.over, admitted_carry_load, next, self.keep_admitted);
         let changed = next != self.ppm || keep != self.keep_admitted;
         self.ppm = next;
         self.keep_admitted = keep;
@@ -170,6 +166,18 @@ impl CpuBudget {
             new: next,
             keep_admitted: keep,
         })
+    }
+}
+
+/// The admitted connections kept after `over` seconds over a limit in a row, with `rate` the
+/// share new connections get now and `kept` the admitted share kept so far: all while under the
+/// limit; from `MUST_DROP_AFTER` seconds on, while long-lived connections carry the load, only
+/// those `rate` admits; otherwise what was kept.
+pub fn keep_admitted(over: u32, admitted_carry_load: bool, rate: u32, kept: u32) -> u32 {
+    match over {
+        0 => ALL,
+        n if n >= MUST_DROP_AFTER && admitted_carry_load => rate,
+        _ => kept,
     }
 }
 

@@ -160,13 +160,7 @@ fn a_tiny_budget_sheds_whole_connections_in_the_kernel() {
     let sent = made * PER_CONN;
     // Mirrored requests settle.
     wait_settled(mirror);
-    let mut per_conn: HashMap<String, Vec<String>> = HashMap::new();
-    for r in mirror.log() {
-        let mut parts = r.target.split('/').skip(2);
-        let conn = parts.next().unwrap_or("").to_string();
-        let i = parts.next().unwrap_or("").to_string();
-        per_conn.entry(conn).or_default().push(i);
-    }
+    let per_conn = mirrored_connections(mirror);
     let text = metrics_text(&pair.server, METRICS).expect("/metrics");
     let partial: Vec<_> = per_conn
         .iter()

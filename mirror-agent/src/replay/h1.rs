@@ -568,6 +568,18 @@ mod tests {
         serialize(cfg, &extract(wire)).unwrap()
     }
 
+    /// `GET /0` … `GET /{n-1}`, as written to the mirror of `cfg`.
+    fn numbered_gets(cfg: &ReplayConfig, n: usize) -> Vec<Outgoing> {
+        (0..n)
+            .map(|i| {
+                outgoing(
+                    cfg,
+                    format!("GET /{i} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes(),
+                )
+            })
+            .collect()
+    }
+
     /// Opens a connection to the mirror of `cfg` and sends `reqs` on it as one batch.
     async fn send_batch(
         cfg: &ReplayConfig,
@@ -679,14 +691,7 @@ mod tests {
             false,
         )
         .await;
-        let reqs: Vec<Outgoing> = (0..4)
-            .map(|i| {
-                outgoing(
-                    &cfg,
-                    format!("GET /{i} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes(),
-                )
-            })
-            .collect();
+        let reqs = numbered_gets(&cfg, 4);
         let mut conn = Conn::open(&cfg).await.unwrap();
         conn.depth = 4;
         let batch: Vec<&Outgoing> = reqs.iter().collect();
@@ -740,14 +745,7 @@ mod tests {
         const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
         // Each answer 3 ms after the one before (under FAST_ANSWER), 18 ms in all.
         let (cfg, _server) = paced_mirror(vec![OK; 6], 6, Duration::from_millis(3), false).await;
-        let reqs: Vec<Outgoing> = (0..6)
-            .map(|i| {
-                outgoing(
-                    &cfg,
-                    format!("GET /{i} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes(),
-                )
-            })
-            .collect();
+        let reqs = numbered_gets(&cfg, 6);
         let mut conn = Conn::open(&cfg).await.unwrap();
         conn.depth = 8;
         let batch: Vec<&Outgoing> = reqs.iter().collect();

@@ -9,7 +9,7 @@
 //! the whole threshold the share holds. After a cut it holds `HOLD_AFTER_CUT` seconds, the time
 //! shedding whole new connections takes to show.
 
-use crate::cpu_budget::{Rates, MIN_PPM, MUST_DROP_AFTER};
+use crate::cpu_budget::{keep_admitted, Rates, MIN_PPM};
 
 /// Every connection (the kernel's `SAMPLE_ALL`).
 const ALL: u32 = 1_000_000;
@@ -78,11 +78,8 @@ impl Limit {
                 self.ppm = (up as u32).min(self.max_ppm);
             }
         }
-        self.keep_admitted = match self.over {
-            0 => ALL,
-            n if n >= MUST_DROP_AFTER && admitted_carry_load => self.ppm,
-            _ => self.keep_admitted,
-        };
+        self.keep_admitted =
+            keep_admitted(self.over, admitted_carry_load, self.ppm, self.keep_admitted);
         self.rates()
     }
 }
@@ -90,6 +87,7 @@ impl Limit {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu_budget::MUST_DROP_AFTER;
 
     const T: f64 = 0.1;
 
