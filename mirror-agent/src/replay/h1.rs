@@ -73,6 +73,19 @@ const FAST_BATCH: Duration = Duration::from_millis(10);
 /// Longest chunk-size or trailer line accepted in an answer.
 const MAX_LINE: usize = 64 << 10;
 
+/// The next batch's depth after one whose answers were `slow` (see `exchange`) and spread over
+/// `spread` from the first to the last: one after a slow answer, half after a wide spread,
+/// else twice as deep, up to `max_depth`.
+fn next_depth(depth: usize, slow: bool, spread: Duration, max_depth: usize) -> usize {
+    if slow {
+        1
+    } else if spread > FAST_BATCH {
+        (depth / 2).max(1)
+    } else {
+        (depth * 2).min(max_depth.max(1))
+    }
+}
+
 /// A request as it will be written to the mirror.
 #[derive(Clone, Debug)]
 pub struct Outgoing {
@@ -314,13 +327,7 @@ impl Conn {
         let spread = self
             .last_read
             .saturating_duration_since(first_answer.unwrap_or(started));
-        self.depth = if slow {
-            1
-        } else if spread > FAST_BATCH {
-            (self.depth / 2).max(1)
-        } else {
-            (self.depth * 2).min(max_depth.max(1))
-        };
+        self.depth = next_depth(self.depth, slow, spread, max_depth);
         // Bytes beyond the last answer were never asked for.
         (fates, self.buf.is_empty())
     }
