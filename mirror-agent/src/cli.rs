@@ -266,6 +266,13 @@ pub struct AttachArgs {
     #[arg(long, value_enum, default_value_t = ResponseCapture::Heads)]
     pub response_capture: ResponseCapture,
 
+    /// How the kernel hands the segments it mirrors whole (requests, and responses that are
+    /// needed whole) to the agent. `records`: it copies their payload into a ring buffer, the
+    /// cheapest for the live path; segments over 4 KiB (uploads sent as GSO super-packets) are
+    /// cloned. `clones`: it clones every one onto the agent's mirror interface.
+    #[arg(long, value_enum, default_value_t = Delivery::Records)]
+    pub delivery: Delivery,
+
     /// Percentage of TCP connections to mirror, decided per connection in the kernel.
     #[arg(long, default_value_t = 100.0, value_parser = parse_percent)]
     pub sample: f64,
@@ -281,6 +288,11 @@ pub struct AttachArgs {
     /// a tiny ring to force capture drops.
     #[arg(long, hide = true, value_parser = clap::value_parser!(u32).range(64..=1024))]
     pub ring_block_kb: Option<u32>,
+
+    /// The kernel's records ring (heads, marks and request records) of this many KiB, a power
+    /// of two: tests use a tiny one to force drops there.
+    #[arg(long, hide = true, value_parser = parse_ring_kb)]
+    pub records_ring_kb: Option<u32>,
 
     /// Record every extracted request (HTTP/1) and its live response's status and timing in
     /// this directory, for `mirror-agent replay` and `export`. Alone or with --mirror;
@@ -542,6 +554,24 @@ fn parse_pressure(s: &str) -> Result<Pressure, String> {
 pub enum ResponseCapture {
     Heads,
     Full,
+}
+
+/// See `--delivery`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Delivery {
+    Records,
+    Clones,
+}
+
+/// A ring buffer's size in KiB: a power of two from a page (4 KiB) to 1 GiB.
+fn parse_ring_kb(s: &str) -> Result<u32, String> {
+    let kb: u32 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if !kb.is_power_of_two() || !(4..=1 << 20).contains(&kb) {
+        return Err(format!(
+            "{kb} KiB: a ring buffer's size is a power of two from 4 to 1048576 KiB"
+        ));
+    }
+    Ok(kb)
 }
 
 /// Parses `K:V` for `--add-header`.

@@ -19,8 +19,8 @@ use mirror_agent::capture::ring::RingConfig;
 use mirror_agent::capture::tls::TlsConfig;
 use mirror_agent::capture::{CaptureConfig, CaptureError, Hook, MatchConfig, Target};
 use mirror_agent::cli::{
-    mirror_names, AttachArgs, Cli, Command, ExportArgs, ReplayArgs, ReportArgs, ReportFormat,
-    ResponseCapture,
+    mirror_names, AttachArgs, Cli, Command, Delivery, ExportArgs, ReplayArgs, ReportArgs,
+    ReportFormat, ResponseCapture,
 };
 use mirror_agent::compare::content::ContentConfig;
 use mirror_agent::compare::diffs::DiffConfig;
@@ -127,7 +127,8 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
         Some(b) => (b, "--memory-budget".to_string()),
         None => memory_budget::default_budget(),
     };
-    let ring_bytes = (capture.ring.block_count * capture.ring.block_size) as u64;
+    let ring_bytes = (capture.ring.block_count * capture.ring.block_size) as u64
+        + u64::from(capture.records_ring_bytes);
     let plan = memory_budget::Plan::new(budget, ring_bytes, compare::series_bytes())?;
     log::info!("memory budget {budget} bytes ({budget_source}): {plan:?}");
     let names = mirror_names(
@@ -282,6 +283,8 @@ fn capture_config(args: &AttachArgs, targets: Vec<Target>, response_heads: bool)
             addrs,
             responses: !args.no_responses,
             response_heads,
+            // A dump shows the streams as they crossed the wire: whole clones.
+            payload_records: args.delivery == Delivery::Records && args.dump.is_none(),
             sample_ppm: ppm(args.sample),
             // Every limit may change the rates at run time (the backlog's always can): each
             // connection is decided once, so that shedding takes whole connections only.
@@ -293,6 +296,11 @@ fn capture_config(args: &AttachArgs, targets: Vec<Target>, response_heads: bool)
             },
         },
         attach_mode: args.attach_mode,
+        records_ring_bytes: match args.records_ring_kb {
+            Some(kb) => kb * 1024,
+            None if args.delivery == Delivery::Records => mirror_common::PAYLOAD_RING_BYTES,
+            None => mirror_common::RESPONSE_HEADS_RING_BYTES,
+        },
         ring: RingConfig {
             block_count: args.ring_mb as usize,
             block_size: args

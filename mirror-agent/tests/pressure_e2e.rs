@@ -232,7 +232,11 @@ fn a_throttled_agent_puts_every_clone_in_its_place() {
         mirror,
         served,
         stalled,
-    } = churn_while_stalled(Rig::start("th", 236, &[]), 400, Duration::from_secs(4));
+    } = churn_while_stalled(
+        Rig::start("th", 236, &["--delivery", "clones"]),
+        400,
+        Duration::from_secs(4),
+    );
     let stat = |family: &str| exit.metric(family, &[]);
     assert_eq!(
         stat("mirror_capture_ring_drops_total"),
@@ -259,12 +263,46 @@ fn a_throttled_agent_puts_every_clone_in_its_place() {
 
 #[test]
 fn capture_drops_under_churn_invent_nothing_and_are_counted_as_requests() {
+    // Two 64 KiB blocks: the ring overflows whenever the agent falls a few ms behind.
+    let args = [
+        "--delivery",
+        "clones",
+        "--ring-mb",
+        "2",
+        "--ring-block-kb",
+        "64",
+    ];
+    drops_under_churn("cd", 238, &args, |exit| {
+        let ring_drops = exit.metric("mirror_capture_ring_drops_total", &[]);
+        // Each frame the kernel put in the ring is read once: a block still held downstream is
+        // never taken for a new one when the reader comes round the ring.
+        assert!(
+            exit.metric("mirror_capture_frames_total", &[]) + ring_drops
+                <= exit.metric("mirror_capture_ring_packets_total", &[]),
+            "frames read twice: {}",
+            exit.metrics
+        );
+        ring_drops
+    });
+}
+
+#[test]
+fn record_drops_under_churn_invent_nothing_and_are_counted_as_requests() {
+    // 64 KiB: the records ring fills whenever the agent falls a few ms behind.
+    drops_under_churn("rd", 239, &["--records-ring-kb", "64"], |exit| {
+        let full = |outcome| exit.metric("mirror_kernel_packets_total", &[("outcome", outcome)]);
+        full("payload_ring_full") + full("head_ring_full")
+    });
+}
+
+/// Connections churn while the agent keeps being stopped, and its ring (the capture ring or the
+/// records ring, as `args` make it) overflows: `drops` checks the drops and counts them.
+fn drops_under_churn(name: &str, net: u8, args: &[&str], drops: impl Fn(&Exit) -> u64) {
     if not_root() {
         return;
     }
     let _serial = serial();
-    // Two 64 KiB blocks: the ring overflows whenever the agent falls a few ms behind.
-    let rig = Rig::start("cd", 238, &["--ring-mb", "2", "--ring-block-kb", "64"]);
+    let rig = Rig::start(name, net, args);
     // The agent falls behind as on a busy node, while the kernel goes on cloning into the
     // tiny ring.
     let Stalled {
@@ -288,15 +326,7 @@ fn capture_drops_under_churn_invent_nothing_and_are_counted_as_requests() {
         );
         assert!(seen.insert(t.clone()), "the mirror got {t} twice");
     }
-    let ring_drops = stat("mirror_capture_ring_drops_total");
-    // Each frame the kernel put in the ring is read once: a block still held downstream is
-    // never taken for a new one when the reader comes round the ring.
-    assert!(
-        stat("mirror_capture_frames_total") + ring_drops
-            <= stat("mirror_capture_ring_packets_total"),
-        "frames read twice: {}",
-        exit.metrics
-    );
+    let ring_drops = drops(&exit);
     assert!(
         ring_drops > 0,
         "the test did not force ring drops; nothing was checked under them"

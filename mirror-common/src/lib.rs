@@ -30,6 +30,12 @@ pub const MAX_FULL_RESPONSES: u32 = 65_536;
 pub const RESPONSE_HEADS_RING_BYTES: u32 = 4 << 20;
 /// Payload bytes a response head record carries: a status line and typical headers.
 pub const HEAD_BYTES: usize = 256;
+/// Payload bytes a segment record carries at most (`FLAG_PAYLOAD_RECORDS`): a request with
+/// its headers, cookies and a small body. Longer segments are cloned.
+pub const PAYLOAD_RECORD_BYTES: usize = 4096;
+/// Bytes of the `RESPONSE_HEADS` ring with `FLAG_PAYLOAD_RECORDS`, which then carries the
+/// requests too: 60 ms of 170k requests/s of 400 bytes, and 4k records of the largest size.
+pub const PAYLOAD_RING_BYTES: u32 = 16 << 20;
 
 /// The program clones nothing until the agent has written a config with this flag.
 pub const FLAG_ENABLED: u32 = 1 << 0;
@@ -44,6 +50,10 @@ pub const FLAG_STICKY_SAMPLING: u32 = 1 << 3;
 /// sequence, length, flags and the first `HEAD_BYTES`) instead of cloning them, except on
 /// connections listed in `FULL_RESPONSES`.
 pub const FLAG_RESPONSE_HEADS: u32 = 1 << 4;
+/// Copy the payload of every segment to mirror whole (a request's, or a response's on a
+/// connection whose responses are whole) into a `RESPONSE_HEADS` record when it fits in
+/// `PAYLOAD_RECORD_BYTES`, instead of cloning it onto the mirror interface.
+pub const FLAG_PAYLOAD_RECORDS: u32 = 1 << 5;
 
 /// `sample_ppm` value that mirrors every flow.
 pub const SAMPLE_ALL: u32 = 1_000_000;
@@ -91,11 +101,14 @@ impl Heartbeat {
     }
 }
 
-/// One response segment described instead of cloned (`FLAG_RESPONSE_HEADS`): everything the
-/// agent needs to time a response, read its status and frame the stream, without the body.
+/// One segment in a `RESPONSE_HEADS` record: flow, sequence numbers, flags and the first `N`
+/// payload bytes. A response segment is described by its head (`HeadRecord`): everything the
+/// agent needs to time a response, read its status and frame the stream, without the body. With
+/// `FLAG_PAYLOAD_RECORDS`, a segment mirrored whole is a record too, of the smallest size that
+/// holds its payload (`HeadRecord` or `PayloadRecord`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-pub struct ResponseHead {
+pub struct SegmentRecord<const N: usize> {
     /// Source and destination addresses, IPv4 mapped as `::ffff:a.b.c.d`.
     pub src: [u8; 16],
     pub dst: [u8; 16],
@@ -106,7 +119,7 @@ pub struct ResponseHead {
     pub tcp_flags: u8,
     /// 4 or 6.
     pub ip_version: u8,
-    /// Bytes of `head` that hold payload: `min(payload_len, HEAD_BYTES)`.
+    /// Bytes of `head` that hold payload: `min(payload_len, N)`.
     pub head_len: u16,
     pub seq: u32,
     pub ack: u32,
@@ -115,13 +128,16 @@ pub struct ResponseHead {
     pub _pad: u32,
     /// CLOCK_MONOTONIC nanoseconds when the program saw the segment.
     pub ts_ns: u64,
-    pub head: [u8; HEAD_BYTES],
+    pub head: [u8; N],
 }
+
+pub type HeadRecord = SegmentRecord<HEAD_BYTES>;
+pub type PayloadRecord = SegmentRecord<PAYLOAD_RECORD_BYTES>;
 
 /// A clone's place in the program's order (`FLAG_RESPONSE_HEADS`): written to
 /// `RESPONSE_HEADS` right after the clone, so that the agent can put the clones, which reach it
 /// through the capture ring, back among the records in the order the program saw them. The
-/// same leading fields as `ResponseHead`, without the head.
+/// same leading fields as `SegmentRecord`, without the head.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct CloneMark {
@@ -177,7 +193,7 @@ impl AddrKey {
 
 /// Indices of the per-CPU `COUNTERS` array. Every packet the program sees lands in `Seen` and in
 /// exactly one outcome: `Cloned`, `CloneDropped`, `CloneErrors`, `HeadRecorded`, `HeadRingFull`,
-/// or one of the `Skip*` reasons.
+/// `PayloadRecorded`, `PayloadRingFull`, or one of the `Skip*` reasons.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
@@ -203,10 +219,11 @@ pub enum Counter {
     /// request (`is_request_start`). The agent counts the same on what it receives: the
     /// difference is the requests whose first segment was lost after the program cloned it.
     ClonedRequestStarts,
-    /// Response segments described by a `RESPONSE_HEADS` record instead of a clone.
+    /// Segments described by a `RESPONSE_HEADS` record instead of a clone: response heads, and
+    /// SYN, FIN and RST without payload.
     HeadRecorded,
-    /// Response segments whose record did not fit: the ring buffer was full. The agent sees
-    /// the hole in the stream and counts the bytes lost.
+    /// Segments whose head record did not fit: the ring buffer was full. The agent sees the
+    /// hole in the stream and counts the bytes lost.
     HeadRingFull,
     /// Of `Cloned`, clones whose `CloneMark` did not fit in the ring buffer: the agent places
     /// them as they come.
@@ -226,9 +243,17 @@ pub enum Counter {
     /// Of `SkipSampledOut`, segments towards the service whose payload starts like a request:
     /// the requests that sampling and shedding passed over, each counted once at its start.
     SampledOutRequestStarts,
+    /// Segments mirrored whole whose payload was copied into a record (`FLAG_PAYLOAD_RECORDS`)
+    /// instead of cloned.
+    PayloadRecorded,
+    /// Segments whose payload record did not fit: the ring buffer was full.
+    PayloadRingFull,
+    /// Of `PayloadRingFull`, segments towards the service whose payload starts like a request:
+    /// the requests lost that way.
+    PayloadRingFullRequestStarts,
 }
 
-pub const COUNTER_COUNT: u32 = Counter::SampledOutRequestStarts as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::PayloadRingFullRequestStarts as u32 + 1;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -256,6 +281,9 @@ impl Counter {
         Counter::SkipAgentGone,
         Counter::DecisionStoreFailed,
         Counter::SampledOutRequestStarts,
+        Counter::PayloadRecorded,
+        Counter::PayloadRingFull,
+        Counter::PayloadRingFullRequestStarts,
     ];
 
     /// Stable snake_case name, used in metrics labels and dumps.
@@ -285,6 +313,9 @@ impl Counter {
             Counter::SkipAgentGone => "skip_agent_gone",
             Counter::DecisionStoreFailed => "decision_store_failed",
             Counter::SampledOutRequestStarts => "sampled_out_request_starts",
+            Counter::PayloadRecorded => "payload_recorded",
+            Counter::PayloadRingFull => "payload_ring_full",
+            Counter::PayloadRingFullRequestStarts => "payload_ring_full_request_starts",
         }
     }
 }
@@ -508,7 +539,7 @@ mod user {
     // SAFETY: plain #[repr(C)] data with no padding-sensitive invariants.
     unsafe impl aya::Pod for MirrorConfig {}
     unsafe impl aya::Pod for AddrKey {}
-    unsafe impl aya::Pod for ResponseHead {}
+    unsafe impl<const N: usize> aya::Pod for SegmentRecord<N> {}
     unsafe impl aya::Pod for CloneMark {}
     unsafe impl aya::Pod for Heartbeat {}
     unsafe impl aya::Pod for super::tls::ChunkHead {}

@@ -254,14 +254,15 @@ impl MarkKey {
     }
 }
 
-/// Parses a record of the `RESPONSE_HEADS` ring: a `ResponseHead` or a `CloneMark`, told apart
-/// by size. `realtime_offset_ns` takes the kernel's monotonic time to the capture clock.
+/// Parses a record of the `RESPONSE_HEADS` ring: a `SegmentRecord` of any payload size or a
+/// `CloneMark`, told apart by size. `realtime_offset_ns` takes the kernel's monotonic time to
+/// the capture clock.
 pub fn parse_record(bytes: &Bytes, realtime_offset_ns: i64) -> Result<Record, FrameError> {
-    use mirror_common::{CloneMark, ResponseHead, HEAD_BYTES};
+    use mirror_common::{CloneMark, HeadRecord};
     if bytes.len() < std::mem::size_of::<CloneMark>() {
         return Err(FrameError::Malformed);
     }
-    // SAFETY: the length is checked, CloneMark (ResponseHead's leading fields) is plain data
+    // SAFETY: the length is checked, CloneMark (SegmentRecord's leading fields) is plain data
     // valid for any bytes, and the read is unaligned.
     let rec: CloneMark = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
     let addr = |a: [u8; 16]| -> Result<IpAddr, FrameError> {
@@ -277,7 +278,7 @@ pub fn parse_record(bytes: &Bytes, realtime_offset_ns: i64) -> Result<Record, Fr
     };
     let flags = TcpFlags::from_bits(rec.tcp_flags);
     let ts = (rec.ts_ns as i64).saturating_add(realtime_offset_ns).max(0) as u64;
-    if bytes.len() < std::mem::size_of::<ResponseHead>() {
+    if bytes.len() < std::mem::size_of::<HeadRecord>() {
         let key = MarkKey {
             flow,
             seq: rec.seq,
@@ -287,10 +288,10 @@ pub fn parse_record(bytes: &Bytes, realtime_offset_ns: i64) -> Result<Record, Fr
         return Ok(Record::Mark(key, ts, rec.cpu));
     }
     let head_len = rec.head_len as usize;
-    if head_len > HEAD_BYTES || head_len > rec.payload_len as usize {
+    let at = std::mem::offset_of!(HeadRecord, head);
+    if at + head_len > bytes.len() || head_len > rec.payload_len as usize {
         return Err(FrameError::Malformed);
     }
-    let at = std::mem::offset_of!(ResponseHead, head);
     Ok(Record::Head(Segment {
         flow,
         seq: rec.seq,
@@ -446,6 +447,67 @@ pub(crate) mod tests {
         assert_eq!(
             parse_frame(&Bytes::from(raw), 0).unwrap_err(),
             FrameError::Fragment
+        );
+    }
+
+    /// A record's bytes as the kernel writes them: the record's leading fields, then the
+    /// payload's first `head_len` bytes of a record holding `N`.
+    fn record_bytes<const N: usize>(payload: &[u8], payload_len: u32, head_len: u16) -> Bytes {
+        let mut rec = mirror_common::SegmentRecord::<N> {
+            src: mirror_common::AddrKey::from_v4([10, 0, 0, 1]).addr,
+            dst: mirror_common::AddrKey::from_v4([10, 0, 0, 2]).addr,
+            sport: 40000,
+            dport: 80,
+            tcp_flags: 0x18,
+            ip_version: 4,
+            head_len,
+            seq: 77,
+            ack: 5,
+            payload_len,
+            _pad: 0,
+            ts_ns: 1_000,
+            head: [0; N],
+        };
+        rec.head[..payload.len()].copy_from_slice(payload);
+        // SAFETY: plain #[repr(C)] data, read as the bytes the ring hands over.
+        let raw = unsafe {
+            std::slice::from_raw_parts(
+                (&rec as *const mirror_common::SegmentRecord<N>).cast::<u8>(),
+                std::mem::size_of_val(&rec),
+            )
+        };
+        Bytes::copy_from_slice(raw)
+    }
+
+    #[test]
+    fn a_payload_record_is_a_whole_segment() {
+        use mirror_common::PAYLOAD_RECORD_BYTES;
+        let body: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        let bytes = record_bytes::<PAYLOAD_RECORD_BYTES>(&body, 3000, 3000);
+        let Ok(Record::Head(seg)) = parse_record(&bytes, 0) else {
+            panic!("a segment record");
+        };
+        assert_eq!(&seg.payload[..], &body[..]);
+        assert_eq!((seg.elided, seg.seq, seg.ts), (0, 77, 1_000));
+        assert_eq!(seg.flow.src, "10.0.0.1:40000".parse().unwrap());
+    }
+
+    #[test]
+    fn a_head_record_elides_the_rest_and_a_lying_length_is_malformed() {
+        use mirror_common::HEAD_BYTES;
+        let head = [b'h'; HEAD_BYTES];
+        let bytes = record_bytes::<HEAD_BYTES>(&head, 9000, HEAD_BYTES as u16);
+        let Ok(Record::Head(seg)) = parse_record(&bytes, 0) else {
+            panic!("a segment record");
+        };
+        assert_eq!(
+            (seg.payload.len(), seg.elided),
+            (HEAD_BYTES, 9000 - HEAD_BYTES as u32)
+        );
+        let past_the_record = record_bytes::<HEAD_BYTES>(&head, 9000, HEAD_BYTES as u16 + 1);
+        assert_eq!(
+            parse_record(&past_the_record, 0).unwrap_err(),
+            FrameError::Malformed
         );
     }
 

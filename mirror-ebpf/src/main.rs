@@ -1,23 +1,27 @@
-//! TC classifier that clones the live service's TCP segments onto the mirror interface.
+//! TC classifier that hands the live service's TCP segments to the agent.
 //!
 //! The live packet is never changed, delayed or dropped: every path returns `TC_ACT_OK`.
-//! Each packet is counted once in `Seen` and once in exactly one outcome (cloned, clone error,
-//! head recorded, ring full, or a skip reason), so userspace can account for every packet.
+//! Each packet is counted once in `Seen` and once in exactly one outcome (cloned, recorded,
+//! clone error, ring full, or a skip reason), so userspace can account for every packet.
 //!
-//! Requests are cloned whole: they are replayed byte for byte. Responses are only timed and
-//! their status read, so by default (`FLAG_RESPONSE_HEADS`) a response segment is not cloned
-//! but described in a `RESPONSE_HEADS` ring-buffer record: flow, sequence and acknowledgement
-//! numbers, payload length, flags and the first `HEAD_BYTES` of payload. A clone costs an skb
-//! clone, a veth transmit, a second pass through the receive path and a copy of the whole
-//! segment (64 KB with GSO) into the capture ring, in the live path's softirq; a record costs a
-//! 320-byte copy. The agent frames the response stream from the records (a status line and
-//! `Content-Length` are in the head; the body is skipped by length). Where that is not enough
-//! (chunked bodies, HTTP/2, heads longer than `HEAD_BYTES`), the agent lists the connection in
-//! `FULL_RESPONSES`, and its response segments are cloned whole from then on.
+//! Requests are mirrored whole: they are replayed byte for byte. By default
+//! (`FLAG_PAYLOAD_RECORDS`) a request segment's payload is copied into a `RESPONSE_HEADS`
+//! ring-buffer record, which costs a copy of the payload in the live path's softirq; a clone,
+//! the alternative, costs an skb clone, a veth transmit, a second pass through the receive path
+//! and a copy of the whole segment into the capture ring. Segments longer than
+//! `PAYLOAD_RECORD_BYTES` (GSO super-packets of an upload) are cloned either way.
+//!
+//! Responses are only timed and their status read, so by default (`FLAG_RESPONSE_HEADS`) a
+//! response segment is described in a record: flow, sequence and acknowledgement numbers,
+//! payload length, flags and the first `HEAD_BYTES` of payload. The agent frames the response
+//! stream from the records (a status line and `Content-Length` are in the head; the body is
+//! skipped by length). Where that is not enough (chunked bodies, HTTP/2, heads longer than
+//! `HEAD_BYTES`), the agent lists the connection in `FULL_RESPONSES`, and its response segments
+//! are mirrored whole from then on.
 //!
 //! Records and clones reach the agent by two paths with their own delays. So that it sees them
 //! in this program's order, SYN, FIN and RST without payload are records too, and every clone
-//! made in this mode is followed by a small `CloneMark` record: the agent puts each clone back
+//! made with records is followed by a small `CloneMark` record: the agent puts each clone back
 //! at its mark. A full capture ring then loses request bytes, never a connection's lifecycle.
 #![no_std]
 #![no_main]
@@ -35,9 +39,10 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use mirror_common::{
     clone_result, flow_hash, is_request_start, AddrKey, CloneMark, CloneResult, Counter, Heartbeat,
-    MirrorConfig, ResponseHead, COUNTER_COUNT, FLAG_ADDR_FILTER, FLAG_ENABLED, FLAG_RESPONSES,
-    FLAG_RESPONSE_HEADS, FLAG_STICKY_SAMPLING, HEAD_BYTES, MAX_DECISIONS, MAX_FULL_RESPONSES,
-    MAX_LIVE_ADDRS, MAX_LIVE_PORTS, REQUEST_START_LEN, RESPONSE_HEADS_RING_BYTES, SAMPLE_ALL,
+    MirrorConfig, SegmentRecord, COUNTER_COUNT, FLAG_ADDR_FILTER, FLAG_ENABLED,
+    FLAG_PAYLOAD_RECORDS, FLAG_RESPONSES, FLAG_RESPONSE_HEADS, FLAG_STICKY_SAMPLING, HEAD_BYTES,
+    MAX_DECISIONS, MAX_FULL_RESPONSES, MAX_LIVE_ADDRS, MAX_LIVE_PORTS, PAYLOAD_RECORD_BYTES,
+    REQUEST_START_LEN, SAMPLE_ALL,
 };
 use network_types::{
     eth::EthHdr,
@@ -79,9 +84,11 @@ static DECISIONS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(MAX_DECISIO
 #[map]
 static HEARTBEAT: Array<Heartbeat> = Array::with_max_entries(1, 0);
 
-/// Response segments described instead of cloned (`FLAG_RESPONSE_HEADS`).
+/// Segments described or copied instead of cloned (`FLAG_RESPONSE_HEADS`,
+/// `FLAG_PAYLOAD_RECORDS`), and the marks of clones. The agent sizes it at load
+/// (`RESPONSE_HEADS_RING_BYTES` or `PAYLOAD_RING_BYTES`).
 #[map]
-static RESPONSE_HEADS: RingBuf = RingBuf::with_byte_size(RESPONSE_HEADS_RING_BYTES, 0);
+static RESPONSE_HEADS: RingBuf = RingBuf::with_byte_size(4096, 0);
 
 /// Connections (by flow hash) whose responses the agent needs whole: cloned, not described.
 #[map]
@@ -92,6 +99,7 @@ static FULL_RESPONSES: LruHashMap<u32, u8> = LruHashMap::with_max_entries(MAX_FU
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_RING_SIZE: u64 = 1;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -193,7 +201,7 @@ fn mirror(ctx: &TcContext) -> Counter {
     outcome
 }
 
-/// Clones a sampled segment, or describes it in a record; `now` is the packet's time.
+/// Clones a sampled segment, or describes or copies it in a record; `now` is the packet's time.
 #[inline(always)]
 fn deliver(
     ctx: &TcContext,
@@ -203,16 +211,25 @@ fn deliver(
     now: u64,
 ) -> Counter {
     let is_request = !is_response;
-    // With heads, SYN, FIN and RST without payload (both directions) and response segments are
+    // With records, SYN, FIN and RST without payload (both directions) and response heads are
     // records; what is still cloned gets a `CloneMark` in the same ring, so that the agent can
     // put the clones back in this program's order among the records. A full capture ring
     // then drops request bytes only, never a connection's lifecycle.
     let heads = cfg.flags & FLAG_RESPONSE_HEADS != 0;
-    if heads
+    let payloads = cfg.flags & FLAG_PAYLOAD_RECORDS != 0;
+    let records = heads || payloads;
+    if records
         && (tuple.payload_len == 0
-            || (is_response && !whole_by_rate(cfg, tuple) && !full_responses(tuple)))
+            || (heads && is_response && !whole_by_rate(cfg, tuple) && !full_responses(tuple)))
     {
-        return record_head(ctx, tuple, now);
+        return match record::<HEAD_BYTES>(ctx, tuple, now) {
+            Some(true) => Counter::HeadRecorded,
+            Some(false) => Counter::HeadRingFull,
+            None => Counter::SkipUnreadable,
+        };
+    }
+    if payloads && tuple.payload_len <= PAYLOAD_RECORD_BYTES {
+        return copy_whole(ctx, tuple, is_request, now);
     }
     // Flags 0: the clone leaves through the mirror interface's egress, so its veth peer
     // receives it, where the agent's AF_PACKET socket reads it.
@@ -229,23 +246,13 @@ fn deliver(
         return Counter::CloneErrors;
     }
     let sent = result != CloneResult::Dropped;
-    if sent && heads && !mark_clone(tuple, now) {
+    if sent && records && !mark_clone(tuple, now) {
         count(Counter::MarksRingFull);
     }
     // Lets the agent count the requests lost after this point (dropped by the mirror device,
     // or by a full capture ring): it applies the same test to the segments it receives.
-    if is_request {
-        if let Ok(head) = ctx.load::<[u8; REQUEST_START_LEN]>(tuple.payload_at) {
-            if is_request_start(&head) {
-                count(Counter::ClonedRequestStarts);
-            } else if sent && &head == b"PRI " && heads {
-                // The HTTP/2 preface: heads cannot follow HPACK and interleaved frames, so
-                // this connection's responses are cloned whole from the start, before the
-                // agent could ask.
-                let hash = flow_hash(&tuple.src, &tuple.dst, tuple.sport, tuple.dport);
-                let _ = FULL_RESPONSES.insert(&hash, &1, 0);
-            }
-        }
+    if is_request && note_request(ctx, tuple, sent && records) {
+        count(Counter::ClonedRequestStarts);
     }
     match result {
         CloneResult::SentCongested => {
@@ -255,6 +262,42 @@ fn deliver(
         CloneResult::Dropped => Counter::CloneDropped,
         _ => Counter::Cloned,
     }
+}
+
+/// Copies a segment mirrored whole into a record of the smallest size that holds it.
+#[inline(always)]
+fn copy_whole(ctx: &TcContext, tuple: &Tuple, is_request: bool, now: u64) -> Counter {
+    let recorded = if tuple.payload_len <= HEAD_BYTES {
+        record::<HEAD_BYTES>(ctx, tuple, now)
+    } else {
+        record::<PAYLOAD_RECORD_BYTES>(ctx, tuple, now)
+    };
+    let Some(recorded) = recorded else {
+        return Counter::SkipUnreadable;
+    };
+    if is_request && note_request(ctx, tuple, recorded) && !recorded {
+        count(Counter::PayloadRingFullRequestStarts);
+    }
+    if recorded {
+        Counter::PayloadRecorded
+    } else {
+        Counter::PayloadRingFull
+    }
+}
+
+/// Whether a request segment starts a request. When it starts HTTP/2 instead and reaches the
+/// agent (`delivered`) in records mode, that connection's responses are mirrored whole from the
+/// start, before the agent could ask: heads cannot follow HPACK and interleaved frames.
+#[inline(always)]
+fn note_request(ctx: &TcContext, t: &Tuple, delivered: bool) -> bool {
+    let Ok(head) = ctx.load::<[u8; REQUEST_START_LEN]>(t.payload_at) else {
+        return false;
+    };
+    if delivered && &head == b"PRI " {
+        let hash = flow_hash(&t.src, &t.dst, t.sport, t.dport);
+        let _ = FULL_RESPONSES.insert(&hash, &1, 0);
+    }
+    is_request_start(&head)
 }
 
 /// Whether a segment's payload starts like a request (`is_request_start`).
@@ -280,30 +323,37 @@ fn full_responses(t: &Tuple) -> bool {
     unsafe { FULL_RESPONSES.get(&hash) }.is_some()
 }
 
-/// Describes a response segment in a `RESPONSE_HEADS` record.
+/// Describes a segment in a `RESPONSE_HEADS` record with its first `N` payload bytes at most:
+/// true when recorded, false when the ring was full, None when the packet was too short.
 #[inline(always)]
-fn record_head(ctx: &TcContext, t: &Tuple, now: u64) -> Counter {
-    let wake = if RESPONSE_HEADS.query(BPF_RB_AVAIL_DATA) > (RESPONSE_HEADS_RING_BYTES / 2) as u64 {
+fn record<const N: usize>(ctx: &TcContext, t: &Tuple, now: u64) -> Option<bool> {
+    let ring_bytes = RESPONSE_HEADS.query(BPF_RB_RING_SIZE);
+    let wake = if RESPONSE_HEADS.query(BPF_RB_AVAIL_DATA) > ring_bytes / 2 {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
     };
-    let Some(mut entry) = RESPONSE_HEADS.reserve::<ResponseHead>(0) else {
-        return Counter::HeadRingFull;
+    let Some(mut entry) = RESPONSE_HEADS.reserve::<SegmentRecord<N>>(0) else {
+        return Some(false);
     };
     let rec = entry.as_mut_ptr();
-    let n = if (t.payload_len as u64) < HEAD_BYTES as u64 {
+    let n = if (t.payload_len as u64) < N as u64 {
         t.payload_len as u64
     } else {
-        HEAD_BYTES as u64
+        N as u64
     };
-    // SAFETY: `rec` points at a reserved, writable `ResponseHead`; fields are written one by one
-    // (the head bytes by `load_head`, at most `HEAD_BYTES` of them).
+    // SAFETY: `rec` points at a reserved, writable record; fields are written one by one (the
+    // payload by `load_head` or `load_payload`, at most `N` bytes).
     unsafe {
         let head: *mut u8 = core::ptr::addr_of_mut!((*rec).head).cast();
-        if !load_head(ctx, t.payload_at, head, n) {
+        let loaded = if N <= HEAD_BYTES {
+            load_head(ctx, t.payload_at, head, n)
+        } else {
+            load_payload(ctx, t.payload_at, head, n)
+        };
+        if !loaded {
             entry.discard(0);
-            return Counter::SkipUnreadable;
+            return None;
         }
         (*rec).src = t.src;
         (*rec).dst = t.dst;
@@ -319,7 +369,7 @@ fn record_head(ctx: &TcContext, t: &Tuple, now: u64) -> Counter {
         (*rec).ts_ns = now;
     }
     entry.submit(wake);
-    Counter::HeadRecorded
+    Some(true)
 }
 
 /// Copies the first `n` (at most `HEAD_BYTES`) payload bytes at `from` to `head`, with loads of
@@ -355,6 +405,50 @@ unsafe fn load_head(ctx: &TcContext, from: usize, head: *mut u8, n: u64) -> bool
     piece!(4);
     piece!(2);
     n & 1 == 0 || bpf_skb_load_bytes(skb, (from + off) as u32, head.add(off).cast(), 1) == 0
+}
+
+
+/// Copies `n` payload bytes (over `HEAD_BYTES`, at most `PAYLOAD_RECORD_BYTES`) at `from` to
+/// `to`, with loads of constant sizes for the verifier's sake (see `load_head`): 1 KiB blocks,
+/// then `HEAD_BYTES` blocks, then the last `HEAD_BYTES` of the payload, which overlap bytes
+/// already copied. At most 8 loads. False when the packet is shorter.
+#[inline(always)]
+unsafe fn load_payload(ctx: &TcContext, from: usize, to: *mut u8, n: u64) -> bool {
+    const BLOCK: u64 = 1024;
+    const SMALL: u64 = HEAD_BYTES as u64;
+    const MAX: u64 = PAYLOAD_RECORD_BYTES as u64;
+    let skb = ctx.as_ptr();
+    let load = |off: u64, size: u64| {
+        bpf_skb_load_bytes(skb, (from as u64 + off) as u32, to.add(off as usize).cast(), size as u32) == 0
+    };
+    if n <= SMALL || n > MAX {
+        return false;
+    }
+    let mut off = 0u64;
+    for _ in 0..MAX / BLOCK {
+        if n - off < BLOCK {
+            break;
+        }
+        if !load(off, BLOCK) {
+            return false;
+        }
+        off += BLOCK;
+    }
+    for _ in 0..BLOCK / SMALL {
+        if n - off < SMALL {
+            break;
+        }
+        if !load(off, SMALL) {
+            return false;
+        }
+        off += SMALL;
+    }
+    if off == n {
+        return true;
+    }
+    // Bounded again where the verifier sees it: the last block ends at `n`, inside the record.
+    let last = core::hint::black_box(n - SMALL);
+    last <= MAX - SMALL && load(last, SMALL)
 }
 
 /// Writes the `CloneMark` of a clone just made of a packet seen at `now`. False when the ring

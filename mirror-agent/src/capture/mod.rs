@@ -111,6 +111,9 @@ pub struct CaptureConfig {
     pub matching: MatchConfig,
     pub attach_mode: AttachMode,
     pub ring: RingConfig,
+    /// Bytes of the kernel's records ring (a power of two, at least a page): heads, marks and,
+    /// with `payload_records`, requests.
+    pub records_ring_bytes: u32,
     pub ebpf_log: bool,
     pub lock_dir: PathBuf,
     /// Read the clones. Off only to measure the kernel side alone: clones then die in the
@@ -130,12 +133,14 @@ impl Default for CaptureConfig {
                 addr_filter: false,
                 responses: true,
                 response_heads: false,
+                payload_records: false,
                 sample_ppm: mirror_common::SAMPLE_ALL,
                 sticky_sampling: false,
                 whole_responses_ppm: 0,
             },
             attach_mode: AttachMode::Auto,
             ring: RingConfig::default(),
+            records_ring_bytes: mirror_common::RESPONSE_HEADS_RING_BYTES,
             ebpf_log: false,
             lock_dir: PathBuf::from("/run/mirror-agent"),
             read_clones: true,
@@ -162,14 +167,15 @@ mirror_core::stage_counters! {
         /// them went on after a short wait.
         pub marks_unmatched: AtomicU64 => Counter "mirror_capture_marks_unmatched"
             "Clone marks whose clone never came (the capture ring was full)",
-        /// Segments towards the service that start like a request: what reached the agent of the
+        /// Clones towards the service that start like a request: what reached the agent of the
         /// kernel's `cloned_request_starts`.
         pub request_starts: AtomicU64 => Counter "mirror_capture_request_starts"
-            "Segments towards the service that start like a request",
+            "Clones towards the service that start like a request",
         /// Requests whose first segment the kernel cloned but the agent never received (a full
-        /// ring, a full backlog): the kernel's count less `request_starts`.
+        /// ring, a full backlog), the kernel's count less `request_starts`, and those whose
+        /// record did not fit in the ring (`payload_ring_full_request_starts`).
         pub requests_lost: AtomicU64 => Counter "mirror_capture_requests_lost"
-            "Requests whose first segment the kernel cloned but the agent never received",
+            "Requests whose first segment the kernel cloned but the agent never received, or whose record did not fit in the ring",
         /// Frames the kernel could not put in the ring (it was full).
         pub ring_drops: AtomicU64 => Counter "mirror_capture_ring_drops"
             "Frames the kernel could not put in the capture ring (it was full)",
@@ -335,11 +341,12 @@ impl Capture {
         heads_tx: &mpsc::Sender<HeadMerge>,
         tls_tx: &mpsc::Sender<tls::TlsSource>,
     ) -> Result<()> {
-        let mut program = KernelProgram::load(cfg.ebpf_log, cfg.tls.is_some())?;
+        let mut program =
+            KernelProgram::load(cfg.ebpf_log, cfg.records_ring_bytes, cfg.tls.is_some())?;
         for t in &cfg.targets {
             self.attach_target(&mut program, t)?;
         }
-        if cfg.matching.responses && cfg.matching.response_heads {
+        if cfg.matching.records() {
             // The capture thread reads the records with the clones, from before the program
             // is enabled, so that no record waits unread.
             let merge = HeadMerge::new(program.take_response_heads()?);
@@ -646,14 +653,18 @@ impl Capture {
     pub fn account_lost_requests(&self, kernel: &[u64; COUNTER_COUNT as usize]) {
         let now = kernel[Counter::ClonedRequestStarts as usize];
         let before = self.kernel_request_starts.swap(now, Ordering::Relaxed);
-        self.record_lost_requests(before);
+        self.record_lost_requests(before, kernel);
     }
 
-    fn record_lost_requests(&self, cloned: u64) {
+    /// Requests whose first segment the kernel cloned (`cloned`) and that were not received,
+    /// and those whose record did not fit in the ring.
+    fn record_lost_requests(&self, cloned: u64, kernel: &[u64; COUNTER_COUNT as usize]) {
         let received = self.stats.request_starts.load(Ordering::Relaxed);
-        self.stats
-            .requests_lost
-            .fetch_max(cloned.saturating_sub(received), Ordering::Relaxed);
+        let unrecorded = kernel[Counter::PayloadRingFullRequestStarts as usize];
+        self.stats.requests_lost.fetch_max(
+            cloned.saturating_sub(received) + unrecorded,
+            Ordering::Relaxed,
+        );
     }
 
     /// Disables, detaches, stops the reader (after it has read what the ring still holds) and
@@ -661,7 +672,7 @@ impl Capture {
     pub fn stop(mut self) -> Result<[u64; COUNTER_COUNT as usize]> {
         let counters = self.shutdown();
         if let Ok(c) = &counters {
-            self.record_lost_requests(c[Counter::ClonedRequestStarts as usize]);
+            self.record_lost_requests(c[Counter::ClonedRequestStarts as usize], c);
         }
         counters
     }
@@ -884,7 +895,8 @@ fn read_loop(
     let mut drain_until: Option<Instant> = None;
     // With response heads, no clone is read before the merge is here: it comes before the
     // program is enabled (or never, if loading fails, when the sender is dropped).
-    let mut merge: Option<HeadMerge> = (matching.responses && matching.response_heads)
+    let mut merge: Option<HeadMerge> = matching
+        .records()
         .then(|| sources.heads.recv().ok())
         .flatten();
     let mut tls = TlsFeed::new(sources.tls);

@@ -10,9 +10,9 @@ use aya::programs::{tc, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use mirror_common::{
     AddrKey, Counter, Heartbeat, MirrorConfig, COUNTER_COUNT, FLAG_ADDR_FILTER, FLAG_ENABLED,
-    FLAG_RESPONSES, FLAG_RESPONSE_HEADS, FLAG_STICKY_SAMPLING, MAP_CONFIG, MAP_COUNTERS,
-    MAP_FULL_RESPONSES, MAP_HEARTBEAT, MAP_LIVE_ADDRS, MAP_LIVE_PORTS, MAP_RESPONSE_HEADS,
-    MAP_WORK_NS, MAX_LIVE_ADDRS, MAX_LIVE_PORTS, PROGRAM_NAME, SAMPLE_ALL,
+    FLAG_PAYLOAD_RECORDS, FLAG_RESPONSES, FLAG_RESPONSE_HEADS, FLAG_STICKY_SAMPLING, MAP_CONFIG,
+    MAP_COUNTERS, MAP_FULL_RESPONSES, MAP_HEARTBEAT, MAP_LIVE_ADDRS, MAP_LIVE_PORTS,
+    MAP_RESPONSE_HEADS, MAP_WORK_NS, MAX_LIVE_ADDRS, MAX_LIVE_PORTS, PROGRAM_NAME, SAMPLE_ALL,
 };
 
 /// The kernel object, built by `cargo xtask build-ebpf` (see build.rs).
@@ -77,6 +77,9 @@ pub struct MatchConfig {
     /// Describe response segments by their heads instead of cloning them (see the kernel
     /// program); connections that need more are cloned whole on the parse stage's request.
     pub response_heads: bool,
+    /// Copy the payload of segments mirrored whole into ring-buffer records instead of cloning
+    /// them onto the mirror interface (`FLAG_PAYLOAD_RECORDS`); longer ones are still cloned.
+    pub payload_records: bool,
     /// Connections mirrored, in parts per million (the upper limit when a CPU budget lowers it).
     pub sample_ppm: u32,
     /// Decide each connection once and remember it (`FLAG_STICKY_SAMPLING`): needed when the
@@ -100,6 +103,11 @@ impl MatchConfig {
             && head.is_some_and(mirror_common::is_request_start)
     }
 
+    /// Whether the program writes records (then every clone gets a mark among them).
+    pub fn records(&self) -> bool {
+        (self.responses && self.response_heads) || self.payload_records
+    }
+
     fn filters_addrs(&self) -> bool {
         self.addr_filter || !self.addrs.is_empty()
     }
@@ -113,9 +121,10 @@ pub struct KernelProgram {
 }
 
 impl KernelProgram {
-    /// Loads the object and the TC program. With `tls`, the plaintext ring gets its full size
-    /// (the TLS probes are loaded by `tls::TlsCapture`).
-    pub fn load(ebpf_log: bool, tls: bool) -> Result<KernelProgram> {
+    /// Loads the object and the TC program, with a records ring of `records_ring_bytes`; with
+    /// `tls`, the plaintext ring gets its full size (the TLS probes are loaded by
+    /// `tls::TlsCapture`).
+    pub fn load(ebpf_log: bool, records_ring_bytes: u32, tls: bool) -> Result<KernelProgram> {
         // aya-log's kernel side logs everything unless told otherwise; keep it off by default.
         if EBPF_OBJECT.is_empty() {
             return Err(CaptureError::NoObject);
@@ -123,6 +132,7 @@ impl KernelProgram {
         let level: u8 = if ebpf_log { 0xff } else { 0 };
         let mut loader = EbpfLoader::new();
         loader.override_global("AYA_LOG_LEVEL", &level, false);
+        loader.map_max_entries(MAP_RESPONSE_HEADS, records_ring_bytes);
         if tls {
             loader.map_max_entries(
                 mirror_common::tls::MAP_TLS_DATA,
@@ -203,6 +213,9 @@ impl KernelProgram {
         }
         if m.sticky_sampling {
             flags |= FLAG_STICKY_SAMPLING;
+        }
+        if m.payload_records {
+            flags |= FLAG_PAYLOAD_RECORDS;
         }
         let cfg = MirrorConfig {
             mirror_ifindex,
