@@ -127,7 +127,7 @@ pub struct Agent {
     grace: Duration,
     ready: String,
     shedding: Shedding,
-    /// Ring drops at the last look, to see new ones (backlog).
+    /// Capture and records ring drops at the last look, to see new ones (backlog).
     ring_drops: u64,
 }
 
@@ -221,11 +221,12 @@ impl Agent {
     /// its kernel program's work in the live path, read just before) and its backlog set the
     /// share of connections the kernel mirrors.
     fn apply_shedding(&mut self) {
-        let drops = self.capture.stats().ring_drops.load(Ordering::Relaxed);
+        let drops = self.capture.stats().ring_drops.load(Ordering::Relaxed)
+            + self.kernel.lock().unwrap().records_ring_full();
         let new_drops = drops > self.ring_drops;
         self.ring_drops = drops;
-        // The fullest stage: the replay queues, the capture ring or its channel to the parse
-        // stage (which backs up into the ring); a frame the ring dropped is a full backlog.
+        // The fullest stage: the replay queues, the capture or records ring (the parse stage
+        // backs up into them); a frame or record a ring dropped is a full backlog.
         let backlog = self
             .mirrors
             .iter()

@@ -78,10 +78,9 @@ static SOCKETS: LruHashMap<u64, SockTuple> = LruHashMap::with_max_entries(MAX_SO
 static SSL_STREAMS: LruHashMap<StreamKey, Stream> =
     LruHashMap::with_max_entries(MAX_TLS_STREAMS, 0);
 
-/// `bpf_ringbuf_submit` flags, as for the response heads.
+/// `bpf_ringbuf_submit` flag: never a wake-up, as for the TC program's records (the agent
+/// reads this ring on the same timer).
 const BPF_RB_NO_WAKEUP: u64 = 1;
-const BPF_RB_FORCE_WAKEUP: u64 = 2;
-const BPF_RB_AVAIL_DATA: u64 = 0;
 
 #[inline(always)]
 fn count(c: TlsCounter, n: u64) {
@@ -407,22 +406,12 @@ fn emit(mut head: ChunkHead, buf: u64, n: u64) {
     }
 }
 
-#[inline(always)]
-fn wake_flags() -> u64 {
-    if TLS_DATA.query(BPF_RB_AVAIL_DATA) > (mirror_common::tls::TLS_RING_BYTES / 2) as u64 {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    }
-}
-
 /// A record of at most `SMALL_CHUNK` bytes (none for a close). False when it could not be made.
 #[inline(always)]
 fn small_record(mut head: ChunkHead, from: u64, len: u64) -> bool {
     if len > SMALL_CHUNK as u64 {
         return false;
     }
-    let wake = wake_flags();
     let Some(mut entry) = TLS_DATA.reserve::<SmallChunk>(0) else {
         count(TlsCounter::RingFull, 1);
         return false;
@@ -444,7 +433,7 @@ fn small_record(mut head: ChunkHead, from: u64, len: u64) -> bool {
             }
         }
     }
-    entry.submit(wake);
+    entry.submit(BPF_RB_NO_WAKEUP);
     count(TlsCounter::Bytes, len);
     true
 }
@@ -455,7 +444,6 @@ fn big_record(mut head: ChunkHead, from: u64, len: u64) -> bool {
     if len == 0 || len > BIG_CHUNK as u64 {
         return false;
     }
-    let wake = wake_flags();
     let Some(mut entry) = TLS_DATA.reserve::<BigChunk>(0) else {
         count(TlsCounter::RingFull, 1);
         return false;
@@ -475,7 +463,7 @@ fn big_record(mut head: ChunkHead, from: u64, len: u64) -> bool {
             return false;
         }
     }
-    entry.submit(wake);
+    entry.submit(BPF_RB_NO_WAKEUP);
     count(TlsCounter::Bytes, len);
     true
 }

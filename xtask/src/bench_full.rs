@@ -40,6 +40,9 @@ pub struct FullBenchArgs {
     /// small pod on a larger node).
     #[arg(long, default_value_t = 0.25)]
     pub daemonset_cores: f64,
+    /// Only the saturation runs.
+    #[arg(long)]
+    pub saturation_only: bool,
 }
 
 /// The share of time some task of the live service waited for a CPU (its cgroup's PSI) over
@@ -293,6 +296,18 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
     if !netlab::wait_until(Duration::from_secs(5), || curl_ok(&pair.client, &live_url)) {
         bail!("nginx did not start");
     }
+    if args.saturation_only {
+        let saturated = saturation(
+            &bin,
+            &pair,
+            (&fast, &live_cgroup),
+            &live_url,
+            &mirror_log,
+            args,
+        )?;
+        print_saturation(&saturated, args);
+        return Ok(());
+    }
 
     let max = wrk(&pair.client, &live_url, args.connections, args.seconds)?;
     let rate = (max / 2.0).round() as u64;
@@ -360,13 +375,16 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
         }
     }
 
-    // Fidelity and CPU per request at a sustained rate: every live request mirrored, with small
-    // and with 16 KiB responses; and what tcpdump alone costs to capture the same traffic.
-    let load = (args.fidelity_rate, args.connections);
-    let small = fidelity(&bin, &pair, "8080", &live_url, &mirror_log, load)?;
+    // Fidelity and CPU per request at a sustained rate, by delivery and response size, and
+    // what tcpdump alone costs to capture the same traffic.
     let big_url = format!("http://{}:8083{PATH}", pair.server_v4);
-    let big = fidelity(&bin, &pair, "8083", &big_url, &mirror_log, load)?;
-    let tcpdump_cpu = tcpdump_cpu_per_request(&pair, &live_url, load)?;
+    let costs = fixed_rate_costs(
+        &bin,
+        &pair,
+        (&fast, &mirror_log),
+        (&live_url, &big_url),
+        (args.fidelity_rate, args.connections),
+    )?;
 
     // nginx `mirror`, in path: throughput and latency against the same live service direct.
     let direct = wrk(&pair.client, &live_url, args.connections, args.seconds)?;
@@ -449,26 +467,7 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
             pressure * 100.0
         );
     }
-    println!(
-        "\nat {} req/s for {FIDELITY_SECONDS} s (oha, {} connections):",
-        args.fidelity_rate, args.connections
-    );
-    println!("| setup | live served | mirror received | fidelity | agent CPU µs per request | kernel program in the live path, µs per request |");
-    println!("|---|---|---|---|---|---|");
-    for (label, f) in [
-        ("agent, `ok` responses", &small),
-        ("agent, 16 KiB responses", &big),
-    ] {
-        println!(
-            "| {label} | {:.0} | {} | {:.2} % | {:.1} | {:.2} |",
-            f.served,
-            f.received,
-            100.0 * f.received as f64 / f.served.max(1.0),
-            f.cpu_us_per_request,
-            f.live_path_us_per_request
-        );
-    }
-    println!("| tcpdump capturing the `ok` traffic (whole packets, to /dev/null) | - | - | - | {tcpdump_cpu:.1} | - |");
+    print_costs(&costs, (args.fidelity_rate, args.connections));
     println!(
         "\nnginx `mirror` in the path (wrk, {} connections): direct {direct:.0} req/s; via nginx mirror (fast) {via_fast:.0} req/s ({:.1} % of direct); \
          via nginx mirror (1.2 s mirror) {via_slow:.0} req/s ({:.1} %); live p50 through nginx with the slow mirror at 20 req/s: {slow_p50:.0} ms",
@@ -476,6 +475,12 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
         100.0 * via_fast / direct,
         100.0 * via_slow / direct
     );
+    print_saturation(&saturation, args);
+    Ok(())
+}
+
+/// The saturation table: each setup's medians, and ratios to no agent's.
+fn print_saturation(saturation: &[Saturated], args: &FullBenchArgs) {
     println!(
         "\nat saturation (wrk, {} connections, {} s each, {} rounds interleaved, medians):",
         args.connections,
@@ -495,7 +500,7 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
     };
     let (base, base99) = (of("no agent", |r| r.throughput), of("no agent", |r| r.p99));
     let mut setups: Vec<&str> = Vec::new();
-    for r in &saturation {
+    for r in saturation {
         if !setups.contains(&r.setup.as_str()) {
             setups.push(&r.setup);
         }
@@ -515,7 +520,6 @@ pub fn run(root: &Path, args: &FullBenchArgs) -> Result<()> {
             of(setup, |r| r.agent_rss_mib),
         );
     }
-    Ok(())
 }
 
 /// One run at half of saturation: (setup, p50, p99, agent CPU µs per mirrored request, live CPU
@@ -545,16 +549,27 @@ fn saturation_seconds(args: &FullBenchArgs) -> u64 {
 type Setup = (String, Option<Vec<String>>, Option<f64>);
 
 /// The saturation setups: no agent; the agent with its defaults (shedding by the live
-/// service's CPU pressure), without that limit (as before it), with each of `--cpu-budgets`;
-/// and with its defaults in a small cgroup, as a DaemonSet pod on a larger node.
+/// service's CPU pressure, requests delivered by records), without that limit (as before it),
+/// each with clones too; with each of `--cpu-budgets`; and with its defaults in a small cgroup,
+/// as a DaemonSet pod on a larger node.
 fn saturation_setups(args: &FullBenchArgs) -> Vec<Setup> {
     let flags = |f: &[&str]| Some(f.iter().map(|s| s.to_string()).collect::<Vec<_>>());
     let mut setups: Vec<Setup> = vec![
         ("no agent".into(), None, None),
         ("agent, defaults".into(), flags(&[]), None),
         (
+            "agent, --delivery clones".into(),
+            flags(&["--delivery", "clones"]),
+            None,
+        ),
+        (
             "agent, --max-live-pressure off".into(),
             flags(&["--max-live-pressure", "off"]),
+            None,
+        ),
+        (
+            "agent, --max-live-pressure off --delivery clones".into(),
+            flags(&["--max-live-pressure", "off", "--delivery", "clones"]),
             None,
         ),
     ];
@@ -656,52 +671,86 @@ fn saturation(
 
 const FIDELITY_SECONDS: u64 = 10;
 
+/// CPU per request at a fixed rate, all in µs per request served.
 struct Fidelity {
+    label: &'static str,
     served: f64,
-    received: usize,
-    cpu_us_per_request: f64,
-    /// The kernel program's work in the live path, per mirrored request.
-    live_path_us_per_request: f64,
+    /// Requests the mirror logged; None for the runs without an agent.
+    received: Option<usize>,
+    /// The agent's threads, or tcpdump's process.
+    process_us: f64,
+    /// The kernel program's own work in the live path (`WORK_NS`).
+    program_us: Option<f64>,
+    /// Every CPU of the node, busy, less the run without an agent.
+    node_us: f64,
+    mirror_us: f64,
 }
 
-/// A run at a fixed `(rate, connections)` against the live service on `port`, with an agent
-/// mirroring it to the fast mirror: what live served, what the mirror received, the agent's CPU
-/// per mirrored request.
-fn fidelity(
+impl Fidelity {
+    /// What mirroring costs the node outside the agent's (or tcpdump's) threads and the
+    /// mirror's: the kernel program, the clone's or record's delivery, the capture socket.
+    fn kernel_us(&self) -> f64 {
+        self.node_us - self.process_us - self.mirror_us
+    }
+}
+
+/// The node's busy CPU time since `start`, from `/proc/stat` (USER_HZ jiffies).
+fn node_busy_since(start: (u64, u64)) -> Duration {
+    let (idle, total) = idle_jiffies();
+    let busy = (total - start.1).saturating_sub(idle - start.0);
+    Duration::from_millis(busy * 10)
+}
+
+/// Runs at a fixed `(rate, connections)` against the `ok` and the 16 KiB live services
+/// (`urls`): without an agent, with the agent delivering by records and by clones, and with
+/// tcpdump capturing instead. Node CPU is counted against the run without an agent.
+fn fixed_rate_costs(
     bin: &Path,
     pair: &Pair,
-    port: &str,
-    url: &str,
-    mirror_log: &Path,
-    (rate, connections): (u64, usize),
-) -> Result<Fidelity> {
-    let agent = Agent::start_on(&bin.join("mirror-agent"), pair, port, FAST_MIRROR, 512, &[])?;
-    let before = lines(mirror_log);
-    let cpu0 = agent.proc.cpu_time();
-    let (_, _, served) = oha(&pair.client, url, rate, connections, FIDELITY_SECONDS)?;
-    let cpu = agent.proc.cpu_time() - cpu0;
-    let stopped = agent.stop()?;
-    std::thread::sleep(Duration::from_millis(1500));
-    let received = lines(mirror_log) - before;
-    eprintln!("fidelity run on port {port}: {}", stopped.replay);
-    if served < 1.0 {
-        bail!("the fidelity run on port {port} served nothing");
-    }
-    Ok(Fidelity {
-        served,
-        received,
-        cpu_us_per_request: cpu.as_secs_f64() * 1e6 / received.max(1) as f64,
-        live_path_us_per_request: stopped.live_path_seconds * 1e6 / received.max(1) as f64,
-    })
-}
-
-/// tcpdump writing whole packets of the live port's traffic to /dev/null at a fixed
-/// `(rate, connections)`: its CPU per request served.
-fn tcpdump_cpu_per_request(
-    pair: &Pair,
-    url: &str,
-    (rate, connections): (u64, usize),
-) -> Result<f64> {
+    mirror: (&Nginx, &Path),
+    (ok_url, big_url): (&str, &str),
+    load: (u64, usize),
+) -> Result<Vec<Fidelity>> {
+    let start = |port, extra: &[&str]| {
+        Agent::start_on(
+            &bin.join("mirror-agent"),
+            pair,
+            port,
+            FAST_MIRROR,
+            512,
+            extra,
+        )
+    };
+    let base = fixed_rate(pair, ok_url, mirror, load, "no agent", None, None)?;
+    let mut runs = vec![
+        fixed_rate(
+            pair,
+            ok_url,
+            mirror,
+            load,
+            "agent, records (default), `ok`",
+            Some(start("8080", &[])?),
+            None,
+        )?,
+        fixed_rate(
+            pair,
+            ok_url,
+            mirror,
+            load,
+            "agent, clones, `ok`",
+            Some(start("8080", &["--delivery", "clones"])?),
+            None,
+        )?,
+        fixed_rate(
+            pair,
+            big_url,
+            mirror,
+            load,
+            "agent, records (default), 16 KiB",
+            Some(start("8083", &[])?),
+            None,
+        )?,
+    ];
     let tcpdump = Proc::spawn(
         pair.server
             .exec(&[
@@ -719,8 +768,103 @@ fn tcpdump_cpu_per_request(
     );
     // tcpdump has no ready signal; it opens its capture well within this.
     std::thread::sleep(Duration::from_millis(1000));
-    let cpu0 = tcpdump.cpu_time();
+    let label = "tcpdump capturing the `ok` traffic (whole packets, to /dev/null)";
+    runs.push(fixed_rate(
+        pair,
+        ok_url,
+        mirror,
+        load,
+        label,
+        None,
+        Some(&tcpdump),
+    )?);
+    for r in &mut runs {
+        r.node_us -= base.node_us;
+        r.mirror_us -= base.mirror_us;
+        if let Some(received) = r.received {
+            let lost = r.served - received as f64;
+            eprintln!(
+                "{}: mirror received {received} of {:.0} ({lost:.0} missing)",
+                r.label, r.served
+            );
+        }
+    }
+    runs.insert(0, base);
+    Ok(runs)
+}
+
+/// One fixed-rate run, with an agent, tcpdump (`capturer`) or neither.
+fn fixed_rate(
+    pair: &Pair,
+    url: &str,
+    (mirror, mirror_log): (&Nginx, &Path),
+    (rate, connections): (u64, usize),
+    label: &'static str,
+    agent: Option<Agent>,
+    capturer: Option<&Proc>,
+) -> Result<Fidelity> {
+    let process0 = agent
+        .as_ref()
+        .map(|a| &a.proc)
+        .or(capturer)
+        .map(Proc::cpu_time);
+    let (mirror0, node0) = (mirror.cpu_time(), idle_jiffies());
+    let mirrored0 = lines(mirror_log);
     let (_, _, served) = oha(&pair.client, url, rate, connections, FIDELITY_SECONDS)?;
-    let cpu = tcpdump.cpu_time() - cpu0;
-    Ok(cpu.as_secs_f64() * 1e6 / served.max(1.0))
+    let node = node_busy_since(node0);
+    let process = agent
+        .as_ref()
+        .map(|a| &a.proc)
+        .or(capturer)
+        .map(Proc::cpu_time);
+    let process = process.zip(process0).map_or(Duration::ZERO, |(b, a)| b - a);
+    if served < 1.0 {
+        bail!("the fixed-rate run {label:?} served nothing");
+    }
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / served;
+    let mut run = Fidelity {
+        label,
+        served,
+        received: None,
+        process_us: per(process),
+        program_us: None,
+        node_us: per(node),
+        mirror_us: per(mirror.cpu_time() - mirror0),
+    };
+    if let Some(agent) = agent {
+        let stopped = agent.stop()?;
+        eprintln!("{label}: {}", stopped.replay);
+        std::thread::sleep(Duration::from_millis(1500));
+        run.received = Some(lines(mirror_log) - mirrored0);
+        run.program_us = Some(per(Duration::from_secs_f64(stopped.live_path_seconds)));
+    }
+    Ok(run)
+}
+
+fn print_costs(costs: &[Fidelity], (rate, connections): (u64, usize)) {
+    println!("\nat {rate} req/s for {FIDELITY_SECONDS} s (oha, {connections} connections), CPU in µs per request served:");
+    println!("| setup | live served | mirror received | fidelity | agent (or tcpdump) | kernel program in the live path | node, less the agent (or tcpdump) and the mirror | the mirror |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in costs {
+        let (received, fidelity) = match r.received {
+            Some(n) => (
+                n.to_string(),
+                format!("{:.2} %", 100.0 * n as f64 / r.served),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        let program = r.program_us.map_or("-".into(), |us| format!("{us:.2}"));
+        if r.label == "no agent" {
+            println!("| no agent | {:.0} | - | - | - | - | {:.1} (the node's whole CPU per request: the baseline) | - |", r.served, r.node_us);
+            continue;
+        }
+        println!(
+            "| {} | {:.0} | {received} | {fidelity} | {:.2} | {program} | {:.2} | {:.2} |",
+            r.label,
+            r.served,
+            r.process_us,
+            r.kernel_us(),
+            r.mirror_us
+        );
+    }
 }

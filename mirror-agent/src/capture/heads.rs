@@ -90,15 +90,25 @@ pub(super) enum Progress {
 /// kernel's ring buffer (`HeadMerge::merge`).
 pub(super) struct HeadMerge {
     ring: RingBuf<MapData>,
+    ring_bytes: usize,
+    /// The share of the ring the last read found full: the backlog the reader left the kernel.
+    fill: f64,
     order: KernelOrder,
 }
 
 impl HeadMerge {
-    pub(super) fn new(ring: RingBuf<MapData>) -> Self {
+    pub(super) fn new(ring: RingBuf<MapData>, ring_bytes: u32) -> Self {
         HeadMerge {
             ring,
+            ring_bytes: ring_bytes as usize,
+            fill: 0.0,
             order: KernelOrder::default(),
         }
+    }
+
+    /// How full the ring was when last read, 0 to 1.
+    pub(super) fn fill(&self) -> f64 {
+        self.fill
     }
 
     /// Whether records or clones wait here for their turn (which comes with time, too).
@@ -128,6 +138,8 @@ impl HeadMerge {
             buf.extend_from_slice(&item);
             ends.push(buf.len());
         }
+        // Each record also takes an 8-byte header in the ring.
+        self.fill = (buf.len() + 8 * ends.len()) as f64 / self.ring_bytes.max(1) as f64;
         if ends.is_empty() {
             return;
         }

@@ -349,7 +349,7 @@ impl Capture {
         if cfg.matching.records() {
             // The capture thread reads the records with the clones, from before the program
             // is enabled, so that no record waits unread.
-            let merge = HeadMerge::new(program.take_response_heads()?);
+            let merge = HeadMerge::new(program.take_response_heads()?, cfg.records_ring_bytes);
             heads_tx
                 .send(merge)
                 .map_err(|_| CaptureError::ThreadExited)?;
@@ -947,6 +947,9 @@ fn read_loop(
             BUSY_POLL_MS
         };
         stats.note_backlog(ring.fill());
+        if let Some(m) = &merge {
+            stats.note_backlog(m.fill());
+        }
         if !batch.is_empty() {
             hand_on(sink.as_mut(), batch, stats);
         }
@@ -1051,6 +1054,21 @@ pub struct KernelReport {
     pub packets: Vec<(&'static str, u64)>,
     /// Time spent mirroring in the live path (clones, records), all CPUs.
     pub work: std::time::Duration,
+}
+
+impl KernelReport {
+    /// Segments whose record did not fit in the records ring: the reader fell behind.
+    pub fn records_ring_full(&self) -> u64 {
+        let full = [
+            Counter::HeadRingFull.name(),
+            Counter::PayloadRingFull.name(),
+        ];
+        self.packets
+            .iter()
+            .filter(|(name, _)| full.contains(name))
+            .map(|(_, n)| n)
+            .sum()
+    }
 }
 
 /// Names and values of the kernel counters, for logs and metrics.
