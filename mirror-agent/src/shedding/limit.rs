@@ -64,6 +64,10 @@ impl Limit {
     /// dropped too, each for the rest of its life.
     pub fn observe(&mut self, signal: f64, admitted_carry_load: bool) -> Rates {
         let floor = MIN_PPM.min(self.max_ppm);
+        // At the floor already, shedding new connections has done all it can: what still
+        // keeps the signal over is admitted load, whatever its connections' measured age (a
+        // starved reader that loses records sees its connections restart all the time).
+        let carried = admitted_carry_load || self.ppm == floor;
         if signal > self.threshold {
             let factor = (0.8 * self.threshold / signal).clamp(0.25, 0.8);
             self.ppm = ((f64::from(self.ppm) * factor) as u32).max(floor);
@@ -78,8 +82,7 @@ impl Limit {
                 self.ppm = (up as u32).min(self.max_ppm);
             }
         }
-        self.keep_admitted =
-            keep_admitted(self.over, admitted_carry_load, self.ppm, self.keep_admitted);
+        self.keep_admitted = keep_admitted(self.over, carried, self.ppm, self.keep_admitted);
         self.rates()
     }
 }
@@ -192,11 +195,16 @@ mod tests {
                 assert_eq!(r.keep_admitted, r.new, "second {second}");
             }
         }
-        // Short connections carry the load: admitted ones stay.
+        // Short connections carry the load: admitted ones stay while the share can still fall,
+        // and go once it is at the floor and the signal still over.
         let mut short = Limit::new(T, ALL);
-        for _ in 0..10 {
+        let mut seconds = 0;
+        while short.rates().new > MIN_PPM {
             assert_eq!(short.observe(0.5, false).keep_admitted, ALL);
+            seconds += 1;
         }
+        assert!(seconds >= MUST_DROP_AFTER, "{seconds}");
+        assert_eq!(short.observe(0.5, false).keep_admitted, MIN_PPM);
         // Once under the threshold, admitted connections are kept again.
         assert_eq!(limit.observe(0.0, true).keep_admitted, ALL);
     }
