@@ -243,7 +243,8 @@ fn nothing_left_after_sigterm_or_sigkill() {
             let after = program_counters(id);
             let delta = |c: Counter| after[c as usize] - before[c as usize];
             assert!(delta(Counter::SkipAgentGone) >= 1, "{after:?}");
-            assert_eq!(delta(Counter::Cloned) + delta(Counter::CloneErrors), 0);
+            let mirrored: u64 = MIRRORED.iter().map(|c| delta(*c)).sum();
+            assert_eq!(mirrored, 0, "{after:?}");
         }
         let (body, _) = curl(&pair.client, &["http://10.232.0.2:8080/after"]);
         assert_eq!(body, expected_body("GET", "/after", b""));
@@ -362,11 +363,11 @@ fn a_killed_or_frozen_agents_program_goes_inert() {
     let delta = |c: Counter| after[c as usize] - before[c as usize];
     assert!(delta(Counter::Matched) >= 5, "{after:?}");
     assert_eq!(delta(Counter::SkipAgentGone), delta(Counter::Matched));
-    for c in [Counter::Cloned, Counter::CloneErrors, Counter::CloneDropped] {
+    for c in MIRRORED {
         assert_eq!(
             delta(c),
             0,
-            "{c:?}: a clone was attempted after the agent died"
+            "{c:?}: a clone or record was attempted after the agent died"
         );
     }
     // The next agent removes the leftover filter.
@@ -390,13 +391,29 @@ fn a_killed_or_frozen_agents_program_goes_inert() {
         "the frozen agent's packets were passed over: {}",
         exit.metrics
     );
-    assert_eq!(
-        kernel("cloned_request_starts"),
-        2,
-        "/running and /thawed cloned, /frozen not: {}",
-        exit.metrics
-    );
+    for (path, mirrored) in [("/running", true), ("/frozen", false), ("/thawed", true)] {
+        assert_eq!(
+            exit.metrics.contains(&format!("endpoint=\"GET {path}\"")),
+            mirrored,
+            "/running and /thawed mirrored, /frozen not: {}",
+            exit.metrics
+        );
+    }
 }
+
+/// The outcomes of a packet the program mirrored, or tried to: clones and records.
+const MIRRORED: [mirror_common::Counter; 7] = {
+    use mirror_common::Counter::*;
+    [
+        Cloned,
+        CloneErrors,
+        CloneDropped,
+        HeadRecorded,
+        HeadRingFull,
+        PayloadRecorded,
+        PayloadRingFull,
+    ]
+};
 
 #[test]
 fn clear_errors_for_bad_input() {
