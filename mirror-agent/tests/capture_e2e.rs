@@ -401,6 +401,86 @@ fn a_killed_or_frozen_agents_program_goes_inert() {
     }
 }
 
+/// Records copy a segment's payload with two overlapping loads per power-of-two size class
+/// (the kernel program's `load_prefix`): one request written in segments of every class's
+/// edges, 1 to 4096 bytes, must reach the mirror byte for byte, each segment as one record.
+#[test]
+fn segments_of_every_record_size_are_captured_whole() {
+    if not_root() {
+        return;
+    }
+    let pair = Pair::new("recsz", 236);
+    let addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+    let server = TestServer::start(&pair.server, &[addr]);
+    let mirror = TestServer::start(&pair.server, &["127.0.0.1:9090".parse().unwrap()]);
+    let agent = Agent::start(
+        &pair.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "8080",
+            "--mirror",
+            "http://127.0.0.1:9090",
+        ],
+    );
+    let mut sizes: Vec<usize> = (0..=12)
+        .flat_map(|k| [(1usize << k) - 1, 1 << k, (1 << k) + 1])
+        .filter(|n| (1..=4096).contains(n))
+        .collect();
+    sizes.dedup();
+    let body_len: usize = sizes.iter().sum();
+    let head = format!("POST /sizes HTTP/1.1\r\nHost: t\r\nContent-Length: {body_len}\r\n\r\n");
+    let mut x = 0x9e37_79b9u32;
+    let mut byte = move || {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        x as u8
+    };
+    let pieces: Vec<Vec<u8>> = sizes
+        .iter()
+        .map(|&n| (0..n).map(|_| byte()).collect())
+        .collect();
+    let body = pieces.concat();
+    let segments: Vec<Vec<u8>> = std::iter::once(head.into_bytes()).chain(pieces).collect();
+    let path = pair.client.path();
+    let client = std::thread::spawn(move || {
+        netlab::enter_netns(&path);
+        let mut conn = std::net::TcpStream::connect(addr).unwrap();
+        conn.set_nodelay(true).unwrap();
+        for segment in &segments {
+            std::io::Write::write_all(&mut conn, segment).unwrap();
+            // Acknowledged before the next write, so that each write leaves as one segment.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut reply = [0u8; 512];
+        let n = std::io::Read::read(&mut conn, &mut reply).unwrap();
+        assert!(reply[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &reply[..n]);
+    });
+    client.join().unwrap();
+    assert!(
+        netlab::wait_until(patience(Duration::from_secs(10)), || mirror.requests() == 1),
+        "the mirror got no request"
+    );
+    let exit = agent.stop();
+    let kernel = |outcome| exit.metric("mirror_kernel_packets_total", &[("outcome", outcome)]);
+    let got = &mirror.log()[0];
+    assert_eq!(
+        (got.method.as_str(), got.target.as_str()),
+        ("POST", "/sizes")
+    );
+    assert!(
+        got.body == body,
+        "the mirror's body differs from what the client sent"
+    );
+    assert!(
+        kernel("payload_recorded") > sizes.len() as u64 && kernel("cloned") == 0,
+        "every segment recorded, none cloned: {}",
+        exit.metrics
+    );
+}
+
 /// The outcomes of a packet the program mirrored, or tried to: clones and records.
 const MIRRORED: [mirror_common::Counter; 7] = {
     use mirror_common::Counter::*;

@@ -336,15 +336,10 @@ fn record<const N: usize>(ctx: &TcContext, t: &Tuple, now: u64) -> Option<bool> 
         N as u64
     };
     // SAFETY: `rec` points at a reserved, writable record; fields are written one by one (the
-    // payload by `load_head` or `load_payload`, at most `N` bytes).
+    // payload by `load_prefix`, at most `N` bytes).
     unsafe {
         let head: *mut u8 = core::ptr::addr_of_mut!((*rec).head).cast();
-        let loaded = if N <= HEAD_BYTES {
-            load_head(ctx, t.payload_at, head, n)
-        } else {
-            load_payload(ctx, t.payload_at, head, n)
-        };
-        if !loaded {
+        if !load_prefix::<N>(ctx, t.payload_at, head, n) {
             entry.discard(0);
             return None;
         }
@@ -365,83 +360,52 @@ fn record<const N: usize>(ctx: &TcContext, t: &Tuple, now: u64) -> Option<bool> 
     Some(true)
 }
 
-/// Copies the first `n` (at most `HEAD_BYTES`) payload bytes at `from` to `head`, with loads of
-/// constant sizes only: the whole head at once, or the powers of two that make up `n` at
-/// offsets built from constants. A variable size must be tracked precisely by the verifier back
-/// to where it came from, here through the stack; kernels before 6.3 cannot do that and give up
-/// pruning instead, and 6.1 then took over ten minutes (under qemu) to verify this program,
-/// against a quarter of a second with constant sizes. False when the packet is shorter.
+/// Copies `n` (at most `N`) payload bytes at `from` to `to`, with two loads of one constant
+/// size: `n` lies in [s, 2s) for a power of two s, and the loads copy [0, s) and [n - s, n),
+/// which overlap. Variable sizes must be tracked precisely by the verifier back to where they
+/// came from; kernels before 6.3 cannot do that and give up pruning instead (6.1 took over ten
+/// minutes under qemu). A variable offset into the record needs no such tracking, and one branch
+/// per size class keeps the paths few (a load per bit of `n` made 2^8 of them, and every path
+/// was verified to the program's end). False when the packet is shorter.
 #[inline(always)]
-unsafe fn load_head(ctx: &TcContext, from: usize, head: *mut u8, n: u64) -> bool {
+unsafe fn load_prefix<const N: usize>(ctx: &TcContext, from: usize, to: *mut u8, n: u64) -> bool {
     let skb = ctx.as_ptr();
-    if n >= HEAD_BYTES as u64 {
-        return bpf_skb_load_bytes(skb, from as u32, head.cast(), HEAD_BYTES as u32) == 0;
+    let load = |off: u64, size: u32| {
+        let at = (from as u64 + off) as u32;
+        bpf_skb_load_bytes(skb, at, to.add(off as usize).cast(), size) == 0
+    };
+    if n == N as u64 {
+        return load(0, N as u32);
     }
-    // n < 256: its bits are distinct powers of two summing to n, so every copy ends in bounds.
-    let mut off = 0usize;
-    macro_rules! piece {
+    macro_rules! halves {
         ($size:literal) => {
-            if n & $size != 0 {
-                let to = head.add(off).cast();
-                if bpf_skb_load_bytes(skb, (from + off) as u32, to, $size) != 0 {
-                    return false;
-                }
-                off += $size;
+            if $size < N && n >= $size {
+                // n - size < size already. The mask says so to the verifier on the register
+                // that is added to the pointer (kernels before 6.8 lose a bound learned by a
+                // comparison once the value was spilled); black_box keeps LLVM from dropping it.
+                let last = core::hint::black_box(n - $size) & ($size - 1);
+                return load(0, $size) && load(last, $size);
             }
         };
     }
-    piece!(128);
-    piece!(64);
-    piece!(32);
-    piece!(16);
-    piece!(8);
-    piece!(4);
-    piece!(2);
-    n & 1 == 0 || bpf_skb_load_bytes(skb, (from + off) as u32, head.add(off).cast(), 1) == 0
-}
-
-
-/// Copies `n` payload bytes (over `HEAD_BYTES`, at most `PAYLOAD_RECORD_BYTES`) at `from` to
-/// `to`, with loads of constant sizes for the verifier's sake (see `load_head`): 1 KiB blocks,
-/// then `HEAD_BYTES` blocks, then the last `HEAD_BYTES` of the payload, which overlap bytes
-/// already copied. At most 8 loads. False when the packet is shorter.
-#[inline(always)]
-unsafe fn load_payload(ctx: &TcContext, from: usize, to: *mut u8, n: u64) -> bool {
-    const BLOCK: u64 = 1024;
-    const SMALL: u64 = HEAD_BYTES as u64;
-    const MAX: u64 = PAYLOAD_RECORD_BYTES as u64;
-    let skb = ctx.as_ptr();
-    let load = |off: u64, size: u64| {
-        bpf_skb_load_bytes(skb, (from as u64 + off) as u32, to.add(off as usize).cast(), size as u32) == 0
-    };
-    if n <= SMALL || n > MAX {
+    // A record larger than a head only takes what a head cannot hold: without this bound the
+    // smaller size classes stay in the program, and kernels before 6.8 follow them with
+    // contradictory bounds (they cannot tell such a branch is never taken) and reject it.
+    if n > N as u64 || (N > HEAD_BYTES && n <= HEAD_BYTES as u64) {
         return false;
     }
-    let mut off = 0u64;
-    for _ in 0..MAX / BLOCK {
-        if n - off < BLOCK {
-            break;
-        }
-        if !load(off, BLOCK) {
-            return false;
-        }
-        off += BLOCK;
-    }
-    for _ in 0..BLOCK / SMALL {
-        if n - off < SMALL {
-            break;
-        }
-        if !load(off, SMALL) {
-            return false;
-        }
-        off += SMALL;
-    }
-    if off == n {
-        return true;
-    }
-    // Bounded again where the verifier sees it: the last block ends at `n`, inside the record.
-    let last = core::hint::black_box(n - SMALL);
-    last <= MAX - SMALL && load(last, SMALL)
+    halves!(2048);
+    halves!(1024);
+    halves!(512);
+    halves!(256);
+    halves!(128);
+    halves!(64);
+    halves!(32);
+    halves!(16);
+    halves!(8);
+    halves!(4);
+    halves!(2);
+    n == 0 || load(0, 1)
 }
 
 /// Writes the `CloneMark` of a clone just made of a packet seen at `now`. False when the ring

@@ -77,6 +77,7 @@ fn runs(suite: Suite, binaries: &[(String, PathBuf)]) -> Vec<Run> {
             binary: "capture_e2e".into(),
             filters: &[
                 "captured_bytes_equal_what_client_sent_v4_and_v6",
+                "segments_of_every_record_size_are_captured_whole",
                 "nothing_left_after_sigterm_or_sigkill",
                 "a_killed_or_frozen_agents_program_goes_inert",
             ],
