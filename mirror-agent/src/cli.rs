@@ -4,13 +4,17 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use hyper::header::{HeaderName, HeaderValue};
 use regex::Regex;
 
 use crate::capture::{AttachMode, Hook};
+use crate::compare::gate::Condition;
 use crate::compare::RouteTemplate;
+use crate::replay::secrets::{SecretError, SecretHeader, SecretSpec};
+use crate::replay::writes::{WriteAction, WritePolicy, WriteRoute};
 use crate::replay::{self, HostMode};
 
 #[derive(Parser, Debug)]
@@ -71,6 +75,27 @@ pub struct ReplayArgs {
 
     #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
     pub format: ReportFormat,
+
+    #[command(flatten)]
+    pub gate: GateArgs,
+}
+
+/// What fails a pipeline that runs `report` or `replay`, and its JUnit file.
+#[derive(Args, Debug)]
+pub struct GateArgs {
+    /// Exit with status 3, the reasons on standard error, when an endpoint on a mirror shows
+    /// one of these (comma-separated): `failure` (a 5xx or transport error where live
+    /// succeeded), `mismatch` (another status code than live's, failures included),
+    /// `regression` (fields that differ, with --compare-bodies), `slower` (over twice live's
+    /// mean and 100 ms more) or `slower=F` (a mean over F times live's, and 1 ms more). A
+    /// report in which no request was paired with live fails as well: it checked nothing.
+    #[arg(long, value_delimiter = ',')]
+    pub fail_on: Vec<Condition>,
+
+    /// Write JUnit XML to this file: a test suite per mirror, a test case per endpoint, failed
+    /// by --fail-on's conditions (without it, by any finding).
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
 }
 
 /// How the comparison names its rows: the same for live mirroring (`attach`) and for a
@@ -116,6 +141,33 @@ pub struct RequestArgs {
     #[arg(long)]
     pub path: Option<Regex>,
 
+    /// Where writes go (requests whose method is not safe: POST, PUT, PATCH, DELETE, ...):
+    /// `mirror` (to every mirror, as Envoy does), `skip` (to none; counted), or
+    /// `only:NAME[+NAME]` (only to these named mirrors, e.g. a candidate with a database of its
+    /// own). The agent logs the policy at start.
+    #[arg(long, default_value = "mirror")]
+    pub writes: WriteAction,
+
+    /// A header whose value is read from a file, replacing the client's copy: NAME: [PREFIX]@FILE,
+    /// e.g. 'Authorization: Bearer @/run/secrets/staging-token' (a mounted Secret), so that a
+    /// candidate gets its own credentials and never production's. Re-read every second; a file
+    /// that cannot be read keeps the last value, with a warning (repeatable).
+    #[arg(long = "secret-header", value_name = "SPEC")]
+    pub secret_headers: Vec<SecretSpec>,
+
+    /// Mark every request sent to a mirror: this header (e.g. X-Mirrored) with the mirror's name
+    /// as its value, and a `mirror-shadow=NAME` entry added to W3C `baggage` (after the
+    /// client's own), so that a candidate, and the services it calls, can tell mirrored requests
+    /// and suppress side effects. A copy of either header sent by the client is replaced.
+    #[arg(long, value_name = "HEADER")]
+    pub mark: Option<HeaderName>,
+
+    /// The write policy on paths (without the query) matching a regex, ahead of --writes:
+    /// REGEX=ACTION, e.g. '^/payments=skip' or '^/pkg.Books/(Get|List)=mirror' for gRPC reads,
+    /// which are POSTs (repeatable; the first match decides).
+    #[arg(long = "writes-route")]
+    pub writes_routes: Vec<WriteRoute>,
+
     /// Seconds a request sent to the mirror may take before it counts as a timeout.
     #[arg(long, default_value_t = 10.0)]
     pub timeout: f64,
@@ -150,9 +202,31 @@ impl RequestArgs {
         }
     }
 
-    /// How requests go to `mirror`; the stage's caps keep their defaults.
-    pub fn replay_config(&self, mirror: hyper::Uri) -> replay::ReplayConfig {
+    /// Reads each `--secret-header` file: a missing or bad one fails the start.
+    pub fn secret_headers(&self) -> Result<Vec<Arc<SecretHeader>>, SecretError> {
+        self.secret_headers
+            .iter()
+            .cloned()
+            .map(SecretHeader::load)
+            .collect()
+    }
+
+    /// The write policy of every mirror (`--writes`, `--writes-route`).
+    pub fn write_policy(&self) -> WritePolicy {
+        WritePolicy {
+            default: self.writes.clone(),
+            routes: self.writes_routes.clone(),
+        }
+    }
+
+    /// How requests go to `mirror`, named `name`; the stage's caps keep their defaults.
+    pub fn replay_config(&self, mirror: hyper::Uri, name: &str) -> replay::ReplayConfig {
         replay::ReplayConfig {
+            writes: self.write_policy().for_mirror(name),
+            mark: self
+                .mark
+                .clone()
+                .map(|header| replay::Mark::new(header, name)),
             host: self.host,
             add_headers: self.add_headers.clone(),
             drop_headers: self.drop_headers.clone(),
@@ -185,6 +259,9 @@ pub struct ReportArgs {
     pub agent: SocketAddr,
     #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
     pub format: ReportFormat,
+
+    #[command(flatten)]
+    pub gate: GateArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -4,6 +4,7 @@
 
 use std::io::Write;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -19,7 +20,7 @@ use mirror_agent::capture::ring::RingConfig;
 use mirror_agent::capture::tls::TlsConfig;
 use mirror_agent::capture::{CaptureConfig, CaptureError, Hook, MatchConfig, Target};
 use mirror_agent::cli::{
-    mirror_names, AttachArgs, Cli, Command, Delivery, ExportArgs, ReplayArgs, ReportArgs,
+    mirror_names, AttachArgs, Cli, Command, Delivery, ExportArgs, GateArgs, ReplayArgs, ReportArgs,
     ReportFormat, ResponseCapture,
 };
 use mirror_agent::compare::content::ContentConfig;
@@ -32,6 +33,7 @@ use mirror_agent::pipeline::PipelineConfig;
 use mirror_agent::pods::PodSelector;
 use mirror_agent::reassembly::ReassemblyConfig;
 use mirror_agent::record::{self, playback::PlaybackConfig, RecordConfig};
+use mirror_agent::replay::secrets::{self, SecretHeader, SecretWatch};
 use mirror_agent::replay::{self, MirrorError, ReplayConfig};
 use mirror_agent::shedding::{LiveService, SheddingConfig};
 use tokio::signal::unix::{signal, SignalKind};
@@ -72,7 +74,9 @@ fn attach(args: AttachArgs) -> Result<()> {
             signal(SignalKind::interrupt())?,
         )
     };
-    let cfg = agent_config(&args, &rt)?;
+    let secrets = args.requests.secret_headers().context("--secret-header")?;
+    let _rereads = SecretWatch::start(secrets.clone(), secrets::REREAD_EVERY)?;
+    let cfg = agent_config(&args, &secrets, &rt)?;
     let agent = Agent::start(cfg, rt.handle()).map_err(with_hint)?;
     emit(&format!("{}\n", agent.ready_line()));
     let summary = rt.block_on(agent.run(async {
@@ -112,7 +116,11 @@ fn attach(args: AttachArgs) -> Result<()> {
 
 /// The agent's configuration from the command line: targets (pod IPs found by route), the
 /// memory plan, and the mirror, resolved.
-fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<AgentConfig> {
+fn agent_config(
+    args: &AttachArgs,
+    secrets: &[Arc<SecretHeader>],
+    rt: &tokio::runtime::Runtime,
+) -> Result<AgentConfig> {
     if let Some(p) = args.tls_port.iter().find(|p| args.port.contains(p)) {
         anyhow::bail!(
             "port {p} is both a --port and a --tls-port: its bytes on the wire are TLS, read it \
@@ -139,7 +147,14 @@ fn agent_config(args: &AttachArgs, rt: &tokio::runtime::Runtime) -> Result<Agent
     .map_err(anyhow::Error::msg)?;
     let content = content_capture(args)?;
     let split = plan.split(args.mirror.len(), args.compare_bodies);
-    let mirrors = mirror_targets(args, &names, split.queue_bytes_per_mirror, &content, rt)?;
+    let mirrors: Vec<MirrorTarget> =
+        mirror_targets(args, &names, split.queue_bytes_per_mirror, &content, rt)?
+            .into_iter()
+            .map(|mut m| {
+                m.replay.secret_headers = secrets.to_vec();
+                m
+            })
+            .collect();
     let pipeline = pipeline_config(
         args,
         &capture,
@@ -349,6 +364,11 @@ fn mirror_targets(
     content: &Option<ContentCapture>,
     rt: &tokio::runtime::Runtime,
 ) -> Result<Vec<MirrorTarget>> {
+    let writes = args.requests.write_policy();
+    writes.check(names).context("--writes")?;
+    if !names.is_empty() {
+        log::info!("{}", writes.describe());
+    }
     let mut mirrors = Vec::new();
     for (m, name) in args.mirror.iter().zip(names) {
         let named =
@@ -366,7 +386,7 @@ fn mirror_targets(
             pipeline_depth: args.pipeline_depth.into(),
             queue_bytes: args.queue_bytes.map_or(queue_bytes, |q| q as usize),
             content: content.clone(),
-            ..args.requests.replay_config(uri)
+            ..args.requests.replay_config(uri, name)
         };
         mirrors.push(MirrorTarget {
             name: name.clone(),
@@ -563,14 +583,21 @@ fn playback(args: ReplayArgs) -> Result<()> {
         .build()?;
     let uri = replay::parse_mirror_url(&args.mirror)
         .map_err(|e| with_hint(anyhow::Error::new(e).context("--mirror")))?;
+    args.requests
+        .write_policy()
+        .check(std::slice::from_ref(&args.series.mirror_label))
+        .context("--writes")?;
     let tls = replay::mirror_tls(&uri, &args.requests.tls_options()).context("--mirror")?;
     rt.block_on(replay::check_mirror(&uri, tls.as_ref()))
         .map_err(|e| with_hint(anyhow::Error::new(e).context("--mirror")))?;
+    let secret_headers = args.requests.secret_headers().context("--secret-header")?;
+    let _rereads = SecretWatch::start(secret_headers.clone(), secrets::REREAD_EVERY)?;
     let cfg = PlaybackConfig {
         replay: ReplayConfig {
             tls,
+            secret_headers,
             pipeline_depth: 1,
-            ..args.requests.replay_config(uri)
+            ..args.requests.replay_config(uri, &args.series.mirror_label)
         },
         speed: args.speed,
         loops: args.loops,
@@ -598,7 +625,7 @@ fn playback(args: ReplayArgs) -> Result<()> {
         )),
         ReportFormat::Table => emit(&format!("{}\n", format_table(&summary.report))),
     }
-    Ok(())
+    gate(&summary.report, &args.gate, "replay")
 }
 
 /// `mirror-agent export DIR --har FILE`.
@@ -647,7 +674,33 @@ fn report(args: ReportArgs) -> Result<()> {
         ReportFormat::Json => emit(&format!("{}\n", serde_json::to_string_pretty(&report)?)),
         ReportFormat::Table => emit(&format_table(&report)),
     }
-    Ok(())
+    gate(&report, &args.gate, "report")
+}
+
+/// `--junit` and `--fail-on`: writes the JUnit file, then exits with status 3 (errors exit
+/// with 1, bad arguments with 2) when the report fails the conditions, saying why.
+fn gate(report: &Report, args: &GateArgs, run: &str) -> Result<()> {
+    let outcome = compare::gate::judge(report, &args.fail_on);
+    if let Some(path) = &args.junit {
+        std::fs::write(path, outcome.junit(run))
+            .with_context(|| format!("--junit {}", path.display()))?;
+    }
+    if args.fail_on.is_empty() || outcome.passed() {
+        return Ok(());
+    }
+    eprintln!("gate failed (--fail-on {}):", fmt_conditions(&args.fail_on));
+    for line in outcome.failures() {
+        eprintln!("  {line}");
+    }
+    std::process::exit(GATE_FAILED);
+}
+
+/// The exit status of a report or replay that fails its `--fail-on` conditions.
+const GATE_FAILED: i32 = 3;
+
+fn fmt_conditions(conditions: &[compare::gate::Condition]) -> String {
+    let words: Vec<String> = conditions.iter().map(ToString::to_string).collect();
+    words.join(",")
 }
 
 /// Writes to standard output. A reader that went away (`| head`, a supervisor that only reads

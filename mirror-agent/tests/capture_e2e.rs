@@ -465,7 +465,10 @@ fn segments_of_every_record_size_are_captured_whole() {
     );
     let exit = agent.stop();
     let kernel = |outcome| exit.metric("mirror_kernel_packets_total", &[("outcome", outcome)]);
-    assert!(server.log()[0].body == body, "the live server's body differs");
+    assert!(
+        server.log()[0].body == body,
+        "the live server's body differs"
+    );
     let got = &mirror.log()[0];
     assert_eq!(
         (got.method.as_str(), got.target.as_str()),

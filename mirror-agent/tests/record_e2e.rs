@@ -397,3 +397,115 @@ fn a_full_disk_drops_records_counted_and_mirroring_goes_on() {
         "every request and response either written or counted as dropped"
     );
 }
+
+/// CI gates: `report --fail-on` on a live agent, and `replay --fail-on` of what it recorded
+/// against a candidate that answers like live and one that answers 404 where live answered
+/// 200: exit statuses 0 and 3, the reasons, and the JUnit files.
+#[test]
+fn gates_pass_a_faithful_candidate_and_fail_one_that_answers_404() {
+    if not_root() {
+        return;
+    }
+    let pair = Pair::new("gate", 244);
+    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+    let _live = TestServer::start(&pair.server, &[live_addr]);
+    let missing = |target: &str| {
+        let status = if target.starts_with("/missing") {
+            404
+        } else {
+            200
+        };
+        (status, Duration::ZERO)
+    };
+    let faulty =
+        TestServer::start_with(&pair.server, &[MIRROR.parse().unwrap()], Arc::new(missing));
+    let rec = tempfile::tempdir().unwrap();
+    let agent = Agent::start(
+        &pair.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "8080",
+            "--record",
+            rec.path().to_str().unwrap(),
+            "--mirror",
+            &format!("cand=http://{MIRROR}"),
+            "--metrics",
+            "127.0.0.1:9465",
+        ],
+    );
+    let base = format!("http://{live_addr}");
+    for target in ["/ok", "/missing"] {
+        let urls: Vec<String> = (0..5).map(|_| format!("{base}{target}")).collect();
+        let args: Vec<&str> = urls.iter().map(String::as_str).collect();
+        curl(&pair.client, &args);
+    }
+    let out = tempfile::tempdir().unwrap();
+    let junit = |name: &str| out.path().join(name);
+    let run = |args: &[&str]| {
+        let mut cmd = pair.server.exec(&[AGENT]);
+        let o = cmd.args(args).output().unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let gate = ["--fail-on", "mismatch,regression", "--junit"];
+    let report = |file: &str| {
+        let path = junit(file);
+        let mut args = vec!["report", "--agent", "127.0.0.1:9465"];
+        args.extend(gate);
+        args.push(path.to_str().unwrap());
+        run(&args)
+    };
+    assert!(
+        netlab::wait_until(patience(Duration::from_secs(10)), || report("live.xml").0
+            == Some(3)),
+        "report --fail-on never failed the 404s: {:?}",
+        report("live.xml")
+    );
+    let (_, stderr) = report("live.xml");
+    assert!(
+        stderr.contains("GET /missing on cand: mismatch: 404 where live answered 200"),
+        "{stderr}"
+    );
+    agent.stop();
+    drop(faulty);
+
+    let replay_to = |file: &str| {
+        let path = junit(file);
+        let mut args = vec!["replay", rec.path().to_str().unwrap(), "--mirror"];
+        let mirror = format!("http://{MIRROR}");
+        args.extend([mirror.as_str(), "--speed", "max"]);
+        args.extend(gate);
+        args.push(path.to_str().unwrap());
+        let (code, stderr) = run(&args);
+        (code, stderr, std::fs::read_to_string(path).unwrap())
+    };
+    let faithful = TestServer::start(&pair.server, &[MIRROR.parse().unwrap()]);
+    let (code, stderr, xml) = replay_to("pass.xml");
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(faithful.requests(), 10);
+    assert!(xml.contains(r#"tests="2" failures="0""#), "{xml}");
+    assert!(
+        xml.contains(r#"<testcase name="GET /missing" classname="mirror""#),
+        "{xml}"
+    );
+    drop(faithful);
+
+    let _faulty =
+        TestServer::start_with(&pair.server, &[MIRROR.parse().unwrap()], Arc::new(missing));
+    let (code, stderr, xml) = replay_to("fail.xml");
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(
+        stderr.contains("GET /missing on mirror: mismatch: 404 where live answered 200 ×5 of 5"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("GET /ok on"), "{stderr}");
+    assert!(xml.contains(r#"tests="2" failures="1""#), "{xml}");
+    assert!(
+        xml.contains("<failure message=\"mismatch: 404 where live answered 200"),
+        "{xml}"
+    );
+}

@@ -792,3 +792,113 @@ fn pipelined_batches_to_a_python_mirror_arrive_whole_and_once() {
         );
     }
 }
+
+/// Safe replay: the candidate gets its own token, read from a file and read again when the file
+/// changes, and never production's; writes go where the policy says (those skipped are
+/// counted, and live still gets them); every request sent carries the mark, in a header and in
+/// the client's baggage.
+#[test]
+fn a_candidate_gets_its_own_token_and_only_the_writes_the_policy_allows() {
+    if not_root() {
+        return;
+    }
+    let _serial = serial();
+    let pair = Pair::new("safe", 240);
+    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+    let live = TestServer::start(&pair.server, &[live_addr]);
+    let mirror = TestServer::start(&pair.server, &[MIRROR.parse().unwrap()]);
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "staging-1\n").unwrap();
+    let secret = format!("Authorization: Bearer @{}", token.display());
+    let agent = Agent::start(
+        &pair.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "8080",
+            "--mirror",
+            &format!("cand=http://{MIRROR}"),
+            "--secret-header",
+            &secret,
+            "--writes-route",
+            "^/payments=skip",
+            "--mark",
+            "X-Mirrored",
+        ],
+    );
+    let base = format!("http://{live_addr}");
+    let prod = ["-H", "Authorization: Bearer prod-secret"];
+    let send = |extra: &[&str], path: &str| {
+        let url = format!("{base}{path}");
+        let mut args = prod.to_vec();
+        args.extend_from_slice(extra);
+        args.push(&url);
+        curl(&pair.client, &args);
+    };
+    send(&["-H", "baggage: tenant=7"], "/books/1");
+    send(&["-d", "order"], "/orders");
+    send(&["-d", "card"], "/payments");
+    wait_for(&mirror, 2);
+    std::fs::write(&token, "staging-2\n").unwrap();
+    let rotated = netlab::wait_until(patience(Duration::from_secs(10)), || {
+        send(&[], "/books/2");
+        std::thread::sleep(Duration::from_millis(200));
+        mirror
+            .log()
+            .iter()
+            .any(|r| r.header("authorization") == Some("Bearer staging-2"))
+    });
+    let exit = agent.stop();
+    assert!(rotated, "the rotated token never reached the mirror");
+
+    let got = mirror.log();
+    for r in &got {
+        let auth = r.header("authorization").unwrap_or("none");
+        assert!(
+            auth == "Bearer staging-1" || auth == "Bearer staging-2",
+            "{} {}: authorization {auth}",
+            r.method,
+            r.target
+        );
+        assert_eq!(r.header("x-mirrored"), Some("cand"), "{}", r.target);
+        let n = r
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("authorization"))
+            .count();
+        assert_eq!(n, 1, "{}: one Authorization, the candidate's", r.target);
+    }
+    let first = got
+        .iter()
+        .find(|r| r.target == "/books/1")
+        .expect("GET mirrored");
+    assert_eq!(first.header("authorization"), Some("Bearer staging-1"));
+    assert_eq!(first.header("baggage"), Some("tenant=7,mirror-shadow=cand"));
+    let order = got
+        .iter()
+        .find(|r| r.target == "/orders")
+        .expect("POST /orders mirrored");
+    assert_eq!(order.body, b"order");
+    assert_eq!(order.header("baggage"), Some("mirror-shadow=cand"));
+    assert!(
+        !got.iter().any(|r| r.target == "/payments"),
+        "a write the policy skips reached the mirror"
+    );
+    assert!(live
+        .log()
+        .iter()
+        .any(|r| r.target == "/payments" && r.body == b"card"));
+    assert_eq!(
+        exit.metric("mirror_replay_filtered_write_policy_total", &[]),
+        1,
+        "{}",
+        exit.metrics
+    );
+    assert!(
+        exit.stderr.contains("on paths matching ^/payments skipped"),
+        "the policy is logged at start: {}",
+        exit.stderr
+    );
+}

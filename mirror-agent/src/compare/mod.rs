@@ -22,6 +22,7 @@ use worker::ContentWorker;
 pub mod content;
 pub mod diffs;
 mod endpoint;
+pub mod gate;
 mod histogram;
 mod report;
 #[cfg(test)]

@@ -235,11 +235,17 @@ pub(super) fn build_h2(
         .method(req.method())
         .uri(uri)
         .version(hyper::Version::HTTP_2);
+    let mut baggage = None;
     for (name, value) in req.headers() {
         let name = HeaderName::from_bytes(name)?;
+        if cfg.mark.as_ref().is_some_and(|m| m.owns(name.as_str())) {
+            baggage = baggage.or((name == "baggage").then_some(value));
+            continue;
+        }
         if H2_FORBIDDEN.contains(&name.as_str())
             || (name == hyper::header::TE && value != b"trailers")
             || cfg.drop_headers.contains(&name)
+            || cfg.secret_headers.iter().any(|h| *h.name() == name)
         {
             continue;
         }
@@ -247,6 +253,13 @@ pub(super) fn build_h2(
     }
     for (k, v) in &cfg.add_headers {
         b = b.header(k, v);
+    }
+    for secret in &cfg.secret_headers {
+        b = b.header(secret.name(), secret.value());
+    }
+    if let Some(mark) = &cfg.mark {
+        b = b.header(&mark.header, &mark.mirror);
+        b = b.header("baggage", HeaderValue::from_bytes(&mark.baggage(baggage))?);
     }
     let mut frames = VecDeque::new();
     if !req.body.is_empty() {

@@ -44,8 +44,10 @@ pub(crate) mod h1;
 mod h2;
 mod pacing;
 mod pool;
+pub mod secrets;
 mod target;
 mod tls;
+pub mod writes;
 
 use self::h2::*;
 pub(crate) use self::h2::{send_h2_once, H2Mirror};
@@ -58,6 +60,7 @@ pub use self::target::{
 };
 use self::tls::{Alpn, MirrorStream};
 pub use self::tls::{MirrorTls, TlsError, TlsOptions};
+use self::writes::MirrorWrites;
 
 /// What the mirror request's Host header is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +83,8 @@ pub struct ReplayConfig {
     /// Only these methods (upper case); empty means all.
     pub methods: Vec<String>,
     pub path: Option<Regex>,
+    /// Whether writes go to this mirror (`--writes`, `--writes-route`).
+    pub writes: MirrorWrites,
     /// Requests per second sent at most (token bucket); None: no cap.
     pub max_rps: Option<f64>,
     pub max_inflight: usize,
@@ -92,6 +97,59 @@ pub struct ReplayConfig {
     pub queue_bytes: usize,
     /// TLS to an https mirror.
     pub tls: Option<MirrorTls>,
+    /// Marks every request sent as mirrored (`--mark`).
+    pub mark: Option<Mark>,
+    /// Headers set from files (`--secret-header`), replacing the client's.
+    pub secret_headers: Vec<Arc<secrets::SecretHeader>>,
+}
+
+/// `--mark`: a header naming the mirror on every request sent to it, and the same as an entry
+/// of W3C `baggage`, which tracing libraries carry on to the services the candidate calls.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mark {
+    pub header: HeaderName,
+    /// The mirror's name, the header's value.
+    pub mirror: HeaderValue,
+}
+
+/// The key of the mark's entry in `baggage`.
+pub const BAGGAGE_KEY: &str = "mirror-shadow";
+
+impl Mark {
+    /// The mark of the mirror named `mirror`: the name percent-encoded beyond letters, digits
+    /// and `-_.~`, as baggage values are.
+    pub fn new(header: HeaderName, mirror: &str) -> Mark {
+        let mut value = String::new();
+        for b in mirror.bytes() {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                value.push(b as char);
+            } else {
+                value.push_str(&format!("%{b:02X}"));
+            }
+        }
+        Mark {
+            header,
+            mirror: HeaderValue::from_str(&value).expect("percent-encoded ASCII is a header value"),
+        }
+    }
+
+    /// The `baggage` value sent: the client's own entries, if any, then the mark's.
+    pub fn baggage(&self, client: Option<&[u8]>) -> Vec<u8> {
+        let mut value = Vec::new();
+        if let Some(own) = client.filter(|v| !v.iter().all(u8::is_ascii_whitespace)) {
+            value.extend_from_slice(own);
+            value.push(b',');
+        }
+        value.extend_from_slice(BAGGAGE_KEY.as_bytes());
+        value.push(b'=');
+        value.extend_from_slice(self.mirror.as_bytes());
+        value
+    }
+
+    /// Whether `name` is a header the mark writes itself (the client's copy is left out).
+    pub fn owns(&self, name: &str) -> bool {
+        name.eq_ignore_ascii_case(self.header.as_str()) || name.eq_ignore_ascii_case("baggage")
+    }
 }
 
 /// What a queued request costs beyond its bytes (the request's own fields and header index).
@@ -100,16 +158,17 @@ pub const QUEUE_ENTRY_OVERHEAD: usize = 512;
 /// Most HTTP/1 requests written at once on a mirror connection unless `--pipeline-depth` says.
 pub const DEFAULT_PIPELINE_DEPTH: u16 = 64;
 
-/// Why a request is left out by the filters (`--methods`, `--path`).
+/// Why a request is left out by the filters (`--methods`, `--path`, the write policy).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Filtered {
     Method,
     Path,
+    WritePolicy,
 }
 
 impl ReplayConfig {
     /// The one request filter, of live mirroring and of playback: the method among `methods`
-    /// (all when empty), and the path (before any query) matching `path`.
+    /// (all when empty), the path (before any query) matching `path`, and the write policy.
     pub fn filter(&self, method: &str, target: &str) -> Result<(), Filtered> {
         if !self.methods.is_empty() && !self.methods.iter().any(|m| m == method) {
             return Err(Filtered::Method);
@@ -117,6 +176,7 @@ impl ReplayConfig {
         let path = target.split('?').next().unwrap_or("");
         match &self.path {
             Some(re) if !re.is_match(path) => Err(Filtered::Path),
+            _ if !self.writes.allows(method, path) => Err(Filtered::WritePolicy),
             _ => Ok(()),
         }
     }
@@ -129,6 +189,7 @@ impl ReplayConfig {
             drop_headers: Vec::new(),
             methods: Vec::new(),
             path: None,
+            writes: MirrorWrites::default(),
             max_rps: None,
             max_inflight: 256,
             pipeline_depth: DEFAULT_PIPELINE_DEPTH.into(),
@@ -136,6 +197,8 @@ impl ReplayConfig {
             timeout: Duration::from_secs(10),
             queue_bytes: 64 << 20,
             tls: None,
+            mark: None,
+            secret_headers: Vec::new(),
         }
     }
 }
@@ -165,6 +228,8 @@ mirror_core::stage_counters! {
             "Requests left out by --methods",
         pub filtered_path: AtomicU64 => Counter "mirror_replay_filtered_path"
             "Requests left out by --path",
+        pub filtered_write_policy: AtomicU64 => Counter "mirror_replay_filtered_write_policy"
+            "Writes (POST, PUT, PATCH, DELETE, ...) left out by --writes and --writes-route",
         pub inflight: AtomicU64 => Gauge "mirror_replay_inflight"
             "Requests sent and not yet answered",
         pub offered: AtomicU64 => Counter "mirror_replay_offered"
@@ -208,6 +273,15 @@ mod tests {
         assert_eq!(cfg.filter("GET", "/api/books?x=/other"), Ok(()));
         assert_eq!(cfg.filter("POST", "/api/books"), Err(Filtered::Method));
         assert_eq!(cfg.filter("HEAD", "/health?/api/"), Err(Filtered::Path));
+        cfg.methods.clear();
+        cfg.writes = writes::WritePolicy {
+            default: writes::WriteAction::Skip,
+            routes: vec!["^/api/carts=mirror".parse().unwrap()],
+        }
+        .for_mirror("m");
+        assert_eq!(cfg.filter("POST", "/api/books"), Err(Filtered::WritePolicy));
+        assert_eq!(cfg.filter("POST", "/api/carts?a=1"), Ok(()));
+        assert_eq!(cfg.filter("GET", "/api/books"), Ok(()));
     }
 
     #[test]

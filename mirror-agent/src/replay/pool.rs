@@ -169,6 +169,10 @@ impl Replayer {
                 inc(&stats.filtered_path);
                 return false;
             }
+            Err(Filtered::WritePolicy) => {
+                inc(&stats.filtered_write_policy);
+                return false;
+            }
         }
         let cost = queue_cost(req);
         let admitted = stats
