@@ -274,3 +274,56 @@ pub(super) fn build_h2(
         rest: req.rest.as_ref().and_then(|r| r.take()),
     })?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replay::secrets::SecretHeader;
+    use crate::replay::{parse_mirror_url, Mark};
+
+    #[test]
+    fn secrets_and_the_mark_replace_the_clients_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "staging\n").unwrap();
+        let mut cfg = ReplayConfig::new(parse_mirror_url("http://mirror:9").unwrap());
+        let spec = format!("Authorization: Bearer @{}", token.display());
+        cfg.secret_headers = vec![SecretHeader::load(spec.parse().unwrap()).unwrap()];
+        cfg.mark = Some(Mark::new(HeaderName::from_static("x-mirrored"), "cand"));
+        let field = |n: &str, v: &str| (Bytes::from(n.to_owned()), Bytes::from(v.to_owned()));
+        let req = http2::Request {
+            conn: 1,
+            seq: 1,
+            client: "10.0.0.1:40000".parse().unwrap(),
+            server: "10.0.0.2:8080".parse().unwrap(),
+            fields: vec![
+                field(":method", "POST"),
+                field(":scheme", "http"),
+                field(":authority", "books"),
+                field(":path", "/pkg.Books/GetBook"),
+                field("authorization", "Bearer prod"),
+                field("baggage", "tenant=7"),
+                field("x-mirrored", "spoofed"),
+                field("grpc-timeout", "1S"),
+            ],
+            body: Bytes::new(),
+            trailers: Vec::new(),
+            from_start: true,
+            rest: None,
+            first_ts: 0,
+            last_ts: 0,
+        };
+        let out = build_h2(&cfg, &req).unwrap();
+        let all = |name: &str| -> Vec<&str> {
+            out.headers()
+                .get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect()
+        };
+        assert_eq!(all("authorization"), ["Bearer staging"]);
+        assert_eq!(all("x-mirrored"), ["cand"]);
+        assert_eq!(all("baggage"), ["tenant=7,mirror-shadow=cand"]);
+        assert_eq!(all("grpc-timeout"), ["1S"]);
+    }
+}
