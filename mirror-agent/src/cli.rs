@@ -13,6 +13,7 @@ use regex::Regex;
 use crate::capture::{AttachMode, Hook};
 use crate::compare::gate::Condition;
 use crate::compare::RouteTemplate;
+use crate::redact::{Pattern, RedactError, RedactRules, Redactor};
 use crate::replay::secrets::{SecretError, SecretHeader, SecretSpec};
 use crate::replay::writes::{WriteAction, WritePolicy, WriteRoute};
 use crate::replay::{self, HostMode};
@@ -202,6 +203,14 @@ impl RequestArgs {
         }
     }
 
+    /// Headers never written to a recording nor shown in a diff: --drop-header's, and the
+    /// client's copies of --secret-header's (credentials the candidate gets its own of).
+    pub fn kept_private(&self) -> Vec<HeaderName> {
+        let mut names = self.drop_headers.clone();
+        names.extend(self.secret_headers.iter().map(|s| s.name.clone()));
+        names
+    }
+
     /// Reads each `--secret-header` file: a missing or bad one fails the start.
     pub fn secret_headers(&self) -> Result<Vec<Arc<SecretHeader>>, SecretError> {
         self.secret_headers
@@ -268,6 +277,48 @@ pub struct ReportArgs {
 pub enum ReportFormat {
     Table,
     Json,
+}
+
+/// What is redacted before anything is kept or shown: recordings (and so their HAR exports)
+/// and the examples of content diffs.
+#[derive(Args, Debug)]
+pub struct RedactArgs {
+    /// The HMAC key for redaction, a file of 16 bytes or more (a mounted Secret): a redacted
+    /// value becomes REDACTED-<the first 12 hex digits of its keyed hash>, equal for equal
+    /// values, so diffs still tell equal from changed; without the key it cannot be guessed.
+    #[arg(long, value_name = "FILE")]
+    pub redact_key: Option<PathBuf>,
+
+    /// A header whose value is redacted whole (repeatable).
+    #[arg(long = "redact-header", value_name = "NAME")]
+    pub headers: Vec<String>,
+
+    /// A query parameter whose value is redacted (repeatable).
+    #[arg(long = "redact-query", value_name = "PARAM")]
+    pub query: Vec<String>,
+
+    /// A JSON path whose value is redacted whole, named as content diffs name paths, e.g.
+    /// '$.card' or '$.items[*].email' (repeatable).
+    #[arg(long = "redact-json", value_name = "PATH")]
+    pub json_paths: Vec<String>,
+
+    /// A pattern redacted wherever it appears in text (header values, targets, JSON strings and
+    /// keys, text bodies): `email`, `card` (13-19 digits passing the Luhn check), `token` (JWTs,
+    /// common API-key shapes), or a regex (repeatable).
+    #[arg(long = "redact-pattern", value_name = "PATTERN", value_parser = Pattern::parse)]
+    pub patterns: Vec<Pattern>,
+}
+
+impl RedactArgs {
+    pub fn redactor(&self) -> Result<Option<Redactor>, RedactError> {
+        let rules = RedactRules {
+            headers: self.headers.clone(),
+            query: self.query.clone(),
+            json_paths: self.json_paths.clone(),
+            patterns: self.patterns.clone(),
+        };
+        Redactor::from_key_file(self.redact_key.as_deref(), rules)
+    }
 }
 
 #[derive(Args, Debug)]
@@ -389,6 +440,9 @@ pub struct AttachArgs {
     /// The oldest recording files are removed to keep the directory under this size.
     #[arg(long, default_value = "1G", value_parser = crate::memory_budget::parse_size)]
     pub record_max_size: u64,
+
+    #[command(flatten)]
+    pub redact: RedactArgs,
 
     /// Write the captured streams, per flow, to this file on exit.
     #[arg(long)]
@@ -663,87 +717,4 @@ pub fn parse_header(s: &str) -> Result<(HeaderName, HeaderValue), String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn attach(args: &[&str]) -> Result<Box<AttachArgs>, clap::Error> {
-        let mut argv = vec!["mirror-agent", "attach", "--iface", "eth0", "--port", "80"];
-        argv.extend_from_slice(args);
-        match Cli::try_parse_from(argv)?.command {
-            Command::Attach(a) => Ok(a),
-            _ => unreachable!("parsed as attach"),
-        }
-    }
-
-    #[test]
-    fn replay_arguments_and_their_errors() {
-        let parse = |extra: &[&str]| {
-            let mut argv = vec!["mirror-agent", "replay", "rec", "--mirror", "http://m:80"];
-            argv.extend_from_slice(extra);
-            Cli::try_parse_from(argv).map(|c| match c.command {
-                Command::Replay(r) => r,
-                _ => unreachable!("parsed as replay"),
-            })
-        };
-        use crate::record::playback::{Lanes, Speed};
-        let r = parse(&[]).unwrap();
-        assert_eq!(
-            (r.speed, r.loops, r.connections),
-            (Speed::Factor(1.0), 1, Lanes::Same)
-        );
-        let r = parse(&["--speed", "max", "--loop", "3", "--connections", "8"]).unwrap();
-        assert_eq!(
-            (r.speed, r.loops, r.connections),
-            (Speed::Max, 3, Lanes::Fixed(8))
-        );
-        for bad in [
-            ["--speed", "0"],
-            ["--speed", "fast"],
-            ["--connections", "0"],
-            ["--loop", "0"],
-        ] {
-            let e = parse(&bad).unwrap_err().to_string();
-            assert!(e.contains(bad[1]), "{bad:?}: {e}");
-        }
-    }
-
-    #[test]
-    fn mirrors_by_name_or_bare_url() {
-        let a = attach(&[
-            "--mirror",
-            "cand=http://v5:8080",
-            "--mirror",
-            "http://v1:8080/x?a=b",
-            "--mirror-label",
-            "V1MIR",
-        ])
-        .unwrap();
-        assert_eq!(
-            a.mirror,
-            [
-                MirrorArg {
-                    name: Some("cand".into()),
-                    url: "http://v5:8080".into()
-                },
-                MirrorArg {
-                    name: None,
-                    url: "http://v1:8080/x?a=b".into()
-                },
-            ]
-        );
-        assert_eq!(
-            mirror_names(&a.mirror, &a.series.mirror_label, &a.series.live_label).unwrap(),
-            ["cand", "V1MIR"]
-        );
-
-        let err = attach(&["--mirror", "bad name=http://x"]).unwrap_err();
-        assert!(err.to_string().contains("letters, digits"), "{err}");
-        let two_bare = attach(&["--mirror", "http://a", "--mirror", "http://b"]).unwrap();
-        let err = mirror_names(&two_bare.mirror, "mirror", "live").unwrap_err();
-        assert!(err.contains("give each a name"), "{err}");
-        let same = attach(&["--mirror", "a=http://a", "--mirror", "a=http://b"]).unwrap();
-        assert!(mirror_names(&same.mirror, "mirror", "live").is_err());
-        let live = attach(&["--mirror", "live=http://a"]).unwrap();
-        assert!(mirror_names(&live.mirror, "mirror", "live").is_err());
-    }
-}
+mod tests;

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod pods;
 pub mod record;
+pub mod redact;
 pub mod replay;
 pub mod shedding;
 

@@ -33,6 +33,7 @@ use mirror_agent::pipeline::PipelineConfig;
 use mirror_agent::pods::PodSelector;
 use mirror_agent::reassembly::ReassemblyConfig;
 use mirror_agent::record::{self, playback::PlaybackConfig, RecordConfig};
+use mirror_agent::redact::Redactor;
 use mirror_agent::replay::secrets::{self, SecretHeader, SecretWatch};
 use mirror_agent::replay::{self, MirrorError, ReplayConfig};
 use mirror_agent::shedding::{LiveService, SheddingConfig};
@@ -163,12 +164,16 @@ fn agent_config(
         mirrors.len(),
         &content,
     );
+    let redactor = args.redact.redactor()?;
+    if let Some(r) = &redactor {
+        log::info!("{}", r.describe());
+    }
     let diffs = match content {
-        Some(c) => Some(diff_config(args, &names, c, &split)?),
+        Some(c) => Some(diff_config(args, &names, c, &split, redactor.clone())?),
         None => None,
     };
     Ok(AgentConfig {
-        record: record_config(args),
+        record: record_config(args, redactor),
         pipeline,
         mirrors,
         compare: CompareConfig {
@@ -403,6 +408,7 @@ fn diff_config(
     names: &[String],
     content: ContentCapture,
     split: &memory_budget::Split,
+    redactor: Option<Redactor>,
 ) -> Result<DiffConfig> {
     let secondary = match &args.secondary {
         Some(s) => Some(names.iter().position(|n| n == s).with_context(|| {
@@ -416,8 +422,9 @@ fn diff_config(
     Ok(DiffConfig {
         content: ContentConfig {
             headers: content.headers,
-            redacted: redacted_headers(&args.requests.drop_headers),
+            redacted: redacted_headers(&args.requests.kept_private()),
             array_keys: args.array_keys.clone(),
+            redactor,
         },
         ignore: args.ignore.clone(),
         secondary,
@@ -426,7 +433,7 @@ fn diff_config(
     })
 }
 
-fn record_config(args: &AttachArgs) -> Option<RecordConfig> {
+fn record_config(args: &AttachArgs, redactor: Option<Redactor>) -> Option<RecordConfig> {
     args.record.as_ref().map(|dir| RecordConfig {
         dir: dir.clone(),
         file_bytes: args.record_file_size,
@@ -434,10 +441,11 @@ fn record_config(args: &AttachArgs) -> Option<RecordConfig> {
         max_bytes: args.record_max_size,
         drop_headers: args
             .requests
-            .drop_headers
+            .kept_private()
             .iter()
             .map(|h| h.to_string())
             .collect(),
+        redactor,
         queue: 64 << 10,
         block_age: record::writer::BLOCK_AGE,
     })

@@ -365,6 +365,10 @@ fn content_regressions_stand_out_and_noise_does_not() {
     let _cand = json_peer(&pair.server, "v5", "127.0.0.1:9201".parse().unwrap());
     let _second = json_peer(&pair.server, "v1", "127.0.0.1:9202".parse().unwrap());
     const METRICS: &str = "127.0.0.1:9473";
+    // The rating is redacted where examples are shown: it must still count as changed, and the
+    // author's name, redacted too, as equal.
+    let key = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(key.path(), [42u8; 32]).unwrap();
     let agent = Agent::start(
         &pair.server,
         &[
@@ -381,6 +385,12 @@ fn content_regressions_stand_out_and_noise_does_not() {
             "--compare-bodies",
             "--metrics",
             METRICS,
+            "--redact-key",
+            key.path().to_str().unwrap(),
+            "--redact-json",
+            "$.rating",
+            "--redact-json",
+            "$.name",
         ],
     );
     const N: usize = 40;
@@ -430,6 +440,22 @@ fn content_regressions_stand_out_and_noise_does_not() {
     let rating = books.fields.iter().find(|f| f.path == "$.rating").unwrap();
     // No book's rating is a whole number: every rounded one differs.
     assert_eq!(rating.rate, 1.0, "{rating:?}");
+    for example in [&rating.live_example, &rating.mirror_example] {
+        let shown = example.as_deref().unwrap_or("");
+        assert!(
+            shown.starts_with("REDACTED-") && shown.len() == 21,
+            "{rating:?}"
+        );
+    }
+    assert_ne!(rating.live_example, rating.mirror_example);
+    let shown = serde_json::to_string(&r.content).unwrap();
+    for raw in ["4.5", "3.8", "4.2", "4.7", "3.9", "4.0", "5.0"] {
+        let example = format!("\"{raw}\"");
+        assert!(
+            !shown.contains(&example),
+            "a redacted rating shown: {shown}"
+        );
+    }
     let verdicts = mirror_agent::compare::verdicts(&r);
     let cand: Vec<&String> = verdicts
         .iter()

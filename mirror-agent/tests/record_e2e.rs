@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
+use mirror_agent::redact::{RedactRules, Redactor};
 
 const MIRROR: &str = "127.0.0.1:9090";
 /// The pause between the keep-alive requests of the timed connections.
@@ -508,4 +509,119 @@ fn gates_pass_a_faithful_candidate_and_fail_one_that_answers_404() {
         xml.contains("<failure message=\"mismatch: 404 where live answered 200"),
         "{xml}"
     );
+}
+
+/// Redaction before anything is kept: secrets planted in a query, headers, a JSON body, a
+/// chunked text body and a bearer token are absent from the recording's HAR export (searched
+/// byte for byte), an equal value masks equally, and the redacted recording still replays as
+/// well-framed requests.
+#[test]
+fn a_redacted_recording_keeps_no_planted_secret_and_still_replays() {
+    if not_root() {
+        return;
+    }
+    let pair = Pair::new("redact", 245);
+    let live_addr: SocketAddr = format!("{}:8080", pair.server_v4).parse().unwrap();
+    let _live = TestServer::start(&pair.server, &[live_addr]);
+    let dir = tempfile::tempdir().unwrap();
+    let (rec, key) = (dir.path().join("rec"), dir.path().join("key"));
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    let agent = Agent::start(
+        &pair.server,
+        &[
+            "--iface",
+            "srv0",
+            "--port",
+            "8080",
+            "--record",
+            rec.to_str().unwrap(),
+            "--redact-key",
+            key.to_str().unwrap(),
+            "--redact-header",
+            "X-Api-Key",
+            "--redact-query",
+            "token",
+            "--redact-json",
+            "$.card",
+            "--redact-pattern",
+            "email",
+            "--redact-pattern",
+            "card",
+            "--redact-pattern",
+            "token",
+        ],
+    );
+    const JWT: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N";
+    let base = format!("http://{live_addr}");
+    let json = r#"{"card":{"number":"4111111111111111"},"email":"alice@example.com","note":"card 5500 0000 0000 0004"}"#;
+    let pay = format!("{base}/pay?token=QSECRET123&x=1");
+    let auth = format!("Authorization: Bearer {JWT}");
+    curl(
+        &pair.client,
+        &[
+            "-H",
+            "X-Api-Key: HSECRET456",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            json,
+            &pay,
+        ],
+    );
+    let put = format!("{base}/notes");
+    curl(
+        &pair.client,
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "-d",
+            "to=bob@example.com",
+            &put,
+        ],
+    );
+    curl(
+        &pair.client,
+        &["-H", &auth, &format!("{base}/u?mail=alice@example.com")],
+    );
+    agent.stop();
+
+    let har = pair
+        .server
+        .exec(&[AGENT, "export", rec.to_str().unwrap(), "--har", "-"])
+        .output()
+        .unwrap();
+    let har = String::from_utf8_lossy(&har.stdout).into_owned();
+    assert!(
+        har.contains("/pay") && har.contains("/notes") && har.contains("/u?mail="),
+        "{har}"
+    );
+    for secret in [
+        "QSECRET123",
+        "HSECRET456",
+        "4111111111111111",
+        "alice@example.com",
+        "5500 0000 0000 0004",
+        "bob@example.com",
+        JWT,
+    ] {
+        assert!(!har.contains(secret), "{secret} in the HAR: {har}");
+    }
+    // Alice's address masks the same in the body of /pay and the query of /u.
+    let alice = Redactor::new(vec![7u8; 32], RedactRules::default()).mask(b"alice@example.com");
+    let entries: Vec<&str> = har.split("\"request\"").skip(1).collect();
+    let with_alice = entries.iter().filter(|e| e.contains(&alice)).count();
+    assert_eq!(with_alice, 2, "{alice} in /pay and /u: {har}");
+
+    let mirror = TestServer::start(&pair.server, &[MIRROR.parse().unwrap()]);
+    let (_, stderr) = replay(&pair.server, &rec, &["--speed", "max"]);
+    let got = mirror.log();
+    assert_eq!(got.len(), 3, "{stderr}");
+    let pay = got.iter().find(|r| r.target.starts_with("/pay")).unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&pay.body).expect("JSON body");
+    assert!(body["card"].as_str().unwrap().starts_with("REDACTED-"));
+    assert_eq!(body["note"].as_str().unwrap().len(), "card ".len() + 21);
+    let notes = got.iter().find(|r| r.target == "/notes").unwrap();
+    assert!(notes.body.starts_with(b"to=REDACTED-") && notes.body.len() == 24);
 }

@@ -811,6 +811,7 @@ fn a_candidate_gets_its_own_token_and_only_the_writes_the_policy_allows() {
     let token = dir.path().join("token");
     std::fs::write(&token, "staging-1\n").unwrap();
     let secret = format!("Authorization: Bearer @{}", token.display());
+    let rec = dir.path().join("rec");
     let agent = Agent::start(
         &pair.server,
         &[
@@ -826,6 +827,8 @@ fn a_candidate_gets_its_own_token_and_only_the_writes_the_policy_allows() {
             "^/payments=skip",
             "--mark",
             "X-Mirrored",
+            "--record",
+            rec.to_str().unwrap(),
         ],
     );
     let base = format!("http://{live_addr}");
@@ -895,6 +898,18 @@ fn a_candidate_gets_its_own_token_and_only_the_writes_the_policy_allows() {
         1,
         "{}",
         exit.metrics
+    );
+    // The client's copy of a secret header is not recorded either.
+    let har = pair
+        .server
+        .exec(&[AGENT, "export", rec.to_str().unwrap(), "--har", "-"])
+        .output()
+        .unwrap();
+    let har = String::from_utf8_lossy(&har.stdout);
+    assert!(har.contains("/orders") && har.contains("tenant=7"), "{har}");
+    assert!(
+        !har.contains("prod-secret"),
+        "production's token recorded: {har}"
     );
     assert!(
         exit.stderr.contains("on paths matching ^/payments skipped"),

@@ -30,6 +30,8 @@ pub struct ContentConfig {
     pub redacted: Vec<String>,
     /// Arrays matched by an element key: (the array's path, as reported, and the key).
     pub array_keys: Vec<(String, String)>,
+    /// Redacts the examples shown (`--redact-*`); the comparison itself sees the values.
+    pub redactor: Option<crate::redact::Redactor>,
 }
 
 /// A difference at one path: the two values (cut to `MAX_EXAMPLE`), None where one side has
@@ -54,16 +56,16 @@ pub struct Differences {
 pub fn compare(live: &Content, mirror: &Content, cfg: &ContentConfig) -> Differences {
     let mut d = Differences::default();
     if live.code != mirror.code {
-        d.add("status", Some(&live.code), Some(&mirror.code));
+        d.add(cfg, "status", Some(&live.code), Some(&mirror.code));
     }
     for name in &cfg.headers {
         let (l, m) = (header(live, name), header(mirror, name));
         if l != m {
             let path = format!("header.{name}");
             if cfg.redacted.contains(name) {
-                d.add(&path, l.map(|_| "<redacted>"), m.map(|_| "<redacted>"));
+                d.add(cfg, &path, l.map(|_| "<redacted>"), m.map(|_| "<redacted>"));
             } else {
-                d.add(&path, l, m);
+                d.add(cfg, &path, l, m);
             }
         }
     }
@@ -85,6 +87,7 @@ pub fn compare(live: &Content, mirror: &Content, cfg: &ContentConfig) -> Differe
             d.by_digest = true;
             if live.body.len() != mirror.body.len() {
                 d.add(
+                    cfg,
                     "body.length",
                     Some(&live.body.len().to_string()),
                     Some(&mirror.body.len().to_string()),
@@ -92,7 +95,7 @@ pub fn compare(live: &Content, mirror: &Content, cfg: &ContentConfig) -> Differe
             } else {
                 let (l, m) = (live.body.sha256(), mirror.body.sha256());
                 if l != m {
-                    d.add("body.sha256", Some(&hex8(&l)), Some(&hex8(&m)));
+                    d.add(cfg, "body.sha256", Some(&hex8(&l)), Some(&hex8(&m)));
                 }
             }
         }
@@ -113,7 +116,9 @@ fn hex8(d: &[u8; 32]) -> String {
 }
 
 impl Differences {
-    fn add(&mut self, path: &str, live: Option<&str>, mirror: Option<&str>) {
+    /// Notes a difference at `path`. The examples are redacted (`cfg.redactor`) before they
+    /// are cut, so that a cut never leaves half a secret that its pattern no longer finds.
+    fn add(&mut self, cfg: &ContentConfig, path: &str, live: Option<&str>, mirror: Option<&str>) {
         if self.paths.contains_key(path) {
             return;
         }
@@ -122,6 +127,10 @@ impl Differences {
             return;
         }
         let cut = |s: &str| {
+            let s = match &cfg.redactor {
+                Some(r) => r.example(path, s),
+                None => std::borrow::Cow::Borrowed(s),
+            };
             let mut out: String = s.chars().take(MAX_EXAMPLE).collect();
             if out.len() < s.len() {
                 out.push('…');
@@ -161,14 +170,14 @@ impl Walk<'_> {
                     push_member(&mut self.path, k);
                     match mo.get(k) {
                         Some(mv) => self.value(lv, mv),
-                        None => self.out.add(&self.path, Some(&show(lv)), None),
+                        None => self.out.add(self.cfg, &self.path, Some(&show(lv)), None),
                     }
                     self.path.truncate(at);
                 }
                 for (k, mv) in mo {
                     if !lo.contains_key(k) {
                         push_member(&mut self.path, k);
-                        self.out.add(&self.path, None, Some(&show(mv)));
+                        self.out.add(self.cfg, &self.path, None, Some(&show(mv)));
                         self.path.truncate(at);
                     }
                 }
@@ -184,6 +193,7 @@ impl Walk<'_> {
                 if key.is_none() && la.len() != ma.len() {
                     self.path.push_str(".length");
                     self.out.add(
+                        self.cfg,
                         &self.path,
                         Some(&la.len().to_string()),
                         Some(&ma.len().to_string()),
@@ -203,12 +213,18 @@ impl Walk<'_> {
             }
             (Value::Number(a), Value::Number(b)) => {
                 if !same_number(a, b) {
-                    self.out
-                        .add(&self.path, Some(&a.to_string()), Some(&b.to_string()));
+                    self.out.add(
+                        self.cfg,
+                        &self.path,
+                        Some(&a.to_string()),
+                        Some(&b.to_string()),
+                    );
                 }
             }
             _ if l == m => {}
-            _ => self.out.add(&self.path, Some(&show(l)), Some(&show(m))),
+            _ => self
+                .out
+                .add(self.cfg, &self.path, Some(&show(l)), Some(&show(m))),
         }
     }
 
@@ -222,13 +238,13 @@ impl Walk<'_> {
             let Some(k) = key_of(lv) else { continue };
             match mirror.get(&k) {
                 Some(mv) => self.value(lv, mv),
-                None => self.out.add(&self.path, Some(&show(lv)), None),
+                None => self.out.add(self.cfg, &self.path, Some(&show(lv)), None),
             }
             seen.insert(k);
         }
         for (k, mv) in &mirror {
             if !seen.contains(k) {
-                self.out.add(&self.path, None, Some(&show(mv)));
+                self.out.add(self.cfg, &self.path, None, Some(&show(mv)));
             }
         }
     }

@@ -140,12 +140,20 @@ pub struct PressureSeen {
     /// The share of new connections this limit allows, 0 to 1.
     pub share: f64,
     /// The node's idle CPU share over the last second: with spare CPU the pressure is not shed
-    /// for.
+    /// for. None until a second has been measured.
     #[serde(default)]
-    pub node_idle: f64,
+    pub node_idle: Option<f64>,
 }
 
 impl PressureSeen {
+    /// `40% idle now`, or that it is not measured yet.
+    pub fn idle_words(&self) -> String {
+        match self.node_idle {
+            Some(idle) => format!("{:.0}% idle now", idle * 100.0),
+            None => "idle share not measured yet".to_string(),
+        }
+    }
+
     /// Where the pressure was read.
     pub fn source(&self) -> String {
         match self.cgroups {
@@ -310,11 +318,11 @@ fn sampling_line(s: &Sampling) -> String {
     }
     if let Some(p) = &s.pressure {
         limits.push(format!(
-            "live CPU pressure {:.1}% ({}; sheds above {:.0}% while the node's CPU is contended, {:.0}% idle now; allows {:.0}%)",
+            "live CPU pressure {:.1}% ({}; sheds above {:.0}% while the node's CPU is contended, {}; allows {:.0}%)",
             p.pressure * 100.0,
             p.source(),
             p.threshold * 100.0,
-            p.node_idle * 100.0,
+            p.idle_words(),
             p.share * 100.0
         ));
     }

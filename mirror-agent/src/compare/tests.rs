@@ -748,3 +748,33 @@ mod verdicts {
         );
     }
 }
+
+/// `report --agent` must read any report an agent serves: one asked for in the agent's first
+/// second, before the node's idle share was measured, failed with "invalid type: null,
+/// expected f64" (NaN is written as null).
+#[test]
+fn a_report_from_before_the_first_idle_sample_reads_back() {
+    let mut r: Report = serde_json::from_str(
+        r#"{"rows":[],"mismatches":[],"latency_ratios":[],
+            "other_endpoint_results":0,"unpaired_evicted":0}"#,
+    )
+    .unwrap();
+    r.sampling = Some(Sampling {
+        share: 1.0,
+        cpu_budget: None,
+        cpu_used: 0.1,
+        live_path_used: 0.0,
+        pressure: Some(PressureSeen {
+            pressure: 0.0,
+            threshold: 0.1,
+            cgroups: 1,
+            share: 1.0,
+            node_idle: None,
+        }),
+        backlog_share: 1.0,
+    });
+    let text = serde_json::to_string_pretty(&r).unwrap();
+    let back: Report = serde_json::from_str(&text).unwrap();
+    assert_eq!(back.sampling, r.sampling);
+    assert!(format_table(&back).contains("idle share not measured yet"));
+}

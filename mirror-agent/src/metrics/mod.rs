@@ -440,7 +440,8 @@ fn encode_sampling(encoder: &mut DescriptorEncoder, s: &Sampling) -> std::fmt::R
             (
                 "mirror_node_cpu_idle",
                 "The node's idle CPU share over the last second: with spare CPU, the live CPU pressure is not shed for",
-                p.node_idle,
+                // NaN (valid in the exposition format) until a second has been measured.
+                p.node_idle.unwrap_or(f64::NAN),
             ),
         ]);
     }
@@ -686,7 +687,7 @@ mod tests {
                 threshold: 0.1,
                 cgroups: 1,
                 share: 1.0,
-                node_idle: 0.5,
+                node_idle: Some(0.5),
             }),
             backlog_share: 1.0,
         });

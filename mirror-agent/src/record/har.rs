@@ -13,6 +13,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use super::private::decoded_body;
 use super::reader::{Issue, Reader};
 use super::Record;
 use crate::http::{h1, ResponseMeta, WireOrigin};
@@ -126,21 +127,6 @@ fn rfc3339(ns: u64) -> String {
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-/// The body as the client meant it: chunked framing removed.
-fn decoded_body(req: &h1::Request) -> Vec<u8> {
-    use crate::http::framing::{BodyDecoder, Framing};
-    let mut out = Vec::with_capacity(req.body.len());
-    match req.framing {
-        Framing::Chunked => {
-            if let Some(mut d) = BodyDecoder::new(Framing::Chunked) {
-                let _ = d.feed_with(&req.body, 64 << 10, &mut |b| out.extend_from_slice(b));
-            }
-        }
-        _ => out.extend_from_slice(&req.body),
-    }
-    out
 }
 
 /// What an entry is made of, from either protocol's request.

@@ -40,6 +40,7 @@
 
 pub mod har;
 pub mod playback;
+mod private;
 pub mod reader;
 pub mod writer;
 

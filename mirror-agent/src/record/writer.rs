@@ -11,9 +11,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 
+use super::private::{kept_h1, kept_h2_body, kept_h2_fields};
 use super::{
-    without_headers, Record, RecordedH2Request, RecordedRequest, BLOCK_MAGIC, FILE_MAGIC,
-    FILE_SUFFIX, VERSION,
+    Record, RecordedH2Request, RecordedRequest, BLOCK_MAGIC, FILE_MAGIC, FILE_SUFFIX, VERSION,
 };
 use crate::capture::read_at::ReadAt;
 use crate::http::{h1, h2, Request, ResponseMeta};
@@ -33,6 +33,8 @@ pub struct RecordConfig {
     pub max_bytes: u64,
     /// Headers never written (`--drop-header`), so that credentials do not reach the disk.
     pub drop_headers: Vec<String>,
+    /// Redacts what is written (`--redact-*`).
+    pub redactor: Option<crate::redact::Redactor>,
     /// Events waiting for the writer, at most.
     pub queue: usize,
     /// A block is written at the latest this long after its first record.
@@ -337,12 +339,7 @@ impl Writer {
             Event::Request(r, at) => {
                 self.say_source(r.conn, at);
                 self.block_requests += 1;
-                let drop = &self.cfg.drop_headers;
-                let raw = if drop.is_empty() {
-                    r.raw.clone()
-                } else {
-                    without_headers(&r.raw, r.head().len(), drop).into()
-                };
+                let raw = kept_h1(&r, &self.cfg.drop_headers, self.cfg.redactor.as_ref());
                 Record::Request(RecordedRequest {
                     at: r.origin(),
                     version: r.version,
@@ -352,24 +349,12 @@ impl Writer {
             Event::H2Request(r, at) => {
                 self.say_source(r.conn, at);
                 self.block_requests += 1;
-                let kept =
-                    |list: &[(bytes::Bytes, bytes::Bytes)]| -> Vec<(bytes::Bytes, bytes::Bytes)> {
-                        list.iter()
-                            .filter(|(n, _)| {
-                                !self
-                                    .cfg
-                                    .drop_headers
-                                    .iter()
-                                    .any(|d| d.as_bytes().eq_ignore_ascii_case(n))
-                            })
-                            .cloned()
-                            .collect()
-                    };
+                let (drop, redactor) = (&self.cfg.drop_headers, self.cfg.redactor.as_ref());
                 Record::H2Request(RecordedH2Request {
                     at: r.origin(),
-                    fields: kept(&r.fields),
-                    body: r.body.clone(),
-                    trailers: kept(&r.trailers),
+                    fields: kept_h2_fields(&r.fields, drop, redactor),
+                    body: kept_h2_body(&r, redactor),
+                    trailers: kept_h2_fields(&r.trailers, drop, redactor),
                 })
             }
             Event::H2Streaming(req, rx, at) => {
@@ -542,6 +527,7 @@ mod tests {
             file_age: Duration::from_secs(600),
             max_bytes: 1 << 30,
             drop_headers: vec!["authorization".into()],
+            redactor: None,
             queue: 1024,
             block_age: Duration::from_millis(50),
         }

@@ -19,12 +19,18 @@ pub enum SecretError {
         "{0:?} is not NAME: [PREFIX]@FILE. Fix: e.g. 'Authorization: Bearer @/run/secrets/token'"
     )]
     Spec(String),
-    #[error("{path}: {error}. Fix: mount the file (a Secret volume) or correct the path")]
+    #[error(
+        "{}: {error}. Fix: mount the file (a Secret volume) or correct the path",
+        path.display()
+    )]
     Read {
         path: PathBuf,
         error: std::io::Error,
     },
-    #[error("{0}: the value is empty or not a valid header value (one line of visible text)")]
+    #[error(
+        "{}: the value is empty or not a valid header value. Fix: one line of visible text",
+        .0.display()
+    )]
     Value(PathBuf),
 }
 

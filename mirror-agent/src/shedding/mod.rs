@@ -185,11 +185,11 @@ impl Shedding {
         if let Some(p) = &self.pressure {
             let seen = p.seen();
             parts.push(format!(
-                "live CPU pressure {:.1} % ({}; limit {:.0} %; node {:.0} % idle) allows {:.1} %",
+                "live CPU pressure {:.1} % ({}; limit {:.0} %; node {}) allows {:.1} %",
                 seen.pressure * 100.0,
                 seen.source(),
                 seen.threshold * 100.0,
-                seen.node_idle * 100.0,
+                seen.idle_words(),
                 f64::from(p.limit.rates().new) / 1e4
             ));
         }
@@ -295,7 +295,7 @@ impl LivePressure {
                 Found::Cgroups(f) => f.len(),
                 Found::Node(_) => 0,
             },
-            node_idle: self.idle_share.unwrap_or(f64::NAN),
+            node_idle: self.idle_share,
             share: f64::from(self.limit.rates().new) / 1e6,
         }
     }
