@@ -235,7 +235,9 @@ impl LivePressure {
             self.rescan();
         }
         self.rescan_in = self.rescan_in.saturating_sub(1);
-        self.idle_share = self.idle.sample();
+        // Two ticks within one jiffy measure nothing: the last share stands (reported as not
+        // measured only before the first).
+        self.idle_share = self.idle.sample().or(self.idle_share);
         let samples: Vec<f64> = self
             .files
             .iter_mut()
