@@ -148,14 +148,14 @@ fn agent_config(
     .map_err(anyhow::Error::msg)?;
     let content = content_capture(args)?;
     let split = plan.split(args.mirror.len(), args.compare_bodies);
-    let mirrors: Vec<MirrorTarget> =
-        mirror_targets(args, &names, split.queue_bytes_per_mirror, &content, rt)?
-            .into_iter()
-            .map(|mut m| {
-                m.replay.secret_headers = secrets.to_vec();
-                m
-            })
-            .collect();
+    let mirrors = mirror_targets(
+        args,
+        &names,
+        split.queue_bytes_per_mirror,
+        &content,
+        secrets,
+        rt,
+    )?;
     let pipeline = pipeline_config(
         args,
         &capture,
@@ -367,6 +367,7 @@ fn mirror_targets(
     names: &[String],
     queue_bytes: usize,
     content: &Option<ContentCapture>,
+    secrets: &[Arc<SecretHeader>],
     rt: &tokio::runtime::Runtime,
 ) -> Result<Vec<MirrorTarget>> {
     let writes = args.requests.write_policy();
@@ -391,6 +392,7 @@ fn mirror_targets(
             pipeline_depth: args.pipeline_depth.into(),
             queue_bytes: args.queue_bytes.map_or(queue_bytes, |q| q as usize),
             content: content.clone(),
+            secret_headers: secrets.to_vec(),
             ..args.requests.replay_config(uri, name)
         };
         mirrors.push(MirrorTarget {

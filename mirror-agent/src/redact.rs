@@ -230,29 +230,31 @@ impl Redactor {
     }
 
     /// A JSON document with the named paths' values masked (each whole, whatever its type)
-    /// and the patterns masked in every string and key.
-    pub fn json(&self, v: &mut Value) {
+    /// and the patterns masked in every string and key: whether anything was.
+    pub fn json(&self, v: &mut Value) -> bool {
         let mut path = String::from("$");
-        self.walk(v, &mut path);
+        self.walk(v, &mut path)
     }
 
-    fn walk(&self, v: &mut Value, path: &mut String) {
+    fn walk(&self, v: &mut Value, path: &mut String) -> bool {
         if self.rules.json_paths.iter().any(|p| p == path) {
             let text = v.to_string();
             *v = Value::String(self.mask(text.as_bytes()));
-            return;
+            return true;
         }
         let len = path.len();
+        let mut changed = false;
         match v {
             Value::String(s) => {
                 if let Cow::Owned(r) = self.text(s) {
                     *s = r;
+                    changed = true;
                 }
             }
             Value::Array(items) => {
                 path.push_str("[*]");
                 for item in items {
-                    self.walk(item, path);
+                    changed |= self.walk(item, path);
                 }
             }
             Value::Object(fields) => {
@@ -260,14 +262,17 @@ impl Redactor {
                 for (k, mut item) in old {
                     path.push('.');
                     path.push_str(&k);
-                    self.walk(&mut item, path);
+                    changed |= self.walk(&mut item, path);
                     path.truncate(len);
-                    fields.insert(self.text(&k).into_owned(), item);
+                    let key = self.text(&k);
+                    changed |= matches!(key, Cow::Owned(_));
+                    fields.insert(key.into_owned(), item);
                 }
             }
             _ => {}
         }
         path.truncate(len);
+        changed
     }
 
     /// An example value shown in a content diff at `path` (`$.a.b`, `header.name`): masked
@@ -292,9 +297,7 @@ impl Redactor {
     /// they are: patterns in them cannot be told from data).
     pub fn body(&self, body: &[u8]) -> Option<Vec<u8>> {
         if let Ok(mut v) = serde_json::from_slice::<Value>(body) {
-            let before = v.clone();
-            self.json(&mut v);
-            return (v != before).then(|| v.to_string().into_bytes());
+            return self.json(&mut v).then(|| v.to_string().into_bytes());
         }
         let text = std::str::from_utf8(body).ok()?;
         match self.text(text) {
