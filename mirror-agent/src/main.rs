@@ -128,7 +128,6 @@ fn agent_config(
              with --tls-port only"
         );
     }
-    let cpu_budget = cpu_budget(args);
     // A dump shows the streams as they crossed the wire, response bodies included.
     let response_heads = args.response_capture == ResponseCapture::Heads && args.dump.is_none();
     let capture = capture_config(args, targets(args)?, response_heads);
@@ -164,16 +163,9 @@ fn agent_config(
         mirrors.len(),
         &content,
     );
-    let redactor = args.redact.redactor()?;
-    if let Some(r) = &redactor {
-        log::info!("{}", r.describe());
-    }
-    let diffs = match content {
-        Some(c) => Some(diff_config(args, &names, c, &split, redactor.clone())?),
-        None => None,
-    };
+    let (record, diffs) = kept_and_compared(args, &names, content, &split)?;
     Ok(AgentConfig {
-        record: record_config(args, redactor),
+        record,
         pipeline,
         mirrors,
         compare: CompareConfig {
@@ -198,18 +190,24 @@ fn agent_config(
         },
         metrics: args.metrics,
         stats_interval: args.stats_interval,
-        shedding: SheddingConfig {
-            max_ppm: capture.matching.sample_ppm,
-            cpu_budget,
-            max_live_pressure: args.max_live_pressure.0,
-            live: LiveService {
-                ports: capture.matching.ports.clone(),
-                addrs: capture.matching.addrs.clone(),
-                pod_uids: Vec::new(),
-            },
-        },
+        shedding: shedding_config(args, &capture),
         capture,
     })
+}
+
+/// The limits on the share mirrored: `--sample`, the CPU budget and the live CPU pressure of
+/// the service the capture matches.
+fn shedding_config(args: &AttachArgs, capture: &CaptureConfig) -> SheddingConfig {
+    SheddingConfig {
+        max_ppm: capture.matching.sample_ppm,
+        cpu_budget: cpu_budget(args),
+        max_live_pressure: args.max_live_pressure.0,
+        live: LiveService {
+            ports: capture.matching.ports.clone(),
+            addrs: capture.matching.addrs.clone(),
+            pod_uids: Vec::new(),
+        },
+    }
 }
 
 /// Reassembly and HTTP extraction, sized by the memory plan.
@@ -402,6 +400,25 @@ fn mirror_targets(
         });
     }
     Ok(mirrors)
+}
+
+/// What is recorded (`--record`) and how contents are compared (`--compare-bodies`), both
+/// redacted by the same rules.
+fn kept_and_compared(
+    args: &AttachArgs,
+    names: &[String],
+    content: Option<ContentCapture>,
+    split: &memory_budget::Split,
+) -> Result<(Option<RecordConfig>, Option<DiffConfig>)> {
+    let redactor = args.redact.redactor()?;
+    if let Some(r) = &redactor {
+        log::info!("{}", r.describe());
+    }
+    let diffs = match content {
+        Some(c) => Some(diff_config(args, names, c, split, redactor.clone())?),
+        None => None,
+    };
+    Ok((record_config(args, redactor), diffs))
 }
 
 /// How contents are compared (`--compare-bodies`), and which mirror cancels noise.
