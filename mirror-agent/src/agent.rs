@@ -21,6 +21,9 @@ use crate::cpu_budget::{self, Load};
 use crate::dump::StreamDump;
 use crate::http::{HttpEvent, Request};
 use crate::metrics::{self, Sources};
+use crate::mirrorings::lanes::{LaneChange, LaneTable};
+use crate::mirrorings::source::{self, Declared};
+use crate::mirrorings::{LaneTemplate, Mirrorings};
 use crate::pipeline::{self, Pipeline, PipelineConfig, PipelineStats};
 use crate::pods::{self, MirroredPod, MirroredPods, PodChange, PodSelector};
 use crate::record::writer::RecordError;
@@ -86,6 +89,15 @@ pub struct AgentConfig {
     pub shedding: SheddingConfig,
     /// Keep every extracted request and its live response on disk (`--record`).
     pub record: Option<RecordConfig>,
+    /// Mirrorings declared in a file (`--config`), added, changed and removed at run time.
+    pub mirrorings: Option<MirroringsConfig>,
+}
+
+/// Where declared mirrorings come from, and what their stages start from.
+#[derive(Clone, Debug)]
+pub struct MirroringsConfig {
+    pub file: std::path::PathBuf,
+    pub template: LaneTemplate,
 }
 
 /// One mirror: its name (the version tag of its rows) and how its requests are replayed.
@@ -129,6 +141,9 @@ pub struct Agent {
     shedding: Shedding,
     /// Capture and records ring drops at the last look, to see new ones (backlog).
     ring_drops: u64,
+    /// The declared mirrorings (`--config`), and their declarations as they change.
+    mirrorings: Option<Mirrorings>,
+    declared: Option<tokio::sync::mpsc::Receiver<Declared>>,
 }
 
 /// What the agent did, for the exit summary.
@@ -164,7 +179,8 @@ impl Agent {
 
         // Reassemble and parse, on the capture thread.
         let pipeline_stats = Arc::new(Mutex::new(PipelineStats::default()));
-        let events = PipelineEvents::new(&cfg, &mirrors, &comparison, &mut capture)?;
+        let (lanes, lane_table) = std::sync::mpsc::channel();
+        let events = PipelineEvents::new(&cfg, &mirrors, &comparison, &mut capture, lane_table)?;
         let record_stats = events.recording.as_ref().map(|r| Arc::clone(r.stats()));
         let read_at = events.read_at.clone();
         let (pipeline, pipeline_done) =
@@ -174,6 +190,7 @@ impl Agent {
         let kernel = KernelCounters::default();
         let mirrored_pods = attach_in_pods(&mut capture, &cfg.in_pod, &read_at)?;
         let pod_changes = watch_pods(cfg.pods.as_ref(), rt)?;
+        let (mirrorings, declared) = declare_mirrorings(cfg.mirrorings.as_ref(), lanes, rt);
         let sources = Sources {
             pods: Arc::clone(&mirrored_pods),
             comparison: comparison.clone(),
@@ -190,6 +207,10 @@ impl Agent {
                 report: Arc::default(),
             }),
             read_at,
+            lanes: mirrorings
+                .as_ref()
+                .map(|m| Arc::clone(m.views()))
+                .unwrap_or_default(),
         };
         if let Some(addr) = cfg.metrics {
             let bound = rt
@@ -214,6 +235,8 @@ impl Agent {
             ready,
             shedding: Shedding::new(&cfg.shedding),
             ring_drops: 0,
+            mirrorings,
+            declared,
         })
     }
 
@@ -275,6 +298,11 @@ impl Agent {
             tokio::select! {
                 _ = &mut shutdown => break,
                 Some(change) = next_change(&mut self.pod_changes) => self.apply(change),
+                Some(declared) = next_change(&mut self.declared) => {
+                    if let Some(m) = self.mirrorings.as_mut() {
+                        m.declare(declared).await;
+                    }
+                }
                 _ = tick.tick() => {
                     if let Ok(c) = self.capture.kernel_counters() {
                         self.capture.account_lost_requests(&c);
@@ -302,6 +330,7 @@ impl Agent {
             comparison,
             grace,
             sources,
+            mirrorings,
             ..
         } = self;
         let capture_stats = Arc::clone(capture.stats());
@@ -324,7 +353,12 @@ impl Agent {
                 .into_iter()
                 .map(|m| async move { (m.name, m.replayer.drain(grace).await) }),
         );
-        let replay_stats = drained.await;
+        let declared_drained = async {
+            if let Some(m) = mirrorings {
+                m.drain_all().await;
+            }
+        };
+        let (replay_stats, ()) = futures::future::join(drained, declared_drained).await;
         let pipeline = pipeline_stats.lock().unwrap().clone();
         // The content worker settles what it was given, so that the final counters include it.
         if let Some(content) = comparison.content() {
@@ -460,8 +494,8 @@ fn attach_in_pods(
     Ok(mirrored_pods)
 }
 
-/// The next pod change; never, without a watcher.
-async fn next_change(rx: &mut Option<tokio::sync::mpsc::Receiver<PodChange>>) -> Option<PodChange> {
+/// The next change from a watcher; never, without one.
+async fn next_change<T>(rx: &mut Option<tokio::sync::mpsc::Receiver<T>>) -> Option<T> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -479,6 +513,8 @@ struct PipelineEvents {
     requests: Vec<Request>,
     live: Comparison,
     full_responses: Option<FullResponses>,
+    /// The declared mirrorings' lanes.
+    lanes: LaneTable,
 }
 
 impl PipelineEvents {
@@ -487,6 +523,7 @@ impl PipelineEvents {
         mirrors: &[Mirror],
         comparison: &Comparison,
         capture: &mut Capture,
+        lanes: std::sync::mpsc::Receiver<LaneChange>,
     ) -> Result<PipelineEvents> {
         let recording = cfg
             .record
@@ -502,6 +539,7 @@ impl PipelineEvents {
             requests: Vec::new(),
             live: comparison.clone(),
             full_responses: capture.take_full_responses(),
+            lanes: LaneTable::new(lanes),
         })
     }
 }
@@ -514,17 +552,22 @@ impl pipeline::Sink for PipelineEvents {
                 if let Some(rec) = self.recording.as_mut() {
                     rec.request(&r, at);
                 }
+                self.lanes.request(&r);
                 if !self.replayers.is_empty() {
                     self.requests.push(r);
                 }
             }
             HttpEvent::Response(m) => {
                 self.live.live(&m);
+                self.lanes.live(&m);
                 if let Some(rec) = self.recording.as_mut() {
                     rec.response(m);
                 }
             }
-            HttpEvent::ResponseContent(c) => self.live.live_content(&c),
+            HttpEvent::ResponseContent(c) => {
+                self.live.live_content(&c);
+                self.lanes.live_content(&c);
+            }
             HttpEvent::FullResponses { client, server } => {
                 if let Some(full) = self.full_responses.as_mut() {
                     if let Err(e) = full.insert(client, server) {
@@ -539,6 +582,8 @@ impl pipeline::Sink for PipelineEvents {
         if let Some(rec) = self.recording.as_mut() {
             rec.flush();
         }
+        self.lanes.flush();
+        self.lanes.apply_changes();
         let Some((last, others)) = self.replayers.split_last() else {
             return;
         };
@@ -636,6 +681,24 @@ fn watch_pods(
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     rt.spawn(pods::watch(client, sel.clone(), tx));
     Ok(Some(rx))
+}
+
+/// The declared mirrorings (`--config`): none until the file is read, on `rt`.
+fn declare_mirrorings(
+    cfg: Option<&MirroringsConfig>,
+    lanes: std::sync::mpsc::Sender<LaneChange>,
+    rt: &tokio::runtime::Handle,
+) -> (
+    Option<Mirrorings>,
+    Option<tokio::sync::mpsc::Receiver<Declared>>,
+) {
+    let Some(cfg) = cfg else {
+        return (None, None);
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    rt.spawn(source::watch_file(cfg.file.clone(), tx));
+    let mirrorings = Mirrorings::new(cfg.template.clone(), lanes, rt.clone());
+    (Some(mirrorings), Some(rx))
 }
 
 /// Replay: one stage per mirror, each with its own queue and workers, so that a slow or dead

@@ -268,6 +268,9 @@ pub struct ReportArgs {
     pub agent: SocketAddr,
     #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
     pub format: ReportFormat,
+    /// A declared mirroring's report (NAMESPACE/NAME) instead of the --mirror's.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    pub mirroring: Option<String>,
 
     #[command(flatten)]
     pub gate: GateArgs,
@@ -462,6 +465,13 @@ pub struct AttachArgs {
     /// the agent only captures and extracts (see --dump).
     #[arg(long, value_parser = parse_mirror)]
     pub mirror: Vec<MirrorArg>,
+
+    /// A YAML file of TrafficMirror objects (deploy/trafficmirror-crd.yaml has their schema):
+    /// mirrorings declared next to --mirror's, each with its own candidates, rewrites, write
+    /// policy and rows. Read again when it changes or on SIGHUP: mirrorings are added, changed
+    /// and removed without a restart; a file that does not parse changes nothing.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 
     #[command(flatten)]
     pub requests: RequestArgs,

@@ -14,6 +14,7 @@ pub mod cpu_budget;
 pub mod dump;
 pub mod memory_budget;
 pub mod metrics;
+pub mod mirrorings;
 pub mod pipeline;
 pub mod pods;
 pub mod record;

@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use mirror_agent::agent::{Agent, AgentConfig, AgentError, MirrorTarget};
+use mirror_agent::agent::{Agent, AgentConfig, AgentError, MirrorTarget, MirroringsConfig};
 use mirror_agent::capture::netdev;
 use mirror_agent::capture::ring::RingConfig;
 use mirror_agent::capture::tls::TlsConfig;
@@ -29,6 +29,7 @@ use mirror_agent::compare::{self, format_table, CompareConfig, Report};
 use mirror_agent::exchange::content::ContentCapture;
 use mirror_agent::http::HttpConfig;
 use mirror_agent::memory_budget;
+use mirror_agent::mirrorings::{self, LaneTemplate};
 use mirror_agent::pipeline::PipelineConfig;
 use mirror_agent::pods::PodSelector;
 use mirror_agent::reassembly::ReassemblyConfig;
@@ -163,20 +164,22 @@ fn agent_config(
         mirrors.len(),
         &content,
     );
-    let (record, diffs) = kept_and_compared(args, &names, content, &split)?;
+    let (record, diffs) = kept_and_compared(args, &names, content.clone(), &split)?;
+    let compare = CompareConfig {
+        live_label: args.series.live_label.clone(),
+        mirror_labels: names,
+        routes: args.series.routes.clone(),
+        max_endpoints: args.max_endpoints,
+        max_series: plan.max_series,
+        max_pending: split.max_pending,
+        diffs,
+    };
     Ok(AgentConfig {
         record,
         pipeline,
         mirrors,
-        compare: CompareConfig {
-            live_label: args.series.live_label.clone(),
-            mirror_labels: names,
-            routes: args.series.routes.clone(),
-            max_endpoints: args.max_endpoints,
-            max_series: plan.max_series,
-            max_pending: split.max_pending,
-            diffs,
-        },
+        mirrorings: mirrorings_config(args, &compare, &content, &split)?,
+        compare,
         pods: args.selector.as_ref().map(|labels| PodSelector {
             labels: labels.clone(),
             namespace: args.namespace.clone(),
@@ -193,6 +196,48 @@ fn agent_config(
         shedding: shedding_config(args, &capture),
         capture,
     })
+}
+
+/// `--config`: the file, checked once now so that a broken one fails the start, and what each
+/// declared mirroring's stages start from: the command line's caps and comparison settings.
+fn mirrorings_config(
+    args: &AttachArgs,
+    compare: &CompareConfig,
+    content: &Option<ContentCapture>,
+    split: &memory_budget::Split,
+) -> Result<Option<MirroringsConfig>> {
+    let Some(file) = &args.config else {
+        return Ok(None);
+    };
+    let declared = mirrorings::source::read(file).context("--config")?;
+    log::info!(
+        "--config {}: {} mirrorings declared",
+        file.display(),
+        declared.len()
+    );
+    let replay = ReplayConfig {
+        max_rps: args.max_rps,
+        max_inflight: args.max_inflight,
+        pipeline_depth: args.pipeline_depth.into(),
+        queue_bytes: args
+            .queue_bytes
+            .map_or(split.queue_bytes_per_mirror, |q| q as usize),
+        content: content.clone(),
+        timeout: Duration::from_secs_f64(args.requests.timeout),
+        // Each candidate sets its own URL.
+        ..ReplayConfig::new(hyper::Uri::from_static("http://candidate.invalid"))
+    };
+    Ok(Some(MirroringsConfig {
+        file: file.clone(),
+        template: LaneTemplate {
+            replay,
+            tls: args.requests.tls_options(),
+            mark: args.requests.mark.clone(),
+            compare: compare.clone(),
+            captured_ports: args.port.iter().chain(&args.tls_port).copied().collect(),
+            grace: Duration::from_secs_f64(args.requests.timeout.min(5.0)),
+        },
+    }))
 }
 
 /// The limits on the share mirrored: `--sample`, the CPU budget and the live CPU pressure of
@@ -235,7 +280,11 @@ fn pipeline_config(
             response_heads,
             max_buffered_bytes: plan.http_buffered_bytes,
             // One copy of a streamed body per mirror, and one for the recording.
-            stream_copies: (mirrors + usize::from(args.record.is_some())).max(1),
+            // Declared mirrorings' candidates too: eight, a TrafficMirror's most.
+            stream_copies: (mirrors
+                + usize::from(args.record.is_some())
+                + if args.config.is_some() { 8 } else { 0 })
+            .max(1),
             content: content.clone(),
             ..HttpConfig::default()
         },
@@ -683,7 +732,12 @@ fn report(args: ReportArgs) -> Result<()> {
     let body = rt.block_on(async {
         let client: Client<HttpConnector, Empty<Bytes>> =
             Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-        let uri: hyper::Uri = format!("http://{}/report", args.agent).parse()?;
+        let query = args
+            .mirroring
+            .as_deref()
+            .map(|m| format!("?mirroring={}", m.replace('/', "%2F")))
+            .unwrap_or_default();
+        let uri: hyper::Uri = format!("http://{}/report{query}", args.agent).parse()?;
         let resp = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
             .await
             .map_err(|_| anyhow::anyhow!("the agent at {} did not answer within 5 s", args.agent))?
@@ -693,7 +747,15 @@ fn report(args: ReportArgs) -> Result<()> {
                     args.agent, args.agent
                 )
             })?;
-        anyhow::Ok(resp.into_body().collect().await?.to_bytes())
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        if !status.is_success() {
+            anyhow::bail!(
+                "the agent answered {status}: {}",
+                String::from_utf8_lossy(&body).trim()
+            );
+        }
+        anyhow::Ok(body)
     })?;
     let report: Report =
         serde_json::from_slice(&body).context("the agent's /report is not a report")?;

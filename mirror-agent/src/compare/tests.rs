@@ -5,6 +5,7 @@ use std::time::Duration;
 fn live(conn: u64, seq: u64, target: &str, status: u16, ms: u64) -> ResponseMeta {
     ResponseMeta {
         conn,
+        server: "10.0.0.2:80".parse().unwrap(),
         request_seq: seq,
         method: "GET".into(),
         target: target.into(),
@@ -366,6 +367,7 @@ mod contents {
     fn live_content(seq: u64, target: &str, content: Arc<Content>) -> LiveContent {
         LiveContent {
             conn: 3,
+            server: "10.0.0.2:80".parse().unwrap(),
             request_seq: seq,
             method: "GET".into(),
             target: target.into(),

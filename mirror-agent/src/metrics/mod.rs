@@ -45,6 +45,28 @@ pub struct Sources {
     pub tls: Option<TlsSources>,
     /// Requests by where they were read.
     pub read_at: crate::capture::read_at::Provenance,
+    /// The declared mirrorings (`--config`), each with its own comparison and candidates.
+    pub lanes: crate::mirrorings::LaneViews,
+}
+
+/// A comparison's state at a scrape; a declared mirroring's carries its key as a label.
+struct Table {
+    mirroring: Option<String>,
+    report: Report,
+    hists: Vec<SeriesHistogram>,
+}
+
+impl Table {
+    /// `labels`, after the mirroring's.
+    fn labels<'a>(&'a self, labels: &[(&'static str, &'a str)]) -> Vec<(&'static str, &'a str)> {
+        let mut out: Vec<_> = self
+            .mirroring
+            .iter()
+            .map(|m| ("mirroring", m.as_str()))
+            .collect();
+        out.extend_from_slice(labels);
+        out
+    }
 }
 
 /// What `/metrics` reads of the TLS probes.
@@ -64,9 +86,23 @@ impl std::fmt::Debug for Sources {
 impl Collector for Sources {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let (report, hists) = self.comparison.snapshot();
-        encode_series(&mut encoder, &report, &hists)?;
-        encode_content(&mut encoder, &report)?;
-        encode_compare_state(&mut encoder, &report)?;
+        let lanes = self.lanes.lock().unwrap().clone();
+        let mut tables = vec![Table {
+            mirroring: None,
+            report,
+            hists,
+        }];
+        for lane in lanes {
+            let (report, hists) = lane.comparison.snapshot();
+            tables.push(Table {
+                mirroring: Some(lane.key),
+                report,
+                hists,
+            });
+        }
+        encode_series(&mut encoder, &tables)?;
+        encode_content(&mut encoder, &tables)?;
+        encode_compare_state(&mut encoder, &tables[0].report)?;
         self.encode_kernel_and_pods(&mut encoder)?;
         self.encode_stages(&mut encoder)
     }
@@ -166,7 +202,12 @@ impl Sources {
         }
         let mut replay = Families::default();
         for (name, r) in &self.replay {
-            replay.stage_of(name, r.as_ref());
+            replay.stage_of(None, name, r.as_ref());
+        }
+        for lane in self.lanes.lock().unwrap().iter() {
+            for (name, r) in &lane.replay {
+                replay.stage_of(Some(&lane.key), name, r.as_ref());
+            }
         }
         replay.encode(encoder)?;
         if let Some(r) = &self.record {
@@ -217,11 +258,7 @@ fn encode_tls(encoder: &mut DescriptorEncoder, r: &crate::capture::TlsReport) ->
 
 /// The comparison's series: requests and durations by endpoint, version and code, status
 /// mismatches and latency ratios by mirror.
-fn encode_series(
-    encoder: &mut DescriptorEncoder,
-    report: &Report,
-    hists: &[SeriesHistogram],
-) -> std::fmt::Result {
+fn encode_series(encoder: &mut DescriptorEncoder, tables: &[Table]) -> std::fmt::Result {
     {
         let mut m = encoder.encode_descriptor(
             "mirror_requests",
@@ -229,13 +266,15 @@ fn encode_series(
             None,
             MetricType::Counter,
         )?;
-        for r in &report.rows {
-            let labels = [
-                ("endpoint", r.name.as_str()),
-                ("version", r.version.as_str()),
-                ("code", r.code.as_str()),
-            ];
-            ConstCounter::new(r.count).encode(m.encode_family(&labels)?)?;
+        for t in tables {
+            for r in &t.report.rows {
+                let labels = t.labels(&[
+                    ("endpoint", r.name.as_str()),
+                    ("version", r.version.as_str()),
+                    ("code", r.code.as_str()),
+                ]);
+                ConstCounter::new(r.count).encode(m.encode_family(&labels)?)?;
+            }
         }
     }
     {
@@ -245,19 +284,21 @@ fn encode_series(
             None,
             MetricType::Histogram,
         )?;
-        for h in hists {
-            let labels = [
-                ("endpoint", h.name.as_str()),
-                ("version", h.version.as_str()),
-                ("code", h.code.as_str()),
-            ];
-            m.encode_family(&labels)?
-                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                    h.sum_seconds,
-                    h.count,
-                    &h.buckets,
-                    None,
-                )?;
+        for t in tables {
+            for h in &t.hists {
+                let labels = t.labels(&[
+                    ("endpoint", h.name.as_str()),
+                    ("version", h.version.as_str()),
+                    ("code", h.code.as_str()),
+                ]);
+                m.encode_family(&labels)?
+                    .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                        h.sum_seconds,
+                        h.count,
+                        &h.buckets,
+                        None,
+                    )?;
+            }
         }
     }
     {
@@ -267,14 +308,16 @@ fn encode_series(
             None,
             MetricType::Counter,
         )?;
-        for x in &report.mismatches {
-            let labels = [
-                ("endpoint", x.name.as_str()),
-                ("mirror", x.mirror.as_str()),
-                ("live_code", x.live_code.as_str()),
-                ("mirror_code", x.mirror_code.as_str()),
-            ];
-            ConstCounter::new(x.count).encode(m.encode_family(&labels)?)?;
+        for t in tables {
+            for x in &t.report.mismatches {
+                let labels = t.labels(&[
+                    ("endpoint", x.name.as_str()),
+                    ("mirror", x.mirror.as_str()),
+                    ("live_code", x.live_code.as_str()),
+                    ("mirror_code", x.mirror_code.as_str()),
+                ]);
+                ConstCounter::new(x.count).encode(m.encode_family(&labels)?)?;
+            }
         }
     }
     {
@@ -284,30 +327,33 @@ fn encode_series(
             None,
             MetricType::Gauge,
         )?;
-        for x in &report.latency_ratios {
-            let labels = [("endpoint", x.name.as_str()), ("mirror", x.mirror.as_str())];
-            ConstGauge::new(x.mean_ratio).encode(m.encode_family(&labels)?)?;
+        for t in tables {
+            for x in &t.report.latency_ratios {
+                let labels =
+                    t.labels(&[("endpoint", x.name.as_str()), ("mirror", x.mirror.as_str())]);
+                ConstGauge::new(x.mean_ratio).encode(m.encode_family(&labels)?)?;
+            }
         }
     }
     Ok(())
 }
 
 /// What content comparison found (`--compare-bodies`).
-fn encode_content(encoder: &mut DescriptorEncoder, report: &Report) -> std::fmt::Result {
-    if !report.content.is_empty() {
+fn encode_content(encoder: &mut DescriptorEncoder, tables: &[Table]) -> std::fmt::Result {
+    if tables.iter().any(|t| !t.report.content.is_empty()) {
         let mut m = encoder.encode_descriptor(
             "mirror_content_compared",
             "Mirror answers whose content was compared with live's, by result",
             None,
             MetricType::Counter,
         )?;
-        for c in &report.content {
+        for (t, c) in contents(tables) {
             for (result, n) in [("identical", c.identical), ("differing", c.differing)] {
-                let labels = [
+                let labels = t.labels(&[
                     ("endpoint", c.name.as_str()),
                     ("mirror", c.mirror.as_str()),
                     ("result", result),
-                ];
+                ]);
                 ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
             }
         }
@@ -319,40 +365,55 @@ fn encode_content(encoder: &mut DescriptorEncoder, report: &Report) -> std::fmt:
             None,
             MetricType::Counter,
         )?;
-        for c in &report.content {
+        for (t, c) in contents(tables) {
             for f in &c.fields {
-                let labels = [
+                let labels = t.labels(&[
                     ("endpoint", c.name.as_str()),
                     ("mirror", c.mirror.as_str()),
                     ("path", f.path.as_str()),
-                ];
+                ]);
                 ConstCounter::new(f.differing).encode(m.encode_family(&labels)?)?;
             }
         }
-        encode_field_rates(encoder, report)?;
+        encode_field_rates(encoder, tables)?;
     }
-    if let Some(n) = &report.content_not_compared {
+    let not_compared: Vec<_> = tables
+        .iter()
+        .filter_map(|t| t.report.content_not_compared.as_ref().map(|n| (t, n)))
+        .collect();
+    if !not_compared.is_empty() {
         let mut m = encoder.encode_descriptor(
             "mirror_content_not_compared",
             "Answers whose content could not be compared, by reason",
             None,
             MetricType::Counter,
         )?;
-        for (reason, v) in [
-            ("mirror_failed", n.mirror_failed),
-            ("unsupported", n.unsupported),
-            ("no_live", n.no_live),
-            ("memory", n.memory),
-            ("busy", n.busy),
-        ] {
-            ConstCounter::new(v).encode(m.encode_family(&[("reason", reason)])?)?;
+        for (t, n) in not_compared {
+            for (reason, v) in [
+                ("mirror_failed", n.mirror_failed),
+                ("unsupported", n.unsupported),
+                ("no_live", n.no_live),
+                ("memory", n.memory),
+                ("busy", n.busy),
+            ] {
+                ConstCounter::new(v).encode(m.encode_family(&t.labels(&[("reason", reason)]))?)?;
+            }
         }
     }
     Ok(())
 }
 
 /// Each compared field's noise rate, and whether it differs beyond its noise.
-fn encode_field_rates(encoder: &mut DescriptorEncoder, report: &Report) -> std::fmt::Result {
+/// Each table's content rows, with their table.
+fn contents(
+    tables: &[Table],
+) -> impl Iterator<Item = (&Table, &crate::compare::diffs::ContentRow)> {
+    tables
+        .iter()
+        .flat_map(|t| t.report.content.iter().map(move |c| (t, c)))
+}
+
+fn encode_field_rates(encoder: &mut DescriptorEncoder, tables: &[Table]) -> std::fmt::Result {
     for (name, help, value) in [
         (
             "mirror_content_field_noise_ratio",
@@ -367,13 +428,13 @@ fn encode_field_rates(encoder: &mut DescriptorEncoder, report: &Report) -> std::
         ),
     ] {
         let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-        for c in &report.content {
+        for (t, c) in contents(tables) {
             for f in &c.fields {
-                let labels = [
+                let labels = t.labels(&[
                     ("endpoint", c.name.as_str()),
                     ("mirror", c.mirror.as_str()),
                     ("path", f.path.as_str()),
-                ];
+                ]);
                 ConstGauge::new(value(f)).encode(m.encode_family(&labels)?)?;
             }
         }
@@ -490,6 +551,40 @@ pub fn render(sources: &Sources) -> String {
     out
 }
 
+/// `/report`: the comparison of the agent's own mirrors, or with `?mirroring=NAMESPACE/NAME`, of
+/// that declared mirroring.
+fn report(sources: &Sources, query: Option<&str>) -> (StatusCode, &'static str, String) {
+    let wanted = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("mirroring="))
+        .map(|v| v.replace("%2F", "/").replace("%2f", "/"));
+    let comparison = match &wanted {
+        None => sources.comparison.clone(),
+        Some(key) => {
+            let lanes = sources.lanes.lock().unwrap();
+            match lanes.iter().find(|l| &l.key == key) {
+                Some(l) => l.comparison.clone(),
+                None => {
+                    let running: Vec<&str> = lanes.iter().map(|l| l.key.as_str()).collect();
+                    return (
+                        StatusCode::NOT_FOUND,
+                        "text/plain",
+                        format!("no mirroring {key} runs here; running: {running:?}\n"),
+                    );
+                }
+            }
+        }
+    };
+    let mut report = comparison.report();
+    report.set_read_at(&sources.read_at);
+    (
+        StatusCode::OK,
+        "application/json",
+        serde_json::to_string_pretty(&report).unwrap_or_default(),
+    )
+}
+
 /// Serves `/metrics` and `/report` until the runtime stops.
 pub async fn serve(addr: SocketAddr, sources: Sources) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -516,15 +611,7 @@ pub async fn serve(addr: SocketAddr, sources: Sources) -> std::io::Result<Socket
                                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                                 render(&sources),
                             ),
-                            "/report" => {
-                                let mut report = sources.comparison.report();
-                                report.set_read_at(&sources.read_at);
-                                (
-                                    StatusCode::OK,
-                                    "application/json",
-                                    serde_json::to_string_pretty(&report).unwrap_or_default(),
-                                )
-                            }
+                            "/report" => report(&sources, req.uri().query()),
                             _ => (
                                 StatusCode::NOT_FOUND,
                                 "text/plain",
@@ -557,6 +644,7 @@ mod tests {
         let mut c = Comparator::new(CompareConfig::default());
         let meta = ResponseMeta {
             conn: 1,
+            server: "10.0.0.2:80".parse().unwrap(),
             request_seq: 0,
             method: "GET".into(),
             target: "/api/books/2/reviews".into(),
@@ -566,6 +654,13 @@ mod tests {
             response_first_ts: 2_000_000,
         };
         c.live(&meta);
+        let mut lane = Comparator::new(CompareConfig {
+            live_label: "v1".into(),
+            mirror_labels: vec!["v3".into()],
+            ..CompareConfig::default()
+        });
+        lane.live(&meta);
+        let lane = crate::compare::Comparison::from(lane);
         c.mirror(
             0,
             &MirrorOutcome {
@@ -591,6 +686,11 @@ mod tests {
             record: Some(Default::default()),
             tls: Some(Default::default()),
             read_at: Default::default(),
+            lanes: Arc::new(Mutex::new(vec![crate::mirrorings::LaneView {
+                key: "shop/reviews".into(),
+                comparison: lane,
+                replay: vec![("v3".into(), Arc::new(ReplayStats::default()))],
+            }])),
         }
     }
 
@@ -601,6 +701,8 @@ mod tests {
             r#"mirror_requests_total{endpoint="GET /api/books/{id}/reviews",version="mirror",code="500"} 1"#,
             r#"mirror_status_mismatch_total{endpoint="GET /api/books/{id}/reviews",mirror="mirror",live_code="200",mirror_code="500"} 1"#,
             r#"mirror_kernel_packets_total{outcome="cloned"} 3"#,
+            r#"mirror_requests_total{mirroring="shop/reviews",endpoint="GET /api/books/{id}/reviews",version="v1",code="200"} 1"#,
+            r#"mirror_replay_offered_total{mirroring="shop/reviews",mirror="v3"} 0"#,
             "mirror_kernel_work_seconds_total 1.5",
             r#"mirror_http_dropped_total{reason="gap"} 0"#,
             r#"mirror_replay_errors_total{mirror="mirror",kind="timeout"} 0"#,
@@ -635,6 +737,7 @@ mod tests {
         };
         c.live_content(&crate::http::LiveContent {
             conn: 1,
+            server: "10.0.0.2:80".parse().unwrap(),
             request_seq: 0,
             method: "GET".into(),
             target: "/a".into(),

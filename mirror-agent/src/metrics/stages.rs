@@ -68,9 +68,14 @@ impl Families {
         }
     }
 
-    /// One mirror's stage: its samples carry the mirror's name.
-    pub fn stage_of<S: Counters>(&mut self, mirror: &str, stats: &S) {
-        self.base = vec![("mirror", mirror.to_string())];
+    /// One mirror's stage: its samples carry the mirror's name, and that of the declared
+    /// mirroring it is a candidate of.
+    pub fn stage_of<S: Counters>(&mut self, mirroring: Option<&str>, mirror: &str, stats: &S) {
+        self.base = mirroring
+            .map(|m| ("mirroring", m.to_string()))
+            .into_iter()
+            .chain([("mirror", mirror.to_string())])
+            .collect();
         self.stage(stats);
         self.base.clear();
     }

@@ -63,6 +63,9 @@ pub const BLOCK_HEADER: usize = 16;
 pub const MAX_BLOCK: usize = 64 << 20;
 pub const FILE_SUFFIX: &str = ".mrec";
 
+/// A recorded response's server: records keep it per connection, in its source record.
+const UNRECORDED_SERVER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+
 const KIND_REQUEST: u8 = 1;
 const KIND_RESPONSE: u8 = 2;
 const KIND_H2_REQUEST: u8 = 3;
@@ -202,6 +205,7 @@ impl Record {
                 let grpc = c.u32()?;
                 Record::Response(ResponseMeta {
                     conn,
+                    server: UNRECORDED_SERVER,
                     request_seq,
                     status,
                     grpc_status: has_grpc.then_some(grpc),
@@ -342,6 +346,7 @@ mod tests {
     fn records_survive_encoding_and_unknown_kinds_are_skipped() {
         let response = Record::Response(ResponseMeta {
             conn: 3,
+            server: UNRECORDED_SERVER,
             request_seq: 4,
             method: "GET".into(),
             target: "/".into(),

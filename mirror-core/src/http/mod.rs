@@ -142,6 +142,8 @@ pub struct WireOrigin {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResponseMeta {
     pub conn: ConnId,
+    /// The live server's address (unspecified in a recording, which keeps it per connection).
+    pub server: std::net::SocketAddr,
     pub request_seq: u64,
     pub method: ByteString,
     pub target: ByteString,
@@ -211,6 +213,7 @@ pub enum HttpEvent {
 #[derive(Clone, Debug)]
 pub struct LiveContent {
     pub conn: ConnId,
+    pub server: std::net::SocketAddr,
     pub request_seq: u64,
     pub method: ByteString,
     pub target: ByteString,

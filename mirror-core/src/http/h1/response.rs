@@ -140,6 +140,7 @@ fn report(c: &mut H1Conn, cx: &mut Ctx, req: Pending, head: &Head) {
     }
     cx.events.push(HttpEvent::Response(ResponseMeta {
         conn: cx.info.id,
+        server: cx.info.server,
         request_seq: req.seq,
         method: req.method,
         target: req.target,
@@ -162,6 +163,7 @@ pub(super) fn report_early(c: &mut H1Conn, cx: &mut Ctx, seq: u64) {
     cx.stats.early_responses += 1;
     cx.events.push(HttpEvent::Response(ResponseMeta {
         conn: cx.info.id,
+        server: cx.info.server,
         request_seq: req.seq,
         method: req.method,
         target: req.target,
@@ -196,6 +198,7 @@ pub(super) fn emit_content(cx: &mut Ctx, p: &mut MessageParser) {
         cx.stats.content_responses += 1;
         cx.events.push(HttpEvent::ResponseContent(LiveContent {
             conn: cx.info.id,
+            server: cx.info.server,
             request_seq: done.seq,
             method: done.method,
             target: done.target,

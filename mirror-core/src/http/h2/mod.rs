@@ -463,6 +463,7 @@ impl H2Conn {
         ctx.stats.responses += 1;
         ctx.events.push(HttpEvent::Response(ResponseMeta {
             conn: ctx.info.id,
+            server: ctx.info.server,
             request_seq: s.seq,
             method: s.method.into(),
             target: s.path.into(),
