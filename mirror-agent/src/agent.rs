@@ -546,6 +546,8 @@ impl PipelineEvents {
 
 impl pipeline::Sink for PipelineEvents {
     fn event(&mut self, event: HttpEvent) {
+        // A mirroring declared a moment ago covers the very next request.
+        self.lanes.apply_changes();
         match event {
             HttpEvent::Request(r) => {
                 let at = self.read_at.count(r.server());
@@ -582,8 +584,8 @@ impl pipeline::Sink for PipelineEvents {
         if let Some(rec) = self.recording.as_mut() {
             rec.flush();
         }
-        self.lanes.flush();
         self.lanes.apply_changes();
+        self.lanes.flush();
         let Some((last, others)) = self.replayers.split_last() else {
             return;
         };
