@@ -177,3 +177,15 @@ fn crd_file_in_deploy_is_the_generated_one() {
         path.display()
     );
 }
+
+#[test]
+fn the_example_in_deploy_reads_and_checks() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/trafficmirror-example.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let objects = from_yaml("example", &text).unwrap();
+    assert_eq!(objects.len(), 2);
+    for (key, tm) in &objects {
+        Mirroring::check(key, &tm.spec).unwrap_or_else(|e| panic!("{key}: {e}"));
+    }
+}
