@@ -327,7 +327,7 @@ impl RedactArgs {
 #[derive(Args, Debug)]
 pub struct AttachArgs {
     /// Interface(s) that the live service's traffic crosses (comma-separated).
-    #[arg(long, value_delimiter = ',', required_unless_present_any = ["pod_ip", "selector", "tls_pid"])]
+    #[arg(long, value_delimiter = ',', required_unless_present_any = ["pod_ip", "selector", "tls_pid", "traffic_mirrors"])]
     pub iface: Vec<String>,
 
     /// Live pod address(es) (comma-separated): the agent finds the host-side veth that routes to
@@ -340,8 +340,15 @@ pub struct AttachArgs {
     /// appears and detached when it goes. Pods in a service mesh (Istio sidecar or ambient,
     /// Linkerd), whose wire carries mTLS, are attached inside their network namespace instead
     /// (see --in-pod). Uses the in-cluster ServiceAccount, or KUBECONFIG.
-    #[arg(long)]
+    #[arg(long, group = "watches")]
     pub selector: Option<String>,
+
+    /// Mirror what the TrafficMirror objects in the Kubernetes API declare
+    /// (deploy/trafficmirror-crd.yaml): each object's pods on this node, its candidates, its
+    /// rules, added, changed and removed as the objects are, with this node's entry written in
+    /// each object's status. Uses the in-cluster ServiceAccount, or KUBECONFIG.
+    #[arg(long, group = "watches", conflicts_with = "config")]
+    pub traffic_mirrors: bool,
 
     /// Attach inside each pod's own network namespace, on its `lo`, instead of on its host veth:
     /// where a mesh proxy or a TLS-terminating sidecar hands the application plaintext. The
@@ -350,13 +357,15 @@ pub struct AttachArgs {
     #[arg(long)]
     pub in_pod: bool,
 
-    /// With --selector: only pods in this namespace (default: all namespaces).
-    #[arg(long, requires = "selector")]
+    /// With --selector or --traffic-mirrors: only pods (and TrafficMirrors) in this namespace
+    /// (default: all namespaces).
+    #[arg(long, requires = "watches")]
     pub namespace: Option<String>,
 
-    /// With --selector: this node's name, so that only its pods are watched (set NODE_NAME
-    /// from the downward API's spec.nodeName).
-    #[arg(long, env = "NODE_NAME", requires = "selector")]
+    /// With --selector or --traffic-mirrors: this node's name, so that only its pods are
+    /// watched, and the name of its entry in TrafficMirror statuses (set NODE_NAME from the
+    /// downward API's spec.nodeName).
+    #[arg(long, env = "NODE_NAME", requires = "watches")]
     pub node_name: Option<String>,
 
     /// Live service port(s) (comma-separated), read on the wire.

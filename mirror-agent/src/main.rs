@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use mirror_agent::agent::{Agent, AgentConfig, AgentError, MirrorTarget, MirroringsConfig};
+use mirror_agent::agent::{Agent, AgentConfig, AgentError, MirrorTarget};
 use mirror_agent::capture::netdev;
 use mirror_agent::capture::ring::RingConfig;
 use mirror_agent::capture::tls::TlsConfig;
@@ -29,7 +29,7 @@ use mirror_agent::compare::{self, format_table, CompareConfig, Report};
 use mirror_agent::exchange::content::ContentCapture;
 use mirror_agent::http::HttpConfig;
 use mirror_agent::memory_budget;
-use mirror_agent::mirrorings::{self, LaneTemplate};
+use mirror_agent::mirrorings::{self, Declarations, LaneTemplate, MirroringsConfig};
 use mirror_agent::pipeline::PipelineConfig;
 use mirror_agent::pods::PodSelector;
 use mirror_agent::reassembly::ReassemblyConfig;
@@ -198,7 +198,8 @@ fn agent_config(
     })
 }
 
-/// `--config`: the file, checked once now so that a broken one fails the start, and what each
+/// `--config` (the file, checked once now so that a broken one fails the start) or
+/// `--traffic-mirrors`, and what each
 /// declared mirroring's stages start from: the command line's caps and comparison settings.
 fn mirrorings_config(
     args: &AttachArgs,
@@ -206,15 +207,17 @@ fn mirrorings_config(
     content: &Option<ContentCapture>,
     split: &memory_budget::Split,
 ) -> Result<Option<MirroringsConfig>> {
-    let Some(file) = &args.config else {
-        return Ok(None);
+    let declarations = match (&args.config, args.traffic_mirrors) {
+        (Some(file), _) => {
+            let declared = mirrorings::source::read(file).context("--config")?;
+            log::info!("--config {}: {} mirrorings", file.display(), declared.len());
+            Declarations::File(file.clone())
+        }
+        (None, true) => Declarations::Cluster {
+            namespace: args.namespace.clone(),
+        },
+        (None, false) => return Ok(None),
     };
-    let declared = mirrorings::source::read(file).context("--config")?;
-    log::info!(
-        "--config {}: {} mirrorings declared",
-        file.display(),
-        declared.len()
-    );
     let replay = ReplayConfig {
         max_rps: args.max_rps,
         max_inflight: args.max_inflight,
@@ -228,7 +231,9 @@ fn mirrorings_config(
         ..ReplayConfig::new(hyper::Uri::from_static("http://candidate.invalid"))
     };
     Ok(Some(MirroringsConfig {
-        file: file.clone(),
+        declarations,
+        node: args.node_name.clone(),
+        in_pod: args.in_pod,
         template: LaneTemplate {
             replay,
             tls: args.requests.tls_options(),
@@ -283,7 +288,11 @@ fn pipeline_config(
             // Declared mirrorings' candidates too: eight, a TrafficMirror's most.
             stream_copies: (mirrors
                 + usize::from(args.record.is_some())
-                + if args.config.is_some() { 8 } else { 0 })
+                + if args.config.is_some() || args.traffic_mirrors {
+                    8
+                } else {
+                    0
+                })
             .max(1),
             content: content.clone(),
             ..HttpConfig::default()
@@ -346,7 +355,7 @@ fn capture_config(args: &AttachArgs, targets: Vec<Target>, response_heads: bool)
         matching: MatchConfig {
             ports: args.port.clone(),
             // Selected pods come and go: none selected must not mean every address.
-            addr_filter: !addrs.is_empty() || args.selector.is_some(),
+            addr_filter: !addrs.is_empty() || args.selector.is_some() || args.traffic_mirrors,
             addrs,
             responses: !args.no_responses,
             response_heads,

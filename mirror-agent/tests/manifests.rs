@@ -103,7 +103,8 @@ fn every_manifest_parses_and_agent_args_are_accepted_by_the_cli() {
     assert_eq!(agents, 1, "exactly one agent container (the DaemonSet)");
 }
 
-/// The account is bound to a ClusterRole that can only get, list and watch pods.
+/// The account is bound to a ClusterRole that can only read pods and TrafficMirrors and patch
+/// TrafficMirror status.
 fn assert_read_only_pod_rbac(all: &[(PathBuf, Vec<Value>)], account: &str) {
     let docs: Vec<&Value> = all.iter().flat_map(|(_, d)| d.iter()).collect();
     let kind = |d: &&Value, k: &str| s(d, &["kind"]).and_then(Value::as_str) == Some(k);
@@ -131,17 +132,38 @@ fn assert_read_only_pod_rbac(all: &[(PathBuf, Vec<Value>)], account: &str) {
         })
         .expect("the bound ClusterRole");
     let rules = s(role, &["rules"]).and_then(Value::as_sequence).unwrap();
-    assert_eq!(rules.len(), 1, "one rule: pods, read only");
-    let list = |k: &str| -> Vec<&str> {
-        s(&rules[0], &[k])
+    let list = |rule: &Value, k: &str| -> Vec<String> {
+        s(rule, &[k])
             .and_then(Value::as_sequence)
             .unwrap()
             .iter()
-            .map(|v| v.as_str().unwrap())
+            .map(|v| v.as_str().unwrap().to_string())
             .collect()
     };
-    assert_eq!(list("resources"), ["pods"]);
-    assert_eq!(list("verbs"), ["get", "list", "watch"]);
+    let granted: Vec<(Vec<String>, Vec<String>, Vec<String>)> = rules
+        .iter()
+        .map(|r| (list(r, "apiGroups"), list(r, "resources"), list(r, "verbs")))
+        .collect();
+    let rule = |g: &str, r: &str, v: &[&str]| {
+        (
+            vec![g.to_string()],
+            vec![r.to_string()],
+            v.iter().map(|x| x.to_string()).collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(
+        granted,
+        [
+            rule("", "pods", &["get", "list", "watch"]),
+            rule(
+                "mirror-agent.dev",
+                "trafficmirrors",
+                &["get", "list", "watch"]
+            ),
+            rule("mirror-agent.dev", "trafficmirrors/status", &["patch"]),
+        ],
+        "read pods and TrafficMirrors, patch only their status"
+    );
 }
 
 #[test]
@@ -227,8 +249,8 @@ fn check_agent(
         panic!("the DaemonSet must run `attach`")
     };
     assert!(
-        a.selector.is_some(),
-        "the DaemonSet follows pods by label (--selector)"
+        a.traffic_mirrors,
+        "the DaemonSet serves the TrafficMirrors (--traffic-mirrors)"
     );
     let node_name = s(c, &["env"])
         .and_then(Value::as_sequence)

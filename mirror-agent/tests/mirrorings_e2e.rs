@@ -214,3 +214,218 @@ fn mirrorings_are_added_switched_and_removed_while_traffic_flows() {
     assert_eq!(paired as usize, want_reviews.len(), "{}", exit.metrics);
     println!("the candidate URL switched {switch_time:?} after the file changed");
 }
+
+/// A pod: its own namespace behind a veth on the node, running a live server on 8080.
+struct PodNs {
+    _ns: Netns,
+    _server: TestServer,
+    ip: String,
+}
+
+fn pod(node: &Netns, tag: &str, net: u8) -> PodNs {
+    let ns = Netns::new(&netlab::unique(tag));
+    netlab::link(node, &format!("vp{net}"), &ns, "eth0", net);
+    let ip = format!("10.{net}.0.2");
+    let server = TestServer::start(&ns, &[format!("{ip}:8080").parse().unwrap()]);
+    PodNs {
+        _ns: ns,
+        _server: server,
+        ip,
+    }
+}
+
+fn spec(app: &str, candidate: &str, url: &str) -> serde_json::Value {
+    serde_json::json!({
+        "selector": {"matchLabels": {"app": app}},
+        "ports": [8080],
+        "candidates": [{"name": candidate, "url": url}],
+    })
+}
+
+/// The last status entry written for `name`, by this node's field manager.
+fn last_status(api: &netlab::kubeapi::FakeApi, name: &str) -> Option<serde_json::Value> {
+    api.status_patches()
+        .into_iter()
+        .rev()
+        .find(|(path, manager, _)| {
+            path.ends_with(&format!("/trafficmirrors/{name}/status"))
+                && manager == "mirror-agent/node1"
+        })
+        .map(|(_, _, body)| body["status"]["nodes"][0].clone())
+}
+
+fn wait_status(
+    api: &netlab::kubeapi::FakeApi,
+    name: &str,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut last = None;
+    let found = netlab::wait_until(Duration::from_secs(20), || {
+        last = last_status(api, name);
+        last.as_ref().is_some_and(&ok)
+    });
+    assert!(
+        found,
+        "TrafficMirror {name}: no status with {what}; last: {last:?}"
+    );
+    last.unwrap()
+}
+
+#[test]
+fn traffic_mirrors_in_the_api_select_their_pods_and_report_per_node() {
+    if not_root() {
+        return;
+    }
+    let node = Netns::new(&netlab::unique("tmnode"));
+    let books_cand = TestServer::start(&node, &["127.0.0.1:9211".parse().unwrap()]);
+    let reviews_first = TestServer::start(&node, &["127.0.0.1:9212".parse().unwrap()]);
+    let reviews_second = TestServer::start(&node, &["127.0.0.1:9213".parse().unwrap()]);
+    let books = pod(&node, "tmb", 243);
+    let reviews = pod(&node, "tmr", 244);
+    let api = netlab::kubeapi::FakeApi::start(&node, &[], "node1");
+    api.labeled_event(
+        "ADDED",
+        "books-1",
+        Some(&books.ip),
+        true,
+        &[("app", "books")],
+    );
+    api.labeled_event(
+        "ADDED",
+        "reviews-1",
+        Some(&reviews.ip),
+        true,
+        &[("app", "reviews")],
+    );
+    // Two objects on the same port, told apart by their pods; one that selects nothing; one
+    // whose spec the schema lets through but the agent cannot run.
+    api.traffic_mirror(
+        "default",
+        "books",
+        Some(spec("books", "next", "http://127.0.0.1:9211")),
+    );
+    api.traffic_mirror(
+        "default",
+        "reviews",
+        Some(spec("reviews", "cand", "http://127.0.0.1:9212")),
+    );
+    api.traffic_mirror(
+        "default",
+        "nothing",
+        Some(spec("nobody", "cand", "http://127.0.0.1:9212")),
+    );
+    let mut bad = spec("reviews", "cand", "http://127.0.0.1:9212");
+    bad["requests"] = serde_json::json!({"path": "(unclosed"});
+    api.traffic_mirror("default", "bad", Some(bad));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = node.exec(&[
+        AGENT,
+        "attach",
+        "--traffic-mirrors",
+        "--node-name",
+        "node1",
+        "--port",
+        "8080",
+        "--metrics",
+        METRICS,
+    ]);
+    cmd.env("KUBECONFIG", api.kubeconfig(dir.path()));
+    let agent = Agent::spawn_command(cmd);
+    let pods_mirrored = || metric(&node, METRICS, "mirror_pods_mirrored", &[]);
+    assert!(
+        netlab::wait_until(Duration::from_secs(20), || pods_mirrored() == Some(2.0)),
+        "the two selected pods were never both attached ({:?})",
+        pods_mirrored()
+    );
+    let get = |ip: &str, path: &str| curl(&node, &[&format!("http://{ip}:8080{path}")]);
+    for i in 0..10 {
+        get(&books.ip, &format!("/books/{i}"));
+        get(&reviews.ip, &format!("/reviews/one/{i}"));
+    }
+    netlab::wait_until(Duration::from_secs(10), || {
+        books_cand.requests() >= 10 && reviews_first.requests() >= 10
+    });
+
+    // The reviews candidate moves; books is deleted: its pod is let go.
+    api.traffic_mirror(
+        "default",
+        "reviews",
+        Some(spec("reviews", "cand", "http://127.0.0.1:9213")),
+    );
+    api.traffic_mirror("default", "books", None);
+    assert!(
+        netlab::wait_until(Duration::from_secs(20), || pods_mirrored() == Some(1.0)),
+        "the deleted mirroring's pod stayed attached"
+    );
+    let switched = netlab::wait_until(Duration::from_secs(15), || {
+        get(&reviews.ip, "/reviews/probe");
+        reviews_second.requests() > 0
+    });
+    assert!(switched, "the edited candidate URL never got a request");
+    for i in 0..10 {
+        get(&books.ip, &format!("/books/after/{i}"));
+        get(&reviews.ip, &format!("/reviews/two/{i}"));
+    }
+    netlab::wait_until(Duration::from_secs(10), || reviews_second.requests() >= 11);
+
+    let reviews_status = wait_status(&api, "reviews", "its pod and requests", |s| {
+        s["pods"] == 1 && s["mirrored"].as_u64().unwrap_or(0) >= 10 && s["observedGeneration"] == 2
+    });
+    let nothing = wait_status(&api, "nothing", "NoPodMatches", |s| {
+        s["conditions"].to_string().contains("NoPodMatches")
+    });
+    let bad = wait_status(&api, "bad", "a refusal", |s| {
+        s["conditions"][0]["status"] == "False"
+    });
+    let exit = agent.stop();
+
+    let targets = |s: &TestServer| {
+        let mut t: Vec<String> = s.log().into_iter().map(|r| r.target).collect();
+        t.sort();
+        t
+    };
+    assert_eq!(targets(&books_cand), sent("/books", 10), "{}", exit.stderr);
+    assert!(
+        targets(&reviews_first)
+            .iter()
+            .all(|t| t.starts_with("/reviews/one/") || t == "/reviews/probe"),
+        "the first reviews candidate got another pod's requests: {:?}",
+        targets(&reviews_first)
+    );
+    let mut reviews_got = targets(&reviews_first);
+    reviews_got.extend(targets(&reviews_second));
+    reviews_got.retain(|t| t != "/reviews/probe");
+    reviews_got.sort();
+    let mut want = sent("/reviews/one", 10);
+    want.extend(sent("/reviews/two", 10));
+    want.sort();
+    assert_eq!(reviews_got, want, "{}", exit.stderr);
+    assert!(
+        reviews_status["verdict"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("cand: "),
+        "{reviews_status}"
+    );
+    assert_eq!(reviews_status["conditions"][0]["type"], "Ready");
+    assert_eq!(reviews_status["conditions"][0]["status"], "True");
+    assert_eq!(nothing["pods"], 0, "{nothing}");
+    assert_eq!(bad["conditions"][0]["reason"], "InvalidSpec", "{bad}");
+    assert!(
+        bad["conditions"][0]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("spec.requests.path"),
+        "{bad}"
+    );
+    let requests = api.requests();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.contains("namespaces/default/pods")
+                && r.contains("labelSelector=app%3Dreviews")
+                && r.contains("fieldSelector=spec.nodeName%3Dnode1")),
+        "{requests:?}"
+    );
+}

@@ -1,11 +1,14 @@
 //! Declared mirrorings (TrafficMirror objects): the agent adds, changes and removes them while it
-//! runs. Each one is a lane of the pipeline (`lanes`): its live servers, its candidates' replay
-//! stages, its own comparison. `Mirrorings` owns the running lanes and turns each new declared
-//! set into changes of the pipeline's lane table; `source` reads the declarations.
+//! runs. Each one is a lane of the pipeline (`lanes`): its live servers (its ports, and the pods
+//! its own watch selects: `selection`), its candidates' replay stages, its own comparison.
+//! `Mirrorings` owns the running lanes and turns each new declared set into changes of the
+//! pipeline's lane table; `source` reads the declarations, `status` reports on them.
 
 pub mod lanes;
+pub mod selection;
 pub mod source;
 pub mod spec;
+pub mod status;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{mpsc, Arc, Mutex};
@@ -14,10 +17,13 @@ use std::time::Duration;
 use hyper::header::HeaderName;
 
 use crate::compare::{CompareConfig, Comparison};
+use crate::pods::PodChange;
 use crate::replay::secrets::{SecretHeader, SecretWatch, REREAD_EVERY};
 use crate::replay::{self, Mark, ReplayConfig, ReplayStats, Replayer, TlsOptions};
 use lanes::{Lane, LaneChange, LaneMirror};
-use spec::{Mirroring, TrafficMirrorSpec};
+use selection::{LanePod, PodWatches, Selected};
+use source::{Declaration, Declared};
+use spec::{Mirroring, NodeStatus, TrafficMirrorSpec};
 
 /// What every declared mirroring's stages start from: the agent's own settings (caps, timeouts,
 /// memory plan), with each candidate's URL and rewrites set on top.
@@ -32,6 +38,82 @@ pub struct LaneTemplate {
     pub captured_ports: Vec<u16>,
     /// How long a removed mirroring's requests in flight may finish.
     pub grace: Duration,
+}
+
+/// Where declared mirrorings come from.
+#[derive(Clone, Debug)]
+pub enum Declarations {
+    /// A YAML file (`--config`).
+    File(std::path::PathBuf),
+    /// TrafficMirror objects in the Kubernetes API, of one namespace or all
+    /// (`--traffic-mirrors`).
+    Cluster { namespace: Option<String> },
+}
+
+/// Declared mirrorings: where from, what their stages start from, and for pods this node.
+#[derive(Clone, Debug)]
+pub struct MirroringsConfig {
+    pub declarations: Declarations,
+    pub template: LaneTemplate,
+    pub node: Option<String>,
+    /// Attach inside every selected pod's namespace (`--in-pod`).
+    pub in_pod: bool,
+}
+
+/// What the agent's main loop receives and sends for declared mirrorings.
+pub struct Feeds {
+    pub declared: tokio::sync::mpsc::Receiver<Declared>,
+    pub pods: Option<tokio::sync::mpsc::Receiver<LanePod>>,
+    /// This node's name and where its status entries go (declared in the API only).
+    pub status: Option<(String, tokio::sync::mpsc::Sender<Vec<(String, NodeStatus)>>)>,
+}
+
+/// Starts reading the declarations (and, with the Kubernetes API, watching pods and writing
+/// status) on `rt`. Declarations from the API need a client; a file uses one when there is one,
+/// for its mirrorings that select pods.
+pub fn start(
+    cfg: &MirroringsConfig,
+    table: mpsc::Sender<LaneChange>,
+    rt: &tokio::runtime::Handle,
+) -> Result<(Mirrorings, Feeds), kube::Error> {
+    let cluster = matches!(cfg.declarations, Declarations::Cluster { .. });
+    let client = match &cfg.declarations {
+        Declarations::Cluster { .. } => Some(rt.block_on(kube::Client::try_default())?),
+        Declarations::File(_) => rt.block_on(kube::Client::try_default()).ok(),
+    };
+    let (declared_tx, declared) = tokio::sync::mpsc::channel(4);
+    match &cfg.declarations {
+        Declarations::File(path) => {
+            rt.spawn(source::watch_file(path.clone(), declared_tx));
+        }
+        Declarations::Cluster { namespace } => {
+            let client = client.clone().expect("made above");
+            rt.spawn(source::watch_cluster(
+                client,
+                namespace.clone(),
+                declared_tx,
+            ));
+        }
+    }
+    let (pods_tx, pods) = tokio::sync::mpsc::channel(1024);
+    let watches = client
+        .clone()
+        .map(|c| PodWatches::new(c, cfg.node.clone(), cfg.in_pod, pods_tx));
+    let status = match (&client, &cfg.node) {
+        (Some(c), Some(node)) if cluster => {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            rt.spawn(status::write(c.clone(), node.clone(), rx));
+            Some((node.clone(), tx))
+        }
+        _ => None,
+    };
+    let feeds = Feeds {
+        declared,
+        pods: watches.is_some().then_some(pods),
+        status,
+    };
+    let mirrorings = Mirrorings::new(cfg.template.clone(), table, rt.clone(), watches, cluster);
+    Ok((mirrorings, feeds))
 }
 
 /// A running mirroring, for metrics and `/report`.
@@ -55,6 +137,9 @@ pub struct Refused {
 
 struct Running {
     spec: TrafficMirrorSpec,
+    generation: i64,
+    /// The pods it covers, when it selects pods (else whatever the agent is attached to).
+    selected: Option<Selected>,
     candidates: Vec<(String, Replayer)>,
     comparison: Comparison,
     /// Re-reads the candidates' secret headers; stops with the mirroring.
@@ -66,17 +151,26 @@ pub struct Mirrorings {
     template: LaneTemplate,
     table: mpsc::Sender<LaneChange>,
     running: BTreeMap<String, Running>,
-    refused: BTreeMap<String, Refused>,
+    /// Refused declarations, with the generation refused.
+    refused: BTreeMap<String, (Refused, i64)>,
     views: LaneViews,
     rt: tokio::runtime::Handle,
+    /// Pod watches, with a Kubernetes API.
+    pods: Option<PodWatches>,
+    /// Declared in the API: a mirroring without a selector covers its whole namespace.
+    cluster: bool,
 }
 
 impl Mirrorings {
     /// Mirrorings whose lanes go to the pipeline through `table`.
+    /// `pods` finds the pods of mirrorings that select some; `cluster` says the declarations come
+    /// from the API, where a mirroring without a selector covers its namespace's pods.
     pub fn new(
         template: LaneTemplate,
         table: mpsc::Sender<LaneChange>,
         rt: tokio::runtime::Handle,
+        pods: Option<PodWatches>,
+        cluster: bool,
     ) -> Mirrorings {
         Mirrorings {
             template,
@@ -85,6 +179,8 @@ impl Mirrorings {
             refused: BTreeMap::new(),
             views: LaneViews::default(),
             rt,
+            pods,
+            cluster,
         }
     }
 
@@ -92,43 +188,88 @@ impl Mirrorings {
         &self.views
     }
 
-    pub fn refused(&self) -> &BTreeMap<String, Refused> {
-        &self.refused
-    }
-
     /// Makes the running mirrorings what is declared: starts the new, restarts the changed
     /// (their candidates' stages; the comparison goes on when the candidates' names and the
-    /// comparison's settings stay), stops the removed. A refused one leaves the others running.
-    pub async fn declare(&mut self, declared: BTreeMap<String, TrafficMirrorSpec>) {
+    /// comparison's settings stay, the pods when the selector stays), stops the removed. A
+    /// refused one leaves the others running. Returns the pods no longer covered, for the
+    /// capture to let go of.
+    pub async fn declare(&mut self, declared: Declared) -> Vec<PodChange> {
         let gone: Vec<String> = self
             .running
             .keys()
             .filter(|k| !declared.contains_key(*k))
             .cloned()
             .collect();
+        let mut released = Vec::new();
         for key in gone {
             log::info!("mirroring {key} removed: stopped");
-            self.stop(&key);
+            released.extend(self.stop(&key));
         }
         self.refused.retain(|k, _| declared.contains_key(k));
-        for (key, spec) in declared {
-            if self.running.get(&key).is_some_and(|r| r.spec == spec) {
+        for (key, Declaration { spec, generation }) in declared {
+            if let Some(r) = self.running.get_mut(&key).filter(|r| r.spec == spec) {
+                r.generation = generation;
                 continue;
             }
-            match self.start(&key, spec).await {
-                Ok(()) => {
+            match self.start(&key, spec, generation).await {
+                Ok(freed) => {
+                    released.extend(freed);
                     self.refused.remove(&key);
                 }
                 Err(refused) => {
                     log::warn!("mirroring {key} not started: {}", refused.message);
-                    self.refused.insert(key, refused);
+                    // It keeps running as it was, if it was; its status says why not the new.
+                    self.refused.insert(key, (refused, generation));
                 }
             }
         }
         self.publish();
+        released
     }
 
-    async fn start(&mut self, key: &str, spec: TrafficMirrorSpec) -> Result<(), Refused> {
+    /// A pod change from a mirroring's watch: the pipeline learns it, and it is returned for the
+    /// capture (None when stale or no change).
+    pub fn pod(&mut self, lp: LanePod) -> Option<PodChange> {
+        let running = self.running.get_mut(&lp.key)?;
+        let selected = running.selected.as_mut().filter(|s| s.watch == lp.watch)?;
+        if !selected.apply(&lp.change) {
+            return None;
+        }
+        let (ip, mirrored) = match &lp.change {
+            PodChange::Mirror { ip, .. } => (*ip, true),
+            PodChange::Forget { ip, .. } => (*ip, false),
+        };
+        let _ = self.table.send(LaneChange::Pod {
+            key: lp.key,
+            ip,
+            mirrored,
+        });
+        Some(lp.change)
+    }
+
+    /// This node's entry for each declared mirroring's status.
+    pub fn statuses(&self, node: &str) -> Vec<(String, NodeStatus)> {
+        let mut out: Vec<(String, NodeStatus)> = self
+            .running
+            .iter()
+            .map(|(key, r)| (key.clone(), r.status(node, self.refused.get(key))))
+            .collect();
+        for (key, (refused, generation)) in &self.refused {
+            if !self.running.contains_key(key) {
+                out.push((key.clone(), status::refused(node, *generation, refused)));
+            }
+        }
+        out
+    }
+
+    /// Starts (or restarts) a mirroring; returns the pods its old version covered and the new
+    /// one does not.
+    async fn start(
+        &mut self,
+        key: &str,
+        spec: TrafficMirrorSpec,
+        generation: i64,
+    ) -> Result<Vec<PodChange>, Refused> {
         let refuse = |reason, message: String| Refused { reason, message };
         let m = Mirroring::check(key, &spec).map_err(|e| refuse(e.reason(), e.to_string()))?;
         if let Some(p) = m
@@ -145,12 +286,14 @@ impl Mirrorings {
                 ),
             ));
         }
-        if m.selects_pods() {
+        let by_pods = self.cluster || m.selects_pods();
+        if by_pods && self.pods.is_none() {
             return Err(refuse(
                 "NeedsKubernetes",
                 format!(
-                    "spec.selector ({}) needs the Kubernetes API; in a --config file, leave it \
-                     out and attach the agent to the live pods (--pod-ip, --iface)",
+                    "spec.selector ({}) needs the Kubernetes API (KUBECONFIG, or a pod's \
+                     ServiceAccount); without it, leave the selector out and attach the agent \
+                     to the live pods (--pod-ip, --iface)",
                     m.labels
                 ),
             ));
@@ -191,17 +334,35 @@ impl Mirrorings {
                 sample_ppm: c.sample_ppm,
             })
             .collect();
+        let mut old = self.running.remove(key);
+        let mut released = Vec::new();
+        let kept = match old.as_mut().and_then(|o| o.selected.take()) {
+            Some(s) if by_pods && s.namespace == m.namespace && s.labels == m.labels => Some(s),
+            Some(s) => {
+                released = s.release();
+                None
+            }
+            None => None,
+        };
+        if let Some(o) = old {
+            self.drain(o);
+        }
+        let selected = match (kept, &mut self.pods) {
+            (Some(s), _) => Some(s),
+            (None, Some(watches)) if by_pods => Some(watches.start(key, &m.namespace, &m.labels)),
+            _ => None,
+        };
+        let pods = selected
+            .as_ref()
+            .map(|s| s.pods.values().copied().collect::<HashSet<_>>());
         let lane = Lane::new(
             key.to_string(),
             m.ports.clone(),
-            None::<HashSet<_>>,
+            pods,
             mirrors,
             comparison.clone(),
         );
         let _ = self.table.send(LaneChange::Set(Box::new(lane)));
-        if let Some(old) = self.running.remove(key) {
-            self.drain(old);
-        }
         log::info!(
             "mirroring {key}: ports {:?} to {}",
             m.ports,
@@ -215,12 +376,14 @@ impl Mirrorings {
             key.to_string(),
             Running {
                 spec,
+                generation,
+                selected,
                 candidates,
                 comparison,
                 _secrets: Some(rereads),
             },
         );
-        Ok(())
+        Ok(released)
     }
 
     /// Each candidate's replay configuration, its URL resolved.
@@ -281,11 +444,14 @@ impl Mirrorings {
 
     /// Stops a mirroring: the pipeline forgets it now, its requests in flight finish within
     /// the grace.
-    fn stop(&mut self, key: &str) {
+    fn stop(&mut self, key: &str) -> Vec<PodChange> {
         let _ = self.table.send(LaneChange::Remove(key.to_string()));
-        if let Some(old) = self.running.remove(key) {
-            self.drain(old);
-        }
+        let Some(old) = self.running.remove(key) else {
+            return Vec::new();
+        };
+        let released = old.selected.iter().flat_map(|s| s.release()).collect();
+        self.drain(old);
+        released
     }
 
     fn drain(&self, old: Running) {
@@ -320,6 +486,66 @@ impl Mirrorings {
             .flat_map(|r| r.candidates)
             .map(|(_, replayer)| replayer.drain(grace));
         futures::future::join_all(all).await;
+    }
+}
+
+impl Running {
+    /// This node's entry in its status; `refused`: its newer spec was refused (it runs on as
+    /// it was).
+    fn status(&self, node: &str, refused: Option<&(Refused, i64)>) -> NodeStatus {
+        let stats: Vec<&ReplayStats> = self
+            .candidates
+            .iter()
+            .map(|(_, r)| r.stats().as_ref())
+            .collect();
+        let (mirrored, dropped) = status::traffic(&stats);
+        let mut conditions = Vec::new();
+        let no_pods = self
+            .selected
+            .as_ref()
+            .is_some_and(|s| s.pods.is_empty() && s.since.elapsed() > status::NO_PODS_AFTER);
+        let unreachable = self.candidates.iter().find(|(_, r)| {
+            let s = r.stats();
+            s.responses.load(std::sync::atomic::Ordering::Relaxed) == 0
+                && s.sent.load(std::sync::atomic::Ordering::Relaxed) > 0
+        });
+        let degraded = match (refused, no_pods, unreachable) {
+            (Some((r, g)), _, _) => Some((
+                r.reason,
+                format!(
+                    "generation {g} refused, the previous one runs on: {}",
+                    r.message
+                ),
+            )),
+            (None, true, _) => Some((
+                "NoPodMatches",
+                "no Ready pod on this node matches the selector".to_string(),
+            )),
+            (None, false, Some((name, _))) => Some((
+                "MirrorUnreachable",
+                format!("candidate {name} has not answered any request sent to it"),
+            )),
+            _ => None,
+        };
+        conditions.push(status::condition(
+            "Ready",
+            true,
+            "Mirroring",
+            "the mirroring runs on this node",
+        ));
+        conditions.push(match degraded {
+            Some((reason, message)) => status::condition("Degraded", true, reason, message),
+            None => status::condition("Degraded", false, "AsDeclared", ""),
+        });
+        NodeStatus {
+            node: node.to_string(),
+            observed_generation: self.generation,
+            pods: self.selected.as_ref().map_or(0, |s| s.pods.len() as u64),
+            mirrored,
+            dropped,
+            verdict: status::verdict_line(&self.comparison.report()),
+            conditions,
+        }
     }
 }
 

@@ -68,10 +68,10 @@ pub struct Selector {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Candidate {
-    /// Its version tag in the table and the metrics.
+    /// Its version tag in the table and the metrics (e.g. `V3MIR-BookServiceDelay`).
     #[schemars(
         length(min = 1, max = 63),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+        regex(pattern = r"^[A-Za-z0-9]([-_.A-Za-z0-9]*[A-Za-z0-9])?$")
     )]
     pub name: String,
     #[schemars(regex(pattern = r"^https?://"))]
@@ -313,9 +313,12 @@ fn candidate(at: &str, c: &Candidate) -> Result<CandidatePlan, SpecError> {
         || !c
             .name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
     {
-        return Err(invalid(field("name"), "use letters, digits and '-'"));
+        return Err(invalid(
+            field("name"),
+            "use letters, digits, '-', '_' and '.'",
+        ));
     }
     let url = crate::replay::parse_mirror_url(&c.url).map_err(|e| invalid(field("url"), e))?;
     let percent = c.sample_percent.unwrap_or(100.0);

@@ -179,13 +179,17 @@ fn crd_file_in_deploy_is_the_generated_one() {
 }
 
 #[test]
-fn the_example_in_deploy_reads_and_checks() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy/trafficmirror-example.yaml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let objects = from_yaml("example", &text).unwrap();
-    assert_eq!(objects.len(), 2);
-    for (key, tm) in &objects {
-        Mirroring::check(key, &tm.spec).unwrap_or_else(|e| panic!("{key}: {e}"));
+fn the_examples_in_deploy_read_and_check() {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    for (file, n) in [
+        ("trafficmirror-example.yaml", 2),
+        ("lab/bookservice-trafficmirror.yaml", 1),
+    ] {
+        let text = std::fs::read_to_string(deploy.join(file)).unwrap();
+        let objects = from_yaml(file, &text).unwrap();
+        assert_eq!(objects.len(), n, "{file}");
+        for (key, tm) in &objects {
+            Mirroring::check(key, &tm.spec).unwrap_or_else(|e| panic!("{file}: {key}: {e}"));
+        }
     }
 }

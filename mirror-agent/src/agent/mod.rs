@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::capture::error::chain;
-use crate::capture::heads::FullResponses;
 use crate::capture::read_at::Provenance;
 use crate::capture::{
     named_counters, netdev, Capture, CaptureConfig, CaptureError, CaptureStats, Hook, KernelReport,
@@ -19,18 +18,20 @@ use crate::capture::{
 use crate::compare::{CompareConfig, Comparison, Report};
 use crate::cpu_budget::{self, Load};
 use crate::dump::StreamDump;
-use crate::http::{HttpEvent, Request};
 use crate::metrics::{self, Sources};
-use crate::mirrorings::lanes::{LaneChange, LaneTable};
-use crate::mirrorings::source::{self, Declared};
-use crate::mirrorings::{LaneTemplate, Mirrorings};
+use crate::mirrorings::selection::LanePod;
+use crate::mirrorings::{self, Feeds, Mirrorings, MirroringsConfig};
 use crate::pipeline::{self, Pipeline, PipelineConfig, PipelineStats};
 use crate::pods::{self, MirroredPod, MirroredPods, PodChange, PodSelector};
 use crate::record::writer::RecordError;
-use crate::record::{RecordConfig, RecordStats, Recorder};
+use crate::record::{RecordConfig, RecordStats};
 use crate::replay::{self, MirrorError, ReplayConfig, ReplayStats, Replayer};
 use crate::segment::FrameError;
 use crate::shedding::{Shedding, SheddingConfig};
+
+mod events;
+
+use events::PipelineEvents;
 
 /// Why the agent could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -89,15 +90,9 @@ pub struct AgentConfig {
     pub shedding: SheddingConfig,
     /// Keep every extracted request and its live response on disk (`--record`).
     pub record: Option<RecordConfig>,
-    /// Mirrorings declared in a file (`--config`), added, changed and removed at run time.
+    /// Mirrorings declared in a file (`--config`) or the API (`--traffic-mirrors`), added,
+    /// changed and removed at run time.
     pub mirrorings: Option<MirroringsConfig>,
-}
-
-/// Where declared mirrorings come from, and what their stages start from.
-#[derive(Clone, Debug)]
-pub struct MirroringsConfig {
-    pub file: std::path::PathBuf,
-    pub template: LaneTemplate,
 }
 
 /// One mirror: its name (the version tag of its rows) and how its requests are replayed.
@@ -141,10 +136,19 @@ pub struct Agent {
     shedding: Shedding,
     /// Capture and records ring drops at the last look, to see new ones (backlog).
     ring_drops: u64,
-    /// The declared mirrorings (`--config`), and their declarations as they change.
+    /// The declared mirrorings, and what they receive and send.
     mirrorings: Option<Mirrorings>,
-    declared: Option<tokio::sync::mpsc::Receiver<Declared>>,
+    declared: Option<tokio::sync::mpsc::Receiver<mirrorings::source::Declared>>,
+    lane_pods: Option<tokio::sync::mpsc::Receiver<LanePod>>,
+    /// This node's name and where its status entries go (declared in the API).
+    status: Option<(String, tokio::sync::mpsc::Sender<StatusBatch>)>,
+    /// Pods attached to, by how many mirrorings (the `--selector` one and declared ones) cover
+    /// each: the capture lets a pod go when the last one does.
+    pod_refs: std::collections::HashMap<std::net::IpAddr, usize>,
 }
+
+/// This node's status entries, by mirroring.
+type StatusBatch = Vec<(String, mirrorings::spec::NodeStatus)>;
 
 /// What the agent did, for the exit summary.
 pub struct Summary {
@@ -190,7 +194,21 @@ impl Agent {
         let kernel = KernelCounters::default();
         let mirrored_pods = attach_in_pods(&mut capture, &cfg.in_pod, &read_at)?;
         let pod_changes = watch_pods(cfg.pods.as_ref(), rt)?;
-        let (mirrorings, declared) = declare_mirrorings(cfg.mirrorings.as_ref(), lanes, rt);
+        let (mirrorings, feeds) = match &cfg.mirrorings {
+            Some(m) => {
+                let (m, f) = mirrorings::start(m, lanes, rt).map_err(AgentError::Kubernetes)?;
+                (Some(m), Some(f))
+            }
+            None => (None, None),
+        };
+        let (declared, lane_pods, status) = match feeds {
+            Some(Feeds {
+                declared,
+                pods,
+                status,
+            }) => (Some(declared), pods, status),
+            None => (None, None, None),
+        };
         let sources = Sources {
             pods: Arc::clone(&mirrored_pods),
             comparison: comparison.clone(),
@@ -237,6 +255,9 @@ impl Agent {
             ring_drops: 0,
             mirrorings,
             declared,
+            lane_pods,
+            status,
+            pod_refs: Default::default(),
         })
     }
 
@@ -297,12 +318,15 @@ impl Agent {
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
-                Some(change) = next_change(&mut self.pod_changes) => self.apply(change),
+                Some(change) = next_change(&mut self.pod_changes) => self.apply_counted(change),
                 Some(declared) = next_change(&mut self.declared) => {
                     if let Some(m) = self.mirrorings.as_mut() {
-                        m.declare(declared).await;
+                        for released in m.declare(declared).await {
+                            self.apply_counted(released);
+                        }
                     }
                 }
+                Some(lane_pod) = next_change(&mut self.lane_pods) => self.apply_lane_pod(lane_pod),
                 _ = tick.tick() => {
                     if let Ok(c) = self.capture.kernel_counters() {
                         self.capture.account_lost_requests(&c);
@@ -313,6 +337,9 @@ impl Agent {
                     }
                     self.apply_shedding();
                     seconds += 1;
+                    if seconds.is_multiple_of(mirrorings::status::EVERY.as_secs()) {
+                        self.send_statuses();
+                    }
                     self.tick_tls(seconds);
                     if self.stats_interval > 0 && seconds.is_multiple_of(self.stats_interval) {
                         log::info!("kernel {:?}", self.kernel.lock().unwrap().packets);
@@ -419,6 +446,44 @@ impl Agent {
         }
     }
 
+    /// A pod change of the `--selector` watch or of a declared mirroring: the capture attaches
+    /// when the first one covers the pod, and detaches when the last one lets it go.
+    fn apply_counted(&mut self, change: PodChange) {
+        match &change {
+            PodChange::Mirror { ip, .. } => {
+                let n = self.pod_refs.entry(*ip).or_default();
+                *n += 1;
+                if *n == 1 {
+                    self.apply(change);
+                }
+            }
+            PodChange::Forget { ip, .. } => {
+                let Some(n) = self.pod_refs.get_mut(ip) else {
+                    return;
+                };
+                *n -= 1;
+                if *n == 0 {
+                    self.pod_refs.remove(ip);
+                    self.apply(change);
+                }
+            }
+        }
+    }
+
+    fn apply_lane_pod(&mut self, lane_pod: LanePod) {
+        if let Some(change) = self.mirrorings.as_mut().and_then(|m| m.pod(lane_pod)) {
+            self.apply_counted(change);
+        }
+    }
+
+    /// This node's entries of the declared mirrorings' statuses, to their writer.
+    fn send_statuses(&self) {
+        if let (Some(m), Some((node, tx))) = (&self.mirrorings, &self.status) {
+            // A writer still busy with the last batch skips this one.
+            let _ = tx.try_send(m.statuses(node));
+        }
+    }
+
     /// Attaches to a pod that appeared, or detaches from one that went. A pod that cannot be
     /// mirrored from here (no route, not on this node, no namespace found) is logged, counted by
     /// reason and skipped; the other pods stay mirrored.
@@ -499,104 +564,6 @@ async fn next_change<T>(rx: &mut Option<tokio::sync::mpsc::Receiver<T>>) -> Opti
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
-    }
-}
-
-/// Where the pipeline's events go: requests to every mirror's replayer, a batch at a time;
-/// live responses to the comparison; connections to capture whole to the kernel.
-struct PipelineEvents {
-    /// Tells and counts where each request was read.
-    read_at: Provenance,
-    /// The recording stage; dropped (its last block written) when the pipeline ends.
-    recording: Option<Recorder>,
-    replayers: Vec<Replayer>,
-    requests: Vec<Request>,
-    live: Comparison,
-    full_responses: Option<FullResponses>,
-    /// The declared mirrorings' lanes.
-    lanes: LaneTable,
-}
-
-impl PipelineEvents {
-    fn new(
-        cfg: &AgentConfig,
-        mirrors: &[Mirror],
-        comparison: &Comparison,
-        capture: &mut Capture,
-        lanes: std::sync::mpsc::Receiver<LaneChange>,
-    ) -> Result<PipelineEvents> {
-        let recording = cfg
-            .record
-            .clone()
-            .map(Recorder::start)
-            .transpose()
-            .map_err(AgentError::Record)?;
-        let tls_ports = cfg.capture.tls.as_ref().map(|t| t.ports.clone());
-        Ok(PipelineEvents {
-            read_at: Provenance::new(tls_ports.unwrap_or_default()),
-            recording,
-            replayers: mirrors.iter().map(|m| m.replayer.clone()).collect(),
-            requests: Vec::new(),
-            live: comparison.clone(),
-            full_responses: capture.take_full_responses(),
-            lanes: LaneTable::new(lanes),
-        })
-    }
-}
-
-impl pipeline::Sink for PipelineEvents {
-    fn event(&mut self, event: HttpEvent) {
-        // A mirroring declared a moment ago covers the very next request.
-        self.lanes.apply_changes();
-        match event {
-            HttpEvent::Request(r) => {
-                let at = self.read_at.count(r.server());
-                if let Some(rec) = self.recording.as_mut() {
-                    rec.request(&r, at);
-                }
-                self.lanes.request(&r);
-                if !self.replayers.is_empty() {
-                    self.requests.push(r);
-                }
-            }
-            HttpEvent::Response(m) => {
-                self.live.live(&m);
-                self.lanes.live(&m);
-                if let Some(rec) = self.recording.as_mut() {
-                    rec.response(m);
-                }
-            }
-            HttpEvent::ResponseContent(c) => {
-                self.live.live_content(&c);
-                self.lanes.live_content(&c);
-            }
-            HttpEvent::FullResponses { client, server } => {
-                if let Some(full) = self.full_responses.as_mut() {
-                    if let Err(e) = full.insert(client, server) {
-                        log::debug!("asking {client} <-> {server} whole: {}", chain(&e));
-                    }
-                }
-            }
-        }
-    }
-
-    fn flush(&mut self) {
-        if let Some(rec) = self.recording.as_mut() {
-            rec.flush();
-        }
-        self.lanes.apply_changes();
-        self.lanes.flush();
-        let Some((last, others)) = self.replayers.split_last() else {
-            return;
-        };
-        if self.requests.is_empty() {
-            return;
-        }
-        // Requests share their bytes: a copy for each other mirror is a reference count.
-        for replayer in others {
-            replayer.offer(self.requests.iter().cloned());
-        }
-        last.offer(self.requests.drain(..));
     }
 }
 
@@ -683,24 +650,6 @@ fn watch_pods(
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     rt.spawn(pods::watch(client, sel.clone(), tx));
     Ok(Some(rx))
-}
-
-/// The declared mirrorings (`--config`): none until the file is read, on `rt`.
-fn declare_mirrorings(
-    cfg: Option<&MirroringsConfig>,
-    lanes: std::sync::mpsc::Sender<LaneChange>,
-    rt: &tokio::runtime::Handle,
-) -> (
-    Option<Mirrorings>,
-    Option<tokio::sync::mpsc::Receiver<Declared>>,
-) {
-    let Some(cfg) = cfg else {
-        return (None, None);
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    rt.spawn(source::watch_file(cfg.file.clone(), tx));
-    let mirrorings = Mirrorings::new(cfg.template.clone(), lanes, rt.clone());
-    (Some(mirrorings), Some(rx))
 }
 
 /// Replay: one stage per mirror, each with its own queue and workers, so that a slow or dead
