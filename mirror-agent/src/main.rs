@@ -400,8 +400,10 @@ fn content_capture(args: &AttachArgs) -> Result<Option<ContentCapture>> {
     if !args.compare_bodies {
         return Ok(None);
     }
-    if args.mirror.is_empty() {
-        anyhow::bail!("--compare-bodies compares mirrors' answers: give --mirror");
+    if args.mirror.is_empty() && args.config.is_none() && !args.traffic_mirrors {
+        anyhow::bail!(
+            "--compare-bodies compares mirrors' answers: give --mirror, --config or --traffic-mirrors"
+        );
     }
     Ok(Some(ContentCapture {
         max_body: args.compare_max_body as usize,

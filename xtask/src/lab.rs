@@ -3,10 +3,12 @@
 //!
 //! A Kubernetes-node-like topology from network namespaces: a node, a live pod (bookservice
 //! v1), a mirror pod (the candidate) and a client, each pod joined to the node by a veth pair as
-//! a CNI does it, the node routing between them. The agent runs in the node's namespace,
-//! attached to the live pod by its IP; the poller browses the live service from the client.
-//! Each step prints the lab's table and a verdict. Everything is removed on exit, even on
-//! Ctrl-C.
+//! a CNI does it, the node routing between them. One agent runs in the node's namespace for the
+//! whole lab and serves a TrafficMirror from a local stand-in for the Kubernetes API, which also
+//! announces the live pod; each step changes the TrafficMirror's candidate, as a platform team
+//! would with `kubectl apply`, instead of restarting the agent. The poller browses the live
+//! service from the client. Each step prints the lab's table, a verdict and the status the agent
+//! wrote. Everything is removed on exit, even on Ctrl-C.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -28,8 +30,8 @@ pub struct LabArgs {
     #[arg(long, default_value_t = 20)]
     pub duration: u64,
     /// Halfway through the first step, replace the live pod with a new one on a new address, as
-    /// a rollout does. The client goes through a Service address, and the agent follows the live
-    /// pods by label (from a local stand-in for the Kubernetes API) instead of by IP.
+    /// a rollout does. The client goes through a Service address; the agent follows the live
+    /// pods by the TrafficMirror's label selector.
     #[arg(long)]
     pub rollout: bool,
     /// The gRPC flavour: the bookservice serves `bookstore.Books` over h2c (tonic) and the
@@ -142,27 +144,27 @@ pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
         .stderr(Stdio::null()),
     );
     wait_service(&client, &poller, &format!("{LIVE_IP}:8080"), args.grpc)?;
-    // With --rollout, pods are found by label through the API, and reached through a Service.
+    // The live pod is announced by the API; the agent finds it by the TrafficMirror's labels.
     let kube_dir = tempfile::tempdir()?;
+    let api = FakeApi::start(
+        &node,
+        &[("app", "bookservice"), ("version", "v1")],
+        NODE_NAME,
+    );
+    api.event("ADDED", "bookservice-v1-a", Some(LIVE_IP), true);
     let mut rollout = if args.rollout {
-        let api = FakeApi::start(
-            &node,
-            &[("app", "bookservice"), ("version", "v1")],
-            NODE_NAME,
-        );
-        api.event("ADDED", "bookservice-v1-a", Some(LIVE_IP), true);
         route_service(&node, LIVE_IP)?;
-        println!("Live bookservice V1 at {LIVE_IP}:8080, behind Service {SERVICE_IP}:8080. The agent follows pods labelled {LIVE_SELECTOR}.\n");
+        println!("Live bookservice V1 at {LIVE_IP}:8080, behind Service {SERVICE_IP}:8080.");
         Some(Rollout {
-            kubeconfig: api.kubeconfig(kube_dir.path()),
-            api,
             old: Some((live, live_pod)),
             new: None,
         })
     } else {
-        println!("Live bookservice V1 at {LIVE_IP}:8080 (pod behind vethlive on the node). The agent attaches by pod IP.\n");
+        println!("Live bookservice V1 at {LIVE_IP}:8080 (pod behind vethlive on the node).");
         None
     };
+    println!("The agent serves TrafficMirror default/{MIRRORING} and follows the pods it selects ({LIVE_SELECTOR}).\n");
+    let mut agent_proc = start_agent(&node, &agent, &api.kubeconfig(kube_dir.path()), args.grpc)?;
     let target_ip = if rollout.is_some() {
         SERVICE_IP
     } else {
@@ -212,59 +214,9 @@ pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
         } else {
             None
         };
-        let mirrors: Vec<String> = if step.secondary {
-            vec![
-                "--mirror".into(),
-                format!("{}=http://{MIRROR_IP}:8080", step.label),
-                "--mirror".into(),
-                format!("{SECONDARY}=http://{MIRROR_IP}:{SECONDARY_PORT}"),
-                "--secondary".into(),
-                SECONDARY.into(),
-                "--compare-bodies".into(),
-            ]
-        } else {
-            vec![
-                "--mirror".into(),
-                format!("http://{MIRROR_IP}:8080"),
-                "--mirror-label".into(),
-                step.label.into(),
-            ]
-        };
-        let select: Vec<&str> = match &rollout {
-            Some(_) => vec!["--selector", LIVE_SELECTOR, "--node-name", NODE_NAME],
-            None => vec!["--pod-ip", LIVE_IP],
-        };
-        let mut agent_cmd = node.exec(&[agent.to_str().unwrap(), "attach"]);
-        agent_cmd.args(&select);
-        if let Some(r) = &rollout {
-            agent_cmd.env("KUBECONFIG", &r.kubeconfig);
-        }
-        let mut agent_proc = Proc::spawn(
-            agent_cmd
-                .args(&mirrors)
-                .args([
-                    "--port",
-                    "8080",
-                    "--live-label",
-                    "V1MIR-LiveBookService",
-                    "--metrics",
-                    METRICS,
-                    "--no-report",
-                ])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped()),
-        );
-        let stdout = agent_proc.child.as_mut().unwrap().stdout.take().unwrap();
-        let mut ready = String::new();
-        BufReader::new(stdout).read_line(&mut ready)?;
-        if !ready.starts_with("ready:") {
-            let (_, err) = agent_proc.wait_exit(Duration::from_secs(5));
-            bail!("the agent did not start: {err}");
-        }
-        println!("agent {}", ready.trim());
-        if rollout.is_some() {
-            wait_mirrored(&node, 1)?;
-        }
+        api.traffic_mirror("default", MIRRORING, Some(step.spec()));
+        wait_mirroring(&node, &agent, step.label)?;
+        wait_mirrored(&node, 1)?;
         println!(
             "poller browsing http://{target_ip}:8080 for {} s ...",
             args.duration
@@ -288,7 +240,7 @@ pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
         {
             if let Some(r) = rollout.as_mut() {
                 if r.new.is_none() && std::time::Instant::now() >= halfway {
-                    r.replace_live_pod(&node, &bin, &base, args.grpc)?;
+                    r.replace_live_pod(&api, &node, &bin, &base, args.grpc)?;
                 }
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -303,27 +255,118 @@ pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
         println!("{}", summary.trim());
         // Mirrored requests still in flight (V3 takes 1.2 s) finish before the table is read.
         std::thread::sleep(Duration::from_millis(1800));
+        let mirroring = format!("default/{MIRRORING}");
         let table = node
             .exec(&[agent.to_str().unwrap(), "report", "--agent", METRICS])
+            .args(["--mirroring", &mirroring])
             .output()?;
         if !table.status.success() {
             bail!("report: {}", String::from_utf8_lossy(&table.stderr));
         }
         println!("\n{}", String::from_utf8_lossy(&table.stdout));
-        agent_proc.signal(libc::SIGTERM);
-        let (code, err) = agent_proc.wait_exit(Duration::from_secs(15));
-        if code != Some(0) {
-            bail!("the agent exited with {code:?}: {err}");
-        }
+        print_status(&api, step.label);
+    }
+    agent_proc.signal(libc::SIGTERM);
+    let (code, err) = agent_proc.wait_exit(Duration::from_secs(15));
+    if code != Some(0) {
+        bail!("the agent exited with {code:?}: {err}");
     }
     println!("Users of the live service saw none of this: every live request was answered by V1.");
     Ok(())
 }
 
-/// The live pods of a rollout, and the API that announces them.
+/// The TrafficMirror the lab's steps change.
+const MIRRORING: &str = "bookservice";
+
+impl Step {
+    /// The TrafficMirror's spec for this step: the candidate (and the secondary, comparing
+    /// contents), rows tagged as the seed's table tags them.
+    fn spec(&self) -> serde_json::Value {
+        let mut candidates = vec![serde_json::json!({
+            "name": self.label,
+            "url": format!("http://{MIRROR_IP}:8080"),
+        })];
+        if self.secondary {
+            candidates.push(serde_json::json!({
+                "name": SECONDARY,
+                "url": format!("http://{MIRROR_IP}:{SECONDARY_PORT}"),
+                "secondary": true,
+            }));
+        }
+        serde_json::json!({
+            "selector": {"matchLabels": {"app": "bookservice", "version": "v1"}},
+            "ports": [8080],
+            "candidates": candidates,
+            "compare": {"liveLabel": "V1MIR-LiveBookService", "bodies": self.secondary},
+        })
+    }
+}
+
+/// Starts the agent for the whole lab: it serves the TrafficMirrors of the API at `kubeconfig`
+/// on this node, and compares contents where a TrafficMirror asks.
+fn start_agent(node: &Netns, agent: &Path, kubeconfig: &Path, grpc: bool) -> Result<Proc> {
+    let mut cmd = node.exec(&[agent.to_str().unwrap(), "attach", "--traffic-mirrors"]);
+    cmd.env("KUBECONFIG", kubeconfig)
+        .args(["--node-name", NODE_NAME, "--port", "8080"])
+        .args(["--metrics", METRICS, "--no-report"]);
+    if !grpc {
+        cmd.arg("--compare-bodies");
+    }
+    let mut proc = Proc::spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()));
+    let stdout = proc.child.as_mut().unwrap().stdout.take().unwrap();
+    let mut ready = String::new();
+    BufReader::new(stdout).read_line(&mut ready)?;
+    if !ready.starts_with("ready:") {
+        let (_, err) = proc.wait_exit(Duration::from_secs(5));
+        bail!("the agent did not start: {err}");
+    }
+    println!("agent {}", ready.trim());
+    Ok(proc)
+}
+
+/// Waits (at most 10 s) until the agent runs the TrafficMirror with `candidate`.
+fn wait_mirroring(node: &Netns, agent: &Path, candidate: &str) -> Result<()> {
+    let mirroring = format!("default/{MIRRORING}");
+    let runs = netlab::wait_until(Duration::from_secs(10), || {
+        node.exec(&[agent.to_str().unwrap(), "report", "--agent", METRICS])
+            .args(["--mirroring", &mirroring, "--format", "json"])
+            .output()
+            .is_ok_and(|o| {
+                o.status.success() && String::from_utf8_lossy(&o.stdout).contains(candidate)
+            })
+    });
+    if !runs {
+        bail!("the agent did not start mirroring to {candidate} within 10 s of the TrafficMirror's change");
+    }
+    println!("TrafficMirror default/{MIRRORING} now mirrors to {candidate}");
+    Ok(())
+}
+
+/// The status the agent wrote for this node, as `kubectl get trafficmirrors` would show it,
+/// once it names this step's candidate.
+fn print_status(api: &FakeApi, candidate: &str) {
+    let entry = || {
+        api.status_patches()
+            .into_iter()
+            .rev()
+            .map(|(_, _, body)| body["status"]["nodes"][0].clone())
+            .find(|n| n["verdict"].as_str().is_some_and(|v| v.contains(candidate)))
+    };
+    netlab::wait_until(Duration::from_secs(5), || entry().is_some());
+    match entry() {
+        Some(n) => println!(
+            "status on {}: pods {}, mirrored {}, verdict \"{}\"\n",
+            n["node"].as_str().unwrap_or("?"),
+            n["pods"],
+            n["mirrored"],
+            n["verdict"].as_str().unwrap_or("")
+        ),
+        None => println!("(the agent wrote no status naming {candidate} within 5 s)\n"),
+    }
+}
+
+/// The live pods of a rollout.
 struct Rollout {
-    api: FakeApi,
-    kubeconfig: std::path::PathBuf,
     /// The pod being replaced, until it is gone.
     old: Option<(Netns, Proc)>,
     new: Option<(Netns, Proc)>,
@@ -332,7 +375,14 @@ struct Rollout {
 impl Rollout {
     /// What a Deployment rollout does: the new pod starts and becomes Ready, the Service sends
     /// new connections to it, the old pod stops being Ready, is deleted and exits.
-    fn replace_live_pod(&mut self, node: &Netns, bin: &Path, base: &str, grpc: bool) -> Result<()> {
+    fn replace_live_pod(
+        &mut self,
+        api: &FakeApi,
+        node: &Netns,
+        bin: &Path,
+        base: &str,
+        grpc: bool,
+    ) -> Result<()> {
         let flavour: &[&str] = if grpc { &["--grpc"] } else { &[] };
         let pod = Netns::new(&format!("{base}live2"));
         netlab::link(node, "vethlive2", &pod, "eth0", 204);
@@ -354,21 +404,18 @@ impl Rollout {
             &format!("{NEXT_LIVE_IP}:8080"),
             grpc,
         )?;
-        self.api
-            .event("ADDED", "bookservice-v1-b", Some(NEXT_LIVE_IP), true);
+        api.event("ADDED", "bookservice-v1-b", Some(NEXT_LIVE_IP), true);
         // Endpoints reach kube-proxy some time after a pod is Ready; the agent's watch is
         // usually first. Here the Service switches once the agent mirrors both pods.
         wait_mirrored(node, 2)?;
         route_service(node, NEXT_LIVE_IP)?;
         // The old pod terminates: no longer Ready, it answers its open connections (still
         // mirrored) until it exits; then it is deleted.
-        self.api
-            .event("MODIFIED", "bookservice-v1-a", Some(LIVE_IP), false);
+        api.event("MODIFIED", "bookservice-v1-a", Some(LIVE_IP), false);
         std::thread::sleep(Duration::from_millis(300));
         if let Some((ns, proc)) = self.old.take() {
             drop(proc);
-            self.api
-                .event("DELETED", "bookservice-v1-a", Some(LIVE_IP), false);
+            api.event("DELETED", "bookservice-v1-a", Some(LIVE_IP), false);
             wait_mirrored(node, 1)?;
             drop(ns);
         }

@@ -417,6 +417,7 @@ impl Mirrorings {
                 drop_headers: c.remove_headers.clone(),
                 methods: m.methods.clone(),
                 path: m.path.clone(),
+                headers: m.headers.clone(),
                 writes: m.writes.for_mirror(&c.name),
                 max_rps: c.max_rps.or(self.template.replay.max_rps),
                 mark: self.template.mark.clone().map(|h| Mark::new(h, &c.name)),

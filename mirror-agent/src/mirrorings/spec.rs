@@ -110,6 +110,10 @@ pub struct RequestMatch {
     /// Only paths that match this regular expression.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// Only requests whose header fields match these regular expressions, by name (a request
+    /// without the field does not match).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -236,6 +240,7 @@ pub struct Mirroring {
     pub candidates: Vec<CandidatePlan>,
     pub methods: Vec<String>,
     pub path: Option<Regex>,
+    pub headers: Vec<(HeaderName, Regex)>,
     pub writes: WritePolicy,
     pub live_label: String,
     pub bodies: bool,
@@ -279,6 +284,12 @@ impl Mirroring {
             .map(Regex::new)
             .transpose()
             .map_err(|e| invalid("spec.requests.path", e))?;
+        let mut headers = Vec::new();
+        for (name, re) in &requests.headers {
+            let what = format!("spec.requests.headers.{name}");
+            let name = HeaderName::from_str(name).map_err(|e| invalid(&what, e))?;
+            headers.push((name, Regex::new(re).map_err(|e| invalid(&what, e))?));
+        }
         let writes = write_policy(spec.writes.as_ref())?;
         let names: Vec<String> = candidates.iter().map(|c| c.name.clone()).collect();
         writes
@@ -294,6 +305,7 @@ impl Mirroring {
             candidates,
             methods,
             path,
+            headers,
             writes,
             live_label: compare.live_label.unwrap_or_else(|| "live".into()),
             bodies: compare.bodies,

@@ -83,6 +83,9 @@ pub struct ReplayConfig {
     /// Only these methods (upper case); empty means all.
     pub methods: Vec<String>,
     pub path: Option<Regex>,
+    /// Only requests whose header fields match these (each: the first field of that name; a
+    /// request without it does not match).
+    pub headers: Vec<(HeaderName, Regex)>,
     /// Whether writes go to this mirror (`--writes`, `--writes-route`).
     pub writes: MirrorWrites,
     /// Requests per second sent at most (token bucket); None: no cap.
@@ -167,6 +170,15 @@ pub enum Filtered {
 }
 
 impl ReplayConfig {
+    /// Whether the request's header fields match `headers`.
+    pub fn headers_match(&self, req: &crate::http::Request) -> bool {
+        self.headers.iter().all(|(name, re)| {
+            req.header(name.as_str())
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .is_some_and(|v| re.is_match(v))
+        })
+    }
+
     /// The one request filter, of live mirroring and of playback: the method among `methods`
     /// (all when empty), the path (before any query) matching `path`, and the write policy.
     pub fn filter(&self, method: &str, target: &str) -> Result<(), Filtered> {
@@ -189,6 +201,7 @@ impl ReplayConfig {
             drop_headers: Vec::new(),
             methods: Vec::new(),
             path: None,
+            headers: Vec::new(),
             writes: MirrorWrites::default(),
             max_rps: None,
             max_inflight: 256,
@@ -228,6 +241,8 @@ mirror_core::stage_counters! {
             "Requests left out by --methods",
         pub filtered_path: AtomicU64 => Counter "mirror_replay_filtered_path"
             "Requests left out by --path",
+        pub filtered_header: AtomicU64 => Counter "mirror_replay_filtered_header"
+            "Requests left out by a TrafficMirror's header matches",
         pub filtered_write_policy: AtomicU64 => Counter "mirror_replay_filtered_write_policy"
             "Writes (POST, PUT, PATCH, DELETE, ...) left out by --writes and --writes-route",
         pub inflight: AtomicU64 => Gauge "mirror_replay_inflight"
@@ -282,6 +297,36 @@ mod tests {
         assert_eq!(cfg.filter("POST", "/api/books"), Err(Filtered::WritePolicy));
         assert_eq!(cfg.filter("POST", "/api/carts?a=1"), Ok(()));
         assert_eq!(cfg.filter("GET", "/api/books"), Ok(()));
+    }
+
+    #[test]
+    fn header_matches_need_the_field_and_every_pattern() {
+        let at = crate::http::WireOrigin {
+            conn: 1,
+            seq: 0,
+            client: "10.0.0.1:4000".parse().unwrap(),
+            server: "10.0.0.2:80".parse().unwrap(),
+            first_ts: 0,
+            last_ts: 0,
+        };
+        let req = |head: &'static str| {
+            crate::http::Request::H1(
+                crate::http::h1::Request::from_wire(bytes::Bytes::from_static(head.as_bytes()), at)
+                    .unwrap(),
+            )
+        };
+        let mut cfg = ReplayConfig::new(parse_mirror_url("http://127.0.0.1:9").unwrap());
+        let tenant7 = req("GET / HTTP/1.1\r\nHost: a\r\nX-Tenant: 7\r\n\r\n");
+        let tenant8 = req("GET / HTTP/1.1\r\nHost: a\r\nx-tenant: 8\r\n\r\n");
+        let none = req("GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert!(cfg.headers_match(&none), "no matches: all");
+        cfg.headers = vec![(
+            HeaderName::from_static("x-tenant"),
+            Regex::new("^7$").unwrap(),
+        )];
+        assert!(cfg.headers_match(&tenant7), "names match in any case");
+        assert!(!cfg.headers_match(&tenant8));
+        assert!(!cfg.headers_match(&none), "a missing field does not match");
     }
 
     #[test]

@@ -174,6 +174,10 @@ impl Replayer {
                 return false;
             }
         }
+        if !cfg.headers_match(req) {
+            inc(&stats.filtered_header);
+            return false;
+        }
         let cost = queue_cost(req);
         let admitted = stats
             .queued_bytes

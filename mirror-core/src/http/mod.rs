@@ -110,6 +110,17 @@ impl Request {
             ),
         }
     }
+    /// The first header field named `name` (any case), HTTP/1 or HTTP/2.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        match self {
+            Request::H1(r) => r.header(name),
+            Request::H2(r) => r
+                .fields
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+                .map(|(_, v)| &v[..]),
+        }
+    }
     /// The server's address: the live service's.
     pub fn server(&self) -> std::net::SocketAddr {
         match self {

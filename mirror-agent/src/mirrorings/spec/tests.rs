@@ -15,7 +15,7 @@ spec:
     removeHeaders: [cookie]
     secretHeaders: ["Authorization: Bearer @/run/secrets/token"]
   - {name: v1-again, url: "http://reviews-v1b:9080", secondary: true}
-  requests: {methods: [get, post], path: "^/reviews/"}
+  requests: {methods: [get, post], path: "^/reviews/", headers: {x-tenant: "^(7|9)$"}}
   writes: {default: "only:v3", routes: ["^/reviews/delete=skip"]}
   compare: {liveLabel: v1, ignore: [$.at]}
 ---
@@ -39,6 +39,8 @@ fn a_file_of_two_objects_reads_and_checks() {
     assert_eq!(m.labels, "app=reviews,tier=api");
     assert_eq!(m.ports, [9080]);
     assert_eq!(m.methods, ["GET", "POST"]);
+    assert_eq!(m.headers[0].0, "x-tenant");
+    assert!(m.headers[0].1.is_match("9") && !m.headers[0].1.is_match("79"));
     assert_eq!(m.live_label, "v1");
     assert_eq!(m.candidates[0].sample_ppm, 125_000);
     assert_eq!(
@@ -95,10 +97,17 @@ fn each_bad_field_is_named() {
     );
     assert_eq!(
         field(spec_with(|s| s.requests = Some(RequestMatch {
-            methods: vec![],
-            path: Some("(".into())
+            path: Some("(".into()),
+            ..RequestMatch::default()
         }))),
         "spec.requests.path"
+    );
+    assert_eq!(
+        field(spec_with(|s| s.requests = Some(RequestMatch {
+            headers: [("x-tenant".to_string(), "[".to_string())].into(),
+            ..RequestMatch::default()
+        }))),
+        "spec.requests.headers.x-tenant"
     );
     assert_eq!(
         field(spec_with(|s| s.writes = Some(Writes {
