@@ -308,13 +308,15 @@ impl FakeApi {
                     .as_i64()
                     .unwrap_or(0)
             });
+            // A deletion streams the object's last state, as the API server does.
+            let last_spec = found.map(|i| s.objects[i].1["spec"].clone());
             let object = json!({
                 "apiVersion": GROUP,
                 "kind": "TrafficMirror",
                 "metadata": {"name": name, "namespace": namespace, "generation": generation + 1,
                              "uid": format!("uid-{namespace}-{name}"),
                              "resourceVersion": s.resource_version.to_string()},
-                "spec": spec.clone().unwrap_or(Value::Null),
+                "spec": spec.clone().or(last_spec).unwrap_or(Value::Null),
             });
             let kind = match (spec.is_some(), found.is_some()) {
                 (false, _) => "DELETED",

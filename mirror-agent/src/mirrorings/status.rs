@@ -120,7 +120,8 @@ pub async fn write(
     let manager = format!("mirror-agent/{node}");
     let params = PatchParams::apply(&manager).force();
     let mut written: BTreeMap<String, (NodeStatus, Instant)> = BTreeMap::new();
-    let mut failing = false;
+    // Keys whose last write failed, so that a lasting failure is logged once.
+    let mut failing = std::collections::BTreeSet::new();
     while let Some(batch) = rx.recv().await {
         for (key, status) in batch {
             let fresh = written
@@ -138,17 +139,18 @@ pub async fn write(
             });
             match api.patch_status(name, &params, &Patch::Apply(&body)).await {
                 Ok(_) => {
-                    failing = false;
+                    failing.remove(&key);
                     written.insert(key, (status, Instant::now()));
                 }
-                Err(e) if !failing => {
-                    failing = true;
-                    log::warn!(
-                        "writing the status of TrafficMirror {key}: {e}; the agent's \
-                         ServiceAccount needs patch on trafficmirrors/status \
-                         (deploy/daemonset.yaml); retrying"
-                    );
+                // Deleted since: its watch event is on its way.
+                Err(kube::Error::Api(e)) if e.code == 404 => {
+                    log::debug!("TrafficMirror {key} is gone: no status written")
                 }
+                Err(e) if failing.insert(key.clone()) => log::warn!(
+                    "writing the status of TrafficMirror {key}: {e}; the agent's \
+                     ServiceAccount needs patch on trafficmirrors/status \
+                     (deploy/daemonset.yaml); retrying"
+                ),
                 Err(e) => log::debug!("writing the status of TrafficMirror {key}: {e}"),
             }
         }
