@@ -402,7 +402,7 @@ impl ApiState {
     /// Stores (or deletes) an object and logs the event.
     fn set(&mut self, resource: Resource, kind: &str, object: Value) {
         let (ns, name) = meta_of(&object);
-        let at = self.find(resource, &ns.to_string(), &name.to_string());
+        let at = self.find(resource, ns, name);
         match (kind, at) {
             ("DELETED", Some(i)) => {
                 self.objects.remove(i);
@@ -436,10 +436,14 @@ fn respond(w: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()> {
     )
 }
 
-/// A request: its method, target, headers (lower-case names) and body.
-fn read_request(
-    reader: &mut BufReader<TcpStream>,
-) -> Option<(String, String, Vec<(String, String)>, Vec<u8>)> {
+/// A request: its method, target and body.
+struct ApiRequest {
+    method: String,
+    target: String,
+    body: Vec<u8>,
+}
+
+fn read_request(reader: &mut BufReader<TcpStream>) -> Option<ApiRequest> {
     let mut line = String::new();
     if reader.read_line(&mut line).unwrap_or(0) == 0 {
         return None;
@@ -464,7 +468,11 @@ fn read_request(
         .unwrap_or(0);
     let mut body = vec![0; len];
     reader.read_exact(&mut body).ok()?;
-    Some((method, target, headers, body))
+    Some(ApiRequest {
+        method,
+        target,
+        body,
+    })
 }
 
 fn serve_api(
@@ -475,7 +483,12 @@ fn serve_api(
 ) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut w = stream;
-    while let Some((method, target, _headers, body)) = read_request(&mut reader) {
+    while let Some(ApiRequest {
+        method,
+        target,
+        body,
+    }) = read_request(&mut reader)
+    {
         let (m, cv) = state;
         m.lock()
             .unwrap()

@@ -138,17 +138,11 @@ pub struct Agent {
     ring_drops: u64,
     /// The declared mirrorings, and what they receive and send.
     mirrorings: Option<Mirrorings>,
-    declared: Option<tokio::sync::mpsc::Receiver<mirrorings::source::Declared>>,
-    lane_pods: Option<tokio::sync::mpsc::Receiver<LanePod>>,
-    /// This node's name and where its status entries go (declared in the API).
-    status: Option<(String, tokio::sync::mpsc::Sender<StatusBatch>)>,
+    feeds: Feeds,
     /// Pods attached to, by how many mirrorings (the `--selector` one and declared ones) cover
     /// each: the capture lets a pod go when the last one does.
     pod_refs: std::collections::HashMap<std::net::IpAddr, usize>,
 }
-
-/// This node's status entries, by mirroring.
-type StatusBatch = Vec<(String, mirrorings::spec::NodeStatus)>;
 
 /// What the agent did, for the exit summary.
 pub struct Summary {
@@ -197,17 +191,9 @@ impl Agent {
         let (mirrorings, feeds) = match &cfg.mirrorings {
             Some(m) => {
                 let (m, f) = mirrorings::start(m, lanes, rt).map_err(AgentError::Kubernetes)?;
-                (Some(m), Some(f))
+                (Some(m), f)
             }
-            None => (None, None),
-        };
-        let (declared, lane_pods, status) = match feeds {
-            Some(Feeds {
-                declared,
-                pods,
-                status,
-            }) => (Some(declared), pods, status),
-            None => (None, None, None),
+            None => (None, Feeds::default()),
         };
         let sources = Sources {
             pods: Arc::clone(&mirrored_pods),
@@ -254,9 +240,7 @@ impl Agent {
             shedding: Shedding::new(&cfg.shedding),
             ring_drops: 0,
             mirrorings,
-            declared,
-            lane_pods,
-            status,
+            feeds,
             pod_refs: Default::default(),
         })
     }
@@ -319,33 +303,17 @@ impl Agent {
             tokio::select! {
                 _ = &mut shutdown => break,
                 Some(change) = next_change(&mut self.pod_changes) => self.apply_counted(change),
-                Some(declared) = next_change(&mut self.declared) => {
+                Some(declared) = next_change(&mut self.feeds.declared) => {
                     if let Some(m) = self.mirrorings.as_mut() {
                         for released in m.declare(declared).await {
                             self.apply_counted(released);
                         }
                     }
                 }
-                Some(lane_pod) = next_change(&mut self.lane_pods) => self.apply_lane_pod(lane_pod),
+                Some(lane_pod) = next_change(&mut self.feeds.pods) => self.apply_lane_pod(lane_pod),
                 _ = tick.tick() => {
-                    if let Ok(c) = self.capture.kernel_counters() {
-                        self.capture.account_lost_requests(&c);
-                        self.kernel.lock().unwrap().packets = named_counters(&c);
-                    }
-                    if let Ok(work) = self.capture.kernel_work() {
-                        self.kernel.lock().unwrap().work = work;
-                    }
-                    self.apply_shedding();
                     seconds += 1;
-                    if seconds.is_multiple_of(mirrorings::status::EVERY.as_secs()) {
-                        self.send_statuses();
-                    }
-                    self.tick_tls(seconds);
-                    if self.stats_interval > 0 && seconds.is_multiple_of(self.stats_interval) {
-                        log::info!("kernel {:?}", self.kernel.lock().unwrap().packets);
-                        log::info!("capture {}", format_capture(self.capture.stats()));
-                        log::info!("pipeline {:?}", self.pipeline_stats.lock().unwrap());
-                    }
+                    self.second(seconds);
                 }
             }
         }
@@ -410,6 +378,27 @@ impl Agent {
 }
 
 impl Agent {
+    /// Once a second: the kernel's counters, shedding, statuses, TLS processes, the log.
+    fn second(&mut self, seconds: u64) {
+        if let Ok(c) = self.capture.kernel_counters() {
+            self.capture.account_lost_requests(&c);
+            self.kernel.lock().unwrap().packets = named_counters(&c);
+        }
+        if let Ok(work) = self.capture.kernel_work() {
+            self.kernel.lock().unwrap().work = work;
+        }
+        self.apply_shedding();
+        if seconds.is_multiple_of(mirrorings::status::EVERY.as_secs()) {
+            self.send_statuses();
+        }
+        self.tick_tls(seconds);
+        if self.stats_interval > 0 && seconds.is_multiple_of(self.stats_interval) {
+            log::info!("kernel {:?}", self.kernel.lock().unwrap().packets);
+            log::info!("capture {}", format_capture(self.capture.stats()));
+            log::info!("pipeline {:?}", self.pipeline_stats.lock().unwrap());
+        }
+    }
+
     /// With TLS capture: every 2 s, processes and libraries that appeared are found; every
     /// second, the probes' counters are refreshed for `/metrics`.
     fn tick_tls(&mut self, seconds: u64) {
@@ -478,7 +467,7 @@ impl Agent {
 
     /// This node's entries of the declared mirrorings' statuses, to their writer.
     fn send_statuses(&self) {
-        if let (Some(m), Some((node, tx))) = (&self.mirrorings, &self.status) {
+        if let (Some(m), Some((node, tx))) = (&self.mirrorings, &self.feeds.status) {
             // A writer still busy with the last batch skips this one.
             let _ = tx.try_send(m.statuses(node));
         }
@@ -607,15 +596,18 @@ fn ready_line(cfg: &AgentConfig, capture: &Capture) -> String {
         .iter()
         .map(|(t, hook, mode)| format!("{} {} ({mode:?})", t.iface, hook.name()))
         .collect();
-    let on = match (&cfg.pods, attached.is_empty()) {
-        (Some(sel), true) => format!("the pods matching {:?} as they become Ready", sel.labels),
-        (Some(sel), false) => format!(
-            "{} and the pods matching {:?} as they become Ready",
-            attached.join(", "),
+    let mut on = attached;
+    if let Some(sel) = &cfg.pods {
+        on.push(format!(
+            "the pods matching {:?} as they become Ready",
             sel.labels
-        ),
-        (None, _) => attached.join(", "),
-    };
+        ));
+    }
+    let declared = cfg.mirrorings.as_ref().map(|m| &m.declarations);
+    if let Some(mirrorings::Declarations::Cluster { .. }) = declared {
+        on.push("the pods each TrafficMirror selects as they become Ready".into());
+    }
+    let on = on.join(" and ");
     let tls = match (&cfg.capture.tls, capture.tls_report()) {
         (Some(tls), Some(report)) => format!(
             "; TLS plaintext on ports {:?} from {} processes ({} libraries)",
@@ -624,7 +616,8 @@ fn ready_line(cfg: &AgentConfig, capture: &Capture) -> String {
         _ => String::new(),
     };
     // With only --tls-port, nothing is read from the wire.
-    let wire = if cfg.capture.matching.ports.is_empty() && cfg.pods.is_none() {
+    let wire = if cfg.capture.matching.ports.is_empty() && cfg.pods.is_none() && declared.is_none()
+    {
         "nothing from the wire".to_string()
     } else {
         format!("mirroring ports {:?} on {on}", cfg.capture.matching.ports)

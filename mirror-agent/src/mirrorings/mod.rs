@@ -60,12 +60,13 @@ pub struct MirroringsConfig {
     pub in_pod: bool,
 }
 
-/// What the agent's main loop receives and sends for declared mirrorings.
+/// What the agent's main loop receives and sends for declared mirrorings (nothing, without).
+#[derive(Default)]
 pub struct Feeds {
-    pub declared: tokio::sync::mpsc::Receiver<Declared>,
+    pub declared: Option<tokio::sync::mpsc::Receiver<Declared>>,
     pub pods: Option<tokio::sync::mpsc::Receiver<LanePod>>,
     /// This node's name and where its status entries go (declared in the API only).
-    pub status: Option<(String, tokio::sync::mpsc::Sender<Vec<(String, NodeStatus)>>)>,
+    pub status: Option<(String, tokio::sync::mpsc::Sender<status::StatusBatch>)>,
 }
 
 /// Starts reading the declarations (and, with the Kubernetes API, watching pods and writing
@@ -108,7 +109,7 @@ pub fn start(
         _ => None,
     };
     let feeds = Feeds {
-        declared,
+        declared: Some(declared),
         pods: watches.is_some().then_some(pods),
         status,
     };
@@ -270,60 +271,35 @@ impl Mirrorings {
         spec: TrafficMirrorSpec,
         generation: i64,
     ) -> Result<Vec<PodChange>, Refused> {
-        let refuse = |reason, message: String| Refused { reason, message };
-        let m = Mirroring::check(key, &spec).map_err(|e| refuse(e.reason(), e.to_string()))?;
-        if let Some(p) = m
-            .ports
-            .iter()
-            .find(|p| !self.template.captured_ports.contains(p))
-        {
-            return Err(refuse(
-                "PortNotCaptured",
-                format!(
-                    "port {p} is not among the ports this agent captures ({:?}): add it to the \
-                     agent's --port",
-                    self.template.captured_ports
-                ),
-            ));
-        }
-        let by_pods = self.cluster || m.selects_pods();
-        if by_pods && self.pods.is_none() {
-            return Err(refuse(
-                "NeedsKubernetes",
-                format!(
-                    "spec.selector ({}) needs the Kubernetes API (KUBECONFIG, or a pod's \
-                     ServiceAccount); without it, leave the selector out and attach the agent \
-                     to the live pods (--pod-ip, --iface)",
-                    m.labels
-                ),
-            ));
-        }
-        if m.bodies && self.template.compare.diffs.is_none() {
-            return Err(refuse(
-                "BodiesNotCaptured",
-                "spec.compare.bodies needs the agent's --compare-bodies".into(),
-            ));
-        }
+        let m = Mirroring::check(key, &spec).map_err(|e| Refused {
+            reason: e.reason(),
+            message: e.to_string(),
+        })?;
+        let by_pods = self.admit(&m)?;
         let configs = self.replay_configs(&m).await?;
-        let names: Vec<String> = m.candidates.iter().map(|c| c.name.clone()).collect();
         let comparison = match self.running.get(key) {
             Some(old) if same_comparison(&old.spec, &spec) => old.comparison.clone(),
-            _ => Comparison::new(self.compare_config(&m, &names))
-                .map_err(|e| refuse("Internal", format!("starting its comparison: {e}")))?,
+            _ => Comparison::new(self.compare_config(&m)).map_err(|e| Refused {
+                reason: "Internal",
+                message: format!("starting its comparison: {e}"),
+            })?,
         };
         let secrets = configs
             .iter()
             .flat_map(|c| c.secret_headers.clone())
             .collect();
-        let rereads = SecretWatch::start(secrets, REREAD_EVERY)
-            .map_err(|e| refuse("Internal", format!("starting its secret re-reads: {e}")))?;
-        let candidates: Vec<(String, Replayer)> = names
+        let rereads = SecretWatch::start(secrets, REREAD_EVERY).map_err(|e| Refused {
+            reason: "Internal",
+            message: format!("starting its secret re-reads: {e}"),
+        })?;
+        let candidates: Vec<(String, Replayer)> = m
+            .candidates
             .iter()
             .zip(configs)
             .enumerate()
-            .map(|(i, (name, cfg))| {
+            .map(|(i, (c, cfg))| {
                 let sink = Box::new(comparison.outcomes_of(i));
-                (name.clone(), Replayer::start(cfg, &self.rt, sink))
+                (c.name.clone(), Replayer::start(cfg, &self.rt, sink))
             })
             .collect();
         let mirrors = candidates
@@ -334,6 +310,80 @@ impl Mirrorings {
                 sample_ppm: c.sample_ppm,
             })
             .collect();
+        let (selected, released) = self.hand_over_pods(key, &m, by_pods);
+        let pods = selected
+            .as_ref()
+            .map(|s| s.pods.values().copied().collect::<HashSet<_>>());
+        let lane = Lane::new(
+            key.to_string(),
+            m.ports.clone(),
+            pods,
+            mirrors,
+            comparison.clone(),
+        );
+        let _ = self.table.send(LaneChange::Set(Box::new(lane)));
+        let to: Vec<String> = m
+            .candidates
+            .iter()
+            .map(|c| format!("{} ({})", c.name, c.url))
+            .collect();
+        log::info!("mirroring {key}: ports {:?} to {}", m.ports, to.join(", "));
+        let running = Running {
+            spec,
+            generation,
+            selected,
+            candidates,
+            comparison,
+            _secrets: Some(rereads),
+        };
+        self.running.insert(key.to_string(), running);
+        Ok(released)
+    }
+
+    /// Whether this agent can run `m`: its ports are captured, its pods can be found, its
+    /// bodies compared. Returns whether it covers pods (rather than what the agent is attached
+    /// to).
+    fn admit(&self, m: &Mirroring) -> Result<bool, Refused> {
+        let refuse = |reason, message: String| Err(Refused { reason, message });
+        let captured = &self.template.captured_ports;
+        if let Some(p) = m.ports.iter().find(|p| !captured.contains(p)) {
+            return refuse(
+                "PortNotCaptured",
+                format!(
+                    "port {p} is not among the ports this agent captures ({captured:?}): add it \
+                     to the agent's --port"
+                ),
+            );
+        }
+        let by_pods = self.cluster || m.selects_pods();
+        if by_pods && self.pods.is_none() {
+            return refuse(
+                "NeedsKubernetes",
+                format!(
+                    "spec.selector ({}) needs the Kubernetes API (KUBECONFIG, or a pod's \
+                     ServiceAccount); without it, leave the selector out and attach the agent \
+                     to the live pods (--pod-ip, --iface)",
+                    m.labels
+                ),
+            );
+        }
+        if m.bodies && self.template.compare.diffs.is_none() {
+            return refuse(
+                "BodiesNotCaptured",
+                "spec.compare.bodies needs the agent's --compare-bodies".into(),
+            );
+        }
+        Ok(by_pods)
+    }
+
+    /// Stops the running version of `key`, keeping its pod watch when the new one selects the
+    /// same pods; returns the new version's pods and the pods no longer covered.
+    fn hand_over_pods(
+        &mut self,
+        key: &str,
+        m: &Mirroring,
+        by_pods: bool,
+    ) -> (Option<Selected>, Vec<PodChange>) {
         let mut old = self.running.remove(key);
         let mut released = Vec::new();
         let kept = match old.as_mut().and_then(|o| o.selected.take()) {
@@ -352,38 +402,7 @@ impl Mirrorings {
             (None, Some(watches)) if by_pods => Some(watches.start(key, &m.namespace, &m.labels)),
             _ => None,
         };
-        let pods = selected
-            .as_ref()
-            .map(|s| s.pods.values().copied().collect::<HashSet<_>>());
-        let lane = Lane::new(
-            key.to_string(),
-            m.ports.clone(),
-            pods,
-            mirrors,
-            comparison.clone(),
-        );
-        let _ = self.table.send(LaneChange::Set(Box::new(lane)));
-        log::info!(
-            "mirroring {key}: ports {:?} to {}",
-            m.ports,
-            m.candidates
-                .iter()
-                .map(|c| format!("{} ({})", c.name, c.url))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        self.running.insert(
-            key.to_string(),
-            Running {
-                spec,
-                generation,
-                selected,
-                candidates,
-                comparison,
-                _secrets: Some(rereads),
-            },
-        );
-        Ok(released)
+        (selected, released)
     }
 
     /// Each candidate's replay configuration, its URL resolved.
@@ -428,7 +447,7 @@ impl Mirrorings {
         Ok(out)
     }
 
-    fn compare_config(&self, m: &Mirroring, names: &[String]) -> CompareConfig {
+    fn compare_config(&self, m: &Mirroring) -> CompareConfig {
         let t = &self.template.compare;
         let diffs = t.diffs.clone().filter(|_| m.bodies).map(|mut d| {
             d.ignore = m.ignore.clone();
@@ -437,7 +456,7 @@ impl Mirrorings {
         });
         CompareConfig {
             live_label: m.live_label.clone(),
-            mirror_labels: names.to_vec(),
+            mirror_labels: m.candidates.iter().map(|c| c.name.clone()).collect(),
             diffs,
             ..t.clone()
         }

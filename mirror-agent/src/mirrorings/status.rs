@@ -17,6 +17,9 @@ use crate::compare::Report;
 use crate::compare::{judge, VerdictKind};
 use crate::replay::ReplayStats;
 
+/// This node's entries, by mirroring, on their way to the writer.
+pub type StatusBatch = Vec<(String, NodeStatus)>;
+
 /// An unchanged entry is written again after this long, so that a stale one shows its age.
 pub const REFRESH: Duration = Duration::from_secs(60);
 
@@ -112,11 +115,7 @@ pub fn condition(type_: &str, on: bool, reason: &str, message: impl Into<String>
 /// Writes the entries it is sent, each when it changed or is older than `REFRESH`, until the
 /// sender is dropped. A refused write is logged (with the RBAC rule it needs) and tried again
 /// with the next batch.
-pub async fn write(
-    client: Client,
-    node: String,
-    mut rx: mpsc::Receiver<Vec<(String, NodeStatus)>>,
-) {
+pub async fn write(client: Client, node: String, mut rx: mpsc::Receiver<StatusBatch>) {
     let manager = format!("mirror-agent/{node}");
     let params = PatchParams::apply(&manager).force();
     let mut written: BTreeMap<String, (NodeStatus, Instant)> = BTreeMap::new();
