@@ -134,6 +134,20 @@ pub struct RequestArgs {
     #[arg(long = "drop-header")]
     pub drop_headers: Vec<HeaderName>,
 
+    /// The path sent, rewritten: REGEX=REPLACEMENT, the first match replaced (`$1` for a
+    /// group), e.g. '^/api/v1/=/api/v2/'. The query is kept.
+    #[arg(long = "rewrite-path", value_parser = crate::replay::rewrite::parse_path_rewrite)]
+    pub rewrite_path: Option<(Regex, String)>,
+
+    /// Query parameter set on every request sent, replacing the client's (NAME=VALUE;
+    /// repeatable).
+    #[arg(long = "set-query", value_parser = parse_query_param)]
+    pub set_query: Vec<(String, String)>,
+
+    /// Query parameter removed from every request sent (repeatable).
+    #[arg(long = "drop-query")]
+    pub drop_query: Vec<String>,
+
     /// Only these methods (comma-separated, e.g. GET,HEAD).
     #[arg(long, value_delimiter = ',')]
     pub methods: Vec<String>,
@@ -239,6 +253,11 @@ impl RequestArgs {
             host: self.host,
             add_headers: self.add_headers.clone(),
             drop_headers: self.drop_headers.clone(),
+            rewrite: crate::replay::rewrite::TargetRewrite {
+                path: self.rewrite_path.clone(),
+                set_query: self.set_query.clone(),
+                drop_query: self.drop_query.clone(),
+            },
             methods: self
                 .methods
                 .iter()
@@ -733,6 +752,13 @@ pub fn parse_header(s: &str) -> Result<(HeaderName, HeaderValue), String> {
         HeaderName::from_str(k.trim()).map_err(|e| format!("header name {k:?}: {e}"))?,
         HeaderValue::from_str(v.trim()).map_err(|e| format!("header value {v:?}: {e}"))?,
     ))
+}
+
+fn parse_query_param(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?}: expected NAME=VALUE")),
+    }
 }
 
 #[cfg(test)]

@@ -23,10 +23,11 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn object(name: &str, port: u16, candidate: &str, url: &str) -> String {
+/// A TrafficMirror of one candidate; `extra`: more of the candidate's fields.
+fn object(name: &str, port: u16, candidate: &str, url: &str, extra: &str) -> String {
     format!(
         "apiVersion: mirror-agent.dev/v1alpha1\nkind: TrafficMirror\nmetadata: {{name: {name}}}\n\
-         spec:\n  ports: [{port}]\n  candidates:\n  - {{name: {candidate}, url: \"{url}\"}}\n"
+         spec:\n  ports: [{port}]\n  candidates:\n  - {{name: {candidate}, url: \"{url}\"{extra}}}\n"
     )
 }
 
@@ -92,9 +93,16 @@ fn mirrorings_are_added_switched_and_removed_while_traffic_flows() {
     let second = TestServer::start(&pair.server, &[REVIEWS_SECOND.parse().unwrap()]);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("mirrors.yaml");
-    let books_obj = object("books", 8080, "next", &format!("http://{BOOKS_CAND}"));
+    // Books' candidate serves its routes under /v2 and gets a flag in the query.
+    let books_obj = object(
+        "books",
+        8080,
+        "next",
+        &format!("http://{BOOKS_CAND}"),
+        r#", rewrite: {path: {regex: "^/books/", replacement: "/v2/books/"}, setQuery: {shadow: "1"}}"#,
+    );
     // A candidate URL the agent cannot use: refused alone, the others run.
-    let broken = object("broken", 8080, "bad", "ftp://127.0.0.1:1");
+    let broken = object("broken", 8080, "bad", "ftp://127.0.0.1:1", "");
     declare(&file, &[books_obj.clone(), broken.clone()]);
     let agent = Agent::start(
         &pair.server,
@@ -119,7 +127,7 @@ fn mirrorings_are_added_switched_and_removed_while_traffic_flows() {
     }
 
     // Reviews are declared: mirrored from then on, books unchanged.
-    let reviews_to = |url: &str| object("reviews", 9090, "cand", url);
+    let reviews_to = |url: &str| object("reviews", 9090, "cand", url, "");
     declare(
         &file,
         &[
@@ -189,6 +197,10 @@ fn mirrorings_are_added_switched_and_removed_while_traffic_flows() {
     let mut want_books = sent("/books/one", 10);
     want_books.extend(sent("/books/two", 10));
     want_books.extend(sent("/books/steady", steady_sent));
+    let mut want_books: Vec<String> = want_books
+        .iter()
+        .map(|t| format!("/v2{t}?shadow=1"))
+        .collect();
     want_books.sort();
     assert_eq!(
         targets(&books_cand),

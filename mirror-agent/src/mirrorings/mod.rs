@@ -434,6 +434,7 @@ impl Mirrorings {
                 host: c.host,
                 add_headers: c.set_headers.clone(),
                 drop_headers: c.remove_headers.clone(),
+                rewrite: c.rewrite.clone(),
                 methods: m.methods.clone(),
                 path: m.path.clone(),
                 headers: m.headers.clone(),

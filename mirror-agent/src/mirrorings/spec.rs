@@ -14,6 +14,7 @@ use regex::Regex;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::replay::rewrite::TargetRewrite;
 use crate::replay::secrets::SecretSpec;
 use crate::replay::writes::{WriteAction, WritePolicy, WriteRoute};
 use crate::replay::HostMode;
@@ -99,6 +100,29 @@ pub struct Candidate {
     /// Requests per second sent at most.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_rps: Option<f64>,
+    /// The target as it gets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<Rewrite>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Rewrite {
+    /// The first match in the path replaced (`$1` for a group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathRewrite>,
+    /// Query parameters set, replacing the client's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set_query: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove_query: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PathRewrite {
+    pub regex: String,
+    pub replacement: String,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -226,6 +250,7 @@ pub struct CandidatePlan {
     pub remove_headers: Vec<HeaderName>,
     pub secret_headers: Vec<SecretSpec>,
     pub max_rps: Option<f64>,
+    pub rewrite: TargetRewrite,
 }
 
 /// A mirroring, checked: everything parsed, nothing resolved or started yet.
@@ -367,7 +392,18 @@ fn candidate(at: &str, c: &Candidate) -> Result<CandidatePlan, SpecError> {
     if c.max_rps.is_some_and(|r| r.is_nan() || r <= 0.0) {
         return Err(invalid(field("maxRps"), "give a rate above 0"));
     }
+    let rewrite = c.rewrite.clone().unwrap_or_default();
+    let path = rewrite
+        .path
+        .map(|p| Regex::new(&p.regex).map(|re| (re, p.replacement)))
+        .transpose()
+        .map_err(|e| invalid(field("rewrite.path.regex"), e))?;
     Ok(CandidatePlan {
+        rewrite: TargetRewrite {
+            path,
+            set_query: rewrite.set_query.into_iter().collect(),
+            drop_query: rewrite.remove_query,
+        },
         name: c.name.clone(),
         url,
         sample_ppm: (percent * 10_000.0).round() as u32,

@@ -44,6 +44,7 @@ pub(crate) mod h1;
 mod h2;
 mod pacing;
 mod pool;
+pub mod rewrite;
 pub mod secrets;
 mod target;
 mod tls;
@@ -83,6 +84,8 @@ pub struct ReplayConfig {
     /// Only these methods (upper case); empty means all.
     pub methods: Vec<String>,
     pub path: Option<Regex>,
+    /// The target as the mirror gets it (path by regex, query parameters).
+    pub rewrite: rewrite::TargetRewrite,
     /// Only requests whose header fields match these (each: the first field of that name; a
     /// request without it does not match).
     pub headers: Vec<(HeaderName, Regex)>,
@@ -202,6 +205,7 @@ impl ReplayConfig {
             methods: Vec::new(),
             path: None,
             headers: Vec::new(),
+            rewrite: rewrite::TargetRewrite::default(),
             writes: MirrorWrites::default(),
             max_rps: None,
             max_inflight: 256,

@@ -230,6 +230,11 @@ pub(super) fn mirror_path<'a>(cfg: &ReplayConfig, target: &'a str) -> Cow<'a, st
             _ => Cow::Borrowed(target),
         }
     };
+    let rewritten = match cfg.rewrite.apply(&path) {
+        Cow::Owned(rewritten) => Some(rewritten),
+        Cow::Borrowed(_) => None,
+    };
+    let path = rewritten.map_or(path, Cow::Owned);
     match cfg.mirror.path().trim_end_matches('/') {
         "" => path,
         prefix => Cow::Owned(format!("{prefix}{path}")),

@@ -14,6 +14,7 @@ spec:
     setHeaders: {x-env: staging}
     removeHeaders: [cookie]
     secretHeaders: ["Authorization: Bearer @/run/secrets/token"]
+    rewrite: {path: {regex: "^/reviews/", replacement: "/r/"}, removeQuery: [session]}
   - {name: v1-again, url: "http://reviews-v1b:9080", secondary: true}
   requests: {methods: [get, post], path: "^/reviews/", headers: {x-tenant: "^(7|9)$"}}
   writes: {default: "only:v3", routes: ["^/reviews/delete=skip"]}
@@ -48,6 +49,10 @@ fn a_file_of_two_objects_reads_and_checks() {
         Some("/run/secrets/token")
     );
     assert!(m.candidates[1].secondary);
+    assert_eq!(
+        m.candidates[0].rewrite.apply("/reviews/1?session=x&a=1"),
+        "/r/1?a=1"
+    );
     assert!(m.writes.for_mirror("v3").allows("POST", "/reviews/1"));
     assert!(!m.writes.for_mirror("v1-again").allows("POST", "/reviews/1"));
     assert!(!m.writes.for_mirror("v3").allows("POST", "/reviews/delete"));
@@ -115,6 +120,18 @@ fn each_bad_field_is_named() {
             routes: vec![]
         }))),
         "spec.writes"
+    );
+    assert_eq!(
+        field(spec_with(|s| {
+            s.candidates[0].rewrite = Some(Rewrite {
+                path: Some(PathRewrite {
+                    regex: "(".into(),
+                    replacement: "/".into(),
+                }),
+                ..Rewrite::default()
+            })
+        })),
+        "spec.candidates[0].rewrite.path.regex"
     );
     let twice = spec_with(|s| s.candidates.push(s.candidates[0].clone())).unwrap_err();
     assert_eq!(twice, SpecError::DuplicateCandidate("next".into()));
