@@ -392,6 +392,20 @@ fn traffic_mirrors_in_the_api_select_their_pods_and_report_per_node() {
         reviews_second.requests() > 0
     });
     assert!(switched, "the edited candidate URL never got a request");
+    // The TrafficMirror watch is told its version is too old: it lists again, and what runs
+    // keeps running.
+    let tm_lists = || {
+        api.requests()
+            .iter()
+            .filter(|r| r.contains("/trafficmirrors?") && !r.contains("watch=true"))
+            .count()
+    };
+    let listed = tm_lists();
+    api.traffic_mirrors_gone();
+    assert!(
+        netlab::wait_until(Duration::from_secs(20), || tm_lists() > listed),
+        "no TrafficMirror relist after 410 Gone"
+    );
     for i in 0..10 {
         get(&books.ip, &format!("/books/after/{i}"));
         get(&reviews.ip, &format!("/reviews/two/{i}"));

@@ -57,8 +57,9 @@ enum Entry {
         object: Value,
     },
     Bookmark(u64),
-    /// `410 Gone`, to the first pod watcher that reaches it.
+    /// `410 Gone`, to the first watcher of the resource that reaches it.
     Gone {
+        resource: Resource,
         rv: u64,
         taken: bool,
     },
@@ -348,9 +349,22 @@ impl FakeApi {
 
     /// Streams `410 Gone` to the pod watcher: its version is too old, it must list again.
     pub fn gone(&self) {
+        self.gone_for(Resource::Pod);
+    }
+
+    /// The same, to the TrafficMirror watcher.
+    pub fn traffic_mirrors_gone(&self) {
+        self.gone_for(Resource::TrafficMirror);
+    }
+
+    fn gone_for(&self, resource: Resource) {
         self.with(|s| {
             let rv = s.resource_version + 1;
-            s.log.push(Entry::Gone { rv, taken: false })
+            s.log.push(Entry::Gone {
+                resource,
+                rv,
+                taken: false,
+            })
         });
     }
 
@@ -611,7 +625,11 @@ fn watch(
                 })
                 .to_string(),
                 Entry::Bookmark(_) => continue,
-                Entry::Gone { taken, .. } if resource == Resource::Pod && !*taken => {
+                Entry::Gone {
+                    resource: r,
+                    taken,
+                    ..
+                } if *r == resource && !*taken => {
                     *taken = true;
                     r#"{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"too old resource version","reason":"Expired","code":410}}"#.to_string()
                 }
