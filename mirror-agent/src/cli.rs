@@ -501,6 +501,12 @@ pub struct AttachArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
+    /// Where declared mirrorings that ask (`spec.record`) are recorded, each in
+    /// DIR/NAMESPACE/NAME, with --record-file-size, --record-file-seconds and
+    /// --record-max-size each.
+    #[arg(long, value_name = "DIR")]
+    pub record_mirrorings: Option<PathBuf>,
+
     #[command(flatten)]
     pub requests: RequestArgs,
 

@@ -241,6 +241,16 @@ fn mirrorings_config(
             compare: compare.clone(),
             captured_ports: args.port.iter().chain(&args.tls_port).copied().collect(),
             grace: Duration::from_secs_f64(args.requests.timeout.min(5.0)),
+            record: args
+                .record_mirrorings
+                .as_ref()
+                .map(|dir| record_config(args, dir, None)),
+            redact_key: args
+                .redact
+                .redact_key
+                .as_deref()
+                .map(mirror_agent::redact::read_key)
+                .transpose()?,
         },
     }))
 }
@@ -478,7 +488,11 @@ fn kept_and_compared(
         Some(c) => Some(diff_config(args, names, c, split, redactor.clone())?),
         None => None,
     };
-    Ok((record_config(args, redactor), diffs))
+    let record = args
+        .record
+        .as_ref()
+        .map(|dir| record_config(args, dir, redactor));
+    Ok((record, diffs))
 }
 
 /// How contents are compared (`--compare-bodies`), and which mirror cancels noise.
@@ -512,9 +526,15 @@ fn diff_config(
     })
 }
 
-fn record_config(args: &AttachArgs, redactor: Option<Redactor>) -> Option<RecordConfig> {
-    args.record.as_ref().map(|dir| RecordConfig {
-        dir: dir.clone(),
+/// How a recording in `dir` is written: sizes and ages from the command line, private headers
+/// left out, values redacted by `redactor`.
+fn record_config(
+    args: &AttachArgs,
+    dir: &std::path::Path,
+    redactor: Option<Redactor>,
+) -> RecordConfig {
+    RecordConfig {
+        dir: dir.to_path_buf(),
         file_bytes: args.record_file_size,
         file_age: Duration::from_secs(args.record_file_seconds.max(1)),
         max_bytes: args.record_max_size,
@@ -527,10 +547,9 @@ fn record_config(args: &AttachArgs, redactor: Option<Redactor>) -> Option<Record
         redactor,
         queue: 64 << 10,
         block_age: record::writer::BLOCK_AGE,
-    })
+    }
 }
 
-/// Adds the command-line fix to a mirror's error from the library.
 /// Adds to `e` what the user can do about it, named by the first typed error in its chain.
 fn with_hint(e: impl Into<anyhow::Error>) -> anyhow::Error {
     let e = e.into();

@@ -112,6 +112,18 @@ pub struct Redactor {
     found: Vec<(Regex, bool)>,
 }
 
+/// The HMAC key in `path`: at least 16 bytes.
+pub fn read_key(path: &Path) -> Result<Vec<u8>, RedactError> {
+    let key = std::fs::read(path).map_err(|error| RedactError::Key {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    if key.len() < MIN_KEY_BYTES {
+        return Err(RedactError::ShortKey(path.to_path_buf()));
+    }
+    Ok(key)
+}
+
 impl Redactor {
     /// None without rules; with rules, the key file must exist and hold 16 bytes or more.
     pub fn from_key_file(
@@ -121,14 +133,7 @@ impl Redactor {
         if rules.is_empty() {
             return Ok(None);
         }
-        let path = key.ok_or(RedactError::NoKey)?;
-        let key = std::fs::read(path).map_err(|error| RedactError::Key {
-            path: path.to_path_buf(),
-            error,
-        })?;
-        if key.len() < MIN_KEY_BYTES {
-            return Err(RedactError::ShortKey(path.to_path_buf()));
-        }
+        let key = read_key(key.ok_or(RedactError::NoKey)?)?;
         Ok(Some(Redactor::new(key, rules)))
     }
 

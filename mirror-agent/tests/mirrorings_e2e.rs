@@ -104,6 +104,9 @@ fn mirrorings_are_added_switched_and_removed_while_traffic_flows() {
     // A candidate URL the agent cannot use: refused alone, the others run.
     let broken = object("broken", 8080, "bad", "ftp://127.0.0.1:1", "");
     declare(&file, &[books_obj.clone(), broken.clone()]);
+    let recordings = dir.path().join("rec");
+    let key = dir.path().join("key");
+    std::fs::write(&key, "a key of thirty-two bytes, test!").unwrap();
     let agent = Agent::start(
         &pair.server,
         &[
@@ -117,17 +120,31 @@ fn mirrorings_are_added_switched_and_removed_while_traffic_flows() {
             METRICS,
             "--max-live-pressure",
             "off",
+            "--record-mirrorings",
+            recordings.to_str().unwrap(),
+            "--redact-key",
+            key.to_str().unwrap(),
         ],
     );
     wait_runs(&pair.server, "default/books", true);
-    let get = |addr: &str, path: &str| curl(&pair.client, &[&format!("http://{addr}{path}")]);
+    // Every request carries a secret that reviews' recording must mask.
+    let get = |addr: &str, path: &str| {
+        let url = format!("http://{addr}{path}");
+        curl(&pair.client, &["-H", "X-Secret: planted-4242", &url])
+    };
     for i in 0..10 {
         get(&books, &format!("/books/one/{i}"));
         get(&reviews, &format!("/reviews/one/{i}"));
     }
 
     // Reviews are declared: mirrored from then on, books unchanged.
-    let reviews_to = |url: &str| object("reviews", 9090, "cand", url, "");
+    // The pipeline has handed on what it read (a request read before a declaration but handed
+    // on after it would be the new mirroring's).
+    std::thread::sleep(Duration::from_millis(300));
+    // Reviews is recorded, its secret header redacted; its recording goes on across the switch.
+    let reviews_to = |url: &str| {
+        object("reviews", 9090, "cand", url, "") + "  record: {redact: {headers: [x-secret]}}\n"
+    };
     declare(
         &file,
         &[
@@ -193,6 +210,21 @@ fn mirrorings_are_added_switched_and_removed_while_traffic_flows() {
     });
     std::thread::sleep(Duration::from_millis(500));
     let exit = agent.stop();
+    let har = dir.path().join("reviews.har");
+    let export = std::process::Command::new(AGENT)
+        .args([
+            "export",
+            recordings.join("default/reviews").to_str().unwrap(),
+        ])
+        .args(["--har", har.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    let har = std::fs::read_to_string(&har).unwrap();
 
     let mut want_books = sent("/books/one", 10);
     want_books.extend(sent("/books/two", 10));
@@ -228,6 +260,26 @@ fn mirrorings_are_added_switched_and_removed_while_traffic_flows() {
             && exit.stderr.contains("spec.candidates[0].url"),
         "the broken object is refused, naming its field:\n{}",
         exit.stderr
+    );
+    // Reviews' recording holds every request it covered, across the switch, and no secret.
+    for t in ["/reviews/two/0", "/reviews/switch/0", "/reviews/three/9"] {
+        assert!(har.contains(t), "{t} not recorded");
+    }
+    assert!(
+        !har.contains("/reviews/one/"),
+        "recorded before it was declared"
+    );
+    assert!(
+        !har.contains("planted-4242"),
+        "the secret reached the recording"
+    );
+    assert!(
+        har.contains("REDACTED-"),
+        "the secret header is masked, not dropped"
+    );
+    assert!(
+        !recordings.join("default/books").exists(),
+        "books asked for no recording"
     );
     // Reviews' rows carry its name; its comparison survived the URL change.
     let paired = exit.metric(

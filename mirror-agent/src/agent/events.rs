@@ -65,7 +65,7 @@ impl pipeline::Sink for PipelineEvents {
                 if let Some(rec) = self.recording.as_mut() {
                     rec.request(&r, at);
                 }
-                self.lanes.request(&r);
+                self.lanes.request(&r, at);
                 if !self.replayers.is_empty() {
                     self.requests.push(r);
                 }

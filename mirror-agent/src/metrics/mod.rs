@@ -210,11 +210,16 @@ impl Sources {
             }
         }
         replay.encode(encoder)?;
+        let mut record = Families::default();
         if let Some(r) = &self.record {
-            let mut record = Families::default();
             record.stage(r.as_ref());
-            record.encode(encoder)?;
         }
+        for lane in self.lanes.lock().unwrap().iter() {
+            if let Some(r) = &lane.record {
+                record.stage_with(vec![("mirroring", lane.key.clone())], r.as_ref());
+            }
+        }
+        record.encode(encoder)?;
         Ok(())
     }
 }
@@ -690,6 +695,7 @@ mod tests {
                 key: "shop/reviews".into(),
                 comparison: lane,
                 replay: vec![("v3".into(), Arc::new(ReplayStats::default()))],
+                record: Some(Default::default()),
             }])),
         }
     }
@@ -703,6 +709,9 @@ mod tests {
             r#"mirror_kernel_packets_total{outcome="cloned"} 3"#,
             r#"mirror_requests_total{mirroring="shop/reviews",endpoint="GET /api/books/{id}/reviews",version="v1",code="200"} 1"#,
             r#"mirror_replay_offered_total{mirroring="shop/reviews",mirror="v3"} 0"#,
+            r#"mirror_record_records_total{mirroring="shop/reviews",kind="request"} 0"#,
+            r#"mirror_record_blocks_total{mirroring="shop/reviews"} 0"#,
+            "\nmirror_record_blocks_total 0\n",
             "mirror_kernel_work_seconds_total 1.5",
             r#"mirror_http_dropped_total{reason="gap"} 0"#,
             r#"mirror_replay_errors_total{mirror="mirror",kind="timeout"} 0"#,
@@ -713,6 +722,8 @@ mod tests {
         }
         assert!(text.contains(r#"mirror_request_duration_seconds_bucket{le="0.0025",endpoint="GET /api/books/{id}/reviews",version="live",code="200"} 1"#), "{text}");
         assert!(text.trim_end().ends_with("# EOF"));
+        let parsed = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())));
+        assert!(parsed.is_ok(), "the exposition parses");
     }
 
     /// A comparison of contents that has compared one answer: `$.rating` differs.

@@ -71,11 +71,17 @@ impl Families {
     /// One mirror's stage: its samples carry the mirror's name, and that of the declared
     /// mirroring it is a candidate of.
     pub fn stage_of<S: Counters>(&mut self, mirroring: Option<&str>, mirror: &str, stats: &S) {
-        self.base = mirroring
+        let labels = mirroring
             .map(|m| ("mirroring", m.to_string()))
             .into_iter()
             .chain([("mirror", mirror.to_string())])
             .collect();
+        self.stage_with(labels, stats);
+    }
+
+    /// A stage's counters, each sample carrying `labels` first.
+    pub fn stage_with<S: Counters>(&mut self, labels: Labels, stats: &S) {
+        self.base = labels;
         self.stage(stats);
         self.base.clear();
     }
@@ -85,8 +91,9 @@ impl Families {
             let mut m = encoder.encode_descriptor(f.name, f.help, None, f.kind)?;
             let gauge = matches!(f.kind, MetricType::Gauge);
             for (labels, n) in &f.samples {
-                if labels.is_empty() {
-                    // A sample without labels: the descriptor's encoder takes it directly.
+                // A family of one sample without labels: the descriptor's encoder takes it
+                // directly (an empty label set beside labelled samples is encoded as one).
+                if labels.is_empty() && f.samples.len() == 1 {
                     if gauge {
                         ConstGauge::new(*n as i64).encode(m)?;
                     } else {

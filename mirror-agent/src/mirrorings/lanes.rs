@@ -7,8 +7,10 @@ use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::mpsc;
 
+use crate::capture::read_at::ReadAt;
 use crate::compare::Comparison;
 use crate::http::{LiveContent, Request, ResponseMeta};
+use crate::record::Recorder;
 use crate::replay::Replayer;
 
 /// One candidate of a lane: its replay stage, and the share of connections it gets.
@@ -27,8 +29,17 @@ pub struct Lane {
     pub pods: Option<HashSet<IpAddr>>,
     pub mirrors: Vec<LaneMirror>,
     pub comparison: Comparison,
+    pub record: LaneRecord,
     /// This batch's requests, per mirror.
     pending: Vec<Vec<Request>>,
+}
+
+/// Whether a lane records what it covers.
+pub enum LaneRecord {
+    Off,
+    To(Recorder),
+    /// Goes on with the recording of the version it replaces (the same rules, the same files).
+    KeepPrevious,
 }
 
 impl Lane {
@@ -38,6 +49,7 @@ impl Lane {
         pods: Option<HashSet<IpAddr>>,
         mirrors: Vec<LaneMirror>,
         comparison: Comparison,
+        record: LaneRecord,
     ) -> Lane {
         Lane {
             pending: vec![Vec::new(); mirrors.len()],
@@ -46,6 +58,14 @@ impl Lane {
             pods,
             mirrors,
             comparison,
+            record,
+        }
+    }
+
+    fn recorder(&mut self) -> Option<&mut Recorder> {
+        match &mut self.record {
+            LaneRecord::To(r) => Some(r),
+            _ => None,
         }
     }
 
@@ -105,10 +125,15 @@ impl LaneTable {
     pub fn apply_changes(&mut self) {
         while let Ok(change) = self.changes.try_recv() {
             match change {
-                LaneChange::Set(lane) => {
+                LaneChange::Set(mut lane) => {
                     self.flush();
                     match self.lanes.iter_mut().find(|l| l.key == lane.key) {
-                        Some(old) => *old = *lane,
+                        Some(old) => {
+                            if matches!(lane.record, LaneRecord::KeepPrevious) {
+                                lane.record = std::mem::replace(&mut old.record, LaneRecord::Off);
+                            }
+                            *old = *lane
+                        }
                         None => self.lanes.push(*lane),
                     }
                 }
@@ -134,10 +159,14 @@ impl LaneTable {
         self.lanes.is_empty()
     }
 
-    /// Queues a request for the candidates of every lane that covers its server.
-    pub fn request(&mut self, r: &Request) {
+    /// Queues a request for the candidates (and the recording) of every lane that covers its
+    /// server; `at`: where it was read.
+    pub fn request(&mut self, r: &Request, at: ReadAt) {
         let (server, conn) = (r.server(), r.conn());
         for lane in self.lanes.iter_mut().filter(|l| l.covers(server)) {
+            if let Some(rec) = lane.recorder() {
+                rec.request(r, at);
+            }
             for (m, pending) in lane.mirrors.iter().zip(&mut lane.pending) {
                 if sampled(conn, m.sample_ppm) {
                     pending.push(r.clone());
@@ -146,9 +175,12 @@ impl LaneTable {
         }
     }
 
-    pub fn live(&self, m: &ResponseMeta) {
-        for lane in self.lanes.iter().filter(|l| l.covers(m.server)) {
+    pub fn live(&mut self, m: &ResponseMeta) {
+        for lane in self.lanes.iter_mut().filter(|l| l.covers(m.server)) {
             lane.comparison.live(m);
+            if let Some(rec) = lane.recorder() {
+                rec.response(m.clone());
+            }
         }
     }
 
@@ -161,6 +193,9 @@ impl LaneTable {
     /// Hands each candidate its requests of the batch.
     pub fn flush(&mut self) {
         for lane in &mut self.lanes {
+            if let Some(rec) = lane.recorder() {
+                rec.flush();
+            }
             for (m, pending) in lane.mirrors.iter().zip(&mut lane.pending) {
                 if !pending.is_empty() {
                     m.replayer.offer(pending.drain(..));
@@ -197,11 +232,19 @@ mod tests {
             Some(pods),
             vec![],
             comparison.clone(),
+            LaneRecord::Off,
         );
         assert!(lane.covers("10.1.0.2:8080".parse().unwrap()));
         assert!(!lane.covers("10.1.0.2:9090".parse().unwrap()));
         assert!(!lane.covers("10.1.0.3:8080".parse().unwrap()));
-        let any = Lane::new("ns/b".into(), vec![8080], None, vec![], comparison);
+        let any = Lane::new(
+            "ns/b".into(),
+            vec![8080],
+            None,
+            vec![],
+            comparison,
+            LaneRecord::Off,
+        );
         assert!(any.covers("192.0.2.1:8080".parse().unwrap()));
     }
 }

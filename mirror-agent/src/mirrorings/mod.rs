@@ -18,9 +18,11 @@ use hyper::header::HeaderName;
 
 use crate::compare::{CompareConfig, Comparison};
 use crate::pods::PodChange;
+use crate::record::{RecordConfig, RecordStats, Recorder};
+use crate::redact::Redactor;
 use crate::replay::secrets::{SecretHeader, SecretWatch, REREAD_EVERY};
 use crate::replay::{self, Mark, ReplayConfig, ReplayStats, Replayer, TlsOptions};
-use lanes::{Lane, LaneChange, LaneMirror};
+use lanes::{Lane, LaneChange, LaneMirror, LaneRecord};
 use selection::{LanePod, PodWatches, Selected};
 use source::{Declaration, Declared};
 use spec::{Mirroring, NodeStatus, TrafficMirrorSpec};
@@ -38,6 +40,11 @@ pub struct LaneTemplate {
     pub captured_ports: Vec<u16>,
     /// How long a removed mirroring's requests in flight may finish.
     pub grace: Duration,
+    /// Where and how mirrorings that ask are recorded (`--record-mirrorings`): each in its
+    /// directory's NAMESPACE/NAME.
+    pub record: Option<RecordConfig>,
+    /// The HMAC key of redaction (`--redact-key`).
+    pub redact_key: Option<Vec<u8>>,
 }
 
 /// Where declared mirrorings come from.
@@ -124,6 +131,7 @@ pub struct LaneView {
     pub comparison: Comparison,
     /// Each candidate's name and replay counters.
     pub replay: Vec<(String, Arc<ReplayStats>)>,
+    pub record: Option<Arc<RecordStats>>,
 }
 
 /// The running mirrorings, read by `/metrics` and `/report`.
@@ -145,6 +153,7 @@ struct Running {
     comparison: Comparison,
     /// Re-reads the candidates' secret headers; stops with the mirroring.
     _secrets: Option<SecretWatch>,
+    record: Option<Arc<RecordStats>>,
 }
 
 /// The running declared mirrorings. Owned by the agent's main loop.
@@ -152,8 +161,8 @@ pub struct Mirrorings {
     template: LaneTemplate,
     table: mpsc::Sender<LaneChange>,
     running: BTreeMap<String, Running>,
-    /// Refused declarations, with the generation refused.
-    refused: BTreeMap<String, (Refused, i64)>,
+    /// Refused declarations, with the generation and spec refused.
+    refused: BTreeMap<String, (Refused, i64, TrafficMirrorSpec)>,
     views: LaneViews,
     rt: tokio::runtime::Handle,
     /// Pod watches, with a Kubernetes API.
@@ -212,7 +221,15 @@ impl Mirrorings {
                 r.generation = generation;
                 continue;
             }
-            match self.start(&key, spec, generation).await {
+            // An invalid spec stays invalid; others (a mirror not resolving yet) are tried again.
+            let same_invalid = self
+                .refused
+                .get(&key)
+                .is_some_and(|(r, _, refused)| r.reason == "InvalidSpec" && *refused == spec);
+            if same_invalid {
+                continue;
+            }
+            match self.start(&key, spec.clone(), generation).await {
                 Ok(freed) => {
                     released.extend(freed);
                     self.refused.remove(&key);
@@ -220,7 +237,7 @@ impl Mirrorings {
                 Err(refused) => {
                     log::warn!("mirroring {key} not started: {}", refused.message);
                     // It keeps running as it was, if it was; its status says why not the new.
-                    self.refused.insert(key, (refused, generation));
+                    self.refused.insert(key, (refused, generation, spec));
                 }
             }
         }
@@ -253,9 +270,12 @@ impl Mirrorings {
         let mut out: Vec<(String, NodeStatus)> = self
             .running
             .iter()
-            .map(|(key, r)| (key.clone(), r.status(node, self.refused.get(key))))
+            .map(|(key, r)| {
+                let refused = self.refused.get(key).map(|(r, g, _)| (r, *g));
+                (key.clone(), r.status(node, refused))
+            })
             .collect();
-        for (key, (refused, generation)) in &self.refused {
+        for (key, (refused, generation, _)) in &self.refused {
             if !self.running.contains_key(key) {
                 out.push((key.clone(), status::refused(node, *generation, refused)));
             }
@@ -277,6 +297,7 @@ impl Mirrorings {
         })?;
         let by_pods = self.admit(&m)?;
         let configs = self.replay_configs(&m).await?;
+        let (record, record_stats) = self.lane_record(key, &m, &spec)?;
         let comparison = match self.running.get(key) {
             Some(old) if same_comparison(&old.spec, &spec) => old.comparison.clone(),
             _ => Comparison::new(self.compare_config(&m)).map_err(|e| Refused {
@@ -320,6 +341,7 @@ impl Mirrorings {
             pods,
             mirrors,
             comparison.clone(),
+            record,
         );
         let _ = self.table.send(LaneChange::Set(Box::new(lane)));
         let to: Vec<String> = m
@@ -335,6 +357,7 @@ impl Mirrorings {
             candidates,
             comparison,
             _secrets: Some(rereads),
+            record: record_stats,
         };
         self.running.insert(key.to_string(), running);
         Ok(released)
@@ -374,6 +397,60 @@ impl Mirrorings {
             );
         }
         Ok(by_pods)
+    }
+
+    /// Its recording (`spec.record`): the running version's when the rules stay, else a new
+    /// one in its own directory, redacted by its rules.
+    fn lane_record(
+        &self,
+        key: &str,
+        m: &Mirroring,
+        spec: &TrafficMirrorSpec,
+    ) -> Result<(LaneRecord, Option<Arc<RecordStats>>), Refused> {
+        let Some(rules) = &m.record else {
+            return Ok((LaneRecord::Off, None));
+        };
+        let same = self
+            .running
+            .get(key)
+            .filter(|o| o.spec.record == spec.record);
+        if let Some(stats) = same.and_then(|o| o.record.clone()) {
+            return Ok((LaneRecord::KeepPrevious, Some(stats)));
+        }
+        let refuse = |reason, message: &str| Refused {
+            reason,
+            message: message.to_string(),
+        };
+        let base = self.template.record.as_ref().ok_or_else(|| {
+            refuse(
+                "RecordingNotConfigured",
+                "spec.record needs the agent's --record-mirrorings DIR",
+            )
+        })?;
+        let redactor = match (rules.is_empty(), &self.template.redact_key) {
+            (true, _) => None,
+            (false, Some(k)) => Some(Redactor::new(k.clone(), rules.clone())),
+            (false, None) => {
+                return Err(refuse(
+                    "NoRedactKey",
+                    "spec.record.redact needs the agent's --redact-key FILE (the HMAC key)",
+                ))
+            }
+        };
+        let cfg = RecordConfig {
+            dir: base
+                .dir
+                .join(&m.namespace)
+                .join(m.key.split('/').nth(1).unwrap_or("")),
+            redactor,
+            ..base.clone()
+        };
+        let recorder = Recorder::start(cfg).map_err(|e| Refused {
+            reason: "RecordingFailed",
+            message: crate::capture::error::chain(&e),
+        })?;
+        let stats = Arc::clone(recorder.stats());
+        Ok((LaneRecord::To(recorder), Some(stats)))
     }
 
     /// Stops the running version of `key`, keeping its pod watch when the new one selects the
@@ -494,6 +571,7 @@ impl Mirrorings {
                     .iter()
                     .map(|(n, rep)| (n.clone(), Arc::clone(rep.stats())))
                     .collect(),
+                record: r.record.clone(),
             })
             .collect();
     }
@@ -513,7 +591,7 @@ impl Mirrorings {
 impl Running {
     /// This node's entry in its status; `refused`: its newer spec was refused (it runs on as
     /// it was).
-    fn status(&self, node: &str, refused: Option<&(Refused, i64)>) -> NodeStatus {
+    fn status(&self, node: &str, refused: Option<(&Refused, i64)>) -> NodeStatus {
         let stats: Vec<&ReplayStats> = self
             .candidates
             .iter()

@@ -14,6 +14,7 @@ use regex::Regex;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::redact::{Pattern, RedactRules};
 use crate::replay::rewrite::TargetRewrite;
 use crate::replay::secrets::SecretSpec;
 use crate::replay::writes::{WriteAction, WritePolicy, WriteRoute};
@@ -56,6 +57,34 @@ pub struct TrafficMirrorSpec {
     pub writes: Option<Writes>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compare: Option<CompareSpec>,
+    /// Record its requests and live responses (the agent's `--record-mirrorings` directory,
+    /// under NAMESPACE/NAME), redacted first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<RecordSpec>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RecordSpec {
+    /// Values masked as `REDACTED-<keyed hash>` before anything is written (needs the
+    /// agent's `--redact-key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redact: Option<RedactSpec>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RedactSpec {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query: Vec<String>,
+    /// JSON paths such as `$.customer.email` or `$.items[*].card`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub json_paths: Vec<String>,
+    /// `email`, `card` (Luhn-checked), `token`, or a regular expression.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patterns: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -270,6 +299,8 @@ pub struct Mirroring {
     pub live_label: String,
     pub bodies: bool,
     pub ignore: Vec<String>,
+    /// Recorded, with these redaction rules (maybe none).
+    pub record: Option<RedactRules>,
 }
 
 impl Mirroring {
@@ -335,6 +366,7 @@ impl Mirroring {
             live_label: compare.live_label.unwrap_or_else(|| "live".into()),
             bodies: compare.bodies,
             ignore: compare.ignore,
+            record: spec.record.as_ref().map(redact_rules).transpose()?,
         })
     }
 
@@ -413,6 +445,21 @@ fn candidate(at: &str, c: &Candidate) -> Result<CandidatePlan, SpecError> {
         remove_headers,
         secret_headers,
         max_rps: c.max_rps,
+    })
+}
+
+fn redact_rules(r: &RecordSpec) -> Result<RedactRules, SpecError> {
+    let r = r.redact.clone().unwrap_or_default();
+    let patterns = r
+        .patterns
+        .iter()
+        .map(|p| Pattern::parse(p).map_err(|e| invalid("spec.record.redact.patterns", e)))
+        .collect::<Result<_, _>>()?;
+    Ok(RedactRules {
+        headers: r.headers,
+        query: r.query,
+        json_paths: r.json_paths,
+        patterns,
     })
 }
 
