@@ -529,6 +529,9 @@ impl Mirrorings {
         let t = &self.template.compare;
         let diffs = t.diffs.clone().filter(|_| m.bodies).map(|mut d| {
             d.ignore = m.ignore.clone();
+            if !m.array_keys.is_empty() {
+                d.content.array_keys = m.array_keys.clone();
+            }
             d.secondary = m.candidates.iter().position(|c| c.secondary);
             d
         });

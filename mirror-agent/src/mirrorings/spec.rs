@@ -192,6 +192,10 @@ pub struct CompareSpec {
     /// Content paths never compared.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ignore: Vec<String>,
+    /// Arrays whose elements are matched by a key field rather than by index, by path:
+    /// `{"$.books": id}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub array_keys: BTreeMap<String, String>,
 }
 
 /// What each node's agent reports, one entry per node (merged by the API server: each agent
@@ -299,6 +303,7 @@ pub struct Mirroring {
     pub live_label: String,
     pub bodies: bool,
     pub ignore: Vec<String>,
+    pub array_keys: Vec<(String, String)>,
     /// Recorded, with these redaction rules (maybe none).
     pub record: Option<RedactRules>,
 }
@@ -352,6 +357,18 @@ impl Mirroring {
             .check(&names)
             .map_err(|e| invalid("spec.writes", e))?;
         let compare = spec.compare.clone().unwrap_or_default();
+        if let Some((path, key)) = compare
+            .array_keys
+            .iter()
+            .find(|(p, k)| !p.starts_with('$') || k.is_empty())
+        {
+            return Err(invalid(
+                "spec.compare.arrayKeys",
+                format!(
+                    "{path:?}: {key:?}: give a path from $ and a key field, as {{\"$.books\": id}}"
+                ),
+            ));
+        }
         let (namespace, _) = key.split_once('/').unwrap_or(("default", key));
         Ok(Mirroring {
             key: key.to_string(),
@@ -366,6 +383,7 @@ impl Mirroring {
             live_label: compare.live_label.unwrap_or_else(|| "live".into()),
             bodies: compare.bodies,
             ignore: compare.ignore,
+            array_keys: compare.array_keys.into_iter().collect(),
             record: spec.record.as_ref().map(redact_rules).transpose()?,
         })
     }

@@ -18,7 +18,7 @@ spec:
   - {name: v1-again, url: "http://reviews-v1b:9080", secondary: true}
   requests: {methods: [get, post], path: "^/reviews/", headers: {x-tenant: "^(7|9)$"}}
   writes: {default: "only:v3", routes: ["^/reviews/delete=skip"]}
-  compare: {liveLabel: v1, ignore: [$.at]}
+  compare: {liveLabel: v1, ignore: [$.at], arrayKeys: {$.reviews: id}}
 ---
 apiVersion: mirror-agent.dev/v1alpha1
 kind: TrafficMirror
@@ -43,6 +43,7 @@ fn a_file_of_two_objects_reads_and_checks() {
     assert_eq!(m.headers[0].0, "x-tenant");
     assert!(m.headers[0].1.is_match("9") && !m.headers[0].1.is_match("79"));
     assert_eq!(m.live_label, "v1");
+    assert_eq!(m.array_keys, [("$.reviews".to_string(), "id".to_string())]);
     assert_eq!(m.candidates[0].sample_ppm, 125_000);
     assert_eq!(
         m.candidates[0].secret_headers[0].path.to_str(),
