@@ -440,3 +440,38 @@ fn the_daemonset_mounts_the_nodes_cgroup_tree_read_only() {
         Some("/sys/fs/cgroup")
     );
 }
+
+/// `deploy/prometheus/rules.yaml` is valid, and its unit tests (`tests.yaml`: synthetic series
+/// from two agents, one restarted) pass, with Debian's promtool, which `cargo xtask test`
+/// installs.
+#[test]
+fn prometheus_rules_check_and_pass_their_unit_tests() {
+    let dir = deploy_dir().join("prometheus");
+    let promtool = |args: &[&str]| {
+        std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+    };
+    let Ok(version) = promtool(&["--version"]) else {
+        assert!(
+            std::env::var_os("MIRROR_TEST_REQUIRE_ROOT").is_none(),
+            "promtool is missing: `cargo xtask test` installs it (Debian's prometheus)"
+        );
+        eprintln!("skipped: no promtool (apt-get install prometheus)");
+        return;
+    };
+    assert!(version.status.success());
+    for args in [
+        &["check", "rules", "rules.yaml"][..],
+        &["test", "rules", "tests.yaml"],
+    ] {
+        let out = promtool(args).unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
