@@ -290,25 +290,6 @@ fn mirrorings_are_added_switched_and_removed_while_traffic_flows() {
     println!("the candidate URL switched {switch_time:?} after the file changed");
 }
 
-/// A pod: its own namespace behind a veth on the node, running a live server on 8080.
-struct PodNs {
-    _ns: Netns,
-    _server: TestServer,
-    ip: String,
-}
-
-fn pod(node: &Netns, tag: &str, net: u8) -> PodNs {
-    let ns = Netns::new(&netlab::unique(tag));
-    netlab::link(node, &format!("vp{net}"), &ns, "eth0", net);
-    let ip = format!("10.{net}.0.2");
-    let server = TestServer::start(&ns, &[format!("{ip}:8080").parse().unwrap()]);
-    PodNs {
-        _ns: ns,
-        _server: server,
-        ip,
-    }
-}
-
 fn spec(app: &str, candidate: &str, url: &str) -> serde_json::Value {
     serde_json::json!({
         "selector": {"matchLabels": {"app": app}},

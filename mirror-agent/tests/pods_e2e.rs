@@ -14,25 +14,6 @@ use netlab::kubeapi::FakeApi;
 const MIRROR: &str = "127.0.0.1:9093";
 const METRICS: &str = "127.0.0.1:9465";
 
-/// A pod: its own namespace behind a veth on the node, running a live server on 8080.
-struct PodNs {
-    _ns: Netns,
-    _server: TestServer,
-    ip: String,
-}
-
-fn pod(node: &Netns, tag: &str, net: u8) -> PodNs {
-    let ns = Netns::new(&netlab::unique(tag));
-    netlab::link(node, &format!("vp{net}"), &ns, "eth0", net);
-    let ip = format!("10.{net}.0.2");
-    let server = TestServer::start(&ns, &[format!("{ip}:8080").parse().unwrap()]);
-    PodNs {
-        _ns: ns,
-        _server: server,
-        ip,
-    }
-}
-
 fn get(node: &Netns, ip: &str, path: &str) {
     curl(node, &[&format!("http://{ip}:8080{path}")]);
 }

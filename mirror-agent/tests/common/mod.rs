@@ -401,3 +401,22 @@ pub fn pipelined(ns: &Netns, to: SocketAddr, requests: &[u8], expect_bytes: usiz
     .join()
     .unwrap()
 }
+
+/// A pod: its own namespace behind a veth on the node, running a live server on 8080.
+pub struct PodNs {
+    _ns: Netns,
+    _server: TestServer,
+    pub ip: String,
+}
+
+pub fn pod(node: &Netns, tag: &str, net: u8) -> PodNs {
+    let ns = Netns::new(&netlab::unique(tag));
+    netlab::link(node, &format!("vp{net}"), &ns, "eth0", net);
+    let ip = format!("10.{net}.0.2");
+    let server = TestServer::start(&ns, &[format!("{ip}:8080").parse().unwrap()]);
+    PodNs {
+        _ns: ns,
+        _server: server,
+        ip,
+    }
+}
