@@ -12,6 +12,7 @@ pub mod cli;
 pub mod compare;
 pub mod cpu_budget;
 pub mod dump;
+pub mod fleet;
 pub mod memory_budget;
 pub mod metrics;
 pub mod mirrorings;

@@ -8,24 +8,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use bytes::Bytes;
 use clap::Parser;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use mirror_agent::agent::{Agent, AgentConfig, AgentError, MirrorTarget};
 use mirror_agent::capture::netdev;
 use mirror_agent::capture::ring::RingConfig;
 use mirror_agent::capture::tls::TlsConfig;
 use mirror_agent::capture::{CaptureConfig, CaptureError, Hook, MatchConfig, Target};
 use mirror_agent::cli::{
-    mirror_names, AttachArgs, Cli, Command, Delivery, ExportArgs, GateArgs, ReplayArgs, ReportArgs,
-    ReportFormat, ResponseCapture,
+    mirror_names, AttachArgs, Cli, Command, Delivery, ExportArgs, ReplayArgs, ReportFormat,
+    ResponseCapture,
 };
 use mirror_agent::compare::content::ContentConfig;
 use mirror_agent::compare::diffs::DiffConfig;
-use mirror_agent::compare::{self, format_table, CompareConfig, Report};
+use mirror_agent::compare::{self, format_table, CompareConfig};
 use mirror_agent::exchange::content::ContentCapture;
 use mirror_agent::http::HttpConfig;
 use mirror_agent::memory_budget;
@@ -40,12 +35,14 @@ use mirror_agent::replay::{self, MirrorError, ReplayConfig};
 use mirror_agent::shedding::{LiveService, SheddingConfig};
 use tokio::signal::unix::{signal, SignalKind};
 
+mod report;
+
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Attach(args) => attach(*args),
-        Command::Report(args) => report(args),
+        Command::Report(args) => report::run(args),
         Command::Replay(args) => playback(*args),
         Command::Export(args) => export(args),
     };
@@ -731,7 +728,7 @@ fn playback(args: ReplayArgs) -> Result<()> {
         )),
         ReportFormat::Table => emit(&format!("{}\n", format_table(&summary.report))),
     }
-    gate(&summary.report, &args.gate, "replay")
+    report::gate(&summary.report, &args.gate, "replay")
 }
 
 /// `mirror-agent export DIR --har FILE`.
@@ -753,73 +750,6 @@ fn export(args: ExportArgs) -> Result<()> {
     }
     eprintln!("export: {entries} requests written as HAR");
     Ok(())
-}
-
-fn report(args: ReportArgs) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let body = rt.block_on(async {
-        let client: Client<HttpConnector, Empty<Bytes>> =
-            Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-        let query = args
-            .mirroring
-            .as_deref()
-            .map(|m| format!("?mirroring={}", m.replace('/', "%2F")))
-            .unwrap_or_default();
-        let uri: hyper::Uri = format!("http://{}/report{query}", args.agent).parse()?;
-        let resp = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
-            .await
-            .map_err(|_| anyhow::anyhow!("the agent at {} did not answer within 5 s", args.agent))?
-            .with_context(|| {
-                format!(
-                    "no agent answers at {} (start it with --metrics {})",
-                    args.agent, args.agent
-                )
-            })?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
-        if !status.is_success() {
-            anyhow::bail!(
-                "the agent answered {status}: {}",
-                String::from_utf8_lossy(&body).trim()
-            );
-        }
-        anyhow::Ok(body)
-    })?;
-    let report: Report =
-        serde_json::from_slice(&body).context("the agent's /report is not a report")?;
-    match args.format {
-        ReportFormat::Json => emit(&format!("{}\n", serde_json::to_string_pretty(&report)?)),
-        ReportFormat::Table => emit(&format_table(&report)),
-    }
-    gate(&report, &args.gate, "report")
-}
-
-/// `--junit` and `--fail-on`: writes the JUnit file, then exits with status 3 (errors exit
-/// with 1, bad arguments with 2) when the report fails the conditions, saying why.
-fn gate(report: &Report, args: &GateArgs, run: &str) -> Result<()> {
-    let outcome = compare::gate::judge(report, &args.fail_on);
-    if let Some(path) = &args.junit {
-        std::fs::write(path, outcome.junit(run))
-            .with_context(|| format!("--junit {}", path.display()))?;
-    }
-    if args.fail_on.is_empty() || outcome.passed() {
-        return Ok(());
-    }
-    eprintln!("gate failed (--fail-on {}):", fmt_conditions(&args.fail_on));
-    for line in outcome.failures() {
-        eprintln!("  {line}");
-    }
-    std::process::exit(GATE_FAILED);
-}
-
-/// The exit status of a report or replay that fails its `--fail-on` conditions.
-const GATE_FAILED: i32 = 3;
-
-fn fmt_conditions(conditions: &[compare::gate::Condition]) -> String {
-    let words: Vec<String> = conditions.iter().map(ToString::to_string).collect();
-    words.join(",")
 }
 
 /// Writes to standard output. A reader that went away (`| head`, a supervisor that only reads

@@ -2,12 +2,15 @@
 
 use super::Comparator;
 
-/// Upper bounds (seconds) of the exported duration histograms.
-pub const BUCKETS_S: [f64; 14] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+/// Upper bounds (seconds) of the exported duration histograms: from 100 µs, so that a fleet's
+/// quantiles stay within a bucket of the truth for sub-millisecond endpoints, to 30 s.
+pub const BUCKETS_S: [f64; 17] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
 ];
 
 /// One (endpoint, version, code) series as a Prometheus histogram.
+#[derive(Clone, Debug, PartialEq)]
 pub struct SeriesHistogram {
     pub name: String,
     pub version: String,

@@ -24,6 +24,7 @@ pub mod diffs;
 mod endpoint;
 pub mod gate;
 mod histogram;
+pub mod page;
 mod report;
 #[cfg(test)]
 mod tests;

@@ -100,6 +100,7 @@ impl Collector for Sources {
                 hists,
             });
         }
+        encode_info(&mut encoder)?;
         encode_series(&mut encoder, &tables)?;
         encode_content(&mut encoder, &tables)?;
         encode_compare_state(&mut encoder, &tables[0].report)?;
@@ -261,6 +262,36 @@ fn encode_tls(encoder: &mut DescriptorEncoder, r: &crate::capture::TlsReport) ->
     Ok(())
 }
 
+/// When the agent started (Unix seconds): set when it starts serving metrics.
+static STARTED: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+
+fn started() -> f64 {
+    *STARTED.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64())
+    })
+}
+
+/// The agent's version, so that a fleet report can tell agents apart that export different
+/// series, and its start time, so that it can tell a restart from counters that only grew.
+fn encode_info(encoder: &mut DescriptorEncoder) -> std::fmt::Result {
+    let m = encoder.encode_descriptor(
+        "process_start_time_seconds",
+        "When the agent started, in Unix seconds",
+        None,
+        MetricType::Gauge,
+    )?;
+    ConstGauge::new(started()).encode(m)?;
+    let mut m = encoder.encode_descriptor(
+        "mirror_agent_info",
+        "1, labelled with the agent's version",
+        None,
+        MetricType::Gauge,
+    )?;
+    ConstGauge::new(1).encode(m.encode_family(&[("version", env!("CARGO_PKG_VERSION"))])?)
+}
+
 /// The comparison's series: requests and durations by endpoint, version and code, status
 /// mismatches and latency ratios by mirror.
 fn encode_series(encoder: &mut DescriptorEncoder, tables: &[Table]) -> std::fmt::Result {
@@ -322,6 +353,23 @@ fn encode_series(encoder: &mut DescriptorEncoder, tables: &[Table]) -> std::fmt:
                     ("mirror_code", x.mirror_code.as_str()),
                 ]);
                 ConstCounter::new(x.count).encode(m.encode_family(&labels)?)?;
+            }
+        }
+    }
+    {
+        // With the mismatches, what the fleet's verdicts need: summed over agents, the share of
+        // paired requests that differ.
+        let mut m = encoder.encode_descriptor(
+            "mirror_paired",
+            "Mirrored requests paired with their live response, by endpoint and mirror",
+            None,
+            MetricType::Counter,
+        )?;
+        for t in tables {
+            for p in &t.report.paired {
+                let labels =
+                    t.labels(&[("endpoint", p.name.as_str()), ("mirror", p.mirror.as_str())]);
+                ConstCounter::new(p.count).encode(m.encode_family(&labels)?)?;
             }
         }
     }
@@ -556,30 +604,43 @@ pub fn render(sources: &Sources) -> String {
     out
 }
 
-/// `/report`: the comparison of the agent's own mirrors, or with `?mirroring=NAMESPACE/NAME`, of
-/// that declared mirroring.
-fn report(sources: &Sources, query: Option<&str>) -> (StatusCode, &'static str, String) {
-    let wanted = query
+/// The `?mirroring=NAMESPACE/NAME` of a request, if any.
+fn mirroring_asked(query: Option<&str>) -> Option<String> {
+    query
         .into_iter()
         .flat_map(|q| q.split('&'))
         .find_map(|kv| kv.strip_prefix("mirroring="))
-        .map(|v| v.replace("%2F", "/").replace("%2f", "/"));
-    let comparison = match &wanted {
-        None => sources.comparison.clone(),
-        Some(key) => {
-            let lanes = sources.lanes.lock().unwrap();
-            match lanes.iter().find(|l| &l.key == key) {
-                Some(l) => l.comparison.clone(),
-                None => {
-                    let running: Vec<&str> = lanes.iter().map(|l| l.key.as_str()).collect();
-                    return (
-                        StatusCode::NOT_FOUND,
-                        "text/plain",
-                        format!("no mirroring {key} runs here; running: {running:?}\n"),
-                    );
-                }
-            }
+        .map(|v| v.replace("%2F", "/").replace("%2f", "/"))
+}
+
+type Answer = (StatusCode, &'static str, String);
+
+/// The comparison asked for: the agent's own mirrors', or a declared mirroring's; a name that
+/// does not run here is a 404 that lists those that do.
+fn comparison_asked(sources: &Sources, wanted: Option<&str>) -> Result<Comparison, Answer> {
+    let Some(key) = wanted else {
+        return Ok(sources.comparison.clone());
+    };
+    let lanes = sources.lanes.lock().unwrap();
+    match lanes.iter().find(|l| l.key == key) {
+        Some(l) => Ok(l.comparison.clone()),
+        None => {
+            let running: Vec<&str> = lanes.iter().map(|l| l.key.as_str()).collect();
+            Err((
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                format!("no mirroring {key} runs here; running: {running:?}\n"),
+            ))
         }
+    }
+}
+
+/// `/report`: the comparison of the agent's own mirrors, or with `?mirroring=NAMESPACE/NAME`, of
+/// that declared mirroring.
+fn report(sources: &Sources, query: Option<&str>) -> Answer {
+    let comparison = match comparison_asked(sources, mirroring_asked(query).as_deref()) {
+        Ok(c) => c,
+        Err(answer) => return answer,
     };
     let mut report = comparison.report();
     report.set_read_at(&sources.read_at);
@@ -590,8 +651,52 @@ fn report(sources: &Sources, query: Option<&str>) -> (StatusCode, &'static str, 
     )
 }
 
-/// Serves `/metrics` and `/report` until the runtime stops.
+/// `/`: the same comparison as a page that refreshes itself, with links to each declared
+/// mirroring's.
+fn page(sources: &Sources, query: Option<&str>) -> Answer {
+    let wanted = mirroring_asked(query);
+    let comparison = match comparison_asked(sources, wanted.as_deref()) {
+        Ok(c) => c,
+        Err(answer) => return answer,
+    };
+    let (report, hists) = comparison.snapshot();
+    let mut links: Vec<(String, String)> = sources
+        .lanes
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l.key.clone(),
+                format!("/?mirroring={}", l.key.replace('/', "%2F")),
+            )
+        })
+        .collect();
+    if !links.is_empty() {
+        links.insert(0, ("--mirror flags".into(), "/".into()));
+    }
+    let title = match &wanted {
+        Some(key) => format!("mirror-agent: {key}"),
+        None => "mirror-agent".to_string(),
+    };
+    let html = crate::compare::page::html(&crate::compare::page::Page {
+        title: &title,
+        about: vec![format!(
+            "This agent's share of the traffic (mirror-agent {}), since it started; refreshed every 2 s. \
+             The whole fleet: mirror-agent report --prometheus URL --html FILE.",
+            env!("CARGO_PKG_VERSION")
+        )],
+        report: &report,
+        hists: &hists,
+        links,
+        refresh_s: Some(2),
+    });
+    (StatusCode::OK, "text/html; charset=utf-8", html)
+}
+
+/// Serves `/`, `/metrics` and `/report` until the runtime stops.
 pub async fn serve(addr: SocketAddr, sources: Sources) -> std::io::Result<SocketAddr> {
+    started();
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
@@ -617,10 +722,11 @@ pub async fn serve(addr: SocketAddr, sources: Sources) -> std::io::Result<Socket
                                 render(&sources),
                             ),
                             "/report" => report(&sources, req.uri().query()),
+                            "/" => page(&sources, req.uri().query()),
                             _ => (
                                 StatusCode::NOT_FOUND,
                                 "text/plain",
-                                "try /metrics or /report\n".to_string(),
+                                "try /, /metrics or /report\n".to_string(),
                             ),
                         };
                         Response::builder()
