@@ -462,9 +462,27 @@ fn prometheus_rules_check_and_pass_their_unit_tests() {
         return;
     };
     assert!(version.status.success());
+    // Debian's Prometheus is built without Kubernetes discovery: the job is checked with the
+    // discovery swapped for a static target, its relabelling and the rest as shipped.
+    let shipped = std::fs::read_to_string(dir.join("prometheus.yml")).unwrap();
+    assert!(shipped.contains("kubernetes_sd_configs:\n      - role: pod\n"));
+    let checked = std::env::temp_dir().join(format!("mirror-scrape-{}.yml", std::process::id()));
+    let rules = dir.join("rules.yaml");
+    std::fs::write(
+        &checked,
+        shipped
+            .replace(
+                "kubernetes_sd_configs:\n      - role: pod\n",
+                "static_configs:\n      - targets: ['node1:9464']\n",
+            )
+            .replace("  - rules.yaml", &format!("  - {}", rules.display())),
+    )
+    .unwrap();
+    let checked_arg = checked.to_string_lossy().into_owned();
     for args in [
         &["check", "rules", "rules.yaml"][..],
         &["test", "rules", "tests.yaml"],
+        &["check", "config", &checked_arg],
     ] {
         let out = promtool(args).unwrap();
         assert!(
@@ -474,4 +492,63 @@ fn prometheus_rules_check_and_pass_their_unit_tests() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    let _ = std::fs::remove_file(&checked);
+}
+
+/// The PrometheusRule carries exactly rules.yaml's groups, and the scrape job and PodMonitor
+/// find the DaemonSet's pods on the port it serves /metrics on.
+#[test]
+fn the_prometheusrule_carries_the_rules_file_and_the_scrape_jobs_find_the_agents() {
+    let dir = deploy_dir().join("prometheus");
+    let yaml = |name: &str| -> Value {
+        let text = std::fs::read_to_string(dir.join(name)).unwrap();
+        let first = serde_yaml::Deserializer::from_str(&text)
+            .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{name}: {e}")))
+            .find(|v| !v.is_null());
+        first.unwrap_or_else(|| panic!("{name} is empty"))
+    };
+    let rules = yaml("rules.yaml");
+    let operator = yaml("prometheusrule.yaml");
+    assert_eq!(operator["kind"], "PrometheusRule");
+    assert_eq!(operator["spec"]["groups"], rules["groups"]);
+
+    let all = manifests();
+    let daemonset = all
+        .iter()
+        .flat_map(|(_, docs)| docs)
+        .find(|d| d["kind"] == "DaemonSet")
+        .unwrap();
+    let pod = &daemonset["spec"]["template"];
+    assert_eq!(pod["metadata"]["labels"]["app"], "mirror-agent");
+    let port = &pod["spec"]["containers"][0]["ports"][0];
+    assert_eq!(
+        (port["name"].as_str(), port["containerPort"].as_u64()),
+        (Some("metrics"), Some(9464))
+    );
+    let monitor = yaml("podmonitor.yaml");
+    assert_eq!(
+        monitor["spec"]["selector"]["matchLabels"]["app"],
+        "mirror-agent"
+    );
+    assert_eq!(monitor["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
+    let job = &yaml("prometheus.yml")["scrape_configs"][0];
+    let keeps: Vec<(&str, &str)> = job["relabel_configs"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter(|r| r["action"] == "keep")
+        .map(|r| {
+            (
+                r["source_labels"][0].as_str().unwrap(),
+                r["regex"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        keeps,
+        [
+            ("__meta_kubernetes_pod_label_app", "mirror-agent"),
+            ("__meta_kubernetes_pod_container_port_number", "9464")
+        ]
+    );
 }

@@ -75,7 +75,8 @@ pub fn ensure_ebpf_toolchain() -> Result<()> {
 
 /// Tools the end-to-end tests and the lab drive: iproute2 (namespaces, veth, tc), curl (the
 /// client), iptables (the lab's Service address with --rollout), nghttp2's h2load and Debian's
-/// grpcio and h2 for Python (the HTTP/2 peers), Prometheus (promtool, for the rules), and
+/// grpcio and h2 for Python (the HTTP/2 peers), Prometheus and promtool (the rules, the fleet's
+/// table), Chromium (the agent's page), and
 /// podman with runc for the
 /// container test (crun refuses this kind of host's hybrid cgroups). podman comes with its
 /// recommended packages, as a user installs it.
@@ -106,8 +107,11 @@ pub fn ensure_test_tools() -> Result<()> {
         ("h2load", "nghttp2-client"),
         ("/usr/lib/python3/dist-packages/grpc", "python3-grpcio"),
         ("/usr/lib/python3/dist-packages/h2", "python3-h2"),
-        // The Prometheus rules' checks and unit tests (promtool).
+        // The rules' checks and unit tests (promtool), and the fleet's table in a real
+        // Prometheus; the agent's page rendered in a real browser.
         ("promtool", "prometheus"),
+        ("prometheus", "prometheus"),
+        ("chromium", "chromium"),
     ]);
     if !plain.is_empty() {
         eprintln!("xtask: installing test tools: {}", plain.join(" "));

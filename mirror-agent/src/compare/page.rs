@@ -371,3 +371,99 @@ fn esc(s: &str) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compare::{judge, Mismatch, Paired, Row};
+
+    fn row(name: &str, version: &str, side: Side, code: &str, avg_ms: f64) -> Row {
+        Row {
+            name: name.into(),
+            version: version.into(),
+            side,
+            code: code.into(),
+            count: 10,
+            timed: 10,
+            avg_ms,
+            p50_ms: avg_ms,
+            p99_ms: avg_ms,
+        }
+    }
+
+    fn page(report: &Report, hists: &[SeriesHistogram]) -> String {
+        html(&Page {
+            title: "t",
+            about: vec!["from <here>".into()],
+            report,
+            hists,
+            links: Vec::new(),
+            refresh_s: None,
+        })
+    }
+
+    #[test]
+    fn an_empty_comparison_says_why_it_is_empty() {
+        let out = page(&Report::default(), &[]);
+        assert!(out.contains("No request has been compared yet"), "{out}");
+        assert!(!out.contains("<table"), "{out}");
+        assert!(out.contains("from &lt;here&gt;"), "{out}");
+    }
+
+    #[test]
+    fn candidate_rows_carry_their_verdict_and_each_endpoint_has_a_chart() {
+        let mut r = Report {
+            rows: vec![
+                row("GET /a<b>", "V1", Side::Live, "200", 5.0),
+                row("GET /a<b>", "V3", Side::Mirror, "200", 300.0),
+                row("GET /c", "V1", Side::Live, "200", 1.0),
+                row("GET /c", "V3", Side::Mirror, "500", 1.0),
+            ],
+            mismatches: vec![Mismatch {
+                name: "GET /c".into(),
+                mirror: "V3".into(),
+                live_code: "200".into(),
+                mirror_code: "500".into(),
+                count: 10,
+            }],
+            paired: ["GET /a<b>", "GET /c"]
+                .map(|name| Paired {
+                    name: name.into(),
+                    mirror: "V3".into(),
+                    count: 10,
+                })
+                .into(),
+            mirrors: vec!["V3".into()],
+            ..Report::default()
+        };
+        r.verdicts = judge(&r);
+        let hist = |name: &str, version: &str| SeriesHistogram {
+            name: name.into(),
+            version: version.into(),
+            code: "200".into(),
+            sum_seconds: 1.0,
+            count: 10,
+            buckets: vec![(0.001, 4), (0.01, 6), (f64::INFINITY, 0)],
+        };
+        let hists = [
+            hist("GET /a<b>", "V1"),
+            hist("GET /a<b>", "V3"),
+            hist("GET /c", "V1"),
+        ];
+        let out = page(&r, &hists);
+        assert!(
+            out.contains(
+                "<tr class=\"mirror slower\" data-endpoint=\"GET /a&lt;b&gt;\" data-version=\"V3\""
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("<tr class=\"mirror fails\" data-endpoint=\"GET /c\""),
+            "{out}"
+        );
+        assert_eq!(out.matches("<figure class=\"chart\"").count(), 2);
+        assert!(out.contains("<li class=\"fails\">"), "{out}");
+        assert!(out.contains("<title>V3 ≤10ms: 60%</title>"), "{out}");
+        assert!(!out.contains("<script>"), "a file page has no refresh");
+    }
+}
