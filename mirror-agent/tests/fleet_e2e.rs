@@ -397,8 +397,21 @@ fn prometheus_sums_every_agent_into_the_fleets_table_across_a_restart() {
     let page = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fleet-page.html");
     let (fleet, err, code) = fleet_report(&cluster, &["--html", page.to_str().unwrap()]);
     let fleet = fleet.unwrap_or_else(|| panic!("the fleet report failed ({code:?}): {err}"));
-    eprintln!("{err}");
     assert!(err.contains("3 agents"), "{err}");
+    let table = cluster
+        .exec(&[
+            AGENT,
+            "report",
+            "--prometheus",
+            &format!("http://{PROMETHEUS}"),
+        ])
+        .output()
+        .unwrap();
+    eprintln!(
+        "$ mirror-agent report --prometheus http://{PROMETHEUS}\n{}{}",
+        String::from_utf8_lossy(&table.stderr),
+        String::from_utf8_lossy(&table.stdout)
+    );
 
     check_table(&fleet, &reports_a, &report_b, &sent_a, &sent_b, &candidate);
     check_quantiles(&cluster, &fleet, &reports_a, &report_b);

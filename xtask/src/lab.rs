@@ -38,6 +38,10 @@ pub struct LabArgs {
     /// poller calls it on one HTTP/2 connection; the table shows gRPC status codes.
     #[arg(long)]
     pub grpc: bool,
+    /// After each step, render the agent's page (`/`) in headless Chromium (Debian's
+    /// `chromium`), save a screenshot as DIR/<candidate>.png and print the rows it marks.
+    #[arg(long, value_name = "DIR")]
+    pub screenshots: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -265,6 +269,9 @@ pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
         }
         println!("\n{}", String::from_utf8_lossy(&table.stdout));
         print_status(&api, step.label);
+        if let Some(dir) = &args.screenshots {
+            screenshot(&node, dir, step.label)?;
+        }
     }
     agent_proc.signal(libc::SIGTERM);
     let (code, err) = agent_proc.wait_exit(Duration::from_secs(15));
@@ -272,6 +279,59 @@ pub fn run(root: &Path, args: &LabArgs) -> Result<()> {
         bail!("the agent exited with {code:?}: {err}");
     }
     println!("Users of the live service saw none of this: every live request was answered by V1.");
+    Ok(())
+}
+
+/// The agent's page for the lab's TrafficMirror, as headless Chromium renders it: a screenshot
+/// in `dir`, and the rows the page marks with a verdict, printed.
+fn screenshot(node: &Netns, dir: &Path, candidate: &str) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let profile = tempfile::tempdir()?;
+    let url = format!("http://{METRICS}/?mirroring=default%2F{MIRRORING}");
+    let shot = dir.join(format!("{candidate}.png"));
+    let chromium = |extra: &[String]| -> Result<String> {
+        let out = node
+            .exec(&["chromium", "--headless", "--no-sandbox", "--disable-gpu"])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(extra)
+            .arg(&url)
+            .env("HOME", profile.path())
+            .output()
+            .context("chromium (apt-get install chromium)")?;
+        if !out.status.success() {
+            bail!("chromium: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let dom = chromium(&["--dump-dom".into()])?;
+    chromium(&[
+        "--window-size=1280,1100".into(),
+        "--hide-scrollbars".into(),
+        format!("--screenshot={}", shot.display()),
+    ])?;
+    let marked: Vec<String> = ["fails", "differs", "content", "slower"]
+        .iter()
+        .flat_map(|kind| {
+            let pattern = format!("class=\"mirror {kind}\" data-endpoint=\"");
+            dom.match_indices(&pattern)
+                .filter_map(|(at, _)| {
+                    let rest = &dom[at + pattern.len()..];
+                    rest.split('"').next().map(|e| format!("{e} {kind}"))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    println!(
+        "page: {} ({} rows, {} charts; marked: {})\n",
+        shot.display(),
+        dom.matches("<tr class=").count(),
+        dom.matches("<figure class=\"chart\"").count(),
+        if marked.is_empty() {
+            "none".to_string()
+        } else {
+            marked.join(", ")
+        }
+    );
     Ok(())
 }
 

@@ -76,10 +76,9 @@ pub fn ensure_ebpf_toolchain() -> Result<()> {
 /// Tools the end-to-end tests and the lab drive: iproute2 (namespaces, veth, tc), curl (the
 /// client), iptables (the lab's Service address with --rollout), nghttp2's h2load and Debian's
 /// grpcio and h2 for Python (the HTTP/2 peers), Prometheus and promtool (the rules, the fleet's
-/// table), Chromium (the agent's page), and
-/// podman with runc for the
-/// container test (crun refuses this kind of host's hybrid cgroups). podman comes with its
-/// recommended packages, as a user installs it.
+/// table), Chromium (the agent's page), and podman with runc for the container test (crun
+/// refuses this kind of host's hybrid cgroups). podman comes with its recommended packages, as a
+/// user installs it.
 pub fn ensure_test_tools() -> Result<()> {
     // A tool is a command on PATH, or an absolute path that a package installs.
     let missing = |tools: &[(&str, &'static str)]| -> Vec<&'static str> {

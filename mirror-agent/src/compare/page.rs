@@ -201,9 +201,12 @@ fn versions(r: &Report) -> Vec<String> {
     v.into_iter().map(|(_, name)| name).collect()
 }
 
+/// Per version: (upper bound, count) per bucket.
+type Versions<'a> = BTreeMap<&'a str, Vec<(f64, u64)>>;
+
 /// Per endpoint, per version: the buckets of all its codes together.
-fn by_endpoint(hists: &[SeriesHistogram]) -> BTreeMap<&str, BTreeMap<&str, Vec<(f64, u64)>>> {
-    let mut out: BTreeMap<&str, BTreeMap<&str, Vec<(f64, u64)>>> = BTreeMap::new();
+fn by_endpoint(hists: &[SeriesHistogram]) -> BTreeMap<&str, Versions<'_>> {
+    let mut out: BTreeMap<&str, Versions<'_>> = BTreeMap::new();
     for h in hists.iter().filter(|h| h.count > 0) {
         let v = out
             .entry(h.name.as_str())
@@ -222,12 +225,7 @@ fn by_endpoint(hists: &[SeriesHistogram]) -> BTreeMap<&str, BTreeMap<&str, Vec<(
 }
 
 /// One endpoint's chart: per bucket, each version's share of its requests as a bar.
-fn chart(
-    out: &mut String,
-    name: &str,
-    series: &BTreeMap<&str, Vec<(f64, u64)>>,
-    versions: &[String],
-) {
+fn chart(out: &mut String, name: &str, series: &Versions, versions: &[String]) {
     let Some(bounds) = series.values().next().map(|b| b.len()) else {
         return;
     };
@@ -273,14 +271,7 @@ fn chart(
 }
 
 /// The bucket bounds under the bars.
-fn axis(
-    out: &mut String,
-    series: &BTreeMap<&str, Vec<(f64, u64)>>,
-    lo: usize,
-    hi: usize,
-    slot: f64,
-    y: f64,
-) {
+fn axis(out: &mut String, series: &Versions, lo: usize, hi: usize, slot: f64, y: f64) {
     let Some(buckets) = series.values().next() else {
         return;
     };
@@ -302,7 +293,7 @@ fn axis(
 }
 
 /// The versions' colours, under the axis.
-fn legend(out: &mut String, series: &BTreeMap<&str, Vec<(f64, u64)>>, versions: &[String], y: f64) {
+fn legend(out: &mut String, series: &Versions, versions: &[String], y: f64) {
     let mut x = 40.0;
     for version in series.keys() {
         let _ = write!(

@@ -614,7 +614,7 @@ impl Reader<'_> {
             .map(|((name, mirror), mut r)| {
                 r.name = name;
                 r.mirror = mirror;
-                r.fields.sort_by(|a, b| b.differing.cmp(&a.differing));
+                r.fields.sort_by_key(|f| std::cmp::Reverse(f.differing));
                 r
             })
             .collect())
