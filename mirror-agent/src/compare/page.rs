@@ -238,7 +238,8 @@ fn chart(out: &mut String, name: &str, series: &Versions, versions: &[String]) {
     };
     let (lo, hi) = (lo.saturating_sub(1), (hi + 1).min(bounds - 1));
     let (slot, bar, height, top) = (46.0, 40.0 / series.len().max(1) as f64, 120.0, 10.0);
-    let width = slot * (hi - lo + 1) as f64 + 50.0;
+    let legend_width: f64 = series.keys().map(|v| legend_step(v)).sum::<f64>() + 40.0;
+    let width = (slot * (hi - lo + 1) as f64 + 50.0).max(legend_width);
     let _ = write!(
         out,
         "<figure class=\"chart\" data-endpoint=\"{}\"><figcaption>{}</figcaption><svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{:.0}\" role=\"img\">",
@@ -304,8 +305,13 @@ fn legend(out: &mut String, series: &Versions, versions: &[String], y: f64) {
             x + 14.0,
             esc(version)
         );
-        x += 22.0 + 7.0 * version.chars().count() as f64;
+        x += legend_step(version);
     }
+}
+
+/// The room a version's legend entry takes: its swatch and its name.
+fn legend_step(version: &str) -> f64 {
+    22.0 + 7.0 * version.chars().count() as f64
 }
 
 fn colour_of(version: &str, versions: &[String]) -> &'static str {
