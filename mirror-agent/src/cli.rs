@@ -281,50 +281,6 @@ pub struct ExportArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct ReportArgs {
-    /// The agent's --metrics address.
-    #[arg(long, default_value = "127.0.0.1:9464")]
-    pub agent: SocketAddr,
-    /// The whole fleet instead of one agent: Prometheus's address, which scrapes every node's
-    /// agent (e.g. http://prometheus.monitoring:9090).
-    #[arg(long, value_name = "URL", conflicts_with = "agent")]
-    pub prometheus: Option<String>,
-    /// With --prometheus: label matchers that pick the agents' series, without braces
-    /// (e.g. 'job="mirror-agent",namespace="shop"').
-    #[arg(
-        long,
-        value_name = "MATCHERS",
-        requires = "prometheus",
-        default_value = ""
-    )]
-    pub selector: String,
-    /// With --prometheus: the window the table covers, ending now (s, m, h or d: 10m, 1h).
-    #[arg(long, value_name = "DURATION", requires = "prometheus", default_value = "10m", value_parser = parse_window)]
-    pub window: std::time::Duration,
-    /// With --prometheus: also write the fleet's page (the table, verdicts and latency charts)
-    /// to FILE.
-    #[arg(long, value_name = "FILE", requires = "prometheus")]
-    pub html: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
-    pub format: ReportFormat,
-    /// A declared mirroring's report (NAMESPACE/NAME) instead of the --mirror's; with
-    /// --prometheus, needed when the agents report several.
-    #[arg(long, value_name = "NAMESPACE/NAME")]
-    pub mirroring: Option<String>,
-
-    #[command(flatten)]
-    pub gate: GateArgs,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum ReportFormat {
-    Table,
-    Json,
-}
-
-/// What is redacted before anything is kept or shown: recordings (and so their HAR exports)
-/// and the examples of content diffs.
-#[derive(Args, Debug)]
 pub struct RedactArgs {
     /// The HMAC key for redaction, a file of 16 bytes or more (a mounted Secret): a redacted
     /// value becomes REDACTED-<the first 12 hex digits of its keyed hash>, equal for equal
@@ -760,24 +716,6 @@ pub enum Delivery {
 }
 
 /// A ring buffer's size in KiB: a power of two from a page (4 KiB) to 1 GiB.
-/// `90s`, `10m`, `2h`, `1d`: a window of at least a second.
-fn parse_window(s: &str) -> Result<std::time::Duration, String> {
-    let fail = || format!("{s:?}: give a number and a unit, s, m, h or d (e.g. 10m)");
-    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(fail)?;
-    let n: u64 = s[..split].parse().map_err(|_| fail())?;
-    let unit = match &s[split..] {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return Err(fail()),
-    };
-    if n == 0 {
-        return Err(fail());
-    }
-    Ok(std::time::Duration::from_secs(n * unit))
-}
-
 fn parse_ring_kb(s: &str) -> Result<u32, String> {
     let kb: u32 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
     if !kb.is_power_of_two() || !(4..=1 << 20).contains(&kb) {
@@ -806,5 +744,8 @@ fn parse_query_param(s: &str) -> Result<(String, String), String> {
     }
 }
 
+mod report;
 #[cfg(test)]
 mod tests;
+
+pub use report::{ReportArgs, ReportFormat};

@@ -106,9 +106,8 @@ pub fn ensure_test_tools() -> Result<()> {
         ("h2load", "nghttp2-client"),
         ("/usr/lib/python3/dist-packages/grpc", "python3-grpcio"),
         ("/usr/lib/python3/dist-packages/h2", "python3-h2"),
-        // The rules' checks and unit tests (promtool), and the fleet's table in a real
+        // The rules' checks and unit tests (its promtool), and the fleet's table in a real
         // Prometheus; the agent's page rendered in a real browser.
-        ("promtool", "prometheus"),
         ("prometheus", "prometheus"),
         ("chromium", "chromium"),
     ]);

@@ -38,7 +38,7 @@ pub use histogram::{SeriesHistogram, BUCKETS_S};
 pub use report::{
     format_table, LatencyRatio, Mismatch, Paired, PressureSeen, Report, Row, Sampling,
 };
-pub use verdict::{judge, verdicts, Verdict, VerdictKind};
+pub use verdict::{judge, verdict_lines, verdicts, Verdict, VerdictKind};
 
 #[derive(Clone, Debug)]
 pub struct CompareConfig {

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 
 use super::histogram::SeriesHistogram;
 use super::report::Report;
-use super::verdict::{verdicts, VerdictKind};
+use super::verdict::{verdict_lines, VerdictKind};
 use super::Side;
 
 /// What a page shows besides the comparison.
@@ -36,7 +36,7 @@ table{border-collapse:collapse;margin:8px 0}td,th{padding:3px 10px;text-align:ri
 td:first-child,td:nth-child(2),th:first-child,th:nth-child(2){text-align:left}\
 tr.mirror td{background:#fafafa}tr.fails td{background:#fdd}tr.differs td{background:#ffe6cc}\
 tr.content td{background:#eee0ff}tr.slower td{background:#fff3b0}\
-ul.verdicts li.fails{color:#b00}ul.verdicts li.slower{color:#8a6d00}ul.verdicts li.matches{color:#270}\
+ul.verdicts li.fails{color:#b00}ul.verdicts li.slower{color:#8a6d00}ul.verdicts li.match{color:#270}\
 .charts{display:flex;flex-wrap:wrap;gap:16px}figure{margin:0;border:1px solid #ddd;padding:8px}\
 figcaption{font-weight:600;margin-bottom:4px}.empty{color:#b00;font-weight:600}";
 
@@ -76,8 +76,8 @@ fn body(page: &Page) -> String {
         return out;
     }
     out.push_str("<h2>Verdicts</h2><ul class=\"verdicts\">");
-    for line in verdicts(r) {
-        let class = verdict_class(&line);
+    for (kind, line) in verdict_lines(r) {
+        let class = kind.map_or("pending", kind_word);
         let _ = write!(out, "<li class=\"{class}\">{}</li>", esc(&line));
     }
     out.push_str("</ul>");
@@ -90,19 +90,6 @@ fn body(page: &Page) -> String {
     }
     out.push_str("</div></main>");
     out
-}
-
-/// A verdict line's class, from its words.
-fn verdict_class(line: &str) -> &'static str {
-    if line.contains(" fails on ") {
-        "fails"
-    } else if line.contains(" slower on ") {
-        "slower"
-    } else if line.contains(" matches live") {
-        "matches"
-    } else {
-        "differs"
-    }
 }
 
 /// The seed's table; a candidate's row carries its endpoint verdict as a class.

@@ -261,6 +261,12 @@ fn content_detail(row: &super::diffs::ContentRow) -> Option<String> {
 /// content, slowness; then a "matches" line for each mirror whose every endpoint matches. With
 /// one mirror it is just "mirror"; with several, each is named by its tag.
 pub fn verdicts(r: &Report) -> Vec<String> {
+    verdict_lines(r).into_iter().map(|(_, line)| line).collect()
+}
+
+/// `verdicts`' lines, each with its kind: a finding's, `Match` for a mirror that matches
+/// everywhere, None for one with nothing to judge yet.
+pub fn verdict_lines(r: &Report) -> Vec<(Option<VerdictKind>, String)> {
     let who = |label: &str| {
         if r.mirrors.len() > 1 {
             format!("mirror {label}")
@@ -286,19 +292,28 @@ pub fn verdicts(r: &Report) -> Vec<String> {
         })
         .collect();
     findings.sort_by_key(|f| f.0);
-    let mut out: Vec<String> = findings.into_iter().map(|f| f.1).collect();
+    let mut out: Vec<(Option<VerdictKind>, String)> = findings
+        .into_iter()
+        .map(|(k, line)| (Some(k), line))
+        .collect();
     for label in &r.mirrors {
         let mine: Vec<&Verdict> = judged.iter().filter(|v| &v.mirror == label).collect();
         if mine.is_empty() {
-            out.push(format!(
-                "{}: nothing to judge yet, no request paired with its live response",
-                who(label)
+            out.push((
+                None,
+                format!(
+                    "{}: nothing to judge yet, no request paired with its live response",
+                    who(label)
+                ),
             ));
         } else if mine.iter().all(|v| v.verdict == VerdictKind::Match) {
-            out.push(format!(
-                "{} matches live: same status codes, similar durations on {} endpoints",
-                who(label),
-                mine.len()
+            out.push((
+                Some(VerdictKind::Match),
+                format!(
+                    "{} matches live: same status codes, similar durations on {} endpoints",
+                    who(label),
+                    mine.len()
+                ),
             ));
         }
     }

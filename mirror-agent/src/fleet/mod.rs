@@ -116,7 +116,8 @@ pub async fn gather(prom: &Prometheus, q: &FleetQuery, now: f64) -> Result<Fleet
     let sums = sums.await?;
     let counts = reader.sum_by("mirror_request_duration_seconds_count", &series);
     let counts = counts.await?;
-    let hists = histograms(&requests, &buckets, &sums, &counts);
+    let active = sum(&requests, &series);
+    let hists = histograms(&active, &buckets, &sums, &counts);
     let mut report = Report {
         content: reader.content().await?,
         ..Report::default()
@@ -127,7 +128,7 @@ pub async fn gather(prom: &Prometheus, q: &FleetQuery, now: f64) -> Result<Fleet
     let mismatches = reader.sum_by("mirror_status_mismatch_total", &mismatch_by);
     let mismatches = mismatches.await?;
     report.mirrors = mirrors(&paired, &mismatches, &report.content);
-    report.rows = rows(&report.mirrors, &sum(&requests, &series), &hists);
+    report.rows = rows(&report.mirrors, &active, &hists);
     report.paired = paired
         .iter()
         .filter(|(_, n)| **n >= 0.5)
@@ -194,18 +195,9 @@ type Counted = Vec<(Labels, f64)>;
 impl Reader<'_> {
     /// Each series of a counter with what it added over the window.
     async fn counted(&self, metric: &str) -> Result<Counted, FleetError> {
-        let sel = format!("{metric}{{{}}}", self.selector);
-        let inside = self
-            .prom
-            .matrix(&format!("{sel}[{}]", self.window), self.now)
-            .await?;
-        let before: BTreeMap<Labels, f64> = self
-            .prom
-            .vector(&format!("{sel} offset {}", self.window), self.now)
-            .await?
-            .into_iter()
-            .map(|s| (s.labels, s.value))
-            .collect();
+        let (inside, before) = self.around_window(metric).await?;
+        let before: BTreeMap<Labels, f64> =
+            before.into_iter().map(|s| (s.labels, s.value)).collect();
         Ok(inside
             .into_iter()
             .map(|s| {
@@ -229,22 +221,31 @@ impl Reader<'_> {
 
     /// The agents' start times over the window, and before it.
     async fn starts(&self) -> Result<Starts, FleetError> {
-        let sel = format!("process_start_time_seconds{{{}}}", self.selector);
-        let before = self
-            .prom
-            .vector(&format!("{sel} offset {}", self.window), self.now)
-            .await?
-            .into_iter()
-            .map(|s| (instance_of(&s.labels), s.value))
-            .collect();
+        let (inside, before) = self.around_window("process_start_time_seconds").await?;
+        Ok(Starts {
+            before: before
+                .into_iter()
+                .map(|s| (instance_of(&s.labels), s.value))
+                .collect(),
+            inside: inside
+                .into_iter()
+                .map(|s| (instance_of(&s.labels), s.values))
+                .collect(),
+        })
+    }
+
+    /// A metric's raw samples inside the window, and each series' last value before it.
+    async fn around_window(&self, metric: &str) -> Result<(Vec<Series>, Vec<Sample>), FleetError> {
+        let sel = format!("{metric}{{{}}}", self.selector);
         let inside = self
             .prom
             .matrix(&format!("{sel}[{}]", self.window), self.now)
-            .await?
-            .into_iter()
-            .map(|s| (instance_of(&s.labels), s.values))
-            .collect();
-        Ok(Starts { before, inside })
+            .await?;
+        let before = self
+            .prom
+            .vector(&format!("{sel} offset {}", self.window), self.now)
+            .await?;
+        Ok((inside, before))
     }
 
     /// Only the series of the mirroring shown.
@@ -496,15 +497,15 @@ pub fn hist_quantile(q: f64, h: &SeriesHistogram) -> Option<f64> {
     quantile(q, &cumulative)
 }
 
-/// The summed buckets of each (endpoint, version, code) with requests in the window.
+/// The summed buckets of each (endpoint, version, code) with requests in the window (`active`:
+/// requests per endpoint, version and code).
 fn histograms(
-    requests: &Counted,
+    active: &BTreeMap<Vec<String>, f64>,
     buckets: &Counted,
     sums: &BTreeMap<Vec<String>, f64>,
     counts: &BTreeMap<Vec<String>, f64>,
 ) -> Vec<SeriesHistogram> {
     let by = ["endpoint", "version", "code"];
-    let active = sum(requests, &by);
     let mut cumulative: BTreeMap<Vec<String>, BTreeMap<u64, (f64, f64)>> = BTreeMap::new();
     for (labels, n) in buckets {
         let key: Vec<String> = by.iter().map(|b| label(labels, b)).collect();

@@ -11,6 +11,8 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
 use super::FleetError;
+use crate::capture::error::chain as error_chain;
+use crate::replay::rewrite::percent_encode as encode;
 
 /// A series' labels, `__name__` left out.
 pub type Labels = BTreeMap<String, String>;
@@ -189,31 +191,6 @@ fn number(v: &str, query: &str) -> Result<f64, FleetError> {
         query: query.to_string(),
         what: format!("the value {v:?} is not a number"),
     })
-}
-
-/// The error and its causes: hyper's own message alone says little ("client error (Connect)").
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
-}
-
-/// Percent-encoding for a query parameter: everything but unreserved characters.
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 #[cfg(test)]

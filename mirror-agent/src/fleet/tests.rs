@@ -98,7 +98,8 @@ fn rows_sum_the_agents_and_take_quantiles_from_the_summed_buckets() {
     let k: Vec<String> = key.iter().map(|(_, v)| v.to_string()).collect();
     let sums = BTreeMap::from([(k.clone(), 0.04)]);
     let counts = BTreeMap::from([(k, 40.0)]);
-    let hists = histograms(&requests, &buckets, &sums, &counts);
+    let active = sum(&requests, &["endpoint", "version", "code"]);
+    let hists = histograms(&active, &buckets, &sums, &counts);
     assert_eq!(hists.len(), 1);
     assert_eq!(
         hists[0].buckets,

@@ -353,23 +353,7 @@ fn encode_series(encoder: &mut DescriptorEncoder, tables: &[Table]) -> std::fmt:
             }
         }
     }
-    {
-        // With the mismatches, what the fleet's verdicts need: summed over agents, the share of
-        // paired requests that differ.
-        let mut m = encoder.encode_descriptor(
-            "mirror_paired",
-            "Mirrored requests paired with their live response, by endpoint and mirror",
-            None,
-            MetricType::Counter,
-        )?;
-        for t in tables {
-            for p in &t.report.paired {
-                let labels =
-                    t.labels(&[("endpoint", p.name.as_str()), ("mirror", p.mirror.as_str())]);
-                ConstCounter::new(p.count).encode(m.encode_family(&labels)?)?;
-            }
-        }
-    }
+    encode_paired(encoder, tables)?;
     {
         let mut m = encoder.encode_descriptor(
             "mirror_latency_ratio",
@@ -383,6 +367,24 @@ fn encode_series(encoder: &mut DescriptorEncoder, tables: &[Table]) -> std::fmt:
                     t.labels(&[("endpoint", x.name.as_str()), ("mirror", x.mirror.as_str())]);
                 ConstGauge::new(x.mean_ratio).encode(m.encode_family(&labels)?)?;
             }
+        }
+    }
+    Ok(())
+}
+
+/// Requests paired with their live response, per endpoint and mirror: with the mismatches,
+/// what the fleet's verdicts need ("×N of M paired", summed over agents).
+fn encode_paired(encoder: &mut DescriptorEncoder, tables: &[Table]) -> std::fmt::Result {
+    let mut m = encoder.encode_descriptor(
+        "mirror_paired",
+        "Mirrored requests paired with their live response, by endpoint and mirror",
+        None,
+        MetricType::Counter,
+    )?;
+    for t in tables {
+        for p in &t.report.paired {
+            let labels = t.labels(&[("endpoint", p.name.as_str()), ("mirror", p.mirror.as_str())]);
+            ConstCounter::new(p.count).encode(m.encode_family(&labels)?)?;
         }
     }
     Ok(())

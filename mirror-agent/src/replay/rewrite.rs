@@ -67,7 +67,7 @@ impl TargetRewrite {
         let set = self
             .set_query
             .iter()
-            .map(|(k, v)| format!("{}={}", encode(k), encode(v)));
+            .map(|(k, v)| format!("{}={}", percent_encode(k), percent_encode(v)));
         let params: Vec<String> = kept.map(str::to_string).chain(set).collect();
         if params.is_empty() {
             Cow::Owned(path.into_owned())
@@ -78,7 +78,7 @@ impl TargetRewrite {
 }
 
 /// Percent-encodes what is not unreserved (RFC 3986), as a query's names and values need.
-fn encode(s: &str) -> String {
+pub fn percent_encode(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
